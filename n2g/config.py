@@ -1,0 +1,101 @@
+"""Distillation settings and the named presets.
+
+``paper`` reproduces the defaults of the published Neuron to Graph method (DESIGN.md, "The
+algorithm"); ``default`` is the best configuration measured on SmolLM2 by
+``evaluation/fidelity.py``. A config is a small dataclass whose ``__post_init__`` rejects bad
+values with :class:`~n2g.errors.N2GError`, so the CLI can build one straight from user input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import N2GError
+
+
+@dataclass
+class DistillConfig:
+    """Every knob of the distiller; see DESIGN.md for what each step does."""
+
+    n_top: int = 20
+    """Top-activating excerpts split between train and test (half each)."""
+    n_extra_train: int = 0
+    """Further top excerpts (ranks after ``n_top``) added to training only; the test split is unchanged."""
+    n_random_test: int = 10
+    """Random excerpts added to the test split so false positives are measured."""
+    n_random_train: int = 0
+    """Random excerpts added to training (used by END calibration and the baselines)."""
+    seed: int = 0
+    """Seed of the train/test split and the random excerpt choice."""
+    fire_threshold: float = 0.5
+    """Normalised activation at or above which a token fires."""
+    prune_threshold: float = 0.5
+    """A pruned prefix must keep this fraction of the pivot's original activation."""
+    max_context: int = 30
+    """Most context tokens (before the pivot) considered by pruning."""
+    importance_threshold: float = 0.75
+    """Context tokens at least this important for a firing token enter the graph; others are wildcards."""
+    augment: bool = False
+    """Make variants of important tokens (the published method can; its SmolLM2 run had it off)."""
+    augment_threshold: float = 0.8
+    """Importance for the pivot above which a token gets variants."""
+    n_variants: int = 5
+    """Most variants per important token."""
+    n_candidates: int = 30
+    """Substitute candidates asked from the substitute source before word-shape filtering."""
+    end_activation: str = "first"
+    """How an END node's activation is set: ``first`` path inserted (published), ``mean`` or ``max``."""
+    calibrate: bool = False
+    """Re-estimate every END's activation as the mean true activation of the training tokens that reach it."""
+    match: str = "greedy"
+    """``greedy`` (exact child before wildcard, published) or ``search`` (try both, keep the deepest END)."""
+    batch_tokens: int = 16384
+    """Padded tokens per forward batch (rows x length)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_top", "n_variants", "n_candidates", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context"):
+            if getattr(self, name) < 0:
+                raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
+        for name in ("fire_threshold", "prune_threshold", "importance_threshold", "augment_threshold"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise N2GError(f"{name} must be in (0, 1] (got {value})")
+        if self.end_activation not in ("first", "mean", "max"):
+            raise N2GError(f"end_activation must be first, mean or max (got {self.end_activation!r})")
+        if self.match not in ("greedy", "search"):
+            raise N2GError(f"match must be greedy or search (got {self.match!r})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes) -> "DistillConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, DistillConfig] = {
+    "paper": DistillConfig(),
+    "default": DistillConfig(
+        n_extra_train=30,
+        n_random_train=10,
+        end_activation="mean",
+        calibrate=True,
+        match="search",
+    ),
+}
+
+
+def preset(name: str, **overrides) -> DistillConfig:
+    """The named preset with ``overrides`` applied (``None`` values are ignored)."""
+    if name not in PRESETS:
+        raise N2GError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return PRESETS[name].replace(**changes)

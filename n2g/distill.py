@@ -1,0 +1,201 @@
+"""The neuron model: fit a graph to a feature, predict with it, score it against baselines.
+
+``NeuronModel`` follows the estimator contract: ``__init__`` stores parameters, ``fit(examples)``
+returns ``self`` and sets attributes ending in ``_``, ``predict(token_ids)`` returns activations on
+the feature's own scale, ``score(examples)`` returns :class:`~n2g.records.Scores`. The stages are
+generators (see :mod:`n2g.features`), so :func:`neuron_steps` is the same code whether one neuron is
+fitted alone (:func:`distill`) or many share batches (``n2g.engine``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .augment import Variant, augment_steps
+from .baselines import BASELINES
+from .config import DistillConfig, preset
+from .errors import N2GError
+from .examples import random_pool, split_examples
+from .features import Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
+from .graph import NeuronGraph
+from .importance import importance_steps
+from .predict import predict_batch, predict_sequences
+from .prune import Pruned, prune_steps
+from .records import Example, NeuronStats, Scores
+from .score import score_arrays
+
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
+
+
+@dataclass
+class FitTrace:
+    """What fitting saw, for inspection and rendering of examples."""
+
+    pruned: list[Pruned] = field(default_factory=list)
+    importances: list[np.ndarray] = field(default_factory=list)
+    variants: list[Variant] = field(default_factory=list)
+
+
+def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: DistillConfig,
+              occlusion_id: int) -> Steps:
+    """Generator stage: prune, weigh, augment and build the graph from training examples."""
+    graph = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
+    trace = FitTrace()
+    firing = [e for e in train if max(e.activations, default=0.0) >= cfg.fire_threshold]
+    pruned = yield from prune_steps([(list(e.token_ids), np.asarray(e.activations)) for e in firing], cfg)
+    imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id)
+    trace.pruned, trace.importances = pruned, imps
+    for p, imp in zip(pruned, imps):
+        graph.add_example(p.token_ids, p.activations, imp, cfg.importance_threshold)
+    if cfg.augment and pruned:
+        variants = yield from augment_steps([p.token_ids for p in pruned], [p.activations for p in pruned],
+                                            imps, cfg, occlusion_id)
+        trace.variants = variants
+        for v in variants:
+            if v.importance is not None:
+                graph.add_example(v.token_ids, v.activations, v.importance, cfg.importance_threshold)
+    if cfg.calibrate:
+        evidence = [(list(e.token_ids), np.asarray(e.activations)) for e in list(train) + list(calibration)]
+        evidence += [(v.token_ids, v.activations) for v in trace.variants]
+        graph.calibrate(evidence)
+    return graph, trace
+
+
+@dataclass
+class NeuronFit:
+    """The outcome of fitting one neuron (normalised scale)."""
+
+    graph: NeuronGraph | None
+    examples: list[Example]
+    scores: dict[str, Scores]
+    trace: FitTrace | None = None
+    status: str = "fitted"
+
+
+def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool: Sequence[int],
+                 cfg: DistillConfig, occlusion_id: int,
+                 known: dict[int, np.ndarray] | None = None) -> Steps:
+    """Generator stage for one neuron: examples, split, fit, predict, score against baselines."""
+    split = split_examples(ranked, pool, cfg)
+    roles = ([(i, "train", "top") for i in split.train_top] + [(i, "test", "top") for i in split.test_top]
+             + [(i, "train", "random") for i in split.train_random] + [(i, "test", "random") for i in split.test_random])
+    known = dict(known or {})
+    missing = sorted({i for i, _, _ in roles if i not in known})
+    if missing:
+        values = yield Evaluate([list(excerpts[i]) for i in missing])
+        known.update(zip(missing, values))
+    examples = [Example(list(map(int, excerpts[i])), [float(v) for v in known[i]], split=s, source=src, excerpt_index=int(i))
+                for i, s, src in roles]
+    train_top = [e for e in examples if e.split == "train" and e.source == "top"]
+    train_random = [e for e in examples if e.split == "train" and e.source == "random"]
+    test = [e for e in examples if e.split == "test"]
+    graph, trace = yield from fit_steps(train_top, train_random, cfg, occlusion_id)
+    for e in examples:
+        e.predicted = [float(v) for v in graph.predict_sequence(e.token_ids)]
+    scores = {"n2g": score_arrays([e.activations for e in test], [e.predicted for e in test], cfg.fire_threshold)}
+    train = train_top + train_random
+    for name, cls in BASELINES.items():
+        scores[name] = cls().fit(train).score(test)
+    return NeuronFit(graph, examples, scores, trace)
+
+
+def corpus_stats(acts: Sequence[np.ndarray], sample: Sequence[int], fire_threshold: float) -> NeuronStats:
+    """Maximum over all tokens; quantiles and firing rate over the sampled excerpts' tokens."""
+    peak = max((float(np.max(a)) for a in acts if len(a)), default=0.0)
+    tokens = np.concatenate([np.asarray(acts[i]) for i in sample]) if len(sample) else np.zeros(0)
+    quantiles = {str(q): float(np.quantile(tokens, q)) for q in QUANTILES} if tokens.size else {}
+    rate = float(np.mean(tokens >= fire_threshold * peak)) if tokens.size and peak > 0 else 0.0
+    return NeuronStats(peak, quantiles, rate, int(tokens.size))
+
+
+class NeuronModel:
+    """A fitted neuron graph with the estimator contract, on the feature's own scale."""
+
+    def __init__(self, feature: Callable | None = None, config: DistillConfig | None = None, *,
+                 scale: float = 1.0, sign: float = 1.0, substitutes: Callable | None = None,
+                 occlusion_token_id: int = 0, name: str = "feature"):
+        self.feature = feature
+        self.config = config or preset("default")
+        self.scale = scale
+        self.sign = sign
+        self.substitutes = substitutes
+        self.occlusion_token_id = occlusion_token_id
+        self.name = name
+
+    def _evaluator(self) -> Normalised:
+        if self.feature is None:
+            raise N2GError("this neuron model has no feature to fit; pass one to NeuronModel(feature, ...)")
+        return Normalised(self.feature, self.scale, self.sign, self.name, self.config.batch_tokens, self.occlusion_token_id)
+
+    def fit(self, examples: Sequence[Example], calibration: Sequence[Example] = ()) -> "NeuronModel":
+        """Fit the graph on training examples (normalised activations already measured)."""
+        steps = fit_steps(list(examples), list(calibration), self.config, self.occlusion_token_id)
+        self.graph_, self.trace_ = drive(steps, self._evaluator(), self.substitutes)
+        self.status_ = "fitted"
+        return self
+
+    def predict_normalised(self, token_ids, attention_mask=None) -> np.ndarray:
+        return predict_batch(self.graph_, token_ids, attention_mask)
+
+    def predict(self, token_ids, attention_mask=None) -> np.ndarray:
+        """Predicted activations ``[batch, pos]`` on the feature's scale (sign and maximum restored)."""
+        return (self.predict_normalised(token_ids, attention_mask) * self.scale * self.sign).astype(np.float32)
+
+    def score(self, examples: Sequence[Example]) -> Scores:
+        """Pooled-token scores on examples whose activations are normalised."""
+        preds = predict_sequences(self.graph_, [e.token_ids for e in examples])
+        return score_arrays([e.activations for e in examples], preds, self.config.fire_threshold)
+
+
+def _as_lists(excerpts) -> list[list[int]]:
+    if isinstance(excerpts, torch.Tensor):
+        return excerpts.tolist()
+    if isinstance(excerpts, np.ndarray):
+        return excerpts.tolist()
+    return [list(map(int, e)) for e in excerpts]
+
+
+def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: str = "positive",
+            substitutes: Callable | None = None, occlusion_token_id: int = 0, name: str = "feature",
+            config: DistillConfig | None = None, **options) -> NeuronModel:
+    """Distil any feature into a graph from a list of token-id excerpts; returns the fitted model.
+
+    The returned :class:`NeuronModel` has ``graph_``, ``examples_`` (train and test with true and
+    predicted normalised activations), ``scores_`` (``n2g`` and each baseline on the test split),
+    ``stats_`` and ``status_`` (``"fitted"`` or ``"dead"``); its ``predict`` works on the feature's
+    scale. ``options`` override fields of the preset (e.g. ``augment=True``).
+    """
+    cfg = config or preset(preset_name, **options)
+    seqs = _as_lists(excerpts)
+    if not seqs or not any(len(s) for s in seqs):
+        raise N2GError("no excerpts to distil from; pass a non-empty list of token-id sequences")
+    if sign not in ("positive", "negative"):
+        raise N2GError(f"sign must be positive or negative (got {sign!r})")
+    factor = 1.0 if sign == "positive" else -1.0
+    raw = evaluate_sequences(feature, seqs, cfg.batch_tokens, occlusion_token_id)
+    for values in raw:
+        check_finite(values, name)
+    signed = [v * factor for v in raw]
+    pool = random_pool(len(seqs), cfg.n_top + cfg.n_extra_train + cfg.n_random_test + cfg.n_random_train, cfg.seed)
+    stats = corpus_stats(signed, pool, cfg.fire_threshold)
+    peak = stats.max_activation
+    model = NeuronModel(feature, cfg, scale=peak if peak > 0 else 1.0, sign=factor, substitutes=substitutes,
+                        occlusion_token_id=occlusion_token_id, name=name)
+    model.stats_ = stats
+    if not (math.isfinite(peak) and peak > 0):
+        model.status_ = "dead"
+        model.graph_ = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
+        model.examples_, model.scores_, model.trace_ = [], {}, None
+        return model
+    maxima = np.array([float(np.max(v)) if len(v) else -np.inf for v in signed])
+    ranked = [int(i) for i in np.argsort(-maxima, kind="stable")]
+    known = {i: (signed[i] / peak).astype(np.float32) for i in range(len(seqs))}
+    result = drive(neuron_steps(seqs, ranked, pool, cfg, occlusion_token_id, known), model._evaluator(), substitutes)
+    model.graph_, model.examples_, model.scores_, model.trace_ = result.graph, result.examples, result.scores, result.trace
+    model.status_ = "fitted"
+    return model

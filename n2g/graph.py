@@ -1,0 +1,320 @@
+"""The neuron graph: a token trie rooted at the activating token, growing back through context.
+
+Each path starts at a firing token (the activator) and walks backwards: a context token is kept if
+its importance for the activator is at least the threshold, otherwise it becomes a wildcard that
+matches any one token; the path stops after the furthest important token and ends in an END that
+holds the normalised activation. Paths are merged into a trie keyed by token id (display strings
+are attributes). The trie lives in plain lists for fast prediction and converts to a networkx
+DiGraph for saving (versioned node-link JSON), rendering and search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+
+from .errors import N2GError
+from .records import SCHEMA_VERSION, NeuronId
+
+WILDCARD = -1
+"""Trie key of a wildcard (any single token)."""
+
+GRAPH_KIND = "n2g.graph"
+
+
+@dataclass
+class Node:
+    """One trie node."""
+
+    token_id: int | None
+    """Token id, ``WILDCARD``, or None for the root."""
+    depth: int
+    """0 for an activator, d for the token d positions before it; -1 for the root."""
+    children: dict[int, int] = field(default_factory=dict)
+    """Child key (token id or WILDCARD) -> node index."""
+    importance_sum: float = 0.0
+    count: int = 0
+    end_values: list[float] = field(default_factory=list)
+    """Activations of the paths inserted that end here."""
+    end: float | None = None
+    """The END activation a prediction reaching this node returns (None: no END here)."""
+
+
+def path_from(ids: Sequence[int], acts: np.ndarray, imp: np.ndarray, j: int,
+              threshold: float) -> list[tuple[int, float]]:
+    """The backward path for firing position ``j``: (key, importance) from the activator back."""
+    path = [(int(ids[j]), 1.0)]
+    furthest = j
+    for k in range(j - 1, -1, -1):
+        if imp[k, j] >= threshold:
+            furthest = k
+    for k in range(j - 1, furthest - 1, -1):
+        key = int(ids[k]) if imp[k, j] >= threshold else WILDCARD
+        path.append((key, float(imp[k, j])))
+    return path
+
+
+class NeuronGraph:
+    """A token trie that predicts a neuron's normalised activation from the tokens before it."""
+
+    def __init__(self, end_activation: str = "first", match: str = "greedy", fire_threshold: float = 0.5):
+        self.end_activation = end_activation
+        self.match = match
+        self.fire_threshold = fire_threshold
+        self.nodes: list[Node] = [Node(None, -1)]
+        self.token_text: dict[int, str] = {}
+        self.neuron: NeuronId | None = None
+
+    # -- building -------------------------------------------------------------------------
+    def add_path(self, path: Sequence[tuple[int, float]], activation: float) -> int:
+        """Insert one path (activator first) ending in an END with ``activation``; returns the end node."""
+        at = 0
+        for depth, (key, importance) in enumerate(path):
+            child = self.nodes[at].children.get(key)
+            if child is None:
+                child = len(self.nodes)
+                self.nodes.append(Node(key, depth))
+                self.nodes[at].children[key] = child
+            at = child
+            node = self.nodes[at]
+            node.importance_sum += importance
+            node.count += 1
+        node = self.nodes[at]
+        node.end_values.append(float(activation))
+        node.end = self._end_value(node.end_values)
+        return at
+
+    def _end_value(self, values: list[float]) -> float:
+        if self.end_activation == "first":
+            return values[0]
+        if self.end_activation == "max":
+            return max(values)
+        return float(np.mean(values))
+
+    def add_example(self, ids: Sequence[int], acts: np.ndarray, imp: np.ndarray, threshold: float) -> int:
+        """Insert a path for every firing position of one example; returns how many were added."""
+        added = 0
+        for j in range(len(ids)):
+            if acts[j] >= self.fire_threshold:
+                self.add_path(path_from(ids, acts, imp, j, threshold), float(acts[j]))
+                added += 1
+        return added
+
+    # -- matching -------------------------------------------------------------------------
+    def match_end(self, ids: Sequence[int], i: int) -> int | None:
+        """Index of the END node that position ``i`` of ``ids`` reaches, or None."""
+        start = self.nodes[0].children.get(int(ids[i]))
+        if start is None:
+            return None
+        if self.match == "greedy":
+            at, best = start, (start if self.nodes[start].end is not None else None)
+            for d in range(1, i + 1):
+                children = self.nodes[at].children
+                nxt = children.get(int(ids[i - d]))
+                if nxt is None:
+                    nxt = children.get(WILDCARD)
+                if nxt is None:
+                    break
+                at = nxt
+                if self.nodes[at].end is not None:
+                    best = at
+            return best
+        return self._search(ids, i, start, 1)
+
+    def _search(self, ids: Sequence[int], i: int, at: int, d: int) -> int | None:
+        """Deepest END below ``at`` over both exact and wildcard branches (exact wins ties)."""
+        node = self.nodes[at]
+        best = at if node.end is not None else None
+        if d <= i and node.children:
+            for key in (int(ids[i - d]), WILDCARD):
+                child = node.children.get(key)
+                if child is None:
+                    continue
+                found = self._search(ids, i, child, d + 1)
+                if found is not None and (best is None or self.nodes[found].depth > self.nodes[best].depth):
+                    best = found
+        return best
+
+    def predict_sequence(self, ids: Sequence[int]) -> np.ndarray:
+        """Normalised prediction for every position of one sequence."""
+        out = np.zeros(len(ids), np.float32)
+        for i in range(len(ids)):
+            end = self.match_end(ids, i)
+            if end is not None:
+                out[i] = self.nodes[end].end
+        return out
+
+    def calibrate(self, sequences: Sequence[tuple[Sequence[int], np.ndarray]]) -> int:
+        """Set each END reached by training tokens to the mean true activation of those tokens."""
+        reached: dict[int, list[float]] = {}
+        for ids, acts in sequences:
+            for i in range(len(ids)):
+                end = self.match_end(ids, i)
+                if end is not None:
+                    reached.setdefault(end, []).append(float(acts[i]))
+        for end, values in reached.items():
+            self.nodes[end].end = float(np.mean(values))
+        return len(reached)
+
+    # -- inspection -----------------------------------------------------------------------
+    def activators(self) -> list[int]:
+        return list(self.nodes[0].children)
+
+    def n_paths(self) -> int:
+        return sum(len(n.end_values) for n in self.nodes)
+
+    def stats(self) -> dict[str, int]:
+        kinds = {"activator": 0, "context": 0, "wildcard": 0, "end": 0}
+        for n in self.nodes[1:]:
+            if n.depth == 0:
+                kinds["activator"] += 1
+            elif n.token_id == WILDCARD:
+                kinds["wildcard"] += 1
+            else:
+                kinds["context"] += 1
+            if n.end is not None:
+                kinds["end"] += 1
+        kinds["paths"] = self.n_paths()
+        return kinds
+
+    def tokens(self) -> set[int]:
+        """Every concrete token id in the graph."""
+        return {n.token_id for n in self.nodes[1:] if n.token_id not in (None, WILDCARD)}
+
+    def describe_token(self, token_id: int) -> str:
+        return self.token_text.get(token_id, str(token_id))
+
+    # -- networkx and JSON ----------------------------------------------------------------
+    def to_networkx(self) -> nx.DiGraph:
+        """DiGraph: root -> activator -> context/wildcard ... with "end" leaf nodes holding activations."""
+        g = nx.DiGraph()
+        g.add_node("root", kind="root", token_id=None, token="", depth=-1, importance=0.0, activation=0.0, count=0)
+        max_end_below = self._max_end_below()
+        for idx, n in enumerate(self.nodes[1:], start=1):
+            if n.depth == 0:
+                kind = "activator"
+            elif n.token_id == WILDCARD:
+                kind = "wildcard"
+            else:
+                kind = "context"
+            g.add_node(
+                str(idx), kind=kind,
+                token_id=None if n.token_id == WILDCARD else int(n.token_id),
+                token="*" if n.token_id == WILDCARD else self.describe_token(int(n.token_id)),
+                depth=n.depth,
+                importance=1.0 if n.depth == 0 else round(n.importance_sum / max(n.count, 1), 6),
+                activation=round(float(max_end_below[idx]), 6),
+                count=n.count,
+            )
+            if n.end is not None:
+                g.add_node(f"{idx}.end", kind="end", token_id=None, token="", depth=n.depth,
+                           importance=0.0, activation=round(float(n.end), 6), count=len(n.end_values))
+                g.add_edge(str(idx), f"{idx}.end")
+        for idx, n in enumerate(self.nodes):
+            for child in n.children.values():
+                g.add_edge("root" if idx == 0 else str(idx), str(child))
+        return g
+
+    def _max_end_below(self) -> list[float]:
+        best = [0.0] * len(self.nodes)
+        for idx in range(len(self.nodes) - 1, -1, -1):  # children always have larger indices
+            n = self.nodes[idx]
+            values = [best[c] for c in n.children.values()]
+            if n.end is not None:
+                values.append(n.end)
+            best[idx] = max(values, default=0.0)
+        return best
+
+    @classmethod
+    def from_networkx(cls, g: nx.DiGraph, **kwargs) -> "NeuronGraph":
+        graph = cls(**kwargs)
+        index = {"root": 0}
+        order = sorted((n for n in g.nodes if g.nodes[n]["kind"] not in ("root", "end")),
+                       key=lambda n: (g.nodes[n]["depth"], int(n)))
+        for name in order:
+            attrs = g.nodes[name]
+            parents = list(g.predecessors(name))
+            key = WILDCARD if attrs["kind"] == "wildcard" else int(attrs["token_id"])
+            node = Node(key, int(attrs["depth"]), count=int(attrs["count"]),
+                        importance_sum=float(attrs["importance"]) * int(attrs["count"]))
+            index[name] = len(graph.nodes)
+            graph.nodes.append(node)
+            graph.nodes[index[parents[0]]].children[key] = index[name]
+            if key != WILDCARD:
+                graph.token_text[key] = attrs["token"]
+        for name in g.nodes:
+            if g.nodes[name]["kind"] == "end":
+                owner = graph.nodes[index[next(iter(g.predecessors(name)))]]
+                owner.end = float(g.nodes[name]["activation"])
+                owner.end_values = [owner.end] * int(g.nodes[name]["count"])
+        return graph
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": GRAPH_KIND,
+            "schema_version": SCHEMA_VERSION,
+            "neuron": self.neuron.to_dict() if self.neuron else None,
+            "fire_threshold": self.fire_threshold,
+            "end_activation": self.end_activation,
+            "match": self.match,
+            "graph": nx.node_link_data(self.to_networkx(), edges="edges"),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NeuronGraph":
+        if d.get("kind") != GRAPH_KIND:
+            raise N2GError(f"not an n2g graph file (kind={d.get('kind')!r}); pass a graph.json written by n2g")
+        if int(d.get("schema_version", 0)) > SCHEMA_VERSION:
+            raise N2GError(f"graph schema {d['schema_version']} is newer than this n2g ({SCHEMA_VERSION}); upgrade n2g")
+        g = nx.node_link_graph(d["graph"], directed=True, edges="edges")
+        graph = cls.from_networkx(g, end_activation=d.get("end_activation", "first"),
+                                  match=d.get("match", "greedy"), fire_threshold=d.get("fire_threshold", 0.5))
+        graph.neuron = NeuronId.from_dict(d["neuron"]) if d.get("neuron") else None
+        return graph
+
+    def save(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronGraph":
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+            raise N2GError(f"cannot read graph {path}: {exc}; re-run n2g to regenerate it") from exc
+
+    def _repr_svg_(self) -> str:  # notebooks show the graph inline
+        from .render import svg_of
+
+        return svg_of(self.to_networkx())
+
+    def set_token_text(self, to_text: Callable[[list[int]], list[str]]) -> None:
+        ids = sorted(self.tokens())
+        self.token_text.update(zip(ids, to_text(ids)))
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path

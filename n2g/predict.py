@@ -1,0 +1,38 @@
+"""Prediction: run a fitted graph over batches of token ids.
+
+For each position the trie is walked backwards from the token (exact token before wildcard, or a
+search over both, as configured); the prediction is the activation of the deepest END reached, or
+0. Works on ``[batch, pos]`` tensors or arrays (with an optional mask; masked positions get 0) and
+on ragged lists of sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .graph import NeuronGraph
+
+
+def predict_batch(graph: NeuronGraph, token_ids, attention_mask=None) -> np.ndarray:
+    """Normalised predictions ``[batch, pos]`` for a batch of token ids."""
+    ids = token_ids.detach().cpu().numpy() if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids)
+    if ids.ndim == 1:
+        return graph.predict_sequence(ids.tolist())
+    out = np.zeros(ids.shape, np.float32)
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.detach().cpu().numpy() if isinstance(attention_mask, torch.Tensor) else np.asarray(attention_mask)
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        out[b] = graph.predict_sequence(row)
+    if mask is not None:
+        out = np.where(mask.astype(bool), out, 0.0).astype(np.float32)
+    return out
+
+
+def predict_sequences(graph: NeuronGraph, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Normalised predictions for ragged sequences."""
+    return [graph.predict_sequence(list(s)) for s in seqs]

@@ -1,0 +1,62 @@
+"""Scoring: pure functions from (true, predicted) normalised activations to a Scores record.
+
+All real tokens of all test excerpts are pooled (never padding: examples are unpadded lists, so
+only real tokens exist to be scored). True and predicted values are binarised at the fire threshold
+for precision/recall/F1 of the firing and the non-firing class; the continuous values give Pearson
+correlation (OpenAI's explanation score) and explained variance. A split with no firing token gets
+``f1=None`` and status ``no_firing_test_token``: there is nothing to recall, so it is never perfect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .records import Scores
+
+
+def _prf(tp: int, fp: int, fn: int) -> tuple[float | None, float | None, float | None]:
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    if precision is None or recall is None:
+        f1 = None if recall is None else 0.0
+    elif precision + recall == 0:
+        f1 = 0.0
+    else:
+        f1 = 2 * precision * recall / (precision + recall)
+    return precision, recall, f1
+
+
+def pearson(true: np.ndarray, pred: np.ndarray) -> float | None:
+    """Pearson correlation, None when either side is constant."""
+    if len(true) < 2 or np.std(true) == 0 or np.std(pred) == 0:
+        return None
+    return float(np.corrcoef(true, pred)[0, 1])
+
+
+def explained_variance(true: np.ndarray, pred: np.ndarray) -> float | None:
+    var = float(np.var(true))
+    if var == 0:
+        return None
+    return 1.0 - float(np.var(true - pred)) / var
+
+
+def score_arrays(true: Sequence[np.ndarray], pred: Sequence[np.ndarray], threshold: float = 0.5) -> Scores:
+    """Scores of predictions against true normalised activations, pooled over every token."""
+    t = np.concatenate([np.asarray(a, np.float64).ravel() for a in true]) if len(true) else np.zeros(0)
+    p = np.concatenate([np.asarray(a, np.float64).ravel() for a in pred]) if len(pred) else np.zeros(0)
+    if t.shape != p.shape:
+        raise ValueError(f"true and predicted activations differ in size ({t.shape} vs {p.shape})")
+    tf, pf = t >= threshold, p >= threshold
+    tp, fp = int(np.sum(tf & pf)), int(np.sum(~tf & pf))
+    fn, tn = int(np.sum(tf & ~pf)), int(np.sum(~tf & ~pf))
+    precision, recall, f1 = _prf(tp, fp, fn)
+    nf_precision, nf_recall, nf_f1 = _prf(tn, fn, fp)
+    return Scores(
+        precision=precision, recall=recall, f1=f1,
+        nonfiring_precision=nf_precision, nonfiring_recall=nf_recall, nonfiring_f1=nf_f1,
+        pearson=pearson(t, p), explained_variance=explained_variance(t, p),
+        n_tokens=int(t.size), n_firing=int(tf.sum()), n_predicted_firing=int(pf.sum()),
+        status="ok" if tf.any() else "no_firing_test_token",
+    )
