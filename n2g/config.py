@@ -36,6 +36,8 @@ class DistillConfig:
     """Most context tokens (before the pivot) considered by pruning."""
     importance_threshold: float = 0.75
     """Context tokens at least this important for a firing token enter the graph; others are wildcards."""
+    max_pivots: int = 1
+    """Firing positions per training example pruned as pivots (1: only the maximum, as published)."""
     augment: bool = False
     """Make variants of important tokens (the published method can; its SmolLM2 run had it off)."""
     augment_threshold: float = 0.8
@@ -54,7 +56,7 @@ class DistillConfig:
     """Padded tokens per forward batch (rows x length)."""
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "n_variants", "n_candidates", "batch_tokens"):
+        for name in ("n_top", "n_variants", "n_candidates", "batch_tokens", "max_pivots"):
             if getattr(self, name) < 1:
                 raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
         for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context"):
@@ -86,6 +88,7 @@ PRESETS: dict[str, DistillConfig] = {
     "default": DistillConfig(
         n_extra_train=30,
         n_random_train=10,
+        max_pivots=4,
         end_activation="mean",
         calibrate=True,
         match="search",

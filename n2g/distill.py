@@ -25,7 +25,7 @@ from .features import Evaluate, Normalised, Steps, drive, evaluate_sequences, ch
 from .graph import NeuronGraph
 from .importance import importance_steps
 from .predict import predict_batch, predict_sequences
-from .prune import Pruned, prune_steps
+from .prune import Pruned, choose_pivots, prune_steps
 from .records import Example, NeuronStats, Scores
 from .score import score_arrays
 
@@ -47,7 +47,9 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     graph = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
     trace = FitTrace()
     firing = [e for e in train if max(e.activations, default=0.0) >= cfg.fire_threshold]
-    pruned = yield from prune_steps([(list(e.token_ids), np.asarray(e.activations)) for e in firing], cfg)
+    targets = [(list(e.token_ids), np.asarray(e.activations), pivot)
+               for e in firing for pivot in choose_pivots(np.asarray(e.activations), cfg)]
+    pruned = yield from prune_steps(targets, cfg)
     imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id)
     trace.pruned, trace.importances = pruned, imps
     for p, imp in zip(pruned, imps):

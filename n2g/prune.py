@@ -31,13 +31,19 @@ class Pruned:
     """Where the window starts in the original example."""
 
 
-def prune_steps(examples: list[tuple[list[int], np.ndarray]], cfg: DistillConfig) -> Steps:
-    """Generator stage: prune each ``(token_ids, activations)`` example around its pivot."""
+def choose_pivots(acts: np.ndarray, cfg: DistillConfig) -> list[int]:
+    """The example's maximum, then its other firing positions by activation, up to ``max_pivots``."""
+    order = [int(i) for i in np.argsort(-np.asarray(acts), kind="stable")]
+    firing = [i for i in order[1:] if acts[i] >= cfg.fire_threshold]
+    return [order[0]] + firing[: cfg.max_pivots - 1]
+
+
+def prune_steps(examples: list[tuple[list[int], np.ndarray, int]], cfg: DistillConfig) -> Steps:
+    """Generator stage: prune each ``(token_ids, activations, pivot)`` example around its pivot."""
     seqs: list[list[int]] = []
     owners: list[tuple[int, int]] = []  # (example, window start)
     pivots = []
-    for e, (ids, acts) in enumerate(examples):
-        pivot = int(np.argmax(acts))
+    for e, (ids, acts, pivot) in enumerate(examples):
         pivots.append(pivot)
         for context in range(0, min(pivot, cfg.max_context) + 1):
             seqs.append(list(ids[pivot - context : pivot + 1]))
@@ -52,7 +58,7 @@ def prune_steps(examples: list[tuple[list[int], np.ndarray]], cfg: DistillConfig
             best[e] = (start, values)
         longest[e] = (start, values)
     pruned = []
-    for e, (ids, _) in enumerate(examples):
+    for e, (ids, _, _) in enumerate(examples):
         start, values = best.get(e, longest[e])
         pruned.append(Pruned(list(ids[start : pivots[e] + 1]), np.asarray(values, np.float32), e, start))
     return pruned

@@ -1,0 +1,162 @@
+"""The distiller recovers planted features: exact held-out F1, the planted tokens in the graph."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import n2g
+from n2g.errors import N2GError
+from n2g.graph import WILDCARD, NeuronGraph
+from n2g.score import score_arrays
+
+from planted import RULES, after, after_family, dead, strengths, text, two_context
+
+TOKENS = {"single": {7}, "after": {8, 9}, "gap": {10, 11}, "either": {12, 13}, "strengths": {14, 15},
+          "two_context": {16, 17, 18}, "negative": {19}}
+
+
+def heldout_scores(model, feature, patterns, sign=1.0):
+    test = text(99, patterns, n=120)
+    true = (feature(test) * sign / model.scale).numpy()
+    return score_arrays([true], [model.predict_normalised(test)])
+
+
+CASES = [(rule, "default") for rule in sorted(RULES)] + [(rule, "paper") for rule in sorted(RULES) if rule != "strengths"]
+
+
+@pytest.mark.parametrize("rule,preset_name", CASES)
+def test_planted_rule_recovered_on_heldout_text(rule, preset_name):
+    feature, patterns = RULES[rule]
+    sign = "negative" if rule == "negative" else "positive"
+    model = n2g.distill(feature, text(1, patterns), preset_name=preset_name, sign=sign)
+    assert model.status_ == "fitted"
+    scores = heldout_scores(model, feature, patterns, -1.0 if sign == "negative" else 1.0)
+    assert scores.n_firing > 0
+    assert scores.f1 == 1.0, (rule, scores)
+    assert TOKENS[rule] <= model.graph_.tokens()
+    assert model.scores_["n2g"].f1 == 1.0
+
+
+def test_gap_rule_uses_a_wildcard():
+    feature, patterns = RULES["gap"]
+    graph = n2g.distill(feature, text(1, patterns)).graph_
+    (activator,) = [graph.nodes[i] for i in graph.nodes[0].children.values()]
+    assert activator.token_id == 10
+    assert list(activator.children) == [WILDCARD]
+    assert list(graph.nodes[activator.children[WILDCARD]].children) == [11]
+
+
+def test_two_strengths_are_predicted_on_the_features_scale():
+    model = n2g.distill(strengths, text(1, [[14], [15]]))
+    pred = model.predict(torch.tensor([[40, 14, 41, 15, 42]]))
+    np.testing.assert_allclose(pred[0], [0.0, 4.0, 0.0, 2.4, 0.0], rtol=1e-6)
+
+
+def test_paper_preset_misses_a_weaker_activator_that_default_recovers():
+    # The published method prunes only around each example's maximum, so a token that fires at
+    # 60 % in excerpts whose maximum is another token never gets a path; default prunes every
+    # firing position (up to max_pivots per example).
+    test = text(99, [[14], [15]], n=120)
+    true = (strengths(test) / 4.0).numpy()
+    paper = n2g.distill(strengths, text(1, [[14], [15]]), preset_name="paper")
+    default = n2g.distill(strengths, text(1, [[14], [15]]), preset_name="default")
+    assert 15 not in paper.graph_.tokens() and 15 in default.graph_.tokens()
+    assert score_arrays([true], [paper.predict_normalised(test)]).f1 < 1.0
+    assert score_arrays([true], [default.predict_normalised(test)]).f1 == 1.0
+
+
+def test_negative_side_predicts_negative_values():
+    feature, patterns = RULES["negative"]
+    model = n2g.distill(feature, text(1, patterns), sign="negative")
+    pred = model.predict(torch.tensor([[40, 19, 41]]))
+    np.testing.assert_allclose(pred[0], [0.0, -1.5, 0.0], rtol=1e-6)
+    # The positive side of the same feature never fires: a clear "dead" result.
+    assert n2g.distill(feature, text(1, patterns), sign="positive").status_ == "dead"
+
+
+def test_dead_feature_is_a_result_not_a_crash():
+    model = n2g.distill(dead, text(1, [[7]]))
+    assert model.status_ == "dead"
+    assert model.stats_.max_activation == 0.0
+    assert np.all(model.predict(torch.tensor([[7, 8, 9]])) == 0)
+
+
+def test_nan_activations_raise_a_clear_error():
+    with pytest.raises(N2GError, match="NaN or infinite"):
+        n2g.distill(lambda x: torch.full(x.shape, float("nan")), text(1, [[7]]), name="L3.N5")
+
+
+def test_short_excerpts_shorter_than_the_pruning_window():
+    feature, patterns = RULES["after"]
+    short = text(1, [[9, 8]], n=200, length=6, rate=0.6)
+    model = n2g.distill(feature, short)
+    assert heldout_scores(model, feature, patterns).f1 == 1.0
+
+
+def test_augmentation_learns_which_substitutes_still_fire():
+    train = text(1, [[9, 8], [8]])  # only 9 ever precedes a firing 8 in training
+    probe = torch.tensor([[40, 21, 8, 41, 22, 8, 42, 23, 8, 43, 9, 8]])
+    substitutes = lambda seqs, positions, k: [[21, 22, 23, 24] for _ in seqs]
+    plain = n2g.distill(after_family, train, augment=False)
+    augmented = n2g.distill(after_family, train, augment=True, substitutes=substitutes)
+    expected = after_family(probe).numpy()[0]
+    assert plain.predict_normalised(probe)[0].tolist() != expected.tolist()
+    np.testing.assert_allclose(augmented.predict_normalised(probe)[0], expected)
+    assert {21, 22} <= augmented.graph_.tokens()
+    assert 23 not in augmented.graph_.tokens()
+
+
+def test_graph_json_round_trip_is_identical(tmp_path):
+    feature, patterns = RULES["two_context"]
+    graph = n2g.distill(feature, text(1, patterns), augment=False).graph_
+    graph.token_text = {i: f"<tok {i} \"q\">" for i in graph.tokens()}
+    path = graph.save(tmp_path / "graph.json")
+    loaded = NeuronGraph.load(path)
+    assert json.dumps(loaded.to_dict(), sort_keys=True) == json.dumps(graph.to_dict(), sort_keys=True)
+    probe = text(5, patterns, n=20)
+    np.testing.assert_array_equal(loaded.predict_sequence(probe[0].tolist()), graph.predict_sequence(probe[0].tolist()))
+
+
+def test_no_firing_test_token_is_reported_not_perfect():
+    s = score_arrays([np.zeros(10)], [np.zeros(10)])
+    assert s.f1 is None and s.status == "no_firing_test_token"
+    assert s.nonfiring_f1 == 1.0
+
+
+def test_exact_scores():
+    true = np.array([1.0, 0.9, 0.1, 0.0, 0.6, 0.2])
+    pred = np.array([1.0, 0.0, 0.7, 0.0, 0.5, 0.0])
+    s = score_arrays([true[:3], true[3:]], [pred[:3], pred[3:]])
+    # firing: tp=2 (0, 4), fp=1 (2), fn=1 (1)
+    assert (s.precision, s.recall) == (2 / 3, 2 / 3)
+    assert s.f1 == pytest.approx(2 / 3)
+    # non-firing: tn=2 (3, 5), fn of that class = 1 (2), fp = 1 (1)
+    assert s.nonfiring_precision == 2 / 3 and s.nonfiring_recall == 2 / 3
+    assert s.pearson == pytest.approx(float(np.corrcoef(true, pred)[0, 1]))
+    assert s.n_tokens == 6 and s.n_firing == 3
+
+
+def test_end_activation_first_versus_mean():
+    g_first, g_mean = NeuronGraph("first"), NeuronGraph("mean")
+    for g in (g_first, g_mean):
+        g.add_path([(5, 1.0)], 0.9)
+        g.add_path([(5, 1.0)], 0.5)
+    assert g_first.predict_sequence([5])[0] == pytest.approx(0.9)
+    assert g_mean.predict_sequence([5])[0] == pytest.approx(0.7)
+
+
+def test_search_match_finds_deeper_end_behind_a_wildcard():
+    for match, expected in (("greedy", 0.0), ("search", 1.0)):
+        g = NeuronGraph(match=match)
+        g.add_path([(5, 1.0), (6, 1.0), (7, 1.0)], 0.8)  # 7 6 5 -> 0.8
+        g.add_path([(5, 1.0), (WILDCARD, 0.0), (9, 1.0)], 1.0)  # 9 * 5 -> 1.0
+        assert g.predict_sequence([9, 6, 5])[-1] == pytest.approx(expected)
+
+
+def test_calibration_lowers_an_end_that_training_tokens_contradict():
+    g = NeuronGraph("mean")
+    g.add_path([(5, 1.0)], 1.0)
+    g.calibrate([([5, 1, 5, 2, 5], np.array([1.0, 0, 0.0, 0, 0.2]))])
+    assert g.predict_sequence([5])[0] == pytest.approx(0.4)
