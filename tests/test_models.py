@@ -1,0 +1,280 @@
+"""Subject-model layer: neuron values against hand computation, early stop, padding, BOS, loading."""
+
+from __future__ import annotations
+
+import time
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from n2g.errors import N2GError
+from n2g.models import SubjectModel, _gguf_cache_path, default_gguf_path, load_model
+
+close = torch.testing.assert_close
+
+
+def _blocks(sm: SubjectModel):
+    m = sm.model
+    return {
+        "llama": lambda: m.model.layers,
+        "gpt2": lambda: m.transformer.h,
+        "gpt_neox": lambda: m.gpt_neox.layers,
+        "opt": lambda: m.model.decoder.layers,
+    }[sm.model_type]()
+
+
+def _by_hand(sm: SubjectModel, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Every layer's neurons recomputed from the MLP weights during one full forward pass."""
+    out, handles = {}, []
+    for layer, block in enumerate(_blocks(sm)):
+        if sm.model_type == "llama":
+            mlp = block.mlp
+            where, fn = mlp, lambda x, mlp=mlp: mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        elif sm.model_type == "gpt2":
+            mlp = block.mlp
+            where, fn = mlp, lambda x, mlp=mlp: mlp.act(mlp.c_fc(x))
+        elif sm.model_type == "gpt_neox":
+            mlp = block.mlp
+            where, fn = mlp, lambda x, mlp=mlp: mlp.act(mlp.dense_h_to_4h(x))
+        else:  # OPT has no MLP module: fc1 -> activation_fn -> fc2 inside the block
+            where, fn = block.fc1, lambda x, b=block: b.activation_fn(
+                nn.functional.linear(x, b.fc1.weight, b.fc1.bias))
+
+        def hook(module, args, layer=layer, fn=fn):
+            out[layer] = fn(args[0]).reshape(ids.shape[0], ids.shape[1], -1)
+
+        handles.append(where.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            sm.model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def _with_bos(sm: SubjectModel, ids: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.full((ids.shape[0], 1), sm.bos_token_id), ids], dim=1)
+
+
+def _ids(batch=3, pos=9):
+    return torch.randint(4, 120, (batch, pos))
+
+
+def test_neurons_match_hand_computation_and_drop_bos(tiny_subject):
+    sm = tiny_subject
+    ids = _ids()
+    hand = _by_hand(sm, _with_bos(sm, ids))
+    neurons = [(0, 5), (2, 1), (1, sm.d_mlp - 1), (0, 0), (2, 7)]
+    got = sm.activations(ids, None, neurons)
+    assert got.shape == (3, 9, len(neurons)) and got.dtype == torch.float32
+    assert got.device.type == "cpu"
+    for n, (layer, index) in enumerate(neurons):
+        close(got[..., n], hand[layer][:, 1:, index])  # BOS column dropped
+    assert not torch.allclose(got[..., 0], got[..., 3])
+
+
+def test_without_bos_uses_tokens_as_given(tiny_subject):
+    sm = tiny_subject
+    ids = _ids()
+    with_bos = sm.activations(ids, None, [(1, 3)])
+    sm.bos_token_id = None
+    without = sm.activations(ids, None, [(1, 3)])
+    close(without[..., 0], _by_hand(sm, ids)[1][..., 3])
+    assert not torch.allclose(with_bos, without)  # BOS really was prepended before
+
+
+def test_layer_activations_stop_early_equal_full_pass(tiny_subject):
+    sm = tiny_subject
+    ids = _ids()
+    hand = _by_hand(sm, _with_bos(sm, ids))
+    calls = []
+    last_block = _blocks(sm)[-1]
+    handle = last_block.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        acts = sm.layer_activations(ids, None, [1, 0])
+    finally:
+        handle.remove()
+    assert calls == []  # the pass stopped before the last block
+    assert set(acts) == {0, 1}
+    for layer in (0, 1):
+        assert acts[layer].shape == (3, 9, sm.d_mlp) and acts[layer].dtype == torch.float32
+        close(acts[layer], hand[layer][:, 1:])
+    close(sm.layer_activations(ids, None, [2])[2], hand[2][:, 1:])
+
+
+def test_hooks_are_removed_even_after_errors(tiny_llama):
+    sm = tiny_llama
+    sm.activations(_ids(), None, [(2, 0)])
+    with pytest.raises(ValueError):
+        sm.activations(torch.zeros(5, dtype=torch.long), None, [(0, 0)])
+    assert all(not p._forward_pre_hooks for p in sm._projs)
+    out = sm.model(input_ids=_ids())  # a plain forward still runs to the logits
+    assert out.logits.shape == (3, 9, sm.vocab_size)
+
+
+def test_right_padding_leaves_real_positions_unchanged(tiny_subject):
+    sm = tiny_subject
+    ids = _ids(batch=2, pos=10)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    padded = ids.clone()
+    padded[1, 6:] = 999_999  # padding values must never be looked up
+    neurons = [(0, 2), (2, 3)]
+    got = sm.activations(padded, mask, neurons)
+    alone = sm.activations(ids[1:, :6], None, neurons)
+    close(got[1, :6], alone[0], atol=1e-5, rtol=1e-5)
+    close(got[0], sm.activations(ids[:1], None, neurons)[0], atol=1e-5, rtol=1e-5)
+    assert torch.all(got[1, 6:] == 0)
+    layer = sm.layer_activations(padded, mask, [2])[2]
+    close(layer[1, :6, 3], alone[0, :, 1], atol=1e-5, rtol=1e-5)
+    assert torch.all(layer[1, 6:] == 0)
+
+
+def test_rows_activations_are_per_row_slices(tiny_subject):
+    sm = tiny_subject
+    ids = _ids(batch=4, pos=8)
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    rows = [(2, 4), (0, 1), (2, 0), (1, sm.d_mlp - 1)]
+    got = sm.rows_activations(ids, mask, rows)
+    full = sm.activations(ids, mask, rows)
+    assert got.shape == (4, 8) and got.dtype == torch.float32
+    for b in range(4):
+        close(got[b], full[b, :, b])
+    with pytest.raises(ValueError):
+        sm.rows_activations(ids, mask, rows[:2])
+
+
+def test_next_token_candidates_use_logits_of_previous_position(tiny_subject):
+    sm = tiny_subject
+    ids = _ids(batch=3, pos=6)
+    positions = torch.tensor([0, 3, 6])  # 6 = the token after the last one
+    got = sm.next_token_candidates(ids, None, positions, k=4)
+    with torch.no_grad():
+        logits = sm.model(input_ids=_with_bos(sm, ids)).logits
+    for b, p in enumerate(positions.tolist()):
+        assert got[b].tolist() == logits[b, p].topk(4).indices.tolist()
+
+
+def test_output_effects_follow_unembedding(tiny_llama):
+    sm = tiny_llama
+    top, bottom = sm.output_effects(1, 7, k=5)
+    m = sm.model
+    by_hand = m.lm_head.weight @ (m.model.layers[1].mlp.down_proj.weight[:, 7] * m.model.norm.weight)
+    assert [v for _, v in top] == pytest.approx(by_hand.topk(5).values.tolist(), rel=1e-4)
+    assert [s for s, _ in top] == sm.token_strings(by_hand.topk(5).indices.tolist())
+    assert [v for _, v in bottom] == pytest.approx(
+        by_hand.topk(5, largest=False).values.tolist(), rel=1e-4)
+
+
+def test_special_tokens_and_strings(tiny_llama):
+    sm = tiny_llama
+    assert sm.bos_token_id == 1
+    assert sm.occlusion_token_id == 0  # <unk>: neither BOS nor EOS
+    ids = sm.encode("the cat sat")
+    assert sm.token_strings(ids) == ["the", "cat", "sat"]
+    assert sm.token_strings([1, 120]) == ["<bos>", "<120>"]
+    info = sm.info()
+    assert info["n_layers"] == 3 and info["d_mlp"] == 48 and info["family"] == "gated"
+    assert info["architecture"] == "llama" and info["dtype"] == "float32"
+    assert info["n_params"] == sum(p.numel() for p in sm.model.parameters())
+
+
+def test_out_of_range_neurons_name_valid_ranges(tiny_llama):
+    for layer, index in [(3, 0), (-1, 0), (0, 48)]:
+        with pytest.raises(N2GError, match=r"layers are 0\.\.2 and neuron indices 0\.\.47"):
+            tiny_llama.check_neuron(layer, index)
+    with pytest.raises(N2GError):
+        tiny_llama.activations(_ids(), None, [(0, 0), (5, 1)])
+    with pytest.raises(N2GError):
+        tiny_llama.layer_activations(_ids(), None, [3])
+
+
+def test_unknown_architecture_lists_supported():
+    fake = nn.Linear(2, 2)
+    fake.config = types.SimpleNamespace(model_type="rwkv")
+    with pytest.raises(N2GError, match=r"'rwkv' is not supported.*gpt2.*llama.*opt"):
+        SubjectModel(fake)
+
+
+def test_load_model_from_local_directory(tmp_path, tiny_llama):
+    tiny_llama.model.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    sm = load_model(str(tmp_path), device="cpu")
+    assert sm.info()["spec"] == str(tmp_path) and sm.n_layers == 3
+    ids = _ids()
+    close(sm.activations(ids, None, [(2, 5)]), tiny_llama.activations(ids, None, [(2, 5)]))
+    assert sm.encode("the mat") == tiny_llama.encode("the mat")
+    half = load_model(str(tmp_path), device="cpu", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    out = half.activations(ids, None, [(2, 5)])
+    assert out.dtype == torch.float32
+    close(out, tiny_llama.activations(ids, None, [(2, 5)]), atol=0.05, rtol=0.1)
+
+
+def test_load_model_rejects_unsupported_local_architecture(tmp_path):
+    import transformers as tf
+
+    tf.BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(N2GError, match="'bloom'.*not supported.*gpt_neox"):
+        load_model(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("spec", ["missing/model.gguf", "nope.gguf", "./no/such/dir", "/no/such"])
+def test_missing_paths_raise(spec):
+    with pytest.raises(N2GError, match="does not exist"):
+        load_model(spec)
+
+
+def test_hub_failure_says_what_to_do(monkeypatch):
+    import transformers as tf
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tf.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(N2GError, match="could not be found locally or downloaded.*local path"):
+        load_model("some-org/some-model")
+
+
+def test_bad_dtype(tmp_path, tiny_llama):
+    tiny_llama.model.save_pretrained(tmp_path)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(N2GError, match="float32, bfloat16, float16"):
+        load_model(str(tmp_path), device="cpu", dtype="int8")
+
+
+@pytest.mark.slow
+def test_packaged_smollm2(smollm2, monkeypatch):
+    sm = smollm2
+    info = sm.info()
+    assert (info["n_layers"], info["d_mlp"], info["architecture"]) == (30, 1536, "llama")
+    assert sm.bos_token_id is not None and sm.occlusion_token_id not in (sm.bos_token_id,)
+    ids = torch.tensor([sm.encode("The capital of France is")])
+    nxt = sm.next_token_candidates(ids, None, torch.tensor([ids.shape[1]]), k=1)
+    assert sm.token_strings(nxt[0].tolist()) == [" Paris"]
+    assert sm.token_strings(sm.encode(" the\nhello")) == [" the", "\n", "hello"]
+    acts = sm.activations(ids, None, [(0, 0), (29, 1535)])
+    assert acts.shape == (1, ids.shape[1], 2) and torch.isfinite(acts).all()
+
+    # the de-quantised weights are cached, and a second load never touches the GGUF
+    cached = _gguf_cache_path(default_gguf_path())
+    assert (cached / "model.safetensors").is_file() and (cached / "config.json").is_file()
+    import transformers as tf
+
+    original = tf.AutoModelForCausalLM.from_pretrained
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained", spy)
+    start = time.perf_counter()
+    again = load_model("default", device="cpu")
+    assert calls and all("gguf_file" not in c for c in calls)
+    assert time.perf_counter() - start < 15
+    close(again.activations(ids, None, [(5, 10)]), sm.activations(ids, None, [(5, 10)]))
