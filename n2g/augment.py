@@ -61,3 +61,38 @@ def augment_steps(seqs: list[list[int]], acts: list[np.ndarray], imps: list[np.n
     by_index = dict(zip(firing, matrices))
     return [Variant(ids, np.asarray(values[i], np.float32), by_index.get(i), e, k)
             for i, (ids, e, k) in enumerate(variants)]
+
+
+def same_shape(original: str, candidate: str) -> bool:
+    """Word shape kept: the same leading-space status, and letters only if the original is letters only."""
+    if original.startswith(" ") != candidate.startswith(" "):
+        return False
+    core_o, core_c = original.strip(), candidate.strip()
+    if not core_c:
+        return not core_o
+    if core_o.isalpha():
+        return core_c.isalpha()
+    return True
+
+
+class ModelSubstitutes:
+    """Substitute source from the subject model's own next-token distribution at a position."""
+
+    def __init__(self, model, batch_size: int = 256):
+        self.model, self.batch_size = model, batch_size
+
+    def __call__(self, seqs: list[list[int]], positions: list[int], k: int) -> list[list[int]]:
+        import torch
+
+        from .features import pad
+
+        out: list[list[int]] = []
+        for start in range(0, len(seqs), self.batch_size):
+            chunk, pos = seqs[start : start + self.batch_size], positions[start : start + self.batch_size]
+            ids, mask = pad(chunk, int(self.model.occlusion_token_id))
+            found = self.model.next_token_candidates(ids, mask, torch.tensor(pos), k)
+            for row, p, cands in zip(chunk, pos, found.tolist()):
+                original = self.model.token_strings([row[p]])[0]
+                texts = self.model.token_strings(cands)
+                out.append([c for c, t in zip(cands, texts) if c != row[p] and same_shape(original, t)])
+        return out

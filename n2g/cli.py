@@ -1,0 +1,158 @@
+"""The ``n2g`` command line: a thin layer over :mod:`n2g.pipeline` and the report/viewer modules.
+
+``main(argv) -> int``; progress and logs go to stderr, results to stdout and files. Every mistake a
+user can make comes back as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import PRESETS
+from .errors import N2GError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="subject model: 'default' (packaged SmolLM2-135M-Instruct), a .gguf file, a local HF directory or a hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+def _corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="default",
+                   help="'default' (offline Python docs), a text/JSONL file or directory, or hf:NAME[:CONFIG]")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--excerpt-length", type=int, default=64, help="tokens per excerpt (default 64)")
+    p.add_argument("--max-excerpts", type=int, default=None, help="use only the first N excerpts of the corpus")
+
+
+def _fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="distiller settings (default: default)")
+    p.add_argument("--augment", dest="augment", action="store_true", default=None, help="make variants of important tokens")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation")
+    p.add_argument("--out", default=None, help="run directory (default: graphs/<model>-<preset>)")
+    p.add_argument("--group-size", type=int, default=64, help="neurons fitted together in shared batches")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip rendering, report and viewer")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="n2g", description="Neuron to Graph: explain single neurons as token-pattern graphs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="describe a subject model", description="Print a model's architecture, size, device and dtype.")
+    _model_args(p)
+
+    p = sub.add_parser("fit", help="distil one neuron", description="Distil one neuron into a graph, score it and save it.")
+    _model_args(p)
+    _corpus_args(p)
+    p.add_argument("--layer", type=int, required=True, help="layer index")
+    p.add_argument("--neuron", type=int, required=True, help="neuron index within the layer's MLP")
+    p.add_argument("--sign", default="positive", choices=["positive", "negative"], help="which side to distil")
+    _fit_args(p)
+
+    p = sub.add_parser("run", help="distil many neurons", description="Distil many neurons (layers x neurons) with batched fitting; resumable.")
+    _model_args(p)
+    _corpus_args(p)
+    p.add_argument("--layers", default="0", help="e.g. 0,5,10 or 0-29 or all (default 0)")
+    p.add_argument("--neurons", default="all", help="e.g. 0-99 or 1,2,3 or all (default all)")
+    p.add_argument("--sign", default="positive", choices=["positive", "negative", "both"], help="which side(s) to distil")
+    _fit_args(p)
+
+    p = sub.add_parser("report", help="write the validation report and viewer for a run",
+                       description="Render graphs and write report.html/json/csv, the search index and viewer pages.")
+    p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
+
+    p = sub.add_parser("serve", help="serve a run's viewer with search", description="Serve the viewer of a run directory.")
+    p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    return parser
+
+
+def _options(args, layers: str, neurons: str):
+    from .pipeline import RunOptions
+
+    overrides = {"augment": args.augment}
+    return RunOptions(model=args.model, corpus=args.corpus, text_field=args.text_field, excerpt_length=args.excerpt_length,
+                      max_excerpts=args.max_excerpts, layers=layers, neurons=neurons, sign=args.sign, preset=args.preset,
+                      overrides=overrides, out=args.out, device=args.device, dtype=args.dtype, group_size=args.group_size,
+                      report=args.report, progress=not args.quiet)
+
+
+def _run(args) -> int:
+    from .pipeline import run, summary_table
+
+    if args.command == "fit":
+        opts = _options(args, str(args.layer), str(args.neuron))
+    else:
+        opts = _options(args, args.layers, args.neurons)
+    summary = run(opts)
+    print(summary_table(summary.results))
+    print(f"\n{len(summary.results)} neurons ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
+    if "report" in summary.artifacts:
+        print(f"report: {summary.artifacts['report']}")
+    return 0
+
+
+def _info(args) -> int:
+    from .models import load_model
+
+    info = load_model(args.model, device=args.device, dtype=args.dtype).info()
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from .report import build_all
+
+    if not (Path(args.run_dir) / "run.json").exists():
+        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
+    paths = build_all(Path(args.run_dir))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _serve(args) -> int:
+    from pathlib import Path
+
+    from .viewer import serve
+
+    if not (Path(args.run_dir) / "run.json").exists():
+        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
+    serve(Path(args.run_dir), host=args.host, port=args.port)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="n2g: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve}
+    try:
+        return handlers[args.command](args)
+    except N2GError as exc:
+        print(f"n2g: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("n2g: interrupted; finished neurons are saved, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The whole job: model and corpus in, a run directory of graphs, scores and reports out.
+
+``run(RunOptions(...))`` loads the subject model and corpus, scans the requested layers once,
+fits every requested neuron with the batched engine, stores each result as it finishes (so an
+interrupted run resumes where it stopped), writes the scores table and, unless asked not to, the
+rendered graphs, validation report, search index and viewer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import DistillConfig, preset
+from .errors import N2GError
+from .records import NeuronId, NeuronResult, Sign
+
+log = logging.getLogger(__name__)
+
+
+def parse_indices(text: str, limit: int, what: str) -> list[int]:
+    """``"all"``, ``"5"``, ``"0-99"``, ``"0,5,10-12"`` -> sorted indices, checked against ``limit``."""
+    text = str(text).strip()
+    if text == "all":
+        return list(range(limit))
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise N2GError(f"cannot read {what} {part!r}; use numbers, ranges like 0-99, commas, or 'all'")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise N2GError(f"{what} range {part!r} is backwards; write it low-high")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise N2GError(f"no {what} given; name at least one (e.g. 0, 0-9 or all)")
+    bad = [i for i in out if i >= limit]
+    if bad:
+        raise N2GError(f"{what} {min(bad)} is out of range: this model has {what}s 0-{limit - 1}")
+    return sorted(out)
+
+
+@dataclass
+class RunOptions:
+    """What to run; every field has a command-line option of the same name."""
+
+    model: str = "default"
+    corpus: str = "default"
+    text_field: str = "text"
+    excerpt_length: int = 64
+    max_excerpts: int | None = None
+    layers: str = "0"
+    neurons: str = "0-7"
+    sign: str = "positive"
+    preset: str = "default"
+    overrides: dict = field(default_factory=dict)
+    out: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    group_size: int = 64
+    scan_batch: int = 32
+    report: bool = True
+    progress: bool = True
+
+    def config(self) -> DistillConfig:
+        return preset(self.preset, **self.overrides)
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    results: list[NeuronResult]
+    fitted_now: int
+    seconds: float
+    artifacts: dict = field(default_factory=dict)
+
+
+def default_out(opts: RunOptions) -> Path:
+    name = Path(opts.model).stem if opts.model not in ("default", "smollm2") else "smollm2"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    return Path("graphs") / f"{name}-{opts.preset}"
+
+
+def versions() -> dict:
+    import networkx
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"n2g": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "networkx": networkx.__version__, "python": platform.python_version()}
+
+
+def _signs(sign: str) -> list[Sign]:
+    if sign == "both":
+        return [Sign.POSITIVE, Sign.NEGATIVE]
+    if sign not in ("positive", "negative"):
+        raise N2GError(f"--sign must be positive, negative or both (got {sign!r})")
+    return [Sign(sign)]
+
+
+def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
+    """Run the pipeline; ``model`` and ``corpus`` may be passed in already loaded (tests, notebooks)."""
+    from .corpus import Corpus
+    from .engine import Job, fit_many
+    from .models import cache_dir, load_model
+    from .scan import scan_layers
+    from .store import RunStore
+
+    started = time.perf_counter()
+    cfg = opts.config()
+    signs = _signs(opts.sign)
+    if opts.group_size < 1:
+        raise N2GError("--group-size must be at least 1")
+    if model is None:
+        model = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    layers = parse_indices(opts.layers, model.n_layers, "layer")
+    indices = parse_indices(opts.neurons, model.d_mlp, "neuron")
+    if corpus is None:
+        corpus = Corpus.build(opts.corpus, model.encode, length=opts.excerpt_length,
+                              max_excerpts=opts.max_excerpts, text_field=opts.text_field)
+    out = Path(opts.out) if opts.out else default_out(opts)
+    store = RunStore(out)
+    identity = {"model": str(model.spec), "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(),
+                "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
+                "config": cfg.to_dict()}
+    store.open(identity, {"name": out.name, "model": model.info(), "versions": versions(),
+                          "corpus": {"source": corpus.source, "n_excerpts": int(corpus.excerpts.shape[0]),
+                                     "length": int(corpus.excerpts.shape[1])}})
+    wanted = [NeuronId(l, i, s) for l in layers for i in indices for s in signs]
+    todo = [n for n in wanted if not store.is_done(n)]
+    log.info("%d neurons requested, %d already done in %s", len(wanted), len(wanted) - len(todo), out)
+    fitted = 0
+    if todo:
+        k = max(64, cfg.n_top + cfg.n_extra_train)
+        pool_size = max(64, cfg.n_top + cfg.n_extra_train + cfg.n_random_test + cfg.n_random_train)
+        scans = scan_layers(model, corpus.excerpts, sorted({n.layer for n in todo}), k=k, pool_size=pool_size,
+                            seed=cfg.seed, batch_size=opts.scan_batch, fire_threshold=cfg.fire_threshold,
+                            cache_dir=cache_dir(), corpus_key=corpus.fingerprint(), progress=opts.progress)
+        excerpts = corpus.excerpts.tolist()
+        jobs = [Job(n, scans[n.layer].scale(n.index, n.sign), scans[n.layer].ranked(n.index, n.sign), scans[n.layer].pool)
+                for n in todo]
+        from .progress import Progress
+
+        bar = Progress(len(jobs), "fit", "neurons", enabled=opts.progress)
+
+        def save(job, fit, seconds):
+            nonlocal fitted
+            result = to_result(model, job.neuron, scans[job.neuron.layer].stats(job.neuron.index, job.neuron.sign), fit, seconds)
+            store.save(result, fit.graph)
+            fitted += 1
+            bar.update(1)
+
+        fit_many(model, excerpts, jobs, cfg, group_size=opts.group_size, on_done=save)
+        bar.close()
+    store.write_scores_table()
+    artifacts = {}
+    if opts.report:
+        from .report import build_all
+
+        artifacts = build_all(out)
+    results = [r for r in store.results() if r.neuron in set(wanted)]
+    return RunSummary(out, results, fitted, time.perf_counter() - started, artifacts)
+
+
+def to_result(model, neuron: NeuronId, stats, fit, seconds: float) -> NeuronResult:
+    """A storable record of one fit, with display strings and output-weight effects filled in."""
+    for e in fit.examples:
+        e.tokens = model.token_strings(e.token_ids)
+    promoted, suppressed = model.output_effects(neuron.layer, neuron.index, k=10)
+    if neuron.sign == Sign.NEGATIVE:  # the negative side writes the opposite direction
+        promoted, suppressed = [(t, -v) for t, v in suppressed], [(t, -v) for t, v in promoted]
+    graph_stats = {}
+    if fit.graph is not None:
+        fit.graph.neuron = neuron
+        fit.graph.set_token_text(model.token_strings)
+        graph_stats = fit.graph.stats()
+    return NeuronResult(neuron=neuron, status=fit.status if fit.graph is not None else "dead", stats=stats,
+                        scores=fit.scores, examples=fit.examples, promoted=promoted, suppressed=suppressed,
+                        graph_stats=graph_stats, seconds=seconds)
+
+
+def summary_table(results: list[NeuronResult]) -> str:
+    """A one-screen text table: per neuron, F1 of n2g against the baselines."""
+    def fmt(v):
+        return "  -  " if v is None else f"{v:5.2f}"
+
+    lines = [f"{'neuron':<16}{'status':<8}{'n2g F1':>8}{'tok F1':>8}{'5gram F1':>9}{'n2g r':>8}{'nodes':>7}{'fire%':>7}"]
+    for r in results:
+        s = r.scores
+        f = lambda m, k="f1": getattr(s[m], k) if m in s else None
+        nodes = sum(v for k, v in r.graph_stats.items() if k in ("activator", "context", "wildcard"))
+        status = r.status if r.status == "dead" or "n2g" not in s or s["n2g"].status == "ok" else "nofire"
+        lines.append(f"{r.neuron.key:<16}{status:<8}{fmt(f('n2g')):>8}{fmt(f('token_lookup')):>8}{fmt(f('ngram')):>9}"
+                     f"{fmt(f('n2g', 'pearson')):>8}{nodes:>7}{100 * r.stats.firing_rate:>6.2f}%")
+    scored = [r for r in results if "n2g" in r.scores and r.scores["n2g"].f1 is not None]
+    if scored:
+        mean = lambda m: float(np.mean([r.scores[m].f1 for r in scored if r.scores[m].f1 is not None]))
+        lines.append(f"{'mean (' + str(len(scored)) + ')':<24}{mean('n2g'):>8.2f}{mean('token_lookup'):>8.2f}{mean('ngram'):>9.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""The run directory: per-neuron artifacts, the run's identity, the scores table.
+
+Layout (DESIGN.md "Artifacts")::
+
+    RUN/run.json                      identity (model, corpus, config) and versions
+    RUN/neurons/<key>/graph.json      the graph (absent for a dead neuron)
+    RUN/neurons/<key>/result.json     scores, examples, stats; written last, so it marks "done"
+    RUN/scores.csv                    one row per neuron and method
+
+Every file is written to a temporary name and renamed into place, so a run killed at any moment
+leaves only whole files; on resume a neuron counts as done only if its files load, and a damaged
+one is redone. A directory written with another model, corpus or configuration is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import N2GError
+from .graph import NeuronGraph, write_json_atomic
+from .records import SCHEMA_VERSION, NeuronId, NeuronResult
+
+log = logging.getLogger(__name__)
+
+RUN_KIND = "n2g.run"
+METHODS = ("n2g", "token_lookup", "ngram", "zero")
+SCORE_FIELDS = ("precision", "recall", "f1", "nonfiring_precision", "nonfiring_recall", "nonfiring_f1",
+                "pearson", "explained_variance", "n_tokens", "n_firing", "n_predicted_firing", "status")
+
+
+def _disk_error(path: Path, exc: OSError) -> N2GError:
+    if exc.errno == errno.ENOSPC:
+        return N2GError(f"disk full while writing {path}; free some space and re-run the same command to resume")
+    return N2GError(f"cannot write {path} ({exc.strerror or exc}); choose a writable --out directory")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class RunStore:
+    """Reads and writes one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # -- identity ------------------------------------------------------------------------
+    def open(self, identity: dict, extra: dict | None = None) -> None:
+        """Create the run, or check that an existing one was made with the same identity."""
+        path = self.root / "run.json"
+        if path.exists():
+            try:
+                existing = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise N2GError(f"{path} is unreadable ({exc}); delete it or choose another --out") from exc
+            if existing.get("kind") != RUN_KIND:
+                raise N2GError(f"{self.root} is not an n2g run directory; choose another --out")
+            if existing.get("identity") != json.loads(json.dumps(identity)):
+                diff = sorted(k for k in set(identity) | set(existing.get("identity", {}))
+                              if existing.get("identity", {}).get(k) != json.loads(json.dumps(identity.get(k))))
+                raise N2GError(
+                    f"{self.root} holds a run made with a different {', '.join(diff)}; "
+                    "choose another --out (or delete that directory) instead of mixing results"
+                )
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {"kind": RUN_KIND, "schema_version": SCHEMA_VERSION,
+                                     "identity": identity, **(extra or {})})
+        except OSError as exc:
+            raise _disk_error(path, exc) from exc
+
+    def meta(self) -> dict:
+        return json.loads((self.root / "run.json").read_text(encoding="utf-8"))
+
+    # -- neurons -------------------------------------------------------------------------
+    def neuron_dir(self, neuron: NeuronId) -> Path:
+        return self.root / "neurons" / neuron.key
+
+    def load_result(self, neuron: NeuronId) -> NeuronResult | None:
+        """The stored result if it and its graph load; None (and a warning) if missing or damaged."""
+        folder = self.neuron_dir(neuron)
+        path = folder / "result.json"
+        if not path.exists():
+            return None
+        try:
+            result = NeuronResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            if result.status != "dead":
+                NeuronGraph.load(folder / "graph.json")
+            return result
+        except Exception as exc:  # any damage means: redo this neuron
+            log.warning("%s: stored artifacts are damaged (%s); it will be redone", neuron.key, exc)
+            return None
+
+    def is_done(self, neuron: NeuronId) -> bool:
+        return self.load_result(neuron) is not None
+
+    def save(self, result: NeuronResult, graph: NeuronGraph | None) -> None:
+        """Write the graph, then the result (the result's presence marks the neuron done)."""
+        folder = self.neuron_dir(result.neuron)
+        try:
+            if graph is not None:
+                graph.save(folder / "graph.json")
+            write_json_atomic(folder / "result.json", result.to_dict())
+        except OSError as exc:
+            raise _disk_error(folder, exc) from exc
+
+    def results(self) -> list[NeuronResult]:
+        out = []
+        folder = self.root / "neurons"
+        if not folder.is_dir():
+            return out
+        for sub in sorted(folder.iterdir()):
+            if (sub / "result.json").exists():
+                try:
+                    out.append(NeuronResult.from_dict(json.loads((sub / "result.json").read_text(encoding="utf-8"))))
+                except Exception as exc:
+                    log.warning("skipping unreadable %s (%s)", sub / "result.json", exc)
+        return sorted(out, key=lambda r: r.neuron)
+
+    def write_scores_table(self) -> Path:
+        """``scores.csv``: one row per neuron and method, plus the neuron's corpus statistics."""
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["neuron", "layer", "index", "sign", "status", "method", *SCORE_FIELDS,
+                         "max_activation", "firing_rate", "seconds"])
+        for r in self.results():
+            head = [r.neuron.key, r.neuron.layer, r.neuron.index, r.neuron.sign.value, r.status]
+            tail = [r.stats.max_activation, r.stats.firing_rate, round(r.seconds, 4)]
+            if not r.scores:
+                writer.writerow(head + [""] + [""] * len(SCORE_FIELDS) + tail)
+            for method in METHODS:
+                if method in r.scores:
+                    s = r.scores[method].to_dict()
+                    writer.writerow(head + [method] + ["" if s.get(f) is None else s.get(f) for f in SCORE_FIELDS] + tail)
+        path = self.root / "scores.csv"
+        try:
+            return write_text_atomic(path, buf.getvalue())
+        except OSError as exc:
+            raise _disk_error(path, exc) from exc
