@@ -1,0 +1,384 @@
+"""The validation report of a run: how well each graph predicts its neuron, per layer, vs baselines.
+
+``write_report`` reads every ``neurons/*/result.json`` and writes ``RUN/report.html`` (one
+self-contained file: inline CSS, matplotlib plots as base64 PNG, nothing from the network),
+``RUN/report.json`` and ``RUN/report.csv`` with the same numbers. Means are over the neurons of a
+layer; firing-class precision/recall/F1 leave out neurons with no firing test token (their F1 is
+undefined, never counted as perfect) and every mean skips undefined values (e.g. the precision of
+a predictor that never fires); dead neurons are counted but not scored. ``build_all`` is what the
+pipeline calls at the end of a run: index, graph renders, viewer and report.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+from n2g.errors import N2GError
+from n2g.records import NeuronResult
+from n2g.render import atomic_write, dot_available, load_graph_json, render
+from n2g.search import build_index, iter_results
+
+log = logging.getLogger(__name__)
+
+KIND = "n2g.report"
+SCHEMA_VERSION = 1
+METHODS = ("n2g", "token_lookup", "ngram", "zero")
+METHOD_NAMES = {"n2g": "N2G graph", "token_lookup": "token lookup", "ngram": "n-gram", "zero": "all zero"}
+METRICS = ("precision", "recall", "f1", "nonfiring_precision", "nonfiring_recall", "nonfiring_f1", "pearson")
+FIRING_METRICS = ("precision", "recall", "f1")
+N_BEST = 10
+
+
+def _mean(values: list) -> float | None:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _no_firing(r: NeuronResult) -> bool:
+    s = r.scores.get("n2g")
+    return s is not None and (s.f1 is None or s.status == "no_firing_test_token")
+
+
+def _summary(label, results: list[NeuronResult], methods: list[str]) -> dict:
+    fitted = [r for r in results if r.status != "dead" and r.scores]
+    firing = [r for r in fitted if not _no_firing(r)]
+    row = {
+        "layer": label,
+        "n_neurons": len(results),
+        "n_dead": sum(r.status == "dead" for r in results),
+        "n_scored": len(fitted),
+        "n_no_firing_test_token": len(fitted) - len(firing),
+        "n_in_f1_mean": len(firing),
+        "methods": {},
+    }
+    for m in methods:
+        stats = {}
+        for metric in METRICS:
+            pool = firing if metric in FIRING_METRICS else fitted
+            vals = [getattr(r.scores[m], metric) for r in pool if m in r.scores]
+            stats[metric] = _mean(vals)
+        row["methods"][m] = stats
+    return row
+
+
+def neuron_row(r: NeuronResult) -> dict:
+    """The per-neuron summary used by the report and the viewer index."""
+    n2g = r.scores.get("n2g")
+    row = {
+        "key": r.neuron.key, "layer": r.neuron.layer, "index": r.neuron.index, "sign": r.neuron.sign.value,
+        "status": r.status, "score_status": n2g.status if n2g else None,
+        "firing_rate": r.stats.firing_rate, "max_activation": r.stats.max_activation,
+    }
+    for m in METHODS:
+        s = r.scores.get(m)
+        row[f"{m}_f1"] = s.f1 if s else None
+    row["pearson"] = n2g.pearson if n2g else None
+    return row
+
+
+def load_results(run_dir: str | os.PathLike) -> list[NeuronResult]:
+    """All neuron results of a run, sorted; N2GError when there are none."""
+    run_dir = Path(run_dir)
+    results = [r for _, r in iter_results(run_dir)] if run_dir.is_dir() else []
+    if not results:
+        raise N2GError(f"no neuron results in {run_dir}; run `n2g run` first")
+    return results
+
+
+def _run_info(run_dir: Path) -> dict:
+    try:
+        d = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def compute_report(run_dir: str | os.PathLike) -> dict:
+    """The report's numbers as a JSON-ready dict (what ``report.json`` holds)."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    present = {m for r in results for m in r.scores}
+    methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+    layers = sorted({r.neuron.layer for r in results})
+    rows = [_summary(layer, [r for r in results if r.neuron.layer == layer], methods) for layer in layers]
+    overall = _summary("all", results, methods)
+    neurons = [neuron_row(r) for r in results]
+    ranked = sorted((n for n in neurons if n["n2g_f1"] is not None), key=lambda n: (-n["n2g_f1"], n["key"]))
+    info = _run_info(run_dir)
+    return {
+        "kind": KIND,
+        "schema_version": SCHEMA_VERSION,
+        "run": {k: info.get(k) for k in ("name", "model", "corpus") if k in info},
+        "methods": methods,
+        "metrics": list(METRICS),
+        "fire_threshold": 0.5,
+        "notes": (
+            "Means over neurons. Firing-class precision/recall/F1 exclude neurons with no firing test "
+            "token; every mean skips undefined values; dead neurons are not scored."
+        ),
+        "layers": rows,
+        "overall": overall,
+        "best": [n["key"] for n in ranked[:N_BEST]],
+        "worst": [n["key"] for n in ranked[::-1][:N_BEST]],
+        "neurons": neurons,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def _png(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plots(rep: dict) -> list[tuple[str, str]]:
+    """(caption, base64 PNG) for each plot; made on Figure objects so no global backend changes."""
+    from matplotlib.figure import Figure
+
+    plots = []
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.add_subplot()
+    layers = [row["layer"] for row in rep["layers"]]
+    for m in rep["methods"]:
+        ys = [row["methods"][m]["f1"] for row in rep["layers"]]
+        xs = [x for x, y in zip(layers, ys) if y is not None]
+        ys = [y for y in ys if y is not None]
+        if ys:
+            ax.plot(xs, ys, marker="o", label=METHOD_NAMES.get(m, m))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean firing F1")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    plots.append(("Mean firing F1 by layer, per method", _png(fig)))
+
+    f1s = [n["n2g_f1"] for n in rep["neurons"] if n["n2g_f1"] is not None]
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.add_subplot()
+    ax.hist(f1s, bins=20, range=(0, 1), color="#d62728", edgecolor="white")
+    ax.set_xlabel("per-neuron N2G firing F1")
+    ax.set_ylabel("neurons")
+    plots.append((f"Distribution of per-neuron N2G F1 ({len(f1s)} neurons)", _png(fig)))
+
+    pts = [(n["firing_rate"], n["n2g_f1"]) for n in rep["neurons"] if n["n2g_f1"] is not None]
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.add_subplot()
+    if pts:
+        xs = [max(x or 0.0, 1e-6) for x, _ in pts]
+        ax.scatter(xs, [y for _, y in pts], s=14, alpha=0.7, color="#1f77b4")
+        ax.set_xscale("log")
+    ax.set_xlabel("firing rate on the corpus (log)")
+    ax.set_ylabel("N2G firing F1")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    plots.append(("N2G F1 against firing rate", _png(fig)))
+    return plots
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A metric for display: 3 decimals, or an em dash when undefined."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def f1_text(f1, status) -> str:
+    """F1 for display; None with status no_firing_test_token reads as words, never a number."""
+    if f1 is None and status == "no_firing_test_token":
+        return "no firing test token"
+    return fmt(f1)
+
+
+def neuron_href(key: str, prefix: str = "viewer/neurons/") -> str:
+    return prefix + quote(key, safe="") + ".html"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;
+ color:#222;padding:0 16px;line-height:1.4}
+h1{font-size:1.5em;margin-bottom:4px}h2{font-size:1.2em;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
+td.l,th.l{text-align:left}tr.all td{font-weight:bold;background:#fafafa}
+.muted{color:#777;font-size:13px}.plots{display:flex;flex-wrap:wrap;gap:16px}
+.plots figure{margin:0}.plots img{max-width:560px;border:1px solid #eee}
+figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:1px 4px}
+.t{white-space:pre}
+"""
+
+
+def _esc(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _layer_table(rep: dict) -> str:
+    methods = rep["methods"]
+    head1 = ['<th class="l" rowspan="2">layer</th><th rowspan="2">neurons</th><th rowspan="2">dead</th>'
+             '<th rowspan="2">no firing<br>test token</th>']
+    head2 = []
+    groups = [("firing precision", "precision"), ("firing recall", "recall"), ("firing F1", "f1"),
+              ("non-firing precision", "nonfiring_precision"), ("non-firing recall", "nonfiring_recall"),
+              ("non-firing F1", "nonfiring_f1"), ("Pearson r", "pearson")]
+    for title, _ in groups:
+        head1.append(f'<th colspan="{len(methods)}">{_esc(title)}</th>')
+        head2.extend(f"<th>{_esc(METHOD_NAMES.get(m, m))}</th>" for m in methods)
+    body = []
+    for row in rep["layers"] + [rep["overall"]]:
+        cls = ' class="all"' if row["layer"] == "all" else ""
+        cells = [f'<td class="l">{_esc(row["layer"])}</td>', f"<td>{row['n_neurons']}</td>",
+                 f"<td>{row['n_dead']}</td>", f"<td>{row['n_no_firing_test_token']}</td>"]
+        for _, metric in groups:
+            cells.extend(f"<td>{fmt(row['methods'][m][metric])}</td>" for m in methods)
+        body.append(f"<tr{cls} data-layer=\"{_esc(row['layer'])}\">{''.join(cells)}</tr>")
+    return (
+        '<table id="layer-table"><thead><tr>' + "".join(head1) + "</tr><tr>" + "".join(head2)
+        + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>"
+    )
+
+
+def _neuron_table(keys: list[str], by_key: dict, table_id: str) -> str:
+    rows = []
+    for k in keys:
+        n = by_key[k]
+        rows.append(
+            f'<tr><td class="l"><a href="{_esc(neuron_href(k))}">{_esc(k)}</a></td>'
+            f"<td>{fmt(n['n2g_f1'])}</td><td>{fmt(n['token_lookup_f1'])}</td><td>{fmt(n['ngram_f1'])}</td>"
+            f"<td>{fmt(n['pearson'])}</td><td>{fmt(n['firing_rate'], 4)}</td></tr>"
+        )
+    return (
+        f'<table id="{table_id}"><thead><tr><th class="l">neuron</th><th>N2G F1</th><th>token lookup F1</th>'
+        "<th>n-gram F1</th><th>N2G Pearson r</th><th>firing rate</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table>"
+    )
+
+
+def report_html(rep: dict, plots: list[tuple[str, str]]) -> str:
+    run = rep.get("run", {})
+    model = run.get("model") or {}
+    corpus = run.get("corpus") or {}
+    title = f"n2g validation report: {run.get('name') or 'run'}"
+    by_key = {n["key"]: n for n in rep["neurons"]}
+    o = rep["overall"]
+    parts = [
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'; base-uri 'none'\"><link rel=\"icon\" href=\"data:,\">",
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="muted">model <code>{_esc(model.get("spec", "?"))}</code>'
+        + (f" ({_esc(model.get('architecture'))})" if model.get("architecture") else "")
+        + f" · corpus <code>{_esc(corpus.get('source', '?'))}</code>"
+        + f" · {o['n_neurons']} neurons, {o['n_dead']} dead, {o['n_no_firing_test_token']} with no firing "
+        "test token (left out of the firing precision/recall/F1 means) · "
+        '<a href="viewer/index.html">browse neurons</a></p>',
+        "<h2>Per layer</h2>",
+        f'<p class="muted">Mean over the neurons of each layer, fire threshold {rep["fire_threshold"]} on the '
+        "normalised activation, scored on pooled real test tokens. Firing-class precision/recall/F1 leave out "
+        "neurons with no firing test token; every mean skips undefined values (e.g. the precision of a "
+        "predictor that never fires, shown —); dead neurons are counted but not scored. The row "
+        "<b>all</b> pools the neurons of every layer.</p>",
+        _layer_table(rep),
+        "<h2>Plots</h2><div class=\"plots\">",
+    ]
+    for caption, b64 in plots:
+        parts.append(f'<figure><img alt="{_esc(caption)}" src="data:image/png;base64,{b64}">'
+                     f"<figcaption>{_esc(caption)}</figcaption></figure>")
+    parts.append("</div>")
+    parts.append(f"<h2>Best {len(rep['best'])} neurons by N2G F1</h2>")
+    parts.append(_neuron_table(rep["best"], by_key, "best-table"))
+    parts.append(f"<h2>Worst {len(rep['worst'])} neurons by N2G F1</h2>")
+    parts.append(_neuron_table(rep["worst"], by_key, "worst-table"))
+    parts.append('<p class="muted">Machine-readable: <a href="report.json">report.json</a>, '
+                 '<a href="report.csv">report.csv</a>.</p></body></html>')
+    return "".join(parts)
+
+
+def _csv(rep: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "method", "n_neurons", "n_dead", "n_no_firing_test_token", "n_in_f1_mean", *METRICS])
+    for row in rep["layers"] + [rep["overall"]]:
+        for m in rep["methods"]:
+            stats = row["methods"][m]
+            w.writerow([row["layer"], m, row["n_neurons"], row["n_dead"], row["n_no_firing_test_token"],
+                        row["n_in_f1_mean"], *("" if stats[k] is None else repr(float(stats[k])) for k in METRICS)])
+    return buf.getvalue()
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Write ``report.html``, ``report.json`` and ``report.csv`` into the run; returns the HTML path."""
+    run_dir = Path(run_dir)
+    rep = compute_report(run_dir)
+    atomic_write(run_dir / "report.json", (json.dumps(rep, indent=1) + "\n").encode("utf-8"))
+    atomic_write(run_dir / "report.csv", _csv(rep).encode("utf-8"))
+    out = run_dir / "report.html"
+    atomic_write(out, report_html(rep, _plots(rep)).encode("utf-8"))
+    log.info("wrote %s", out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# everything at the end of a run
+
+
+def render_missing_graphs(run_dir: str | os.PathLike) -> list[Path]:
+    """Render ``neurons/<key>/graph.{dot,svg,png}`` wherever a graph.json has no render yet."""
+    run_dir = Path(run_dir)
+    want = ("dot", "svg", "png") if dot_available() else ("dot",)
+    jobs = []
+    for gpath in sorted(run_dir.glob("neurons/*/graph.json")):
+        if any(not (gpath.parent / f"graph.{f}").exists() for f in want):
+            jobs.append(gpath)
+
+    def one(gpath: Path) -> list[Path]:
+        try:
+            G = load_graph_json(gpath)
+        except N2GError as e:
+            log.warning("cannot render %s: %s", gpath, e)
+            return []
+        return render(G, gpath.parent / "graph", formats=want, title=gpath.parent.name)
+
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        return [p for paths in pool.map(one, jobs) for p in paths]
+
+
+def build_all(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """Index, missing graph renders, viewer pages and report for a run; the paths written by kind."""
+    from n2g.viewer import write_viewer
+
+    run_dir = Path(run_dir)
+    load_results(run_dir)  # fail early, with the user-facing message, on an empty run
+    index = build_index(run_dir)
+    render_missing_graphs(run_dir)
+    viewer = write_viewer(run_dir)
+    report = write_report(run_dir)
+    return {
+        "index": index,
+        "viewer": viewer,
+        "report": report,
+        "report_json": run_dir / "report.json",
+        "report_csv": run_dir / "report.csv",
+    }

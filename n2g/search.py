@@ -1,0 +1,211 @@
+"""Token -> neuron search over a run: a SQLite index of every graph's activating and context tokens.
+
+``build_index`` reads ``neurons/*/result.json`` and ``graph.json`` and writes ``RUN/index.sqlite``
+(built in a temporary file, then moved into place, so a reader never sees half an index).
+``search`` finds the neurons whose graphs contain a token, ``similar`` the neurons whose graphs
+share the most tokens with a given one. All SQL is parametrised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from n2g.errors import N2GError
+from n2g.records import NeuronResult
+from n2g.render import graph_token_rows, load_graph_json
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.sqlite"
+ROLES = ("activator", "context")
+ACTIVATOR_WEIGHT = 2.0
+"""In ``similar``, a token shared as activator counts this many times a shared context token."""
+
+_SCHEMA = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE neurons (
+    key TEXT PRIMARY KEY, layer INTEGER, idx INTEGER, sign TEXT, status TEXT,
+    f1 REAL, pearson REAL, firing_rate REAL, max_activation REAL,
+    token_lookup_f1 REAL, ngram_f1 REAL, score_status TEXT
+);
+CREATE TABLE tokens (token_id INTEGER, token TEXT, key TEXT, role TEXT, weight REAL);
+CREATE INDEX tokens_token ON tokens (token);
+CREATE INDEX tokens_token_id ON tokens (token_id);
+CREATE INDEX tokens_key ON tokens (key);
+"""
+
+
+def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResult]]:
+    """``(neuron folder, result)`` for every readable ``neurons/*/result.json``, sorted by neuron."""
+    found = []
+    for path in sorted(Path(run_dir, "neurons").glob("*/result.json")):
+        try:
+            result = NeuronResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("skipping unreadable neuron result %s: %s", path, e)
+            continue
+        found.append((path.parent, result))
+    found.sort(key=lambda pr: pr[1].neuron)
+    yield from found
+
+
+def _f1(result: NeuronResult, method: str) -> float | None:
+    s = result.scores.get(method)
+    return None if s is None else s.f1
+
+
+def build_index(run_dir: str | os.PathLike) -> Path:
+    """Write ``RUN/index.sqlite`` from every neuron of the run; returns its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise N2GError(f"run directory {run_dir} does not exist; run `n2g run` first")
+    out = run_dir / INDEX_NAME
+    fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".sqlite.tmp", dir=run_dir)
+    os.close(fd)
+    try:
+        con = sqlite3.connect(tmp)
+        try:
+            con.executescript(_SCHEMA)
+            con.execute("INSERT INTO meta VALUES (?, ?)", ("schema_version", "1"))
+            n = 0
+            for folder, r in iter_results(run_dir):
+                key = r.neuron.key
+                n2g = r.scores.get("n2g")
+                con.execute(
+                    "INSERT OR REPLACE INTO neurons VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        key, r.neuron.layer, r.neuron.index, r.neuron.sign.value, r.status,
+                        _f1(r, "n2g"), n2g.pearson if n2g else None, r.stats.firing_rate,
+                        r.stats.max_activation, _f1(r, "token_lookup"), _f1(r, "ngram"),
+                        n2g.status if n2g else None,
+                    ),
+                )
+                n += 1
+                gpath = folder / "graph.json"
+                if not gpath.exists():
+                    continue
+                try:
+                    G = load_graph_json(gpath)
+                except N2GError as e:
+                    log.warning("skipping graph of %s: %s", key, e)
+                    continue
+                # one row per (token, role): the strongest occurrence in the graph
+                best: dict[tuple, tuple] = {}
+                for token_id, token, role, weight in graph_token_rows(G):
+                    k = (token_id, token, role)
+                    if k not in best or weight > best[k][3]:
+                        best[k] = (token_id, token, role, weight)
+                con.executemany(
+                    "INSERT INTO tokens VALUES (?,?,?,?,?)",
+                    [(tid, tok, key, role, w) for tid, tok, role, w in best.values()],
+                )
+            con.commit()
+        finally:
+            con.close()
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    log.info("indexed %d neurons into %s", n, out)
+    return out
+
+
+def _connect(run_dir: str | os.PathLike) -> sqlite3.Connection:
+    run_dir = Path(run_dir)
+    path = run_dir / INDEX_NAME
+    if not path.exists():
+        if not any(Path(run_dir, "neurons").glob("*/result.json")):
+            raise N2GError(f"no neuron results in {run_dir}; run `n2g run` first")
+        build_index(run_dir)
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
+    return con
+
+
+def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limit: int = 50) -> list[dict]:
+    """Neurons whose graphs contain ``token`` (exactly, or with one leading space), strongest first.
+
+    ``role`` is ``"activator"``, ``"context"`` or None for both. Each hit is a dict with key,
+    layer, index, sign, f1, token, token_id, role and weight (activation for activators,
+    importance for context tokens); one hit per neuron and role.
+    """
+    if role in ("", "any", "all"):
+        role = None
+    if role is not None and role not in ROLES:
+        raise N2GError(f"unknown role {role!r}; use one of {', '.join(ROLES)} (or none for both)")
+    if not token:
+        raise N2GError("empty search token; give the token text to look for, e.g. ' Paris' or 'Paris'")
+    limit = max(1, min(int(limit), 10_000))
+    sql = (
+        "SELECT t.key, n.layer, n.idx, n.sign, n.f1, t.token, t.token_id, t.role, MAX(t.weight) AS weight "
+        "FROM tokens t JOIN neurons n ON n.key = t.key "
+        "WHERE (t.token = ? OR t.token = ?)"
+    )
+    params: list = [token, " " + token]
+    if role is not None:
+        sql += " AND t.role = ?"
+        params.append(role)
+    sql += " GROUP BY t.key, t.role ORDER BY weight DESC, n.layer, n.idx, t.key LIMIT ?"
+    params.append(limit)
+    con = _connect(run_dir)
+    try:
+        rows = con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+    return [
+        {
+            "key": r["key"], "layer": r["layer"], "index": r["idx"], "sign": r["sign"], "f1": r["f1"],
+            "token": r["token"], "token_id": r["token_id"], "role": r["role"], "weight": r["weight"],
+        }
+        for r in rows
+    ]
+
+
+def _weights(con: sqlite3.Connection, key: str) -> dict[int, float]:
+    w: dict[int, float] = {}
+    for tid, role in con.execute("SELECT token_id, role FROM tokens WHERE key = ? AND token_id IS NOT NULL", (key,)):
+        w[tid] = max(w.get(tid, 0.0), ACTIVATOR_WEIGHT if role == "activator" else 1.0)
+    return w
+
+
+def similar(run_dir: str | os.PathLike, key: str, limit: int = 10) -> list[tuple[str, float]]:
+    """Neurons whose graphs share the most token ids with ``key``'s: ``(key, weighted Jaccard)``.
+
+    Each token id weighs 2 where it is an activating token and 1 where it is only context; the
+    score is sum(min) / sum(max) over the union. Neurons sharing nothing are left out.
+    """
+    con = _connect(run_dir)
+    try:
+        if con.execute("SELECT 1 FROM neurons WHERE key = ?", (key,)).fetchone() is None:
+            raise N2GError(f"no neuron {key!r} in {run_dir}; keys look like L5.N123 or L5.N123.neg")
+        mine = _weights(con, key)
+        if not mine:
+            return []
+        candidates = [
+            k for (k,) in con.execute(
+                "SELECT DISTINCT key FROM tokens WHERE key != ? AND token_id IN "
+                "(SELECT token_id FROM tokens WHERE key = ? AND token_id IS NOT NULL)",
+                (key, key),
+            )
+        ]
+        scored = []
+        for other in candidates:
+            theirs = _weights(con, other)
+            ids = mine.keys() | theirs.keys()
+            inter = sum(min(mine.get(t, 0.0), theirs.get(t, 0.0)) for t in ids)
+            union = sum(max(mine.get(t, 0.0), theirs.get(t, 0.0)) for t in ids)
+            if inter > 0:
+                scored.append((other, inter / union))
+    finally:
+        con.close()
+    scored.sort(key=lambda kv: (-kv[1], kv[0]))
+    return scored[: max(0, int(limit))]

@@ -1,0 +1,501 @@
+"""Static viewer pages for a run, and a small local server that adds token search.
+
+``write_viewer`` writes ``RUN/viewer/index.html`` (neurons by layer, sortable, filterable, with a
+token search box) and one page per neuron under ``RUN/viewer/neurons/<key>.html``: the rendered
+graph, the train and test excerpts coloured by true activation and by the graph's prediction side
+by side, scores against the baselines, output tokens, quantiles and similar neurons. Links are
+relative, so the pages open from disk; only search needs ``serve``, which serves the run directory
+plus ``/api/search`` and ``/api/similar`` on 127.0.0.1. Corpus text only ever reaches a page
+through ``html.escape(..., quote=True)``; scripts are fixed text, allowed by a per-page CSP nonce,
+and read data from the DOM or the API, never from strings spliced into code.
+"""
+
+from __future__ import annotations
+
+import errno
+import html
+import json
+import logging
+import os
+import secrets
+import sqlite3
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
+
+from n2g.errors import N2GError
+from n2g.records import Example, NeuronResult
+from n2g.render import atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
+from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, load_results, neuron_row
+from n2g.search import INDEX_NAME, build_index, search, similar
+
+log = logging.getLogger(__name__)
+
+
+def _esc(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def page_name(key: str) -> str:
+    """File name of a neuron's page (keys are ``L5.N123[.neg]``; quoted anyway)."""
+    return quote(key, safe="") + ".html"
+
+
+def _csp(nonce: str | None) -> str:
+    script = f"'nonce-{nonce}'" if nonce else "'none'"
+    return (
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        f"script-src {script}; style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'\">"
+        '<link rel="icon" href="data:,">'
+    )
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:20px auto;max-width:1300px;
+ color:#222;padding:0 16px;line-height:1.4}
+h1{font-size:1.4em;margin:4px 0}h2{font-size:1.15em;margin-top:24px;border-bottom:1px solid #ddd}
+nav a{margin-right:12px}.muted{color:#777;font-size:13px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}
+th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;vertical-align:top}th{background:#f4f4f4}
+td.l,th.l{text-align:left}th[data-sort]{cursor:pointer;user-select:none}th[data-sort]:hover{background:#e8e8e8}
+th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
+.graph{overflow:auto;border:1px solid #eee;padding:6px;max-height:80vh}.graph svg{max-width:100%;height:auto}
+pre.dot{font-size:12px;background:#f8f8f8;padding:8px;overflow:auto}
+.ex{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;word-break:break-all;
+ line-height:1.7}
+.ex span{border-radius:2px}.ex span.fire{outline:1px solid #555}
+table.excerpts td{text-align:left;width:46%}table.excerpts td.meta{width:8%;color:#666;font-size:12px}
+.cols{display:flex;flex-wrap:wrap;gap:24px}.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre}
+#search-msg{color:#a33;font-size:13px}form{margin:8px 0}input,select,button{font-size:14px}
+"""
+
+# ---------------------------------------------------------------------------------------------
+# neuron pages
+
+
+def _tok_text(token: str | None, token_id: int) -> str:
+    """Excerpt text of a token: the raw string (spaces kept), newline shown as ↵ then a break."""
+    if token is None:
+        return f"[{token_id}]"
+    return token.replace("\r", "␍").replace("\t", "→   ").replace("\n", "↵\n")
+
+
+def _bg(v: float | None) -> str:
+    if v is None or v != v:
+        return "transparent"
+    a = min(1.0, abs(float(v)))
+    return f"rgba(214,39,40,{a:.3f})" if v >= 0 else f"rgba(31,119,180,{a:.3f})"
+
+
+def _excerpt_line(ex: Example, values: list[float] | None, what: str, threshold: float) -> str:
+    if values is None:
+        return '<span class="muted">no prediction stored</span>'
+    out = []
+    for i, tid in enumerate(ex.token_ids):
+        tok = ex.tokens[i] if ex.tokens is not None and i < len(ex.tokens) else None
+        v = values[i] if i < len(values) else None
+        shown = display_token(tok, tid) if tok is not None else str(tid)
+        title = f"{shown}  {what} {fmt(v)}"
+        cls = ' class="fire"' if v is not None and v >= threshold else ""
+        out.append(f'<span{cls} style="background:{_bg(v)}" title="{_esc(title)}">{_esc(_tok_text(tok, tid))}</span>')
+    return "".join(out)
+
+
+def _excerpts(result: NeuronResult, split: str, threshold: float) -> str:
+    exs = [e for e in result.examples if e.split == split]
+    if not exs:
+        return f'<p class="muted">no {split} excerpts stored</p>'
+    rows = []
+    for e in exs:
+        meta = f"{e.source}" + (f"<br>excerpt {e.excerpt_index}" if e.excerpt_index is not None else "")
+        meta += f"<br>max {fmt(max(e.activations) if e.activations else None, 2)}"
+        rows.append(
+            f'<tr><td class="meta">{meta}</td><td class="ex">{_excerpt_line(e, e.activations, "true", threshold)}</td>'
+            f'<td class="ex">{_excerpt_line(e, e.predicted, "predicted", threshold)}</td></tr>'
+        )
+    return (
+        f'<table class="excerpts" id="{split}-excerpts"><thead><tr><th class="l"></th>'
+        '<th class="l">true activation</th><th class="l">graph prediction</th></tr></thead><tbody>'
+        + "".join(rows) + "</tbody></table>"
+    )
+
+
+def _scores_table(result: NeuronResult) -> str:
+    if not result.scores:
+        return '<p class="muted">not scored</p>'
+    methods = [m for m in METHODS if m in result.scores] + sorted(set(result.scores) - set(METHODS))
+    rows = []
+    for m in methods:
+        s = result.scores[m]
+        rows.append(
+            f'<tr><td class="l">{_esc(METHOD_NAMES.get(m, m))}</td><td>{fmt(s.precision)}</td><td>{fmt(s.recall)}</td>'
+            f"<td>{_esc(f1_text(s.f1, s.status))}</td><td>{fmt(s.nonfiring_precision)}</td>"
+            f"<td>{fmt(s.nonfiring_recall)}</td><td>{fmt(s.nonfiring_f1)}</td><td>{fmt(s.pearson)}</td>"
+            f"<td>{fmt(s.explained_variance)}</td><td>{s.n_tokens}</td><td>{s.n_firing}</td>"
+            f"<td>{s.n_predicted_firing}</td></tr>"
+        )
+    return (
+        '<table id="scores"><thead><tr><th class="l">method</th><th>precision</th><th>recall</th><th>F1</th>'
+        "<th>non-firing precision</th><th>non-firing recall</th><th>non-firing F1</th><th>Pearson r</th>"
+        "<th>explained variance</th><th>test tokens</th><th>firing</th><th>predicted firing</th></tr></thead>"
+        "<tbody>" + "".join(rows) + "</tbody></table>"
+    )
+
+
+def _token_list(items: list[tuple[str, float]], table_id: str) -> str:
+    if not items:
+        return '<p class="muted">none stored</p>'
+    rows = "".join(f'<tr><td class="l tok">{_esc(display_token(t))}</td><td>{fmt(v)}</td></tr>' for t, v in items)
+    return f'<table id="{table_id}"><thead><tr><th class="l">token</th><th>effect</th></tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _graph_section(run_dir: Path, key: str) -> str:
+    folder = run_dir / "neurons" / key
+    gjson = folder / "graph.json"
+    if not gjson.exists():
+        return '<p class="muted">no graph (dead neurons have none)</p>'
+    svg_file = folder / "graph.svg"
+    rel = "../../neurons/" + quote(key, safe="") + "/graph"
+    links = " · ".join(
+        f'<a href="{rel}.{f}">{f.upper()}</a>' for f in ("svg", "png", "dot", "json") if (folder / f"graph.{f}").exists()
+    )
+    try:
+        if svg_file.exists():
+            svg = svg_file.read_text(encoding="utf-8")
+            svg = svg[svg.find("<svg"):] if "<svg" in svg else ""
+        elif dot_available():
+            svg = svg_of(load_graph_json(gjson), title=key)
+        else:
+            svg = ""
+        if svg:
+            body = f'<div class="graph" id="graph">{svg}</div>'
+        else:
+            dot = to_dot(load_graph_json(gjson), title=key)
+            body = ('<p class="muted">Graphviz is not installed, so here is the DOT source; install graphviz and '
+                    f'rerun <code>n2g report</code> to see it drawn.</p><pre class="dot" id="graph-dot">{_esc(dot)}</pre>')
+    except N2GError as e:
+        body = f'<p class="muted">cannot draw the graph: {_esc(e)}</p>'
+    return body + (f'<p class="muted">files: {links}</p>' if links else "")
+
+
+def _similar_section(run_dir: Path, key: str) -> str:
+    try:
+        sims = similar(run_dir, key, limit=10)
+    except (N2GError, sqlite3.Error):
+        sims = []
+    if not sims:
+        return '<p class="muted">no neuron shares a token with this graph</p>'
+    rows = "".join(
+        f'<tr><td class="l"><a href="{_esc(page_name(k))}">{_esc(k)}</a></td><td>{fmt(j)}</td></tr>' for k, j in sims
+    )
+    return f'<table id="similar"><thead><tr><th class="l">neuron</th><th>weighted Jaccard</th></tr></thead><tbody>{rows}</tbody></table>'
+
+
+def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5) -> str:
+    """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``)."""
+    n = result.neuron
+    key = n.key
+    st = result.stats
+    quant = "".join(
+        f"<tr><td class=\"l\">{_esc(q)}</td><td>{fmt(v, 4)}</td></tr>"
+        for q, v in sorted(st.quantiles.items(), key=lambda kv: float(kv[0]) if _isnum(kv[0]) else 0.0)
+    )
+    gstats = ", ".join(f"{_esc(k)} {int(v)}" for k, v in result.graph_stats.items())
+    status = "dead: it never fires on the scanned corpus" if result.status == "dead" else result.status
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_csp(None)}',
+        f"<title>n2g neuron {_esc(key)}</title><style>{CSS}</style></head><body>",
+        '<nav><a href="../index.html">all neurons</a><a href="../../report.html">validation report</a></nav>',
+        f'<h1 id="neuron-key">Neuron {_esc(key)}</h1>',
+        f'<p class="muted">layer {n.layer} · index {n.index} · sign {_esc(n.sign.value)} · status {_esc(status)}'
+        + (f" · graph: {gstats}" if gstats else "") + (f" · fitted in {result.seconds:.1f} s" if result.seconds else "")
+        + "</p>",
+        "<h2>Graph</h2>",
+        '<p class="muted">Reads right to left: the activating token (red, by activation) on the right, the '
+        "context before it (blue, by importance) to its left, * = any one token, heavy border = a path ends "
+        "there.</p>",
+        _graph_section(run_dir, key),
+        "<h2>Scores on the test split</h2>",
+        _scores_table(result),
+        "<h2>Activation statistics</h2>",
+        f'<p>max activation {fmt(st.max_activation, 4)} · firing rate {fmt(st.firing_rate, 5)} '
+        f"(normalised activation ≥ {threshold}) · {st.n_sampled_tokens} sampled tokens</p>",
+        (f'<table id="quantiles"><thead><tr><th class="l">quantile</th><th>activation</th></tr></thead>'
+         f"<tbody>{quant}</tbody></table>" if quant else ""),
+        '<div class="cols"><div><h2>Promoted output tokens</h2>', _token_list(result.promoted, "promoted"),
+        "</div><div><h2>Suppressed output tokens</h2>", _token_list(result.suppressed, "suppressed"), "</div>",
+        "<div><h2>Similar neurons</h2>", _similar_section(run_dir, key), "</div></div>",
+        "<h2>Train excerpts</h2>",
+        '<p class="muted">Red = activation (normalised to the neuron maximum), blue = negative; outlined tokens '
+        "fire. Hover a token for its value.</p>",
+        _excerpts(result, "train", threshold),
+        "<h2>Test excerpts</h2>",
+        _excerpts(result, "test", threshold),
+        "</body></html>",
+    ]
+    return "".join(parts)
+
+
+def _isnum(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# index page
+
+INDEX_JS = r"""
+(function () {
+  "use strict";
+  var table = document.getElementById("neurons");
+  var tbody = table.tBodies[0];
+  var heads = table.querySelectorAll("th[data-sort]");
+  heads.forEach(function (th, col) {
+    th.addEventListener("click", function () {
+      var desc = !th.classList.contains("desc");
+      heads.forEach(function (h) { h.classList.remove("asc", "desc"); });
+      th.classList.add(desc ? "desc" : "asc");
+      var num = th.getAttribute("data-sort") === "num";
+      var idx = Array.prototype.indexOf.call(th.parentNode.children, th);
+      var rows = Array.prototype.slice.call(tbody.rows);
+      rows.sort(function (a, b) {
+        var x = a.cells[idx].getAttribute("data-v"), y = b.cells[idx].getAttribute("data-v");
+        if (num) {
+          var fx = x === "" ? NaN : parseFloat(x), fy = y === "" ? NaN : parseFloat(y);
+          if (isNaN(fx) && isNaN(fy)) return 0;
+          if (isNaN(fx)) return 1;
+          if (isNaN(fy)) return -1;
+          return desc ? fy - fx : fx - fy;
+        }
+        return desc ? y.localeCompare(x) : x.localeCompare(y);
+      });
+      rows.forEach(function (r) { tbody.appendChild(r); });
+    });
+  });
+
+  var layerSel = document.getElementById("layer");
+  var filter = document.getElementById("filter");
+  function applyFilter() {
+    var layer = layerSel.value, text = filter.value.toLowerCase();
+    Array.prototype.forEach.call(tbody.rows, function (r) {
+      var ok = (layer === "" || r.getAttribute("data-layer") === layer) &&
+               (text === "" || r.textContent.toLowerCase().indexOf(text) >= 0);
+      r.hidden = !ok;
+    });
+  }
+  layerSel.addEventListener("change", applyFilter);
+  filter.addEventListener("input", applyFilter);
+
+  var form = document.getElementById("search-form");
+  var msg = document.getElementById("search-msg");
+  var out = document.getElementById("search-results");
+  var served = location.protocol === "http:" || location.protocol === "https:";
+  if (!served) {
+    msg.textContent = "Token search needs the server: run `n2g serve RUN` and open the address it prints. " +
+      "The filter box above works offline.";
+  }
+  function shown(tok) {
+    return tok.replace(/^ +/, function (s) { return "\u00b7".repeat(s.length); })
+              .replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+  }
+  function cell(tr, text) { var td = document.createElement("td"); td.textContent = text; tr.appendChild(td); return td; }
+  form.addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var token = document.getElementById("q").value;
+    var role = document.getElementById("role").value;
+    if (!served) { return; }
+    if (token === "") { msg.textContent = "Type a token to search for."; return; }
+    msg.textContent = "searching\u2026";
+    var url = "../api/search?token=" + encodeURIComponent(token) + "&role=" + encodeURIComponent(role);
+    fetch(url).then(function (r) { return r.json(); }).then(function (data) {
+      var body = out.tBodies[0];
+      while (body.firstChild) body.removeChild(body.firstChild);
+      if (data.error) { msg.textContent = data.error; out.hidden = true; return; }
+      msg.textContent = data.results.length ? data.results.length + " match(es)" : "no neuron has this token in its graph";
+      data.results.forEach(function (h) {
+        var tr = document.createElement("tr");
+        var td = document.createElement("td"); td.className = "l";
+        var a = document.createElement("a");
+        a.href = "neurons/" + encodeURIComponent(h.key) + ".html";
+        a.textContent = h.key; td.appendChild(a); tr.appendChild(td);
+        cell(tr, shown(h.token)).className = "l tok";
+        cell(tr, h.role).className = "l";
+        cell(tr, h.weight === null ? "\u2014" : h.weight.toFixed(3));
+        cell(tr, h.f1 === null ? "\u2014" : h.f1.toFixed(3));
+        body.appendChild(tr);
+      });
+      out.hidden = data.results.length === 0;
+    }).catch(function (e) { msg.textContent = "search failed: " + e; });
+  });
+})();
+"""
+
+
+def _num_attr(v) -> str:
+    return "" if v is None else repr(float(v))
+
+
+def _top_activators(run_dir: Path) -> dict[str, list[str]]:
+    path = run_dir / INDEX_NAME
+    out: dict[str, list[str]] = {}
+    if not path.exists():
+        return out
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        for key, token in con.execute(
+            "SELECT key, token FROM tokens WHERE role = 'activator' ORDER BY key, weight DESC, token"
+        ):
+            lst = out.setdefault(key, [])
+            if len(lst) < 4:
+                lst.append(token)
+    finally:
+        con.close()
+    return out
+
+
+def index_page(run_dir: Path, results: list[NeuronResult], nonce: str) -> str:
+    acts = _top_activators(run_dir)
+    layers = sorted({r.neuron.layer for r in results})
+    rows = []
+    for r in results:
+        n = neuron_row(r)
+        key = n["key"]
+        f1 = f1_text(n["n2g_f1"], n["score_status"]) if r.status != "dead" else "dead"
+        toks = " ".join(display_token(t) for t in acts.get(key, []))
+        rows.append(
+            f'<tr data-layer="{n["layer"]}"><td class="l" data-v="{_esc(key)}"><a href="neurons/{_esc(page_name(key))}">'
+            f"{_esc(key)}</a></td>"
+            f'<td data-v="{n["layer"]}">{n["layer"]}</td><td data-v="{n["index"]}">{n["index"]}</td>'
+            f'<td class="l" data-v="{_esc(n["sign"])}">{_esc(n["sign"])}</td>'
+            f'<td class="l" data-v="{_esc(n["status"])}">{_esc(n["status"])}</td>'
+            f'<td data-v="{_num_attr(n["n2g_f1"])}">{_esc(f1)}</td>'
+            f'<td data-v="{_num_attr(n["token_lookup_f1"])}">{fmt(n["token_lookup_f1"])}</td>'
+            f'<td data-v="{_num_attr(n["ngram_f1"])}">{fmt(n["ngram_f1"])}</td>'
+            f'<td data-v="{_num_attr(n["pearson"])}">{fmt(n["pearson"])}</td>'
+            f'<td data-v="{_num_attr(n["firing_rate"])}">{fmt(n["firing_rate"], 4)}</td>'
+            f'<td class="l tok" data-v="{_esc(toks)}">{_esc(toks)}</td></tr>'
+        )
+    options = "".join(f'<option value="{layer}">layer {layer}</option>' for layer in layers)
+    return "".join([
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_csp(nonce)}',
+        f"<title>n2g neurons</title><style>{CSS}</style></head><body>",
+        '<nav><a href="../report.html">validation report</a></nav>',
+        f"<h1>Neurons ({len(results)})</h1>",
+        "<h2>Search by token</h2>",
+        '<form id="search-form"><input id="q" type="text" placeholder="token, e.g. Paris" size="30"> '
+        '<select id="role"><option value="">as activating or context token</option>'
+        '<option value="activator">as activating token</option><option value="context">as context token</option>'
+        '</select> <button type="submit">search</button></form>',
+        '<p id="search-msg"></p>',
+        '<table id="search-results" hidden><thead><tr><th class="l">neuron</th><th class="l">token</th>'
+        '<th class="l">role</th><th>weight</th><th>N2G F1</th></tr></thead><tbody></tbody></table>',
+        "<h2>Browse</h2>",
+        f'<p><select id="layer"><option value="">all layers</option>{options}</select> '
+        '<input id="filter" type="text" placeholder="filter rows (works offline)" size="30"> '
+        '<span class="muted">click a column header to sort</span></p>',
+        '<table id="neurons"><thead><tr><th class="l" data-sort="text">neuron</th><th data-sort="num">layer</th>'
+        '<th data-sort="num">index</th><th class="l" data-sort="text">sign</th><th class="l" data-sort="text">status</th>'
+        '<th data-sort="num">N2G F1</th><th data-sort="num">token lookup F1</th><th data-sort="num">n-gram F1</th>'
+        '<th data-sort="num">N2G Pearson r</th><th data-sort="num">firing rate</th>'
+        '<th class="l" data-sort="text">activating tokens</th></tr></thead><tbody>',
+        "".join(rows),
+        "</tbody></table>",
+        f'<script nonce="{nonce}">{INDEX_JS}</script></body></html>',
+    ])
+
+
+def write_viewer(run_dir: str | os.PathLike) -> Path:
+    """Write the viewer pages of a run (building the search index if missing); returns index.html."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    if not (run_dir / INDEX_NAME).exists():
+        build_index(run_dir)
+    pages = run_dir / "viewer" / "neurons"
+    pages.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r).encode("utf-8"))
+    out = run_dir / "viewer" / "index.html"
+    atomic_write(out, index_page(run_dir, results, secrets.token_urlsafe(16)).encode("utf-8"))
+    log.info("wrote viewer for %d neurons under %s", len(results), out.parent)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# server
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    run_dir: Path  # set on the subclass made per server
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=str(self.run_dir), **kwargs)
+
+    def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
+        log.debug("%s - %s", self.address_string(), format % args)
+
+    def _json(self, status: int, payload) -> None:
+        body = json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 (stdlib name)
+        url = urlsplit(self.path)
+        q = parse_qs(url.query, keep_blank_values=True)
+        if url.path == "/api/search":
+            try:
+                limit = int(q.get("limit", ["50"])[0])
+                hits = search(self.run_dir, q.get("token", [""])[0], role=q.get("role", [""])[0] or None, limit=limit)
+            except (N2GError, ValueError) as e:
+                return self._json(400, {"error": str(e)})
+            return self._json(200, {"results": hits})
+        if url.path == "/api/similar":
+            try:
+                limit = int(q.get("limit", ["10"])[0])
+                sims = similar(self.run_dir, q.get("key", [""])[0], limit=limit)
+            except (N2GError, ValueError) as e:
+                return self._json(404, {"error": str(e)})
+            return self._json(200, {"results": [{"key": k, "jaccard": j} for k, j in sims]})
+        if url.path in ("", "/"):
+            self.send_response(302)
+            self.send_header("Location", "/viewer/index.html")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        return super().do_GET()
+
+
+def make_server(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A ready (not yet serving) HTTP server for the run; port 0 picks a free port."""
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "viewer" / "index.html").exists():
+        raise N2GError(f"no viewer in {run_dir}; run `n2g report {run_dir}` first")
+    handler = type("N2GHandler", (_Handler,), {"run_dir": run_dir})
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise N2GError(f"port {port} on {host} is already in use; pick another with --port") from None
+        raise N2GError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
+    server.daemon_threads = True
+    return server
+
+
+def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the run's report, viewer and search API until interrupted (Ctrl-C)."""
+    server = make_server(run_dir, host, port)
+    h, p = server.server_address[:2]
+    log.info("serving %s at http://%s:%d/ (Ctrl-C to stop)", run_dir, h, p)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,136 @@
+// End-to-end check of an n2g run's report and viewer in headless Chromium (no browser download:
+// playwright-core drives the system Chromium). Driven by tests/test_browser.py, which serves a
+// synthesised run and passes its address in N2G_BASE_URL. Prints one JSON line; exit 1 on failure.
+"use strict";
+const fs = require("fs");
+const os = require("os");
+const path = require("path");
+const { chromium } = require("playwright-core");
+
+const BASE = process.env.N2G_BASE_URL;
+const RUN_DIR = process.env.N2G_RUN_DIR;
+const SHOTS = process.env.N2G_SCREENSHOT_DIR || "";
+const SCRIPT = "<script>alert(1)</script>";
+const QUOTED = "\"quoted\" 'single'";
+const SPECIALS = "back\\slash {brace} | & <b>x</b>";
+
+const problems = [];
+const checks = [];
+function check(cond, what) {
+  if (cond) checks.push(what);
+  else problems.push("check failed: " + what);
+}
+
+async function shot(page, name) {
+  if (!SHOTS) return;
+  fs.mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: path.join(SHOTS, name), fullPage: true });
+}
+
+async function main() {
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "n2g-chromium-"));
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: process.env.N2G_CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run"],
+    viewport: { width: 1280, height: 900 },
+  });
+  let dialogs = 0;
+  const watch = (page) => {
+    page.on("console", (m) => { if (m.type() === "error") problems.push("console error: " + m.text()); });
+    page.on("pageerror", (e) => problems.push("page error: " + e.message));
+    page.on("dialog", async (d) => { dialogs += 1; problems.push("dialog fired: " + d.message()); await d.dismiss(); });
+    page.on("requestfailed", (r) => problems.push("request failed: " + r.url()));
+  };
+  context.on("page", watch);
+  // nothing may load from outside the local server
+  await context.route("**/*", (route) => {
+    const url = route.request().url();
+    if (url.startsWith(BASE) || url.startsWith("data:") || url.startsWith("file:")) return route.continue();
+    problems.push("external request: " + url);
+    return route.abort();
+  });
+  try {
+    const page = context.pages()[0] || (await context.newPage());
+    if (context.pages()[0] === page) watch(page);
+
+    // positive control: the dialog detector sees a real alert
+    let controlSeen = false;
+    const control = (d) => { controlSeen = true; d.dismiss(); };
+    page.removeAllListeners("dialog");
+    page.on("dialog", control);
+    await page.goto("about:blank");
+    await page.evaluate(() => alert("control"));
+    check(controlSeen, "dialog detector works (positive control)");
+    page.off("dialog", control);
+    page.on("dialog", async (d) => { dialogs += 1; problems.push("dialog fired: " + d.message()); await d.dismiss(); });
+
+    // 1. report: per-layer table and embedded plots
+    await page.goto(BASE + "/report.html", { waitUntil: "load" });
+    const rows = await page.$$eval("#layer-table tbody tr", (trs) => trs.map((tr) => tr.getAttribute("data-layer")));
+    check(JSON.stringify(rows) === JSON.stringify(["0", "1", "all"]), "report has layer rows 0, 1, all: " + rows);
+    const allRow = await page.textContent("#layer-table tr.all");
+    check(allRow.includes("0.650") && allRow.includes("0.433"), "pooled row shows F1 0.650 and Pearson 0.433");
+    const imgs = await page.$$eval("img", (els) => els.map((i) => i.complete && i.naturalWidth > 0));
+    check(imgs.length === 3 && imgs.every(Boolean), "3 plots rendered");
+    await shot(page, "report.png");
+
+    // 2. index page: sort, then search a token through the API
+    await page.click("#report-link, nav a[href='viewer/index.html'], a[href='viewer/index.html']");
+    await page.waitForURL("**/viewer/index.html");
+    await page.click("#neurons th:nth-child(6)"); // N2G F1, descending
+    const firstKey = await page.textContent("#neurons tbody tr:first-child td:first-child");
+    check(firstKey.trim() === "L0.N1", "sorting by N2G F1 puts L0.N1 first: " + firstKey);
+    await page.fill("#q", "Paris");
+    await page.selectOption("#role", "activator");
+    await page.click("#search-form button");
+    await page.waitForSelector("#search-results:not([hidden]) tbody tr");
+    const hits = await page.$$eval("#search-results tbody tr td:first-child", (tds) => tds.map((t) => t.textContent));
+    check(JSON.stringify(hits) === JSON.stringify(["L1.N4.neg", "L0.N1", "L0.N2"]), "search 'Paris' finds " + hits);
+    await shot(page, "search.png");
+
+    // 3. open the hostile neuron from the results
+    await page.click("#search-results a >> text=L1.N4.neg");
+    await page.waitForURL("**/viewer/neurons/L1.N4.neg.html");
+    const svgTexts = await page.$$eval("#graph svg text", (ts) => ts.map((t) => t.textContent));
+    check(svgTexts.includes(SCRIPT), "graph SVG shows the script token as text");
+    check(svgTexts.some((t) => t.includes("\"quoted\"")), "graph SVG shows quotes");
+    const box = await page.$eval("#graph svg", (s) => s.getBoundingClientRect().width);
+    check(box > 100, "graph SVG is drawn (width " + box + ")");
+    const body = await page.innerText("body");
+    check(body.includes(SCRIPT) && body.includes(QUOTED) && body.includes(SPECIALS), "hostile text shown literally");
+    const nScripts = await page.evaluate(() => document.scripts.length);
+    check(nScripts === 0, "no script element on the neuron page");
+    const title = await page.getAttribute("#train-excerpts span[title*='script']", "title");
+    check(title && title.includes(SCRIPT), "token hover title holds the literal text");
+    await shot(page, "neuron.png");
+
+    // 4. similar-neuron link works
+    await page.click("#similar a >> text=L0.N1");
+    await page.waitForURL("**/viewer/neurons/L0.N1.html");
+    check((await page.textContent("h1")).includes("L0.N1"), "similar link opens L0.N1");
+
+    // 5. from disk: pages open without a server, search says it needs one
+    if (RUN_DIR) {
+      await page.goto("file://" + path.join(RUN_DIR, "viewer", "index.html"));
+      const msg = await page.textContent("#search-msg");
+      check(msg.includes("n2g serve RUN"), "offline index says search needs `n2g serve RUN`");
+      await page.click("#neurons a >> text=L1.N4.neg");
+      await page.waitForURL("**/L1.N4.neg.html");
+      check((await page.innerText("body")).includes(SCRIPT), "neuron page opens from disk");
+    }
+    await page.waitForTimeout(200); // let late console errors arrive
+    check(dialogs === 0, "no dialog fired");
+  } finally {
+    await context.close();
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+  }
+}
+
+main()
+  .catch((e) => problems.push("driver error: " + (e && e.stack ? e.stack : e)))
+  .finally(() => {
+    console.log(JSON.stringify({ ok: problems.length === 0, problems, checks }));
+    process.exit(problems.length === 0 ? 0 : 1);
+  });

@@ -1,0 +1,143 @@
+"""Synthesise a small run directory (4 neurons in 2 layers) for the render/report/viewer tests.
+
+Neurons: L0.N1 (fitted, " Paris" <- " in"), L0.N2 (fitted, no firing test token, f1 None),
+L1.N3 (dead, no graph), L1.N4.neg (fitted, " Paris" with hostile context tokens: a script tag,
+quotes, backslash, braces, pipe, ampersand). The numbers are chosen so report means are exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import networkx as nx
+
+from n2g.records import Example, NeuronId, NeuronResult, NeuronStats, Scores, Sign
+
+SCRIPT = "<script>alert(1)</script>"
+QUOTED = '"quoted" \'single\''
+SPECIALS = "back\\slash {brace} | & <b>x</b>"
+
+VOCAB = {
+    100: " Paris", 101: " in", 102: " London", 103: "Paris", 104: " the", 105: "\n", 106: ".",
+    200: SCRIPT, 201: QUOTED, 202: SPECIALS,
+}
+
+
+def scores(p, r, f1, nfp, nff, pearson, status="ok") -> Scores:
+    return Scores(
+        precision=p, recall=r, f1=f1, nonfiring_precision=nfp, nonfiring_recall=nfp,
+        nonfiring_f1=nff, pearson=pearson, explained_variance=None if pearson is None else pearson / 2,
+        n_tokens=40, n_firing=0 if status != "ok" else 4, n_predicted_firing=4, status=status,
+    )
+
+
+def _graph(paths: list[tuple[list[tuple[int | None, float]], float]]) -> nx.DiGraph:
+    """Trie from paths: [(activator_id, act), (ctx_id or None for wildcard, importance), ...], end act."""
+    G = nx.DiGraph()
+    G.add_node("root", kind="root", token_id=None, token="", depth=None, importance=0.0, activation=0.0, count=0)
+    for tokens, end_act in paths:
+        parent = "root"
+        for depth, (tid, w) in enumerate(tokens):
+            node = f"{parent}/{tid if tid is not None else '*'}"
+            if node not in G:
+                if depth == 0:
+                    G.add_node(node, kind="activator", token_id=tid, token=VOCAB[tid], depth=0,
+                               importance=1.0, activation=0.0, count=0)
+                elif tid is None:
+                    G.add_node(node, kind="wildcard", token_id=None, token="*", depth=depth,
+                               importance=w, activation=0.0, count=0)
+                else:
+                    G.add_node(node, kind="context", token_id=tid, token=VOCAB[tid], depth=depth,
+                               importance=w, activation=0.0, count=0)
+                G.add_edge(parent, node)
+            G.nodes[node]["count"] += 1
+            parent = node
+        end = f"{parent}/END"
+        G.add_node(end, kind="end", token_id=None, token="", depth=None, importance=0.0, activation=end_act, count=1)
+        G.add_edge(parent, end)
+        act_node = f"root/{tokens[0][0]}"
+        G.nodes[act_node]["activation"] = max(G.nodes[act_node]["activation"], end_act)
+    return G
+
+
+def _example(ids, acts, pred, split, source="top", with_tokens=True) -> Example:
+    return Example(
+        token_ids=ids, activations=acts, split=split, source=source, predicted=pred,
+        tokens=[VOCAB[i] for i in ids] if with_tokens else None,
+    )
+
+
+def make_run(root: Path) -> Path:
+    """Write the run under ``root / "run"`` and return its path."""
+    run = Path(root) / "run"
+    (run / "neurons").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({
+        "kind": "n2g.run", "schema_version": 1, "name": "synthetic <test> run",
+        "model": {"spec": "toy/model", "architecture": "llama", "n_layers": 2, "d_mlp": 8},
+        "corpus": {"source": "planted", "n_excerpts": 10, "length": 8},
+        "config": {"preset": "paper"}, "versions": {"n2g": "0.1.0"},
+    }))
+
+    def save(result: NeuronResult, G: nx.DiGraph | None) -> None:
+        d = run / "neurons" / result.neuron.key
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps(result.to_dict()))
+        if G is not None:
+            (d / "graph.json").write_text(json.dumps({
+                "kind": "n2g.graph", "schema_version": 1, "neuron": result.neuron.to_dict(),
+                "fire_threshold": 0.5, "graph": nx.node_link_data(G, edges="edges"),
+            }))
+
+    zero_ok = scores(None, 0.0, 0.0, 0.9, 0.95, None)
+    # L0.N1: " in Paris"
+    save(NeuronResult(
+        neuron=NeuronId(0, 1), status="fitted",
+        stats=NeuronStats(max_activation=5.0, quantiles={"0.5": 0.01, "0.99": 0.3}, firing_rate=0.01, n_sampled_tokens=1000),
+        scores={"n2g": scores(0.8, 0.8, 0.8, 0.9, 0.9, 0.7), "token_lookup": scores(0.5, 0.75, 0.6, 0.8, 0.8, 0.5),
+                "ngram": scores(0.7, 0.7, 0.7, 0.85, 0.85, 0.6), "zero": zero_ok},
+        examples=[
+            _example([104, 101, 100, 106], [0.0, 0.1, 1.0, 0.0], [0.0, 0.0, 0.7, 0.0], "train"),
+            _example([101, 100], [0.2, 0.9], [0.0, 0.7], "train"),
+            _example([104, 100, 105], [0.0, 0.6, 0.0], [0.0, 0.9, 0.0], "test"),
+            _example([104, 104, 106], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], "test", source="random", with_tokens=False),
+        ],
+        promoted=[(" France", 1.5), (" city", 0.9)], suppressed=[(" Texas", -1.2)],
+        graph_stats={"activator": 1, "context": 1, "paths": 2}, seconds=1.5,
+    ), _graph([([(100, 1.0)], 0.9), ([(100, 1.0), (101, 0.8)], 0.7)]))
+
+    # L0.N2: " London" <- * <- " in", and "Paris"; no firing test token
+    save(NeuronResult(
+        neuron=NeuronId(0, 2), status="fitted",
+        stats=NeuronStats(max_activation=2.0, quantiles={"0.5": 0.0}, firing_rate=0.002, n_sampled_tokens=1000),
+        scores={"n2g": scores(None, None, None, 1.0, 1.0, 0.2, status="no_firing_test_token"),
+                "token_lookup": scores(None, None, None, 1.0, 1.0, 0.1, status="no_firing_test_token"),
+                "ngram": scores(None, None, None, 1.0, 1.0, 0.3, status="no_firing_test_token"),
+                "zero": scores(None, None, None, 1.0, 1.0, None, status="no_firing_test_token")},
+        examples=[
+            _example([101, 104, 102], [0.0, 0.0, 1.0], [0.0, 0.0, 0.6], "train"),
+            _example([104, 104, 106], [0.0, 0.1, 0.0], [0.0, 0.0, 0.0], "test"),
+        ],
+        graph_stats={"activator": 2, "context": 1, "wildcard": 1, "paths": 2}, seconds=1.0,
+    ), _graph([([(102, 1.0), (None, 0.1), (101, 0.9)], 0.6), ([(103, 1.0)], 0.5)]))
+
+    # L1.N3: dead
+    save(NeuronResult(
+        neuron=NeuronId(1, 3), status="dead",
+        stats=NeuronStats(max_activation=0.0, firing_rate=0.0, n_sampled_tokens=1000),
+    ), None)
+
+    # L1.N4.neg: " Paris" with hostile context
+    save(NeuronResult(
+        neuron=NeuronId(1, 4, Sign.NEGATIVE), status="fitted",
+        stats=NeuronStats(max_activation=3.0, quantiles={"0.5": 0.05, "0.99": 0.5}, firing_rate=0.05, n_sampled_tokens=1000),
+        scores={"n2g": scores(0.5, 0.5, 0.5, 0.7, 0.7, 0.4), "token_lookup": scores(0.4, 0.4, 0.4, 0.6, 0.6, 0.3),
+                "ngram": scores(0.3, 0.3, 0.3, 0.5, 0.5, 0.2), "zero": zero_ok},
+        examples=[
+            _example([201, 200, 100], [0.0, 0.2, 1.0], [0.0, 0.0, 1.0], "train"),
+            _example([202, 100, 105], [0.1, 0.8, 0.0], [0.0, 0.8, 0.0], "test"),
+        ],
+        promoted=[(SCRIPT, 2.0)], suppressed=[(QUOTED, -1.0)],
+        graph_stats={"activator": 1, "context": 3, "paths": 2}, seconds=2.0,
+    ), _graph([([(100, 1.0), (200, 0.85), (201, 0.77)], 1.0), ([(100, 1.0), (202, 0.9)], 0.8)]))
+    return run

@@ -1,0 +1,167 @@
+"""Rendering: DOT in the published look, and corpus text that can neither break nor inject."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+
+import networkx as nx
+import pytest
+
+from n2g import render as R
+from n2g.errors import N2GError
+
+HOSTILE = [
+    "<script>alert(1)</script>",
+    '"quoted" \'single\'',
+    "back\\slash\\",
+    "{brace} | [x]",
+    "AT&T &amp; &lt;",
+    "\n",
+    " leading",
+    "\ttab",
+    '"];\nevil [label="x',
+    "}\ndigraph x {",
+]
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
+
+
+def hostile_graph() -> nx.DiGraph:
+    G = nx.DiGraph()
+    G.add_node("root", kind="root", token="", token_id=None, depth=None)
+    G.add_node("a", kind="activator", token=HOSTILE[0], token_id=1, depth=0, importance=1.0, activation=0.9, count=2)
+    G.add_edge("root", "a")
+    G.add_node("a_end", kind="end", token="", token_id=None, activation=0.9)
+    G.add_edge("a", "a_end")
+    parent = "a"
+    for i, tok in enumerate(HOSTILE[1:], start=1):
+        node = f'node "{i}" <{tok}>'  # node ids are hostile too
+        G.add_node(node, kind="context", token=tok, token_id=10 + i, depth=i, importance=0.8, count=1)
+        G.add_edge(parent, node)
+        parent = node
+    G.add_node("w", kind="wildcard", token="*", token_id=None, depth=len(HOSTILE), importance=0.1)
+    G.add_edge(parent, "w")
+    G.add_node("c_last", kind="context", token=" the", token_id=99, depth=len(HOSTILE) + 1, importance=0.4)
+    G.add_edge("w", "c_last")
+    G.add_node("end2", kind="end", token="", activation=0.6)
+    G.add_edge("c_last", "end2")
+    return G
+
+
+def node_lines(dot: str) -> dict[str, str]:
+    return {m.group(1): m.group(0) for m in re.finditer(r"^\s+(n\d+) \[(.*)\];$", dot, re.M)}
+
+
+def test_display_token_makes_whitespace_visible():
+    assert R.display_token(" the") == "·the"
+    assert R.display_token("\n") == "↵"
+    assert R.display_token("\t") == "→"
+    assert R.display_token("a\x00b") == "a\\x00b"
+    assert R.display_token(None, 42) == "42"
+
+
+def test_dot_look_and_attributes():
+    G = hostile_graph()
+    dot = R.to_dot(G, title="L1.N2")
+    assert "rankdir=RL" in dot
+    assert "cluster_legend" in dot
+    nodes = node_lines(dot)
+    # root and end nodes are not drawn: 1 activator + 9 hostile context + wildcard + " the"
+    assert len(nodes) == 1 + len(HOSTILE) - 1 + 2
+    by_class = {}
+    for line in nodes.values():
+        by_class.setdefault(re.search(r'class="([^"]*)"', line).group(1), []).append(line)
+    (act,) = by_class["activator end"]
+    fill = re.search(r'fillcolor="#(..)(..)(..)"', act).groups()
+    r, g, b = (int(x, 16) for x in fill)
+    assert r > 200 and g < 100 and b < 100, "activator is filled red"
+    assert "penwidth=3" in act, "a path ends at the activator"
+    for line in by_class["context"]:
+        r, g, b = (int(x, 16) for x in re.search(r'fillcolor="#(..)(..)(..)"', line).groups())
+        assert b > r, "context is filled blue"
+        assert "penwidth=3" not in line
+    (wild,) = by_class["wildcard"]
+    assert "dashed" in wild and "label=<*>" in wild
+    (last,) = by_class["context end"]
+    assert "penwidth=3" in last and "·the" in last
+    # no raw special character from the corpus reaches the DOT source
+    for line in nodes.values():
+        label = re.search(r"label=<(.*)>, class=", line).group(1)
+        assert not set(label) & set('<>"{}|[]\\'), label
+    assert "<script>" not in dot and "evil [" not in dot
+    assert dot.count("{") == dot.count("}") == 3  # graph, legend cluster, rank=same
+
+
+def test_activator_intensity_follows_activation():
+    G = nx.DiGraph()
+    G.add_node("root", kind="root")
+    G.add_node("a", kind="activator", token="x", token_id=1, activation=0.3)
+    G.add_node("b", kind="activator", token="y", token_id=2, activation=1.0)
+    G.add_edges_from([("root", "a"), ("root", "b")])
+    nodes = node_lines(R.to_dot(G, legend=False))
+    # b (stronger) is drawn first and darker: its green channel is lower
+    assert int(re.search(r'fillcolor="#..(..)', nodes["n0"]).group(1), 16) < int(
+        re.search(r'fillcolor="#..(..)', nodes["n1"]).group(1), 16)
+
+
+@needs_dot
+def test_dot_parses_and_svg_shows_text_literally():
+    G = hostile_graph()
+    dot = R.to_dot(G, title='title "<b>" & {x}')
+    proc = subprocess.run(["dot", "-Tsvg"], input=dot.encode(), capture_output=True, check=True)
+    assert proc.stderr.strip() == b""
+    svg = proc.stdout.decode()
+    root = ET.fromstring(svg)  # well-formed XML
+    texts = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    for tok in HOSTILE:
+        assert R.display_token(tok) in texts, tok
+    assert 'title "<b>" & {x}' in texts
+    assert "*" in texts
+    # nothing from the corpus became markup
+    assert "<script" not in svg
+    assert not any(el.tag.endswith("script") for el in root.iter())
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in svg
+
+
+@needs_dot
+def test_render_writes_files_atomically(tmp_path):
+    G = hostile_graph()
+    paths = R.render(G, tmp_path / "L1.N2" / "graph", title="L1.N2")
+    assert [p.name for p in paths] == ["graph.dot", "graph.svg", "graph.png"]
+    assert (tmp_path / "L1.N2" / "graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "L1.N2").glob("*.tmp"))
+    svg = R.svg_of(G)
+    assert svg.startswith("<svg")
+    assert R.GraphView(G)._repr_svg_().startswith("<svg")
+
+
+def test_render_without_dot_writes_dot_only(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(R.shutil, "which", lambda name: None)
+    monkeypatch.setattr(R, "_warned_no_dot", False)
+    with caplog.at_level("WARNING"):
+        paths = R.render(hostile_graph(), tmp_path / "g")
+        R.render(hostile_graph(), tmp_path / "h")
+    assert [p.name for p in paths] == ["g.dot"]
+    assert sum("dot" in r.message for r in caplog.records) == 1, "warned once"
+    assert R.GraphView(hostile_graph())._repr_svg_() is None
+    with pytest.raises(N2GError, match="install graphviz"):
+        R.svg_of(hostile_graph())
+
+
+def test_load_graph_json_roundtrip(tmp_path):
+    import json
+
+    G = hostile_graph()
+    p = tmp_path / "graph.json"
+    p.write_text(json.dumps({"kind": "n2g.graph", "schema_version": 1, "neuron": None, "fire_threshold": 0.5,
+                             "graph": nx.node_link_data(G, edges="edges")}))
+    H = R.load_graph_json(p)
+    assert set(H.nodes) == set(G.nodes) and set(H.edges) == set(G.edges)
+    assert H.nodes["a"]["token"] == HOSTILE[0]
+    p.write_text('{"kind": "other"}')
+    with pytest.raises(N2GError, match="not an n2g graph"):
+        R.load_graph_json(p)
+    with pytest.raises(N2GError, match="does not exist"):
+        R.load_graph_json(tmp_path / "missing.json")

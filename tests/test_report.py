@@ -1,0 +1,120 @@
+"""Validation report and search index on a synthesised run (tests/helpers_run.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+
+import pytest
+
+from helpers_run import make_run
+from n2g.errors import N2GError
+from n2g.report import build_all, write_report
+from n2g.search import build_index, search, similar
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("report"))
+    build_all(run)
+    return run
+
+
+def test_report_json_numbers(run):
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["kind"] == "n2g.report" and rep["methods"] == ["n2g", "token_lookup", "ngram", "zero"]
+    l0, l1 = rep["layers"]
+    assert (l0["layer"], l0["n_neurons"], l0["n_dead"], l0["n_no_firing_test_token"], l0["n_in_f1_mean"]) == (0, 2, 0, 1, 1)
+    assert (l1["layer"], l1["n_neurons"], l1["n_dead"], l1["n_no_firing_test_token"], l1["n_in_f1_mean"]) == (1, 2, 1, 0, 1)
+    # F1 means leave out L0.N2 (no firing test token), Pearson means keep it
+    assert l0["methods"]["n2g"]["f1"] == pytest.approx(0.8)
+    assert l0["methods"]["n2g"]["pearson"] == pytest.approx(0.45)
+    assert l0["methods"]["n2g"]["nonfiring_f1"] == pytest.approx(0.95)
+    assert l0["methods"]["token_lookup"]["f1"] == pytest.approx(0.6)
+    assert l0["methods"]["zero"]["precision"] is None  # never fires: undefined, not 0 or 1
+    assert l0["methods"]["zero"]["f1"] == 0.0
+    assert l1["methods"]["n2g"]["f1"] == pytest.approx(0.5)
+    assert l1["methods"]["ngram"]["f1"] == pytest.approx(0.3)
+    o = rep["overall"]
+    assert (o["layer"], o["n_neurons"], o["n_dead"], o["n_no_firing_test_token"]) == ("all", 4, 1, 1)
+    assert o["methods"]["n2g"]["f1"] == pytest.approx(0.65)
+    assert o["methods"]["n2g"]["pearson"] == pytest.approx(1.3 / 3)
+    assert o["methods"]["token_lookup"]["f1"] == pytest.approx(0.5)
+    assert rep["best"] == ["L0.N1", "L1.N4.neg"] and rep["worst"] == ["L1.N4.neg", "L0.N1"]
+    n2 = next(n for n in rep["neurons"] if n["key"] == "L0.N2")
+    assert n2["n2g_f1"] is None and n2["score_status"] == "no_firing_test_token"
+
+
+def test_report_csv_matches_json(run):
+    rows = list(csv.DictReader((run / "report.csv").open()))
+    assert len(rows) == 3 * 4
+    row = next(r for r in rows if r["layer"] == "all" and r["method"] == "n2g")
+    assert float(row["f1"]) == pytest.approx(0.65) and row["n_dead"] == "1"
+    zero = next(r for r in rows if r["layer"] == "0" and r["method"] == "zero")
+    assert zero["precision"] == ""
+
+
+def test_report_html_is_self_contained(run):
+    page = (run / "report.html").read_text()
+    assert 'id="layer-table"' in page
+    for text in ("0.800", "0.450", "0.650", "0.433", "0.500", "0.950"):
+        assert f"<td>{text}</td>" in page, text
+    assert page.count("data:image/png;base64,") == 3
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert 'href="viewer/neurons/L1.N4.neg.html"' in page
+    assert "synthetic &lt;test&gt; run" in page
+    assert "1 dead" in page
+
+
+def test_empty_run_dir_is_a_user_error(tmp_path):
+    with pytest.raises(N2GError, match="no neuron results in .*run `n2g run` first"):
+        write_report(tmp_path)
+    with pytest.raises(N2GError, match="no neuron results"):
+        build_all(tmp_path)
+
+
+def test_build_all_renders_graphs(run):
+    for key in ("L0.N1", "L0.N2", "L1.N4.neg"):
+        assert (run / "neurons" / key / "graph.dot").exists()
+    assert not (run / "neurons" / "L1.N3" / "graph.dot").exists()  # dead: no graph
+
+
+def test_index_tables(run):
+    con = sqlite3.connect(run / "index.sqlite")
+    rows = con.execute("SELECT key, layer, idx, sign, status, f1, ngram_f1 FROM neurons ORDER BY key").fetchall()
+    assert rows == [("L0.N1", 0, 1, "positive", "fitted", 0.8, 0.7), ("L0.N2", 0, 2, "positive", "fitted", None, None),
+                    ("L1.N3", 1, 3, "positive", "dead", None, None), ("L1.N4.neg", 1, 4, "negative", "fitted", 0.5, 0.3)]
+    roles = con.execute("SELECT token, role, weight FROM tokens WHERE key = 'L0.N1' ORDER BY role").fetchall()
+    assert roles == [(" Paris", "activator", 0.9), (" in", "context", 0.8)]
+    con.close()
+
+
+def test_search(run):
+    hits = search(run, "Paris")
+    assert [h["key"] for h in hits] == ["L1.N4.neg", "L0.N1", "L0.N2"]  # " Paris" 1.0, 0.9; "Paris" 0.5
+    assert hits[0]["token"] == " Paris" and hits[2]["token"] == "Paris"
+    assert [h["key"] for h in search(run, " Paris")] == ["L1.N4.neg", "L0.N1"]
+    assert [h["key"] for h in search(run, "in", role="context")] == ["L0.N2", "L0.N1"]
+    assert search(run, "in", role="activator") == []
+    assert [h["key"] for h in search(run, "<script>alert(1)</script>")] == ["L1.N4.neg"]
+    assert search(run, "' OR 1=1 --") == []
+    assert len(search(run, "Paris", limit=1)) == 1
+    with pytest.raises(N2GError, match="unknown role"):
+        search(run, "Paris", role="bogus")
+
+
+def test_similar(run):
+    sims = similar(run, "L0.N1")
+    assert [k for k, _ in sims] == ["L1.N4.neg", "L0.N2"]
+    assert sims[0][1] == pytest.approx(2 / 6) and sims[1][1] == pytest.approx(1 / 7)
+    assert similar(run, "L1.N3") == []
+    with pytest.raises(N2GError, match="no neuron"):
+        similar(run, "L9.N9")
+
+
+def test_build_index_is_atomic_and_rebuildable(run):
+    before = (run / "index.sqlite").stat().st_ino
+    build_index(run)
+    assert (run / "index.sqlite").stat().st_ino != before
+    assert not list(run.glob(".index.*"))
