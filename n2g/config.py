@@ -38,6 +38,8 @@ class DistillConfig:
     """Context tokens at least this important for a firing token enter the graph; others are wildcards."""
     max_pivots: int = 1
     """Firing positions per training example pruned as pivots (1: only the maximum, as published)."""
+    pivot_activation: str = "pruned"
+    """END value of a pruned pivot: as measured on the ``pruned`` window (published) or in the ``original`` excerpt."""
     augment: bool = False
     """Make variants of important tokens (the published method can; its SmolLM2 run had it off)."""
     augment_threshold: float = 0.8
@@ -68,6 +70,8 @@ class DistillConfig:
                 raise N2GError(f"{name} must be in (0, 1] (got {value})")
         if self.end_activation not in ("first", "mean", "max"):
             raise N2GError(f"end_activation must be first, mean or max (got {self.end_activation!r})")
+        if self.pivot_activation not in ("pruned", "original"):
+            raise N2GError(f"pivot_activation must be pruned or original (got {self.pivot_activation!r})")
         if self.match not in ("greedy", "search"):
             raise N2GError(f"match must be greedy or search (got {self.match!r})")
 
@@ -89,6 +93,7 @@ PRESETS: dict[str, DistillConfig] = {
         n_extra_train=30,
         n_random_train=10,
         max_pivots=4,
+        pivot_activation="original",
         end_activation="mean",
         calibrate=True,
         match="search",

@@ -53,7 +53,11 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id)
     trace.pruned, trace.importances = pruned, imps
     for p, imp in zip(pruned, imps):
-        graph.add_example(p.token_ids, p.activations, imp, cfg.importance_threshold)
+        acts = p.activations
+        if cfg.pivot_activation == "original":  # the window was kept for its context; its END keeps the real value
+            acts = acts.copy()
+            acts[-1] = p.original
+        graph.add_example(p.token_ids, acts, imp, cfg.importance_threshold)
     if cfg.augment and pruned:
         variants = yield from augment_steps([p.token_ids for p in pruned], [p.activations for p in pruned],
                                             imps, cfg, occlusion_id)

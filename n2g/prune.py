@@ -29,6 +29,8 @@ class Pruned:
     """Index of the training example it was pruned from."""
     start: int
     """Where the window starts in the original example."""
+    original: float = 0.0
+    """The pivot's activation in the whole original example."""
 
 
 def choose_pivots(acts: np.ndarray, cfg: DistillConfig) -> list[int]:
@@ -60,5 +62,6 @@ def prune_steps(examples: list[tuple[list[int], np.ndarray, int]], cfg: DistillC
     pruned = []
     for e, (ids, _, _) in enumerate(examples):
         start, values = best.get(e, longest[e])
-        pruned.append(Pruned(list(ids[start : pivots[e] + 1]), np.asarray(values, np.float32), e, start))
+        original = float(examples[e][1][pivots[e]])
+        pruned.append(Pruned(list(ids[start : pivots[e] + 1]), np.asarray(values, np.float32), e, start, original))
     return pruned
