@@ -151,6 +151,8 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
     """(caption, base64 PNG) for each plot; made on Figure objects so no global backend changes."""
     from matplotlib.figure import Figure
 
+    from matplotlib.ticker import MaxNLocator
+
     plots = []
     fig = Figure(figsize=(6, 3.4))
     ax = fig.add_subplot()
@@ -161,8 +163,6 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
         ys = [y for y in ys if y is not None]
         if ys:
             ax.plot(xs, ys, marker="o", label=METHOD_NAMES.get(m, m))
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("mean firing F1")
@@ -175,6 +175,7 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
     fig = Figure(figsize=(6, 3.4))
     ax = fig.add_subplot()
     ax.hist(f1s, bins=20, range=(0, 1), color="#d62728", edgecolor="white")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("per-neuron N2G firing F1")
     ax.set_ylabel("neurons")
     plots.append((f"Distribution of per-neuron N2G F1 ({len(f1s)} neurons)", _png(fig)))
@@ -226,7 +227,7 @@ td.l,th.l{text-align:left}tr.all td{font-weight:bold;background:#fafafa}
 .muted{color:#777;font-size:13px}.plots{display:flex;flex-wrap:wrap;gap:16px}
 .plots figure{margin:0}.plots img{max-width:560px;border:1px solid #eee}
 figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:1px 4px}
-.t{white-space:pre}
+.wide{overflow-x:auto;max-width:100%}
 """
 
 
@@ -254,8 +255,8 @@ def _layer_table(rep: dict) -> str:
             cells.extend(f"<td>{fmt(row['methods'][m][metric])}</td>" for m in methods)
         body.append(f"<tr{cls} data-layer=\"{_esc(row['layer'])}\">{''.join(cells)}</tr>")
     return (
-        '<table id="layer-table"><thead><tr>' + "".join(head1) + "</tr><tr>" + "".join(head2)
-        + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>"
+        '<div class="wide"><table id="layer-table"><thead><tr>' + "".join(head1) + "</tr><tr>" + "".join(head2)
+        + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>"
     )
 
 
@@ -345,12 +346,15 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
 
 def render_missing_graphs(run_dir: str | os.PathLike) -> list[Path]:
-    """Render ``neurons/<key>/graph.{dot,svg,png}`` wherever a graph.json has no render yet."""
+    """Render ``neurons/<key>/graph.{dot,svg,png}`` wherever they are missing or older than graph.json."""
     run_dir = Path(run_dir)
     want = ("dot", "svg", "png") if dot_available() else ("dot",)
     jobs = []
     for gpath in sorted(run_dir.glob("neurons/*/graph.json")):
-        if any(not (gpath.parent / f"graph.{f}").exists() for f in want):
+        made = gpath.stat().st_mtime
+        outs = [gpath.parent / f"graph.{f}" for f in want]
+        # missing, or older than a graph that was refitted since
+        if any(not p.exists() or p.stat().st_mtime < made for p in outs):
             jobs.append(gpath)
 
     def one(gpath: Path) -> list[Path]:
