@@ -23,7 +23,7 @@ import torch
 
 from n2g.config import preset
 from n2g.corpus import Corpus
-from n2g.engine import Job, fit_many
+from n2g.engine import Job, RowEvaluator, fit_many
 from n2g.models import cache_dir, load_model
 from n2g.pipeline import parse_indices
 from n2g.records import NeuronId, Sign
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default="paper,default")
     ap.add_argument("--set", action="append", default=[], help="override for the default preset, e.g. --set max_pivots=2")
     ap.add_argument("--json", default=None, help="also write per-neuron scores here")
+    ap.add_argument("--memo", default=None, help="pickle file memoising activations between harness runs (tuning only)")
     args = ap.parse_args(argv)
 
     model = load_model(args.model)
@@ -62,9 +63,11 @@ def main(argv=None) -> int:
     jobs = [Job(n, scans[n.layer].scale(n.index, Sign.POSITIVE), scans[n.layer].ranked(n.index, Sign.POSITIVE), scans[n.layer].pool)
             for n in neurons]
     fits, seconds = {}, {}
+    memo = Memo(model, args.memo) if args.memo else None
     for name, cfg in configs.items():
         t0 = time.perf_counter()
-        fits[name] = fit_many(model, excerpts, jobs, cfg, group_size=len(jobs))
+        evaluator = memo.evaluator(cfg.batch_tokens) if memo else None
+        fits[name] = fit_many(model, excerpts, jobs, cfg, group_size=len(jobs), evaluator=evaluator)
         seconds[name] = time.perf_counter() - t0
         print(f"# {name}: {len(jobs)} neurons in {seconds[name]:.1f}s ({seconds[name] / len(jobs):.2f} s/neuron)", file=sys.stderr)
 
@@ -99,7 +102,38 @@ def main(argv=None) -> int:
           "r = Pearson; neurons without a firing test token excluded ('nofire'); dead = never fires on this corpus")
     if args.json:
         Path(args.json).write_text(json.dumps(per_neuron, indent=1))
+    if memo:
+        memo.save()
     return 0
+
+
+class Memo:
+    """Activations memoised by (neuron, sequence) so tuning runs that repeat requests skip the model."""
+
+    def __init__(self, model, path):
+        import pickle
+
+        self.model, self.path = model, Path(path)
+        self.table = pickle.loads(self.path.read_bytes()) if self.path.exists() else {}
+
+    def evaluator(self, batch_tokens):
+        memo = self
+
+        class Cached(RowEvaluator):
+            def __call__(self, seqs, neurons, scales):
+                keys = [(n.key, tuple(s)) for n, s in zip(neurons, seqs)]
+                miss = [i for i, k in enumerate(keys) if k not in memo.table]
+                if miss:
+                    got = RowEvaluator.__call__(self, [seqs[i] for i in miss], [neurons[i] for i in miss], [scales[i] for i in miss])
+                    memo.table.update({keys[i]: v for i, v in zip(miss, got)})
+                return [memo.table[k] for k in keys]
+
+        return Cached(self.model, batch_tokens, int(self.model.occlusion_token_id))
+
+    def save(self):
+        import pickle
+
+        self.path.write_bytes(pickle.dumps(self.table))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ class DistillConfig:
     """How an END node's activation is set: ``first`` path inserted (published), ``mean`` or ``max``."""
     calibrate: bool = False
     """Re-estimate every END's activation as the mean true activation of the training tokens that reach it."""
+    backoff: bool = False
+    """Calibration sets every matched node, so unmatched context backs off to the shorter match."""
+    end_statistic: str = "mean"
+    """Calibrated END value: ``mean`` of the training activations reaching it, or a quantile like ``"0.7"``."""
+    min_count: int = 1
+    """Training tokens a node needs before backoff calibration gives it a value."""
     match: str = "greedy"
     """``greedy`` (exact child before wildcard, published) or ``search`` (try both, keep the deepest END)."""
     batch_tokens: int = 16384
@@ -72,6 +78,13 @@ class DistillConfig:
             raise N2GError(f"end_activation must be first, mean or max (got {self.end_activation!r})")
         if self.pivot_activation not in ("pruned", "original"):
             raise N2GError(f"pivot_activation must be pruned or original (got {self.pivot_activation!r})")
+        if self.end_statistic != "mean":
+            try:
+                q = float(self.end_statistic)
+            except ValueError:
+                q = -1.0
+            if not 0.0 <= q <= 1.0:
+                raise N2GError(f"end_statistic must be mean or a quantile in [0, 1] (got {self.end_statistic!r})")
         if self.match not in ("greedy", "search"):
             raise N2GError(f"match must be greedy or search (got {self.match!r})")
 

@@ -68,7 +68,7 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     if cfg.calibrate:
         evidence = [(list(e.token_ids), np.asarray(e.activations)) for e in list(train) + list(calibration)]
         evidence += [(v.token_ids, v.activations) for v in trace.variants]
-        graph.calibrate(evidence)
+        graph.calibrate(evidence, backoff=cfg.backoff, statistic=cfg.end_statistic, min_count=cfg.min_count)
     return graph, trace
 
 

@@ -142,9 +142,9 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
 
 def fit_many(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: DistillConfig, *,
              group_size: int = 64, on_done: Callable[[Job, NeuronFit, float], None] | None = None,
-             substitutes: Callable | None = None) -> dict[NeuronId, NeuronFit]:
+             substitutes: Callable | None = None, evaluator: RowEvaluator | None = None) -> dict[NeuronId, NeuronFit]:
     """Fit jobs in groups of ``group_size`` (1 = one neuron at a time), calling ``on_done`` per neuron."""
-    evaluator = RowEvaluator(model, cfg.batch_tokens, int(model.occlusion_token_id))
+    evaluator = evaluator or RowEvaluator(model, cfg.batch_tokens, int(model.occlusion_token_id))
     if substitutes is None and cfg.augment:
         substitutes = ModelSubstitutes(model)
     out: dict[NeuronId, NeuronFit] = {}

@@ -108,39 +108,49 @@ class NeuronGraph:
         return added
 
     # -- matching -------------------------------------------------------------------------
-    def match_end(self, ids: Sequence[int], i: int) -> int | None:
-        """Index of the END node that position ``i`` of ``ids`` reaches, or None."""
+    def match_path(self, ids: Sequence[int], i: int) -> list[int]:
+        """Trie nodes matched walking back from position ``i`` (activator first); [] if none.
+
+        ``greedy`` follows the exact-token child before the wildcard; ``search`` tries both and keeps
+        the path to the deepest node that holds an END (exact wins ties).
+        """
         start = self.nodes[0].children.get(int(ids[i]))
         if start is None:
-            return None
+            return []
         if self.match == "greedy":
-            at, best = start, (start if self.nodes[start].end is not None else None)
+            path = [start]
             for d in range(1, i + 1):
-                children = self.nodes[at].children
+                children = self.nodes[path[-1]].children
                 nxt = children.get(int(ids[i - d]))
                 if nxt is None:
                     nxt = children.get(WILDCARD)
                 if nxt is None:
                     break
-                at = nxt
-                if self.nodes[at].end is not None:
-                    best = at
-            return best
-        return self._search(ids, i, start, 1)
+                path.append(nxt)
+            return path
+        best = self._search(ids, i, start, 1)
+        return best[1] if best is not None else [start]
 
-    def _search(self, ids: Sequence[int], i: int, at: int, d: int) -> int | None:
-        """Deepest END below ``at`` over both exact and wildcard branches (exact wins ties)."""
+    def _search(self, ids: Sequence[int], i: int, at: int, d: int):
+        """(depth, path) of the deepest END at or below ``at`` over exact and wildcard branches."""
         node = self.nodes[at]
-        best = at if node.end is not None else None
+        best = (node.depth, [at]) if node.end is not None else None
         if d <= i and node.children:
             for key in (int(ids[i - d]), WILDCARD):
                 child = node.children.get(key)
                 if child is None:
                     continue
                 found = self._search(ids, i, child, d + 1)
-                if found is not None and (best is None or self.nodes[found].depth > self.nodes[best].depth):
-                    best = found
+                if found is not None and (best is None or found[0] > best[0]):
+                    best = (found[0], [at] + found[1])
         return best
+
+    def match_end(self, ids: Sequence[int], i: int) -> int | None:
+        """Index of the deepest END node on the matched path of position ``i``, or None."""
+        for node in reversed(self.match_path(ids, i)):
+            if self.nodes[node].end is not None:
+                return node
+        return None
 
     def predict_sequence(self, ids: Sequence[int]) -> np.ndarray:
         """Normalised prediction for every position of one sequence."""
@@ -151,17 +161,32 @@ class NeuronGraph:
                 out[i] = self.nodes[end].end
         return out
 
-    def calibrate(self, sequences: Sequence[tuple[Sequence[int], np.ndarray]]) -> int:
-        """Set each END reached by training tokens to the mean true activation of those tokens."""
+    def calibrate(self, sequences: Sequence[tuple[Sequence[int], np.ndarray]], backoff: bool = False,
+                  statistic: str | float = "mean", min_count: int = 1) -> int:
+        """Re-estimate END activations from training tokens; returns how many nodes were set.
+
+        Without ``backoff`` each END reached by training tokens gets the ``statistic`` (mean, or a
+        quantile) of their true activations. With ``backoff`` every node on a matched path collects
+        the tokens that reach it and becomes an END when at least ``min_count`` did, so a token whose
+        context is not matched falls back to what its shorter match predicts.
+        """
         reached: dict[int, list[float]] = {}
         for ids, acts in sequences:
             for i in range(len(ids)):
-                end = self.match_end(ids, i)
-                if end is not None:
-                    reached.setdefault(end, []).append(float(acts[i]))
-        for end, values in reached.items():
-            self.nodes[end].end = float(np.mean(values))
-        return len(reached)
+                if backoff:
+                    nodes = self.match_path(ids, i)
+                else:
+                    end = self.match_end(ids, i)
+                    nodes = [] if end is None else [end]
+                for node in nodes:
+                    reached.setdefault(node, []).append(float(acts[i]))
+        count = 0
+        for node, values in reached.items():
+            if len(values) >= min_count or self.nodes[node].end is not None:
+                v = np.asarray(values)
+                self.nodes[node].end = float(np.mean(v) if statistic == "mean" else np.quantile(v, float(statistic)))
+                count += 1
+        return count
 
     # -- inspection -----------------------------------------------------------------------
     def activators(self) -> list[int]:
@@ -290,10 +315,10 @@ class NeuronGraph:
         except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
             raise N2GError(f"cannot read graph {path}: {exc}; re-run n2g to regenerate it") from exc
 
-    def _repr_svg_(self) -> str:  # notebooks show the graph inline
-        from .render import svg_of
+    def _repr_svg_(self) -> str | None:  # notebooks show the graph inline (nothing without Graphviz)
+        from .render import dot_available, svg_of
 
-        return svg_of(self.to_networkx())
+        return svg_of(self.to_networkx()) if dot_available() else None
 
     def set_token_text(self, to_text: Callable[[list[int]], list[str]]) -> None:
         ids = sorted(self.tokens())

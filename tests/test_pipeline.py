@@ -1,0 +1,196 @@
+"""Whole runs on a tiny random model: batched = alone, resume after kill -9, bad input, artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from n2g.config import preset
+from n2g.engine import Job, fit_many
+from n2g.models import SubjectModel
+from n2g.records import NeuronId, Sign
+from n2g.scan import scan_layers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a local model directory, plus a corpus file."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    words = [w for w in tok.get_vocab() if not w.startswith("<")]
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(300)) for _ in range(12))
+    (root / "corpus.txt").write_text(text)
+    return root
+
+
+def cli(*args, cwd=None, **kw):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "n2g", *args], capture_output=True, text=True, cwd=cwd, env=env, **kw)
+
+
+def run_args(tiny_dir, out, *extra):
+    return ["run", "--model", str(tiny_dir / "model"), "--corpus", str(tiny_dir / "corpus.txt"), "--layers", "0-2",
+            "--neurons", "0-9", "--excerpt-length", "32", "--group-size", "3", "--no-report", "-q", "--out", str(out), *extra]
+
+
+def stored(out: Path) -> dict:
+    """Every neuron's result (minus wall time) and graph, by key."""
+    found = {}
+    for folder in sorted((out / "neurons").iterdir()):
+        result = json.loads((folder / "result.json").read_text())
+        result.pop("seconds")
+        graph = (folder / "graph.json").read_text() if (folder / "graph.json").exists() else None
+        found[folder.name] = (result, graph)
+    return found
+
+
+def canonical(value):
+    """JSON-like data with floats rounded to 4 decimals (forward-pass summation order differs by batch)."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
+def test_batched_fitting_equals_fitting_each_neuron_alone():
+    torch.manual_seed(0)
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama")
+    excerpts = torch.randint(4, 68, (120, 24))
+    cfg = preset("default")
+    scans = scan_layers(model, excerpts, [0, 1, 2], k=64, pool_size=64, progress=False)
+    jobs = [Job(NeuronId(l, i, s), scans[l].scale(i, s), scans[l].ranked(i, s), scans[l].pool)
+            for l in (0, 2) for i in (1, 5, 9) for s in (Sign.POSITIVE, Sign.NEGATIVE)]
+    alone = fit_many(model, excerpts.tolist(), jobs, cfg, group_size=1)
+    together = fit_many(model, excerpts.tolist(), jobs, cfg, group_size=len(jobs))
+    assert sum(f.graph.n_paths() for f in alone.values() if f.graph) > 0
+    for job in jobs:
+        a, b = alone[job.neuron], together[job.neuron]
+        assert a.status == b.status
+        # Same structure, tokens and decisions; stored activations agree to float rounding.
+        assert canonical(a.graph.to_dict()) == canonical(b.graph.to_dict())
+        # Binarised scores are identical; continuous ones may differ in the last float bits because
+        # batch composition changes the summation order inside the forward pass.
+        for method in a.scores:
+            sa, sb = a.scores[method].to_dict(), b.scores[method].to_dict()
+            for key in ("pearson", "explained_variance"):
+                assert sa.pop(key) == pytest.approx(sb.pop(key), abs=1e-6)
+            assert sa == sb
+
+
+def test_killed_run_resumes_to_identical_results(tiny_dir, tmp_path):
+    reference = tmp_path / "reference"  # the same command, never interrupted
+    assert cli(*run_args(tiny_dir, reference, "--group-size", "1")).returncode == 0
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "n2g", *run_args(tiny_dir, killed, "--group-size", "1")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.glob("neurons/*/result.json"))) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(killed.glob("neurons/*/result.json")))
+    assert 4 <= done_before < 30, "the run should have been killed part-way"
+    resumed = cli(*run_args(tiny_dir, killed, "--group-size", "1"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert stored(killed) == stored(reference)
+    assert len(stored(reference)) == 30
+
+
+def test_damaged_artifact_is_redone_and_others_are_kept(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*run_args(tiny_dir, out)).returncode == 0
+    before = stored(out)
+    victim = next(k for k, (r, g) in before.items() if g is not None)
+    (out / "neurons" / victim / "graph.json").write_text("{ not json")
+    other = next(k for k in before if k != victim)
+    mtime = (out / "neurons" / other / "result.json").stat().st_mtime_ns
+    again = cli(*run_args(tiny_dir, out))
+    assert again.returncode == 0, again.stderr
+    assert stored(out) == before
+    assert (out / "neurons" / other / "result.json").stat().st_mtime_ns == mtime
+    assert "damaged" in again.stderr
+
+
+def test_run_directory_of_another_configuration_is_refused(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*run_args(tiny_dir, out)).returncode == 0
+    other = cli(*run_args(tiny_dir, out, "--preset", "paper"))
+    assert other.returncode == 2
+    assert "different config" in other.stderr and "--out" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_fit_prints_a_summary_and_writes_artifacts(tiny_dir, tmp_path):
+    out = tmp_path / "fit"
+    res = cli("fit", "--model", str(tiny_dir / "model"), "--corpus", str(tiny_dir / "corpus.txt"), "--layer", "1",
+              "--neuron", "4", "--excerpt-length", "32", "-q", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "L1.N4" in res.stdout and "n2g F1" in res.stdout
+    result = json.loads((out / "neurons" / "L1.N4" / "result.json").read_text())
+    assert set(result["scores"]) == {"n2g", "token_lookup", "ngram", "zero"}
+    assert all(e["tokens"] for e in result["examples"])
+    assert (out / "scores.csv").read_text().count("L1.N4") == 4
+    assert (out / "report.html").exists() and (out / "index.sqlite").exists()
+    assert (out / "neurons" / "L1.N4" / "graph.dot").exists()
+
+
+def test_info_reports_the_model(tiny_dir):
+    res = cli("info", "--model", str(tiny_dir / "model"))
+    assert res.returncode == 0, res.stderr
+    assert "n_layers" in res.stdout and " 3" in res.stdout and "48" in res.stdout
+
+
+def bad_cases(tiny_dir, tmp_path):
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    model, corpus = str(tiny_dir / "model"), str(tiny_dir / "corpus.txt")
+    base = ["--excerpt-length", "32", "-q"]
+    return {
+        "unknown model": (["info", "--model", str(tmp_path / "nope.gguf")], "does not exist"),
+        "missing corpus": (["run", "--model", model, "--corpus", str(tmp_path / "missing.txt"), *base], "missing.txt"),
+        "binary corpus": (["run", "--model", model, "--corpus", str(binary), *base], "UTF-8"),
+        "empty corpus": (["run", "--model", model, "--corpus", str(empty), *base], "empty"),
+        "layer out of range": (["fit", "--model", model, "--corpus", corpus, "--layer", "7", "--neuron", "0", *base], "out of range"),
+        "neuron out of range": (["fit", "--model", model, "--corpus", corpus, "--layer", "0", "--neuron", "999", *base], "out of range"),
+        "empty neuron list": (["run", "--model", model, "--corpus", corpus, "--neurons", ",", *base], "no neuron"),
+        "unwritable out": (["run", "--model", model, "--corpus", corpus, "--neurons", "0", *base, "--out", str(a_file / "sub")], "writable"),
+        "report of nothing": (["report", str(tmp_path / "nothing")], "run directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown model", "missing corpus", "binary corpus", "empty corpus", "layer out of range",
+                                  "neuron out of range", "empty neuron list", "unwritable out", "report of nothing"])
+def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_dir, tmp_path):
+    args, needle = bad_cases(tiny_dir, tmp_path)[case]
+    work = tmp_path / "cwd"
+    work.mkdir()
+    res = cli(*args, cwd=work)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [l for l in res.stderr.splitlines() if l.startswith("n2g: error:")]
+    assert len(lines) == 1 and needle.lower() in lines[0].lower(), res.stderr
+    assert "Traceback" not in res.stderr
+    assert list(work.iterdir()) == []  # nothing written (no graphs/ directory either)
