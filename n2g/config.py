@@ -36,6 +36,10 @@ class DistillConfig:
     """Most context tokens (before the pivot) considered by pruning."""
     importance_threshold: float = 0.75
     """Context tokens at least this important for a firing token enter the graph; others are wildcards."""
+    prune_search: str = "exhaustive"
+    """``exhaustive`` tries every context length (published); ``coarse`` tries 0,1,2,4,8,16,30 then the gap below the first that holds."""
+    n_prune: int | None = None
+    """Training top excerpts (best first) that are pruned and occluded to build paths; the rest only calibrate. None: all."""
     max_pivots: int = 1
     """Firing positions per training example pruned as pivots (1: only the maximum, as published)."""
     pivot_activation: str = "pruned"
@@ -67,6 +71,8 @@ class DistillConfig:
         for name in ("n_top", "n_variants", "n_candidates", "batch_tokens", "max_pivots"):
             if getattr(self, name) < 1:
                 raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.n_prune is not None and self.n_prune < 1:
+            raise N2GError(f"n_prune must be at least 1 or None (got {self.n_prune})")
         for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
@@ -76,6 +82,8 @@ class DistillConfig:
                 raise N2GError(f"{name} must be in (0, 1] (got {value})")
         if self.end_activation not in ("first", "mean", "max"):
             raise N2GError(f"end_activation must be first, mean or max (got {self.end_activation!r})")
+        if self.prune_search not in ("exhaustive", "coarse"):
+            raise N2GError(f"prune_search must be exhaustive or coarse (got {self.prune_search!r})")
         if self.pivot_activation not in ("pruned", "original"):
             raise N2GError(f"pivot_activation must be pruned or original (got {self.pivot_activation!r})")
         if self.end_statistic != "mean":
@@ -102,13 +110,20 @@ class DistillConfig:
 
 PRESETS: dict[str, DistillConfig] = {
     "paper": DistillConfig(),
+    # Measured on SmolLM2 with evaluation/fidelity.py (see evaluation/results/): more training text,
+    # every node calibrated on training tokens (backoff), deepest-match search, cheaper pruning.
     "default": DistillConfig(
         n_extra_train=30,
-        n_random_train=10,
-        max_pivots=4,
+        n_random_train=40,
+        n_prune=20,
+        max_pivots=2,
+        prune_search="coarse",
         pivot_activation="original",
         end_activation="mean",
         calibrate=True,
+        backoff=True,
+        end_statistic="0.7",
+        min_count=3,
         match="search",
     ),
 }

@@ -46,7 +46,8 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     """Generator stage: prune, weigh, augment and build the graph from training examples."""
     graph = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
     trace = FitTrace()
-    firing = [e for e in train if max(e.activations, default=0.0) >= cfg.fire_threshold]
+    ranked = sorted(train, key=lambda e: -max(e.activations, default=0.0))
+    firing = [e for e in ranked[: cfg.n_prune] if max(e.activations, default=0.0) >= cfg.fire_threshold]
     targets = [(list(e.token_ids), np.asarray(e.activations), pivot)
                for e in firing for pivot in choose_pivots(np.asarray(e.activations), cfg)]
     pruned = yield from prune_steps(targets, cfg)

@@ -44,7 +44,11 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class RowEvaluator:
-    """Answers activation requests of many neurons in shared padded batches, backing off on OOM."""
+    """Answers activation requests of many neurons in shared padded batches, backing off on OOM.
+
+    Requests are grouped by layer, and a sequence asked for by several neurons of one layer runs
+    once: one forward pass yields every neuron of that layer, and each asker takes its column.
+    """
 
     def __init__(self, model, batch_tokens: int, pad_id: int):
         self.model, self.batch_tokens, self.pad_id = model, batch_tokens, pad_id
@@ -52,25 +56,23 @@ class RowEvaluator:
 
     def __call__(self, seqs: list[list[int]], neurons: list[NeuronId], scales: list[float]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(seqs)
-        # Sort by layer first so a batch's forward pass stops as early as its rows allow.
-        order = sorted(range(len(seqs)), key=lambda i: (neurons[i].layer, len(seqs[i]), i))
-        chunks: list[list[int]] = []
-        layer_of = None
-        for i in order:
-            if layer_of != neurons[i].layer:
-                chunks.append([])
-                layer_of = neurons[i].layer
-            chunks[-1].append(i)
-        for chunk in chunks:
-            for batch in length_batches([len(seqs[i]) for i in chunk], self.batch_tokens):
-                self._run([chunk[j] for j in batch], seqs, neurons, scales, out)
+        by_layer: dict[int, dict[tuple[int, ...], list[int]]] = {}
+        for i, (seq, neuron) in enumerate(zip(seqs, neurons)):
+            by_layer.setdefault(neuron.layer, {}).setdefault(tuple(seq), []).append(i)
+        for layer in sorted(by_layer):
+            unique = list(by_layer[layer].items())
+            for batch in length_batches([len(u[0]) for u in unique], self.batch_tokens):
+                self._run(layer, [unique[j] for j in batch], neurons, scales, out)
         return out  # type: ignore[return-value]
 
-    def _run(self, rows: list[int], seqs, neurons, scales, out) -> None:
+    def _run(self, layer: int, rows: list[tuple[tuple[int, ...], list[int]]], neurons, scales, out) -> None:
         try:
-            ids, mask = pad([seqs[i] for i in rows], self.pad_id)
-            values = self.model.rows_activations(ids, mask, [(neurons[i].layer, neurons[i].index) for i in rows])
-            values = values.detach().float().cpu().numpy()
+            ids, mask = pad([list(seq) for seq, _ in rows], self.pad_id)
+            acts = self.model.layer_activations(ids, mask, [layer])[layer]
+            r_idx = [r for r, (_, askers) in enumerate(rows) for _ in askers]
+            n_idx = [neurons[i].index for _, askers in rows for i in askers]
+            values = acts[torch.tensor(r_idx, device=acts.device), :, torch.tensor(n_idx, device=acts.device)]
+            values = values.float().cpu().numpy()
         except RuntimeError as exc:
             if not _is_oom(exc) or len(rows) == 1:
                 raise
@@ -78,15 +80,18 @@ class RowEvaluator:
             self.batch_tokens = max(self.batch_tokens // 2, 64)
             log.warning("out of memory: batch size backed off to %d tokens", self.batch_tokens)
             half = len(rows) // 2
-            self._run(rows[:half], seqs, neurons, scales, out)
-            self._run(rows[half:], seqs, neurons, scales, out)
+            self._run(layer, rows[:half], neurons, scales, out)
+            self._run(layer, rows[half:], neurons, scales, out)
             return
-        for r, i in enumerate(rows):
-            v = values[r, : len(seqs[i])]
-            if not np.all(np.isfinite(v)):
-                raise N2GError(f"neuron {neurons[i].key} produced NaN or infinite activations; try --dtype float32")
-            factor = 1.0 if neurons[i].sign == Sign.POSITIVE else -1.0
-            out[i] = (v * factor / scales[i]).astype(np.float32)
+        at = 0
+        for seq, askers in rows:
+            for i in askers:
+                v = values[at, : len(seq)]
+                at += 1
+                if not np.all(np.isfinite(v)):
+                    raise N2GError(f"neuron {neurons[i].key} produced NaN or infinite activations; try --dtype float32")
+                factor = 1.0 if neurons[i].sign == Sign.POSITIVE else -1.0
+                out[i] = (v * factor / scales[i]).astype(np.float32)
         self.rows_done += len(rows)
 
 

@@ -145,6 +145,26 @@ class NeuronGraph:
                     best = (found[0], [at] + found[1])
         return best
 
+    def deepest_node(self, ids: Sequence[int], i: int) -> int | None:
+        """The deepest trie node position ``i`` reaches over exact and wildcard branches (exact wins ties)."""
+        start = self.nodes[0].children.get(int(ids[i]))
+        if start is None:
+            return None
+        best, best_depth = start, 0
+        stack = [(start, 1)]
+        while stack:
+            at, d = stack.pop()
+            if self.nodes[at].depth > best_depth:
+                best, best_depth = at, self.nodes[at].depth
+            if d <= i:
+                children = self.nodes[at].children
+                # Pushed wildcard first so the exact branch is explored first and wins ties.
+                for key in (WILDCARD, int(ids[i - d])):
+                    child = children.get(key)
+                    if child is not None:
+                        stack.append((child, d + 1))
+        return best
+
     def match_end(self, ids: Sequence[int], i: int) -> int | None:
         """Index of the deepest END node on the matched path of position ``i``, or None."""
         for node in reversed(self.match_path(ids, i)):
@@ -166,19 +186,16 @@ class NeuronGraph:
         """Re-estimate END activations from training tokens; returns how many nodes were set.
 
         Without ``backoff`` each END reached by training tokens gets the ``statistic`` (mean, or a
-        quantile) of their true activations. With ``backoff`` every node on a matched path collects
-        the tokens that reach it and becomes an END when at least ``min_count`` did, so a token whose
-        context is not matched falls back to what its shorter match predicts.
+        quantile) of their true activations. With ``backoff`` each token counts at the deepest node it
+        reaches, and every node that at least ``min_count`` tokens reach becomes an END: a node's value
+        then describes the tokens whose context goes no further, and a token whose longer context is
+        not matched falls back to what its shorter match predicts.
         """
         reached: dict[int, list[float]] = {}
         for ids, acts in sequences:
             for i in range(len(ids)):
-                if backoff:
-                    nodes = self.match_path(ids, i)
-                else:
-                    end = self.match_end(ids, i)
-                    nodes = [] if end is None else [end]
-                for node in nodes:
+                node = self.deepest_node(ids, i) if backoff else self.match_end(ids, i)
+                if node is not None:
                     reached.setdefault(node, []).append(float(acts[i]))
         count = 0
         for node, values in reached.items():

@@ -40,28 +40,48 @@ def choose_pivots(acts: np.ndarray, cfg: DistillConfig) -> list[int]:
     return [order[0]] + firing[: cfg.max_pivots - 1]
 
 
+COARSE_GRID = (0, 1, 2, 4, 8, 16, 30)
+
+
 def prune_steps(examples: list[tuple[list[int], np.ndarray, int]], cfg: DistillConfig) -> Steps:
     """Generator stage: prune each ``(token_ids, activations, pivot)`` example around its pivot."""
-    seqs: list[list[int]] = []
-    owners: list[tuple[int, int]] = []  # (example, window start)
-    pivots = []
-    for e, (ids, acts, pivot) in enumerate(examples):
-        pivots.append(pivot)
-        for context in range(0, min(pivot, cfg.max_context) + 1):
-            seqs.append(list(ids[pivot - context : pivot + 1]))
-            owners.append((e, pivot - context))
-    answers = yield Evaluate(seqs)
-    best: dict[int, tuple[int, np.ndarray]] = {}
-    longest: dict[int, tuple[int, np.ndarray]] = {}
-    for (e, start), values in zip(owners, answers):
-        target = cfg.prune_threshold * float(examples[e][1][pivots[e]])
-        # Windows were generated from the shortest context up, so the first that holds is the shortest.
-        if e not in best and values[-1] >= target:
-            best[e] = (start, values)
-        longest[e] = (start, values)
+    limits = [min(pivot, cfg.max_context) for _, _, pivot in examples]
+    targets = [cfg.prune_threshold * float(acts[pivot]) for _, acts, pivot in examples]
+    if cfg.prune_search == "exhaustive":
+        rounds = [[list(range(limit + 1)) for limit in limits]]
+    else:
+        rounds = [[sorted({c for c in COARSE_GRID if c <= limit} | {limit}) for limit in limits]]
+    chosen: list[tuple[int, np.ndarray] | None] = [None] * len(examples)
+    longest: list[tuple[int, np.ndarray] | None] = [None] * len(examples)
+    for round_no in range(2):
+        contexts = rounds[round_no]
+        seqs, owners = [], []
+        for e, (ids, _, pivot) in enumerate(examples):
+            for c in contexts[e]:
+                seqs.append(list(ids[pivot - c : pivot + 1]))
+                owners.append((e, c))
+        answers = yield Evaluate(seqs)
+        found: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for (e, c), values in zip(owners, answers):
+            found.setdefault(e, []).append((c, values))
+            if c == limits[e]:
+                longest[e] = (c, values)
+        nxt: list[list[int]] = [[] for _ in examples]
+        for e, tried in found.items():
+            passing = [(c, v) for c, v in sorted(tried, key=lambda t: t[0]) if v[-1] >= targets[e]]
+            if passing and (chosen[e] is None or passing[0][0] < chosen[e][0]):
+                chosen[e] = passing[0]
+            if round_no == 0 and cfg.prune_search == "coarse" and passing:
+                # The shortest window may lie in the gap below the first grid length that holds.
+                below = [c for c, _ in sorted(tried) if c < passing[0][0]]
+                lo = below[-1] if below else -1
+                nxt[e] = list(range(lo + 1, passing[0][0]))
+        if cfg.prune_search == "exhaustive" or not any(nxt):
+            break
+        rounds.append(nxt)
     pruned = []
-    for e, (ids, _, _) in enumerate(examples):
-        start, values = best.get(e, longest[e])
-        original = float(examples[e][1][pivots[e]])
-        pruned.append(Pruned(list(ids[start : pivots[e] + 1]), np.asarray(values, np.float32), e, start, original))
+    for e, (ids, acts, pivot) in enumerate(examples):
+        c, values = chosen[e] if chosen[e] is not None else longest[e]
+        start = pivot - c
+        pruned.append(Pruned(list(ids[start : pivot + 1]), np.asarray(values, np.float32), e, start, float(acts[pivot])))
     return pruned
