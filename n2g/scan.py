@@ -127,9 +127,19 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
     bot_val = {l: torch.full((0, d), float("inf"), device=device) for l in todo}
     bot_idx = {l: torch.zeros((0, d), dtype=torch.long, device=device) for l in todo}
     bar = Progress(n * length, f"scan layers {_span(todo)}", "tok", enabled=progress)
-    for start in range(0, n, batch_size):
+    start = 0
+    while start < n:
         ids = excerpts[start : start + batch_size]
-        acts = model.layer_activations(ids, None, todo)
+        try:
+            acts = model.layer_activations(ids, None, todo)
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc).lower() or batch_size == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            batch_size = max(batch_size // 2, 1)
+            log.warning("out of memory: scan batch backed off to %d excerpts", batch_size)
+            continue
         rows = torch.arange(start, start + ids.shape[0], device=device)
         for l in todo:
             a = acts[l]
@@ -146,6 +156,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
             bv, bi = (-v).topk(kk, dim=0)
             bot_val[l], bot_idx[l] = -bv, i.gather(0, bi)
         bar.update(ids.numel())
+        start += ids.shape[0]
     bar.close()
     pool = random_pool(n, pool_size, seed)
     pool_acts = {l: [] for l in todo}
