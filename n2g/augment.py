@@ -96,3 +96,57 @@ class ModelSubstitutes:
                 texts = self.model.token_strings(cands)
                 out.append([c for c, t in zip(cands, texts) if c != row[p] and same_shape(original, t)])
         return out
+
+
+class MaskedLMSubstitutes:
+    """Substitute source from a masked language model (any ``AutoModelForMaskedLM``), for users who have one.
+
+    The subject tokens are decoded to text, the target token's text is replaced by the MLM's mask,
+    and the MLM's best words that are a single subject-model token of the same word shape are kept.
+    """
+
+    def __init__(self, subject, mlm_spec: str, device: str | None = None):
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        from .errors import N2GError
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(mlm_spec)
+            self.mlm = AutoModelForMaskedLM.from_pretrained(mlm_spec).eval()
+        except Exception as exc:  # transformers raises many types for a missing or bad model
+            raise N2GError(f"cannot load masked LM {mlm_spec!r} ({type(exc).__name__}); "
+                           "pass a local directory or a hub id you can reach") from exc
+        if self.tokenizer.mask_token is None:
+            raise N2GError(f"{mlm_spec!r} has no mask token; pass a masked language model")
+        if device:
+            self.mlm.to(device)
+        self.subject = subject
+
+    def __call__(self, seqs: list[list[int]], positions: list[int], k: int) -> list[list[int]]:
+        import torch
+
+        out = []
+        for seq, p in zip(seqs, positions):
+            texts = self.subject.token_strings(seq)
+            original = texts[p]
+            lead = " " if original.startswith(" ") else ""
+            masked = "".join(texts[:p]) + lead + self.tokenizer.mask_token + "".join(texts[p + 1 :])
+            enc = self.tokenizer(masked, return_tensors="pt", truncation=True)
+            where = (enc["input_ids"][0] == self.tokenizer.mask_token_id).nonzero()
+            if len(where) == 0:
+                out.append([])
+                continue
+            with torch.inference_mode():
+                logits = self.mlm(**{k_: v.to(self.mlm.device) for k_, v in enc.items()}).logits[0, int(where[0])]
+            found: list[int] = []
+            for cand in logits.topk(min(k * 4, logits.shape[-1])).indices.tolist():
+                word = self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(cand)]).strip()
+                if not word or word.startswith("##"):
+                    continue
+                ids = self.subject.encode(lead + word)
+                if len(ids) == 1 and ids[0] != seq[p] and ids[0] not in found and same_shape(original, self.subject.token_strings(ids)[0]):
+                    found.append(ids[0])
+                if len(found) >= k:
+                    break
+            out.append(found)
+        return out

@@ -34,6 +34,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="distiller settings (default: default)")
     p.add_argument("--augment", dest="augment", action="store_true", default=None, help="make variants of important tokens")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation")
+    p.add_argument("--substitutes", default="model",
+                   help="augmentation substitutes: 'model' (the subject model's next-token guesses) or mlm:NAME (a masked LM)")
     p.add_argument("--out", default=None, help="run directory (default: graphs/<model>-<preset>)")
     p.add_argument("--group-size", type=int, default=64, help="neurons fitted together in shared batches")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip rendering, report and viewer")
@@ -80,7 +82,7 @@ def _options(args, layers: str, neurons: str):
     overrides = {"augment": args.augment}
     return RunOptions(model=args.model, corpus=args.corpus, text_field=args.text_field, excerpt_length=args.excerpt_length,
                       max_excerpts=args.max_excerpts, layers=layers, neurons=neurons, sign=args.sign, preset=args.preset,
-                      overrides=overrides, out=args.out, device=args.device, dtype=args.dtype, group_size=args.group_size,
+                      overrides=overrides, substitutes=args.substitutes, out=args.out, device=args.device, dtype=args.dtype, group_size=args.group_size,
                       report=args.report, progress=not args.quiet)
 
 

@@ -64,6 +64,7 @@ class RunOptions:
     out: str | None = None
     device: str | None = None
     dtype: str | None = None
+    substitutes: str = "model"
     group_size: int = 64
     scan_batch: int = 32
     report: bool = True
@@ -118,6 +119,8 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     started = time.perf_counter()
     cfg = opts.config()
     signs = _signs(opts.sign)
+    if opts.substitutes != "model" and not (opts.substitutes.startswith("mlm:") and len(opts.substitutes) > 4):
+        raise N2GError(f"--substitutes must be 'model' or 'mlm:NAME' (got {opts.substitutes!r})")
     if opts.group_size < 1:
         raise N2GError("--group-size must be at least 1")
     if model is None:
@@ -159,7 +162,12 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
             fitted += 1
             bar.update(1)
 
-        fit_many(model, excerpts, jobs, cfg, group_size=opts.group_size, on_done=save)
+        substitutes = None
+        if cfg.augment and opts.substitutes.startswith("mlm:"):
+            from .augment import MaskedLMSubstitutes
+
+            substitutes = MaskedLMSubstitutes(model, opts.substitutes[4:], device=str(model.device))
+        fit_many(model, excerpts, jobs, cfg, group_size=opts.group_size, on_done=save, substitutes=substitutes)
         bar.close()
     store.write_scores_table()
     artifacts = {}

@@ -1,0 +1,50 @@
+"""Substitute sources: word shape, the subject model's own guesses, a masked LM."""
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from n2g.augment import MaskedLMSubstitutes, ModelSubstitutes, same_shape
+from n2g.models import SubjectModel
+
+
+@pytest.mark.parametrize("original,candidate,ok", [
+    (" Paris", " London", True), (" Paris", "London", False), ("Paris", " London", False),
+    (" Paris", " 42", False), (" (", " [", True), ("42", "17", True), (" the", " ,", False),
+])
+def test_same_shape(original, candidate, ok):
+    assert same_shape(original, candidate) is ok
+
+
+def test_model_substitutes_keep_word_shape(smollm2):
+    ids = smollm2.encode("The capital of France is Paris")
+    source = ModelSubstitutes(smollm2)
+    (found,) = source([ids], [len(ids) - 1], 20)
+    texts = smollm2.token_strings(found)
+    assert found and ids[-1] not in found
+    assert all(t.startswith(" ") and t.strip().isalpha() for t in texts), texts
+
+
+def test_masked_lm_substitutes_map_to_single_subject_tokens(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"] + [f"w{i}" for i in range(40)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    mlm_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                      sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64))
+    mlm.save_pretrained(tmp_path / "mlm")
+    mlm_tok.save_pretrained(tmp_path / "mlm")
+    subject = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    source = MaskedLMSubstitutes(subject, str(tmp_path / "mlm"))
+    seq = subject.encode("the cat sat on the mat")
+    found = source([seq, seq], [1, 5], 6)
+    assert all(0 < len(f) <= 6 for f in found)
+    assert seq[1] not in found[0] and seq[5] not in found[1]
+    vocab = {w for w in words if not w.startswith("[")}
+    for ids in found:
+        assert all(subject.token_strings([i])[0] in vocab for i in ids)
