@@ -11,8 +11,6 @@ DiGraph for saving (versioned node-link JSON), rendering and search.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import networkx as nx
 import numpy as np
 
 from .errors import N2GError
+from .fileio import write_json_atomic
 from .records import SCHEMA_VERSION, NeuronId
 
 WILDCARD = -1
@@ -340,23 +339,3 @@ class NeuronGraph:
     def set_token_text(self, to_text: Callable[[list[int]], list[str]]) -> None:
         ids = sorted(self.tokens())
         self.token_text.update(zip(ids, to_text(ids)))
-
-
-def write_json_atomic(path: str | Path, data) -> Path:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path

@@ -151,24 +151,26 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         excerpts = corpus.excerpts.tolist()
         jobs = [Job(n, scans[n.layer].scale(n.index, n.sign), scans[n.layer].ranked(n.index, n.sign), scans[n.layer].pool)
                 for n in todo]
-        from .progress import Progress
-
-        bar = Progress(len(jobs), "fit", "neurons", enabled=opts.progress)
-
-        def save(job, fit, seconds):
-            nonlocal fitted
-            result = to_result(model, job.neuron, scans[job.neuron.layer].stats(job.neuron.index, job.neuron.sign), fit, seconds)
-            store.save(result, fit.graph)
-            fitted += 1
-            bar.update(1)
-
         substitutes = None
         if cfg.augment and opts.substitutes.startswith("mlm:"):
             from .augment import MaskedLMSubstitutes
 
             substitutes = MaskedLMSubstitutes(model, opts.substitutes[4:], device=str(model.device))
-        fit_many(model, excerpts, jobs, cfg, group_size=opts.group_size, on_done=save, substitutes=substitutes)
-        bar.close()
+        from .progress import Progress
+
+        for layer in sorted({j.neuron.layer for j in jobs}):
+            layer_jobs = [j for j in jobs if j.neuron.layer == layer]
+            bar = Progress(len(layer_jobs), f"fit layer {layer}", "neurons", enabled=opts.progress)
+
+            def save(job, fit, seconds, bar=bar):
+                nonlocal fitted
+                result = to_result(model, job.neuron, scans[job.neuron.layer].stats(job.neuron.index, job.neuron.sign), fit, seconds)
+                store.save(result, fit.graph)
+                fitted += 1
+                bar.update(1)
+
+            fit_many(model, excerpts, layer_jobs, cfg, group_size=opts.group_size, on_done=save, substitutes=substitutes)
+            bar.close()
     store.write_scores_table()
     artifacts = {}
     if opts.report:

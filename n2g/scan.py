@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 
 from .errors import N2GError
 from .examples import random_pool
+from .fileio import replacing
 from .progress import Progress
 from .records import NeuronStats, Sign
 
@@ -85,15 +84,8 @@ def _cache_path(cache_dir: Path, model_key: str, corpus_key: str, layer: int, k:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64, pool_size: int = 64,

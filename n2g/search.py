@@ -12,11 +12,11 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from n2g.errors import N2GError
+from n2g.fileio import replacing
 from n2g.records import NeuronResult
 from n2g.render import graph_token_rows, load_graph_json
 
@@ -66,9 +66,7 @@ def build_index(run_dir: str | os.PathLike) -> Path:
     if not run_dir.is_dir():
         raise N2GError(f"run directory {run_dir} does not exist; run `n2g run` first")
     out = run_dir / INDEX_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".sqlite.tmp", dir=run_dir)
-    os.close(fd)
-    try:
+    with replacing(out) as tmp:
         con = sqlite3.connect(tmp)
         try:
             con.executescript(_SCHEMA)
@@ -108,13 +106,6 @@ def build_index(run_dir: str | os.PathLike) -> Path:
             con.commit()
         finally:
             con.close()
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     log.info("indexed %d neurons into %s", n, out)
     return out
 

@@ -19,12 +19,11 @@ import errno
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import N2GError
-from .graph import NeuronGraph, write_json_atomic
+from .fileio import write_json_atomic, write_text_atomic
+from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 
 log = logging.getLogger(__name__)
@@ -39,21 +38,6 @@ def _disk_error(path: Path, exc: OSError) -> N2GError:
     if exc.errno == errno.ENOSPC:
         return N2GError(f"disk full while writing {path}; free some space and re-run the same command to resume")
     return N2GError(f"cannot write {path} ({exc.strerror or exc}); choose a writable --out directory")
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class RunStore:
