@@ -160,3 +160,16 @@ def test_calibration_lowers_an_end_that_training_tokens_contradict():
     g.add_path([(5, 1.0)], 1.0)
     g.calibrate([([5, 1, 5, 2, 5], np.array([1.0, 0, 0.0, 0, 0.2]))])
     assert g.predict_sequence([5])[0] == pytest.approx(0.4)
+
+
+def test_graph_displays_inline_as_svg_in_a_notebook():
+    from n2g.render import dot_available
+
+    feature, patterns = RULES["after"]
+    graph = n2g.distill(feature, text(1, patterns)).graph_
+    graph.token_text = {8: "<b>eight</b>", 9: " nine"}
+    svg = graph._repr_svg_()
+    if not dot_available():
+        assert svg is None
+        return
+    assert svg.lstrip().startswith("<svg") and "&lt;b&gt;eight&lt;/b&gt;" in svg and "<b>eight" not in svg
