@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 
 from .errors import N2GError
-from .fileio import write_json_atomic, write_text_atomic
+from .fileio import replacing, write_json_atomic, write_text_atomic
 from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 
@@ -120,23 +120,52 @@ class RunStore:
                     log.warning("skipping unreadable %s (%s)", sub / "result.json", exc)
         return sorted(out, key=lambda r: r.neuron)
 
-    def write_scores_table(self) -> Path:
-        """``scores.csv``: one row per neuron and method, plus the neuron's corpus statistics."""
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["neuron", "layer", "index", "sign", "status", "method", *SCORE_FIELDS,
-                         "max_activation", "firing_rate", "seconds"])
+    def score_rows(self) -> tuple[list[str], list[list]]:
+        """The scores table: a header and one row per neuron and method (a dead neuron gets one row)."""
+        header = ["neuron", "layer", "index", "sign", "status", "method",
+                  *("score_status" if f == "status" else f for f in SCORE_FIELDS),
+                  "max_activation", "firing_rate", "seconds"]
+        rows = []
         for r in self.results():
             head = [r.neuron.key, r.neuron.layer, r.neuron.index, r.neuron.sign.value, r.status]
             tail = [r.stats.max_activation, r.stats.firing_rate, round(r.seconds, 4)]
             if not r.scores:
-                writer.writerow(head + [""] + [""] * len(SCORE_FIELDS) + tail)
+                rows.append(head + [None] + [None] * len(SCORE_FIELDS) + tail)
             for method in METHODS:
                 if method in r.scores:
                     s = r.scores[method].to_dict()
-                    writer.writerow(head + [method] + ["" if s.get(f) is None else s.get(f) for f in SCORE_FIELDS] + tail)
+                    rows.append(head + [method] + [s.get(f) for f in SCORE_FIELDS] + tail)
+        return header, rows
+
+    def write_scores_table(self) -> Path:
+        """``scores.csv`` (and ``scores.parquet`` when pyarrow is installed): one row per neuron and method."""
+        header, rows = self.score_rows()
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
         path = self.root / "scores.csv"
         try:
-            return write_text_atomic(path, buf.getvalue())
+            write_text_atomic(path, buf.getvalue())
+            self._write_parquet(header, rows)
         except OSError as exc:
             raise _disk_error(path, exc) from exc
+        return path
+
+    def _write_parquet(self, header: list[str], rows: list[list]) -> Path | None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            return None
+        types = {"neuron": pa.string(), "sign": pa.string(), "status": pa.string(), "method": pa.string(),
+                 "score_status": pa.string(),
+                 "layer": pa.int32(), "index": pa.int32(), "n_tokens": pa.int64(), "n_firing": pa.int64(),
+                 "n_predicted_firing": pa.int64()}
+        columns = list(zip(*rows)) if rows else [[] for _ in header]
+        table = pa.table({name: pa.array(list(col), type=types.get(name, pa.float64()))
+                          for name, col in zip(header, columns)})
+        path = self.root / "scores.parquet"
+        with replacing(path) as tmp:
+            pq.write_table(table, tmp)
+        return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pyarrow.parquet as pq
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
@@ -149,7 +151,15 @@ def test_fit_prints_a_summary_and_writes_artifacts(tiny_dir, tmp_path):
     result = json.loads((out / "neurons" / "L1.N4" / "result.json").read_text())
     assert set(result["scores"]) == {"n2g", "token_lookup", "ngram", "zero"}
     assert all(e["tokens"] for e in result["examples"])
-    assert (out / "scores.csv").read_text().count("L1.N4") == 4
+    table = list(csv.DictReader((out / "scores.csv").open()))
+    assert [row["method"] for row in table] == ["n2g", "token_lookup", "ngram", "zero"]
+    n2g_row = table[0]
+    assert float(n2g_row["f1"]) == pytest.approx(result["scores"]["n2g"]["f1"])
+    assert int(n2g_row["n_firing"]) == result["scores"]["n2g"]["n_firing"]
+    parquet = pq.read_table(out / "scores.parquet").to_pylist()
+    assert [row["method"] for row in parquet] == [row["method"] for row in table]
+    assert parquet[0]["f1"] == pytest.approx(result["scores"]["n2g"]["f1"])
+    assert parquet[0]["layer"] == 1 and parquet[0]["index"] == 4 and parquet[0]["score_status"] == "ok"
     assert (out / "report.html").exists() and (out / "index.sqlite").exists()
     assert (out / "neurons" / "L1.N4" / "graph.dot").exists()
 
