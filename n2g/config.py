@@ -59,7 +59,10 @@ class DistillConfig:
     backoff: bool = False
     """Calibration sets every matched node, so unmatched context backs off to the shorter match."""
     end_statistic: str = "mean"
-    """Calibrated END value: ``mean`` of the training activations reaching it, or a quantile like ``"0.7"``."""
+    """Calibrated END value: ``mean`` of the training activations reaching it, a quantile like ``"0.7"``,
+    or ``auto``: the quantile with the best firing F1 on the training tokens, chosen per neuron."""
+    cover: bool = False
+    """Every token that fires in training and starts no path gets a one-token path (calibration then decides)."""
     min_count: int = 1
     """Training tokens a node needs before backoff calibration gives it a value."""
     match: str = "greedy"
@@ -86,13 +89,13 @@ class DistillConfig:
             raise N2GError(f"prune_search must be exhaustive or coarse (got {self.prune_search!r})")
         if self.pivot_activation not in ("pruned", "original"):
             raise N2GError(f"pivot_activation must be pruned or original (got {self.pivot_activation!r})")
-        if self.end_statistic != "mean":
+        if self.end_statistic not in ("mean", "auto"):
             try:
                 q = float(self.end_statistic)
             except ValueError:
                 q = -1.0
             if not 0.0 <= q <= 1.0:
-                raise N2GError(f"end_statistic must be mean or a quantile in [0, 1] (got {self.end_statistic!r})")
+                raise N2GError(f"end_statistic must be mean, auto or a quantile in [0, 1] (got {self.end_statistic!r})")
         if self.match not in ("greedy", "search"):
             raise N2GError(f"match must be greedy or search (got {self.match!r})")
 

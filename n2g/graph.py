@@ -26,6 +26,8 @@ WILDCARD = -1
 """Trie key of a wildcard (any single token)."""
 
 GRAPH_KIND = "n2g.graph"
+AUTO_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""Quantiles ``calibrate(statistic="auto")`` chooses among."""
 
 
 @dataclass
@@ -70,6 +72,7 @@ class NeuronGraph:
         self.nodes: list[Node] = [Node(None, -1)]
         self.token_text: dict[int, str] = {}
         self.neuron: NeuronId | None = None
+        self.end_quantile: float | None = None
 
     # -- building -------------------------------------------------------------------------
     def add_path(self, path: Sequence[tuple[int, float]], activation: float) -> int:
@@ -188,7 +191,10 @@ class NeuronGraph:
         quantile) of their true activations. With ``backoff`` each token counts at the deepest node it
         reaches, and every node that at least ``min_count`` tokens reach becomes an END: a node's value
         then describes the tokens whose context goes no further, and a token whose longer context is
-        not matched falls back to what its shorter match predicts.
+        not matched falls back to what its shorter match predicts. ``statistic="auto"`` picks, from
+        :data:`AUTO_QUANTILES`, the quantile whose predictions give the best firing F1 on these same
+        tokens (a neuron whose contexts fire only sometimes is then still predicted to fire where
+        that pays); the choice is kept in ``end_quantile``.
         """
         reached: dict[int, list[float]] = {}
         for ids, acts in sequences:
@@ -196,13 +202,41 @@ class NeuronGraph:
                 node = self.deepest_node(ids, i) if backoff else self.match_end(ids, i)
                 if node is not None:
                     reached.setdefault(node, []).append(float(acts[i]))
-        count = 0
-        for node, values in reached.items():
-            if len(values) >= min_count or self.nodes[node].end is not None:
-                v = np.asarray(values)
-                self.nodes[node].end = float(np.mean(v) if statistic == "mean" else np.quantile(v, float(statistic)))
-                count += 1
-        return count
+        chosen = [n for n, values in reached.items() if len(values) >= min_count or self.nodes[n].end is not None]
+        values = {n: np.asarray(reached[n]) for n in chosen}
+        if statistic == "auto":
+            statistic = self._best_quantile(sequences, values)
+            self.end_quantile = statistic
+        for node, v in values.items():
+            self.nodes[node].end = float(np.mean(v) if statistic == "mean" else np.quantile(v, float(statistic)))
+        return len(values)
+
+    def _best_quantile(self, sequences, values: dict[int, np.ndarray]) -> float:
+        """The quantile in AUTO_QUANTILES with the best training firing F1 (ties: the higher one)."""
+        for node in values:  # the set of ENDs is fixed now; only their values depend on the quantile
+            if self.nodes[node].end is None:
+                self.nodes[node].end = 0.0
+        fires: dict[int, list[int]] = {}
+        total = 0
+        for ids, acts in sequences:
+            for i in range(len(ids)):
+                f = bool(acts[i] >= self.fire_threshold)
+                total += f
+                node = self.match_end(ids, i)
+                if node is not None:
+                    counts = fires.setdefault(node, [0, 0])
+                    counts[0 if f else 1] += 1
+        best, best_f1 = AUTO_QUANTILES[-1], -1.0
+        for q in sorted(AUTO_QUANTILES, reverse=True):
+            tp = fp = 0
+            for node, (n_fire, n_quiet) in fires.items():
+                value = np.quantile(values[node], q) if node in values else self.nodes[node].end
+                if value >= self.fire_threshold:
+                    tp, fp = tp + n_fire, fp + n_quiet
+            f1 = 2 * tp / (2 * tp + fp + (total - tp)) if tp else 0.0
+            if f1 > best_f1 + 1e-12:
+                best, best_f1 = q, f1
+        return best
 
     # -- inspection -----------------------------------------------------------------------
     def activators(self) -> list[int]:

@@ -173,3 +173,56 @@ def test_graph_displays_inline_as_svg_in_a_notebook():
         assert svg is None
         return
     assert svg.lstrip().startswith("<svg") and "&lt;b&gt;eight&lt;/b&gt;" in svg and "<b>eight" not in svg
+
+
+def _sometimes_seven(with_context: bool):
+    """Token 7 fires 1 time in 6 (a context no trie expresses); with_context adds "7 after 9", always firing."""
+    rng = np.random.default_rng(0)
+    seqs = []
+    for _ in range(60):
+        ids = [int(t) for t in rng.integers(20, 40, size=12)]
+        acts = np.zeros(12)
+        ids[5] = 7
+        acts[5] = 1.0 if rng.random() < 0.2 else 0.0
+        if with_context:
+            ids[9], ids[10] = 9, 7
+            acts[10] = 1.0
+        seqs.append((ids, acts))
+    assert np.mean([a[5] for _, a in seqs]) == pytest.approx(1 / 6)
+    graphs = {}
+    for statistic in ("0.7", "auto"):
+        g = NeuronGraph("mean", "search")
+        g.add_path([(7, 1.0)], 1.0)
+        g.add_path([(7, 1.0), (9, 1.0)], 1.0)
+        g.calibrate(seqs, backoff=True, statistic=statistic, min_count=3)
+        graphs[statistic] = g
+    f1 = {k: score_arrays([a for _, a in seqs], [g.predict_sequence(s) for s, _ in seqs]).f1 for k, g in graphs.items()}
+    return graphs["0.7"], graphs["auto"], f1
+
+
+def test_auto_quantile_fires_on_a_sometimes_firing_token_when_nothing_better_exists():
+    fixed, auto, f1 = _sometimes_seven(with_context=False)
+    assert fixed.predict_sequence([30, 7])[1] == 0.0 and f1["0.7"] == 0.0
+    assert auto.end_quantile == 0.9 and auto.predict_sequence([30, 7])[1] == 1.0
+    assert f1["auto"] == pytest.approx(2 * (1 / 6) / (1 + 1 / 6))  # precision 1/6, recall 1
+
+
+def test_auto_quantile_keeps_a_sometimes_firing_token_quiet_when_a_context_explains_most_firing():
+    fixed, auto, f1 = _sometimes_seven(with_context=True)
+    assert auto.end_quantile < 0.9
+    assert auto.predict_sequence([30, 7])[1] == 0.0 and auto.predict_sequence([9, 7])[1] == 1.0
+    assert f1["auto"] == pytest.approx(120 / 130)  # 60 of 70 firing tokens recalled, no false firing
+    assert f1["auto"] >= f1["0.7"]
+
+
+def test_cover_adds_every_training_activator():
+    # Only the best excerpt is pruned, so token 8 (a weaker, rarer activator) starts no pruned path;
+    # cover gives it a one-token path that calibration then values.
+    feature = lambda ids: torch.where(ids == 7, 1.0, 0.0) + torch.where(ids == 8, 0.6, 0.0)
+    excerpts = torch.cat([text(3, [[7]], n=40, rate=1.0), text(4, [[8]], n=40, rate=1.0)])
+    plain = n2g.distill(feature, excerpts, cover=False, n_prune=1, max_pivots=1)
+    covered = n2g.distill(feature, excerpts, cover=True, n_prune=1, max_pivots=1)
+    assert set(plain.graph_.activators()) == {7}
+    assert set(covered.graph_.activators()) == {7, 8}
+    assert covered.predict(torch.tensor([[40, 8]]))[0, 1] == pytest.approx(0.6)
+    assert plain.predict(torch.tensor([[40, 8]]))[0, 1] == 0.0
