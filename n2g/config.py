@@ -114,7 +114,8 @@ class DistillConfig:
 PRESETS: dict[str, DistillConfig] = {
     "paper": DistillConfig(),
     # Measured on SmolLM2 with evaluation/fidelity.py (see evaluation/results/): more training text,
-    # every node calibrated on training tokens (backoff), deepest-match search, cheaper pruning.
+    # every node calibrated on training tokens (backoff) at the quantile with the best training F1,
+    # every training activator covered, deepest-match search, cheaper pruning.
     "default": DistillConfig(
         n_extra_train=30,
         n_random_train=40,
@@ -125,7 +126,8 @@ PRESETS: dict[str, DistillConfig] = {
         end_activation="mean",
         calibrate=True,
         backoff=True,
-        end_statistic="0.7",
+        end_statistic="auto",
+        cover=True,
         min_count=3,
         match="search",
     ),
