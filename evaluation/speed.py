@@ -41,7 +41,7 @@ class OneSequence(RowEvaluator):
 
 
 def structure(graph) -> list:
-    return sorted((n.token_id, n.depth, len(n.children), n.end is not None) for n in graph.nodes) if graph else []
+    return sorted((-2 if n.token_id is None else n.token_id, n.depth, len(n.children), n.end is not None) for n in graph.nodes) if graph else []
 
 
 def main(argv=None) -> int:
