@@ -32,7 +32,10 @@ async function main() {
                              [path.join(pages, key + ".html"), `neuron-${key}.png`]]) {
     await page.goto("file://" + url);
     await page.waitForLoadState("load");
-    await page.screenshot({ path: path.join(outDir, name), fullPage: true });
+    // Neuron pages list every excerpt and run long: keep the top (graph, scores, first excerpts).
+    const height = await page.evaluate(() => document.documentElement.scrollHeight);
+    await page.screenshot({ path: path.join(outDir, name), fullPage: true,
+                            clip: { x: 0, y: 0, width: 1280, height: Math.min(height, 2400) } });
     console.log(path.join(outDir, name));
   }
   await context.close();
