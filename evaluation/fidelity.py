@@ -51,7 +51,10 @@ def main(argv=None) -> int:
     overrides = {}
     for item in args.set:
         key, value = item.split("=", 1)
-        overrides[key] = json.loads(value) if value not in ("first", "mean", "max", "greedy", "search", "auto", "coarse", "exhaustive", "original", "pruned", "all", "test") else value
+        try:
+            overrides[key] = json.loads(value)  # numbers, true/false, null
+        except json.JSONDecodeError:
+            overrides[key] = value  # a word such as mean, auto or search
     configs = {name: preset(name, **(overrides if name == "default" else {})) for name in args.presets.split(",")}
     k = max(max(64, c.n_top + c.n_extra_train) for c in configs.values())
     pool = max(max(64, c.n_top + c.n_extra_train + c.n_random_test + c.n_random_train) for c in configs.values())

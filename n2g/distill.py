@@ -66,13 +66,14 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
         for v in variants:
             if v.importance is not None:
                 graph.add_example(v.token_ids, v.activations, v.importance, cfg.importance_threshold)
+    seen = list(train) + list(calibration)
     if cfg.cover:
-        for e in list(train) + list(calibration):
+        for e in seen:
             for t, a in zip(e.token_ids, e.activations):
                 if a >= cfg.fire_threshold and int(t) not in graph.nodes[0].children:
                     graph.add_path([(int(t), 1.0)], float(a))
     if cfg.calibrate:
-        evidence = [(list(e.token_ids), np.asarray(e.activations)) for e in list(train) + list(calibration)]
+        evidence = [(list(e.token_ids), np.asarray(e.activations)) for e in seen]
         evidence += [(v.token_ids, v.activations) for v in trace.variants]
         graph.calibrate(evidence, backoff=cfg.backoff, statistic=cfg.end_statistic, min_count=cfg.min_count)
     return graph, trace

@@ -205,15 +205,22 @@ class NeuronGraph:
         chosen = [n for n, values in reached.items() if len(values) >= min_count or self.nodes[n].end is not None]
         values = {n: np.asarray(reached[n]) for n in chosen}
         if statistic == "auto":
-            statistic = self._best_quantile(sequences, values)
-            self.end_quantile = statistic
+            grid = {n: np.quantile(v, AUTO_QUANTILES) for n, v in values.items()}
+            k = self._best_quantile(sequences, grid)
+            self.end_quantile = AUTO_QUANTILES[k]
+            for node, qs in grid.items():
+                self.nodes[node].end = float(qs[k])
+            return len(values)
         for node, v in values.items():
             self.nodes[node].end = float(np.mean(v) if statistic == "mean" else np.quantile(v, float(statistic)))
         return len(values)
 
-    def _best_quantile(self, sequences, values: dict[int, np.ndarray]) -> float:
-        """The quantile in AUTO_QUANTILES with the best training firing F1 (ties: the higher one)."""
-        for node in values:  # the set of ENDs is fixed now; only their values depend on the quantile
+    def _best_quantile(self, sequences, grid: dict[int, np.ndarray]) -> int:
+        """Index into AUTO_QUANTILES of the best training firing F1 (ties: the higher quantile).
+
+        ``grid`` holds each calibrated node's value at every quantile of AUTO_QUANTILES.
+        """
+        for node in grid:  # the set of ENDs is fixed now; only their values depend on the quantile
             if self.nodes[node].end is None:
                 self.nodes[node].end = 0.0
         fires: dict[int, list[int]] = {}
@@ -226,16 +233,16 @@ class NeuronGraph:
                 if node is not None:
                     counts = fires.setdefault(node, [0, 0])
                     counts[0 if f else 1] += 1
-        best, best_f1 = AUTO_QUANTILES[-1], -1.0
-        for q in sorted(AUTO_QUANTILES, reverse=True):
+        best, best_f1 = len(AUTO_QUANTILES) - 1, -1.0
+        for k in reversed(range(len(AUTO_QUANTILES))):  # AUTO_QUANTILES ascends: try the highest first
             tp = fp = 0
             for node, (n_fire, n_quiet) in fires.items():
-                value = np.quantile(values[node], q) if node in values else self.nodes[node].end
+                value = grid[node][k] if node in grid else self.nodes[node].end
                 if value >= self.fire_threshold:
                     tp, fp = tp + n_fire, fp + n_quiet
             f1 = 2 * tp / (2 * tp + fp + (total - tp)) if tp else 0.0
             if f1 > best_f1 + 1e-12:
-                best, best_f1 = q, f1
+                best, best_f1 = k, f1
         return best
 
     # -- inspection -----------------------------------------------------------------------
