@@ -48,8 +48,13 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     trace = FitTrace()
     ranked = sorted(train, key=lambda e: -max(e.activations, default=0.0))
     firing = [e for e in ranked[: cfg.n_prune] if max(e.activations, default=0.0) >= cfg.fire_threshold]
-    targets = [(list(e.token_ids), np.asarray(e.activations), pivot)
-               for e in firing for pivot in choose_pivots(np.asarray(e.activations), cfg)]
+    seen = list(train) + list(calibration)
+    ident = {id(e): k for k, e in enumerate(seen)}  # excerpt ids for out-of-sample calibration
+    targets, owners = [], []
+    for e in firing:
+        for pivot in choose_pivots(np.asarray(e.activations), cfg):
+            targets.append((list(e.token_ids), np.asarray(e.activations), pivot))
+            owners.append(ident[id(e)])
     pruned = yield from prune_steps(targets, cfg)
     imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id)
     trace.pruned, trace.importances = pruned, imps
@@ -58,24 +63,35 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
         if cfg.pivot_activation == "original":  # the window was kept for its context; its END keeps the real value
             acts = acts.copy()
             acts[-1] = p.original
-        graph.add_example(p.token_ids, acts, imp, cfg.importance_threshold)
+        graph.add_example(p.token_ids, acts, imp, cfg.importance_threshold, owners[p.source])
     if cfg.augment and pruned:
         variants = yield from augment_steps([p.token_ids for p in pruned], [p.activations for p in pruned],
                                             imps, cfg, occlusion_id)
         trace.variants = variants
         for v in variants:
             if v.importance is not None:
-                graph.add_example(v.token_ids, v.activations, v.importance, cfg.importance_threshold)
-    seen = list(train) + list(calibration)
+                graph.add_example(v.token_ids, v.activations, v.importance, cfg.importance_threshold,
+                                  owners[pruned[v.source].source])
     if cfg.cover:
-        for e in seen:
-            for t, a in zip(e.token_ids, e.activations):
-                if a >= cfg.fire_threshold and int(t) not in graph.nodes[0].children:
-                    graph.add_path([(int(t), 1.0)], float(a))
+        covered: set[int] = set()
+        for k, e in enumerate(seen):
+            for t, a in zip(map(int, e.token_ids), e.activations):
+                if a < cfg.fire_threshold:
+                    continue
+                start = graph.nodes[0].children.get(t)
+                if start is None:
+                    covered.add(t)
+                    graph.add_path([(t, 1.0)], float(a), k)
+                elif t in covered:  # one path per token; later excerpts where it fires support it too
+                    graph.nodes[start].sources.add(k)
     if cfg.calibrate:
         evidence = [(list(e.token_ids), np.asarray(e.activations)) for e in seen]
         evidence += [(v.token_ids, v.activations) for v in trace.variants]
-        graph.calibrate(evidence, backoff=cfg.backoff, statistic=cfg.end_statistic, min_count=cfg.min_count)
+        sources = None
+        if cfg.out_of_sample:
+            sources = list(range(len(seen))) + [owners[pruned[v.source].source] for v in trace.variants]
+        graph.calibrate(evidence, backoff=cfg.backoff, statistic=cfg.end_statistic, min_count=cfg.min_count,
+                        sources=sources)
     return graph, trace
 
 

@@ -50,7 +50,10 @@ def split_examples(ranked: Sequence[int], random_pool: Sequence[int], cfg: Disti
 
 
 def random_pool(n_excerpts: int, size: int, seed: int = 0) -> list[int]:
-    """A seeded sample of distinct excerpt indices (shared by every neuron of a run)."""
+    """A seeded sample of distinct excerpt indices (shared by every neuron of a run).
+
+    A prefix of one seeded permutation, so a larger pool extends a smaller one: asking for more
+    random training excerpts leaves the test excerpts as they were.
+    """
     rng = np.random.default_rng(seed + 7919)
-    size = min(size, n_excerpts)
-    return [int(i) for i in rng.choice(n_excerpts, size=size, replace=False)]
+    return [int(i) for i in rng.permutation(n_excerpts)[: max(0, size)]]

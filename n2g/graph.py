@@ -26,7 +26,7 @@ WILDCARD = -1
 """Trie key of a wildcard (any single token)."""
 
 GRAPH_KIND = "n2g.graph"
-AUTO_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+AUTO_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 """Quantiles ``calibrate(statistic="auto")`` chooses among."""
 
 
@@ -46,6 +46,8 @@ class Node:
     """Activations of the paths inserted that end here."""
     end: float | None = None
     """The END activation a prediction reaching this node returns (None: no END here)."""
+    sources: set[int] = field(default_factory=set)
+    """Training excerpts whose paths pass through this node (fitting only; not saved)."""
 
 
 def path_from(ids: Sequence[int], acts: np.ndarray, imp: np.ndarray, j: int,
@@ -75,8 +77,11 @@ class NeuronGraph:
         self.end_quantile: float | None = None
 
     # -- building -------------------------------------------------------------------------
-    def add_path(self, path: Sequence[tuple[int, float]], activation: float) -> int:
-        """Insert one path (activator first) ending in an END with ``activation``; returns the end node."""
+    def add_path(self, path: Sequence[tuple[int, float]], activation: float, source: int | None = None) -> int:
+        """Insert one path (activator first) ending in an END with ``activation``; returns the end node.
+
+        ``source`` names the training excerpt the path came from (see ``calibrate(sources=...)``).
+        """
         at = 0
         for depth, (key, importance) in enumerate(path):
             child = self.nodes[at].children.get(key)
@@ -88,6 +93,8 @@ class NeuronGraph:
             node = self.nodes[at]
             node.importance_sum += importance
             node.count += 1
+            if source is not None:
+                node.sources.add(source)
         node = self.nodes[at]
         node.end_values.append(float(activation))
         node.end = self._end_value(node.end_values)
@@ -100,49 +107,57 @@ class NeuronGraph:
             return max(values)
         return float(np.mean(values))
 
-    def add_example(self, ids: Sequence[int], acts: np.ndarray, imp: np.ndarray, threshold: float) -> int:
+    def add_example(self, ids: Sequence[int], acts: np.ndarray, imp: np.ndarray, threshold: float,
+                    source: int | None = None) -> int:
         """Insert a path for every firing position of one example; returns how many were added."""
         added = 0
         for j in range(len(ids)):
             if acts[j] >= self.fire_threshold:
-                self.add_path(path_from(ids, acts, imp, j, threshold), float(acts[j]))
+                self.add_path(path_from(ids, acts, imp, j, threshold), float(acts[j]), source)
                 added += 1
         return added
 
     # -- matching -------------------------------------------------------------------------
-    def match_path(self, ids: Sequence[int], i: int) -> list[int]:
+    def _child(self, at: int, key: int, exclude: int | None) -> int | None:
+        """Child of ``at`` under ``key``; with ``exclude``, None when only that excerpt made it."""
+        child = self.nodes[at].children.get(key)
+        if child is not None and exclude is not None and self.nodes[child].sources == {exclude}:
+            return None
+        return child
+
+    def match_path(self, ids: Sequence[int], i: int, exclude: int | None = None) -> list[int]:
         """Trie nodes matched walking back from position ``i`` (activator first); [] if none.
 
         ``greedy`` follows the exact-token child before the wildcard; ``search`` tries both and keeps
-        the path to the deepest node that holds an END (exact wins ties).
+        the path to the deepest node that holds an END (exact wins ties). ``exclude`` matches as if
+        the paths of that training excerpt had never been added.
         """
-        start = self.nodes[0].children.get(int(ids[i]))
+        start = self._child(0, int(ids[i]), exclude)
         if start is None:
             return []
         if self.match == "greedy":
             path = [start]
             for d in range(1, i + 1):
-                children = self.nodes[path[-1]].children
-                nxt = children.get(int(ids[i - d]))
+                nxt = self._child(path[-1], int(ids[i - d]), exclude)
                 if nxt is None:
-                    nxt = children.get(WILDCARD)
+                    nxt = self._child(path[-1], WILDCARD, exclude)
                 if nxt is None:
                     break
                 path.append(nxt)
             return path
-        best = self._search(ids, i, start, 1)
+        best = self._search(ids, i, start, 1, exclude)
         return best[1] if best is not None else [start]
 
-    def _search(self, ids: Sequence[int], i: int, at: int, d: int):
+    def _search(self, ids: Sequence[int], i: int, at: int, d: int, exclude: int | None = None):
         """(depth, path) of the deepest END at or below ``at`` over exact and wildcard branches."""
         node = self.nodes[at]
         best = (node.depth, [at]) if node.end is not None else None
         if d <= i and node.children:
             for key in (int(ids[i - d]), WILDCARD):
-                child = node.children.get(key)
+                child = self._child(at, key, exclude)
                 if child is None:
                     continue
-                found = self._search(ids, i, child, d + 1)
+                found = self._search(ids, i, child, d + 1, exclude)
                 if found is not None and (best is None or found[0] > best[0]):
                     best = (found[0], [at] + found[1])
         return best
@@ -167,9 +182,9 @@ class NeuronGraph:
                         stack.append((child, d + 1))
         return best
 
-    def match_end(self, ids: Sequence[int], i: int) -> int | None:
+    def match_end(self, ids: Sequence[int], i: int, exclude: int | None = None) -> int | None:
         """Index of the deepest END node on the matched path of position ``i``, or None."""
-        for node in reversed(self.match_path(ids, i)):
+        for node in reversed(self.match_path(ids, i, exclude)):
             if self.nodes[node].end is not None:
                 return node
         return None
@@ -184,7 +199,8 @@ class NeuronGraph:
         return out
 
     def calibrate(self, sequences: Sequence[tuple[Sequence[int], np.ndarray]], backoff: bool = False,
-                  statistic: str | float = "mean", min_count: int = 1) -> int:
+                  statistic: str | float = "mean", min_count: int = 1,
+                  sources: Sequence[int | None] | None = None) -> int:
         """Re-estimate END activations from training tokens; returns how many nodes were set.
 
         Without ``backoff`` each END reached by training tokens gets the ``statistic`` (mean, or a
@@ -194,7 +210,9 @@ class NeuronGraph:
         not matched falls back to what its shorter match predicts. ``statistic="auto"`` picks, from
         :data:`AUTO_QUANTILES`, the quantile whose predictions give the best firing F1 on these same
         tokens (a neuron whose contexts fire only sometimes is then still predicted to fire where
-        that pays); the choice is kept in ``end_quantile``.
+        that pays); the choice is kept in ``end_quantile``. ``sources`` (the training excerpt each
+        sequence is, or None) score that F1 out of sample: each token is matched as if the paths its
+        own excerpt made were not in the graph, as a token of new text would be.
         """
         reached: dict[int, list[float]] = {}
         for ids, acts in sequences:
@@ -206,7 +224,7 @@ class NeuronGraph:
         values = {n: np.asarray(reached[n]) for n in chosen}
         if statistic == "auto":
             grid = {n: np.quantile(v, AUTO_QUANTILES) for n, v in values.items()}
-            k = self._best_quantile(sequences, grid)
+            k = self._best_quantile(sequences, grid, sources)
             self.end_quantile = AUTO_QUANTILES[k]
             for node, qs in grid.items():
                 self.nodes[node].end = float(qs[k])
@@ -215,7 +233,7 @@ class NeuronGraph:
             self.nodes[node].end = float(np.mean(v) if statistic == "mean" else np.quantile(v, float(statistic)))
         return len(values)
 
-    def _best_quantile(self, sequences, grid: dict[int, np.ndarray]) -> int:
+    def _best_quantile(self, sequences, grid: dict[int, np.ndarray], sources: Sequence[int | None] | None = None) -> int:
         """Index into AUTO_QUANTILES of the best training firing F1 (ties: the higher quantile).
 
         ``grid`` holds each calibrated node's value at every quantile of AUTO_QUANTILES.
@@ -223,13 +241,14 @@ class NeuronGraph:
         for node in grid:  # the set of ENDs is fixed now; only their values depend on the quantile
             if self.nodes[node].end is None:
                 self.nodes[node].end = 0.0
+        sources = [None] * len(sequences) if sources is None else sources
         fires: dict[int, list[int]] = {}
         total = 0
-        for ids, acts in sequences:
+        for (ids, acts), source in zip(sequences, sources):
             for i in range(len(ids)):
                 f = bool(acts[i] >= self.fire_threshold)
                 total += f
-                node = self.match_end(ids, i)
+                node = self.match_end(ids, i, source)
                 if node is not None:
                     counts = fires.setdefault(node, [0, 0])
                     counts[0 if f else 1] += 1

@@ -27,7 +27,7 @@ from .records import NeuronStats, Sign
 log = logging.getLogger(__name__)
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
-SCAN_VERSION = 1
+SCAN_VERSION = 2
 
 
 @dataclass
