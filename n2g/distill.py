@@ -46,15 +46,16 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     """Generator stage: prune, weigh, augment and build the graph from training examples."""
     graph = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
     trace = FitTrace()
-    ranked = sorted(train, key=lambda e: -max(e.activations, default=0.0))
-    firing = [e for e in ranked[: cfg.n_prune] if max(e.activations, default=0.0) >= cfg.fire_threshold]
-    seen = list(train) + list(calibration)
-    ident = {id(e): k for k, e in enumerate(seen)}  # excerpt ids for out-of-sample calibration
-    targets, owners = [], []
-    for e in firing:
-        for pivot in choose_pivots(np.asarray(e.activations), cfg):
-            targets.append((list(e.token_ids), np.asarray(e.activations), pivot))
-            owners.append(ident[id(e)])
+    seen = list(train) + list(calibration)  # a training excerpt's id is its index here
+    peak = [max(e.activations, default=0.0) for e in train]
+    ranked = sorted(range(len(train)), key=lambda k: -peak[k])
+    firing = [k for k in ranked[: cfg.n_prune] if peak[k] >= cfg.fire_threshold]
+    targets, owners = [], []  # owners[t]: the excerpt id pruning target t came from
+    for k in firing:
+        acts = np.asarray(train[k].activations)
+        for pivot in choose_pivots(acts, cfg):
+            targets.append((list(train[k].token_ids), acts, pivot))
+            owners.append(k)
     pruned = yield from prune_steps(targets, cfg)
     imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id)
     trace.pruned, trace.importances = pruned, imps

@@ -121,7 +121,7 @@ class NeuronGraph:
     def _child(self, at: int, key: int, exclude: int | None) -> int | None:
         """Child of ``at`` under ``key``; with ``exclude``, None when only that excerpt made it."""
         child = self.nodes[at].children.get(key)
-        if child is not None and exclude is not None and self.nodes[child].sources == {exclude}:
+        if exclude is not None and child is not None and self.nodes[child].sources == {exclude}:
             return None
         return child
 
@@ -154,8 +154,8 @@ class NeuronGraph:
         best = (node.depth, [at]) if node.end is not None else None
         if d <= i and node.children:
             for key in (int(ids[i - d]), WILDCARD):
-                child = self._child(at, key, exclude)
-                if child is None:
+                child = node.children.get(key)  # inline lookup: this loop is prediction's hot path
+                if child is None or (exclude is not None and self.nodes[child].sources == {exclude}):
                     continue
                 found = self._search(ids, i, child, d + 1, exclude)
                 if found is not None and (best is None or found[0] > best[0]):
