@@ -1,7 +1,9 @@
 """Atomic file writes: write to a temporary file beside the target, fsync, rename into place.
 
 A reader (or a resumed run) therefore sees either the old file or the whole new one, never a
-half-written one, whenever the writer is killed.
+half-written one, whenever the writer is killed. A writer killed with ``kill -9`` leaves its
+temporary behind (``.NAME.PID.XXXXXXXX.tmp``); :func:`remove_stale_temporaries` deletes those whose
+process is gone, so the next run cleans up after it.
 """
 
 from __future__ import annotations
@@ -9,9 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+_TEMP = re.compile(r"^\..+?\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
+LEGACY_TEMP_AGE = 600.0
+"""Seconds after which a temporary without a writer's pid in its name counts as abandoned."""
 
 
 @contextlib.contextmanager
@@ -19,7 +27,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -44,3 +52,41 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
     return write_text_atomic(path, json.dumps(data, ensure_ascii=False, allow_nan=False))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or a pid we cannot ask about: leave its file alone
+    return True
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> int:
+    """Delete the temporaries of killed writers under ``root``; returns how many were removed.
+
+    A temporary is stale when the process named in it no longer exists (or, for a name without a
+    pid, when it is older than ``LEGACY_TEMP_AGE``); a live writer's temporaries are kept, so a
+    concurrent run on the same directory is never disturbed. Errors (a read-only run) are ignored.
+    """
+    removed = 0
+    now = time.time()
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            m = _TEMP.match(name)
+            if not m:
+                continue
+            path = os.path.join(folder, name)
+            try:
+                if m.group(1) is not None:
+                    stale = int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+                else:
+                    stale = now - os.lstat(path).st_mtime > LEGACY_TEMP_AGE
+                if stale:
+                    os.unlink(path)
+                    removed += 1
+            except OSError:
+                continue
+    return removed

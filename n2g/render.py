@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -50,11 +51,47 @@ def load_graph_json(path: str | os.PathLike) -> nx.DiGraph:
         raise N2GError(f"cannot read graph file {path} ({e}); delete it and rerun `n2g run`") from None
     if not isinstance(d, dict) or d.get("kind") != GRAPH_KIND or "graph" not in d:
         raise N2GError(f"{path} is not an n2g graph file (kind={d.get('kind') if isinstance(d, dict) else None!r})")
-    G = nx.node_link_graph(d["graph"], edges="edges", directed=True, multigraph=False)
+    try:
+        G = nx.node_link_graph(d["graph"], edges="edges", directed=True, multigraph=False)
+    except Exception as e:  # networkx raises whatever a malformed node-link dict provokes
+        raise N2GError(f"graph file {path} is damaged ({type(e).__name__}: {e}); delete it and rerun `n2g run`") from None
+    problem = _node_problem(G)
+    if problem:
+        raise N2GError(f"graph file {path} is damaged ({problem}); delete it and rerun `n2g run`")
     G.graph.setdefault("fire_threshold", d.get("fire_threshold", 0.5))
     if d.get("neuron"):
         G.graph.setdefault("neuron", d["neuron"])
     return G
+
+
+_NUMERIC_ATTRS = ("activation", "importance", "depth", "count")
+
+
+def is_finite_number(v) -> bool:
+    """A real int or float (not a bool) that converts to a finite float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _node_problem(G: nx.DiGraph) -> str | None:
+    """What is wrong with a loaded graph's node attributes (types the drawing code relies on), or None."""
+    for n, a in G.nodes(data=True):
+        if not isinstance(a.get("kind", ""), str):
+            return f"node {n!r} has a kind that is not text"
+        if not isinstance(a.get("token"), (str, type(None))):
+            return f"node {n!r} has a token that is not text"
+        tid = a.get("token_id")
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)):
+            return f"node {n!r} has a token id that is not an integer"
+        for k in _NUMERIC_ATTRS:
+            v = a.get(k)
+            if v is not None and not is_finite_number(v):
+                return f"node {n!r} has a {k} that is not a finite number"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

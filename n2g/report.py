@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import base64
 import csv
+import errno
 import html
 import io
 import json
 import logging
 import math
 import os
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
 from n2g.errors import N2GError
+from n2g.fileio import remove_stale_temporaries
 from n2g.records import NeuronResult
 from n2g.render import atomic_write, dot_available, load_graph_json, render
 from n2g.search import build_index, iter_results
@@ -369,16 +372,39 @@ def render_missing_graphs(run_dir: str | os.PathLike) -> list[Path]:
         return [p for paths in pool.map(one, jobs) for p in paths]
 
 
+def write_error(run_dir: Path, exc: BaseException) -> N2GError:
+    """The user-facing message for a failed write of a run's outputs (disk full, read-only, ...)."""
+    where = getattr(exc, "filename", None) or run_dir
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(exc, sqlite3.Error) and "full" in str(exc).lower())
+    if full:
+        return N2GError(f"disk full while writing {where}; free some space and run `n2g report {run_dir}` again")
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return N2GError(f"cannot write the report into {run_dir} ({exc.strerror}); copy the run somewhere "
+                        f"writable (cp -r {run_dir} COPY) and run `n2g report COPY`")
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return N2GError(f"cannot write {where} ({detail}); check the disk and permissions, then run "
+                    f"`n2g report {run_dir}` again")
+
+
 def build_all(run_dir: str | os.PathLike) -> dict[str, Path]:
-    """Index, missing graph renders, viewer pages and report for a run; the paths written by kind."""
+    """Index, missing graph renders, viewer pages and report for a run; the paths written by kind.
+
+    Temporaries left by a killed earlier run are removed first; a failed write (disk full,
+    read-only directory) becomes an :class:`N2GError` and leaves no partial file behind.
+    """
     from n2g.viewer import write_viewer
 
     run_dir = Path(run_dir)
     load_results(run_dir)  # fail early, with the user-facing message, on an empty run
-    index = build_index(run_dir)
-    render_missing_graphs(run_dir)
-    viewer = write_viewer(run_dir)
-    report = write_report(run_dir)
+    remove_stale_temporaries(run_dir)
+    try:
+        index = build_index(run_dir)
+        render_missing_graphs(run_dir)
+        viewer = write_viewer(run_dir)
+        report = write_report(run_dir)
+    except (OSError, sqlite3.Error) as exc:
+        raise write_error(run_dir, exc) from None
     return {
         "index": index,
         "viewer": viewer,

@@ -18,7 +18,7 @@ from pathlib import Path
 from n2g.errors import N2GError
 from n2g.fileio import replacing
 from n2g.records import NeuronResult
-from n2g.render import graph_token_rows, load_graph_json
+from n2g.render import graph_token_rows, is_finite_number, load_graph_json
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,63 @@ CREATE INDEX tokens_key ON tokens (key);
 """
 
 
+def _number_or_none(v) -> bool:
+    return v is None or is_finite_number(v)
+
+
+def result_problem(r: NeuronResult) -> str | None:
+    """What is wrong with a loaded result's field types (what the report and viewer rely on), or None."""
+    if r.neuron.layer < 0 or r.neuron.index < 0:
+        return "negative layer or neuron index"
+    if not isinstance(r.status, str):
+        return "status is not text"
+    st = r.stats
+    if not (is_finite_number(st.max_activation) and is_finite_number(st.firing_rate)
+            and isinstance(st.n_sampled_tokens, int) and isinstance(st.quantiles, dict)
+            and all(_number_or_none(v) for v in st.quantiles.values())):
+        return "stats has a field of the wrong type"
+    for method, s in r.scores.items():
+        numbers = (s.precision, s.recall, s.f1, s.nonfiring_precision, s.nonfiring_recall, s.nonfiring_f1,
+                   s.pearson, s.explained_variance)
+        counts = (s.n_tokens, s.n_firing, s.n_predicted_firing)
+        if not (all(map(_number_or_none, numbers)) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)
+                and isinstance(s.status, str)):
+            return f"scores of {method!r} have a field of the wrong type"
+    for i, e in enumerate(r.examples):
+        ok = (isinstance(e.token_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in e.token_ids)
+              and isinstance(e.activations, list) and all(map(_number_or_none, e.activations))
+              and (e.predicted is None or (isinstance(e.predicted, list) and all(map(_number_or_none, e.predicted))))
+              and (e.tokens is None or (isinstance(e.tokens, list) and all(isinstance(t, str) for t in e.tokens)))
+              and isinstance(e.split, str) and isinstance(e.source, str)
+              and (e.excerpt_index is None or isinstance(e.excerpt_index, int)))
+        if not ok:
+            return f"example {i} has a field of the wrong type"
+    if not all(isinstance(t, str) for t, _ in [*r.promoted, *r.suppressed]):
+        return "an output token is not text"
+    if not all(isinstance(k, str) for k in r.graph_stats):
+        return "graph_stats has a key that is not text"
+    return None
+
+
 def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResult]]:
-    """``(neuron folder, result)`` for every readable ``neurons/*/result.json``, sorted by neuron."""
+    """``(neuron folder, result)`` for every readable ``neurons/*/result.json``, sorted by neuron.
+
+    A damaged file (unreadable, not JSON, fields of the wrong type) is named in a warning and
+    skipped; re-running the same ``n2g run`` command redoes that neuron.
+    """
     found = []
     for path in sorted(Path(run_dir, "neurons").glob("*/result.json")):
         try:
-            result = NeuronResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("skipping unreadable neuron result %s: %s", path, e)
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(d, dict):
+                raise ValueError(f"a JSON {type(d).__name__}, not an object")
+            result = NeuronResult.from_dict(d)
+            problem = result_problem(result)
+            if problem:
+                raise ValueError(problem)
+        except Exception as e:  # any damage: name the file, skip it, keep going
+            log.warning("skipping damaged neuron result %s (%s); re-run the same `n2g run` command to redo it",
+                        path, e)
             continue
         found.append((path.parent, result))
     found.sort(key=lambda pr: pr[1].neuron)

@@ -4,24 +4,32 @@
 token search box) and one page per neuron under ``RUN/viewer/neurons/<key>.html``: the rendered
 graph, the train and test excerpts coloured by true activation and by the graph's prediction side
 by side, scores against the baselines, output tokens, quantiles and similar neurons. Links are
-relative, so the pages open from disk; only search needs ``serve``, which serves the run directory
-plus ``/api/search`` and ``/api/similar`` on 127.0.0.1. Corpus text only ever reaches a page
+relative, so the pages open from disk; only search needs ``serve``, which adds ``/api/search`` and
+``/api/similar`` on 127.0.0.1 and serves the run's pages and graphs: regular files of the types the
+pages link to, resolved inside the run directory (no symlink leads out, no listing, no dot files or
+temporaries), with a Content-Security-Policy header that allows no script but the index page's own. Corpus text only ever reaches a page
 through ``html.escape(..., quote=True)``; scripts are fixed text, allowed by a per-page CSP nonce,
 and read data from the DOM or the API, never from strings spliced into code.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
 import html
 import json
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import stat
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from n2g.errors import N2GError
 from n2g.records import Example, NeuronResult
@@ -428,63 +436,214 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
 # server
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    run_dir: Path  # set on the subclass made per server
+SERVED_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".json": "application/json; charset=utf-8",
+    ".csv": "text/csv; charset=utf-8",
+    ".dot": "text/plain; charset=utf-8",
+}
+"""The only file types ``serve`` hands out: what the report and the viewer link to."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, directory=str(self.run_dir), **kwargs)
+_NO_SCRIPT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; "
+                  "form-action 'none'; frame-ancestors 'self'")
+# The index page's one script is fixed text, so the header can allow exactly it by hash; the page
+# itself also carries a per-page nonce for when it is opened from disk. Both policies apply.
+_INDEX_JS_HASH = base64.b64encode(hashlib.sha256(INDEX_JS.encode("utf-8")).digest()).decode("ascii")
+_INDEX_CSP = _NO_SCRIPT_CSP + f"; script-src 'sha256-{_INDEX_JS_HASH}'; connect-src 'self'"
+_rebuild_lock = threading.Lock()
+
+
+class _Refused(Exception):
+    """A request that gets a plain error status (never a file, never a listing)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _hidden(name: str) -> bool:
+    # dot files (the temporaries of atomic writes among them) and leftover temporaries are never served
+    return name.startswith(".") or name.endswith(".tmp")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves regular files of the run directory (whitelisted types, no listings) and the search API."""
+
+    run_dir: Path  # resolved; set on the subclass made per server
+    server_version = "n2g"
+    _csp: str | None = None
 
     def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
         log.debug("%s - %s", self.address_string(), format % args)
 
-    def _json(self, status: int, payload) -> None:
+    def end_headers(self) -> None:
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", self._csp or _NO_SCRIPT_CSP)
+        self.send_header("Referrer-Policy", "no-referrer")
+        super().end_headers()
+
+    def _public(self, message: str) -> str:
+        """An error message without the run directory's absolute path (only its name)."""
+        return message.replace(str(self.run_dir), self.run_dir.name)
+
+    def _json(self, status: int, payload, head: bool = False) -> None:
         body = json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        if not head:
+            self.wfile.write(body)
 
-    def do_GET(self):  # noqa: N802 (stdlib name)
-        url = urlsplit(self.path)
-        q = parse_qs(url.query, keep_blank_values=True)
-        if url.path == "/api/search":
-            try:
-                limit = int(q.get("limit", ["50"])[0])
-                hits = search(self.run_dir, q.get("token", [""])[0], role=q.get("role", [""])[0] or None, limit=limit)
-            except (N2GError, ValueError) as e:
-                return self._json(400, {"error": str(e)})
-            return self._json(200, {"results": hits})
-        if url.path == "/api/similar":
+    def _query(self, fn):
+        """Run a search-index query; a damaged index is rebuilt once (a missing one is built by search)."""
+        try:
+            return fn()
+        except sqlite3.DatabaseError as exc:
+            log.warning("the search index of %s is damaged (%s); rebuilding it", self.run_dir.name, exc)
+        try:
+            with _rebuild_lock:
+                build_index(self.run_dir)
+            return fn()
+        except (OSError, sqlite3.Error, N2GError) as exc:
+            log.warning("cannot rebuild the search index of %s (%s)", self.run_dir.name, exc)
+            raise _Refused(503, f"the search index is damaged and could not be rebuilt; run `n2g report "
+                                f"{self.run_dir.name}` (on a writable copy if needed), then search again") from None
+
+    def _api(self, path: str, query: str, head: bool) -> None:
+        q = parse_qs(query, keep_blank_values=True)
+        try:
+            if path == "/api/search":
+                try:
+                    limit = int(q.get("limit", ["50"])[0])
+                    hits = self._query(lambda: search(self.run_dir, q.get("token", [""])[0],
+                                                      role=q.get("role", [""])[0] or None, limit=limit))
+                except (N2GError, ValueError) as e:
+                    return self._json(400, {"error": self._public(str(e))}, head)
+                return self._json(200, {"results": hits}, head)
             try:
                 limit = int(q.get("limit", ["10"])[0])
-                sims = similar(self.run_dir, q.get("key", [""])[0], limit=limit)
+                sims = self._query(lambda: similar(self.run_dir, q.get("key", [""])[0], limit=limit))
             except (N2GError, ValueError) as e:
-                return self._json(404, {"error": str(e)})
-            return self._json(200, {"results": [{"key": k, "jaccard": j} for k, j in sims]})
-        if url.path in ("", "/"):
-            self.send_response(302)
-            self.send_header("Location", "/viewer/index.html")
-            self.send_header("Content-Length", "0")
+                return self._json(404, {"error": self._public(str(e))}, head)
+            return self._json(200, {"results": [{"key": k, "jaccard": j} for k, j in sims]}, head)
+        except _Refused as e:
+            return self._json(e.status, {"error": str(e)}, head)
+
+    def _file(self, url_path: str) -> Path:
+        """The regular file a URL path names inside the run directory, or _Refused."""
+        parts = [p for p in url_path.split("/") if p]
+        if any(p in (".", "..") or _hidden(p) or "\\" in p for p in parts):
+            raise _Refused(404, "not found")
+        target = self.run_dir.joinpath(*parts)
+        try:
+            real = target.resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, or a symlink loop
+            raise _Refused(404, "not found") from None
+        if not real.is_relative_to(self.run_dir):
+            log.debug("refused %s: it resolves outside the run directory", url_path)
+            raise _Refused(404, "not found")
+        if real.is_dir():
+            if (real / "index.html").is_file():
+                raise _Refused(302, "/" + "/".join([*parts, "index.html"]))
+            raise _Refused(404, "not found")  # never a directory listing
+        if _hidden(real.name) or real.suffix.lower() not in SERVED_TYPES or target.suffix.lower() not in SERVED_TYPES:
+            raise _Refused(404, "not found")
+        return real
+
+    def _send_file(self, url_path: str, head: bool) -> None:
+        real = self._file(url_path)
+        try:
+            f = open(real, "rb")
+        except OSError:
+            raise _Refused(404, "not found") from None
+        with f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # it changed under us
+                raise _Refused(404, "not found")
+            if real == self.run_dir / "viewer" / "index.html":
+                self._csp = _INDEX_CSP
+            self.send_response(200)
+            self.send_header("Content-Type", SERVED_TYPES[real.suffix.lower()])
+            self.send_header("Content-Length", str(st.st_size))
+            self.send_header("Cache-Control", "no-cache")
             self.end_headers()
-            return None
-        return super().do_GET()
+            if not head:
+                shutil.copyfileobj(f, self.wfile)
+
+    def _get(self, head: bool) -> None:
+        self._csp = None
+        try:
+            url = urlsplit(self.path)
+            path = unquote(url.path, errors="strict")
+            if "\x00" in self.path or "\x00" in path or "\x00" in unquote(url.query):
+                raise _Refused(400, "NUL byte in the request")
+            if path in ("", "/"):
+                raise _Refused(302, "/viewer/index.html")
+            if path in ("/api/search", "/api/similar"):
+                return self._api(path, url.query, head)
+            return self._send_file(path, head)
+        except UnicodeDecodeError:
+            self.send_error(400, "the request path is not valid UTF-8")
+        except ValueError:  # e.g. a malformed IPv6 netloc in an absolute request target
+            self.send_error(400, "malformed request path")
+        except _Refused as e:
+            if e.status == 302:
+                self.send_response(302)
+                self.send_header("Location", str(e))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_error(e.status, str(e))
+
+    def do_GET(self):  # noqa: N802 (stdlib name)
+        self._get(head=False)
+
+    def do_HEAD(self):  # noqa: N802 (stdlib name)
+        self._get(head=True)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):  # the client went away: not our fault
+            log.debug("client %s disconnected (%s)", client_address[0], exc)
+            return
+        log.warning("request from %s failed: %s: %s", client_address[0], type(exc).__name__, exc)
+        log.debug("request failure", exc_info=True)
+
+
+def check_port(port) -> int:
+    """``port`` as an int in 0..65535 (0 picks a free one), else N2GError."""
+    try:
+        value = int(port)
+    except (TypeError, ValueError):
+        raise N2GError(f"port {port!r} is not a number; pass --port with a number from 1 to 65535") from None
+    if isinstance(port, bool) or not 0 <= value <= 65535 or (isinstance(port, float) and port != value):
+        raise N2GError(f"port {port} is out of range; pass --port with a number from 1 to 65535 (0 picks a free one)")
+    return value
 
 
 def make_server(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A ready (not yet serving) HTTP server for the run; port 0 picks a free port."""
+    port = check_port(port)
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "viewer" / "index.html").exists():
         raise N2GError(f"no viewer in {run_dir}; run `n2g report {run_dir}` first")
     handler = type("N2GHandler", (_Handler,), {"run_dir": run_dir})
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        server = _Server((host, port), handler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise N2GError(f"port {port} on {host} is already in use; pick another with --port") from None
-        raise N2GError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
-    server.daemon_threads = True
+        raise N2GError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
+    except (OverflowError, ValueError, UnicodeError) as e:
+        raise N2GError(f"cannot listen on {host!r}:{port} ({e}); check --host and --port") from None
     return server
 
 
