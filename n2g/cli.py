@@ -1,14 +1,18 @@
 """The ``n2g`` command line: a thin layer over :mod:`n2g.pipeline` and the report/viewer modules.
 
 ``main(argv) -> int``; progress and logs go to stderr, results to stdout and files. Every mistake a
-user can make comes back as one line on stderr and exit code 2, never a traceback.
+user can make comes back as one line on stderr and exit code 2, never a traceback. When the reader
+of stdout goes away (``n2g ... | head``) the command stops quietly with exit code 141, as Unix
+tools killed by SIGPIPE do.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from .config import PRESETS
 from .errors import N2GError
@@ -72,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a run's viewer with search", description="Serve the viewer of a run directory.")
     p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", default="8000", help="port, 1-65535 (default 8000; 0 picks a free one)")
     return parser
 
 
@@ -86,13 +90,30 @@ def _options(args, layers: str, neurons: str):
                       report=args.report, progress=not args.quiet)
 
 
+def _check_out(out: Path) -> None:
+    """Refuse to write a run into an unrelated non-empty directory; tidy up after a killed run."""
+    if out.is_dir() and not (out / "run.json").exists():
+        try:
+            occupied = any(out.iterdir())
+        except OSError as exc:
+            raise N2GError(f"cannot read --out directory {out} ({exc.strerror}); choose another --out") from None
+        if occupied:
+            raise N2GError(f"--out {out} is a non-empty directory that is not an n2g run; "
+                           "choose a new or empty directory, or an existing run directory")
+    if (out / "run.json").is_file():
+        from .fileio import remove_stale_temporaries
+
+        remove_stale_temporaries(out)
+
+
 def _run(args) -> int:
-    from .pipeline import run, summary_table
+    from .pipeline import default_out, run, summary_table
 
     if args.command == "fit":
         opts = _options(args, str(args.layer), str(args.neuron))
     else:
         opts = _options(args, args.layers, args.neurons)
+    _check_out(Path(opts.out) if opts.out else default_out(opts))
     summary = run(opts)
     print(summary_table(summary.results))
     print(f"\n{len(summary.results)} neurons ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
@@ -112,8 +133,6 @@ def _info(args) -> int:
 
 
 def _report(args) -> int:
-    from pathlib import Path
-
     from .report import build_all
 
     if not (Path(args.run_dir) / "run.json").exists():
@@ -125,17 +144,31 @@ def _report(args) -> int:
 
 
 def _serve(args) -> int:
-    from pathlib import Path
+    from .viewer import check_port, serve
 
-    from .viewer import serve
-
+    port = check_port(args.port)
     if not (Path(args.run_dir) / "run.json").exists():
         raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
-    serve(Path(args.run_dir), host=args.host, port=args.port)
+    serve(Path(args.run_dir), host=args.host, port=port)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader of stdout has gone (`n2g ... | head`): stop quietly, as Unix tools do.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the final flush at exit cannot fail again
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

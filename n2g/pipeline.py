@@ -32,18 +32,17 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
         return list(range(limit))
     out: set[int] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"([0-9]{1,18})(?:-([0-9]{1,18}))?", part)
         if not m:
             raise N2GError(f"cannot read {what} {part!r}; use numbers, ranges like 0-99, commas, or 'all'")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise N2GError(f"{what} range {part!r} is backwards; write it low-high")
+        if hi >= limit:  # checked before expanding: a huge range must not be built first
+            raise N2GError(f"{what} {max(lo, limit)} is out of range: this model has {what}s 0-{limit - 1}")
         out.update(range(lo, hi + 1))
     if not out:
         raise N2GError(f"no {what} given; name at least one (e.g. 0, 0-9 or all)")
-    bad = [i for i in out if i >= limit]
-    if bad:
-        raise N2GError(f"{what} {min(bad)} is out of range: this model has {what}s 0-{limit - 1}")
     return sorted(out)
 
 
