@@ -165,6 +165,9 @@ def load_texts(source: str | None = None, *, text_field: str = "text",
             texts = _dir_texts(path, text_field)
         elif path.is_file():
             texts = _file_texts(path, text_field)
+        elif path.exists():  # a FIFO, device or socket: reading it could block or never end
+            raise N2GError(f"corpus {source!r} is not a regular file or a directory (it is a pipe, device "
+                           "or socket); save the text to a file and pass that")
         else:
             raise N2GError(f"corpus {source!r} does not exist; pass a text/JSONL file, a "
                            "directory, hf:NAME for a Hugging Face dataset, or 'default'")
@@ -173,6 +176,33 @@ def load_texts(source: str | None = None, *, text_field: str = "text",
     if not docs:
         raise N2GError(f"corpus is empty: {label} holds no non-blank text; add text to it")
     return docs
+
+
+PREFIX_MARGIN = 16
+"""Tokens dropped at the end of a partly tokenised document, where the cut could change them."""
+
+
+def _encode_prefix(text: str, encode: Callable[[str], list[int]], need: int | None) -> list[int]:
+    """Token ids of ``text``, or of a prefix of it when only the first ``need`` ids are wanted.
+
+    ``--max-excerpts`` on one huge file must not tokenise all of it: a growing prefix, cut at a
+    line break, is tokenised until it yields ``need`` ids plus a margin; the ids before the
+    margin are the ones the whole text gives (tokenisers do not merge across a line break).
+    """
+    if need is None or len(text) <= max(65536, 16 * need):
+        return list(encode(text))
+    chars = max(65536, 16 * need)
+    while chars < len(text):
+        cut = text.rfind("\n", 0, chars)
+        if cut < chars // 2:
+            cut = text.rfind(" ", 0, chars)
+        if cut < chars // 2:
+            cut = chars
+        ids = list(encode(text[:cut]))
+        if len(ids) >= need + PREFIX_MARGIN:
+            return ids[: len(ids) - PREFIX_MARGIN]
+        chars *= 4
+    return list(encode(text))
 
 
 def make_excerpts(texts: list[str], encode: Callable[[str], list[int]], length: int = 64,
@@ -189,7 +219,8 @@ def make_excerpts(texts: list[str], encode: Callable[[str], list[int]], length: 
     chunks: list[torch.Tensor] = []
     count = 0
     for text in texts:
-        ids = torch.tensor(list(encode(text)), dtype=torch.long)
+        need = None if max_excerpts is None else (max_excerpts - count) * length
+        ids = torch.tensor(list(_encode_prefix(text, encode, need)), dtype=torch.long)
         n = ids.numel() // length
         if n == 0:
             continue

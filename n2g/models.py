@@ -11,6 +11,7 @@ downstream reaches the model through :class:`SubjectModel`'s activation methods 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import os
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from n2g.errors import N2GError
+from n2g.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -471,18 +473,58 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
 
 
+CHECKSUM_NAME = "model.safetensors.sha256"
+"""Beside the cached weights: their SHA-256, written with them and checked on every load."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_cache(target: Path):
+    """``(model, tokenizer)`` from a de-quantised cache, or None when it is missing or damaged.
+
+    The weights must match the checksum stored with them: a flipped byte gives finite garbage
+    that would load without error and silently change every result. A damaged cache is removed
+    (so it is rebuilt); a cache from before checksums existed gets one recorded now.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = target / "model.safetensors"
+    if not weights.is_file():
+        return None
+    try:
+        digest = _sha256(weights)
+        stored = target / CHECKSUM_NAME
+        if stored.is_file():
+            expected = stored.read_text(encoding="ascii").split()[0] if stored.stat().st_size else ""
+            if expected != digest:
+                raise ValueError("its weights do not match their checksum")
+        else:
+            try:
+                write_text_atomic(stored, f"{digest}  model.safetensors\n")
+            except OSError:
+                pass  # a read-only cache stays usable
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(target)
+    except Exception as exc:  # a damaged cache is rebuilt, never fatal
+        log.warning("the model cache %s is damaged (%s); rebuilding it", target, exc)
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+
+
 def _load_gguf(gguf: Path):
     """De-quantise a GGUF file once and cache it as safetensors; later loads read the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = _gguf_cache_path(gguf)
-    if (target / "model.safetensors").is_file():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-            return model, AutoTokenizer.from_pretrained(target)
-        except Exception as exc:  # a damaged cache is rebuilt, never fatal
-            log.warning("ignoring unreadable model cache %s (%s)", target, exc)
-            shutil.rmtree(target, ignore_errors=True)
+    cached = _load_cache(target)
+    if cached is not None:
+        return cached
     log.info("de-quantising %s (once; cached under %s)", gguf, target)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
@@ -510,6 +552,8 @@ def _save_cache(model, tokenizer, target: Path) -> None:
         return
     try:
         save_model(model, str(tmp / "model.safetensors"))  # drops the tied duplicate
+        (tmp / CHECKSUM_NAME).write_text(f"{_sha256(tmp / 'model.safetensors')}  model.safetensors\n",
+                                         encoding="ascii")
         config = model.config.__class__.from_dict(model.config.to_dict())
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -573,6 +617,10 @@ def load_model(spec: str = "default", device: str | None = None,
             ggufs = sorted(path.glob("*.gguf"))
             if not (path / "config.json").is_file() and len(ggufs) == 1:
                 model, tokenizer = _load_gguf(ggufs[0].resolve())
+            elif not (path / "config.json").is_file() and len(ggufs) > 1:
+                names = ", ".join(g.name for g in ggufs[:5]) + (", ..." if len(ggufs) > 5 else "")
+                raise N2GError(f"{spec} holds {len(ggufs)} .gguf files ({names}); pass the one to use, "
+                               f"e.g. --model {ggufs[0]}")
             else:
                 model, tokenizer = _load_pretrained(str(path), local=True)
         elif path.exists():
