@@ -1,9 +1,13 @@
-"""Baselines with the neuron model's fit/predict/score contract: token lookup, n-gram lookup, zero.
+"""Baselines with the neuron model's fit/predict/score contract: n-gram lookups and all-zero.
 
-Token lookup predicts, for each token, the largest training activation seen on that token id; the
-n-gram lookup does the same for the n tokens ending at a position (n = 5; near a sequence start,
-the shorter prefix); all-zero predicts nothing ever fires. They are fitted on the same training
-excerpts as the graph and scored with the same pooled-token scoring.
+An n-gram lookup keys every training token by the ``n`` tokens ending at it (the token itself and
+the ``n - 1`` before it) and predicts, for a position of new text, the value of the longest context
+it has seen, backing off to shorter ones (a 3-gram lookup tries the last three tokens, then two,
+then the token alone; unseen tokens get 0). The value per key is the ``mean``, the ``max`` or a
+quantile of its training activations. ``token_lookup`` (n = 1, max) is the classic baseline of the
+published method. They are fitted on every token of the training partition the graph learns from
+and scored with the same pooled-token scoring. Fitting and prediction are vectorised: keys are the
+token ids packed into one integer, looked up with a sorted search.
 """
 
 from __future__ import annotations
@@ -15,73 +19,118 @@ import numpy as np
 from .records import Example, Scores
 from .score import score_arrays
 
+_BITS = 21
+"""Bits per token id in a packed key (vocabularies up to 2 million; three tokens fit in 63 bits)."""
 
-class _Lookup:
+
+def _pack(seqs: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packed keys of the ``n`` tokens ending at each position (+1 so id 0 differs from 'none'),
+    and whether the full context exists (positions ``< n - 1`` have no n-gram)."""
+    keys, full = [], []
+    for ids in seqs:
+        ids = np.asarray(ids, np.int64) + 1
+        key = ids.copy()
+        ok = np.ones(len(ids), bool)
+        for d in range(1, n):
+            prev = np.zeros(len(ids), np.int64)
+            prev[d:] = ids[: len(ids) - d]
+            ok[:d] = False
+            key = key | (prev << (_BITS * d))
+        keys.append(key)
+        full.append(ok)
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    return np.concatenate(keys), np.concatenate(full)
+
+
+def _group(keys: np.ndarray, values: np.ndarray, statistic: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys and the statistic of the values of each."""
+    order = np.lexsort((values, keys))
+    k, v = keys[order], values[order]
+    uniq, start, counts = np.unique(k, return_index=True, return_counts=True)
+    if statistic == "max":
+        stat = v[start + counts - 1]
+    elif statistic == "mean":
+        stat = np.add.reduceat(v, start) / counts if len(v) else np.zeros(0)
+    else:  # a quantile, nearest rank on the sorted values of each key
+        q = float(statistic)
+        stat = v[start + np.floor(q * (counts - 1) + 0.5).astype(np.int64)]
+    return uniq, stat.astype(np.float32)
+
+
+class NGramLookup:
+    """Longest-seen-context lookup over the last ``n`` tokens; the value per key is ``statistic``."""
+
     threshold = 0.5
 
+    def __init__(self, n: int = 3, statistic: str = "max"):
+        if n < 1 or n > 3:
+            raise ValueError("n must be 1, 2 or 3")
+        self.n, self.statistic = n, statistic
+
+    def fit(self, examples: Sequence[Example]) -> "NGramLookup":
+        return self.fit_arrays([np.asarray(e.token_ids) for e in examples], [np.asarray(e.activations) for e in examples])
+
+    def fit_arrays(self, seqs: Sequence[np.ndarray], acts: Sequence[np.ndarray]) -> "NGramLookup":
+        values = np.concatenate([np.asarray(a, np.float64) for a in acts]) if len(acts) else np.zeros(0)
+        self.tables_ = []
+        for m in range(1, self.n + 1):
+            keys, full = _pack(seqs, m)
+            self.tables_.append(_group(keys[full], values[full], self.statistic))
+        return self
+
     def predict_sequences(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        return [self._predict_one(list(s)) for s in seqs]
+        arrays = [np.asarray(s, np.int64) for s in seqs]
+        flat = np.zeros(sum(len(a) for a in arrays), np.float32)
+        done = np.zeros(len(flat), bool)
+        for m in range(self.n, 0, -1):  # longest context first
+            keys, full = _pack(arrays, m)
+            uniq, stat = self.tables_[m - 1]
+            if not len(uniq):
+                continue
+            at = np.minimum(np.searchsorted(uniq, keys), len(uniq) - 1)
+            hit = full & ~done & (uniq[at] == keys)
+            flat[hit] = np.maximum(stat[at[hit]], 0.0)
+            done |= hit
+        out, start = [], 0
+        for a in arrays:
+            out.append(flat[start : start + len(a)])
+            start += len(a)
+        return out
 
     def predict(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids)
-        return np.stack([self._predict_one(row.tolist()) for row in ids]) if ids.ndim == 2 else self._predict_one(ids.tolist())
+        if ids.ndim == 1:
+            return self.predict_sequences([ids])[0]
+        return np.stack(self.predict_sequences(list(ids)))
 
     def score(self, examples: Sequence[Example]) -> Scores:
         preds = self.predict_sequences([e.token_ids for e in examples])
         return score_arrays([e.activations for e in examples], preds, self.threshold)
 
-    def _predict_one(self, ids: list[int]) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
 
-
-class TokenLookup(_Lookup):
-    """Max training activation per token id."""
-
-    def fit(self, examples: Sequence[Example]) -> "TokenLookup":
-        table: dict[int, float] = {}
-        for e in examples:
-            for t, a in zip(e.token_ids, e.activations):
-                if a > table.get(t, -np.inf):
-                    table[t] = float(a)
-        self.table_ = table
-        return self
-
-    def _predict_one(self, ids: list[int]) -> np.ndarray:
-        return np.array([max(self.table_.get(t, 0.0), 0.0) for t in ids], np.float32)
-
-
-class NGramLookup(_Lookup):
-    """Max training activation per n-gram ending at the position."""
-
-    def __init__(self, n: int = 5):
-        self.n = n
-
-    def _keys(self, ids: list[int]) -> list[tuple[int, ...]]:
-        return [tuple(ids[max(0, i - self.n + 1) : i + 1]) for i in range(len(ids))]
-
-    def fit(self, examples: Sequence[Example]) -> "NGramLookup":
-        table: dict[tuple[int, ...], float] = {}
-        for e in examples:
-            for key, a in zip(self._keys(list(e.token_ids)), e.activations):
-                if a > table.get(key, -np.inf):
-                    table[key] = float(a)
-        self.table_ = table
-        return self
-
-    def _predict_one(self, ids: list[int]) -> np.ndarray:
-        return np.array([max(self.table_.get(k, 0.0), 0.0) for k in self._keys(ids)], np.float32)
-
-
-class Zero(_Lookup):
+class Zero(NGramLookup):
     """Predicts 0 everywhere."""
 
-    def fit(self, examples: Sequence[Example]) -> "Zero":
-        self.fitted_ = True
+    def __init__(self):
+        super().__init__(1, "max")
+
+    def fit_arrays(self, seqs, acts) -> "Zero":
+        self.tables_ = [(np.zeros(0, np.int64), np.zeros(0, np.float32))]
         return self
 
-    def _predict_one(self, ids: list[int]) -> np.ndarray:
-        return np.zeros(len(ids), np.float32)
+
+def TokenLookup() -> NGramLookup:
+    """Max training activation per token id (the published method's baseline)."""
+    return NGramLookup(1, "max")
 
 
-BASELINES = {"token_lookup": TokenLookup, "ngram": NGramLookup, "zero": Zero}
-"""Registry of baseline methods by name."""
+BASELINES = {
+    "token_lookup": lambda: NGramLookup(1, "max"),
+    "ngram": lambda: NGramLookup(3, "max"),
+    **{f"ngram{n}_{stat}": (lambda n=n, stat=stat: NGramLookup(n, stat))
+       for n in (1, 2, 3) for stat in ("mean", "0.75", "max") if not (n == 1 and stat == "max") and not (n == 3 and stat == "max")},
+    "zero": Zero,
+}
+"""Registry of baseline methods by name: ``token_lookup`` (1-gram max), ``ngram`` (3-gram backoff,
+max), ``ngram{N}_{mean|0.75}`` and ``ngram2_max`` (the other contexts and statistics), ``zero``."""

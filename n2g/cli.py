@@ -42,6 +42,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                    help="augmentation substitutes: 'model' (the subject model's next-token guesses) or mlm:NAME (a masked LM)")
     p.add_argument("--out", default=None, help="run directory (default: graphs/<model>-<preset>)")
     p.add_argument("--group-size", type=int, default=64, help="neurons fitted together in shared batches")
+    p.add_argument("--store-tokens", type=int, default=None,
+                   help="token budget of each layer's on-disk activation store (default 131072; larger corpora keep a seeded subset)")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip rendering, report and viewer")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -87,6 +89,7 @@ def _options(args, layers: str, neurons: str):
     return RunOptions(model=args.model, corpus=args.corpus, text_field=args.text_field, excerpt_length=args.excerpt_length,
                       max_excerpts=args.max_excerpts, layers=layers, neurons=neurons, sign=args.sign, preset=args.preset,
                       overrides=overrides, substitutes=args.substitutes, out=args.out, device=args.device, dtype=args.dtype, group_size=args.group_size,
+                      store_tokens=args.store_tokens,
                       report=args.report, progress=not args.quiet)
 
 

@@ -70,11 +70,27 @@ class DistillConfig:
     """Training tokens a node needs before backoff calibration gives it a value."""
     match: str = "greedy"
     """``greedy`` (exact child before wildcard, published) or ``search`` (try both, keep the deepest END)."""
+    held_out: float = 0.5
+    """Fraction of the corpus's excerpts held out for testing (one seeded partition per run)."""
+    evidence: str = "examples"
+    """Training tokens that calibrate the graph: the training ``examples`` only (published) or the whole
+    training ``partition`` kept by the scan's activation store."""
+    grow: bool = False
+    """Grow context branches from every training occurrence of the graph's tokens (see :mod:`n2g.grow`),
+    then drop branches that do not change a prediction on training data."""
+    grow_depth: int = 2
+    """Exact context positions a grown branch may reach back."""
+    run_window: int = 3
+    """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
+    min_gain: float = 1.0
+    """Least Gini gain (in tokens) for a grown branch."""
+    end_value: str = "quantile"
+    """With ``end_statistic="auto"``: store the chosen ``quantile``, or the ``mean`` kept on the quantile's side of the threshold."""
     batch_tokens: int = 16384
     """Padded tokens per forward batch (rows x length)."""
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "n_variants", "n_candidates", "batch_tokens", "max_pivots"):
+        for name in ("n_top", "n_variants", "n_candidates", "batch_tokens", "max_pivots", "grow_depth", "run_window"):
             if getattr(self, name) < 1:
                 raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.n_prune is not None and self.n_prune < 1:
@@ -99,6 +115,12 @@ class DistillConfig:
                 q = -1.0
             if not 0.0 <= q <= 1.0:
                 raise N2GError(f"end_statistic must be mean, auto or a quantile in [0, 1] (got {self.end_statistic!r})")
+        if not 0.0 < self.held_out < 1.0:
+            raise N2GError(f"held_out must be between 0 and 1 (got {self.held_out})")
+        if self.evidence not in ("examples", "partition"):
+            raise N2GError(f"evidence must be examples or partition (got {self.evidence!r})")
+        if self.end_value not in ("quantile", "mean"):
+            raise N2GError(f"end_value must be quantile or mean (got {self.end_value!r})")
         if self.match not in ("greedy", "search"):
             raise N2GError(f"match must be greedy or search (got {self.match!r})")
 
@@ -134,6 +156,8 @@ PRESETS: dict[str, DistillConfig] = {
         cover=True,
         min_count=3,
         match="search",
+        evidence="partition",
+        grow=True,
     ),
 }
 

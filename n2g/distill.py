@@ -10,12 +10,13 @@ fitted alone (:func:`distill`) or many share batches (``n2g.engine``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .activations import partition
 from .augment import Variant, augment_steps
 from .baselines import BASELINES
 from .config import DistillConfig, preset
@@ -23,6 +24,7 @@ from .errors import N2GError
 from .examples import random_pool, split_examples
 from .features import Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
 from .graph import NeuronGraph
+from .grow import Grower, prune_unchanged
 from .importance import importance_steps
 from .predict import predict_batch, predict_sequences
 from .prune import Pruned, choose_pivots, prune_steps
@@ -85,15 +87,33 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
                     graph.add_path([(t, 1.0)], float(a), k)
                 elif t in covered:  # one path per token; later excerpts where it fires support it too
                     graph.nodes[start].sources.add(k)
+    if cfg.grow and seen:
+        ids, acts = _evidence_arrays(seen)
+        Grower(graph, ids, acts, np.arange(len(seen)), min_count=cfg.min_count, max_depth=cfg.grow_depth,
+               run_window=cfg.run_window, min_gain=cfg.min_gain).grow()
     if cfg.calibrate:
-        evidence = [(list(e.token_ids), np.asarray(e.activations)) for e in seen]
+        evidence = [(np.asarray(e.token_ids), np.asarray(e.activations)) for e in seen]
         evidence += [(v.token_ids, v.activations) for v in trace.variants]
         sources = None
         if cfg.out_of_sample:
             sources = list(range(len(seen))) + [owners[pruned[v.source].source] for v in trace.variants]
-        graph.calibrate(evidence, backoff=cfg.backoff, statistic=cfg.end_statistic, min_count=cfg.min_count,
-                        sources=sources)
+        calibrate = lambda: graph.calibrate(evidence, backoff=cfg.backoff, statistic=cfg.end_statistic,
+                                            min_count=cfg.min_count, sources=sources, end_value=cfg.end_value)
+        calibrate()
+        if cfg.grow and prune_unchanged(graph):
+            calibrate()  # tokens of removed branches now count at their ancestors
     return graph, trace
+
+
+def _evidence_arrays(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
+    """``[n, width]`` token ids (-1 pads) and activations of examples of any lengths."""
+    width = max((len(e.token_ids) for e in examples), default=0)
+    ids = np.full((len(examples), width), -1, np.int64)
+    acts = np.zeros((len(examples), width), np.float32)
+    for r, e in enumerate(examples):
+        ids[r, : len(e.token_ids)] = e.token_ids
+        acts[r, : len(e.activations)] = e.activations
+    return ids, acts
 
 
 @dataclass
@@ -109,29 +129,53 @@ class NeuronFit:
 
 def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool: Sequence[int],
                  cfg: DistillConfig, occlusion_id: int,
-                 known: dict[int, np.ndarray] | None = None) -> Steps:
-    """Generator stage for one neuron: examples, split, fit, predict, score against baselines."""
-    split = split_examples(ranked, pool, cfg)
+                 known: Mapping[int, np.ndarray] | None = None, is_train: Sequence[bool] | None = None,
+                 evidence: Sequence[int] | None = None) -> Steps:
+    """Generator stage for one neuron: examples, split, fit, predict, score against baselines.
+
+    ``known`` maps excerpt indices to normalised activations already measured (the scan's store);
+    only excerpts missing from it are sent to the model. ``is_train`` is the run's corpus-level
+    partition; ``evidence`` lists the training excerpts whose activations are known (the stored
+    training partition): the baselines always learn from all of them, the graph does when
+    ``cfg.evidence == "partition"``.
+    """
+    split = split_examples(ranked, pool, cfg, is_train)
     roles = ([(i, "train", "top") for i in split.train_top] + [(i, "test", "top") for i in split.test_top]
              + [(i, "train", "random") for i in split.train_random] + [(i, "test", "random") for i in split.test_random])
-    known = dict(known or {})
+    known = known if known is not None else {}
+    fetched: dict[int, np.ndarray] = {}
     missing = sorted({i for i, _, _ in roles if i not in known})
     if missing:
         values = yield Evaluate([list(excerpts[i]) for i in missing])
-        known.update(zip(missing, values))
-    examples = [Example(list(map(int, excerpts[i])), [float(v) for v in known[i]], split=s, source=src, excerpt_index=int(i))
+        fetched.update(zip(missing, values))
+    value = lambda i: fetched[i] if i in fetched else known[i]
+    examples = [Example(list(map(int, excerpts[i])), [float(v) for v in value(i)], split=s, source=src, excerpt_index=int(i))
                 for i, s, src in roles]
     train_top = [e for e in examples if e.split == "train" and e.source == "top"]
     train_random = [e for e in examples if e.split == "train" and e.source == "random"]
     test = [e for e in examples if e.split == "test"]
-    graph, trace = yield from fit_steps(train_top, train_random, cfg, occlusion_id)
+    in_examples = {e.excerpt_index for e in train_top + train_random}
+    partition = [Example(list(map(int, excerpts[i])), [float(v) for v in known[i]], split="train", source="partition",
+                         excerpt_index=int(i)) for i in (evidence or ()) if i not in in_examples]
+    calibration = train_random + (partition if cfg.evidence == "partition" else [])
+    graph, trace = yield from fit_steps(train_top, calibration, cfg, occlusion_id)
     for e in examples:
         e.predicted = [float(v) for v in graph.predict_sequence(e.token_ids)]
     scores = {"n2g": score_arrays([e.activations for e in test], [e.predicted for e in test], cfg.fire_threshold)}
-    train = train_top + train_random
-    for name, cls in BASELINES.items():
-        scores[name] = cls().fit(train).score(test)
+    train = train_top + train_random + partition
+    for name, make in BASELINES.items():
+        scores[name] = make().fit(train).score(test)
     return NeuronFit(graph, examples, scores, trace)
+
+
+def top_k(cfg: DistillConfig) -> int:
+    """Top excerpts the scan keeps per neuron: enough for both sides of the partition."""
+    return max(64, 2 * (cfg.n_top + cfg.n_extra_train))
+
+
+def pool_size(cfg: DistillConfig) -> int:
+    """Random excerpts in the shared pool: enough for both sides of the partition."""
+    return max(64, 2 * (cfg.n_top + cfg.n_extra_train + cfg.n_random_test + cfg.n_random_train))
 
 
 def corpus_stats(acts: Sequence[np.ndarray], sample: Sequence[int], fire_threshold: float) -> NeuronStats:
@@ -211,7 +255,7 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     for values in raw:
         check_finite(values, name)
     signed = [v * factor for v in raw]
-    pool = random_pool(len(seqs), cfg.n_top + cfg.n_extra_train + cfg.n_random_test + cfg.n_random_train, cfg.seed)
+    pool = random_pool(len(seqs), pool_size(cfg), cfg.seed)
     stats = corpus_stats(signed, pool, cfg.fire_threshold)
     peak = stats.max_activation
     model = NeuronModel(feature, cfg, scale=peak if peak > 0 else 1.0, sign=factor, substitutes=substitutes,
@@ -225,7 +269,10 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     maxima = np.array([float(np.max(v)) if len(v) else -np.inf for v in signed])
     ranked = [int(i) for i in np.argsort(-maxima, kind="stable")]
     known = {i: (signed[i] / peak).astype(np.float32) for i in range(len(seqs))}
-    result = drive(neuron_steps(seqs, ranked, pool, cfg, occlusion_token_id, known), model._evaluator(), substitutes)
+    is_train = partition(len(seqs), cfg.held_out, cfg.seed)
+    evidence = [i for i in range(len(seqs)) if is_train[i]]
+    result = drive(neuron_steps(seqs, ranked, pool, cfg, occlusion_token_id, known, is_train, evidence),
+                   model._evaluator(), substitutes)
     model.graph_, model.examples_, model.scores_, model.trace_ = result.graph, result.examples, result.scores, result.trace
     model.status_ = "fitted"
     return model

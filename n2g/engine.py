@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +37,42 @@ class Job:
     scale: float
     ranked: list[int]
     pool: list[int]
+    known: Mapping[int, np.ndarray] | None = None
+    """Normalised activations already measured (the scan's store), by excerpt index."""
+    is_train: np.ndarray | None = None
+    """The run's corpus-level partition (True: training excerpt)."""
+    evidence: list[int] | None = None
+    """Training excerpts whose activations ``known`` holds (the stored training partition)."""
+
+
+class StoreValues(Mapping):
+    """One neuron's normalised activations on the stored excerpts, read once from the store."""
+
+    def __init__(self, scan, neuron: NeuronId, scale: float):
+        self.store = scan.store
+        self.column = scan.activations(neuron.index, neuron.sign, None) / scale if scale > 0 else None
+
+    def __getitem__(self, excerpt: int) -> np.ndarray:
+        if self.column is None or not self.store.has(excerpt):
+            raise KeyError(excerpt)
+        return self.column[self.store.rows([excerpt])[0]]
+
+    def __contains__(self, excerpt) -> bool:
+        return self.column is not None and self.store.has(excerpt)
+
+    def __iter__(self):
+        return iter(self.store.excerpts.tolist() if self.column is not None else [])
+
+    def __len__(self) -> int:
+        return self.store.n_stored if self.column is not None else 0
+
+
+def store_job(scan, neuron: NeuronId, is_train: np.ndarray) -> Job:
+    """A job whose known activations and training evidence come from the layer's activation store."""
+    scale = scan.scale(neuron.index, neuron.sign)
+    known = StoreValues(scan, neuron, scale) if scan.store is not None else None
+    evidence = [int(i) for i in scan.store.excerpts if is_train[i]] if scan.store is not None else None
+    return Job(neuron, scale, scan.ranked(neuron.index, neuron.sign), scan.pool, known, is_train, evidence)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -108,7 +144,8 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
         if not job.scale > 0:
             results[job.neuron] = NeuronFit(None, [], {}, None, status="dead")
         else:
-            live[job.neuron] = neuron_steps(excerpts, job.ranked, job.pool, cfg, occlusion)
+            live[job.neuron] = neuron_steps(excerpts, job.ranked, job.pool, cfg, occlusion, job.known,
+                                            job.is_train, job.evidence)
     scales = {job.neuron: job.scale for job in jobs}
     answers: dict[NeuronId, object] = {n: None for n in live}
     while live:

@@ -31,9 +31,25 @@ class Split:
     """Random excerpts held out for testing."""
 
 
-def split_examples(ranked: Sequence[int], random_pool: Sequence[int], cfg: DistillConfig) -> Split:
-    """Split ranked top excerpt indices and a random pool into train and test roles."""
+def split_examples(ranked: Sequence[int], random_pool: Sequence[int], cfg: DistillConfig,
+                   is_train: Sequence[bool] | np.ndarray | None = None) -> Split:
+    """Split ranked top excerpt indices and a random pool into train and test roles.
+
+    With ``is_train`` (the run's corpus-level partition) the training top excerpts are the best
+    ``ceil(n_top / 2) + n_extra_train`` ranked excerpts of the training partition and the test top
+    excerpts the best ``n_top // 2`` of the held-out partition; random excerpts come from the
+    matching side of the pool. Without it the first ``n_top`` are shuffled and halved (legacy).
+    """
     ranked = [int(i) for i in ranked]
+    if is_train is not None:
+        train_ranked = [i for i in ranked if is_train[i]]
+        test_ranked = [i for i in ranked if not is_train[i]]
+        train_top = train_ranked[: (cfg.n_top + 1) // 2 + cfg.n_extra_train]
+        test_top = test_ranked[: cfg.n_top // 2]
+        used = set(train_top) | set(test_top)
+        test_random = [int(i) for i in random_pool if not is_train[int(i)] and int(i) not in used][: cfg.n_random_test]
+        train_random = [int(i) for i in random_pool if is_train[int(i)] and int(i) not in used][: cfg.n_random_train]
+        return Split(train_top, test_top, train_random, test_random)
     top = ranked[: cfg.n_top]
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(top))

@@ -25,6 +25,18 @@ from .records import SCHEMA_VERSION, NeuronId
 WILDCARD = -1
 """Trie key of a wildcard (any single token)."""
 
+
+def run_key(k: int) -> int:
+    """Trie key of a wildcard run of 0..k tokens (k >= 1): its children match up to k tokens further back."""
+    if k < 1:
+        raise ValueError("a wildcard run spans at least 0..1 tokens")
+    return -1 - k
+
+
+def run_span(key: int) -> int:
+    """k of a wildcard-run key (0 for any other key)."""
+    return -1 - key if key < WILDCARD else 0
+
 GRAPH_KIND = "n2g.graph"
 AUTO_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 """Quantiles ``calibrate(statistic="auto")`` chooses among."""
@@ -75,6 +87,8 @@ class NeuronGraph:
         self.token_text: dict[int, str] = {}
         self.neuron: NeuronId | None = None
         self.end_quantile: float | None = None
+        self.run_parents: set[int] = set()
+        """Nodes with a wildcard-run child (matching looks for runs only there)."""
 
     # -- building -------------------------------------------------------------------------
     def add_path(self, path: Sequence[tuple[int, float]], activation: float, source: int | None = None) -> int:
@@ -99,6 +113,37 @@ class NeuronGraph:
         node.end_values.append(float(activation))
         node.end = self._end_value(node.end_values)
         return at
+
+    def add_child(self, at: int, key: int, sources=()) -> int:
+        """The child of ``at`` under ``key``, created if missing (a run child counts as one level deeper)."""
+        child = self.nodes[at].children.get(key)
+        if child is None:
+            child = len(self.nodes)
+            self.nodes.append(Node(key, self.nodes[at].depth + 1))
+            self.nodes[at].children[key] = child
+            if key < WILDCARD:
+                self.run_parents.add(at)
+        self.nodes[child].sources.update(sources)
+        return child
+
+    def compact(self, keep: set[int]) -> None:
+        """Drop every node not in ``keep`` (and everything below it); indices are renumbered in order."""
+        reach = {0}
+        for idx in range(len(self.nodes)):  # children have larger indices than their parent
+            if idx in reach:
+                for child in self.nodes[idx].children.values():
+                    if child in keep:
+                        reach.add(child)
+        alive = sorted(reach)
+        new = {old: k for k, old in enumerate(alive)}
+        nodes = []
+        for old in alive:
+            n = self.nodes[old]
+            n.children = {key: new[c] for key, c in n.children.items() if c in new}
+            nodes.append(n)
+        self.nodes = nodes
+        self.run_parents = {new[a] for a in self.run_parents if a in new
+                            and any(k < WILDCARD for k in self.nodes[new[a]].children)}
 
     def _end_value(self, values: list[float]) -> float:
         if self.end_activation == "first":
@@ -149,21 +194,43 @@ class NeuronGraph:
         return best[1] if best is not None else [start]
 
     def _search(self, ids: Sequence[int], i: int, at: int, d: int, exclude: int | None = None):
-        """(depth, path) of the deepest END at or below ``at`` over exact and wildcard branches."""
+        """(depth, path) of the deepest END at or below ``at`` over exact, wildcard and run branches."""
         node = self.nodes[at]
         best = (node.depth, [at]) if node.end is not None else None
         if d <= i and node.children:
+            children = node.children
             for key in (int(ids[i - d]), WILDCARD):
-                child = node.children.get(key)  # inline lookup: this loop is prediction's hot path
+                child = children.get(key)  # inline lookup: this loop is prediction's hot path
                 if child is None or (exclude is not None and self.nodes[child].sources == {exclude}):
                     continue
                 found = self._search(ids, i, child, d + 1, exclude)
                 if found is not None and (best is None or found[0] > best[0]):
                     best = (found[0], [at] + found[1])
+            if at in self.run_parents:
+                for key, run in children.items():
+                    if key >= WILDCARD:
+                        continue
+                    for inner, at_d in self._run_matches(ids, i, run, d, run_span(key), exclude):
+                        found = self._search(ids, i, inner, at_d + 1, exclude)
+                        if found is not None and (best is None or found[0] > best[0]):
+                            best = (found[0], [at, run] + found[1])
         return best
 
+    def _run_matches(self, ids: Sequence[int], i: int, run: int, d: int, k: int, exclude: int | None = None):
+        """(child, offset) pairs of a run node: a child token found 0..k tokens further back, nearest first."""
+        children = self.nodes[run].children
+        out = []
+        for s in range(k + 1):
+            if d + s > i:
+                break
+            child = children.get(int(ids[i - d - s]))
+            if child is not None and not (exclude is not None and self.nodes[child].sources == {exclude}):
+                if all(c != child for c, _ in out):
+                    out.append((child, d + s))
+        return out
+
     def deepest_node(self, ids: Sequence[int], i: int) -> int | None:
-        """The deepest trie node position ``i`` reaches over exact and wildcard branches (exact wins ties)."""
+        """The deepest trie node position ``i`` reaches over exact, wildcard and run branches (exact wins ties)."""
         start = self.nodes[0].children.get(int(ids[i]))
         if start is None:
             return None
@@ -171,11 +238,16 @@ class NeuronGraph:
         stack = [(start, 1)]
         while stack:
             at, d = stack.pop()
-            if self.nodes[at].depth > best_depth:
+            if self.nodes[at].depth > best_depth and self.nodes[at].token_id is not None \
+                    and self.nodes[at].token_id >= WILDCARD:
                 best, best_depth = at, self.nodes[at].depth
             if d <= i:
                 children = self.nodes[at].children
-                # Pushed wildcard first so the exact branch is explored first and wins ties.
+                for key, run in children.items():  # runs first on the stack: explored last, lose ties
+                    if key < WILDCARD:
+                        for inner, at_d in self._run_matches(ids, i, run, d, run_span(key)):
+                            stack.append((inner, at_d + 1))
+                # Pushed wildcard before exact so the exact branch is explored first and wins ties.
                 for key in (WILDCARD, int(ids[i - d])):
                     child = children.get(key)
                     if child is not None:
@@ -200,7 +272,7 @@ class NeuronGraph:
 
     def calibrate(self, sequences: Sequence[tuple[Sequence[int], np.ndarray]], backoff: bool = False,
                   statistic: str | float = "mean", min_count: int = 1,
-                  sources: Sequence[int | None] | None = None) -> int:
+                  sources: Sequence[int | None] | None = None, end_value: str = "quantile") -> int:
         """Re-estimate END activations from training tokens; returns how many nodes were set.
 
         Without ``backoff`` each END reached by training tokens gets the ``statistic`` (mean, or a
@@ -212,11 +284,18 @@ class NeuronGraph:
         tokens (a neuron whose contexts fire only sometimes is then still predicted to fire where
         that pays); the choice is kept in ``end_quantile``. ``sources`` (the training excerpt each
         sequence is, or None) score that F1 out of sample: each token is matched as if the paths its
-        own excerpt made were not in the graph, as a token of new text would be.
+        own excerpt made were not in the graph, as a token of new text would be. ``end_value="mean"``
+        (with ``auto``) stores each node's mean activation instead of the quantile, moved to the
+        threshold when the quantile and the mean disagree about firing, so values keep their strength
+        and decisions stay those the quantile chose.
         """
+        roots = self.nodes[0].children
         reached: dict[int, list[float]] = {}
         for ids, acts in sequences:
-            for i in range(len(ids)):
+            ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+            for i, t in enumerate(ids):
+                if t not in roots:  # reaches no node
+                    continue
                 node = self.deepest_node(ids, i) if backoff else self.match_end(ids, i)
                 if node is not None:
                     reached.setdefault(node, []).append(float(acts[i]))
@@ -227,7 +306,12 @@ class NeuronGraph:
             k = self._best_quantile(sequences, grid, sources)
             self.end_quantile = AUTO_QUANTILES[k]
             for node, qs in grid.items():
-                self.nodes[node].end = float(qs[k])
+                value = float(qs[k])
+                if end_value == "mean":  # the mean, on the side of the threshold the quantile chose
+                    mean = float(np.mean(values[node]))
+                    below = float(np.nextafter(np.float32(self.fire_threshold), np.float32(0)))
+                    value = max(mean, self.fire_threshold) if value >= self.fire_threshold else min(mean, below)
+                self.nodes[node].end = value
             return len(values)
         for node, v in values.items():
             self.nodes[node].end = float(np.mean(v) if statistic == "mean" else np.quantile(v, float(statistic)))
@@ -244,14 +328,18 @@ class NeuronGraph:
         sources = [None] * len(sequences) if sources is None else sources
         fires: dict[int, list[int]] = {}
         total = 0
+        roots = self.nodes[0].children
         for (ids, acts), source in zip(sequences, sources):
-            for i in range(len(ids)):
-                f = bool(acts[i] >= self.fire_threshold)
-                total += f
+            ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+            fired = np.asarray(acts) >= self.fire_threshold
+            total += int(fired.sum())
+            for i, t in enumerate(ids):
+                if t not in roots:
+                    continue
                 node = self.match_end(ids, i, source)
                 if node is not None:
                     counts = fires.setdefault(node, [0, 0])
-                    counts[0 if f else 1] += 1
+                    counts[0 if fired[i] else 1] += 1
         best, best_f1 = len(AUTO_QUANTILES) - 1, -1.0
         for k in reversed(range(len(AUTO_QUANTILES))):  # AUTO_QUANTILES ascends: try the highest first
             tp = fp = 0
@@ -276,7 +364,7 @@ class NeuronGraph:
         for n in self.nodes[1:]:
             if n.depth == 0:
                 kinds["activator"] += 1
-            elif n.token_id == WILDCARD:
+            elif n.token_id <= WILDCARD:
                 kinds["wildcard"] += 1
             else:
                 kinds["context"] += 1
@@ -287,7 +375,7 @@ class NeuronGraph:
 
     def tokens(self) -> set[int]:
         """Every concrete token id in the graph."""
-        return {n.token_id for n in self.nodes[1:] if n.token_id not in (None, WILDCARD)}
+        return {n.token_id for n in self.nodes[1:] if n.token_id is not None and n.token_id > WILDCARD}
 
     def describe_token(self, token_id: int) -> str:
         return self.token_text.get(token_id, str(token_id))
@@ -301,14 +389,15 @@ class NeuronGraph:
         for idx, n in enumerate(self.nodes[1:], start=1):
             if n.depth == 0:
                 kind = "activator"
-            elif n.token_id == WILDCARD:
+            elif n.token_id <= WILDCARD:
                 kind = "wildcard"
             else:
                 kind = "context"
+            span = run_span(n.token_id)
             g.add_node(
-                str(idx), kind=kind,
-                token_id=None if n.token_id == WILDCARD else int(n.token_id),
-                token="*" if n.token_id == WILDCARD else self.describe_token(int(n.token_id)),
+                str(idx), kind=kind, run=span,
+                token_id=None if n.token_id <= WILDCARD else int(n.token_id),
+                token=("*" if span == 0 else f"*{{0-{span}}}") if n.token_id <= WILDCARD else self.describe_token(int(n.token_id)),
                 depth=n.depth,
                 importance=1.0 if n.depth == 0 else round(n.importance_sum / max(n.count, 1), 6),
                 activation=round(float(max_end_below[idx]), 6),
@@ -342,13 +431,18 @@ class NeuronGraph:
         for name in order:
             attrs = g.nodes[name]
             parents = list(g.predecessors(name))
-            key = WILDCARD if attrs["kind"] == "wildcard" else int(attrs["token_id"])
+            if attrs["kind"] == "wildcard":
+                key = run_key(int(attrs["run"])) if int(attrs.get("run", 0) or 0) > 0 else WILDCARD
+            else:
+                key = int(attrs["token_id"])
             node = Node(key, int(attrs["depth"]), count=int(attrs["count"]),
                         importance_sum=float(attrs["importance"]) * int(attrs["count"]))
             index[name] = len(graph.nodes)
             graph.nodes.append(node)
             graph.nodes[index[parents[0]]].children[key] = index[name]
-            if key != WILDCARD:
+            if key < WILDCARD:
+                graph.run_parents.add(index[parents[0]])
+            if key > WILDCARD:
                 graph.token_text[key] = attrs["token"]
         for name in g.nodes:
             if g.nodes[name]["kind"] == "end":

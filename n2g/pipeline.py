@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,8 @@ class RunOptions:
     substitutes: str = "model"
     group_size: int = 64
     scan_batch: int = 32
+    store_tokens: int | None = None
+    """Token budget of the per-layer activation store (None: the default, see n2g.activations)."""
     report: bool = True
     progress: bool = True
 
@@ -80,6 +83,14 @@ class RunSummary:
     fitted_now: int
     seconds: float
     artifacts: dict = field(default_factory=dict)
+
+
+def store_budget(opts: RunOptions) -> int:
+    from .activations import DEFAULT_STORE_TOKENS
+
+    if opts.store_tokens is not None and opts.store_tokens < 1:
+        raise N2GError(f"--store-tokens must be at least 1 (got {opts.store_tokens})")
+    return opts.store_tokens or DEFAULT_STORE_TOKENS
 
 
 def default_out(opts: RunOptions) -> Path:
@@ -133,7 +144,7 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     store = RunStore(out)
     identity = {"model": str(model.spec), "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(),
                 "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
-                "config": cfg.to_dict()}
+                "config": cfg.to_dict(), "store_tokens": store_budget(opts)}
     store.open(identity, {"name": out.name, "model": model.info(), "versions": versions(),
                           "corpus": {"source": corpus.source, "n_excerpts": int(corpus.excerpts.shape[0]),
                                      "length": int(corpus.excerpts.shape[1])}})
@@ -142,14 +153,25 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     log.info("%d neurons requested, %d already done in %s", len(wanted), len(wanted) - len(todo), out)
     fitted = 0
     if todo:
-        k = max(64, cfg.n_top + cfg.n_extra_train)
-        pool_size = max(64, cfg.n_top + cfg.n_extra_train + cfg.n_random_test + cfg.n_random_train)
-        scans = scan_layers(model, corpus.excerpts, sorted({n.layer for n in todo}), k=k, pool_size=pool_size,
+        from .activations import partition
+        from .distill import pool_size, top_k
+        from .engine import store_job
+        from .scan import cache_bytes
+
+        scans = scan_layers(model, corpus.excerpts, sorted({n.layer for n in todo}), k=top_k(cfg), pool_size=pool_size(cfg),
                             seed=cfg.seed, batch_size=opts.scan_batch, fire_threshold=cfg.fire_threshold,
-                            cache_dir=cache_dir(), corpus_key=corpus.fingerprint(), progress=opts.progress)
+                            cache_dir=cache_dir(), corpus_key=corpus.fingerprint(), progress=opts.progress,
+                            store_tokens=store_budget(opts))
+        is_train = partition(int(corpus.excerpts.shape[0]), cfg.held_out, cfg.seed)
+        stored = next(iter(scans.values())).store
+        log.info("partition: %d training and %d held-out excerpts; activation store: %d excerpts per layer, %.1f MB on disk",
+                 int(is_train.sum()), int((~is_train).sum()), stored.n_stored, cache_bytes(scans) / 1e6)
+        if opts.progress:
+            print(f"n2g: partition {int(is_train.sum())} training / {int((~is_train).sum())} held-out excerpts; "
+                  f"activation store {stored.n_stored} excerpts x {len(scans)} layer(s), {cache_bytes(scans) / 1e6:.1f} MB on disk",
+                  file=sys.stderr)
         excerpts = corpus.excerpts.tolist()
-        jobs = [Job(n, scans[n.layer].scale(n.index, n.sign), scans[n.layer].ranked(n.index, n.sign), scans[n.layer].pool)
-                for n in todo]
+        jobs = [store_job(scans[n.layer], n, is_train) for n in todo]
         substitutes = None
         if cfg.augment and opts.substitutes.startswith("mlm:"):
             from .augment import MaskedLMSubstitutes

@@ -2,32 +2,38 @@
 
 A single forward pass per batch of excerpts (stopping after the deepest requested layer) feeds,
 for every neuron of every requested layer, a running top-K of excerpts by maximum activation and
-a bottom-K by minimum (for the negative side), kept on the model's device, so memory stays flat
-however long the corpus. A second, small pass over a seeded random pool of excerpts gives
-quantiles and firing rates. Whole layers are scanned (one neuron costs the same forward as 1,536),
-and each layer's scan is cached per model and corpus so later runs reuse it.
+a bottom-K by minimum (for the negative side), kept on the model's device, and writes every
+token's activations into the layer's on-disk activation store (:mod:`n2g.activations`), so memory
+stays flat however long the corpus. Quantiles and firing rates come from the stored rows of a
+seeded random pool of excerpts. Whole layers are scanned (one neuron costs the same forward as 1,536),
+and each layer's scan is cached per model and corpus (safetensors, JSON and a 16-bit ``.npy``; nothing
+is unpickled) so later runs reuse it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .activations import DEFAULT_STORE_TOKENS, ActivationStore, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
-from .fileio import replacing
+from .fileio import replacing, write_json_atomic
 from .progress import Progress
 from .records import NeuronStats, Sign
 
 log = logging.getLogger(__name__)
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
-SCAN_VERSION = 2
+SCAN_VERSION = 3
 
 
 @dataclass
@@ -52,6 +58,8 @@ class LayerScan:
     """The seeded random excerpt indices (shared by every neuron)."""
     n_pool_tokens: int
     fire_threshold: float = 0.5
+    store: ActivationStore | None = None
+    """Per-token activations of every neuron on the stored excerpts (see :mod:`n2g.activations`)."""
 
     def scale(self, index: int, sign: Sign) -> float:
         """The neuron's maximum on the distilled side (<= 0 means dead on this corpus)."""
@@ -73,47 +81,106 @@ class LayerScan:
             n_sampled_tokens=self.n_pool_tokens,
         )
 
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+    def activations(self, index: int, sign: Sign, excerpts=None) -> np.ndarray:
+        """``[n, length]`` signed raw activations of one neuron on stored excerpts (all when None)."""
+        values = self.store.neuron(index, excerpts)
+        return values if sign == Sign.POSITIVE else -values
 
 
-def _cache_path(cache_dir: Path, model_key: str, corpus_key: str, layer: int, k: int, pool_size: int, seed: int) -> Path:
+def _cache_stem(cache_dir: Path, model_key: str, corpus_key: str, layer: int, k: int, pool_size: int, seed: int,
+                store_key: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_key)[-60:]
-    digest = hashlib.sha256(f"{model_key}|{corpus_key}".encode()).hexdigest()[:12]
-    return cache_dir / "scans" / f"{safe}-{digest}-L{layer}-k{k}-p{pool_size}-s{seed}-v{SCAN_VERSION}.pt"
+    digest = hashlib.sha256(f"{model_key}|{corpus_key}|{store_key}".encode()).hexdigest()[:12]
+    return cache_dir / "scans" / f"{safe}-{digest}-L{layer}-k{k}-p{pool_size}-s{seed}-v{SCAN_VERSION}"
 
 
-def _save_atomic(obj, path: Path) -> None:
-    with replacing(path) as tmp:
-        torch.save(obj, tmp)
+_TENSORS = ("top_idx", "top_val", "bot_idx", "bot_val", "quantiles", "pos_rate", "neg_rate")
+
+
+def _save(scan: LayerScan, stem: Path) -> None:
+    """Tensors as safetensors, plain fields as JSON (written last: it marks the entry complete)."""
+    from safetensors.torch import save_file
+
+    tensors = {name: getattr(scan, name).contiguous() for name in _TENSORS}
+    tensors["stored"] = torch.as_tensor(scan.store.excerpts, dtype=torch.long)
+    with replacing(stem.with_suffix(".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    meta = {"layer": scan.layer, "pool": list(map(int, scan.pool)), "n_pool_tokens": scan.n_pool_tokens,
+            "fire_threshold": scan.fire_threshold, "version": SCAN_VERSION}
+    write_json_atomic(stem.with_suffix(".json"), meta)
+
+
+def _load(stem: Path) -> LayerScan:
+    """A cached scan; only tensors and JSON are read, nothing is unpickled."""
+    from safetensors.torch import load_file
+
+    meta = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+    if meta.get("version") != SCAN_VERSION:
+        raise ValueError(f"scan cache version {meta.get('version')} is not {SCAN_VERSION}")
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    store = ActivationStore.open(stem.with_suffix(".acts.npy"), tensors.pop("stored").numpy())
+    return LayerScan(layer=int(meta["layer"]), pool=[int(i) for i in meta["pool"]], n_pool_tokens=int(meta["n_pool_tokens"]),
+                     fire_threshold=float(meta["fire_threshold"]), store=store, **{n: tensors[n] for n in _TENSORS})
+
+
+def cache_bytes(scans: dict[int, "LayerScan"]) -> int:
+    """Disk used by the activation stores of these scans."""
+    return sum(s.store.nbytes for s in scans.values() if s.store is not None)
 
 
 def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64, pool_size: int = 64,
                 seed: int = 0, batch_size: int = 32, fire_threshold: float = 0.5,
-                cache_dir: str | Path | None = None, corpus_key: str = "", progress: bool = True) -> dict[int, LayerScan]:
-    """Scan the requested layers (all their neurons) in one pass; cached layers are loaded instead."""
+                cache_dir: str | Path | None = None, corpus_key: str = "", progress: bool = True,
+                store_tokens: int | None = DEFAULT_STORE_TOKENS) -> dict[int, LayerScan]:
+    """Scan the requested layers (all their neurons) in one pass; cached layers are loaded instead.
+
+    The same pass fills each layer's activation store (``store_tokens`` tokens at most: the whole
+    corpus when it fits, else a seeded subset that contains the random pool); pool quantiles and
+    firing rates are computed from the stored pool rows, so no excerpt is run twice.
+    """
     n, length = excerpts.shape
     if n == 0:
         raise N2GError("the corpus has no excerpts to scan; give more text or a shorter --excerpt-length")
     for layer in layers:
         model.check_neuron(layer, 0)
     k = min(k, n)
+    stored = stored_excerpts(n, length, store_tokens, seed)
+    pool = random_pool(n, pool_size, seed)
+    if not set(pool) <= set(stored.tolist()):  # a budget smaller than the pool: keep the pool anyway
+        stored = np.union1d(stored, np.asarray(pool, np.int64))
     results: dict[int, LayerScan] = {}
-    paths = {}
+    stems: dict[int, Path] = {}
     if cache_dir is not None:
         for layer in layers:
-            paths[layer] = _cache_path(Path(cache_dir), str(model.spec), corpus_key, layer, k, pool_size, seed)
-            if paths[layer].exists():
+            stems[layer] = _cache_stem(Path(cache_dir), str(model.spec), corpus_key, layer, k, pool_size, seed,
+                                       f"{store_tokens}")
+            if stems[layer].with_suffix(".json").exists():
                 try:
-                    results[layer] = LayerScan(**torch.load(paths[layer], weights_only=False))
-                    log.info("layer %d: scan loaded from cache %s", layer, paths[layer])
-                except Exception as exc:  # a damaged cache file is rescanned, not trusted
-                    log.warning("layer %d: ignoring unreadable scan cache %s (%s)", layer, paths[layer], exc)
+                    results[layer] = _load(stems[layer])
+                    log.info("layer %d: scan loaded from cache %s", layer, stems[layer])
+                except Exception as exc:  # a damaged cache entry is rescanned, not trusted
+                    log.warning("layer %d: ignoring unreadable scan cache %s (%s)", layer, stems[layer], exc)
     todo = sorted(l for l in layers if l not in results)
     if not todo:
         return results
     device = getattr(model, "device", "cpu")
     d = model.d_mlp
+    stores: dict[int, ActivationStore] = {}
+    tmp_paths: dict[int, Path] = {}
+    for l in todo:
+        path = None
+        if l in stems:
+            path = stems[l].parent / f".{stems[l].name}.acts.npy.tmp"
+            try:
+                stems[l].parent.mkdir(parents=True, exist_ok=True)
+                stores[l] = ActivationStore.create(d, stored, length, path)
+                tmp_paths[l] = path
+                continue
+            except OSError as exc:
+                log.warning("layer %d: cannot write the activation store in %s (%s); keeping it in memory",
+                            l, stems[l].parent, exc)
+                stems.pop(l)
+        stores[l] = ActivationStore.create(d, stored, length, None)
     top_val = {l: torch.full((0, d), -float("inf"), device=device) for l in todo}
     top_idx = {l: torch.zeros((0, d), dtype=torch.long, device=device) for l in todo}
     bot_val = {l: torch.full((0, d), float("inf"), device=device) for l in todo}
@@ -147,19 +214,15 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
             v = torch.cat([bot_val[l], mn]); i = torch.cat([bot_idx[l], idx])
             bv, bi = (-v).topk(kk, dim=0)
             bot_val[l], bot_idx[l] = -bv, i.gather(0, bi)
+            stores[l].write(np.arange(start, start + ids.shape[0]), a.float().cpu().numpy())
         bar.update(ids.numel())
         start += ids.shape[0]
     bar.close()
-    pool = random_pool(n, pool_size, seed)
-    pool_acts = {l: [] for l in todo}
-    for start in range(0, len(pool), batch_size):
-        ids = excerpts[pool[start : start + batch_size]]
-        acts = model.layer_activations(ids, None, todo)
-        for l in todo:
-            pool_acts[l].append(acts[l].reshape(-1, d).float().cpu())
     qs = torch.tensor(QUANTILES)
     for l in todo:
-        sample = torch.cat(pool_acts[l])
+        store = stores[l]
+        store.flush()
+        sample = torch.from_numpy(store.values[:, store.rows(pool), :].reshape(d, -1).T.astype(np.float32))
         mx, mn = top_val[l][0].float().cpu(), bot_val[l][0].float().cpu()
         pos_rate = torch.where(mx > 0, (sample >= fire_threshold * mx).float().mean(0), torch.zeros(d))
         neg_rate = torch.where(mn < 0, (sample <= fire_threshold * mn).float().mean(0), torch.zeros(d))
@@ -167,11 +230,18 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
             layer=l, top_idx=top_idx[l].cpu(), top_val=top_val[l].float().cpu(), bot_idx=bot_idx[l].cpu(),
             bot_val=bot_val[l].float().cpu(), quantiles=_quantiles(sample, qs),
             pos_rate=pos_rate, neg_rate=neg_rate, pool=pool, n_pool_tokens=int(sample.shape[0]),
-            fire_threshold=fire_threshold,
+            fire_threshold=fire_threshold, store=store,
         )
+        if l in stems:
+            final = stems[l].with_suffix(".acts.npy")
+            try:
+                os.replace(tmp_paths[l], final)  # the open map stays valid: same file, new name
+                scan.store = ActivationStore.open(final, stored)
+                _save(scan, stems[l])
+            except OSError as exc:
+                log.warning("layer %d: cannot save the scan cache in %s (%s); going on without it", l, stems[l].parent, exc)
+                tmp_paths[l].unlink(missing_ok=True)
         results[l] = scan
-        if l in paths:
-            _save_atomic(scan.to_dict(), paths[l])
     return results
 
 

@@ -21,6 +21,7 @@ import json
 import logging
 from pathlib import Path
 
+from .baselines import BASELINES
 from .errors import N2GError
 from .fileio import replacing, write_json_atomic, write_text_atomic
 from .graph import NeuronGraph
@@ -29,7 +30,7 @@ from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 log = logging.getLogger(__name__)
 
 RUN_KIND = "n2g.run"
-METHODS = ("n2g", "token_lookup", "ngram", "zero")
+METHODS = ("n2g", "token_lookup", "ngram", "zero", *sorted(set(BASELINES) - {"token_lookup", "ngram", "zero"}))
 SCORE_FIELDS = ("precision", "recall", "f1", "nonfiring_precision", "nonfiring_recall", "nonfiring_f1",
                 "pearson", "explained_variance", "n_tokens", "n_firing", "n_predicted_firing", "status")
 

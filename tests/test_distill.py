@@ -267,7 +267,7 @@ def test_out_of_sample_choice_does_not_trust_paths_that_only_their_own_excerpt_s
 
 def test_fitted_paths_record_the_training_excerpts_that_made_them():
     feature, patterns = RULES["after"]
-    model = n2g.distill(feature, text(11, patterns, n=80))
+    model = n2g.distill(feature, text(11, patterns, n=80), grow=False)  # grown branches: see test_grow.py
     seen = ([e for e in model.examples_ if e.split == "train" and e.source == "top"]
             + [e for e in model.examples_ if e.split == "train" and e.source == "random"])
     g = model.graph_
@@ -287,6 +287,8 @@ def test_fitted_paths_record_the_training_excerpts_that_made_them():
     # fires, so cover adds no path of its own).
     tops = [k for k, e in enumerate(seen) if e.source == "top"]
     pruned = sorted(tops, key=lambda k: -max(seen[k].activations))[: model.config.n_prune]
+    pruned = [k for k in pruned if max(seen[k].activations) >= 0.5]  # an excerpt where nothing fires makes no path
+    assert len(pruned) >= 10
     assert set().union(*(n.sources for n in g.nodes)) == set(pruned)
 
 

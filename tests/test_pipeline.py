@@ -149,10 +149,13 @@ def test_fit_prints_a_summary_and_writes_artifacts(tiny_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "L1.N4" in res.stdout and "n2g F1" in res.stdout
     result = json.loads((out / "neurons" / "L1.N4" / "result.json").read_text())
-    assert set(result["scores"]) == {"n2g", "token_lookup", "ngram", "zero"}
+    from n2g.baselines import BASELINES
+    from n2g.store import METHODS
+
+    assert set(result["scores"]) == {"n2g", *BASELINES} == set(METHODS)
     assert all(e["tokens"] for e in result["examples"])
     table = list(csv.DictReader((out / "scores.csv").open()))
-    assert [row["method"] for row in table] == ["n2g", "token_lookup", "ngram", "zero"]
+    assert [row["method"] for row in table] == list(METHODS)
     n2g_row = table[0]
     assert float(n2g_row["f1"]) == pytest.approx(result["scores"]["n2g"]["f1"])
     assert int(n2g_row["n_firing"]) == result["scores"]["n2g"]["n_firing"]

@@ -1,0 +1,178 @@
+"""Learning the graph from every training occurrence of its tokens.
+
+Pruning, occlusion and variants propose contexts; this stage lets the training partition decide.
+For every activator of the graph (every token that fires somewhere in training, and every pruned
+pivot) it gathers all occurrences of that token in the training evidence and grows context
+branches greedily, as a classification tree over "does it fire here" whose questions are trie
+keys: *is the token d positions back Y* (an exact child, which may continue one position further
+back) and *is Y anywhere among the next k tokens back* (a wildcard run of 0..k-1 tokens, then Y).
+Each step takes the question with the largest Gini gain among the occurrences not yet claimed by
+an earlier branch, so a node gains several children ("X fires unless the token before it is one
+of S" is X with an END that fires and a non-firing child per member of S). After calibration on the
+same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
+tokens would fall back to, so the trie keeps only what changes predictions on training data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import WILDCARD, NeuronGraph, run_key
+
+
+def _impurity(n: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """n x Gini impurity of a set of n tokens of which f fire."""
+    n = np.asarray(n, np.float64)
+    f = np.asarray(f, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(n > 0, 2.0 * f * (n - f) / np.maximum(n, 1), 0.0)
+
+
+class Grower:
+    """Grows context branches of a graph from evidence arrays ``ids``/``acts`` (``[n, length]``)."""
+
+    def __init__(self, graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, sources: np.ndarray, *,
+                 min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
+                 min_gain: float = 1.0):
+        self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
+        self.fires = acts >= graph.fire_threshold
+        self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
+        self.run_window, self.min_gain = run_window, min_gain
+
+    def grow(self) -> int:
+        """Grow every activator; returns how many nodes were added."""
+        before = len(self.graph.nodes)
+        roots = self.graph.nodes[0].children
+        if not roots:
+            return 0
+        keys = np.fromiter(roots, np.int64, len(roots))
+        rows, cols = np.nonzero(np.isin(self.ids, keys))
+        tokens = self.ids[rows, cols]
+        order = np.argsort(tokens, kind="stable")
+        rows, cols, tokens = rows[order], cols[order], tokens[order]
+        bounds = np.flatnonzero(np.diff(tokens)) + 1
+        lists = {}
+        for r, c in zip(np.split(rows, bounds), np.split(cols, bounds)):
+            if not len(r):
+                continue
+            node = roots[int(self.ids[r[0], c[0]])]
+            if len(self.graph.nodes[node].children):  # occurrences a proposed branch explains stay with it
+                keep = np.fromiter((self.graph.deepest_node(self._row(lists, rr), cc) == node for rr, cc in zip(r, c)),
+                                   bool, len(r))
+                r, c = r[keep], c[keep]
+            if len(r):
+                self._grow(node, r, c, 1, self.max_depth)
+        return len(self.graph.nodes) - before
+
+    def _row(self, cache: dict, r: int) -> list[int]:
+        if r not in cache:
+            cache[r] = self.ids[r].tolist()
+        return cache[r]
+
+    def _grow(self, node: int, rows: np.ndarray, cols: np.ndarray, offset: int, depth_left: int) -> None:
+        remaining = np.ones(len(rows), bool)
+        for _ in range(self.max_children):
+            idx = np.flatnonzero(remaining)
+            r, c = rows[idx], cols[idx]
+            y = self.fires[r, c]
+            n, f = len(idx), int(y.sum())
+            if n < 2 * self.min_count or f == 0 or f == n:
+                return
+            base = float(_impurity(n, f))
+            best = self._best_exact(r, c, y, offset, n, f, base)
+            if self.run_window > 1:
+                run = self._best_run(r, c, y, offset, n, f, base)
+                if run is not None and (best is None or run[1] > best[1] + 1e-9):
+                    best = run
+            if best is None or best[1] < self.min_gain:
+                return
+            kind, _, token, member = best
+            chosen = idx[member]
+            excerpt_ids = set(self.sources[rows[chosen]].tolist())
+            if kind == "exact":
+                child = self.graph.add_child(node, token, excerpt_ids)
+                if depth_left > 1:
+                    self._grow(child, rows[chosen], cols[chosen], offset + 1, depth_left - 1)
+            else:
+                run_node = self.graph.add_child(node, run_key(self.run_window - 1), excerpt_ids)
+                self.graph.add_child(run_node, token, excerpt_ids)
+            remaining[chosen] = False
+
+    def _score(self, counts, fired, n, f, base):
+        gain = base - _impurity(counts, fired) - _impurity(n - counts, f - fired)
+        gain = np.where(counts >= self.min_count, gain, -np.inf)
+        return gain
+
+    def _best_exact(self, r, c, y, offset, n, f, base):
+        ok = c - offset >= 0
+        ok[ok] = self.ids[r[ok], c[ok] - offset] >= 0  # padding (-1) is no token
+        if not ok.any():
+            return None
+        prev = self.ids[r[ok], c[ok] - offset]
+        uniq, inv = np.unique(prev, return_inverse=True)
+        counts = np.bincount(inv)
+        fired = np.bincount(inv, weights=y[ok].astype(np.float64))
+        gain = self._score(counts, fired, n, f, base)
+        j = int(np.argmax(gain))
+        if not np.isfinite(gain[j]):
+            return None
+        member = np.flatnonzero(ok)[inv == j]
+        return ("exact", float(gain[j]), int(uniq[j]), member)
+
+    def _best_run(self, r, c, y, offset, n, f, base):
+        occ, tok = [], []
+        for s in range(self.run_window):
+            ok = c - offset - s >= 0
+            ok[ok] = self.ids[r[ok], c[ok] - offset - s] >= 0
+            occ.append(np.flatnonzero(ok))
+            tok.append(self.ids[r[ok], c[ok] - offset - s])
+        occ, tok = np.concatenate(occ), np.concatenate(tok)
+        if not len(occ):
+            return None
+        pairs = np.unique(tok * (n + 1) + occ)  # each (token, occurrence) once
+        tok, occ = pairs // (n + 1), pairs % (n + 1)
+        uniq, inv = np.unique(tok, return_inverse=True)
+        counts = np.bincount(inv)
+        fired = np.bincount(inv, weights=y[occ].astype(np.float64))
+        gain = self._score(counts, fired, n, f, base)
+        j = int(np.argmax(gain))
+        if not np.isfinite(gain[j]):
+            return None
+        return ("run", float(gain[j]), int(uniq[j]), occ[inv == j])
+
+
+def prune_unchanged(graph: NeuronGraph) -> int:
+    """Remove branches whose firing decision equals what their tokens would fall back to.
+
+    Bottom-up: a leaf (no children left) is dropped when it holds no END, or when its END fires
+    exactly when the END of its nearest ancestor with one does (no ancestor END: does not fire).
+    Returns how many nodes were removed. Calibrate again afterwards: tokens of a removed node now
+    count at the ancestor.
+    """
+    thr = graph.fire_threshold
+    parent = [-1] * len(graph.nodes)
+    for idx, n in enumerate(graph.nodes):
+        for child in n.children.values():
+            parent[child] = idx
+    removed: set[int] = set()
+    live_children = [len(n.children) for n in graph.nodes]
+    for idx in range(len(graph.nodes) - 1, 0, -1):
+        n = graph.nodes[idx]
+        if live_children[idx] > 0:
+            continue
+        drop = n.end is None
+        if not drop:
+            up = parent[idx]
+            while up > 0 and graph.nodes[up].end is None:
+                up = parent[up]
+            fallback = graph.nodes[up].end if up > 0 else 0.0
+            drop = (n.end >= thr) == (fallback >= thr)
+        if drop:
+            removed.add(idx)
+            live_children[parent[idx]] -= 1
+    if removed:
+        graph.compact(set(range(len(graph.nodes))) - removed)
+    return len(removed)
+
+
+__all__ = ["Grower", "prune_unchanged", "WILDCARD"]
