@@ -1,10 +1,11 @@
 """Fidelity harness: how well graphs predict SmolLM2 neurons across depth, per preset and baseline.
 
 Samples a fixed set of neurons (seeded) in each of the given layers of the embedded SmolLM2 and
-the embedded corpus, fits every preset on the same train/test split, and prints per layer the
-mean firing precision/recall/F1 and Pearson correlation for each preset, token lookup and the
-5-gram lookup (fitted on the default preset's training excerpts). Neurons without a firing test
-token are excluded from the means and counted.
+the embedded corpus, partitions the corpus once (training / held-out excerpts), fits every preset,
+and prints per layer and for two test mixes (held-out top excerpts only; held-out top + random)
+the mean firing F1 and Pearson correlation of each preset, of token lookup and of the best n-gram
+lookup (every lookup fitted on every token of the training partition), the graph size, and how
+many held-out firing tokens have an activator never seen firing in training.
 
     python evaluation/fidelity.py --layers 0,5,10,15,20,25,29 --per-layer 8 --max-excerpts 1024
 """
@@ -21,13 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from n2g.activations import partition
+from n2g.baselines import BASELINES
 from n2g.config import preset
 from n2g.corpus import Corpus
-from n2g.engine import Job, RowEvaluator, fit_many
+from n2g.distill import pool_size, top_k
+from n2g.engine import RowEvaluator, fit_many, store_job
 from n2g.models import cache_dir, load_model
 from n2g.pipeline import parse_indices
 from n2g.records import NeuronId, Sign
 from n2g.scan import scan_layers
+from n2g.score import score_arrays
 
 
 def main(argv=None) -> int:
@@ -35,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--layers", default="0,5,10,15,20,25,29")
     ap.add_argument("--per-layer", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the neuron sample")
     ap.add_argument("--max-excerpts", type=int, default=1024)
     ap.add_argument("--presets", default="paper,default")
     ap.add_argument("--set", action="append", default=[], help="override for the default preset, e.g. --set max_pivots=2")
@@ -56,15 +61,19 @@ def main(argv=None) -> int:
         except json.JSONDecodeError:
             overrides[key] = value  # a word such as mean, auto or search
     configs = {name: preset(name, **(overrides if name == "default" else {})) for name in args.presets.split(",")}
-    k = max(max(64, c.n_top + c.n_extra_train) for c in configs.values())
-    pool = max(max(64, c.n_top + c.n_extra_train + c.n_random_test + c.n_random_train) for c in configs.values())
+    split_cfg = next(iter(configs.values()))
+    if any((c.held_out, c.seed) != (split_cfg.held_out, split_cfg.seed) for c in configs.values()):
+        raise SystemExit("every preset must share held_out and seed (one corpus-level split)")
+    k = max(top_k(c) for c in configs.values())
+    pool = max(pool_size(c) for c in configs.values())
     t0 = time.perf_counter()
     scans = scan_layers(model, corpus.excerpts, layers, k=k, pool_size=pool, cache_dir=cache_dir(),
                         corpus_key=corpus.fingerprint(), progress=False)
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
-    jobs = [Job(n, scans[n.layer].scale(n.index, Sign.POSITIVE), scans[n.layer].ranked(n.index, Sign.POSITIVE), scans[n.layer].pool)
-            for n in neurons]
+    ids_all = corpus.excerpts.numpy()
+    is_train = partition(len(excerpts), split_cfg.held_out, split_cfg.seed)
+    jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]
     fits, seconds = {}, {}
     memo = Memo(model, args.memo) if args.memo else None
     for name, cfg in configs.items():
@@ -74,37 +83,66 @@ def main(argv=None) -> int:
         seconds[name] = time.perf_counter() - t0
         print(f"# {name}: {len(jobs)} neurons in {seconds[name]:.1f}s ({seconds[name] / len(jobs):.2f} s/neuron)", file=sys.stderr)
 
-    methods = [(name, name, "n2g") for name in configs]
+    # Scores per neuron, method and test mix; baselines refitted here on the stored training partition.
+    mixes = {"top": ("top",), "top+random": ("top", "random")}
     base_from = "default" if "default" in configs else next(iter(configs))
-    methods += [("token lookup", base_from, "token_lookup"), ("5-gram", base_from, "ngram")]
-    rows = []
-    header = f"{'layer':>5} {'n':>3} {'dead':>4} {'nofire':>6} | " + " | ".join(f"{m[0]:^23}" for m in methods)
-    sub = f"{'':>5} {'':>3} {'':>4} {'':>6} | " + " | ".join(f"{'P':>5} {'R':>5} {'F1':>5} {'r':>5}" for _ in methods)
-    lines = [header, sub]
-    per_neuron = []
-    for layer in layers + ["all"]:
-        ns = [n for n in neurons if layer == "all" or n.layer == layer]
-        dead = [n for n in ns if fits[base_from][n].status == "dead"]
-        live = [n for n in ns if n not in dead]
-        scored = [n for n in live if fits[base_from][n].scores["n2g"].f1 is not None]
-        cells = []
-        for label, cfg_name, key in methods:
-            vals = [fits[cfg_name][n].scores[key] for n in scored]
-            mean = lambda attr: float(np.mean([getattr(v, attr) if getattr(v, attr) is not None else 0.0 for v in vals])) if vals else float("nan")
-            cells.append(f"{mean('precision'):5.2f} {mean('recall'):5.2f} {mean('f1'):5.2f} {mean('pearson'):5.2f}")
-        lines.append(f"{layer:>5} {len(ns):>3} {len(dead):>4} {len(live) - len(scored):>6} | " + " | ".join(cells))
-    for n in neurons:
-        per_neuron.append({"neuron": n.key, **{f"{label}": (fits[c][n].scores[k].to_dict() if fits[c][n].scores else None)
-                                                 for label, c, k in methods}})
+    scores: dict = {}
+    unseen: dict = {}
+    for job in jobs:
+        n = job.neuron
+        if fits[base_from][n].status == "dead":
+            continue
+        train_rows = job.evidence
+        train_ids = ids_all[train_rows]
+        train_acts = np.stack([job.known[i] for i in train_rows])
+        fired_tokens = set(np.unique(train_ids[train_acts >= 0.5]).tolist())
+        for mix, sources in mixes.items():
+            test = {name: [e for e in fits[name][n].examples if e.split == "test" and e.source in sources] for name in configs}
+            ref = test[base_from]
+            true = [np.asarray(e.activations) for e in ref]
+            cell = {name: score_arrays([e.activations for e in test[name]], [e.predicted for e in test[name]]) for name in configs}
+            for bname, make in BASELINES.items():
+                if bname == "zero":
+                    continue
+                b = make().fit_arrays(list(train_ids), list(train_acts))
+                cell[bname] = score_arrays(true, b.predict_sequences([e.token_ids for e in ref]))
+            scores[(n, mix)] = cell
+            firing = [(t, a) for e in ref for t, a in zip(e.token_ids, e.activations) if a >= 0.5]
+            unseen[(n, mix)] = (sum(t not in fired_tokens for t, _ in firing), len(firing))
+
+    lines = []
+    for mix in mixes:
+        live = [n for n in neurons if (n, mix) in scores and scores[(n, mix)][base_from].f1 is not None]
+        methods = list(configs) + [b for b in BASELINES if b != "zero"]
+        mean = lambda ns, m, attr: float(np.mean([getattr(scores[(n, mix)][m], attr) or 0.0 for n in ns])) if ns else float("nan")
+        overall = {m: mean(live, m, "f1") for m in methods}
+        best = max((b for b in methods if b not in configs), key=lambda b: overall[b])
+        shown = list(configs) + ["token_lookup", best]
+        lines.append(f"\n## test mix: held-out {mix} (best full-partition lookup overall: {best})\n")
+        lines.append("| layer | n | " + " | ".join(f"{m} F1 | {m} r" for m in shown) + " | best lookup per layer | graph nodes | unseen activators |")
+        lines.append("|" + "---|" * (2 * len(shown) + 5))
+        for layer in layers + ["all"]:
+            ns = [n for n in live if layer == "all" or n.layer == layer]
+            per_layer_best = max((b for b in methods if b not in configs), key=lambda b: mean(ns, b, "f1")) if ns else "-"
+            nodes = np.mean([sum(v for key, v in fits[base_from][n].graph.stats().items()
+                                 if key in ("activator", "context", "wildcard")) for n in ns]) if ns else float("nan")
+            u = [unseen[(n, mix)] for n in ns]
+            frac = sum(a for a, _ in u) / max(sum(b for _, b in u), 1)
+            lines.append(f"| {layer} | {len(ns)} | " + " | ".join(f"{mean(ns, m, 'f1'):.3f} | {mean(ns, m, 'pearson'):.3f}" for m in shown)
+                         + f" | {per_layer_best} {mean(ns, per_layer_best, 'f1') if ns else float('nan'):.3f} | {nodes:.0f} | {100 * frac:.1f}% |")
+        lines.append("\nAll lookups (overall mean F1): " + ", ".join(f"{b} {overall[b]:.3f}" for b in methods if b not in configs))
     print("\n".join(lines))
     print(f"\nmodel {model.spec} ({model.device}, {model.dtype}); corpus {corpus.source}: {len(excerpts)} excerpts x {corpus.length} tokens; "
-          f"{args.per_layer} neurons/layer, seed {args.seed}; scan {scan_s:.1f}s; "
+          f"partition {int(is_train.sum())} training / {int((~is_train).sum())} held-out excerpts (held_out {split_cfg.held_out}, seed {split_cfg.seed}); "
+          f"{args.per_layer} neurons/layer, sample seed {args.seed}; scan {scan_s:.1f}s; "
           + "; ".join(f"{n} {seconds[n] / len(jobs):.2f} s/neuron" for n in configs)
           + f"; {platform.machine()}, {torch.get_num_threads()} threads")
-    print("precision/recall/F1 of the firing class pooled over test tokens (top + random excerpts), mean over neurons; "
-          "r = Pearson; neurons without a firing test token excluded ('nofire'); dead = never fires on this corpus")
+    print("F1 of the firing class pooled over held-out test tokens, mean over neurons (neurons without a firing test token "
+          "excluded); r = Pearson; lookups are fitted on every token of the training partition; 'unseen activators': "
+          "held-out firing tokens whose token never fires in training (no lookup-style graph can recall them)")
     if args.json:
-        Path(args.json).write_text(json.dumps(per_neuron, indent=1))
+        rows = [{"neuron": n.key, "mix": mix, **{m: s.to_dict() for m, s in cell.items()}} for (n, mix), cell in scores.items()]
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     if memo:
         memo.save()
     return 0

@@ -82,12 +82,42 @@ class DistillConfig:
     """Exact context positions a grown branch may reach back."""
     run_window: int = 3
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
-    min_gain: float = 1.0
-    """Least Gini gain (in tokens) for a grown branch."""
+    min_gain: float = 10.0
+    """Least likelihood-ratio (G) statistic of a grown branch's split (10: p of about 0.002 by chance)."""
     end_value: str = "quantile"
     """With ``end_statistic="auto"``: store the chosen ``quantile``, or the ``mean`` kept on the quantile's side of the threshold."""
     batch_tokens: int = 16384
     """Padded tokens per forward batch (rows x length)."""
+    # -- the published implementation (albertsgarde/Neuron2Graph); see evaluation/results/paper_vs_published.md
+    rescale_pruned: bool = False
+    """Record every activation of a pruned example (context, pivot, post tokens, variants) times
+    ``original pivot activation / window maximum``, rounded to 3 decimals (published), so the pivot keeps
+    its activation in the whole excerpt."""
+    prune_windows: str = "search"
+    """``search``: windows from ``prune_search``, the shortest whose pivot keeps ``prune_threshold`` of its
+    activation; ``published``: windows of 5, 10, ..., ``max_context`` tokens counting BOS (plus the whole
+    prefix when shorter), shortest first, accepted only when the pivot is the window's maximum and keeps
+    strictly more than ``prune_threshold``; else the longest if anything in it is active, else no example."""
+    merge_wildcards: bool = False
+    """After the paths are in, copy the branches of a wildcard's exact siblings under the wildcard and
+    drop the siblings without an END (:meth:`~n2g.graph.NeuronGraph.merge_wildcards`, published)."""
+    post_context: int = 0
+    """Tokens after the pivot kept in a pruned example (published: 5), up to the end of the pivot's sentence;
+    they make their own paths when they fire."""
+    sentence_end_ids: tuple[int, ...] | None = None
+    """Token ids that end a sentence for ``post_context``. None: derived by the caller that knows the
+    tokenizer (``n2g.published.for_model``: tokens whose text contains ``.``, ``!`` or a newline, as
+    published); with no model (``n2g.distill``) none are known and only ``post_context`` bounds the tail."""
+    strict: bool = False
+    """Published comparisons when building paths: a position makes a path only if its activation is
+    strictly above ``fire_threshold``, a context token is kept only if its importance is strictly above
+    ``importance_threshold`` (scoring still fires at ``>=``)."""
+    occlusion_text: str | None = None
+    """Text whose single token occludes for importance (published GPT-2 id 1 is ``"``; for SmolLM2 ``"``
+    is id 18), resolved by the caller that knows the tokenizer (``n2g.published.for_model``). None or not one
+    token: the model's default occlusion token."""
+    occlusion_token_id: int | None = None
+    """An explicit occlusion token id for importance (overrides ``occlusion_text`` and the model's default)."""
 
     def __post_init__(self) -> None:
         for name in ("n_top", "n_variants", "n_candidates", "batch_tokens", "max_pivots", "grow_depth", "run_window"):
@@ -123,6 +153,23 @@ class DistillConfig:
             raise N2GError(f"end_value must be quantile or mean (got {self.end_value!r})")
         if self.match not in ("greedy", "search"):
             raise N2GError(f"match must be greedy or search (got {self.match!r})")
+        if self.prune_windows not in ("search", "published"):
+            raise N2GError(f"prune_windows must be search or published (got {self.prune_windows!r})")
+        if self.post_context < 0:
+            raise N2GError(f"post_context must be 0 or more (got {self.post_context})")
+        if self.sentence_end_ids is not None:
+            try:
+                self.sentence_end_ids = tuple(sorted({int(t) for t in self.sentence_end_ids}))
+            except (TypeError, ValueError):
+                raise N2GError(f"sentence_end_ids must be token ids (got {self.sentence_end_ids!r})") from None
+            if any(t < 0 for t in self.sentence_end_ids):
+                raise N2GError("sentence_end_ids must be token ids of 0 or more")
+        if self.occlusion_text is not None and (not isinstance(self.occlusion_text, str) or not self.occlusion_text):
+            raise N2GError(f"occlusion_text must be a non-empty string or None (got {self.occlusion_text!r})")
+        if self.occlusion_token_id is not None and (isinstance(self.occlusion_token_id, bool)
+                                                    or not isinstance(self.occlusion_token_id, int)
+                                                    or self.occlusion_token_id < 0):
+            raise N2GError(f"occlusion_token_id must be a token id of 0 or more or None (got {self.occlusion_token_id!r})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,7 +184,16 @@ class DistillConfig:
 
 
 PRESETS: dict[str, DistillConfig] = {
-    "paper": DistillConfig(),
+    # The published implementation (albertsgarde/Neuron2Graph); evaluation/results/paper_vs_published.md
+    # lists every difference, what follows it and what remains.
+    "paper": DistillConfig(
+        rescale_pruned=True,
+        prune_windows="published",
+        merge_wildcards=True,
+        post_context=5,
+        strict=True,
+        occlusion_text='"',
+    ),
     # Measured on SmolLM2 with evaluation/fidelity.py (see evaluation/results/): more training text,
     # every node calibrated on training tokens (backoff) at the quantile with the best training F1
     # scored out of sample, every training activator covered, deepest-match search, cheaper pruning.

@@ -60,6 +60,9 @@ class Node:
     """The END activation a prediction reaching this node returns (None: no END here)."""
     sources: set[int] = field(default_factory=set)
     """Training excerpts whose paths pass through this node (fitting only; not saved)."""
+    rank: tuple[int, int] = (0, 0)
+    """How specific a match ending here is: (exact context tokens on the path, depth). Matching
+    prefers the most specific END, so a wildcard-only branch never shadows a matched context token."""
 
 
 def path_from(ids: Sequence[int], acts: np.ndarray, imp: np.ndarray, j: int,
@@ -101,7 +104,7 @@ class NeuronGraph:
             child = self.nodes[at].children.get(key)
             if child is None:
                 child = len(self.nodes)
-                self.nodes.append(Node(key, depth))
+                self.nodes.append(self._new_node(at, key))
                 self.nodes[at].children[key] = child
             at = child
             node = self.nodes[at]
@@ -114,12 +117,18 @@ class NeuronGraph:
         node.end = self._end_value(node.end_values)
         return at
 
+    def _new_node(self, parent: int, key: int) -> Node:
+        up = self.nodes[parent]
+        depth = up.depth + 1
+        exact = up.rank[0] + (1 if key > WILDCARD and parent != 0 else 0)
+        return Node(key, depth, rank=(exact, depth))
+
     def add_child(self, at: int, key: int, sources=()) -> int:
         """The child of ``at`` under ``key``, created if missing (a run child counts as one level deeper)."""
         child = self.nodes[at].children.get(key)
         if child is None:
             child = len(self.nodes)
-            self.nodes.append(Node(key, self.nodes[at].depth + 1))
+            self.nodes.append(self._new_node(at, key))
             self.nodes[at].children[key] = child
             if key < WILDCARD:
                 self.run_parents.add(at)
@@ -173,8 +182,9 @@ class NeuronGraph:
     def match_path(self, ids: Sequence[int], i: int, exclude: int | None = None) -> list[int]:
         """Trie nodes matched walking back from position ``i`` (activator first); [] if none.
 
-        ``greedy`` follows the exact-token child before the wildcard; ``search`` tries both and keeps
-        the path to the deepest node that holds an END (exact wins ties). ``exclude`` matches as if
+        ``greedy`` follows the exact-token child before the wildcard; ``search`` tries every branch
+        (exact, wildcard, wildcard run) and keeps the path to the most specific node that holds an
+        END: the most exact context tokens, then the deepest (exact wins ties). ``exclude`` matches as if
         the paths of that training excerpt had never been added.
         """
         start = self._child(0, int(ids[i]), exclude)
@@ -196,7 +206,7 @@ class NeuronGraph:
     def _search(self, ids: Sequence[int], i: int, at: int, d: int, exclude: int | None = None):
         """(depth, path) of the deepest END at or below ``at`` over exact, wildcard and run branches."""
         node = self.nodes[at]
-        best = (node.depth, [at]) if node.end is not None else None
+        best = (node.rank, [at]) if node.end is not None else None
         if d <= i and node.children:
             children = node.children
             for key in (int(ids[i - d]), WILDCARD):
@@ -234,13 +244,12 @@ class NeuronGraph:
         start = self.nodes[0].children.get(int(ids[i]))
         if start is None:
             return None
-        best, best_depth = start, 0
+        best, best_rank = start, self.nodes[start].rank
         stack = [(start, 1)]
         while stack:
             at, d = stack.pop()
-            if self.nodes[at].depth > best_depth and self.nodes[at].token_id is not None \
-                    and self.nodes[at].token_id >= WILDCARD:
-                best, best_depth = at, self.nodes[at].depth
+            if self.nodes[at].rank > best_rank:
+                best, best_rank = at, self.nodes[at].rank
             if d <= i:
                 children = self.nodes[at].children
                 for key, run in children.items():  # runs first on the stack: explored last, lose ties
@@ -435,8 +444,8 @@ class NeuronGraph:
                 key = run_key(int(attrs["run"])) if int(attrs.get("run", 0) or 0) > 0 else WILDCARD
             else:
                 key = int(attrs["token_id"])
-            node = Node(key, int(attrs["depth"]), count=int(attrs["count"]),
-                        importance_sum=float(attrs["importance"]) * int(attrs["count"]))
+            node = graph._new_node(index[parents[0]], key)
+            node.count, node.importance_sum = int(attrs["count"]), float(attrs["importance"]) * int(attrs["count"])
             index[name] = len(graph.nodes)
             graph.nodes.append(node)
             graph.nodes[index[parents[0]]].children[key] = index[name]
@@ -493,3 +502,57 @@ class NeuronGraph:
     def set_token_text(self, to_text: Callable[[list[int]], list[str]]) -> None:
         ids = sorted(self.tokens())
         self.token_text.update(zip(ids, to_text(ids)))
+
+    def merge_wildcards(self) -> int:
+        """Generalise exact contexts to the wildcard beside them (the published ``_merge_ignores``).
+
+        Breadth first from the root: at a node with a wildcard child ``w``, every other child ``c``
+        has each of its branches that reach an END (below ``c`` itself) copied under ``w``, following
+        nodes already there; a copied END is set only where none is (the first value stays). ``c`` is
+        then removed unless it holds an END itself. Copies are visited later, so merges cascade.
+        Returns how many children were removed; unreachable nodes are compacted away.
+        """
+        from collections import deque
+
+        removed = 0
+        queue = deque([0])
+        while queue:
+            at = queue.popleft()
+            children = self.nodes[at].children
+            wild = children.get(WILDCARD)
+            if wild is not None:
+                for key, child in list(children.items()):
+                    if key == WILDCARD:
+                        continue
+                    for chain in self._end_chains(child):
+                        target = wild
+                        for src in chain:
+                            node = self.nodes[src]
+                            size = len(self.nodes)
+                            target = self.add_child(target, node.token_id, node.sources)
+                            if len(self.nodes) > size:  # a new copy carries the statistics it stands for
+                                self.nodes[target].count = node.count
+                                self.nodes[target].importance_sum = node.importance_sum
+                        end = self.nodes[chain[-1]].end
+                        if self.nodes[target].end is None:
+                            self.nodes[target].end = end
+                            self.nodes[target].end_values = [float(end)]
+                    if self.nodes[child].end is None:
+                        del children[key]
+                        removed += 1
+            queue.extend(self.nodes[at].children.values())
+        if removed:
+            self.compact(set(range(len(self.nodes))))
+        return removed
+
+    def _end_chains(self, at: int) -> list[list[int]]:
+        """Node chains from a child of ``at`` down to each descendant that holds an END (pre-order)."""
+        chains: list[list[int]] = []
+        stack = [(child, [child]) for child in reversed(list(self.nodes[at].children.values()))]
+        while stack:
+            node, chain = stack.pop()
+            if self.nodes[node].end is not None:
+                chains.append(chain)
+            for child in reversed(list(self.nodes[node].children.values())):
+                stack.append((child, chain + [child]))
+        return chains

@@ -6,8 +6,9 @@ pivot) it gathers all occurrences of that token in the training evidence and gro
 branches greedily, as a classification tree over "does it fire here" whose questions are trie
 keys: *is the token d positions back Y* (an exact child, which may continue one position further
 back) and *is Y anywhere among the next k tokens back* (a wildcard run of 0..k-1 tokens, then Y).
-Each step takes the question with the largest Gini gain among the occurrences not yet claimed by
-an earlier branch, so a node gains several children ("X fires unless the token before it is one
+A question may also be a set: *is the token d positions back one of S*, where S gathers the
+tokens after which X never (or always) fires. Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
+at least ``min_gain``) among the occurrences not yet claimed by an earlier branch, so a node gains several children ("X fires unless the token before it is one
 of S" is X with an END that fires and a non-firing child per member of S). After calibration on the
 same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
 tokens would fall back to, so the trie keeps only what changes predictions on training data.
@@ -21,11 +22,13 @@ from .graph import WILDCARD, NeuronGraph, run_key
 
 
 def _impurity(n: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """n x Gini impurity of a set of n tokens of which f fire."""
+    """Deviance (-2 log-likelihood, nats) of "f of n tokens fire" under its own firing rate."""
     n = np.asarray(n, np.float64)
     f = np.asarray(f, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(n > 0, 2.0 * f * (n - f) / np.maximum(n, 1), 0.0)
+        a = np.where(f > 0, f * np.log(np.maximum(f, 1e-300) / np.maximum(n, 1)), 0.0)
+        b = np.where(n - f > 0, (n - f) * np.log(np.maximum(n - f, 1e-300) / np.maximum(n, 1)), 0.0)
+    return -2.0 * (a + b)
 
 
 class Grower:
@@ -33,7 +36,7 @@ class Grower:
 
     def __init__(self, graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, sources: np.ndarray, *,
                  min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
-                 min_gain: float = 1.0):
+                 min_gain: float = 10.0):
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
@@ -88,19 +91,23 @@ class Grower:
                 return
             kind, _, token, member = best
             chosen = idx[member]
-            excerpt_ids = set(self.sources[rows[chosen]].tolist())
-            if kind == "exact":
-                child = self.graph.add_child(node, token, excerpt_ids)
-                if depth_left > 1:
-                    self._grow(child, rows[chosen], cols[chosen], offset + 1, depth_left - 1)
+            if kind in ("exact", "set"):
+                members = [token] if kind == "exact" else token
+                prev = self.ids[rows[chosen], cols[chosen] - offset]
+                for t in members:
+                    mine = chosen[prev == t]
+                    child = self.graph.add_child(node, t, set(self.sources[rows[mine]].tolist()))
+                    if depth_left > 1:
+                        self._grow(child, rows[mine], cols[mine], offset + 1, depth_left - 1)
             else:
+                excerpt_ids = set(self.sources[rows[chosen]].tolist())
                 run_node = self.graph.add_child(node, run_key(self.run_window - 1), excerpt_ids)
                 self.graph.add_child(run_node, token, excerpt_ids)
             remaining[chosen] = False
 
     def _score(self, counts, fired, n, f, base):
         gain = base - _impurity(counts, fired) - _impurity(n - counts, f - fired)
-        gain = np.where(counts >= self.min_count, gain, -np.inf)
+        gain = np.where((counts >= self.min_count) & (n - counts >= self.min_count), gain, -np.inf)
         return gain
 
     def _best_exact(self, r, c, y, offset, n, f, base):
@@ -114,10 +121,20 @@ class Grower:
         fired = np.bincount(inv, weights=y[ok].astype(np.float64))
         gain = self._score(counts, fired, n, f, base)
         j = int(np.argmax(gain))
-        if not np.isfinite(gain[j]):
-            return None
-        member = np.flatnonzero(ok)[inv == j]
-        return ("exact", float(gain[j]), int(uniq[j]), member)
+        best = None
+        if np.isfinite(gain[j]):
+            best = ("exact", float(gain[j]), int(uniq[j]), np.flatnonzero(ok)[inv == j])
+        # A set of tokens that never (or always) fire here, taken together: "X unless after one of S".
+        for pure in (fired == 0, fired == counts):
+            chosen = pure & (counts >= self.min_count)
+            n1, f1 = int(counts[chosen].sum()), int(fired[chosen].sum())
+            if chosen.sum() < 2 or n - n1 < self.min_count:
+                continue
+            # Each member past the first costs 2 (as in AIC): a set picked for being pure is not free.
+            g = float(base - _impurity(n1, f1) - _impurity(n - n1, f - f1)) - 2.0 * (int(chosen.sum()) - 1)
+            if best is None or g > best[1] + 1e-9:
+                best = ("set", g, [int(t) for t in uniq[chosen]], np.flatnonzero(ok)[chosen[inv]])
+        return best
 
     def _best_run(self, r, c, y, offset, n, f, base):
         occ, tok = [], []

@@ -1,0 +1,126 @@
+"""The graph learned from every training occurrence: negative branches, wildcard runs, pruning."""
+
+import numpy as np
+import pytest
+import torch
+
+import n2g
+from n2g.graph import WILDCARD, NeuronGraph, run_key, run_span
+from n2g.grow import Grower, prune_unchanged
+from n2g.score import score_arrays
+
+from planted import shifted, text
+
+BLOCKERS = list(range(60, 70))
+"""Ten tokens that silence token 24 when they come right before it."""
+
+
+def unless_blocked(x):  # token 24 fires unless the token before it is one of BLOCKERS
+    blocked = torch.zeros_like(x, dtype=torch.bool)
+    for b in BLOCKERS:
+        blocked |= shifted(x, 1) == b
+    return ((x == 24) & ~blocked).float() * 2.0
+
+
+def near(x):  # token 25 fires when token 26 is anywhere in the 3 tokens before it
+    hit = torch.zeros_like(x, dtype=torch.bool)
+    for d in (1, 2, 3):
+        hit |= shifted(x, d) == 26
+    return ((x == 25) & hit).float()
+
+
+UNLESS = [[24]] + [[b, 24] for b in BLOCKERS]
+NEAR = [[25], [26, 25], [26, 40, 25], [26, 41, 42, 25], [26, 43, 44, 45, 25]]
+
+
+def heldout_f1(model, feature, patterns):
+    test = text(99, patterns, n=160, rate=0.3)
+    true = (feature(test) / model.scale).numpy()
+    return score_arrays([true], [model.predict_normalised(test)])
+
+
+def test_fires_unless_the_previous_token_is_one_of_ten():
+    model = n2g.distill(unless_blocked, text(1, UNLESS, n=240, rate=0.3))
+    scores = heldout_f1(model, unless_blocked, UNLESS)
+    assert scores.n_firing > 50 and scores.f1 == 1.0, scores
+    g = model.graph_
+    activator = g.nodes[g.nodes[0].children[24]]
+    assert activator.end is not None and activator.end >= 0.5  # 24 alone fires
+    quiet = {key for key, child in activator.children.items() if g.nodes[child].end is not None and g.nodes[child].end < 0.5}
+    assert quiet == set(BLOCKERS)  # one silencing branch per blocker, nothing else
+    # Every branch overrides its parent: the prediction after a blocker is below threshold.
+    assert model.predict_normalised(torch.tensor([[30, 63, 24]]))[0, 2] < 0.5
+    assert model.predict_normalised(torch.tensor([[30, 31, 24]]))[0, 2] == pytest.approx(1.0)
+
+
+def test_fires_when_a_token_is_within_three_before():
+    model = n2g.distill(near, text(2, NEAR, n=240, rate=0.3))
+    scores = heldout_f1(model, near, NEAR)
+    assert scores.n_firing > 50 and scores.f1 == 1.0, scores
+    for gap in range(3):  # 26, then 0, 1 or 2 other tokens, then 25 fires; 3 others: not
+        assert model.predict_normalised(torch.tensor([[26] + [50] * gap + [25]]))[0, -1] == pytest.approx(1.0)
+    assert model.predict_normalised(torch.tensor([[26, 50, 50, 50, 25]]))[0, -1] == 0.0
+
+
+def test_grower_learns_a_wildcard_run_when_the_gap_varies():
+    _run_graph()
+
+
+def _run_graph():
+    # No proposals beyond the bare activator: the evidence alone shows 26 at 1, 2 or 3 back.
+    x = text(2, NEAR, n=240, rate=0.3)
+    acts = near(x).numpy()
+    g = NeuronGraph("mean", "search")
+    g.add_path([(25, 1.0)], 1.0)
+    Grower(g, x.numpy(), acts, np.arange(len(x)), min_count=3).grow()
+    activator = g.nodes[g.nodes[0].children[25]]
+    runs = [key for key in activator.children if key < WILDCARD]
+    assert runs == [run_key(2)] and run_span(runs[0]) == 2  # a wildcard run of 0..2 tokens
+    assert list(g.nodes[activator.children[runs[0]]].children) == [26]
+    g.calibrate(list(zip(x.numpy(), acts)), backoff=True, statistic="auto", min_count=3)
+    prune_unchanged(g)
+    test = text(98, NEAR, n=160, rate=0.3)
+    scores = score_arrays([near(test).numpy()], [np.stack([g.predict_sequence(r) for r in test.tolist()])])
+    assert scores.n_firing > 50 and scores.f1 == 1.0
+    return g
+
+
+def test_runs_survive_saving_and_loading(tmp_path):
+    model = n2g.distill(near, text(2, NEAR, n=240, rate=0.3))
+    model.graph_ = _run_graph()
+    path = model.graph_.save(tmp_path / "graph.json")
+    loaded = NeuronGraph.load(path)
+    x = text(5, NEAR, n=20)
+    for row in x.tolist():
+        np.testing.assert_allclose(loaded.predict_sequence(row), model.graph_.predict_sequence(row))
+    kinds = {d["kind"] for _, d in model.graph_.to_networkx().nodes(data=True)}
+    assert "wildcard" in kinds
+
+
+def test_growth_stops_at_min_count_and_pruning_keeps_only_changed_decisions():
+    # Token 7 fires after 9 (20 times) and after 8 only twice (below min_count): one branch, for 9.
+    ids, acts = [], []
+    rng = np.random.default_rng(0)
+    for k in range(60):
+        row = [int(t) for t in rng.integers(30, 40, size=8)]
+        a = np.zeros(8)
+        if k < 20:
+            row[3], a[4] = 9, 1.0
+        elif k < 22:
+            row[3], a[4] = 8, 1.0
+        row[4] = 7
+        ids.append(row)
+        acts.append(a)
+    g = NeuronGraph("mean", "search")
+    g.add_path([(7, 1.0)], 1.0)
+    Grower(g, np.array(ids), np.array(acts), np.arange(60), min_count=3).grow()
+    activator = g.nodes[g.nodes[0].children[7]]
+    assert set(activator.children) == {9}
+    g.calibrate(list(zip(ids, acts)), backoff=True, statistic="auto", min_count=3)
+    assert prune_unchanged(g) == 0
+    assert g.predict_sequence([30, 9, 7])[-1] == 1.0 and g.predict_sequence([30, 31, 7])[-1] < 0.5
+    # A branch that agrees with its fallback is removed.
+    h = NeuronGraph("mean", "search")
+    h.add_path([(7, 1.0)], 0.9)
+    h.add_path([(7, 1.0), (9, 1.0)], 0.8)
+    assert prune_unchanged(h) == 1 and h.stats()["context"] == 0
