@@ -28,6 +28,7 @@ from .grow import Grower, prune_unchanged
 from .importance import importance_steps
 from .predict import predict_batch, predict_sequences
 from .prune import Pruned, choose_pivots, prune_steps
+from .published import add_example_strict, post_context_steps, published_prune_steps, rescale
 from .records import Example, NeuronStats, Scores
 from .score import score_arrays
 
@@ -48,6 +49,8 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     """Generator stage: prune, weigh, augment and build the graph from training examples."""
     graph = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
     trace = FitTrace()
+    if cfg.occlusion_token_id is not None:  # an explicit occlusion token (paper: '"', see n2g.published.for_model)
+        occlusion_id = cfg.occlusion_token_id
     seen = list(train) + list(calibration)  # a training excerpt's id is its index here
     peak = [max(e.activations, default=0.0) for e in train]
     ranked = sorted(range(len(train)), key=lambda k: -peak[k])
@@ -58,23 +61,31 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
         for pivot in choose_pivots(acts, cfg):
             targets.append((list(train[k].token_ids), acts, pivot))
             owners.append(k)
-    pruned = yield from prune_steps(targets, cfg)
+    if cfg.prune_windows == "published":  # published window grid, argmax test and fallback
+        pruned = yield from published_prune_steps(targets, cfg)
+    else:
+        pruned = yield from prune_steps(targets, cfg)
+    pruned = yield from post_context_steps(pruned, targets, cfg)  # tokens after the pivot (post_context > 0)
     imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id)
     trace.pruned, trace.importances = pruned, imps
     for p, imp in zip(pruned, imps):
-        acts = p.activations
+        acts = rescale(p) if cfg.rescale_pruned else p.activations  # published: pivot back to its original value
         if cfg.pivot_activation == "original":  # the window was kept for its context; its END keeps the real value
             acts = acts.copy()
-            acts[-1] = p.original
-        graph.add_example(p.token_ids, acts, imp, cfg.importance_threshold, owners[p.source])
+            acts[p.pivot_index] = p.original
+        if cfg.strict:  # published comparisons (> fire and importance thresholds)
+            add_example_strict(graph, p.token_ids, acts, imp, cfg.importance_threshold, owners[p.source])
+        else:
+            graph.add_example(p.token_ids, acts, imp, cfg.importance_threshold, owners[p.source])
     if cfg.augment and pruned:
         variants = yield from augment_steps([p.token_ids for p in pruned], [p.activations for p in pruned],
                                             imps, cfg, occlusion_id)
         trace.variants = variants
         for v in variants:
             if v.importance is not None:
-                graph.add_example(v.token_ids, v.activations, v.importance, cfg.importance_threshold,
-                                  owners[pruned[v.source].source])
+                v_acts = rescale(pruned[v.source], v.activations) if cfg.rescale_pruned else v.activations
+                add = (lambda *a: add_example_strict(graph, *a)) if cfg.strict else graph.add_example
+                add(v.token_ids, v_acts, v.importance, cfg.importance_threshold, owners[pruned[v.source].source])
     if cfg.cover:
         covered: set[int] = set()
         for k, e in enumerate(seen):
@@ -87,6 +98,8 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
                     graph.add_path([(t, 1.0)], float(a), k)
                 elif t in covered:  # one path per token; later excerpts where it fires support it too
                     graph.nodes[start].sources.add(k)
+    if cfg.merge_wildcards:  # published: exact siblings of a wildcard merged into it
+        graph.merge_wildcards()
     if cfg.grow and seen:
         ids, acts = _evidence_arrays(seen)
         Grower(graph, ids, acts, np.arange(len(seen)), min_count=cfg.min_count, max_depth=cfg.grow_depth,

@@ -24,6 +24,7 @@ from .config import DistillConfig
 from .distill import NeuronFit, neuron_steps
 from .errors import N2GError
 from .features import Candidates, Evaluate, length_batches, pad
+from .published import for_model
 from .records import NeuronId, Sign
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class RowEvaluator:
 def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: DistillConfig, *,
               substitutes: Callable | None = None, evaluator: RowEvaluator | None = None) -> dict[NeuronId, NeuronFit]:
     """Fit a group of neurons in lockstep, sharing every batch; dead neurons come back as such."""
+    cfg = for_model(cfg, model)  # settings that need the tokenizer (paper: occlusion by '"', sentence ends)
     occlusion = int(model.occlusion_token_id)
     evaluator = evaluator or RowEvaluator(model, cfg.batch_tokens, occlusion)
     if substitutes is None and cfg.augment:

@@ -31,6 +31,15 @@ class Pruned:
     """Where the window starts in the original example."""
     original: float = 0.0
     """The pivot's activation in the whole original example."""
+    pivot: int | None = None
+    """Index of the pivot in ``token_ids`` when tokens follow it (None: the last token)."""
+    window_max: float | None = None
+    """The largest activation in the accepted window (published rescaling); None when not recorded."""
+
+    @property
+    def pivot_index(self) -> int:
+        """Index of the pivot in ``token_ids``."""
+        return len(self.token_ids) - 1 if self.pivot is None else self.pivot
 
 
 def choose_pivots(acts: np.ndarray, cfg: DistillConfig) -> list[int]:
