@@ -79,6 +79,16 @@ def result_problem(r: NeuronResult) -> str | None:
     return None
 
 
+_warned: set[tuple[str, int]] = set()
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResult]]:
     """``(neuron folder, result)`` for every readable ``neurons/*/result.json``, sorted by neuron.
 
@@ -95,7 +105,11 @@ def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResul
             problem = result_problem(result)
             if problem:
                 raise ValueError(problem)
-        except Exception as e:  # any damage: name the file, skip it, keep going
+        except Exception as e:  # any damage: name the file (once per process and version), skip it, keep going
+            key = (str(path), _mtime(path))
+            if key in _warned:
+                continue
+            _warned.add(key)
             log.warning("skipping damaged neuron result %s (%s); re-run the same `n2g run` command to redo it",
                         path, e)
             continue
