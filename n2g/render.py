@@ -55,7 +55,7 @@ def load_graph_json(path: str | os.PathLike) -> nx.DiGraph:
         G = nx.node_link_graph(d["graph"], edges="edges", directed=True, multigraph=False)
     except Exception as e:  # networkx raises whatever a malformed node-link dict provokes
         raise N2GError(f"graph file {path} is damaged ({type(e).__name__}: {e}); delete it and rerun `n2g run`") from None
-    problem = _node_problem(G)
+    problem = "it is not a directed graph" if not G.is_directed() or G.is_multigraph() else _node_problem(G)
     if problem:
         raise N2GError(f"graph file {path} is damaged ({problem}); delete it and rerun `n2g run`")
     G.graph.setdefault("fire_threshold", d.get("fire_threshold", 0.5))
