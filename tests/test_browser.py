@@ -55,13 +55,15 @@ def test_report_viewer_search_and_injection_in_chromium(driver, tmp_path):
     node, chromium = driver
     run = make_run(tmp_path)
     build_all(run)
+    svg = run / "neurons" / "L0.N1" / "graph.svg"  # a planted script must not run through the server
+    svg.write_text(svg.read_text().replace("</svg>", "<script>window.__n2gPlanted = 1; alert('planted')</script></svg>"))
     server = make_server(run, "127.0.0.1", 0)
     port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         env = {**os.environ, "N2G_BASE_URL": f"http://127.0.0.1:{port}", "N2G_RUN_DIR": str(run),
-               "N2G_CHROMIUM": chromium}
+               "N2G_CHROMIUM": chromium, "N2G_PLANTED_SVG": "/neurons/L0.N1/graph.svg"}
         proc = subprocess.run([node, str(HERE / "e2e.js")], capture_output=True, text=True, timeout=120,
                               env=env, cwd=HERE)
     finally:

@@ -120,6 +120,19 @@ async function main() {
       await page.waitForURL("**/L1.N4.neg.html");
       check((await page.innerText("body")).includes(SCRIPT), "neuron page opens from disk");
     }
+    // 6. a script planted in a graph SVG does not run when the SVG is opened through the server
+    const planted = process.env.N2G_PLANTED_SVG;
+    if (planted) {
+      await page.waitForTimeout(100);
+      const before = problems.length;
+      await page.goto(BASE + planted, { waitUntil: "load" });
+      await page.waitForTimeout(300);
+      const ran = await page.evaluate(() => window.__n2gPlanted === 1);
+      // the browser reports the blocked script as a console error: expected here, not a problem
+      const other = problems.splice(before).filter((p) => !/Content Security Policy/i.test(p));
+      problems.push(...other);
+      check(!ran, "script planted in an SVG does not run when served");
+    }
     await page.waitForTimeout(200); // let late console errors arrive
     check(dialogs === 0, "no dialog fired");
   } finally {
