@@ -55,7 +55,9 @@ class Sweep:
 
     # -- helpers -------------------------------------------------------------------------
     def short(self, text: str) -> str:
-        return text.replace(str(self.root), "$T").replace(sys.executable, "python")
+        text = text.replace(str(self.root), "$T").replace(sys.executable, "python")
+        # a 5,000-digit argument is shown by its length
+        return re.sub(r"\S{80,}", lambda m: f"{m.group(0)[:8]}...({len(m.group(0)):,} chars)", text)
 
     def workdir(self) -> Path:
         return Path(tempfile.mkdtemp(dir=self.root, prefix="cwd-"))

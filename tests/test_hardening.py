@@ -574,3 +574,73 @@ def test_max_excerpts_tokenises_only_what_it_needs():
     assert sum(seen) < 500_000
     whole = tok.encode(text[:200_000], add_special_tokens=False)
     assert got.tolist() == torch.tensor(whole[: 64 * 16]).view(64, 16).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# a hostile corpus through every output: DOT parsed by dot, SVG parsed as XML, pages parsed as HTML
+
+HOSTILE_WORDS = ["<script>alert(1)</script>", '"];evil[label="x', "}digraph{", "<b>bold</b>", "&amp;", "\\\\n",
+                 "{brace}|pipe", "'single'", "<!--", "]]>", "<?xml", "javascript:alert(1)"]
+
+
+def hostile_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<bos>", "<eos>", "<pad>", *HOSTILE_WORDS] + [f"w{i}" for i in range(40)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def test_hostile_corpus_reaches_every_output_as_text(tmp_path):
+    import xml.etree.ElementTree as ET
+    from html.parser import HTMLParser
+
+    from n2g.corpus import Corpus
+    from n2g.models import SubjectModel
+    from n2g.pipeline import RunOptions, run as run_pipeline
+
+    torch.manual_seed(0)
+    tok = hostile_tokenizer()
+    model = SubjectModel(tiny_model("llama"), tok, spec="tiny-hostile")
+    rng = random.Random(0)
+    words = HOSTILE_WORDS * 3 + [f"w{i}" for i in range(40)]
+    text = " ".join(rng.choice(words) for _ in range(24 * 100))
+    corpus = Corpus("hostile", 24, make_excerpts([text], model.encode, length=24))
+    out = tmp_path / "run"
+    run_pipeline(RunOptions(layers="0", neurons="0-5", out=str(out), group_size=6, progress=False),
+                 model=model, corpus=corpus)
+    neurons = [p for p in (out / "neurons").iterdir() if (p / "graph.json").exists()]
+    assert neurons
+    shown = set()
+    for folder in neurons:
+        assert "evil [" not in (folder / "graph.dot").read_text()
+        if shutil.which("dot"):  # dot parsed the source; the SVG it made is well-formed XML
+            svg = ET.parse(folder / "graph.svg")
+            assert not [e for e in svg.iter() if e.tag.endswith("script")]
+            shown |= {t.text for t in svg.iter() if t.tag.endswith("text") and t.text}
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.scripts, self.handlers, self.text = 0, [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.scripts += tag == "script"
+            self.handlers += [k for k, v in attrs if k.startswith("on")
+                              or (k in ("href", "src", "action", "xlink:href") and "javascript:" in (v or ""))]
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    for page in [*(out / "viewer" / "neurons").glob("*.html"), out / "report.html"]:
+        p = Tags()
+        p.feed(page.read_text())
+        assert p.scripts == 0 and not p.handlers, page
+    if shutil.which("dot"):
+        assert any("<script>" in t or "digraph" in t or "evil" in t for t in shown)  # hostile tokens drawn as text
+    index = Tags()
+    index.feed((out / "viewer" / "index.html").read_text())
+    assert index.scripts == 1 and not index.handlers
