@@ -94,6 +94,10 @@ def load_results(run_dir: str | os.PathLike) -> list[NeuronResult]:
     run_dir = Path(run_dir)
     results = [r for _, r in iter_results(run_dir)] if run_dir.is_dir() else []
     if not results:
+        damaged = len(list(run_dir.glob("neurons/*/result.json"))) if run_dir.is_dir() else 0
+        if damaged:
+            raise N2GError(f"none of the {damaged} neuron results in {run_dir} can be read (damaged); re-run the same "
+                           "`n2g run` command to redo them")
         raise N2GError(f"no neuron results in {run_dir}; run `n2g run` first")
     return results
 

@@ -406,6 +406,14 @@ def test_report_names_and_skips_a_damaged_result(damage, run, capsys, caplog):
     assert [n["key"] for n in rep["neurons"]] == ["L0.N2", "L1.N3", "L1.N4.neg"]
 
 
+def test_report_of_only_damaged_results_says_so(run, capsys):
+    for path in run.glob("neurons/*/result.json"):
+        path.write_text("[1, 2")
+    code, _, err = main(["report", run], capsys)
+    assert code == 2
+    assert "none of the 4 neuron results" in one_error_line(err)
+
+
 def test_graph_json_with_wrong_node_types_is_a_user_error(run):
     path = run / "neurons" / "L0.N1" / "graph.json"
     d = json.loads(path.read_text())
