@@ -622,7 +622,7 @@ def check_port(port) -> int:
     """``port`` as an int in 0..65535 (0 picks a free one), else N2GError."""
     try:
         value = int(port)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise N2GError(f"port {port!r} is not a number; pass --port with a number from 1 to 65535") from None
     if isinstance(port, bool) or not 0 <= value <= 65535 or (isinstance(port, float) and port != value):
         raise N2GError(f"port {port} is out of range; pass --port with a number from 1 to 65535 (0 picks a free one)")

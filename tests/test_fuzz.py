@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import string
 import tempfile
 from pathlib import Path
@@ -25,7 +26,9 @@ from n2g.render import load_graph_json, to_dot
 from n2g.search import iter_results
 from n2g.viewer import check_port, neuron_page
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# N2G_FUZZ_EXAMPLES=5000 for a deeper search than the suite's quick one
+FUZZ = settings(max_examples=int(os.environ.get("N2G_FUZZ_EXAMPLES", "150")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
