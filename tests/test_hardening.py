@@ -652,3 +652,21 @@ def test_hostile_corpus_reaches_every_output_as_text(tmp_path):
     index = Tags()
     index.feed((out / "viewer" / "index.html").read_text())
     assert index.scripts == 1 and not index.handlers
+
+
+def test_disk_full_when_a_run_starts_writing_is_one_line(tmp_path, monkeypatch):
+    from n2g.corpus import Corpus
+    from n2g.models import SubjectModel
+    from n2g.pipeline import RunOptions, run as run_pipeline
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("n2g.fileio.os.fsync", full)
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama")
+    corpus = Corpus("planted", 16, torch.randint(4, 68, (40, 16)))
+    out = tmp_path / "run"
+    with pytest.raises(N2GError, match="disk full"):
+        run_pipeline(RunOptions(layers="0", neurons="0-1", out=str(out), progress=False), model=model, corpus=corpus)
+    assert temporaries(tmp_path) == []
