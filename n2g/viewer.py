@@ -21,6 +21,7 @@ import html
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -554,6 +555,17 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(404, "not found")
         return real
 
+    def _index_csp(self, f) -> str:
+        """The index page's policy: its script by hash, or by the page's nonce if another version wrote it."""
+        page = f.read().decode("utf-8", "replace")
+        f.seek(0)
+        if INDEX_JS in page:
+            return _INDEX_CSP
+        m = re.search(r'<script nonce="([A-Za-z0-9_-]+)">', page)
+        log.warning("the viewer of %s was written by another n2g version; run `n2g report` to refresh it",
+                    self.run_dir.name)
+        return _NO_SCRIPT_CSP + (f"; script-src 'nonce-{m.group(1)}'; connect-src 'self'" if m else "")
+
     def _send_file(self, url_path: str, head: bool) -> None:
         real = self._file(url_path)
         try:
@@ -565,7 +577,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not stat.S_ISREG(st.st_mode):  # it changed under us
                 raise _Refused(404, "not found")
             if real == self.run_dir / "viewer" / "index.html":
-                self._csp = _INDEX_CSP
+                self._csp = self._index_csp(f)
             self.send_response(200)
             self.send_header("Content-Type", SERVED_TYPES[real.suffix.lower()])
             self.send_header("Content-Length", str(st.st_size))

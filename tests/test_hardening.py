@@ -670,3 +670,14 @@ def test_disk_full_when_a_run_starts_writing_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(N2GError, match="disk full"):
         run_pipeline(RunOptions(layers="0", neurons="0-1", out=str(out), progress=False), model=model, corpus=corpus)
     assert temporaries(tmp_path) == []
+
+
+def test_index_page_of_another_version_keeps_its_own_script_only(run):
+    index = run / "viewer" / "index.html"
+    page = index.read_text()
+    nonce = re.search(r'<script nonce="([^"]+)">', page).group(1)
+    index.write_text(page.replace('"use strict";', '"use strict"; /* older viewer */'))
+    with serving(run) as port:
+        _, headers, _ = get(port, "/viewer/index.html")
+    csp = headers["Content-Security-Policy"]
+    assert f"script-src 'nonce-{nonce}'" in csp and "unsafe-inline" not in csp.split("script-src")[1]
