@@ -505,6 +505,10 @@ class _Handler(BaseHTTPRequestHandler):
             return fn()
         except sqlite3.DatabaseError as exc:
             log.warning("the search index of %s is damaged (%s); rebuilding it", self.run_dir.name, exc)
+        except OSError as exc:  # a missing index could not be built (read-only run, full disk)
+            log.warning("cannot build the search index of %s (%s)", self.run_dir.name, exc.strerror or exc)
+            raise _Refused(503, f"the search index is missing and cannot be written here ({exc.strerror or exc}); "
+                                f"run `n2g report` on a writable copy of {self.run_dir.name}") from None
         try:
             with _rebuild_lock:
                 build_index(self.run_dir)

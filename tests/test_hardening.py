@@ -681,3 +681,12 @@ def test_index_page_of_another_version_keeps_its_own_script_only(run):
         _, headers, _ = get(port, "/viewer/index.html")
     csp = headers["Content-Security-Policy"]
     assert f"script-src 'nonce-{nonce}'" in csp and "unsafe-inline" not in csp.split("script-src")[1]
+
+
+def test_missing_index_that_cannot_be_built_gives_a_json_error(run, monkeypatch):
+    (run / "index.sqlite").unlink()
+    _fail_writes(monkeypatch, errno.EROFS)
+    with serving(run) as port:
+        status, headers, body = get(port, "/api/search?token=Paris")
+        assert status == 503 and "n2g report" in json.loads(body)["error"]
+        assert get(port, "/report.html")[0] == 200
