@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the validation report and viewer for a run",
                        description="Render graphs and write report.html/json/csv, the search index and viewer pages.")
     p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
+    p.add_argument("--out", default=None,
+                   help="write the report into a copy of the run made here (for a read-only run directory)")
 
     p = sub.add_parser("serve", help="serve a run's viewer with search", description="Serve the viewer of a run directory.")
     p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
@@ -135,12 +137,39 @@ def _info(args) -> int:
     return 0
 
 
+def _copy_run(src: Path, dst: Path) -> Path:
+    """Copy a run (without its report outputs) to ``dst``, all or nothing; returns ``dst``."""
+    import shutil
+    import tempfile
+
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
+        raise N2GError(f"--out {dst} already exists; name a new or empty directory for the copy")
+    if dst.resolve() == src.resolve() or dst.resolve().is_relative_to(src.resolve()):
+        raise N2GError(f"--out {dst} is inside the run {src}; name a directory elsewhere")
+    tmp = None
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        skip = shutil.ignore_patterns(".*.tmp", "index.sqlite", "report.html", "report.json", "report.csv", "viewer")
+        shutil.copytree(src, tmp / "run", symlinks=True, ignore=skip)  # links are copied as links, never followed
+        os.replace(tmp / "run", dst)
+    except (OSError, shutil.Error) as exc:
+        raise N2GError(f"cannot copy the run to {dst} ({exc}); choose a writable --out with enough space") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
 def _report(args) -> int:
     from .report import build_all
 
-    if not (Path(args.run_dir) / "run.json").exists():
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").exists():
         raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
-    paths = build_all(Path(args.run_dir))
+    if args.out:
+        run_dir = _copy_run(run_dir, Path(args.out))
+    paths = build_all(run_dir)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

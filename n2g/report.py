@@ -384,8 +384,8 @@ def write_error(run_dir: Path, exc: BaseException) -> N2GError:
     if full:
         return N2GError(f"disk full while writing {where}; free some space and run `n2g report {run_dir}` again")
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return N2GError(f"cannot write the report into {run_dir} ({exc.strerror}); copy the run somewhere "
-                        f"writable (cp -r {run_dir} COPY) and run `n2g report COPY`")
+        return N2GError(f"cannot write the report into {run_dir} ({exc.strerror}); write it into a copy "
+                        f"of the run with `n2g report {run_dir} --out COPY`")
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return N2GError(f"cannot write {where} ({detail}); check the disk and permissions, then run "
                     f"`n2g report {run_dir}` again")

@@ -338,8 +338,24 @@ def test_report_on_a_read_only_run_is_one_line(run, monkeypatch, capsys):
     code, _, err = main(["report", run], capsys)
     assert code == 2
     line = one_error_line(err)
-    assert "cannot write" in line and "cp -r" in line
+    assert "cannot write" in line and "--out" in line
     assert snapshot(run) == before
+
+
+def test_report_of_a_read_only_run_can_go_into_a_copy(run, tmp_path, capsys):
+    (run / "report.html").unlink()
+    os.symlink("/etc", run / "etc")  # a link is copied as a link, never followed
+    before = snapshot(run)
+    copy = tmp_path / "copy"
+    code, out, err = main(["report", run, "--out", copy], capsys)
+    assert code == 0, err
+    assert snapshot(run) == before
+    assert (copy / "report.html").exists() and (copy / "viewer" / "index.html").exists()
+    assert (copy / "etc").is_symlink() and temporaries(tmp_path) == []
+    assert json.loads((copy / "report.json").read_text())["overall"]["n_neurons"] == 4
+    for bad in (copy, run / "inside"):  # not over an existing copy, not inside the run
+        code, _, err = main(["report", run, "--out", bad], capsys)
+        assert code == 2 and "--out" in one_error_line(err)
 
 
 @pytest.mark.parametrize("where", ["fsync", "sqlite"])
