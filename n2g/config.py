@@ -63,6 +63,12 @@ class DistillConfig:
     or ``auto``: the quantile with the best firing F1 on the training tokens, chosen per neuron."""
     cover: bool = False
     """Every token that fires in training and starts no path gets a one-token path (calibration then decides)."""
+    subtree: bool = False
+    """Backoff calibration values a node that too few tokens stop at from all tokens matched through it."""
+    cover_context: int = 0
+    """With ``cover``: after calibration, every firing training token the graph still predicts quiet gets a path
+    through the N tokens before it (0: none), as a backoff n-gram lookup would hold; calibration and pruning
+    then keep what changes predictions."""
     out_of_sample: bool = False
     """Score the ``auto`` choice out of sample: each training token is matched as if the paths its own
     excerpt made were not in the graph (leave one excerpt out), as a token of unseen text would be."""
@@ -84,6 +90,9 @@ class DistillConfig:
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
     min_gain: float = 10.0
     """Least likelihood-ratio (G) statistic of a grown branch's split (10: p of about 0.002 by chance)."""
+    choose_on: str = "evidence"
+    """Training tokens whose F1 picks the ``auto`` quantile: all calibration ``evidence``, or a ``split``-shaped
+    mix (the best ceil(n_top/2) training top excerpts and n_random_test training random excerpts, as the test split)."""
     end_value: str = "quantile"
     """With ``end_statistic="auto"``: store the chosen ``quantile``, or the ``mean`` kept on the quantile's side of the threshold."""
     batch_tokens: int = 16384
@@ -125,7 +134,7 @@ class DistillConfig:
                 raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.n_prune is not None and self.n_prune < 1:
             raise N2GError(f"n_prune must be at least 1 or None (got {self.n_prune})")
-        for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context"):
+        for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
         for name in ("fire_threshold", "prune_threshold", "importance_threshold", "augment_threshold"):
@@ -149,6 +158,8 @@ class DistillConfig:
             raise N2GError(f"held_out must be between 0 and 1 (got {self.held_out})")
         if self.evidence not in ("examples", "partition"):
             raise N2GError(f"evidence must be examples or partition (got {self.evidence!r})")
+        if self.choose_on not in ("evidence", "split"):
+            raise N2GError(f"choose_on must be evidence or split (got {self.choose_on!r})")
         if self.end_value not in ("quantile", "mean"):
             raise N2GError(f"end_value must be quantile or mean (got {self.end_value!r})")
         if self.match not in ("greedy", "search"):
@@ -210,10 +221,12 @@ PRESETS: dict[str, DistillConfig] = {
         end_statistic="auto",
         out_of_sample=True,
         cover=True,
-        min_count=3,
+        min_count=2,
         match="search",
         evidence="partition",
         grow=True,
+        subtree=True,
+        cover_context=1,
     ),
 }
 

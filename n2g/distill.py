@@ -110,10 +110,28 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
         sources = None
         if cfg.out_of_sample:
             sources = list(range(len(seen))) + [owners[pruned[v.source].source] for v in trace.variants]
+        select = None
+        if cfg.choose_on == "split":  # a mix shaped like the test split: best top excerpts + random ones
+            best_top = ranked[: (cfg.n_top + 1) // 2]
+            randoms = [len(train) + j for j, e in enumerate(calibration) if e.source == "random"][: cfg.n_random_test]
+            select = best_top + randoms
         calibrate = lambda: graph.calibrate(evidence, backoff=cfg.backoff, statistic=cfg.end_statistic,
-                                            min_count=cfg.min_count, sources=sources, end_value=cfg.end_value)
+                                            min_count=cfg.min_count, sources=sources, end_value=cfg.end_value,
+                                            select=select, subtree=cfg.subtree)
         calibrate()
-        if cfg.grow and prune_unchanged(graph):
+        if cfg.cover and cfg.cover_context:  # firing tokens still predicted quiet get their context as a path
+            missed = 0
+            for k, e in enumerate(seen):
+                ids = list(map(int, e.token_ids))
+                pred = graph.predict_sequence(ids)
+                for j, a in enumerate(e.activations):
+                    if a >= cfg.fire_threshold and j > 0 and pred[j] < cfg.fire_threshold:
+                        back = ids[max(0, j - cfg.cover_context) : j][::-1]
+                        graph.add_path([(ids[j], 1.0)] + [(b, 0.0) for b in back], float(a), k)
+                        missed += 1
+            if missed:
+                calibrate()
+        if cfg.grow and prune_unchanged(graph, evidence):
             calibrate()  # tokens of removed branches now count at their ancestors
     return graph, trace
 

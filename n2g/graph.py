@@ -38,7 +38,7 @@ def run_span(key: int) -> int:
     return -1 - key if key < WILDCARD else 0
 
 GRAPH_KIND = "n2g.graph"
-AUTO_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+AUTO_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
 """Quantiles ``calibrate(statistic="auto")`` chooses among."""
 
 
@@ -92,6 +92,8 @@ class NeuronGraph:
         self.end_quantile: float | None = None
         self.run_parents: set[int] = set()
         """Nodes with a wildcard-run child (matching looks for runs only there)."""
+        self.support: dict[int, int] | None = None
+        """Training tokens counted at each node by the last calibration (fitting only; not saved)."""
 
     # -- building -------------------------------------------------------------------------
     def add_path(self, path: Sequence[tuple[int, float]], activation: float, source: int | None = None) -> int:
@@ -151,8 +153,16 @@ class NeuronGraph:
             n.children = {key: new[c] for key, c in n.children.items() if c in new}
             nodes.append(n)
         self.nodes = nodes
+        self.support = None  # indices changed: the next calibration counts again
         self.run_parents = {new[a] for a in self.run_parents if a in new
                             and any(k < WILDCARD for k in self.nodes[new[a]].children)}
+
+    def _parents(self) -> list[int]:
+        parent = [-1] * len(self.nodes)
+        for idx, n in enumerate(self.nodes):
+            for child in n.children.values():
+                parent[child] = idx
+        return parent
 
     def _end_value(self, values: list[float]) -> float:
         if self.end_activation == "first":
@@ -273,7 +283,11 @@ class NeuronGraph:
     def predict_sequence(self, ids: Sequence[int]) -> np.ndarray:
         """Normalised prediction for every position of one sequence."""
         out = np.zeros(len(ids), np.float32)
-        for i in range(len(ids)):
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+        roots = self.nodes[0].children
+        for i, t in enumerate(ids):
+            if t not in roots:  # no path starts at this token
+                continue
             end = self.match_end(ids, i)
             if end is not None:
                 out[i] = self.nodes[end].end
@@ -281,7 +295,8 @@ class NeuronGraph:
 
     def calibrate(self, sequences: Sequence[tuple[Sequence[int], np.ndarray]], backoff: bool = False,
                   statistic: str | float = "mean", min_count: int = 1,
-                  sources: Sequence[int | None] | None = None, end_value: str = "quantile") -> int:
+                  sources: Sequence[int | None] | None = None, end_value: str = "quantile",
+                  select: Sequence[int] | None = None, subtree: bool = False) -> int:
         """Re-estimate END activations from training tokens; returns how many nodes were set.
 
         Without ``backoff`` each END reached by training tokens gets the ``statistic`` (mean, or a
@@ -293,7 +308,12 @@ class NeuronGraph:
         tokens (a neuron whose contexts fire only sometimes is then still predicted to fire where
         that pays); the choice is kept in ``end_quantile``. ``sources`` (the training excerpt each
         sequence is, or None) score that F1 out of sample: each token is matched as if the paths its
-        own excerpt made were not in the graph, as a token of new text would be. ``end_value="mean"``
+        own excerpt made were not in the graph, as a token of new text would be; ``select`` (indices
+        into ``sequences``) restricts that F1 to some sequences. With ``subtree`` (and ``backoff``), a node
+        that fewer than ``min_count`` tokens stop at is valued from every token whose match passes
+        through it and matched no further context token (only wildcards below), so a token whose
+        contexts were all absorbed by wildcard branches still has a value, while a token seen only
+        with a given context token (occlusion found it important) gets none without it. ``end_value="mean"``
         (with ``auto``) stores each node's mean activation instead of the quantile, moved to the
         threshold when the quantile and the mean disagree about firing, so values keep their strength
         and decisions stay those the quantile chose.
@@ -308,11 +328,28 @@ class NeuronGraph:
                 node = self.deepest_node(ids, i) if backoff else self.match_end(ids, i)
                 if node is not None:
                     reached.setdefault(node, []).append(float(acts[i]))
+        self.support = {node: len(vals) for node, vals in reached.items()}
+        if backoff and subtree:  # a node its own tokens cannot value falls back to every token through it
+            parent = self._parents()
+            through: dict[int, list[float]] = {}
+            for node, vals in reached.items():
+                up, exact = node, self.nodes[node].rank[0]
+                while up > 0 and self.nodes[up].rank[0] == exact:  # only through wildcards: no context token
+                    through.setdefault(up, []).extend(vals)  # matched below decides anything
+                    up = parent[up]
+            for node, vals in through.items():
+                if len(reached.get(node, ())) < min_count and len(vals) >= min_count:
+                    reached[node] = vals
         chosen = [n for n, values in reached.items() if len(values) >= min_count or self.nodes[n].end is not None]
         values = {n: np.asarray(reached[n]) for n in chosen}
         if statistic == "auto":
             grid = {n: np.quantile(v, AUTO_QUANTILES) for n, v in values.items()}
-            k = self._best_quantile(sequences, grid, sources)
+            if select is not None:  # choose on these sequences only (e.g. a mix shaped like the test split)
+                chosen_seqs = [sequences[j] for j in select]
+                chosen_src = None if sources is None else [sources[j] for j in select]
+                k = self._best_quantile(chosen_seqs, grid, chosen_src)
+            else:
+                k = self._best_quantile(sequences, grid, sources)
             self.end_quantile = AUTO_QUANTILES[k]
             for node, qs in grid.items():
                 value = float(qs[k])

@@ -158,35 +158,66 @@ class Grower:
         return ("run", float(gain[j]), int(uniq[j]), occ[inv == j])
 
 
-def prune_unchanged(graph: NeuronGraph) -> int:
-    """Remove branches whose firing decision equals what their tokens would fall back to.
+def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
+    """Remove branches that change no prediction on the training tokens ``sequences``.
 
-    Bottom-up: a leaf (no children left) is dropped when it holds no END, or when its END fires
-    exactly when the END of its nearest ancestor with one does (no ancestor END: does not fire).
-    Returns how many nodes were removed. Calibrate again afterwards: tokens of a removed node now
-    count at the ancestor.
+    Bottom-up over leaves (a node whose children are all gone becomes one): a leaf without an END
+    goes; a leaf with one is unlinked, the training tokens whose prediction came from it are
+    matched again, and it stays unlinked when every one of them still fires, or still does not,
+    as before (a leaf no training token reaches goes too). Without ``sequences`` the tokens are
+    assumed to fall back to the nearest ancestor END. Returns how many nodes were removed;
+    calibrate again afterwards, since removed nodes' tokens now count elsewhere.
     """
     thr = graph.fire_threshold
-    parent = [-1] * len(graph.nodes)
-    for idx, n in enumerate(graph.nodes):
-        for child in n.children.values():
-            parent[child] = idx
+    parent = graph._parents()
+    users: dict[int, list[tuple[list[int], int]]] = {}
+    if sequences is not None:
+        roots = graph.nodes[0].children
+        for ids, _ in sequences:
+            ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+            for i, t in enumerate(ids):
+                if t in roots:
+                    end = graph.match_end(ids, i)
+                    if end is not None:
+                        users.setdefault(end, []).append((ids, i))
     removed: set[int] = set()
     live_children = [len(n.children) for n in graph.nodes]
     for idx in range(len(graph.nodes) - 1, 0, -1):
         n = graph.nodes[idx]
         if live_children[idx] > 0:
             continue
-        drop = n.end is None
-        if not drop:
-            up = parent[idx]
-            while up > 0 and graph.nodes[up].end is None:
-                up = parent[up]
-            fallback = graph.nodes[up].end if up > 0 else 0.0
+        up = parent[idx]
+        key = n.token_id
+        if n.end is None:
+            drop = True
+        elif sequences is None:
+            anc = up
+            while anc > 0 and graph.nodes[anc].end is None:
+                anc = parent[anc]
+            fallback = graph.nodes[anc].end if anc > 0 else 0.0
             drop = (n.end >= thr) == (fallback >= thr)
+        else:
+            fires = n.end >= thr
+            del graph.nodes[up].children[key]  # try without it
+            moved = []
+            drop = True
+            for ids, i in users.get(idx, ()):
+                end = graph.match_end(ids, i)
+                value = graph.nodes[end].end if end is not None else 0.0
+                if (value >= thr) != fires:
+                    drop = False
+                    break
+                moved.append((end, ids, i))
+            if drop:
+                for end, ids, i in moved:
+                    if end is not None:
+                        users.setdefault(end, []).append((ids, i))
+            else:
+                graph.nodes[up].children[key] = idx
         if drop:
+            graph.nodes[up].children.pop(key, None)
             removed.add(idx)
-            live_children[parent[idx]] -= 1
+            live_children[up] -= 1
     if removed:
         graph.compact(set(range(len(graph.nodes))) - removed)
     return len(removed)

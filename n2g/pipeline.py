@@ -145,15 +145,22 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     identity = {"model": str(model.spec), "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(),
                 "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
                 "config": cfg.to_dict(), "store_tokens": store_budget(opts)}
+    from .activations import partition, stored_excerpts
+
+    n_excerpts, length = int(corpus.excerpts.shape[0]), int(corpus.excerpts.shape[1])
+    is_train = partition(n_excerpts, cfg.held_out, cfg.seed)
+    n_stored = len(stored_excerpts(n_excerpts, length, store_budget(opts), cfg.seed))
     store.open(identity, {"name": out.name, "model": model.info(), "versions": versions(),
-                          "corpus": {"source": corpus.source, "n_excerpts": int(corpus.excerpts.shape[0]),
-                                     "length": int(corpus.excerpts.shape[1])}})
+                          "corpus": {"source": corpus.source, "n_excerpts": n_excerpts, "length": length},
+                          "partition": {"training_excerpts": int(is_train.sum()), "held_out_excerpts": int((~is_train).sum()),
+                                        "held_out": cfg.held_out, "seed": cfg.seed},
+                          "activation_store": {"token_budget": store_budget(opts), "stored_excerpts": n_stored,
+                                               "bytes_per_layer": n_stored * length * int(model.d_mlp) * 2}})
     wanted = [NeuronId(l, i, s) for l in layers for i in indices for s in signs]
     todo = [n for n in wanted if not store.is_done(n)]
     log.info("%d neurons requested, %d already done in %s", len(wanted), len(wanted) - len(todo), out)
     fitted = 0
     if todo:
-        from .activations import partition
         from .distill import pool_size, top_k
         from .engine import store_job
         from .scan import cache_bytes
@@ -162,7 +169,6 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
                             seed=cfg.seed, batch_size=opts.scan_batch, fire_threshold=cfg.fire_threshold,
                             cache_dir=cache_dir(), corpus_key=corpus.fingerprint(), progress=opts.progress,
                             store_tokens=store_budget(opts))
-        is_train = partition(int(corpus.excerpts.shape[0]), cfg.held_out, cfg.seed)
         stored = next(iter(scans.values())).store
         log.info("partition: %d training and %d held-out excerpts; activation store: %d excerpts per layer, %.1f MB on disk",
                  int(is_train.sum()), int((~is_train).sum()), stored.n_stored, cache_bytes(scans) / 1e6)

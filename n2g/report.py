@@ -125,7 +125,7 @@ def compute_report(run_dir: str | os.PathLike) -> dict:
     return {
         "kind": KIND,
         "schema_version": SCHEMA_VERSION,
-        "run": {k: info.get(k) for k in ("name", "model", "corpus") if k in info},
+        "run": {k: info.get(k) for k in ("name", "model", "corpus", "partition", "activation_store") if k in info},
         "methods": methods,
         "metrics": list(METRICS),
         "fire_threshold": 0.5,
@@ -287,6 +287,7 @@ def report_html(rep: dict, plots: list[tuple[str, str]]) -> str:
     run = rep.get("run", {})
     model = run.get("model") or {}
     corpus = run.get("corpus") or {}
+    part = run.get("partition") or {}
     title = f"n2g validation report: {run.get('name') or 'run'}"
     by_key = {n["key"]: n for n in rep["neurons"]}
     o = rep["overall"]
@@ -299,6 +300,8 @@ def report_html(rep: dict, plots: list[tuple[str, str]]) -> str:
         f'<p class="muted">model <code>{_esc(model.get("spec", "?"))}</code>'
         + (f" ({_esc(model.get('architecture'))})" if model.get("architecture") else "")
         + f" · corpus <code>{_esc(corpus.get('source', '?'))}</code>"
+        + (f" · partition {_esc(part.get('training_excerpts'))} training / {_esc(part.get('held_out_excerpts'))} held-out "
+           "excerpts (graph and lookups learn from training only)" if part else "")
         + f" · {o['n_neurons']} neurons, {o['n_dead']} dead, {o['n_no_firing_test_token']} with no firing "
         "test token (left out of the firing precision/recall/F1 means) · "
         '<a href="viewer/index.html">browse neurons</a></p>',
