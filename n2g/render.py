@@ -2,7 +2,7 @@
 
 The graph reads right to left: the activating token sits on the right, filled red by its
 activation, and the context that precedes it grows to the left, filled blue by importance;
-wildcards are dashed and labelled ``*``; a node where a path ends has a heavy border. Token text
+wildcards are dashed and labelled ``*`` (a wildcard run of 0..k tokens ``*{0-k}``); a node where a path ends has a heavy border. Token text
 comes from the corpus, so every label is an HTML-like label built from entity-escaped text and
 every node gets a generated id: nothing a token contains can break or inject into the DOT source,
 the SVG, or the HTML page the SVG is embedded in.
@@ -245,10 +245,12 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True) -> str:
         ends = [c for c in G.successors(n) if G.nodes[c].get("kind") == "end"]
         attrs: dict[str, str] = {}
         if kind == "wildcard":
-            label = "*"
+            span = int(_num(a.get("run"), 0.0))
+            label = "*" if span == 0 else html_label_text(f"*{{0-{span}}}")
             attrs["style"] = '"dashed,rounded,filled"'
             attrs["fillcolor"] = '"white"'
-            tip = f"any token; importance {_num(a.get('importance')):.2f}"
+            tip = (f"any token; importance {_num(a.get('importance')):.2f}" if span == 0
+                   else f"any 0 to {span} tokens, then the token to its left")
         elif kind == "activator":
             label = html_label_text(display_token(a.get("token"), a.get("token_id")))
             act = _num(a.get("activation"), 1.0)

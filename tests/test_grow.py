@@ -124,3 +124,14 @@ def test_growth_stops_at_min_count_and_pruning_keeps_only_changed_decisions():
     h.add_path([(7, 1.0)], 0.9)
     h.add_path([(7, 1.0), (9, 1.0)], 0.8)
     assert prune_unchanged(h) == 1 and h.stats()["context"] == 0
+
+
+def test_a_wildcard_run_is_drawn_with_its_span():
+    from n2g.render import dot_available, svg_of, to_dot
+
+    g = _run_graph()
+    dot = to_dot(g.to_networkx())
+    assert "label=<*&#123;0-2&#125;>" in dot and "any 0 to 2 tokens" in dot
+    if dot_available():
+        svg = svg_of(g.to_networkx())
+        assert ">*{0&#45;2}<" in svg
