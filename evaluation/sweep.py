@@ -279,8 +279,15 @@ def artifact_cases(sw: Sweep, inp: dict) -> None:
     proc.wait()
     res = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=900)
 
-    def scores(run_dir: Path) -> list[str]:
-        return [",".join(r.split(",")[:-1]) for r in (run_dir / "scores.csv").read_text().splitlines()]  # minus seconds
+    def scores(run_dir: Path) -> list[list[str]]:
+        """scores.csv without the wall time, floats to 6 decimals (batch composition moves the last bits)."""
+        def cell(x: str) -> str:
+            try:
+                return x if x.isdigit() else f"{float(x):.6f}"
+            except ValueError:
+                return x
+
+        return [[cell(x) for x in r.split(",")[:-1]] for r in (run_dir / "scores.csv").read_text().splitlines()]
 
     same = scores(out) == scores(inp["run"])
     sw.add("kill -9 during run, then resume", "n2g run ... (same command)", res.returncode,
@@ -325,6 +332,11 @@ def disk_cases(sw: Sweep, inp: dict) -> None:
             res = sw.n2g(["report", run])
             sw.add("report on a read-only run", "n2g report RUN (read-only tmpfs)", res.returncode, sw.message(res.stderr),
                    temporaries(run), 2, "Traceback" in res.stderr)
+            res = sw.n2g(["report", run, "--out", root / "ro-copy"])
+            made = (root / "ro-copy" / "report.html").exists()
+            sw.add("report of a read-only run into a copy", "n2g report RUN --out COPY", res.returncode,
+                   f"COPY/report.html written: {made}", temporaries(root / "ro-copy") + ([] if made else ["NO REPORT"]), 0,
+                   "Traceback" in res.stderr)
 
     # a disk that fills up during the report: the run without its outputs, on a tmpfs with 64 KiB to spare
     staged = copy_run(inp["run"], root / "staged")
