@@ -14,7 +14,7 @@ import pytest
 
 from helpers_run import QUOTED, SCRIPT, SPECIALS, make_run
 from n2g.errors import N2GError
-from n2g.report import build_all
+from n2g.report import METHOD_NAMES, build_all
 from n2g.viewer import make_server
 
 
@@ -81,7 +81,7 @@ def test_neuron_page_contents(run):
     assert 'style="background:rgba(214,39,40,1.000)" title="·Paris  true 1.000"' in raw
     assert 'title="·Paris  predicted 0.700"' in raw
     assert "[104]" in text  # an excerpt without token strings falls back to ids
-    assert "0.800" in text and "token lookup" in text and "n-gram" in text
+    assert "0.800" in text and METHOD_NAMES["token_lookup"] in text and METHOD_NAMES["ngram"] in text
     assert "·France" in text and "·Texas" in text
     assert "firing rate 0.01000" in text
     n2 = "".join(parse(run / "viewer" / "neurons" / "L0.N2.html").text)
