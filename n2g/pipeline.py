@@ -35,7 +35,8 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         m = re.fullmatch(r"([0-9]{1,18})(?:-([0-9]{1,18}))?", part)
         if not m:
-            raise N2GError(f"cannot read {what} {part!r}; use numbers, ranges like 0-99, commas, or 'all'")
+            shown = part if len(part) <= 40 else part[:37] + "..."
+            raise N2GError(f"cannot read {what} {shown!r}; use numbers, ranges like 0-99, commas, or 'all'")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise N2GError(f"{what} range {part!r} is backwards; write it low-high")
