@@ -227,6 +227,7 @@ PRESETS: dict[str, DistillConfig] = {
         grow=True,
         subtree=True,
         cover_context=1,
+        choose_on="split",
     ),
 }
 
