@@ -1,0 +1,149 @@
+"""The scan's activation store: what it keeps, the cache it is saved in, and fitting from it."""
+
+import logging
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from n2g.activations import ActivationStore, partition, stored_excerpts
+from n2g.config import preset
+from n2g.distill import pool_size, top_k
+from n2g.engine import fit_many, store_job
+from n2g.models import SubjectModel
+from n2g.records import NeuronId, Sign
+from n2g.scan import _cache_stem, scan_layers
+
+
+class Counting(SubjectModel):
+    """A subject model that counts the token positions it runs."""
+
+    positions = 0
+
+    def layer_activations(self, ids, mask, layers):
+        Counting.positions += int(ids.numel())
+        return super().layer_activations(ids, mask, layers)
+
+
+def _model():
+    torch.manual_seed(0)
+    return Counting(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-store")
+
+
+def test_the_store_holds_every_token_activation_of_every_neuron():
+    model = _model()
+    excerpts = torch.randint(4, 68, (40, 16))
+    scans = scan_layers(model, excerpts, [0, 2], k=8, pool_size=10, progress=False)
+    truth = model.layer_activations(excerpts, None, [0, 2])
+    for layer in (0, 2):
+        store = scans[layer].store
+        assert store.n_stored == 40 and store.values.dtype == np.float16
+        for index in (0, 3, 7):
+            np.testing.assert_allclose(store.neuron(index), truth[layer][:, :, index].numpy(), rtol=2e-3, atol=2e-3)
+        # The negative side reads the same store, negated.
+        np.testing.assert_allclose(scans[layer].activations(3, Sign.NEGATIVE, [5, 9]), -store.neuron(3, [5, 9]))
+
+
+def test_a_token_budget_keeps_a_seeded_subset_that_contains_the_pool():
+    keep = stored_excerpts(100, 16, 16 * 30, seed=0)
+    assert len(keep) == 30 and list(keep) == sorted(keep)
+    assert list(stored_excerpts(100, 16, None)) == list(range(100))
+    model = _model()
+    excerpts = torch.randint(4, 68, (100, 16))
+    scan = scan_layers(model, excerpts, [1], k=8, pool_size=10, progress=False, store_tokens=16 * 30)[1]
+    assert set(scan.pool) <= set(scan.store.excerpts.tolist())
+    assert scan.store.n_stored == 30
+
+
+def test_partition_is_seeded_and_holds_out_the_asked_fraction():
+    a, b = partition(1000, 0.5, seed=0), partition(1000, 0.5, seed=0)
+    assert (a == b).all() and int((~a).sum()) == 500
+    assert (partition(1000, 0.5, seed=1) != a).any()
+    assert int((~partition(10, 0.3)).sum()) == 3
+
+
+def test_a_cached_scan_is_reused_without_running_the_model(tmp_path):
+    model = _model()
+    excerpts = torch.randint(4, 68, (40, 16))
+    first = scan_layers(model, excerpts, [0, 1], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    Counting.positions = 0
+    again = scan_layers(model, excerpts, [0, 1], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert Counting.positions == 0
+    for layer in (0, 1):
+        assert torch.equal(first[layer].top_idx, again[layer].top_idx)
+        np.testing.assert_array_equal(np.asarray(first[layer].store.values), np.asarray(again[layer].store.values))
+    # Only safetensors, JSON and a plain .npy: nothing that unpickles.
+    names = sorted(p.suffixes[-1] for p in (tmp_path / "scans").iterdir())
+    assert set(names) == {".json", ".safetensors", ".npy"}
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['N2G_PLANT_MARK']}",))
+
+
+def test_a_pickle_planted_in_the_scan_cache_never_runs(tmp_path, monkeypatch):
+    model = _model()
+    excerpts = torch.randint(4, 68, (40, 16))
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("N2G_PLANT_MARK", str(mark))
+    stem = _cache_stem(tmp_path, "tiny-llama-store", "c", 0, 8, 10, 0, str(1 << 17))
+    stem.parent.mkdir(parents=True)
+    payload = pickle.dumps(_Planted())
+    for suffix in (".pt", ".safetensors", ".acts.npy"):
+        stem.with_suffix(suffix).write_bytes(payload)
+    stem.with_suffix(".json").write_text('{"version": 3, "layer": 0, "pool": [], "n_pool_tokens": 0, "fire_threshold": 0.5}')
+    scans = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert not mark.exists()
+    assert scans[0].store.n_stored == 40  # rescanned, then saved over the planted files
+    assert np.load(stem.with_suffix(".acts.npy"), allow_pickle=False).shape[1] == 40
+
+
+def test_an_unwritable_scan_cache_warns_and_goes_on(tmp_path, caplog):
+    model = _model()
+    excerpts = torch.randint(4, 68, (40, 16))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")  # unwritable even for root
+    with caplog.at_level(logging.WARNING):
+        scans = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=blocker, corpus_key="c")
+    assert scans[0].store.n_stored == 40 and scans[0].store.path is None
+    assert "keeping it in memory" in caplog.text
+
+
+def test_fitting_from_the_store_runs_no_stored_excerpt_again_and_batches_like_alone(monkeypatch):
+    model = _model()
+    excerpts = torch.randint(4, 68, (80, 16))
+    cfg = preset("default")
+    scans = scan_layers(model, excerpts, [0, 2], k=top_k(cfg), pool_size=pool_size(cfg), progress=False)
+    is_train = partition(80, cfg.held_out, cfg.seed)
+    jobs = [store_job(scans[l], NeuronId(l, i, s), is_train) for l in (0, 2) for i in (1, 5) for s in Sign]
+    import sys
+
+    distill_module = sys.modules["n2g.distill"]
+    from n2g.features import Evaluate
+
+    asked = []
+
+    class Recorded(Evaluate):
+        def __init__(self, seqs):
+            asked.append(len(seqs))
+            super().__init__(seqs)
+
+    monkeypatch.setattr(distill_module, "Evaluate", Recorded)
+    alone = fit_many(model, excerpts.tolist(), jobs, cfg, group_size=1)
+    together = fit_many(model, excerpts.tolist(), jobs, cfg, group_size=len(jobs))
+    assert asked == []  # every example excerpt came from the store; only new text ran
+    for job in jobs:
+        a, b = alone[job.neuron], together[job.neuron]
+        assert a.status == b.status
+        if a.graph is not None:
+            assert a.graph.stats() == b.graph.stats()
+            assert a.scores["n2g"].f1 == b.scores["n2g"].f1
+    fitted = [f for f in alone.values() if f.graph is not None]
+    assert fitted
+    for fit in fitted:  # every test excerpt is held out; every training excerpt is not
+        assert all(not is_train[e.excerpt_index] for e in fit.examples if e.split == "test")
+        assert all(is_train[e.excerpt_index] for e in fit.examples if e.split == "train")
