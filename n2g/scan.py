@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,18 @@ def _load(stem: Path) -> LayerScan:
                      fire_threshold=float(meta["fire_threshold"]), store=store, **{n: tensors[n] for n in _TENSORS})
 
 
+def _remove_stale(stem: Path) -> None:
+    """Delete this entry's half-written stores left by scans that were killed (their process is gone)."""
+    for tmp in stem.parent.glob(f".{stem.name}.*.acts.npy.tmp"):
+        try:
+            pid = int(tmp.name[len(stem.name) + 2 :].split(".", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
 def cache_bytes(scans: dict[int, "LayerScan"]) -> int:
     """Disk used by the activation stores of these scans."""
     return sum(s.store.nbytes for s in scans.values() if s.store is not None)
@@ -170,13 +183,20 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
     for l in todo:
         path = None
         if l in stems:
-            path = stems[l].parent / f".{stems[l].name}.acts.npy.tmp"
             try:
                 stems[l].parent.mkdir(parents=True, exist_ok=True)
+                _remove_stale(stems[l])
+                # A name of its own: two runs scanning the same layer at once never share a file.
+                fd, name = tempfile.mkstemp(prefix=f".{stems[l].name}.{os.getpid()}.", suffix=".acts.npy.tmp",
+                                            dir=stems[l].parent)
+                os.close(fd)
+                path = Path(name)
                 stores[l] = ActivationStore.create(d, stored, length, path)
                 tmp_paths[l] = path
                 continue
             except OSError as exc:
+                if path is not None:
+                    path.unlink(missing_ok=True)
                 log.warning("layer %d: cannot write the activation store in %s (%s); keeping it in memory",
                             l, stems[l].parent, exc)
                 stems.pop(l)

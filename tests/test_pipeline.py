@@ -128,7 +128,11 @@ def test_damaged_artifact_is_redone_and_others_are_kept(tiny_dir, tmp_path):
     mtime = (out / "neurons" / other / "result.json").stat().st_mtime_ns
     again = cli(*run_args(tiny_dir, out))
     assert again.returncode == 0, again.stderr
-    assert stored(out) == before
+    # The victim is refitted alone where it was first fitted in a batch of 30: the same result up to
+    # the float rounding of differently padded batches (see test_batched_fitting_equals_...).
+    redone = {k: (canonical(r), canonical(json.loads(g)) if g else None) for k, (r, g) in stored(out).items()}
+    assert redone == {k: (canonical(r), canonical(json.loads(g)) if g else None) for k, (r, g) in before.items()}
+    assert stored(out)[other] == before[other]
     assert (out / "neurons" / other / "result.json").stat().st_mtime_ns == mtime
     assert "damaged" in again.stderr
 

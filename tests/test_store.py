@@ -147,3 +147,17 @@ def test_fitting_from_the_store_runs_no_stored_excerpt_again_and_batches_like_al
     for fit in fitted:  # every test excerpt is held out; every training excerpt is not
         assert all(not is_train[e.excerpt_index] for e in fit.examples if e.split == "test")
         assert all(is_train[e.excerpt_index] for e in fit.examples if e.split == "train")
+
+
+def test_a_killed_scans_half_written_store_is_removed_and_concurrent_names_differ(tmp_path):
+    model = _model()
+    excerpts = torch.randint(4, 68, (40, 16))
+    stem = _cache_stem(tmp_path, "tiny-llama-store", "c", 0, 8, 10, 0, str(1 << 17))
+    stem.parent.mkdir(parents=True)
+    dead = stem.parent / f".{stem.name}.999999999.abc.acts.npy.tmp"  # no such process
+    alive = stem.parent / f".{stem.name}.{os.getpid()}.abc.acts.npy.tmp"  # a scan still running
+    dead.write_bytes(b"half")
+    alive.write_bytes(b"half")
+    scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert not dead.exists() and alive.exists()
+    assert stem.with_suffix(".acts.npy").exists()
