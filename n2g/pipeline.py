@@ -12,7 +12,6 @@ import json
 import logging
 import platform
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,12 +170,9 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
                             cache_dir=cache_dir(), corpus_key=corpus.fingerprint(), progress=opts.progress,
                             store_tokens=store_budget(opts))
         stored = next(iter(scans.values())).store
-        log.info("partition: %d training and %d held-out excerpts; activation store: %d excerpts per layer, %.1f MB on disk",
-                 int(is_train.sum()), int((~is_train).sum()), stored.n_stored, cache_bytes(scans) / 1e6)
-        if opts.progress:
-            print(f"n2g: partition {int(is_train.sum())} training / {int((~is_train).sum())} held-out excerpts; "
-                  f"activation store {stored.n_stored} excerpts x {len(scans)} layer(s), {cache_bytes(scans) / 1e6:.1f} MB on disk",
-                  file=sys.stderr)
+        log.info("partition: %d training and %d held-out excerpts; activation store: %d excerpts x %d layer(s), "
+                 "%.1f MB on disk", int(is_train.sum()), int((~is_train).sum()), stored.n_stored, len(scans),
+                 cache_bytes(scans) / 1e6)
         excerpts = corpus.excerpts.tolist()
         jobs = [store_job(scans[n.layer], n, is_train) for n in todo]
         substitutes = None
@@ -231,7 +227,7 @@ def summary_table(results: list[NeuronResult]) -> str:
     def fmt(v):
         return "  -  " if v is None else f"{v:5.2f}"
 
-    lines = [f"{'neuron':<16}{'status':<8}{'n2g F1':>8}{'tok F1':>8}{'5gram F1':>9}{'n2g r':>8}{'nodes':>7}{'fire%':>7}"]
+    lines = [f"{'neuron':<16}{'status':<8}{'n2g F1':>8}{'tok F1':>8}{'3gram F1':>9}{'n2g r':>8}{'nodes':>7}{'fire%':>7}"]
     for r in results:
         s = r.scores
         f = lambda m, k="f1": getattr(s[m], k) if m in s else None
