@@ -228,6 +228,7 @@ PRESETS: dict[str, DistillConfig] = {
         subtree=True,
         cover_context=1,
         choose_on="split",
+        end_value="mean",
     ),
 }
 
