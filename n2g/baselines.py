@@ -120,17 +120,12 @@ class Zero(NGramLookup):
         return self
 
 
-def TokenLookup() -> NGramLookup:
-    """Max training activation per token id (the published method's baseline)."""
-    return NGramLookup(1, "max")
-
-
 BASELINES = {
     "token_lookup": lambda: NGramLookup(1, "max"),
     "ngram": lambda: NGramLookup(3, "max"),
     **{f"ngram{n}_{stat}": (lambda n=n, stat=stat: NGramLookup(n, stat))
-       for n in (1, 2, 3) for stat in ("mean", "0.75", "max") if not (n == 1 and stat == "max") and not (n == 3 and stat == "max")},
+       for n, stat in [(1, "mean"), (1, "0.75"), (2, "mean"), (2, "0.75"), (2, "max"), (3, "mean"), (3, "0.75")]},
     "zero": Zero,
 }
 """Registry of baseline methods by name: ``token_lookup`` (1-gram max), ``ngram`` (3-gram backoff,
-max), ``ngram{N}_{mean|0.75}`` and ``ngram2_max`` (the other contexts and statistics), ``zero``."""
+max), the other contexts and statistics as ``ngram{N}_{mean|0.75|max}``, and ``zero``."""

@@ -194,8 +194,10 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
         e.predicted = [float(v) for v in graph.predict_sequence(e.token_ids)]
     scores = {"n2g": score_arrays([e.activations for e in test], [e.predicted for e in test], cfg.fire_threshold)}
     train = train_top + train_random + partition
+    train_ids = [np.asarray(e.token_ids, np.int64) for e in train]  # built once for every lookup
+    train_acts = [np.asarray(e.activations, np.float64) for e in train]
     for name, make in BASELINES.items():
-        scores[name] = make().fit(train).score(test)
+        scores[name] = make().fit_arrays(train_ids, train_acts).score(test)
     return NeuronFit(graph, examples, scores, trace)
 
 

@@ -52,6 +52,18 @@ def choose_pivots(acts: np.ndarray, cfg: DistillConfig) -> list[int]:
 COARSE_GRID = (0, 1, 2, 4, 8, 16, 30)
 
 
+def measure_windows(examples: list[tuple[list[int], np.ndarray, int]], contexts: list[list[int]]) -> Steps:
+    """Generator stage: activations of every window ``ids[pivot - c : pivot + 1]`` for ``c`` in
+    ``contexts[e]`` of example ``e``, in one request; returns ``(e, c, values)`` triples."""
+    seqs, owners = [], []
+    for e, (ids, _, pivot) in enumerate(examples):
+        for c in contexts[e]:
+            seqs.append(list(ids[pivot - c : pivot + 1]))
+            owners.append((e, c))
+    answers = yield Evaluate(seqs)
+    return [(e, c, values) for (e, c), values in zip(owners, answers)]
+
+
 def prune_steps(examples: list[tuple[list[int], np.ndarray, int]], cfg: DistillConfig) -> Steps:
     """Generator stage: prune each ``(token_ids, activations, pivot)`` example around its pivot."""
     limits = [min(pivot, cfg.max_context) for _, _, pivot in examples]
@@ -63,15 +75,9 @@ def prune_steps(examples: list[tuple[list[int], np.ndarray, int]], cfg: DistillC
     chosen: list[tuple[int, np.ndarray] | None] = [None] * len(examples)
     longest: list[tuple[int, np.ndarray] | None] = [None] * len(examples)
     for round_no in range(2):
-        contexts = rounds[round_no]
-        seqs, owners = [], []
-        for e, (ids, _, pivot) in enumerate(examples):
-            for c in contexts[e]:
-                seqs.append(list(ids[pivot - c : pivot + 1]))
-                owners.append((e, c))
-        answers = yield Evaluate(seqs)
+        measured = yield from measure_windows(examples, rounds[round_no])
         found: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for (e, c), values in zip(owners, answers):
+        for e, c, values in measured:
             found.setdefault(e, []).append((c, values))
             if c == limits[e]:
                 longest[e] = (c, values)

@@ -28,7 +28,7 @@ from .config import DistillConfig
 from .errors import N2GError
 from .features import Evaluate, Steps
 from .graph import WILDCARD, NeuronGraph
-from .prune import Pruned
+from .prune import Pruned, measure_windows
 
 WINDOW_STEP = 5
 """Published window lengths are multiples of this (``skip_interval``)."""
@@ -55,14 +55,8 @@ def published_prune_steps(examples: list[tuple[list[int], np.ndarray, int]], cfg
     windows are all inactive gives none), each with ``window_max`` set.
     """
     contexts = [window_contexts(pivot, cfg.max_context) for _, _, pivot in examples]
-    seqs, owners = [], []
-    for e, (ids, _, pivot) in enumerate(examples):
-        for c in contexts[e]:
-            seqs.append(list(ids[pivot - c : pivot + 1]))
-            owners.append((e, c))
-    answers = yield Evaluate(seqs)
     tried: dict[int, dict[int, np.ndarray]] = {}
-    for (e, c), values in zip(owners, answers):
+    for e, c, values in (yield from measure_windows(examples, contexts)):
         tried.setdefault(e, {})[c] = np.asarray(values, np.float32)
     pruned = []
     for e, (ids, acts, pivot) in enumerate(examples):
