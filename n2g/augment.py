@@ -55,7 +55,7 @@ def augment_steps(seqs: list[list[int]], acts: list[np.ndarray], imps: list[np.n
             variants.append((ids, e, k))
     if not variants:
         return []
-    values = yield Evaluate([v[0] for v in variants])
+    values = yield Evaluate([v[0] for v in variants], "augment")
     firing = [i for i, v in enumerate(values) if float(np.max(v)) >= cfg.fire_threshold]
     matrices = yield from importance_steps([variants[i][0] for i in firing], [values[i] for i in firing], occlusion_id)
     by_index = dict(zip(firing, matrices))

@@ -18,7 +18,7 @@ import torch
 
 from .activations import partition
 from .augment import Variant, augment_steps
-from .baselines import BASELINES
+from .baselines import fit_baselines
 from .config import DistillConfig, preset
 from .errors import N2GError
 from .examples import random_pool, split_examples
@@ -66,7 +66,9 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     else:
         pruned = yield from prune_steps(targets, cfg)
     pruned = yield from post_context_steps(pruned, targets, cfg)  # tokens after the pivot (post_context > 0)
-    imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id)
+    # Without augmentation a pivot's importance for itself is never read: its occluded copy is not run.
+    imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id,
+                                       diagonal_last=cfg.augment)
     trace.pruned, trace.importances = pruned, imps
     for p, imp in zip(pruned, imps):
         acts = rescale(p) if cfg.rescale_pruned else p.activations  # published: pivot back to its original value
@@ -177,7 +179,7 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
     fetched: dict[int, np.ndarray] = {}
     missing = sorted({i for i, _, _ in roles if i not in known})
     if missing:
-        values = yield Evaluate([list(excerpts[i]) for i in missing])
+        values = yield Evaluate([list(excerpts[i]) for i in missing], "excerpts")
         fetched.update(zip(missing, values))
     value = lambda i: fetched[i] if i in fetched else known[i]
     examples = [Example(list(map(int, excerpts[i])), [float(v) for v in value(i)], split=s, source=src, excerpt_index=int(i))
@@ -196,8 +198,8 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
     train = train_top + train_random + partition
     train_ids = [np.asarray(e.token_ids, np.int64) for e in train]  # built once for every lookup
     train_acts = [np.asarray(e.activations, np.float64) for e in train]
-    for name, make in BASELINES.items():
-        scores[name] = make().fit_arrays(train_ids, train_acts).score(test)
+    for name, lookup in fit_baselines(train_ids, train_acts).items():
+        scores[name] = lookup.score(test)
     return NeuronFit(graph, examples, scores, trace)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -76,6 +76,49 @@ def store_job(scan, neuron: NeuronId, is_train: np.ndarray) -> Job:
     return Job(neuron, scale, scan.ranked(neuron.index, neuron.sign), scan.pool, known, is_train, evidence)
 
 
+@dataclass
+class StageCost:
+    """Forward work of one stage, counted in machine-independent units."""
+
+    rows: int = 0
+    """Sequences sent to the model (after identical rows of a layer were merged)."""
+    asked: int = 0
+    """Sequences the neurons asked for, before merging."""
+    real: int = 0
+    """Token positions of those rows (no BOS, no padding)."""
+    padded: int = 0
+    """Token positions the model computed: rows x their batch's width."""
+    weighted: float = 0.0
+    """Padded positions x (deepest layer + 1) / layers: a pass stops after the deepest layer it needs."""
+    calls: int = 0
+    """Forward passes that carried rows of this stage."""
+
+
+@dataclass
+class Cost:
+    """What fitting cost, per stage, plus the host time spent outside forward passes."""
+
+    n_layers: int = 1
+    stages: dict = field(default_factory=dict)
+    forward_calls: int = 0
+    forward_seconds: float = 0.0
+    """Wall seconds inside forward passes (including the copy of results to the host)."""
+    forward_thread_cpu: float = 0.0
+    host_cpu: float = 0.0
+    """Main-thread CPU seconds of fitting outside forward passes (building, calibrating, scoring)."""
+
+    def stage(self, name: str) -> StageCost:
+        return self.stages.setdefault(name, StageCost())
+
+    def total(self) -> StageCost:
+        out = StageCost()
+        for s in self.stages.values():
+            for k in ("rows", "asked", "real", "padded", "weighted", "calls"):
+                setattr(out, k, getattr(out, k) + getattr(s, k))
+        out.calls = self.forward_calls
+        return out
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -90,26 +133,51 @@ class RowEvaluator:
     def __init__(self, model, batch_tokens: int, pad_id: int):
         self.model, self.batch_tokens, self.pad_id = model, batch_tokens, pad_id
         self.rows_done = 0
+        self.cost = Cost(n_layers=int(getattr(model, "n_layers", 1) or 1))
 
-    def __call__(self, seqs: list[list[int]], neurons: list[NeuronId], scales: list[float]) -> list[np.ndarray]:
+    def __call__(self, seqs: list[list[int]], neurons: list[NeuronId], scales: list[float],
+                 stages: Sequence[str] | None = None) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(seqs)
+        stages = list(stages) if stages is not None else ["other"] * len(seqs)
         by_layer: dict[int, dict[tuple[int, ...], list[int]]] = {}
         for i, (seq, neuron) in enumerate(zip(seqs, neurons)):
             by_layer.setdefault(neuron.layer, {}).setdefault(tuple(seq), []).append(i)
+            self.cost.stage(stages[i]).asked += 1
         for layer in sorted(by_layer):
             unique = list(by_layer[layer].items())
             for batch in length_batches([len(u[0]) for u in unique], self.batch_tokens):
-                self._run(layer, [unique[j] for j in batch], neurons, scales, out)
+                self._run(layer, [unique[j] for j in batch], neurons, scales, out, stages)
         return out  # type: ignore[return-value]
 
-    def _run(self, layer: int, rows: list[tuple[tuple[int, ...], list[int]]], neurons, scales, out) -> None:
+    def _count(self, layer: int, rows, stages: list[str]) -> None:
+        cost = self.cost
+        width = max(len(seq) for seq, _ in rows)
+        depth = (layer + 1) / cost.n_layers
+        cost.forward_calls += 1
+        seen = set()
+        for seq, askers in rows:
+            s = cost.stage(stages[askers[0]])
+            s.rows += 1
+            s.real += len(seq)
+            s.padded += width
+            s.weighted += width * depth
+            if stages[askers[0]] not in seen:
+                seen.add(stages[askers[0]])
+                s.calls += 1
+
+    def _run(self, layer: int, rows: list[tuple[tuple[int, ...], list[int]]], neurons, scales, out,
+             stages: list[str]) -> None:
         try:
+            wall, cpu = time.perf_counter(), time.thread_time()
             ids, mask = pad([list(seq) for seq, _ in rows], self.pad_id)
             acts = self.model.layer_activations(ids, mask, [layer])[layer]
             r_idx = [r for r, (_, askers) in enumerate(rows) for _ in askers]
             n_idx = [neurons[i].index for _, askers in rows for i in askers]
             values = acts[torch.tensor(r_idx, device=acts.device), :, torch.tensor(n_idx, device=acts.device)]
             values = values.float().cpu().numpy()
+            self.cost.forward_seconds += time.perf_counter() - wall
+            self.cost.forward_thread_cpu += time.thread_time() - cpu
+            self._count(layer, rows, stages)
         except RuntimeError as exc:
             if not _is_oom(exc) or len(rows) == 1:
                 raise
@@ -117,8 +185,8 @@ class RowEvaluator:
             self.batch_tokens = max(self.batch_tokens // 2, 64)
             log.warning("out of memory: batch size backed off to %d tokens", self.batch_tokens)
             half = len(rows) // 2
-            self._run(layer, rows[:half], neurons, scales, out)
-            self._run(layer, rows[half:], neurons, scales, out)
+            self._run(layer, rows[:half], neurons, scales, out, stages)
+            self._run(layer, rows[half:], neurons, scales, out, stages)
             return
         at = 0
         for seq, askers in rows:
@@ -140,6 +208,10 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
     evaluator = evaluator or RowEvaluator(model, cfg.batch_tokens, occlusion)
     if substitutes is None and cfg.augment:
         substitutes = ModelSubstitutes(model)
+    cost = getattr(evaluator, "cost", None)
+    cpu0 = time.thread_time()
+    forward0 = cost.forward_thread_cpu if cost is not None else 0.0
+    substitute_cpu = 0.0
     results: dict[NeuronId, NeuronFit] = {}
     live = {}
     for job in jobs:
@@ -161,11 +233,12 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
         evals = [(n, r) for n, r in requests.items() if isinstance(r, Evaluate)]
         cands = [(n, r) for n, r in requests.items() if isinstance(r, Candidates)]
         if evals:
-            seqs, owners = [], []
+            seqs, owners, stages = [], [], []
             for n, r in evals:
                 seqs.extend(r.seqs)
                 owners.extend([n] * len(r.seqs))
-            values = evaluator(seqs, owners, [scales[n] for n in owners]) if seqs else []
+                stages.extend([r.stage] * len(r.seqs))
+            values = evaluator(seqs, owners, [scales[n] for n in owners], stages) if seqs else []
             at = 0
             for n, r in evals:
                 answers[n] = values[at : at + len(r.seqs)]
@@ -176,11 +249,16 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
                 seqs.extend(r.seqs)
                 positions.extend(r.positions)
             k = max(r.k for _, r in cands)
+            t = time.thread_time()
             found = substitutes(seqs, positions, k) if (substitutes is not None and seqs) else [[] for _ in seqs]
+            substitute_cpu += time.thread_time() - t
             at = 0
             for n, r in cands:
                 answers[n] = [c[: r.k] for c in found[at : at + len(r.seqs)]]
                 at += len(r.seqs)
+    if cost is not None:
+        forward = cost.forward_thread_cpu - forward0
+        cost.host_cpu += max(time.thread_time() - cpu0 - forward - substitute_cpu, 0.0)
     return results
 
 
