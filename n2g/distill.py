@@ -91,9 +91,9 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     if cfg.cover:
         covered: set[int] = set()
         for k, e in enumerate(seen):
-            for t, a in zip(map(int, e.token_ids), e.activations):
-                if a < cfg.fire_threshold:
-                    continue
+            acts = np.asarray(e.activations)
+            hits = np.flatnonzero(acts >= cfg.fire_threshold)  # only firing tokens matter here
+            for t, a in zip(np.asarray(e.token_ids)[hits].tolist(), acts[hits].tolist()):
                 start = graph.nodes[0].children.get(t)
                 if start is None:
                     covered.add(t)
@@ -124,10 +124,14 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
         if cfg.cover and cfg.cover_context:  # firing tokens still predicted quiet get their context as a path
             missed = 0
             for k, e in enumerate(seen):
+                acts = np.asarray(e.activations)
+                if not np.any(acts[1:] >= cfg.fire_threshold):
+                    continue  # nothing here could be missed
                 ids = list(map(int, e.token_ids))
                 pred = graph.predict_sequence(ids)
-                for j, a in enumerate(e.activations):
-                    if a >= cfg.fire_threshold and j > 0 and pred[j] < cfg.fire_threshold:
+                for j in np.flatnonzero(acts >= cfg.fire_threshold).tolist():
+                    a = acts[j]
+                    if j > 0 and pred[j] < cfg.fire_threshold:
                         back = ids[max(0, j - cfg.cover_context) : j][::-1]
                         graph.add_path([(ids[j], 1.0)] + [(b, 0.0) for b in back], float(a), k)
                         missed += 1
