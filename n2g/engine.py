@@ -23,7 +23,7 @@ from .augment import ModelSubstitutes
 from .config import DistillConfig
 from .distill import NeuronFit, neuron_steps
 from .errors import N2GError
-from .features import Candidates, Evaluate, length_batches, pad
+from .features import Candidates, Compute, Evaluate, length_batches, pad
 from .published import for_model
 from .records import NeuronId, Sign
 
@@ -105,7 +105,11 @@ class Cost:
     """Wall seconds inside forward passes (including the copy of results to the host)."""
     forward_thread_cpu: float = 0.0
     host_cpu: float = 0.0
-    """Main-thread CPU seconds of fitting outside forward passes (building, calibrating, scoring)."""
+    """Main-thread CPU seconds of fitting outside forward passes and offloadable work: the serial
+    part that holds up the model (splitting, reading the store, request building)."""
+    compute_cpu: float = 0.0
+    """CPU seconds of the pure host work (graph building, calibration, prediction, scoring) wherever
+    it ran: inline, or spread over worker processes (``host_workers``)."""
 
     def stage(self, name: str) -> StageCost:
         return self.stages.setdefault(name, StageCost())
@@ -200,9 +204,43 @@ class RowEvaluator:
         self.rows_done += len(rows)
 
 
+def timed_call(fn: Callable, args: tuple):
+    """``(fn(*args), CPU seconds it took)``: runs where it is sent (inline or in a worker process)."""
+    t = time.thread_time()
+    out = fn(*args)
+    return out, time.thread_time() - t
+
+
+def _resume(steps, answer) -> NeuronFit:
+    """Send a neuron its last answer; its generator returns the fit."""
+    try:
+        steps.send(answer)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("a neuron asked for more after its host work")  # pragma: no cover - programming error
+
+
+def host_pool(workers: int):
+    """Worker processes for the host work of fitting (None for 0: run it inline).
+
+    Spawned, not forked: safe beside CUDA and torch's thread pools; each worker imports n2g once."""
+    if workers <= 0:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: DistillConfig, *,
-              substitutes: Callable | None = None, evaluator: RowEvaluator | None = None) -> dict[NeuronId, NeuronFit]:
-    """Fit a group of neurons in lockstep, sharing every batch; dead neurons come back as such."""
+              substitutes: Callable | None = None, evaluator: RowEvaluator | None = None,
+              pool=None, parked: list | None = None) -> dict[NeuronId, NeuronFit]:
+    """Fit a group of neurons in lockstep, sharing every batch; dead neurons come back as such.
+
+    With a ``pool`` each neuron's host work (:class:`~n2g.features.Compute`) goes to a worker
+    process; with a ``parked`` list the group returns without waiting for it, appending
+    ``(neuron, steps, future)`` for the caller to finish (:func:`_resume`) while the model runs
+    the next group. Results are the same either way."""
     cfg = for_model(cfg, model)  # settings that need the tokenizer (paper: occlusion by '"', sentence ends)
     occlusion = int(model.occlusion_token_id)
     evaluator = evaluator or RowEvaluator(model, cfg.batch_tokens, occlusion)
@@ -211,7 +249,7 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
     cost = getattr(evaluator, "cost", None)
     cpu0 = time.thread_time()
     forward0 = cost.forward_thread_cpu if cost is not None else 0.0
-    substitute_cpu = 0.0
+    excluded_cpu = 0.0
     results: dict[NeuronId, NeuronFit] = {}
     live = {}
     for job in jobs:
@@ -222,6 +260,7 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
                                             job.is_train, job.evidence)
     scales = {job.neuron: job.scale for job in jobs}
     answers: dict[NeuronId, object] = {n: None for n in live}
+    own: list = []  # neurons whose host work runs in the pool
     while live:
         requests = {}
         for neuron, steps in list(live.items()):
@@ -232,6 +271,17 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
                 del live[neuron]
         evals = [(n, r) for n, r in requests.items() if isinstance(r, Evaluate)]
         cands = [(n, r) for n, r in requests.items() if isinstance(r, Candidates)]
+        for n, r in requests.items():
+            if not isinstance(r, Compute):
+                continue
+            if pool is None:
+                t = time.thread_time()
+                answers[n], cpu = timed_call(r.fn, r.args)
+                excluded_cpu += time.thread_time() - t  # counted as compute, not as serial host work
+                if cost is not None:
+                    cost.compute_cpu += cpu
+            else:
+                own.append((n, live.pop(n), pool.submit(timed_call, r.fn, r.args)))
         if evals:
             seqs, owners, stages = [], [], []
             for n, r in evals:
@@ -251,33 +301,81 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
             k = max(r.k for _, r in cands)
             t = time.thread_time()
             found = substitutes(seqs, positions, k) if (substitutes is not None and seqs) else [[] for _ in seqs]
-            substitute_cpu += time.thread_time() - t
+            excluded_cpu += time.thread_time() - t
             at = 0
             for n, r in cands:
                 answers[n] = [c[: r.k] for c in found[at : at + len(r.seqs)]]
                 at += len(r.seqs)
     if cost is not None:
         forward = cost.forward_thread_cpu - forward0
-        cost.host_cpu += max(time.thread_time() - cpu0 - forward - substitute_cpu, 0.0)
+        cost.host_cpu += max(time.thread_time() - cpu0 - forward - excluded_cpu, 0.0)
+    if parked is not None:
+        parked.extend(own)
+    else:
+        for n, steps, future in own:
+            answer, cpu = future.result()
+            if cost is not None:
+                cost.compute_cpu += cpu
+            results[n] = _resume(steps, answer)
     return results
 
 
 def fit_many(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: DistillConfig, *,
              group_size: int = 64, on_done: Callable[[Job, NeuronFit, float], None] | None = None,
-             substitutes: Callable | None = None, evaluator: RowEvaluator | None = None) -> dict[NeuronId, NeuronFit]:
-    """Fit jobs in groups of ``group_size`` (1 = one neuron at a time), calling ``on_done`` per neuron."""
+             substitutes: Callable | None = None, evaluator: RowEvaluator | None = None,
+             host_workers: int = 0) -> dict[NeuronId, NeuronFit]:
+    """Fit jobs in groups of ``group_size`` (1 = one neuron at a time), calling ``on_done`` per neuron
+    in neuron order.
+
+    ``host_workers > 0`` runs every neuron's host work in that many worker processes, overlapped
+    with the model's forward passes for the next groups; the fits are identical to ``0`` (inline).
+    """
     evaluator = evaluator or RowEvaluator(model, cfg.batch_tokens, int(model.occlusion_token_id))
     if substitutes is None and cfg.augment:
         substitutes = ModelSubstitutes(model)
+    cost = getattr(evaluator, "cost", None)
     out: dict[NeuronId, NeuronFit] = {}
     jobs = sorted(jobs, key=lambda j: j.neuron)
-    for start in range(0, len(jobs), group_size):
-        group = jobs[start : start + group_size]
-        t0 = time.perf_counter()
-        fits = fit_group(model, excerpts, group, cfg, substitutes=substitutes, evaluator=evaluator)
-        share = (time.perf_counter() - t0) / max(len(group), 1)
-        for job in group:
-            out[job.neuron] = fits[job.neuron]
+    by_neuron = {j.neuron: j for j in jobs}
+    order: list[tuple[NeuronId, float]] = []  # finished in this order, whatever ran where
+    pending: dict[NeuronId, tuple] = {}
+    done: dict[NeuronId, NeuronFit] = {}
+
+    def deliver(block: bool, keep: int = 0) -> None:
+        """Finish parked neurons (oldest first) and report every neuron whose turn has come."""
+        while order:
+            neuron, share = order[0]
+            if neuron in pending:
+                steps, future = pending[neuron]
+                if not (block or len(pending) > keep or future.done()):
+                    return
+                answer, cpu = future.result()
+                if cost is not None:
+                    cost.compute_cpu += cpu
+                done[neuron] = _resume(steps, answer)
+                del pending[neuron]
+            order.pop(0)
+            out[neuron] = done.pop(neuron)
             if on_done is not None:
-                on_done(job, fits[job.neuron], share)
+                on_done(by_neuron[neuron], out[neuron], share)
+
+    pool = host_pool(host_workers)
+    try:
+        for start in range(0, len(jobs), group_size):
+            group = jobs[start : start + group_size]
+            t0 = time.perf_counter()
+            parked: list | None = [] if pool is not None else None
+            fits = fit_group(model, excerpts, group, cfg, substitutes=substitutes, evaluator=evaluator,
+                             pool=pool, parked=parked)
+            share = (time.perf_counter() - t0) / max(len(group), 1)
+            done.update(fits)
+            for n, steps, future in parked or ():
+                pending[n] = (steps, future)
+            order.extend((job.neuron, share) for job in group)
+            # Keep the workers fed while the model runs the next group, with at most two groups in flight.
+            deliver(block=False, keep=2 * group_size)
+        deliver(block=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return out

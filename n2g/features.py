@@ -55,6 +55,15 @@ class Candidates:
     k: int
 
 
+@dataclass
+class Compute:
+    """Request: the result of ``fn(*args)``, pure host work with no model call (the engine may
+    run it in a worker process while the model serves other neurons)."""
+
+    fn: Callable
+    args: tuple
+
+
 Steps = Generator[Any, Any, Any]
 
 
@@ -72,6 +81,8 @@ def drive(steps: Steps, evaluate: Callable[[list[list[int]]], list[np.ndarray]],
                     answer = [[] for _ in request.seqs]
                 else:
                     answer = candidates(request.seqs, request.positions, request.k)
+            elif isinstance(request, Compute):
+                answer = request.fn(*request.args)
             else:  # pragma: no cover - programming error
                 raise TypeError(f"unknown request {request!r}")
     except StopIteration as stop:
