@@ -123,6 +123,35 @@ class Cost:
         return out
 
 
+CPU_BATCH_TOKENS = 16384
+"""Fitting batch budget off an accelerator: a CPU is busy long before memory matters."""
+MAX_BATCH_TOKENS = 1 << 20
+
+
+def device_budget(model, length: int, n_scan_layers: int = 1, batch_tokens: int | None = None,
+                  scan_batch: int | None = None) -> tuple[int, int]:
+    """``(batch_tokens, scan_batch)``: fitting batch budget in tokens and excerpts per scan batch.
+
+    Given values win (the CLI's ``--batch-tokens`` and ``--scan-batch``). Otherwise, on a CUDA
+    device they grow with its free memory (half of it, by an estimate of the bytes a token costs in a
+    forward pass that keeps one layer's MLP activations, or every scanned layer's for the scan);
+    elsewhere they are 16,384 tokens and 32 excerpts. Out-of-memory errors still back off.
+    """
+    device = getattr(model, "device", torch.device("cpu"))
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return batch_tokens or CPU_BATCH_TOKENS, scan_batch or 32
+    free, _ = torch.cuda.mem_get_info(device)
+    config = getattr(getattr(model, "model", None), "config", None)
+    d_model = int(getattr(config, "hidden_size", 0) or 0) or model.d_mlp // 2
+    heads = int(getattr(config, "num_attention_heads", 0) or 0) or 16
+    elem = torch.finfo(getattr(model, "dtype", torch.float32)).bits // 8
+    per_token = elem * (6 * d_model + 4 * model.d_mlp + heads * max(length, 64)) + 4 * model.d_mlp
+    fit = int(min(max(free * 0.5 // per_token, CPU_BATCH_TOKENS), MAX_BATCH_TOKENS))
+    scan_per_excerpt = length * (per_token + 8 * model.d_mlp * max(n_scan_layers, 1))
+    scan = int(min(max(free * 0.5 // scan_per_excerpt, 32), 8192))
+    return batch_tokens or fit, scan_batch or scan
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 

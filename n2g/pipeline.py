@@ -66,7 +66,13 @@ class RunOptions:
     dtype: str | None = None
     substitutes: str = "model"
     group_size: int = 64
-    scan_batch: int = 32
+    scan_batch: int | None = None
+    """Excerpts per scan batch (None: sized to the device, see n2g.engine.device_budget)."""
+    batch_tokens: int | None = None
+    """Token budget of fitting batches (None: sized to the device)."""
+    host_workers: int | None = None
+    """Worker processes for the host work of fitting (None: all cores but one on an accelerator,
+    0 on a CPU, whose cores the forward passes already use)."""
     store_tokens: int | None = None
     """Token budget of the per-layer activation store (None: the default, see n2g.activations)."""
     report: bool = True
@@ -133,6 +139,11 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         raise N2GError(f"--substitutes must be 'model' or 'mlm:NAME' (got {opts.substitutes!r})")
     if opts.group_size < 1:
         raise N2GError("--group-size must be at least 1")
+    for flag, value in (("--scan-batch", opts.scan_batch), ("--batch-tokens", opts.batch_tokens)):
+        if value is not None and value < 1:
+            raise N2GError(f"{flag} must be at least 1 (got {value})")
+    if opts.host_workers is not None and opts.host_workers < 0:
+        raise N2GError(f"--host-workers must be 0 or more (got {opts.host_workers})")
     if model is None:
         model = load_model(opts.model, device=opts.device, dtype=opts.dtype)
     layers = parse_indices(opts.layers, model.n_layers, "layer")
@@ -165,8 +176,19 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         from .engine import store_job
         from .scan import cache_bytes
 
-        scans = scan_layers(model, corpus.excerpts, sorted({n.layer for n in todo}), k=top_k(cfg), pool_size=pool_size(cfg),
-                            seed=cfg.seed, batch_size=opts.scan_batch, fire_threshold=cfg.fire_threshold,
+        from .engine import RowEvaluator, device_budget
+
+        scan_layer_set = sorted({n.layer for n in todo})
+        batch_tokens, scan_batch = device_budget(model, length, len(scan_layer_set), opts.batch_tokens, opts.scan_batch)
+        host_workers = opts.host_workers
+        if host_workers is None:
+            import os
+
+            host_workers = max((os.cpu_count() or 1) - 1, 0) if getattr(model.device, "type", "") == "cuda" else 0
+        log.info("batches: %d tokens when fitting, %d excerpts when scanning; %d host worker process(es)",
+                 batch_tokens, scan_batch, host_workers)
+        scans = scan_layers(model, corpus.excerpts, scan_layer_set, k=top_k(cfg), pool_size=pool_size(cfg),
+                            seed=cfg.seed, batch_size=scan_batch, fire_threshold=cfg.fire_threshold,
                             cache_dir=cache_dir(), corpus_key=corpus.fingerprint(), progress=opts.progress,
                             store_tokens=store_budget(opts))
         stored = next(iter(scans.values())).store
@@ -193,7 +215,9 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
                 fitted += 1
                 bar.update(1)
 
-            fit_many(model, excerpts, layer_jobs, cfg, group_size=opts.group_size, on_done=save, substitutes=substitutes)
+            evaluator = RowEvaluator(model, batch_tokens, int(model.occlusion_token_id))
+            fit_many(model, excerpts, layer_jobs, cfg, group_size=opts.group_size, on_done=save, substitutes=substitutes,
+                     evaluator=evaluator, host_workers=host_workers)
             bar.close()
     store.write_scores_table()
     artifacts = {}
