@@ -352,12 +352,13 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
 def fit_many(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: DistillConfig, *,
              group_size: int = 64, on_done: Callable[[Job, NeuronFit, float], None] | None = None,
              substitutes: Callable | None = None, evaluator: RowEvaluator | None = None,
-             host_workers: int = 0) -> dict[NeuronId, NeuronFit]:
+             host_workers: int = 0, pool=None) -> dict[NeuronId, NeuronFit]:
     """Fit jobs in groups of ``group_size`` (1 = one neuron at a time), calling ``on_done`` per neuron
     in neuron order.
 
-    ``host_workers > 0`` runs every neuron's host work in that many worker processes, overlapped
-    with the model's forward passes for the next groups; the fits are identical to ``0`` (inline).
+    ``host_workers > 0`` runs every neuron's host work in that many worker processes (or pass a
+    ``pool`` from :func:`host_pool` to share one), overlapped with the model's forward passes for the
+    next groups; the fits are identical to ``0`` (inline).
     """
     evaluator = evaluator or RowEvaluator(model, cfg.batch_tokens, int(model.occlusion_token_id))
     if substitutes is None and cfg.augment:
@@ -388,7 +389,9 @@ def fit_many(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Dis
             if on_done is not None:
                 on_done(by_neuron[neuron], out[neuron], share)
 
-    pool = host_pool(host_workers)
+    own_pool = pool is None and host_workers > 0
+    if own_pool:
+        pool = host_pool(host_workers)
     try:
         for start in range(0, len(jobs), group_size):
             group = jobs[start : start + group_size]
@@ -405,6 +408,6 @@ def fit_many(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Dis
             deliver(block=False, keep=2 * group_size)
         deliver(block=True)
     finally:
-        if pool is not None:
+        if own_pool:
             pool.shutdown(wait=True, cancel_futures=True)
     return out
