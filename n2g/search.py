@@ -63,7 +63,15 @@ def result_problem(r: NeuronResult) -> str | None:
         if not (all(map(_number_or_none, numbers)) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)
                 and isinstance(s.status, str)):
             return f"scores of {method!r} have a field of the wrong type"
-    for i, e in enumerate(r.examples):
+    h = r.histogram
+    if not isinstance(h, dict) or not (
+            all(isinstance(h.get(k, []), list) for k in ("edges", "counts", "bands"))
+            and all(is_finite_number(v) for v in h.get("edges", []))
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in h.get("counts", []))
+            and all(isinstance(b, dict) and is_finite_number(b.get("lo")) and is_finite_number(b.get("hi"))
+                    and isinstance(b.get("n_excerpts"), int) for b in h.get("bands", []))):
+        return "histogram has a field of the wrong type"
+    for i, e in enumerate(r.examples + r.band_examples):
         ok = (isinstance(e.token_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in e.token_ids)
               and isinstance(e.activations, list) and all(map(_number_or_none, e.activations))
               and (e.predicted is None or (isinstance(e.predicted, list) and all(map(_number_or_none, e.predicted))))
