@@ -12,15 +12,17 @@ from html.parser import HTMLParser
 
 import pytest
 
-from helpers_run import QUOTED, SCRIPT, SPECIALS, make_run
+from helpers_run import QUOTED, SCRIPT, SPECIALS, add_histogram, add_large_neuron, make_run
 from n2g.errors import N2GError
 from n2g.report import METHOD_NAMES, build_all
-from n2g.viewer import make_server
+from n2g.viewer import NEURON_JS, make_server
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("viewer"))
+    add_histogram(run)
+    add_large_neuron(run)
     build_all(run)
     return run
 
@@ -56,19 +58,28 @@ def test_pages_exist(run):
         assert (run / "viewer" / "neurons" / f"{key}.html").exists()
 
 
+def scripts(raw: str) -> list[tuple[str, str]]:
+    return re.findall(r'<script nonce="([^"]+)">(.*?)</script>', raw, re.S)
+
+
 def test_neuron_page_escapes_corpus_text(run):
     page_path = run / "viewer" / "neurons" / "L1.N4.neg.html"
     raw = page_path.read_text()
     assert "<script>alert" not in raw and "<b>x</b>" not in raw
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in raw
     p = parse(page_path)
-    assert not any(tag == "script" for tag, _ in p.tags)
+    # the one script is the fixed try-your-own-text script, allowed by the page's nonce
+    assert sum(tag == "script" for tag, _ in p.tags) == 1
+    ((nonce, body),) = scripts(raw)
+    assert body == NEURON_JS and f"script-src 'nonce-{nonce}'" in raw
     assert not any(k.startswith("on") for _, a in p.tags for k in a)
     text = "".join(p.text)
     assert SCRIPT in text and QUOTED in text and SPECIALS in text  # shown literally
     assert any(SCRIPT in t for t in p.titles)  # hover titles keep the text too
     assert "<svg" in raw  # graph inline
     assert "Similar neurons" in text and 'href="L0.N1.html"' in raw
+    summary = raw[raw.index('<p id="summary"'):raw.index("</p>", raw.index('<p id="summary"'))]
+    assert "&lt;script&gt;" in summary and "<script" not in summary, "the summary escapes token text"
 
 
 def test_neuron_page_contents(run):
@@ -76,18 +87,60 @@ def test_neuron_page_contents(run):
     p = parse(run / "viewer" / "neurons" / "L0.N1.html")
     text = "".join(p.text)
     assert 'id="train-excerpts"' in raw and 'id="test-excerpts"' in raw
-    assert "true activation" in text and "graph prediction" in text
+    assert "true activation (normalised)" in text and "graph prediction (normalised)" in text
     # per-token colouring with the value in the title
-    assert 'style="background:rgba(214,39,40,1.000)" title="·Paris  true 1.000"' in raw
-    assert 'title="·Paris  predicted 0.700"' in raw
+    assert 'style="background:rgba(214,39,40,1.000)" title="␣Paris  true 1.000"' in raw
+    assert 'title="␣Paris  predicted 0.700"' in raw
     assert "[104]" in text  # an excerpt without token strings falls back to ids
     assert "0.800" in text and METHOD_NAMES["token_lookup"] in text and METHOD_NAMES["ngram"] in text
-    assert "·France" in text and "·Texas" in text
-    assert "firing rate 0.01000" in text
+    assert "␣France" in text and "␣Texas" in text
+    assert "firing rate 1.00 % of 1000 sampled tokens" in text
+    # units labelled: raw maximum, normalised excerpt maxima with their raw value, output-token effect unit
+    assert "maximum activation 5.0000 (raw)" in text
+    assert "max 1.00 norm.(5.000 raw)" in text
+    assert "effect (logit per unit of raw activation)" in text
     n2 = "".join(parse(run / "viewer" / "neurons" / "L0.N2.html").text)
     assert "no firing test token" in n2
     dead = "".join(parse(run / "viewer" / "neurons" / "L1.N3.html").text)
-    assert "dead" in dead and "no graph" in dead
+    assert "dead" in dead and "no graph" in dead and "never fires" in dead
+
+
+def test_neuron_page_explains_first(run):
+    raw = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    text = "".join(parse(run / "viewer" / "neurons" / "L0.N1.html").text)
+    summary = text[text.index("L0.N1 fires on"):text.index("Units:")]
+    assert "␣Paris (0.90)" in summary and "␣in right before it" in summary and "␣in [␣Paris]: 0.70" in summary
+    assert "strongest activation on the corpus is 5 (raw)" in summary and "F1 0.80 (token lookup 0.60)" in summary
+    order = [raw.index(s) for s in ('id="summary"', 'id="test-excerpts"', 'id="graph"', 'id="try-form"',
+                                    'id="scores"', 'id="histogram"', 'id="train-excerpts"')]
+    assert order == sorted(order), "summary, then true-vs-predicted excerpts, then graph, then scores"
+
+
+def test_neuron_page_histogram_and_bands(run):
+    raw = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    bars = re.findall(r'<rect class="bar" x="[^"]+" y="([^"]+)" width="[^"]+" height="([^"]+)" fill="(#[0-9a-f]+)"', raw)
+    assert len(bars) == 11, "one bar per non-empty bin"
+    heights = [float(h) for _, h, _ in bars]
+    assert heights[2] == max(heights), "the bin holding 900 of 1000 tokens is the tallest"
+    assert 0 < min(heights) < heights[2] / 3, "log scale: a 1-token bin is still visible but much lower"
+    assert [f for _, _, f in bars][-4:] == ["#d62728"] * 4, "bins at or above the fire threshold are red"
+    assert "density (log scale)" in raw and "1000 stored by the scan" in raw
+    assert 'id="band-0.5"' in raw and 'id="band-0"' in raw
+    text = "".join(parse(run / "viewer" / "neurons" / "L0.N1.html").text)
+    assert "band 0.5–0.75" in text and "(3 stored excerpts peak here)" in text
+    assert "band 0.75–1" in text and "no excerpt peaks in this band stored" in text
+    no_hist = "".join(parse(run / "viewer" / "neurons" / "L0.N2.html").text)
+    assert "no histogram stored" in no_hist
+
+
+def test_large_graph_page_lists_every_path(run):
+    raw = (run / "viewer" / "neurons" / "L1.N5.html").read_text()
+    rows = re.findall(r"<tr><td>(\d+)</td><td class=\"l tok\">([^<]*)</td>", raw)
+    assert len(rows) == 90 + 23, "every path in the table"
+    assert rows[0] == ("1", "[␣strongest]")
+    assert '<details id="paths-box" open>' in raw and "(the drawing shows the 14 strongest)" in raw
+    svg = (run / "neurons" / "L1.N5" / "graph.dot").read_text()
+    assert "+99 more paths" in svg
 
 
 def test_index_page(run):
