@@ -194,3 +194,38 @@ def test_server_api_and_static(run):
 def test_server_needs_a_viewer(tmp_path):
     with pytest.raises(N2GError, match="n2g report"):
         make_server(tmp_path, "127.0.0.1", _free_port())
+
+
+def test_search_is_case_insensitive_by_prefix_and_substring(run):
+    from n2g.search import search
+
+    exact = search(run, "Paris", role="activator")
+    assert [h["key"] for h in exact] == ["L1.N4.neg", "L0.N1", "L0.N2"] and {h["match"] for h in exact} == {"exact"}
+    lower = search(run, "paris", role="activator")
+    assert [h["key"] for h in lower] == ["L1.N4.neg", "L0.N1", "L0.N2"]
+    assert {h["match"] for h in lower} == {"case-insensitive"}
+    assert {h["key"] for h in search(run, "PAR")} == {"L0.N1", "L0.N2", "L1.N4.neg"}
+    assert {h["match"] for h in search(run, "PAR")} == {"prefix"}
+    sub = search(run, "ari")
+    assert {h["match"] for h in sub} == {"substring"} and {h["token"] for h in sub} == {" Paris", "Paris"}
+    (hit,) = search(run, "WORD17", role="activator")
+    assert hit["key"] == "L1.N5" and hit["token"] == " word17" and hit["match"] == "case-insensitive"
+    (hit,) = search(run, "word1", role="activator")
+    assert hit["token"] == " word1", "an exact (case-insensitive) match beats a longer prefix match"
+    assert search(run, "%") == [] and search(run, "_") == [], "LIKE wildcards are searched literally"
+    assert search(run, "lon")[0]["token"] == " London"
+
+
+def test_search_rebuilds_an_index_of_an_older_schema(tmp_path):
+    import sqlite3
+
+    from n2g.search import INDEX_NAME, search
+
+    run = make_run(tmp_path)
+    build_all(run)
+    con = sqlite3.connect(run / INDEX_NAME)
+    con.execute("UPDATE meta SET value = '1' WHERE name = 'schema_version'")
+    con.execute("DELETE FROM tokens")
+    con.commit()
+    con.close()
+    assert [h["key"] for h in search(run, "paris", role="activator")] == ["L1.N4.neg", "L0.N1", "L0.N2"]
