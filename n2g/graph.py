@@ -473,7 +473,7 @@ class NeuronGraph:
         graph = cls(**kwargs)
         index = {"root": 0}
         order = sorted((n for n in g.nodes if g.nodes[n]["kind"] not in ("root", "end")),
-                       key=lambda n: (g.nodes[n]["depth"], int(n)))
+                       key=lambda n: (g.nodes[n]["depth"], int(n) if str(n).isdigit() else -1, str(n)))
         for name in order:
             attrs = g.nodes[name]
             parents = list(g.predecessors(name))

@@ -333,6 +333,7 @@ INDEX_JS = r"""
         cell(tr, h.role).className = "l";
         cell(tr, h.weight === null ? "\u2014" : h.weight.toFixed(3));
         cell(tr, h.f1 === null ? "\u2014" : h.f1.toFixed(3));
+        cell(tr, h.match || "").className = "l";
         body.appendChild(tr);
       });
       out.hidden = data.results.length === 0;
@@ -393,13 +394,15 @@ def index_page(run_dir: Path, results: list[NeuronResult], nonce: str) -> str:
         '<nav><a href="../report.html">validation report</a></nav>',
         f"<h1>Neurons ({len(results)})</h1>",
         "<h2>Search by token</h2>",
-        '<form id="search-form"><input id="q" type="text" placeholder="token, e.g. Paris" size="30"> '
+        '<form id="search-form"><input id="q" type="text" placeholder="token, e.g. Paris or dict" size="30"> '
         '<select id="role"><option value="">as activating or context token</option>'
         '<option value="activator">as activating token</option><option value="context">as context token</option>'
         '</select> <button type="submit">search</button></form>',
         '<p id="search-msg"></p>',
         '<table id="search-results" hidden><thead><tr><th class="l">neuron</th><th class="l">token</th>'
-        '<th class="l">role</th><th>weight</th><th>N2G F1</th></tr></thead><tbody></tbody></table>',
+        '<th class="l">role</th><th>weight</th><th>N2G F1</th><th class="l">match</th></tr></thead><tbody></tbody></table>',
+        '<p class="muted">Case-insensitive: exact matches first, then tokens that start with the text, then tokens '
+        "that contain it.</p>",
         "<h2>Browse</h2>",
         f'<p><select id="layer"><option value="">all layers</option>{options}</select> '
         '<input id="filter" type="text" placeholder="filter rows (works offline)" size="30"> '

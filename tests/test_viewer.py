@@ -229,3 +229,64 @@ def test_search_rebuilds_an_index_of_an_older_schema(tmp_path):
     con.commit()
     con.close()
     assert [h["key"] for h in search(run, "paris", role="activator")] == ["L1.N4.neg", "L0.N1", "L0.N2"]
+
+
+def _get_json(url):
+    try:
+        with urllib.request.urlopen(url) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_try_your_own_text_without_a_model_uses_the_runs_vocabulary(run):
+    from urllib.parse import quote
+
+    from n2g.graph import NeuronGraph
+
+    server = make_server(run, "127.0.0.1", 0)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/api/predict"
+        status, d = _get_json(base + "?key=L0.N1&text=" + quote(" in Paris. xyz Paris"))
+        assert status == 200, d
+        assert d["tokens"] == [" in", " Paris", ".", " xyz", " Paris"]
+        assert d["token_ids"] == [101, 100, 106, None, 100]
+        graph = NeuronGraph.load(run / "neurons" / "L0.N1" / "graph.json")
+        expect = graph.predict_sequence([101, 100, 106, -(2**31), 100])
+        assert d["predicted"] == pytest.approx(expect.tolist(), abs=1e-4)
+        assert d["predicted"][1] > 0.5 and d["predicted"][0] == 0.0
+        assert d["true"] is None and "run's own vocabulary" in d["tokenizer"]
+        for query, code, message in (("?key=L0.N1&text=", 400, "no text given"),
+                                     ("?key=L0.N1&text=" + "a" * 2001, 400, "at most 2000"),
+                                     ("?key=L9.N9&text=x", 404, "no readable result"),
+                                     ("?key=../../etc&text=x", 404, "keys look like")):
+            status, d = _get_json(base + query)
+            assert status == code and message in d["error"], (query, d)
+        status, d = _get_json(base + "?key=L1.N3&text=" + quote(" Paris"))  # dead: no graph, predicts 0
+        assert status == 200 and d["predicted"] == [0.0]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_try_your_own_text_with_a_model_shows_the_true_activation(run, tiny_llama):
+    import torch
+
+    server = make_server(run, "127.0.0.1", 0, model=tiny_llama)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/api/predict"
+        status, d = _get_json(base + "?key=L0.N1&text=the+cat+sat")
+        assert status == 200, d
+        assert d["tokens"] == ["the", "cat", "sat"] and "model's tokenizer" in d["tokenizer"]
+        raw = tiny_llama.activations(torch.tensor([[4, 5, 6]]), None, [(0, 1)])[0, :, 0].numpy()
+        assert d["true"] == pytest.approx((raw / 5.0).tolist(), abs=1e-4), "true activation / the neuron's maximum"
+        status, d = _get_json(base + "?key=L1.N4.neg&text=the+cat")
+        raw = tiny_llama.activations(torch.tensor([[4, 5]]), None, [(1, 4)])[0, :, 0].numpy()
+        assert d["true"] == pytest.approx((-raw / 3.0).tolist(), abs=1e-4), "the negative side is sign-flipped"
+    finally:
+        server.shutdown()
+        server.server_close()
