@@ -199,6 +199,10 @@ def _histogram(h: dict, threshold: float) -> dict | None:
             "yticks": [{"y": round(ypix(10.0 ** e), 2), "label": f"1e{e}"} for e in range(dmin, dmax + 1)]}
 
 
+FIRST_EXCERPTS = 4
+"""Held-out excerpts shown open at the top of a neuron page (the rest are in a collapsed list)."""
+
+
 def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, nonce: str | None = None) -> str:
     """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``)."""
     from n2g.explain import summary
@@ -220,6 +224,9 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, non
         sims = similar(run_dir, key, limit=10)
     except (N2GError, sqlite3.Error):
         sims = []
+    # the strongest held-out excerpts first; the rest (and the random ones) one click away
+    tests = sorted((e for e in result.examples if e.split == "test"),
+                   key=lambda e: (e.source != "top", -max(e.activations, default=0.0)))
     bands = []
     for b in (result.histogram or {}).get("bands", []):
         label = f"band {b['lo']:g}-{b['hi']:g}"
@@ -232,8 +239,8 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, non
         status="dead: it never fires on the scanned corpus" if result.status == "dead" else result.status,
         gstats=", ".join(f"{k} {int(v)}" for k, v in result.graph_stats.items()), seconds=result.seconds,
         summary=summary(result, G, threshold), threshold=threshold, max_raw=max_raw,
-        test=_excerpt_section([e for e in result.examples if e.split == "test"], "test-excerpts", "test excerpts",
-                              threshold, max_raw),
+        test=_excerpt_section(tests[:FIRST_EXCERPTS], "test-excerpts", "test excerpts", threshold, max_raw),
+        test_more=_excerpt_section(tests[FIRST_EXCERPTS:], "test-excerpts-more", "more test excerpts", threshold, max_raw),
         train=_excerpt_section([e for e in result.examples if e.split == "train"], "train-excerpts", "train excerpts",
                                threshold, max_raw),
         graph=graph, paths=[{**p, "text": path_text(p)} for p in paths], summarised=len(paths) > MAX_DRAWN_PATHS,

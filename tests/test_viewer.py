@@ -290,3 +290,25 @@ def test_try_your_own_text_with_a_model_shows_the_true_activation(run, tiny_llam
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_strongest_held_out_excerpts_come_first_and_the_rest_fold_away(run):
+    import copy
+
+    from n2g.report import load_results
+    from n2g.viewer import neuron_page
+
+    result = next(r for r in load_results(run) if r.neuron.key == "L0.N1")
+    base = next(e for e in result.examples if e.split == "test" and e.source == "top")
+    extra = []
+    for peak in (0.55, 0.95, 0.7, 0.8, 0.65):
+        e = copy.deepcopy(base)
+        e.activations = [0.0, peak, 0.0]
+        extra.append(e)
+    result.examples = [e for e in result.examples if e.split != "test" or e.source == "random"] + extra
+    raw = neuron_page(run, result)
+    first = raw[raw.index('id="test-excerpts"'):raw.index("</table>", raw.index('id="test-excerpts"'))]
+    more = raw[raw.index('id="test-excerpts-more"'):raw.index("</table>", raw.index('id="test-excerpts-more"'))]
+    assert re.findall(r"max ([0-9.]+) norm", first) == ["0.95", "0.80", "0.70", "0.65"]
+    assert re.findall(r"max ([0-9.]+) norm", more) == ["0.55", "0.00"], "the random excerpt comes last"
+    assert "2 more held-out excerpts" in raw
