@@ -268,8 +268,9 @@ def _legend_label(title: str | None, summary: str | None) -> str:
 
 
 def _value_line(text: str, white: bool) -> str:
+    """The node's numbers, small, on the token's line (one line per node keeps 15 paths on one screen)."""
     colour = ' COLOR="white"' if white else ' COLOR="#333333"'
-    return f'<BR/><FONT POINT-SIZE="9"{colour}>{html_label_text(text)}</FONT>'
+    return f'<FONT POINT-SIZE="9"{colour}>&#160;{html_label_text(text)}</FONT>'
 
 
 def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
@@ -302,7 +303,7 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
     lines = [
         "digraph n2g {",
         "  rankdir=RL;",
-        '  graph [fontname="Helvetica", nodesep=0.12, ranksep=0.3, bgcolor="white", labelloc=t, labeljust=l];',
+        '  graph [fontname="Helvetica", nodesep=0.1, ranksep=0.3, bgcolor="white", labelloc=t, labeljust=l];',
         '  node [shape=box, style="filled,rounded", fontname="Helvetica", fontsize=12, '
         'penwidth=1, color="#555555", margin="0.08,0.03", height=0.3];',
         '  edge [dir=back, color="#777777", arrowsize=0.6];',

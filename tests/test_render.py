@@ -96,7 +96,7 @@ def test_dot_look_and_attributes():
     # no raw special character from the corpus reaches the DOT source
     for line in nodes.values():
         label = re.search(r"label=<(.*)>, class=", line).group(1)
-        label = re.sub(r'<BR/><FONT POINT-SIZE="9" COLOR="[#a-z0-9]+">([^<]*)</FONT>$', r"\1", label)
+        label = re.sub(r'<FONT POINT-SIZE="9" COLOR="[#a-z0-9]+">&#160;([^<]*)</FONT>$', r"\1", label)
         assert not set(label) & set('<>"{}|[]\\'), label
     assert "<script>" not in dot and "evil [" not in dot
     assert dot.count("{") == dot.count("}") == 2  # graph, rank=same
@@ -226,7 +226,7 @@ def test_large_graph_is_summarised_strongest_on_top_and_fits_one_screen():
     assert "+106 more paths" in dot and "(79 more activating tokens)" in dot  # 120 paths, 14 drawn on 11 tokens
     assert "summary: the 14 strongest of 120 paths (90 activating tokens)" in dot
     height, pos = _plain_positions(dot)
-    assert height * 72 < 900, f"{height * 72:.0f} pt tall: does not fit one screen"
+    assert height * 96 < 720, f"{height * 96:.0f} px tall: does not fit one screen (80 % of a 900 px window)"
     strongest = R.graph_paths(G)[0]
     tok = G.nodes[strongest["nodes"][0]]["token_id"]
     top = next(n for n, line in nodes.items() if f"token id {tok};" in line)
