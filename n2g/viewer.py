@@ -1,15 +1,19 @@
-"""Static viewer pages for a run, and a small local server that adds token search.
+"""Static viewer pages for a run, and a small local server that adds search and try-your-own-text.
 
 ``write_viewer`` writes ``RUN/viewer/index.html`` (neurons by layer, sortable, filterable, with a
-token search box) and one page per neuron under ``RUN/viewer/neurons/<key>.html``: the rendered
-graph, the train and test excerpts coloured by true activation and by the graph's prediction side
-by side, scores against the baselines, output tokens, quantiles and similar neurons. Links are
-relative, so the pages open from disk; only search needs ``serve``, which adds ``/api/search`` and
-``/api/similar`` on 127.0.0.1 and serves the run's pages and graphs: regular files of the types the
-pages link to, resolved inside the run directory (no symlink leads out, no listing, no dot files or
-temporaries), with a Content-Security-Policy header that allows no script but the index page's own. Corpus text only ever reaches a page
-through ``html.escape(..., quote=True)``; scripts are fixed text, allowed by a per-page CSP nonce,
-and read data from the DOM or the API, never from strings spliced into code.
+token search box) and one page per neuron under ``RUN/viewer/neurons/<key>.html``: a summary
+paragraph written from the graph, the held-out excerpts coloured by true activation and by the
+graph's prediction side by side, the rendered graph and every path, a try-your-own-text box, scores
+against the baselines, the activation histogram, examples from activation bands, output tokens and
+similar neurons. Links are relative, so the pages open from disk; ``serve`` adds ``/api/search``,
+``/api/similar`` and ``/api/predict`` (the graph's prediction on typed text, and the neuron's true
+activation when started with a model) and serves the run's pages and graphs: regular files of the
+types the pages link to, resolved inside the run directory (no symlink leads out, no listing, no
+dot files or temporaries), with a Content-Security-Policy header that allows no script but each
+page's own fixed one. Pages come from jinja2 templates with autoescaping (:mod:`n2g.pages`), so
+corpus text is escaped wherever it lands; scripts are fixed text, allowed by a per-page CSP nonce
+(and by hash when served), and read data from the DOM or the API, never from strings spliced
+into code.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
-import html
 import json
 import logging
 import math
@@ -44,23 +47,9 @@ from n2g.search import INDEX_NAME, build_index, search, similar
 log = logging.getLogger(__name__)
 
 
-def _esc(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def page_name(key: str) -> str:
     """File name of a neuron's page (keys are ``L5.N123[.neg]``; quoted anyway)."""
     return quote(key, safe="") + ".html"
-
-
-def _csp(nonce: str | None) -> str:
-    script = f"'nonce-{nonce}'" if nonce else "'none'"
-    return (
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        f"script-src {script}; style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
-        "base-uri 'none'; form-action 'none'\">"
-        '<link rel="icon" href="data:,">'
-    )
 
 
 CSS = """
@@ -312,8 +301,8 @@ INDEX_JS = r"""
     msg.textContent = "Token search needs the server: run `n2g serve RUN` and open the address it prints. " +
       "The filter box above works offline.";
   }
-  function shown(tok) {
-    return tok.replace(/^ +/, function (s) { return "\u00b7".repeat(s.length); })
+  function shown(tok) {  // as the pages show tokens: a space is \u2423, four spaces \u2423x4, a newline \u21b5
+    return tok.replace(/^ +| +$/g, function (s) { return s.length > 2 ? "\u2423x" + s.length : "\u2423".repeat(s.length); })
               .replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
   }
   function cell(tr, text) { var td = document.createElement("td"); td.textContent = text; tr.appendChild(td); return td; }
@@ -373,56 +362,21 @@ def _top_activators(run_dir: Path) -> dict[str, list[str]]:
 
 
 def index_page(run_dir: Path, results: list[NeuronResult], nonce: str) -> str:
+    """The viewer's index (every neuron, sortable and filterable, with token search), from its template."""
+    from n2g.pages import render_page
+
     acts = _top_activators(run_dir)
-    layers = sorted({r.neuron.layer for r in results})
     rows = []
     for r in results:
         n = neuron_row(r)
-        key = n["key"]
-        f1 = f1_text(n["n2g_f1"], n["score_status"]) if r.status != "dead" else "dead"
-        toks = " ".join(display_token(t) for t in acts.get(key, []))
-        rows.append(
-            f'<tr data-layer="{n["layer"]}"><td class="l" data-v="{_esc(key)}"><a href="neurons/{_esc(page_name(key))}">'
-            f"{_esc(key)}</a></td>"
-            f'<td data-v="{n["layer"]}">{n["layer"]}</td><td data-v="{n["index"]}">{n["index"]}</td>'
-            f'<td class="l" data-v="{_esc(n["sign"])}">{_esc(n["sign"])}</td>'
-            f'<td class="l" data-v="{_esc(n["status"])}">{_esc(n["status"])}</td>'
-            f'<td data-v="{_num_attr(n["n2g_f1"])}">{_esc(f1)}</td>'
-            f'<td data-v="{_num_attr(n["token_lookup_f1"])}">{fmt(n["token_lookup_f1"])}</td>'
-            f'<td data-v="{_num_attr(n["ngram_f1"])}">{fmt(n["ngram_f1"])}</td>'
-            f'<td data-v="{_num_attr(n["pearson"])}">{fmt(n["pearson"])}</td>'
-            f'<td data-v="{_num_attr(n["firing_rate"])}">{fmt(n["firing_rate"], 4)}</td>'
-            f'<td class="l tok" data-v="{_esc(toks)}">{_esc(toks)}</td></tr>'
-        )
-    options = "".join(f'<option value="{layer}">layer {layer}</option>' for layer in layers)
-    return "".join([
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_csp(nonce)}',
-        f"<title>n2g neurons</title><style>{CSS}</style></head><body>",
-        '<nav><a href="../report.html">validation report</a></nav>',
-        f"<h1>Neurons ({len(results)})</h1>",
-        "<h2>Search by token</h2>",
-        '<form id="search-form"><input id="q" type="text" placeholder="token, e.g. Paris or dict" size="30"> '
-        '<select id="role"><option value="">as activating or context token</option>'
-        '<option value="activator">as activating token</option><option value="context">as context token</option>'
-        '</select> <button type="submit">search</button></form>',
-        '<p id="search-msg"></p>',
-        '<table id="search-results" hidden><thead><tr><th class="l">neuron</th><th class="l">token</th>'
-        '<th class="l">role</th><th>weight</th><th>N2G F1</th><th class="l">match</th></tr></thead><tbody></tbody></table>',
-        '<p class="muted">Case-insensitive: exact matches first, then tokens that start with the text, then tokens '
-        "that contain it.</p>",
-        "<h2>Browse</h2>",
-        f'<p><select id="layer"><option value="">all layers</option>{options}</select> '
-        '<input id="filter" type="text" placeholder="filter rows (works offline)" size="30"> '
-        '<span class="muted">click a column header to sort</span></p>',
-        '<table id="neurons"><thead><tr><th class="l" data-sort="text">neuron</th><th data-sort="num">layer</th>'
-        '<th data-sort="num">index</th><th class="l" data-sort="text">sign</th><th class="l" data-sort="text">status</th>'
-        '<th data-sort="num">N2G F1</th><th data-sort="num">token lookup F1</th><th data-sort="num">n-gram F1</th>'
-        '<th data-sort="num">N2G Pearson r</th><th data-sort="num">firing rate</th>'
-        '<th class="l" data-sort="text">activating tokens</th></tr></thead><tbody>',
-        "".join(rows),
-        "</tbody></table>",
-        f'<script nonce="{nonce}">{INDEX_JS}</script></body></html>',
-    ])
+        rows.append({**n, "page": page_name(n["key"]),
+                     "f1": f1_text(n["n2g_f1"], n["score_status"]) if r.status != "dead" else "dead",
+                     "toks": " ".join(display_token(t) for t in acts.get(n["key"], [])),
+                     "v_f1": _num_attr(n["n2g_f1"]), "v_tok": _num_attr(n["token_lookup_f1"]),
+                     "v_ngram": _num_attr(n["ngram_f1"]), "v_pearson": _num_attr(n["pearson"]),
+                     "v_rate": _num_attr(n["firing_rate"])})
+    return render_page("index.html", css=Markup(CSS), script=Markup(INDEX_JS), nonce=nonce, rows=rows,
+                       layers=sorted({r.neuron.layer for r in results}))
 
 
 def write_viewer(run_dir: str | os.PathLike) -> Path:
