@@ -281,6 +281,9 @@ def _serve(args) -> int:
     if args.model:
         from .models import load_model
 
+        if not (Path(args.run_dir) / "viewer" / "index.html").exists():  # say so before loading a model
+            raise N2GError(f"no viewer in {args.run_dir}; run `n2g report {args.run_dir}` first")
+
         model = load_model(args.model, device=args.device)
     serve(Path(args.run_dir), host=args.host, port=port, model=model)
     return 0

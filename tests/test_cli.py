@@ -145,3 +145,8 @@ def test_fit_both_signs_json_quiet_and_files_follow_the_umask(tiny_model_dir, tm
              out / "viewer" / "index.html", out / "viewer" / "neurons" / "L1.N5.neg.html"]
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o664, f"{f} is {oct(stat.S_IMODE(f.stat().st_mode))}"
+
+
+def test_serve_with_a_missing_model_is_one_line(run, tmp_path, capsys):
+    code, out, err = main(["serve", run, "--port", "0", "--model", tmp_path / "no-such-model"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "model path" in err and "does not exist" in err
