@@ -166,6 +166,9 @@ def _run(args) -> int:
     print(f"\n{len(summary.results)} neurons ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
     if "report" in summary.artifacts:
         print(f"report: {summary.artifacts['report']}")
+    if args.command == "fit" and "viewer" in summary.artifacts:
+        for r in summary.results:  # what to open next: the neuron's own page
+            print(f"page: {summary.out / 'viewer' / 'neurons' / (r.neuron.key + '.html')}")
     return 0
 
 
