@@ -555,7 +555,8 @@ class NeuronGraph:
         shown = paths if limit is None else paths[:limit]
         texts = [path_text(p) for p in shown]
         width = min(max(len(t) for t in texts), 60)
-        lines = [head] + [f"  {t:<{width}}  {p['end']:.2f}  x{p['count']}" for t, p in zip(texts, shown)]
+        lines = [head, "  path in reading order, [activating token]; END value (normalised); training paths"]
+        lines += [f"  {t:<{width}}  {p['end']:.2f}  x{p['count']}" for t, p in zip(texts, shown)]
         if len(paths) > len(shown):
             lines.append(f"  ... {len(paths) - len(shown)} more paths (graph.describe(limit=None) lists all)")
         return "\n".join(lines)

@@ -50,7 +50,7 @@ def test_fit_neuron_returns_a_fitted_model_with_token_text(fitted):
     assert graph.tokens() and all(graph.token_text[t] in WORDS for t in graph.tokens()), "graph carries token text"
     text = str(graph)
     assert text.startswith("NeuronGraph L1.N5:") and "object at" not in text
-    lines = text.splitlines()[1:]
+    lines = text.splitlines()[2:]
     assert len(lines) == len(graph.paths()) and all("[" in ln and "]" in ln for ln in lines)
     assert any(w in text for w in WORDS)
     r = repr(model)
