@@ -195,6 +195,8 @@ FIRST_EXCERPTS = 4
 def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, nonce: str | None = None) -> str:
     """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``)."""
     from n2g.explain import summary
+    from n2g.profile import band_label
+    from n2g.render import is_finite_number
     from n2g.pages import render_page
     from n2g.render import MAX_DRAWN_PATHS, graph_paths, path_text
 
@@ -218,10 +220,12 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, non
                    key=lambda e: (e.source != "top", -max(e.activations, default=0.0)))
     bands = []
     for b in (result.histogram or {}).get("bands", []):
-        label = f"band {b['lo']:g}-{b['hi']:g}"
-        exs = [e for e in result.band_examples if e.source == label]
-        bands.append({"lo": f"{b['lo']:g}", "hi": f"{b['hi']:g}", "n": b["n_excerpts"],
-                      "section": _excerpt_section(exs, f"band-{b['lo']:g}", "excerpt peaks in this band", threshold, max_raw)})
+        q_lo, q_hi = b.get("q_lo"), b.get("q_hi")
+        if not (is_finite_number(q_lo) and is_finite_number(q_hi)):
+            continue  # bands of another n2g version
+        exs = [e for e in result.band_examples if e.source == f"band {q_lo:g}-{q_hi:g}"]
+        bands.append({"label": band_label(q_lo, q_hi), "lo": b["lo"], "hi": b["hi"], "n": b["n_excerpts"],
+                      "section": _excerpt_section(exs, f"band-{q_lo:g}", "excerpt of this band", threshold, max_raw)})
     return render_page(
         "neuron.html", css=Markup(CSS), script=Markup(NEURON_JS), nonce=nonce or secrets.token_urlsafe(16),
         key=key, layer=n.layer, index=n.index, sign=n.sign.value,

@@ -151,12 +151,14 @@ def add_histogram(run: Path, key: str = "L0.N1") -> None:
         "edges": [round(-0.2 + 0.1 * k, 6) for k in range(13)],  # -0.2 .. 1.0, 12 bins
         "counts": [5, 30, 900, 40, 10, 6, 4, 2, 1, 1, 0, 1],
         "n_tokens": 1000, "unit": "normalised activation (activation / neuron maximum)",
-        "bands": [{"lo": 0.75, "hi": 1.0, "n_excerpts": 2}, {"lo": 0.5, "hi": 0.75, "n_excerpts": 3},
-                  {"lo": 0.25, "hi": 0.5, "n_excerpts": 5}, {"lo": 0.0, "hi": 0.25, "n_excerpts": 90}],
+        "bands": [{"q_lo": 0.99, "q_hi": 1.0, "lo": 0.9, "hi": 1.0, "n_excerpts": 1},
+                  {"q_lo": 0.9, "q_hi": 0.99, "lo": 0.4, "hi": 0.85, "n_excerpts": 9},
+                  {"q_lo": 0.5, "q_hi": 0.9, "lo": 0.05, "hi": 0.35, "n_excerpts": 40},
+                  {"q_lo": 0.0, "q_hi": 0.5, "lo": -0.1, "hi": 0.05, "n_excerpts": 50}],
     }
     d["band_examples"] = [
-        _example([104, 102, 100], [0.0, 0.1, 0.6], [0.0, 0.0, 0.9], "band", source="band 0.5-0.75").to_dict(),
-        _example([104, 106, 105], [0.05, 0.1, 0.0], [0.0, 0.0, 0.0], "band", source="band 0-0.25").to_dict(),
+        _example([104, 102, 100], [0.0, 0.1, 0.6], [0.0, 0.0, 0.9], "band", source="band 0.9-0.99").to_dict(),
+        _example([104, 106, 105], [0.05, 0.1, 0.0], [0.0, 0.0, 0.0], "band", source="band 0-0.5").to_dict(),
     ]
     path.write_text(json.dumps(d))
 

@@ -116,14 +116,20 @@ def test_histogram_and_band_examples_come_from_the_scan(fitted):
     h = model.result_.histogram
     assert sum(h["counts"]) == h["n_tokens"] == corpus.excerpts.numel(), "every stored token counted once"
     assert h["edges"][-1] >= 1.0 and len(h["edges"]) == len(h["counts"]) + 1
-    assert [(b["lo"], b["hi"]) for b in h["bands"]] == [(0.75, 1.0), (0.5, 0.75), (0.25, 0.5), (0.0, 0.25)]
-    assert sum(b["n_excerpts"] for b in h["bands"]) == len(corpus)
+    bands = h["bands"]
+    assert [(b["q_lo"], b["q_hi"]) for b in bands] == [(0.99, 1.0), (0.9, 0.99), (0.5, 0.9), (0.0, 0.5)]
+    assert [b["n_excerpts"] for b in bands] == [2, 13, 60, 75], "each band holds its share of the 150 excerpts"
+    assert all(bands[k]["lo"] >= bands[k + 1]["hi"] for k in range(3)), "bands are ordered by peak activation"
+    assert bands[0]["hi"] == pytest.approx(1.0, abs=2e-3)
     shown = {e.excerpt_index for e in model.examples_}
+    by_band = {f"band {b['q_lo']:g}-{b['q_hi']:g}": b for b in bands}
+    assert len(model.result_.band_examples) == 8
     for e in model.result_.band_examples:
-        lo, hi = map(float, e.source.split()[1].split("-"))
-        peak = max(e.activations)
-        assert (lo < peak or lo == 0) and (peak <= hi or hi == 1.0)
-        assert e.excerpt_index not in shown and e.tokens and e.predicted is not None
+        b = by_band[e.source]
+        assert b["lo"] - 1e-4 <= max(e.activations) <= b["hi"] + 1e-4
+        assert e.tokens and e.predicted is not None
+        if b["q_hi"] <= 0.9:  # bands with plenty of excerpts show ones not already shown as train/test examples
+            assert e.excerpt_index not in shown
 
 
 def test_fit_neuron_reuses_the_cached_scan(fitted, subject, caplog, monkeypatch):

@@ -125,10 +125,11 @@ def test_neuron_page_histogram_and_bands(run):
     assert 0 < min(heights) < heights[2] / 3, "log scale: a 1-token bin is still visible but much lower"
     assert [f for _, _, f in bars][-4:] == ["#d62728"] * 4, "bins at or above the fire threshold are red"
     assert "density (log scale)" in raw and "1000 stored by the scan" in raw
-    assert 'id="band-0.5"' in raw and 'id="band-0"' in raw
+    assert 'id="band-0.9"' in raw and 'id="band-0"' in raw
     text = "".join(parse(run / "viewer" / "neurons" / "L0.N1.html").text)
-    assert "band 0.5–0.75" in text and "(3 stored excerpts peak here)" in text
-    assert "band 0.75–1" in text and "no excerpt peaks in this band stored" in text
+    assert "90th–99th percentile (9 stored excerpts, peaks 0.40–0.85 normalised)" in text
+    assert "bottom half (50 stored excerpts" in text
+    assert "top 1 % (1 stored excerpts, peaks 0.90–1.00 normalised)" in text and "no excerpt of this band stored" in text
     no_hist = "".join(parse(run / "viewer" / "neurons" / "L0.N2.html").text)
     assert "no histogram stored" in no_hist
 
