@@ -201,3 +201,18 @@ def test_hook_adapter_turns_a_forward_hook_into_a_feature(tiny_llama):
     model = n2g.distill(feature, torch.randint(4, 60, (40, 12)))
     assert model.status_ == "fitted" and model.scores_["n2g"].n_tokens > 0
     assert not down._forward_pre_hooks, "no hook leaks"
+
+
+def test_fit_neuron_agrees_with_the_pipeline(fitted, subject, tmp_path, monkeypatch):
+    """n2g.fit_neuron and `n2g fit` (the pipeline) make the same graph and scores from the same inputs."""
+    from n2g.pipeline import RunOptions, run
+
+    model, corpus, cache = fitted
+    monkeypatch.setenv("N2G_CACHE", str(cache))
+    summary = run(RunOptions(layers="1", neurons="5", out=str(tmp_path / "run"), progress=False, report=False),
+                  model=subject, corpus=corpus)
+    (stored,) = summary.results
+    assert stored.scores == model.scores_ and stored.stats == model.stats_
+    assert stored.histogram == model.result_.histogram
+    graph = n2g.NeuronGraph.load(tmp_path / "run" / "neurons" / "L1.N5" / "graph.json")
+    assert str(graph) == str(model.graph_)
