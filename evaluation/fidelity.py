@@ -161,11 +161,13 @@ class Memo:
         memo = self
 
         class Cached(RowEvaluator):
-            def __call__(self, seqs, neurons, scales):
+            def __call__(self, seqs, neurons, scales, stages=None):
                 keys = [(n.key, tuple(s)) for n, s in zip(neurons, seqs)]
                 miss = [i for i, k in enumerate(keys) if k not in memo.table]
                 if miss:
-                    got = RowEvaluator.__call__(self, [seqs[i] for i in miss], [neurons[i] for i in miss], [scales[i] for i in miss])
+                    stages = stages or ["other"] * len(seqs)
+                    got = RowEvaluator.__call__(self, [seqs[i] for i in miss], [neurons[i] for i in miss],
+                                                [scales[i] for i in miss], [stages[i] for i in miss])
                     memo.table.update({keys[i]: v for i, v in zip(miss, got)})
                 return [memo.table[k] for k in keys]
 

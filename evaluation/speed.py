@@ -33,10 +33,11 @@ from n2g.scan import scan_layers
 class OneSequence(RowEvaluator):
     """Evaluates one sequence per forward pass."""
 
-    def __call__(self, seqs, neurons, scales):
+    def __call__(self, seqs, neurons, scales, stages=None):
         out = []
-        for s, n, sc in zip(seqs, neurons, scales):
-            out.extend(RowEvaluator.__call__(self, [s], [n], [sc]))
+        stages = stages or ["other"] * len(seqs)
+        for s, n, sc, st in zip(seqs, neurons, scales, stages):
+            out.extend(RowEvaluator.__call__(self, [s], [n], [sc], [st]))
         return out
 
 

@@ -10,6 +10,8 @@ how a variant that stops firing teaches the graph which substitutes are not allo
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,8 @@ import numpy as np
 from .config import DistillConfig
 from .features import Candidates, Evaluate, Steps
 from .importance import importance_steps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +59,7 @@ def augment_steps(seqs: list[list[int]], acts: list[np.ndarray], imps: list[np.n
             variants.append((ids, e, k))
     if not variants:
         return []
-    values = yield Evaluate([v[0] for v in variants])
+    values = yield Evaluate([v[0] for v in variants], "augment")
     firing = [i for i, v in enumerate(values) if float(np.max(v)) >= cfg.fire_threshold]
     matrices = yield from importance_steps([variants[i][0] for i in firing], [values[i] for i in firing], occlusion_id)
     by_index = dict(zip(firing, matrices))
@@ -87,10 +91,21 @@ class ModelSubstitutes:
         from .features import pad
 
         out: list[list[int]] = []
-        for start in range(0, len(seqs), self.batch_size):
+        start = 0
+        while start < len(seqs):
             chunk, pos = seqs[start : start + self.batch_size], positions[start : start + self.batch_size]
             ids, mask = pad(chunk, int(self.model.occlusion_token_id))
-            found = self.model.next_token_candidates(ids, mask, torch.tensor(pos), k)
+            try:
+                found = self.model.next_token_candidates(ids, mask, torch.tensor(pos), k)
+            except RuntimeError as exc:  # out of memory: halve the batch and try again
+                if "out of memory" not in str(exc).lower() or self.batch_size == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.batch_size = max(self.batch_size // 2, 1)
+                log.warning("out of memory: substitute batch backed off to %d sequences", self.batch_size)
+                continue
+            start += len(chunk)
             for row, p, cands in zip(chunk, pos, found.tolist()):
                 original = self.model.token_strings([row[p]])[0]
                 texts = self.model.token_strings(cands)

@@ -23,31 +23,47 @@ _BITS = 21
 """Bits per token id in a packed key (vocabularies up to 2 million; three tokens fit in 63 bits)."""
 
 
-def _pack(seqs: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Packed keys of the ``n`` tokens ending at each position (+1 so id 0 differs from 'none'),
-    and whether the full context exists (positions ``< n - 1`` have no n-gram)."""
-    keys, full = [], []
-    for ids in seqs:
-        ids = np.asarray(ids, np.int64) + 1
-        key = ids.copy()
-        ok = np.ones(len(ids), bool)
-        for d in range(1, n):
-            prev = np.zeros(len(ids), np.int64)
-            prev[d:] = ids[: len(ids) - d]
-            ok[:d] = False
-            key = key | (prev << (_BITS * d))
-        keys.append(key)
-        full.append(ok)
-    if not keys:
-        return np.zeros(0, np.int64), np.zeros(0, bool)
-    return np.concatenate(keys), np.concatenate(full)
+def _flatten(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """All token ids in one array (+1 so id 0 differs from 'none') and each one's position in its sequence."""
+    arrays = [np.asarray(s, np.int64).ravel() for s in seqs]
+    if not arrays or not sum(len(a) for a in arrays):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ids = np.concatenate(arrays) + 1
+    lengths = np.array([len(a) for a in arrays])
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return ids, np.arange(len(ids)) - starts
 
 
-def _group(keys: np.ndarray, values: np.ndarray, statistic: str) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique keys and the statistic of the values of each."""
-    order = np.lexsort((values, keys))
-    k, v = keys[order], values[order]
-    uniq, start, counts = np.unique(k, return_index=True, return_counts=True)
+def _pack_flat(ids: np.ndarray, pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packed keys of the ``n`` tokens ending at each position, and whether the full context
+    exists (positions ``< n - 1`` of a sequence have no n-gram)."""
+    key = ids.copy()
+    for d in range(1, n):
+        prev = np.zeros(len(ids), np.int64)
+        prev[d:] = ids[: len(ids) - d]
+        key |= prev << (_BITS * d)
+    return key, pos >= n - 1
+
+
+def _tables(seqs: Sequence[np.ndarray], acts: Sequence[np.ndarray], n: int,
+            statistics: Sequence[str]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per statistic, the lookup tables of contexts 1..n: keys packed and sorted once for all statistics."""
+    values = np.concatenate([np.asarray(a, np.float64).ravel() for a in acts]) if len(acts) else np.zeros(0)
+    ids, pos = _flatten(seqs)
+    out: dict[str, list] = {s: [] for s in statistics}
+    for m in range(1, n + 1):
+        keys, full = _pack_flat(ids, pos, m)
+        k, v = keys[full], values[full]
+        order = np.lexsort((v, k))
+        k, v = k[order], v[order]
+        uniq, start, counts = np.unique(k, return_index=True, return_counts=True)
+        for statistic in statistics:
+            out[statistic].append((uniq, _statistic(v, start, counts, statistic)))
+    return out
+
+
+def _statistic(v: np.ndarray, start: np.ndarray, counts: np.ndarray, statistic: str) -> np.ndarray:
+    """The statistic of each key's values (``v`` sorted by key, then value)."""
     if statistic == "max":
         stat = v[start + counts - 1]
     elif statistic == "mean":
@@ -55,7 +71,7 @@ def _group(keys: np.ndarray, values: np.ndarray, statistic: str) -> tuple[np.nda
     else:  # a quantile, nearest rank on the sorted values of each key
         q = float(statistic)
         stat = v[start + np.floor(q * (counts - 1) + 0.5).astype(np.int64)]
-    return uniq, stat.astype(np.float32)
+    return stat.astype(np.float32)
 
 
 class NGramLookup:
@@ -72,19 +88,16 @@ class NGramLookup:
         return self.fit_arrays([np.asarray(e.token_ids) for e in examples], [np.asarray(e.activations) for e in examples])
 
     def fit_arrays(self, seqs: Sequence[np.ndarray], acts: Sequence[np.ndarray]) -> "NGramLookup":
-        values = np.concatenate([np.asarray(a, np.float64) for a in acts]) if len(acts) else np.zeros(0)
-        self.tables_ = []
-        for m in range(1, self.n + 1):
-            keys, full = _pack(seqs, m)
-            self.tables_.append(_group(keys[full], values[full], self.statistic))
+        self.tables_ = _tables(seqs, acts, self.n, [self.statistic])[self.statistic]
         return self
 
     def predict_sequences(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
         arrays = [np.asarray(s, np.int64) for s in seqs]
         flat = np.zeros(sum(len(a) for a in arrays), np.float32)
         done = np.zeros(len(flat), bool)
+        ids, pos = _flatten(arrays)
         for m in range(self.n, 0, -1):  # longest context first
-            keys, full = _pack(arrays, m)
+            keys, full = _pack_flat(ids, pos, m)
             uniq, stat = self.tables_[m - 1]
             if not len(uniq):
                 continue
@@ -129,3 +142,19 @@ BASELINES = {
 }
 """Registry of baseline methods by name: ``token_lookup`` (1-gram max), ``ngram`` (3-gram backoff,
 max), the other contexts and statistics as ``ngram{N}_{mean|0.75|max}``, and ``zero``."""
+
+
+def fit_baselines(seqs: Sequence[np.ndarray], acts: Sequence[np.ndarray], names: Sequence[str] | None = None) -> dict:
+    """Every baseline in ``names`` (default: all) fitted on the same data, keys packed and sorted
+    once: the same tables as fitting each alone."""
+    made = {name: BASELINES[name]() for name in (names if names is not None else BASELINES)}
+    lookups = {name: m for name, m in made.items() if type(m) is NGramLookup}
+    if lookups:
+        n = max(m.n for m in lookups.values())
+        tables = _tables(seqs, acts, n, sorted({m.statistic for m in lookups.values()}))
+        for m in lookups.values():
+            m.tables_ = tables[m.statistic][: m.n]
+    for name, m in made.items():
+        if name not in lookups:
+            m.fit_arrays(seqs, acts)
+    return made

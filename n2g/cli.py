@@ -44,6 +44,16 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=64, help="neurons fitted together in shared batches")
     p.add_argument("--store-tokens", type=int, default=None,
                    help="token budget of each layer's on-disk activation store (default 131072; larger corpora keep a seeded subset)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per fitting batch (default: sized to free GPU memory; 16384 on CPU)")
+    p.add_argument("--scan-batch", type=int, default=None,
+                   help="excerpts per scan batch (default: sized to free GPU memory; 32 on CPU)")
+    p.add_argument("--host-workers", type=int, default=None,
+                   help="worker processes for graph building and scoring (default: all cores but one on a GPU, 0 on CPU)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="fit on Ray workers: a local cluster, or the cluster at ADDRESS (needs pip install 'n2g[ray]')")
+    p.add_argument("--ray-workers", type=int, default=None,
+                   help="Ray workers (default: one per GPU of the cluster, else one per CPU)")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip rendering, report and viewer")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -130,7 +140,8 @@ def _options(args, layers: str, neurons: str):
     return RunOptions(model=args.model, corpus=args.corpus, text_field=args.text_field, excerpt_length=args.excerpt_length,
                       max_excerpts=args.max_excerpts, layers=layers, neurons=neurons, sign=args.sign, preset=args.preset,
                       overrides=overrides, substitutes=args.substitutes, out=args.out, device=args.device, dtype=args.dtype, group_size=args.group_size,
-                      store_tokens=args.store_tokens,
+                      store_tokens=args.store_tokens, scan_batch=args.scan_batch, batch_tokens=args.batch_tokens,
+                      host_workers=args.host_workers, ray=args.ray, ray_workers=args.ray_workers,
                       report=args.report, progress=not args.quiet)
 
 

@@ -18,11 +18,11 @@ import torch
 
 from .activations import partition
 from .augment import Variant, augment_steps
-from .baselines import BASELINES
+from .baselines import fit_baselines
 from .config import DistillConfig, preset
 from .errors import N2GError
 from .examples import random_pool, split_examples
-from .features import Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
+from .features import Compute, Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
 from .graph import NeuronGraph
 from .grow import Grower, prune_unchanged
 from .importance import importance_steps
@@ -44,16 +44,35 @@ class FitTrace:
     variants: list[Variant] = field(default_factory=list)
 
 
+@dataclass
+class Proposals:
+    """What the model was asked while fitting: pruned windows, their importances, variants."""
+
+    pruned: list[Pruned]
+    importances: list[np.ndarray]
+    variants: list[Variant]
+    owners: list[int]
+    """``owners[t]``: the training excerpt pruning target ``t`` came from."""
+
+
 def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: DistillConfig,
               occlusion_id: int) -> Steps:
     """Generator stage: prune, weigh, augment and build the graph from training examples."""
-    graph = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
-    trace = FitTrace()
+    proposals = yield from propose_steps(train, cfg, occlusion_id)
+    return build_graph(train, calibration, cfg, proposals)
+
+
+def _ranked(train: Sequence[Example]) -> list[int]:
+    peak = [max(e.activations, default=0.0) for e in train]
+    return sorted(range(len(train)), key=lambda k: -peak[k])
+
+
+def propose_steps(train: Sequence[Example], cfg: DistillConfig, occlusion_id: int) -> Steps:
+    """Generator stage: every model request of a fit (prune, post-context, importance, augment)."""
     if cfg.occlusion_token_id is not None:  # an explicit occlusion token (paper: '"', see n2g.published.for_model)
         occlusion_id = cfg.occlusion_token_id
-    seen = list(train) + list(calibration)  # a training excerpt's id is its index here
     peak = [max(e.activations, default=0.0) for e in train]
-    ranked = sorted(range(len(train)), key=lambda k: -peak[k])
+    ranked = _ranked(train)
     firing = [k for k in ranked[: cfg.n_prune] if peak[k] >= cfg.fire_threshold]
     targets, owners = [], []  # owners[t]: the excerpt id pruning target t came from
     for k in firing:
@@ -66,8 +85,24 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     else:
         pruned = yield from prune_steps(targets, cfg)
     pruned = yield from post_context_steps(pruned, targets, cfg)  # tokens after the pivot (post_context > 0)
-    imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id)
-    trace.pruned, trace.importances = pruned, imps
+    # Without augmentation a pivot's importance for itself is never read: its occluded copy is not run.
+    imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id,
+                                       diagonal_last=cfg.augment)
+    variants = []
+    if cfg.augment and pruned:
+        variants = yield from augment_steps([p.token_ids for p in pruned], [p.activations for p in pruned],
+                                            imps, cfg, occlusion_id)
+    return Proposals(pruned, imps, variants, owners)
+
+
+def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: DistillConfig,
+                proposals: Proposals) -> tuple[NeuronGraph, FitTrace]:
+    """Host work of a fit (no model calls): the graph from the proposals and all training evidence."""
+    graph = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
+    pruned, imps, owners = proposals.pruned, proposals.importances, proposals.owners
+    trace = FitTrace(pruned, imps, proposals.variants)
+    seen = list(train) + list(calibration)  # a training excerpt's id is its index here
+    ranked = _ranked(train)
     for p, imp in zip(pruned, imps):
         acts = rescale(p) if cfg.rescale_pruned else p.activations  # published: pivot back to its original value
         if cfg.pivot_activation == "original":  # the window was kept for its context; its END keeps the real value
@@ -78,10 +113,7 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
         else:
             graph.add_example(p.token_ids, acts, imp, cfg.importance_threshold, owners[p.source])
     if cfg.augment and pruned:
-        variants = yield from augment_steps([p.token_ids for p in pruned], [p.activations for p in pruned],
-                                            imps, cfg, occlusion_id)
-        trace.variants = variants
-        for v in variants:
+        for v in trace.variants:
             if v.importance is not None:
                 v_acts = rescale(pruned[v.source], v.activations) if cfg.rescale_pruned else v.activations
                 add = (lambda *a: add_example_strict(graph, *a)) if cfg.strict else graph.add_example
@@ -89,9 +121,9 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
     if cfg.cover:
         covered: set[int] = set()
         for k, e in enumerate(seen):
-            for t, a in zip(map(int, e.token_ids), e.activations):
-                if a < cfg.fire_threshold:
-                    continue
+            acts = np.asarray(e.activations)
+            hits = np.flatnonzero(acts >= cfg.fire_threshold)  # only firing tokens matter here
+            for t, a in zip(np.asarray(e.token_ids)[hits].tolist(), acts[hits].tolist()):
                 start = graph.nodes[0].children.get(t)
                 if start is None:
                     covered.add(t)
@@ -122,10 +154,14 @@ def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: Dis
         if cfg.cover and cfg.cover_context:  # firing tokens still predicted quiet get their context as a path
             missed = 0
             for k, e in enumerate(seen):
+                acts = np.asarray(e.activations)
+                if not np.any(acts[1:] >= cfg.fire_threshold):
+                    continue  # nothing here could be missed
                 ids = list(map(int, e.token_ids))
                 pred = graph.predict_sequence(ids)
-                for j, a in enumerate(e.activations):
-                    if a >= cfg.fire_threshold and j > 0 and pred[j] < cfg.fire_threshold:
+                for j in np.flatnonzero(acts >= cfg.fire_threshold).tolist():
+                    a = acts[j]
+                    if j > 0 and pred[j] < cfg.fire_threshold:
                         back = ids[max(0, j - cfg.cover_context) : j][::-1]
                         graph.add_path([(ids[j], 1.0)] + [(b, 0.0) for b in back], float(a), k)
                         missed += 1
@@ -177,27 +213,41 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
     fetched: dict[int, np.ndarray] = {}
     missing = sorted({i for i, _, _ in roles if i not in known})
     if missing:
-        values = yield Evaluate([list(excerpts[i]) for i in missing])
+        values = yield Evaluate([list(excerpts[i]) for i in missing], "excerpts")
         fetched.update(zip(missing, values))
     value = lambda i: fetched[i] if i in fetched else known[i]
     examples = [Example(list(map(int, excerpts[i])), [float(v) for v in value(i)], split=s, source=src, excerpt_index=int(i))
                 for i, s, src in roles]
     train_top = [e for e in examples if e.split == "train" and e.source == "top"]
+    in_examples = {e.excerpt_index for e in examples if e.split == "train"}
+    rest = [int(i) for i in (evidence or ()) if i not in in_examples]
+    # The rest of the training partition travels as arrays (cheap to send to a worker process).
+    partition = (rest, [np.asarray(excerpts[i], np.int64) for i in rest], [np.asarray(known[i], np.float32) for i in rest])
+    proposals = yield from propose_steps(train_top, cfg, occlusion_id)
+    fit = yield Compute(finish_fit, (examples, partition, proposals, cfg))
+    return fit
+
+
+def finish_fit(examples: list[Example], partition: tuple[list[int], list[np.ndarray], list[np.ndarray]],
+               proposals: Proposals, cfg: DistillConfig) -> "NeuronFit":
+    """Host work of one neuron after its last model request: graph, predictions, scores, baselines.
+
+    Pure (no model, no shared state), so the engine may run it in a worker process."""
+    train_top = [e for e in examples if e.split == "train" and e.source == "top"]
     train_random = [e for e in examples if e.split == "train" and e.source == "random"]
     test = [e for e in examples if e.split == "test"]
-    in_examples = {e.excerpt_index for e in train_top + train_random}
-    partition = [Example(list(map(int, excerpts[i])), [float(v) for v in known[i]], split="train", source="partition",
-                         excerpt_index=int(i)) for i in (evidence or ()) if i not in in_examples]
+    partition = [Example(ids.tolist(), acts.astype(np.float64).tolist(), split="train", source="partition",
+                         excerpt_index=i) for i, ids, acts in zip(*partition)]
     calibration = train_random + (partition if cfg.evidence == "partition" else [])
-    graph, trace = yield from fit_steps(train_top, calibration, cfg, occlusion_id)
+    graph, trace = build_graph(train_top, calibration, cfg, proposals)
     for e in examples:
         e.predicted = [float(v) for v in graph.predict_sequence(e.token_ids)]
     scores = {"n2g": score_arrays([e.activations for e in test], [e.predicted for e in test], cfg.fire_threshold)}
     train = train_top + train_random + partition
     train_ids = [np.asarray(e.token_ids, np.int64) for e in train]  # built once for every lookup
     train_acts = [np.asarray(e.activations, np.float64) for e in train]
-    for name, make in BASELINES.items():
-        scores[name] = make().fit_arrays(train_ids, train_acts).score(test)
+    for name, lookup in fit_baselines(train_ids, train_acts).items():
+        scores[name] = lookup.score(test)
     return NeuronFit(graph, examples, scores, trace)
 
 

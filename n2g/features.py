@@ -42,6 +42,8 @@ class Evaluate:
     """Request: the normalised activation of every token of every sequence."""
 
     seqs: list[list[int]]
+    stage: str = "other"
+    """Which stage asks (prune, importance, augment, ...): cost accounting only, never the answer."""
 
 
 @dataclass
@@ -51,6 +53,15 @@ class Candidates:
     seqs: list[list[int]]
     positions: list[int]
     k: int
+
+
+@dataclass
+class Compute:
+    """Request: the result of ``fn(*args)``, pure host work with no model call (the engine may
+    run it in a worker process while the model serves other neurons)."""
+
+    fn: Callable
+    args: tuple
 
 
 Steps = Generator[Any, Any, Any]
@@ -70,23 +81,33 @@ def drive(steps: Steps, evaluate: Callable[[list[list[int]]], list[np.ndarray]],
                     answer = [[] for _ in request.seqs]
                 else:
                     answer = candidates(request.seqs, request.positions, request.k)
+            elif isinstance(request, Compute):
+                answer = request.fn(*request.args)
             else:  # pragma: no cover - programming error
                 raise TypeError(f"unknown request {request!r}")
     except StopIteration as stop:
         return stop.value
 
 
-def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group sequence indices into batches sorted by length, each at most ``batch_tokens`` padded tokens."""
+MAX_PADDING = 1.15
+"""A batch computes at most this many positions per real token (sequences are bucketed by length)."""
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Group sequence indices into batches sorted by length, each at most ``batch_tokens`` padded
+    tokens and at most ``max_padding`` padded positions per real one."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for i in order:
         longest = max(lengths[i], 1)  # sorted, so the newest is the longest
-        if current and (len(current) + 1) * longest > batch_tokens:
+        if current and ((len(current) + 1) * longest > batch_tokens
+                        or (len(current) + 1) * longest > max_padding * (real + max(lengths[i], 1))):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(i)
+        real += max(lengths[i], 1)
     if current:
         batches.append(current)
     return batches

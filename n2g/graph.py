@@ -283,11 +283,13 @@ class NeuronGraph:
     def predict_sequence(self, ids: Sequence[int]) -> np.ndarray:
         """Normalised prediction for every position of one sequence."""
         out = np.zeros(len(ids), np.float32)
-        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
         roots = self.nodes[0].children
-        for i, t in enumerate(ids):
-            if t not in roots:  # no path starts at this token
-                continue
+        if not roots or not len(ids):
+            return out
+        arr = np.asarray(ids, np.int64)
+        starts = np.flatnonzero(np.isin(arr, np.fromiter(roots, np.int64, len(roots))))  # tokens a path starts at
+        ids = arr.tolist()
+        for i in starts.tolist():
             end = self.match_end(ids, i)
             if end is not None:
                 out[i] = self.nodes[end].end

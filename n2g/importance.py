@@ -34,14 +34,25 @@ def importance_matrix(acts: np.ndarray, occluded: list[np.ndarray]) -> np.ndarra
     return np.triu(imp).astype(np.float32)  # a causal feature: k > j cannot matter
 
 
-def importance_steps(seqs: list[list[int]], acts: list[np.ndarray], occlusion_id: int) -> Steps:
-    """Generator stage: importance matrices of many sequences from one batch of occluded copies."""
+def importance_steps(seqs: list[list[int]], acts: list[np.ndarray], occlusion_id: int,
+                     diagonal_last: bool = True) -> Steps:
+    """Generator stage: importance matrices of many sequences from one batch of occluded copies.
+
+    With ``diagonal_last=False`` the copy that occludes a sequence's last token is not run: it
+    changes only that token's own activation, and ``[L-1, L-1]`` (a token's importance for itself)
+    is never a context edge. That entry is then 0.
+    """
     requests: list[list[int]] = []
     for ids in seqs:
-        requests.extend(occluded_copies(ids, occlusion_id))
-    answers = yield Evaluate(requests)
+        copies = occluded_copies(ids, occlusion_id)
+        requests.extend(copies if diagonal_last or len(ids) < 2 else copies[:-1])
+    answers = (yield Evaluate(requests, "importance")) if requests else []
     out, at = [], 0
     for ids, a in zip(seqs, acts):
-        out.append(importance_matrix(a, answers[at : at + len(ids)]))
-        at += len(ids)
+        n = len(ids) if diagonal_last or len(ids) < 2 else len(ids) - 1
+        rows = list(answers[at : at + n])
+        if n < len(ids):
+            rows.append(np.asarray(a, np.float64))  # not occluded: importance 0 for the last token itself
+        out.append(importance_matrix(a, rows))
+        at += n
     return out

@@ -66,7 +66,17 @@ class RunOptions:
     dtype: str | None = None
     substitutes: str = "model"
     group_size: int = 64
-    scan_batch: int = 32
+    scan_batch: int | None = None
+    """Excerpts per scan batch (None: sized to the device, see n2g.engine.device_budget)."""
+    batch_tokens: int | None = None
+    """Token budget of fitting batches (None: sized to the device)."""
+    host_workers: int | None = None
+    """Worker processes for the host work of fitting (None: all cores but one on an accelerator,
+    0 on a CPU, whose cores the forward passes already use)."""
+    ray: str | None = None
+    """Fit on Ray: None (no), "local" (a local cluster started for the run) or a cluster address."""
+    ray_workers: int | None = None
+    """Ray workers (None: one per GPU of the cluster, else one per CPU)."""
     store_tokens: int | None = None
     """Token budget of the per-layer activation store (None: the default, see n2g.activations)."""
     report: bool = True
@@ -118,35 +128,46 @@ def _signs(sign: str) -> list[Sign]:
     return [Sign(sign)]
 
 
-def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
-    """Run the pipeline; ``model`` and ``corpus`` may be passed in already loaded (tests, notebooks)."""
-    from .corpus import Corpus
-    from .engine import Job, fit_many
-    from .models import cache_dir, load_model
-    from .scan import scan_layers
-    from .store import RunStore
-
-    started = time.perf_counter()
-    cfg = opts.config()
-    signs = _signs(opts.sign)
+def check_options(opts: RunOptions) -> None:
+    """Refuse bad options before anything is loaded or written."""
+    _signs(opts.sign)
     if opts.substitutes != "model" and not (opts.substitutes.startswith("mlm:") and len(opts.substitutes) > 4):
         raise N2GError(f"--substitutes must be 'model' or 'mlm:NAME' (got {opts.substitutes!r})")
     if opts.group_size < 1:
         raise N2GError("--group-size must be at least 1")
+    for flag, value in (("--scan-batch", opts.scan_batch), ("--batch-tokens", opts.batch_tokens)):
+        if value is not None and value < 1:
+            raise N2GError(f"{flag} must be at least 1 (got {value})")
+    if opts.host_workers is not None and opts.host_workers < 0:
+        raise N2GError(f"--host-workers must be 0 or more (got {opts.host_workers})")
+    if opts.ray_workers is not None and opts.ray_workers < 1:
+        raise N2GError(f"--ray-workers must be at least 1 (got {opts.ray_workers})")
+
+
+def load_inputs(opts: RunOptions, model=None, corpus=None):
+    """The subject model and corpus of a run (either may be passed in already loaded)."""
+    from .corpus import Corpus
+    from .models import load_model
+
     if model is None:
         model = load_model(opts.model, device=opts.device, dtype=opts.dtype)
-    layers = parse_indices(opts.layers, model.n_layers, "layer")
-    indices = parse_indices(opts.neurons, model.d_mlp, "neuron")
     if corpus is None:
         corpus = Corpus.build(opts.corpus, model.encode, length=opts.excerpt_length,
                               max_excerpts=opts.max_excerpts, text_field=opts.text_field)
+    return model, corpus
+
+
+def open_store(opts: RunOptions, model, corpus):
+    """The run directory's store, created or checked against this run's identity; and the partition."""
+    from .activations import partition, stored_excerpts
+    from .store import RunStore
+
+    cfg = opts.config()
     out = Path(opts.out) if opts.out else default_out(opts)
     store = RunStore(out)
     identity = {"model": str(model.spec), "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(),
                 "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
                 "config": cfg.to_dict(), "store_tokens": store_budget(opts)}
-    from .activations import partition, stored_excerpts
-
     n_excerpts, length = int(corpus.excerpts.shape[0]), int(corpus.excerpts.shape[1])
     is_train = partition(n_excerpts, cfg.held_out, cfg.seed)
     n_stored = len(stored_excerpts(n_excerpts, length, store_budget(opts), cfg.seed))
@@ -156,32 +177,81 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
                                         "held_out": cfg.held_out, "seed": cfg.seed},
                           "activation_store": {"token_budget": store_budget(opts), "stored_excerpts": n_stored,
                                                "bytes_per_layer": n_stored * length * int(model.d_mlp) * 2}})
+    return store, is_train
+
+
+def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
+    """Run the pipeline; ``model`` and ``corpus`` may be passed in already loaded (tests, notebooks)."""
+    started = time.perf_counter()
+    check_options(opts)
+    signs = _signs(opts.sign)
+    if opts.ray is not None:
+        from .distributed import preflight
+
+        preflight(opts)
+    model, corpus = load_inputs(opts, model, corpus)
+    layers = parse_indices(opts.layers, model.n_layers, "layer")
+    indices = parse_indices(opts.neurons, model.d_mlp, "neuron")
+    store, is_train = open_store(opts, model, corpus)
+    out = store.root
     wanted = [NeuronId(l, i, s) for l in layers for i in indices for s in signs]
     todo = [n for n in wanted if not store.is_done(n)]
     log.info("%d neurons requested, %d already done in %s", len(wanted), len(wanted) - len(todo), out)
     fitted = 0
-    if todo:
-        from .distill import pool_size, top_k
-        from .engine import store_job
-        from .scan import cache_bytes
+    if todo and opts.ray is not None:
+        from .distributed import fit_on_ray
 
-        scans = scan_layers(model, corpus.excerpts, sorted({n.layer for n in todo}), k=top_k(cfg), pool_size=pool_size(cfg),
-                            seed=cfg.seed, batch_size=opts.scan_batch, fire_threshold=cfg.fire_threshold,
-                            cache_dir=cache_dir(), corpus_key=corpus.fingerprint(), progress=opts.progress,
-                            store_tokens=store_budget(opts))
-        stored = next(iter(scans.values())).store
-        log.info("partition: %d training and %d held-out excerpts; activation store: %d excerpts x %d layer(s), "
-                 "%.1f MB on disk", int(is_train.sum()), int((~is_train).sum()), stored.n_stored, len(scans),
-                 cache_bytes(scans) / 1e6)
-        excerpts = corpus.excerpts.tolist()
-        jobs = [store_job(scans[n.layer], n, is_train) for n in todo]
-        substitutes = None
-        if cfg.augment and opts.substitutes.startswith("mlm:"):
-            from .augment import MaskedLMSubstitutes
+        fitted = fit_on_ray(opts, todo, store)
+    elif todo:
+        fitted = fit_neurons(opts, todo, model, corpus, store, is_train)
+    store.write_scores_table()
+    artifacts = {}
+    if opts.report:
+        from .report import build_all
 
-            substitutes = MaskedLMSubstitutes(model, opts.substitutes[4:], device=str(model.device))
-        from .progress import Progress
+        artifacts = build_all(out)
+    results = [r for r in store.results() if r.neuron in set(wanted)]
+    return RunSummary(out, results, fitted, time.perf_counter() - started, artifacts)
 
+
+def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is_train) -> int:
+    """Scan the layers of ``todo`` once and fit, save and count its neurons (one process's share of a run)."""
+    import os
+
+    from .distill import pool_size, top_k
+    from .engine import RowEvaluator, device_budget, fit_many, host_pool, store_job
+    from .models import cache_dir
+    from .progress import Progress
+    from .scan import cache_bytes, scan_layers
+
+    cfg = opts.config()
+    length = int(corpus.excerpts.shape[1])
+    fitted = 0
+    scan_layer_set = sorted({n.layer for n in todo})
+    batch_tokens, scan_batch = device_budget(model, length, len(scan_layer_set), opts.batch_tokens, opts.scan_batch)
+    host_workers = opts.host_workers
+    if host_workers is None:
+        host_workers = max((os.cpu_count() or 1) - 1, 0) if getattr(model.device, "type", "") == "cuda" else 0
+    log.info("batches: %d tokens when fitting, %d excerpts when scanning; %d host worker process(es)",
+             batch_tokens, scan_batch, host_workers)
+    scans = scan_layers(model, corpus.excerpts, scan_layer_set, k=top_k(cfg), pool_size=pool_size(cfg),
+                        seed=cfg.seed, batch_size=scan_batch, fire_threshold=cfg.fire_threshold,
+                        cache_dir=cache_dir(), corpus_key=corpus.fingerprint(), progress=opts.progress,
+                        store_tokens=store_budget(opts))
+    stored = next(iter(scans.values())).store
+    log.info("partition: %d training and %d held-out excerpts; activation store: %d excerpts x %d layer(s), "
+             "%.1f MB on disk", int(is_train.sum()), int((~is_train).sum()), stored.n_stored, len(scans),
+             cache_bytes(scans) / 1e6)
+    excerpts = corpus.excerpts.tolist()
+    jobs = [store_job(scans[n.layer], n, is_train) for n in todo]
+    substitutes = None
+    if cfg.augment and opts.substitutes.startswith("mlm:"):
+        from .augment import MaskedLMSubstitutes
+
+        substitutes = MaskedLMSubstitutes(model, opts.substitutes[4:], device=str(model.device))
+    evaluator = RowEvaluator(model, batch_tokens, int(model.occlusion_token_id))
+    pool = host_pool(host_workers)  # one set of worker processes for every layer
+    try:
         for layer in sorted({j.neuron.layer for j in jobs}):
             layer_jobs = [j for j in jobs if j.neuron.layer == layer]
             bar = Progress(len(layer_jobs), f"fit layer {layer}", "neurons", enabled=opts.progress)
@@ -194,16 +264,13 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
                 fitted += 1
                 bar.update(1)
 
-            fit_many(model, excerpts, layer_jobs, cfg, group_size=opts.group_size, on_done=save, substitutes=substitutes)
+            fit_many(model, excerpts, layer_jobs, cfg, group_size=opts.group_size, on_done=save, substitutes=substitutes,
+                     evaluator=evaluator, pool=pool)
             bar.close()
-    store.write_scores_table()
-    artifacts = {}
-    if opts.report:
-        from .report import build_all
-
-        artifacts = build_all(out)
-    results = [r for r in store.results() if r.neuron in set(wanted)]
-    return RunSummary(out, results, fitted, time.perf_counter() - started, artifacts)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return fitted
 
 
 def to_result(model, neuron: NeuronId, stats, fit, seconds: float, scan=None, excerpts=None) -> NeuronResult:

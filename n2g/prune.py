@@ -50,50 +50,72 @@ def choose_pivots(acts: np.ndarray, cfg: DistillConfig) -> list[int]:
 
 
 COARSE_GRID = (0, 1, 2, 4, 8, 16, 30)
+GRID_STEPS = ((0, 1, 2, 4), (8, 16), (30,))
+"""The coarse grid measured a step at a time: a longer step runs only for examples no shorter window kept firing."""
 
 
 def measure_windows(examples: list[tuple[list[int], np.ndarray, int]], contexts: list[list[int]]) -> Steps:
     """Generator stage: activations of every window ``ids[pivot - c : pivot + 1]`` for ``c`` in
-    ``contexts[e]`` of example ``e``, in one request; returns ``(e, c, values)`` triples."""
-    seqs, owners = [], []
-    for e, (ids, _, pivot) in enumerate(examples):
+    ``contexts[e]`` of example ``e``, in one request; returns ``(e, c, values)`` triples.
+
+    A window that starts at the example's first token is the example's own prefix: for a causal
+    feature its activations are the example's (already measured by the scan), so it is not re-run.
+    """
+    seqs, owners, out = [], [], []
+    for e, (ids, acts, pivot) in enumerate(examples):
         for c in contexts[e]:
+            if c == pivot and len(acts) > pivot:
+                out.append((e, c, np.asarray(acts[: pivot + 1], np.float32)))
+                continue
             seqs.append(list(ids[pivot - c : pivot + 1]))
             owners.append((e, c))
-    answers = yield Evaluate(seqs)
-    return [(e, c, values) for (e, c), values in zip(owners, answers)]
+    answers = (yield Evaluate(seqs, "prune")) if seqs else []
+    return out + [(e, c, values) for (e, c), values in zip(owners, answers)]
 
 
 def prune_steps(examples: list[tuple[list[int], np.ndarray, int]], cfg: DistillConfig) -> Steps:
     """Generator stage: prune each ``(token_ids, activations, pivot)`` example around its pivot."""
     limits = [min(pivot, cfg.max_context) for _, _, pivot in examples]
     targets = [cfg.prune_threshold * float(acts[pivot]) for _, acts, pivot in examples]
-    if cfg.prune_search == "exhaustive":
-        rounds = [[list(range(limit + 1)) for limit in limits]]
-    else:
-        rounds = [[sorted({c for c in COARSE_GRID if c <= limit} | {limit}) for limit in limits]]
     chosen: list[tuple[int, np.ndarray] | None] = [None] * len(examples)
     longest: list[tuple[int, np.ndarray] | None] = [None] * len(examples)
-    for round_no in range(2):
-        measured = yield from measure_windows(examples, rounds[round_no])
-        found: dict[int, list[tuple[int, np.ndarray]]] = {}
+    tried: list[list[tuple[int, np.ndarray]]] = [[] for _ in examples]
+
+    def take(measured):
         for e, c, values in measured:
-            found.setdefault(e, []).append((c, values))
+            tried[e].append((c, values))
             if c == limits[e]:
                 longest[e] = (c, values)
-        nxt: list[list[int]] = [[] for _ in examples]
-        for e, tried in found.items():
-            passing = [(c, v) for c, v in sorted(tried, key=lambda t: t[0]) if v[-1] >= targets[e]]
-            if passing and (chosen[e] is None or passing[0][0] < chosen[e][0]):
-                chosen[e] = passing[0]
-            if round_no == 0 and cfg.prune_search == "coarse" and passing:
-                # The shortest window may lie in the gap below the first grid length that holds.
-                below = [c for c, _ in sorted(tried) if c < passing[0][0]]
-                lo = below[-1] if below else -1
-                nxt[e] = list(range(lo + 1, passing[0][0]))
-        if cfg.prune_search == "exhaustive" or not any(nxt):
-            break
-        rounds.append(nxt)
+
+    if cfg.prune_search == "exhaustive":
+        take((yield from measure_windows(examples, [list(range(limit + 1)) for limit in limits])))
+    else:
+        # Coarse grid, shortest step first: the shortest grid window that keeps firing is the same
+        # as when the whole grid is measured at once, and longer windows of examples that already
+        # have one are never run.
+        open_ = list(range(len(examples)))
+        for step_no, step in enumerate(GRID_STEPS):
+            last = step_no == len(GRID_STEPS) - 1
+            contexts = [[] for _ in examples]
+            for e in open_:
+                top = max(step) if not last else limits[e]
+                contexts[e] = sorted({c for c in step if c <= limits[e]} | ({limits[e]} if limits[e] <= top else set()))
+            take((yield from measure_windows(examples, contexts)))
+            open_ = [e for e in open_ if limits[e] > max(step) and not any(v[-1] >= targets[e] for _, v in tried[e])]
+            if not open_:
+                break
+        gaps: list[list[int]] = [[] for _ in examples]
+        for e in range(len(examples)):
+            passing = sorted(c for c, v in tried[e] if v[-1] >= targets[e])
+            if passing:  # the shortest window may lie in the gap below the first grid length that holds
+                below = [c for c, _ in tried[e] if c < passing[0]]
+                gaps[e] = list(range(max(below, default=-1) + 1, passing[0]))
+        if any(gaps):
+            take((yield from measure_windows(examples, gaps)))
+    for e in range(len(examples)):
+        passing = [(c, v) for c, v in sorted(tried[e], key=lambda t: t[0]) if v[-1] >= targets[e]]
+        if passing:
+            chosen[e] = passing[0]
     pruned = []
     for e, (ids, acts, pivot) in enumerate(examples):
         c, values = chosen[e] if chosen[e] is not None else longest[e]

@@ -103,7 +103,7 @@ def post_context_steps(pruned: list[Pruned], examples: list[tuple[list[int], np.
             grow.append((p, list(ids[p.start : end])))
     if not grow:
         return pruned
-    answers = yield Evaluate([seq for _, seq in grow])
+    answers = yield Evaluate([seq for _, seq in grow], "post_context")
     for (p, seq), values in zip(grow, answers):
         p.pivot = p.pivot_index
         p.token_ids = seq

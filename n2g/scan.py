@@ -222,8 +222,9 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
         rows = torch.arange(start, start + ids.shape[0], device=device)
         for l in todo:
             a = acts[l]
-            if not torch.isfinite(a).all():
-                bad = int((~torch.isfinite(a)).any(0).any(0).nonzero()[0])
+            host = a.float().cpu().numpy()  # the one copy to the host per batch: the store needs it anyway
+            if not np.isfinite(host).all():
+                bad = int(np.flatnonzero(~np.isfinite(host).all(axis=(0, 1)))[0])
                 raise N2GError(f"neuron L{l}.N{bad} has NaN or infinite activations; try --dtype float32")
             mx, mn = a.amax(1), a.amin(1)  # [B, d]
             idx = rows[:, None].expand_as(mx)
@@ -234,7 +235,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
             v = torch.cat([bot_val[l], mn]); i = torch.cat([bot_idx[l], idx])
             bv, bi = (-v).topk(kk, dim=0)
             bot_val[l], bot_idx[l] = -bv, i.gather(0, bi)
-            stores[l].write(np.arange(start, start + ids.shape[0]), a.float().cpu().numpy())
+            stores[l].write(np.arange(start, start + ids.shape[0]), host)
         bar.update(ids.numel())
         start += ids.shape[0]
     bar.close()

@@ -300,3 +300,44 @@ def test_random_pool_is_seeded_distinct_and_a_larger_pool_extends_a_smaller_one(
     assert large[:60] == small  # more random training excerpts leave the test ones unchanged
     assert random_pool(500, 60, seed=4) != small
     assert sorted(random_pool(10, 50)) == list(range(10))
+
+
+def test_pruning_a_step_at_a_time_and_reusing_prefixes_keeps_the_same_windows():
+    """The grid measured shortest step first (and stored prefixes reused) picks the same window as
+    measuring every window; only fewer positions go to the feature."""
+    from n2g.features import drive
+    from n2g.config import preset
+    from n2g.prune import prune_steps
+
+    rng = np.random.default_rng(5)
+    asked = []
+
+    def feature(seqs):  # fires on 9, more strongly the nearer a 3 is before it (causal)
+        out = []
+        for s in seqs:
+            asked.append(len(s))
+            v = np.zeros(len(s))
+            for j, t in enumerate(s):
+                if t == 9:
+                    back = [d for d in range(1, j + 1) if s[j - d] == 3]
+                    v[j] = 1.0 / (1 + min(back)) if back else 0.05
+            out.append(v)
+        return out
+
+    examples = []
+    for _ in range(30):
+        ids = rng.integers(10, 20, size=40).tolist()
+        pivot = int(rng.integers(0, 40))
+        ids[pivot] = 9
+        if rng.random() < 0.8:
+            ids[max(0, pivot - int(rng.integers(1, 35)))] = 3
+        examples.append((ids, feature([ids])[0], pivot))
+    asked.clear()
+    staged = drive(prune_steps(examples, preset("default")), feature)
+    staged_positions = sum(asked)
+    asked.clear()
+    every = drive(prune_steps(examples, preset("default", prune_search="exhaustive")), feature)
+    # exhaustive finds the shortest window of all; the staged coarse grid must find the same ones here
+    # (the rule is monotone in context length) while measuring fewer positions
+    assert [p.token_ids for p in staged] == [p.token_ids for p in every]
+    assert staged_positions < sum(asked)

@@ -78,3 +78,63 @@ def test_scan_statistics_match_a_direct_computation(models):
     expected_rate = float((acts >= 0.5 * maxima.max()).float().mean())
     assert stats.firing_rate == pytest.approx(expected_rate, abs=1e-6)
     assert stats.quantiles["0.5"] == pytest.approx(float(acts.flatten().quantile(0.5)), rel=1e-4, abs=1e-6)
+
+
+def _store_jobs(model, excerpts, layer, indices):
+    from n2g.activations import partition
+    from n2g.engine import store_job
+
+    scans = scan_layers(model, excerpts, [layer], k=64, pool_size=64, batch_size=16, progress=False)
+    is_train = partition(len(excerpts), 0.5, 0)
+    return [store_job(scans[layer], NeuronId(layer, i), is_train) for i in indices]
+
+
+def _fingerprint(fit):
+    g = fit.graph
+    nodes = sorted((-2 if n.token_id is None else n.token_id, n.depth, n.end) for n in g.nodes) if g else []
+    return nodes, {m: s.to_dict() for m, s in fit.scores.items()}, [e.predicted for e in fit.examples]
+
+
+def test_host_work_in_worker_processes_gives_identical_fits(models):
+    plain, _ = models
+    excerpts = torch.randint(4, 68, (48, 16))
+    jobs = _store_jobs(plain, excerpts, 1, [2, 5, 7, 11, 13])
+    cfg = preset("default")
+    seen = []
+    inline = fit_many(plain, excerpts.tolist(), jobs, cfg, group_size=2)
+    pooled = fit_many(plain, excerpts.tolist(), jobs, cfg, group_size=2, host_workers=2,
+                      on_done=lambda job, fit, s: seen.append(job.neuron))
+    assert seen == sorted(j.neuron for j in jobs)  # reported in neuron order, each once
+    assert any(f.graph is not None and len(f.graph.nodes) > 1 for f in inline.values())
+    for job in jobs:
+        assert _fingerprint(pooled[job.neuron]) == _fingerprint(inline[job.neuron])
+
+
+def test_cost_accounting_counts_rows_positions_and_padding(models):
+    plain, _ = models
+    counting = SmallMemory(plain.model, tiny_tokenizer(), spec="tiny")
+    counting.limit = 10**6
+    evaluator = RowEvaluator(counting, 4096, 0)
+    seqs = [[5] * 10, [6] * 10, [7] * 9, [5] * 10, [8] * 2]  # one repeat; lengths 2, 9, 10 bucket apart
+    neurons = [NeuronId(1, 0)] * 5
+    evaluator(seqs, neurons, [1.0] * 5, ["prune", "prune", "importance", "prune", "importance"])
+    cost = evaluator.cost
+    prune, imp = cost.stages["prune"], cost.stages["importance"]
+    assert (prune.asked, prune.rows, prune.real) == (3, 2, 20)
+    assert (imp.asked, imp.rows, imp.real) == (2, 2, 11)
+    total = cost.total()
+    assert total.padded <= 1.15 * total.real  # [2] alone: padding it with the 9s and 10s would exceed 15%
+    assert total.weighted == pytest.approx(total.padded * 2 / 3)  # layer 1 of 3: the pass stops there
+    assert counting.calls == cost.forward_calls == 2
+
+
+def test_padding_bound_of_length_batches():
+    from n2g.features import length_batches
+
+    lengths = [1, 2, 3, 4, 5, 8, 8, 9, 16, 30, 31, 31]
+    batches = length_batches(lengths, 10**6)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        real = sum(lengths[i] for i in b)
+        assert len(b) * max(lengths[i] for i in b) <= 1.15 * real
+    assert length_batches([4] * 10, 10**6) == [list(range(10))]  # equal lengths share one batch

@@ -112,7 +112,8 @@ def test_killed_run_resumes_to_identical_results(tiny_dir, tmp_path):
     proc.wait()
     done_before = len(list(killed.glob("neurons/*/result.json")))
     assert 4 <= done_before < 30, "the run should have been killed part-way"
-    resumed = cli(*run_args(tiny_dir, killed, "--group-size", "1"))
+    # resumed with the host work in worker processes: still the same results
+    resumed = cli(*run_args(tiny_dir, killed, "--group-size", "1", "--host-workers", "2"))
     assert resumed.returncode == 0, resumed.stderr
     assert stored(killed) == stored(reference)
     assert len(stored(reference)) == 30
@@ -196,11 +197,14 @@ def bad_cases(tiny_dir, tmp_path):
         "empty neuron list": (["run", "--model", model, "--corpus", corpus, "--neurons", ",", *base], "no neuron"),
         "unwritable out": (["run", "--model", model, "--corpus", corpus, "--neurons", "0", *base, "--out", str(a_file / "sub")], "writable"),
         "report of nothing": (["report", str(tmp_path / "nothing")], "run directory"),
+        "zero batch tokens": (["run", "--model", model, "--corpus", corpus, "--batch-tokens", "0", *base], "--batch-tokens"),
+        "negative host workers": (["run", "--model", model, "--corpus", corpus, "--host-workers", "-1", *base], "--host-workers"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown model", "missing corpus", "binary corpus", "empty corpus", "layer out of range",
-                                  "neuron out of range", "empty neuron list", "unwritable out", "report of nothing"])
+                                  "neuron out of range", "empty neuron list", "unwritable out", "report of nothing",
+                                  "zero batch tokens", "negative host workers"])
 def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_dir, tmp_path):
     args, needle = bad_cases(tiny_dir, tmp_path)[case]
     work = tmp_path / "cwd"

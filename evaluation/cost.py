@@ -1,0 +1,137 @@
+"""Cost accounting: the forward and host work of fitting neurons, in machine-independent units.
+
+Fits a seeded sample of SmolLM2 neurons (the fidelity harness's layer mix) with one preset and the
+batched engine, then prints per stage and per neuron: forward calls, rows asked and run (identical
+rows of a layer run once), real and padded token positions, layer-weighted positions (a pass stops
+after the deepest layer it needs, so a layer-0 row costs 1/30 of a layer-29 row), and host CPU
+seconds (fitting outside forward passes; saving results; report and rendering including `dot`).
+It ends with projections, labelled as such, to a whole model on a named accelerator from a
+tokens/s figure you give (full-depth forward positions per second), and to this CPU from the
+throughput measured in this run.
+
+    python evaluation/cost.py --layers 0,5,10,15,20,25,29 --per-layer 2 --max-excerpts 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from n2g.activations import partition
+from n2g.config import preset
+from n2g.corpus import Corpus
+from n2g.distill import pool_size, top_k
+from n2g.engine import RowEvaluator, fit_many, store_job
+from n2g.models import cache_dir, load_model
+from n2g.pipeline import parse_indices, to_result
+from n2g.records import NeuronId
+from n2g.scan import scan_layers
+
+STAGE_ORDER = ("excerpts", "prune", "post_context", "importance", "augment", "other")
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--layers", default="0,5,10,15,20,25,29")
+    ap.add_argument("--per-layer", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the neuron sample")
+    ap.add_argument("--max-excerpts", type=int, default=1024)
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--device-name", default="H100 (bf16)", help="accelerator named in the projection")
+    ap.add_argument("--tokens-per-s", type=float, default=600_000.0,
+                    help="full-depth forward positions per second on that accelerator (a figure you supply)")
+    ap.add_argument("--no-report", action="store_true", help="skip timing the report and rendering")
+    args = ap.parse_args(argv)
+
+    model = load_model(args.model)
+    corpus = Corpus.build("default", model.encode, max_excerpts=args.max_excerpts)
+    layers = parse_indices(args.layers, model.n_layers, "layer")
+    rng = np.random.default_rng(args.seed)
+    neurons = [NeuronId(l, int(i)) for l in layers for i in sorted(rng.choice(model.d_mlp, args.per_layer, replace=False))]
+    cfg = preset(args.preset)
+    t0 = time.perf_counter()
+    scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),
+                        corpus_key=corpus.fingerprint(), progress=False, seed=cfg.seed)
+    scan_s = time.perf_counter() - t0
+    excerpts = corpus.excerpts.tolist()
+    is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
+    jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]
+    evaluator = RowEvaluator(model, cfg.batch_tokens, int(model.occlusion_token_id))
+    t0 = time.perf_counter()
+    fits = fit_many(model, excerpts, jobs, cfg, group_size=len(jobs), evaluator=evaluator)
+    fit_s = time.perf_counter() - t0
+    live = [j for j in jobs if fits[j.neuron].status != "dead"]
+    n = max(len(live), 1)
+    cost = evaluator.cost
+
+    save_cpu = report_cpu = report_children = 0.0
+    if live:
+        from n2g.store import RunStore
+
+        with tempfile.TemporaryDirectory() as tmp:
+            store = RunStore(os.path.join(tmp, "run"))
+            store.open({"cost": True}, {"name": "cost"})
+            c0 = time.thread_time()
+            for j in live:
+                fit = fits[j.neuron]
+                result = to_result(model, j.neuron, scans[j.neuron.layer].stats(j.neuron.index, j.neuron.sign), fit, 0.0)
+                store.save(result, fit.graph)
+            store.write_scores_table()
+            save_cpu = time.thread_time() - c0
+            if not args.no_report:
+                from n2g.report import build_all
+
+                c0, k0 = time.thread_time(), children_cpu()
+                build_all(store.root if hasattr(store, "root") else os.path.join(tmp, "run"))
+                report_cpu, report_children = time.thread_time() - c0, children_cpu() - k0
+
+    print(f"{'stage':<13}{'calls':>7}{'asked/n':>9}{'rows/n':>8}{'real/n':>9}{'padded/n':>10}{'pad x':>7}{'weighted/n':>12}")
+    rows = [(s, cost.stages[s]) for s in STAGE_ORDER if s in cost.stages] + [("all", cost.total())]
+    for name, s in rows:
+        ratio = s.padded / s.real if s.real else float("nan")
+        print(f"{name:<13}{s.calls:>7}{s.asked / n:>9.1f}{s.rows / n:>8.1f}{s.real / n:>9.0f}{s.padded / n:>10.0f}{ratio:>7.2f}{s.weighted / n:>12.0f}")
+    tot = cost.total()
+    host = cost.host_cpu / n
+    print(f"\nhost CPU per neuron: fit {host:.3f} s (outside forward passes), save {save_cpu / n:.3f} s, "
+          f"report+render {report_cpu / n:.3f} s + dot {report_children / n:.3f} s")
+    print(f"forward: {cost.forward_calls} calls, {cost.forward_seconds:.1f} s wall; fit wall {fit_s:.1f} s = {fit_s / n:.2f} s/neuron "
+          f"({len(live)} live of {len(jobs)} neurons)")
+    cpu_rate = tot.weighted / cost.forward_seconds if cost.forward_seconds else float("nan")
+    print(f"measured here: {cpu_rate:,.0f} full-depth-equivalent positions/s in forward passes; scan {scan_s:.1f} s "
+          f"({'cached' if scan_s < 5 else 'computed'})")
+
+    # Projection to the whole model, labelled as one.
+    total_neurons = model.n_layers * model.d_mlp
+    scan_positions = corpus.excerpts.numel()  # one full-depth pass over the corpus covers every layer
+    per_neuron_weighted = tot.weighted / n
+    gpu_s = (total_neurons * per_neuron_weighted + scan_positions) / args.tokens_per_s
+    host_total = total_neurons * (host + save_cpu / n + report_cpu / n + report_children / n)
+    cores = os.cpu_count() or 1
+    print(f"\nPROJECTION (not measured): whole {model.spec} ({total_neurons:,} neurons) on one {args.device_name} at "
+          f"{args.tokens_per_s:,.0f} full-depth positions/s (figure supplied, not measured here): forward "
+          f"{gpu_s / 60:.1f} min; host work {host_total / 60:.1f} CPU-min, {host_total / 60 / 16:.1f} min over 16 cores, "
+          f"{host_total / 60 / cores:.1f} min over this machine's {cores}")
+    print(f"PROJECTION (not measured): whole model on this CPU: forward {total_neurons * per_neuron_weighted / cpu_rate / 3600:.1f} h "
+          f"at the throughput measured above")
+    print(f"\n{model.spec} ({model.device}, {model.dtype}); preset {args.preset}; {len(jobs)} neurons ({args.per_layer}/layer in "
+          f"{args.layers}, sample seed {args.seed}); corpus {len(excerpts)} x {corpus.length}; batch_tokens {cfg.batch_tokens}; "
+          f"{platform.machine()} {platform.processor() or ''}, {cores} cores, torch {torch.__version__} {torch.get_num_threads()} threads")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
