@@ -1,6 +1,8 @@
 // Screenshots of a real run's report and one neuron page, opened from disk (no server) in Debian's
 // headless Chromium via playwright-core (install it with scripts/setup.sh --test).
 //   node evaluation/screenshots.js RUN_DIR OUT_DIR [NEURON_KEY]
+// The committed ones: `n2g run --layers 0,5 --neurons 0-7 --max-excerpts 512 --out graphs/demo`, then
+// this script with L5.N2 (a large graph: 111 activating tokens, drawn summarised) and with L0.N2.
 "use strict";
 const fs = require("fs");
 const os = require("os");

@@ -56,28 +56,53 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                    help="Ray workers (default: one per GPU of the cluster, else one per CPU)")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip rendering, report and viewer")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (progress stays on stderr)")
+
+
+def _verbosity_args(p: argparse.ArgumentParser, json_out: bool = False) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if json_out:
+        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _run_default(name: str) -> str:
+    """The Python default of a RunOptions field, so the CLI and ``n2g.pipeline.run`` agree."""
+    from dataclasses import fields
+
+    from .pipeline import RunOptions
+
+    return next(f.default for f in fields(RunOptions) if f.name == name)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="n2g", description="Neuron to Graph: explain single neurons as token-pattern graphs.")
+    parser.add_argument("--version", action="version", version=f"n2g {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a subject model", description="Print a model's architecture, size, device and dtype.")
     _model_args(p)
+    _verbosity_args(p, json_out=True)
 
     p = sub.add_parser("fit", help="distil one neuron", description="Distil one neuron into a graph, score it and save it.")
     _model_args(p)
     _corpus_args(p)
     p.add_argument("--layer", type=int, required=True, help="layer index")
     p.add_argument("--neuron", type=int, required=True, help="neuron index within the layer's MLP")
-    p.add_argument("--sign", default="positive", choices=["positive", "negative"], help="which side to distil")
+    p.add_argument("--sign", default="positive", choices=["positive", "negative", "both"],
+                   help="which side to distil (both: the positive and the negative side, two graphs)")
     _fit_args(p)
 
     p = sub.add_parser("run", help="distil many neurons", description="Distil many neurons (layers x neurons) with batched fitting; resumable.")
     _model_args(p)
     _corpus_args(p)
-    p.add_argument("--layers", default="0", help="e.g. 0,5,10 or 0-29 or all (default 0)")
-    p.add_argument("--neurons", default="all", help="e.g. 0-99 or 1,2,3 or all (default all)")
+    layers, neurons = _run_default("layers"), _run_default("neurons")
+    p.add_argument("--layers", default=layers, help=f"e.g. 0,5,10 or 0-29 or all (default {layers})")
+    p.add_argument("--neurons", default=neurons,
+                   help=f"e.g. 0-99 or 1,2,3 or all (default {neurons}: a quick look; 'all' is a whole layer, hours on a CPU)")
     p.add_argument("--sign", default="positive", choices=["positive", "negative", "both"], help="which side(s) to distil")
     _fit_args(p)
 
@@ -86,11 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
     p.add_argument("--out", default=None,
                    help="write the report into a copy of the run made here (for a read-only run directory)")
+    _verbosity_args(p)
 
     p = sub.add_parser("serve", help="serve a run's viewer with search", description="Serve the viewer of a run directory.")
     p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", default="8000", help="port, 1-65535 (default 8000; 0 picks a free one)")
+    p.add_argument("--model", default=None,
+                   help="load this subject model (e.g. default) so try-your-own-text shows the neuron's true activation")
+    p.add_argument("--device", default=None, help="device for --model (default: cuda if available)")
+    _verbosity_args(p)
+
+    p = sub.add_parser("search", help="find neurons by token", description=(
+        "Find the neurons whose graphs contain a token: exact matches first, then the same ignoring case and "
+        "spaces, then tokens that start with it, then tokens that contain it."))
+    p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
+    p.add_argument("token", help="token text, e.g. Paris or ' Paris' (case-insensitive; prefixes and substrings match)")
+    p.add_argument("--role", default=None, choices=["activator", "context"], help="only as activating or context token")
+    p.add_argument("--limit", type=int, default=20, help="at most this many hits (default 20)")
+    _verbosity_args(p, json_out=True)
     return parser
 
 
@@ -131,10 +170,67 @@ def _run(args) -> int:
         opts = _options(args, args.layers, args.neurons)
     _check_out(Path(opts.out) if opts.out else default_out(opts))
     summary = run(opts)
+    if args.json:
+        _print_json(_summary_json(summary))
+        return 0
     print(summary_table(summary.results))
     print(f"\n{len(summary.results)} neurons ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
     if "report" in summary.artifacts:
         print(f"report: {summary.artifacts['report']}")
+    if args.command == "fit" and "viewer" in summary.artifacts:
+        for r in summary.results:  # what to open next: the neuron's own page
+            print(f"page: {summary.out / 'viewer' / 'neurons' / (r.neuron.key + '.html')}")
+    return 0
+
+
+def _print_json(data) -> None:
+    import json
+
+    print(json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False, default=str))
+
+
+def _summary_json(summary) -> dict:
+    """A run's summary as JSON: where it went, how long it took, and per neuron its status and scores."""
+    neurons = []
+    for r in summary.results:
+        neurons.append({"key": r.neuron.key, "layer": r.neuron.layer, "index": r.neuron.index, "sign": r.neuron.sign.value,
+                        "status": r.status, "max_activation": r.stats.max_activation, "firing_rate": r.stats.firing_rate,
+                        "graph": dict(r.graph_stats), "seconds": r.seconds,
+                        "scores": {m: {k: v for k, v in s.to_dict().items()} for m, s in r.scores.items()},
+                        "page": str(summary.out / "viewer" / "neurons" / f"{r.neuron.key}.html")
+                        if "viewer" in summary.artifacts else None})
+    return {"out": str(summary.out), "n_neurons": len(summary.results), "fitted_now": summary.fitted_now,
+            "seconds": round(summary.seconds, 3), "artifacts": {k: str(v) for k, v in summary.artifacts.items()},
+            "neurons": neurons}
+
+
+def _search(args) -> int:
+    import sqlite3
+
+    from .search import search
+    from .render import display_token
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").exists():
+        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
+    if args.limit < 1:
+        raise N2GError(f"--limit must be at least 1 (got {args.limit})")
+    logging.getLogger(__name__).debug("searching %s for %r (role %s, limit %d)", run_dir, args.token, args.role, args.limit)
+    try:
+        hits = search(run_dir, args.token, role=args.role, limit=args.limit)
+    except (sqlite3.Error, OSError) as exc:
+        raise N2GError(f"cannot read the search index of {run_dir} ({exc}); run `n2g report {run_dir}` to rebuild it") from None
+    if args.json:
+        _print_json({"query": args.token, "role": args.role, "results": hits})
+        return 0
+    if not hits:
+        print(f"no neuron's graph has a token matching {args.token!r}", file=sys.stderr)
+        return 1
+    print(f"{'neuron':<16}{'token':<24}{'role':<11}{'weight':>7}{'N2G F1':>8}  match")
+    for h in hits:
+        f1 = "  -  " if h["f1"] is None else f"{h['f1']:.2f}"
+        w = "  -  " if h["weight"] is None else f"{h['weight']:.2f}"
+        print(f"{h['key']:<16}{display_token(h['token'])[:23]:<24}{h['role']:<11}{w:>7}{f1:>8}  {h['match']}")
     return 0
 
 
@@ -142,6 +238,9 @@ def _info(args) -> int:
     from .models import load_model
 
     info = load_model(args.model, device=args.device, dtype=args.dtype).info()
+    if args.json:
+        _print_json(info)
+        return 0
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
@@ -192,7 +291,15 @@ def _serve(args) -> int:
     port = check_port(args.port)
     if not (Path(args.run_dir) / "run.json").exists():
         raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
-    serve(Path(args.run_dir), host=args.host, port=port)
+    model = None
+    if args.model:
+        from .models import load_model
+
+        if not (Path(args.run_dir) / "viewer" / "index.html").exists():  # say so before loading a model
+            raise N2GError(f"no viewer in {args.run_dir}; run `n2g report {args.run_dir}` first")
+
+        model = load_model(args.model, device=args.device)
+    serve(Path(args.run_dir), host=args.host, port=port, model=model)
     return 0
 
 
@@ -217,11 +324,20 @@ def _main(argv: list[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="n2g: %(message)s", stream=sys.stderr)
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    if quiet and verbose:
+        print("n2g: error: -q and -v contradict each other; pass one of them", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        format="n2g: %(levelname)s %(name)s: %(message)s" if verbose else "n2g: %(message)s",
+                        stream=sys.stderr)
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve}
+    if quiet:
+        from .progress import silence_library_bars
+
+        silence_library_bars()
+    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search}
     try:
         return handlers[args.command](args)
     except N2GError as exc:

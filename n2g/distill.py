@@ -271,11 +271,18 @@ def corpus_stats(acts: Sequence[np.ndarray], sample: Sequence[int], fire_thresho
 
 
 class NeuronModel:
-    """A fitted neuron graph with the estimator contract, on the feature's own scale."""
+    """A fitted neuron graph with the estimator contract, on the feature's own scale.
+
+    ``predict`` takes token ids (``[batch, pos]`` or one sequence) or, when the model knows its
+    tokenizer (models from :func:`n2g.fit_neuron`), text; ``score`` takes examples, or token ids and
+    true activations as plain arrays. ``print(model)`` lists the graph's paths; a notebook shows the
+    graph and the scores.
+    """
 
     def __init__(self, feature: Callable | None = None, config: DistillConfig | None = None, *,
                  scale: float = 1.0, sign: float = 1.0, substitutes: Callable | None = None,
-                 occlusion_token_id: int = 0, name: str = "feature"):
+                 occlusion_token_id: int = 0, name: str = "feature", encode: Callable[[str], list[int]] | None = None,
+                 token_strings: Callable[[list[int]], list[str]] | None = None):
         self.feature = feature
         self.config = config or preset("default")
         self.scale = scale
@@ -283,6 +290,8 @@ class NeuronModel:
         self.substitutes = substitutes
         self.occlusion_token_id = occlusion_token_id
         self.name = name
+        self.encode = encode
+        self.token_strings = token_strings
 
     def _evaluator(self) -> Normalised:
         if self.feature is None:
@@ -296,17 +305,122 @@ class NeuronModel:
         self.status_ = "fitted"
         return self
 
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "graph_"):
+            raise N2GError(f"{self.name} is not fitted yet; call fit(examples), or get a fitted model from "
+                           "n2g.fit_neuron(...) or n2g.distill(...)")
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the subject model's tokenizer (models from :func:`n2g.fit_neuron`)."""
+        if self.encode is None:
+            raise N2GError(f"{self.name} has no tokenizer, so it cannot read text; pass token ids "
+                           "(a list of ints or a [batch, pos] array), or fit it with n2g.fit_neuron(model, ...)")
+        return list(self.encode(text))
+
+    def _ids(self, token_ids) -> tuple[np.ndarray, bool]:
+        """``[batch, pos]`` int64 ids from text, one sequence or a batch; and whether the input was one sequence."""
+        if isinstance(token_ids, str):
+            ids = self.tokenize(token_ids)
+            if not ids:
+                raise N2GError("the text has no tokens; pass a non-empty string")
+            return np.asarray([ids], np.int64), True
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.detach().cpu().numpy()
+        if isinstance(token_ids, (list, tuple)) and token_ids and all(isinstance(t, str) for t in token_ids):
+            raise N2GError("pass one string at a time, or token ids; a list of strings is ambiguous")
+        try:
+            arr = np.asarray(token_ids)
+        except ValueError:
+            raise N2GError("token ids of different lengths; pad them into a [batch, pos] array with an "
+                           "attention_mask, or predict one sequence at a time") from None
+        if arr.dtype == object:
+            raise N2GError("token ids of different lengths; pad them into a [batch, pos] array with an "
+                           "attention_mask, or predict one sequence at a time")
+        if arr.size == 0:
+            raise N2GError("no tokens to predict on; pass text or a non-empty list of token ids")
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        if arr.dtype.kind not in "iu":
+            raise N2GError(f"token ids must be integers (got {arr.dtype}); pass text"
+                           + (" (this model has a tokenizer)" if self.encode else "") + " or integer token ids")
+        if arr.ndim not in (1, 2):
+            raise N2GError(f"token ids must be one sequence [pos] or a batch [batch, pos] (got shape {arr.shape})")
+        if (arr < 0).any():
+            raise N2GError("token ids must be non-negative; a negative id is not a token")
+        return (arr[None, :] if arr.ndim == 1 else arr).astype(np.int64), arr.ndim == 1
+
     def predict_normalised(self, token_ids, attention_mask=None) -> np.ndarray:
-        return predict_batch(self.graph_, token_ids, attention_mask)
+        """Predicted activations divided by the neuron's maximum (1.0 = its strongest excerpt)."""
+        self._check_fitted()
+        ids, single = self._ids(token_ids)
+        out = predict_batch(self.graph_, ids, attention_mask)
+        return out[0] if single else out
 
     def predict(self, token_ids, attention_mask=None) -> np.ndarray:
-        """Predicted activations ``[batch, pos]`` on the feature's scale (sign and maximum restored)."""
+        """Predicted activations on the feature's scale (sign and maximum restored).
+
+        ``token_ids``: text (when the model has a tokenizer), one sequence of ids (returns ``[pos]``)
+        or a ``[batch, pos]`` batch (returns ``[batch, pos]``).
+        """
         return (self.predict_normalised(token_ids, attention_mask) * self.scale * self.sign).astype(np.float32)
 
-    def score(self, examples: Sequence[Example]) -> Scores:
-        """Pooled-token scores on examples whose activations are normalised."""
-        preds = predict_sequences(self.graph_, [e.token_ids for e in examples])
-        return score_arrays([e.activations for e in examples], preds, self.config.fire_threshold)
+    def predict_tokens(self, text: str) -> list[tuple[str, float]]:
+        """``(token, predicted activation)`` for each token of ``text``, on the feature's scale."""
+        ids = self.tokenize(text)
+        values = self.predict(ids) if ids else []
+        names = self.token_strings(ids) if self.token_strings else [str(i) for i in ids]
+        return [(t, float(v)) for t, v in zip(names, values)]
+
+    def score(self, X, y=None) -> Scores:
+        """Pooled-token scores (firing precision/recall/F1, Pearson r, ...).
+
+        ``score(examples)``: examples whose activations are normalised (as ``examples_`` holds).
+        ``score(X, y)``: token ids (or text) and the true activations on the feature's own scale,
+        as plain arrays of the same shape (``[pos]`` or ``[batch, pos]``).
+        """
+        self._check_fitted()
+        if y is None:
+            if isinstance(X, Example):
+                X = [X]
+            if not (isinstance(X, (list, tuple)) and X and all(isinstance(e, Example) for e in X)):
+                raise N2GError("score(examples) needs a list of n2g.Example; for plain arrays call "
+                               "score(token_ids, true_activations)")
+            preds = predict_sequences(self.graph_, [e.token_ids for e in X])
+            return score_arrays([e.activations for e in X], preds, self.config.fire_threshold)
+        ids, single = self._ids(X)
+        true = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
+        true = true[None, :] if single and true.ndim == 1 else true
+        if true.shape != ids.shape:
+            raise N2GError(f"true activations have shape {true.shape} but the token ids {ids.shape}; "
+                           "pass one activation per token")
+        if not np.all(np.isfinite(true)):
+            raise N2GError("true activations contain NaN or infinite values; pass finite numbers")
+        norm = true * self.sign / self.scale
+        preds = predict_batch(self.graph_, ids)
+        return score_arrays(list(norm), list(preds), self.config.fire_threshold)
+
+    def __repr__(self) -> str:
+        status = getattr(self, "status_", "not fitted")
+        head = f"NeuronModel {self.name} ({status}"
+        scores = getattr(self, "scores_", None) or {}
+        if "n2g" in scores:
+            s = scores["n2g"]
+            base = scores.get("token_lookup")
+            f1 = "no firing test token" if s.f1 is None else f"{s.f1:.3f}"
+            head += f"; test firing F1 {f1}" + (f", token lookup {base.f1:.3f}" if base and base.f1 is not None else "")
+            head += f", Pearson r {s.pearson:.3f}" if s.pearson is not None else ""
+        head += f"; maximum activation {self.scale:.4g})"
+        if not hasattr(self, "graph_"):
+            return head
+        return head + "\n" + self.graph_.describe(limit=10)
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        """Notebook display: the rendered graph, the scores against the baselines, the top paths."""
+        from .notebook import model_html
+
+        return model_html(self)
 
 
 def _as_lists(excerpts) -> list[list[int]]:

@@ -22,13 +22,33 @@ LEGACY_TEMP_AGE = 600.0
 """Seconds after which a temporary without a writer's pid in its name counts as abandoned."""
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()
+"""Mode of every file n2g writes: what ``open()`` would give under the user's umask (read once, at import).
+
+``mkstemp`` makes its temporaries 0600 whatever the umask, which would leave every report, page and
+table of a run readable by its writer alone; a shared run directory or a web server needs the
+usual mode."""
+
+
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed.
+
+    The file ends up with the mode ``open()`` would give it under the user's umask (:data:`FILE_MODE`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -475,7 +475,7 @@ class NeuronGraph:
         graph = cls(**kwargs)
         index = {"root": 0}
         order = sorted((n for n in g.nodes if g.nodes[n]["kind"] not in ("root", "end")),
-                       key=lambda n: (g.nodes[n]["depth"], int(n)))
+                       key=lambda n: (g.nodes[n]["depth"], int(n) if str(n).isdigit() else -1, str(n)))
         for name in order:
             attrs = g.nodes[name]
             parents = list(g.predecessors(name))
@@ -532,6 +532,42 @@ class NeuronGraph:
                 return cls.from_dict(json.load(f))
         except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
             raise N2GError(f"cannot read graph {path}: {exc}; re-run n2g to regenerate it") from exc
+
+    def paths(self) -> list[dict]:
+        """Every path that ends in an END, strongest (END value x count) first; see :func:`n2g.render.graph_paths`."""
+        from .render import graph_paths
+
+        return graph_paths(self.to_networkx())
+
+    def describe(self, limit: int | None = 20) -> str:
+        """The graph as text: a header, then one line per path in reading order, strongest first.
+
+        ``␣in * [␣Paris]  0.92  x12`` reads: " Paris" one token after " in" is predicted 0.92 (of the
+        neuron's maximum), from 12 training paths. ``limit`` caps the lines (None: all).
+        """
+        from .render import path_text
+
+        paths = self.paths()
+        st = self.stats()
+        name = self.neuron.key if self.neuron else "graph"
+        head = (f"NeuronGraph {name}: {st['activator']} activating tokens, {st['context']} context, "
+                f"{st['wildcard']} wildcard nodes, {len(paths)} paths (fires at >= {self.fire_threshold:g})")
+        if not paths:
+            return head + "\n  (no paths: the graph predicts 0 everywhere)"
+        shown = paths if limit is None else paths[:limit]
+        texts = [path_text(p) for p in shown]
+        width = min(max(len(t) for t in texts), 60)
+        lines = [head, "  path in reading order, [activating token]; END value (normalised); training paths"]
+        lines += [f"  {t:<{width}}  {p['end']:.2f}  x{p['count']}" for t, p in zip(texts, shown)]
+        if len(paths) > len(shown):
+            lines.append(f"  ... {len(paths) - len(shown)} more paths (graph.describe(limit=None) lists all)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe(limit=None)
+
+    def __repr__(self) -> str:
+        return self.describe(limit=5)
 
     def _repr_svg_(self) -> str | None:  # notebooks show the graph inline (nothing without Graphviz)
         from .render import dot_available, svg_of

@@ -258,7 +258,8 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
 
             def save(job, fit, seconds, bar=bar):
                 nonlocal fitted
-                result = to_result(model, job.neuron, scans[job.neuron.layer].stats(job.neuron.index, job.neuron.sign), fit, seconds)
+                result = to_result(model, job.neuron, scans[job.neuron.layer].stats(job.neuron.index, job.neuron.sign), fit, seconds,
+                                   scan=scans[job.neuron.layer], excerpts=excerpts)
                 store.save(result, fit.graph)
                 fitted += 1
                 bar.update(1)
@@ -272,8 +273,11 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     return fitted
 
 
-def to_result(model, neuron: NeuronId, stats, fit, seconds: float) -> NeuronResult:
-    """A storable record of one fit, with display strings and output-weight effects filled in."""
+def to_result(model, neuron: NeuronId, stats, fit, seconds: float, scan=None, excerpts=None) -> NeuronResult:
+    """A storable record of one fit, with display strings and output-weight effects filled in.
+
+    With the layer's ``scan`` and the corpus ``excerpts``, the activation histogram and examples
+    from activation bands are added too (:mod:`n2g.profile`)."""
     for e in fit.examples:
         e.tokens = model.token_strings(e.token_ids)
     promoted, suppressed = model.output_effects(neuron.layer, neuron.index, k=10)
@@ -284,9 +288,14 @@ def to_result(model, neuron: NeuronId, stats, fit, seconds: float) -> NeuronResu
         fit.graph.neuron = neuron
         fit.graph.set_token_text(model.token_strings)
         graph_stats = fit.graph.stats()
-    return NeuronResult(neuron=neuron, status=fit.status if fit.graph is not None else "dead", stats=stats,
-                        scores=fit.scores, examples=fit.examples, promoted=promoted, suppressed=suppressed,
-                        graph_stats=graph_stats, seconds=seconds)
+    result = NeuronResult(neuron=neuron, status=fit.status if fit.graph is not None else "dead", stats=stats,
+                          scores=fit.scores, examples=fit.examples, promoted=promoted, suppressed=suppressed,
+                          graph_stats=graph_stats, seconds=seconds)
+    if scan is not None and excerpts is not None:
+        from .profile import attach_profile
+
+        attach_profile(result, scan, excerpts, fit.graph, model.token_strings)
+    return result
 
 
 def summary_table(results: list[NeuronResult]) -> str:

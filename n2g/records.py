@@ -190,6 +190,11 @@ class NeuronResult:
     """Node counts of the graph by kind, and its number of paths."""
     seconds: float = 0.0
     """Wall time spent fitting this neuron (shared batches are split evenly)."""
+    histogram: dict = field(default_factory=dict)
+    """Normalised activations of every stored token: ``edges``, ``counts``, ``n_tokens``, and ``bands``
+    (per band of an excerpt's maximum: ``lo``, ``hi``, ``n_excerpts``); see :mod:`n2g.profile`."""
+    band_examples: list[Example] = field(default_factory=list)
+    """Excerpts sampled from each activation band (``source`` is ``"band LO-HI"``, split ``"band"``)."""
 
     KIND = "n2g.neuron_result"
 
@@ -206,6 +211,8 @@ class NeuronResult:
             "suppressed": [[t, float(v)] for t, v in self.suppressed],
             "graph_stats": dict(self.graph_stats),
             "seconds": float(self.seconds),
+            "histogram": _clean(self.histogram),
+            "band_examples": [e.to_dict() for e in self.band_examples],
         }
 
     @classmethod
@@ -222,4 +229,6 @@ class NeuronResult:
             suppressed=[(t, float(v)) for t, v in d.get("suppressed", [])],
             graph_stats={k: int(v) for k, v in d.get("graph_stats", {}).items()},
             seconds=float(d.get("seconds", 0.0)),
+            histogram=d.get("histogram") or {},
+            band_examples=[Example.from_dict(e) for e in d.get("band_examples", [])],
         )

@@ -2,7 +2,10 @@
 
 The graph reads right to left: the activating token sits on the right, filled red by its
 activation, and the context that precedes it grows to the left, filled blue by importance;
-wildcards are dashed and labelled ``*`` (a wildcard run of 0..k tokens ``*{0-k}``); a node where a path ends has a heavy border. Token text
+wildcards are dashed and labelled ``*`` (a wildcard run of 0..k tokens ``*{0-k}``); a node where a path ends has a heavy border.
+Numbers are printed on the nodes (activation, importance, END value), the legend with both colour
+scales sits at the top, the strongest paths are drawn at the top, and a large graph is drawn as
+its strongest paths plus a ``+k more`` node. Whitespace is shown countably (``␣x4``, ``↵``). Token text
 comes from the corpus, so every label is an HTML-like label built from entity-escaped text and
 every node gets a generated id: nothing a token contains can break or inject into the DOT source,
 the SVG, or the HTML page the SVG is embedded in.
@@ -17,7 +20,6 @@ import math
 import os
 import shutil
 import subprocess
-from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -99,35 +101,47 @@ def _node_problem(G: nx.DiGraph) -> str | None:
 # token text
 
 
-def display_token(token: str | None, token_id: int | None = None) -> str:
-    """Visible, faithful text for a token: spaces at either end as ``·``, newline ``↵``, tab ``→``.
+_WS_MARK = {" ": "\u2423", "\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"}
+"""How whitespace is shown in labels: space ␣, newline ↵, tab →, carriage return ␍."""
 
-    Other control characters become ``\\xNN`` so they stay visible (and valid in XML).
+
+def _ws_run(ch: str, n: int) -> str:
+    """A run of ``n`` whitespace characters, countable: ``␣``, ``␣␣``, then ``␣x3``, ``␣x4`` ..."""
+    mark = _WS_MARK[ch]
+    return mark * n if n <= 2 else f"{mark}x{n}"
+
+
+def display_token(token: str | None, token_id: int | None = None) -> str:
+    """Visible, countable text for a token (a BPE piece shown as the text it stands for).
+
+    Spaces at either end become ``␣`` (a run of 3 or more ``␣x4``), as do runs of 2 or more
+    inside; newlines ``↵`` (``↵x3``), tabs ``→``. Other control characters become ``\\xNN`` so
+    they stay visible (and valid in XML). Long tokens are cut with ``…``.
     """
     if token is None:
         return "" if token_id is None else str(token_id)
-    stripped = token.strip(" ")
-    if stripped:
-        lead = len(token) - len(token.lstrip(" "))
-        trail = len(token) - len(token.rstrip(" "))
-        text = "·" * lead + stripped + "·" * trail
-    else:
-        text = "·" * len(token)
     out = []
-    for ch in text:
-        if ch == "\n":
-            out.append("↵")
-        elif ch == "\t":
-            out.append("→")
-        elif ch == "\r":
-            out.append("␍")
-        elif ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000 or ch in "\ufffe\uffff":
+    i, n = 0, len(token)
+    while i < n:
+        ch = token[i]
+        if ch in _WS_MARK:
+            j = i
+            while j < n and token[j] == ch:
+                j += 1
+            if ch == " " and j - i == 1 and 0 < i and j < n:
+                out.append(" ")  # one space between two words reads as a space
+            else:
+                out.append(_ws_run(ch, j - i))
+            i = j
+            continue
+        if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000 or ch in "\ufffe\uffff":
             out.append(f"\\x{ord(ch):02x}")
         else:
             out.append(ch)
+        i += 1
     text = "".join(out)
     if len(text) > MAX_LABEL_CHARS:
-        text = text[: MAX_LABEL_CHARS - 1] + "…"
+        text = text[: MAX_LABEL_CHARS - 1] + "\u2026"
     return text
 
 
@@ -170,81 +184,152 @@ def _num(value, default: float = 0.0) -> float:
     return v if v == v else default
 
 
-def _ordered_nodes(G: nx.DiGraph) -> list:
-    """Nodes in a stable breadth-first order from the root, strongest children first."""
-
-    def strength(n):
-        a = G.nodes[n]
-        return -_num(a.get("activation") if a.get("kind") == "activator" else a.get("importance"))
-
-    roots = [n for n in G.nodes if G.nodes[n].get("kind") == "root"] or (["root"] if "root" in G else [])
-    order: list = []
-    seen: set = set()
-    queue = deque(roots)
-    seen.update(queue)
-    while queue:
-        n = queue.popleft()
-        order.append(n)
-        for c in sorted(G.successors(n), key=lambda c: (strength(c), str(G.nodes[c].get("token", "")), str(c))):
-            if c not in seen:
-                seen.add(c)
-                queue.append(c)
-    order.extend(n for n in G.nodes if n not in seen)
-    return order
-
-
 def _dot_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _legend() -> list[str]:
-    return [
-        "  subgraph cluster_legend {",
-        '    label=<<B>legend</B>>; fontsize=10; color="#bbbbbb"; style=rounded;',
-        '    node [fontsize=10, width=0, height=0, margin="0.08,0.03"];',
-        f'    lg_act [label=<activating token>, fillcolor="{_mix(_RED, 0.8)}", fontcolor="white"];',
-        f'    lg_ctx [label=<context token>, fillcolor="{_mix(_BLUE, 0.6)}"];',
-        '    lg_any [label=<* any token>, style="dashed,rounded", fillcolor="white"];',
-        f'    lg_end [label=<path ends here>, penwidth=3, fillcolor="{_mix(_BLUE, 0.2)}"];',
-        "    lg_act -> lg_ctx -> lg_any -> lg_end [style=invis];",
-        "  }",
-    ]
+MAX_DRAWN_PATHS = 14
+"""A graph with more paths is drawn summarised: its strongest paths and a ``+k more`` node."""
 
 
-def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True) -> str:
+def graph_paths(G: nx.DiGraph) -> list[dict]:
+    """Every path of a graph that ends in an END, strongest first.
+
+    Each path is a dict: ``nodes`` (graph node ids, activator first, walking back through the
+    context), ``tokens`` (their display text; ``*`` for a wildcard), ``kinds``, ``end`` (the
+    normalised activation the END predicts), ``count`` (training paths that ended there) and
+    ``strength`` (``end x count``, how the drawing and the tables rank paths).
+    """
+    parent = {}
+    for u, v in G.edges:
+        parent.setdefault(v, u)
+    out = []
+    for n, a in G.nodes(data=True):
+        if a.get("kind") != "end":
+            continue
+        owner = parent.get(n)
+        chain = []
+        while owner is not None and G.nodes[owner].get("kind") not in ("root", None):
+            chain.append(owner)
+            owner = parent.get(owner)
+            if len(chain) > 10_000:  # a damaged graph with a cycle
+                break
+        if not chain:
+            continue
+        chain.reverse()  # activator first
+        end, count = _num(a.get("activation")), max(int(_num(a.get("count"), 1.0)), 1)
+        out.append({
+            "nodes": chain,
+            "tokens": [_node_text(G.nodes[c]) for c in chain],
+            "kinds": [G.nodes[c].get("kind", "context") for c in chain],
+            "end": end, "count": count, "strength": end * count,
+        })
+    out.sort(key=lambda p: (-p["strength"], -p["end"], len(p["nodes"]), p["tokens"]))
+    return out
+
+
+def _node_text(a: dict) -> str:
+    if a.get("kind") == "wildcard":
+        span = int(_num(a.get("run"), 0.0))
+        return "*" if span == 0 else f"*{{0-{span}}}"
+    return display_token(a.get("token"), a.get("token_id"))
+
+
+def path_text(path: dict) -> str:
+    """A path as text in reading order, the activator in brackets: ``␣in * [␣Paris]``."""
+    toks = list(reversed(path["tokens"]))
+    toks[-1] = f"[{toks[-1]}]"
+    return " ".join(toks)
+
+
+def _legend_label(title: str | None, summary: str | None) -> str:
+    """The graph's label: title, colour scales and key, drawn at the top of the image."""
+    stops = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def scale(rgb, lo, span, name):
+        white = ' COLOR="white"'
+        cells = "".join(
+            f'<TD BGCOLOR="{_mix(rgb, lo + span * t)}" WIDTH="26"><FONT POINT-SIZE="9"'
+            f'{white if lo + span * t > 0.6 else ""}>{t:g}</FONT></TD>' for t in stops)
+        return f'<TD ALIGN="RIGHT"><FONT POINT-SIZE="10">{name}</FONT></TD>{cells}'
+
+    rows = []
+    if title:
+        rows.append(f'<TR><TD COLSPAN="13" ALIGN="LEFT"><B>{html_label_text(display_token(title))}</B></TD></TR>')
+    rows.append("<TR>" + scale(_RED, 0.15, 0.85, "activating token: activation") + "<TD> </TD>"
+                + scale(_BLUE, 0.1, 0.8, "context token: importance") + "</TR>")
+    key = ("reads right to left: activating token on the right, the tokens before it to its left",
+           "* any one token \u00b7 heavy border: a path ends there, end = its predicted activation",
+           "activations are normalised to the neuron's maximum (1 = the strongest excerpt)")
+    key_text = "<BR ALIGN=\"LEFT\"/>".join(html_label_text(k) for k in key) + "<BR ALIGN=\"LEFT\"/>"
+    rows.append(f'<TR><TD COLSPAN="13" ALIGN="LEFT"><FONT POINT-SIZE="9" COLOR="#555555">{key_text}</FONT></TD></TR>')
+    if summary:
+        rows.append(f'<TR><TD COLSPAN="13" ALIGN="LEFT"><FONT POINT-SIZE="10">{html_label_text(summary)}</FONT></TD></TR>')
+    return '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="1" CELLPADDING="2">' + "".join(rows) + "</TABLE>>"
+
+
+def _value_line(text: str, white: bool) -> str:
+    """The node's numbers, small, on the token's line (one line per node keeps 15 paths on one screen)."""
+    colour = ' COLOR="white"' if white else ' COLOR="#333333"'
+    return f'<FONT POINT-SIZE="9"{colour}>&#160;{html_label_text(text)}</FONT>'
+
+
+def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
+           max_paths: int | None = MAX_DRAWN_PATHS) -> str:
     """Graphviz source for a neuron graph (see the module docstring for the look).
 
-    Node ids in the output are generated (``n0``, ``n1``, ...); every label is an HTML-like label
-    of entity-escaped text, so any corpus token is safe. ``end`` nodes and the root are not drawn;
-    a node with an ``end`` child gets ``penwidth=3``.
+    Strongest paths (END activation x count) are drawn at the top; every activator shows its
+    activation, every context token its importance, and a node where a path ends its END value.
+    A graph with more than ``max_paths`` paths is summarised: its ``max_paths`` strongest paths and
+    one ``+k more`` node (the viewer page lists every path in a table). Node ids in the output are
+    generated (``n0``, ``n1``, ...); every label is an HTML-like label of entity-escaped text, so any
+    corpus token is safe. ``end`` nodes and the root are not drawn.
     """
+    paths = graph_paths(G)
+    keep: set | None = None
+    summary = None
+    if max_paths is not None and len(paths) > max_paths:
+        shown = paths[:max_paths]
+        keep = {n for p in shown for n in p["nodes"]}
+        n_acts = sum(1 for n in G.nodes if G.nodes[n].get("kind") == "activator")
+        hidden_acts = n_acts - len({p["nodes"][0] for p in shown})
+        summary = (f"summary: the {max_paths} strongest of {len(paths)} paths ({n_acts} activating tokens); "
+                   "all are listed on the neuron page")
+        more = (f"+{len(paths) - max_paths} more paths" + (f" ({hidden_acts} more activating tokens)" if hidden_acts else ""))
+    rank = {}
+    for r, p in enumerate(paths):  # each node sorts by the strongest path through it
+        for n in p["nodes"]:
+            rank.setdefault(n, r)
     ids: dict = {}
     lines = [
         "digraph n2g {",
         "  rankdir=RL;",
-        '  graph [fontname="Helvetica", nodesep=0.15, ranksep=0.35, bgcolor="white"];',
+        '  graph [fontname="Helvetica", nodesep=0.1, ranksep=0.3, bgcolor="white", labelloc=t, labeljust=l];',
         '  node [shape=box, style="filled,rounded", fontname="Helvetica", fontsize=12, '
-        'penwidth=1, color="#555555", margin="0.08,0.04", height=0.3];',
+        'penwidth=1, color="#555555", margin="0.08,0.03", height=0.3];',
         '  edge [dir=back, color="#777777", arrowsize=0.6];',
     ]
-    if title:
-        lines.append(f"  labelloc=t; label=<<B>{html_label_text(display_token(title))}</B>>;")
     if legend:
-        lines.extend(_legend())
+        lines.append(f"  label={_legend_label(title, summary)};")
+    elif title:
+        lines.append(f"  label=<<B>{html_label_text(display_token(title))}</B>>;")
 
-    drawn = []
-    for n in _ordered_nodes(G):
-        kind = G.nodes[n].get("kind", "context")
-        if kind in ("root", "end"):
-            continue
+    order = sorted((n for n in G.nodes if G.nodes[n].get("kind") not in ("root", "end")),
+                   key=lambda n: (rank.get(n, len(paths)), int(_num(G.nodes[n].get("depth"))),
+                                  -_num(G.nodes[n].get("activation")), str(n)))
+    drawn = [n for n in order if keep is None or n in keep]
+    # rankdir=RL lays out the DOT order bottom to top: declare the weakest first so the strongest is on top
+    for n in drawn:
         ids[n] = f"n{len(ids)}"
-        drawn.append(n)
 
+    node_lines = []
     for n in drawn:
         a = G.nodes[n]
         kind = a.get("kind", "context")
         ends = [c for c in G.successors(n) if G.nodes[c].get("kind") == "end"]
+        best_end = max((_num(G.nodes[e].get("activation")) for e in ends), default=None)
         attrs: dict[str, str] = {}
+        white = False
         if kind == "wildcard":
             span = int(_num(a.get("run"), 0.0))
             label = "*" if span == 0 else html_label_text(f"*{{0-{span}}}")
@@ -252,38 +337,53 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True) -> str:
             attrs["fillcolor"] = '"white"'
             tip = (f"any token; importance {_num(a.get('importance')):.2f}" if span == 0
                    else f"any 0 to {span} tokens, then the token to its left")
+            value = ""
         elif kind == "activator":
             label = html_label_text(display_token(a.get("token"), a.get("token_id")))
             act = _num(a.get("activation"), 1.0)
             attrs["fillcolor"] = f'"{_mix(_RED, 0.15 + 0.85 * act)}"'
-            if act > 0.55:
+            white = act > 0.55
+            if white:
                 attrs["fontcolor"] = '"white"'
             tip = f"activating token id {a.get('token_id')}; activation {act:.2f}"
+            value = f"act {act:.2f}"
         else:
             label = html_label_text(display_token(a.get("token"), a.get("token_id")))
             imp = _num(a.get("importance"))
             attrs["fillcolor"] = f'"{_mix(_BLUE, 0.1 + 0.8 * imp)}"'
-            if imp > 0.7:
+            white = imp > 0.7
+            if white:
                 attrs["fontcolor"] = '"white"'
             tip = f"context token id {a.get('token_id')}, {int(_num(a.get('depth')))} before; importance {imp:.2f}"
+            value = f"imp {imp:.2f}"
         if ends:
             attrs["penwidth"] = "3"
-            best = max(_num(G.nodes[e].get("activation")) for e in ends)
-            tip += f"; path ends here, predicts {best:.2f}"
+            tip += f"; path ends here, predicts {best_end:.2f}"
+            if kind != "activator" or abs(best_end - _num(a.get("activation"), 1.0)) > 5e-3:
+                value = (value + " \u00b7 " if value else "") + f"end {best_end:.2f}"
         # tooltip text is built from numbers only, never from token text
         attrs["tooltip"] = _dot_quote(tip)
-        attrs["label"] = f"<{label}>" if label else '""'
+        attrs["label"] = f"<{label}{_value_line(value, white) if value else ''}>" if label else '""'
         attrs["class"] = f'"{kind}{" end" if ends else ""}"'
         body = ", ".join(f"{k}={v}" for k, v in attrs.items())
-        lines.append(f"  {ids[n]} [{body}];")
+        node_lines.append(f"  {ids[n]} [{body}];")
+    if summary:
+        node_lines.append(f'  more [label=<{html_label_text(more)}>, shape=note, style="filled", fillcolor="#f4f4f4", '
+                          'color="#999999", fontsize=11, class="more", tooltip="the full list is on the neuron page"];')
+    lines.extend(reversed(node_lines))  # see above: RL draws the last declared at the top
 
-    for u, v in G.edges:
-        if u in ids and v in ids:
-            lines.append(f"  {ids[u]} -> {ids[v]};")
+    edges = [(u, v) for u, v in G.edges if u in ids and v in ids]
+    edges.sort(key=lambda e: (ids[e[0]], ids[e[1]]))
+    for u, v in reversed(edges):
+        lines.append(f"  {ids[u]} -> {ids[v]};")
     # activators share the right-most rank
     acts = [ids[n] for n in drawn if G.nodes[n].get("kind") == "activator"]
     if acts:
-        lines.append("  { rank=same; " + "; ".join(acts) + "; }")
+        column = acts + (["more"] if summary else [])
+        lines.append("  { rank=same; " + "; ".join(column) + "; }")
+        # invisible edges down the activator column fix its order: strongest on top
+        for u, v in zip(column, column[1:]):
+            lines.append(f"  {u} -> {v} [style=invis];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,8 @@
 """The validation report of a run: how well each graph predicts its neuron, per layer, vs baselines.
 
 ``write_report`` reads every ``neurons/*/result.json`` and writes ``RUN/report.html`` (one
-self-contained file: inline CSS, matplotlib plots as base64 PNG, nothing from the network),
+self-contained file from the ``report.html`` jinja2 template, autoescaped: inline CSS, matplotlib
+plots as base64 PNG, nothing from the network),
 ``RUN/report.json`` and ``RUN/report.csv`` with the same numbers. Means are over the neurons of a
 layer; firing-class precision/recall/F1 leave out neurons with no firing test token (their F1 is
 undefined, never counted as perfect) and every mean skips undefined values (e.g. the precision of
@@ -14,7 +15,6 @@ from __future__ import annotations
 import base64
 import csv
 import errno
-import html
 import io
 import json
 import logging
@@ -234,97 +234,27 @@ td.l,th.l{text-align:left}tr.all td{font-weight:bold;background:#fafafa}
 .muted{color:#777;font-size:13px}.plots{display:flex;flex-wrap:wrap;gap:16px}
 .plots figure{margin:0}.plots img{max-width:560px;border:1px solid #eee}
 figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:1px 4px}
-.wide{overflow-x:auto;max-width:100%}
+.wide{overflow-x:auto;max-width:100%}.next{background:#f6f7fb;padding:8px 12px;border-left:4px solid #1f77b4}
 """
 
 
-def _esc(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _layer_table(rep: dict) -> str:
-    methods = rep["methods"]
-    head1 = ['<th class="l" rowspan="2">layer</th><th rowspan="2">neurons</th><th rowspan="2">dead</th>'
-             '<th rowspan="2">no firing<br>test token</th>']
-    head2 = []
-    groups = [("firing precision", "precision"), ("firing recall", "recall"), ("firing F1", "f1"),
-              ("non-firing precision", "nonfiring_precision"), ("non-firing recall", "nonfiring_recall"),
-              ("non-firing F1", "nonfiring_f1"), ("Pearson r", "pearson")]
-    for title, _ in groups:
-        head1.append(f'<th colspan="{len(methods)}">{_esc(title)}</th>')
-        head2.extend(f"<th>{_esc(METHOD_NAMES.get(m, m))}</th>" for m in methods)
-    body = []
-    for row in rep["layers"] + [rep["overall"]]:
-        cls = ' class="all"' if row["layer"] == "all" else ""
-        cells = [f'<td class="l">{_esc(row["layer"])}</td>', f"<td>{row['n_neurons']}</td>",
-                 f"<td>{row['n_dead']}</td>", f"<td>{row['n_no_firing_test_token']}</td>"]
-        for _, metric in groups:
-            cells.extend(f"<td>{fmt(row['methods'][m][metric])}</td>" for m in methods)
-        body.append(f"<tr{cls} data-layer=\"{_esc(row['layer'])}\">{''.join(cells)}</tr>")
-    return (
-        '<div class="wide"><table id="layer-table"><thead><tr>' + "".join(head1) + "</tr><tr>" + "".join(head2)
-        + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>"
-    )
-
-
-def _neuron_table(keys: list[str], by_key: dict, table_id: str) -> str:
-    rows = []
-    for k in keys:
-        n = by_key[k]
-        rows.append(
-            f'<tr><td class="l"><a href="{_esc(neuron_href(k))}">{_esc(k)}</a></td>'
-            f"<td>{fmt(n['n2g_f1'])}</td><td>{fmt(n['token_lookup_f1'])}</td><td>{fmt(n['ngram_f1'])}</td>"
-            f"<td>{fmt(n['pearson'])}</td><td>{fmt(n['firing_rate'], 4)}</td></tr>"
-        )
-    return (
-        f'<table id="{table_id}"><thead><tr><th class="l">neuron</th><th>N2G F1</th><th>token lookup F1</th>'
-        "<th>n-gram F1</th><th>N2G Pearson r</th><th>firing rate</th></tr></thead><tbody>"
-        + "".join(rows) + "</tbody></table>"
-    )
+GROUPS = (("firing precision", "precision"), ("firing recall", "recall"), ("firing F1", "f1"),
+          ("non-firing precision", "nonfiring_precision"), ("non-firing recall", "nonfiring_recall"),
+          ("non-firing F1", "nonfiring_f1"), ("Pearson r", "pearson"))
 
 
 def report_html(rep: dict, plots: list[tuple[str, str]]) -> str:
+    """The report page, from the ``report.html`` jinja2 template (autoescaped)."""
+    from n2g.pages import Markup, render_page
+
     run = rep.get("run", {})
-    model = run.get("model") or {}
-    corpus = run.get("corpus") or {}
-    part = run.get("partition") or {}
-    title = f"n2g validation report: {run.get('name') or 'run'}"
-    by_key = {n["key"]: n for n in rep["neurons"]}
-    o = rep["overall"]
-    parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'; base-uri 'none'\"><link rel=\"icon\" href=\"data:,\">",
-        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{_esc(title)}</h1>",
-        f'<p class="muted">model <code>{_esc(model.get("spec", "?"))}</code>'
-        + (f" ({_esc(model.get('architecture'))})" if model.get("architecture") else "")
-        + f" · corpus <code>{_esc(corpus.get('source', '?'))}</code>"
-        + (f" · partition {_esc(part.get('training_excerpts'))} training / {_esc(part.get('held_out_excerpts'))} held-out "
-           "excerpts (graph and lookups learn from training only)" if part else "")
-        + f" · {o['n_neurons']} neurons, {o['n_dead']} dead, {o['n_no_firing_test_token']} with no firing "
-        "test token (left out of the firing precision/recall/F1 means) · "
-        '<a href="viewer/index.html">browse neurons</a></p>',
-        "<h2>Per layer</h2>",
-        f'<p class="muted">Mean over the neurons of each layer, fire threshold {rep["fire_threshold"]} on the '
-        "normalised activation, scored on pooled real test tokens. Firing-class precision/recall/F1 leave out "
-        "neurons with no firing test token; every mean skips undefined values (e.g. the precision of a "
-        "predictor that never fires, shown —); dead neurons are counted but not scored. The row "
-        "<b>all</b> pools the neurons of every layer.</p>",
-        _layer_table(rep),
-        "<h2>Plots</h2><div class=\"plots\">",
-    ]
-    for caption, b64 in plots:
-        parts.append(f'<figure><img alt="{_esc(caption)}" src="data:image/png;base64,{b64}">'
-                     f"<figcaption>{_esc(caption)}</figcaption></figure>")
-    parts.append("</div>")
-    parts.append(f"<h2>Best {len(rep['best'])} neurons by N2G F1</h2>")
-    parts.append(_neuron_table(rep["best"], by_key, "best-table"))
-    parts.append(f"<h2>Worst {len(rep['worst'])} neurons by N2G F1</h2>")
-    parts.append(_neuron_table(rep["worst"], by_key, "worst-table"))
-    parts.append('<p class="muted">Machine-readable: <a href="report.json">report.json</a>, '
-                 '<a href="report.csv">report.csv</a>.</p></body></html>')
-    return "".join(parts)
+    return render_page(
+        "report.html", css=Markup(CSS), rep=rep, title=f"n2g validation report: {run.get('name') or 'run'}",
+        model=run.get("model") or {}, corpus=run.get("corpus") or {}, part=run.get("partition") or {},
+        run_name=run.get("name") or "RUN", o=rep["overall"], rows=rep["layers"] + [rep["overall"]],
+        methods=rep["methods"], method_names=METHOD_NAMES, groups=GROUPS, plots=plots,
+        by_key={n["key"]: n for n in rep["neurons"]}, href=neuron_href,
+    )
 
 
 def _csv(rep: dict) -> str:

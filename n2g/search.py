@@ -34,11 +34,21 @@ CREATE TABLE neurons (
     f1 REAL, pearson REAL, firing_rate REAL, max_activation REAL,
     token_lookup_f1 REAL, ngram_f1 REAL, score_status TEXT
 );
-CREATE TABLE tokens (token_id INTEGER, token TEXT, key TEXT, role TEXT, weight REAL);
+CREATE TABLE tokens (token_id INTEGER, token TEXT, key TEXT, role TEXT, weight REAL, folded TEXT);
 CREATE INDEX tokens_token ON tokens (token);
+CREATE INDEX tokens_folded ON tokens (folded);
 CREATE INDEX tokens_token_id ON tokens (token_id);
 CREATE INDEX tokens_key ON tokens (key);
 """
+
+
+INDEX_SCHEMA = "2"
+"""Schema of ``index.sqlite``; an index of another schema is rebuilt before it is searched."""
+
+
+def fold(text: str) -> str:
+    """How search compares tokens: surrounding whitespace dropped, case folded (`` Dictionary`` -> ``dictionary``)."""
+    return text.strip().casefold()
 
 
 def _number_or_none(v) -> bool:
@@ -63,7 +73,15 @@ def result_problem(r: NeuronResult) -> str | None:
         if not (all(map(_number_or_none, numbers)) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)
                 and isinstance(s.status, str)):
             return f"scores of {method!r} have a field of the wrong type"
-    for i, e in enumerate(r.examples):
+    h = r.histogram
+    if not isinstance(h, dict) or not (
+            all(isinstance(h.get(k, []), list) for k in ("edges", "counts", "bands"))
+            and all(is_finite_number(v) for v in h.get("edges", []))
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in h.get("counts", []))
+            and all(isinstance(b, dict) and is_finite_number(b.get("lo")) and is_finite_number(b.get("hi"))
+                    and isinstance(b.get("n_excerpts"), int) for b in h.get("bands", []))):
+        return "histogram has a field of the wrong type"
+    for i, e in enumerate(r.examples + r.band_examples):
         ok = (isinstance(e.token_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in e.token_ids)
               and isinstance(e.activations, list) and all(map(_number_or_none, e.activations))
               and (e.predicted is None or (isinstance(e.predicted, list) and all(map(_number_or_none, e.predicted))))
@@ -133,7 +151,7 @@ def build_index(run_dir: str | os.PathLike) -> Path:
         con = sqlite3.connect(tmp)
         try:
             con.executescript(_SCHEMA)
-            con.execute("INSERT INTO meta VALUES (?, ?)", ("schema_version", "1"))
+            con.execute("INSERT INTO meta VALUES (?, ?)", ("schema_version", INDEX_SCHEMA))
             n = 0
             for folder, r in iter_results(run_dir):
                 key = r.neuron.key
@@ -163,8 +181,8 @@ def build_index(run_dir: str | os.PathLike) -> Path:
                     if k not in best or weight > best[k][3]:
                         best[k] = (token_id, token, role, weight)
                 con.executemany(
-                    "INSERT INTO tokens VALUES (?,?,?,?,?)",
-                    [(tid, tok, key, role, w) for tid, tok, role, w in best.values()],
+                    "INSERT INTO tokens VALUES (?,?,?,?,?,?)",
+                    [(tid, tok, key, role, w, fold(tok)) for tid, tok, role, w in best.values()],
                 )
             con.commit()
         finally:
@@ -182,15 +200,36 @@ def _connect(run_dir: str | os.PathLike) -> sqlite3.Connection:
         build_index(run_dir)
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     con.row_factory = sqlite3.Row
+    try:
+        row = con.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError:
+        con.close()
+        raise  # damaged: the caller decides whether it can rebuild (the server does, once)
+    if row is None or row[0] != INDEX_SCHEMA:  # written by another n2g version: rebuild it once
+        con.close()
+        try:
+            build_index(run_dir)
+        except OSError as exc:
+            raise N2GError(f"the search index of {run_dir} was written by another n2g version and cannot be "
+                           f"rebuilt here ({exc.strerror or exc}); run `n2g report {run_dir} --out COPY`") from None
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con.row_factory = sqlite3.Row
     return con
 
 
-def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limit: int = 50) -> list[dict]:
-    """Neurons whose graphs contain ``token`` (exactly, or with one leading space), strongest first.
+MATCHES = ("exact", "case-insensitive", "prefix", "substring")
+"""How a hit matched the query, best first (see :func:`search`)."""
 
-    ``role`` is ``"activator"``, ``"context"`` or None for both. Each hit is a dict with key,
-    layer, index, sign, f1, token, token_id, role and weight (activation for activators,
-    importance for context tokens); one hit per neuron and role.
+
+def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limit: int = 50) -> list[dict]:
+    """Neurons whose graphs contain ``token``, best matches first, then strongest.
+
+    A graph token matches when it equals the query (with or without one leading space: ``exact``),
+    equals it ignoring case and surrounding whitespace (``case-insensitive``), starts with it
+    (``prefix``: ``dict`` finds `` dictionary``) or contains it (``substring``). ``role`` is
+    ``"activator"``, ``"context"`` or None for both. Each hit is a dict with key, layer, index, sign,
+    f1, token, token_id, role, weight (activation for activators, importance for context tokens)
+    and match; one hit per neuron and role (its best-matching, then strongest token).
     """
     if role in ("", "any", "all"):
         role = None
@@ -199,28 +238,49 @@ def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limi
     if not token:
         raise N2GError("empty search token; give the token text to look for, e.g. ' Paris' or 'Paris'")
     limit = max(1, min(int(limit), 10_000))
+    q = fold(token)
+    if not q:  # a whitespace token: only exact matches make sense
+        where, params = "(t.token = ? OR t.token = ?)", [token, " " + token]
+    else:
+        pattern = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where, params = "t.folded LIKE ? ESCAPE '\\'", ["%" + pattern + "%"]
     sql = (
-        "SELECT t.key, n.layer, n.idx, n.sign, n.f1, t.token, t.token_id, t.role, MAX(t.weight) AS weight "
-        "FROM tokens t JOIN neurons n ON n.key = t.key "
-        "WHERE (t.token = ? OR t.token = ?)"
+        "SELECT t.key, n.layer, n.idx, n.sign, n.f1, t.token, t.token_id, t.role, t.weight, t.folded "
+        "FROM tokens t JOIN neurons n ON n.key = t.key WHERE " + where
     )
-    params: list = [token, " " + token]
     if role is not None:
         sql += " AND t.role = ?"
         params.append(role)
-    sql += " GROUP BY t.key, t.role ORDER BY weight DESC, n.layer, n.idx, t.key LIMIT ?"
-    params.append(limit)
     con = _connect(run_dir)
     try:
         rows = con.execute(sql, params).fetchall()
     finally:
         con.close()
+    hits: dict[tuple[str, str], tuple] = {}
+    for r in rows:
+        tok, folded = r["token"], r["folded"] or ""
+        if tok in (token, " " + token):
+            kind = 0
+        elif folded == q:
+            kind = 1
+        elif folded.startswith(q):
+            kind = 2
+        elif q in folded:  # LIKE folds ASCII only; this is the exact test
+            kind = 3
+        else:
+            continue
+        rank = (kind, -(r["weight"] if r["weight"] is not None else float("-inf")))
+        k = (r["key"], r["role"])
+        if k not in hits or rank < hits[k][0]:
+            hits[k] = (rank, r)
+    ordered = sorted(hits.values(), key=lambda h: (h[0], h[1]["layer"], h[1]["idx"], h[1]["key"], h[1]["role"]))
     return [
         {
             "key": r["key"], "layer": r["layer"], "index": r["idx"], "sign": r["sign"], "f1": r["f1"],
             "token": r["token"], "token_id": r["token_id"], "role": r["role"], "weight": r["weight"],
+            "match": MATCHES[rank[0]],
         }
-        for r in rows
+        for rank, r in ordered[:limit]
     ]
 
 

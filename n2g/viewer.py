@@ -1,15 +1,19 @@
-"""Static viewer pages for a run, and a small local server that adds token search.
+"""Static viewer pages for a run, and a small local server that adds search and try-your-own-text.
 
 ``write_viewer`` writes ``RUN/viewer/index.html`` (neurons by layer, sortable, filterable, with a
-token search box) and one page per neuron under ``RUN/viewer/neurons/<key>.html``: the rendered
-graph, the train and test excerpts coloured by true activation and by the graph's prediction side
-by side, scores against the baselines, output tokens, quantiles and similar neurons. Links are
-relative, so the pages open from disk; only search needs ``serve``, which adds ``/api/search`` and
-``/api/similar`` on 127.0.0.1 and serves the run's pages and graphs: regular files of the types the
-pages link to, resolved inside the run directory (no symlink leads out, no listing, no dot files or
-temporaries), with a Content-Security-Policy header that allows no script but the index page's own. Corpus text only ever reaches a page
-through ``html.escape(..., quote=True)``; scripts are fixed text, allowed by a per-page CSP nonce,
-and read data from the DOM or the API, never from strings spliced into code.
+token search box) and one page per neuron under ``RUN/viewer/neurons/<key>.html``: a summary
+paragraph written from the graph, the held-out excerpts coloured by true activation and by the
+graph's prediction side by side, the rendered graph and every path, a try-your-own-text box, scores
+against the baselines, the activation histogram, examples from activation bands, output tokens and
+similar neurons. Links are relative, so the pages open from disk; ``serve`` adds ``/api/search``,
+``/api/similar`` and ``/api/predict`` (the graph's prediction on typed text, and the neuron's true
+activation when started with a model) and serves the run's pages and graphs: regular files of the
+types the pages link to, resolved inside the run directory (no symlink leads out, no listing, no
+dot files or temporaries), with a Content-Security-Policy header that allows no script but each
+page's own fixed one. Pages come from jinja2 templates with autoescaping (:mod:`n2g.pages`), so
+corpus text is escaped wherever it lands; scripts are fixed text, allowed by a per-page CSP nonce
+(and by hash when served), and read data from the DOM or the API, never from strings spliced
+into code.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
-import html
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -32,6 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from markupsafe import Markup
+
 from n2g.errors import N2GError
 from n2g.records import Example, NeuronResult
 from n2g.render import atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
@@ -41,23 +47,9 @@ from n2g.search import INDEX_NAME, build_index, search, similar
 log = logging.getLogger(__name__)
 
 
-def _esc(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def page_name(key: str) -> str:
     """File name of a neuron's page (keys are ``L5.N123[.neg]``; quoted anyway)."""
     return quote(key, safe="") + ".html"
-
-
-def _csp(nonce: str | None) -> str:
-    script = f"'nonce-{nonce}'" if nonce else "'none'"
-    return (
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        f"script-src {script}; style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
-        "base-uri 'none'; form-action 'none'\">"
-        '<link rel="icon" href="data:,">'
-    )
 
 
 CSS = """
@@ -77,6 +69,11 @@ pre.dot{font-size:12px;background:#f8f8f8;padding:8px;overflow:auto}
 table.excerpts td{text-align:left;width:46%}table.excerpts td.meta{width:8%;color:#666;font-size:12px}
 .cols{display:flex;flex-wrap:wrap;gap:24px}.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre}
 #search-msg{color:#a33;font-size:13px}form{margin:8px 0}input,select,button{font-size:14px}
+.summary{font-size:15px;background:#f6f7fb;padding:10px 14px;border-left:4px solid #d62728;max-width:1100px}
+code.tok,td.tok{font-family:ui-monospace,Menlo,Consolas,monospace;background:#eef;padding:0 3px;white-space:pre}
+details summary{cursor:pointer;font-size:14px;margin:6px 0}#paths{max-height:none}
+#try-out .try-row{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;margin:4px 0;line-height:1.7}
+#try-out span.fire{outline:1px solid #555}textarea{font-size:14px;max-width:100%}h3{font-size:1em;margin:14px 0 4px}
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -97,153 +94,154 @@ def _bg(v: float | None) -> str:
     return f"rgba(214,39,40,{a:.3f})" if v >= 0 else f"rgba(31,119,180,{a:.3f})"
 
 
-def _excerpt_line(ex: Example, values: list[float] | None, what: str, threshold: float) -> str:
+NEURON_JS = (Path(__file__).parent / "templates" / "neuron.js").read_text(encoding="utf-8")
+"""The neuron page's one script (try your own text): fixed text, allowed by hash and by the page's nonce."""
+
+
+def _token_cells(ex: Example, values: list[float] | None, what: str, threshold: float) -> list[dict] | None:
     if values is None:
-        return '<span class="muted">no prediction stored</span>'
+        return None
     out = []
     for i, tid in enumerate(ex.token_ids):
         tok = ex.tokens[i] if ex.tokens is not None and i < len(ex.tokens) else None
         v = values[i] if i < len(values) else None
         shown = display_token(tok, tid) if tok is not None else str(tid)
-        title = f"{shown}  {what} {fmt(v)}"
-        cls = ' class="fire"' if v is not None and v >= threshold else ""
-        out.append(f'<span{cls} style="background:{_bg(v)}" title="{_esc(title)}">{_esc(_tok_text(tok, tid))}</span>')
-    return "".join(out)
+        out.append({"text": _tok_text(tok, tid), "title": f"{shown}  {what} {fmt(v)}", "bg": _bg(v),
+                    "fire": v is not None and v >= threshold})
+    return out
 
 
-def _excerpts(result: NeuronResult, split: str, threshold: float) -> str:
-    exs = [e for e in result.examples if e.split == split]
-    if not exs:
-        return f'<p class="muted">no {split} excerpts stored</p>'
+def _excerpt_section(exs: list[Example], section_id: str, what: str, threshold: float, max_raw: float) -> dict:
     rows = []
     for e in exs:
-        meta = f"{e.source}" + (f"<br>excerpt {e.excerpt_index}" if e.excerpt_index is not None else "")
-        meta += f"<br>max {fmt(max(e.activations) if e.activations else None, 2)}"
-        rows.append(
-            f'<tr><td class="meta">{meta}</td><td class="ex">{_excerpt_line(e, e.activations, "true", threshold)}</td>'
-            f'<td class="ex">{_excerpt_line(e, e.predicted, "predicted", threshold)}</td></tr>'
-        )
-    return (
-        f'<table class="excerpts" id="{split}-excerpts"><thead><tr><th class="l"></th>'
-        '<th class="l">true activation</th><th class="l">graph prediction</th></tr></thead><tbody>'
-        + "".join(rows) + "</tbody></table>"
-    )
+        peak = max(e.activations) if e.activations else None
+        rows.append({"source": e.source, "excerpt": e.excerpt_index, "max": peak,
+                     "max_raw": None if peak is None else peak * max_raw,
+                     "true": _token_cells(e, e.activations, "true", threshold),
+                     "pred": _token_cells(e, e.predicted, "predicted", threshold)})
+    return {"id": section_id, "what": what, "rows": rows}
 
 
-def _scores_table(result: NeuronResult) -> str:
-    if not result.scores:
-        return '<p class="muted">not scored</p>'
-    methods = [m for m in METHODS if m in result.scores] + sorted(set(result.scores) - set(METHODS))
-    rows = []
-    for m in methods:
-        s = result.scores[m]
-        rows.append(
-            f'<tr><td class="l">{_esc(METHOD_NAMES.get(m, m))}</td><td>{fmt(s.precision)}</td><td>{fmt(s.recall)}</td>'
-            f"<td>{_esc(f1_text(s.f1, s.status))}</td><td>{fmt(s.nonfiring_precision)}</td>"
-            f"<td>{fmt(s.nonfiring_recall)}</td><td>{fmt(s.nonfiring_f1)}</td><td>{fmt(s.pearson)}</td>"
-            f"<td>{fmt(s.explained_variance)}</td><td>{s.n_tokens}</td><td>{s.n_firing}</td>"
-            f"<td>{s.n_predicted_firing}</td></tr>"
-        )
-    return (
-        '<table id="scores"><thead><tr><th class="l">method</th><th>precision</th><th>recall</th><th>F1</th>'
-        "<th>non-firing precision</th><th>non-firing recall</th><th>non-firing F1</th><th>Pearson r</th>"
-        "<th>explained variance</th><th>test tokens</th><th>firing</th><th>predicted firing</th></tr></thead>"
-        "<tbody>" + "".join(rows) + "</tbody></table>"
-    )
-
-
-def _token_list(items: list[tuple[str, float]], table_id: str) -> str:
-    if not items:
-        return '<p class="muted">none stored</p>'
-    rows = "".join(f'<tr><td class="l tok">{_esc(display_token(t))}</td><td>{fmt(v)}</td></tr>' for t, v in items)
-    return f'<table id="{table_id}"><thead><tr><th class="l">token</th><th>effect</th></tr></thead><tbody>{rows}</tbody></table>'
-
-
-def _graph_section(run_dir: Path, key: str) -> str:
+def _graph_context(run_dir: Path, key: str):
+    """(template dict, loaded graph or None) for the graph section of a neuron page."""
     folder = run_dir / "neurons" / key
     gjson = folder / "graph.json"
+    out = {"svg": None, "dot": None, "message": "", "links": []}
     if not gjson.exists():
-        return '<p class="muted">no graph (dead neurons have none)</p>'
-    svg_file = folder / "graph.svg"
+        out["message"] = "no graph (dead neurons have none)"
+        return out, None
     rel = "../../neurons/" + quote(key, safe="") + "/graph"
-    links = " · ".join(
-        f'<a href="{rel}.{f}">{f.upper()}</a>' for f in ("svg", "png", "dot", "json") if (folder / f"graph.{f}").exists()
-    )
+    out["links"] = [(f.upper(), f"{rel}.{f}") for f in ("svg", "png", "dot", "json") if (folder / f"graph.{f}").exists()]
     try:
+        G = load_graph_json(gjson)
+    except N2GError as e:
+        out["message"] = f"cannot draw the graph: {e}"
+        return out, None
+    try:
+        svg_file = folder / "graph.svg"
         if svg_file.exists():
             svg = svg_file.read_text(encoding="utf-8")
             svg = svg[svg.find("<svg"):] if "<svg" in svg else ""
         elif dot_available():
-            svg = svg_of(load_graph_json(gjson), title=key)
+            svg = svg_of(G, title=key)
         else:
             svg = ""
         if svg:
-            body = f'<div class="graph" id="graph">{svg}</div>'
+            out["svg"] = Markup(svg)  # Graphviz output of entity-escaped labels (see n2g.render)
         else:
-            dot = to_dot(load_graph_json(gjson), title=key)
-            body = ('<p class="muted">Graphviz is not installed, so here is the DOT source; install graphviz and '
-                    f'rerun <code>n2g report</code> to see it drawn.</p><pre class="dot" id="graph-dot">{_esc(dot)}</pre>')
+            out["dot"] = to_dot(G, title=key)
     except N2GError as e:
-        body = f'<p class="muted">cannot draw the graph: {_esc(e)}</p>'
-    return body + (f'<p class="muted">files: {links}</p>' if links else "")
+        out["message"] = f"cannot draw the graph: {e}"
+    return out, G
 
 
-def _similar_section(run_dir: Path, key: str) -> str:
+def _histogram(h: dict, threshold: float) -> dict | None:
+    """Geometry of the activation histogram (density on a log scale) for the page's inline SVG."""
+    edges, counts = h.get("edges") or [], h.get("counts") or []
+    n = sum(counts)
+    if len(edges) != len(counts) + 1 or not n:
+        return None
+    width, height, left, top, bottom = 640, 200, 52, 8, 30
+    plot_w, plot_h = width - left - 10, height - top - bottom
+    lo, hi = edges[0], edges[-1]
+    span = (hi - lo) or 1.0
+    dens = [c / n / max(edges[i + 1] - edges[i], 1e-12) for i, c in enumerate(counts)]
+    nz = [d for d in dens if d > 0]
+    dmin, dmax = math.floor(math.log10(min(nz))), math.ceil(math.log10(max(nz)))
+    if dmax == dmin:
+        dmax += 1
+    ypix = lambda d: top + plot_h * (1 - (math.log10(d) - dmin) / (dmax - dmin))
+    xpix = lambda v: left + plot_w * (v - lo) / span
+    bars = []
+    for i, (c, d) in enumerate(zip(counts, dens)):
+        if not c:
+            continue
+        x0, x1, y = xpix(edges[i]), xpix(edges[i + 1]), ypix(d)
+        fires = edges[i] >= threshold
+        bars.append({"x": round(x0, 2), "w": round(max(x1 - x0 - 1, 1), 2), "y": round(y, 2),
+                     "h": round(top + plot_h - y, 2), "fill": "#d62728" if fires else "#9aa7b5",
+                     "title": f"{edges[i]:.3f} to {edges[i + 1]:.3f}: {c} tokens (density {d:.3g})"})
+    ticks = sorted({round(v, 2) for v in (lo, 0.0, 0.5, 1.0, hi) if lo <= v <= hi})
+    return {"width": width, "height": height, "left": left, "top": top, "plot_w": plot_w, "plot_h": plot_h,
+            "bars": bars, "fire_x": round(xpix(threshold), 2), "n_tokens": h.get("n_tokens", n), "bins": len(counts),
+            "xticks": [{"x": round(xpix(v), 2), "label": f"{v:g}"} for v in ticks],
+            "yticks": [{"y": round(ypix(10.0 ** e), 2), "label": f"1e{e}"} for e in range(dmin, dmax + 1)]}
+
+
+FIRST_EXCERPTS = 4
+"""Held-out excerpts shown open at the top of a neuron page (the rest are in a collapsed list)."""
+
+
+def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, nonce: str | None = None) -> str:
+    """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``)."""
+    from n2g.explain import summary
+    from n2g.profile import band_label
+    from n2g.render import is_finite_number
+    from n2g.pages import render_page
+    from n2g.render import MAX_DRAWN_PATHS, graph_paths, path_text
+
+    n = result.neuron
+    key = n.key
+    st = result.stats
+    max_raw = st.max_activation
+    graph, G = _graph_context(run_dir, key)
+    paths = graph_paths(G) if G is not None else []
+    quantiles = [{"q": q, "raw": v, "norm": (v / max_raw if max_raw > 0 and v is not None else None)}
+                 for q, v in sorted(st.quantiles.items(), key=lambda kv: float(kv[0]) if _isnum(kv[0]) else 0.0)]
+    methods = [m for m in METHODS if m in result.scores] + sorted(set(result.scores) - set(METHODS))
+    scores = [{"name": METHOD_NAMES.get(m, m), "s": result.scores[m], "f1": f1_text(result.scores[m].f1, result.scores[m].status)}
+              for m in methods]
     try:
         sims = similar(run_dir, key, limit=10)
     except (N2GError, sqlite3.Error):
         sims = []
-    if not sims:
-        return '<p class="muted">no neuron shares a token with this graph</p>'
-    rows = "".join(
-        f'<tr><td class="l"><a href="{_esc(page_name(k))}">{_esc(k)}</a></td><td>{fmt(j)}</td></tr>' for k, j in sims
+    # the strongest held-out excerpts first; the rest (and the random ones) one click away
+    tests = sorted((e for e in result.examples if e.split == "test"),
+                   key=lambda e: (e.source != "top", -max(e.activations, default=0.0)))
+    bands = []
+    for b in (result.histogram or {}).get("bands", []):
+        q_lo, q_hi = b.get("q_lo"), b.get("q_hi")
+        if not (is_finite_number(q_lo) and is_finite_number(q_hi)):
+            continue  # bands of another n2g version
+        exs = [e for e in result.band_examples if e.source == f"band {q_lo:g}-{q_hi:g}"]
+        bands.append({"label": band_label(q_lo, q_hi), "lo": b["lo"], "hi": b["hi"], "n": b["n_excerpts"],
+                      "section": _excerpt_section(exs, f"band-{q_lo:g}", "excerpt of this band", threshold, max_raw)})
+    return render_page(
+        "neuron.html", css=Markup(CSS), script=Markup(NEURON_JS), nonce=nonce or secrets.token_urlsafe(16),
+        key=key, layer=n.layer, index=n.index, sign=n.sign.value,
+        status="dead: it never fires on the scanned corpus" if result.status == "dead" else result.status,
+        gstats=", ".join(f"{k} {int(v)}" for k, v in result.graph_stats.items()), seconds=result.seconds,
+        summary=summary(result, G, threshold), threshold=threshold, max_raw=max_raw,
+        test=_excerpt_section(tests[:FIRST_EXCERPTS], "test-excerpts", "test excerpts", threshold, max_raw),
+        test_more=_excerpt_section(tests[FIRST_EXCERPTS:], "test-excerpts-more", "more test excerpts", threshold, max_raw),
+        train=_excerpt_section([e for e in result.examples if e.split == "train"], "train-excerpts", "train excerpts",
+                               threshold, max_raw),
+        graph=graph, paths=[{**p, "text": path_text(p)} for p in paths], summarised=len(paths) > MAX_DRAWN_PATHS,
+        drawn=MAX_DRAWN_PATHS, scores=scores, firing_rate=st.firing_rate, n_sampled=st.n_sampled_tokens,
+        hist=_histogram(result.histogram or {}, threshold), quantiles=quantiles, bands=bands,
+        promoted=result.promoted, suppressed=result.suppressed,
+        similar=[(k, page_name(k), j) for k, j in sims],
     )
-    return f'<table id="similar"><thead><tr><th class="l">neuron</th><th>weighted Jaccard</th></tr></thead><tbody>{rows}</tbody></table>'
-
-
-def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5) -> str:
-    """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``)."""
-    n = result.neuron
-    key = n.key
-    st = result.stats
-    quant = "".join(
-        f"<tr><td class=\"l\">{_esc(q)}</td><td>{fmt(v, 4)}</td></tr>"
-        for q, v in sorted(st.quantiles.items(), key=lambda kv: float(kv[0]) if _isnum(kv[0]) else 0.0)
-    )
-    gstats = ", ".join(f"{_esc(k)} {int(v)}" for k, v in result.graph_stats.items())
-    status = "dead: it never fires on the scanned corpus" if result.status == "dead" else result.status
-    parts = [
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_csp(None)}',
-        f"<title>n2g neuron {_esc(key)}</title><style>{CSS}</style></head><body>",
-        '<nav><a href="../index.html">all neurons</a><a href="../../report.html">validation report</a></nav>',
-        f'<h1 id="neuron-key">Neuron {_esc(key)}</h1>',
-        f'<p class="muted">layer {n.layer} · index {n.index} · sign {_esc(n.sign.value)} · status {_esc(status)}'
-        + (f" · graph: {gstats}" if gstats else "") + (f" · fitted in {result.seconds:.1f} s" if result.seconds else "")
-        + "</p>",
-        "<h2>Graph</h2>",
-        '<p class="muted">Reads right to left: the activating token (red, by activation) on the right, the '
-        "context before it (blue, by importance) to its left, * = any one token, heavy border = a path ends "
-        "there.</p>",
-        _graph_section(run_dir, key),
-        "<h2>Scores on the test split</h2>",
-        _scores_table(result),
-        "<h2>Activation statistics</h2>",
-        f'<p>max activation {fmt(st.max_activation, 4)} · firing rate {fmt(st.firing_rate, 5)} '
-        f"(normalised activation ≥ {threshold}) · {st.n_sampled_tokens} sampled tokens</p>",
-        (f'<table id="quantiles"><thead><tr><th class="l">quantile</th><th>activation</th></tr></thead>'
-         f"<tbody>{quant}</tbody></table>" if quant else ""),
-        '<div class="cols"><div><h2>Promoted output tokens</h2>', _token_list(result.promoted, "promoted"),
-        "</div><div><h2>Suppressed output tokens</h2>", _token_list(result.suppressed, "suppressed"), "</div>",
-        "<div><h2>Similar neurons</h2>", _similar_section(run_dir, key), "</div></div>",
-        "<h2>Train excerpts</h2>",
-        '<p class="muted">Red = activation (normalised to the neuron maximum), blue = negative; outlined tokens '
-        "fire. Hover a token for its value.</p>",
-        _excerpts(result, "train", threshold),
-        "<h2>Test excerpts</h2>",
-        _excerpts(result, "test", threshold),
-        "</body></html>",
-    ]
-    return "".join(parts)
 
 
 def _isnum(s: str) -> bool:
@@ -307,8 +305,8 @@ INDEX_JS = r"""
     msg.textContent = "Token search needs the server: run `n2g serve RUN` and open the address it prints. " +
       "The filter box above works offline.";
   }
-  function shown(tok) {
-    return tok.replace(/^ +/, function (s) { return "\u00b7".repeat(s.length); })
+  function shown(tok) {  // as the pages show tokens: a space is \u2423, four spaces \u2423x4, a newline \u21b5
+    return tok.replace(/^ +| +$/g, function (s) { return s.length > 2 ? "\u2423x" + s.length : "\u2423".repeat(s.length); })
               .replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
   }
   function cell(tr, text) { var td = document.createElement("td"); td.textContent = text; tr.appendChild(td); return td; }
@@ -335,6 +333,7 @@ INDEX_JS = r"""
         cell(tr, h.role).className = "l";
         cell(tr, h.weight === null ? "\u2014" : h.weight.toFixed(3));
         cell(tr, h.f1 === null ? "\u2014" : h.f1.toFixed(3));
+        cell(tr, h.match || "").className = "l";
         body.appendChild(tr);
       });
       out.hidden = data.results.length === 0;
@@ -367,54 +366,21 @@ def _top_activators(run_dir: Path) -> dict[str, list[str]]:
 
 
 def index_page(run_dir: Path, results: list[NeuronResult], nonce: str) -> str:
+    """The viewer's index (every neuron, sortable and filterable, with token search), from its template."""
+    from n2g.pages import render_page
+
     acts = _top_activators(run_dir)
-    layers = sorted({r.neuron.layer for r in results})
     rows = []
     for r in results:
         n = neuron_row(r)
-        key = n["key"]
-        f1 = f1_text(n["n2g_f1"], n["score_status"]) if r.status != "dead" else "dead"
-        toks = " ".join(display_token(t) for t in acts.get(key, []))
-        rows.append(
-            f'<tr data-layer="{n["layer"]}"><td class="l" data-v="{_esc(key)}"><a href="neurons/{_esc(page_name(key))}">'
-            f"{_esc(key)}</a></td>"
-            f'<td data-v="{n["layer"]}">{n["layer"]}</td><td data-v="{n["index"]}">{n["index"]}</td>'
-            f'<td class="l" data-v="{_esc(n["sign"])}">{_esc(n["sign"])}</td>'
-            f'<td class="l" data-v="{_esc(n["status"])}">{_esc(n["status"])}</td>'
-            f'<td data-v="{_num_attr(n["n2g_f1"])}">{_esc(f1)}</td>'
-            f'<td data-v="{_num_attr(n["token_lookup_f1"])}">{fmt(n["token_lookup_f1"])}</td>'
-            f'<td data-v="{_num_attr(n["ngram_f1"])}">{fmt(n["ngram_f1"])}</td>'
-            f'<td data-v="{_num_attr(n["pearson"])}">{fmt(n["pearson"])}</td>'
-            f'<td data-v="{_num_attr(n["firing_rate"])}">{fmt(n["firing_rate"], 4)}</td>'
-            f'<td class="l tok" data-v="{_esc(toks)}">{_esc(toks)}</td></tr>'
-        )
-    options = "".join(f'<option value="{layer}">layer {layer}</option>' for layer in layers)
-    return "".join([
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{_csp(nonce)}',
-        f"<title>n2g neurons</title><style>{CSS}</style></head><body>",
-        '<nav><a href="../report.html">validation report</a></nav>',
-        f"<h1>Neurons ({len(results)})</h1>",
-        "<h2>Search by token</h2>",
-        '<form id="search-form"><input id="q" type="text" placeholder="token, e.g. Paris" size="30"> '
-        '<select id="role"><option value="">as activating or context token</option>'
-        '<option value="activator">as activating token</option><option value="context">as context token</option>'
-        '</select> <button type="submit">search</button></form>',
-        '<p id="search-msg"></p>',
-        '<table id="search-results" hidden><thead><tr><th class="l">neuron</th><th class="l">token</th>'
-        '<th class="l">role</th><th>weight</th><th>N2G F1</th></tr></thead><tbody></tbody></table>',
-        "<h2>Browse</h2>",
-        f'<p><select id="layer"><option value="">all layers</option>{options}</select> '
-        '<input id="filter" type="text" placeholder="filter rows (works offline)" size="30"> '
-        '<span class="muted">click a column header to sort</span></p>',
-        '<table id="neurons"><thead><tr><th class="l" data-sort="text">neuron</th><th data-sort="num">layer</th>'
-        '<th data-sort="num">index</th><th class="l" data-sort="text">sign</th><th class="l" data-sort="text">status</th>'
-        '<th data-sort="num">N2G F1</th><th data-sort="num">token lookup F1</th><th data-sort="num">n-gram F1</th>'
-        '<th data-sort="num">N2G Pearson r</th><th data-sort="num">firing rate</th>'
-        '<th class="l" data-sort="text">activating tokens</th></tr></thead><tbody>',
-        "".join(rows),
-        "</tbody></table>",
-        f'<script nonce="{nonce}">{INDEX_JS}</script></body></html>',
-    ])
+        rows.append({**n, "page": page_name(n["key"]),
+                     "f1": f1_text(n["n2g_f1"], n["score_status"]) if r.status != "dead" else "dead",
+                     "toks": " ".join(display_token(t) for t in acts.get(n["key"], [])),
+                     "v_f1": _num_attr(n["n2g_f1"]), "v_tok": _num_attr(n["token_lookup_f1"]),
+                     "v_ngram": _num_attr(n["ngram_f1"]), "v_pearson": _num_attr(n["pearson"]),
+                     "v_rate": _num_attr(n["firing_rate"])})
+    return render_page("index.html", css=Markup(CSS), script=Markup(INDEX_JS), nonce=nonce, rows=rows,
+                       layers=sorted({r.neuron.layer for r in results}))
 
 
 def write_viewer(run_dir: str | os.PathLike) -> Path:
@@ -453,6 +419,59 @@ _NO_SCRIPT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'
 # itself also carries a per-page nonce for when it is opened from disk. Both policies apply.
 _INDEX_JS_HASH = base64.b64encode(hashlib.sha256(INDEX_JS.encode("utf-8")).digest()).decode("ascii")
 _INDEX_CSP = _NO_SCRIPT_CSP + f"; script-src 'sha256-{_INDEX_JS_HASH}'; connect-src 'self'"
+_NEURON_JS_HASH = base64.b64encode(hashlib.sha256(NEURON_JS.encode("utf-8")).digest()).decode("ascii")
+_NEURON_CSP = _NO_SCRIPT_CSP + f"; script-src 'sha256-{_NEURON_JS_HASH}'; connect-src 'self'"
+MAX_TRY_CHARS = 2000
+"""Longest text ``/api/predict`` accepts (the page's text box holds as much)."""
+_UNKNOWN = -(2**31)
+"""Token id of text the run's vocabulary cannot split (matches no graph node)."""
+
+
+class RunVocabulary:
+    """A tokenizer made of the tokens a run's pages show, for serving without the model.
+
+    Every token id and text in the run's stored excerpts is known; text is split greedily, longest
+    known token first, so it reproduces the model's split for text made of familiar pieces. A
+    stretch no known token covers becomes one unknown token (predicted 0).
+    """
+
+    def __init__(self, run_dir: Path):
+        from n2g.search import iter_results
+
+        self.ids: dict[str, int] = {}
+        for _, r in iter_results(run_dir):
+            for e in r.examples + r.band_examples:
+                if e.tokens:
+                    for tid, tok in zip(e.token_ids, e.tokens):
+                        if tok:
+                            self.ids.setdefault(tok, int(tid))
+        self.longest = max(map(len, self.ids), default=0)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split(self, text: str) -> tuple[list[int], list[str]]:
+        ids, toks, i, unknown = [], [], 0, ""
+        while i < len(text):
+            for n in range(min(self.longest, len(text) - i), 0, -1):
+                tid = self.ids.get(text[i : i + n])
+                if tid is not None:
+                    break
+            else:
+                unknown += text[i]
+                i += 1
+                continue
+            if unknown:
+                ids.append(_UNKNOWN)
+                toks.append(unknown)
+                unknown = ""
+            ids.append(tid)
+            toks.append(text[i : i + n])
+            i += n
+        if unknown:
+            ids.append(_UNKNOWN)
+            toks.append(unknown)
+        return ids, toks
 _rebuild_lock = threading.Lock()
 
 
@@ -464,6 +483,13 @@ class _Refused(Exception):
         self.status = status
 
 
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def _hidden(name: str) -> bool:
     # dot files (the temporaries of atomic writes among them) and leftover temporaries are never served
     return name.startswith(".") or name.endswith(".tmp")
@@ -473,6 +499,10 @@ class _Handler(BaseHTTPRequestHandler):
     """Serves regular files of the run directory (whitelisted types, no listings) and the search API."""
 
     run_dir: Path  # resolved; set on the subclass made per server
+    subject = None  # the subject model (``serve --model``), or None
+    vocabulary: RunVocabulary | None = None  # built on the first prediction without a model
+    cache: dict  # neuron key -> ((mtimes), result, graph); per server
+    lock: threading.Lock  # one model call at a time; per server
     server_version = "n2g"
     _csp: str | None = None
 
@@ -570,6 +600,83 @@ class _Handler(BaseHTTPRequestHandler):
                     self.run_dir.name)
         return _NO_SCRIPT_CSP + (f"; script-src 'nonce-{m.group(1)}'; connect-src 'self'" if m else "")
 
+    def _neuron_csp(self, f) -> str:
+        """A neuron page's policy: its one script by hash (or the page's nonce if another version wrote it)."""
+        page = f.read().decode("utf-8", "replace")
+        f.seek(0)
+        if NEURON_JS in page:
+            return _NEURON_CSP
+        m = re.search(r'<script nonce="([A-Za-z0-9_-]+)">', page)
+        return _NO_SCRIPT_CSP + (f"; script-src 'nonce-{m.group(1)}'; connect-src 'self'" if m else "")
+
+    def _neuron(self, key: str):
+        """(result, graph or None) of a neuron of the run, cached until its files change."""
+        from n2g.graph import NeuronGraph
+        from n2g.records import NeuronId
+        from n2g.search import result_problem
+
+        if not re.fullmatch(r"L[0-9]{1,6}\.N[0-9]{1,9}(\.neg)?", key):
+            raise _Refused(404, f"no neuron {key[:40]!r}; keys look like L5.N123 or L5.N123.neg")
+        folder = self.run_dir / "neurons" / NeuronId.from_key(key).key
+        rpath, gpath = folder / "result.json", folder / "graph.json"
+        stamp = (_mtime(rpath), _mtime(gpath))
+        cached = self.cache.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        try:
+            result = NeuronResult.from_dict(json.loads(rpath.read_text(encoding="utf-8")))
+            if result_problem(result):
+                raise ValueError(result_problem(result))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise _Refused(404, f"no readable result for neuron {key} in this run") from None
+        graph = NeuronGraph.load(gpath) if gpath.exists() else None
+        self.cache[key] = (stamp, result, graph)
+        return result, graph
+
+    def _predict(self, query: str, head: bool) -> None:
+        """``/api/predict?key=K&text=T``: the graph's prediction per token, and the true activation with a model."""
+        import numpy as np
+
+        q = parse_qs(query, keep_blank_values=True)
+        key, text = q.get("key", [""])[0], q.get("text", [""])[0]
+        try:
+            if not text.strip():
+                raise _Refused(400, "no text given; type some text to predict on")
+            if len(text) > MAX_TRY_CHARS:
+                raise _Refused(400, f"the text is {len(text)} characters long; try at most {MAX_TRY_CHARS}")
+            result, graph = self._neuron(key)
+            model = self.subject
+            with self.lock:
+                if model is not None:
+                    ids = model.encode(text)[:512]
+                    toks = model.token_strings(ids)
+                    how = f"the model's tokenizer ({model.spec})"
+                else:
+                    if self.vocabulary is None:
+                        self.__class__.vocabulary = RunVocabulary(self.run_dir)
+                    ids, toks = self.vocabulary.split(text)
+                    how = (f"the run's own vocabulary ({len(self.vocabulary)} tokens seen in its excerpts; "
+                           "start the server with --model for the model's tokenizer)")
+                if not ids:
+                    raise _Refused(400, "the text has no tokens; type some text to predict on")
+                pred = graph.predict_sequence(ids) if graph is not None else np.zeros(len(ids), np.float32)
+                true = None
+                scale = result.stats.max_activation
+                if model is not None and scale > 0:
+                    import torch
+
+                    n = result.neuron
+                    model.check_neuron(n.layer, n.index)
+                    acts = model.activations(torch.tensor([ids]), None, [(n.layer, n.index)])[0, :, 0].float().cpu().numpy()
+                    true = [round(float(v), 4) for v in acts * (1.0 if n.sign.value == "positive" else -1.0) / scale]
+        except _Refused as e:
+            return self._json(e.status, {"error": str(e)}, head)
+        except N2GError as e:
+            return self._json(400, {"error": self._public(str(e))}, head)
+        return self._json(200, {"key": key, "tokens": toks, "token_ids": [None if i == _UNKNOWN else int(i) for i in ids],
+                                "predicted": [round(float(v), 4) for v in pred], "true": true, "tokenizer": how,
+                                "max_activation": result.stats.max_activation, "unit": "normalised activation"}, head)
+
     def _send_file(self, url_path: str, head: bool) -> None:
         real = self._file(url_path)
         try:
@@ -582,6 +689,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Refused(404, "not found")
             if real == self.run_dir / "viewer" / "index.html":
                 self._csp = self._index_csp(f)
+            elif real.parent == self.run_dir / "viewer" / "neurons" and real.suffix == ".html":
+                self._csp = self._neuron_csp(f)
             self.send_response(200)
             self.send_header("Content-Type", SERVED_TYPES[real.suffix.lower()])
             self.send_header("Content-Length", str(st.st_size))
@@ -601,6 +710,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Refused(302, "/viewer/index.html")
             if path in ("/api/search", "/api/similar"):
                 return self._api(path, url.query, head)
+            if path == "/api/predict":
+                return self._predict(url.query, head)
             return self._send_file(path, head)
         except UnicodeDecodeError:
             self.send_error(400, "the request path is not valid UTF-8")
@@ -645,13 +756,19 @@ def check_port(port) -> int:
     return value
 
 
-def make_server(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A ready (not yet serving) HTTP server for the run; port 0 picks a free port."""
+def make_server(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
+                model=None) -> ThreadingHTTPServer:
+    """A ready (not yet serving) HTTP server for the run; port 0 picks a free port.
+
+    With ``model`` (the run's subject model), try-your-own-text shows the neuron's true activation
+    beside the graph's prediction and splits text with the model's tokenizer.
+    """
     port = check_port(port)
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "viewer" / "index.html").exists():
         raise N2GError(f"no viewer in {run_dir}; run `n2g report {run_dir}` first")
-    handler = type("N2GHandler", (_Handler,), {"run_dir": run_dir})
+    handler = type("N2GHandler", (_Handler,), {"run_dir": run_dir, "subject": model, "vocabulary": None,
+                                               "cache": {}, "lock": threading.Lock()})
     try:
         server = _Server((host, port), handler)
     except OSError as e:
@@ -663,9 +780,9 @@ def make_server(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int =
     return server
 
 
-def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, model=None) -> None:
     """Serve the run's report, viewer and search API until interrupted (Ctrl-C)."""
-    server = make_server(run_dir, host, port)
+    server = make_server(run_dir, host, port, model=model)
     h, p = server.server_address[:2]
     log.info("serving %s at http://%s:%d/ (Ctrl-C to stop)", run_dir, h, p)
     try:

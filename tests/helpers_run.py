@@ -141,3 +141,64 @@ def make_run(root: Path) -> Path:
         graph_stats={"activator": 1, "context": 3, "paths": 2}, seconds=2.0,
     ), _graph([([(100, 1.0), (200, 0.85), (201, 0.77)], 1.0), ([(100, 1.0), (202, 0.9)], 0.8)]))
     return run
+
+
+def add_histogram(run: Path, key: str = "L0.N1") -> None:
+    """Give a neuron of the synthetic run an activation histogram and band examples (as a fit stores them)."""
+    path = run / "neurons" / key / "result.json"
+    d = json.loads(path.read_text())
+    d["histogram"] = {
+        "edges": [round(-0.2 + 0.1 * k, 6) for k in range(13)],  # -0.2 .. 1.0, 12 bins
+        "counts": [5, 30, 900, 40, 10, 6, 4, 2, 1, 1, 0, 1],
+        "n_tokens": 1000, "unit": "normalised activation (activation / neuron maximum)",
+        "bands": [{"q_lo": 0.99, "q_hi": 1.0, "lo": 0.9, "hi": 1.0, "n_excerpts": 1},
+                  {"q_lo": 0.9, "q_hi": 0.99, "lo": 0.4, "hi": 0.85, "n_excerpts": 9},
+                  {"q_lo": 0.5, "q_hi": 0.9, "lo": 0.05, "hi": 0.35, "n_excerpts": 40},
+                  {"q_lo": 0.0, "q_hi": 0.5, "lo": -0.1, "hi": 0.05, "n_excerpts": 50}],
+    }
+    d["band_examples"] = [
+        _example([104, 102, 100], [0.0, 0.1, 0.6], [0.0, 0.0, 0.9], "band", source="band 0.9-0.99").to_dict(),
+        _example([104, 106, 105], [0.05, 0.1, 0.0], [0.0, 0.0, 0.0], "band", source="band 0-0.5").to_dict(),
+    ]
+    path.write_text(json.dumps(d))
+
+
+def add_large_neuron(run: Path, key_index: int = 5, n_act: int = 90) -> NeuronId:
+    """A layer-1 neuron whose graph has ``n_act`` activating tokens (a large graph, drawn summarised).
+
+    Its scores (F1 0.65, Pearson 0.4333) leave every mean of the report unchanged. The strongest
+    path is the token ``" strongest"`` (END 1.0, count 9).
+    """
+    neuron = NeuronId(1, key_index)
+    G = nx.DiGraph()
+    G.add_node("root", kind="root", token_id=None, token="", depth=None, importance=0.0, activation=0.0, count=0)
+    for i in range(n_act):
+        tid = 300 + i
+        strongest = i == n_act // 2
+        act = 1.0 if strongest else round(0.5 + 0.45 * ((i * 37) % n_act) / n_act, 4)
+        count = 9 if strongest else 1 + i % 3
+        a = f"a{i}"
+        G.add_node(a, kind="activator", token_id=tid, token=" strongest" if strongest else f" word{i}", depth=0,
+                   importance=1.0, activation=act, count=count)
+        G.add_node(f"{a}/END", kind="end", token_id=None, token="", depth=None, importance=0.0, activation=act, count=count)
+        G.add_edges_from([("root", a), (a, f"{a}/END")])
+        if i % 4 == 0 and not strongest:
+            G.add_node(f"c{i}", kind="context", token_id=101, token=" in", depth=1, importance=0.9, activation=act, count=1)
+            G.add_node(f"c{i}/END", kind="end", token_id=None, token="", depth=None, importance=0.0, activation=0.1, count=1)
+            G.add_edges_from([(a, f"c{i}"), (f"c{i}", f"c{i}/END")])
+    result = NeuronResult(
+        neuron=neuron, status="fitted",
+        stats=NeuronStats(max_activation=4.0, quantiles={"0.5": 0.02, "0.99": 1.0}, firing_rate=0.08, n_sampled_tokens=1000),
+        scores={"n2g": scores(0.6, 0.7, 0.65, 0.9, 0.9, 0.4333333), "token_lookup": scores(0.5, 0.5, 0.5, 0.8, 0.8, 0.3),
+                "ngram": scores(0.5, 0.5, 0.5, 0.8, 0.8, 0.3), "zero": scores(None, 0.0, 0.0, 0.9, 0.95, None)},
+        examples=[_example([104, 101, 100, 106], [0.0, 0.1, 0.7, 0.0], [0.0, 0.0, 0.7, 0.0], "test")],
+        graph_stats={"activator": n_act, "context": n_act // 4, "paths": G.number_of_nodes()}, seconds=3.0,
+    )
+    d = run / "neurons" / neuron.key
+    d.mkdir()
+    (d / "result.json").write_text(json.dumps(result.to_dict()))
+    (d / "graph.json").write_text(json.dumps({
+        "kind": "n2g.graph", "schema_version": 1, "neuron": neuron.to_dict(), "fire_threshold": 0.5,
+        "graph": nx.node_link_data(G, edges="edges"),
+    }))
+    return neuron

@@ -162,22 +162,23 @@ def test_server_lists_no_directory_and_serves_only_page_types(run):
 # item 3: security headers; a script planted in an SVG cannot run through the server
 
 
-def test_every_response_forbids_scripts_except_the_index_pages_own(run):
+def test_every_response_forbids_scripts_except_the_pages_own(run):
     svg = run / "neurons" / "L0.N1" / "graph.svg"
     svg.write_text(svg.read_text().replace("</svg>", "<script>alert(document.domain)</script></svg>"))
     with serving(run) as port:
-        for path in ("/neurons/L0.N1/graph.svg", "/report.html", "/viewer/neurons/L0.N1.html", "/run.json",
-                     "/nothing-here.html", "/api/search?token=Paris"):
+        for path in ("/neurons/L0.N1/graph.svg", "/report.html", "/run.json",
+                     "/nothing-here.html", "/api/search?token=Paris", "/api/predict?key=L0.N1&text=x"):
             _, headers, _ = get(port, path)
             assert headers["X-Content-Type-Options"] == "nosniff", path
             csp = headers["Content-Security-Policy"]
             assert "default-src 'none'" in csp and "script-src" not in csp, (path, csp)
-        _, headers, body = get(port, "/viewer/index.html")
-    csp = headers["Content-Security-Policy"]
-    (script,) = re.findall(rb"<script nonce=\"[^\"]+\">(.*?)</script>", body, re.S)
-    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
-    assert f"script-src 'sha256-{digest}'" in csp  # exactly the page's own script, nothing else
-    assert "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]
+        pages = [get(port, p) for p in ("/viewer/index.html", "/viewer/neurons/L0.N1.html")]
+    for _, headers, body in pages:  # the index (search) and neuron pages (try your own text) run one fixed script
+        csp = headers["Content-Security-Policy"]
+        (script,) = re.findall(rb"<script nonce=\"[^\"]+\">(.*?)</script>", body, re.S)
+        digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+        assert f"script-src 'sha256-{digest}'" in csp  # exactly the page's own script, nothing else
+        assert "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,16 +654,24 @@ def test_hostile_corpus_reaches_every_output_as_text(tmp_path):
 
         def handle_starttag(self, tag, attrs):
             self.scripts += tag == "script"
+            self.nonces = getattr(self, "nonces", []) + [dict(attrs).get("nonce")] * (tag == "script")
             self.handlers += [k for k, v in attrs if k.startswith("on")
                               or (k in ("href", "src", "action", "xlink:href") and "javascript:" in (v or ""))]
 
         def handle_data(self, data):
             self.text.append(data)
 
+    from n2g.viewer import NEURON_JS
+
     for page in [*(out / "viewer" / "neurons").glob("*.html"), out / "report.html"]:
         p = Tags()
-        p.feed(page.read_text())
-        assert p.scripts == 0 and not p.handlers, page
+        raw = page.read_text()
+        p.feed(raw)
+        assert not p.handlers, page
+        if page.name == "report.html":
+            assert p.scripts == 0
+        else:  # a neuron page runs only its fixed try-your-own-text script, by nonce
+            assert p.scripts == 1 and raw.count(NEURON_JS) == 1 and p.nonces[0] and f"'nonce-{p.nonces[0]}'" in raw, page
     if shutil.which("dot"):
         assert any("<script>" in t or "digraph" in t or "evil" in t for t in shown)  # hostile tokens drawn as text
     index = Tags()

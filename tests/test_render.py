@@ -54,9 +54,14 @@ def node_lines(dot: str) -> dict[str, str]:
     return {m.group(1): m.group(0) for m in re.finditer(r"^\s+(n\d+) \[(.*)\];$", dot, re.M)}
 
 
-def test_display_token_makes_whitespace_visible():
-    assert R.display_token(" the") == "·the"
+def test_display_token_makes_whitespace_visible_and_countable():
+    assert R.display_token(" the") == "␣the"
     assert R.display_token("\n") == "↵"
+    assert R.display_token("\n\n\n") == "↵x3"
+    assert R.display_token("    ") == "␣x4"
+    assert R.display_token("  x") == "␣␣x"
+    assert R.display_token("a b") == "a b"  # one space between words stays a space
+    assert R.display_token("a   b ") == "a␣x3b␣"
     assert R.display_token("\t") == "→"
     assert R.display_token("a\x00b") == "a\\x00b"
     assert R.display_token(None, 42) == "42"
@@ -66,7 +71,7 @@ def test_dot_look_and_attributes():
     G = hostile_graph()
     dot = R.to_dot(G, title="L1.N2")
     assert "rankdir=RL" in dot
-    assert "cluster_legend" in dot
+    assert "labelloc=t" in dot and "activating token: activation" in dot, "legend with colour scales at the top"
     nodes = node_lines(dot)
     # root and end nodes are not drawn: 1 activator + 9 hostile context + wildcard + " the"
     assert len(nodes) == 1 + len(HOSTILE) - 1 + 2
@@ -85,13 +90,16 @@ def test_dot_look_and_attributes():
     (wild,) = by_class["wildcard"]
     assert "dashed" in wild and "label=<*>" in wild
     (last,) = by_class["context end"]
-    assert "penwidth=3" in last and "·the" in last
+    assert "penwidth=3" in last and "␣the" in last
+    assert "imp 0.40 · end 0.60" in last, "importance and END value printed on the node"
+    assert "act 0.90" in act, "activation printed on the activator"
     # no raw special character from the corpus reaches the DOT source
     for line in nodes.values():
         label = re.search(r"label=<(.*)>, class=", line).group(1)
+        label = re.sub(r'<FONT POINT-SIZE="9" COLOR="[#a-z0-9]+">&#160;([^<]*)</FONT>$', r"\1", label)
         assert not set(label) & set('<>"{}|[]\\'), label
     assert "<script>" not in dot and "evil [" not in dot
-    assert dot.count("{") == dot.count("}") == 3  # graph, legend cluster, rank=same
+    assert dot.count("{") == dot.count("}") == 2  # graph, rank=same
 
 
 def test_activator_intensity_follows_activation():
@@ -165,3 +173,73 @@ def test_load_graph_json_roundtrip(tmp_path):
         R.load_graph_json(p)
     with pytest.raises(N2GError, match="does not exist"):
         R.load_graph_json(tmp_path / "missing.json")
+
+
+def large_graph(n_act: int = 90) -> nx.DiGraph:
+    """``n_act`` activators with known strengths; every third has a context token before it."""
+    G = nx.DiGraph()
+    G.add_node("root", kind="root", token="", token_id=None, depth=-1)
+    for i in range(n_act):
+        act = round(0.2 + 0.8 * ((i * 37) % n_act) / n_act, 4)  # a shuffled spread of strengths
+        a = f"a{i}"
+        G.add_node(a, kind="activator", token=f" tok{i}", token_id=i, depth=0, importance=1.0, activation=act, count=1)
+        G.add_node(f"{a}.end", kind="end", activation=act, count=1)
+        G.add_edges_from([("root", a), (a, f"{a}.end")])
+        if i % 3 == 0:
+            G.add_node(f"c{i}", kind="context", token=" in", token_id=1000 + i, depth=1, importance=0.9, count=1)
+            G.add_node(f"c{i}.end", kind="end", activation=act, count=1)
+            G.add_edges_from([(a, f"c{i}"), (f"c{i}", f"c{i}.end")])
+    return G
+
+
+def test_graph_paths_rank_by_activation_times_count():
+    G = large_graph(10)
+    G.nodes["a3.end"]["count"] = 5  # a weaker END seen five times outranks every single-count path
+    paths = R.graph_paths(G)
+    assert len(paths) == 10 + 4
+    assert paths[0]["nodes"] == ["a3"] and paths[0]["strength"] == pytest.approx(5 * G.nodes["a3"]["activation"])
+    strengths = [p["strength"] for p in paths]
+    assert strengths == sorted(strengths, reverse=True)
+    ctx = next(p for p in paths if p["nodes"] == ["a0", "c0"])
+    assert ctx["tokens"] == ["␣tok0", "␣in"] and R.path_text(ctx) == "␣in [␣tok0]"
+
+
+def _plain_positions(dot: str) -> tuple[float, dict[str, tuple[float, float]]]:
+    out = subprocess.run(["dot", "-Tplain"], input=dot.encode(), capture_output=True, check=True).stdout.decode()
+    height, pos = 0.0, {}
+    for line in out.splitlines():
+        f = line.split()
+        if f[0] == "graph":
+            height = float(f[3])
+        elif f[0] == "node":
+            pos[f[1]] = (float(f[2]), float(f[3]))
+    return height, pos
+
+
+@needs_dot
+def test_large_graph_is_summarised_strongest_on_top_and_fits_one_screen():
+    G = large_graph(90)
+    dot = R.to_dot(G, title="L5.N1")
+    nodes = node_lines(dot)
+    drawn_acts = [line for line in nodes.values() if 'class="activator' in line]
+    assert len(drawn_acts) <= R.MAX_DRAWN_PATHS
+    assert "+106 more paths" in dot and "(79 more activating tokens)" in dot  # 120 paths, 14 drawn on 11 tokens
+    assert "summary: the 14 strongest of 120 paths (90 activating tokens)" in dot
+    height, pos = _plain_positions(dot)
+    assert height * 96 < 720, f"{height * 96:.0f} px tall: does not fit one screen (80 % of a 900 px window)"
+    strongest = R.graph_paths(G)[0]
+    tok = G.nodes[strongest["nodes"][0]]["token_id"]
+    top = next(n for n, line in nodes.items() if f"token id {tok};" in line)
+    act_ys = {n: pos[n][1] for n, line in nodes.items() if 'class="activator' in line}
+    assert act_ys[top] == max(act_ys.values()), "the strongest path's activator is at the top"
+    # activators are stacked in order of strength, top to bottom
+    order = sorted(act_ys, key=lambda n: -act_ys[n])
+    acts = [float(re.search(r"activation ([0-9.]+)", nodes[n]).group(1)) for n in order]
+    assert acts == sorted(acts, reverse=True)
+    assert pos["more"][1] < min(act_ys.values()), "the +k more node is at the bottom"
+
+
+def test_small_graph_is_drawn_whole():
+    dot = R.to_dot(large_graph(6))
+    assert "more paths" not in dot and "summary:" not in dot
+    assert sum('class="activator' in line for line in node_lines(dot).values()) == 6

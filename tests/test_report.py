@@ -94,8 +94,12 @@ def test_search(run):
     hits = search(run, "Paris")
     assert [h["key"] for h in hits] == ["L1.N4.neg", "L0.N1", "L0.N2"]  # " Paris" 1.0, 0.9; "Paris" 0.5
     assert hits[0]["token"] == " Paris" and hits[2]["token"] == "Paris"
-    assert [h["key"] for h in search(run, " Paris")] == ["L1.N4.neg", "L0.N1"]
-    assert [h["key"] for h in search(run, "in", role="context")] == ["L0.N2", "L0.N1"]
+    # " Paris" matches " Paris" exactly and "Paris" ignoring case and spaces, exact first
+    assert [(h["key"], h["match"]) for h in search(run, " Paris")] == [
+        ("L1.N4.neg", "exact"), ("L0.N1", "exact"), ("L0.N2", "case-insensitive")]
+    # " in" exactly, then "'single'" which contains "in"
+    assert [(h["key"], h["match"]) for h in search(run, "in", role="context")] == [
+        ("L0.N2", "exact"), ("L0.N1", "exact"), ("L1.N4.neg", "substring")]
     assert search(run, "in", role="activator") == []
     assert [h["key"] for h in search(run, "<script>alert(1)</script>")] == ["L1.N4.neg"]
     assert search(run, "' OR 1=1 --") == []

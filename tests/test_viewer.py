@@ -12,15 +12,17 @@ from html.parser import HTMLParser
 
 import pytest
 
-from helpers_run import QUOTED, SCRIPT, SPECIALS, make_run
+from helpers_run import QUOTED, SCRIPT, SPECIALS, add_histogram, add_large_neuron, make_run
 from n2g.errors import N2GError
 from n2g.report import METHOD_NAMES, build_all
-from n2g.viewer import make_server
+from n2g.viewer import NEURON_JS, make_server
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("viewer"))
+    add_histogram(run)
+    add_large_neuron(run)
     build_all(run)
     return run
 
@@ -56,19 +58,28 @@ def test_pages_exist(run):
         assert (run / "viewer" / "neurons" / f"{key}.html").exists()
 
 
+def scripts(raw: str) -> list[tuple[str, str]]:
+    return re.findall(r'<script nonce="([^"]+)">(.*?)</script>', raw, re.S)
+
+
 def test_neuron_page_escapes_corpus_text(run):
     page_path = run / "viewer" / "neurons" / "L1.N4.neg.html"
     raw = page_path.read_text()
     assert "<script>alert" not in raw and "<b>x</b>" not in raw
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in raw
     p = parse(page_path)
-    assert not any(tag == "script" for tag, _ in p.tags)
+    # the one script is the fixed try-your-own-text script, allowed by the page's nonce
+    assert sum(tag == "script" for tag, _ in p.tags) == 1
+    ((nonce, body),) = scripts(raw)
+    assert body == NEURON_JS and f"script-src 'nonce-{nonce}'" in raw
     assert not any(k.startswith("on") for _, a in p.tags for k in a)
     text = "".join(p.text)
     assert SCRIPT in text and QUOTED in text and SPECIALS in text  # shown literally
     assert any(SCRIPT in t for t in p.titles)  # hover titles keep the text too
     assert "<svg" in raw  # graph inline
     assert "Similar neurons" in text and 'href="L0.N1.html"' in raw
+    summary = raw[raw.index('<p id="summary"'):raw.index("</p>", raw.index('<p id="summary"'))]
+    assert "&lt;script&gt;" in summary and "<script" not in summary, "the summary escapes token text"
 
 
 def test_neuron_page_contents(run):
@@ -76,18 +87,61 @@ def test_neuron_page_contents(run):
     p = parse(run / "viewer" / "neurons" / "L0.N1.html")
     text = "".join(p.text)
     assert 'id="train-excerpts"' in raw and 'id="test-excerpts"' in raw
-    assert "true activation" in text and "graph prediction" in text
+    assert "true activation (normalised)" in text and "graph prediction (normalised)" in text
     # per-token colouring with the value in the title
-    assert 'style="background:rgba(214,39,40,1.000)" title="·Paris  true 1.000"' in raw
-    assert 'title="·Paris  predicted 0.700"' in raw
+    assert 'style="background:rgba(214,39,40,1.000)" title="␣Paris  true 1.000"' in raw
+    assert 'title="␣Paris  predicted 0.700"' in raw
     assert "[104]" in text  # an excerpt without token strings falls back to ids
     assert "0.800" in text and METHOD_NAMES["token_lookup"] in text and METHOD_NAMES["ngram"] in text
-    assert "·France" in text and "·Texas" in text
-    assert "firing rate 0.01000" in text
+    assert "␣France" in text and "␣Texas" in text
+    assert "firing rate 1.00 % of 1000 sampled tokens" in text
+    # units labelled: raw maximum, normalised excerpt maxima with their raw value, output-token effect unit
+    assert "maximum activation 5.0000 (raw)" in text
+    assert "max 1.00 norm.(5.000 raw)" in text
+    assert "effect (logit per unit of raw activation)" in text
     n2 = "".join(parse(run / "viewer" / "neurons" / "L0.N2.html").text)
     assert "no firing test token" in n2
     dead = "".join(parse(run / "viewer" / "neurons" / "L1.N3.html").text)
-    assert "dead" in dead and "no graph" in dead
+    assert "dead" in dead and "no graph" in dead and "never fires" in dead
+
+
+def test_neuron_page_explains_first(run):
+    raw = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    text = "".join(parse(run / "viewer" / "neurons" / "L0.N1.html").text)
+    summary = text[text.index("L0.N1 fires on"):text.index("Units:")]
+    assert "␣Paris (0.90)" in summary and "␣in right before it" in summary and "␣in [␣Paris]: 0.70" in summary
+    assert "strongest activation on the corpus is 5 (raw)" in summary and "F1 0.80 (token lookup 0.60)" in summary
+    order = [raw.index(s) for s in ('id="summary"', 'id="test-excerpts"', 'id="graph"', 'id="try-form"',
+                                    'id="scores"', 'id="histogram"', 'id="train-excerpts"')]
+    assert order == sorted(order), "summary, then true-vs-predicted excerpts, then graph, then scores"
+
+
+def test_neuron_page_histogram_and_bands(run):
+    raw = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    bars = re.findall(r'<rect class="bar" x="[^"]+" y="([^"]+)" width="[^"]+" height="([^"]+)" fill="(#[0-9a-f]+)"', raw)
+    assert len(bars) == 11, "one bar per non-empty bin"
+    heights = [float(h) for _, h, _ in bars]
+    assert heights[2] == max(heights), "the bin holding 900 of 1000 tokens is the tallest"
+    assert 0 < min(heights) < heights[2] / 3, "log scale: a 1-token bin is still visible but much lower"
+    assert [f for _, _, f in bars][-4:] == ["#d62728"] * 4, "bins at or above the fire threshold are red"
+    assert "density (log scale)" in raw and "1000 stored by the scan" in raw
+    assert 'id="band-0.9"' in raw and 'id="band-0"' in raw
+    text = "".join(parse(run / "viewer" / "neurons" / "L0.N1.html").text)
+    assert "90th–99th percentile (9 stored excerpts, peaks 0.40–0.85 normalised)" in text
+    assert "bottom half (50 stored excerpts" in text
+    assert "top 1 % (1 stored excerpts, peaks 0.90–1.00 normalised)" in text and "no excerpt of this band stored" in text
+    no_hist = "".join(parse(run / "viewer" / "neurons" / "L0.N2.html").text)
+    assert "no histogram stored" in no_hist
+
+
+def test_large_graph_page_lists_every_path(run):
+    raw = (run / "viewer" / "neurons" / "L1.N5.html").read_text()
+    rows = re.findall(r"<tr><td>(\d+)</td><td class=\"l tok\">([^<]*)</td>", raw)
+    assert len(rows) == 90 + 23, "every path in the table"
+    assert rows[0] == ("1", "[␣strongest]")
+    assert '<details id="paths-box" open>' in raw and "(the drawing shows the 14 strongest)" in raw
+    svg = (run / "neurons" / "L1.N5" / "graph.dot").read_text()
+    assert "+99 more paths" in svg
 
 
 def test_index_page(run):
@@ -141,3 +195,121 @@ def test_server_api_and_static(run):
 def test_server_needs_a_viewer(tmp_path):
     with pytest.raises(N2GError, match="n2g report"):
         make_server(tmp_path, "127.0.0.1", _free_port())
+
+
+def test_search_is_case_insensitive_by_prefix_and_substring(run):
+    from n2g.search import search
+
+    exact = search(run, "Paris", role="activator")
+    assert [h["key"] for h in exact] == ["L1.N4.neg", "L0.N1", "L0.N2"] and {h["match"] for h in exact} == {"exact"}
+    lower = search(run, "paris", role="activator")
+    assert [h["key"] for h in lower] == ["L1.N4.neg", "L0.N1", "L0.N2"]
+    assert {h["match"] for h in lower} == {"case-insensitive"}
+    assert {h["key"] for h in search(run, "PAR")} == {"L0.N1", "L0.N2", "L1.N4.neg"}
+    assert {h["match"] for h in search(run, "PAR")} == {"prefix"}
+    sub = search(run, "ari")
+    assert {h["match"] for h in sub} == {"substring"} and {h["token"] for h in sub} == {" Paris", "Paris"}
+    (hit,) = search(run, "WORD17", role="activator")
+    assert hit["key"] == "L1.N5" and hit["token"] == " word17" and hit["match"] == "case-insensitive"
+    (hit,) = search(run, "word1", role="activator")
+    assert hit["token"] == " word1", "an exact (case-insensitive) match beats a longer prefix match"
+    assert search(run, "%") == [] and search(run, "_") == [], "LIKE wildcards are searched literally"
+    assert search(run, "lon")[0]["token"] == " London"
+
+
+def test_search_rebuilds_an_index_of_an_older_schema(tmp_path):
+    import sqlite3
+
+    from n2g.search import INDEX_NAME, search
+
+    run = make_run(tmp_path)
+    build_all(run)
+    con = sqlite3.connect(run / INDEX_NAME)
+    con.execute("UPDATE meta SET value = '1' WHERE name = 'schema_version'")
+    con.execute("DELETE FROM tokens")
+    con.commit()
+    con.close()
+    assert [h["key"] for h in search(run, "paris", role="activator")] == ["L1.N4.neg", "L0.N1", "L0.N2"]
+
+
+def _get_json(url):
+    try:
+        with urllib.request.urlopen(url) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_try_your_own_text_without_a_model_uses_the_runs_vocabulary(run):
+    from urllib.parse import quote
+
+    from n2g.graph import NeuronGraph
+
+    server = make_server(run, "127.0.0.1", 0)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/api/predict"
+        status, d = _get_json(base + "?key=L0.N1&text=" + quote(" in Paris. xyz Paris"))
+        assert status == 200, d
+        assert d["tokens"] == [" in", " Paris", ".", " xyz", " Paris"]
+        assert d["token_ids"] == [101, 100, 106, None, 100]
+        graph = NeuronGraph.load(run / "neurons" / "L0.N1" / "graph.json")
+        expect = graph.predict_sequence([101, 100, 106, -(2**31), 100])
+        assert d["predicted"] == pytest.approx(expect.tolist(), abs=1e-4)
+        assert d["predicted"][1] > 0.5 and d["predicted"][0] == 0.0
+        assert d["true"] is None and "run's own vocabulary" in d["tokenizer"]
+        for query, code, message in (("?key=L0.N1&text=", 400, "no text given"),
+                                     ("?key=L0.N1&text=" + "a" * 2001, 400, "at most 2000"),
+                                     ("?key=L9.N9&text=x", 404, "no readable result"),
+                                     ("?key=../../etc&text=x", 404, "keys look like")):
+            status, d = _get_json(base + query)
+            assert status == code and message in d["error"], (query, d)
+        status, d = _get_json(base + "?key=L1.N3&text=" + quote(" Paris"))  # dead: no graph, predicts 0
+        assert status == 200 and d["predicted"] == [0.0]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_try_your_own_text_with_a_model_shows_the_true_activation(run, tiny_llama):
+    import torch
+
+    server = make_server(run, "127.0.0.1", 0, model=tiny_llama)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/api/predict"
+        status, d = _get_json(base + "?key=L0.N1&text=the+cat+sat")
+        assert status == 200, d
+        assert d["tokens"] == ["the", "cat", "sat"] and "model's tokenizer" in d["tokenizer"]
+        raw = tiny_llama.activations(torch.tensor([[4, 5, 6]]), None, [(0, 1)])[0, :, 0].numpy()
+        assert d["true"] == pytest.approx((raw / 5.0).tolist(), abs=1e-4), "true activation / the neuron's maximum"
+        status, d = _get_json(base + "?key=L1.N4.neg&text=the+cat")
+        raw = tiny_llama.activations(torch.tensor([[4, 5]]), None, [(1, 4)])[0, :, 0].numpy()
+        assert d["true"] == pytest.approx((-raw / 3.0).tolist(), abs=1e-4), "the negative side is sign-flipped"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_strongest_held_out_excerpts_come_first_and_the_rest_fold_away(run):
+    import copy
+
+    from n2g.report import load_results
+    from n2g.viewer import neuron_page
+
+    result = next(r for r in load_results(run) if r.neuron.key == "L0.N1")
+    base = next(e for e in result.examples if e.split == "test" and e.source == "top")
+    extra = []
+    for peak in (0.55, 0.95, 0.7, 0.8, 0.65):
+        e = copy.deepcopy(base)
+        e.activations = [0.0, peak, 0.0]
+        extra.append(e)
+    result.examples = [e for e in result.examples if e.split != "test" or e.source == "random"] + extra
+    raw = neuron_page(run, result)
+    first = raw[raw.index('id="test-excerpts"'):raw.index("</table>", raw.index('id="test-excerpts"'))]
+    more = raw[raw.index('id="test-excerpts-more"'):raw.index("</table>", raw.index('id="test-excerpts-more"'))]
+    assert re.findall(r"max ([0-9.]+) norm", first) == ["0.95", "0.80", "0.70", "0.65"]
+    assert re.findall(r"max ([0-9.]+) norm", more) == ["0.55", "0.00"], "the random excerpt comes last"
+    assert "2 more held-out excerpts" in raw

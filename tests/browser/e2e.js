@@ -8,6 +8,7 @@ const path = require("path");
 const { chromium } = require("playwright-core");
 
 const BASE = process.env.N2G_BASE_URL;
+const MODEL_BASE = process.env.N2G_MODEL_BASE_URL || "";
 const RUN_DIR = process.env.N2G_RUN_DIR;
 const SHOTS = process.env.N2G_SCREENSHOT_DIR || "";
 const SCRIPT = "<script>alert(1)</script>";
@@ -47,7 +48,8 @@ async function main() {
   // nothing may load from outside the local server
   await context.route("**/*", (route) => {
     const url = route.request().url();
-    if (url.startsWith(BASE) || url.startsWith("data:") || url.startsWith("file:")) return route.continue();
+    if (url.startsWith(BASE) || (MODEL_BASE && url.startsWith(MODEL_BASE)) || url.startsWith("data:") ||
+        url.startsWith("file:")) return route.continue();
     problems.push("external request: " + url);
     return route.abort();
   });
@@ -89,6 +91,22 @@ async function main() {
     const hits = await page.$$eval("#search-results tbody tr td:first-child", (tds) => tds.map((t) => t.textContent));
     check(JSON.stringify(hits) === JSON.stringify(["L1.N4.neg", "L0.N1", "L0.N2"]), "search 'Paris' finds " + hits);
     await shot(page, "search.png");
+    // case-insensitive substring and prefix search
+    await page.fill("#q", "ARI");
+    await page.selectOption("#role", "");
+    await page.click("#search-form button");
+    await page.waitForFunction(() => document.querySelector("#search-msg").textContent.includes("match"));
+    const sub = await page.$$eval("#search-results tbody tr", (trs) => trs.map((tr) => tr.cells[1].textContent + "|" + tr.cells[5].textContent));
+    check(sub.length === 3 && sub.every((t) => t.includes("Paris|substring")), "substring search 'ARI' finds Paris 3 times: " + sub);
+    await page.fill("#q", "word1");
+    await page.click("#search-form button");
+    await page.waitForFunction(() => document.querySelector("#search-results tbody tr td:nth-child(2)") &&
+      document.querySelector("#search-results tbody tr td:nth-child(2)").textContent.includes("word"));
+    const pre = await page.$$eval("#search-results tbody tr", (trs) => trs.map((tr) => tr.cells[0].textContent + "|" + tr.cells[5].textContent));
+    check(pre.length === 1 && pre[0] === "L1.N5|exact", "search 'word1' finds the large neuron: " + pre);
+    await page.fill("#q", "Paris");
+    await page.click("#search-form button");
+    await page.waitForSelector("#search-results a >> text=L1.N4.neg");
 
     // 3. open the hostile neuron from the results
     await page.click("#search-results a >> text=L1.N4.neg");
@@ -101,7 +119,7 @@ async function main() {
     const body = await page.innerText("body");
     check(body.includes(SCRIPT) && body.includes(QUOTED) && body.includes(SPECIALS), "hostile text shown literally");
     const nScripts = await page.evaluate(() => document.scripts.length);
-    check(nScripts === 0, "no script element on the neuron page");
+    check(nScripts === 1, "one script element (try your own text) on the neuron page: " + nScripts);
     const title = await page.getAttribute("#train-excerpts span[title*='script']", "title");
     check(title && title.includes(SCRIPT), "token hover title holds the literal text");
     await shot(page, "neuron.png");
@@ -110,6 +128,58 @@ async function main() {
     await page.click("#similar a >> text=L0.N1");
     await page.waitForURL("**/viewer/neurons/L0.N1.html");
     check((await page.textContent("h1")).includes("L0.N1"), "similar link opens L0.N1");
+
+    // 4b. the page explains first: summary paragraph above the excerpts, histogram drawn
+    const summary = await page.textContent("#summary");
+    check(summary.includes("L0.N1 fires on") && summary.includes("\u2423Paris") && summary.includes("(raw)"),
+          "summary paragraph: " + summary.slice(0, 80));
+    const sumBox = await page.$eval("#summary", (e) => e.getBoundingClientRect().top);
+    const exBox = await page.$eval("#test-excerpts", (e) => e.getBoundingClientRect().top);
+    const graphBox = await page.$eval("#graph", (e) => e.getBoundingClientRect().top);
+    check(sumBox < exBox && exBox < graphBox, "summary, then true-vs-predicted excerpts, then the graph");
+    const bars = await page.$$eval("#histogram rect.bar", (rs) => rs.map((r) => r.getBoundingClientRect().height));
+    check(bars.length === 11 && bars.every((h) => h > 0), "histogram draws 11 visible bars: " + bars.length);
+    check(Math.max(...bars) === bars[2], "the histogram's tallest bar is the bin holding most tokens");
+
+    // 4c. try your own text, server started without a model: the graph's prediction per token
+    await page.fill("#try-text", " in Paris. xyz");
+    await page.click("#try-button");
+    await page.waitForSelector("#try-out .try-row");
+    const rowsNoModel = await page.$$eval("#try-out .try-row", (rs) => rs.map((r) => r.getAttribute("data-what")));
+    check(JSON.stringify(rowsNoModel) === JSON.stringify(["predicted"]), "without a model: one predicted row: " + rowsNoModel);
+    const fired = await page.$$eval("#try-out .try-row span.fire", (ss) => ss.map((s) => s.textContent));
+    check(JSON.stringify(fired) === JSON.stringify([" Paris"]), "try-your-own-text fires on ' Paris': " + JSON.stringify(fired));
+    check((await page.textContent("#try-msg")).includes("--model"), "message says --model adds the true activation");
+    await shot(page, "neuron-try.png");
+
+    // 4d. with a model: the true activation beside the prediction
+    if (MODEL_BASE) {
+      await page.goto(MODEL_BASE + "/viewer/neurons/L0.N1.html", { waitUntil: "load" });
+      await page.fill("#try-text", "the cat sat");
+      await page.click("#try-button");
+      await page.waitForSelector("#try-out .try-row[data-what='true']");
+      const what = await page.$$eval("#try-out .try-row", (rs) => rs.map((r) => r.getAttribute("data-what")));
+      check(JSON.stringify(what) === JSON.stringify(["true", "predicted"]), "with a model: true and predicted rows: " + what);
+      const trueVals = await page.$$eval("#try-out .try-row[data-what='true'] span", (ss) => ss.map((s) => s.getAttribute("data-v")));
+      check(trueVals.length === 3 && trueVals.every((v) => v !== "" && isFinite(parseFloat(v))),
+            "true activations are numbers: " + trueVals);
+    }
+
+    // 4e. a large graph (90 activating tokens) fits one screen, strongest path on top
+    await page.goto(BASE + "/viewer/neurons/L1.N5.html", { waitUntil: "load" });
+    const g = await page.$eval("#graph", (d) => { const r = d.querySelector("svg").getBoundingClientRect();
+      return [r.width, r.height, d.scrollHeight, d.clientHeight]; });
+    check(g[1] > 100 && g[1] <= 900 && g[0] <= 1280 && g[2] <= g[3] + 1,
+          "large graph fits one 1280x900 screen without scrolling its box: " + g.map(Math.round));
+    const tops = await page.$$eval("#graph svg g.activator", (gs) => gs.map((n) => [n.getBoundingClientRect().top,
+      n.querySelector("text").textContent]));
+    tops.sort((a, b) => a[0] - b[0]);
+    check(tops.length <= 14 && tops[0][1] === "\u2423strongest", "strongest path on top of " + tops.length + " drawn: " + (tops[0] || [])[1]);
+    check((await page.textContent("#graph svg")).includes("more paths"), "a +k more node stands for the rest");
+    const pathRows = await page.$$eval("#paths tbody tr", (trs) => trs.length);
+    check(pathRows === 113, "the page lists all 113 paths: " + pathRows);
+    await page.evaluate(() => window.scrollTo(0, 0));
+    await shot(page, "neuron-large.png");
 
     // 5. from disk: pages open without a server, search says it needs one
     if (RUN_DIR) {

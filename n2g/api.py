@@ -1,0 +1,144 @@
+"""The Python entry points: load a model and a corpus, fit one neuron, get a fitted model back.
+
+>>> import n2g
+>>> model = n2g.load_model()                       # the packaged SmolLM2-135M-Instruct   # doctest: +SKIP
+>>> neuron = n2g.fit_neuron(model, layer=3, index=17)                                  # doctest: +SKIP
+>>> print(neuron)               # scores and the graph's paths as text                  # doctest: +SKIP
+>>> neuron.predict("def f(x): return x")   # predicted activation per token             # doctest: +SKIP
+
+``fit_neuron`` does what ``n2g fit`` does for one neuron, in memory: the layer's scan is cached
+under ``$N2G_CACHE`` exactly as the CLI caches it (a later call or CLI run on the same model and
+corpus reuses it), the corpus is partitioned the same way, and the returned
+:class:`~n2g.distill.NeuronModel` carries the graph with token text, the examples, the scores
+against the baselines, the corpus statistics and the activation histogram.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import PRESETS, preset as make_preset
+from .corpus import Corpus
+from .distill import NeuronModel
+from .errors import N2GError
+from .models import SubjectModel
+from .models import load_model as _load_model
+from .records import NeuronId, Sign
+
+
+def load_model(spec: str = "default", device: str | None = None, dtype: str | None = None) -> SubjectModel:
+    """A subject model: ``"default"`` (packaged SmolLM2), a ``.gguf`` file, a local HF directory or a hub id."""
+    return _load_model(spec, device=device, dtype=dtype)
+
+
+def _model(model) -> SubjectModel:
+    if isinstance(model, SubjectModel):
+        return model
+    if isinstance(model, str):
+        return load_model(model)
+    raise N2GError(f"model must be an n2g.load_model(...) result or a model spec string (got {type(model).__name__}); "
+                   "e.g. n2g.fit_neuron(n2g.load_model(), layer=3, index=17)")
+
+
+def load_corpus(source: str = "default", model=None, *, length: int = 64, max_excerpts: int | None = None,
+                text_field: str = "text") -> Corpus:
+    """Token excerpts cut from ``source`` with ``model``'s tokenizer.
+
+    ``source``: ``"default"`` (the offline Python docs), a text or JSONL file, a directory of them,
+    or ``hf:NAME[:CONFIG]`` (needs the ``datasets`` package). ``model``: the subject model (or its
+    spec) whose tokenizer cuts the text; the default model when omitted.
+    """
+    if not isinstance(source, str):
+        raise N2GError(f"source must be text: 'default', a file or directory path, or hf:NAME (got {type(source).__name__})")
+    if not isinstance(length, int) or length < 2:
+        raise N2GError(f"length must be an integer of at least 2 tokens (got {length!r})")
+    if max_excerpts is not None and (not isinstance(max_excerpts, int) or max_excerpts < 1):
+        raise N2GError(f"max_excerpts must be a positive integer or None (got {max_excerpts!r})")
+    m = _model("default" if model is None else model)
+    return Corpus.build(source, m.encode, length=length, max_excerpts=max_excerpts, text_field=text_field)
+
+
+def _corpus(corpus, model: SubjectModel, max_excerpts: int | None) -> Corpus:
+    if corpus is None or isinstance(corpus, str):
+        return load_corpus(corpus or "default", model, max_excerpts=max_excerpts)
+    if isinstance(corpus, Corpus):
+        if max_excerpts is not None and max_excerpts < len(corpus):
+            return Corpus(corpus.source, corpus.length, corpus.excerpts[:max_excerpts])
+        return corpus
+    raise N2GError(f"corpus must be None, a source string or an n2g.load_corpus(...) result (got {type(corpus).__name__})")
+
+
+def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "default", max_excerpts: int | None = None,
+               sign: str = "positive", *, progress: bool = True, **overrides) -> NeuronModel:
+    """Distil neuron ``(layer, index)`` of ``model`` and return the fitted :class:`~n2g.distill.NeuronModel`.
+
+    ``corpus``: None (the default corpus), a source string, or a :class:`~n2g.corpus.Corpus` from
+    :func:`load_corpus`. ``preset``: ``"default"`` or ``"paper"``; ``overrides`` change single
+    settings (e.g. ``augment=True``). ``sign``: ``"positive"`` or ``"negative"`` (the negative side
+    of a gated neuron). The result predicts on the neuron's raw scale; ``predict`` accepts text.
+    """
+    from .activations import DEFAULT_STORE_TOKENS, partition
+    from .distill import pool_size, top_k
+    from .engine import fit_many, store_job
+    from .features import NeuronFeature
+    from .models import cache_dir
+    from .pipeline import to_result
+    from .scan import scan_layers
+
+    if preset not in PRESETS:
+        raise N2GError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    if sign not in ("positive", "negative"):
+        raise N2GError(f"sign must be 'positive' or 'negative' (got {sign!r}); for both sides call fit_neuron twice")
+    for what, value in (("layer", layer), ("index", index)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise N2GError(f"{what} must be an integer (got {value!r})")
+    try:
+        cfg = make_preset(preset, **overrides)
+    except TypeError as exc:
+        raise N2GError(f"unknown setting in {sorted(overrides)}: {exc}; see n2g.DistillConfig for the settings") from None
+    m = _model(model)
+    m.check_neuron(layer, index)
+    corp = _corpus(corpus, m, max_excerpts)
+    started = time.perf_counter()
+    neuron = NeuronId(layer, index, Sign(sign))
+    scans = scan_layers(m, corp.excerpts, [layer], k=top_k(cfg), pool_size=pool_size(cfg), seed=cfg.seed,
+                        fire_threshold=cfg.fire_threshold, cache_dir=cache_dir(), corpus_key=corp.fingerprint(),
+                        progress=progress, store_tokens=DEFAULT_STORE_TOKENS)
+    scan = scans[layer]
+    is_train = partition(len(corp), cfg.held_out, cfg.seed)
+    excerpts = corp.excerpts.tolist()
+    fit = fit_many(m, excerpts, [store_job(scan, neuron, is_train)], cfg, group_size=1)[neuron]
+    result = to_result(m, neuron, scan.stats(index, neuron.sign), fit, time.perf_counter() - started,
+                       scan=scan, excerpts=excerpts)
+    scale = result.stats.max_activation
+    out = NeuronModel(NeuronFeature(m, layer, index), cfg, scale=scale if scale > 0 else 1.0,
+                      sign=1.0 if neuron.sign == Sign.POSITIVE else -1.0, occlusion_token_id=int(m.occlusion_token_id),
+                      name=neuron.key, encode=m.encode, token_strings=m.token_strings)
+    from .graph import NeuronGraph
+
+    out.graph_ = fit.graph if fit.graph is not None else NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
+    out.graph_.neuron = neuron
+    out.examples_, out.scores_, out.trace_ = fit.examples, fit.scores, fit.trace
+    out.stats_, out.status_, out.result_, out.neuron_ = result.stats, result.status, result, neuron
+    return out
+
+
+def feature_from_hook(run_with_hook, name: str = "hooked feature"):
+    """A feature (token ids ``[batch, pos]`` -> activations ``[batch, pos]``) from any model call.
+
+    ``run_with_hook(token_ids)`` runs your model and returns the ``[batch, pos]`` values of the unit
+    you care about, captured however your library captures them (a TransformerLens hook, an nnsight
+    trace, a plain forward hook). The result can be passed to :func:`n2g.distill`. See the README
+    for TransformerLens and nnsight examples.
+    """
+    if not callable(run_with_hook):
+        raise N2GError("feature_from_hook needs a callable: token ids [batch, pos] -> values [batch, pos]")
+
+    def feature(token_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.as_tensor(run_with_hook(token_ids)).detach().float().cpu()
+
+    feature.__name__ = name
+    return feature

@@ -1,0 +1,117 @@
+"""A one-paragraph summary of a neuron, written from its graph and statistics by a template (no LLM).
+
+What it fires on, how strongly, in which contexts, and what suppresses it, then how well the graph
+predicts held-out text. The paragraph is a list of segments (plain text, or token text to be set
+in code type) so pages escape and style it without parsing anything back.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from .records import NeuronResult
+from .render import graph_paths, path_text
+
+
+def _seg(text: str, code: bool = False) -> dict:
+    return {"t": text, "code": code}
+
+
+def _listing(items: list[list[dict]], more: int = 0) -> list[dict]:
+    out: list[dict] = []
+    for k, item in enumerate(items):
+        if k:
+            out.append(_seg(" and " if k == len(items) - 1 and not more else ", "))
+        out.extend(item)
+    if more:
+        out.append(_seg(f" and {more} other token{'s' if more > 1 else ''}"))
+    return out
+
+
+def _where(path: dict) -> str:
+    """How the context of a path sits before its activator, in words."""
+    exact = [d for d, kind in enumerate(path["kinds"]) if kind == "context"]
+    if not exact:
+        return ""
+    d = exact[0]
+    return "right before it" if d == 1 else f"{d} tokens before it"
+
+
+def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) -> list[dict]:
+    """The summary paragraph of one neuron as segments ``{"t": text, "code": bool}``."""
+    key = result.neuron.key
+    st = result.stats
+    if result.status == "dead" or not st.max_activation > 0:
+        side = "negative" if result.neuron.sign.value == "negative" else "positive"
+        return [_seg(f"{key} never fires on the {side} side over the scanned corpus (its maximum there is "
+                     "0), so it has no graph.")]
+    paths = graph_paths(G) if G is not None else []
+    firing = [p for p in paths if p["end"] >= threshold]
+    out: list[dict] = []
+    if not firing:
+        out.append(_seg(f"The graph of {key} predicts no firing token: none of its {len(paths)} paths reaches "
+                        f"{threshold:g} of the maximum, so it predicts the neuron quiet everywhere."))
+    else:
+        acts: dict[str, float] = {}
+        for p in firing:
+            tok = p["tokens"][0]
+            acts[tok] = max(acts.get(tok, 0.0), p["end"])
+        ranked = list(dict.fromkeys(p["tokens"][0] for p in firing))
+        top = ranked[:3]
+        out.append(_seg(f"{key} fires on "))
+        out.extend(_listing([[_seg(t, True), _seg(f" ({acts[t]:.2f})")] for t in top], len(ranked) - len(top)))
+        with_ctx = [p for p in firing if "context" in p["kinds"]]
+        bare = {p["tokens"][0] for p in firing if len(p["nodes"]) == 1}
+        if with_ctx:
+            p = with_ctx[0]
+            ctx = next(t for t, k in zip(p["tokens"], p["kinds"]) if k == "context")
+            out.append(_seg(", in contexts such as "))
+            out.append(_seg(ctx, True))
+            out.append(_seg(f" {_where(p)} ("))
+            out.append(_seg(path_text(p), True))
+            out.append(_seg(f": {p['end']:.2f})"))
+            if bare:
+                alone = [t for t in ranked if t in bare][:2]
+                out.append(_seg("; "))
+                out.extend(_listing([[_seg(t, True)] for t in alone]))
+                out.append(_seg(" also fire" + ("s" if len(alone) == 1 else "") + " whatever precedes "
+                                + ("it" if len(alone) == 1 else "them")))
+        elif bare:
+            out.append(_seg(", whatever precedes them"))
+        out.append(_seg(". "))
+    out.append(_seg(f"Its strongest activation on the corpus is {st.max_activation:.4g} (raw); values on this page "
+                    f"are normalised to it (1 = that maximum) unless marked raw. "))
+    if st.n_sampled_tokens:
+        out.append(_seg(f"It fires (normalised activation ≥ {threshold:g}) on {100 * st.firing_rate:.2f} % of "
+                        f"{st.n_sampled_tokens:,} sampled corpus tokens. "))
+    firing_acts = {p["nodes"][0] for p in firing}
+    quiet = [p for p in paths if p["end"] < threshold and len(p["nodes"]) > 1 and p["nodes"][0] in firing_acts]
+    if quiet:
+        p = quiet[0]
+        out.append(_seg("It is suppressed in some contexts: "))
+        out.append(_seg(path_text(p), True))
+        out.append(_seg(f" is predicted only {p['end']:.2f}"))
+        if len(quiet) > 1:
+            out.append(_seg(f" ({len(quiet) - 1} more such context{'s' if len(quiet) > 2 else ''} in the path table)"))
+        out.append(_seg(". "))
+    elif firing:
+        out.append(_seg("No context in the graph suppresses an activating token. "))
+    s = result.scores.get("n2g")
+    if s is not None:
+        base = result.scores.get("token_lookup")
+        if s.f1 is None:
+            out.append(_seg("No held-out test token fires, so the graph's firing F1 is undefined"))
+            joint = "; its predictions correlate"
+        else:
+            out.append(_seg(f"On held-out excerpts the graph predicts firing with F1 {s.f1:.2f}"
+                            + (f" (token lookup {base.f1:.2f})" if base is not None and base.f1 is not None else "")))
+            joint = " and correlates"
+        if s.pearson is not None:
+            out.append(_seg(f"{joint} with the true activation at r = {s.pearson:.2f}"))
+        out.append(_seg("."))
+    return out
+
+
+def summary_text(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) -> str:
+    """The summary paragraph as plain text."""
+    return "".join(s["t"] for s in summary(result, G, threshold)).strip()

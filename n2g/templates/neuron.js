@@ -1,0 +1,56 @@
+(function () {
+  "use strict";
+  var body = document.body, key = body.getAttribute("data-key");
+  var threshold = parseFloat(body.getAttribute("data-threshold"));
+  var form = document.getElementById("try-form");
+  var msg = document.getElementById("try-msg");
+  var out = document.getElementById("try-out");
+  var served = location.protocol === "http:" || location.protocol === "https:";
+  if (!served) {
+    msg.textContent = "Trying your own text needs the server: run `n2g serve RUN` (add --model to see the " +
+      "neuron's true activation too) and open this page at the address it prints.";
+  }
+  function bg(v) {
+    if (v === null || isNaN(v)) return "transparent";
+    var a = Math.min(1, Math.abs(v)).toFixed(3);
+    return v >= 0 ? "rgba(214,39,40," + a + ")" : "rgba(31,119,180," + a + ")";
+  }
+  function shown(t) { return t.replace(/\r/g, "\u240d").replace(/\t/g, "\u2192   ").replace(/\n/g, "\u21b5\n"); }
+  function line(label, toks, values, what) {
+    var row = document.createElement("div");
+    row.className = "try-row";
+    row.setAttribute("data-what", what);
+    var lab = document.createElement("div");
+    lab.className = "muted";
+    lab.textContent = label;
+    row.appendChild(lab);
+    toks.forEach(function (t, i) {
+      var v = values[i], s = document.createElement("span");
+      s.textContent = shown(t);
+      s.style.background = bg(v);
+      s.title = t + "  " + what + " " + (v === null ? "\u2014" : v.toFixed(3));
+      s.setAttribute("data-v", v === null ? "" : String(v));
+      if (v !== null && v >= threshold) s.className = "fire";
+      row.appendChild(s);
+    });
+    return row;
+  }
+  form.addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    if (!served) return;
+    var text = document.getElementById("try-text").value;
+    if (!text.trim()) { msg.textContent = "Type some text first."; return; }
+    msg.textContent = "predicting\u2026";
+    fetch("../../api/predict?key=" + encodeURIComponent(key) + "&text=" + encodeURIComponent(text))
+      .then(function (r) { return r.json(); })
+      .then(function (d) {
+        while (out.firstChild) out.removeChild(out.firstChild);
+        if (d.error) { msg.textContent = d.error; return; }
+        if (d["true"]) out.appendChild(line("true activation (normalised)", d.tokens, d["true"], "true"));
+        out.appendChild(line("graph prediction (normalised)", d.tokens, d.predicted, "predicted"));
+        msg.textContent = d.tokens.length + " tokens, split by " + d.tokenizer + "." +
+          (d["true"] ? "" : " Start the server with --model to see the neuron's true activation beside it.");
+      })
+      .catch(function (e) { msg.textContent = "prediction failed: " + e; });
+  });
+})();

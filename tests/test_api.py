@@ -1,0 +1,218 @@
+"""The Python API: n2g.load_corpus / fit_neuron on a tiny model, readable graphs, predict on text, score on arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import n2g
+from n2g.features import NeuronFeature
+from n2g.score import score_arrays
+
+WORDS = ["the", "cat", "sat", "on", "mat"] + [f"w{i}" for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def subject():
+    from conftest import tiny_model, tiny_tokenizer
+    from n2g.models import SubjectModel
+
+    torch.manual_seed(0)
+    return SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-api")
+
+
+@pytest.fixture(scope="module")
+def fitted(subject, tmp_path_factory):
+    """One neuron of a tiny model fitted once for the module, its scan cached in a fresh cache."""
+    root = tmp_path_factory.mktemp("api")
+    rng = random.Random(0)
+    path = root / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(60)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("N2G_CACHE", str(root / "cache"))
+        corpus = n2g.load_corpus(str(path), subject, length=16)
+        model = n2g.fit_neuron(subject, 1, 5, corpus=corpus, progress=False)
+    return model, corpus, root / "cache"
+
+
+def test_fit_neuron_returns_a_fitted_model_with_token_text(fitted):
+    model, corpus, _ = fitted
+    assert len(corpus) == 150 and corpus.excerpts.shape[1] == 16
+    assert model.status_ == "fitted" and model.neuron_ == n2g.NeuronId(1, 5)
+    assert set(model.scores_) >= {"n2g", "token_lookup", "ngram", "zero"}
+    graph = model.graph_
+    assert graph.tokens() and all(graph.token_text[t] in WORDS for t in graph.tokens()), "graph carries token text"
+    text = str(graph)
+    assert text.startswith("NeuronGraph L1.N5:") and "object at" not in text
+    lines = text.splitlines()[2:]
+    assert len(lines) == len(graph.paths()) and all("[" in ln and "]" in ln for ln in lines)
+    assert any(w in text for w in WORDS)
+    r = repr(model)
+    assert r.startswith("NeuronModel L1.N5 (fitted; test firing F1") and "NeuronGraph L1.N5" in r
+    assert model.scale == pytest.approx(model.stats_.max_activation)
+
+
+def test_predict_accepts_text_and_matches_ids(fitted, subject):
+    model, _, _ = fitted
+    text = "the cat sat on the mat w1 sat w16"
+    ids = subject.encode(text)
+    by_text = model.predict(text)
+    assert by_text.shape == (len(ids),)
+    np.testing.assert_allclose(by_text, model.predict(ids))
+    np.testing.assert_allclose(model.predict(torch.tensor([ids]))[0], by_text)
+    pairs = model.predict_tokens(text)
+    assert [t for t, _ in pairs] == text.split() and [v for _, v in pairs] == pytest.approx(by_text.tolist())
+    # on the raw scale: the normalised prediction times the neuron's maximum
+    np.testing.assert_allclose(by_text, model.predict_normalised(ids) * model.scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "no tokens to predict on"),
+    ("", "the text has no tokens"),
+    ([[1, 2], [3]], "different lengths"),
+    ([1.5, 2.0], "must be integers"),
+    (["a", "b"], "one string at a time"),
+    ([-1, 4], "non-negative"),
+    (np.zeros((1, 2, 3), int), "one sequence"),
+])
+def test_predict_bad_input_raises_n2gerror_with_advice(fitted, bad, message):
+    model, _, _ = fitted
+    with pytest.raises(n2g.N2GError, match=message):
+        model.predict(bad)
+
+
+def same(a, b):
+    for k, v in dataclasses.asdict(b).items():
+        got = getattr(a, k)
+        assert got == v if isinstance(v, (str, int, type(None))) else got == pytest.approx(v, rel=1e-6), k
+
+
+def test_score_accepts_plain_arrays_and_agrees_with_examples(fitted, subject):
+    model, corpus, _ = fitted
+    ids = corpus.excerpts[:6]
+    raw = NeuronFeature(subject, 1, 5)(ids)
+    s = model.score(ids, raw)
+    expect = score_arrays(list((raw / model.scale).numpy()), list(model.predict_normalised(ids)), 0.5)
+    same(s, expect)
+    same(model.score(ids.numpy(), raw.numpy().tolist()), expect)
+    test = [e for e in model.examples_ if e.split == "test"]
+    assert model.score(test) == model.scores_["n2g"], "score(examples) reproduces the stored test score"
+    with pytest.raises(n2g.N2GError, match="one activation per token"):
+        model.score(ids, raw[:, :3])
+    with pytest.raises(n2g.N2GError, match="NaN"):
+        model.score(ids, torch.full(ids.shape, float("nan")))
+    with pytest.raises(n2g.N2GError, match="list of n2g.Example"):
+        model.score(ids)
+
+
+def test_histogram_and_band_examples_come_from_the_scan(fitted):
+    model, corpus, _ = fitted
+    h = model.result_.histogram
+    assert sum(h["counts"]) == h["n_tokens"] == corpus.excerpts.numel(), "every stored token counted once"
+    assert h["edges"][-1] >= 1.0 and len(h["edges"]) == len(h["counts"]) + 1
+    bands = h["bands"]
+    assert [(b["q_lo"], b["q_hi"]) for b in bands] == [(0.99, 1.0), (0.9, 0.99), (0.5, 0.9), (0.0, 0.5)]
+    assert [b["n_excerpts"] for b in bands] == [2, 13, 60, 75], "each band holds its share of the 150 excerpts"
+    assert all(bands[k]["lo"] >= bands[k + 1]["hi"] for k in range(3)), "bands are ordered by peak activation"
+    assert bands[0]["hi"] == pytest.approx(1.0, abs=2e-3)
+    shown = {e.excerpt_index for e in model.examples_}
+    by_band = {f"band {b['q_lo']:g}-{b['q_hi']:g}": b for b in bands}
+    assert len(model.result_.band_examples) == 8
+    for e in model.result_.band_examples:
+        b = by_band[e.source]
+        assert b["lo"] - 1e-4 <= max(e.activations) <= b["hi"] + 1e-4
+        assert e.tokens and e.predicted is not None
+        if b["q_hi"] <= 0.9:  # bands with plenty of excerpts show ones not already shown as train/test examples
+            assert e.excerpt_index not in shown
+
+
+def test_fit_neuron_reuses_the_cached_scan(fitted, subject, caplog, monkeypatch):
+    _, corpus, cache = fitted
+    monkeypatch.setenv("N2G_CACHE", str(cache))
+    with caplog.at_level(logging.INFO, logger="n2g.scan"):
+        again = n2g.fit_neuron(subject, 1, 5, corpus=corpus, progress=False)
+    assert any("scan loaded from cache" in r.message for r in caplog.records)
+    assert str(again.graph_) == str(fitted[0].graph_)
+
+
+def test_notebook_display_shows_graph_and_scores(fitted):
+    model, _, _ = fitted
+    page = model._repr_html_()
+    assert "firing F1" in page and "token lookup" in page and "maximum activation" in page
+    if shutil.which("dot"):
+        assert "<svg" in page
+
+
+def test_notebook_display_escapes_token_text():
+    feature = lambda ids: (ids == 7).float()
+    model = n2g.distill(feature, [[1, 7, 2, 7, 3, 4]] * 8 + [[5, 6, 1, 2, 3, 4]] * 8)
+    model.graph_.token_text[7] = "<script>alert(1)</script>"
+    page = model._repr_html_()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: n2g.fit_neuron(m, 99, 0, progress=False), "does not exist"),
+    (lambda m: n2g.fit_neuron(m, 0, 0, sign="both", progress=False), "call fit_neuron twice"),
+    (lambda m: n2g.fit_neuron(m, 0, 0, preset="best", progress=False), "unknown preset"),
+    (lambda m: n2g.fit_neuron(m, "0", 0, progress=False), "layer must be an integer"),
+    (lambda m: n2g.fit_neuron(m, 0, 0, corpus=42, progress=False), "corpus must be"),
+    (lambda m: n2g.fit_neuron(42, 0, 0, progress=False), "model must be"),
+    (lambda m: n2g.load_corpus("default", m, length=1), "length must be"),
+])
+def test_api_bad_input_says_what_to_do(tiny_llama, call, message):
+    with pytest.raises(n2g.N2GError, match=message):
+        call(tiny_llama)
+
+
+def test_distilled_feature_without_tokenizer_refuses_text():
+    model = n2g.distill(lambda ids: (ids == 7).float(), [[1, 7, 2, 7, 3, 4]] * 8 + [[5, 6, 1, 2, 3, 4]] * 8)
+    assert model.predict([1, 7]).tolist() == pytest.approx([0.0, 1.0])
+    with pytest.raises(n2g.N2GError, match="has no tokenizer"):
+        model.predict("seven")
+    with pytest.raises(n2g.N2GError, match="not fitted"):
+        n2g.NeuronModel(lambda ids: ids.float()).predict([1, 2])
+
+
+def test_hook_adapter_turns_a_forward_hook_into_a_feature(tiny_llama):
+    """The README's adapter pattern: capture an MLP's input to down_proj with a hook, distil it."""
+    hf = tiny_llama.model
+    down = hf.model.layers[1].mlp.down_proj
+
+    def run_with_hook(token_ids):
+        seen = {}
+        handle = down.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0][..., 5]))
+        try:
+            bos = torch.full((token_ids.shape[0], 1), tiny_llama.bos_token_id)
+            hf(torch.cat([bos, token_ids], 1))
+        finally:
+            handle.remove()
+        return seen["x"][:, 1:]
+
+    feature = n2g.feature_from_hook(run_with_hook)
+    ids = torch.randint(4, 60, (3, 12))
+    np.testing.assert_allclose(feature(ids).numpy(), NeuronFeature(tiny_llama, 1, 5)(ids).numpy(), rtol=1e-5, atol=1e-6)
+    model = n2g.distill(feature, torch.randint(4, 60, (40, 12)))
+    assert model.status_ == "fitted" and model.scores_["n2g"].n_tokens > 0
+    assert not down._forward_pre_hooks, "no hook leaks"
+
+
+def test_fit_neuron_agrees_with_the_pipeline(fitted, subject, tmp_path, monkeypatch):
+    """n2g.fit_neuron and `n2g fit` (the pipeline) make the same graph and scores from the same inputs."""
+    from n2g.pipeline import RunOptions, run
+
+    model, corpus, cache = fitted
+    monkeypatch.setenv("N2G_CACHE", str(cache))
+    summary = run(RunOptions(layers="1", neurons="5", out=str(tmp_path / "run"), progress=False, report=False),
+                  model=subject, corpus=corpus)
+    (stored,) = summary.results
+    assert stored.scores == model.scores_ and stored.stats == model.stats_
+    assert stored.histogram == model.result_.histogram
+    graph = n2g.NeuronGraph.load(tmp_path / "run" / "neurons" / "L1.N5" / "graph.json")
+    assert str(graph) == str(model.graph_)

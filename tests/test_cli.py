@@ -1,0 +1,152 @@
+"""The command line: --version, --json, search, -q/-v, fit --sign both, defaults shared with Python, file modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers_run import add_large_neuron, make_run
+from n2g import __version__, cli
+from n2g.pipeline import RunOptions
+from n2g.report import build_all
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"n2g {__version__}"
+
+
+def test_run_defaults_agree_with_python_and_are_small():
+    args = cli.build_parser().parse_args(["run"])
+    assert (args.layers, args.neurons) == (RunOptions().layers, RunOptions().neurons) == ("0", "0-7")
+    assert cli.build_parser().parse_args(["fit", "--layer", "1", "--neuron", "2", "--sign", "both"]).sign == "both"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("cli"))
+    add_large_neuron(run)
+    build_all(run)
+    return run
+
+
+def test_search_prints_a_table_and_json(run, capsys):
+    code, out, err = main(["search", run, "paris", "--role", "activator"], capsys)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["neuron", "token", "role", "weight", "N2G", "F1", "match"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["L1.N4.neg", "L0.N1", "L0.N2"]
+    assert "␣Paris" in lines[1] and "case-insensitive" in lines[1]
+    code, out, _ = main(["search", run, "IN", "--json", "--role", "context"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["query"] == "IN"
+    found = {(h["key"], h["token"], h["match"]) for h in data["results"]}
+    assert found == {("L0.N1", " in", "case-insensitive"), ("L0.N2", " in", "case-insensitive"),
+                     ("L1.N5", " in", "case-insensitive"), ("L1.N4.neg", "\"quoted\" 'single'", "substring")}
+    assert data["results"][-1]["match"] == "substring", "substring matches come last"
+    code, out, _ = main(["search", run, "word1", "--json", "--limit", "1"], capsys)
+    (hit,) = json.loads(out)["results"]
+    assert hit["token"] == " word1" and hit["key"] == "L1.N5"
+
+
+def test_search_mistakes_are_one_line(run, tmp_path, capsys):
+    code, out, err = main(["search", run, "zzzz-nothing"], capsys)
+    assert code == 1 and out == "" and "no neuron's graph has a token matching" in err
+    code, _, err = main(["search", tmp_path, "x"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not an n2g run directory" in err
+    code, _, err = main(["search", run, "x", "--limit", "0"], capsys)
+    assert code == 2 and "--limit must be at least 1" in err
+    code, _, err = main(["search", run, "x", "-q", "-v"], capsys)
+    assert code == 2 and "contradict" in err
+
+
+def test_quiet_silences_library_progress_bars(monkeypatch):
+    import huggingface_hub.utils as hub
+    import transformers.utils.logging as tlog
+
+    from n2g.progress import silence_library_bars
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    tlog.enable_progress_bar()
+    hub.enable_progress_bars()
+    assert tlog.is_progress_bar_enabled() and not hub.are_progress_bars_disabled()
+    try:
+        silence_library_bars()
+        assert not tlog.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    finally:
+        tlog.enable_progress_bar()
+        hub.enable_progress_bars()
+
+
+def _cli(args, umask=0o022, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "n2g", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
+                          preexec_fn=lambda: os.umask(umask))
+
+
+def test_verbose_logs_debug_lines(tmp_path):
+    run = make_run(tmp_path)  # no index yet: search builds it and says so
+    proc = _cli(["search", run, "Paris", "-v"])
+    assert proc.returncode == 0, proc.stderr
+    assert "n2g: DEBUG n2g.cli: searching" in proc.stderr and "INFO n2g.search: indexed 4 neurons" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from conftest import tiny_model, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tinymodel")
+    tiny_model("llama").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "mat"] + [f"w{i}" for i in range(20)]
+    (root / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(40)))
+    return root
+
+
+def test_info_json(tiny_model_dir, capsys):
+    code, out, err = main(["info", "--model", tiny_model_dir / "model", "--json", "-q"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["architecture"] == "llama" and info["n_layers"] == 3 and info["d_mlp"] == 48
+
+
+def test_fit_both_signs_json_quiet_and_files_follow_the_umask(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _cli(["fit", "--model", tiny_model_dir / "model", "--corpus", tiny_model_dir / "corpus.txt",
+                 "--excerpt-length", "16", "--layer", "1", "--neuron", "5", "--sign", "both", "--out", out,
+                 "--json", "-q"], umask=0o002, env={"N2G_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", "-q: no progress bars, no log lines"
+    data = json.loads(proc.stdout)
+    assert sorted(n["key"] for n in data["neurons"]) == ["L1.N5", "L1.N5.neg"]
+    assert data["fitted_now"] == 2 and data["out"] == str(out)
+    assert all("f1" in n["scores"]["n2g"] for n in data["neurons"])
+    assert Path(data["artifacts"]["report"]).is_file() and Path(data["neurons"][0]["page"]).is_file()
+    files = [out / "run.json", out / "report.html", out / "scores.csv", out / "index.sqlite",
+             out / "neurons" / "L1.N5" / "result.json", out / "neurons" / "L1.N5" / "graph.json",
+             out / "viewer" / "index.html", out / "viewer" / "neurons" / "L1.N5.neg.html"]
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o664, f"{f} is {oct(stat.S_IMODE(f.stat().st_mode))}"
+
+
+def test_serve_with_a_missing_model_is_one_line(run, tmp_path, capsys):
+    code, out, err = main(["serve", run, "--port", "0", "--model", tmp_path / "no-such-model"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "model path" in err and "does not exist" in err

@@ -1,0 +1,36 @@
+"""The metrics cross-checked against scikit-learn (and numpy) on random and edge-case inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sklearn.metrics as sklearn_metrics  # the [test] extra installs scikit-learn
+
+from n2g.score import score_arrays
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_scores_match_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    rows = [rng.uniform(-0.3, 1.0, size=int(n)) for n in rng.integers(3, 40, size=6)]
+    preds = [np.clip(r + rng.normal(0, 0.3, size=r.size), -0.2, 1.0) for r in rows]
+    s = score_arrays(rows, preds, 0.5)
+    t, p = np.concatenate(rows), np.concatenate(preds)
+    yt, yp = (t >= 0.5).astype(int), (p >= 0.5).astype(int)
+    prec, rec, f1, _ = sklearn_metrics.precision_recall_fscore_support(yt, yp, labels=[1, 0], zero_division=0)
+    assert (s.precision, s.recall, s.f1) == pytest.approx((prec[0], rec[0], f1[0]))
+    assert (s.nonfiring_precision, s.nonfiring_recall, s.nonfiring_f1) == pytest.approx((prec[1], rec[1], f1[1]))
+    assert s.explained_variance == pytest.approx(sklearn_metrics.explained_variance_score(t, p))
+    assert s.pearson == pytest.approx(np.corrcoef(t, p)[0, 1])
+    assert (s.n_tokens, s.n_firing, s.n_predicted_firing) == (t.size, yt.sum(), yp.sum())
+
+
+def test_undefined_values_where_scikit_learn_would_divide_by_zero():
+    # nothing fires and nothing is predicted to fire: F1 is undefined, never 1.0 or 0.0
+    s = score_arrays([np.zeros(5)], [np.zeros(5)], 0.5)
+    assert s.f1 is None and s.precision is None and s.recall is None and s.status == "no_firing_test_token"
+    assert s.pearson is None and s.explained_variance is None
+    # fires, never predicted: recall 0, precision undefined (scikit-learn's zero_division case), F1 0
+    s = score_arrays([np.array([0.0, 0.9, 0.1])], [np.zeros(3)], 0.5)
+    _, rec, f1, _ = sklearn_metrics.precision_recall_fscore_support([0, 1, 0], [0, 0, 0], labels=[1], zero_division=0)
+    assert s.precision is None and s.recall == rec[0] == 0.0 and s.f1 == f1[0] == 0.0
