@@ -383,6 +383,16 @@ def index_page(run_dir: Path, results: list[NeuronResult], nonce: str) -> str:
                        layers=sorted({r.neuron.layer for r in results}))
 
 
+PAGES_PER_WORKER = 200
+"""Neuron pages per worker process when a run's pages are written in parallel (fewer: one process)."""
+
+
+def _write_pages(run_dir: Path, results: list[NeuronResult]) -> None:
+    pages = run_dir / "viewer" / "neurons"
+    for r in results:
+        atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r).encode("utf-8"))
+
+
 def write_viewer(run_dir: str | os.PathLike) -> Path:
     """Write the viewer pages of a run (building the search index if missing); returns index.html."""
     run_dir = Path(run_dir)
@@ -391,8 +401,16 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
         build_index(run_dir)
     pages = run_dir / "viewer" / "neurons"
     pages.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r).encode("utf-8"))
+    workers = min(os.cpu_count() or 1, len(results) // PAGES_PER_WORKER)
+    if workers > 1:  # many neurons: pages are written by worker processes, one chunk of neurons each
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        chunks = [results[i::workers] for i in range(workers)]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_write_pages, [run_dir] * workers, chunks))
+    else:
+        _write_pages(run_dir, results)
     out = run_dir / "viewer" / "index.html"
     atomic_write(out, index_page(run_dir, results, secrets.token_urlsafe(16)).encode("utf-8"))
     log.info("wrote viewer for %d neurons under %s", len(results), out.parent)

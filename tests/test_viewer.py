@@ -313,3 +313,21 @@ def test_strongest_held_out_excerpts_come_first_and_the_rest_fold_away(run):
     assert re.findall(r"max ([0-9.]+) norm", first) == ["0.95", "0.80", "0.70", "0.65"]
     assert re.findall(r"max ([0-9.]+) norm", more) == ["0.55", "0.00"], "the random excerpt comes last"
     assert "2 more held-out excerpts" in raw
+
+
+def test_pages_written_by_worker_processes_match_one_process(tmp_path, monkeypatch):
+    import n2g.viewer as viewer
+
+    one = make_run(tmp_path / "one")
+    many = make_run(tmp_path / "many")
+    viewer.write_viewer(one)
+    monkeypatch.setattr(viewer, "PAGES_PER_WORKER", 1)  # every neuron counts as many: two worker processes
+    monkeypatch.setattr(viewer.os, "cpu_count", lambda: 2)
+    viewer.write_viewer(many)
+    strip = lambda text: re.sub(r'nonce-[A-Za-z0-9_-]+|nonce="[A-Za-z0-9_-]+"', "NONCE", text)
+    names = sorted(p.name for p in (one / "viewer" / "neurons").iterdir())
+    assert names and names == sorted(p.name for p in (many / "viewer" / "neurons").iterdir())
+    for name in names:
+        a = strip((one / "viewer" / "neurons" / name).read_text()).replace(str(one), "RUN")
+        b = strip((many / "viewer" / "neurons" / name).read_text()).replace(str(many), "RUN")
+        assert a == b
