@@ -15,6 +15,7 @@ throughput measured in this run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens-per-s", type=float, default=600_000.0,
                     help="full-depth forward positions per second on that accelerator (a figure you supply)")
     ap.add_argument("--no-report", action="store_true", help="skip timing the report and rendering")
+    ap.add_argument("--set", action="append", default=[], help="preset override, e.g. --set n_prune=16")
+    ap.add_argument("--host-workers", type=int, default=0, help="worker processes for the host work of fitting")
     args = ap.parse_args(argv)
 
     model = load_model(args.model)
@@ -62,7 +65,14 @@ def main(argv=None) -> int:
     layers = parse_indices(args.layers, model.n_layers, "layer")
     rng = np.random.default_rng(args.seed)
     neurons = [NeuronId(l, int(i)) for l in layers for i in sorted(rng.choice(model.d_mlp, args.per_layer, replace=False))]
-    cfg = preset(args.preset)
+    overrides = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    cfg = preset(args.preset, **overrides)
     t0 = time.perf_counter()
     scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),
                         corpus_key=corpus.fingerprint(), progress=False, seed=cfg.seed)
@@ -72,7 +82,7 @@ def main(argv=None) -> int:
     jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]
     evaluator = RowEvaluator(model, cfg.batch_tokens, int(model.occlusion_token_id))
     t0 = time.perf_counter()
-    fits = fit_many(model, excerpts, jobs, cfg, group_size=len(jobs), evaluator=evaluator)
+    fits = fit_many(model, excerpts, jobs, cfg, group_size=len(jobs), evaluator=evaluator, host_workers=args.host_workers)
     fit_s = time.perf_counter() - t0
     live = [j for j in jobs if fits[j.neuron].status != "dead"]
     n = max(len(live), 1)
@@ -106,7 +116,9 @@ def main(argv=None) -> int:
         print(f"{name:<13}{s.calls:>7}{s.asked / n:>9.1f}{s.rows / n:>8.1f}{s.real / n:>9.0f}{s.padded / n:>10.0f}{ratio:>7.2f}{s.weighted / n:>12.0f}")
     tot = cost.total()
     host = cost.host_cpu / n
-    print(f"\nhost CPU per neuron: fit {host:.3f} s (outside forward passes), save {save_cpu / n:.3f} s, "
+    print(f"\nhost CPU per neuron: serial {host:.3f} s (main thread, outside forward passes and offloadable work); "
+          f"graph building, calibration, prediction and scoring {cost.compute_cpu / n:.3f} s "
+          f"({'in ' + str(args.host_workers) + ' worker processes' if args.host_workers else 'inline'}); save {save_cpu / n:.3f} s, "
           f"report+render {report_cpu / n:.3f} s + dot {report_children / n:.3f} s")
     print(f"forward: {cost.forward_calls} calls, {cost.forward_seconds:.1f} s wall; fit wall {fit_s:.1f} s = {fit_s / n:.2f} s/neuron "
           f"({len(live)} live of {len(jobs)} neurons)")
@@ -119,7 +131,7 @@ def main(argv=None) -> int:
     scan_positions = corpus.excerpts.numel()  # one full-depth pass over the corpus covers every layer
     per_neuron_weighted = tot.weighted / n
     gpu_s = (total_neurons * per_neuron_weighted + scan_positions) / args.tokens_per_s
-    host_total = total_neurons * (host + save_cpu / n + report_cpu / n + report_children / n)
+    host_total = total_neurons * (host + cost.compute_cpu / n + save_cpu / n + report_cpu / n + report_children / n)
     cores = os.cpu_count() or 1
     print(f"\nPROJECTION (not measured): whole {model.spec} ({total_neurons:,} neurons) on one {args.device_name} at "
           f"{args.tokens_per_s:,.0f} full-depth positions/s (figure supplied, not measured here): forward "
@@ -127,7 +139,7 @@ def main(argv=None) -> int:
           f"{host_total / 60 / cores:.1f} min over this machine's {cores}")
     print(f"PROJECTION (not measured): whole model on this CPU: forward {total_neurons * per_neuron_weighted / cpu_rate / 3600:.1f} h "
           f"at the throughput measured above")
-    print(f"\n{model.spec} ({model.device}, {model.dtype}); preset {args.preset}; {len(jobs)} neurons ({args.per_layer}/layer in "
+    print(f"\n{model.spec} ({model.device}, {model.dtype}); preset {args.preset} {' '.join(args.set)}; {len(jobs)} neurons ({args.per_layer}/layer in "
           f"{args.layers}, sample seed {args.seed}); corpus {len(excerpts)} x {corpus.length}; batch_tokens {cfg.batch_tokens}; "
           f"{platform.machine()} {platform.processor() or ''}, {cores} cores, torch {torch.__version__} {torch.get_num_threads()} threads")
     return 0

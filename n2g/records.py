@@ -119,7 +119,12 @@ class Example:
         return max(range(len(self.activations)), key=self.activations.__getitem__)
 
     def to_dict(self) -> dict:
-        return _clean(dataclasses.asdict(self))
+        # Written out by hand: dataclasses.asdict deep-copies every float, the slowest part of saving a result.
+        floats = lambda xs: None if xs is None else [v if math.isfinite(v) else None for v in map(float, xs)]
+        return {"token_ids": [int(t) for t in self.token_ids], "activations": floats(self.activations),
+                "split": self.split, "source": self.source,
+                "excerpt_index": None if self.excerpt_index is None else int(self.excerpt_index),
+                "predicted": floats(self.predicted), "tokens": None if self.tokens is None else [str(t) for t in self.tokens]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Example":

@@ -13,6 +13,7 @@ the SVG, or the HTML page the SVG is embedded in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from pathlib import Path
 import networkx as nx
 
 from n2g.errors import N2GError
-from n2g.fileio import write_bytes_atomic
+from n2g.fileio import replacing, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +414,17 @@ def _run_dot(source: str, fmt: str) -> bytes:
     return proc.stdout
 
 
+def _run_dot_to(source: str, outputs: dict[str, Path]) -> None:
+    """Render ``source`` into every ``{format: path}`` with one Graphviz process (one layout)."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise N2GError("Graphviz `dot` is not installed; install graphviz (e.g. `apt-get install graphviz`)")
+    args = [exe] + [a for fmt, path in outputs.items() for a in (f"-T{fmt}", f"-o{path}")]
+    proc = subprocess.run(args, input=source.encode("utf-8"), capture_output=True, timeout=120)
+    if proc.returncode != 0:
+        raise N2GError(f"Graphviz failed to render the graph: {proc.stderr.decode('utf-8', 'replace').strip()}")
+
+
 def _strip_prolog(svg: str) -> str:
     i = svg.find("<svg")
     return svg[i:] if i >= 0 else svg
@@ -454,11 +466,12 @@ def render(
     if images and not dot_available():
         _warn_no_dot()
         return written
-    for fmt in images:
-        path = out_stem.parent / f"{out_stem.name}.{fmt}"
-        atomic_write(path, _run_dot(source, fmt))
-        written.append(path)
-    return written
+    # One dot process lays the graph out once and writes every format (each atomically).
+    paths = {fmt: out_stem.parent / f"{out_stem.name}.{fmt}" for fmt in images}
+    with contextlib.ExitStack() as stack:
+        temps = {fmt: stack.enter_context(replacing(path)) for fmt, path in paths.items()}
+        _run_dot_to(source, temps)
+    return written + list(paths.values())
 
 
 class GraphView:

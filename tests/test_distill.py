@@ -57,7 +57,7 @@ def test_two_strengths_are_predicted_on_the_features_scale():
 def test_paper_preset_misses_a_weaker_activator_that_default_recovers():
     # The published method prunes only around each example's maximum, so a token that fires at
     # 60 % in excerpts whose maximum is another token never gets a path; default prunes every
-    # firing position (up to max_pivots per example).
+    # firing position of the training evidence (cover), whatever it prunes.
     test = text(99, [[14], [15]], n=120)
     true = (strengths(test) / 4.0).numpy()
     paper = n2g.distill(strengths, text(1, [[14], [15]]), preset_name="paper")
