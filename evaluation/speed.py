@@ -23,10 +23,12 @@ import torch
 
 from n2g.config import preset
 from n2g.corpus import Corpus
-from n2g.engine import Job, RowEvaluator, fit_many
+from n2g.activations import partition
+from n2g.distill import pool_size, top_k
+from n2g.engine import RowEvaluator, fit_many, store_job
 from n2g.models import cache_dir, load_model
 from n2g.pipeline import parse_indices
-from n2g.records import NeuronId, Sign
+from n2g.records import NeuronId
 from n2g.scan import scan_layers
 
 
@@ -69,15 +71,14 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     neurons = [NeuronId(l, int(i)) for l in layers for i in sorted(rng.choice(model.d_mlp, args.per_layer, replace=False))]
     t0 = time.perf_counter()
-    scans = scan_layers(model, corpus.excerpts, layers, k=max(64, cfg.n_top + cfg.n_extra_train),
-                        pool_size=max(64, cfg.n_top + cfg.n_extra_train + cfg.n_random_test + cfg.n_random_train),
+    scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg),
                         seed=cfg.seed, batch_size=64, progress=False)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
-    jobs = [Job(n, scans[n.layer].scale(n.index, Sign.POSITIVE), scans[n.layer].ranked(n.index, Sign.POSITIVE),
-                scans[n.layer].pool) for n in neurons]
+    is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
+    jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]  # as the pipeline: examples from the store
     timings, graphs = {}, {}
     for engine in args.engines.split(","):
         group = 1 if engine in ("sequential", "per-neuron") else args.group_size
