@@ -32,7 +32,7 @@ from n2g.corpus import Corpus
 from n2g.distill import pool_size, top_k
 from n2g.engine import RowEvaluator, fit_many, store_job
 from n2g.models import cache_dir, load_model
-from n2g.pipeline import parse_indices, to_result
+from n2g.pipeline import output_effects, parse_indices, to_result, versions
 from n2g.records import NeuronId
 from n2g.scan import scan_layers
 
@@ -88,17 +88,24 @@ def main(argv=None) -> int:
     n = max(len(live), 1)
     cost = evaluator.cost
 
-    save_cpu = report_cpu = report_children = 0.0
+    save_cpu = save_serial = report_cpu = report_children = 0.0
     if live:
         from n2g.store import RunStore
 
         with tempfile.TemporaryDirectory() as tmp:
             store = RunStore(os.path.join(tmp, "run"))
-            store.open({"cost": True}, {"name": "cost"})
+            store.open({"cost": True}, {"name": "cost", "model": model.info(), "versions": versions(),
+                                        "corpus": {"source": corpus.source, "n_excerpts": len(excerpts), "length": corpus.length}})
+            c0 = time.thread_time()
+            for j in live:  # what the main process keeps when workers describe and save (--host-workers > 0)
+                output_effects(model, j.neuron)
+                scans[j.neuron.layer].activations(j.neuron.index, j.neuron.sign)
+            save_serial = time.thread_time() - c0
             c0 = time.thread_time()
             for j in live:
                 fit = fits[j.neuron]
-                result = to_result(model, j.neuron, scans[j.neuron.layer].stats(j.neuron.index, j.neuron.sign), fit, 0.0)
+                result = to_result(model, j.neuron, scans[j.neuron.layer].stats(j.neuron.index, j.neuron.sign), fit, 0.0,
+                                   scan=scans[j.neuron.layer], excerpts=corpus.excerpts)
                 store.save(result, fit.graph)
             store.write_scores_table()
             save_cpu = time.thread_time() - c0
@@ -116,12 +123,15 @@ def main(argv=None) -> int:
         print(f"{name:<13}{s.calls:>7}{s.asked / n:>9.1f}{s.rows / n:>8.1f}{s.real / n:>9.0f}{s.padded / n:>10.0f}{ratio:>7.2f}{s.weighted / n:>12.0f}")
     tot = cost.total()
     host = cost.host_cpu / n
-    print(f"\nhost CPU per neuron: serial {host:.3f} s (main thread, outside forward passes and offloadable work); "
-          f"graph building, calibration, prediction and scoring {cost.compute_cpu / n:.3f} s "
-          f"({'in ' + str(args.host_workers) + ' worker processes' if args.host_workers else 'inline'}); save {save_cpu / n:.3f} s, "
-          f"report+render {report_cpu / n:.3f} s + dot {report_children / n:.3f} s")
+    serial = host + save_serial / n  # the main process with --host-workers > 0
+    parallel = cost.compute_cpu / n + (save_cpu - save_serial) / n + report_cpu / n + report_children / n
+    print(f"\nhost CPU per neuron, main process (serial, holds up the model): fitting {host:.3f} s + output effects and "
+          f"store read for saving {save_serial / n:.3f} s = {serial:.3f} s")
+    print(f"host CPU per neuron, spread over worker processes: graph building, calibration, prediction, scoring "
+          f"{cost.compute_cpu / n:.3f} s; describing and saving the result {(save_cpu - save_serial) / n:.3f} s; "
+          f"viewer page and report {report_cpu / n:.3f} s; dot {report_children / n:.3f} s; total {parallel:.3f} s")
     print(f"forward: {cost.forward_calls} calls, {cost.forward_seconds:.1f} s wall; fit wall {fit_s:.1f} s = {fit_s / n:.2f} s/neuron "
-          f"({len(live)} live of {len(jobs)} neurons)")
+          f"({len(live)} live of {len(jobs)} neurons; {args.host_workers} host worker process(es))")
     cpu_rate = tot.weighted / cost.forward_seconds if cost.forward_seconds else float("nan")
     print(f"measured here: {cpu_rate:,.0f} full-depth-equivalent positions/s in forward passes; scan {scan_s:.1f} s "
           f"({'cached' if scan_s < 5 else 'computed'})")
@@ -130,18 +140,20 @@ def main(argv=None) -> int:
     total_neurons = model.n_layers * model.d_mlp
     scan_positions = corpus.excerpts.numel()  # one full-depth pass over the corpus covers every layer
     per_neuron_weighted = tot.weighted / n
-    gpu_s = (total_neurons * per_neuron_weighted + scan_positions) / args.tokens_per_s
-    host_total = total_neurons * (host + cost.compute_cpu / n + save_cpu / n + report_cpu / n + report_children / n)
-    cores = os.cpu_count() or 1
-    print(f"\nPROJECTION (not measured): whole {model.spec} ({total_neurons:,} neurons) on one {args.device_name} at "
-          f"{args.tokens_per_s:,.0f} full-depth positions/s (figure supplied, not measured here): forward "
-          f"{gpu_s / 60:.1f} min; host work {host_total / 60:.1f} CPU-min, {host_total / 60 / 16:.1f} min over 16 cores, "
-          f"{host_total / 60 / cores:.1f} min over this machine's {cores}")
+    gpu_min = (total_neurons * per_neuron_weighted + scan_positions) / args.tokens_per_s / 60
+    serial_min = total_neurons * serial / 60
+    cores = 16
+    parallel_min = total_neurons * parallel / (cores - 1) / 60
+    print(f"\nPROJECTION (not measured): whole {model.spec} ({total_neurons:,} neurons) on one {args.device_name} with "
+          f"{cores} CPU cores, at {args.tokens_per_s:,.0f} full-depth positions/s (a figure supplied, not measured here): "
+          f"GPU forward {gpu_min:.1f} min + main-process host work {serial_min:.1f} min, overlapped with "
+          f"{parallel_min:.1f} min of worker host work on {cores - 1} cores: about "
+          f"{max(gpu_min + serial_min, parallel_min):.0f} min")
     print(f"PROJECTION (not measured): whole model on this CPU: forward {total_neurons * per_neuron_weighted / cpu_rate / 3600:.1f} h "
           f"at the throughput measured above")
     print(f"\n{model.spec} ({model.device}, {model.dtype}); preset {args.preset} {' '.join(args.set)}; {len(jobs)} neurons ({args.per_layer}/layer in "
           f"{args.layers}, sample seed {args.seed}); corpus {len(excerpts)} x {corpus.length}; batch_tokens {cfg.batch_tokens}; "
-          f"{platform.machine()} {platform.processor() or ''}, {cores} cores, torch {torch.__version__} {torch.get_num_threads()} threads")
+          f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__} {torch.get_num_threads()} threads")
     return 0
 
 

@@ -249,16 +249,18 @@ def _resume(steps, answer) -> NeuronFit:
     raise RuntimeError("a neuron asked for more after its host work")  # pragma: no cover - programming error
 
 
-def host_pool(workers: int):
+def host_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()):
     """Worker processes for the host work of fitting (None for 0: run it inline).
 
-    Spawned, not forked: safe beside CUDA and torch's thread pools; each worker imports n2g once."""
+    Spawned, not forked: safe beside CUDA and torch's thread pools; each worker imports n2g once
+    (and runs ``initializer(*initargs)`` once)."""
     if workers <= 0:
         return None
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=initializer, initargs=initargs)
 
 
 def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: DistillConfig, *,

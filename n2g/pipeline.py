@@ -250,7 +250,14 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
 
         substitutes = MaskedLMSubstitutes(model, opts.substitutes[4:], device=str(model.device))
     evaluator = RowEvaluator(model, batch_tokens, int(model.occlusion_token_id))
-    pool = host_pool(host_workers)  # one set of worker processes for every layer
+    # One set of worker processes for every layer: graph building and scoring, then the result's
+    # description and its files, so the main process only feeds the model.
+    pool = None
+    if host_workers > 0:
+        vocab = model.token_strings(range(model.vocab_size))
+        pool = host_pool(host_workers, _worker_setup, (vocab, corpus.excerpts.numpy()))
+    saving: list = []
+    bars: list = []
     try:
         for layer in sorted({j.neuron.layer for j in jobs}):
             layer_jobs = [j for j in jobs if j.neuron.layer == layer]
@@ -258,14 +265,32 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
 
             def save(job, fit, seconds, bar=bar):
                 nonlocal fitted
-                result = to_result(model, job.neuron, scans[job.neuron.layer].stats(job.neuron.index, job.neuron.sign), fit, seconds,
-                                   scan=scans[job.neuron.layer], excerpts=excerpts)
-                store.save(result, fit.graph)
-                fitted += 1
-                bar.update(1)
+                scan = scans[job.neuron.layer]
+                stats = scan.stats(job.neuron.index, job.neuron.sign)
+                if pool is None:
+                    store.save(to_result(model, job.neuron, stats, fit, seconds, scan=scan, excerpts=excerpts), fit.graph)
+                    fitted += 1
+                    bar.update(1)
+                    return
+                values = scan.activations(job.neuron.index, job.neuron.sign) if scan.store is not None else None
+                stored = scan.store.excerpts if scan.store is not None else None
+                saving.append((pool.submit(_describe_and_save, str(store.root), job.neuron, stats, fit, seconds,
+                                           output_effects(model, job.neuron), values, stored), bar))
+                while saving and saving[0][0].done():
+                    future, done_bar = saving.pop(0)
+                    future.result()  # a failed write (disk full) stops the run here
+                    fitted += 1
+                    done_bar.update(1)
 
             fit_many(model, excerpts, layer_jobs, cfg, group_size=opts.group_size, on_done=save, substitutes=substitutes,
                      evaluator=evaluator, pool=pool)
+            bars.append(bar)
+        for future, done_bar in saving:
+            future.result()
+            fitted += 1
+            done_bar.update(1)
+        saving.clear()
+        for bar in bars:
             bar.close()
     finally:
         if pool is not None:
@@ -273,20 +298,26 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     return fitted
 
 
-def to_result(model, neuron: NeuronId, stats, fit, seconds: float, scan=None, excerpts=None) -> NeuronResult:
-    """A storable record of one fit, with display strings and output-weight effects filled in.
-
-    With the layer's ``scan`` and the corpus ``excerpts``, the activation histogram and examples
-    from activation bands are added too (:mod:`n2g.profile`)."""
-    for e in fit.examples:
-        e.tokens = model.token_strings(e.token_ids)
+def output_effects(model, neuron: NeuronId) -> tuple[list, list]:
+    """Tokens the neuron's side promotes and suppresses (the negative side writes the opposite direction)."""
     promoted, suppressed = model.output_effects(neuron.layer, neuron.index, k=10)
-    if neuron.sign == Sign.NEGATIVE:  # the negative side writes the opposite direction
+    if neuron.sign == Sign.NEGATIVE:
         promoted, suppressed = [(t, -v) for t, v in suppressed], [(t, -v) for t, v in promoted]
+    return promoted, suppressed
+
+
+def describe(neuron: NeuronId, stats, fit, seconds: float, token_strings, effects, scan=None,
+             excerpts=None) -> NeuronResult:
+    """The storable record of one fit: display strings, output effects and, with the layer's ``scan``
+    and the corpus ``excerpts``, the activation histogram and band examples (:mod:`n2g.profile`).
+    Needs no model, so it can run in a worker process."""
+    for e in fit.examples:
+        e.tokens = token_strings(e.token_ids)
+    promoted, suppressed = effects
     graph_stats = {}
     if fit.graph is not None:
         fit.graph.neuron = neuron
-        fit.graph.set_token_text(model.token_strings)
+        fit.graph.set_token_text(token_strings)
         graph_stats = fit.graph.stats()
     result = NeuronResult(neuron=neuron, status=fit.status if fit.graph is not None else "dead", stats=stats,
                           scores=fit.scores, examples=fit.examples, promoted=promoted, suppressed=suppressed,
@@ -294,8 +325,41 @@ def to_result(model, neuron: NeuronId, stats, fit, seconds: float, scan=None, ex
     if scan is not None and excerpts is not None:
         from .profile import attach_profile
 
-        attach_profile(result, scan, excerpts, fit.graph, model.token_strings)
+        attach_profile(result, scan, excerpts, fit.graph, token_strings)
     return result
+
+
+def to_result(model, neuron: NeuronId, stats, fit, seconds: float, scan=None, excerpts=None) -> NeuronResult:
+    """A storable record of one fit, with display strings and output-weight effects filled in."""
+    return describe(neuron, stats, fit, seconds, model.token_strings, output_effects(model, neuron), scan, excerpts)
+
+
+class _NeuronScan:
+    """The part of a layer's scan one neuron's profile reads, small enough to send to a worker."""
+
+    def __init__(self, values, excerpts):
+        self.values, self.store = values, type("Stored", (), {"excerpts": excerpts})()
+
+    def activations(self, index, sign):
+        return self.values
+
+
+_WORKER: dict = {}
+"""Per worker process: the tokenizer's display strings and the corpus token ids (set once)."""
+
+
+def _worker_setup(vocab: list[str], excerpts) -> None:
+    _WORKER["vocab"], _WORKER["excerpts"] = vocab, excerpts
+
+
+def _describe_and_save(root: str, neuron: NeuronId, stats, fit, seconds, effects, values, stored) -> None:
+    from .store import RunStore
+
+    vocab = _WORKER["vocab"]
+    token_strings = lambda ids: [vocab[int(t)] if 0 <= int(t) < len(vocab) else f"<{int(t)}>" for t in ids]
+    scan = _NeuronScan(values, stored) if values is not None else None
+    result = describe(neuron, stats, fit, seconds, token_strings, effects, scan, _WORKER["excerpts"])
+    RunStore(root).save(result, fit.graph)
 
 
 def summary_table(results: list[NeuronResult]) -> str:

@@ -14,6 +14,7 @@ the SVG, or the HTML page the SVG is embedded in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -111,6 +112,7 @@ def _ws_run(ch: str, n: int) -> str:
     return mark * n if n <= 2 else f"{mark}x{n}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def display_token(token: str | None, token_id: int | None = None) -> str:
     """Visible, countable text for a token (a BPE piece shown as the text it stands for).
 

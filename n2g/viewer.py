@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from n2g.errors import N2GError
 from n2g.records import Example, NeuronResult
@@ -98,7 +98,9 @@ NEURON_JS = (Path(__file__).parent / "templates" / "neuron.js").read_text(encodi
 """The neuron page's one script (try your own text): fixed text, allowed by hash and by the page's nonce."""
 
 
-def _token_cells(ex: Example, values: list[float] | None, what: str, threshold: float) -> list[dict] | None:
+def _token_cells(ex: Example, values: list[float] | None, what: str, threshold: float) -> Markup | None:
+    """One excerpt's tokens as coloured ``<span>`` cells (built here, not by a template macro per
+    token: a page holds thousands of them). Every text and title is escaped."""
     if values is None:
         return None
     out = []
@@ -106,9 +108,10 @@ def _token_cells(ex: Example, values: list[float] | None, what: str, threshold: 
         tok = ex.tokens[i] if ex.tokens is not None and i < len(ex.tokens) else None
         v = values[i] if i < len(values) else None
         shown = display_token(tok, tid) if tok is not None else str(tid)
-        out.append({"text": _tok_text(tok, tid), "title": f"{shown}  {what} {fmt(v)}", "bg": _bg(v),
-                    "fire": v is not None and v >= threshold})
-    return out
+        fire = ' class="fire"' if v is not None and v >= threshold else ""
+        out.append(f'<span{fire} style="background:{_bg(v)}" title="{escape(f"{shown}  {what} {fmt(v)}")}">'
+                   f"{escape(_tok_text(tok, tid))}</span>")
+    return Markup("".join(out))
 
 
 def _excerpt_section(exs: list[Example], section_id: str, what: str, threshold: float, max_raw: float) -> dict:
