@@ -8,6 +8,7 @@ share the most tokens with a given one. All SQL is parametrised.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,8 +58,8 @@ def _number_or_none(v) -> bool:
 
 def result_problem(r: NeuronResult) -> str | None:
     """What is wrong with a loaded result's field types (what the report and viewer rely on), or None."""
-    if r.neuron.layer < 0 or r.neuron.index < 0:
-        return "negative layer or neuron index"
+    if not (0 <= r.neuron.layer < 10**6 and 0 <= r.neuron.index < 10**9):
+        return "layer or neuron index out of range"
     if not isinstance(r.status, str):
         return "status is not text"
     st = r.stats
@@ -98,6 +99,9 @@ def result_problem(r: NeuronResult) -> str | None:
 
 
 _warned: set[tuple[str, int]] = set()
+_loaded: dict[str, tuple[bytes, NeuronResult]] = {}
+"""Results this process has parsed and checked, by path, with a hash of the file's bytes: the
+report, index and viewer of one run each read every result, and now parse and check it once."""
 
 
 def _mtime(path: Path) -> int:
@@ -116,7 +120,13 @@ def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResul
     found = []
     for path in sorted(Path(run_dir, "neurons").glob("*/result.json")):
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            data = path.read_bytes()
+            signature = hashlib.blake2b(data, digest_size=16).digest()
+            cached = _loaded.get(str(path))
+            if cached is not None and cached[0] == signature:
+                found.append((path.parent, cached[1]))  # parsed and checked already by this process, same bytes
+                continue
+            d = json.loads(data.decode("utf-8"))
             if not isinstance(d, dict):
                 raise ValueError(f"a JSON {type(d).__name__}, not an object")
             result = NeuronResult.from_dict(d)
@@ -131,6 +141,7 @@ def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResul
             log.warning("skipping damaged neuron result %s (%s); re-run the same `n2g run` command to redo it",
                         path, e)
             continue
+        _loaded[str(path)] = (signature, result)
         found.append((path.parent, result))
     found.sort(key=lambda pr: pr[1].neuron)
     yield from found
