@@ -52,6 +52,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                    help="worker processes for graph building and scoring (default: all cores but one on a GPU, 0 on CPU)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="fit on Ray workers: a local cluster, or the cluster at ADDRESS (needs pip install 'n2g[ray]')")
+    p.add_argument("--ablation", action="store_true",
+                   help="also score each graph standing in for its neuron inside the model (more forward work)")
     p.add_argument("--ray-workers", type=int, default=None,
                    help="Ray workers (default: one per GPU of the cluster, else one per CPU)")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip rendering, report and viewer")
@@ -141,7 +143,7 @@ def _options(args, layers: str, neurons: str):
                       max_excerpts=args.max_excerpts, layers=layers, neurons=neurons, sign=args.sign, preset=args.preset,
                       overrides=overrides, substitutes=args.substitutes, out=args.out, device=args.device, dtype=args.dtype, group_size=args.group_size,
                       store_tokens=args.store_tokens, scan_batch=args.scan_batch, batch_tokens=args.batch_tokens,
-                      host_workers=args.host_workers, ray=args.ray, ray_workers=args.ray_workers,
+                      host_workers=args.host_workers, ray=args.ray, ray_workers=args.ray_workers, ablation=args.ablation,
                       report=args.report, progress=not args.quiet)
 
 

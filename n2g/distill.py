@@ -192,6 +192,8 @@ class NeuronFit:
     scores: dict[str, Scores]
     trace: FitTrace | None = None
     status: str = "fitted"
+    ablation: dict | None = None
+    """The ablation score, when the run asked for one (:mod:`n2g.ablate`)."""
 
 
 def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool: Sequence[int],

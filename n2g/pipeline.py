@@ -77,6 +77,9 @@ class RunOptions:
     """Fit on Ray: None (no), "local" (a local cluster started for the run) or a cluster address."""
     ray_workers: int | None = None
     """Ray workers (None: one per GPU of the cluster, else one per CPU)."""
+    ablation: bool = False
+    """Also score each graph standing in for its neuron inside the model (n2g.ablate; about 5x the
+    forward work of fitting, so off unless asked)."""
     store_tokens: int | None = None
     """Token budget of the per-layer activation store (None: the default, see n2g.activations)."""
     report: bool = True
@@ -267,6 +270,8 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
                 nonlocal fitted
                 scan = scans[job.neuron.layer]
                 stats = scan.stats(job.neuron.index, job.neuron.sign)
+                if opts.ablation and fit.graph is not None:
+                    fit.ablation = ablation_of(model, job, fit, scan)
                 if pool is None:
                     store.save(to_result(model, job.neuron, stats, fit, seconds, scan=scan, excerpts=excerpts), fit.graph)
                     fitted += 1
@@ -298,6 +303,21 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     return fitted
 
 
+ABLATION_EXCERPTS = 8
+"""Held-out excerpts (the strongest first) an ablation score runs on."""
+
+
+def ablation_of(model, job, fit, scan) -> dict:
+    """The ablation score of a fitted neuron on its held-out test excerpts (see :mod:`n2g.ablate`)."""
+    from .ablate import ablation_scores
+
+    tests = sorted((e for e in fit.examples if e.split == "test"),
+                   key=lambda e: (e.source != "top", -max(e.activations, default=0.0)))[:ABLATION_EXCERPTS]
+    mean = float(scan.store.neuron(job.neuron.index).astype(np.float64).mean()) if scan.store is not None else 0.0
+    (score,) = ablation_scores(model, [(job.neuron, fit.graph, job.scale, mean)], [[e.token_ids for e in tests]])
+    return score.to_dict()
+
+
 def output_effects(model, neuron: NeuronId) -> tuple[list, list]:
     """Tokens the neuron's side promotes and suppresses (the negative side writes the opposite direction)."""
     promoted, suppressed = model.output_effects(neuron.layer, neuron.index, k=10)
@@ -321,7 +341,7 @@ def describe(neuron: NeuronId, stats, fit, seconds: float, token_strings, effect
         graph_stats = fit.graph.stats()
     result = NeuronResult(neuron=neuron, status=fit.status if fit.graph is not None else "dead", stats=stats,
                           scores=fit.scores, examples=fit.examples, promoted=promoted, suppressed=suppressed,
-                          graph_stats=graph_stats, seconds=seconds)
+                          graph_stats=graph_stats, seconds=seconds, ablation=getattr(fit, "ablation", None) or {})
     if scan is not None and excerpts is not None:
         from .profile import attach_profile
 

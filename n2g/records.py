@@ -195,6 +195,8 @@ class NeuronResult:
     (per band of an excerpt's maximum: ``lo``, ``hi``, ``n_excerpts``); see :mod:`n2g.profile`."""
     band_examples: list[Example] = field(default_factory=list)
     """Excerpts sampled from each activation band (``source`` is ``"band LO-HI"``, split ``"band"``)."""
+    ablation: dict = field(default_factory=dict)
+    """With ``--ablation``: the graph standing in for the neuron inside the model (see :mod:`n2g.ablate`)."""
 
     KIND = "n2g.neuron_result"
 
@@ -213,6 +215,7 @@ class NeuronResult:
             "seconds": float(self.seconds),
             "histogram": _clean(self.histogram),
             "band_examples": [e.to_dict() for e in self.band_examples],
+            "ablation": _clean(self.ablation),
         }
 
     @classmethod
@@ -231,4 +234,5 @@ class NeuronResult:
             seconds=float(d.get("seconds", 0.0)),
             histogram=d.get("histogram") or {},
             band_examples=[Example.from_dict(e) for e in d.get("band_examples", [])],
+            ablation=d.get("ablation") or {},
         )

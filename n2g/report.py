@@ -71,6 +71,14 @@ def _summary(label, results: list[NeuronResult], methods: list[str]) -> dict:
             vals = [getattr(r.scores[m], metric) for r in pool if m in r.scores]
             stats[metric] = _mean(vals)
         row["methods"][m] = stats
+    ablated = [r.ablation for r in fitted if r.ablation]
+    if ablated:  # runs with --ablation: how well the graphs stand in for their neurons inside the model
+        row["ablation"] = {
+            "n_neurons": len(ablated),
+            "recovered": _mean([a.get("recovered") for a in ablated]),
+            "n_recovered": sum(a.get("recovered") is not None for a in ablated),
+            **{f"ce_increase_{v}": _mean([a.get("ce_increase", {}).get(v) for a in ablated]) for v in ("graph", "zero", "mean")},
+        }
     return row
 
 

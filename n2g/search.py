@@ -91,6 +91,12 @@ def result_problem(r: NeuronResult) -> str | None:
               and (e.excerpt_index is None or isinstance(e.excerpt_index, int)))
         if not ok:
             return f"example {i} has a field of the wrong type"
+    a = r.ablation
+    if not isinstance(a, dict) or (a and not (
+            _number_or_none(a.get("ce_clean")) and _number_or_none(a.get("recovered"))
+            and all(isinstance(a.get(k, {}), dict) and all(_number_or_none(v) for v in a.get(k, {}).values())
+                    for k in ("ce_increase", "kl")))):
+        return "ablation has a field of the wrong type"
     if not all(isinstance(t, str) for t, _ in [*r.promoted, *r.suppressed]):
         return "an output token is not text"
     if not all(isinstance(k, str) for k in r.graph_stats):
