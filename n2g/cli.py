@@ -124,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for --model (default: cuda if available)")
     _verbosity_args(p)
 
+    p = sub.add_parser("steer", help="clamp a neuron on a prompt: next-token changes, continuation, attribution",
+                       description="Clamp one neuron to a multiple of its maximum activation on a prompt and show the "
+                                   "change in next-token probabilities, a greedy continuation before and after, and "
+                                   "the neuron's attribution to an output token.")
+    _model_args(p)
+    _corpus_args(p)
+    p.add_argument("--layer", type=int, required=True, help="layer index")
+    p.add_argument("--neuron", type=int, required=True, help="neuron index within the layer's MLP")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--scale", default="4", help="clamp to this multiple of the neuron's maximum activation (default 4)")
+    p.add_argument("--max", dest="max_activation", default=None,
+                   help="the neuron's maximum activation (default: from a scan of the corpus, cached)")
+    p.add_argument("--tokens", type=int, default=12, help="greedy continuation length (default 12)")
+    p.add_argument("--target", default=None, help="output token for the attribution (default: the clean model's top next token)")
+    _verbosity_args(p, json_out=True)
+
     p = sub.add_parser("search", help="find neurons by token", description=(
         "Find the neurons whose graphs contain a token: exact matches first, then the same ignoring case and "
         "spaces, then tokens that start with it, then tokens that contain it."))
@@ -236,6 +252,79 @@ def _search(args) -> int:
     return 0
 
 
+def _number(text: str, flag: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise N2GError(f"{flag} must be a number (got {text!r})") from None
+    if not math.isfinite(value):
+        raise N2GError(f"{flag} must be a finite number (got {text!r})")
+    return value
+
+
+def _steer(args) -> int:
+    from .models import load_model
+    from .steer import attribution, check_prompt, steer
+
+    scale = _number(args.scale, "--scale")
+    peak = _number(args.max_activation, "--max") if args.max_activation is not None else None
+    if args.tokens < 0:
+        raise N2GError(f"--tokens must be 0 or more (got {args.tokens})")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model.check_neuron(args.layer, args.neuron)
+    ids = model.encode(args.prompt)
+    check_prompt(model, ids, args.tokens)
+    target = None
+    if args.target is not None:
+        found = model.encode(args.target)
+        if len(found) != 1:
+            raise N2GError(f"--target {args.target!r} is {len(found)} tokens for this model; give text that is one token")
+        target = found[0]
+    source = "--max"
+    if peak is None:
+        from .corpus import Corpus
+        from .models import cache_dir
+        from .records import Sign
+        from .scan import scan_layers
+
+        corpus = Corpus.build(args.corpus, model.encode, length=args.excerpt_length, max_excerpts=args.max_excerpts,
+                              text_field=args.text_field)
+        scan = scan_layers(model, corpus.excerpts, [args.layer], cache_dir=cache_dir(), corpus_key=corpus.fingerprint(),
+                           progress=not args.quiet)[args.layer]
+        peak = scan.scale(args.neuron, Sign.POSITIVE)
+        source = f"scan of {corpus.excerpts.shape[0]} excerpts"
+    result = steer(model, args.layer, args.neuron, ids, scale * peak, n_tokens=args.tokens)
+    if target is None:
+        from .steer import _next_probs
+
+        target = int(_next_probs(model, ids, args.layer, args.neuron, None).argmax())
+    attr = attribution(model, args.layer, args.neuron, ids, target)
+    tokens = model.token_strings(ids)
+    target_text = model.token_strings([target])[0]
+    if args.json:
+        _print_json({"neuron": f"L{args.layer}.N{args.neuron}", "max_activation": peak, "max_from": source,
+                     "scale": scale, **result.to_dict(), "attribution": {"target": target_text,
+                     "per_token": [[t, float(v)] for t, v in zip(tokens, attr)], "total": float(attr.sum())}})
+        return 0
+    print(f"neuron L{args.layer}.N{args.neuron}: maximum activation {peak:.4g} ({source}); clamped to "
+          f"{scale:g} x max = {result.value:.4g} at every position")
+    print(f"next-token KL(clean || clamped) {result.kl:.4f} nats; {result.promoted_overlap} of the top "
+          f"{len(result.gainers)} gainers are among the neuron's 50 most promoted output tokens")
+    print("top gainers (probability before -> after):")
+    for t, a, b in result.gainers:
+        print(f"  {t!r:>20}  {a:.4f} -> {b:.4f}")
+    print("top losers:")
+    for t, a, b in result.losers:
+        print(f"  {t!r:>20}  {a:.4f} -> {b:.4f}")
+    print(f"continuation, clean:   {args.prompt}{result.before!r}")
+    print(f"continuation, clamped: {args.prompt}{result.after!r}")
+    print(f"attribution to {target_text!r} as the next token (d p / d activation x activation), per prompt token:")
+    print("  " + "  ".join(f"{t!r}:{v:+.2e}" for t, v in zip(tokens, attr)) + f"  (total {attr.sum():+.3e})")
+    return 0
+
+
 def _info(args) -> int:
     from .models import load_model
 
@@ -339,7 +428,8 @@ def _main(argv: list[str] | None) -> int:
         from .progress import silence_library_bars
 
         silence_library_bars()
-    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search}
+    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search,
+                "steer": _steer}
     try:
         return handlers[args.command](args)
     except N2GError as exc:

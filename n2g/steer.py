@@ -1,0 +1,141 @@
+"""Steering and attribution: what a neuron does to the model's next-token predictions.
+
+:func:`steer` clamps a neuron to a multiple of its maximum activation at every position of a
+prompt (and of the tokens generated after it) and reports the change in next-token probabilities
+(top gainers and losers), a short greedy continuation before and after, and how many of the top
+gainers are among the tokens the neuron's output weights promote (its direct logit effect).
+:func:`attribution` gives, for a prompt and an output token, the neuron's attribution at every
+position: the gradient of that token's next-token probability with respect to the neuron's
+activation, times the activation (the Transluce seed's definition).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import N2GError
+
+
+@dataclass
+class Steering:
+    """What clamping one neuron did to one prompt."""
+
+    value: float
+    """The activation the neuron was clamped to (raw scale)."""
+    gainers: list[tuple[str, float, float]] = field(default_factory=list)
+    """(token, probability before, after), largest increase first."""
+    losers: list[tuple[str, float, float]] = field(default_factory=list)
+    """(token, probability before, after), largest decrease first."""
+    before: str = ""
+    """Greedy continuation of the prompt by the clean model."""
+    after: str = ""
+    """Greedy continuation with the neuron clamped."""
+    promoted_overlap: int = 0
+    """How many of the top gainers are among the neuron's top promoted output tokens."""
+    kl: float = 0.0
+    """KL(clean || clamped) of the next-token distribution, nats."""
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "gainers": [list(g) for g in self.gainers], "losers": [list(l) for l in self.losers],
+                "before": self.before, "after": self.after, "promoted_overlap": self.promoted_overlap, "kl": self.kl}
+
+
+def check_prompt(model, ids: Sequence[int], extra: int = 0) -> None:
+    """A prompt the model can take: not empty, and within its context with ``extra`` tokens more."""
+    if not len(ids):
+        raise N2GError("the prompt has no tokens; give some text with --prompt")
+    limit = getattr(getattr(model.model, "config", None), "max_position_embeddings", None)
+    need = len(ids) + extra + (1 if model.bos_token_id is not None else 0)
+    if limit and need > int(limit):
+        raise N2GError(f"the prompt is {len(ids)} tokens; with {extra} generated tokens it exceeds this model's "
+                       f"context of {limit}; give a shorter --prompt (or fewer --tokens)")
+
+
+@contextlib.contextmanager
+def clamped(model, layer: int, index: int, value: float | None):
+    """Within the block, the neuron's activation is ``value`` at every position (None: untouched)."""
+    if value is None:
+        yield
+        return
+
+    def hook(module, args):
+        x = args[0].clone()
+        x[..., index] = value
+        return (x, *args[1:])
+
+    handle = model._projs[layer].register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.inference_mode()
+def _next_probs(model, ids: list[int], layer: int, index: int, value: float | None) -> torch.Tensor:
+    x, mask, _ = model._prepare(torch.tensor([ids]), None)
+    with clamped(model, layer, index, value):
+        logits = model.model(**model._forward_kwargs(x, mask)).logits[0, -1]
+    return torch.softmax(logits.float(), dim=-1).cpu()
+
+
+def _greedy(model, ids: list[int], n: int, layer: int, index: int, value: float | None) -> list[int]:
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(_next_probs(model, out, layer, index, value).argmax()))
+    return out[len(ids):]
+
+
+def steer(model, layer: int, index: int, ids: Sequence[int], value: float, k: int = 10, n_tokens: int = 12,
+          promoted: Sequence[str] | None = None) -> Steering:
+    """Clamp neuron ``layer``/``index`` to ``value`` (raw activation) on prompt ``ids``; see the module docs."""
+    model.check_neuron(layer, index)
+    ids = [int(t) for t in ids]
+    check_prompt(model, ids, n_tokens)
+    p0 = _next_probs(model, ids, layer, index, None)
+    p1 = _next_probs(model, ids, layer, index, value)
+    delta = p1 - p0
+    k = min(k, delta.numel())
+    names = lambda idx: model.token_strings([int(i) for i in idx])
+    up, down = delta.topk(k).indices.tolist(), (-delta).topk(k).indices.tolist()
+    gainers = [(t, float(p0[i]), float(p1[i])) for t, i in zip(names(up), up)]
+    losers = [(t, float(p0[i]), float(p1[i])) for t, i in zip(names(down), down)]
+    if promoted is None:
+        promoted = [t for t, _ in model.output_effects(layer, index, k=50)[0]]
+    overlap = len(set(t for t, _, _ in gainers) & set(promoted))
+    kl = float((p0 * (torch.log(p0.clamp_min(1e-30)) - torch.log(p1.clamp_min(1e-30)))).sum())
+    text = lambda toks: "".join(model.token_strings(toks))
+    return Steering(float(value), gainers, losers, text(_greedy(model, ids, n_tokens, layer, index, None)),
+                    text(_greedy(model, ids, n_tokens, layer, index, value)), overlap, kl)
+
+
+def attribution(model, layer: int, index: int, ids: Sequence[int], target: int) -> np.ndarray:
+    """Per prompt position: d p(target as the next token) / d activation, times the activation."""
+    model.check_neuron(layer, index)
+    ids = [int(t) for t in ids]
+    check_prompt(model, ids)
+    x, mask, offset = model._prepare(torch.tensor([ids]), None)
+    leaf = {}
+
+    def hook(module, args):
+        h = args[0].clone()
+        a = h[..., index].detach().clone().requires_grad_(True)
+        leaf["a"] = a
+        h[..., index] = a
+        return (h, *args[1:])
+
+    handle = model._projs[layer].register_forward_pre_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model.model(**model._forward_kwargs(x, mask)).logits[0, -1]
+            prob = torch.softmax(logits.float(), dim=-1)[int(target)]
+            prob.backward()
+    finally:
+        handle.remove()
+    a = leaf["a"]
+    attr = (a.grad * a).detach().float().reshape(-1).cpu().numpy()
+    return attr[offset:]

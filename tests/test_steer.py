@@ -1,0 +1,60 @@
+"""Steering and attribution: clamping a neuron that writes towards a token raises that token."""
+
+import json
+
+import numpy as np
+import pytest
+
+from test_ablate import INDEX, LAYER, STRENGTH, planted
+from test_pipeline import cli, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+
+from n2g.steer import attribution, steer
+
+
+def test_clamping_a_neuron_that_writes_towards_a_token_raises_it():
+    model = planted()
+    nine = model.token_strings([9])[0]
+    result = steer(model, LAYER, INDEX, [10, 11, 12], 100 * STRENGTH, n_tokens=4)
+    top, before, after = result.gainers[0]
+    assert top == nine and after > 1.5 * before  # (a tiny random model spreads probability almost evenly)
+    assert nine in [t for t, _ in model.output_effects(LAYER, INDEX, k=5)[0]]
+    assert result.promoted_overlap >= 1 and result.kl > 0
+    assert result.after == nine * 4 and result.before != result.after  # clamped, the model says "9" again and again
+    calm = steer(model, LAYER, INDEX, [10, 11, 12], 0.0, n_tokens=4)  # clamped to what it already is there
+    assert calm.kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_attribution_is_where_the_neuron_is_active_and_points_to_its_token():
+    model = planted()
+    attr = attribution(model, LAYER, INDEX, [10, 7, 11, 7], 9)
+    assert attr.shape == (4,)
+    assert attr[0] == 0.0 and attr[2] == 0.0  # activation 0 there: no attribution
+    assert attr[3] > 0  # active on the last token, and it pushes "9" up
+    assert np.all(np.isfinite(attr))
+
+
+def test_steer_command(tiny_dir):
+    model = str(tiny_dir / "model")
+    res = cli("steer", "--model", model, "--layer", "1", "--neuron", "3", "--prompt", "the cat sat", "--max", "2",
+              "--scale", "8", "--tokens", "3", "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["value"] == pytest.approx(16.0) and len(out["gainers"]) == 10 and out["max_from"] == "--max"
+    assert len(out["attribution"]["per_token"]) == 3
+    text = cli("steer", "--model", model, "--corpus", str(tiny_dir / "corpus.txt"), "--excerpt-length", "32",
+               "--layer", "1", "--neuron", "3", "--prompt", "the cat", "--tokens", "2", "-q")
+    assert text.returncode == 0, text.stderr
+    assert "scan of" in text.stdout and "top gainers" in text.stdout and "attribution to" in text.stdout
+
+
+@pytest.mark.parametrize("change, needle", [({"--scale": "lots"}, "--scale must be a number"),
+                                           ({"--prompt": " ".join(["cat"] * 300)}, "context"),
+                                           ({"--layer": "9"}, "does not exist")])
+def test_steer_bad_input_is_one_line(tiny_dir, tmp_path, change, needle):
+    options = {"--model": str(tiny_dir / "model"), "--layer": "1", "--neuron": "3", "--prompt": "the cat", "--max": "1",
+               **change}
+    res = cli("steer", *[x for kv in options.items() for x in kv], "-q", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.startswith("n2g: error:")]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and list(tmp_path.iterdir()) == []
