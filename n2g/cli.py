@@ -52,6 +52,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                    help="worker processes for graph building and scoring (default: all cores but one on a GPU, 0 on CPU)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="fit on Ray workers: a local cluster, or the cluster at ADDRESS (needs pip install 'n2g[ray]')")
+    p.add_argument("--control", default=None, choices=["random"],
+                   help="also fit the same neurons on a randomly initialised copy of the model (seeded); the report shows both")
     p.add_argument("--ablation", action="store_true",
                    help="also score each graph standing in for its neuron inside the model (more forward work)")
     p.add_argument("--ray-workers", type=int, default=None,
@@ -160,6 +162,7 @@ def _options(args, layers: str, neurons: str):
                       overrides=overrides, substitutes=args.substitutes, out=args.out, device=args.device, dtype=args.dtype, group_size=args.group_size,
                       store_tokens=args.store_tokens, scan_batch=args.scan_batch, batch_tokens=args.batch_tokens,
                       host_workers=args.host_workers, ray=args.ray, ray_workers=args.ray_workers, ablation=args.ablation,
+                      control=args.control,
                       report=args.report, progress=not args.quiet)
 
 

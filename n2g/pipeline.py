@@ -77,6 +77,9 @@ class RunOptions:
     """Fit on Ray: None (no), "local" (a local cluster started for the run) or a cluster address."""
     ray_workers: int | None = None
     """Ray workers (None: one per GPU of the cluster, else one per CPU)."""
+    control: str | None = None
+    """``"random"``: also fit the same neurons on a randomly initialised copy of the model (seeded),
+    into ``OUT/control-random``; the report shows both."""
     ablation: bool = False
     """Also score each graph standing in for its neuron inside the model (n2g.ablate; about 5x the
     forward work of fitting, so off unless asked)."""
@@ -143,6 +146,8 @@ def check_options(opts: RunOptions) -> None:
             raise N2GError(f"{flag} must be at least 1 (got {value})")
     if opts.host_workers is not None and opts.host_workers < 0:
         raise N2GError(f"--host-workers must be 0 or more (got {opts.host_workers})")
+    if opts.control not in (None, "random"):
+        raise N2GError(f"--control must be 'random' (got {opts.control!r})")
     if opts.ray_workers is not None and opts.ray_workers < 1:
         raise N2GError(f"--ray-workers must be at least 1 (got {opts.ray_workers})")
 
@@ -207,6 +212,11 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         fitted = fit_on_ray(opts, todo, store)
     elif todo:
         fitted = fit_neurons(opts, todo, model, corpus, store, is_train)
+    if opts.control == "random":
+        from dataclasses import replace
+
+        control = random_copy(model, CONTROL_SEED)
+        run(replace(opts, control=None, out=str(out / CONTROL_DIR), report=False, ray=None), model=control, corpus=corpus)
     store.write_scores_table()
     artifacts = {}
     if opts.report:
@@ -215,6 +225,31 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         artifacts = build_all(out)
     results = [r for r in store.results() if r.neuron in set(wanted)]
     return RunSummary(out, results, fitted, time.perf_counter() - started, artifacts)
+
+
+CONTROL_DIR = "control-random"
+"""Where ``--control random`` puts the same neurons fitted on a randomly initialised model."""
+CONTROL_SEED = 1234
+"""Seed of the control's weights (not 0: a model that is itself a seed-0 random init would be its own control)."""
+
+
+def random_copy(model, seed: int = 0):
+    """The subject model's architecture and tokenizer with freshly initialised weights (seeded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models import SubjectModel
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        net = AutoModelForCausalLM.from_config(model.model.config)
+    finally:
+        torch.random.set_rng_state(state)
+    net = net.to(device=model.device, dtype=model.dtype).eval()
+    copy = SubjectModel(net, model.tokenizer, spec=f"{model.spec}#random-init-seed{seed}")
+    copy.bos_token_id, copy.occlusion_token_id = model.bos_token_id, model.occlusion_token_id
+    return copy
 
 
 def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is_train) -> int:

@@ -118,6 +118,23 @@ def _run_info(run_dir: Path) -> dict:
         return {}
 
 
+def _control(run_dir: Path) -> dict | None:
+    """Per-layer means of the same neurons fitted on a randomly initialised model (``--control random``)."""
+    folder = run_dir / "control-random"
+    if not (folder / "run.json").exists():
+        return None
+    try:
+        results = load_results(folder)
+    except N2GError:
+        return None
+    present = {m for r in results for m in r.scores}
+    methods = [m for m in METHODS if m in present]
+    layers = sorted({r.neuron.layer for r in results})
+    rows = [_summary(layer, [r for r in results if r.neuron.layer == layer], methods) for layer in layers]
+    return {"model": (_run_info(folder).get("model") or {}).get("spec"), "methods": methods,
+            "layers": rows + [_summary("all", results, methods)]}
+
+
 def compute_report(run_dir: str | os.PathLike) -> dict:
     """The report's numbers as a JSON-ready dict (what ``report.json`` holds)."""
     run_dir = Path(run_dir)
@@ -143,6 +160,7 @@ def compute_report(run_dir: str | os.PathLike) -> dict:
         ),
         "layers": rows,
         "overall": overall,
+        "control": _control(run_dir),
         "best": [n["key"] for n in ranked[:N_BEST]],
         "worst": [n["key"] for n in ranked[::-1][:N_BEST]],
         "neurons": neurons,

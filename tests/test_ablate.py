@@ -106,3 +106,35 @@ def test_run_with_ablation_stores_it_and_shows_it(tiny_dir, tmp_path):
     plain = tmp_path / "plain"
     assert cli(*run_args(tiny_dir, plain, "--neurons", "0", "--layers", "1")).returncode == 0
     assert json.loads((plain / "neurons" / "L1.N0" / "result.json").read_text())["ablation"] == {}
+
+
+def test_control_random_fits_the_same_neurons_on_a_random_copy(tiny_dir, tmp_path):
+    import json
+
+    from test_pipeline import cli, run_args
+
+    out = tmp_path / "run"
+    args = [a for a in run_args(tiny_dir, out, "--neurons", "0-2", "--layers", "1", "--control", "random") if a != "--no-report"]
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    control = out / "control-random"
+    meta = json.loads((control / "run.json").read_text())
+    assert meta["model"]["spec"].endswith("#random-init-seed1234")
+    assert sorted(p.name for p in (control / "neurons").iterdir()) == ["L1.N0", "L1.N1", "L1.N2"]
+    real = json.loads((out / "neurons" / "L1.N0" / "result.json").read_text())
+    fake = json.loads((control / "neurons" / "L1.N0" / "result.json").read_text())
+    assert real["stats"]["max_activation"] != fake["stats"]["max_activation"]  # other weights, other neuron
+    report = json.loads((out / "report.json").read_text())
+    assert [row["layer"] for row in report["control"]["layers"]] == [1, "all"]
+    assert 'id="control-table"' in (out / "report.html").read_text()
+    assert not (out / "neurons" / "control-random").exists()
+
+
+def test_random_copy_is_seeded_and_differs_from_the_model():
+    from n2g.pipeline import random_copy
+
+    model = planted()
+    a, b = random_copy(model, 0), random_copy(model, 0)
+    wa, wb = a._projs[1].weight, b._projs[1].weight
+    assert torch.equal(wa, wb) and not torch.equal(wa, model._projs[1].weight)
+    assert random_copy(model, 1)._projs[1].weight.ne(wa).any()
