@@ -52,6 +52,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                    help="worker processes for graph building and scoring (default: all cores but one on a GPU, 0 on CPU)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="fit on Ray workers: a local cluster, or the cluster at ADDRESS (needs pip install 'n2g[ray]')")
+    p.add_argument("--sae", default=None, metavar="PATH",
+                   help="a local SAELens directory (cfg.json + sae_weights.safetensors): fit its latents instead of MLP neurons")
     p.add_argument("--control", default=None, choices=["random"],
                    help="also fit the same neurons on a randomly initialised copy of the model (seeded); the report shows both")
     p.add_argument("--ablation", action="store_true",
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the neuron's maximum activation (default: from a scan of the corpus, cached)")
     p.add_argument("--tokens", type=int, default=12, help="greedy continuation length (default 12)")
     p.add_argument("--target", default=None, help="output token for the attribution (default: the clean model's top next token)")
+    p.add_argument("--sae", default=None, metavar="PATH", help="steer a latent of this local SAELens SAE instead of an MLP neuron")
     _verbosity_args(p, json_out=True)
 
     p = sub.add_parser("search", help="find neurons by token", description=(
@@ -162,7 +165,7 @@ def _options(args, layers: str, neurons: str):
                       overrides=overrides, substitutes=args.substitutes, out=args.out, device=args.device, dtype=args.dtype, group_size=args.group_size,
                       store_tokens=args.store_tokens, scan_batch=args.scan_batch, batch_tokens=args.batch_tokens,
                       host_workers=args.host_workers, ray=args.ray, ray_workers=args.ray_workers, ablation=args.ablation,
-                      control=args.control,
+                      control=args.control, sae=args.sae,
                       report=args.report, progress=not args.quiet)
 
 
@@ -276,6 +279,10 @@ def _steer(args) -> int:
     if args.tokens < 0:
         raise N2GError(f"--tokens must be 0 or more (got {args.tokens})")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.sae:
+        from .sae import load_sae
+
+        model = load_sae(args.sae, model)
     model.check_neuron(args.layer, args.neuron)
     ids = model.encode(args.prompt)
     check_prompt(model, ids, args.tokens)

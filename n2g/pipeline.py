@@ -77,6 +77,8 @@ class RunOptions:
     """Fit on Ray: None (no), "local" (a local cluster started for the run) or a cluster address."""
     ray_workers: int | None = None
     """Ray workers (None: one per GPU of the cluster, else one per CPU)."""
+    sae: str | None = None
+    """A local SAELens directory: fit its latents (at its hook's layer) instead of MLP neurons."""
     control: str | None = None
     """``"random"``: also fit the same neurons on a randomly initialised copy of the model (seeded),
     into ``OUT/control-random``; the report shows both."""
@@ -159,6 +161,10 @@ def load_inputs(opts: RunOptions, model=None, corpus=None):
 
     if model is None:
         model = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    if opts.sae and not hasattr(model, "encode_latents"):
+        from .sae import load_sae
+
+        model = load_sae(opts.sae, model)
     if corpus is None:
         corpus = Corpus.build(opts.corpus, model.encode, length=opts.excerpt_length,
                               max_excerpts=opts.max_excerpts, text_field=opts.text_field)
@@ -199,6 +205,9 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         preflight(opts)
     model, corpus = load_inputs(opts, model, corpus)
     layers = parse_indices(opts.layers, model.n_layers, "layer")
+    sae_layer = getattr(model, "encode_latents", None) and model.layer
+    if opts.sae and layers == [0] and sae_layer:  # the default layer list means: the SAE's layer
+        layers = [sae_layer]
     indices = parse_indices(opts.neurons, model.d_mlp, "neuron")
     store, is_train = open_store(opts, model, corpus)
     out = store.root
@@ -215,7 +224,12 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     if opts.control == "random":
         from dataclasses import replace
 
-        control = random_copy(model, CONTROL_SEED)
+        if hasattr(model, "encode_latents"):  # the same SAE on the random model
+            from .sae import load_sae
+
+            control = load_sae(model.path, random_copy(model.base, CONTROL_SEED))
+        else:
+            control = random_copy(model, CONTROL_SEED)
         run(replace(opts, control=None, out=str(out / CONTROL_DIR), report=False, ray=None), model=control, corpus=corpus)
     store.write_scores_table()
     artifacts = {}

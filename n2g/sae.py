@@ -1,0 +1,179 @@
+"""SAE latents as features: every latent of a sparse autoencoder at a hook site of the model.
+
+``--sae PATH`` reads a local SAELens-format directory: ``cfg.json`` (``d_in``, ``d_sae``,
+``hook_name`` such as ``blocks.3.hook_resid_post`` or ``blocks.3.hook_mlp_out``, ``activation_fn``
+``relu`` or ``topk`` with ``activation_fn_kwargs.k``, optional ``apply_b_dec_to_input``) and
+``sae_weights.safetensors`` (``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``).
+:class:`SAEModel` wraps the subject model so that the rest of n2g sees the SAE's layer with
+``d_sae`` "neurons": the scan, fitting, reports and viewer run unchanged, and ablation and steering
+edit a latent by adding the change of its decoded contribution at the hook site.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import N2GError
+from .models import SubjectModel, _get, _StopForward
+
+HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out)$")
+
+
+class _LatentSite:
+    """Stands where an MLP output projection would: a pre-hook registered here sees ``(latents,)``
+    ``[batch, pos, d_sae]``, may return edited latents, and the site's output changes by the edit decoded."""
+
+    def __init__(self, owner: "SAEModel"):
+        self.owner = owner
+
+    def register_forward_pre_hook(self, hook):
+        owner = self.owner
+
+        def forward_hook(module, inputs, output):
+            h = output[0] if isinstance(output, tuple) else output
+            f = owner.encode_latents(h)
+            edited = hook(module, (f,))
+            if edited is None:
+                return None
+            delta = ((edited[0] if isinstance(edited, tuple) else edited).float() - f) @ owner.W_dec
+            h = h + delta.to(h.dtype)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return owner.site.register_forward_hook(forward_hook)
+
+
+class SAEModel:
+    """The subject model seen through an SAE: layer ``layer`` has ``d_sae`` latents as its neurons."""
+
+    def __init__(self, base: SubjectModel, path: str | Path):
+        self.base = base
+        path = Path(path).expanduser()
+        cfg_path, weights_path = path / "cfg.json", path / "sae_weights.safetensors"
+        if not cfg_path.is_file() or not weights_path.is_file():
+            raise N2GError(f"{path} is not an SAELens directory (it needs cfg.json and sae_weights.safetensors)")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            d_in, d_sae, hook_name = int(cfg["d_in"]), int(cfg["d_sae"]), str(cfg["hook_name"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise N2GError(f"{cfg_path} is not a readable SAE config with d_in, d_sae and hook_name ({exc})") from None
+        m = HOOK.match(hook_name)
+        if not m:
+            raise N2GError(f"SAE hook {hook_name!r} is not supported; use blocks.L.hook_resid_post or blocks.L.hook_mlp_out")
+        self.layer, self.site_kind = int(m.group(1)), m.group(2)
+        if self.layer >= base.n_layers:
+            raise N2GError(f"the SAE reads layer {self.layer} ({hook_name}) but the model has layers 0-{base.n_layers - 1}; "
+                           "use an SAE trained on this model")
+        hidden = int(getattr(base.model.config, "hidden_size", 0) or getattr(base.model.config, "n_embd", 0) or 0)
+        if hidden and d_in != hidden:
+            raise N2GError(f"the SAE's width d_in={d_in} does not match the model's hidden size {hidden}; "
+                           "use an SAE trained on this model")
+        act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+        self.topk = None
+        if act == "topk":
+            self.topk = int((cfg.get("activation_fn_kwargs") or {}).get("k", 0)) or None
+            if not self.topk:
+                raise N2GError(f"{cfg_path}: activation_fn topk needs activation_fn_kwargs.k")
+        elif act != "relu":
+            raise N2GError(f"SAE activation_fn {act!r} is not supported; relu and topk are")
+        from safetensors.torch import load_file
+
+        try:
+            w = load_file(str(weights_path))
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise N2GError(f"cannot read {weights_path} ({type(exc).__name__}); is it a safetensors file?") from None
+        want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        for name, shape in want.items():
+            if name not in w or tuple(w[name].shape) != shape:
+                got = None if name not in w else tuple(w[name].shape)
+                raise N2GError(f"{weights_path}: {name} should have shape {shape} (d_in={d_in}, d_sae={d_sae}), "
+                               f"found {got}; the weights do not match cfg.json")
+        dev = base.device
+        self.W_enc, self.b_enc = w["W_enc"].float().to(dev), w["b_enc"].float().to(dev)
+        self.W_dec, self.b_dec = w["W_dec"].float().to(dev), w["b_dec"].float().to(dev)
+        self.apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
+        self.hook_name, self.path = hook_name, path
+        blocks = _get(base.model, base._family.blocks)
+        self.site: nn.Module = blocks[self.layer] if self.site_kind == "resid_post" else base._projs[self.layer]
+        self.d_mlp = d_sae
+        self.n_layers = base.n_layers
+        self.spec = f"{base.spec}+sae:{path.resolve()}"
+        self._projs = {self.layer: _LatentSite(self)}
+
+    def __getattr__(self, name):  # everything else (tokenizer, model, device, _prepare ...) is the subject model's
+        return getattr(self.base, name)
+
+    def encode_latents(self, h: torch.Tensor) -> torch.Tensor:
+        """Latent activations ``[..., d_sae]`` of hook-site activations ``h`` (float32)."""
+        x = h.float() - (self.b_dec if self.apply_b_dec else 0.0)
+        pre = x @ self.W_enc + self.b_enc
+        if self.topk is None:
+            return torch.relu(pre)
+        top = pre.topk(min(self.topk, pre.shape[-1]), dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    def check_neuron(self, layer: int, index: int) -> None:
+        if int(layer) != self.layer:
+            raise N2GError(f"this SAE reads layer {self.layer} ({self.hook_name}); ask for layer {self.layer}")
+        if not 0 <= int(index) < self.d_mlp:
+            raise N2GError(f"latent {index} does not exist: this SAE has latents 0..{self.d_mlp - 1}")
+
+    @torch.inference_mode()
+    def layer_activations(self, token_ids, attention_mask, layers):
+        layers = sorted({int(l) for l in layers})
+        for l in layers:
+            self.check_neuron(l, 0)
+        if not layers:
+            return {}
+        ids, mask, offset = self.base._prepare(token_ids, attention_mask)
+        captured = {}
+
+        def grab(module, inputs, output):
+            captured["f"] = self.encode_latents(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handle = self.site.register_forward_hook(grab)
+        try:
+            self.base.model(**self.base._forward_kwargs(ids, mask))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        f = captured["f"][:, offset:]
+        keep = mask[:, offset:].bool().unsqueeze(-1)
+        return {self.layer: torch.where(keep, f, 0.0)}
+
+    @torch.inference_mode()
+    def output_effects(self, layer: int, index: int, k: int = 10):
+        """Tokens the latent's decoder direction promotes and suppresses (direct logit effect)."""
+        self.check_neuron(layer, index)
+        base = self.base
+        vec = self.W_dec[index].float()
+        norm = _get(base.model, base._family.final_norm)
+        weight = getattr(norm, "weight", None) if norm is not None else None
+        if weight is not None:
+            vec = vec * (weight.float() + base._family.norm_offset)
+        proj = _get(base.model, base._family.project_out)
+        if isinstance(proj, nn.Linear):
+            vec = proj.weight.float() @ vec
+        effect = base.model.get_output_embeddings().weight.float() @ vec
+        k = min(k, effect.numel())
+        top, bottom = effect.topk(k), effect.topk(k, largest=False)
+        named = lambda res: [(s, float(v)) for s, v in zip(base.token_strings(res.indices.tolist()), res.values.tolist())]
+        return named(top), named(bottom)
+
+    def info(self) -> dict:
+        return {**self.base.info(), "spec": self.spec, "d_mlp": self.d_mlp,
+                "sae": {"path": str(self.path), "hook_name": self.hook_name, "d_sae": self.d_mlp,
+                        "activation_fn": "topk" if self.topk else "relu"}}
+
+    def __repr__(self) -> str:
+        return f"SAEModel({self.base!r}, {self.hook_name}, {self.d_mlp} latents)"
+
+
+def load_sae(path: str | Path, base: SubjectModel) -> SAEModel:
+    return SAEModel(base, path)

@@ -1,0 +1,93 @@
+"""SAE latents as features: a tiny random SAE saved in SAELens format, run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_model, tiny_tokenizer
+from test_pipeline import cli, run_args, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+
+from n2g.models import SubjectModel
+from n2g.sae import SAEModel
+
+D_IN, D_SAE = 32, 16
+
+
+def write_sae(folder, hook="blocks.1.hook_resid_post", d_in=D_IN, d_sae=D_SAE, seed=0, **cfg):
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "d_sae": d_sae, "hook_name": hook,
+                                                 "activation_fn": "relu", **cfg}))
+    save_file({"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.zeros(d_sae),
+               "W_dec": torch.randn(d_sae, d_in, generator=g) * 0.1, "b_dec": torch.zeros(d_in)},
+              str(folder / "sae_weights.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"])
+def test_latents_are_the_sae_encoding_of_the_hook_site(tmp_path, hook):
+    torch.manual_seed(0)
+    net = tiny_model("llama")
+    base = SubjectModel(net, tiny_tokenizer(), spec="tiny")
+    sae = SAEModel(base, write_sae(tmp_path / "sae", hook))
+    layer = int(hook.split(".")[1])
+    ids = torch.randint(4, 60, (3, 10))
+    got = sae.layer_activations(ids, None, [layer])[layer]
+    seen = {}
+    site = net.model.layers[layer] if hook.endswith("resid_post") else net.model.layers[layer].mlp.down_proj
+    handle = site.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        net(torch.cat([torch.full((3, 1), base.bos_token_id), ids], 1))
+    handle.remove()
+    expected = torch.relu((seen["h"].float() - sae.b_dec) @ sae.W_enc + sae.b_enc)[:, 1:]
+    assert got.shape == (3, 10, D_SAE)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert float((got > 0).float().mean()) > 0.05  # some latents fire
+    effects = sae.output_effects(layer, 0, k=3)
+    assert len(effects[0]) == 3
+
+
+def test_run_fit_report_and_steer_on_latents(tiny_dir, tmp_path):
+    sae = write_sae(tmp_path / "sae")
+    out = tmp_path / "run"
+    args = [a for a in run_args(tiny_dir, out, "--sae", str(sae), "--layers", "0", "--neurons", "0-3", "--ablation")
+            if a != "--no-report"]
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (out / "neurons").iterdir()) == ["L1.N0", "L1.N1", "L1.N2", "L1.N3"]  # the SAE's layer
+    meta = json.loads((out / "run.json").read_text())
+    assert "+sae:" in meta["model"]["spec"] and meta["model"]["sae"]["hook_name"] == "blocks.1.hook_resid_post"
+    fitted = [json.loads((out / "neurons" / k / "result.json").read_text()) for k in ("L1.N0", "L1.N1", "L1.N2", "L1.N3")]
+    live = [r for r in fitted if r["status"] == "fitted"]
+    assert live and all(set(r["ablation"]["ce_increase"]) == {"graph", "zero", "mean"} for r in live)
+    assert (out / "report.html").exists() and (out / "viewer" / "neurons" / "L1.N0.html").exists()
+    key = live[0]["neuron"]["index"]
+    steer = cli("steer", "--model", str(tiny_dir / "model"), "--sae", str(sae), "--layer", "1", "--neuron", str(key),
+                "--prompt", "the cat sat", "--max", "1", "--scale", "20", "--tokens", "2", "--json", "-q")
+    assert steer.returncode == 0, steer.stderr
+    assert json.loads(steer.stdout)["kl"] > 0  # clamping the latent changes the next-token distribution
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: write_sae(p, d_in=16), "does not match the model's hidden size"),
+    (lambda p: write_sae(p, hook="blocks.7.hook_resid_post"), "layers 0-2"),
+    (lambda p: write_sae(p, hook="blocks.1.attn.hook_z"), "not supported"),
+    (lambda p: write_sae(p, activation_fn="jumprelu"), "not supported"),
+    (lambda p: p, "not an SAELens directory"),
+])
+def test_bad_sae_is_one_line(tiny_dir, tmp_path, make, needle):
+    sae = make(tmp_path / "sae")
+    sae.mkdir(exist_ok=True)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    res = cli("run", "--model", str(tiny_dir / "model"), "--corpus", str(tiny_dir / "corpus.txt"), "--excerpt-length", "32",
+              "--neurons", "0", "--sae", str(sae), "-q", cwd=work)
+    assert res.returncode == 2, res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.startswith("n2g: error:")]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and list(work.iterdir()) == []
