@@ -194,6 +194,8 @@ class NeuronFit:
     status: str = "fitted"
     ablation: dict | None = None
     """The ablation score, when the run asked for one (:mod:`n2g.ablate`)."""
+    steering: dict | None = None
+    """The steering check, when the run asked for ablation (:mod:`n2g.steer`)."""
 
 
 def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool: Sequence[int],

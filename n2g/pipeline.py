@@ -321,6 +321,7 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
                 stats = scan.stats(job.neuron.index, job.neuron.sign)
                 if opts.ablation and fit.graph is not None:
                     fit.ablation = ablation_of(model, job, fit, scan)
+                    fit.steering = steering_of(model, job, fit)
                 if pool is None:
                     store.save(to_result(model, job.neuron, stats, fit, seconds, scan=scan, excerpts=excerpts), fit.graph)
                     fitted += 1
@@ -367,6 +368,25 @@ def ablation_of(model, job, fit, scan) -> dict:
     return score.to_dict()
 
 
+STEER_SCALE = 4.0
+"""With ``--ablation``, the neuron page's steering check clamps the neuron to this multiple of its maximum."""
+
+
+def steering_of(model, job, fit) -> dict:
+    """The steering check of a fitted neuron: clamped on the prefix of its strongest held-out excerpt
+    (up to its most active token), next-token gainers and losers and greedy continuations."""
+    from .steer import steer
+
+    tops = [e for e in fit.examples if e.split == "test" and e.source == "top" and e.activations]
+    if not tops:
+        return {}
+    best = max(tops, key=lambda e: max(e.activations))
+    prefix = list(best.token_ids[: int(np.argmax(best.activations)) + 1])
+    sign = 1.0 if job.neuron.sign == Sign.POSITIVE else -1.0
+    result = steer(model, job.neuron.layer, job.neuron.index, prefix, STEER_SCALE * job.scale * sign, n_tokens=8)
+    return {"prompt": "".join(model.token_strings(prefix)), "scale": STEER_SCALE, **result.to_dict()}
+
+
 def output_effects(model, neuron: NeuronId) -> tuple[list, list]:
     """Tokens the neuron's side promotes and suppresses (the negative side writes the opposite direction)."""
     promoted, suppressed = model.output_effects(neuron.layer, neuron.index, k=10)
@@ -390,7 +410,8 @@ def describe(neuron: NeuronId, stats, fit, seconds: float, token_strings, effect
         graph_stats = fit.graph.stats()
     result = NeuronResult(neuron=neuron, status=fit.status if fit.graph is not None else "dead", stats=stats,
                           scores=fit.scores, examples=fit.examples, promoted=promoted, suppressed=suppressed,
-                          graph_stats=graph_stats, seconds=seconds, ablation=getattr(fit, "ablation", None) or {})
+                          graph_stats=graph_stats, seconds=seconds, ablation=getattr(fit, "ablation", None) or {},
+                          steering=getattr(fit, "steering", None) or {})
     if scan is not None and excerpts is not None:
         from .profile import attach_profile
 

@@ -197,6 +197,8 @@ class NeuronResult:
     """Excerpts sampled from each activation band (``source`` is ``"band LO-HI"``, split ``"band"``)."""
     ablation: dict = field(default_factory=dict)
     """With ``--ablation``: the graph standing in for the neuron inside the model (see :mod:`n2g.ablate`)."""
+    steering: dict = field(default_factory=dict)
+    """With ``--ablation``: the neuron clamped on a held-out prefix (see :mod:`n2g.steer`)."""
 
     KIND = "n2g.neuron_result"
 
@@ -216,6 +218,7 @@ class NeuronResult:
             "histogram": _clean(self.histogram),
             "band_examples": [e.to_dict() for e in self.band_examples],
             "ablation": _clean(self.ablation),
+            "steering": _clean(self.steering),
         }
 
     @classmethod
@@ -235,4 +238,5 @@ class NeuronResult:
             histogram=d.get("histogram") or {},
             band_examples=[Example.from_dict(e) for e in d.get("band_examples", [])],
             ablation=d.get("ablation") or {},
+            steering=d.get("steering") or {},
         )

@@ -97,6 +97,12 @@ def result_problem(r: NeuronResult) -> str | None:
             and all(isinstance(a.get(k, {}), dict) and all(_number_or_none(v) for v in a.get(k, {}).values())
                     for k in ("ce_increase", "kl")))):
         return "ablation has a field of the wrong type"
+    st = r.steering
+    if not isinstance(st, dict) or (st and not (
+            isinstance(st.get("prompt"), str) and isinstance(st.get("before"), str) and isinstance(st.get("after"), str)
+            and all(isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and _number_or_none(row[1])
+                    and _number_or_none(row[2]) for row in [*st.get("gainers", []), *st.get("losers", [])]))):
+        return "steering has a field of the wrong type"
     if not all(isinstance(t, str) for t, _ in [*r.promoted, *r.suppressed]):
         return "an output token is not text"
     if not all(isinstance(k, str) for k in r.graph_stats):

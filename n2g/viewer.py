@@ -243,6 +243,7 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, non
         drawn=MAX_DRAWN_PATHS, scores=scores, firing_rate=st.firing_rate, n_sampled=st.n_sampled_tokens,
         hist=_histogram(result.histogram or {}, threshold), quantiles=quantiles, bands=bands,
         promoted=result.promoted, suppressed=result.suppressed, ablation=result.ablation or None,
+        steering=result.steering or None,
         similar=[(k, page_name(k), j) for k, j in sims],
     )
 

@@ -101,7 +101,10 @@ def test_run_with_ablation_stores_it_and_shows_it(tiny_dir, tmp_path):
     a = result["ablation"]
     assert a["n_excerpts"] > 0 and set(a["ce_increase"]) == {"graph", "zero", "mean"}
     assert a["status"] in ("ok", "zero ablation has no effect")
-    assert "Does the graph stand in for the neuron?" in (out / "viewer" / "neurons" / "L1.N0.html").read_text()
+    page = (out / "viewer" / "neurons" / "L1.N0.html").read_text()
+    assert "Does the graph stand in for the neuron?" in page and 'id="steer-gainers"' in page
+    steering = result["steering"]
+    assert len(steering["gainers"]) == 10 and steering["scale"] == 4.0 and steering["prompt"]
     assert 'id="ablation-table"' in (out / "report.html").read_text()
     plain = tmp_path / "plain"
     assert cli(*run_args(tiny_dir, plain, "--neurons", "0", "--layers", "1")).returncode == 0
