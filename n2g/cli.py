@@ -9,6 +9,7 @@ tools killed by SIGPIPE do.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -398,6 +399,13 @@ def _serve(args) -> int:
 
         if not (Path(args.run_dir) / "viewer" / "index.html").exists():  # say so before loading a model
             raise N2GError(f"no viewer in {args.run_dir}; run `n2g report {args.run_dir}` first")
+        try:
+            sae = (json.loads((Path(args.run_dir) / "run.json").read_text(encoding="utf-8")).get("model") or {}).get("sae")
+        except (OSError, ValueError, AttributeError):
+            sae = None
+        if sae:  # the model alone would show MLP neurons' activations under the latents' names
+            raise N2GError(f"{args.run_dir} holds SAE latents ({sae.get('hook_name')}); serve it without --model "
+                           "(try-your-own-text then shows the graphs' predictions)")
 
         model = load_model(args.model, device=args.device)
     serve(Path(args.run_dir), host=args.host, port=port, model=model)

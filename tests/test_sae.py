@@ -91,3 +91,12 @@ def test_bad_sae_is_one_line(tiny_dir, tmp_path, make, needle):
     lines = [l for l in res.stderr.splitlines() if l.startswith("n2g: error:")]
     assert len(lines) == 1 and needle in lines[0], res.stderr
     assert "Traceback" not in res.stderr and list(work.iterdir()) == []
+
+
+def test_serving_an_sae_run_with_a_model_is_refused(tiny_dir, tmp_path):
+    sae = write_sae(tmp_path / "sae")
+    out = tmp_path / "run"
+    args = [a for a in run_args(tiny_dir, out, "--sae", str(sae), "--layers", "1", "--neurons", "0") if a != "--no-report"]
+    assert cli(*args).returncode == 0
+    res = cli("serve", str(out), "--model", str(tiny_dir / "model"), "--port", "0")
+    assert res.returncode == 2 and "holds SAE latents" in res.stderr and "Traceback" not in res.stderr
