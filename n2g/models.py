@@ -359,7 +359,13 @@ class SubjectModel:
                        ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
         """Tokens the neuron's output weights promote and suppress most (direct logit effect)."""
         self.check_neuron(layer, index)
-        vec = _proj_out_column(self._projs[layer], index).float()
+        return self.direction_effects(_proj_out_column(self._projs[layer], index), k)
+
+    @torch.inference_mode()
+    def direction_effects(self, vec: torch.Tensor, k: int = 10
+                          ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        """Tokens a residual-stream direction promotes and suppresses most (final norm gain, unembedding)."""
+        vec = vec.float()
         norm = _get(self.model, self._family.final_norm)
         weight = getattr(norm, "weight", None) if norm is not None else None
         if weight is not None:

@@ -151,20 +151,7 @@ class SAEModel:
     def output_effects(self, layer: int, index: int, k: int = 10):
         """Tokens the latent's decoder direction promotes and suppresses (direct logit effect)."""
         self.check_neuron(layer, index)
-        base = self.base
-        vec = self.W_dec[index].float()
-        norm = _get(base.model, base._family.final_norm)
-        weight = getattr(norm, "weight", None) if norm is not None else None
-        if weight is not None:
-            vec = vec * (weight.float() + base._family.norm_offset)
-        proj = _get(base.model, base._family.project_out)
-        if isinstance(proj, nn.Linear):
-            vec = proj.weight.float() @ vec
-        effect = base.model.get_output_embeddings().weight.float() @ vec
-        k = min(k, effect.numel())
-        top, bottom = effect.topk(k), effect.topk(k, largest=False)
-        named = lambda res: [(s, float(v)) for s, v in zip(base.token_strings(res.indices.tolist()), res.values.tolist())]
-        return named(top), named(bottom)
+        return self.base.direction_effects(self.W_dec[index], k)
 
     def info(self) -> dict:
         return {**self.base.info(), "spec": self.spec, "d_mlp": self.d_mlp,
