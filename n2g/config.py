@@ -95,6 +95,10 @@ class DistillConfig:
     mix (the best ceil(n_top/2) training top excerpts and n_random_test training random excerpts, as the test split)."""
     end_value: str = "quantile"
     """With ``end_statistic="auto"``: store the chosen ``quantile``, or the ``mean`` kept on the quantile's side of the threshold."""
+    quiet_tokens: int = 0
+    """Up to this many tokens that never fire in training but whose mean training activation stands
+    out are added as activators holding that (sub-threshold) mean, the ones that explain most of the
+    activation's variance first: firing predictions do not change, graded ones (Pearson) improve."""
     batch_tokens: int = 16384
     """Padded tokens per forward batch (rows x length)."""
     # -- the published implementation (albertsgarde/Neuron2Graph); see evaluation/results/paper_vs_published.md
@@ -229,6 +233,7 @@ PRESETS: dict[str, DistillConfig] = {
         cover_context=1,
         choose_on="split",
         end_value="mean",
+        quiet_tokens=32,
     ),
 }
 

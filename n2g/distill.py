@@ -169,7 +169,48 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                 calibrate()
         if cfg.grow and prune_unchanged(graph, evidence):
             calibrate()  # tokens of removed branches now count at their ancestors
+        if cfg.quiet_tokens:
+            add_quiet_tokens(graph, evidence, cfg.quiet_tokens, max(cfg.min_count, 2))
     return graph, trace
+
+
+QUIET_SHARE = 0.0
+"""A quiet activator must explain at least this share of the training activations' sum of squares."""
+
+
+def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.ndarray]], limit: int,
+                     min_count: int = 2) -> list[int]:
+    """Add up to ``limit`` quiet activators: tokens outside the graph, seen at least ``min_count``
+    times in ``evidence``, never firing, valued at their mean activation.
+
+    They are ranked by how much of the squared activation they explain (count x mean^2, the
+    squared error saved against the graph's 0), so a token that is often moderately active comes
+    before a rare one. Returns the token ids added.
+    """
+    if not evidence:
+        return []
+    ids = np.concatenate([np.asarray(i, np.int64) for i, _ in evidence])
+    acts = np.concatenate([np.asarray(a, np.float64) for _, a in evidence])
+    keep = ids >= 0
+    ids, acts = ids[keep], acts[keep]
+    uniq, inv = np.unique(ids, return_inverse=True)
+    counts = np.bincount(inv)
+    sums = np.bincount(inv, weights=acts)
+    peaks = np.full(len(uniq), -np.inf)
+    np.maximum.at(peaks, inv, acts)
+    means = sums / counts
+    roots = graph.nodes[0].children
+    ok = (counts >= min_count) & (peaks < graph.fire_threshold) & (means > 0)
+    ok &= ~np.isin(uniq, np.fromiter(roots, np.int64, len(roots)))
+    gain = np.where(ok, counts * means ** 2, -1.0)
+    floor = QUIET_SHARE * float(np.sum(acts ** 2))
+    order = [j for j in np.argsort(-gain, kind="stable")[:limit] if gain[j] > floor]
+    added = []
+    for j in order:
+        node = graph.add_path([(int(uniq[j]), 1.0)], float(means[j]))
+        graph.nodes[node].end = float(means[j])
+        added.append(int(uniq[j]))
+    return added
 
 
 def _evidence_arrays(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:

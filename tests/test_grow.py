@@ -135,3 +135,27 @@ def test_a_wildcard_run_is_drawn_with_its_span():
     if dot_available():
         svg = svg_of(g.to_networkx())
         assert ">*{0&#45;2}<" in svg
+
+
+def graded(x):  # token 24 fires; tokens 31 and 32 are always mildly active (0.3 and 0.15 of its maximum)
+    return (x == 24).float() * 2.0 + (x == 31).float() * 0.6 + (x == 32).float() * 0.3
+
+
+def test_quiet_tokens_carry_their_graded_value_without_changing_firing():
+    data = text(5, [[24]], n=200, rate=0.3)
+    test = text(98, [[24]], n=120, rate=0.3)
+    true = (graded(test) / 2.0).numpy()
+    with_quiet = n2g.distill(graded, data)
+    without = n2g.distill(graded, data, quiet_tokens=0)
+    assert with_quiet.config.quiet_tokens > 0
+    got = with_quiet.predict_normalised(test)
+    plain = without.predict_normalised(test)
+    assert np.array_equal(got >= 0.5, plain >= 0.5)  # firing decisions are those of the graph without them
+    assert score_arrays([true], [got]).f1 == 1.0
+    assert got[test == 31] == pytest.approx(0.3, abs=1e-6)
+    assert got[test == 32] == pytest.approx(0.15, abs=1e-6)
+    assert np.all(plain[test == 31] == 0)
+    r_with, r_without = score_arrays([true], [got]).pearson, score_arrays([true], [plain]).pearson
+    assert r_with > 0.99 and r_with > r_without + 0.02, (r_with, r_without)
+    assert {31, 32} <= set(with_quiet.graph_.activators())
+    assert set(with_quiet.graph_.activators()) - {24} - set(range(30, 100)) == set()
