@@ -234,6 +234,7 @@ PRESETS: dict[str, DistillConfig] = {
         choose_on="split",
         end_value="mean",
         quiet_tokens=32,
+        min_gain=20.0,
     ),
 }
 
