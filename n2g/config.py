@@ -97,8 +97,9 @@ class DistillConfig:
     """With ``end_statistic="auto"``: store the chosen ``quantile``, or the ``mean`` kept on the quantile's side of the threshold."""
     quiet_tokens: int = 0
     """Up to this many tokens that never fire in training but whose mean training activation stands
-    out are added as activators holding that (sub-threshold) mean, the ones that explain most of the
-    activation's variance first: firing predictions do not change, graded ones (Pearson) improve."""
+    out from the typical token's are added as activators holding that (sub-threshold, possibly
+    negative) mean, those that explain most variance first: firing predictions do not change,
+    graded ones (Pearson) improve (:func:`n2g.distill.add_quiet_tokens`)."""
     batch_tokens: int = 16384
     """Padded tokens per forward batch (rows x length)."""
     # -- the published implementation (albertsgarde/Neuron2Graph); see evaluation/results/paper_vs_published.md

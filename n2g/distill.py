@@ -174,18 +174,15 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
     return graph, trace
 
 
-QUIET_SHARE = 0.0
-"""A quiet activator must explain at least this share of the training activations' sum of squares."""
-
-
 def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.ndarray]], limit: int,
                      min_count: int = 2) -> list[int]:
     """Add up to ``limit`` quiet activators: tokens outside the graph, seen at least ``min_count``
-    times in ``evidence``, never firing, valued at their mean activation.
+    times in ``evidence``, never firing, valued at their mean activation (which may be negative).
 
-    They are ranked by how much of the squared activation they explain (count x mean^2, the
-    squared error saved against the graph's 0), so a token that is often moderately active comes
-    before a rare one. Returns the token ids added.
+    They are ranked by how much variance they explain: count x (mean - base)^2, where base is the
+    mean activation of every token outside the graph, so a token that is often moderately active
+    (or often below the typical token, for a neuron with negative values) comes before a rare one.
+    Returns the token ids added.
     """
     if not evidence:
         return []
@@ -200,11 +197,12 @@ def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np
     np.maximum.at(peaks, inv, acts)
     means = sums / counts
     roots = graph.nodes[0].children
-    ok = (counts >= min_count) & (peaks < graph.fire_threshold) & (means > 0)
-    ok &= ~np.isin(uniq, np.fromiter(roots, np.int64, len(roots)))
-    gain = np.where(ok, counts * means ** 2, -1.0)
-    floor = QUIET_SHARE * float(np.sum(acts ** 2))
-    order = [j for j in np.argsort(-gain, kind="stable")[:limit] if gain[j] > floor]
+    root_ids = np.fromiter(roots, np.int64, len(roots))
+    ok = (counts >= min_count) & (peaks < graph.fire_threshold) & (means != 0) & ~np.isin(uniq, root_ids)
+    outside = ~np.isin(ids, root_ids)
+    base = float(acts[outside].mean()) if outside.any() else 0.0  # the typical token the graph does not know
+    gain = np.where(ok, counts * (means - base) ** 2, -1.0)
+    order = [j for j in np.argsort(-gain, kind="stable")[:limit] if gain[j] > 0]
     added = []
     for j in order:
         node = graph.add_path([(int(uniq[j]), 1.0)], float(means[j]))
