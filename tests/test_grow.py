@@ -137,8 +137,8 @@ def test_a_wildcard_run_is_drawn_with_its_span():
         assert ">*{0&#45;2}<" in svg
 
 
-def graded(x):  # token 24 fires; tokens 31 and 32 are always mildly active (0.3 and 0.15 of its maximum)
-    return (x == 24).float() * 2.0 + (x == 31).float() * 0.6 + (x == 32).float() * 0.3
+def graded(x):  # token 24 fires; tokens 31 and 32 are mildly active (0.3 and 0.15 of its maximum), 33 negative
+    return (x == 24).float() * 2.0 + (x == 31).float() * 0.6 + (x == 32).float() * 0.3 - (x == 33).float() * 0.4
 
 
 def test_quiet_tokens_carry_their_graded_value_without_changing_firing():
@@ -154,8 +154,9 @@ def test_quiet_tokens_carry_their_graded_value_without_changing_firing():
     assert score_arrays([true], [got]).f1 == 1.0
     assert got[test == 31] == pytest.approx(0.3, abs=1e-6)
     assert got[test == 32] == pytest.approx(0.15, abs=1e-6)
+    assert got[test == 33] == pytest.approx(-0.2, abs=1e-6)
     assert np.all(plain[test == 31] == 0)
     r_with, r_without = score_arrays([true], [got]).pearson, score_arrays([true], [plain]).pearson
     assert r_with > 0.99 and r_with > r_without + 0.02, (r_with, r_without)
-    assert {31, 32} <= set(with_quiet.graph_.activators())
+    assert {31, 32, 33} <= set(with_quiet.graph_.activators())
     assert set(with_quiet.graph_.activators()) - {24} - set(range(30, 100)) == set()
