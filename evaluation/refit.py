@@ -1,0 +1,157 @@
+"""Fast tuning of host-only settings: fit once with the model, then refit from the saved proposals.
+
+Settings that change only how the graph is built from what the model was asked (calibration,
+growing, quiet activators, END values; not pruning, importance or augmentation) give the same
+graphs whether the model is called again or not. ``save`` runs the fidelity harness's neuron sample
+once through the model and pickles every neuron's examples, proposals and training partition;
+``refit`` rebuilds the graphs from that file under each ``--set`` variant in seconds and prints the
+mean firing F1 and Pearson per mix and layer beside the two strongest lookups.
+
+    python evaluation/refit.py save --seed 1 --out /tmp/fits1.pkl
+    python evaluation/refit.py refit /tmp/fits1.pkl --set quiet_tokens=16 --set quiet_tokens=64
+
+Tune on one sample (seed 1) and report on another (seed 0). The pickle is a scratch file of this
+script (never read by the package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from n2g.activations import partition
+from n2g.baselines import BASELINES
+from n2g.config import preset
+from n2g.distill import Proposals, _ranked, finish_fit, pool_size, top_k
+from n2g.score import score_arrays
+
+LOOKUPS = ("ngram2_max", "ngram3_0.75")
+LAYERS = "0,5,10,15,20,25,29"
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def save(args) -> int:
+    from n2g.corpus import Corpus
+    from n2g.engine import fit_many, store_job
+    from n2g.models import cache_dir, load_model
+    from n2g.pipeline import parse_indices
+    from n2g.records import NeuronId
+    from n2g.scan import scan_layers
+
+    model = load_model("default")
+    corpus = Corpus.build("default", model.encode, max_excerpts=args.max_excerpts)
+    layers = parse_indices(args.layers, model.n_layers, "layer")
+    rng = np.random.default_rng(args.seed)  # the same sample as evaluation/fidelity.py
+    neurons = [NeuronId(l, int(i)) for l in layers for i in sorted(rng.choice(model.d_mlp, args.per_layer, replace=False))]
+    cfg = preset("default", **parse_set(args.set))
+    scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),
+                        corpus_key=corpus.fingerprint(), progress=False)
+    excerpts = corpus.excerpts.tolist()
+    is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
+    jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]
+    t0 = time.perf_counter()
+    fits = fit_many(model, excerpts, jobs, cfg, group_size=len(jobs))
+    print(f"# fitted {len(jobs)} neurons in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    data = {"neurons": neurons, "fits": {n: fits[n] for n in neurons}, "config": cfg.to_dict(),
+            "evidence": {n: (j.evidence, {i: j.known[i] for i in j.evidence}) for n, j in zip(neurons, jobs)},
+            "ids": corpus.excerpts.numpy()}
+    Path(args.out).write_bytes(pickle.dumps(data))
+    return 0
+
+
+def refit_all(data: dict, overrides: dict, lookups: bool) -> dict:
+    cfg = preset("default", **overrides)
+    ids_all = data["ids"]
+    res = {}
+    for n in data["neurons"]:
+        fit = data["fits"][n]
+        if fit.status == "dead" or fit.trace is None:
+            continue
+        evidence, known = data["evidence"][n]
+        examples = fit.examples
+        train_top = [e for e in examples if e.split == "train" and e.source == "top"]
+        peak = [max(e.activations, default=0.0) for e in train_top]
+        if cfg.max_pivots != 1:
+            raise SystemExit("refit rebuilds proposal owners for one pivot per excerpt (max_pivots=1)")
+        owners = [k for k in _ranked(train_top)[: cfg.n_prune] if peak[k] >= cfg.fire_threshold]
+        proposals = Proposals(fit.trace.pruned, fit.trace.importances, fit.trace.variants, owners)
+        in_examples = {e.excerpt_index for e in examples if e.split == "train"}
+        rest = [i for i in evidence if i not in in_examples]
+        part = (rest, [ids_all[i].astype(np.int64) for i in rest], [np.asarray(known[i], np.float32) for i in rest])
+        new = finish_fit(examples, part, proposals, cfg)
+        train_ids = ids_all[evidence]
+        train_acts = np.stack([known[i] for i in evidence])
+        for mix, sources in (("top", ("top",)), ("top+random", ("top", "random"))):
+            test = [e for e in new.examples if e.split == "test" and e.source in sources]
+            s = score_arrays([e.activations for e in test], [e.predicted for e in test])
+            row = {"graph": (s.f1, s.pearson)}
+            for name in LOOKUPS if lookups else ():
+                b = BASELINES[name]().fit_arrays(list(train_ids), list(train_acts))
+                sl = score_arrays([e.activations for e in test], b.predict_sequences([e.token_ids for e in test]))
+                row[name] = (sl.f1, sl.pearson)
+            res[(n, mix)] = row
+        res[(n, "nodes")] = len(new.graph.nodes) - 1
+    return res
+
+
+def summary(res: dict, title: str) -> str:
+    out = [title]
+    for mix in ("top", "top+random"):
+        keys = [k for k in res if k[1] == mix and res[k]["graph"][0] is not None]
+        for method in res[keys[0]] if keys else ():
+            f1 = np.mean([res[k][method][0] or 0.0 for k in keys])
+            r = np.mean([res[k][method][1] or 0.0 for k in keys])
+            layers: dict = {}
+            for k in keys:
+                layers.setdefault(k[0].layer, []).append(res[k][method][0] or 0.0)
+            out.append(f"  {mix:<10} {method:<12} F1 {f1:.3f}  r {r:.3f}  | "
+                       + " ".join(f"L{l} {np.mean(v):.2f}" for l, v in layers.items()))
+    out.append(f"  nodes per graph {np.mean([v for k, v in res.items() if k[1] == 'nodes']):.1f}")
+    return "\n".join(out)
+
+
+def refit(args) -> int:
+    data = pickle.loads(Path(args.fits).read_bytes())
+    variants = [{}] + [parse_set([s]) for s in args.set]
+    for k, overrides in enumerate(variants):
+        t0 = time.perf_counter()
+        res = refit_all(data, overrides, lookups=k == 0)
+        print(summary(res, f"{json.dumps(overrides) or 'default'} ({time.perf_counter() - t0:.1f}s)"), flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("save", help="fit the harness sample with the model and pickle what refit needs")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--layers", default=LAYERS)
+    s.add_argument("--per-layer", type=int, default=8)
+    s.add_argument("--max-excerpts", type=int, default=1024)
+    s.add_argument("--set", action="append", default=[])
+    s.add_argument("--out", required=True)
+    r = sub.add_parser("refit", help="rebuild the graphs from a saved file under each --set variant")
+    r.add_argument("fits")
+    r.add_argument("--set", action="append", default=[], help="one variant per --set, e.g. --set quiet_tokens=16")
+    args = ap.parse_args(argv)
+    return save(args) if args.command == "save" else refit(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
