@@ -98,19 +98,53 @@ NEURON_JS = (Path(__file__).parent / "templates" / "neuron.js").read_text(encodi
 """The neuron page's one script (try your own text): fixed text, allowed by hash and by the page's nonce."""
 
 
+_TOKEN_PARTS: dict = {}
+"""Per token (its text, or its id when it has none): the escaped title text and the escaped cell text."""
+_VALUE_PARTS: dict = {}
+"""Per activation value: the cell's background and the value as the title shows it."""
+_CACHE_LIMIT = 1 << 18
+
+
+def _token_parts(tok: str | None, tid: int) -> tuple[str, str]:
+    key = tok if tok is not None else int(tid)
+    parts = _TOKEN_PARTS.get(key)
+    if parts is None:
+        if len(_TOKEN_PARTS) >= _CACHE_LIMIT:
+            _TOKEN_PARTS.clear()
+        shown = display_token(tok, tid) if tok is not None else str(tid)
+        parts = _TOKEN_PARTS[key] = (str(escape(shown)), str(escape(_tok_text(tok, tid))))
+    return parts
+
+
+def _value_parts(v: float | None) -> tuple[str, str]:
+    # -0.0 equals 0.0 as a key but prints as "-0.000": zeros are keyed with their sign
+    key = v if v else (v, math.copysign(1.0, v)) if v is not None and v == v else None
+    parts = _VALUE_PARTS.get(key) if key is not None else None
+    if parts is None:
+        parts = (_bg(v), fmt(v))
+        if key is not None:
+            if len(_VALUE_PARTS) >= _CACHE_LIMIT:
+                _VALUE_PARTS.clear()
+            _VALUE_PARTS[key] = parts
+    return parts
+
+
 def _token_cells(ex: Example, values: list[float] | None, what: str, threshold: float) -> Markup | None:
     """One excerpt's tokens as coloured ``<span>`` cells (built here, not by a template macro per
-    token: a page holds thousands of them). Every text and title is escaped."""
+    token: a page holds thousands of them). Every text and title is escaped: token texts once per
+    token (cached), numbers need none (digits, sign, point or an em dash)."""
     if values is None:
         return None
+    tokens = ex.tokens if ex.tokens is not None else ()
+    n_tok, n_val = len(tokens), len(values)
+    what = str(escape(what))
     out = []
     for i, tid in enumerate(ex.token_ids):
-        tok = ex.tokens[i] if ex.tokens is not None and i < len(ex.tokens) else None
-        v = values[i] if i < len(values) else None
-        shown = display_token(tok, tid) if tok is not None else str(tid)
+        shown, text = _token_parts(tokens[i] if i < n_tok else None, tid)
+        v = values[i] if i < n_val else None
+        bg, num = _value_parts(v)
         fire = ' class="fire"' if v is not None and v >= threshold else ""
-        out.append(f'<span{fire} style="background:{_bg(v)}" title="{escape(f"{shown}  {what} {fmt(v)}")}">'
-                   f"{escape(_tok_text(tok, tid))}</span>")
+        out.append(f'<span{fire} style="background:{bg}" title="{shown}  {what} {num}">{text}</span>')
     return Markup("".join(out))
 
 
