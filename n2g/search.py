@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -56,6 +57,23 @@ def _number_or_none(v) -> bool:
     return v is None or is_finite_number(v)
 
 
+_FLOATS = frozenset({float})
+_INTS = frozenset({int})
+_STRS = frozenset({str})
+
+
+def _numbers(values: list) -> bool:
+    """``all(map(_number_or_none, values))``, fast for the usual list of plain finite floats."""
+    if set(map(type, values)) <= _FLOATS and all(map(math.isfinite, values)):
+        return True
+    return all(map(_number_or_none, values))
+
+
+def _token_ids(values: list) -> bool:
+    """Every value an int (not a bool); fast for the usual list of plain ints."""
+    return set(map(type, values)) <= _INTS or all(isinstance(t, int) and not isinstance(t, bool) for t in values)
+
+
 def result_problem(r: NeuronResult) -> str | None:
     """What is wrong with a loaded result's field types (what the report and viewer rely on), or None."""
     if not (0 <= r.neuron.layer < 10**6 and 0 <= r.neuron.index < 10**9):
@@ -83,10 +101,11 @@ def result_problem(r: NeuronResult) -> str | None:
                     and isinstance(b.get("n_excerpts"), int) for b in h.get("bands", []))):
         return "histogram has a field of the wrong type"
     for i, e in enumerate(r.examples + r.band_examples):
-        ok = (isinstance(e.token_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in e.token_ids)
-              and isinstance(e.activations, list) and all(map(_number_or_none, e.activations))
-              and (e.predicted is None or (isinstance(e.predicted, list) and all(map(_number_or_none, e.predicted))))
-              and (e.tokens is None or (isinstance(e.tokens, list) and all(isinstance(t, str) for t in e.tokens)))
+        ok = (isinstance(e.token_ids, list) and _token_ids(e.token_ids)
+              and isinstance(e.activations, list) and _numbers(e.activations)
+              and (e.predicted is None or (isinstance(e.predicted, list) and _numbers(e.predicted)))
+              and (e.tokens is None or (isinstance(e.tokens, list) and (
+                  set(map(type, e.tokens)) <= _STRS or all(isinstance(t, str) for t in e.tokens))))
               and isinstance(e.split, str) and isinstance(e.source, str)
               and (e.excerpt_index is None or isinstance(e.excerpt_index, int)))
         if not ok:
