@@ -237,7 +237,8 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         from .report import build_all
 
         artifacts = build_all(out)
-    results = [r for r in store.results() if r.neuron in set(wanted)]
+    wanted_set = set(wanted)  # once: a whole model is 46,080 neurons or more
+    results = [r for r in store.results() if r.neuron in wanted_set]
     return RunSummary(out, results, fitted, time.perf_counter() - started, artifacts)
 
 

@@ -8,6 +8,7 @@ share the most tokens with a given one. All SQL is parametrised.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -131,8 +132,16 @@ def result_problem(r: NeuronResult) -> str | None:
 
 _warned: set[tuple[str, int]] = set()
 _loaded: dict[str, tuple[bytes, NeuronResult]] = {}
-"""Results this process has parsed and checked, by path, with a hash of the file's bytes: the
-report, index and viewer of one run each read every result, and now parse and check it once."""
+"""Results this process has parsed and checked, by path, with a hash of the file's bytes and the
+result's summary (:func:`summary_of`): the report, index and viewer of one run each go over every
+result, and now parse and check each file once, and memory holds summaries, not whole results."""
+
+
+def summary_of(result: NeuronResult) -> NeuronResult:
+    """A result without its examples, histogram, output effects and steering check: what the report,
+    the index and the viewer's index page read (a few hundred bytes instead of every excerpt)."""
+    return dataclasses.replace(result, examples=[], band_examples=[], histogram={}, promoted=[], suppressed=[],
+                               steering={})
 
 
 def _mtime(path: Path) -> int:
@@ -142,8 +151,29 @@ def _mtime(path: Path) -> int:
         return 0
 
 
-def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResult]]:
-    """``(neuron folder, result)`` for every readable ``neurons/*/result.json``, sorted by neuron.
+def _parse(data: bytes, check: bool = True) -> NeuronResult:
+    d = json.loads(data.decode("utf-8"))
+    if not isinstance(d, dict):
+        raise ValueError(f"a JSON {type(d).__name__}, not an object")
+    result = NeuronResult.from_dict(d)
+    problem = result_problem(result) if check else None
+    if problem:
+        raise ValueError(problem)
+    return result
+
+
+def _skip_damaged(path: Path, e: Exception) -> None:
+    """Name a damaged file in a warning (once per process and version of the file)."""
+    key = (str(path), _mtime(path))
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning("skipping damaged neuron result %s (%s); re-run the same `n2g run` command to redo it", path, e)
+
+
+def scan_results(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, bytes]]:
+    """``(neuron folder, summary, hash of the file)`` for every readable ``neurons/*/result.json``,
+    sorted by neuron; each version of a file is parsed and checked once per process.
 
     A damaged file (unreadable, not JSON, fields of the wrong type) is named in a warning and
     skipped; re-running the same ``n2g run`` command redoes that neuron.
@@ -155,27 +185,41 @@ def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResul
             signature = hashlib.blake2b(data, digest_size=16).digest()
             cached = _loaded.get(str(path))
             if cached is not None and cached[0] == signature:
-                found.append((path.parent, cached[1]))  # parsed and checked already by this process, same bytes
+                found.append((path.parent, cached[1], signature))  # parsed and checked already, same bytes
                 continue
-            d = json.loads(data.decode("utf-8"))
-            if not isinstance(d, dict):
-                raise ValueError(f"a JSON {type(d).__name__}, not an object")
-            result = NeuronResult.from_dict(d)
-            problem = result_problem(result)
-            if problem:
-                raise ValueError(problem)
-        except Exception as e:  # any damage: name the file (once per process and version), skip it, keep going
-            key = (str(path), _mtime(path))
-            if key in _warned:
-                continue
-            _warned.add(key)
-            log.warning("skipping damaged neuron result %s (%s); re-run the same `n2g run` command to redo it",
-                        path, e)
+            summary = summary_of(_parse(data))
+        except Exception as e:  # any damage: name the file, skip it, keep going
+            _skip_damaged(path, e)
             continue
-        _loaded[str(path)] = (signature, result)
-        found.append((path.parent, result))
-    found.sort(key=lambda pr: pr[1].neuron)
-    yield from found
+        _loaded[str(path)] = (signature, summary)
+        found.append((path.parent, summary, signature))
+    found.sort(key=lambda item: item[1].neuron)
+    return found
+
+
+def read_result(folder: str | os.PathLike, checked: bytes | None = None) -> NeuronResult | None:
+    """The whole result stored in ``folder``; None (and a warning) when it is damaged. The check of
+    field types is skipped when the file's bytes hash to ``checked`` (or to what this process
+    checked before)."""
+    path = Path(folder) / "result.json"
+    try:
+        data = path.read_bytes()
+        signature = hashlib.blake2b(data, digest_size=16).digest()
+        cached = _loaded.get(str(path))
+        trusted = signature == checked or (cached is not None and cached[0] == signature)
+        return _parse(data, check=not trusted)
+    except Exception as e:
+        _skip_damaged(path, e)
+        return None
+
+
+def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResult]]:
+    """``(neuron folder, result)`` for every readable ``neurons/*/result.json``, sorted by neuron,
+    read one at a time (damaged files are skipped with a warning, see :func:`scan_results`)."""
+    for folder, _, signature in scan_results(run_dir):
+        result = read_result(folder, signature)
+        if result is not None:
+            yield folder, result
 
 
 def _f1(result: NeuronResult, method: str) -> float | None:
@@ -195,7 +239,7 @@ def build_index(run_dir: str | os.PathLike) -> Path:
             con.executescript(_SCHEMA)
             con.execute("INSERT INTO meta VALUES (?, ?)", ("schema_version", INDEX_SCHEMA))
             n = 0
-            for folder, r in iter_results(run_dir):
+            for folder, r, _ in scan_results(run_dir):
                 key = r.neuron.key
                 n2g = r.scores.get("n2g")
                 con.execute(

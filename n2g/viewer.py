@@ -41,7 +41,7 @@ from markupsafe import Markup, escape
 from n2g.errors import N2GError
 from n2g.records import Example, NeuronResult
 from n2g.render import atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
-from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, load_results, neuron_row
+from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
 from n2g.search import INDEX_NAME, build_index, search, similar
 
 log = logging.getLogger(__name__)
@@ -425,31 +425,43 @@ PAGES_PER_WORKER = 200
 """Neuron pages per worker process when a run's pages are written in parallel (fewer: one process)."""
 
 
-def _write_pages(run_dir: Path, results: list[NeuronResult]) -> None:
+def _write_pages(run_dir: Path, items: list[tuple[str, bytes | None]]) -> None:
+    """Write the pages of ``(neuron folder, hash of its checked result.json)`` items, reading each
+    whole result here, one at a time (a file changed since it was checked is checked again)."""
+    from n2g.search import read_result
+
     pages = run_dir / "viewer" / "neurons"
-    for r in results:
-        atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r).encode("utf-8"))
+    for folder, checked in items:
+        r = read_result(folder, checked)
+        if r is not None:
+            atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r).encode("utf-8"))
 
 
 def write_viewer(run_dir: str | os.PathLike) -> Path:
-    """Write the viewer pages of a run (building the search index if missing); returns index.html."""
+    """Write the viewer pages of a run (building the search index if missing); returns index.html.
+
+    Whole results are read one at a time for their pages; the index page needs only summaries."""
+    from n2g.report import scan_run
+
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
+    found = scan_run(run_dir)
     if not (run_dir / INDEX_NAME).exists():
         build_index(run_dir)
     pages = run_dir / "viewer" / "neurons"
     pages.mkdir(parents=True, exist_ok=True)
-    workers = min(os.cpu_count() or 1, len(results) // PAGES_PER_WORKER)
+    items = [(str(folder), signature) for folder, _, signature in found]
+    workers = min(os.cpu_count() or 1, len(items) // PAGES_PER_WORKER)
     if workers > 1:  # many neurons: pages are written by worker processes, one chunk of neurons each
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        chunks = [results[i::workers] for i in range(workers)]
+        chunks = [items[i::workers] for i in range(workers)]
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_write_pages, [run_dir] * workers, chunks))
     else:
-        _write_pages(run_dir, results)
+        _write_pages(run_dir, items)
     out = run_dir / "viewer" / "index.html"
+    results = [r for _, r, _ in found]
     atomic_write(out, index_page(run_dir, results, secrets.token_urlsafe(16)).encode("utf-8"))
     log.info("wrote viewer for %d neurons under %s", len(results), out.parent)
     return out

@@ -122,3 +122,21 @@ def test_build_index_is_atomic_and_rebuildable(run):
     build_index(run)
     assert (run / "index.sqlite").stat().st_ino != before
     assert not list(run.glob(".index.*"))
+
+
+def test_end_of_run_checks_each_result_once_and_keeps_only_summaries(tmp_path, monkeypatch):
+    """Index, viewer and report go over every result: each file is parsed and checked once for all
+    three (pages read it again, one at a time, without checking it again), and what stays in memory
+    is a summary without the examples."""
+    import n2g.search as search
+
+    run = make_run(tmp_path)
+    checks = []
+    real = search.result_problem
+    monkeypatch.setattr(search, "result_problem", lambda r: checks.append(r.neuron.key) or real(r))
+    monkeypatch.setattr(search, "_loaded", {})
+    build_all(run)
+    keys = sorted(p.parent.name for p in run.glob("neurons/*/result.json"))
+    assert sorted(checks) == keys
+    assert all(not r.examples and not r.band_examples and not r.histogram for _, r in search._loaded.values())
+    assert len(list((run / "viewer" / "neurons").glob("*.html"))) == len(keys)
