@@ -18,6 +18,8 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from n2g.errors import N2GError
 from n2g.fileio import replacing
 from n2g.records import NeuronResult
@@ -377,6 +379,53 @@ def _weights(con: sqlite3.Connection, key: str) -> dict[int, float]:
     return w
 
 
+class _TokenWeights:
+    """Every graph's token weights of one index file, as arrays: which neurons hold each token id
+    (rows sorted by token id) and each neuron's total weight. Loaded once per process and index
+    file, so :func:`similar` costs a few array operations per neuron however large the run."""
+
+    def __init__(self, con: sqlite3.Connection):
+        rows = con.execute(
+            f"SELECT key, token_id, MAX(CASE WHEN role = 'activator' THEN {ACTIVATOR_WEIGHT!r} ELSE 1.0 END) "
+            "FROM tokens WHERE token_id IS NOT NULL GROUP BY key, token_id").fetchall()
+        self.keys = sorted({k for k, _, _ in rows})
+        number = {k: i for i, k in enumerate(self.keys)}
+        key_ids = np.fromiter((number[k] for k, _, _ in rows), np.int64, len(rows))
+        tokens = np.fromiter((t for _, t, _ in rows), np.int64, len(rows))
+        weights = np.fromiter((w for _, _, w in rows), np.float64, len(rows))
+        order = np.argsort(tokens, kind="stable")
+        self.tokens, self.owners, self.weights = tokens[order], key_ids[order], weights[order]
+        self.totals = np.bincount(key_ids, weights=weights, minlength=len(self.keys))
+        self.number = number
+
+    def similar(self, key: str, mine: dict[int, float], limit: int) -> list[tuple[str, float]]:
+        ids = np.fromiter(mine, np.int64, len(mine))
+        lo, hi = np.searchsorted(self.tokens, ids, "left"), np.searchsorted(self.tokens, ids, "right")
+        if not (hi > lo).any():
+            return []
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())])
+        mine_w = np.repeat(np.fromiter(mine.values(), np.float64, len(mine)), hi - lo)
+        # weights are 1 and 2, so every sum below is exact whatever its order
+        shared = np.bincount(self.owners[rows], weights=np.minimum(mine_w, self.weights[rows]), minlength=len(self.keys))
+        me = self.number.get(key)
+        if me is not None:
+            shared[me] = 0.0
+        others = np.flatnonzero(shared > 0)
+        if not len(others) or limit <= 0:
+            return []
+        union = sum(mine.values()) + self.totals[others] - shared[others]
+        score = shared[others] / union
+        if len(others) > limit:  # everything tied with the limit-th best stays in, then the exact order
+            cut = -np.partition(-score, limit - 1)[limit - 1]
+            keep = score >= cut
+            others, score = others[keep], score[keep]
+        ranked = sorted(zip((-score).tolist(), (self.keys[i] for i in others.tolist())))
+        return [(k, -s) for s, k in ranked[:limit]]
+
+
+_token_weights: dict[str, tuple[tuple, _TokenWeights]] = {}
+
+
 def similar(run_dir: str | os.PathLike, key: str, limit: int = 10) -> list[tuple[str, float]]:
     """Neurons whose graphs share the most token ids with ``key``'s: ``(key, weighted Jaccard)``.
 
@@ -390,22 +439,12 @@ def similar(run_dir: str | os.PathLike, key: str, limit: int = 10) -> list[tuple
         mine = _weights(con, key)
         if not mine:
             return []
-        candidates = [
-            k for (k,) in con.execute(
-                "SELECT DISTINCT key FROM tokens WHERE key != ? AND token_id IN "
-                "(SELECT token_id FROM tokens WHERE key = ? AND token_id IS NOT NULL)",
-                (key, key),
-            )
-        ]
-        scored = []
-        for other in candidates:
-            theirs = _weights(con, other)
-            ids = mine.keys() | theirs.keys()
-            inter = sum(min(mine.get(t, 0.0), theirs.get(t, 0.0)) for t in ids)
-            union = sum(max(mine.get(t, 0.0), theirs.get(t, 0.0)) for t in ids)
-            if inter > 0:
-                scored.append((other, inter / union))
+        path = Path(run_dir) / INDEX_NAME
+        st = path.stat()
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = _token_weights.get(str(path))
+        if cached is None or cached[0] != version:
+            cached = _token_weights[str(path)] = (version, _TokenWeights(con))
     finally:
         con.close()
-    scored.sort(key=lambda kv: (-kv[1], kv[0]))
-    return scored[: max(0, int(limit))]
+    return cached[1].similar(key, mine, max(0, int(limit)))
