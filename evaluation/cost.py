@@ -32,7 +32,7 @@ from n2g.corpus import Corpus
 from n2g.distill import pool_size, top_k
 from n2g.engine import RowEvaluator, fit_many, store_job
 from n2g.models import cache_dir, load_model
-from n2g.pipeline import output_effects, parse_indices, to_result, versions
+from n2g.pipeline import output_effects, parse_indices, versions
 from n2g.records import NeuronId
 from n2g.scan import scan_layers
 
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-report", action="store_true", help="skip timing the report and rendering")
     ap.add_argument("--set", action="append", default=[], help="preset override, e.g. --set n_prune=16")
     ap.add_argument("--host-workers", type=int, default=0, help="worker processes for the host work of fitting")
+    ap.add_argument("--group-size", type=int, default=64,
+                    help="neurons of a layer per chunk of output effects, as in `n2g run` (default 64)")
     args = ap.parse_args(argv)
 
     model = load_model(args.model)
@@ -88,33 +90,64 @@ def main(argv=None) -> int:
     n = max(len(live), 1)
     cost = evaluator.cost
 
-    save_cpu = save_serial = report_cpu = report_children = 0.0
+    save_cpu = save_serial = report_cpu = report_children = plots_cpu = 0.0
     if live:
+        from n2g.pipeline import EffectsAhead, _describe_and_save, _worker_setup, store_values
         from n2g.store import RunStore
 
         with tempfile.TemporaryDirectory() as tmp:
             store = RunStore(os.path.join(tmp, "run"))
             store.open({"cost": True}, {"name": "cost", "model": model.info(), "versions": versions(),
                                         "corpus": {"source": corpus.source, "n_excerpts": len(excerpts), "length": corpus.length}})
+            # What the main process keeps when workers describe and save (--host-workers > 0): output
+            # effects, in chunks of one fitting group of a layer (a whole-layer run's chunks are full:
+            # each sampled layer's chunk holds its sampled neurons and the next ones up to the group
+            # size), and what a worker needs to read the neuron's stored activations.
+            chunk = args.group_size
             c0 = time.thread_time()
-            for j in live:  # what the main process keeps when workers describe and save (--host-workers > 0)
-                output_effects(model, j.neuron)
-                scans[j.neuron.layer].activations(j.neuron.index, j.neuron.sign)
-            save_serial = time.thread_time() - c0
+            for layer in sorted({j.neuron.layer for j in live}):
+                mine = sorted(j.neuron for j in live if j.neuron.layer == layer)
+                fill = [NeuronId(layer, i) for i in range(model.d_mlp) if NeuronId(layer, i) not in mine]
+                effects = EffectsAhead(model, (mine + fill)[:max(chunk, len(mine))], chunk=chunk)
+                for neuron in mine:
+                    effects(neuron)
+            n_effects = sum(max(chunk, sum(j.neuron.layer == layer for j in live)) for layer in {j.neuron.layer for j in live})
+            effects_s = (time.thread_time() - c0) / n_effects * len(live)
+            c0 = time.thread_time()
+            shipped = {j.neuron: store_values(scans[j.neuron.layer], j.neuron) for j in live}
+            save_serial = effects_s + time.thread_time() - c0
+            # What a worker does per neuron: describe (display strings, histogram, band examples read
+            # from the store file) and save; timed here, in this process, as one worker.
+            _worker_setup(model.token_strings(range(model.vocab_size)), corpus.excerpts.numpy())
+            effects = {j.neuron: output_effects(model, j.neuron) for j in live}
             c0 = time.thread_time()
             for j in live:
-                fit = fits[j.neuron]
-                result = to_result(model, j.neuron, scans[j.neuron.layer].stats(j.neuron.index, j.neuron.sign), fit, 0.0,
-                                   scan=scans[j.neuron.layer], excerpts=corpus.excerpts)
-                store.save(result, fit.graph)
+                _describe_and_save(str(store.root), j.neuron, scans[j.neuron.layer].stats(j.neuron.index, j.neuron.sign),
+                                   fits[j.neuron], 0.0, effects[j.neuron], *shipped[j.neuron])
             store.write_scores_table()
-            save_cpu = time.thread_time() - c0
+            save_cpu = save_serial + time.thread_time() - c0
             if not args.no_report:
-                from n2g.report import build_all
+                import n2g.report as report
 
+                # The report's plots (and the import of matplotlib) cost the same for 14 neurons as
+                # for 46,080: timed apart, and counted once per run in the projection.
+                draw = report._plots
+
+                def timed_plots(rep):
+                    nonlocal plots_cpu
+                    t = time.thread_time()
+                    try:
+                        return draw(rep)
+                    finally:
+                        plots_cpu += time.thread_time() - t
+
+                report._plots = timed_plots
                 c0, k0 = time.thread_time(), children_cpu()
-                build_all(store.root if hasattr(store, "root") else os.path.join(tmp, "run"))
-                report_cpu, report_children = time.thread_time() - c0, children_cpu() - k0
+                try:
+                    report.build_all(store.root)
+                finally:
+                    report._plots = draw
+                report_cpu, report_children = time.thread_time() - c0 - plots_cpu, children_cpu() - k0
 
     print(f"{'stage':<13}{'calls':>7}{'asked/n':>9}{'rows/n':>8}{'real/n':>9}{'padded/n':>10}{'pad x':>7}{'weighted/n':>12}")
     rows = [(s, cost.stages[s]) for s in STAGE_ORDER if s in cost.stages] + [("all", cost.total())]
@@ -125,11 +158,12 @@ def main(argv=None) -> int:
     host = cost.host_cpu / n
     serial = host + save_serial / n  # the main process with --host-workers > 0
     parallel = cost.compute_cpu / n + (save_cpu - save_serial) / n + report_cpu / n + report_children / n
-    print(f"\nhost CPU per neuron, main process (serial, holds up the model): fitting {host:.3f} s + output effects and "
-          f"store read for saving {save_serial / n:.3f} s = {serial:.3f} s")
+    print(f"\nhost CPU per neuron, main process (serial, holds up the model): fitting {host:.3f} s + output effects "
+          f"(chunks of {args.group_size} neurons of a layer) and store reference for saving {save_serial / n:.3f} s = {serial:.3f} s")
     print(f"host CPU per neuron, spread over worker processes: graph building, calibration, prediction, scoring "
           f"{cost.compute_cpu / n:.3f} s; describing and saving the result {(save_cpu - save_serial) / n:.3f} s; "
-          f"viewer page and report {report_cpu / n:.3f} s; dot {report_children / n:.3f} s; total {parallel:.3f} s")
+          f"viewer page, index and report {report_cpu / n:.3f} s; dot {report_children / n:.3f} s; total {parallel:.3f} s")
+    print(f"host CPU once per run: the report's plots (matplotlib import and drawing) {plots_cpu:.1f} s")
     print(f"forward: {cost.forward_calls} calls, {cost.forward_seconds:.1f} s wall; fit wall {fit_s:.1f} s = {fit_s / n:.2f} s/neuron "
           f"({len(live)} live of {len(jobs)} neurons; {args.host_workers} host worker process(es))")
     cpu_rate = tot.weighted / cost.forward_seconds if cost.forward_seconds else float("nan")
@@ -147,8 +181,8 @@ def main(argv=None) -> int:
     print(f"\nPROJECTION (not measured): whole {model.spec} ({total_neurons:,} neurons) on one {args.device_name} with "
           f"{cores} CPU cores, at {args.tokens_per_s:,.0f} full-depth positions/s (a figure supplied, not measured here): "
           f"GPU forward {gpu_min:.1f} min + main-process host work {serial_min:.1f} min, overlapped with "
-          f"{parallel_min:.1f} min of worker host work on {cores - 1} cores: about "
-          f"{max(gpu_min + serial_min, parallel_min):.0f} min")
+          f"{parallel_min:.1f} min of worker host work on {cores - 1} cores, then the report's plots {plots_cpu / 60:.2f} min: about "
+          f"{max(gpu_min + serial_min, parallel_min) + plots_cpu / 60:.0f} min")
     print(f"PROJECTION (not measured): whole model on this CPU: forward {total_neurons * per_neuron_weighted / cpu_rate / 3600:.1f} h "
           f"at the throughput measured above")
     print(f"\n{model.spec} ({model.device}, {model.dtype}); preset {args.preset} {' '.join(args.set)}; {len(jobs)} neurons ({args.per_layer}/layer in "

@@ -26,6 +26,35 @@ WILDCARD = -1
 """Trie key of a wildcard (any single token)."""
 
 
+def linear_quantiles(groups: list[np.ndarray], qs: Sequence[float]) -> list[np.ndarray]:
+    """``[np.quantile(g, qs) for g in groups]`` (the default ``linear`` method), bit for bit, in a
+    few array operations for all groups at once: one sort, numpy's own index, weight and
+    interpolation formulas. Groups that are empty or hold a NaN go through ``np.quantile``."""
+    q = np.asarray(qs, np.float64)
+    lens = np.fromiter(map(len, groups), np.intp, len(groups))
+    flat = np.concatenate(groups).astype(np.float64, copy=False) if groups else np.zeros(0)
+    if not groups or not lens.all() or not np.isfinite(flat).all() or any(np.asarray(g).ndim != 1 for g in groups):
+        return [np.quantile(g, qs) for g in groups]
+    owner = np.repeat(np.arange(len(groups)), lens)
+    ordered = flat[np.lexsort((flat, owner))]
+    starts = (np.cumsum(lens) - lens)[:, None]
+    n = lens[:, None]
+    virtual = (n - 1) * q[None, :]  # numpy: (n - 1) * quantiles
+    previous = np.floor(virtual)
+    nxt = previous + 1
+    above = virtual >= n - 1  # numpy takes the last value there (index -1)
+    previous[above] = -1
+    nxt[above] = -1
+    gamma = virtual - previous.astype(np.intp)
+    last = starts + n - 1
+    a = ordered[np.where(above, last, starts + previous.astype(np.intp))]
+    b = ordered[np.where(above, last, starts + nxt.astype(np.intp))]
+    diff = b - a
+    out = a + diff * gamma
+    out = np.where(gamma >= 0.5, b - diff * (1 - gamma), out)  # numpy's _lerp
+    return list(out)
+
+
 def run_key(k: int) -> int:
     """Trie key of a wildcard run of 0..k tokens (k >= 1): its children match up to k tokens further back."""
     if k < 1:
@@ -345,7 +374,7 @@ class NeuronGraph:
         chosen = [n for n, values in reached.items() if len(values) >= min_count or self.nodes[n].end is not None]
         values = {n: np.asarray(reached[n]) for n in chosen}
         if statistic == "auto":
-            grid = {n: np.quantile(v, AUTO_QUANTILES) for n, v in values.items()}
+            grid = dict(zip(values, linear_quantiles(list(values.values()), AUTO_QUANTILES)))
             if select is not None:  # choose on these sequences only (e.g. a mix shaped like the test split)
                 chosen_seqs = [sequences[j] for j in select]
                 chosen_src = None if sources is None else [sources[j] for j in select]

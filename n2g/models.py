@@ -119,6 +119,32 @@ def _proj_out_column(proj: nn.Module, index: int) -> torch.Tensor:
     return proj.weight[index, :]  # Conv1D stores [in, out]
 
 
+EFFECT_CANDIDATES = 32
+"""Tokens per side, beyond the ``k`` asked for, that output effects measure exactly (see
+:meth:`SubjectModel.directions_effects`)."""
+
+
+def _matmul_input_rounding(device) -> float:
+    """Relative rounding of float32 matmul inputs on ``device`` (TF32 on CUDA when allowed)."""
+    if getattr(device, "type", str(device)) == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0 ** -11
+    return 0.0
+
+
+def _exact_dots(w: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """``w[ids] @ x`` per token as float32 of a float64 dot product: float32 products are exact in
+    float64, and each token's sum runs over its own row only, so a token's value does not depend on
+    which other tokens are measured with it."""
+    parts = [(w[ids[i : i + chunk]].double() * x).sum(-1) for i in range(0, ids.numel(), chunk)]
+    return torch.cat(parts).float() if parts else x.new_zeros(0, dtype=torch.float32)
+
+
+def _ranked(values: torch.Tensor, ids: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest (or smallest) ``values`` with their ``ids`` (ascending), ties by lower id."""
+    order = torch.sort(values, descending=largest, stable=True).indices[:k]
+    return values[order].cpu(), ids[order].cpu()
+
+
 class SubjectModel:
     """A causal LM with a uniform way to read its MLP neurons.
 
@@ -358,31 +384,90 @@ class SubjectModel:
     def output_effects(self, layer: int, index: int, k: int = 10
                        ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
         """Tokens the neuron's output weights promote and suppress most (direct logit effect)."""
-        self.check_neuron(layer, index)
-        return self.direction_effects(_proj_out_column(self._projs[layer], index), k)
+        return self.output_effects_many(layer, [index], k)[0]
+
+    @torch.inference_mode()
+    def output_effects_many(self, layer: int, indices: Sequence[int], k: int = 10
+                            ) -> list[tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
+        """:meth:`output_effects` of several neurons of one layer at once (one matmul through the
+        unembedding for all of them); each neuron's answer is the one it gets alone."""
+        indices = [int(i) for i in indices]
+        for i in indices:
+            self.check_neuron(layer, i)
+        proj = self._projs[layer]
+        idx = torch.tensor(indices, dtype=torch.long, device=proj.weight.device)
+        vecs = proj.weight[:, idx].T if isinstance(proj, nn.Linear) else proj.weight[idx, :]  # Conv1D: [in, out]
+        return self.directions_effects(vecs, k)
 
     @torch.inference_mode()
     def direction_effects(self, vec: torch.Tensor, k: int = 10
                           ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
         """Tokens a residual-stream direction promotes and suppresses most (final norm gain, unembedding)."""
-        vec = vec.float()
+        return self.directions_effects(vec.reshape(1, -1), k)[0]
+
+    @torch.inference_mode()
+    def directions_effects(self, vecs: torch.Tensor, k: int = 10
+                           ) -> list[tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
+        """:meth:`direction_effects` of each row of ``vecs`` (``[n, d_model]``), batched.
+
+        One float32 matmul through the unembedding ranks every token for all rows; each row's
+        ``k + EFFECT_CANDIDATES`` best and worst tokens are then measured exactly (a float64 dot
+        product per token, rounded to float32), and the ``k`` best of those are kept. A row whose
+        candidates cannot be proved to hold its true ``k`` best (within the matmul's rounding
+        bound) is measured exactly over the whole vocabulary. So each row's answer depends on that
+        row alone, never on the batch it came in: the same values and tokens, ties broken by
+        token id, whether directions are asked one at a time or many together.
+        """
+        x = self._logit_inputs(vecs)
+        w = self.model.get_output_embeddings().weight.float()
+        vocab, d = w.shape
+        k = max(min(int(k), vocab), 0)
+        m = min(vocab, k + EFFECT_CANDIDATES)
+        out = []
+        if not x.shape[0]:
+            return out
+        approx = x @ w.T  # [n, vocab]: ranks tokens; the kept values are measured again below
+        top, bottom = approx.topk(m, dim=1), approx.topk(m, dim=1, largest=False)
+        eps = (2.0 * ((d + 2) * 2.0 ** -24 + 2 * _matmul_input_rounding(w.device)) * self._unembed_norm(w)
+               * torch.linalg.vector_norm(x.double(), dim=1)).tolist()
+        for r in range(x.shape[0]):
+            xr = x[r].double()
+            sides = []
+            for res, largest in ((top, True), (bottom, False)):
+                cand = res.indices[r].sort().values
+                vals, ids = _ranked(_exact_dots(w, cand, xr), cand, k, largest)
+                if m < vocab and k:
+                    edge = float(res.values[r, m - 1])  # no token outside the candidates is ranked beyond it
+                    safe = edge + eps[r] < float(vals[-1]) if largest else edge - eps[r] > float(vals[-1])
+                    if not safe:
+                        every = torch.arange(vocab, device=w.device)
+                        vals, ids = _ranked(_exact_dots(w, every, xr), every, k, largest)
+                sides.append((ids.tolist(), vals.tolist()))
+            out.append(tuple([(s, float(v)) for s, v in zip(self.token_strings(ids), vals)] for ids, vals in sides))
+        return out
+
+    def _logit_inputs(self, vecs: torch.Tensor) -> torch.Tensor:
+        """Residual-stream directions as the unembedding sees them: final norm gain, then the
+        projection some families put before the unembedding (one vector at a time)."""
+        x = vecs.float()
         norm = _get(self.model, self._family.final_norm)
         weight = getattr(norm, "weight", None) if norm is not None else None
         if weight is not None:
-            vec = vec * (weight.float() + self._family.norm_offset)
+            x = x * (weight.float() + self._family.norm_offset)
         proj = _get(self.model, self._family.project_out)
         if isinstance(proj, nn.Linear):
-            vec = proj.weight.float() @ vec
-        w_u = self.model.get_output_embeddings().weight.float()
-        effect = w_u @ vec
-        k = min(k, effect.numel())
-        top, bottom = effect.topk(k), effect.topk(k, largest=False)
+            pw = proj.weight.float()
+            x = torch.stack([pw @ v for v in x]) if x.shape[0] else x.new_zeros((0, pw.shape[0]))
+        return x
 
-        def named(res):
-            strs = self.token_strings(res.indices.tolist())
-            return [(s, float(v)) for s, v in zip(strs, res.values.tolist())]
-
-        return named(top), named(bottom)
+    def _unembed_norm(self, w: torch.Tensor) -> float:
+        """Largest row norm of the unembedding (cached while its weights are unchanged)."""
+        raw = self.model.get_output_embeddings().weight
+        key = (raw.data_ptr(), raw._version, tuple(raw.shape), raw.dtype)
+        cached = getattr(self, "_unembed_norm_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._unembed_norm_cache = (key, float(torch.linalg.vector_norm(w.double(), dim=1).max()))
+        return cached[1]
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str) -> list[int]:

@@ -237,7 +237,8 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         from .report import build_all
 
         artifacts = build_all(out)
-    results = [r for r in store.results() if r.neuron in set(wanted)]
+    wanted_set = set(wanted)  # once: a whole model is 46,080 neurons or more
+    results = [r for r in store.results() if r.neuron in wanted_set]
     return RunSummary(out, results, fitted, time.perf_counter() - started, artifacts)
 
 
@@ -314,8 +315,10 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
         for layer in sorted({j.neuron.layer for j in jobs}):
             layer_jobs = [j for j in jobs if j.neuron.layer == layer]
             bar = Progress(len(layer_jobs), f"fit layer {layer}", "neurons", enabled=opts.progress)
+            # in the order fit_many finishes them: one batched pass through the unembedding per group
+            effects = EffectsAhead(model, sorted(j.neuron for j in layer_jobs), chunk=opts.group_size)
 
-            def save(job, fit, seconds, bar=bar):
+            def save(job, fit, seconds, bar=bar, effects=effects):
                 nonlocal fitted
                 scan = scans[job.neuron.layer]
                 stats = scan.stats(job.neuron.index, job.neuron.sign)
@@ -323,14 +326,13 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
                     fit.ablation = ablation_of(model, job, fit, scan)
                     fit.steering = steering_of(model, job, fit)
                 if pool is None:
-                    store.save(to_result(model, job.neuron, stats, fit, seconds, scan=scan, excerpts=excerpts), fit.graph)
+                    store.save(to_result(model, job.neuron, stats, fit, seconds, scan=scan, excerpts=excerpts,
+                                         effects=effects(job.neuron)), fit.graph)
                     fitted += 1
                     bar.update(1)
                     return
-                values = scan.activations(job.neuron.index, job.neuron.sign) if scan.store is not None else None
-                stored = scan.store.excerpts if scan.store is not None else None
                 saving.append((pool.submit(_describe_and_save, str(store.root), job.neuron, stats, fit, seconds,
-                                           output_effects(model, job.neuron), values, stored), bar))
+                                           effects(job.neuron), *store_values(scan, job.neuron)), bar))
                 while saving and saving[0][0].done():
                     future, done_bar = saving.pop(0)
                     future.result()  # a failed write (disk full) stops the run here
@@ -387,12 +389,52 @@ def steering_of(model, job, fit) -> dict:
     return {"prompt": "".join(model.token_strings(prefix)), "scale": STEER_SCALE, **result.to_dict()}
 
 
-def output_effects(model, neuron: NeuronId) -> tuple[list, list]:
-    """Tokens the neuron's side promotes and suppresses (the negative side writes the opposite direction)."""
-    promoted, suppressed = model.output_effects(neuron.layer, neuron.index, k=10)
+def _signed(neuron: NeuronId, effects) -> tuple[list, list]:
+    promoted, suppressed = effects
     if neuron.sign == Sign.NEGATIVE:
         promoted, suppressed = [(t, -v) for t, v in suppressed], [(t, -v) for t, v in promoted]
     return promoted, suppressed
+
+
+def output_effects(model, neuron: NeuronId) -> tuple[list, list]:
+    """Tokens the neuron's side promotes and suppresses (the negative side writes the opposite direction)."""
+    return _signed(neuron, model.output_effects(neuron.layer, neuron.index, k=10))
+
+
+def output_effects_many(model, neurons: list[NeuronId]) -> list[tuple[list, list]]:
+    """:func:`output_effects` of many neurons, one batched pass per layer (the same answers)."""
+    many = getattr(model, "output_effects_many", None)
+    if many is None:
+        return [output_effects(model, n) for n in neurons]
+    out: list = [None] * len(neurons)
+    by_layer: dict[int, list[int]] = {}
+    for i, n in enumerate(neurons):
+        by_layer.setdefault(n.layer, []).append(i)
+    for layer, where in by_layer.items():
+        indices = sorted({neurons[i].index for i in where})
+        found = dict(zip(indices, many(layer, indices, k=10)))
+        for i in where:
+            out[i] = _signed(neurons[i], found[neurons[i].index])
+    return out
+
+
+class EffectsAhead:
+    """Output effects of a list of neurons, computed a chunk at a time on first use (the neurons of
+    a layer finish in order, so each chunk is one batched pass through the unembedding)."""
+
+    def __init__(self, model, neurons: list[NeuronId], chunk: int = 64):
+        self.model, self.neurons, self.chunk = model, list(neurons), max(int(chunk), 1)
+        self.at = {n: i for i, n in enumerate(self.neurons)}
+        self.ready: dict[NeuronId, tuple[list, list]] = {}
+
+    def __call__(self, neuron: NeuronId) -> tuple[list, list]:
+        if neuron not in self.ready:
+            if neuron not in self.at:
+                return output_effects(self.model, neuron)
+            start = self.at[neuron]
+            todo = [n for n in self.neurons[start : start + self.chunk] if n not in self.ready]
+            self.ready.update(zip(todo, output_effects_many(self.model, todo)))
+        return self.ready.pop(neuron)
 
 
 def describe(neuron: NeuronId, stats, fit, seconds: float, token_strings, effects, scan=None,
@@ -419,9 +461,23 @@ def describe(neuron: NeuronId, stats, fit, seconds: float, token_strings, effect
     return result
 
 
-def to_result(model, neuron: NeuronId, stats, fit, seconds: float, scan=None, excerpts=None) -> NeuronResult:
-    """A storable record of one fit, with display strings and output-weight effects filled in."""
-    return describe(neuron, stats, fit, seconds, model.token_strings, output_effects(model, neuron), scan, excerpts)
+def to_result(model, neuron: NeuronId, stats, fit, seconds: float, scan=None, excerpts=None,
+              effects=None) -> NeuronResult:
+    """A storable record of one fit, with display strings and output-weight effects filled in
+    (``effects``: already computed, e.g. by :class:`EffectsAhead`)."""
+    effects = effects if effects is not None else output_effects(model, neuron)
+    return describe(neuron, stats, fit, seconds, model.token_strings, effects, scan, excerpts)
+
+
+def store_values(scan, neuron: NeuronId) -> tuple:
+    """What a worker needs to read one neuron's stored activations: the store file's path (the
+    worker reads the neuron's rows itself, so the main process reads nothing), or the values
+    themselves when the store lives in memory; ``(None, None)`` without a store."""
+    if scan.store is None:
+        return None, None
+    if scan.store.path is not None:
+        return (str(scan.store.path), neuron.index, neuron.sign), scan.store.excerpts
+    return scan.activations(neuron.index, neuron.sign), scan.store.excerpts
 
 
 class _NeuronScan:
@@ -431,11 +487,21 @@ class _NeuronScan:
         self.values, self.store = values, type("Stored", (), {"excerpts": excerpts})()
 
     def activations(self, index, sign):
+        if isinstance(self.values, tuple):  # (store path, index, sign): read here, in the worker
+            from .activations import ActivationStore
+
+            path, index, sign = self.values
+            stores = _WORKER.setdefault("stores", {})
+            if path not in stores:
+                stores[path] = ActivationStore.open(Path(path), self.store.excerpts)
+            values = stores[path].neuron(index)
+            return values if sign == Sign.POSITIVE else -values
         return self.values
 
 
 _WORKER: dict = {}
-"""Per worker process: the tokenizer's display strings and the corpus token ids (set once)."""
+"""Per worker process: the tokenizer's display strings and the corpus token ids (set once), and
+the activation stores it has opened."""
 
 
 def _worker_setup(vocab: list[str], excerpts) -> None:

@@ -29,7 +29,7 @@ from n2g.errors import N2GError
 from n2g.fileio import remove_stale_temporaries
 from n2g.records import NeuronResult
 from n2g.render import atomic_write, dot_available, load_graph_json, render
-from n2g.search import build_index, iter_results
+from n2g.search import build_index, iter_results, scan_results
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +97,37 @@ def neuron_row(r: NeuronResult) -> dict:
     return row
 
 
+def scan_run(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, bytes]]:
+    """``(folder, summary, file hash)`` of every readable result of a run, sorted (see
+    :func:`n2g.search.scan_results`); N2GError when there are none."""
+    run_dir = Path(run_dir)
+    found = scan_results(run_dir) if run_dir.is_dir() else []
+    if not found:
+        _no_results(run_dir)
+    return found
+
+
+def load_summaries(run_dir: str | os.PathLike) -> list[NeuronResult]:
+    """Every neuron result of a run without its examples (:func:`n2g.search.summary_of`), sorted;
+    what the report and the index need, small enough to hold for every neuron of a model."""
+    return [r for _, r, _ in scan_run(run_dir)]
+
+
 def load_results(run_dir: str | os.PathLike) -> list[NeuronResult]:
-    """All neuron results of a run, sorted; N2GError when there are none."""
+    """All neuron results of a run, whole and sorted; N2GError when there are none."""
     run_dir = Path(run_dir)
     results = [r for _, r in iter_results(run_dir)] if run_dir.is_dir() else []
     if not results:
-        damaged = len(list(run_dir.glob("neurons/*/result.json"))) if run_dir.is_dir() else 0
-        if damaged:
-            raise N2GError(f"none of the {damaged} neuron results in {run_dir} can be read (damaged); re-run the same "
-                           "`n2g run` command to redo them")
-        raise N2GError(f"no neuron results in {run_dir}; run `n2g run` first")
+        _no_results(run_dir)
     return results
+
+
+def _no_results(run_dir: Path) -> None:
+    damaged = len(list(run_dir.glob("neurons/*/result.json"))) if run_dir.is_dir() else 0
+    if damaged:
+        raise N2GError(f"none of the {damaged} neuron results in {run_dir} can be read (damaged); re-run the same "
+                       "`n2g run` command to redo them")
+    raise N2GError(f"no neuron results in {run_dir}; run `n2g run` first")
 
 
 def _run_info(run_dir: Path) -> dict:
@@ -124,7 +144,7 @@ def _control(run_dir: Path) -> dict | None:
     if not (folder / "run.json").exists():
         return None
     try:
-        results = load_results(folder)
+        results = load_summaries(folder)
     except N2GError:
         return None
     present = {m for r in results for m in r.scores}
@@ -138,7 +158,7 @@ def _control(run_dir: Path) -> dict | None:
 def compute_report(run_dir: str | os.PathLike) -> dict:
     """The report's numbers as a JSON-ready dict (what ``report.json`` holds)."""
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
+    results = load_summaries(run_dir)
     present = {m for r in results for m in r.scores}
     methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
     layers = sorted({r.neuron.layer for r in results})
@@ -359,7 +379,7 @@ def build_all(run_dir: str | os.PathLike) -> dict[str, Path]:
     from n2g.viewer import write_viewer
 
     run_dir = Path(run_dir)
-    load_results(run_dir)  # fail early, with the user-facing message, on an empty run
+    scan_run(run_dir)  # fail early, with the user-facing message, on an empty run (each result is checked once)
     remove_stale_temporaries(run_dir)
     try:
         index = build_index(run_dir)

@@ -150,8 +150,16 @@ class SAEModel:
     @torch.inference_mode()
     def output_effects(self, layer: int, index: int, k: int = 10):
         """Tokens the latent's decoder direction promotes and suppresses (direct logit effect)."""
-        self.check_neuron(layer, index)
-        return self.base.direction_effects(self.W_dec[index], k)
+        return self.output_effects_many(layer, [index], k)[0]
+
+    @torch.inference_mode()
+    def output_effects_many(self, layer: int, indices, k: int = 10):
+        """:meth:`output_effects` of several latents at once (one batched pass through the unembedding)."""
+        indices = [int(i) for i in indices]
+        for i in indices:
+            self.check_neuron(layer, i)
+        rows = torch.tensor(indices, dtype=torch.long, device=self.W_dec.device)
+        return self.base.directions_effects(self.W_dec[rows], k)
 
     def info(self) -> dict:
         return {**self.base.info(), "spec": self.spec, "d_mlp": self.d_mlp,

@@ -8,13 +8,17 @@ share the most tokens with a given one. All SQL is parametrised.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from n2g.errors import N2GError
 from n2g.fileio import replacing
@@ -56,6 +60,23 @@ def _number_or_none(v) -> bool:
     return v is None or is_finite_number(v)
 
 
+_FLOATS = frozenset({float})
+_INTS = frozenset({int})
+_STRS = frozenset({str})
+
+
+def _numbers(values: list) -> bool:
+    """``all(map(_number_or_none, values))``, fast for the usual list of plain finite floats."""
+    if set(map(type, values)) <= _FLOATS and all(map(math.isfinite, values)):
+        return True
+    return all(map(_number_or_none, values))
+
+
+def _token_ids(values: list) -> bool:
+    """Every value an int (not a bool); fast for the usual list of plain ints."""
+    return set(map(type, values)) <= _INTS or all(isinstance(t, int) and not isinstance(t, bool) for t in values)
+
+
 def result_problem(r: NeuronResult) -> str | None:
     """What is wrong with a loaded result's field types (what the report and viewer rely on), or None."""
     if not (0 <= r.neuron.layer < 10**6 and 0 <= r.neuron.index < 10**9):
@@ -83,10 +104,11 @@ def result_problem(r: NeuronResult) -> str | None:
                     and isinstance(b.get("n_excerpts"), int) for b in h.get("bands", []))):
         return "histogram has a field of the wrong type"
     for i, e in enumerate(r.examples + r.band_examples):
-        ok = (isinstance(e.token_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in e.token_ids)
-              and isinstance(e.activations, list) and all(map(_number_or_none, e.activations))
-              and (e.predicted is None or (isinstance(e.predicted, list) and all(map(_number_or_none, e.predicted))))
-              and (e.tokens is None or (isinstance(e.tokens, list) and all(isinstance(t, str) for t in e.tokens)))
+        ok = (isinstance(e.token_ids, list) and _token_ids(e.token_ids)
+              and isinstance(e.activations, list) and _numbers(e.activations)
+              and (e.predicted is None or (isinstance(e.predicted, list) and _numbers(e.predicted)))
+              and (e.tokens is None or (isinstance(e.tokens, list) and (
+                  set(map(type, e.tokens)) <= _STRS or all(isinstance(t, str) for t in e.tokens))))
               and isinstance(e.split, str) and isinstance(e.source, str)
               and (e.excerpt_index is None or isinstance(e.excerpt_index, int)))
         if not ok:
@@ -112,8 +134,16 @@ def result_problem(r: NeuronResult) -> str | None:
 
 _warned: set[tuple[str, int]] = set()
 _loaded: dict[str, tuple[bytes, NeuronResult]] = {}
-"""Results this process has parsed and checked, by path, with a hash of the file's bytes: the
-report, index and viewer of one run each read every result, and now parse and check it once."""
+"""Results this process has parsed and checked, by path, with a hash of the file's bytes and the
+result's summary (:func:`summary_of`): the report, index and viewer of one run each go over every
+result, and now parse and check each file once, and memory holds summaries, not whole results."""
+
+
+def summary_of(result: NeuronResult) -> NeuronResult:
+    """A result without its examples, histogram, output effects and steering check: what the report,
+    the index and the viewer's index page read (a few hundred bytes instead of every excerpt)."""
+    return dataclasses.replace(result, examples=[], band_examples=[], histogram={}, promoted=[], suppressed=[],
+                               steering={})
 
 
 def _mtime(path: Path) -> int:
@@ -123,8 +153,29 @@ def _mtime(path: Path) -> int:
         return 0
 
 
-def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResult]]:
-    """``(neuron folder, result)`` for every readable ``neurons/*/result.json``, sorted by neuron.
+def _parse(data: bytes, check: bool = True) -> NeuronResult:
+    d = json.loads(data.decode("utf-8"))
+    if not isinstance(d, dict):
+        raise ValueError(f"a JSON {type(d).__name__}, not an object")
+    result = NeuronResult.from_dict(d)
+    problem = result_problem(result) if check else None
+    if problem:
+        raise ValueError(problem)
+    return result
+
+
+def _skip_damaged(path: Path, e: Exception) -> None:
+    """Name a damaged file in a warning (once per process and version of the file)."""
+    key = (str(path), _mtime(path))
+    if key in _warned:
+        return
+    _warned.add(key)
+    log.warning("skipping damaged neuron result %s (%s); re-run the same `n2g run` command to redo it", path, e)
+
+
+def scan_results(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, bytes]]:
+    """``(neuron folder, summary, hash of the file)`` for every readable ``neurons/*/result.json``,
+    sorted by neuron; each version of a file is parsed and checked once per process.
 
     A damaged file (unreadable, not JSON, fields of the wrong type) is named in a warning and
     skipped; re-running the same ``n2g run`` command redoes that neuron.
@@ -136,27 +187,41 @@ def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResul
             signature = hashlib.blake2b(data, digest_size=16).digest()
             cached = _loaded.get(str(path))
             if cached is not None and cached[0] == signature:
-                found.append((path.parent, cached[1]))  # parsed and checked already by this process, same bytes
+                found.append((path.parent, cached[1], signature))  # parsed and checked already, same bytes
                 continue
-            d = json.loads(data.decode("utf-8"))
-            if not isinstance(d, dict):
-                raise ValueError(f"a JSON {type(d).__name__}, not an object")
-            result = NeuronResult.from_dict(d)
-            problem = result_problem(result)
-            if problem:
-                raise ValueError(problem)
-        except Exception as e:  # any damage: name the file (once per process and version), skip it, keep going
-            key = (str(path), _mtime(path))
-            if key in _warned:
-                continue
-            _warned.add(key)
-            log.warning("skipping damaged neuron result %s (%s); re-run the same `n2g run` command to redo it",
-                        path, e)
+            summary = summary_of(_parse(data))
+        except Exception as e:  # any damage: name the file, skip it, keep going
+            _skip_damaged(path, e)
             continue
-        _loaded[str(path)] = (signature, result)
-        found.append((path.parent, result))
-    found.sort(key=lambda pr: pr[1].neuron)
-    yield from found
+        _loaded[str(path)] = (signature, summary)
+        found.append((path.parent, summary, signature))
+    found.sort(key=lambda item: item[1].neuron)
+    return found
+
+
+def read_result(folder: str | os.PathLike, checked: bytes | None = None) -> NeuronResult | None:
+    """The whole result stored in ``folder``; None (and a warning) when it is damaged. The check of
+    field types is skipped when the file's bytes hash to ``checked`` (or to what this process
+    checked before)."""
+    path = Path(folder) / "result.json"
+    try:
+        data = path.read_bytes()
+        signature = hashlib.blake2b(data, digest_size=16).digest()
+        cached = _loaded.get(str(path))
+        trusted = signature == checked or (cached is not None and cached[0] == signature)
+        return _parse(data, check=not trusted)
+    except Exception as e:
+        _skip_damaged(path, e)
+        return None
+
+
+def iter_results(run_dir: str | os.PathLike) -> Iterator[tuple[Path, NeuronResult]]:
+    """``(neuron folder, result)`` for every readable ``neurons/*/result.json``, sorted by neuron,
+    read one at a time (damaged files are skipped with a warning, see :func:`scan_results`)."""
+    for folder, _, signature in scan_results(run_dir):
+        result = read_result(folder, signature)
+        if result is not None:
+            yield folder, result
 
 
 def _f1(result: NeuronResult, method: str) -> float | None:
@@ -176,7 +241,7 @@ def build_index(run_dir: str | os.PathLike) -> Path:
             con.executescript(_SCHEMA)
             con.execute("INSERT INTO meta VALUES (?, ?)", ("schema_version", INDEX_SCHEMA))
             n = 0
-            for folder, r in iter_results(run_dir):
+            for folder, r, _ in scan_results(run_dir):
                 key = r.neuron.key
                 n2g = r.scores.get("n2g")
                 con.execute(
@@ -314,6 +379,53 @@ def _weights(con: sqlite3.Connection, key: str) -> dict[int, float]:
     return w
 
 
+class _TokenWeights:
+    """Every graph's token weights of one index file, as arrays: which neurons hold each token id
+    (rows sorted by token id) and each neuron's total weight. Loaded once per process and index
+    file, so :func:`similar` costs a few array operations per neuron however large the run."""
+
+    def __init__(self, con: sqlite3.Connection):
+        rows = con.execute(
+            f"SELECT key, token_id, MAX(CASE WHEN role = 'activator' THEN {ACTIVATOR_WEIGHT!r} ELSE 1.0 END) "
+            "FROM tokens WHERE token_id IS NOT NULL GROUP BY key, token_id").fetchall()
+        self.keys = sorted({k for k, _, _ in rows})
+        number = {k: i for i, k in enumerate(self.keys)}
+        key_ids = np.fromiter((number[k] for k, _, _ in rows), np.int64, len(rows))
+        tokens = np.fromiter((t for _, t, _ in rows), np.int64, len(rows))
+        weights = np.fromiter((w for _, _, w in rows), np.float64, len(rows))
+        order = np.argsort(tokens, kind="stable")
+        self.tokens, self.owners, self.weights = tokens[order], key_ids[order], weights[order]
+        self.totals = np.bincount(key_ids, weights=weights, minlength=len(self.keys))
+        self.number = number
+
+    def similar(self, key: str, mine: dict[int, float], limit: int) -> list[tuple[str, float]]:
+        ids = np.fromiter(mine, np.int64, len(mine))
+        lo, hi = np.searchsorted(self.tokens, ids, "left"), np.searchsorted(self.tokens, ids, "right")
+        if not (hi > lo).any():
+            return []
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())])
+        mine_w = np.repeat(np.fromiter(mine.values(), np.float64, len(mine)), hi - lo)
+        # weights are 1 and 2, so every sum below is exact whatever its order
+        shared = np.bincount(self.owners[rows], weights=np.minimum(mine_w, self.weights[rows]), minlength=len(self.keys))
+        me = self.number.get(key)
+        if me is not None:
+            shared[me] = 0.0
+        others = np.flatnonzero(shared > 0)
+        if not len(others) or limit <= 0:
+            return []
+        union = sum(mine.values()) + self.totals[others] - shared[others]
+        score = shared[others] / union
+        if len(others) > limit:  # everything tied with the limit-th best stays in, then the exact order
+            cut = -np.partition(-score, limit - 1)[limit - 1]
+            keep = score >= cut
+            others, score = others[keep], score[keep]
+        ranked = sorted(zip((-score).tolist(), (self.keys[i] for i in others.tolist())))
+        return [(k, -s) for s, k in ranked[:limit]]
+
+
+_token_weights: dict[str, tuple[tuple, _TokenWeights]] = {}
+
+
 def similar(run_dir: str | os.PathLike, key: str, limit: int = 10) -> list[tuple[str, float]]:
     """Neurons whose graphs share the most token ids with ``key``'s: ``(key, weighted Jaccard)``.
 
@@ -327,22 +439,12 @@ def similar(run_dir: str | os.PathLike, key: str, limit: int = 10) -> list[tuple
         mine = _weights(con, key)
         if not mine:
             return []
-        candidates = [
-            k for (k,) in con.execute(
-                "SELECT DISTINCT key FROM tokens WHERE key != ? AND token_id IN "
-                "(SELECT token_id FROM tokens WHERE key = ? AND token_id IS NOT NULL)",
-                (key, key),
-            )
-        ]
-        scored = []
-        for other in candidates:
-            theirs = _weights(con, other)
-            ids = mine.keys() | theirs.keys()
-            inter = sum(min(mine.get(t, 0.0), theirs.get(t, 0.0)) for t in ids)
-            union = sum(max(mine.get(t, 0.0), theirs.get(t, 0.0)) for t in ids)
-            if inter > 0:
-                scored.append((other, inter / union))
+        path = Path(run_dir) / INDEX_NAME
+        st = path.stat()
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = _token_weights.get(str(path))
+        if cached is None or cached[0] != version:
+            cached = _token_weights[str(path)] = (version, _TokenWeights(con))
     finally:
         con.close()
-    scored.sort(key=lambda kv: (-kv[1], kv[0]))
-    return scored[: max(0, int(limit))]
+    return cached[1].similar(key, mine, max(0, int(limit)))

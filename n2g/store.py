@@ -109,25 +109,28 @@ class RunStore:
             raise _disk_error(folder, exc) from exc
 
     def results(self) -> list[NeuronResult]:
-        out = []
+        return sorted(self._each_result(), key=lambda r: r.neuron)
+
+    def _each_result(self):
+        """Every readable stored result, one at a time, in folder order."""
         folder = self.root / "neurons"
         if not folder.is_dir():
-            return out
+            return
         for sub in sorted(folder.iterdir()):
             if (sub / "result.json").exists():
                 try:
-                    out.append(NeuronResult.from_dict(json.loads((sub / "result.json").read_text(encoding="utf-8"))))
+                    yield NeuronResult.from_dict(json.loads((sub / "result.json").read_text(encoding="utf-8")))
                 except Exception as exc:
                     log.warning("skipping unreadable %s (%s)", sub / "result.json", exc)
-        return sorted(out, key=lambda r: r.neuron)
 
     def score_rows(self) -> tuple[list[str], list[list]]:
         """The scores table: a header and one row per neuron and method (a dead neuron gets one row)."""
         header = ["neuron", "layer", "index", "sign", "status", "method",
                   *("score_status" if f == "status" else f for f in SCORE_FIELDS),
                   "max_activation", "firing_rate", "seconds"]
-        rows = []
-        for r in self.results():
+        per_neuron = []  # results are read one at a time; only their rows are kept
+        for r in self._each_result():
+            rows = []
             head = [r.neuron.key, r.neuron.layer, r.neuron.index, r.neuron.sign.value, r.status]
             tail = [r.stats.max_activation, r.stats.firing_rate, round(r.seconds, 4)]
             if not r.scores:
@@ -136,7 +139,9 @@ class RunStore:
                 if method in r.scores:
                     s = r.scores[method].to_dict()
                     rows.append(head + [method] + [s.get(f) for f in SCORE_FIELDS] + tail)
-        return header, rows
+            per_neuron.append((r.neuron, rows))
+        per_neuron.sort(key=lambda item: item[0])
+        return header, [row for _, rows in per_neuron for row in rows]
 
     def write_scores_table(self) -> Path:
         """``scores.csv`` (and ``scores.parquet`` when pyarrow is installed): one row per neuron and method."""

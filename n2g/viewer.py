@@ -41,7 +41,7 @@ from markupsafe import Markup, escape
 from n2g.errors import N2GError
 from n2g.records import Example, NeuronResult
 from n2g.render import atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
-from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, load_results, neuron_row
+from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
 from n2g.search import INDEX_NAME, build_index, search, similar
 
 log = logging.getLogger(__name__)
@@ -98,19 +98,53 @@ NEURON_JS = (Path(__file__).parent / "templates" / "neuron.js").read_text(encodi
 """The neuron page's one script (try your own text): fixed text, allowed by hash and by the page's nonce."""
 
 
+_TOKEN_PARTS: dict = {}
+"""Per token (its text, or its id when it has none): the escaped title text and the escaped cell text."""
+_VALUE_PARTS: dict = {}
+"""Per activation value: the cell's background and the value as the title shows it."""
+_CACHE_LIMIT = 1 << 18
+
+
+def _token_parts(tok: str | None, tid: int) -> tuple[str, str]:
+    key = tok if tok is not None else int(tid)
+    parts = _TOKEN_PARTS.get(key)
+    if parts is None:
+        if len(_TOKEN_PARTS) >= _CACHE_LIMIT:
+            _TOKEN_PARTS.clear()
+        shown = display_token(tok, tid) if tok is not None else str(tid)
+        parts = _TOKEN_PARTS[key] = (str(escape(shown)), str(escape(_tok_text(tok, tid))))
+    return parts
+
+
+def _value_parts(v: float | None) -> tuple[str, str]:
+    # -0.0 equals 0.0 as a key but prints as "-0.000": zeros are keyed with their sign
+    key = v if v else (v, math.copysign(1.0, v)) if v is not None and v == v else None
+    parts = _VALUE_PARTS.get(key) if key is not None else None
+    if parts is None:
+        parts = (_bg(v), fmt(v))
+        if key is not None:
+            if len(_VALUE_PARTS) >= _CACHE_LIMIT:
+                _VALUE_PARTS.clear()
+            _VALUE_PARTS[key] = parts
+    return parts
+
+
 def _token_cells(ex: Example, values: list[float] | None, what: str, threshold: float) -> Markup | None:
     """One excerpt's tokens as coloured ``<span>`` cells (built here, not by a template macro per
-    token: a page holds thousands of them). Every text and title is escaped."""
+    token: a page holds thousands of them). Every text and title is escaped: token texts once per
+    token (cached), numbers need none (digits, sign, point or an em dash)."""
     if values is None:
         return None
+    tokens = ex.tokens if ex.tokens is not None else ()
+    n_tok, n_val = len(tokens), len(values)
+    what = str(escape(what))
     out = []
     for i, tid in enumerate(ex.token_ids):
-        tok = ex.tokens[i] if ex.tokens is not None and i < len(ex.tokens) else None
-        v = values[i] if i < len(values) else None
-        shown = display_token(tok, tid) if tok is not None else str(tid)
+        shown, text = _token_parts(tokens[i] if i < n_tok else None, tid)
+        v = values[i] if i < n_val else None
+        bg, num = _value_parts(v)
         fire = ' class="fire"' if v is not None and v >= threshold else ""
-        out.append(f'<span{fire} style="background:{_bg(v)}" title="{escape(f"{shown}  {what} {fmt(v)}")}">'
-                   f"{escape(_tok_text(tok, tid))}</span>")
+        out.append(f'<span{fire} style="background:{bg}" title="{shown}  {what} {num}">{text}</span>')
     return Markup("".join(out))
 
 
@@ -391,31 +425,43 @@ PAGES_PER_WORKER = 200
 """Neuron pages per worker process when a run's pages are written in parallel (fewer: one process)."""
 
 
-def _write_pages(run_dir: Path, results: list[NeuronResult]) -> None:
+def _write_pages(run_dir: Path, items: list[tuple[str, bytes | None]]) -> None:
+    """Write the pages of ``(neuron folder, hash of its checked result.json)`` items, reading each
+    whole result here, one at a time (a file changed since it was checked is checked again)."""
+    from n2g.search import read_result
+
     pages = run_dir / "viewer" / "neurons"
-    for r in results:
-        atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r).encode("utf-8"))
+    for folder, checked in items:
+        r = read_result(folder, checked)
+        if r is not None:
+            atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r).encode("utf-8"))
 
 
 def write_viewer(run_dir: str | os.PathLike) -> Path:
-    """Write the viewer pages of a run (building the search index if missing); returns index.html."""
+    """Write the viewer pages of a run (building the search index if missing); returns index.html.
+
+    Whole results are read one at a time for their pages; the index page needs only summaries."""
+    from n2g.report import scan_run
+
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
+    found = scan_run(run_dir)
     if not (run_dir / INDEX_NAME).exists():
         build_index(run_dir)
     pages = run_dir / "viewer" / "neurons"
     pages.mkdir(parents=True, exist_ok=True)
-    workers = min(os.cpu_count() or 1, len(results) // PAGES_PER_WORKER)
+    items = [(str(folder), signature) for folder, _, signature in found]
+    workers = min(os.cpu_count() or 1, len(items) // PAGES_PER_WORKER)
     if workers > 1:  # many neurons: pages are written by worker processes, one chunk of neurons each
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        chunks = [results[i::workers] for i in range(workers)]
+        chunks = [items[i::workers] for i in range(workers)]
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_write_pages, [run_dir] * workers, chunks))
     else:
-        _write_pages(run_dir, results)
+        _write_pages(run_dir, items)
     out = run_dir / "viewer" / "index.html"
+    results = [r for _, r, _ in found]
     atomic_write(out, index_page(run_dir, results, secrets.token_urlsafe(16)).encode("utf-8"))
     log.info("wrote viewer for %d neurons under %s", len(results), out.parent)
     return out

@@ -341,3 +341,16 @@ def test_pruning_a_step_at_a_time_and_reusing_prefixes_keeps_the_same_windows():
     # (the rule is monotone in context length) while measuring fewer positions
     assert [p.token_ids for p in staged] == [p.token_ids for p in every]
     assert staged_positions < sum(asked)
+
+
+def test_linear_quantiles_equal_numpy_bit_for_bit():
+    """calibrate's batched quantiles of every END at once are np.quantile's, to the last bit."""
+    from n2g.graph import AUTO_QUANTILES, linear_quantiles
+
+    rng = np.random.default_rng(0)
+    groups = [rng.normal(size=int(rng.integers(1, 120))) for _ in range(60)]
+    groups += [np.asarray([0.0, -0.0, 0.5]), np.asarray([-0.0]), np.asarray([1.0, 1.0]), np.asarray([0.3, np.nan])]
+    got = linear_quantiles(groups, AUTO_QUANTILES)
+    assert len(got) == len(groups)
+    for g, row in zip(groups, got):
+        assert np.asarray(row).tobytes() == np.quantile(g, AUTO_QUANTILES).tobytes()

@@ -170,6 +170,53 @@ def test_output_effects_follow_unembedding(tiny_llama):
         by_hand.topk(5, largest=False).values.tolist(), rel=1e-4)
 
 
+def test_output_effects_batched_equal_one_at_a_time(tiny_subject):
+    """Output effects of a group of neurons (one matmul) are exactly each neuron's own, in every family."""
+    sm = tiny_subject
+    indices = list(range(0, sm.d_mlp, 3))
+    many = sm.output_effects_many(2, indices, k=6)
+    assert many == [sm.output_effects(2, i, k=6) for i in indices]
+    assert many[:2] == sm.output_effects_many(2, indices[:2], k=6)  # whatever else is in the batch
+
+
+def test_output_effects_match_a_float64_reference(tiny_llama, monkeypatch):
+    """Values are the float32 rounding of the exact effect, tokens ranked by it; a row whose
+    candidates cannot be proved complete is measured over the whole vocabulary, same answer."""
+    import n2g.models as models
+
+    sm = tiny_llama
+    m = sm.model
+    w_u = m.lm_head.weight.double()
+    for index in (0, 7, 40):
+        vec = m.model.layers[1].mlp.down_proj.weight[:, index].float() * m.model.norm.weight.float()
+        exact = (w_u @ vec.double()).float()
+        top, bottom = sm.output_effects(1, index, k=5)
+        order = torch.sort(exact, descending=True, stable=True).indices[:5]
+        assert top == list(zip(sm.token_strings(order.tolist()), exact[order].tolist()))
+        order = torch.sort(exact, stable=True).indices[:5]
+        assert bottom == list(zip(sm.token_strings(order.tolist()), exact[order].tolist()))
+    want = sm.output_effects_many(1, range(12), k=5)
+    monkeypatch.setattr(models, "EFFECT_CANDIDATES", 0)  # k candidates only: most rows fall back
+    assert sm.output_effects_many(1, range(12), k=5) == want
+
+
+def test_output_effects_ties_broken_by_token_id(tiny_llama):
+    sm = tiny_llama
+    w = sm.model.lm_head.weight
+    with torch.no_grad():
+        w[10:20] = w[5]  # eleven tokens with the same effect for every neuron
+    ids = {s: i for i, s in enumerate(sm.token_strings(range(sm.vocab_size)))}
+    for index in range(sm.d_mlp):
+        effects = sm.output_effects(1, index, k=12)
+        assert effects == sm.output_effects_many(1, [index, 0, 47], k=12)[0]
+        for side in effects:
+            for (s1, v1), (s2, v2) in zip(side, side[1:]):
+                if v1 == v2:
+                    assert ids[s1] < ids[s2]
+    tied = [s for side in sm.output_effects(1, 3, k=sm.vocab_size) for s, _ in side if ids[s] in range(10, 20)]
+    assert len(tied) == 20
+
+
 def test_special_tokens_and_strings(tiny_llama):
     sm = tiny_llama
     assert sm.bos_token_id == 1

@@ -215,3 +215,18 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_dir, tmp_path):
     assert len(lines) == 1 and needle.lower() in lines[0].lower(), res.stderr
     assert "Traceback" not in res.stderr
     assert list(work.iterdir()) == []  # nothing written (no graphs/ directory either)
+
+
+def test_output_effects_in_chunks_equal_one_neuron_at_a_time():
+    """The run computes output effects a chunk of neurons at a time (one matmul); each neuron,
+    either sign, gets exactly what it gets alone."""
+    from n2g.pipeline import EffectsAhead, output_effects, output_effects_many
+
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama")
+    neurons = [NeuronId(l, i, s) for l in (0, 2) for i in (1, 4, 5, 9) for s in (Sign.POSITIVE, Sign.NEGATIVE)]
+    alone = [output_effects(model, n) for n in neurons]
+    assert output_effects_many(model, neurons) == alone
+    ahead = EffectsAhead(model, neurons, chunk=3)
+    assert [ahead(n) for n in neurons] == alone
+    assert ahead.ready == {}  # nothing kept once delivered
+    assert alone[1] == ([(t, -v) for t, v in alone[0][1]], [(t, -v) for t, v in alone[0][0]])

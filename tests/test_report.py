@@ -122,3 +122,43 @@ def test_build_index_is_atomic_and_rebuildable(run):
     build_index(run)
     assert (run / "index.sqlite").stat().st_ino != before
     assert not list(run.glob(".index.*"))
+
+
+def test_end_of_run_checks_each_result_once_and_keeps_only_summaries(tmp_path, monkeypatch):
+    """Index, viewer and report go over every result: each file is parsed and checked once for all
+    three (pages read it again, one at a time, without checking it again), and what stays in memory
+    is a summary without the examples."""
+    import n2g.search as search
+
+    run = make_run(tmp_path)
+    checks = []
+    real = search.result_problem
+    monkeypatch.setattr(search, "result_problem", lambda r: checks.append(r.neuron.key) or real(r))
+    monkeypatch.setattr(search, "_loaded", {})
+    build_all(run)
+    keys = sorted(p.parent.name for p in run.glob("neurons/*/result.json"))
+    assert sorted(checks) == keys
+    assert all(not r.examples and not r.band_examples and not r.histogram for _, r in search._loaded.values())
+    assert len(list((run / "viewer" / "neurons").glob("*.html"))) == len(keys)
+
+
+def test_similar_equals_the_pairwise_definition(run):
+    """similar() in two queries gives exactly the weighted Jaccard computed pair by pair."""
+    con = sqlite3.connect(run / "index.sqlite")
+    weights = {}
+    for key, tid, role in con.execute("SELECT key, token_id, role FROM tokens WHERE token_id IS NOT NULL"):
+        w = weights.setdefault(key, {})
+        w[tid] = max(w.get(tid, 0.0), 2.0 if role == "activator" else 1.0)
+    keys = [k for (k,) in con.execute("SELECT key FROM neurons")]
+    con.close()
+    for key in keys:
+        mine, want = weights.get(key, {}), []
+        for other, theirs in weights.items():
+            if other == key or not mine:
+                continue
+            ids = mine.keys() | theirs.keys()
+            inter = sum(min(mine.get(t, 0.0), theirs.get(t, 0.0)) for t in ids)
+            if inter > 0:
+                want.append((other, inter / sum(max(mine.get(t, 0.0), theirs.get(t, 0.0)) for t in ids)))
+        want.sort(key=lambda kv: (-kv[1], kv[0]))
+        assert similar(run, key, limit=100) == want
