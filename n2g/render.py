@@ -194,6 +194,16 @@ MAX_DRAWN_PATHS = 14
 """A graph with more paths is drawn summarised: its strongest paths and a ``+k more`` node."""
 
 
+QUIET_BELOW = 0.5
+"""An activator whose strongest END is below this (the fire threshold) is quiet: it holds a graded
+value (``quiet_tokens``) but is never predicted to fire."""
+
+
+def is_quiet(attrs: dict) -> bool:
+    """Whether an activator node (its attributes) is quiet: no END on or below it fires."""
+    return attrs.get("kind") == "activator" and _num(attrs.get("activation")) < QUIET_BELOW
+
+
 def graph_paths(G: nx.DiGraph) -> list[dict]:
     """Every path of a graph that ends in an END, strongest first.
 
@@ -293,11 +303,16 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
     if max_paths is not None and len(paths) > max_paths:
         shown = paths[:max_paths]
         keep = {n for p in shown for n in p["nodes"]}
-        n_acts = sum(1 for n in G.nodes if G.nodes[n].get("kind") == "activator")
-        hidden_acts = n_acts - len({p["nodes"][0] for p in shown})
-        summary = (f"summary: the {max_paths} strongest of {len(paths)} paths ({n_acts} activating tokens); "
-                   "all are listed on the neuron page")
-        more = (f"+{len(paths) - max_paths} more paths" + (f" ({hidden_acts} more activating tokens)" if hidden_acts else ""))
+        acts = [n for n in G.nodes if G.nodes[n].get("kind") == "activator"]
+        quiet = {n for n in acts if is_quiet(G.nodes[n])}
+        drawn = {p["nodes"][0] for p in shown}
+        hidden_acts, hidden_quiet = len(acts) - len(drawn), len(quiet - drawn)
+        summary = (f"summary: the {max_paths} strongest of {len(paths)} paths ({len(acts)} activating tokens"
+                   + (f", {len(quiet)} of them quiet: never predicted to fire" if quiet else "")
+                   + "); all are listed on the neuron page")
+        more = (f"+{len(paths) - max_paths} more paths"
+                + (f" ({hidden_acts} more activating tokens" + (f", {hidden_quiet} quiet" if hidden_quiet else "") + ")"
+                   if hidden_acts else ""))
     rank = {}
     for r, p in enumerate(paths):  # each node sorts by the strongest path through it
         for n in p["nodes"]:

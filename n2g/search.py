@@ -23,7 +23,7 @@ import numpy as np
 from n2g.errors import N2GError
 from n2g.fileio import replacing
 from n2g.records import NeuronResult
-from n2g.render import graph_token_rows, is_finite_number, load_graph_json
+from n2g.render import QUIET_BELOW, graph_token_rows, is_finite_number, load_graph_json
 
 log = logging.getLogger(__name__)
 
@@ -372,9 +372,14 @@ def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limi
     ]
 
 
+SIMILAR_ROWS = (f"token_id IS NOT NULL AND NOT (role = 'activator' AND weight < {QUIET_BELOW!r})")
+"""Token rows ``similar`` counts: quiet activators (graded values of common tokens, never firing) would
+make neurons look alike for sharing a background token, so they are left out."""
+
+
 def _weights(con: sqlite3.Connection, key: str) -> dict[int, float]:
     w: dict[int, float] = {}
-    for tid, role in con.execute("SELECT token_id, role FROM tokens WHERE key = ? AND token_id IS NOT NULL", (key,)):
+    for tid, role in con.execute(f"SELECT token_id, role FROM tokens WHERE key = ? AND {SIMILAR_ROWS}", (key,)):
         w[tid] = max(w.get(tid, 0.0), ACTIVATOR_WEIGHT if role == "activator" else 1.0)
     return w
 
@@ -387,7 +392,7 @@ class _TokenWeights:
     def __init__(self, con: sqlite3.Connection):
         rows = con.execute(
             f"SELECT key, token_id, MAX(CASE WHEN role = 'activator' THEN {ACTIVATOR_WEIGHT!r} ELSE 1.0 END) "
-            "FROM tokens WHERE token_id IS NOT NULL GROUP BY key, token_id").fetchall()
+            f"FROM tokens WHERE {SIMILAR_ROWS} GROUP BY key, token_id").fetchall()
         self.keys = sorted({k for k, _, _ in rows})
         number = {k: i for i, k in enumerate(self.keys)}
         key_ids = np.fromiter((number[k] for k, _, _ in rows), np.int64, len(rows))
@@ -430,7 +435,8 @@ def similar(run_dir: str | os.PathLike, key: str, limit: int = 10) -> list[tuple
     """Neurons whose graphs share the most token ids with ``key``'s: ``(key, weighted Jaccard)``.
 
     Each token id weighs 2 where it is an activating token and 1 where it is only context; the
-    score is sum(min) / sum(max) over the union. Neurons sharing nothing are left out.
+    score is sum(min) / sum(max) over the union. Quiet activators (never predicted to fire) do not
+    count. Neurons sharing nothing are left out.
     """
     con = _connect(run_dir)
     try:

@@ -146,7 +146,8 @@ def test_similar_equals_the_pairwise_definition(run):
     """similar() in two queries gives exactly the weighted Jaccard computed pair by pair."""
     con = sqlite3.connect(run / "index.sqlite")
     weights = {}
-    for key, tid, role in con.execute("SELECT key, token_id, role FROM tokens WHERE token_id IS NOT NULL"):
+    rows = "token_id IS NOT NULL AND NOT (role = 'activator' AND weight < 0.5)"  # quiet activators do not count
+    for key, tid, role in con.execute(f"SELECT key, token_id, role FROM tokens WHERE {rows}"):
         w = weights.setdefault(key, {})
         w[tid] = max(w.get(tid, 0.0), 2.0 if role == "activator" else 1.0)
     keys = [k for (k,) in con.execute("SELECT key FROM neurons")]
@@ -162,3 +163,23 @@ def test_similar_equals_the_pairwise_definition(run):
                 want.append((other, inter / sum(max(mine.get(t, 0.0), theirs.get(t, 0.0)) for t in ids)))
         want.sort(key=lambda kv: (-kv[1], kv[0]))
         assert similar(run, key, limit=100) == want
+
+
+def test_similar_leaves_out_quiet_activators(tmp_path):
+    """A token two graphs share only as a quiet activator (graded, never predicted to fire) does
+    not make them similar; search still finds it."""
+    run = make_run(tmp_path)
+    for key in ("L0.N1", "L0.N2"):
+        path = run / "neurons" / key / "graph.json"
+        doc = json.loads(path.read_text())
+        g = doc["graph"]
+        g["nodes"] += [{"id": "q", "kind": "activator", "token": " the", "token_id": 555, "depth": 0,
+                        "importance": 1.0, "activation": 0.2, "count": 1},
+                       {"id": "q.end", "kind": "end", "token": "", "token_id": None, "depth": 0,
+                        "importance": 0.0, "activation": 0.2, "count": 1}]
+        g["edges"] += [{"source": "root", "target": "q"}, {"source": "q", "target": "q.end"}]
+        path.write_text(json.dumps(doc))
+    build_index(run)
+    sims = dict(similar(run, "L0.N1"))
+    assert sims["L0.N2"] == pytest.approx(1 / 7) and sims["L1.N4.neg"] == pytest.approx(2 / 6)  # as without it
+    assert {h["key"] for h in search(run, " the", role="activator")} >= {"L0.N1", "L0.N2"}
