@@ -579,7 +579,10 @@ class NeuronGraph:
         paths = self.paths()
         st = self.stats()
         name = self.neuron.key if self.neuron else "graph"
-        head = (f"NeuronGraph {name}: {st['activator']} activating tokens, {st['context']} context, "
+        best = self._max_end_below()
+        quiet = sum(1 for c in self.nodes[0].children.values() if best[c] < self.fire_threshold)
+        acts = f"{st['activator']} activating tokens" + (f" ({quiet} quiet: never predicted to fire)" if quiet else "")
+        head = (f"NeuronGraph {name}: {acts}, {st['context']} context, "
                 f"{st['wildcard']} wildcard nodes, {len(paths)} paths (fires at >= {self.fire_threshold:g})")
         if not paths:
             return head + "\n  (no paths: the graph predicts 0 everywhere)"
