@@ -1,9 +1,12 @@
 """SAE latents as features: every latent of a sparse autoencoder at a hook site of the model.
 
 ``--sae PATH`` reads a local SAELens-format directory: ``cfg.json`` (``d_in``, ``d_sae``,
-``hook_name`` such as ``blocks.3.hook_resid_post`` or ``blocks.3.hook_mlp_out``, ``activation_fn``
-``relu`` or ``topk`` with ``activation_fn_kwargs.k``, optional ``apply_b_dec_to_input``) and
-``sae_weights.safetensors`` (``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``).
+``hook_name`` such as ``blocks.3.hook_resid_post``, ``blocks.3.hook_resid_pre`` (layer 1 or later: the
+residual stream entering block 3 is block 2's output) or ``blocks.3.hook_mlp_out``, ``activation_fn``
+``relu`` or ``topk`` with ``activation_fn_kwargs.k``, or ``architecture`` ``jumprelu`` (Gemma Scope
+style: a latent is its pre-activation where that exceeds its ``threshold``, else 0), optional
+``apply_b_dec_to_input``) and ``sae_weights.safetensors`` (``W_enc [d_in, d_sae]``, ``b_enc``,
+``W_dec [d_sae, d_in]``, ``b_dec``, and ``threshold [d_sae]`` for jumprelu).
 :class:`SAEModel` wraps the subject model so that the rest of n2g sees the SAE's layer with
 ``d_sae`` "neurons": the scan, fitting, reports and viewer run unchanged, and ablation and steering
 edit a latent by adding the change of its decoded contribution at the hook site.
@@ -11,8 +14,10 @@ edit a latent by adding the change of its decoded contribution at the hook site.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
+import types
 from pathlib import Path
 
 import torch
@@ -21,7 +26,7 @@ from torch import nn
 from .errors import N2GError
 from .models import SubjectModel, _get, _StopForward
 
-HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out)$")
+HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|resid_pre|mlp_out)$")
 
 
 class _LatentSite:
@@ -63,8 +68,12 @@ class SAEModel:
             raise N2GError(f"{cfg_path} is not a readable SAE config with d_in, d_sae and hook_name ({exc})") from None
         m = HOOK.match(hook_name)
         if not m:
-            raise N2GError(f"SAE hook {hook_name!r} is not supported; use blocks.L.hook_resid_post or blocks.L.hook_mlp_out")
+            raise N2GError(f"SAE hook {hook_name!r} is not supported; use blocks.L.hook_resid_post, "
+                           "blocks.L.hook_resid_pre (L >= 1) or blocks.L.hook_mlp_out")
         self.layer, self.site_kind = int(m.group(1)), m.group(2)
+        if self.site_kind == "resid_pre" and self.layer == 0:
+            raise N2GError("SAE hook blocks.0.hook_resid_pre (the embeddings) is not supported; "
+                           "use an SAE on a later layer, or on blocks.0.hook_resid_post")
         if self.layer >= base.n_layers:
             raise N2GError(f"the SAE reads layer {self.layer} ({hook_name}) but the model has layers 0-{base.n_layers - 1}; "
                            "use an SAE trained on this model")
@@ -74,12 +83,15 @@ class SAEModel:
                            "use an SAE trained on this model")
         act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
         self.topk = None
+        self.jumprelu = str(cfg.get("architecture", "")).lower() == "jumprelu" or act == "jumprelu"
+        if self.jumprelu:
+            act = "relu"
         if act == "topk":
             self.topk = int((cfg.get("activation_fn_kwargs") or {}).get("k", 0)) or None
             if not self.topk:
                 raise N2GError(f"{cfg_path}: activation_fn topk needs activation_fn_kwargs.k")
         elif act != "relu":
-            raise N2GError(f"SAE activation_fn {act!r} is not supported; relu and topk are")
+            raise N2GError(f"SAE activation_fn {act!r} is not supported; relu, topk and the jumprelu architecture are")
         from safetensors.torch import load_file
 
         try:
@@ -87,6 +99,8 @@ class SAEModel:
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise N2GError(f"cannot read {weights_path} ({type(exc).__name__}); is it a safetensors file?") from None
         want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        if self.jumprelu:
+            want["threshold"] = (d_sae,)
         for name, shape in want.items():
             if name not in w or tuple(w[name].shape) != shape:
                 got = None if name not in w else tuple(w[name].shape)
@@ -95,22 +109,35 @@ class SAEModel:
         dev = base.device
         self.W_enc, self.b_enc = w["W_enc"].float().to(dev), w["b_enc"].float().to(dev)
         self.W_dec, self.b_dec = w["W_dec"].float().to(dev), w["b_dec"].float().to(dev)
+        self.threshold = w["threshold"].float().to(dev) if self.jumprelu else None
         self.apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
         self.hook_name, self.path = hook_name, path
         blocks = _get(base.model, base._family.blocks)
-        self.site: nn.Module = blocks[self.layer] if self.site_kind == "resid_post" else base._projs[self.layer]
+        if self.site_kind == "mlp_out":
+            self.site: nn.Module = base._projs[self.layer]
+        else:  # resid_pre of block L is what block L - 1 hands on
+            self.site = blocks[self.layer if self.site_kind == "resid_post" else self.layer - 1]
         self.d_mlp = d_sae
         self.n_layers = base.n_layers
         self.spec = f"{base.spec}+sae:{path.resolve()}"
         self._projs = {self.layer: _LatentSite(self)}
 
-    def __getattr__(self, name):  # everything else (tokenizer, model, device, _prepare ...) is the subject model's
+    def __getattr__(self, name):
+        """Everything not defined here is the subject model's (tokenizer, model, device ...), and its
+        methods run as methods of this object: ``activations``, ``rows_activations`` and every edit
+        (ablation, steering) then find the latent site in ``self._projs`` and the latent count in
+        ``self.d_mlp``, not the MLP's."""
+        attr = inspect.getattr_static(type(self.base), name, None)
+        if isinstance(attr, types.FunctionType):
+            return types.MethodType(attr, self)
         return getattr(self.base, name)
 
     def encode_latents(self, h: torch.Tensor) -> torch.Tensor:
         """Latent activations ``[..., d_sae]`` of hook-site activations ``h`` (float32)."""
         x = h.float() - (self.b_dec if self.apply_b_dec else 0.0)
         pre = x @ self.W_enc + self.b_enc
+        if self.threshold is not None:  # jumprelu: the pre-activation where it clears the latent's threshold
+            return torch.where(pre > self.threshold, torch.relu(pre), 0.0)
         if self.topk is None:
             return torch.relu(pre)
         top = pre.topk(min(self.topk, pre.shape[-1]), dim=-1)
@@ -164,7 +191,7 @@ class SAEModel:
     def info(self) -> dict:
         return {**self.base.info(), "spec": self.spec, "d_mlp": self.d_mlp,
                 "sae": {"path": str(self.path), "hook_name": self.hook_name, "d_sae": self.d_mlp,
-                        "activation_fn": "topk" if self.topk else "relu"}}
+                        "activation_fn": "jumprelu" if self.jumprelu else "topk" if self.topk else "relu"}}
 
     def __repr__(self) -> str:
         return f"SAEModel({self.base!r}, {self.hook_name}, {self.d_mlp} latents)"

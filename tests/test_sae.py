@@ -18,15 +18,57 @@ from n2g.sae import SAEModel
 D_IN, D_SAE = 32, 16
 
 
-def write_sae(folder, hook="blocks.1.hook_resid_post", d_in=D_IN, d_sae=D_SAE, seed=0, **cfg):
+def write_sae(folder, hook="blocks.1.hook_resid_post", d_in=D_IN, d_sae=D_SAE, seed=0, threshold=None, **cfg):
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "d_sae": d_sae, "hook_name": hook,
                                                  "activation_fn": "relu", **cfg}))
-    save_file({"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.zeros(d_sae),
-               "W_dec": torch.randn(d_sae, d_in, generator=g) * 0.1, "b_dec": torch.zeros(d_in)},
-              str(folder / "sae_weights.safetensors"))
+    weights = {"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.zeros(d_sae),
+               "W_dec": torch.randn(d_sae, d_in, generator=g) * 0.1, "b_dec": torch.zeros(d_in)}
+    if threshold is not None:
+        weights["threshold"] = threshold
+    save_file(weights, str(folder / "sae_weights.safetensors"))
     return folder
+
+
+def _site_output(net, module, ids, bos):
+    seen = {}
+    handle = module.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        net(torch.cat([torch.full((ids.shape[0], 1), bos), ids], 1))
+    handle.remove()
+    return seen["h"].float()
+
+
+@pytest.mark.parametrize("hook, site_layer, jump", [("blocks.1.hook_resid_post", 1, False),
+                                                    ("blocks.2.hook_resid_pre", 1, False),
+                                                    ("blocks.1.hook_resid_post", 1, True)])
+def test_every_activation_entry_point_reads_the_latents(tmp_path, hook, site_layer, jump):
+    """Scan (layer_activations), fitting (rows_activations) and activations() all see the SAE's
+    latents, not the MLP neurons of the same index; resid_pre of block L is block L-1's output, and
+    a jumprelu latent is its pre-activation where that clears the latent's threshold."""
+    torch.manual_seed(0)
+    net = tiny_model("llama")
+    base = SubjectModel(net, tiny_tokenizer(), spec="tiny")
+    threshold = torch.linspace(0.0, 2.0, D_SAE) if jump else None
+    cfg = {"architecture": "jumprelu"} if jump else {}
+    sae = SAEModel(base, write_sae(tmp_path / "sae", hook, threshold=threshold, **cfg))
+    layer = int(hook.split(".")[1])
+    ids = torch.randint(4, 60, (3, 10))
+    h = _site_output(net, net.model.layers[site_layer], ids, base.bos_token_id)
+    pre = (h - sae.b_dec) @ sae.W_enc + sae.b_enc
+    expected = (torch.where(pre > threshold, pre, 0.0) if jump else torch.relu(pre))[:, 1:]
+    got = sae.layer_activations(ids, None, [layer])[layer]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if jump:  # the thresholds matter: some latents with a positive pre-activation stay 0
+        assert bool(((pre[:, 1:] > 0) & (expected == 0)).any()) and bool((expected > 0).any())
+    cols = sae.activations(ids, None, [(layer, 0), (layer, 5), (layer, 11)])
+    torch.testing.assert_close(cols, expected[..., [0, 5, 11]], rtol=1e-5, atol=1e-5)
+    rows = sae.rows_activations(ids, None, [(layer, 3), (layer, 7), (layer, 3)])
+    torch.testing.assert_close(rows, torch.stack([expected[0, :, 3], expected[1, :, 7], expected[2, :, 3]]),
+                               rtol=1e-5, atol=1e-5)
+    mlp = base.activations(ids, None, [(layer, 0)])
+    assert not torch.allclose(mlp[..., 0], expected[..., 0])  # the MLP neuron of the same index differs
 
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"])
@@ -77,7 +119,9 @@ def test_run_fit_report_and_steer_on_latents(tiny_dir, tmp_path):
     (lambda p: write_sae(p, d_in=16), "does not match the model's hidden size"),
     (lambda p: write_sae(p, hook="blocks.7.hook_resid_post"), "layers 0-2"),
     (lambda p: write_sae(p, hook="blocks.1.attn.hook_z"), "not supported"),
-    (lambda p: write_sae(p, activation_fn="jumprelu"), "not supported"),
+    (lambda p: write_sae(p, activation_fn="gelu"), "not supported"),
+    (lambda p: write_sae(p, architecture="jumprelu"), "threshold should have shape"),
+    (lambda p: write_sae(p, hook="blocks.0.hook_resid_pre"), "embeddings"),
     (lambda p: p, "not an SAELens directory"),
 ])
 def test_bad_sae_is_one_line(tiny_dir, tmp_path, make, needle):
