@@ -96,6 +96,21 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
         out.append(_seg(". "))
     elif firing:
         out.append(_seg("No context in the graph suppresses an activating token. "))
+    graded = [p for p in paths if len(p["nodes"]) == 1 and p["end"] < threshold and p["nodes"][0] not in firing_acts]
+    mild = sorted((p for p in graded if p["end"] > 0), key=lambda p: -p["end"])
+    low = sorted((p for p in graded if p["end"] < 0), key=lambda p: p["end"])
+    if mild or low:  # quiet activators: graded values below the firing threshold
+        out.append(_seg("Below its firing threshold the graph also holds graded values: "))
+        if mild:
+            out.append(_seg("mildly active on "))
+            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({p['end']:.2f})")] for p in mild[:3]],
+                                len(mild) - len(mild[:3])))
+        if low:
+            out.append(_seg("; " if mild else ""))
+            out.append(_seg("below zero on "))
+            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({p['end']:.2f})")] for p in low[:2]],
+                                len(low) - len(low[:2])))
+        out.append(_seg(". "))
     s = result.scores.get("n2g")
     if s is not None:
         base = result.scores.get("token_lookup")

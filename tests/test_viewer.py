@@ -331,3 +331,21 @@ def test_pages_written_by_worker_processes_match_one_process(tmp_path, monkeypat
         a = strip((one / "viewer" / "neurons" / name).read_text()).replace(str(one), "RUN")
         b = strip((many / "viewer" / "neurons" / name).read_text()).replace(str(many), "RUN")
         assert a == b
+
+
+def test_summary_names_quiet_activators_with_their_graded_values():
+    from helpers_run import _graph, scores
+    from n2g.explain import summary_text
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    result = NeuronResult(
+        neuron=NeuronId(0, 1), status="fitted",
+        stats=NeuronStats(max_activation=5.0, quantiles={"0.5": 0.01}, firing_rate=0.01, n_sampled_tokens=1000),
+        scores={"n2g": scores(0.8, 0.8, 0.8, 0.9, 0.9, 0.7)}, examples=[], promoted=[], suppressed=[],
+        graph_stats={}, seconds=1.0)
+    G = _graph([([(100, 1.0)], 0.9), ([(104, 1.0)], 0.3), ([(102, 1.0)], 0.12), ([(105, 1.0)], -0.2)])
+    text = summary_text(result, G)
+    assert "L0.N1 fires on ␣Paris (0.90)" in text
+    assert "graded values: mildly active on ␣the (0.30) and ␣London (0.12); below zero on ↵ (-0.20)." in text
+    plain = summary_text(result, _graph([([(100, 1.0)], 0.9)]))
+    assert "graded values" not in plain
