@@ -169,8 +169,8 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                 calibrate()
         if cfg.grow and prune_unchanged(graph, evidence):
             calibrate()  # tokens of removed branches now count at their ancestors
-        if cfg.quiet_tokens:
-            add_quiet_tokens(graph, evidence, cfg.quiet_tokens, max(cfg.min_count, 2))
+        if cfg.quiet_tokens:  # corpus text only: variants are edited contexts chosen because they fire
+            add_quiet_tokens(graph, evidence[: len(seen)], cfg.quiet_tokens, max(cfg.min_count, 2))
     return graph, trace
 
 
