@@ -15,7 +15,6 @@ throughput measured in this run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -23,7 +22,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from n2g.activations import partition
@@ -35,6 +33,8 @@ from n2g.models import cache_dir, load_model
 from n2g.pipeline import output_effects, parse_indices, versions
 from n2g.records import NeuronId
 from n2g.scan import scan_layers
+
+from harness import parse_set, sample_neurons
 
 STAGE_ORDER = ("excerpts", "prune", "post_context", "importance", "augment", "other")
 
@@ -65,15 +65,8 @@ def main(argv=None) -> int:
     model = load_model(args.model)
     corpus = Corpus.build("default", model.encode, max_excerpts=args.max_excerpts)
     layers = parse_indices(args.layers, model.n_layers, "layer")
-    rng = np.random.default_rng(args.seed)
-    neurons = [NeuronId(l, int(i)) for l in layers for i in sorted(rng.choice(model.d_mlp, args.per_layer, replace=False))]
-    overrides = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    neurons = sample_neurons(model.d_mlp, layers, args.per_layer, args.seed)
+    overrides = parse_set(args.set)
     cfg = preset(args.preset, **overrides)
     t0 = time.perf_counter()
     scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),

@@ -30,9 +30,10 @@ from n2g.distill import pool_size, top_k
 from n2g.engine import RowEvaluator, fit_many, store_job
 from n2g.models import cache_dir, load_model
 from n2g.pipeline import parse_indices
-from n2g.records import NeuronId, Sign
 from n2g.scan import scan_layers
 from n2g.score import score_arrays
+
+from harness import parse_set, sample_neurons
 
 
 def main(argv=None) -> int:
@@ -51,15 +52,8 @@ def main(argv=None) -> int:
     model = load_model(args.model)
     corpus = Corpus.build("default", model.encode, max_excerpts=args.max_excerpts)
     layers = parse_indices(args.layers, model.n_layers, "layer")
-    rng = np.random.default_rng(args.seed)
-    neurons = [NeuronId(l, int(i)) for l in layers for i in sorted(rng.choice(model.d_mlp, args.per_layer, replace=False))]
-    overrides = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)  # numbers, true/false, null
-        except json.JSONDecodeError:
-            overrides[key] = value  # a word such as mean, auto or search
+    neurons = sample_neurons(model.d_mlp, layers, args.per_layer, args.seed)
+    overrides = parse_set(args.set)
     configs = {name: preset(name, **(overrides if name == "default" else {})) for name in args.presets.split(",")}
     split_cfg = next(iter(configs.values()))
     if any((c.held_out, c.seed) != (split_cfg.held_out, split_cfg.seed) for c in configs.values()):

@@ -31,19 +31,10 @@ from n2g.config import preset
 from n2g.distill import Proposals, _ranked, finish_fit, pool_size, top_k
 from n2g.score import score_arrays
 
+from harness import parse_set, sample_neurons
+
 LOOKUPS = ("ngram2_max", "ngram3_0.75")
 LAYERS = "0,5,10,15,20,25,29"
-
-
-def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def save(args) -> int:
@@ -51,14 +42,12 @@ def save(args) -> int:
     from n2g.engine import fit_many, store_job
     from n2g.models import cache_dir, load_model
     from n2g.pipeline import parse_indices
-    from n2g.records import NeuronId
     from n2g.scan import scan_layers
 
     model = load_model("default")
     corpus = Corpus.build("default", model.encode, max_excerpts=args.max_excerpts)
     layers = parse_indices(args.layers, model.n_layers, "layer")
-    rng = np.random.default_rng(args.seed)  # the same sample as evaluation/fidelity.py
-    neurons = [NeuronId(l, int(i)) for l in layers for i in sorted(rng.choice(model.d_mlp, args.per_layer, replace=False))]
+    neurons = sample_neurons(model.d_mlp, layers, args.per_layer, args.seed)  # the sample of evaluation/fidelity.py
     cfg = preset("default", **parse_set(args.set))
     scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),
                         corpus_key=corpus.fingerprint(), progress=False)

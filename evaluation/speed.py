@@ -18,7 +18,6 @@ import platform
 import sys
 import time
 
-import numpy as np
 import torch
 
 from n2g.config import preset
@@ -26,10 +25,11 @@ from n2g.corpus import Corpus
 from n2g.activations import partition
 from n2g.distill import pool_size, top_k
 from n2g.engine import RowEvaluator, fit_many, store_job
-from n2g.models import cache_dir, load_model
+from n2g.models import load_model
 from n2g.pipeline import parse_indices
-from n2g.records import NeuronId
 from n2g.scan import scan_layers
+
+from harness import sample_neurons
 
 
 class OneSequence(RowEvaluator):
@@ -68,8 +68,7 @@ def main(argv=None) -> int:
     corpus = Corpus.build("default", model.encode, max_excerpts=args.max_excerpts)
     cfg = preset(args.preset, batch_tokens=args.batch_tokens)
     layers = parse_indices(args.layers, model.n_layers, "layer")
-    rng = np.random.default_rng(args.seed)
-    neurons = [NeuronId(l, int(i)) for l in layers for i in sorted(rng.choice(model.d_mlp, args.per_layer, replace=False))]
+    neurons = sample_neurons(model.d_mlp, layers, args.per_layer, args.seed)
     t0 = time.perf_counter()
     scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg),
                         seed=cfg.seed, batch_size=64, progress=False)
