@@ -28,7 +28,7 @@ import numpy as np
 from n2g.activations import partition
 from n2g.baselines import BASELINES
 from n2g.config import preset
-from n2g.distill import Proposals, _ranked, finish_fit, pool_size, top_k
+from n2g.distill import Proposals, finish_fit, pool_size, pruned_excerpts, top_k
 from n2g.score import score_arrays
 
 from harness import parse_set, sample_neurons
@@ -75,10 +75,9 @@ def refit_all(data: dict, overrides: dict, lookups: bool) -> dict:
         evidence, known = data["evidence"][n]
         examples = fit.examples
         train_top = [e for e in examples if e.split == "train" and e.source == "top"]
-        peak = [max(e.activations, default=0.0) for e in train_top]
         if cfg.max_pivots != 1:
             raise SystemExit("refit rebuilds proposal owners for one pivot per excerpt (max_pivots=1)")
-        owners = [k for k in _ranked(train_top)[: cfg.n_prune] if peak[k] >= cfg.fire_threshold]
+        owners = pruned_excerpts(train_top, cfg)
         proposals = Proposals(fit.trace.pruned, fit.trace.importances, fit.trace.variants, owners)
         in_examples = {e.excerpt_index for e in examples if e.split == "train"}
         rest = [i for i in evidence if i not in in_examples]

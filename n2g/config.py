@@ -40,6 +40,9 @@ class DistillConfig:
     """``exhaustive`` tries every context length (published); ``coarse`` tries 0,1,2,4,8,16,30 then the gap below the first that holds."""
     n_prune: int | None = None
     """Training top excerpts (best first) that are pruned and occluded to build paths; the rest only calibrate. None: all."""
+    prune_quiet: bool = False
+    """Also prune training top excerpts whose maximum is above 0 but below ``fire_threshold`` (published:
+    every training snippet is pruned; rescaling can then lift its post-pivot tokens into paths)."""
     max_pivots: int = 1
     """Firing positions per training example pruned as pivots (1: only the maximum, as published)."""
     pivot_activation: str = "pruned"
@@ -209,6 +212,7 @@ PRESETS: dict[str, DistillConfig] = {
         post_context=5,
         strict=True,
         occlusion_text='"',
+        prune_quiet=True,
     ),
     # Measured on SmolLM2 with evaluation/fidelity.py (see evaluation/results/): more training text,
     # every node calibrated on training tokens (backoff) at the quantile with the best training F1

@@ -67,15 +67,20 @@ def _ranked(train: Sequence[Example]) -> list[int]:
     return sorted(range(len(train)), key=lambda k: -peak[k])
 
 
+def pruned_excerpts(train: Sequence[Example], cfg: DistillConfig) -> list[int]:
+    """Training examples whose pivots are pruned, best first: the ``n_prune`` best whose maximum fires
+    (with ``prune_quiet``, published: whose maximum is above 0)."""
+    peak = [max(e.activations, default=0.0) for e in train]
+    keep = (lambda a: a > 0.0) if cfg.prune_quiet else (lambda a: a >= cfg.fire_threshold)
+    return [k for k in _ranked(train)[: cfg.n_prune] if keep(peak[k])]
+
+
 def propose_steps(train: Sequence[Example], cfg: DistillConfig, occlusion_id: int) -> Steps:
     """Generator stage: every model request of a fit (prune, post-context, importance, augment)."""
     if cfg.occlusion_token_id is not None:  # an explicit occlusion token (paper: '"', see n2g.published.for_model)
         occlusion_id = cfg.occlusion_token_id
-    peak = [max(e.activations, default=0.0) for e in train]
-    ranked = _ranked(train)
-    firing = [k for k in ranked[: cfg.n_prune] if peak[k] >= cfg.fire_threshold]
     targets, owners = [], []  # owners[t]: the excerpt id pruning target t came from
-    for k in firing:
+    for k in pruned_excerpts(train, cfg):
         acts = np.asarray(train[k].activations)
         for pivot in choose_pivots(acts, cfg):
             targets.append((list(train[k].token_ids), acts, pivot))

@@ -56,9 +56,9 @@ def predict(graph, ids):
 def test_default_preset_keeps_every_published_option_off():
     d = PRESETS["default"]
     assert (d.rescale_pruned, d.prune_windows, d.merge_wildcards, d.post_context, d.strict, d.occlusion_text,
-            d.occlusion_token_id) == (False, "search", False, 0, False, None, None)
+            d.occlusion_token_id, d.prune_quiet) == (False, "search", False, 0, False, None, None, False)
     assert (PAPER.rescale_pruned, PAPER.prune_windows, PAPER.merge_wildcards, PAPER.post_context, PAPER.strict,
-            PAPER.occlusion_text) == (True, "published", True, 5, True, '"')
+            PAPER.occlusion_text, PAPER.prune_quiet) == (True, "published", True, 5, True, '"', True)
     with pytest.raises(N2GError):
         DistillConfig(prune_windows="longest")
     with pytest.raises(N2GError):
@@ -88,6 +88,22 @@ def test_rescaled_fallback_window_scales_every_token():
     (pruned,) = trace.pruned
     assert pruned.start == 45 - 29 and pruned.window_max == pytest.approx(0.9)
     assert predict(graph, [A, W, q, r, B]) == [0.0, 1.0, 0.0, 0.0, 0.667]
+
+
+def test_a_quiet_training_excerpt_is_pruned_and_its_rescaled_post_token_makes_a_path():
+    # B peaks at 0.4 only with Z 40 tokens back: no window keeps it, the 30-token window's maximum is W 0.1,
+    # so every recorded value is scaled by 4 and the post-pivot C (0.2) is recorded at 0.8.
+    quiet = rule(lambda before, tok: (0.4 if Z in before else 0.0) if tok == B
+                 else 0.1 if tok == W else 0.2 if tok == C else 0.0)
+    ex = [Z] + NOISE[:40] + [W, q, B, C, D]
+    graph, trace = fit(quiet, [ex], PAPER)
+    (pruned,) = trace.pruned
+    assert pruned.window_max == pytest.approx(0.1) and pruned.token_ids[-2:] == [C, D]
+    # the published code (dbfad38, run on this input) predicts [0, 0, 0, 0.8, 0] and [0.8, 0, 0]
+    assert predict(graph, [W, q, B, C, D]) == [0.0, 0.0, 0.0, 0.8, 0.0]
+    assert predict(graph, [C, x, y]) == [0.8, 0.0, 0.0]
+    graph_off, trace_off = fit(quiet, [ex], PAPER.replace(prune_quiet=False))
+    assert trace_off.pruned == [] and predict(graph_off, [C, x, y]) == [0.0, 0.0, 0.0]
 
 
 # 2. Pruning windows: 5, 10, ..., 30 tokens counting BOS, plus the whole prefix; argmax test; > half.
