@@ -36,7 +36,7 @@ from n2g.scan import scan_layers
 
 from harness import parse_set, sample_neurons
 
-STAGE_ORDER = ("excerpts", "prune", "post_context", "importance", "augment", "other")
+STAGE_ORDER = ("excerpts", "prune", "post_context", "importance", "substitutes", "augment", "other")
 
 
 def children_cpu() -> float:

@@ -54,8 +54,15 @@ def save(args) -> int:
     excerpts = corpus.excerpts.tolist()
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
     jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]
+    memo = None
+    if args.memo:  # activations shared with evaluation/fidelity.py --memo: the same proposals as its runs
+        from fidelity import Memo
+        memo = Memo(model, args.memo)
     t0 = time.perf_counter()
-    fits = fit_many(model, excerpts, jobs, cfg, group_size=len(jobs))
+    fits = fit_many(model, excerpts, jobs, cfg, group_size=len(jobs),
+                    evaluator=memo.evaluator(cfg.batch_tokens) if memo else None)
+    if memo:
+        memo.save()
     print(f"# fitted {len(jobs)} neurons in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     data = {"neurons": neurons, "fits": {n: fits[n] for n in neurons}, "config": cfg.to_dict(),
             "evidence": {n: (j.evidence, {i: j.known[i] for i in j.evidence}) for n, j in zip(neurons, jobs)},
@@ -116,7 +123,7 @@ def summary(res: dict, title: str) -> str:
 
 def refit(args) -> int:
     data = pickle.loads(Path(args.fits).read_bytes())
-    variants = [{}] + [parse_set([s]) for s in args.set]
+    variants = [{}] + [parse_set(s.split()) for s in args.set]
     for k, overrides in enumerate(variants):
         t0 = time.perf_counter()
         res = refit_all(data, overrides, lookups=k == 0)
@@ -134,9 +141,12 @@ def main(argv=None) -> int:
     s.add_argument("--max-excerpts", type=int, default=1024)
     s.add_argument("--set", action="append", default=[])
     s.add_argument("--out", required=True)
+    s.add_argument("--memo", default=None, help="activation memo of evaluation/fidelity.py --memo (read and extended)")
     r = sub.add_parser("refit", help="rebuild the graphs from a saved file under each --set variant")
     r.add_argument("fits")
-    r.add_argument("--set", action="append", default=[], help="one variant per --set, e.g. --set quiet_tokens=16")
+    r.add_argument("--set", action="append", default=[],
+                   help="one variant per --set, e.g. --set quiet_tokens=16; several overrides in one variant: "
+                        "--set 'augment=true novel_variants=true'")
     args = ap.parse_args(argv)
     return save(args) if args.command == "save" else refit(args)
 

@@ -1,7 +1,8 @@
 """Augmentation: variants of the tokens that matter most.
 
 For each pruned example, every token whose importance for the pivot is at least
-``augment_threshold`` gets up to ``n_variants`` substitutes from a substitute source (by default the
+``augment_threshold`` (with ``augment_positions="activator"``: the pivot alone) gets up to
+``n_variants`` substitutes from a substitute source (by default the
 subject model's own next-token distribution at that position, word shape kept; tests supply their
 own). Every variant's activations are measured; variants that still fire get importance matrices and
 add paths to the graph, and all variants (firing or not) are evidence for END calibration, which is
@@ -30,7 +31,8 @@ class Variant:
     token_ids: list[int]
     activations: np.ndarray
     importance: np.ndarray | None
-    """Importance matrix, measured only for variants that fire somewhere."""
+    """Importance matrix, only for variants that fire somewhere: measured by occlusion, or with
+    ``variant_importance="source"`` the source example's own."""
     source: int
     """Index of the pruned example it came from."""
     position: int
@@ -38,12 +40,21 @@ class Variant:
 
 
 def augment_steps(seqs: list[list[int]], acts: list[np.ndarray], imps: list[np.ndarray],
-                  cfg: DistillConfig, occlusion_id: int) -> Steps:
-    """Generator stage: make, measure and (when they fire) weigh variants of important tokens."""
+                  cfg: DistillConfig, occlusion_id: int, common: set[int] | frozenset[int] = frozenset(),
+                  pivots: list[int] | None = None) -> Steps:
+    """Generator stage: make, measure and (when they fire) weigh variants of important tokens.
+
+    ``pivots[e]`` is the firing position of ``seqs[e]`` (default: its last token). With
+    ``augment_positions="activator"`` only the pivot itself is substituted. Substitutes in ``common``
+    (with ``novel_variants``: tokens the training evidence already shows often enough to value them
+    itself) are skipped before any is measured."""
     asks: list[tuple[int, int]] = []
     for e, (ids, imp) in enumerate(zip(seqs, imps)):
-        pivot = len(ids) - 1
-        for k in range(len(ids)):
+        pivot = len(ids) - 1 if pivots is None else pivots[e]
+        if cfg.augment_positions == "activator":
+            asks.append((e, pivot))
+            continue
+        for k in range(pivot + 1):
             if imp[k, pivot] >= cfg.augment_threshold:
                 asks.append((e, k))
     if not asks:
@@ -52,7 +63,8 @@ def augment_steps(seqs: list[list[int]], acts: list[np.ndarray], imps: list[np.n
     variants: list[tuple[list[int], int, int]] = []
     for (e, k), cands in zip(asks, answers):
         original = seqs[e][k]
-        chosen = [int(c) for c in cands if int(c) != original and int(c) != occlusion_id][: cfg.n_variants]
+        chosen = [int(c) for c in cands if int(c) != original and int(c) != occlusion_id
+                  and int(c) not in common][: cfg.n_variants]
         for c in chosen:
             ids = list(seqs[e])
             ids[k] = c
@@ -61,7 +73,10 @@ def augment_steps(seqs: list[list[int]], acts: list[np.ndarray], imps: list[np.n
         return []
     values = yield Evaluate([v[0] for v in variants], "augment")
     firing = [i for i, v in enumerate(values) if float(np.max(v)) >= cfg.fire_threshold]
-    matrices = yield from importance_steps([variants[i][0] for i in firing], [values[i] for i in firing], occlusion_id)
+    if cfg.variant_importance == "source":  # one substituted token: the source's importance, no occlusion run
+        matrices = [imps[variants[i][1]] for i in firing]
+    else:
+        matrices = yield from importance_steps([variants[i][0] for i in firing], [values[i] for i in firing], occlusion_id)
     by_index = dict(zip(firing, matrices))
     return [Variant(ids, np.asarray(values[i], np.float32), by_index.get(i), e, k)
             for i, (ids, e, k) in enumerate(variants)]

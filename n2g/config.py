@@ -51,8 +51,20 @@ class DistillConfig:
     """Make variants of important tokens (the published method can; its SmolLM2 run had it off)."""
     augment_threshold: float = 0.8
     """Importance for the pivot above which a token gets variants."""
+    augment_positions: str = "important"
+    """Tokens that get variants: every ``important`` one (importance for the pivot at least
+    ``augment_threshold``, published), or the ``activator`` (the pivot) alone."""
     n_variants: int = 5
     """Most variants per important token."""
+    variant_importance: str = "measured"
+    """Importance matrix of a variant that fires: ``measured`` by occluding every token of the variant
+    (published), or the ``source`` example's own (a variant differs from it in one token; no occlusion run)."""
+    variant_evidence: str = "all"
+    """Variants that calibrate END values beside the training tokens: ``all`` (those that stop firing
+    teach which substitutes are not allowed), only the ``firing`` ones, or ``none`` (variants only add paths)."""
+    novel_variants: bool = False
+    """Keep only variants whose substitute is rarer than ``min_count`` in the training evidence: the
+    corpus already values every token it shows often enough."""
     n_candidates: int = 30
     """Substitute candidates asked from the substitute source before word-shape filtering."""
     end_activation: str = "first"
@@ -170,6 +182,12 @@ class DistillConfig:
             raise N2GError(f"choose_on must be evidence or split (got {self.choose_on!r})")
         if self.end_value not in ("quantile", "mean"):
             raise N2GError(f"end_value must be quantile or mean (got {self.end_value!r})")
+        if self.variant_importance not in ("measured", "source"):
+            raise N2GError(f"variant_importance must be measured or source (got {self.variant_importance!r})")
+        if self.augment_positions not in ("important", "activator"):
+            raise N2GError(f"augment_positions must be important or activator (got {self.augment_positions!r})")
+        if self.variant_evidence not in ("all", "firing", "none"):
+            raise N2GError(f"variant_evidence must be all, firing or none (got {self.variant_evidence!r})")
         if self.match not in ("greedy", "search"):
             raise N2GError(f"match must be greedy or search (got {self.match!r})")
         if self.prune_windows not in ("search", "published"):
@@ -240,6 +258,11 @@ PRESETS: dict[str, DistillConfig] = {
         end_value="mean",
         quiet_tokens=32,
         min_gain=20.0,
+        augment=True,
+        augment_positions="activator",
+        novel_variants=True,
+        variant_evidence="firing",
+        variant_importance="source",
     ),
 }
 

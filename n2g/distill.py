@@ -58,8 +58,21 @@ class Proposals:
 def fit_steps(train: Sequence[Example], calibration: Sequence[Example], cfg: DistillConfig,
               occlusion_id: int) -> Steps:
     """Generator stage: prune, weigh, augment and build the graph from training examples."""
-    proposals = yield from propose_steps(train, cfg, occlusion_id)
+    proposals = yield from propose_steps(train, cfg, occlusion_id,
+                                         common_tokens([e.token_ids for e in list(train) + list(calibration)], cfg))
     return build_graph(train, calibration, cfg, proposals)
+
+
+def common_tokens(sequences, cfg: DistillConfig) -> frozenset[int]:
+    """With augmentation and ``novel_variants``: the tokens seen at least ``max(min_count, 1)`` times in
+    the training evidence ``sequences``, which it values itself (variants substitute only others)."""
+    if not (cfg.augment and cfg.novel_variants):
+        return frozenset()
+    flat = [np.asarray(s, np.int64).ravel() for s in sequences]
+    if not flat:
+        return frozenset()
+    uniq, counts = np.unique(np.concatenate(flat), return_counts=True)
+    return frozenset(uniq[counts >= max(cfg.min_count, 1)].tolist())
 
 
 def _ranked(train: Sequence[Example]) -> list[int]:
@@ -75,8 +88,11 @@ def pruned_excerpts(train: Sequence[Example], cfg: DistillConfig) -> list[int]:
     return [k for k in _ranked(train)[: cfg.n_prune] if keep(peak[k])]
 
 
-def propose_steps(train: Sequence[Example], cfg: DistillConfig, occlusion_id: int) -> Steps:
-    """Generator stage: every model request of a fit (prune, post-context, importance, augment)."""
+def propose_steps(train: Sequence[Example], cfg: DistillConfig, occlusion_id: int,
+                  common: frozenset[int] = frozenset()) -> Steps:
+    """Generator stage: every model request of a fit (prune, post-context, importance, augment).
+
+    ``common``: tokens variants do not substitute (:func:`common_tokens`)."""
     if cfg.occlusion_token_id is not None:  # an explicit occlusion token (paper: '"', see n2g.published.for_model)
         occlusion_id = cfg.occlusion_token_id
     targets, owners = [], []  # owners[t]: the excerpt id pruning target t came from
@@ -92,11 +108,11 @@ def propose_steps(train: Sequence[Example], cfg: DistillConfig, occlusion_id: in
     pruned = yield from post_context_steps(pruned, targets, cfg)  # tokens after the pivot (post_context > 0)
     # Without augmentation a pivot's importance for itself is never read: its occluded copy is not run.
     imps = yield from importance_steps([p.token_ids for p in pruned], [p.activations for p in pruned], occlusion_id,
-                                       diagonal_last=cfg.augment)
+                                       diagonal_last=cfg.augment and cfg.augment_positions == "important")
     variants = []
     if cfg.augment and pruned:
         variants = yield from augment_steps([p.token_ids for p in pruned], [p.activations for p in pruned],
-                                            imps, cfg, occlusion_id)
+                                            imps, cfg, occlusion_id, common, [p.pivot_index for p in pruned])
     return Proposals(pruned, imps, variants, owners)
 
 
@@ -117,6 +133,9 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
             add_example_strict(graph, p.token_ids, acts, imp, cfg.importance_threshold, owners[p.source])
         else:
             graph.add_example(p.token_ids, acts, imp, cfg.importance_threshold, owners[p.source])
+    if cfg.augment and pruned and cfg.novel_variants and trace.variants:  # as propose_steps skipped them
+        common = common_tokens([e.token_ids for e in seen], cfg)
+        trace.variants = [v for v in trace.variants if int(v.token_ids[v.position]) not in common]
     if cfg.augment and pruned:
         for v in trace.variants:
             if v.importance is not None:
@@ -143,10 +162,12 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                run_window=cfg.run_window, min_gain=cfg.min_gain).grow()
     if cfg.calibrate:
         evidence = [(np.asarray(e.token_ids), np.asarray(e.activations)) for e in seen]
-        evidence += [(v.token_ids, v.activations) for v in trace.variants]
+        told = [v for v in trace.variants if cfg.variant_evidence == "all"
+                or (cfg.variant_evidence == "firing" and v.importance is not None)]
+        evidence += [(v.token_ids, v.activations) for v in told]
         sources = None
         if cfg.out_of_sample:
-            sources = list(range(len(seen))) + [owners[pruned[v.source].source] for v in trace.variants]
+            sources = list(range(len(seen))) + [owners[pruned[v.source].source] for v in told]
         select = None
         if cfg.choose_on == "split":  # a mix shaped like the test split: best top excerpts + random ones
             best_top = ranked[: (cfg.n_top + 1) // 2]
@@ -271,7 +292,9 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
     rest = [int(i) for i in (evidence or ()) if i not in in_examples]
     # The rest of the training partition travels as arrays (cheap to send to a worker process).
     partition = (rest, [np.asarray(excerpts[i], np.int64) for i in rest], [np.asarray(known[i], np.float32) for i in rest])
-    proposals = yield from propose_steps(train_top, cfg, occlusion_id)
+    common = common_tokens([e.token_ids for e in examples if e.split == "train"]  # what build_graph will see
+                           + (partition[1] if cfg.evidence == "partition" else []), cfg)
+    proposals = yield from propose_steps(train_top, cfg, occlusion_id, common)
     fit = yield Compute(finish_fit, (examples, partition, proposals, cfg))
     return fit
 

@@ -94,6 +94,23 @@ class StageCost:
     """Forward passes that carried rows of this stage."""
 
 
+def _count_substitutes(cost: "Cost", seqs: list[list[int]], batch_size: int | None) -> None:
+    """Count substitute requests as the ``substitutes`` stage: full-depth passes (they need the logits)
+    in chunks of ``batch_size`` rows padded to the chunk's longest (as :class:`~n2g.augment.ModelSubstitutes` runs them)."""
+    st = cost.stage("substitutes")
+    size = max(int(batch_size or len(seqs)), 1)
+    for a in range(0, len(seqs), size):
+        chunk = seqs[a : a + size]
+        width = max(len(x) for x in chunk)
+        st.asked += len(chunk)
+        st.rows += len(chunk)
+        st.real += sum(len(x) for x in chunk)
+        st.padded += width * len(chunk)
+        st.weighted += float(width * len(chunk))
+        st.calls += 1
+        cost.forward_calls += 1
+
+
 @dataclass
 class Cost:
     """What fitting cost, per stage, plus the host time spent outside forward passes."""
@@ -330,9 +347,14 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
                 seqs.extend(r.seqs)
                 positions.extend(r.positions)
             k = max(r.k for _, r in cands)
-            t = time.thread_time()
+            t, wall = time.thread_time(), time.perf_counter()
             found = substitutes(seqs, positions, k) if (substitutes is not None and seqs) else [[] for _ in seqs]
-            excluded_cpu += time.thread_time() - t
+            if cost is not None and substitutes is not None and seqs:
+                cost.forward_thread_cpu += time.thread_time() - t  # a forward through the whole model
+                cost.forward_seconds += time.perf_counter() - wall
+                _count_substitutes(cost, seqs, getattr(substitutes, "batch_size", None))
+            else:
+                excluded_cpu += time.thread_time() - t
             at = 0
             for n, r in cands:
                 answers[n] = [c[: r.k] for c in found[at : at + len(r.seqs)]]

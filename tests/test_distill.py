@@ -100,12 +100,60 @@ def test_augmentation_learns_which_substitutes_still_fire():
     probe = torch.tensor([[40, 21, 8, 41, 22, 8, 42, 23, 8, 43, 9, 8]])
     substitutes = lambda seqs, positions, k: [[21, 22, 23, 24] for _ in seqs]
     plain = n2g.distill(after_family, train, augment=False)
-    augmented = n2g.distill(after_family, train, augment=True, substitutes=substitutes)
+    augmented = n2g.distill(after_family, train, augment=True, substitutes=substitutes, augment_positions="important")
     expected = after_family(probe).numpy()[0]
     assert plain.predict_normalised(probe)[0].tolist() != expected.tolist()
     np.testing.assert_allclose(augmented.predict_normalised(probe)[0], expected)
     assert {21, 22} <= augmented.graph_.tokens()
     assert 23 not in augmented.graph_.tokens()
+
+
+def test_variants_can_borrow_their_source_importance_and_skip_occlusion():
+    train = text(1, [[9, 8], [8]])
+    probe = torch.tensor([[40, 21, 8, 41, 22, 8, 42, 23, 8, 43, 9, 8]])
+    substitutes = lambda seqs, positions, k: [[21, 22, 23, 24] for _ in seqs]
+    rows = {"measured": 0, "source": 0}
+
+    def counted(kind):
+        def feature(x):
+            rows[kind] += x.shape[0] * x.shape[1]
+            return after_family(x)
+        return feature
+
+    models = {kind: n2g.distill(counted(kind), train, augment=True, substitutes=substitutes, variant_importance=kind,
+                                augment_positions="important") for kind in rows}
+    expected = after_family(probe).numpy()[0]
+    for model in models.values():
+        np.testing.assert_allclose(model.predict_normalised(probe)[0], expected)
+        assert {21, 22} <= model.graph_.tokens() and 23 not in model.graph_.tokens()
+    assert rows["source"] < rows["measured"]
+
+
+def test_default_augmentation_teaches_activators_the_training_text_never_shows():
+    family = lambda x: ((x == 8) | (x == 21) | (x == 22)).float()  # training text shows only 8
+    train = text(1, [[8]])
+    asked = []
+
+    def substitutes(seqs, positions, k):
+        asked.extend(seq[p] for seq, p in zip(seqs, positions))
+        return [[21, 40, 22, 23] for _ in seqs]  # 40 is common in the training text: never substituted
+
+    evaluated = []
+
+    def feature(x):
+        evaluated.extend(x.reshape(-1).tolist())
+        return family(x)
+
+    plain = n2g.distill(family, train, augment=False)
+    model = n2g.distill(feature, train, substitutes=substitutes)  # default: the activator, novel substitutes
+    assert set(asked) == {8}  # only the activator was substituted
+    assert 40 not in model.graph_.tokens() and 23 not in model.graph_.tokens()
+    assert {8, 21, 22} <= model.graph_.tokens() and not {21, 22} & plain.graph_.tokens()
+    probe = torch.tensor([[41, 21, 50, 22, 60, 23, 70, 8, 40]])
+    np.testing.assert_allclose(model.predict_normalised(probe)[0], family(probe).numpy()[0])
+    assert plain.predict_normalised(probe)[0].tolist() != family(probe).numpy()[0].tolist()
+    assert {v.token_ids[v.position] for v in model.trace_.variants} == {21, 22, 23}  # 40 never measured
+    assert 23 in evaluated
 
 
 def test_graph_json_round_trip_is_identical(tmp_path):

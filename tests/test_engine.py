@@ -128,6 +128,28 @@ def test_cost_accounting_counts_rows_positions_and_padding(models):
     assert counting.calls == cost.forward_calls == 2
 
 
+def test_substitute_forwards_are_counted_as_a_full_depth_stage(models):
+    plain, _ = models
+    excerpts = torch.randint(4, 68, (48, 16))
+    jobs = _store_jobs(plain, excerpts, 1, [2, 5])
+    asked = []
+
+    class Substitutes:
+        batch_size = 3
+
+        def __call__(self, seqs, positions, k):
+            asked.extend(len(x) for x in seqs)
+            return [[] for _ in seqs]
+
+    evaluator = RowEvaluator(plain, 4096, int(plain.occlusion_token_id))
+    fit_many(plain, excerpts.tolist(), jobs, preset("default"), group_size=2, substitutes=Substitutes(),
+             evaluator=evaluator)
+    st = evaluator.cost.stages["substitutes"]
+    assert st.rows == st.asked == len(asked) > 0 and st.real == sum(asked)
+    assert st.weighted == st.padded >= st.real  # the whole depth: substitutes need the logits
+    assert st.calls >= -(-len(asked) // 3)
+
+
 def test_padding_bound_of_length_batches():
     from n2g.features import length_batches
 
