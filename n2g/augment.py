@@ -95,37 +95,56 @@ def same_shape(original: str, candidate: str) -> bool:
 
 
 class ModelSubstitutes:
-    """Substitute source from the subject model's own next-token distribution at a position."""
+    """Substitute source from the subject model's own next-token distribution at a position.
+
+    Sequences run in batches of similar length (at most ``batch_size`` rows, padding bounded as in
+    fitting); ``counts`` adds up the passes, rows, real and padded positions (whole-model passes,
+    since they need the logits) for the engine's cost accounting."""
 
     def __init__(self, model, batch_size: int = 256):
         self.model, self.batch_size = model, batch_size
+        self.counts = {"calls": 0, "rows": 0, "real": 0, "padded": 0}
+
+    def _plan(self, lengths: list[int]) -> list[list[int]]:
+        from .features import length_batches
+
+        plan = []
+        for batch in length_batches(lengths, 1 << 40):  # the padding bound alone; rows capped below
+            plan.extend(batch[a : a + self.batch_size] for a in range(0, len(batch), self.batch_size))
+        return plan
 
     def __call__(self, seqs: list[list[int]], positions: list[int], k: int) -> list[list[int]]:
         import torch
 
         from .features import pad
 
-        out: list[list[int]] = []
-        start = 0
-        while start < len(seqs):
-            chunk, pos = seqs[start : start + self.batch_size], positions[start : start + self.batch_size]
-            ids, mask = pad(chunk, int(self.model.occlusion_token_id))
+        out: list[list[int] | None] = [None] * len(seqs)
+        todo = list(range(len(seqs)))
+        while todo:
             try:
-                found = self.model.next_token_candidates(ids, mask, torch.tensor(pos), k)
-            except RuntimeError as exc:  # out of memory: halve the batch and try again
+                for batch in self._plan([len(seqs[i]) for i in todo]):
+                    rows = [todo[j] for j in batch]
+                    chunk = [seqs[i] for i in rows]
+                    ids, mask = pad(chunk, int(self.model.occlusion_token_id))
+                    found = self.model.next_token_candidates(ids, mask, torch.tensor([positions[i] for i in rows]), k)
+                    self.counts["calls"] += 1
+                    self.counts["rows"] += len(chunk)
+                    self.counts["real"] += sum(len(x) for x in chunk)
+                    self.counts["padded"] += int(ids.shape[0] * ids.shape[1])
+                    for i, cands in zip(rows, found.tolist()):
+                        row, p = seqs[i], positions[i]
+                        original = self.model.token_strings([row[p]])[0]
+                        texts = self.model.token_strings(cands)
+                        out[i] = [c for c, t in zip(cands, texts) if c != row[p] and same_shape(original, t)]
+            except RuntimeError as exc:  # out of memory: halve the batch and go on with what is left
                 if "out of memory" not in str(exc).lower() or self.batch_size == 1:
                     raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 self.batch_size = max(self.batch_size // 2, 1)
                 log.warning("out of memory: substitute batch backed off to %d sequences", self.batch_size)
-                continue
-            start += len(chunk)
-            for row, p, cands in zip(chunk, pos, found.tolist()):
-                original = self.model.token_strings([row[p]])[0]
-                texts = self.model.token_strings(cands)
-                out.append([c for c, t in zip(cands, texts) if c != row[p] and same_shape(original, t)])
-        return out
+            todo = [i for i in todo if out[i] is None]
+        return out  # type: ignore[return-value]
 
 
 class MaskedLMSubstitutes:

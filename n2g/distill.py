@@ -266,8 +266,13 @@ class NeuronFit:
 def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool: Sequence[int],
                  cfg: DistillConfig, occlusion_id: int,
                  known: Mapping[int, np.ndarray] | None = None, is_train: Sequence[bool] | None = None,
-                 evidence: Sequence[int] | None = None) -> Steps:
+                 evidence: Sequence[int] | None = None,
+                 shared_common: tuple[frozenset[int], frozenset[int]] | None = None) -> Steps:
     """Generator stage for one neuron: examples, split, fit, predict, score against baselines.
+
+    ``shared_common``: ``(excerpts, tokens)``, the :func:`common_tokens` of those training excerpts,
+    computed once for the neurons that share an ``evidence`` list; used when the neuron's training
+    evidence is exactly those excerpts (else computed here).
 
     ``known`` maps excerpt indices to normalised activations already measured (the scan's store);
     only excerpts missing from it are sent to the model. ``is_train`` is the run's corpus-level
@@ -292,8 +297,12 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
     rest = [int(i) for i in (evidence or ()) if i not in in_examples]
     # The rest of the training partition travels as arrays (cheap to send to a worker process).
     partition = (rest, [np.asarray(excerpts[i], np.int64) for i in rest], [np.asarray(known[i], np.float32) for i in rest])
-    common = common_tokens([e.token_ids for e in examples if e.split == "train"]  # what build_graph will see
-                           + (partition[1] if cfg.evidence == "partition" else []), cfg)
+    train_rows = {e.excerpt_index for e in examples if e.split == "train"} | (set(rest) if cfg.evidence == "partition" else set())
+    if shared_common is not None and train_rows == shared_common[0]:
+        common = shared_common[1]
+    else:
+        common = common_tokens([e.token_ids for e in examples if e.split == "train"]  # what build_graph will see
+                               + (partition[1] if cfg.evidence == "partition" else []), cfg)
     proposals = yield from propose_steps(train_top, cfg, occlusion_id, common)
     fit = yield Compute(finish_fit, (examples, partition, proposals, cfg))
     return fit

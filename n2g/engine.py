@@ -21,7 +21,7 @@ import torch
 
 from .augment import ModelSubstitutes
 from .config import DistillConfig
-from .distill import NeuronFit, neuron_steps
+from .distill import NeuronFit, common_tokens, neuron_steps
 from .errors import N2GError
 from .features import Candidates, Compute, Evaluate, length_batches, pad
 from .published import for_model
@@ -94,21 +94,18 @@ class StageCost:
     """Forward passes that carried rows of this stage."""
 
 
-def _count_substitutes(cost: "Cost", seqs: list[list[int]], batch_size: int | None) -> None:
-    """Count substitute requests as the ``substitutes`` stage: full-depth passes (they need the logits)
-    in chunks of ``batch_size`` rows padded to the chunk's longest (as :class:`~n2g.augment.ModelSubstitutes` runs them)."""
+def _count_substitutes(cost: "Cost", asked: int, before: dict, after: dict) -> None:
+    """Count one round of substitute requests as the ``substitutes`` stage from the source's own
+    counters: whole-model passes (they need the logits), so weighted positions are padded ones."""
     st = cost.stage("substitutes")
-    size = max(int(batch_size or len(seqs)), 1)
-    for a in range(0, len(seqs), size):
-        chunk = seqs[a : a + size]
-        width = max(len(x) for x in chunk)
-        st.asked += len(chunk)
-        st.rows += len(chunk)
-        st.real += sum(len(x) for x in chunk)
-        st.padded += width * len(chunk)
-        st.weighted += float(width * len(chunk))
-        st.calls += 1
-        cost.forward_calls += 1
+    delta = {key: int(after[key]) - int(before.get(key, 0)) for key in ("calls", "rows", "real", "padded")}
+    st.asked += asked
+    st.rows += delta["rows"]
+    st.real += delta["real"]
+    st.padded += delta["padded"]
+    st.weighted += float(delta["padded"])
+    st.calls += delta["calls"]
+    cost.forward_calls += delta["calls"]
 
 
 @dataclass
@@ -300,12 +297,20 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
     excluded_cpu = 0.0
     results: dict[NeuronId, NeuronFit] = {}
     live = {}
+    shared: dict = {}  # the common tokens of each evidence list the jobs share (a layer's stored training excerpts)
+    keys = {}
+    if cfg.augment and cfg.novel_variants and cfg.evidence == "partition":
+        for job in jobs:
+            if job.evidence is not None and job.scale > 0:
+                key = keys[job.neuron] = tuple(int(i) for i in job.evidence)
+                if key not in shared:
+                    shared[key] = (frozenset(key), common_tokens([excerpts[i] for i in key], cfg))
     for job in jobs:
         if not job.scale > 0:
             results[job.neuron] = NeuronFit(None, [], {}, None, status="dead")
         else:
             live[job.neuron] = neuron_steps(excerpts, job.ranked, job.pool, cfg, occlusion, job.known,
-                                            job.is_train, job.evidence)
+                                            job.is_train, job.evidence, shared.get(keys.get(job.neuron)))
     scales = {job.neuron: job.scale for job in jobs}
     answers: dict[NeuronId, object] = {n: None for n in live}
     own: list = []  # neurons whose host work runs in the pool
@@ -348,11 +353,12 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
                 positions.extend(r.positions)
             k = max(r.k for _, r in cands)
             t, wall = time.thread_time(), time.perf_counter()
+            counts = dict(getattr(substitutes, "counts", None) or {})
             found = substitutes(seqs, positions, k) if (substitutes is not None and seqs) else [[] for _ in seqs]
-            if cost is not None and substitutes is not None and seqs:
-                cost.forward_thread_cpu += time.thread_time() - t  # a forward through the whole model
+            if cost is not None and counts and seqs:  # the subject model's own passes (ModelSubstitutes)
+                cost.forward_thread_cpu += time.thread_time() - t
                 cost.forward_seconds += time.perf_counter() - wall
-                _count_substitutes(cost, seqs, getattr(substitutes, "batch_size", None))
+                _count_substitutes(cost, len(seqs), counts, substitutes.counts)
             else:
                 excluded_cpu += time.thread_time() - t
             at = 0

@@ -129,25 +129,70 @@ def test_cost_accounting_counts_rows_positions_and_padding(models):
 
 
 def test_substitute_forwards_are_counted_as_a_full_depth_stage(models):
+    from n2g.augment import ModelSubstitutes
+
     plain, _ = models
     excerpts = torch.randint(4, 68, (48, 16))
     jobs = _store_jobs(plain, excerpts, 1, [2, 5])
     asked = []
 
-    class Substitutes:
-        batch_size = 3
-
+    class Recording(ModelSubstitutes):
         def __call__(self, seqs, positions, k):
             asked.extend(len(x) for x in seqs)
-            return [[] for _ in seqs]
+            return super().__call__(seqs, positions, k)
 
     evaluator = RowEvaluator(plain, 4096, int(plain.occlusion_token_id))
-    fit_many(plain, excerpts.tolist(), jobs, preset("default"), group_size=2, substitutes=Substitutes(),
+    fit_many(plain, excerpts.tolist(), jobs, preset("default"), group_size=2, substitutes=Recording(plain, batch_size=3),
              evaluator=evaluator)
     st = evaluator.cost.stages["substitutes"]
     assert st.rows == st.asked == len(asked) > 0 and st.real == sum(asked)
-    assert st.weighted == st.padded >= st.real  # the whole depth: substitutes need the logits
+    assert st.weighted == st.padded  # the whole depth: substitutes need the logits
+    assert st.real <= st.padded <= 1.15 * st.real  # batched by length, as fitting is
     assert st.calls >= -(-len(asked) // 3)
+
+
+def test_common_tokens_shared_by_a_layer_give_the_same_fits(models, monkeypatch):
+    import n2g.engine as engine
+
+    plain, _ = models
+    excerpts = torch.randint(4, 60, (48, 16))
+    jobs = _store_jobs(plain, excerpts, 1, [2, 5, 7])
+    substitutes = lambda seqs, positions, k: [[61, 5, 62, 63, 6] for _ in seqs]  # 5 and 6 are common
+    cfg = preset("default")
+    shared = fit_many(plain, excerpts.tolist(), jobs, cfg, group_size=3, substitutes=substitutes)
+    original = engine.neuron_steps
+    monkeypatch.setattr(engine, "neuron_steps", lambda *a: original(*a[:8]))  # each neuron counts alone
+    alone = fit_many(plain, excerpts.tolist(), jobs, cfg, group_size=3, substitutes=substitutes)
+    for job in jobs:
+        assert _fingerprint(shared[job.neuron]) == _fingerprint(alone[job.neuron])
+        got = [v.token_ids[v.position] for v in shared[job.neuron].trace.variants]
+        assert got == [v.token_ids[v.position] for v in alone[job.neuron].trace.variants]
+        assert set(got) <= {61, 62, 63}
+    assert any(shared[job.neuron].trace.variants for job in jobs)
+
+
+class SmallLogits(SubjectModel):
+    """Raises CUDA's out-of-memory error for next-token candidates of more than 2 rows."""
+
+    def next_token_candidates(self, token_ids, attention_mask, positions, k):
+        if token_ids.shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().next_token_candidates(token_ids, attention_mask, positions, k)
+
+
+def test_model_substitutes_batch_by_length_and_back_off_on_out_of_memory(models):
+    from n2g.augment import ModelSubstitutes
+
+    plain, _ = models
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(4, 68, (n,), generator=g).tolist() for n in (6, 6, 6, 6, 6, 6, 12)]
+    positions = [len(x) - 1 for x in seqs]
+    one = ModelSubstitutes(plain, batch_size=1)
+    ref = one(seqs, positions, 8)
+    assert one.counts["padded"] == one.counts["real"] == sum(map(len, seqs)) and one.counts["calls"] == len(seqs)
+    small = ModelSubstitutes(SmallLogits(plain.model, tiny_tokenizer(), spec="tiny"), batch_size=64)
+    assert small(seqs, positions, 8) == ref
+    assert small.batch_size <= 2 and small.counts["rows"] == len(seqs)
 
 
 def test_padding_bound_of_length_batches():
