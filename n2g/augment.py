@@ -2,9 +2,10 @@
 
 For each pruned example, every token whose importance for the pivot is at least
 ``augment_threshold`` (with ``augment_positions="activator"``: the pivot alone) gets up to
-``n_variants`` substitutes from a substitute source (by default the
-subject model's own next-token distribution at that position, word shape kept; tests supply their
-own). Every variant's activations are measured; variants that still fire get importance matrices and
+``n_variants`` substitutes from a substitute source, word shape kept: the subject model's own
+next-token guesses at that position (:class:`ModelSubstitutes`), the tokens nearest the substituted
+one in its input embedding (:class:`EmbeddingSubstitutes`, the ``default`` preset's), a masked LM, or
+one a test supplies. Every variant's activations are measured; variants that still fire get importance matrices and
 add paths to the graph, and all variants (firing or not) are evidence for END calibration, which is
 how a variant that stops firing teaches the graph which substitutes are not allowed.
 """
@@ -145,6 +146,50 @@ class ModelSubstitutes:
                 log.warning("out of memory: substitute batch backed off to %d sequences", self.batch_size)
             todo = [i for i in todo if out[i] is None]
         return out  # type: ignore[return-value]
+
+
+class EmbeddingSubstitutes:
+    """Substitute source from the subject model's own input embedding: the tokens nearest to the one
+    at the position (cosine similarity), word shape kept, whatever the context.
+
+    Where :class:`ModelSubstitutes` asks what the model expects at the position (a whole-model
+    pass), this asks which tokens the model represents like the one there: the neighbours of an
+    activator are the tokens most likely to excite the neuron the same way, and the variant
+    forwards then measure which of them do. No forward pass; one matmul over the vocabulary per
+    new token, each token's neighbours kept for the whole run."""
+
+    pool = 200
+    """Neighbours looked at per token before word-shape filtering."""
+
+    def __init__(self, model):
+        self.model = model
+        self.neighbours: dict[int, list[int]] = {}
+        self.counts = {"calls": 0, "rows": 0, "real": 0, "padded": 0}  # no forward passes (engine's cost stage)
+
+    def _fill(self, tokens: list[int]) -> None:
+        todo = sorted({t for t in tokens if t not in self.neighbours})
+        for a in range(0, len(todo), 1024):  # bounded memory: a [1024, vocab] similarity block at a time
+            chunk = todo[a : a + 1024]
+            found = self.model.nearest_tokens(chunk, self.pool).tolist()
+            texts = self.model.token_strings(chunk)
+            for t, text, cands in zip(chunk, texts, found):
+                shown = self.model.token_strings(cands)
+                self.neighbours[t] = [c for c, c_text in zip(cands, shown) if same_shape(text, c_text)]
+
+    def __call__(self, seqs: list[list[int]], positions: list[int], k: int) -> list[list[int]]:
+        tokens = [int(row[p]) for row, p in zip(seqs, positions)]
+        self._fill(tokens)
+        return [self.neighbours[t][:k] for t in tokens]
+
+
+SUBSTITUTE_SOURCES = ("model", "embedding")
+"""Substitute sources a config can name (``DistillConfig.substitute_source``)."""
+
+
+def make_substitutes(model, source: str):
+    """The substitute source named ``source`` for ``model``: ``model`` (next-token guesses,
+    :class:`ModelSubstitutes`) or ``embedding`` (nearest input embeddings, :class:`EmbeddingSubstitutes`)."""
+    return EmbeddingSubstitutes(model) if source == "embedding" else ModelSubstitutes(model)
 
 
 class MaskedLMSubstitutes:

@@ -39,8 +39,10 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="distiller settings (default: default)")
     p.add_argument("--augment", dest="augment", action="store_true", default=None, help="make variants of important tokens (on in the default preset: the activator, with substitutes the training text does not show)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation (no substitute forwards)")
-    p.add_argument("--substitutes", default="model",
-                   help="augmentation substitutes: 'model' (the subject model's next-token guesses) or mlm:NAME (a masked LM)")
+    p.add_argument("--substitutes", default=None,
+                   help="augmentation substitutes: 'embedding' (the tokens nearest in the subject model's input "
+                        "embedding; the default preset's), 'model' (its next-token guesses; paper --augment's) "
+                        "or mlm:NAME (a masked LM)")
     p.add_argument("--out", default=None, help="run directory (default: graphs/<model>-<preset>)")
     p.add_argument("--group-size", type=int, default=64, help="neurons fitted together in shared batches")
     p.add_argument("--store-tokens", type=int, default=None,

@@ -66,7 +66,13 @@ class DistillConfig:
     """Keep only variants whose substitute is rarer than ``min_count`` in the training evidence: the
     corpus already values every token it shows often enough."""
     n_candidates: int = 30
-    """Substitute candidates asked from the substitute source before word-shape filtering."""
+    """Substitute candidates asked from the substitute source (word shape kept) before ``novel_variants``
+    drops the common ones and ``n_variants`` are kept."""
+    substitute_source: str = "model"
+    """Where substitutes come from when the run names none: ``model``, the subject model's next-token
+    guesses at the position (a whole-model pass per window), or ``embedding``, the tokens whose input
+    embeddings are nearest the substituted token's (no forward pass). The CLI's ``--substitutes mlm:NAME``
+    asks a masked LM instead."""
     end_activation: str = "first"
     """How an END node's activation is set: ``first`` path inserted (published), ``mean`` or ``max``."""
     calibrate: bool = False
@@ -184,6 +190,8 @@ class DistillConfig:
             raise N2GError(f"end_value must be quantile or mean (got {self.end_value!r})")
         if self.variant_importance not in ("measured", "source"):
             raise N2GError(f"variant_importance must be measured or source (got {self.variant_importance!r})")
+        if self.substitute_source not in ("model", "embedding"):
+            raise N2GError(f"substitute_source must be model or embedding (got {self.substitute_source!r})")
         if self.augment_positions not in ("important", "activator"):
             raise N2GError(f"augment_positions must be important or activator (got {self.augment_positions!r})")
         if self.variant_evidence not in ("all", "firing", "none"):
@@ -263,6 +271,8 @@ PRESETS: dict[str, DistillConfig] = {
         novel_variants=True,
         variant_evidence="firing",
         variant_importance="source",
+        substitute_source="embedding",
+        n_variants=10,
     ),
 }
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .augment import ModelSubstitutes
+from .augment import make_substitutes
 from .config import DistillConfig
 from .distill import NeuronFit, common_tokens, neuron_steps
 from .errors import N2GError
@@ -290,7 +290,7 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
     occlusion = int(model.occlusion_token_id)
     evaluator = evaluator or RowEvaluator(model, cfg.batch_tokens, occlusion)
     if substitutes is None and cfg.augment:
-        substitutes = ModelSubstitutes(model)
+        substitutes = make_substitutes(model, cfg.substitute_source)
     cost = getattr(evaluator, "cost", None)
     cpu0 = time.thread_time()
     forward0 = cost.forward_thread_cpu if cost is not None else 0.0
@@ -392,7 +392,7 @@ def fit_many(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Dis
     """
     evaluator = evaluator or RowEvaluator(model, cfg.batch_tokens, int(model.occlusion_token_id))
     if substitutes is None and cfg.augment:
-        substitutes = ModelSubstitutes(model)
+        substitutes = make_substitutes(model, cfg.substitute_source)
     cost = getattr(evaluator, "cost", None)
     out: dict[NeuronId, NeuronFit] = {}
     jobs = sorted(jobs, key=lambda j: j.neuron)

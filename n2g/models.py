@@ -360,6 +360,20 @@ class SubjectModel:
         self._run_until(ids, mask, {l: grab(l) for l in plan})
         return torch.where(mask.bool(), out, 0.0)[:, offset:].cpu()
 
+    @torch.inference_mode()
+    def nearest_tokens(self, token_ids: Sequence[int], k: int) -> torch.Tensor:
+        """``[len(token_ids), k]``: for each token, the ``k`` other tokens whose input embeddings
+        are closest by cosine similarity, nearest first (one matmul over the vocabulary)."""
+        weight = self.model.get_input_embeddings().weight
+        if getattr(self, "_unit_embeddings", None) is None:  # normalised once, on the model's device
+            w = weight.detach().float()
+            self._unit_embeddings = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        unit = self._unit_embeddings
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=unit.device)
+        sims = unit[ids] @ unit.T
+        sims[torch.arange(len(ids), device=unit.device), ids] = -float("inf")  # never the token itself
+        return sims.topk(min(k, unit.shape[0] - 1), dim=-1).indices.cpu()
+
     # ------------------------------------------------------------------ predictions
     @torch.inference_mode()
     def next_token_candidates(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None,

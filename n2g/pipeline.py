@@ -64,7 +64,9 @@ class RunOptions:
     out: str | None = None
     device: str | None = None
     dtype: str | None = None
-    substitutes: str = "model"
+    substitutes: str | None = None
+    """Augmentation substitutes: None (the preset's ``substitute_source``), ``model``, ``embedding``
+    or ``mlm:NAME`` (a masked LM)."""
     group_size: int = 64
     scan_batch: int | None = None
     """Excerpts per scan batch (None: sized to the device, see n2g.engine.device_budget)."""
@@ -91,7 +93,8 @@ class RunOptions:
     progress: bool = True
 
     def config(self) -> DistillConfig:
-        return preset(self.preset, **self.overrides)
+        source = self.substitutes if self.substitutes in ("model", "embedding") else None
+        return preset(self.preset, **{"substitute_source": source, **self.overrides})
 
 
 @dataclass
@@ -139,8 +142,9 @@ def _signs(sign: str) -> list[Sign]:
 def check_options(opts: RunOptions) -> None:
     """Refuse bad options before anything is loaded or written."""
     _signs(opts.sign)
-    if opts.substitutes != "model" and not (opts.substitutes.startswith("mlm:") and len(opts.substitutes) > 4):
-        raise N2GError(f"--substitutes must be 'model' or 'mlm:NAME' (got {opts.substitutes!r})")
+    if opts.substitutes not in (None, "model", "embedding") and not (
+            opts.substitutes.startswith("mlm:") and len(opts.substitutes) > 4):
+        raise N2GError(f"--substitutes must be 'model', 'embedding' or 'mlm:NAME' (got {opts.substitutes!r})")
     if opts.group_size < 1:
         raise N2GError("--group-size must be at least 1")
     for flag, value in (("--scan-batch", opts.scan_batch), ("--batch-tokens", opts.batch_tokens)):
@@ -298,7 +302,7 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     excerpts = corpus.excerpts.tolist()
     jobs = [store_job(scans[n.layer], n, is_train) for n in todo]
     substitutes = None
-    if cfg.augment and opts.substitutes.startswith("mlm:"):
+    if cfg.augment and (opts.substitutes or "").startswith("mlm:"):
         from .augment import MaskedLMSubstitutes
 
         substitutes = MaskedLMSubstitutes(model, opts.substitutes[4:], device=str(model.device))

@@ -1,10 +1,10 @@
-"""Substitute sources: word shape, the subject model's own guesses, a masked LM."""
+"""Substitute sources: word shape, the subject model's own guesses, its input embedding, a masked LM."""
 
 import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
-from n2g.augment import MaskedLMSubstitutes, ModelSubstitutes, same_shape
+from n2g.augment import EmbeddingSubstitutes, MaskedLMSubstitutes, ModelSubstitutes, same_shape
 from n2g.models import SubjectModel
 
 
@@ -23,6 +23,23 @@ def test_model_substitutes_keep_word_shape(smollm2):
     texts = smollm2.token_strings(found)
     assert found and ids[-1] not in found
     assert all(t.startswith(" ") and t.strip().isalpha() for t in texts), texts
+
+
+def test_embedding_substitutes_are_the_nearest_tokens_of_the_same_shape():
+    torch.manual_seed(0)
+    subject = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    vocab = subject.tokenizer.get_vocab()
+    cat, sat, mat, w7 = (vocab[w] for w in ("cat", "sat", "mat", "w7"))
+    emb = subject.model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[w7] = 2 * emb[cat]  # cosine 1: the nearest of all, but not a word of letters like "cat"
+        noise = torch.nn.functional.normalize(torch.randn(2, emb.shape[1]), dim=1) * emb[cat].norm()
+        emb[mat] = emb[cat] + 0.05 * noise[0]  # near
+        emb[sat] = emb[cat] + 0.2 * noise[1]  # less near, still far nearer than a random token
+    assert subject.nearest_tokens([cat], 3)[0].tolist() == [w7, mat, sat]
+    source = EmbeddingSubstitutes(subject)
+    assert source([[1, cat, sat], [1, mat]], [1, 1], 2) == [[mat, sat], [cat, sat]]
+    assert source.counts["real"] == 0  # no forward pass
 
 
 def test_masked_lm_substitutes_map_to_single_subject_tokens(tmp_path):

@@ -91,7 +91,8 @@ def _store_jobs(model, excerpts, layer, indices):
 
 def _fingerprint(fit):
     g = fit.graph
-    nodes = sorted((-2 if n.token_id is None else n.token_id, n.depth, n.end) for n in g.nodes) if g else []
+    nodes = sorted((-2 if n.token_id is None else n.token_id, n.depth, n.end is not None, n.end or 0.0)
+                   for n in g.nodes) if g else []
     return nodes, {m: s.to_dict() for m, s in fit.scores.items()}, [e.predicted for e in fit.examples]
 
 
@@ -149,6 +150,26 @@ def test_substitute_forwards_are_counted_as_a_full_depth_stage(models):
     assert st.weighted == st.padded  # the whole depth: substitutes need the logits
     assert st.real <= st.padded <= 1.15 * st.real  # batched by length, as fitting is
     assert st.calls >= -(-len(asked) // 3)
+
+
+def test_default_substitutes_come_from_the_input_embedding_without_forward_passes(models):
+    from n2g.augment import EmbeddingSubstitutes
+
+    plain, _ = models
+    assert preset("default").substitute_source == "embedding"
+    excerpts = torch.randint(4, 68, (48, 16))
+    jobs = _store_jobs(plain, excerpts, 1, [2, 5])
+    evaluator = RowEvaluator(plain, 4096, int(plain.occlusion_token_id))
+    fits = fit_many(plain, excerpts.tolist(), jobs, preset("default"), group_size=2, evaluator=evaluator)
+    st = evaluator.cost.stages["substitutes"]
+    assert st.asked > 0 and st.real == st.padded == st.calls == 0  # asked, answered by one matmul each, no pass
+    augment = evaluator.cost.stages["augment"]
+    assert augment.asked > 0  # the neighbours were measured as variants
+    nearest = EmbeddingSubstitutes(plain)
+    for fit in fits.values():
+        for v in fit.trace.variants:  # every variant's substitute is among its activator's nearest tokens
+            source = fit.trace.pruned[v.source].token_ids
+            assert v.token_ids[v.position] in nearest([source], [v.position], 30)[0]
 
 
 def test_common_tokens_shared_by_a_layer_give_the_same_fits(models, monkeypatch):
