@@ -62,10 +62,14 @@ def augment_steps(seqs: list[list[int]], acts: list[np.ndarray], imps: list[np.n
         return []
     answers = yield Candidates([list(seqs[e]) for e, _ in asks], [k for _, k in asks], cfg.n_candidates)
     variants: list[tuple[list[int], int, int]] = []
+    tried: set[tuple[int, int]] = set()  # (token, substitute) pairs measured (variant_once)
     for (e, k), cands in zip(asks, answers):
         original = seqs[e][k]
         chosen = [int(c) for c in cands if int(c) != original and int(c) != occlusion_id
                   and int(c) not in common][: cfg.n_variants]
+        if cfg.variant_once:  # windows come best first: a pair is measured in the best one proposing it
+            chosen = [c for c in chosen if (original, c) not in tried]
+            tried.update((original, c) for c in chosen)
         for c in chosen:
             ids = list(seqs[e])
             ids[k] = c

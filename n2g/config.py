@@ -68,6 +68,9 @@ class DistillConfig:
     n_candidates: int = 30
     """Substitute candidates asked from the substitute source (word shape kept) before ``novel_variants``
     drops the common ones and ``n_variants`` are kept."""
+    variant_once: bool = False
+    """Measure each (token, substitute) pair once, in the best pruned window that proposes it; later
+    windows with the same token skip that substitute (published: every window's variants are measured)."""
     substitute_source: str = "model"
     """Where substitutes come from when the run names none: ``model``, the subject model's next-token
     guesses at the position (a whole-model pass per window), or ``embedding``, the tokens whose input
@@ -264,7 +267,7 @@ PRESETS: dict[str, DistillConfig] = {
         cover_context=1,
         choose_on="split",
         end_value="mean",
-        quiet_tokens=32,
+        quiet_tokens=64,
         min_gain=20.0,
         augment=True,
         augment_positions="activator",
@@ -272,7 +275,8 @@ PRESETS: dict[str, DistillConfig] = {
         variant_evidence="firing",
         variant_importance="source",
         substitute_source="embedding",
-        n_variants=10,
+        n_variants=8,
+        variant_once=True,
     ),
 }
 

@@ -65,3 +65,37 @@ def test_masked_lm_substitutes_map_to_single_subject_tokens(tmp_path):
     vocab = {w for w in words if not w.startswith("[")}
     for ids in found:
         assert all(subject.token_strings([i])[0] in vocab for i in ids)
+
+
+def _drive_augment(cfg, seqs, proposals):
+    """Run augment_steps on windows whose pivot is their last token, every variant firing."""
+    import numpy as np
+
+    from n2g.augment import augment_steps
+    from n2g.features import Candidates, Evaluate
+
+    acts = [np.array([0.0] * (len(s) - 1) + [1.0]) for s in seqs]
+    imps = [np.ones((len(s), len(s))) for s in seqs]
+    steps = augment_steps(seqs, acts, imps, cfg, 0)
+    request = next(steps)
+    assert isinstance(request, Candidates)
+    request = steps.send([list(proposals) for _ in request.seqs])
+    assert isinstance(request, Evaluate)
+    try:
+        steps.send([np.ones(len(s)) for s in request.seqs])
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("augment_steps asked for more than candidates and one evaluation")
+
+
+def test_variant_once_measures_each_substitute_of_a_token_in_its_best_window_only():
+    from n2g.config import preset
+
+    seqs = [[1, 5, 7], [1, 6, 7], [1, 6, 8]]  # windows best first; token 7 is the activator of two
+    base = preset("default", n_variants=2, substitute_source="model")
+    every = _drive_augment(base.replace(variant_once=False), seqs, [20, 21, 22])
+    once = _drive_augment(base.replace(variant_once=True), seqs, [20, 21, 22])
+    pairs = lambda vs: [(v.source, v.token_ids[v.position]) for v in vs]
+    assert pairs(every) == [(0, 20), (0, 21), (1, 20), (1, 21), (2, 20), (2, 21)]
+    assert pairs(once) == [(0, 20), (0, 21), (2, 20), (2, 21)]  # window 1's pairs were measured in window 0
+    assert all(v.importance is not None for v in once)  # firing variants keep their source's importance
