@@ -360,19 +360,37 @@ class SubjectModel:
         self._run_until(ids, mask, {l: grab(l) for l in plan})
         return torch.where(mask.bool(), out, 0.0)[:, offset:].cpu()
 
+    def ordinary_tokens(self) -> torch.Tensor:
+        """``[rows of the input embedding]`` bools: the ids the tokenizer knows that are not special
+        tokens (an embedding may have padding rows past the tokenizer's vocabulary)."""
+        if getattr(self, "_ordinary", None) is None:
+            rows = int(self.model.get_input_embeddings().weight.shape[0])
+            mask = torch.ones(rows, dtype=torch.bool)
+            tok = self.tokenizer
+            if tok is not None:
+                mask[min(len(tok), rows):] = False
+                special = [int(t) for t in (getattr(tok, "all_special_ids", None) or []) if 0 <= int(t) < rows]
+                mask[special] = False
+            self._ordinary = mask
+        return self._ordinary
+
     @torch.inference_mode()
     def nearest_tokens(self, token_ids: Sequence[int], k: int) -> torch.Tensor:
-        """``[len(token_ids), k]``: for each token, the ``k`` other tokens whose input embeddings
-        are closest by cosine similarity, nearest first (one matmul over the vocabulary)."""
+        """``[len(token_ids), k]``: for each token, the ``k`` other ordinary tokens (:meth:`ordinary_tokens`)
+        whose input embeddings are closest by cosine similarity, nearest first (one matmul over the
+        vocabulary); fewer columns when fewer tokens are ordinary."""
         weight = self.model.get_input_embeddings().weight
         if getattr(self, "_unit_embeddings", None) is None:  # normalised once, on the model's device
             w = weight.detach().float()
             self._unit_embeddings = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self._not_ordinary = ~self.ordinary_tokens().to(w.device)
         unit = self._unit_embeddings
         ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=unit.device)
         sims = unit[ids] @ unit.T
+        sims[:, self._not_ordinary] = -float("inf")
         sims[torch.arange(len(ids), device=unit.device), ids] = -float("inf")  # never the token itself
-        return sims.topk(min(k, unit.shape[0] - 1), dim=-1).indices.cpu()
+        allowed = int((~self._not_ordinary).sum()) - 1
+        return sims.topk(max(min(k, allowed), 0), dim=-1).indices.cpu()
 
     # ------------------------------------------------------------------ predictions
     @torch.inference_mode()

@@ -41,13 +41,15 @@ def fitted(subject, tmp_path_factory):
     return model, corpus, root / "cache"
 
 
-def test_fit_neuron_returns_a_fitted_model_with_token_text(fitted):
+def test_fit_neuron_returns_a_fitted_model_with_token_text(fitted, subject):
     model, corpus, _ = fitted
     assert len(corpus) == 150 and corpus.excerpts.shape[1] == 16
     assert model.status_ == "fitted" and model.neuron_ == n2g.NeuronId(1, 5)
     assert set(model.scores_) >= {"n2g", "token_lookup", "ngram", "zero"}
     graph = model.graph_
-    assert graph.tokens() and all(graph.token_text[t] in WORDS for t in graph.tokens()), "graph carries token text"
+    vocab = {w for w in subject.tokenizer.get_vocab() if not w.startswith("<")}  # words, not <pad> or <bos>
+    # The corpus's words, and vocabulary words the embedding variants found firing; never a placeholder.
+    assert graph.tokens() and all(graph.token_text[t] in vocab for t in graph.tokens()), "graph carries token text"
     text = str(graph)
     assert text.startswith("NeuronGraph L1.N5:") and "object at" not in text
     lines = text.splitlines()[2:]

@@ -33,6 +33,8 @@ def test_embedding_substitutes_are_the_nearest_tokens_of_the_same_shape():
     emb = subject.model.get_input_embeddings().weight
     with torch.no_grad():
         emb[w7] = 2 * emb[cat]  # cosine 1: the nearest of all, but not a word of letters like "cat"
+        emb[100] = 3 * emb[cat]  # cosine 1 too, but a padding row past the tokenizer's 64 words
+        emb[vocab["<pad>"]] = 1.5 * emb[cat]  # and a special token: neither is ever a substitute
         noise = torch.nn.functional.normalize(torch.randn(2, emb.shape[1]), dim=1) * emb[cat].norm()
         emb[mat] = emb[cat] + 0.05 * noise[0]  # near
         emb[sat] = emb[cat] + 0.2 * noise[1]  # less near, still far nearer than a random token
