@@ -150,3 +150,21 @@ def test_fit_both_signs_json_quiet_and_files_follow_the_umask(tiny_model_dir, tm
 def test_serve_with_a_missing_model_is_one_line(run, tmp_path, capsys):
     code, out, err = main(["serve", run, "--port", "0", "--model", tmp_path / "no-such-model"], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and "model path" in err and "does not exist" in err
+
+
+def test_substitutes_option_picks_the_source_and_refuses_others(tiny_model_dir, tmp_path, capsys):
+    from n2g.pipeline import check_options
+
+    assert RunOptions().config().substitute_source == "embedding"  # the default preset's
+    assert RunOptions(preset="paper").config().substitute_source == "model"  # paper --augment: next-token guesses
+    assert RunOptions(substitutes="model").config().substitute_source == "model"
+    assert RunOptions(preset="paper", substitutes="embedding").config().substitute_source == "embedding"
+    assert RunOptions(substitutes="mlm:some-model").config().substitute_source == "embedding"  # run option only
+    for good in (None, "model", "embedding", "mlm:x"):
+        check_options(RunOptions(substitutes=good))
+    out = tmp_path / "out"
+    code, _, err = main(["fit", "--model", tiny_model_dir / "model", "--layer", "0", "--neuron", "1",
+                         "--substitutes", "nearest", "--out", out, "-q"], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1
+    assert "--substitutes must be 'model', 'embedding' or 'mlm:NAME'" in err and "Traceback" not in err
+    assert not out.exists()  # refused before anything was written
