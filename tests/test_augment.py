@@ -25,6 +25,15 @@ def test_model_substitutes_keep_word_shape(smollm2):
     assert all(t.startswith(" ") and t.strip().isalpha() for t in texts), texts
 
 
+def test_model_substitutes_never_propose_special_tokens_or_padding_rows(monkeypatch):
+    subject = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")  # 128 embedding rows, 64 words
+    vocab = subject.tokenizer.get_vocab()
+    guesses = [vocab["<eos>"], 100, vocab["mat"], vocab["<pad>"], vocab["sat"], 127]
+    monkeypatch.setattr(subject, "next_token_candidates", lambda ids, mask, positions, k: torch.tensor([guesses]))
+    seq = [vocab["<bos>"], vocab["the"], vocab["w5"]]  # not letters only: word shape alone would let all six in
+    assert ModelSubstitutes(subject)([seq], [2], 6) == [[vocab["mat"], vocab["sat"]]]
+
+
 def test_embedding_substitutes_are_the_nearest_tokens_of_the_same_shape():
     torch.manual_seed(0)
     subject = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
