@@ -174,8 +174,8 @@ class EmbeddingSubstitutes:
 
     def _fill(self, tokens: list[int]) -> None:
         todo = sorted({t for t in tokens if t not in self.neighbours})
-        for a in range(0, len(todo), 1024):  # bounded memory: a [1024, vocab] similarity block at a time
-            chunk = todo[a : a + 1024]
+        for a in range(0, len(todo), 256):  # bounded memory: a [256, vocab] similarity block at a time
+            chunk = todo[a : a + 256]
             found = self.model.nearest_tokens(chunk, self.pool).tolist()
             texts = self.model.token_strings(chunk)
             for t, text, cands in zip(chunk, texts, found):
