@@ -188,10 +188,6 @@ class EmbeddingSubstitutes:
         return [self.neighbours[t][:k] for t in tokens]
 
 
-SUBSTITUTE_SOURCES = ("model", "embedding")
-"""Substitute sources a config can name (``DistillConfig.substitute_source``)."""
-
-
 def make_substitutes(model, source: str):
     """The substitute source named ``source`` for ``model``: ``model`` (next-token guesses,
     :class:`ModelSubstitutes`) or ``embedding`` (nearest input embeddings, :class:`EmbeddingSubstitutes`)."""

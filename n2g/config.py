@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from .errors import N2GError
 
 
+SUBSTITUTE_SOURCES = ("model", "embedding")
+"""Substitute sources a config can name (``DistillConfig.substitute_source``; :func:`n2g.augment.make_substitutes`)."""
+
+
 @dataclass
 class DistillConfig:
     """Every knob of the distiller; see DESIGN.md for what each step does."""
@@ -193,8 +197,8 @@ class DistillConfig:
             raise N2GError(f"end_value must be quantile or mean (got {self.end_value!r})")
         if self.variant_importance not in ("measured", "source"):
             raise N2GError(f"variant_importance must be measured or source (got {self.variant_importance!r})")
-        if self.substitute_source not in ("model", "embedding"):
-            raise N2GError(f"substitute_source must be model or embedding (got {self.substitute_source!r})")
+        if self.substitute_source not in SUBSTITUTE_SOURCES:
+            raise N2GError(f"substitute_source must be {' or '.join(SUBSTITUTE_SOURCES)} (got {self.substitute_source!r})")
         if self.augment_positions not in ("important", "activator"):
             raise N2GError(f"augment_positions must be important or activator (got {self.augment_positions!r})")
         if self.variant_evidence not in ("all", "firing", "none"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DistillConfig, preset
+from .config import SUBSTITUTE_SOURCES, DistillConfig, preset
 from .errors import N2GError
 from .records import NeuronId, NeuronResult, Sign
 
@@ -93,7 +93,7 @@ class RunOptions:
     progress: bool = True
 
     def config(self) -> DistillConfig:
-        source = self.substitutes if self.substitutes in ("model", "embedding") else None
+        source = self.substitutes if self.substitutes in SUBSTITUTE_SOURCES else None
         return preset(self.preset, **{"substitute_source": source, **self.overrides})
 
 
@@ -142,7 +142,7 @@ def _signs(sign: str) -> list[Sign]:
 def check_options(opts: RunOptions) -> None:
     """Refuse bad options before anything is loaded or written."""
     _signs(opts.sign)
-    if opts.substitutes not in (None, "model", "embedding") and not (
+    if opts.substitutes is not None and opts.substitutes not in SUBSTITUTE_SOURCES and not (
             opts.substitutes.startswith("mlm:") and len(opts.substitutes) > 4):
         raise N2GError(f"--substitutes must be 'model', 'embedding' or 'mlm:NAME' (got {opts.substitutes!r})")
     if opts.group_size < 1:
