@@ -125,6 +125,7 @@ class ModelSubstitutes:
 
         out: list[list[int] | None] = [None] * len(seqs)
         todo = list(range(len(seqs)))
+        ordinary = self.model.ordinary_tokens().tolist()  # no special or padding ids
         while todo:
             try:
                 for batch in self._plan([len(seqs[i]) for i in todo]):
@@ -136,11 +137,10 @@ class ModelSubstitutes:
                     self.counts["rows"] += len(chunk)
                     self.counts["real"] += sum(len(x) for x in chunk)
                     self.counts["padded"] += int(ids.shape[0] * ids.shape[1])
-                    ordinary = self.model.ordinary_tokens()
                     for i, cands in zip(rows, found.tolist()):
                         row, p = seqs[i], positions[i]
                         original = self.model.token_strings([row[p]])[0]
-                        cands = [c for c in cands if c < len(ordinary) and ordinary[c]]  # no special or padding ids
+                        cands = [c for c in cands if c < len(ordinary) and ordinary[c]]
                         texts = self.model.token_strings(cands)
                         out[i] = [c for c, t in zip(cands, texts) if c != row[p] and same_shape(original, t)]
             except RuntimeError as exc:  # out of memory: halve the batch and go on with what is left

@@ -144,7 +144,8 @@ def check_options(opts: RunOptions) -> None:
     _signs(opts.sign)
     if opts.substitutes is not None and opts.substitutes not in SUBSTITUTE_SOURCES and not (
             opts.substitutes.startswith("mlm:") and len(opts.substitutes) > 4):
-        raise N2GError(f"--substitutes must be 'model', 'embedding' or 'mlm:NAME' (got {opts.substitutes!r})")
+        named = ", ".join(f"'{name}'" for name in SUBSTITUTE_SOURCES)
+        raise N2GError(f"--substitutes must be {named} or 'mlm:NAME' (got {opts.substitutes!r})")
     if opts.group_size < 1:
         raise N2GError("--group-size must be at least 1")
     for flag, value in (("--scan-batch", opts.scan_batch), ("--batch-tokens", opts.batch_tokens)):
