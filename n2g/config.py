@@ -114,6 +114,10 @@ class DistillConfig:
     then drop branches that do not change a prediction on training data."""
     grow_depth: int = 2
     """Exact context positions a grown branch may reach back."""
+    grow_gaps: bool = False
+    """Growing may also ask about positions a branch skips: a token further back than the next position,
+    with wildcards between ("X fires unless the token two before it is one of S"), and the token a proposed
+    branch's wildcard stands for ("Y * X fires, but not Y Z X"), which becomes an exact sibling branch."""
     run_window: int = 3
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
     min_gain: float = 10.0
@@ -273,6 +277,7 @@ PRESETS: dict[str, DistillConfig] = {
         end_value="mean",
         quiet_tokens=64,
         min_gain=20.0,
+        grow_gaps=True,
         augment=True,
         augment_positions="activator",
         novel_variants=True,

@@ -36,11 +36,14 @@ class Grower:
 
     def __init__(self, graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, sources: np.ndarray, *,
                  min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
-                 min_gain: float = 10.0):
+                 min_gain: float = 10.0, skip_questions: bool = False, skip_cost: float = 2.0,
+                 split_wildcards: bool = False):
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
         self.run_window, self.min_gain = run_window, min_gain
+        self.skip_questions, self.skip_cost = skip_questions, skip_cost
+        self.split_wildcards = split_wildcards
 
     def grow(self) -> int:
         """Grow every activator; returns how many nodes were added."""
@@ -54,18 +57,72 @@ class Grower:
         order = np.argsort(tokens, kind="stable")
         rows, cols, tokens = rows[order], cols[order], tokens[order]
         bounds = np.flatnonzero(np.diff(tokens)) + 1
-        lists = {}
+        lists, parent = {}, None
         for r, c in zip(np.split(rows, bounds), np.split(cols, bounds)):
             if not len(r):
                 continue
             node = roots[int(self.ids[r[0], c[0]])]
             if len(self.graph.nodes[node].children):  # occurrences a proposed branch explains stay with it
-                keep = np.fromiter((self.graph.deepest_node(self._row(lists, rr), cc) == node for rr, cc in zip(r, c)),
-                                   bool, len(r))
+                deepest = np.fromiter((self.graph.deepest_node(self._row(lists, rr), cc) for rr, cc in zip(r, c)),
+                                      np.int64, len(r))
+                if self.split_wildcards:
+                    if parent is None:
+                        parent = self.graph._parents()
+                    for at in np.unique(deepest).tolist():
+                        if at != node:
+                            self._split_wildcards(at, parent, r[deepest == at], c[deepest == at])
+                keep = deepest == node
                 r, c = r[keep], c[keep]
             if len(r):
                 self._grow(node, r, c, 1, self.max_depth)
         return len(self.graph.nodes) - before
+
+    def _split_wildcards(self, node: int, parent: list[int], rows: np.ndarray, cols: np.ndarray) -> None:
+        """Ask about the wildcard positions of a proposed branch, from the occurrences it explains.
+
+        A branch such as "Y * [X]" made by pruning may cover occurrences that fire and others that do
+        not, told apart by the token the wildcard stands for. The best question "is the token there one
+        of S" becomes a sibling branch per member ("Y Z [X]"), which matching prefers to the wildcard
+        (more exact context tokens), so calibration values the two apart.
+        """
+        keys = []
+        at = node
+        while at > 0:
+            keys.append(self.graph.nodes[at].token_id)
+            at = parent[at]
+        keys.reverse()  # activator first, then 1, 2, ... positions back
+        if any(k < WILDCARD for k in keys[1:]):
+            return  # a run: positions below it are not fixed
+        holes = [d for d, k in enumerate(keys) if d > 0 and k == WILDCARD]
+        if not holes or self.graph.nodes[node].end is None:
+            return
+        remaining = np.ones(len(rows), bool)
+        for _ in range(self.max_children):
+            idx = np.flatnonzero(remaining)
+            r, c = rows[idx], cols[idx]
+            y = self.fires[r, c]
+            n, f = len(idx), int(y.sum())
+            if n < 2 * self.min_count or f == 0 or f == n:
+                return
+            base = float(_impurity(n, f))
+            best, hole = None, 0
+            for d in holes:
+                found = self._best_exact(r, c, y, d, n, f, base)
+                if found is not None and (best is None or found[1] > best[1] + 1e-9):
+                    best, hole = found, d
+            if best is None or best[1] < self.min_gain:
+                return
+            kind, _, token, member = best
+            chosen = idx[member]
+            members = [token] if kind == "exact" else token
+            there = self.ids[rows[chosen], cols[chosen] - hole]
+            for t in members:
+                mine = chosen[there == t]
+                excerpt_ids = set(self.sources[rows[mine]].tolist())
+                at = self.graph.nodes[0].children[keys[0]]
+                for d, k in enumerate(keys[1:], start=1):
+                    at = self.graph.add_child(at, t if d == hole else k, excerpt_ids)
+            remaining[chosen] = False
 
     def _row(self, cache: dict, r: int) -> list[int]:
         if r not in cache:
@@ -82,23 +139,30 @@ class Grower:
             if n < 2 * self.min_count or f == 0 or f == n:
                 return
             base = float(_impurity(n, f))
-            best = self._best_exact(r, c, y, offset, n, f, base)
+            best, skip = None, 0
+            for s in range(depth_left if self.skip_questions else 1):  # the token s+1 positions back, s wildcards between
+                found = self._best_exact(r, c, y, offset + s, n, f, base)
+                if found is not None and found[1] - self.skip_cost * s > (best[1] if best else -np.inf) + 1e-9:
+                    best, skip = (found[0], found[1] - self.skip_cost * s, found[2], found[3]), s
             if self.run_window > 1:
                 run = self._best_run(r, c, y, offset, n, f, base)
                 if run is not None and (best is None or run[1] > best[1] + 1e-9):
-                    best = run
+                    best, skip = run, 0
             if best is None or best[1] < self.min_gain:
                 return
             kind, _, token, member = best
             chosen = idx[member]
             if kind in ("exact", "set"):
                 members = [token] if kind == "exact" else token
-                prev = self.ids[rows[chosen], cols[chosen] - offset]
+                prev = self.ids[rows[chosen], cols[chosen] - offset - skip]
+                at = node
+                for _ in range(skip):  # positions the question skips are wildcards
+                    at = self.graph.add_child(at, WILDCARD, set(self.sources[rows[chosen]].tolist()))
                 for t in members:
                     mine = chosen[prev == t]
-                    child = self.graph.add_child(node, t, set(self.sources[rows[mine]].tolist()))
-                    if depth_left > 1:
-                        self._grow(child, rows[mine], cols[mine], offset + 1, depth_left - 1)
+                    child = self.graph.add_child(at, t, set(self.sources[rows[mine]].tolist()))
+                    if depth_left - skip > 1:
+                        self._grow(child, rows[mine], cols[mine], offset + skip + 1, depth_left - skip - 1)
             else:
                 excerpt_ids = set(self.sources[rows[chosen]].tolist())
                 run_node = self.graph.add_child(node, run_key(self.run_window - 1), excerpt_ids)

@@ -160,3 +160,63 @@ def test_quiet_tokens_carry_their_graded_value_without_changing_firing():
     assert r_with > 0.99 and r_with > r_without + 0.02, (r_with, r_without)
     assert {31, 32, 33} <= set(with_quiet.graph_.activators())
     assert set(with_quiet.graph_.activators()) - {24} - set(range(30, 100)) == set()
+
+
+FAR_BLOCKERS = [60, 61, 62]
+"""Tokens that silence token 24 when they stand two before it (the token between them varies)."""
+
+
+def unless_two_back(x):  # token 24 fires unless the token two before it is one of FAR_BLOCKERS
+    blocked = torch.zeros_like(x, dtype=torch.bool)
+    for b in FAR_BLOCKERS:
+        blocked |= shifted(x, 2) == b
+    return ((x == 24) & ~blocked).float()
+
+
+UNLESS_TWO = [[24]] + [[b, f, 24] for b in FAR_BLOCKERS for f in (40, 55, 70)]
+
+
+def test_fires_unless_the_token_two_before_is_one_of_a_set():
+    data = text(3, UNLESS_TWO, n=120, rate=0.15)
+    model = n2g.distill(unless_two_back, data)
+    assert model.config.grow_gaps
+    scores = heldout_f1(model, unless_two_back, UNLESS_TWO)
+    assert scores.n_firing > 30 and scores.f1 == 1.0, scores
+    g = model.graph_
+    activator = g.nodes[g.nodes[0].children[24]]
+    assert activator.end >= 0.5  # 24 alone fires
+    wild = g.nodes[activator.children[WILDCARD]]  # one position skipped, then the blockers
+    assert set(wild.children) == set(FAR_BLOCKERS)
+    assert all(g.nodes[c].end < 0.5 for c in wild.children.values())
+    assert model.predict_normalised(torch.tensor([[61, 33, 24]]))[0, 2] < 0.5
+    assert model.predict_normalised(torch.tensor([[63, 33, 24]]))[0, 2] == pytest.approx(1.0)
+    # Asking only about the next position back cannot say it: 40, 55 and 70 come before firing 24s too.
+    without = n2g.distill(unless_two_back, data, grow_gaps=False)
+    assert heldout_f1(without, unless_two_back, UNLESS_TWO).f1 < 0.9
+
+
+def near_unless(x):  # token 25 fires when token 26 is within the 3 tokens before it, but not right after 27
+    hit = torch.zeros_like(x, dtype=torch.bool)
+    for d in (1, 2, 3):
+        hit |= shifted(x, d) == 26
+    return ((x == 25) & hit & (shifted(x, 1) != 27)).float()
+
+
+NEAR_UNLESS = [[25], [26, 25], [26, 40, 25], [26, 27, 25], [26, 41, 42, 25]]
+
+
+def test_a_proposed_wildcard_is_split_where_the_token_it_stands_for_decides():
+    # Pruning proposes "26 * [25]"; the evidence shows that it fires unless the skipped token is 27,
+    # so growing adds the exact sibling "26 27 [25]", which matching prefers, and it holds quiet.
+    data = text(1, NEAR_UNLESS, n=240, rate=0.3)
+    model = n2g.distill(near_unless, data)
+    scores = heldout_f1(model, near_unless, NEAR_UNLESS)
+    assert scores.n_firing > 50 and scores.f1 == 1.0, scores
+    assert model.predict_normalised(torch.tensor([[26, 27, 25]]))[0, 2] < 0.5
+    assert model.predict_normalised(torch.tensor([[26, 33, 25]]))[0, 2] == pytest.approx(1.0)
+    g = model.graph_
+    activator = g.nodes[g.nodes[0].children[25]]
+    split = g.nodes[g.nodes[activator.children[27]].children[26]]
+    assert split.end is not None and split.end < 0.5
+    without = n2g.distill(near_unless, data, grow_gaps=False)
+    assert heldout_f1(without, near_unless, NEAR_UNLESS).f1 < 0.95
