@@ -118,6 +118,9 @@ class DistillConfig:
     """Growing may also ask about positions a branch skips: a token further back than the next position,
     with wildcards between ("X fires unless the token two before it is one of S"), and the token a proposed
     branch's wildcard stands for ("Y * X fires, but not Y Z X"), which becomes an exact sibling branch."""
+    context_activators: bool = False
+    """Growing may add rules with no activating token, "any token fires when the token d back is Y"
+    (d up to ``grow_depth``), under a wildcard activator drawn as ``[*]``; an exact activator's match wins ties."""
     run_window: int = 3
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
     min_gain: float = 10.0
@@ -278,6 +281,7 @@ PRESETS: dict[str, DistillConfig] = {
         quiet_tokens=64,
         min_gain=20.0,
         grow_gaps=True,
+        context_activators=True,
         augment=True,
         augment_positions="activator",
         novel_variants=True,

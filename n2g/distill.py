@@ -24,7 +24,7 @@ from .errors import N2GError
 from .examples import random_pool, split_examples
 from .features import Compute, Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
 from .graph import NeuronGraph
-from .grow import Grower, prune_unchanged
+from .grow import Grower, add_context_activators, prune_unchanged
 from .importance import importance_steps
 from .predict import predict_batch, predict_sequences
 from .prune import Pruned, choose_pivots, prune_steps
@@ -196,6 +196,13 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                 calibrate()
         if cfg.grow and prune_unchanged(graph, evidence):
             calibrate()  # tokens of removed branches now count at their ancestors
+        if cfg.context_activators and seen:  # rules for any token after Y, where they fix training errors
+            ids, acts = _evidence_arrays(seen)
+            if add_context_activators(graph, ids, acts, max_depth=cfg.grow_depth, min_count=cfg.min_count,
+                                      min_gain=cfg.min_gain):
+                calibrate()
+                if cfg.grow and prune_unchanged(graph, evidence):  # exact branches the rules now say
+                    calibrate()
         if cfg.quiet_tokens:  # corpus text only: variants are edited contexts chosen because they fire
             add_quiet_tokens(graph, evidence[: len(seen)], cfg.quiet_tokens, max(cfg.min_count, 2))
     return graph, trace

@@ -52,16 +52,19 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
         out.append(_seg(f"The graph of {key} predicts no firing token: none of its {len(paths)} paths reaches "
                         f"{threshold:g} of the maximum, so it predicts the neuron quiet everywhere."))
     else:
+        def act(p: dict) -> str:  # a context activator ("any token after Y") has no token of its own
+            return "any token" if G.nodes[p["nodes"][0]].get("token_id") is None else p["tokens"][0]
+
         acts: dict[str, float] = {}
         for p in firing:
-            tok = p["tokens"][0]
+            tok = act(p)
             acts[tok] = max(acts.get(tok, 0.0), p["end"])
-        ranked = list(dict.fromkeys(p["tokens"][0] for p in firing))
+        ranked = list(dict.fromkeys(act(p) for p in firing))
         top = ranked[:3]
         out.append(_seg(f"{key} fires on "))
         out.extend(_listing([[_seg(t, True), _seg(f" ({acts[t]:.2f})")] for t in top], len(ranked) - len(top)))
         with_ctx = [p for p in firing if "context" in p["kinds"]]
-        bare = {p["tokens"][0] for p in firing if len(p["nodes"]) == 1}
+        bare = {act(p) for p in firing if len(p["nodes"]) == 1}
         if with_ctx:
             p = with_ctx[0]
             ctx = next(t for t, k in zip(p["tokens"], p["kinds"]) if k == "context")

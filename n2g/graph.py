@@ -228,7 +228,8 @@ class NeuronGraph:
         """
         start = self._child(0, int(ids[i]), exclude)
         if start is None:
-            return []
+            if self.match == "greedy" or WILDCARD not in self.nodes[0].children:
+                return []
         if self.match == "greedy":
             path = [start]
             for d in range(1, i + 1):
@@ -239,8 +240,15 @@ class NeuronGraph:
                     break
                 path.append(nxt)
             return path
-        best = self._search(ids, i, start, 1, exclude)
-        return best[1] if best is not None else [start]
+        best = self._search(ids, i, start, 1, exclude) if start is not None else None
+        wild = self._child(0, WILDCARD, exclude)
+        if wild is not None:  # a context activator ("any token after Y"): an exact activator wins ties
+            found = self._search(ids, i, wild, 1, exclude)
+            if found is not None and (best is None or found[0] > best[0]):
+                best = found
+        if best is not None:
+            return best[1]
+        return [start] if start is not None else []
 
     def _search(self, ids: Sequence[int], i: int, at: int, d: int, exclude: int | None = None):
         """(depth, path) of the deepest END at or below ``at`` over exact, wildcard and run branches."""
@@ -280,26 +288,33 @@ class NeuronGraph:
 
     def deepest_node(self, ids: Sequence[int], i: int) -> int | None:
         """The deepest trie node position ``i`` reaches over exact, wildcard and run branches (exact wins ties)."""
-        start = self.nodes[0].children.get(int(ids[i]))
-        if start is None:
+        roots = self.nodes[0].children
+        start = roots.get(int(ids[i]))
+        wild = roots.get(WILDCARD)
+        if start is None and wild is None:
             return None
-        best, best_rank = start, self.nodes[start].rank
-        stack = [(start, 1)]
+        best, best_rank = start, self.nodes[start].rank if start is not None else None
+        # Below a context activator ("*") only a node with a context token counts: "*" or "* *" alone
+        # would match every token. Its branch is explored last, so an exact activator wins ties.
+        stack = [] if wild is None else [(wild, 1, False)]
+        if start is not None:
+            stack.append((start, 1, True))
         while stack:
-            at, d = stack.pop()
-            if self.nodes[at].rank > best_rank:
-                best, best_rank = at, self.nodes[at].rank
+            at, d, exact_start = stack.pop()
+            rank = self.nodes[at].rank
+            if (exact_start or rank[0] >= 1) and (best_rank is None or rank > best_rank):
+                best, best_rank = at, rank
             if d <= i:
                 children = self.nodes[at].children
                 for key, run in children.items():  # runs first on the stack: explored last, lose ties
                     if key < WILDCARD:
                         for inner, at_d in self._run_matches(ids, i, run, d, run_span(key)):
-                            stack.append((inner, at_d + 1))
+                            stack.append((inner, at_d + 1, exact_start))
                 # Pushed wildcard before exact so the exact branch is explored first and wins ties.
                 for key in (WILDCARD, int(ids[i - d])):
                     child = children.get(key)
                     if child is not None:
-                        stack.append((child, d + 1))
+                        stack.append((child, d + 1, exact_start))
         return best
 
     def match_end(self, ids: Sequence[int], i: int, exclude: int | None = None) -> int | None:
@@ -316,7 +331,10 @@ class NeuronGraph:
         if not roots or not len(ids):
             return out
         arr = np.asarray(ids, np.int64)
-        starts = np.flatnonzero(np.isin(arr, np.fromiter(roots, np.int64, len(roots))))  # tokens a path starts at
+        if WILDCARD in roots:  # a context activator: a path may start at any token
+            starts = np.arange(len(arr))
+        else:
+            starts = np.flatnonzero(np.isin(arr, np.fromiter(roots, np.int64, len(roots))))  # tokens a path starts at
         ids = arr.tolist()
         for i in starts.tolist():
             end = self.match_end(ids, i)
@@ -350,11 +368,12 @@ class NeuronGraph:
         and decisions stay those the quantile chose.
         """
         roots = self.nodes[0].children
+        anywhere = WILDCARD in roots
         reached: dict[int, list[float]] = {}
         for ids, acts in sequences:
             ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
             for i, t in enumerate(ids):
-                if t not in roots:  # reaches no node
+                if t not in roots and not anywhere:  # reaches no node
                     continue
                 node = self.deepest_node(ids, i) if backoff else self.match_end(ids, i)
                 if node is not None:
@@ -406,12 +425,13 @@ class NeuronGraph:
         fires: dict[int, list[int]] = {}
         total = 0
         roots = self.nodes[0].children
+        anywhere = WILDCARD in roots
         for (ids, acts), source in zip(sequences, sources):
             ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
             fired = np.asarray(acts) >= self.fire_threshold
             total += int(fired.sum())
             for i, t in enumerate(ids):
-                if t not in roots:
+                if t not in roots and not anywhere:
                     continue
                 node = self.match_end(ids, i, source)
                 if node is not None:
@@ -508,7 +528,7 @@ class NeuronGraph:
         for name in order:
             attrs = g.nodes[name]
             parents = list(g.predecessors(name))
-            if attrs["kind"] == "wildcard":
+            if attrs["kind"] == "wildcard" or (attrs["kind"] == "activator" and attrs.get("token_id") is None):
                 key = run_key(int(attrs["run"])) if int(attrs.get("run", 0) or 0) > 0 else WILDCARD
             else:
                 key = int(attrs["token_id"])

@@ -51,7 +51,7 @@ class Grower:
         roots = self.graph.nodes[0].children
         if not roots:
             return 0
-        keys = np.fromiter(roots, np.int64, len(roots))
+        keys = np.fromiter((k for k in roots if k != WILDCARD), np.int64)
         rows, cols = np.nonzero(np.isin(self.ids, keys))
         tokens = self.ids[rows, cols]
         order = np.argsort(tokens, kind="stable")
@@ -237,10 +237,11 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
     users: dict[int, list[tuple[list[int], int]]] = {}
     if sequences is not None:
         roots = graph.nodes[0].children
+        anywhere = WILDCARD in roots
         for ids, _ in sequences:
             ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
             for i, t in enumerate(ids):
-                if t in roots:
+                if t in roots or anywhere:
                     end = graph.match_end(ids, i)
                     if end is not None:
                         users.setdefault(end, []).append((ids, i))
@@ -287,4 +288,119 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
     return len(removed)
 
 
-__all__ = ["Grower", "prune_unchanged", "WILDCARD"]
+def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, *, max_depth: int = 2,
+                           min_count: int = 2, min_distinct: int = 3, min_gain: float = 10.0,
+                           limit: int = 12) -> list[tuple[int, int]]:
+    """Add rules with no activating token where they fix training predictions the graph gets wrong.
+
+    A candidate says "any token fires when the token d positions back is Y" (d up to ``max_depth``,
+    wildcards between): a Y after which more tokens fire than not, at least ``min_count`` of them,
+    on at least ``min_distinct`` different tokens (fewer are said by exact activators), with a split
+    gain of at least ``min_gain`` over every position of the evidence arrays ``ids``/``acts``
+    (``[n, length]``, -1 pads). Best gain first, each is added under the graph's wildcard activator
+    (``[*]``) with the END value its tokens give at the graph's END quantile, and kept only when the
+    tokens it now predicts are right at least ``min_count`` more times than before, where before is
+    judged as on unseen text (each excerpt matched without the paths only it made); matching prefers
+    an exact activator's equally specific branch, so what the graph says about a token stays.
+    Returns the (distance, token) rules kept.
+    """
+    thr = graph.fire_threshold
+    fires = acts >= thr
+    valid = ids >= 0
+    n, f = int(valid.sum()), int(fires[valid].sum())
+    if f < min_count or f == n:
+        return []
+    base = float(_impurity(n, f))
+    found = []
+    for d in range(1, max_depth + 1):
+        if d >= ids.shape[1]:
+            break
+        here = valid[:, d:] & (ids[:, :-d] >= 0)
+        prev, y, tok = ids[:, :-d][here], fires[:, d:][here], ids[:, d:][here]
+        uniq, inv = np.unique(prev, return_inverse=True)
+        counts = np.bincount(inv)
+        fired = np.bincount(inv, weights=y.astype(np.float64))
+        gain = base - _impurity(counts, fired) - _impurity(n - counts, f - fired)
+        for j in np.flatnonzero((fired >= min_count) & (2 * fired > counts) & (gain >= min_gain)).tolist():
+            if len(np.unique(tok[(inv == j) & y])) >= min_distinct:
+                found.append((float(gain[j]), d, int(uniq[j])))
+    found.sort(key=lambda t: (-t[0], t[1], t[2]))
+    q = graph.end_quantile
+    kept = []
+    for _, d, token in found[:limit]:
+        rows = np.flatnonzero(np.any(ids[:, : ids.shape[1] - d] == token, axis=1))
+        seqs = [ids[r][ids[r] >= 0].tolist() for r in rows]
+        before = {}  # as unseen text: each excerpt matched without the paths only it made
+        for k, s in enumerate(seqs):
+            for i in range(d, len(s)):
+                if s[i - d] == token:
+                    end = graph.match_end(s, i, exclude=int(rows[k]))
+                    before[(k, i)] = graph.nodes[end].end if end is not None else 0.0
+        at = graph.add_child(0, WILDCARD)
+        for _ in range(d - 1):
+            at = graph.add_child(at, WILDCARD)
+        leaf = graph.add_child(at, token)
+        graph.nodes[leaf].end = 1.0  # a placeholder, so matching reaches the leaf
+        values, hits = [], []
+        for k, s in enumerate(seqs):
+            for i in range(d, len(s)):
+                if s[i - d] == token and graph.match_end(s, i, exclude=int(rows[k])) == leaf:
+                    values.append(float(acts[rows[k], i]))
+                    hits.append((k, i))
+        value = None
+        if len(values) >= min_count:
+            value = float(np.quantile(values, q)) if q is not None else float(np.mean(values))
+            now = value >= thr
+            gain = sum(int(now == fires[rows[k], i]) - int((before[(k, i)] >= thr) == fires[rows[k], i]) for k, i in hits)
+        if value is None or gain < min_count:  # undo: the leaf, then wildcards that lead to no END
+            graph.nodes[leaf].end = None
+            _drop_dead_context_branches(graph)
+            continue
+        graph.nodes[leaf].end = value
+        graph.nodes[leaf].end_values = [value] * len(values)
+        kept.append((d, token))
+        _drop_said_by_rule(graph, d, token, value >= thr)
+    return kept
+
+
+def _drop_said_by_rule(graph: NeuronGraph, d: int, token: int, fires: bool) -> None:
+    """Remove exact activators' leaf branches "token, d back" whose firing decision the new context
+    rule makes anyway, so their tokens now count at the rule (one rule instead of a branch per token)."""
+    drop = set()
+    for key, at in graph.nodes[0].children.items():
+        if key == WILDCARD:
+            continue
+        for _ in range(d - 1):
+            at = graph.nodes[at].children.get(WILDCARD)
+            if at is None:
+                break
+        if at is None:
+            continue
+        leaf = graph.nodes[at].children.get(token)
+        if leaf is not None and not graph.nodes[leaf].children and graph.nodes[leaf].end is not None \
+                and (graph.nodes[leaf].end >= graph.fire_threshold) == fires:
+            del graph.nodes[at].children[token]
+            drop.add(leaf)
+    if drop:
+        graph.compact(set(range(len(graph.nodes))) - drop)
+
+
+def _drop_dead_context_branches(graph: NeuronGraph) -> None:
+    """Remove the nodes below the wildcard activator (and it) that lead to no END."""
+    wild = graph.nodes[0].children.get(WILDCARD)
+    if wild is None:
+        return
+    below = {wild}
+    for idx in range(wild, len(graph.nodes)):  # children have larger indices than their parent
+        if idx in below:
+            below.update(graph.nodes[idx].children.values())
+    live = set()
+    for idx in sorted(below, reverse=True):
+        nd = graph.nodes[idx]
+        if nd.end is not None or any(c in live for c in nd.children.values()):
+            live.add(idx)
+    if len(live) < len(below):
+        graph.compact(set(range(len(graph.nodes))) - (below - live))
+
+
+__all__ = ["Grower", "prune_unchanged", "add_context_activators", "WILDCARD"]

@@ -220,3 +220,52 @@ def test_a_proposed_wildcard_is_split_where_the_token_it_stands_for_decides():
     assert split.end is not None and split.end < 0.5
     without = n2g.distill(near_unless, data, grow_gaps=False)
     assert heldout_f1(without, near_unless, NEAR_UNLESS).f1 < 0.95
+
+
+def after_nine(x):  # any token right after token 9 fires (a rule with no activating token of its own)
+    return (shifted(x, 1) == 9).float()
+
+
+def pair_after_set(x):  # tokens 200-204 fire after 9, 10 or 11; other tokens after them do not
+    prev = shifted(x, 1)
+    return (((x >= 200) & (x < 205)) & ((prev == 9) | (prev == 10) | (prev == 11))).float()
+
+
+PAIRS = [[p, t] for p in (9, 10, 11) for t in range(200, 205)] + [[t] for t in range(200, 205)]
+
+
+def test_any_token_after_a_context_token_is_a_context_activator(tmp_path):
+    from n2g.explain import summary_text
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    data = text(1, [[9]], n=240, rate=0.3)  # whatever follows 9 is random noise
+    model = n2g.distill(after_nine, data)
+    assert model.config.context_activators
+    scores = heldout_f1(model, after_nine, [[9]])
+    assert scores.n_firing > 30 and scores.f1 == 1.0, scores
+    g = model.graph_
+    rule = g.nodes[g.nodes[0].children[WILDCARD]]  # "[*]": the wildcard activator
+    assert set(rule.children) == {9} and g.nodes[rule.children[9]].end >= 0.5
+    assert g.stats()["activator"] == 1  # one rule, not a branch per token seen after 9
+    assert model.predict_normalised(torch.tensor([[9, 99]]))[0, 1] == pytest.approx(1.0)  # a token never seen after 9
+    assert model.predict_normalised(torch.tensor([[50, 99]]))[0, 1] == 0.0
+    loaded = NeuronGraph.load(g.save(tmp_path / "graph.json"))
+    for row in text(5, [[9]], n=10).tolist():
+        np.testing.assert_array_equal(loaded.predict_sequence(row), g.predict_sequence(row))
+    assert "9 [*]" in g.describe()
+    result = NeuronResult(neuron=NeuronId(0, 1), status="fitted",
+                          stats=NeuronStats(max_activation=1.0, quantiles={}, firing_rate=0.01, n_sampled_tokens=100),
+                          scores={}, examples=[], promoted=[], suppressed=[], graph_stats={}, seconds=1.0)
+    assert "fires on any token (1.00)" in summary_text(result, g.to_networkx())
+    # Without the rule the graph can only list the tokens it saw after 9.
+    without = n2g.distill(after_nine, data, context_activators=False)
+    assert heldout_f1(without, after_nine, [[9]]).f1 < 0.7
+
+
+def test_a_context_rule_that_holds_only_for_some_tokens_stays_with_them():
+    # After 9 only tokens 200-204 fire; a rare other token after 9 (where patterns meet) does not:
+    # "any token after 9" would be wrong there, so the exact activators stay.
+    model = n2g.distill(pair_after_set, text(1, PAIRS, n=240, rate=0.3))
+    assert WILDCARD not in model.graph_.nodes[0].children
+    scores = heldout_f1(model, pair_after_set, PAIRS)
+    assert scores.n_firing > 100 and scores.f1 == 1.0, scores
