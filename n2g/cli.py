@@ -403,10 +403,11 @@ def _serve(args) -> int:
             raise N2GError(f"no viewer in {args.run_dir}; run `n2g report {args.run_dir}` first")
         try:
             sae = (json.loads((Path(args.run_dir) / "run.json").read_text(encoding="utf-8")).get("model") or {}).get("sae")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             sae = None
         if sae:  # the model alone would show MLP neurons' activations under the latents' names
-            raise N2GError(f"{args.run_dir} holds SAE latents ({sae.get('hook_name')}); serve it without --model "
+            hook = sae.get("hook_name") if isinstance(sae, dict) else sae
+            raise N2GError(f"{args.run_dir} holds SAE latents ({hook}); serve it without --model "
                            "(try-your-own-text then shows the graphs' predictions)")
 
         model = load_model(args.model, device=args.device)

@@ -11,6 +11,7 @@ DiGraph for saving (versioned node-link JSON), rendering and search.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -545,6 +546,8 @@ class NeuronGraph:
             if g.nodes[name]["kind"] == "end":
                 owner = graph.nodes[index[next(iter(g.predecessors(name)))]]
                 owner.end = float(g.nodes[name]["activation"])
+                if not math.isfinite(owner.end):
+                    raise ValueError(f"END activation {owner.end} is not a finite number")
                 owner.end_values = [owner.end] * int(g.nodes[name]["count"])
         return graph
 
@@ -579,8 +582,12 @@ class NeuronGraph:
         try:
             with open(path, encoding="utf-8") as f:
                 return cls.from_dict(json.load(f))
-        except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
-            raise N2GError(f"cannot read graph {path}: {exc}; re-run n2g to regenerate it") from exc
+        except N2GError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError,
+                IndexError, nx.NetworkXError) as exc:  # a damaged or hand-made file: one line, no traceback
+            raise N2GError(f"cannot read graph {path}: {type(exc).__name__}: {str(exc)[:200]}; "
+                           "re-run n2g to regenerate it") from None
 
     def paths(self) -> list[dict]:
         """Every path that ends in an END, strongest (END value x count) first; see :func:`n2g.render.graph_paths`."""

@@ -51,7 +51,7 @@ def load_graph_json(path: str | os.PathLike) -> nx.DiGraph:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise N2GError(f"graph file {path} does not exist; run `n2g run` to create it") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to decode
         raise N2GError(f"cannot read graph file {path} ({e}); delete it and rerun `n2g run`") from None
     if not isinstance(d, dict) or d.get("kind") != GRAPH_KIND or "graph" not in d:
         raise N2GError(f"{path} is not an n2g graph file (kind={d.get('kind') if isinstance(d, dict) else None!r})")
@@ -381,7 +381,9 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
         # tooltip text is built from numbers only, never from token text
         attrs["tooltip"] = _dot_quote(tip)
         attrs["label"] = f"<{label}{_value_line(value, white) if value else ''}>" if label else '""'
-        attrs["class"] = f'"{kind}{" end" if ends else ""}"'
+        # the node's kind is text from graph.json: only the kinds n2g draws become a class, never raw text in DOT
+        css = kind if kind in ("activator", "wildcard") else "context"
+        attrs["class"] = f'"{css}{" end" if ends else ""}"'
         body = ", ".join(f"{k}={v}" for k, v in attrs.items())
         node_lines.append(f"  {ids[n]} [{body}];")
     if summary:

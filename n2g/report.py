@@ -134,8 +134,14 @@ def _run_info(run_dir: Path) -> dict:
     try:
         d = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
         return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
+
+
+def _fields(record, names: tuple[str, ...]) -> dict:
+    """``names`` of a ``run.json`` section, each present (None where the section lacks it, or is not an object)."""
+    record = record if isinstance(record, dict) else {}
+    return {k: record.get(k) for k in names}
 
 
 def _control(run_dir: Path) -> dict | None:
@@ -151,7 +157,7 @@ def _control(run_dir: Path) -> dict | None:
     methods = [m for m in METHODS if m in present]
     layers = sorted({r.neuron.layer for r in results})
     rows = [_summary(layer, [r for r in results if r.neuron.layer == layer], methods) for layer in layers]
-    return {"model": (_run_info(folder).get("model") or {}).get("spec"), "methods": methods,
+    return {"model": _fields(_run_info(folder).get("model"), ("spec",))["spec"], "methods": methods,
             "layers": rows + [_summary("all", results, methods)]}
 
 
@@ -254,9 +260,13 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
 
 def fmt(value, digits: int = 3) -> str:
     """A metric for display: 3 decimals, or an em dash when undefined."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if value is None or isinstance(value, (str, bytes)):
         return "—"
-    return f"{value:.{digits}f}"
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):  # not a number (a damaged file), or an int too large
+        return "—"
+    return f"{v:.{digits}f}" if math.isfinite(v) else "—"
 
 
 def f1_text(f1, status) -> str:
@@ -296,7 +306,8 @@ def report_html(rep: dict, plots: list[tuple[str, str]]) -> str:
     run = rep.get("run", {})
     return render_page(
         "report.html", css=Markup(CSS), rep=rep, title=f"n2g validation report: {run.get('name') or 'run'}",
-        model=run.get("model") or {}, corpus=run.get("corpus") or {}, part=run.get("partition") or {},
+        model=_fields(run.get("model"), ("spec", "architecture")), corpus=_fields(run.get("corpus"), ("source",)),
+        part=_fields(run.get("partition"), ("training_excerpts", "held_out_excerpts")) if run.get("partition") else {},
         run_name=run.get("name") or "RUN", o=rep["overall"], rows=rep["layers"] + [rep["overall"]],
         methods=rep["methods"], method_names=METHOD_NAMES, groups=GROUPS, plots=plots,
         by_key={n["key"]: n for n in rep["neurons"]}, href=neuron_href,
@@ -336,7 +347,11 @@ def render_missing_graphs(run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     want = ("dot", "svg", "png") if dot_available() else ("dot",)
     jobs = []
+    root = run_dir.resolve()
     for gpath in sorted(run_dir.glob("neurons/*/graph.json")):
+        if not gpath.parent.resolve().is_relative_to(root):  # a linked folder: never write outside the run
+            log.warning("not rendering %s: its folder is a link that leads out of the run", gpath)
+            continue
         made = gpath.stat().st_mtime
         outs = [gpath.parent / f"graph.{f}" for f in want]
         # missing, or older than a graph that was refitted since

@@ -84,7 +84,7 @@ def result_problem(r: NeuronResult) -> str | None:
     if not isinstance(r.status, str):
         return "status is not text"
     st = r.stats
-    if not (is_finite_number(st.max_activation) and is_finite_number(st.firing_rate)
+    if not (is_finite_number(st.max_activation) and is_finite_number(st.firing_rate) and 0 <= st.firing_rate <= 1
             and isinstance(st.n_sampled_tokens, int) and isinstance(st.quantiles, dict)
             and all(_number_or_none(v) for v in st.quantiles.values())):
         return "stats has a field of the wrong type"
@@ -181,8 +181,11 @@ def scan_results(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, b
     skipped; re-running the same ``n2g run`` command redoes that neuron.
     """
     found = []
+    root = Path(run_dir).resolve()
     for path in sorted(Path(run_dir, "neurons").glob("*/result.json")):
         try:
+            if not path.resolve().is_relative_to(root):
+                raise ValueError("it is a link that leads out of the run directory")
             data = path.read_bytes()
             signature = hashlib.blake2b(data, digest_size=16).digest()
             cached = _loaded.get(str(path))
@@ -302,7 +305,43 @@ def _connect(run_dir: str | os.PathLike) -> sqlite3.Connection:
                            f"rebuilt here ({exc.strerror or exc}); run `n2g report {run_dir} --out COPY`") from None
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         con.row_factory = sqlite3.Row
+    try:
+        _check_types(con, path)
+    except sqlite3.DatabaseError:
+        con.close()
+        raise  # as damaged as a file sqlite cannot read: the caller rebuilds it or says how to
     return con
+
+
+_BIG = 1.7976931348623157e308
+_BAD_ROWS = (
+    "SELECT 'tokens' FROM tokens WHERE typeof(token) != 'text' OR typeof(folded) != 'text' OR typeof(key) != 'text'"
+    " OR typeof(role) != 'text' OR role NOT IN ('activator', 'context') OR typeof(token_id) NOT IN ('integer', 'null')"
+    f" OR typeof(weight) NOT IN ('real', 'integer', 'null') OR abs(weight) > {_BIG!r}"
+    " UNION ALL SELECT 'neurons' FROM neurons WHERE typeof(key) != 'text' OR typeof(layer) != 'integer'"
+    " OR typeof(idx) != 'integer' OR typeof(sign) != 'text' OR typeof(f1) NOT IN ('real', 'integer', 'null')"
+    f" OR abs(f1) > {_BIG!r} LIMIT 1"
+)
+"""A row of a type no index n2g writes holds (text where a number belongs, an infinite weight):
+the file was damaged or made by hand."""
+_checked: dict[str, tuple] = {}
+
+
+def _check_types(con: sqlite3.Connection, path: Path) -> None:
+    """sqlite3.DatabaseError when a row of the index has a value of the wrong type (checked once per
+    process and version of the file): search results go out as JSON and into sorted tables."""
+    try:
+        st = path.stat()
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        version = None
+    if version is not None and _checked.get(str(path)) == version:
+        return
+    bad = con.execute(_BAD_ROWS).fetchone()
+    if bad is not None:
+        raise sqlite3.DatabaseError(f"the {bad[0]} table holds a value of the wrong type")
+    if version is not None:
+        _checked[str(path)] = version
 
 
 MATCHES = ("exact", "case-insensitive", "prefix", "substring")

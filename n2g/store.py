@@ -54,13 +54,15 @@ class RunStore:
         if path.exists():
             try:
                 existing = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise N2GError(f"{path} is unreadable ({exc}); delete it or choose another --out") from exc
-            if existing.get("kind") != RUN_KIND:
+            except (OSError, ValueError, RecursionError) as exc:
+                raise N2GError(f"{path} is unreadable ({exc}); delete it or choose another --out") from None
+            if not isinstance(existing, dict) or existing.get("kind") != RUN_KIND:
                 raise N2GError(f"{self.root} is not an n2g run directory; choose another --out")
-            if existing.get("identity") != json.loads(json.dumps(identity)):
-                diff = sorted(k for k in set(identity) | set(existing.get("identity", {}))
-                              if existing.get("identity", {}).get(k) != json.loads(json.dumps(identity.get(k))))
+            theirs = existing.get("identity")
+            if theirs != json.loads(json.dumps(identity)):
+                theirs = theirs if isinstance(theirs, dict) else {}
+                diff = sorted(str(k) for k in set(identity) | set(theirs)
+                              if theirs.get(k) != json.loads(json.dumps(identity.get(k))))
                 raise N2GError(
                     f"{self.root} holds a run made with a different {', '.join(diff)}; "
                     "choose another --out (or delete that directory) instead of mixing results"
@@ -101,6 +103,9 @@ class RunStore:
     def save(self, result: NeuronResult, graph: NeuronGraph | None) -> None:
         """Write the graph, then the result (the result's presence marks the neuron done)."""
         folder = self.neuron_dir(result.neuron)
+        if not folder.resolve().is_relative_to(self.root.resolve()):  # neurons/ or its folder links out
+            raise N2GError(f"{folder} is a link that leads out of the run directory; remove it (or choose "
+                           "another --out) and re-run the same command")
         try:
             if graph is not None:
                 graph.save(folder / "graph.json")

@@ -10,7 +10,10 @@ similar neurons. Links are relative, so the pages open from disk; ``serve`` adds
 activation when started with a model) and serves the run's pages and graphs: regular files of the
 types the pages link to, resolved inside the run directory (no symlink leads out, no listing, no
 dot files or temporaries), with a Content-Security-Policy header that allows no script but each
-page's own fixed one. Pages come from jinja2 templates with autoescaping (:mod:`n2g.pages`), so
+page's own fixed one; bound to loopback, it answers only requests addressed to this machine (a
+page elsewhere cannot reach it by rebinding its own name to 127.0.0.1). A run's ``graph.svg`` is
+inlined only as rebuilt from the elements Graphviz draws with (:func:`safe_svg`), and nothing is
+written through a link that leads out of the run. Pages come from jinja2 templates with autoescaping (:mod:`n2g.pages`), so
 corpus text is escaped wherever it lands; scripts are fixed text, allowed by a per-page CSP nonce
 (and by hash when served), and read data from the DOM or the API, never from strings spliced
 into code.
@@ -148,15 +151,101 @@ def _token_cells(ex: Example, values: list[float] | None, what: str, threshold: 
     return Markup("".join(out))
 
 
+def _peak(e: Example) -> float | None:
+    """An excerpt's largest true activation; a value saved as null (it was not finite) does not count."""
+    return max((v for v in e.activations if v is not None), default=None)
+
+
 def _excerpt_section(exs: list[Example], section_id: str, what: str, threshold: float, max_raw: float) -> dict:
     rows = []
     for e in exs:
-        peak = max(e.activations) if e.activations else None
+        peak = _peak(e)
         rows.append({"source": e.source, "excerpt": e.excerpt_index, "max": peak,
                      "max_raw": None if peak is None else peak * max_raw,
                      "true": _token_cells(e, e.activations, "true", threshold),
                      "pred": _token_cells(e, e.predicted, "predicted", threshold)})
     return {"id": section_id, "what": what, "rows": rows}
+
+
+_SVG_NS = "{http://www.w3.org/2000/svg}"
+_XLINK_TITLE = "{http://www.w3.org/1999/xlink}title"
+_XML_SPACE = "{http://www.w3.org/XML/1998/namespace}space"
+_SVG_TAGS = frozenset({"svg", "g", "title", "desc", "polygon", "polyline", "path", "ellipse", "circle", "rect", "line",
+                       "text", "tspan", "a", "defs", "linearGradient", "radialGradient", "stop"})
+"""The SVG elements Graphviz draws a graph with; anything else in a ``graph.svg`` (a script, an
+image, ``foreignObject``, animation) is dropped with everything inside it before the SVG is inlined."""
+_SVG_ATTRS = frozenset({
+    "class", "width", "height", "viewBox", "transform", "points", "d", "x", "y", "dx", "dy", "cx", "cy", "r", "rx",
+    "ry", "x1", "y1", "x2", "y2", "fill", "fill-opacity", "stroke", "stroke-width", "stroke-dasharray",
+    "stroke-opacity", "stroke-linecap", "stroke-linejoin", "opacity", "font-family", "font-size", "font-weight",
+    "font-style", "font-variant", "text-anchor", "text-decoration", "baseline-shift", "dominant-baseline", "offset",
+    "stop-color", "stop-opacity", "gradientUnits", "gradientTransform", "preserveAspectRatio"})
+"""Presentation attributes kept on those elements (no event handler, link, style or script)."""
+_SVG_ID = re.compile(r"(?:graph|node|edge|clust|a_graph|a_node|a_edge|a_clust|[lr]_)[0-9]{1,9}")
+_SVG_URL = re.compile(r"url\(\s*#[A-Za-z0-9_.:-]+\s*\)")
+MAX_SVG_BYTES = 16 << 20
+"""A ``graph.svg`` larger than this is not inlined (the page draws the graph from graph.json instead)."""
+
+
+def safe_svg(text: str) -> str | None:
+    """A Graphviz SVG rebuilt from what Graphviz draws with, fit to inline in a page; None if it is not one.
+
+    The file comes from the run directory, which may not be the user's own: its elements and
+    attributes are filtered to :data:`_SVG_TAGS` and :data:`_SVG_ATTRS` (ids only in Graphviz's own
+    form, ``url()`` only to a fragment of the same SVG), and every text and value is escaped again.
+    """
+    import xml.etree.ElementTree as ET
+
+    start = text.find("<svg")
+    if start < 0:
+        return None
+    try:
+        root = ET.fromstring(text[start:])
+    except (ET.ParseError, ValueError, RecursionError):
+        return None
+    if root.tag != _SVG_NS + "svg":
+        return None
+    out: list[str] = []
+
+    def attr(name: str, value: str) -> str | None:
+        if "\\" in value or "url(" in re.sub(r"\s+", "", _SVG_URL.sub("", value)).lower():
+            return None  # a reference out of the SVG (an external resource), or a CSS escape that could spell one
+        if name == "id":
+            return "id" if _SVG_ID.fullmatch(value) else None  # no id of the page's own elements
+        if name == _XLINK_TITLE:
+            return "xlink:title"
+        if name == _XML_SPACE:
+            return "xml:space"
+        return name if name in _SVG_ATTRS else None
+
+    def walk(el, depth: int) -> None:
+        tag = el.tag if isinstance(el.tag, str) else ""
+        name = tag[len(_SVG_NS):] if tag.startswith(_SVG_NS) else ""
+        if name in _SVG_TAGS and depth <= 64:
+            parts = [name]
+            if depth == 0:
+                parts.append('xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink"')
+            for k, v in el.attrib.items():
+                shown = attr(k, v)
+                if shown is not None:
+                    parts.append(f'{shown}="{escape(v)}"')
+            out.append("<" + " ".join(parts) + ">")
+            out.append(str(escape(el.text or "")))
+            for child in el:
+                walk(child, depth + 1)
+            out.append(f"</{name}>")
+        out.append(str(escape(el.tail or "")) if depth else "")
+
+    walk(root, 0)
+    return "".join(out)
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` (links followed) lies inside the directory ``root``."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False
 
 
 def _graph_context(run_dir: Path, key: str):
@@ -175,16 +264,17 @@ def _graph_context(run_dir: Path, key: str):
         out["message"] = f"cannot draw the graph: {e}"
         return out, None
     try:
+        svg = None
         svg_file = folder / "graph.svg"
-        if svg_file.exists():
-            svg = svg_file.read_text(encoding="utf-8")
-            svg = svg[svg.find("<svg"):] if "<svg" in svg else ""
-        elif dot_available():
-            svg = svg_of(G, title=key)
-        else:
-            svg = ""
+        try:
+            if svg_file.is_file() and _inside(run_dir, svg_file) and svg_file.stat().st_size <= MAX_SVG_BYTES:
+                svg = safe_svg(svg_file.read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            svg = None
+        if svg is None and dot_available():
+            svg = svg_of(G, title=key)  # drawn here from the graph's own entity-escaped labels
         if svg:
-            out["svg"] = Markup(svg)  # Graphviz output of entity-escaped labels (see n2g.render)
+            out["svg"] = Markup(svg)
         else:
             out["dot"] = to_dot(G, title=key)
     except N2GError as e:
@@ -194,16 +284,25 @@ def _graph_context(run_dir: Path, key: str):
 
 def _histogram(h: dict, threshold: float) -> dict | None:
     """Geometry of the activation histogram (density on a log scale) for the page's inline SVG."""
+    from n2g.render import is_finite_number
+
     edges, counts = h.get("edges") or [], h.get("counts") or []
+    if not (isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1
+            and all(map(is_finite_number, edges)) and all(isinstance(c, int) and c >= 0 for c in counts)):
+        return None  # not a histogram n2g wrote (result_problem names such a file)
+    edges = [float(e) for e in edges]
     n = sum(counts)
-    if len(edges) != len(counts) + 1 or not n:
-        return None
-    width, height, left, top, bottom = 640, 200, 52, 8, 30
-    plot_w, plot_h = width - left - 10, height - top - bottom
     lo, hi = edges[0], edges[-1]
     span = (hi - lo) or 1.0
+    if not n or not math.isfinite(span) or any(b < a for a, b in zip(edges, edges[1:])):
+        return None  # empty, or edges no drawing can hold (overflowing or out of order)
+    width, height, left, top, bottom = 640, 200, 52, 8, 30
+    plot_w, plot_h = width - left - 10, height - top - bottom
+    # a bin's density underflows to 0 when it is tiny against the total: such a bar is not drawn
     dens = [c / n / max(edges[i + 1] - edges[i], 1e-12) for i, c in enumerate(counts)]
     nz = [d for d in dens if d > 0]
+    if not nz:
+        return None
     dmin, dmax = math.floor(math.log10(min(nz))), math.ceil(math.log10(max(nz)))
     if dmax == dmin:
         dmax += 1
@@ -211,7 +310,7 @@ def _histogram(h: dict, threshold: float) -> dict | None:
     xpix = lambda v: left + plot_w * (v - lo) / span
     bars = []
     for i, (c, d) in enumerate(zip(counts, dens)):
-        if not c:
+        if not c or not d > 0:
             continue
         x0, x1, y = xpix(edges[i]), xpix(edges[i + 1]), ypix(d)
         fires = edges[i] >= threshold
@@ -254,7 +353,7 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, non
         sims = []
     # the strongest held-out excerpts first; the rest (and the random ones) one click away
     tests = sorted((e for e in result.examples if e.split == "test"),
-                   key=lambda e: (e.source != "top", -max(e.activations, default=0.0)))
+                   key=lambda e: (e.source != "top", -(_peak(e) or 0.0)))
     bands = []
     for b in (result.histogram or {}).get("bands", []):
         q_lo, q_hi = b.get("q_lo"), b.get("q_hi")
@@ -276,10 +375,28 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, non
         graph=graph, paths=[{**p, "text": path_text(p)} for p in paths], summarised=len(paths) > MAX_DRAWN_PATHS,
         drawn=MAX_DRAWN_PATHS, scores=scores, firing_rate=st.firing_rate, n_sampled=st.n_sampled_tokens,
         hist=_histogram(result.histogram or {}, threshold), quantiles=quantiles, bands=bands,
-        promoted=result.promoted, suppressed=result.suppressed, ablation=result.ablation or None,
-        steering=result.steering or None,
+        promoted=result.promoted, suppressed=result.suppressed, ablation=_fields_of(result.ablation, _ABLATION_FIELDS),
+        steering=_fields_of(result.steering, _STEERING_FIELDS),
         similar=[(k, page_name(k), j) for k, j in sims],
     )
+
+
+_ABLATION_FIELDS = {"n_excerpts": None, "n_tokens": None, "ce_clean": None, "ce_increase": {}, "kl": {},
+                    "recovered": None, "status": None}
+_STEERING_FIELDS = {"scale": None, "value": None, "kl": None, "promoted_overlap": None, "prompt": "",
+                    "gainers": [], "losers": [], "before": "", "after": ""}
+
+
+def _fields_of(record: dict, fields: dict) -> dict | None:
+    """The fields a page shows of a stored ablation or steering record, each present (a record of
+    another version, or a damaged one, may lack some: the page shows them as missing)."""
+    if not record or not isinstance(record, dict):
+        return None
+    out = {}
+    for k, default in fields.items():
+        v = record.get(k, default)
+        out[k] = v if v is not None or default is None else default
+    return out
 
 
 def _isnum(s: str) -> bool:
@@ -448,6 +565,10 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
     if not (run_dir / INDEX_NAME).exists():
         build_index(run_dir)
     pages = run_dir / "viewer" / "neurons"
+    for folder in (pages.parent, pages):
+        if (folder.is_symlink() or folder.exists()) and not (folder.is_dir() and _inside(run_dir, folder)):
+            raise N2GError(f"{folder} is not a directory of the run (a link out of it, or a file); "
+                           f"remove it and run `n2g report {run_dir}` again")
     pages.mkdir(parents=True, exist_ok=True)
     items = [(str(folder), signature) for folder, _, signature in found]
     workers = min(os.cpu_count() or 1, len(items) // PAGES_PER_WORKER)
@@ -558,6 +679,18 @@ def _mtime(path: Path) -> int:
         return 0
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _hidden(name: str) -> bool:
     # dot files (the temporaries of atomic writes among them) and leftover temporaries are never served
     return name.startswith(".") or name.endswith(".tmp")
@@ -651,7 +784,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(404, "not found")
         if real.is_dir():
             if (real / "index.html").is_file():
-                raise _Refused(302, "/" + "/".join([*parts, "index.html"]))
+                raise _Refused(302, quote("/" + "/".join([*parts, "index.html"]), safe="/"))
             raise _Refused(404, "not found")  # never a directory listing
         if _hidden(real.name) or real.suffix.lower() not in SERVED_TYPES or target.suffix.lower() not in SERVED_TYPES:
             raise _Refused(404, "not found")
@@ -695,9 +828,13 @@ class _Handler(BaseHTTPRequestHandler):
             result = NeuronResult.from_dict(json.loads(rpath.read_text(encoding="utf-8")))
             if result_problem(result):
                 raise ValueError(result_problem(result))
-        except (OSError, ValueError, KeyError, TypeError):
+        except Exception:  # any damage (wrong types, a JSON list, nesting too deep): no result
             raise _Refused(404, f"no readable result for neuron {key} in this run") from None
-        graph = NeuronGraph.load(gpath) if gpath.exists() else None
+        try:
+            graph = NeuronGraph.load(gpath) if gpath.exists() else None
+        except Exception:  # N2GError, or whatever else a damaged file provokes in the loader
+            raise _Refused(404, f"the graph of neuron {key} cannot be read; run `n2g report` to see which "
+                                "files are damaged, and re-run `n2g run` to redo them") from None
         self.cache[key] = (stamp, result, graph)
         return result, graph
 
@@ -727,7 +864,10 @@ class _Handler(BaseHTTPRequestHandler):
                            "start the server with --model for the model's tokenizer)")
                 if not ids:
                     raise _Refused(400, "the text has no tokens; type some text to predict on")
-                pred = graph.predict_sequence(ids) if graph is not None else np.zeros(len(ids), np.float32)
+                try:
+                    pred = graph.predict_sequence(ids) if graph is not None else np.zeros(len(ids), np.float32)
+                except Exception:  # a damaged graph.json whose values the loader let through
+                    raise _Refused(500, f"the graph of neuron {key} is damaged; re-run `n2g run` to redo it") from None
                 true = None
                 scale = result.stats.max_activation
                 if model is not None and scale > 0:
@@ -767,8 +907,22 @@ class _Handler(BaseHTTPRequestHandler):
             if not head:
                 shutil.copyfileobj(f, self.wfile)
 
+    def _host_refused(self) -> bool:
+        """Whether the request names a host other than this machine while the server listens on loopback
+        only: a web page that points its own name at 127.0.0.1 (DNS rebinding) must not read the run."""
+        host = self.headers.get("Host")
+        if host is None or not _is_loopback(self.server.server_address[0]):
+            return False  # no browser sends no Host; a server on another address was opened on purpose
+        host = host.strip().lower()
+        name = host[1:host.find("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        return not _is_loopback(name.rstrip("."))
+
     def _get(self, head: bool) -> None:
         self._csp = None
+        if self._host_refused():
+            self.send_error(403, "this server answers only requests addressed to this machine "
+                                 "(open it at the address `n2g serve` prints)")
+            return
         try:
             url = urlsplit(self.path)
             path = unquote(url.path, errors="strict")

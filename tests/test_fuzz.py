@@ -169,3 +169,65 @@ def test_result_loader_skips_damage_and_pages_render_what_it_keeps(scratch, reco
     (folder / "result.json").write_text(json.dumps(record))
     for _, result in iter_results(scratch / "run"):
         assert neuron_page(scratch / "run", result).startswith("<!DOCTYPE html>")
+
+
+# ---------------------------------------------------------------------------------------------
+# one field of a whole, real result replaced: the result is skipped as damaged, or its page renders
+
+
+def _real_result() -> dict:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers_run import make_run
+
+    with tempfile.TemporaryDirectory() as d:
+        run = make_run(Path(d))
+        rec = json.loads((run / "neurons" / "L0.N1" / "result.json").read_text())
+    rec["histogram"] = {"edges": [0.0, 0.5, 1.0], "counts": [5, 2], "n_tokens": 7,
+                        "bands": [{"lo": 0.0, "hi": 1.0, "n_excerpts": 2, "q_lo": 0.0, "q_hi": 1.0}]}
+    rec["band_examples"] = [dict(rec["examples"][0], source="band 0-1", split="band")]
+    rec["ablation"] = {"n_excerpts": 2, "n_tokens": 9, "ce_clean": 1.0, "ce_increase": {"graph": 0.1, "zero": 0.2},
+                       "kl": {"graph": 0.1}, "recovered": 0.5, "status": "ok"}
+    rec["steering"] = {"scale": 4, "value": 1.0, "kl": 0.1, "promoted_overlap": 1, "prompt": "p",
+                       "gainers": [["a", 0.1, 0.2]], "losers": [], "before": "x", "after": "y"}
+    return rec
+
+
+def _paths(value, prefix=()):
+    out = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:2]):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+REAL_RESULT = _real_result()
+extreme_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.sampled_from([10**400, -(10**400), 1e308, -1e308, 0.0, -0.0])
+    | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["lo", "hi", "n_excerpts", "q_lo", "q_hi", "edges", "counts", "graph"]) | st.text(max_size=3),
+        inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(st.sampled_from(_paths(REAL_RESULT)), extreme_values)
+def test_one_damaged_field_of_a_real_result_is_skipped_or_rendered(scratch, where, value):
+    import copy
+
+    record = copy.deepcopy(REAL_RESULT)
+    holder = record
+    for k in where[:-1]:
+        holder = holder[k]
+    holder[where[-1]] = value
+    folder = scratch / "one" / "neurons" / "L0.N1"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(record))
+    for _, result in iter_results(scratch / "one"):
+        assert neuron_page(scratch / "one", result).startswith("<!DOCTYPE html>")

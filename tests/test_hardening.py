@@ -29,6 +29,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -715,3 +716,277 @@ def test_missing_index_that_cannot_be_built_gives_a_json_error(run, monkeypatch)
         status, headers, body = get(port, "/api/search?token=Paris")
         assert status == 503 and "n2g report" in json.loads(body)["error"]
         assert get(port, "/report.html")[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# remaining holes: what a run directory from someone else (or a damaged one) can hold
+
+
+def _edit_result(run: Path, key: str, change) -> None:
+    path = run / "neurons" / key / "result.json"
+    d = json.loads(path.read_text())
+    change(d)
+    path.write_text(json.dumps(d))
+
+
+def test_planted_markup_in_graph_svg_never_reaches_the_neuron_page(run, capsys):
+    svg = run / "neurons" / "L0.N1" / "graph.svg"
+    planted = ('<script>alert(1)</script><foreignObject><div>FOREIGN</div><meta http-equiv="refresh" '
+               'content="0;url=https://evil.example/"/></foreignObject><style>body{display:none}</style>'
+               '<a xlink:href="javascript:alert(2)"><text x="1" y="1" onclick="alert(3)">LINKED</text></a>'
+               '<image href="https://evil.example/x.png"/><g id="try-form" style="x"><path d="M0 0" '
+               'fill="url(https://evil.example/#p)" stroke="\\75 rl(x)"/></g></svg>')
+    svg.write_text(svg.read_text().replace("</svg>", planted))
+    code, _, err = main(["report", run], capsys)
+    assert code == 0, err
+    page = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    drawn = page[page.index('<div class="graph" id="graph">'):page.index("<h2>Try your own text")]
+    for bad in ("<script", "alert(", "foreignObject", "FOREIGN", "http-equiv", "evil.example", "<style", "onclick",
+                "javascript:", "<image", 'id="try-form"', "style=", "\\75"):
+        assert bad not in drawn, bad
+    assert page.count('id="try-form"') == 1 and page.count("<script") == 1
+    assert "LINKED" in drawn  # the drawing itself is kept: texts, shapes, classes, tooltips
+    assert 'class="node activator' in drawn and "xlink:title=" in drawn and "<polygon" in drawn
+
+
+def test_graph_svg_that_is_not_one_is_drawn_from_the_graph_instead(run, capsys):
+    svg = run / "neurons" / "L0.N1" / "graph.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script')  # not even XML
+    os.utime(svg, (time.time() + 60, time.time() + 60))  # newer than graph.json: the report keeps it
+    code, _, err = main(["report", run], capsys)
+    assert code == 0, err
+    page = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    assert "alert(1)" not in page and page.count("<script") == 1
+    assert ('<div class="graph" id="graph"><svg' in page) or ('id="graph-dot"' in page)
+
+
+def test_a_node_kind_cannot_add_attributes_to_the_drawing(tmp_path):
+    from n2g.render import render, to_dot
+
+    G = load_graph_json(make_run(tmp_path) / "neurons" / "L0.N1" / "graph.json")
+    node = next(n for n, a in G.nodes(data=True) if a.get("kind") == "activator")
+    G.nodes[node]["kind"] = 'context" URL="javascript:alert(1)" target="_top'
+    dot = to_dot(G)
+    assert "javascript" not in dot and "URL=" not in dot
+    if shutil.which("dot"):
+        paths = render(G, tmp_path / "graph", formats=("svg",))
+        assert "javascript" not in paths[-1].read_text()
+
+
+@pytest.mark.parametrize("histogram, bars", [
+    ({"edges": [-1e308, 1e308], "counts": [1], "bands": []}, 0),  # a bin too wide for a float
+    ({"edges": [0.0, 0.5, 1.0], "counts": [1, 10**400], "bands": []}, 1),  # a density that underflows to 0
+    ({"edges": [0.0, 1.0, 0.5], "counts": [3, 3], "bands": []}, 0),  # edges out of order
+])
+def test_histogram_no_drawing_can_hold_is_left_out_of_the_page(histogram, bars, run, capsys):
+    _edit_result(run, "L0.N1", lambda d: d.update(histogram=histogram))
+    code, _, err = main(["report", run], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    page = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    assert page.count('<rect class="bar"') == bars
+    assert ('id="histogram"' in page) == bool(bars) and ("no histogram stored" in page) == (not bars)
+
+
+def test_ablation_and_steering_records_with_missing_or_odd_fields_render(run, capsys):
+    def change(d):
+        d["ablation"] = {"ce_clean": 1.0, "recovered": 0.5, "ce_increase": {"graph": 0.1}, "kl": {}}
+        d["steering"] = {"prompt": "p <b>", "before": "b", "after": "a", "gainers": [["x", 0.1, 0.2]], "losers": [],
+                         "scale": "four", "kl": [1]}
+    _edit_result(run, "L0.N1", change)
+    code, _, err = main(["report", run], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    page = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    assert 'id="ablation"' in page and 'id="steer-gainers"' in page
+    assert "clamped to — ×" in page and "p &lt;b&gt;" in page
+
+
+def test_stored_null_activations_render(run, capsys):
+    # Example.to_dict stores a non-finite activation as null; the pages must take it
+    _edit_result(run, "L0.N1", lambda d: [e.update(activations=[None] * len(e["activations"])) for e in d["examples"]])
+    code, _, err = main(["report", run], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "test-excerpts" in (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+
+
+def test_firing_rate_above_one_is_a_damaged_result(run, capsys, caplog):
+    _edit_result(run, "L0.N1", lambda d: d["stats"].update(firing_rate=1e308))
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        code, _, err = main(["report", run], capsys)
+    assert code == 0 and "Warning" not in err, err
+    assert any("L0.N1" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d.update(model="toy"), lambda d: d.update(corpus=[1]), lambda d: d.update(partition="x"),
+    lambda d: d.update(model={}, partition={"other": 1}),
+])
+def test_run_json_sections_of_another_shape_do_not_break_the_report(change, run, capsys):
+    path = run / "run.json"
+    d = json.loads(path.read_text())
+    change(d)
+    path.write_text(json.dumps(d))
+    code, _, err = main(["report", run], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "layer-table" in (run / "report.html").read_text()
+
+
+DEEP = '{"kind": "n2g.graph", "graph": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+def test_deeply_nested_json_is_a_damaged_file_not_a_crash(run, tmp_path, capsys):
+    from n2g.store import RunStore
+
+    (run / "neurons" / "L0.N1" / "graph.json").write_text(DEEP)
+    with pytest.raises(N2GError, match="cannot read graph file"):
+        load_graph_json(run / "neurons" / "L0.N1" / "graph.json")
+    code, _, err = main(["report", run], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "cannot draw the graph" in (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    for text in (DEEP, "[1, 2]"):
+        (tmp_path / "other").mkdir(exist_ok=True)
+        (tmp_path / "other" / "run.json").write_text(text)
+        with pytest.raises(N2GError):
+            RunStore(tmp_path / "other").open({"model": "x"})
+
+
+def test_report_never_writes_through_a_link_out_of_the_run(run, tmp_path, capsys):
+    outside = tmp_path / "www"
+    outside.mkdir()
+    (outside / "index.html").write_text("VICTIM")
+    shutil.rmtree(run / "viewer")
+    os.symlink(outside, run / "viewer")
+    code, _, err = main(["report", run], capsys)
+    assert code == 2 and "viewer" in one_error_line(err)
+    assert (outside / "index.html").read_text() == "VICTIM" and os.listdir(outside) == ["index.html"]
+
+
+def test_a_neuron_folder_linking_out_of_the_run_is_neither_read_nor_written(run, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(run / "neurons" / "L0.N1", elsewhere)
+    for f in ("graph.svg", "graph.png", "graph.dot"):
+        (elsewhere / f).unlink(missing_ok=True)
+    shutil.rmtree(run / "neurons" / "L0.N1")
+    os.symlink(elsewhere, run / "neurons" / "L0.N1")
+    before = snapshot(elsewhere)
+    code, _, err = main(["report", run], capsys)
+    assert code == 0, err
+    assert snapshot(elsewhere) == before  # no graph.svg/png/dot rendered into it
+    rep = json.loads((run / "report.json").read_text())
+    assert "L0.N1" not in [n["key"] for n in rep["neurons"]]
+
+
+def test_run_store_never_saves_through_a_link_out_of_the_run(tmp_path):
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+    from n2g.store import RunStore
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run" / "neurons").mkdir(parents=True)
+    os.symlink(elsewhere, tmp_path / "run" / "neurons" / "L0.N0")
+    result = NeuronResult(neuron=NeuronId(0, 0), status="dead", stats=NeuronStats(max_activation=0.0))
+    with pytest.raises(N2GError, match="leads out of the run"):
+        RunStore(tmp_path / "run").save(result, None)
+    assert os.listdir(elsewhere) == []
+
+
+def get_as(port: int, path: str, host: str):
+    con = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        con.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        con.putheader("Host", host)
+        con.endheaders()
+        r = con.getresponse()
+        return r.status, r.read()
+    finally:
+        con.close()
+
+
+def test_server_on_loopback_answers_only_requests_for_this_machine(run):
+    # a page on evil.example whose name is rebound to 127.0.0.1 (DNS rebinding) must not read the run
+    with serving(run) as port:
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "[2001:db8::1]:80"):
+            for path in ("/viewer/index.html", "/api/search?token=Paris", "/api/predict?key=L0.N1&text=x",
+                         "/run.json"):
+                status, body = get_as(port, path, host)
+                assert status == 403 and b"Paris" not in body and b"toy/model" not in body, (host, path, status)
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "127.0.0.2"):
+            assert get_as(port, "/report.html", host)[0] == 200, host
+
+
+def test_redirect_to_a_folder_with_any_name_is_percent_encoded(run):
+    folder = run / "数据 a\r\nSet-Cookie: x=1"
+    folder.mkdir()
+    (folder / "index.html").write_text("<p>hi</p>")
+    with serving(run) as port:
+        status, headers, _ = get(port, "/" + quote(folder.name))
+        assert status == 302
+        assert headers["Location"] == "/" + quote(folder.name) + "/index.html"
+        assert "Set-Cookie" not in headers
+        assert get(port, headers["Location"])[0] == 200
+
+
+@pytest.mark.parametrize("damage", ["UPDATE tokens SET weight = 'heavy'", "UPDATE tokens SET token_id = 'x'",
+                                    "UPDATE tokens SET weight = 9e999", "UPDATE neurons SET layer = 'one'",
+                                    "UPDATE neurons SET f1 = 'good'"])
+def test_search_index_with_values_of_the_wrong_type(damage, run, capsys):
+    con = sqlite3.connect(run / "index.sqlite")
+    con.execute(damage)
+    con.commit()
+    con.close()
+    code, _, err = main(["search", run, "Paris", "--json"], capsys)
+    assert code == 2 and "n2g report" in one_error_line(err)
+    with serving(run) as port:  # the server rebuilds it once and answers
+        status, _, body = get(port, "/api/search?token=Paris&role=activator")
+        assert status == 200 and [h["key"] for h in json.loads(body)["results"]] == ["L1.N4.neg", "L0.N1", "L0.N2"]
+        status, _, body = get(port, "/api/similar?key=L0.N1")
+        assert status == 200 and "error" not in json.loads(body)
+
+
+@pytest.mark.parametrize("graph", ["[1]", DEEP, '{"kind": "n2g.graph", "graph": []}'])
+def test_predict_on_a_damaged_graph_answers_json(graph, run):
+    (run / "neurons" / "L0.N1" / "graph.json").write_text(graph)
+    with serving(run) as port:
+        status, headers, body = get(port, "/api/predict?key=L0.N1&text=%20Paris")
+        assert status in (404, 500) and "re-run" in json.loads(body)["error"], body
+        assert get(port, "/api/predict?key=L1.N4.neg&text=%20Paris")[0] == 200  # and it goes on serving
+
+
+def test_serve_with_a_model_on_a_run_json_of_another_shape_is_one_line(run, capsys):
+    path = run / "run.json"
+    d = json.loads(path.read_text())
+    d["model"] = {"spec": "toy/model", "sae": "layer-3-resid"}
+    path.write_text(json.dumps(d))
+    code, _, err = main(["serve", run, "--model", "default", "--port", "0"], capsys)
+    assert code == 2 and "SAE latents (layer-3-resid)" in one_error_line(err)
+
+
+def test_damaged_graph_files_load_as_one_line_errors(tmp_path):
+    # The Python API's NeuronGraph.load, on files n2g never writes: each is an N2GError naming the
+    # file, never another exception (a list, nesting too deep, a number too large, a non-finite END).
+    import json as _json
+
+    from n2g.errors import N2GError
+    from n2g.graph import NeuronGraph
+
+    good = NeuronGraph("mean", "search")
+    good.add_path([(5, 1.0), (6, 1.0)], 0.9)
+    d = good.to_dict()
+    nan_end = _json.loads(_json.dumps(d))
+    for node in nan_end["graph"]["nodes"]:
+        if node["kind"] == "end":
+            node["activation"] = float("nan")
+    bodies = {
+        "list.json": "[1]",
+        "graph-list.json": _json.dumps({"kind": "n2g.graph", "graph": []}),
+        "deep.json": "[" * 100_000,
+        "huge-schema.json": '{"kind": "n2g.graph", "schema_version": 1e400, "graph": {}}',
+        "nan-end.json": _json.dumps(nan_end),
+    }
+    for name, body in bodies.items():
+        path = tmp_path / name
+        path.write_text(body)
+        with pytest.raises(N2GError, match="cannot read graph|not an n2g graph"):
+            NeuronGraph.load(path)
+    ok = tmp_path / "ok.json"
+    good.save(ok)
+    assert NeuronGraph.load(ok).predict_sequence([6, 5])[-1] == pytest.approx(0.9)
