@@ -135,6 +135,9 @@ class DistillConfig:
     out from the typical token's are added as activators holding that (sub-threshold, possibly
     negative) mean, those that explain most variance first: firing predictions do not change,
     graded ones (Pearson) improve (:func:`n2g.distill.add_quiet_tokens`)."""
+    background: bool = False
+    """Tokens no path matches are predicted at the mean training activation of such tokens (an END on
+    the wildcard activator alone, drawn ``[*]``), not 0, when that mean is below ``fire_threshold``."""
     batch_tokens: int = 16384
     """Padded tokens per forward batch (rows x length)."""
     # -- the published implementation (albertsgarde/Neuron2Graph); see evaluation/results/paper_vs_published.md
@@ -279,6 +282,7 @@ PRESETS: dict[str, DistillConfig] = {
         choose_on="split",
         end_value="mean",
         quiet_tokens=64,
+        background=True,
         min_gain=20.0,
         grow_gaps=True,
         context_activators=True,

@@ -23,7 +23,7 @@ from .config import DistillConfig, preset
 from .errors import N2GError
 from .examples import random_pool, split_examples
 from .features import Compute, Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
-from .graph import NeuronGraph
+from .graph import WILDCARD, NeuronGraph
 from .grow import Grower, add_context_activators, prune_unchanged
 from .importance import importance_steps
 from .predict import predict_batch, predict_sequences
@@ -205,6 +205,8 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                     calibrate()
         if cfg.quiet_tokens:  # corpus text only: variants are edited contexts chosen because they fire
             add_quiet_tokens(graph, evidence[: len(seen)], cfg.quiet_tokens, max(cfg.min_count, 2))
+        if cfg.background:
+            set_background(graph, evidence[: len(seen)])
     return graph, trace
 
 
@@ -243,6 +245,34 @@ def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np
         graph.nodes[node].end = float(means[j])
         added.append(int(uniq[j]))
     return added
+
+
+def set_background(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.ndarray]]) -> float | None:
+    """Give the wildcard activator alone (``[*]``) an END: the mean training activation of the tokens
+    no path of the graph matches, so a token the graph does not know is predicted at the typical
+    unknown token's value instead of 0. Only a value below the firing threshold is set (firing
+    predictions do not change); an exact activator's match, or any context rule's, wins over it.
+    Returns the value set, or None.
+    """
+    if not evidence:
+        return None
+    total, n = 0.0, 0
+    for ids, acts in evidence:
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+        acts = np.asarray(acts, np.float64)
+        for i in range(len(ids)):
+            if ids[i] >= 0 and graph.match_end(ids, i) is None:
+                total += float(acts[i])
+                n += 1
+    if not n:
+        return None
+    value = total / n
+    if not (math.isfinite(value) and value < graph.fire_threshold) or value == 0.0:
+        return None
+    wild = graph.add_child(0, WILDCARD)
+    graph.nodes[wild].end = value
+    graph.nodes[wild].end_values = [value] * n
+    return value
 
 
 def _evidence_arrays(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:

@@ -452,7 +452,8 @@ class NeuronGraph:
 
     # -- inspection -----------------------------------------------------------------------
     def activators(self) -> list[int]:
-        return list(self.nodes[0].children)
+        """Token ids that start a path (the wildcard activator ``[*]``, which starts at any token, is not one)."""
+        return [k for k in self.nodes[0].children if k != WILDCARD]
 
     def n_paths(self) -> int:
         return sum(len(n.end_values) for n in self.nodes)
