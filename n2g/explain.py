@@ -99,7 +99,9 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
         out.append(_seg(". "))
     elif firing:
         out.append(_seg("No context in the graph suppresses an activating token. "))
-    graded = [p for p in paths if len(p["nodes"]) == 1 and p["end"] < threshold and p["nodes"][0] not in firing_acts]
+    wild = [p for p in paths if len(p["nodes"]) == 1 and G.nodes[p["nodes"][0]].get("token_id") is None]
+    graded = [p for p in paths if len(p["nodes"]) == 1 and p["end"] < threshold and p["nodes"][0] not in firing_acts
+              and p not in wild]
     mild = sorted((p for p in graded if p["end"] > 0), key=lambda p: -p["end"])
     low = sorted((p for p in graded if p["end"] < 0), key=lambda p: p["end"])
     if mild or low:  # quiet activators: graded values below the firing threshold
@@ -114,6 +116,9 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
             out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({p['end']:.2f})")] for p in low[:2]],
                                 len(low) - len(low[:2])))
         out.append(_seg(". "))
+    if wild and wild[0]["end"] < threshold:  # the background value: [*] alone
+        out.append(_seg(f"Any other token is predicted at {wild[0]['end']:.2f}, the training mean of the tokens "
+                        "no path matches. "))
     s = result.scores.get("n2g")
     if s is not None:
         base = result.scores.get("token_lookup")

@@ -294,3 +294,11 @@ def test_tokens_the_graph_does_not_know_get_their_training_mean():
     assert np.all(got[test != 24] == pytest.approx(bg)) and np.all(plain[test != 24] == 0)
     assert np.mean((got - true) ** 2) < 0.1 * np.mean((plain - true) ** 2)
     assert "[*]" in g.describe(limit=None)
+    from n2g.explain import summary_text
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    result = NeuronResult(neuron=NeuronId(0, 1), status="fitted",
+                          stats=NeuronStats(max_activation=2.0, quantiles={}, firing_rate=0.01, n_sampled_tokens=100),
+                          scores={}, examples=[], promoted=[], suppressed=[], graph_stats={}, seconds=1.0)
+    text_ = summary_text(result, g.to_networkx())
+    assert f"Any other token is predicted at {bg:.2f}" in text_ and "mildly active on *" not in text_
