@@ -529,6 +529,8 @@ def graph_token_rows(G: nx.DiGraph) -> Iterable[tuple[int | None, str, str, floa
     """
     for _, a in G.nodes(data=True):
         kind = a.get("kind")
+        if kind == "activator" and a.get("token_id") is None and a.get("token") == "*":
+            continue  # the wildcard activator (context rules, the background value) is no token to search for
         if kind == "activator":
             yield a.get("token_id"), a.get("token") or "", "activator", _num(a.get("activation"), 1.0)
         elif kind == "context":

@@ -294,6 +294,10 @@ def test_tokens_the_graph_does_not_know_get_their_training_mean():
     assert np.all(got[test != 24] == pytest.approx(bg)) and np.all(plain[test != 24] == 0)
     assert np.mean((got - true) ** 2) < 0.1 * np.mean((plain - true) ** 2)
     assert "[*]" in g.describe(limit=None)
+    from n2g.render import graph_token_rows
+
+    rows = list(graph_token_rows(g.to_networkx()))  # what search indexes: the tokens, not the wildcard
+    assert rows and all(tok != "*" and tid is not None for tid, tok, _, _ in rows)
     from n2g.explain import summary_text
     from n2g.records import NeuronId, NeuronResult, NeuronStats
 
