@@ -332,10 +332,14 @@ class NeuronGraph:
         if not roots or not len(ids):
             return out
         arr = np.asarray(ids, np.int64)
-        if WILDCARD in roots:  # a context activator: a path may start at any token
+        wild = roots.get(WILDCARD)
+        if wild is not None and self.nodes[wild].children:  # a context rule: a path may start at any token
             starts = np.arange(len(arr))
         else:
-            starts = np.flatnonzero(np.isin(arr, np.fromiter(roots, np.int64, len(roots))))  # tokens a path starts at
+            exact = np.fromiter((k for k in roots if k != WILDCARD), np.int64)
+            starts = np.flatnonzero(np.isin(arr, exact))  # tokens a path starts at
+            if wild is not None and self.nodes[wild].end is not None:
+                out[:] = self.nodes[wild].end  # [*] alone: every token no path matches
         ids = arr.tolist()
         for i in starts.tolist():
             end = self.match_end(ids, i)
