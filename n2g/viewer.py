@@ -706,6 +706,9 @@ class _Handler(BaseHTTPRequestHandler):
     lock: threading.Lock  # one model call at a time; per server
     server_version = "n2g"
     _csp: str | None = None
+    timeout = 30
+    """Seconds a connection may sit idle (mid-request or between requests) before it is closed, so
+    clients that open connections and send nothing cannot hold the server's threads."""
 
     def log_message(self, format, *args):  # noqa: A002 (stdlib signature)
         log.debug("%s - %s", self.address_string(), format % args)

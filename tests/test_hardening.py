@@ -990,3 +990,24 @@ def test_damaged_graph_files_load_as_one_line_errors(tmp_path):
     ok = tmp_path / "ok.json"
     good.save(ok)
     assert NeuronGraph.load(ok).predict_sequence([6, 5])[-1] == pytest.approx(0.9)
+
+
+def test_an_idle_connection_is_closed_and_the_server_keeps_answering(run, monkeypatch):
+    import socket
+    import time as _time
+
+    from n2g import viewer
+
+    assert viewer._Handler.timeout == 30
+    monkeypatch.setattr(viewer._Handler, "timeout", 0.5)
+    with serving(run) as port:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]  # say nothing
+        partial = socket.create_connection(("127.0.0.1", port))
+        partial.sendall(b"GET /report.html HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a request never finished
+        assert get(port, "/report.html")[0] == 200  # others are answered meanwhile
+        start = _time.time()
+        for s in idle + [partial]:
+            s.settimeout(5)
+            assert s.recv(1024) == b""  # closed by the server (without the timeout: recv times out)
+            s.close()
+        assert _time.time() - start < 5
