@@ -114,6 +114,8 @@ class DistillConfig:
     then drop branches that do not change a prediction on training data."""
     grow_depth: int = 2
     """Exact context positions a grown branch may reach back."""
+    set_cost: float = 2.0
+    """G a grown set question ("one of S") pays per member past the first: a set picked for being pure is not free."""
     grow_gaps: bool = False
     """Growing may also ask about positions a branch skips: a token further back than the next position,
     with wildcards between ("X fires unless the token two before it is one of S"), and the token a proposed
@@ -285,6 +287,7 @@ PRESETS: dict[str, DistillConfig] = {
         background=True,
         min_gain=20.0,
         grow_gaps=True,
+        set_cost=1.0,
         context_activators=True,
         augment=True,
         augment_positions="activator",

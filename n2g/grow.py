@@ -37,13 +37,14 @@ class Grower:
     def __init__(self, graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, sources: np.ndarray, *,
                  min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
                  min_gain: float = 10.0, skip_questions: bool = False, skip_cost: float = 2.0,
-                 split_wildcards: bool = False):
+                 split_wildcards: bool = False, set_cost: float = 2.0):
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
         self.run_window, self.min_gain = run_window, min_gain
         self.skip_questions, self.skip_cost = skip_questions, skip_cost
         self.split_wildcards = split_wildcards
+        self.set_cost = set_cost
 
     def grow(self) -> int:
         """Grow every activator; returns how many nodes were added."""
@@ -195,7 +196,7 @@ class Grower:
             if chosen.sum() < 2 or n - n1 < self.min_count:
                 continue
             # Each member past the first costs 2 (as in AIC): a set picked for being pure is not free.
-            g = float(base - _impurity(n1, f1) - _impurity(n - n1, f - f1)) - 2.0 * (int(chosen.sum()) - 1)
+            g = float(base - _impurity(n1, f1) - _impurity(n - n1, f - f1)) - self.set_cost * (int(chosen.sum()) - 1)
             if best is None or g > best[1] + 1e-9:
                 best = ("set", g, [int(t) for t in uniq[chosen]], np.flatnonzero(ok)[chosen[inv]])
         return best
