@@ -122,7 +122,8 @@ class DistillConfig:
     branch's wildcard stands for ("Y * X fires, but not Y Z X"), which becomes an exact sibling branch."""
     context_activators: bool = False
     """Growing may add rules with no activating token, "any token fires when the token d back is Y"
-    (d up to ``grow_depth``), under a wildcard activator drawn as ``[*]``; an exact activator's match wins ties."""
+    (d up to ``grow_depth``), under a wildcard activator drawn as ``[*]``; an exact activator's match wins ties.
+    Only ``match="search"`` follows them (greedy matching, as published, starts at the token's own activator)."""
     run_window: int = 3
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
     min_gain: float = 10.0
