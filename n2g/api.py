@@ -61,6 +61,9 @@ def load_corpus(source: str = "default", model=None, *, length: int = 64, max_ex
 
 
 def _corpus(corpus, model: SubjectModel, max_excerpts: int | None) -> Corpus:
+    if max_excerpts is not None and (isinstance(max_excerpts, bool) or not isinstance(max_excerpts, int)
+                                     or max_excerpts < 1):
+        raise N2GError(f"max_excerpts must be a positive integer or None (got {max_excerpts!r})")
     if corpus is None or isinstance(corpus, str):
         return load_corpus(corpus or "default", model, max_excerpts=max_excerpts)
     if isinstance(corpus, Corpus):
@@ -101,6 +104,9 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     m = _model(model)
     m.check_neuron(layer, index)
     corp = _corpus(corpus, m, max_excerpts)
+    from .models import check_excerpt_length
+
+    check_excerpt_length(m, int(corp.excerpts.shape[1]))
     started = time.perf_counter()
     neuron = NeuronId(layer, index, Sign(sign))
     scans = scan_layers(m, corp.excerpts, [layer], k=top_k(cfg), pool_size=pool_size(cfg), seed=cfg.seed,

@@ -174,6 +174,9 @@ def _options(args, layers: str, neurons: str):
 
 def _check_out(out: Path) -> None:
     """Refuse to write a run into an unrelated non-empty directory; tidy up after a killed run."""
+    if out.exists() and not out.is_dir():
+        raise N2GError(f"--out {out} is a file, not a directory; choose a new or empty directory, "
+                       "or an existing run directory")
     if out.is_dir() and not (out / "run.json").exists():
         try:
             occupied = any(out.iterdir())

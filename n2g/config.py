@@ -307,4 +307,9 @@ def preset(name: str, **overrides) -> DistillConfig:
     if name not in PRESETS:
         raise N2GError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise N2GError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                       f"options are DistillConfig fields, e.g. {', '.join(sorted(names)[:6])}, ...")
     return PRESETS[name].replace(**changes)

@@ -10,7 +10,7 @@ fitted alone (:func:`distill`) or many share batches (``n2g.engine``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -541,12 +541,34 @@ class NeuronModel:
         return model_html(self)
 
 
+MAX_TOKEN_ID = 2**31 - 1
+"""Largest token id ``distill`` accepts (ids are stored as 64-bit, matched as ints)."""
+
+
 def _as_lists(excerpts) -> list[list[int]]:
-    if isinstance(excerpts, torch.Tensor):
-        return excerpts.tolist()
-    if isinstance(excerpts, np.ndarray):
-        return excerpts.tolist()
-    return [list(map(int, e)) for e in excerpts]
+    """Excerpts as lists of token ids, or an N2GError saying what a valid input is."""
+    hint = ("pass excerpts as a list of token-id lists (or a [batch, pos] integer tensor or array) "
+            f"of whole numbers from 0 to {MAX_TOKEN_ID}")
+    if isinstance(excerpts, (torch.Tensor, np.ndarray)):
+        if excerpts.ndim != 2:
+            raise N2GError(f"excerpts must be 2-dimensional [batch, pos] (got shape {tuple(excerpts.shape)}); {hint}")
+        arr = excerpts.numpy() if isinstance(excerpts, torch.Tensor) else excerpts
+        if arr.dtype.kind in "iu" and (arr.size == 0 or (int(arr.min()) >= 0 and int(arr.max()) <= MAX_TOKEN_ID)):
+            return arr.tolist()  # an integer array in range: nothing to check per token
+        excerpts = arr.tolist()
+    if isinstance(excerpts, (str, bytes)) or not isinstance(excerpts, Iterable):
+        raise N2GError(f"excerpts must be token ids, not {type(excerpts).__name__}; {hint}")
+    out = []
+    for e in excerpts:
+        if isinstance(e, (str, bytes)) or not isinstance(e, Iterable):
+            raise N2GError(f"an excerpt must be a sequence of token ids, not {type(e).__name__}; {hint}")
+        row = []
+        for t in e:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) <= MAX_TOKEN_ID:
+                raise N2GError(f"token id {t!r} is not a whole number from 0 to {MAX_TOKEN_ID}; {hint}")
+            row.append(int(t))
+        out.append(row)
+    return out
 
 
 def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: str = "positive",
@@ -559,6 +581,11 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     ``stats_`` and ``status_`` (``"fitted"`` or ``"dead"``); its ``predict`` works on the feature's
     scale. ``options`` override fields of the preset (e.g. ``augment=True``).
     """
+    if not callable(feature):
+        raise N2GError(f"feature must be callable (token ids [batch, pos] -> activations), not {type(feature).__name__}")
+    if isinstance(occlusion_token_id, bool) or not isinstance(occlusion_token_id, (int, np.integer)) \
+            or not 0 <= int(occlusion_token_id) <= MAX_TOKEN_ID:
+        raise N2GError(f"occlusion_token_id must be a token id from 0 to {MAX_TOKEN_ID} (got {occlusion_token_id!r})")
     cfg = config or preset(preset_name, **options)
     seqs = _as_lists(excerpts)
     if not seqs or not any(len(s) for s in seqs):

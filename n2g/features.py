@@ -131,7 +131,11 @@ def call_feature(feature: Callable, ids: torch.Tensor, mask: torch.Tensor) -> to
         out = feature(ids, attention_mask=mask)
     else:
         out = feature(ids)
-    out = torch.as_tensor(out)
+    try:
+        out = torch.as_tensor(out)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise N2GError(f"the feature returned {type(out).__name__}, not numbers ({exc}); a feature must return "
+                       "a [batch, pos] tensor or array of activations") from None
     if out.shape != ids.shape:
         raise N2GError(
             f"the feature returned shape {tuple(out.shape)} for token ids of shape {tuple(ids.shape)}; "

@@ -724,6 +724,44 @@ def _load_pretrained(spec: str, local: bool):
     return model, tokenizer
 
 
+def context_limit(model) -> int | None:
+    """The most positions ``model`` (a SubjectModel, or a wrapper with ``base``) takes in one forward, BOS
+    included; None when its config does not say."""
+    net = getattr(model, "model", None)
+    if net is None and getattr(model, "base", None) is not None:
+        net = getattr(model.base, "model", None)
+    cfg = getattr(net, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_excerpt_length(model, length: int) -> None:
+    """Refuse excerpts (plus the BOS the model prepends) longer than the model's context."""
+    limit = context_limit(model)
+    bos = getattr(model, "bos_token_id", None)
+    if bos is None and getattr(model, "base", None) is not None:
+        bos = getattr(model.base, "bos_token_id", None)
+    room = None if limit is None else limit - (1 if bos is not None else 0)
+    if room is not None and length > room:
+        raise N2GError(f"--excerpt-length {length} is longer than this model's context ({limit} positions"
+                       f"{', one of them for BOS' if bos is not None else ''}); use --excerpt-length {max(room, 1)} or less")
+
+
+def _check_device(device) -> str:
+    """``device`` as a string torch understands and can compute on; an N2GError otherwise."""
+    try:
+        parsed = torch.device(str(device))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise N2GError(f"unknown device {device!r} ({exc}); pass cpu, cuda or cuda:N") from None
+    if parsed.type == "meta":
+        raise N2GError(f"device {device!r} holds no data, so no activations can be computed on it; "
+                       "pass cpu, cuda or cuda:N")
+    return str(device)
+
+
 def load_model(spec: str = "default", device: str | None = None,
                dtype: str | torch.dtype | None = None) -> SubjectModel:
     """Load a subject model.
@@ -733,6 +771,8 @@ def load_model(spec: str = "default", device: str | None = None,
     (bfloat16) when available, else CPU (float32).
     """
     spec = str(spec)
+    device = _check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = _resolve_dtype(dtype, device)  # both checked before any weights are read
     if spec.lower() in DEFAULT_SPECS:
         model, tokenizer = _load_gguf(default_gguf_path())
     else:
@@ -756,9 +796,8 @@ def load_model(spec: str = "default", device: str | None = None,
             raise N2GError(f"model path {spec} does not exist; check the path, or use "
                            "--model default for the packaged SmolLM2")
         else:
+            log.info("%s is not a local path: looking it up on the Hugging Face hub (network)", spec)
             model, tokenizer = _load_pretrained(spec, local=False)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = _resolve_dtype(dtype, device)
     try:
         model = model.to(device=device, dtype=torch_dtype)
     except (RuntimeError, AssertionError) as exc:

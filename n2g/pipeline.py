@@ -162,7 +162,7 @@ def check_options(opts: RunOptions) -> None:
 def load_inputs(opts: RunOptions, model=None, corpus=None):
     """The subject model and corpus of a run (either may be passed in already loaded)."""
     from .corpus import Corpus
-    from .models import load_model
+    from .models import check_excerpt_length, load_model
 
     if model is None:
         model = load_model(opts.model, device=opts.device, dtype=opts.dtype)
@@ -170,6 +170,7 @@ def load_inputs(opts: RunOptions, model=None, corpus=None):
         from .sae import load_sae
 
         model = load_sae(opts.sae, model)
+    check_excerpt_length(model, opts.excerpt_length if corpus is None else int(corpus.excerpts.shape[1]))
     if corpus is None:
         corpus = Corpus.build(opts.corpus, model.encode, length=opts.excerpt_length,
                               max_excerpts=opts.max_excerpts, text_field=opts.text_field)

@@ -168,3 +168,12 @@ def test_substitutes_option_picks_the_source_and_refuses_others(tiny_model_dir, 
     assert code != 0 and len(err.strip().splitlines()) == 1
     assert "--substitutes must be 'model', 'embedding' or 'mlm:NAME'" in err and "Traceback" not in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_out_that_is_a_file_is_refused_before_loading_anything(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    # the model does not exist: the --out check comes first, so nothing is loaded for nothing
+    code, out, err = main(["run", "--model", tmp_path / "no-such-model", "--out", target, "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is a file, not a directory" in err
+    assert target.read_text() == "keep me"

@@ -1011,3 +1011,61 @@ def test_an_idle_connection_is_closed_and_the_server_keeps_answering(run, monkey
             assert s.recv(1024) == b""  # closed by the server (without the timeout: recv times out)
             s.close()
         assert _time.time() - start < 5
+
+
+@pytest.mark.parametrize("max_excerpts", [0, -1, "5", 2.5, True])
+def test_fit_neuron_refuses_a_bad_max_excerpts_with_a_corpus_object(max_excerpts, tiny_llama):
+    import torch
+
+    import n2g
+    from n2g.corpus import Corpus
+
+    corpus = Corpus("words", 8, torch.arange(4 * 8).view(4, 8) % 60 + 4)
+    with pytest.raises(n2g.N2GError, match="max_excerpts must be a positive integer"):
+        n2g.fit_neuron(tiny_llama, 0, 0, corpus=corpus, max_excerpts=max_excerpts, progress=False)
+
+
+def test_fit_neuron_refuses_excerpts_longer_than_the_models_context():
+    import torch
+
+    import n2g
+    from conftest import tiny_model, tiny_tokenizer
+    from n2g.corpus import Corpus
+    from n2g.models import SubjectModel
+
+    model = SubjectModel(tiny_model("gpt2"), tiny_tokenizer(), spec="tiny-gpt2")  # 128 positions
+    corpus = Corpus("words", 200, torch.arange(4 * 200).view(4, 200) % 60 + 4)
+    with pytest.raises(n2g.N2GError, match="longer than this model's context"):
+        n2g.fit_neuron(model, 0, 0, corpus=corpus, progress=False)
+
+
+@pytest.mark.parametrize("excerpts", ["hello", ["a b c", "d"], [[[1, 2], [3]]], None, 5, [[1.5, 2.0, 3.0]] * 10,
+                                      [[True, False]] * 10, [[-1, 2, 3]] * 10, [[10**20, 1]] * 10,
+                                      "3d", "float tensor"])
+def test_distill_refuses_excerpts_that_are_not_token_ids_in_one_line(excerpts):
+    import n2g
+    from n2g.errors import N2GError
+
+    if excerpts == "3d":
+        excerpts = torch.zeros(2, 3, 4, dtype=torch.long)
+    elif excerpts == "float tensor":
+        excerpts = torch.zeros(3, 4)
+    with pytest.raises(N2GError, match="token id|excerpt"):
+        n2g.distill(lambda ids: (ids % 7).float(), excerpts)
+
+
+def test_distill_refuses_a_bad_feature_option_or_occlusion_id_in_one_line():
+    import n2g
+    from n2g.errors import N2GError
+
+    good = [[1, 2, 3, 4]] * 10
+    feature = lambda ids: (ids % 7).float()
+    with pytest.raises(N2GError, match="must be callable"):
+        n2g.distill(5, good)
+    with pytest.raises(N2GError, match="the feature returned str"):
+        n2g.distill(lambda ids: "x", good)
+    with pytest.raises(N2GError, match="unknown option 'nosuch'"):
+        n2g.distill(feature, good, nosuch=1)
+    with pytest.raises(N2GError, match="occlusion_token_id"):
+        n2g.distill(feature, good, occlusion_token_id=-5)
+    assert n2g.distill(feature, torch.arange(64).reshape(4, 16) % 50).status_ == "fitted"  # an int tensor is fine

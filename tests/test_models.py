@@ -325,3 +325,41 @@ def test_packaged_smollm2(smollm2, monkeypatch):
     assert calls and all("gguf_file" not in c for c in calls)
     assert time.perf_counter() - start < 15
     close(again.activations(ids, None, [(5, 10)]), sm.activations(ids, None, [(5, 10)]))
+
+
+@pytest.mark.parametrize("device", ["meta", "xyz", "cuda:x"])
+def test_a_device_that_cannot_compute_is_refused_before_any_weights_load(device):
+    from n2g.errors import N2GError
+    from n2g.models import load_model
+
+    # The path does not exist either: the device is checked first, so nothing is read or loaded for nothing.
+    with pytest.raises(N2GError, match="device") as e:
+        load_model("/nonexistent/n2g-model-dir", device=device)
+    assert "\n" not in str(e.value) and "cpu" in str(e.value)
+
+
+def test_meta_device_on_a_real_model_is_one_line_not_a_crash_later(tmp_path):
+    from conftest import tiny_model, tiny_tokenizer
+
+    from n2g.errors import N2GError
+    from n2g.models import load_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    with pytest.raises(N2GError, match="holds no data"):
+        load_model(str(tmp_path / "m"), device="meta")
+
+
+def test_a_hub_lookup_says_it_goes_to_the_network_first(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               N2G_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "n2g", "info", "--model", "n2g-test-org/no-such-model"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    lines = p.stderr.splitlines()
+    hub = next(i for i, l in enumerate(lines) if "looking it up on the Hugging Face hub" in l)
+    assert hub < next(i for i, l in enumerate(lines) if l.startswith("n2g: error:"))

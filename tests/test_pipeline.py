@@ -230,3 +230,20 @@ def test_output_effects_in_chunks_equal_one_neuron_at_a_time():
     assert [ahead(n) for n in neurons] == alone
     assert ahead.ready == {}  # nothing kept once delivered
     assert alone[1] == ([(t, -v) for t, v in alone[0][1]], [(t, -v) for t, v in alone[0][0]])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_excerpts_longer_than_the_models_context_are_refused_before_the_run_starts(family, tmp_path):
+    from n2g.errors import N2GError
+    from n2g.pipeline import RunOptions, run
+
+    words = ["the", "cat", "sat", "on", "mat"]
+    (tmp_path / "c.txt").write_text(" ".join(words[i % 5] for i in range(600)))
+    model = SubjectModel(tiny_model(family), tiny_tokenizer(), spec=f"tiny-{family}")  # 128 positions
+    opts = RunOptions(corpus=str(tmp_path / "c.txt"), excerpt_length=128, neurons="0", out=str(tmp_path / "run"),
+                      report=False, progress=False)
+    with pytest.raises(N2GError, match="--excerpt-length 127 or less"):
+        run(opts, model=model)
+    assert not (tmp_path / "run").exists()  # nothing written
+    opts.excerpt_length = 127  # BOS plus 127 tokens fit exactly
+    assert len(run(opts, model=model).results) == 1
