@@ -10,7 +10,8 @@ similar neurons. Links are relative, so the pages open from disk; ``serve`` adds
 activation when started with a model) and serves the run's pages and graphs: regular files of the
 types the pages link to, resolved inside the run directory (no symlink leads out, no listing, no
 dot files or temporaries), with a Content-Security-Policy header that allows no script but each
-page's own fixed one; bound to loopback, it answers only requests addressed to this machine (a
+page's own fixed one (a viewer page another version or anyone else wrote is rendered again from
+the run's records, never trusted to name its own script); bound to loopback, it answers only requests addressed to this machine (a
 page elsewhere cannot reach it by rebinding its own name to 127.0.0.1). A run's ``graph.svg`` is
 inlined only as rebuilt from the elements Graphviz draws with (:func:`safe_svg`), and nothing is
 written through a link that leads out of the run. Pages come from jinja2 templates with autoescaping (:mod:`n2g.pages`), so
@@ -793,25 +794,33 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(404, "not found")
         return real
 
-    def _index_csp(self, f) -> str:
-        """The index page's policy: its script by hash, or by the page's nonce if another version wrote it."""
-        page = f.read().decode("utf-8", "replace")
-        f.seek(0)
-        if INDEX_JS in page:
-            return _INDEX_CSP
-        m = re.search(r'<script nonce="([A-Za-z0-9_-]+)">', page)
-        log.warning("the viewer of %s was written by another n2g version; run `n2g report` to refresh it",
-                    self.run_dir.name)
-        return _NO_SCRIPT_CSP + (f"; script-src 'nonce-{m.group(1)}'; connect-src 'self'" if m else "")
+    def _page(self, real: Path, f) -> tuple[bytes | None, str]:
+        """(body to send instead of the file, or None; its policy) of a viewer page.
 
-    def _neuron_csp(self, f) -> str:
-        """A neuron page's policy: its one script by hash (or the page's nonce if another version wrote it)."""
+        A page this version wrote runs its one fixed script, allowed by hash. A page another n2g
+        version (or anyone) wrote is never trusted to name its own script: it is rendered again from
+        the run's records, as this version writes it, and only if that fails is the file sent, with
+        no script allowed at all (it still reads; sorting and "try your own text" need a refresh).
+        """
+        is_index = real == self.run_dir / "viewer" / "index.html"
         page = f.read().decode("utf-8", "replace")
         f.seek(0)
-        if NEURON_JS in page:
-            return _NEURON_CSP
-        m = re.search(r'<script nonce="([A-Za-z0-9_-]+)">', page)
-        return _NO_SCRIPT_CSP + (f"; script-src 'nonce-{m.group(1)}'; connect-src 'self'" if m else "")
+        if (INDEX_JS if is_index else NEURON_JS) in page:
+            return None, _INDEX_CSP if is_index else _NEURON_CSP
+        log.warning("%s of %s was not written by this n2g version; it is shown as this version renders it "
+                    "(run `n2g report` to refresh the files)", real.name, self.run_dir.name)
+        try:
+            if is_index:
+                from n2g.report import scan_run
+
+                body = index_page(self.run_dir, [r for _, r, _ in scan_run(self.run_dir)], secrets.token_urlsafe(16))
+            else:
+                result, _ = self._neuron(unquote(real.name[: -len(".html")]))
+                body = neuron_page(self.run_dir, result)
+        except Exception:  # any damage: the file as it is, without script
+            log.warning("%s of %s cannot be rendered again; it is shown without script", real.name, self.run_dir.name)
+            return None, _NO_SCRIPT_CSP
+        return body.encode("utf-8"), _INDEX_CSP if is_index else _NEURON_CSP
 
     def _neuron(self, key: str):
         """(result, graph or None) of a neuron of the run, cached until its files change."""
@@ -898,17 +907,20 @@ class _Handler(BaseHTTPRequestHandler):
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):  # it changed under us
                 raise _Refused(404, "not found")
-            if real == self.run_dir / "viewer" / "index.html":
-                self._csp = self._index_csp(f)
-            elif real.parent == self.run_dir / "viewer" / "neurons" and real.suffix == ".html":
-                self._csp = self._neuron_csp(f)
+            body = None
+            if real == self.run_dir / "viewer" / "index.html" or (
+                    real.parent == self.run_dir / "viewer" / "neurons" and real.suffix == ".html"):
+                body, self._csp = self._page(real, f)
             self.send_response(200)
             self.send_header("Content-Type", SERVED_TYPES[real.suffix.lower()])
-            self.send_header("Content-Length", str(st.st_size))
+            self.send_header("Content-Length", str(st.st_size if body is None else len(body)))
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
             if not head:
-                shutil.copyfileobj(f, self.wfile)
+                if body is None:
+                    shutil.copyfileobj(f, self.wfile)
+                else:
+                    self.wfile.write(body)
 
     def _host_refused(self) -> bool:
         """Whether the request names a host other than this machine while the server listens on loopback

@@ -42,7 +42,7 @@ from n2g.errors import N2GError
 from n2g.pipeline import parse_indices
 from n2g.render import load_graph_json
 from n2g.report import build_all
-from n2g.viewer import make_server
+from n2g.viewer import INDEX_JS, NEURON_JS, make_server
 
 REPO = Path(__file__).resolve().parents[1]
 TEMP_NAME = re.compile(r"^\..*\.tmp$")
@@ -698,15 +698,34 @@ def test_disk_full_when_a_run_starts_writing_is_one_line(tmp_path, monkeypatch):
     assert temporaries(tmp_path) == []
 
 
-def test_index_page_of_another_version_keeps_its_own_script_only(run):
-    index = run / "viewer" / "index.html"
-    page = index.read_text()
-    nonce = re.search(r'<script nonce="([^"]+)">', page).group(1)
-    index.write_text(page.replace('"use strict";', '"use strict"; /* older viewer */'))
+def test_a_viewer_page_another_version_wrote_cannot_name_its_own_script(run):
+    """A run folder may come from anyone: a page whose script is not this version's is rendered again
+    from the run's records, and its nonce (which would let any script in it run) is never allowed."""
+    hostile = '<script nonce="evilnonce">fetch("/api/predict")</script>'
+    index, page = run / "viewer" / "index.html", sorted((run / "viewer" / "neurons").glob("*.html"))[0]
+    for f in (index, page):
+        f.write_text(f.read_text().replace('"use strict";', '"use strict"; /* older viewer */') + hostile)
     with serving(run) as port:
-        _, headers, _ = get(port, "/viewer/index.html")
+        for path in ("/viewer/index.html", f"/viewer/neurons/{page.name}"):
+            status, headers, body = get(port, path)
+            csp = headers["Content-Security-Policy"]
+            assert status == 200 and "evilnonce" not in csp and "nonce-" not in csp, path
+            assert b"evilnonce" not in body and b"older viewer" not in body, path
+            # this version's page, running its own fixed script by hash
+            script = INDEX_JS if path.endswith("index.html") else NEURON_JS
+            assert script.encode() in body and "'sha256-" in csp.split("script-src")[1], path
+            assert int(headers["Content-Length"]) == len(body)
+
+
+def test_a_foreign_viewer_page_that_cannot_be_rendered_again_runs_no_script(run):
+    pages = run / "viewer" / "neurons"
+    stray = pages / "L99.N99.html"  # no such neuron in the run
+    stray.write_text('<p>old</p><script nonce="evilnonce">alert(1)</script>')
+    with serving(run) as port:
+        status, headers, body = get(port, "/viewer/neurons/L99.N99.html")
     csp = headers["Content-Security-Policy"]
-    assert f"script-src 'nonce-{nonce}'" in csp and "unsafe-inline" not in csp.split("script-src")[1]
+    assert status == 200 and b"<p>old</p>" in body
+    assert "script-src" not in csp and "default-src 'none'" in csp
 
 
 def test_missing_index_that_cannot_be_built_gives_a_json_error(run, monkeypatch):
