@@ -188,17 +188,22 @@ MAX_SVG_BYTES = 16 << 20
 """A ``graph.svg`` larger than this is not inlined (the page draws the graph from graph.json instead)."""
 
 
-def safe_svg(text: str) -> str | None:
+def safe_svg(text: str, strict: bool = False) -> str | None:
     """A Graphviz SVG rebuilt from what Graphviz draws with, fit to inline in a page; None if it is not one.
 
     The file comes from the run directory, which may not be the user's own: its elements and
     attributes are filtered to :data:`_SVG_TAGS` and :data:`_SVG_ATTRS` (ids only in Graphviz's own
     form, ``url()`` only to a fragment of the same SVG), and every text and value is escaped again.
+    ``strict``: None unless the file itself holds nothing the filter would drop (no other element or
+    attribute, no processing instruction but the XML declaration, no entity), so it is safe to open
+    as it is, straight from disk.
     """
     import xml.etree.ElementTree as ET
 
     start = text.find("<svg")
     if start < 0:
+        return None
+    if strict and (re.search(r"<!ENTITY", text, re.I) or "<?" in re.sub(r"\A\s*<\?xml\s[^>]*\?>", "", text)):
         return None
     try:
         root = ET.fromstring(text[start:])
@@ -230,15 +235,20 @@ def safe_svg(text: str) -> str | None:
                 shown = attr(k, v)
                 if shown is not None:
                     parts.append(f'{shown}="{escape(v)}"')
+                else:
+                    dropped.append(k)
             out.append("<" + " ".join(parts) + ">")
             out.append(str(escape(el.text or "")))
             for child in el:
                 walk(child, depth + 1)
             out.append(f"</{name}>")
+        else:
+            dropped.append(tag)
         out.append(str(escape(el.tail or "")) if depth else "")
 
+    dropped: list[str] = []
     walk(root, 0)
-    return "".join(out)
+    return None if strict and dropped else "".join(out)
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -265,13 +275,18 @@ def _graph_context(run_dir: Path, key: str):
         out["message"] = f"cannot draw the graph: {e}"
         return out, None
     try:
-        svg = None
+        svg = clean = None
         svg_file = folder / "graph.svg"
         try:
             if svg_file.is_file() and _inside(run_dir, svg_file) and svg_file.stat().st_size <= MAX_SVG_BYTES:
-                svg = safe_svg(svg_file.read_text(encoding="utf-8", errors="replace"))
+                text = svg_file.read_text(encoding="utf-8", errors="replace")
+                svg = clean = safe_svg(text, strict=True)
+                if svg is None:
+                    svg = safe_svg(text)
         except OSError:
             svg = None
+        if clean is None:  # a graph.svg holding more than Graphviz draws is shown filtered, never linked:
+            out["links"] = [(name, href) for name, href in out["links"] if name != "SVG"]  # opened from disk it could run script
         if svg is None and dot_available():
             svg = svg_of(G, title=key)  # drawn here from the graph's own entity-escaped labels
         if svg:

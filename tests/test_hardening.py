@@ -766,6 +766,23 @@ def test_planted_markup_in_graph_svg_never_reaches_the_neuron_page(run, capsys):
     assert page.count('id="try-form"') == 1 and page.count("<script") == 1
     assert "LINKED" in drawn  # the drawing itself is kept: texts, shapes, classes, tooltips
     assert 'class="node activator' in drawn and "xlink:title=" in drawn and "<polygon" in drawn
+    # the file itself is not linked (opened from disk it would run its script); a clean one is
+    assert "graph.svg" not in page and "graph.json" in page
+    clean = sorted(p for p in (run / "viewer" / "neurons").glob("*.html") if p.name != "L0.N1.html")
+    assert clean and all("/graph.svg" in p.read_text() for p in clean
+                         if (run / "neurons" / p.name[:-5] / "graph.svg").exists())
+
+
+@pytest.mark.parametrize("prolog", ['<?xml-stylesheet type="text/xsl" href="evil.xsl"?>',
+                                    '<!DOCTYPE svg [<!ENTITY e "x">]>'])
+def test_a_graph_svg_with_a_stylesheet_or_entities_is_not_linked(prolog, run, capsys):
+    svg = run / "neurons" / "L0.N1" / "graph.svg"
+    text = svg.read_text()
+    svg.write_text(text.replace("<svg", prolog + "<svg", 1))
+    code, _, err = main(["report", run], capsys)
+    assert code == 0, err
+    page = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    assert "graph.svg" not in page and '<div class="graph" id="graph"><svg' in page
 
 
 def test_graph_svg_that_is_not_one_is_drawn_from_the_graph_instead(run, capsys):
