@@ -326,11 +326,22 @@ def _csv(rep: dict) -> str:
     return buf.getvalue()
 
 
+def _finite(value):
+    """``value`` with every non-finite float (a mean of huge values that overflowed) as None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Write ``report.html``, ``report.json`` and ``report.csv`` into the run; returns the HTML path."""
     run_dir = Path(run_dir)
-    rep = compute_report(run_dir)
-    atomic_write(run_dir / "report.json", (json.dumps(rep, indent=1) + "\n").encode("utf-8"))
+    rep = _finite(compute_report(run_dir))
+    atomic_write(run_dir / "report.json", (json.dumps(rep, indent=1, allow_nan=False) + "\n").encode("utf-8"))
     atomic_write(run_dir / "report.csv", _csv(rep).encode("utf-8"))
     out = run_dir / "report.html"
     atomic_write(out, report_html(rep, _plots(rep)).encode("utf-8"))

@@ -852,6 +852,19 @@ def test_firing_rate_above_one_is_a_damaged_result(run, capsys, caplog):
     assert any("L0.N1" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
 
 
+def test_a_mean_that_overflows_is_null_in_report_json(run, capsys):
+    # two finite but huge values average to infinity: report.json stays strict JSON
+    for folder in sorted((run / "neurons").iterdir())[:2]:
+        _edit_result(run, folder.name, lambda d: d.update(
+            ablation={"recovered": 1e308, "ce_increase": {"graph": 1e308, "zero": 1.0, "mean": 1.0}}))
+    code, _, err = main(["report", run], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    text = (run / "report.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
+    assert "Infinity" not in text and "NaN" not in text
+    assert "layer-table" in (run / "report.html").read_text()
+
+
 @pytest.mark.parametrize("change", [
     lambda d: d.update(model="toy"), lambda d: d.update(corpus=[1]), lambda d: d.update(partition="x"),
     lambda d: d.update(model={}, partition={"other": 1}),
