@@ -175,6 +175,7 @@ class DistillConfig:
     """An explicit occlusion token id for importance (overrides ``occlusion_text`` and the model's default)."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("n_top", "n_variants", "n_candidates", "batch_tokens", "max_pivots", "grow_depth", "run_window"):
             if getattr(self, name) < 1:
                 raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
@@ -235,6 +236,29 @@ class DistillConfig:
                                                     or not isinstance(self.occlusion_token_id, int)
                                                     or self.occlusion_token_id < 0):
             raise N2GError(f"occlusion_token_id must be a token id of 0 or more or None (got {self.occlusion_token_id!r})")
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its declared type (an int is a float; a bool is never a number)."""
+        import math
+
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), {k.strip() for k in str(f.type).split("|")}
+            if value is None and "None" in kinds:
+                continue
+            if "bool" in kinds:
+                ok = isinstance(value, bool)
+            elif "int" in kinds:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif "float" in kinds:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            elif "str" in kinds:
+                ok = isinstance(value, str)
+            else:
+                continue  # tuples are checked below
+            if not ok:
+                want = " or ".join(sorted(kinds - {"None"}))
+                raise N2GError(f"{f.name} must be {'a finite' if want == 'float' else 'an' if want == 'int' else 'a'} {want}"
+                               f"{' or None' if 'None' in kinds else ''} (got {value!r})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

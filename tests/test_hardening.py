@@ -1117,4 +1117,11 @@ def test_distill_refuses_a_bad_feature_option_or_occlusion_id_in_one_line():
         n2g.distill(feature, good, nosuch=1)
     with pytest.raises(N2GError, match="occlusion_token_id"):
         n2g.distill(feature, good, occlusion_token_id=-5)
+    for option, value, message in (("n_top", "5", "n_top must be an int"), ("n_top", True, "n_top must be an int"),
+                                   ("min_gain", "x", "min_gain must be a finite float"),
+                                   ("set_cost", float("nan"), "set_cost must be a finite float"),
+                                   ("calibrate", "yes", "calibrate must be a bool"), ("match", 3, "match must be a str")):
+        with pytest.raises(N2GError, match=message):
+            n2g.distill(feature, good, **{option: value})
+    assert n2g.distill(feature, good, min_gain=5, n_prune=None).status_ == "fitted"  # an int is a float; None where allowed
     assert n2g.distill(feature, torch.arange(64).reshape(4, 16) % 50).status_ == "fitted"  # an int tensor is fine
