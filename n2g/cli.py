@@ -29,8 +29,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="default",
-                   help="'default' (offline Python docs), a text/JSONL file or directory, or hf:NAME[:CONFIG]")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+                   help="'default' (offline Python docs), a text/JSONL/Parquet file or directory, or hf:NAME[:CONFIG]")
+    p.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text (default: text)")
     p.add_argument("--excerpt-length", type=int, default=64, help="tokens per excerpt (default 64)")
     p.add_argument("--max-excerpts", type=int, default=None, help="use only the first N excerpts of the corpus")
 

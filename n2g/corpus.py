@@ -1,7 +1,7 @@
 """Text in, fixed-length token excerpts out.
 
 A corpus source is the offline Python reference documentation every CPython carries
-(``pydoc_data.topics``, the default), a text / JSONL file, a directory of such files, or a
+(``pydoc_data.topics``, the default), a text / JSONL / Parquet file, a directory of such files, or a
 Hugging Face dataset (``hf:NAME[:CONFIG]``, needs the optional ``datasets`` package). Documents
 are tokenised and cut into consecutive, non-overlapping windows of exactly ``length`` tokens; the
 result is deterministic and fingerprinted so later stages can tell whether a scan is still valid.
@@ -23,7 +23,7 @@ from n2g.errors import N2GError
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCES = ("default", "pydoc")
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".text")
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".text", ".parquet")
 """File types read from a corpus directory."""
 
 
@@ -91,8 +91,42 @@ def _json_records(path: Path, text_field: str) -> Iterator[str]:
         yield _record_text(record, text_field, f"line {lineno} of {path}")
 
 
+def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+    """The ``text_field`` column of a Parquet file (how Hugging Face datasets are stored), read a
+    batch of rows at a time so memory stays flat; null cells are skipped. Needs pyarrow."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise N2GError(f"{path} is a Parquet file, which needs pyarrow; install it with `pip install pyarrow`, "
+                       "or convert the corpus to JSONL") from exc
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except Exception as exc:  # pyarrow's errors: not Parquet, truncated, unreadable
+        raise N2GError(f"{path} is not a readable Parquet file ({str(exc)[:200]}); check the file") from None
+    if text_field not in schema.names:
+        raise N2GError(f"{path} has no column {text_field!r} (columns: {', '.join(schema.names[:20]) or 'none'}); "
+                       "choose the column holding the text with --text-field")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise N2GError(f"column {text_field!r} of {path} holds {kind}, not text; "
+                       "choose the column holding the text with --text-field")
+    try:
+        for batch in pf.iter_batches(columns=[text_field], batch_size=256):
+            for value in batch.column(0).to_pylist():
+                if value is not None:
+                    yield value
+    except N2GError:
+        raise
+    except Exception as exc:
+        raise N2GError(f"{path} could not be read to the end ({str(exc)[:200]}); check the file") from None
+
+
 def _file_texts(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix.lower() in (".jsonl", ".json"):
+    if path.suffix.lower() == ".parquet":
+        yield from _parquet_texts(path, text_field)
+    elif path.suffix.lower() in (".jsonl", ".json"):
         yield from _json_records(path, text_field)
     else:
         yield _read_text(path)
@@ -148,8 +182,9 @@ def load_texts(source: str | None = None, *, text_field: str = "text",
     """Documents of a corpus source, in a deterministic order; empty documents are dropped.
 
     ``source``: ``None``/``"default"``/``"pydoc"`` (Python's offline reference docs), a file
-    (``.jsonl``/``.json``: the ``text_field`` of each record; anything else: one document), a
-    directory (every ``.txt``/``.md``/``.jsonl``/``.text`` file under it, sorted), or
+    (``.jsonl``/``.json``: the ``text_field`` of each record; ``.parquet``: its ``text_field`` column,
+    with pyarrow; anything else: one document), a directory (every ``.txt``/``.md``/``.jsonl``/``.text``/
+    ``.parquet`` file under it, sorted), or
     ``hf:NAME[:CONFIG]`` (train split, streamed).
     """
     if max_docs is not None and max_docs < 1:

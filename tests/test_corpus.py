@@ -70,6 +70,28 @@ def test_directory_is_read_recursively_in_sorted_order(tmp_path):
     assert corpus.excerpts.shape == (3, 2) and corpus.source == str(tmp_path)
 
 
+def test_parquet_file_and_directory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train-00000.parquet"  # how Hugging Face stores a dataset
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "content": ["first doc", None, " ", "second doc"]}), path,
+                   row_group_size=2)
+    assert load_texts(str(path), text_field="content") == ["first doc", "second doc"]
+    (tmp_path / "a.txt").write_text("ay", encoding="utf-8")
+    assert load_texts(str(tmp_path), text_field="content") == ["ay", "first doc", "second doc"]
+    corpus = Corpus.build(str(path), char_encode, length=3, text_field="content")
+    assert corpus.excerpts.shape == (6, 3)  # "first doc" and "second doc": 3 + 3 windows of 3 characters
+    with pytest.raises(N2GError, match="no column 'text' .*id, content.*--text-field"):
+        load_texts(str(path))
+    with pytest.raises(N2GError, match="column 'id' .* holds int64, not text"):
+        load_texts(str(path), text_field="id")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(N2GError, match="not a readable Parquet file"):
+        load_texts(str(broken), text_field="content")
+
+
 def test_plain_file_is_one_document(tmp_path):
     path = tmp_path / "doc.rst"
     path.write_text("line one\nline two\n", encoding="utf-8")
