@@ -628,6 +628,8 @@ _NEURON_JS_HASH = base64.b64encode(hashlib.sha256(NEURON_JS.encode("utf-8")).dig
 _NEURON_CSP = _NO_SCRIPT_CSP + f"; script-src 'sha256-{_NEURON_JS_HASH}'; connect-src 'self'"
 MAX_TRY_CHARS = 2000
 """Longest text ``/api/predict`` accepts (the page's text box holds as much)."""
+MAX_TOKEN_CHARS = 256
+"""Longest token text :class:`RunVocabulary` splits with (longer ones in a run's pages are ignored)."""
 _UNKNOWN = -(2**31)
 """Token id of text the run's vocabulary cannot split (matches no graph node)."""
 
@@ -650,19 +652,47 @@ class RunVocabulary:
                     for tid, tok in zip(e.token_ids, e.tokens):
                         if tok:
                             self.ids.setdefault(tok, int(tid))
-        self.longest = max(map(len, self.ids), default=0)
+        self._index()
+
+    @classmethod
+    def of(cls, ids: dict[str, int]) -> "RunVocabulary":
+        """A vocabulary of the given token texts and ids (no run)."""
+        vocab = cls.__new__(cls)
+        vocab.ids = dict(ids)
+        vocab._index()
+        return vocab
+
+    def _index(self) -> None:
+        # a character trie of the tokens (none longer than MAX_TOKEN_CHARS: no tokenizer makes one, and a
+        # run's pages are not trusted), so splitting costs at most that many steps per character
+        self.trie: dict = {}
+        for tok, tid in self.ids.items():
+            if len(tok) <= MAX_TOKEN_CHARS:
+                node = self.trie
+                for ch in tok:
+                    node = node.setdefault(ch, {})
+                node[None] = tid
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _longest(self, text: str, i: int) -> tuple[int, int | None]:
+        """(length, id) of the longest known token at ``text[i:]``; (0, None) when none is."""
+        node, best, n = self.trie, (0, None), 0
+        while i + n < len(text):
+            node = node.get(text[i + n])
+            if node is None:
+                break
+            n += 1
+            if None in node:
+                best = (n, node[None])
+        return best
+
     def split(self, text: str) -> tuple[list[int], list[str]]:
         ids, toks, i, unknown = [], [], 0, ""
         while i < len(text):
-            for n in range(min(self.longest, len(text) - i), 0, -1):
-                tid = self.ids.get(text[i : i + n])
-                if tid is not None:
-                    break
-            else:
+            n, tid = self._longest(text, i)
+            if tid is None:
                 unknown += text[i]
                 i += 1
                 continue
@@ -677,6 +707,8 @@ class RunVocabulary:
             ids.append(_UNKNOWN)
             toks.append(unknown)
         return ids, toks
+
+
 _rebuild_lock = threading.Lock()
 
 

@@ -349,3 +349,13 @@ def test_summary_names_quiet_activators_with_their_graded_values():
     assert "graded values: mildly active on ␣the (0.30) and ␣London (0.12); below zero on ↵ (-0.20)." in text
     plain = summary_text(result, _graph([([(100, 1.0)], 0.9)]))
     assert "graded values" not in plain
+
+
+def test_run_vocabulary_splits_longest_first_and_ignores_tokens_no_tokenizer_makes():
+    from n2g.viewer import MAX_TOKEN_CHARS, RunVocabulary
+
+    vocab = RunVocabulary.of({" Par": 1, " Paris": 2, "is": 3, ".": 4, "a" * (MAX_TOKEN_CHARS + 1): 5, "a": 6})
+    assert vocab.split(" Paris. Paris") == ([2, 4, 2], [" Paris", ".", " Paris"])
+    assert vocab.split(" Parx.") == ([1, -(2**31), 4], [" Par", "x", "."])  # an unknown stretch is one token
+    long = "a" * (MAX_TOKEN_CHARS + 1)
+    assert vocab.split(long) == ([6] * len(long), ["a"] * len(long))  # the over-long token is never used
