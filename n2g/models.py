@@ -699,10 +699,44 @@ def _save_cache(model, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def _check_hub_reachable(spec: str) -> None:
+    """Refuse at once, in one line, a hub id that is not in the local Hugging Face cache while the hub
+    cannot be reached (transformers would retry for half a minute first). Offline mode, a proxy (the
+    hub may be reachable only through it) or a cached model skip the check."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
+            any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return
+        url = urlsplit(constants.ENDPOINT)
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except Exception:  # an odd id or endpoint: let transformers say what is wrong
+        return
+    if not host:
+        return
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as exc:
+        raise N2GError(f"model {spec!r} could not be found locally or downloaded: it is not in the Hugging Face "
+                       f"cache and {host} cannot be reached ({exc.strerror or exc}); check your network, or pass "
+                       "a local path (a model directory or .gguf file; --model default needs no network)") from None
+
+
 def _load_pretrained(spec: str, local: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where = "the local directory" if local else "the Hugging Face hub"
+    if not local:
+        _check_hub_reachable(spec)
     try:
         config = AutoConfig.from_pretrained(spec)
     except Exception as exc:

@@ -283,8 +283,41 @@ def test_hub_failure_says_what_to_do(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(tf.AutoConfig, "from_pretrained", offline)
+    monkeypatch.setattr("n2g.models._check_hub_reachable", lambda spec: None)  # transformers' own failure
     with pytest.raises(N2GError, match="could not be found locally or downloaded.*local path"):
         load_model("some-org/some-model")
+
+
+def test_an_unreachable_hub_is_reported_before_transformers_retries(monkeypatch):
+    import socket
+
+    import transformers as tf
+
+    from n2g.models import PROXY_VARIABLES
+
+    calls = []
+
+    def unreachable(address, timeout=None):
+        calls.append(address)
+        raise OSError(-2, "Name or service not known")
+
+    def asked(*args, **kwargs):
+        calls.append("transformers")
+        raise OSError("no network")
+
+    for v in PROXY_VARIABLES + ("HF_HUB_OFFLINE",):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(tf.AutoConfig, "from_pretrained", asked)
+    with pytest.raises(N2GError, match="not in the Hugging Face cache and huggingface.co cannot be reached "
+                                       r"\(Name or service not known\).*local path"):
+        load_model("n2g-test-org/no-such-model")
+    assert calls == [("huggingface.co", 443)]  # transformers was never asked
+    calls.clear()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # the hub may be reachable through it
+    with pytest.raises(N2GError, match="could not be found locally or downloaded"):
+        load_model("n2g-test-org/no-such-model")
+    assert calls == ["transformers"]
 
 
 def test_bad_dtype(tmp_path, tiny_llama):
