@@ -119,6 +119,29 @@ def test_killed_run_resumes_to_identical_results(tiny_dir, tmp_path):
     assert len(stored(reference)) == 30
 
 
+def test_ctrl_c_stops_in_one_line_and_the_run_resumes_to_identical_results(tiny_dir, tmp_path):
+    reference = tmp_path / "reference"
+    assert cli(*run_args(tiny_dir, reference, "--group-size", "1")).returncode == 0
+    stopped = tmp_path / "stopped"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "n2g", *run_args(tiny_dir, stopped, "--group-size", "1")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(stopped.glob("neurons/*/result.json"))) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = proc.communicate(timeout=120)
+    done_before = len(list(stopped.glob("neurons/*/result.json")))
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("n2g: interrupted; finished neurons are saved, "
+                                            "re-run the same command to resume")
+    assert 4 <= done_before < 30, "the run should have been stopped part-way"
+    assert not [p for p in stopped.rglob("*") if p.name.endswith(".tmp")]  # no half-written file left
+    resumed = cli(*run_args(tiny_dir, stopped, "--group-size", "1"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert stored(stopped) == stored(reference)
+
+
 def test_damaged_artifact_is_redone_and_others_are_kept(tiny_dir, tmp_path):
     out = tmp_path / "run"
     assert cli(*run_args(tiny_dir, out)).returncode == 0
