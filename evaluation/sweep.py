@@ -205,6 +205,13 @@ def cli_cases(sw: Sweep, inp: dict) -> None:
     sw.cli_case("--out below a file", [*run_args, "--neurons", "0", "--out", a_file / "sub"])
     sw.cli_case("report of a non-run folder", ["report", unrelated])
     sw.cli_case("serve a non-run folder", ["serve", unrelated, "--port", "0"])
+    damaged = root / "damaged.parquet"
+    damaged.write_bytes(b"PAR1" + bytes(range(256)) * 4)
+    sw.cli_case("corpus is a damaged Parquet file", ["run", "--model", inp["model"], "--corpus", damaged, "-q"])
+    started = time.perf_counter()
+    sw.cli_case("hub id that is not cached, hub unreachable", ["info", "--model", "n2g-sweep-org/no-such-model"],
+                env=dict(ENV, HF_HOME=str(root / "hf-home")))
+    sw.rows[-1].message += f" ({time.perf_counter() - started:.1f} s)"
 
     # a 20 MB corpus file and --max-excerpts: only the needed prefix is tokenised
     big = root / "big.txt"
@@ -248,6 +255,9 @@ def artifact_cases(sw: Sweep, inp: dict) -> None:
     # a damaged search index: the report rebuilds it
     run = copy_run(inp["run"], root / "index-damaged")
     (run / "index.sqlite").write_bytes(b"garbage" * 100)
+    index = run / "viewer" / "index.html"
+    index.write_text(index.read_text().replace('"use strict";', '"use strict"; /* other */', 1)
+                     + '<script nonce="evilnonce">fetch("/api/predict")</script>')
     res = sw.n2g(["report", run])
     sw.add("index.sqlite damaged, report again", "n2g report RUN", res.returncode, sw.message(res.stderr),
            temporaries(run), 0, "Traceback" in res.stderr)
@@ -377,6 +387,9 @@ def server_cases(sw: Sweep, inp: dict) -> None:
     con.close()
     token = token.strip()
     (run / "index.sqlite").write_bytes(b"garbage" * 100)
+    index = run / "viewer" / "index.html"
+    index.write_text(index.read_text().replace('"use strict";', '"use strict"; /* other */', 1)
+                     + '<script nonce="evilnonce">fetch("/api/predict")</script>')
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "n2g", "serve", str(run), "--port", str(port)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -405,6 +418,7 @@ def server_cases(sw: Sweep, inp: dict) -> None:
         get("file type not needed by the pages", "/index.sqlite", 404, b"SQLite")
         get("temporary of a killed writer", f"/.report.html.{4_194_303}.abcdefgh.tmp", 404, b"half-written")
         get("SVG carries a no-script CSP", "/neurons/L0.N1/graph.svg", 200, header="Content-Security-Policy")
+        get("viewer page written elsewhere: its nonce is not trusted", "/viewer/index.html", 200, b"evilnonce")
         get("nosniff on every file", "/report.csv", 200, header="X-Content-Type-Options")
         get("damaged index.sqlite, search", f"/api/search?token={quote(token)}", 200)
         status, _, body = request(port, "/api/similar?key=L9.N9")

@@ -523,16 +523,20 @@ def _top_activators(run_dir: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     if not path.exists():
         return out
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        for key, token in con.execute(
-            "SELECT key, token FROM tokens WHERE role = 'activator' ORDER BY key, weight DESC, token"
-        ):
-            lst = out.setdefault(key, [])
-            if len(lst) < 4:
-                lst.append(token)
-    finally:
-        con.close()
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            for key, token in con.execute(
+                "SELECT key, token FROM tokens WHERE role = 'activator' ORDER BY key, weight DESC, token"
+            ):
+                lst = out.setdefault(key, [])
+                if len(lst) < 4:
+                    lst.append(token)
+        finally:
+            con.close()
+    except sqlite3.Error as exc:  # a damaged index: the page lists no tokens (`n2g report` rebuilds it)
+        log.warning("cannot read the activators of %s (%s); run `n2g report` to rebuild the index", path, exc)
+        return {}
     return out
 
 

@@ -717,6 +717,17 @@ def test_a_viewer_page_another_version_wrote_cannot_name_its_own_script(run):
             assert int(headers["Content-Length"]) == len(body)
 
 
+def test_a_foreign_index_page_is_rendered_again_beside_a_damaged_search_index(run):
+    index = run / "viewer" / "index.html"
+    index.write_text(index.read_text().replace('"use strict";', '"use strict"; /* other */')
+                     + '<script nonce="evilnonce">alert(1)</script>')
+    (run / "index.sqlite").write_bytes(b"garbage" * 100)
+    with serving(run) as port:
+        status, headers, body = get(port, "/viewer/index.html")
+    assert status == 200 and b"evilnonce" not in body and INDEX_JS.encode() in body
+    assert "'sha256-" in headers["Content-Security-Policy"]
+
+
 def test_a_foreign_viewer_page_that_cannot_be_rendered_again_runs_no_script(run):
     pages = run / "viewer" / "neurons"
     stray = pages / "L99.N99.html"  # no such neuron in the run
