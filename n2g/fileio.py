@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -72,6 +73,47 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
     return write_text_atomic(path, json.dumps(data, ensure_ascii=False, allow_nan=False))
+
+
+MAX_READ_BYTES = 1 << 30
+"""Largest run file (a result, graph or run.json) n2g reads; a run folder may not be the user's own."""
+
+
+class UnreadableFile(OSError):
+    """A run file that is not a regular file, or is larger than :data:`MAX_READ_BYTES`."""
+
+
+def read_bytes(path: str | os.PathLike, limit: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them.
+
+    A pipe, device or socket where a run file belongs is refused, not read: opening one would
+    block (a FIFO) or never end (``/dev/zero``). So is a file larger than ``limit``.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile(f"{path} is not a regular file (a pipe, device or socket)")
+        if st.st_size > limit:
+            raise UnreadableFile(f"{path} is {st.st_size:,} bytes, more than the {limit:,} n2g reads")
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # it grew while being read
+            raise UnreadableFile(f"{path} is more than the {limit:,} bytes n2g reads")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_text(path: str | os.PathLike, limit: int = MAX_READ_BYTES) -> str:
+    """:func:`read_bytes` decoded as UTF-8 (UnicodeDecodeError, a ValueError, when it is not)."""
+    return read_bytes(path, limit).decode("utf-8")
 
 
 def _alive(pid: int) -> bool:

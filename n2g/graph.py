@@ -20,7 +20,7 @@ import networkx as nx
 import numpy as np
 
 from .errors import N2GError
-from .fileio import write_json_atomic
+from .fileio import read_text, write_json_atomic
 from .records import SCHEMA_VERSION, NeuronId
 
 WILDCARD = -1
@@ -585,8 +585,7 @@ class NeuronGraph:
     @classmethod
     def load(cls, path: str | Path) -> "NeuronGraph":
         try:
-            with open(path, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f))
+            return cls.from_dict(json.loads(read_text(path)))
         except N2GError:
             raise
         except (OSError, KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError,

@@ -27,7 +27,7 @@ from pathlib import Path
 import networkx as nx
 
 from n2g.errors import N2GError
-from n2g.fileio import replacing, write_bytes_atomic
+from n2g.fileio import read_text, replacing, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def load_graph_json(path: str | os.PathLike) -> nx.DiGraph:
     """Read a ``graph.json`` written by the pipeline (kind ``n2g.graph``) into a DiGraph."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(read_text(path))
     except FileNotFoundError:
         raise N2GError(f"graph file {path} does not exist; run `n2g run` to create it") from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to decode

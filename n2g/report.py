@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from n2g.errors import N2GError
-from n2g.fileio import remove_stale_temporaries
+from n2g.fileio import read_text, remove_stale_temporaries
 from n2g.records import NeuronResult
 from n2g.render import atomic_write, dot_available, load_graph_json, render
 from n2g.search import build_index, iter_results, scan_results
@@ -132,7 +132,7 @@ def _no_results(run_dir: Path) -> None:
 
 def _run_info(run_dir: Path) -> dict:
     try:
-        d = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        d = json.loads(read_text(run_dir / "run.json"))
         return d if isinstance(d, dict) else {}
     except (OSError, ValueError, RecursionError):
         return {}

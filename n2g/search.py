@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from n2g.errors import N2GError
-from n2g.fileio import replacing
+from n2g.fileio import read_bytes, replacing
 from n2g.records import NeuronResult
 from n2g.render import QUIET_BELOW, graph_token_rows, is_finite_number, load_graph_json
 
@@ -186,7 +186,7 @@ def scan_results(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, b
         try:
             if not path.resolve().is_relative_to(root):
                 raise ValueError("it is a link that leads out of the run directory")
-            data = path.read_bytes()
+            data = read_bytes(path)
             signature = hashlib.blake2b(data, digest_size=16).digest()
             cached = _loaded.get(str(path))
             if cached is not None and cached[0] == signature:
@@ -208,7 +208,7 @@ def read_result(folder: str | os.PathLike, checked: bytes | None = None) -> Neur
     checked before)."""
     path = Path(folder) / "result.json"
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)
         signature = hashlib.blake2b(data, digest_size=16).digest()
         cached = _loaded.get(str(path))
         trusted = signature == checked or (cached is not None and cached[0] == signature)

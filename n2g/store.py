@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .baselines import BASELINES
 from .errors import N2GError
-from .fileio import replacing, write_json_atomic, write_text_atomic
+from .fileio import read_text, replacing, write_json_atomic, write_text_atomic
 from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 
@@ -53,7 +53,7 @@ class RunStore:
         path = self.root / "run.json"
         if path.exists():
             try:
-                existing = json.loads(path.read_text(encoding="utf-8"))
+                existing = json.loads(read_text(path))
             except (OSError, ValueError, RecursionError) as exc:
                 raise N2GError(f"{path} is unreadable ({exc}); delete it or choose another --out") from None
             if not isinstance(existing, dict) or existing.get("kind") != RUN_KIND:
@@ -76,7 +76,7 @@ class RunStore:
             raise _disk_error(path, exc) from exc
 
     def meta(self) -> dict:
-        return json.loads((self.root / "run.json").read_text(encoding="utf-8"))
+        return json.loads(read_text(self.root / "run.json"))
 
     # -- neurons -------------------------------------------------------------------------
     def neuron_dir(self, neuron: NeuronId) -> Path:
@@ -89,7 +89,7 @@ class RunStore:
         if not path.exists():
             return None
         try:
-            result = NeuronResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            result = NeuronResult.from_dict(json.loads(read_text(path)))
             if result.status != "dead":
                 NeuronGraph.load(folder / "graph.json")
             return result
@@ -124,7 +124,7 @@ class RunStore:
         for sub in sorted(folder.iterdir()):
             if (sub / "result.json").exists():
                 try:
-                    yield NeuronResult.from_dict(json.loads((sub / "result.json").read_text(encoding="utf-8")))
+                    yield NeuronResult.from_dict(json.loads(read_text(sub / "result.json")))
                 except Exception as exc:
                     log.warning("skipping unreadable %s (%s)", sub / "result.json", exc)
 

@@ -43,6 +43,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from markupsafe import Markup, escape
 
 from n2g.errors import N2GError
+from n2g.fileio import read_bytes, read_text
 from n2g.records import Example, NeuronResult
 from n2g.render import atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
@@ -279,7 +280,7 @@ def _graph_context(run_dir: Path, key: str):
         svg_file = folder / "graph.svg"
         try:
             if svg_file.is_file() and _inside(run_dir, svg_file) and svg_file.stat().st_size <= MAX_SVG_BYTES:
-                text = svg_file.read_text(encoding="utf-8", errors="replace")
+                text = read_bytes(svg_file, MAX_SVG_BYTES).decode("utf-8", "replace")
                 svg = clean = safe_svg(text, strict=True)
                 if svg is None:
                     svg = safe_svg(text)
@@ -632,6 +633,8 @@ _NEURON_JS_HASH = base64.b64encode(hashlib.sha256(NEURON_JS.encode("utf-8")).dig
 _NEURON_CSP = _NO_SCRIPT_CSP + f"; script-src 'sha256-{_NEURON_JS_HASH}'; connect-src 'self'"
 MAX_TRY_CHARS = 2000
 """Longest text ``/api/predict`` accepts (the page's text box holds as much)."""
+MAX_PAGE_BYTES = 64 << 20
+"""Most bytes of a served viewer page read to check it is this version's."""
 MAX_TOKEN_CHARS = 256
 """Longest token text :class:`RunVocabulary` splits with (longer ones in a run's pages are ignored)."""
 _UNKNOWN = -(2**31)
@@ -854,7 +857,7 @@ class _Handler(BaseHTTPRequestHandler):
         no script allowed at all (it still reads; sorting and "try your own text" need a refresh).
         """
         is_index = real == self.run_dir / "viewer" / "index.html"
-        page = f.read().decode("utf-8", "replace")
+        page = f.read(MAX_PAGE_BYTES).decode("utf-8", "replace")  # a longer one is rendered again
         f.seek(0)
         if (INDEX_JS if is_index else NEURON_JS) in page:
             return None, _INDEX_CSP if is_index else _NEURON_CSP
@@ -888,7 +891,7 @@ class _Handler(BaseHTTPRequestHandler):
         if cached is not None and cached[0] == stamp:
             return cached[1], cached[2]
         try:
-            result = NeuronResult.from_dict(json.loads(rpath.read_text(encoding="utf-8")))
+            result = NeuronResult.from_dict(json.loads(read_text(rpath)))
             if result_problem(result):
                 raise ValueError(result_problem(result))
         except Exception:  # any damage (wrong types, a JSON list, nesting too deep): no result
@@ -950,14 +953,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_file(self, url_path: str, head: bool) -> None:
         real = self._file(url_path)
-        try:
-            f = open(real, "rb")
+        try:  # non-blocking: a FIFO named like a page must not hold the thread (opening one waits for a writer)
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError:
             raise _Refused(404, "not found") from None
+        f = os.fdopen(fd, "rb")
         with f:
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):  # it changed under us
+            if not stat.S_ISREG(st.st_mode):  # a pipe, device or socket; or it changed under us
                 raise _Refused(404, "not found")
+            os.set_blocking(fd, True)
             body = None
             if real == self.run_dir / "viewer" / "index.html" or (
                     real.parent == self.run_dir / "viewer" / "neurons" and real.suffix == ".html"):

@@ -1136,3 +1136,37 @@ def test_distill_refuses_a_bad_feature_option_or_occlusion_id_in_one_line():
             n2g.distill(feature, good, **{option: value})
     assert n2g.distill(feature, good, min_gain=5, n_prune=None).status_ == "fitted"  # an int is a float; None where allowed
     assert n2g.distill(feature, torch.arange(64).reshape(4, 16) % 50).status_ == "fitted"  # an int tensor is fine
+
+
+@pytest.mark.parametrize("name", ["neurons/L0.N1/result.json", "neurons/L0.N1/graph.json", "run.json"])
+def test_a_pipe_in_place_of_a_run_file_is_refused_not_waited_on(name, run):
+    # opening a FIFO blocks until someone writes to it: a run folder from elsewhere must not hang n2g
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "n2g", "report", str(run)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    if name != "run.json":
+        assert "is not a regular file (a pipe, device or socket)" in p.stderr
+    assert "layer-table" in (run / "report.html").read_text()
+
+
+def test_a_pipe_named_like_a_page_is_not_served(run):
+    os.mkfifo(run / "viewer" / "neurons" / "L9.N9.html")
+    with serving(run) as port:
+        status, _, _ = get(port, "/viewer/neurons/L9.N9.html")  # the helper gives up after 10 s
+        assert status == 404
+        assert get(port, "/report.html")[0] == 200
+
+
+def test_read_bytes_refuses_what_is_not_a_regular_file_or_too_large(tmp_path):
+    from n2g.fileio import UnreadableFile, read_bytes
+
+    big = tmp_path / "big.json"
+    big.write_bytes(b"x" * 100)
+    assert read_bytes(big) == b"x" * 100
+    with pytest.raises(UnreadableFile, match="100 bytes, more than the 99"):
+        read_bytes(big, limit=99)
+    with pytest.raises(UnreadableFile, match="not a regular file"):
+        read_bytes("/dev/zero")
