@@ -124,8 +124,11 @@ def test_ctrl_c_stops_in_one_line_and_the_run_resumes_to_identical_results(tiny_
     assert cli(*run_args(tiny_dir, reference, "--group-size", "1")).returncode == 0
     stopped = tmp_path / "stopped"
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # a shell starts background jobs with SIGINT ignored, and a child inherits that: give it back its
+    # default, as in a terminal, so Python turns Ctrl-C into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "n2g", *run_args(tiny_dir, stopped, "--group-size", "1")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and len(list(stopped.glob("neurons/*/result.json"))) < 4:
         time.sleep(0.05)
