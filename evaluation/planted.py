@@ -30,7 +30,7 @@ from n2g.score import score_arrays  # noqa: E402
 
 from harness import parse_set  # noqa: E402
 from planted import RULES, text  # noqa: E402
-from test_grow import (NEAR, NEAR_UNLESS, UNLESS, UNLESS_TWO, after_nine, near, near_unless,  # noqa: E402
+from test_grow import (NEAR, NEAR_UNLESS, SHAPES, UNLESS, UNLESS_TWO, after_nine, near, near_unless,  # noqa: E402
                        unless_blocked, unless_two_back)
 
 DENSITIES = ((240, 0.3), (160, 0.2), (120, 0.15), (100, 0.1), (60, 0.2))
@@ -47,6 +47,7 @@ def rules() -> dict:
         "Y within 3, not after Z": (near_unless, NEAR_UNLESS, "positive"),
         "any token after Y": (after_nine, [[9]], "positive"),
     })
+    out.update({name: (feature, patterns, "positive") for name, (feature, patterns) in SHAPES.items()})
     return out
 
 

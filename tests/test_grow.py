@@ -317,3 +317,35 @@ def test_a_set_of_ten_blockers_is_learned_from_a_few_occurrences_each():
     assert model.config.set_cost == 1.0
     assert heldout_f1(model, unless_blocked, UNLESS).f1 == 1.0
     assert heldout_f1(n2g.distill(unless_blocked, data, set_cost=2.0), unless_blocked, UNLESS).f1 < 0.5
+
+
+def _within(x, token, d):  # token appears among the d tokens before each position
+    return torch.stack([shifted(x, k) == token for k in range(1, d + 1)]).any(0)
+
+
+SHAPES = {  # name: (feature, patterns planted); each rule says something a token lookup cannot
+    "unless Y within 3 before": (lambda x: ((x == 8) & ~_within(x, 9, 3)).float(),
+                                 [[9, 40, 8], [9, 8], [8], [9, 40, 41, 8]]),
+    "one of a set after one of a set": (
+        lambda x: (((x == 24) | (x == 25)) & ((shifted(x, 1) == 20) | (shifted(x, 1) == 21) | (shifted(x, 1) == 22))).float(),
+        [[a, b] for a in (20, 21, 22) for b in (24, 25)] + [[24], [25], [20]]),
+    "Y exactly five before": (lambda x: ((x == 28) & (shifted(x, 5) == 29)).float(),
+                              [[29, 40, 41, 42, 43, 28], [29, 50, 51, 52, 53, 28], [28], [29, 28]]),
+    "strength set by the context": (lambda x: (x == 8).float() * ((shifted(x, 1) == 9).float() + 0.6 * (shifted(x, 1) == 21).float()),
+                                    [[9, 8], [21, 8], [8]]),
+    "weaker after Y": (lambda x: (x == 7).float() * (1.0 - 0.8 * (shifted(x, 1) == 9).float()), [[9, 7], [7]]),
+    "a sub-threshold base, firing after Y": (lambda x: (x == 26).float() * (0.3 + 0.7 * (shifted(x, 1) == 27).float()),
+                                             [[27, 26], [26]]),
+    "any token two after Y": (lambda x: (shifted(x, 2) == 9).float(), [[9]]),
+    "X repeated within 3": (lambda x: ((x == 11) & _within(x, 11, 3)).float(), [[11, 40, 11], [11, 11], [11]]),
+    "graded strengths of ten tokens": (lambda x: ((x >= 30) & (x < 40)).float() * (x - 29).float() / 10, [[7]]),
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_more_rule_shapes_are_recovered_with_their_values(name):
+    feature, patterns = SHAPES[name]
+    model = n2g.distill(feature, text(1, patterns, n=160, rate=0.2))
+    scores = heldout_f1(model, feature, patterns)
+    assert scores.n_firing > 10 and scores.f1 == 1.0, scores
+    assert scores.pearson > 0.99, scores  # values, not only firing
