@@ -124,6 +124,11 @@ class DistillConfig:
     """Growing may add rules with no activating token, "any token fires when the token d back is Y"
     (d up to ``grow_depth``), under a wildcard activator drawn as ``[*]``; an exact activator's match wins ties.
     Only ``match="search"`` follows them (greedy matching, as published, starts at the token's own activator)."""
+    clean_gain: float = 0.0
+    """A grown question below ``min_gain`` is still taken when it splits cleanly: all fire on one side,
+    none on the other, at least 3 distinct occurrences each (repeated text counts once), and the split
+    explains the activations' variance with a Gaussian likelihood ratio of at least this (0: never).
+    Deterministic rules are then learned from a few occurrences."""
     run_window: int = 3
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
     min_gain: float = 10.0
@@ -181,6 +186,8 @@ class DistillConfig:
                 raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.n_prune is not None and self.n_prune < 1:
             raise N2GError(f"n_prune must be at least 1 or None (got {self.n_prune})")
+        if self.clean_gain < 0:
+            raise N2GError(f"clean_gain must be 0 (never) or more (got {self.clean_gain})")
         for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
@@ -313,6 +320,7 @@ PRESETS: dict[str, DistillConfig] = {
         min_gain=20.0,
         grow_gaps=True,
         set_cost=1.0,
+        clean_gain=60.0,
         context_activators=True,
         augment=True,
         augment_positions="activator",

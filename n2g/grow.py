@@ -8,7 +8,7 @@ keys: *is the token d positions back Y* (an exact child, which may continue one 
 back) and *is Y anywhere among the next k tokens back* (a wildcard run of 0..k-1 tokens, then Y).
 A question may also be a set: *is the token d positions back one of S*, where S gathers the
 tokens after which X never (or always) fires. Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
-at least ``min_gain``) among the occurrences not yet claimed by an earlier branch, so a node gains several children ("X fires unless the token before it is one
+at least ``min_gain``, or a clean split, see :meth:`Grower._clean`) among the occurrences not yet claimed by an earlier branch, so a node gains several children ("X fires unless the token before it is one
 of S" is X with an END that fires and a non-firing child per member of S). After calibration on the
 same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
 tokens would fall back to, so the trie keeps only what changes predictions on training data.
@@ -31,13 +31,19 @@ def _impurity(n: np.ndarray, f: np.ndarray) -> np.ndarray:
     return -2.0 * (a + b)
 
 
+CLEAN_WINDOW = 8
+"""Tokens (ending at an occurrence) that tell repeated text apart for :meth:`Grower._clean`."""
+CLEAN_MIN = 3
+"""Distinct occurrences each side of a clean split needs."""
+
+
 class Grower:
     """Grows context branches of a graph from evidence arrays ``ids``/``acts`` (``[n, length]``)."""
 
     def __init__(self, graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, sources: np.ndarray, *,
                  min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
                  min_gain: float = 10.0, skip_questions: bool = False, skip_cost: float = 2.0,
-                 split_wildcards: bool = False, set_cost: float = 2.0):
+                 split_wildcards: bool = False, set_cost: float = 2.0, clean_gain: float | None = None):
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
@@ -45,6 +51,7 @@ class Grower:
         self.skip_questions, self.skip_cost = skip_questions, skip_cost
         self.split_wildcards = split_wildcards
         self.set_cost = set_cost
+        self.clean_gain = clean_gain
 
     def grow(self) -> int:
         """Grow every activator; returns how many nodes were added."""
@@ -111,7 +118,7 @@ class Grower:
                 found = self._best_exact(r, c, y, d, n, f, base)
                 if found is not None and (best is None or found[1] > best[1] + 1e-9):
                     best, hole = found, d
-            if best is None or best[1] < self.min_gain:
+            if best is None or (best[1] < self.min_gain and not self._clean(r, c, y, best)):
                 return
             kind, _, token, member = best
             chosen = idx[member]
@@ -149,7 +156,7 @@ class Grower:
                 run = self._best_run(r, c, y, offset, n, f, base)
                 if run is not None and (best is None or run[1] > best[1] + 1e-9):
                     best, skip = run, 0
-            if best is None or best[1] < self.min_gain:
+            if best is None or (best[1] < self.min_gain and not self._clean(r, c, y, best)):
                 return
             kind, _, token, member = best
             chosen = idx[member]
@@ -169,6 +176,34 @@ class Grower:
                 run_node = self.graph.add_child(node, run_key(self.run_window - 1), excerpt_ids)
                 self.graph.add_child(run_node, token, excerpt_ids)
             remaining[chosen] = False
+
+    def _clean(self, r, c, y, best) -> bool:
+        """Whether a question too weak for ``min_gain`` still splits the occurrences cleanly: every
+        one on one side fires and none on the other, and the activations on each side are so alike
+        that the split explains all but a sliver of their variance (Gaussian likelihood ratio
+        ``n ln(SS_total / SS_within)`` at least ``clean_gain``). A few occurrences then suffice,
+        as for a deterministic rule; a noisy neuron's pure split of a handful rarely passes."""
+        if not self.clean_gain or best[0] not in ("exact", "set"):
+            return False
+        side = np.zeros(len(r), bool)
+        side[best[3]] = True
+        if not ((y[side].all() and not y[~side].any()) or (y[~side].all() and not y[side].any())):
+            return False
+        # Repeated text (the same passage twice in a corpus) is one piece of evidence, not several:
+        # occurrences count once per distinct window of CLEAN_WINDOW tokens ending at them.
+        first: dict[tuple, int] = {}
+        for k, (rr, cc) in enumerate(zip(r.tolist(), c.tolist())):
+            first.setdefault(tuple(self.ids[rr, max(0, cc - CLEAN_WINDOW + 1): cc + 1].tolist()), k)
+        keep = np.fromiter(first.values(), np.int64)
+        side, r, c = side[keep], r[keep], c[keep]
+        if side.sum() < CLEAN_MIN or (~side).sum() < CLEAN_MIN:
+            return False
+        a = self.acts[r, c].astype(np.float64)
+        total = float(((a - a.mean()) ** 2).sum())
+        within = float(((a[side] - a[side].mean()) ** 2).sum() + ((a[~side] - a[~side].mean()) ** 2).sum())
+        if total <= 0.0:
+            return False
+        return len(a) * np.log(total / max(within, 1e-9 * total)) >= self.clean_gain
 
     def _score(self, counts, fired, n, f, base):
         gain = base - _impurity(counts, fired) - _impurity(n - counts, f - fired)
