@@ -245,8 +245,10 @@ class DistillConfig:
             raise N2GError(f"occlusion_token_id must be a token id of 0 or more or None (got {self.occlusion_token_id!r})")
 
     def _check_types(self) -> None:
-        """Every field holds a value of its declared type (an int is a float; a bool is never a number)."""
+        """Every field holds a value of its declared type (an int is a float; a bool is never a number;
+        a NumPy number is stored as the Python number it equals, so the config stays JSON)."""
         import math
+        import numbers
 
         for f in dataclasses.fields(self):
             value, kinds = getattr(self, f.name), {k.strip() for k in str(f.type).split("|")}
@@ -255,9 +257,13 @@ class DistillConfig:
             if "bool" in kinds:
                 ok = isinstance(value, bool)
             elif "int" in kinds:
-                ok = isinstance(value, int) and not isinstance(value, bool)
+                ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                if ok:
+                    setattr(self, f.name, int(value))
             elif "float" in kinds:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                if ok and not isinstance(value, (int, float)):
+                    setattr(self, f.name, float(value))
             elif "str" in kinds:
                 ok = isinstance(value, str)
             else:

@@ -1135,6 +1135,12 @@ def test_distill_refuses_a_bad_feature_option_or_occlusion_id_in_one_line():
         with pytest.raises(N2GError, match=message):
             n2g.distill(feature, good, **{option: value})
     assert n2g.distill(feature, good, min_gain=5, n_prune=None).status_ == "fitted"  # an int is a float; None where allowed
+    import numpy as np
+
+    from n2g.config import preset
+
+    cfg = preset("default", n_top=np.int64(12), min_gain=np.float32(15))  # NumPy numbers become Python ones
+    assert json.loads(json.dumps(cfg.to_dict()))["n_top"] == 12 and type(cfg.min_gain) is float
     assert n2g.distill(feature, torch.arange(64).reshape(4, 16) % 50).status_ == "fitted"  # an int tensor is fine
 
 
