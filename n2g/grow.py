@@ -43,7 +43,7 @@ class Grower:
     def __init__(self, graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, sources: np.ndarray, *,
                  min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
                  min_gain: float = 10.0, skip_questions: bool = False, skip_cost: float = 2.0,
-                 split_wildcards: bool = False, set_cost: float = 2.0, clean_gain: float | None = None):
+                 split_wildcards: bool = False, set_cost: float = 2.0, clean_gain: float = 0.0):
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children

@@ -758,13 +758,18 @@ def _load_pretrained(spec: str, local: bool):
     return model, tokenizer
 
 
+def _subject_attr(model, name: str):
+    """``model.name``, or that of the SubjectModel a wrapper holds as ``base``; None when neither has it."""
+    value = getattr(model, name, None)
+    if value is None and getattr(model, "base", None) is not None:
+        value = getattr(model.base, name, None)
+    return value
+
+
 def context_limit(model) -> int | None:
     """The most positions ``model`` (a SubjectModel, or a wrapper with ``base``) takes in one forward, BOS
     included; None when its config does not say."""
-    net = getattr(model, "model", None)
-    if net is None and getattr(model, "base", None) is not None:
-        net = getattr(model.base, "model", None)
-    cfg = getattr(net, "config", None)
+    cfg = getattr(_subject_attr(model, "model"), "config", None)
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -775,9 +780,7 @@ def context_limit(model) -> int | None:
 def check_excerpt_length(model, length: int) -> None:
     """Refuse excerpts (plus the BOS the model prepends) longer than the model's context."""
     limit = context_limit(model)
-    bos = getattr(model, "bos_token_id", None)
-    if bos is None and getattr(model, "base", None) is not None:
-        bos = getattr(model.base, "bos_token_id", None)
+    bos = _subject_attr(model, "bos_token_id")
     room = None if limit is None else limit - (1 if bos is not None else 0)
     if room is not None and length > room:
         raise N2GError(f"--excerpt-length {length} is longer than this model's context ({limit} positions"

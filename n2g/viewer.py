@@ -199,19 +199,23 @@ def safe_svg(text: str, strict: bool = False) -> str | None:
     attribute, no processing instruction but the XML declaration, no entity), so it is safe to open
     as it is, straight from disk.
     """
+    svg, clean = _rebuild_svg(text)
+    return None if strict and not clean else svg
+
+
+def _rebuild_svg(text: str) -> tuple[str | None, bool]:
+    """(:func:`safe_svg` of ``text``, whether the filter dropped nothing from it), parsed once."""
     import xml.etree.ElementTree as ET
 
     start = text.find("<svg")
     if start < 0:
-        return None
-    if strict and (re.search(r"<!ENTITY", text, re.I) or "<?" in re.sub(r"\A\s*<\?xml\s[^>]*\?>", "", text)):
-        return None
+        return None, False
     try:
         root = ET.fromstring(text[start:])
     except (ET.ParseError, ValueError, RecursionError):
-        return None
+        return None, False
     if root.tag != _SVG_NS + "svg":
-        return None
+        return None, False
     out: list[str] = []
 
     def attr(name: str, value: str) -> str | None:
@@ -249,7 +253,8 @@ def safe_svg(text: str, strict: bool = False) -> str | None:
 
     dropped: list[str] = []
     walk(root, 0)
-    return None if strict and dropped else "".join(out)
+    prolog_clean = not re.search(r"<!ENTITY", text, re.I) and "<?" not in re.sub(r"\A\s*<\?xml\s[^>]*\?>", "", text)
+    return "".join(out), prolog_clean and not dropped
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -276,17 +281,14 @@ def _graph_context(run_dir: Path, key: str):
         out["message"] = f"cannot draw the graph: {e}"
         return out, None
     try:
-        svg = clean = None
+        svg, clean = None, False
         svg_file = folder / "graph.svg"
         try:
-            if svg_file.is_file() and _inside(run_dir, svg_file) and svg_file.stat().st_size <= MAX_SVG_BYTES:
-                text = read_bytes(svg_file, MAX_SVG_BYTES).decode("utf-8", "replace")
-                svg = clean = safe_svg(text, strict=True)
-                if svg is None:
-                    svg = safe_svg(text)
-        except OSError:
+            if _inside(run_dir, svg_file):  # read_bytes takes only a regular file of at most MAX_SVG_BYTES
+                svg, clean = _rebuild_svg(read_bytes(svg_file, MAX_SVG_BYTES).decode("utf-8", "replace"))
+        except OSError:  # missing, not a regular file, or too large: drawn from graph.json instead
             svg = None
-        if clean is None:  # a graph.svg holding more than Graphviz draws is shown filtered, never linked:
+        if not clean:  # a graph.svg holding more than Graphviz draws is shown filtered, never linked:
             out["links"] = [(name, href) for name, href in out["links"] if name != "SVG"]  # opened from disk it could run script
         if svg is None and dot_available():
             svg = svg_of(G, title=key)  # drawn here from the graph's own entity-escaped labels
