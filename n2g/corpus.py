@@ -73,6 +73,9 @@ def _json_records(path: Path, text_field: str) -> Iterator[str]:
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None  # not one JSON value: read it as JSON lines below
+        except RecursionError:
+            raise N2GError(f"{path} nests JSON arrays or objects too deeply to read; "
+                           "a JSON corpus is a list of objects with a text field") from None
         if isinstance(whole, list):
             for n, record in enumerate(whole):
                 yield _record_text(record, text_field, f"record {n} of {path}")
@@ -88,6 +91,9 @@ def _json_records(path: Path, text_field: str) -> Iterator[str]:
         except json.JSONDecodeError as exc:
             raise N2GError(f"line {lineno} of {path} is not valid JSON ({exc.msg}); "
                            "a .jsonl corpus needs one JSON object per line") from exc
+        except RecursionError:
+            raise N2GError(f"line {lineno} of {path} nests JSON arrays or objects too deeply to read; "
+                           "a .jsonl corpus needs one flat JSON object with a text field per line") from None
         yield _record_text(record, text_field, f"line {lineno} of {path}")
 
 

@@ -64,7 +64,7 @@ class SAEModel:
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
             d_in, d_sae, hook_name = int(cfg["d_in"]), int(cfg["d_sae"]), str(cfg["hook_name"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise N2GError(f"{cfg_path} is not a readable SAE config with d_in, d_sae and hook_name ({exc})") from None
         m = HOOK.match(hook_name)
         if not m:

@@ -59,6 +59,17 @@ def test_json_array(tmp_path):
     assert load_texts(str(path)) == ["a b", "c"]
 
 
+def test_json_nested_too_deeply_is_one_line(tmp_path):
+    # Python's decoder recurses per level: 100,000 nested arrays end in RecursionError, not JSONDecodeError.
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n' + deep + "\n", encoding="utf-8")
+    (tmp_path / "c.json").write_text('{"text": ' + deep + "}", encoding="utf-8")
+    with pytest.raises(N2GError, match="line 2 of .*c.jsonl nests JSON .* too deeply"):
+        load_texts(str(tmp_path / "c.jsonl"))
+    with pytest.raises(N2GError, match="c.json nests JSON .* too deeply"):
+        load_texts(str(tmp_path / "c.json"))
+
+
 def test_directory_is_read_recursively_in_sorted_order(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "b.txt").write_text("bee", encoding="utf-8")

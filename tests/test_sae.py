@@ -123,6 +123,7 @@ def test_run_fit_report_and_steer_on_latents(tiny_dir, tmp_path):
     (lambda p: write_sae(p, architecture="jumprelu"), "threshold should have shape"),
     (lambda p: write_sae(p, hook="blocks.0.hook_resid_pre"), "embeddings"),
     (lambda p: p, "not an SAELens directory"),
+    (lambda p: (write_sae(p), (p / "cfg.json").write_text("[" * 100_000 + "]" * 100_000))[0], "not a readable SAE config"),
 ])
 def test_bad_sae_is_one_line(tiny_dir, tmp_path, make, needle):
     sae = make(tmp_path / "sae")
