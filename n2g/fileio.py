@@ -71,6 +71,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """``value`` safe for a CSV cell a spreadsheet opens: text that starts like a formula (``=``,
+    ``+``, ``-``, ``@``, tab, carriage return) gets a leading ``'`` so it is shown, never evaluated;
+    numbers and None pass unchanged (None as an empty cell)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
     return write_text_atomic(path, json.dumps(data, ensure_ascii=False, allow_nan=False))
 

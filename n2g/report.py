@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from n2g.errors import N2GError
-from n2g.fileio import read_text, remove_stale_temporaries
+from n2g.fileio import csv_cell, read_text, remove_stale_temporaries
 from n2g.records import NeuronResult
 from n2g.render import atomic_write, dot_available, load_graph_json, render
 from n2g.search import build_index, iter_results, scan_results
@@ -321,7 +321,7 @@ def _csv(rep: dict) -> str:
     for row in rep["layers"] + [rep["overall"]]:
         for m in rep["methods"]:
             stats = row["methods"][m]
-            w.writerow([row["layer"], m, row["n_neurons"], row["n_dead"], row["n_no_firing_test_token"],
+            w.writerow([csv_cell(row["layer"]), csv_cell(m), row["n_neurons"], row["n_dead"], row["n_no_firing_test_token"],
                         row["n_in_f1_mean"], *("" if stats[k] is None else repr(float(stats[k])) for k in METRICS)])
     return buf.getvalue()
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,9 @@ def _token_ids(values: list) -> bool:
     return set(map(type, values)) <= _INTS or all(isinstance(t, int) and not isinstance(t, bool) for t in values)
 
 
+_METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]{0,63}")
+
+
 def result_problem(r: NeuronResult) -> str | None:
     """What is wrong with a loaded result's field types (what the report and viewer rely on), or None."""
     if not (0 <= r.neuron.layer < 10**6 and 0 <= r.neuron.index < 10**9):
@@ -89,6 +93,8 @@ def result_problem(r: NeuronResult) -> str | None:
             and all(_number_or_none(v) for v in st.quantiles.values())):
         return "stats has a field of the wrong type"
     for method, s in r.scores.items():
+        if not (isinstance(method, str) and _METHOD_NAME.fullmatch(method)):
+            return f"score method name {str(method)[:40]!r} is not a method name (letters, digits, _ and .)"
         numbers = (s.precision, s.recall, s.f1, s.nonfiring_precision, s.nonfiring_recall, s.nonfiring_f1,
                    s.pearson, s.explained_variance)
         counts = (s.n_tokens, s.n_firing, s.n_predicted_firing)

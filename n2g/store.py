@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .baselines import BASELINES
 from .errors import N2GError
-from .fileio import read_text, replacing, write_json_atomic, write_text_atomic
+from .fileio import csv_cell, read_text, replacing, write_json_atomic, write_text_atomic
 from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 
@@ -154,7 +154,7 @@ class RunStore:
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(header)
-        writer.writerows([["" if v is None else v for v in row] for row in rows])
+        writer.writerows([[csv_cell(v) for v in row] for row in rows])  # text from result files is never a formula
         path = self.root / "scores.csv"
         try:
             write_text_atomic(path, buf.getvalue())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import csv
 import errno
 import hashlib
 import http.client
@@ -408,6 +409,7 @@ def test_disk_full_during_the_report_is_one_line_and_leaves_nothing(where, run, 
     lambda d: d.update(status=7),
     lambda d: d.update(promoted=[[3, 1.0]]),
     lambda d: d.update(neuron={"layer": "zero", "index": 1}),
+    lambda d: d["scores"].update({'=HYPERLINK("http://x.example","open")': d["scores"]["n2g"]}),  # a formula
 ])
 def test_report_names_and_skips_a_damaged_result(damage, run, capsys, caplog):
     path = run / "neurons" / "L0.N1" / "result.json"
@@ -422,6 +424,24 @@ def test_report_names_and_skips_a_damaged_result(damage, run, capsys, caplog):
     assert len(warned) == 1 and "damaged" in warned[0] and "n2g run" in warned[0], warned
     rep = json.loads((run / "report.json").read_text())
     assert [n["key"] for n in rep["neurons"]] == ["L0.N2", "L1.N3", "L1.N4.neg"]
+
+
+def test_text_from_result_files_never_becomes_a_spreadsheet_formula(run):
+    from n2g.fileio import csv_cell
+    from n2g.store import RunStore
+
+    assert [csv_cell(v) for v in ("=1+1", "+1", "-x", "@SUM(A1)", "\tx", "fitted", -0.5, None)] == \
+        ["'=1+1", "'+1", "'-x", "'@SUM(A1)", "'\tx", "fitted", -0.5, ""]
+    path = run / "neurons" / "L0.N1" / "result.json"
+    d = json.loads(path.read_text())
+    d["status"] = "=cmd|' /C calc'!A0"
+    d["scores"]["n2g"]["status"] = "@SUM(1+1)"
+    path.write_text(json.dumps(d))
+    RunStore(run).write_scores_table()
+    rows = [r for r in csv.DictReader((run / "scores.csv").open()) if r["neuron"] == "L0.N1"]
+    assert rows and {r["status"] for r in rows} == {"'=cmd|' /C calc'!A0"}
+    assert [r["score_status"] for r in rows if r["method"] == "n2g"] == ["'@SUM(1+1)"]
+    assert all(float(r["f1"]) >= 0 for r in rows if r["f1"])  # numbers are untouched
 
 
 def test_report_of_only_damaged_results_says_so(run, capsys):
