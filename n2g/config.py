@@ -129,6 +129,10 @@ class DistillConfig:
     none on the other, at least 3 distinct occurrences each (repeated text counts once), and the split
     explains the activations' variance with a Gaussian likelihood ratio of at least this (0: never).
     Deterministic rules are then learned from a few occurrences."""
+    grow_below: bool = False
+    """Also grow a branch that pruning or occlusion proposed further back (up to ``grow_depth``
+    positions), from the training occurrences it explains, so "X after Y, unless Z before Y" is
+    learned when "Y [X]" was proposed (without it only the activator itself is grown)."""
     run_window: int = 3
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
     min_gain: float = 10.0
@@ -327,6 +331,7 @@ PRESETS: dict[str, DistillConfig] = {
         grow_gaps=True,
         set_cost=1.0,
         clean_gain=60.0,
+        grow_below=True,
         context_activators=True,
         augment=True,
         augment_positions="activator",

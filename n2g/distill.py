@@ -160,7 +160,8 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
         ids, acts = _evidence_arrays(seen)
         Grower(graph, ids, acts, np.arange(len(seen)), min_count=cfg.min_count, max_depth=cfg.grow_depth,
                run_window=cfg.run_window, min_gain=cfg.min_gain, skip_questions=cfg.grow_gaps,
-               split_wildcards=cfg.grow_gaps, set_cost=cfg.set_cost, clean_gain=cfg.clean_gain).grow()
+               split_wildcards=cfg.grow_gaps, set_cost=cfg.set_cost, clean_gain=cfg.clean_gain,
+               grow_below=cfg.grow_below).grow()
     if cfg.calibrate:
         evidence = [(np.asarray(e.token_ids), np.asarray(e.activations)) for e in seen]
         told = [v for v in trace.variants if cfg.variant_evidence == "all"

@@ -43,7 +43,8 @@ class Grower:
     def __init__(self, graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, sources: np.ndarray, *,
                  min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
                  min_gain: float = 10.0, skip_questions: bool = False, skip_cost: float = 2.0,
-                 split_wildcards: bool = False, set_cost: float = 2.0, clean_gain: float = 0.0):
+                 split_wildcards: bool = False, set_cost: float = 2.0, clean_gain: float = 0.0,
+                 grow_below: bool = False):
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
@@ -52,6 +53,7 @@ class Grower:
         self.split_wildcards = split_wildcards
         self.set_cost = set_cost
         self.clean_gain = clean_gain
+        self.grow_below = grow_below
 
     def grow(self) -> int:
         """Grow every activator; returns how many nodes were added."""
@@ -79,6 +81,14 @@ class Grower:
                     for at in np.unique(deepest).tolist():
                         if at != node:
                             self._split_wildcards(at, parent, r[deepest == at], c[deepest == at])
+                if self.grow_below:  # a proposed branch is grown further back from the occurrences it explains
+                    parent = self.graph._parents()
+                    deepest = np.fromiter((self.graph.deepest_node(self._row(lists, rr), cc) for rr, cc in zip(r, c)),
+                                          np.int64, len(r))
+                    for at in np.unique(deepest).tolist():
+                        depth = self._fixed_depth(at, parent)
+                        if at != node and depth is not None and depth < self.max_depth:
+                            self._grow(at, r[deepest == at], c[deepest == at], depth + 1, self.max_depth - depth)
                 keep = deepest == node
                 r, c = r[keep], c[keep]
             if len(r):
@@ -131,6 +141,16 @@ class Grower:
                 for d, k in enumerate(keys[1:], start=1):
                     at = self.graph.add_child(at, t if d == hole else k, excerpt_ids)
             remaining[chosen] = False
+
+    def _fixed_depth(self, node: int, parent: list[int]) -> int | None:
+        """Positions back of ``node``'s token when every key above it is a token or a single wildcard
+        (None below a wildcard run, whose length varies)."""
+        at = node
+        while at > 0:
+            if self.graph.nodes[at].token_id < WILDCARD:
+                return None
+            at = parent[at]
+        return self.graph.nodes[node].depth
 
     def _row(self, cache: dict, r: int) -> list[int]:
         if r not in cache:

@@ -340,6 +340,18 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
     "any token two after Y": (lambda x: (shifted(x, 2) == 9).float(), [[9]]),
     "X repeated within 3": (lambda x: ((x == 11) & _within(x, 11, 3)).float(), [[11, 40, 11], [11, 11], [11]]),
     "graded strengths of ten tokens": (lambda x: ((x >= 30) & (x < 40)).float() * (x - 29).float() / 10, [[7]]),
+    "after Y, unless Z before Y": (lambda x: ((x == 8) & (shifted(x, 1) == 9) & (shifted(x, 2) != 21)).float(),
+                                   [[9, 8], [21, 9, 8], [8], [9]]),
+    "three tokens of context": (lambda x: ((x == 16) & (shifted(x, 1) == 17) & (shifted(x, 2) == 18)
+                                           & (shifted(x, 3) == 19)).float(),
+                                [[19, 18, 17, 16], [20, 18, 17, 16], [18, 17, 16], [17, 16], [16]]),
+    "after A, or two after B": (lambda x: ((x == 10) & ((shifted(x, 1) == 11) | (shifted(x, 2) == 12))).float(),
+                                [[11, 10], [12, 40, 10], [12, 55, 10], [10], [12, 10]]),
+    "three strengths by context": (lambda x: (x == 7).float() * (0.25 + 0.75 * (shifted(x, 1) == 9).float()
+                                                                 + 0.25 * (shifted(x, 1) == 21).float()),
+                                   [[7], [9, 7], [21, 7]]),
+    "Y within 6 before": (lambda x: ((x == 25) & _within(x, 26, 6)).float(),
+                          [[25], [26, 25], [26, 40, 41, 42, 25], [26, 43, 44, 45, 46, 47, 25]]),
 }
 
 
@@ -350,6 +362,17 @@ def test_more_rule_shapes_are_recovered_with_their_values(name):
     scores = heldout_f1(model, feature, patterns)
     assert scores.n_firing > 10 and scores.f1 == 1.0, scores
     assert scores.pearson > 0.99, scores  # values, not only firing
+
+
+def test_a_proposed_branch_is_grown_further_back():
+    # Pruning proposes "9 [8]"; only growing below it finds that 21 before the 9 silences it.
+    feature, patterns = SHAPES["after Y, unless Z before Y"]
+    data = text(1, patterns, n=160, rate=0.2)
+    model = n2g.distill(feature, data)
+    g = model.graph_
+    after = g.nodes[g.nodes[g.nodes[0].children[8]].children[9]]
+    assert g.nodes[after.children[21]].end < 0.5 <= after.end  # "21 9 [8]" is quiet, "9 [8]" fires
+    assert heldout_f1(n2g.distill(feature, data, grow_below=False), feature, patterns).f1 < 0.8
 
 
 def test_a_clean_split_is_learned_from_a_few_occurrences_but_not_from_repeated_text():
