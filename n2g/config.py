@@ -133,6 +133,11 @@ class DistillConfig:
     """Also grow a branch that pruning or occlusion proposed further back (up to ``grow_depth``
     positions), from the training occurrences it explains, so "X after Y, unless Z before Y" is
     learned when "Y [X]" was proposed (without it only the activator itself is grown)."""
+    value_gain: float = 0.0
+    """Where every training occurrence of a grown branch fires, a context token that makes the
+    activation clearly stronger or weaker still becomes a branch ("X at 1.0 after Y Y, at 0.6 after Y"):
+    Gaussian likelihood ratio of the split at least this, means at least 0.2 apart, 3 distinct
+    occurrences each side (0: never). Such a branch stays while its value differs by 0.2."""
     run_window: int = 3
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
     min_gain: float = 10.0
@@ -190,8 +195,9 @@ class DistillConfig:
                 raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.n_prune is not None and self.n_prune < 1:
             raise N2GError(f"n_prune must be at least 1 or None (got {self.n_prune})")
-        if self.clean_gain < 0:
-            raise N2GError(f"clean_gain must be 0 (never) or more (got {self.clean_gain})")
+        for name in ("clean_gain", "value_gain"):
+            if getattr(self, name) < 0:
+                raise N2GError(f"{name} must be 0 (never) or more (got {getattr(self, name)})")
         for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
@@ -332,6 +338,7 @@ PRESETS: dict[str, DistillConfig] = {
         set_cost=1.0,
         clean_gain=60.0,
         grow_below=True,
+        value_gain=60.0,
         context_activators=True,
         augment=True,
         augment_positions="activator",

@@ -90,6 +90,9 @@ class Node:
     """The END activation a prediction reaching this node returns (None: no END here)."""
     sources: set[int] = field(default_factory=set)
     """Training excerpts whose paths pass through this node (fitting only; not saved)."""
+    strength: bool = False
+    """Grown by a strength split (fitting only; not saved): kept while its value differs, though its
+    firing decision may equal its parent's (see :func:`n2g.grow.prune_unchanged`)."""
     rank: tuple[int, int] = (0, 0)
     """How specific a match ending here is: (exact context tokens on the path, depth). Matching
     prefers the most specific END, so a wildcard-only branch never shadows a matched context token."""

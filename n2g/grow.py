@@ -11,7 +11,9 @@ tokens after which X never (or always) fires. Each step takes the question with 
 at least ``min_gain``, or a clean split, see :meth:`Grower._clean`) among the occurrences not yet claimed by an earlier branch, so a node gains several children ("X fires unless the token before it is one
 of S" is X with an END that fires and a non-firing child per member of S). After calibration on the
 same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
-tokens would fall back to, so the trie keeps only what changes predictions on training data.
+tokens would fall back to, so the trie keeps only what changes predictions on training data. Where
+every occurrence fires, a *strength split* (:meth:`Grower._best_value`) may still add a context
+token that changes how strongly; such a branch stays while its value differs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ CLEAN_WINDOW = 8
 """Tokens (ending at an occurrence) that tell repeated text apart for :meth:`Grower._clean`."""
 CLEAN_MIN = 3
 """Distinct occurrences each side of a clean split needs."""
+VALUE_DELTA = 0.2
+"""Least difference of mean activation (normalised) between the sides of a strength split."""
 
 
 class Grower:
@@ -44,7 +48,7 @@ class Grower:
                  min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
                  min_gain: float = 10.0, skip_questions: bool = False, skip_cost: float = 2.0,
                  split_wildcards: bool = False, set_cost: float = 2.0, clean_gain: float = 0.0,
-                 grow_below: bool = False):
+                 grow_below: bool = False, value_gain: float = 0.0):
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
@@ -54,6 +58,7 @@ class Grower:
         self.set_cost = set_cost
         self.clean_gain = clean_gain
         self.grow_below = grow_below
+        self.value_gain = value_gain
 
     def grow(self) -> int:
         """Grow every activator; returns how many nodes were added."""
@@ -164,8 +169,20 @@ class Grower:
             r, c = rows[idx], cols[idx]
             y = self.fires[r, c]
             n, f = len(idx), int(y.sum())
-            if n < 2 * self.min_count or f == 0 or f == n:
+            if n < 2 * self.min_count:
                 return
+            if f == 0 or f == n:  # every occurrence fires (or none does): only a strength can differ
+                best = self._best_value(r, c, offset) if self.value_gain and f else None
+                if best is None:
+                    return
+                kind, _, token, member = best
+                chosen = idx[member]
+                child = self.graph.add_child(node, token, set(self.sources[rows[chosen]].tolist()))
+                self.graph.nodes[child].strength = True
+                if depth_left > 1:
+                    self._grow(child, rows[chosen], cols[chosen], offset + 1, depth_left - 1)
+                remaining[chosen] = False
+                continue
             base = float(_impurity(n, f))
             best, skip = None, 0
             for s in range(depth_left if self.skip_questions else 1):  # the token s+1 positions back, s wildcards between
@@ -196,6 +213,43 @@ class Grower:
                 run_node = self.graph.add_child(node, run_key(self.run_window - 1), excerpt_ids)
                 self.graph.add_child(run_node, token, excerpt_ids)
             remaining[chosen] = False
+
+    def _best_value(self, r, c, offset):
+        """Among occurrences that all fire: the token ``offset`` back after which the activation is
+        clearly stronger or weaker ("X at 1.0 after Y Y, 0.6 after Y"): the split's Gaussian likelihood
+        ratio ``n ln(SS_total/SS_within)`` at least ``value_gain``, means at least ``VALUE_DELTA`` apart,
+        at least ``CLEAN_MIN`` distinct occurrences (repeated text counts once) on each side."""
+        ok = c - offset >= 0
+        ok[ok] = self.ids[r[ok], c[ok] - offset] >= 0
+        if ok.sum() < 2 * CLEAN_MIN:
+            return None
+        first: dict[tuple, int] = {}  # one occurrence per distinct window: repeated text is one piece of evidence
+        for k in np.flatnonzero(ok).tolist():
+            first.setdefault(tuple(self.ids[r[k], max(0, c[k] - CLEAN_WINDOW + 1): c[k] + 1].tolist()), k)
+        keep = np.fromiter(first.values(), np.int64)
+        a = self.acts[r[keep], c[keep]].astype(np.float64)
+        prev = self.ids[r[keep], c[keep] - offset]
+        uniq, inv = np.unique(prev, return_inverse=True)
+        counts = np.bincount(inv)
+        sums = np.bincount(inv, weights=a)
+        sq = np.bincount(inv, weights=a * a)
+        n, total_sum = len(a), float(a.sum())
+        total = float((a * a).sum()) - total_sum ** 2 / n
+        if total <= 1e-12:
+            return None
+        rest_n = n - counts
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inside = sq - sums ** 2 / counts
+            outside = (float((a * a).sum()) - sq) - (total_sum - sums) ** 2 / np.maximum(rest_n, 1)
+            within = np.maximum(inside + outside, 1e-9 * total)
+            lr = n * np.log(total / within)
+            delta = np.abs(sums / counts - (total_sum - sums) / np.maximum(rest_n, 1))
+        lr = np.where((counts >= CLEAN_MIN) & (rest_n >= CLEAN_MIN) & (delta >= VALUE_DELTA), lr, -np.inf)
+        j = int(np.argmax(lr))
+        if not np.isfinite(lr[j]) or lr[j] < self.value_gain:
+            return None
+        member = np.flatnonzero(ok & (self.ids[r, np.maximum(c - offset, 0)] == uniq[j]))
+        return ("exact", float(lr[j]), int(uniq[j]), member)
 
     def _clean(self, r, c, y, best) -> bool:
         """Whether a question too weak for ``min_gain`` still splits the occurrences cleanly: every
@@ -285,7 +339,8 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
     goes; a leaf with one is unlinked, the training tokens whose prediction came from it are
     matched again, and it stays unlinked when every one of them still fires, or still does not,
     as before (a leaf no training token reaches goes too). Without ``sequences`` the tokens are
-    assumed to fall back to the nearest ancestor END. Returns how many nodes were removed;
+    assumed to fall back to the nearest ancestor END. A leaf a strength split grew (``Node.strength``)
+    also stays when its tokens' values would move by at least ``VALUE_DELTA`` on average. Returns how many nodes were removed;
     calibrate again afterwards, since removed nodes' tokens now count elsewhere.
     """
     thr = graph.fire_threshold
@@ -322,13 +377,17 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
             del graph.nodes[up].children[key]  # try without it
             moved = []
             drop = True
+            shift = 0.0
             for ids, i in users.get(idx, ()):
                 end = graph.match_end(ids, i)
                 value = graph.nodes[end].end if end is not None else 0.0
                 if (value >= thr) != fires:
                     drop = False
                     break
+                shift += abs(value - n.end)
                 moved.append((end, ids, i))
+            if drop and n.strength and moved and shift / len(moved) >= VALUE_DELTA:
+                drop = False  # a strength split: the same decision, at a clearly different strength
             if drop:
                 for end, ids, i in moved:
                     if end is not None:

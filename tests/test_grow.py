@@ -350,6 +350,9 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
     "three strengths by context": (lambda x: (x == 7).float() * (0.25 + 0.75 * (shifted(x, 1) == 9).float()
                                                                  + 0.25 * (shifted(x, 1) == 21).float()),
                                    [[7], [9, 7], [21, 7]]),
+    "stronger after Y Y": (lambda x: (x == 8).float() * (0.6 * (shifted(x, 1) == 9).float()
+                                                         + 0.4 * ((shifted(x, 1) == 9) & (shifted(x, 2) == 9)).float()),
+                           [[9, 9, 8], [9, 8], [8]]),
     "Y within 6 before": (lambda x: ((x == 25) & _within(x, 26, 6)).float(),
                           [[25], [26, 25], [26, 40, 41, 42, 25], [26, 43, 44, 45, 46, 47, 25]]),
 }
@@ -373,6 +376,17 @@ def test_a_proposed_branch_is_grown_further_back():
     after = g.nodes[g.nodes[g.nodes[0].children[8]].children[9]]
     assert g.nodes[after.children[21]].end < 0.5 <= after.end  # "21 9 [8]" is quiet, "9 [8]" fires
     assert heldout_f1(n2g.distill(feature, data, grow_below=False), feature, patterns).f1 < 0.8
+
+
+def test_a_strength_split_tells_contexts_that_all_fire_apart():
+    # "9 [8]" always fires; after "9 9" it is stronger (1.0 against 0.6): no firing question splits it.
+    feature, patterns = SHAPES["stronger after Y Y"]
+    data = text(1, patterns, n=160, rate=0.2)
+    g = n2g.distill(feature, data).graph_
+    after = g.nodes[g.nodes[g.nodes[0].children[8]].children[9]]
+    assert after.end == pytest.approx(0.6) and g.nodes[after.children[9]].end == pytest.approx(1.0)
+    without = n2g.distill(feature, data, value_gain=0)
+    assert heldout_f1(without, feature, patterns).pearson < 0.98  # one value for both contexts
 
 
 def test_a_clean_split_is_learned_from_a_few_occurrences_but_not_from_repeated_text():
