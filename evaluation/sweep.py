@@ -208,6 +208,9 @@ def cli_cases(sw: Sweep, inp: dict) -> None:
     damaged = root / "damaged.parquet"
     damaged.write_bytes(b"PAR1" + bytes(range(256)) * 4)
     sw.cli_case("corpus is a damaged Parquet file", ["run", "--model", inp["model"], "--corpus", damaged, "-q"])
+    deep = root / "deep.jsonl"
+    deep.write_text("[" * 200_000 + "]" * 200_000 + "\n")
+    sw.cli_case("JSONL corpus nested 200,000 deep", ["run", "--model", inp["model"], "--corpus", deep, "-q"])
     started = time.perf_counter()
     sw.cli_case("hub id that is not cached, hub unreachable", ["info", "--model", "n2g-sweep-org/no-such-model"],
                 env=dict(ENV, HF_HOME=str(root / "hf-home")))
@@ -236,6 +239,16 @@ def artifact_cases(sw: Sweep, inp: dict) -> None:
     res = sw.n2g(["report", run])
     sw.add("result.json with wrong field types", "n2g report RUN", res.returncode, sw.message(res.stderr),
            temporaries(run), 0, "Traceback" in res.stderr)
+
+    # a score method named like a spreadsheet formula: skipped as damaged, never written into report.csv
+    run = copy_run(inp["run"], root / "formula")
+    path = run / "neurons" / "L0.N1" / "result.json"
+    path.write_text(path.read_text().replace('"scores": {', '"scores": {"=HYPERLINK(\\"http://x.example\\")": {}, ', 1))
+    res = sw.n2g(["report", run])
+    formula = "HYPERLINK" in (run / "report.csv").read_text()
+    sw.add("score method named =HYPERLINK(...)", "n2g report RUN", res.returncode,
+           f"report.csv holds the formula: {formula}; " + sw.message(res.stderr), temporaries(run) + (["FORMULA"] if formula else []),
+           0, "Traceback" in res.stderr)
 
     # every result damaged: nothing to report
     run = copy_run(inp["run"], root / "all-damaged")

@@ -122,6 +122,7 @@ class DistillConfig:
     branch's wildcard stands for ("Y * X fires, but not Y Z X"), which becomes an exact sibling branch."""
     context_activators: bool = False
     """Growing may add rules with no activating token, "any token fires when the token d back is Y"
+    (or, for a neuron the graph says fires nearly everywhere, "any token is quiet when ...")
     (d up to ``grow_depth``), under a wildcard activator drawn as ``[*]``; an exact activator's match wins ties.
     Only ``match="search"`` follows them (greedy matching, as published, starts at the token's own activator)."""
     clean_gain: float = 0.0

@@ -405,7 +405,7 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
 
 def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, *, max_depth: int = 2,
                            min_count: int = 2, min_distinct: int = 3, min_gain: float = 10.0,
-                           limit: int = 12) -> list[tuple[int, int]]:
+                           limit: int = 12, quiet: bool = True) -> list[tuple[int, int]]:
     """Add rules with no activating token where they fix training predictions the graph gets wrong.
 
     A candidate says "any token fires when the token d positions back is Y" (d up to ``max_depth``,
@@ -417,6 +417,10 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     tokens it now predicts are right at least ``min_count`` more times than before, where before is
     judged as on unseen text (each excerpt matched without the paths only it made); matching prefers
     an exact activator's equally specific branch, so what the graph says about a token stays.
+    With ``quiet``, a candidate may also say "any token is quiet when the token d back is Y": a Y
+    after which most tokens do not fire, while the graph predicts firing for most of them (at least
+    ``min_count`` more wrongly than rightly, on ``min_distinct`` different tokens), as for a neuron
+    that fires nearly everywhere; it is kept by the same test.
     Returns the (distance, token) rules kept.
     """
     thr = graph.fire_threshold
@@ -427,6 +431,7 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
         return []
     base = float(_impurity(n, f))
     found = []
+    predicted = None  # the graph's firing decision at every evidence position, when a quiet rule needs it
     for d in range(1, max_depth + 1):
         if d >= ids.shape[1]:
             break
@@ -439,6 +444,22 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
         for j in np.flatnonzero((fired >= min_count) & (2 * fired > counts) & (gain >= min_gain)).tolist():
             if len(np.unique(tok[(inv == j) & y])) >= min_distinct:
                 found.append((float(gain[j]), d, int(uniq[j])))
+        if quiet:  # "any token after Y is quiet", where the graph says most of them fire (a dense neuron)
+            quiet_ok = (counts - fired >= min_count) & (2 * fired < counts) & (gain >= min_gain)
+            if quiet_ok.any():
+                if predicted is None:
+                    predicted, done = np.zeros(ids.shape, bool), np.zeros(ids.shape[0], bool)
+                need = np.flatnonzero(~done & np.isin(ids[:, :-d], uniq[quiet_ok]).any(axis=1))
+                for r in need.tolist():  # only excerpts that show a candidate Y are predicted
+                    row = ids[r][ids[r] >= 0].tolist()
+                    predicted[r, : len(row)] = graph.predict_sequence(row) >= thr
+                done[need] = True
+                said = predicted[:, d:][here]
+                wrong = np.bincount(inv, weights=(said & ~y).astype(np.float64), minlength=len(uniq))
+                right = np.bincount(inv, weights=(said & y).astype(np.float64), minlength=len(uniq))
+                for j in np.flatnonzero(quiet_ok & (wrong - right >= min_count) & (2 * wrong > counts)).tolist():
+                    if len(np.unique(tok[(inv == j) & said & ~y])) >= min_distinct:
+                        found.append((float(gain[j]), d, int(uniq[j])))
     found.sort(key=lambda t: (-t[0], t[1], t[2]))
     q = graph.end_quantile
     kept = []

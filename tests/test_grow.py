@@ -266,6 +266,18 @@ def test_any_token_after_a_context_token_is_a_context_activator(tmp_path):
     assert heldout_f1(without, after_nine, [[9]]).f1 < 0.7
 
 
+def test_a_neuron_firing_nearly_everywhere_gets_a_quiet_context_rule():
+    feature, patterns = SHAPES["every token but after Y"]  # quiet only right after 9
+    data = text(1, patterns, n=160, rate=0.2)
+    g = n2g.distill(feature, data).graph_
+    rule = g.nodes[g.nodes[0].children[WILDCARD]]
+    assert set(rule.children) == {9} and g.nodes[rule.children[9]].end < 0.5  # "9 [*]" is quiet
+    model = n2g.distill(feature, data)
+    assert model.predict_normalised(torch.tensor([[50, 9, 99]]))[0].tolist()[1:] == [pytest.approx(1.0), 0.0]
+    without = n2g.distill(feature, data, context_activators=False)
+    assert heldout_f1(without, feature, patterns).pearson < 0.5  # firing everywhere, the quiet tokens missed
+
+
 def test_a_context_rule_that_holds_only_for_some_tokens_stays_with_them():
     # After 9 only tokens 200-204 fire; a rare other token after 9 (where patterns meet) does not:
     # "any token after 9" would be wrong there, so the exact activators stay.
@@ -353,6 +365,7 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
     "stronger after Y Y": (lambda x: (x == 8).float() * (0.6 * (shifted(x, 1) == 9).float()
                                                          + 0.4 * ((shifted(x, 1) == 9) & (shifted(x, 2) == 9)).float()),
                            [[9, 9, 8], [9, 8], [8]]),
+    "every token but after Y": (lambda x: (shifted(x, 1) != 9).float(), [[9]]),
     "Y within 6 before": (lambda x: ((x == 25) & _within(x, 26, 6)).float(),
                           [[25], [26, 25], [26, 40, 41, 42, 25], [26, 43, 44, 45, 46, 47, 25]]),
 }
