@@ -47,6 +47,9 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
                      "0), so it has no graph.")]
     paths = graph_paths(G) if G is not None else []
     firing = [p for p in paths if p["end"] >= threshold]
+    # quiet context rules ("any token after Y is quiet"): they silence every activator
+    silencing = [p for p in paths if p["end"] < threshold and len(p["nodes"]) > 1
+                 and G.nodes[p["nodes"][0]].get("token_id") is None] if firing else []
     out: list[dict] = []
     if not firing:
         out.append(_seg(f"The graph of {key} predicts no firing token: none of its {len(paths)} paths reaches "
@@ -77,9 +80,9 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
                 alone = [t for t in ranked if t in bare][:2]
                 out.append(_seg("; "))
                 out.extend(_listing([[_seg(t, True)] for t in alone]))
-                out.append(_seg(" also fire" + ("s" if len(alone) == 1 else "") + " whatever precedes "
-                                + ("it" if len(alone) == 1 else "them")))
-        elif bare:
+                out.append(_seg(" also fire" + ("s" if len(alone) == 1 else "") + ("" if silencing else " whatever precedes "
+                                + ("it" if len(alone) == 1 else "them"))))
+        elif bare and not silencing:
             out.append(_seg(", whatever precedes them"))
         out.append(_seg(". "))
     out.append(_seg(f"Its strongest activation on the corpus is {st.max_activation:.4g} (raw); values on this page "
@@ -88,7 +91,8 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
         out.append(_seg(f"It fires (normalised activation ≥ {threshold:g}) on {100 * st.firing_rate:.2f} % of "
                         f"{st.n_sampled_tokens:,} sampled corpus tokens. "))
     firing_acts = {p["nodes"][0] for p in firing}
-    quiet = [p for p in paths if p["end"] < threshold and len(p["nodes"]) > 1 and p["nodes"][0] in firing_acts]
+    quiet = silencing + [p for p in paths if p["end"] < threshold and len(p["nodes"]) > 1 and p["nodes"][0] in firing_acts
+                         and p not in silencing]
     if quiet:
         p = quiet[0]
         out.append(_seg("It is suppressed in some contexts: "))

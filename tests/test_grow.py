@@ -276,6 +276,15 @@ def test_a_neuron_firing_nearly_everywhere_gets_a_quiet_context_rule():
     assert model.predict_normalised(torch.tensor([[50, 9, 99]]))[0].tolist()[1:] == [pytest.approx(1.0), 0.0]
     without = n2g.distill(feature, data, context_activators=False)
     assert heldout_f1(without, feature, patterns).pearson < 0.5  # firing everywhere, the quiet tokens missed
+    from n2g.explain import summary_text
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    result = NeuronResult(neuron=NeuronId(0, 1), status="fitted",
+                          stats=NeuronStats(max_activation=1.0, quantiles={}, firing_rate=0.9, n_sampled_tokens=100),
+                          scores={}, examples=[], promoted=[], suppressed=[], graph_stats={}, seconds=1.0)
+    text_ = summary_text(result, g.to_networkx())
+    assert "suppressed in some contexts: 9 [*] is predicted only 0.00" in text_, text_
+    assert "whatever precedes" not in text_
 
 
 def test_a_context_rule_that_holds_only_for_some_tokens_stays_with_them():
