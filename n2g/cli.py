@@ -86,10 +86,17 @@ def _run_default(name: str) -> str:
     return next(f.default for f in fields(RunOptions) if f.name == name)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: what is wrong and where the help is, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="n2g", description="Neuron to Graph: explain single neurons as token-pattern graphs.")
+    parser = _Parser(prog="n2g", description="Neuron to Graph: explain single neurons as token-pattern graphs.")
     parser.add_argument("--version", action="version", version=f"n2g {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -177,3 +177,17 @@ def test_out_that_is_a_file_is_refused_before_loading_anything(tmp_path, capsys)
     code, out, err = main(["run", "--model", tmp_path / "no-such-model", "--out", target, "-q"], capsys)
     assert code == 2 and err.count("\n") == 1 and "is a file, not a directory" in err
     assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--dtype", "float8"], "n2g run: error: argument --dtype: invalid choice: 'float8'"),
+    (["frobnicate"], "n2g: error: argument COMMAND: invalid choice: 'frobnicate'"),
+    (["run", "--layers"], "n2g run: error: argument --layers: expected one argument"),
+    (["serve"], "n2g serve: error: the following arguments are required: run_dir"),
+])
+def test_usage_mistakes_are_one_line_that_points_to_the_help(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
+    assert err.startswith(needle) and err.rstrip().endswith("--help`"), err
