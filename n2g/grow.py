@@ -72,24 +72,24 @@ class Grower:
         order = np.argsort(tokens, kind="stable")
         rows, cols, tokens = rows[order], cols[order], tokens[order]
         bounds = np.flatnonzero(np.diff(tokens)) + 1
-        lists, parent = {}, None
+        lists, parent = {}, []
+        deepest_of = lambda r, c: np.fromiter((self.graph.deepest_node(self._row(lists, rr), cc) for rr, cc in zip(r, c)),
+                                              np.int64, len(r))
         for r, c in zip(np.split(rows, bounds), np.split(cols, bounds)):
             if not len(r):
                 continue
             node = roots[int(self.ids[r[0], c[0]])]
             if len(self.graph.nodes[node].children):  # occurrences a proposed branch explains stay with it
-                deepest = np.fromiter((self.graph.deepest_node(self._row(lists, rr), cc) for rr, cc in zip(r, c)),
-                                      np.int64, len(r))
+                deepest = deepest_of(r, c)
+                if len(parent) != len(self.graph.nodes):  # nodes are only appended while growing
+                    parent = self.graph._parents()
                 if self.split_wildcards:
-                    if parent is None:
-                        parent = self.graph._parents()
                     for at in np.unique(deepest).tolist():
                         if at != node:
                             self._split_wildcards(at, parent, r[deepest == at], c[deepest == at])
                 if self.grow_below:  # a proposed branch is grown further back from the occurrences it explains
-                    parent = self.graph._parents()
-                    deepest = np.fromiter((self.graph.deepest_node(self._row(lists, rr), cc) for rr, cc in zip(r, c)),
-                                          np.int64, len(r))
+                    if len(parent) != len(self.graph.nodes):  # new wildcard siblings may explain some of them now
+                        parent, deepest = self.graph._parents(), deepest_of(r, c)
                     for at in np.unique(deepest).tolist():
                         depth = self._fixed_depth(at, parent)
                         if at != node and depth is not None and depth < self.max_depth:
@@ -214,6 +214,14 @@ class Grower:
                 self.graph.add_child(run_node, token, excerpt_ids)
             remaining[chosen] = False
 
+    def _distinct(self, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Indices of the first occurrence per distinct window of ``CLEAN_WINDOW`` tokens ending at it:
+        repeated text (the same passage twice in a corpus) is one piece of evidence, not several."""
+        first: dict[tuple, int] = {}
+        for k, (rr, cc) in enumerate(zip(r.tolist(), c.tolist())):
+            first.setdefault(tuple(self.ids[rr, max(0, cc - CLEAN_WINDOW + 1): cc + 1].tolist()), k)
+        return np.fromiter(first.values(), np.int64, len(first))
+
     def _best_value(self, r, c, offset):
         """Among occurrences that all fire: the token ``offset`` back after which the activation is
         clearly stronger or weaker ("X at 1.0 after Y Y, 0.6 after Y"): the split's Gaussian likelihood
@@ -223,10 +231,7 @@ class Grower:
         ok[ok] = self.ids[r[ok], c[ok] - offset] >= 0
         if ok.sum() < 2 * CLEAN_MIN:
             return None
-        first: dict[tuple, int] = {}  # one occurrence per distinct window: repeated text is one piece of evidence
-        for k in np.flatnonzero(ok).tolist():
-            first.setdefault(tuple(self.ids[r[k], max(0, c[k] - CLEAN_WINDOW + 1): c[k] + 1].tolist()), k)
-        keep = np.fromiter(first.values(), np.int64)
+        keep = np.flatnonzero(ok)[self._distinct(r[ok], c[ok])]
         a = self.acts[r[keep], c[keep]].astype(np.float64)
         prev = self.ids[r[keep], c[keep] - offset]
         uniq, inv = np.unique(prev, return_inverse=True)
@@ -263,12 +268,7 @@ class Grower:
         side[best[3]] = True
         if not ((y[side].all() and not y[~side].any()) or (y[~side].all() and not y[side].any())):
             return False
-        # Repeated text (the same passage twice in a corpus) is one piece of evidence, not several:
-        # occurrences count once per distinct window of CLEAN_WINDOW tokens ending at them.
-        first: dict[tuple, int] = {}
-        for k, (rr, cc) in enumerate(zip(r.tolist(), c.tolist())):
-            first.setdefault(tuple(self.ids[rr, max(0, cc - CLEAN_WINDOW + 1): cc + 1].tolist()), k)
-        keep = np.fromiter(first.values(), np.int64)
+        keep = self._distinct(r, c)
         side, r, c = side[keep], r[keep], c[keep]
         if side.sum() < CLEAN_MIN or (~side).sum() < CLEAN_MIN:
             return False
