@@ -7,7 +7,9 @@ branches greedily, as a classification tree over "does it fire here" whose quest
 keys: *is the token d positions back Y* (an exact child, which may continue one position further
 back) and *is Y anywhere among the next k tokens back* (a wildcard run of 0..k-1 tokens, then Y).
 A question may also be a set: *is the token d positions back one of S*, where S gathers the
-tokens after which X never (or always) fires. Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
+tokens after which X never (or always) fires (each seen ``min_count`` times; or, where that splits
+the occurrences cleanly, every such token however rarely seen, see :meth:`Grower._clean_set`).
+Occurrences that a proposed branch of wildcards alone ("* * [X]") matches are grown at X itself. Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
 at least ``min_gain``, or a clean split, see :meth:`Grower._clean`) among the occurrences not yet claimed by an earlier branch, so a node gains several children ("X fires unless the token before it is one
 of S" is X with an END that fires and a non-firing child per member of S). After calibration on the
 same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
@@ -94,7 +96,9 @@ class Grower:
                         depth = self._fixed_depth(at, parent)
                         if at != node and depth is not None and depth < self.max_depth:
                             self._grow(at, r[deepest == at], c[deepest == at], depth + 1, self.max_depth - depth)
-                keep = deepest == node
+                # a proposed chain of wildcards alone ("* * [X]") says nothing the activator does not
+                keep = (deepest == node) | np.fromiter((self.graph.nodes[at].rank[0] == 0 for at in deepest.tolist()),
+                                                      bool, len(deepest))
                 r, c = r[keep], c[keep]
             if len(r):
                 self._grow(node, r, c, 1, self.max_depth)
@@ -193,7 +197,10 @@ class Grower:
                 run = self._best_run(r, c, y, offset, n, f, base)
                 if run is not None and (best is None or run[1] > best[1] + 1e-9):
                     best, skip = run, 0
-            if best is None or (best[1] < self.min_gain and not self._clean(r, c, y, best)):
+            clean = self._clean_set(r, c, y, offset)
+            if clean is not None and (best is None or not self._pure(y, best[3])):
+                best, skip = clean, 0  # every member, seen once or more, rather than those seen min_count times
+            elif best is None or (best[1] < self.min_gain and not self._clean(r, c, y, best)):
                 return
             kind, _, token, member = best
             chosen = idx[member]
@@ -206,6 +213,9 @@ class Grower:
                 for t in members:
                     mine = chosen[prev == t]
                     child = self.graph.add_child(at, t, set(self.sources[rows[mine]].tolist()))
+                    if len(mine) < self.min_count and self.graph.nodes[child].end is None:
+                        # a member of a clean set seen once: an END now, so calibration values it from one token
+                        self.graph.nodes[child].end = float(np.mean(self.acts[rows[mine], cols[mine]]))
                     if depth_left - skip > 1:
                         self._grow(child, rows[mine], cols[mine], offset + skip + 1, depth_left - skip - 1)
             else:
@@ -256,6 +266,13 @@ class Grower:
         member = np.flatnonzero(ok & (self.ids[r, np.maximum(c - offset, 0)] == uniq[j]))
         return ("exact", float(lr[j]), int(uniq[j]), member)
 
+    @staticmethod
+    def _pure(y: np.ndarray, member: np.ndarray) -> bool:
+        """Whether a question's two sides each all fire or all do not."""
+        side = np.zeros(len(y), bool)
+        side[member] = True
+        return all(len(set(y[s].tolist())) <= 1 for s in (side, ~side))
+
     def _clean(self, r, c, y, best) -> bool:
         """Whether a question too weak for ``min_gain`` still splits the occurrences cleanly: every
         one on one side fires and none on the other, and the activations on each side are so alike
@@ -278,6 +295,41 @@ class Grower:
         if total <= 0.0:
             return False
         return len(a) * np.log(total / max(within, 1e-9 * total)) >= self.clean_gain
+
+    def _clean_set(self, r, c, y, offset):
+        """A set question that takes members seen once: every token ``offset`` back after which X never
+        fires, when X fires after every other token (or the mirror: always fires / never fires).
+
+        ``_best_exact`` needs ``min_count`` occurrences per member, so in text where the blockers of
+        "X unless the token before is one of S" are rare (each seen once or twice) the pure set covers
+        only some of them and the split is neither strong nor clean. Taking every never-firing token
+        makes the split clean whenever the rule is deterministic; it is then kept only if
+        :meth:`_clean` passes (a few distinct occurrences a side, activations alike within each side),
+        which a noisy neuron's handful of occurrences rarely does.
+        """
+        if not self.clean_gain:
+            return None
+        ok = c - offset >= 0
+        ok[ok] = self.ids[r[ok], c[ok] - offset] >= 0
+        if not ok.any():
+            return None
+        prev = self.ids[r[ok], c[ok] - offset]
+        uniq, inv = np.unique(prev, return_inverse=True)
+        counts = np.bincount(inv)
+        fired = np.bincount(inv, weights=y[ok].astype(np.float64))
+        n, f = len(r), int(y.sum())
+        for pure, rest_fires in ((fired == 0, True), (fired == counts, False)):
+            members = np.flatnonzero(pure)
+            if not len(members):
+                continue
+            n1, f1 = int(counts[members].sum()), int(fired[members].sum())
+            if (n - n1, f - f1) != (n - n1, (n - n1) if rest_fires else 0):
+                continue  # the other occurrences are not all on the other side
+            member = np.flatnonzero(ok)[pure[inv]]
+            found = ("set", 0.0, [int(t) for t in uniq[members]], member)
+            if self._clean(r, c, y, found):
+                return found
+        return None
 
     def _score(self, counts, fired, n, f, base):
         gain = base - _impurity(counts, fired) - _impurity(n - counts, f - fired)

@@ -440,3 +440,38 @@ def test_a_clean_split_is_learned_from_a_few_occurrences_but_not_from_repeated_t
     data = text(1, patterns, n=100, rate=0.1)
     assert heldout_f1(n2g.distill(feature, data), feature, patterns).f1 == 1.0
     assert heldout_f1(n2g.distill(feature, data, clean_gain=0), feature, patterns).f1 < 0.9
+
+
+def test_blockers_seen_once_each_join_the_set():
+    # 24 follows random background tokens, ten of which (60-69) silence it, as in real text where each
+    # blocker comes before the activator only now and then: the training half shows some once. A set
+    # needing min_count per member left those out and 24 fired after them; the clean set takes every
+    # token after which 24 never fires, since 24 fires after every other one.
+    from n2g.activations import partition
+    patterns = [[24]] * 2
+    data = text(1, patterns, n=240, rate=0.3)
+    model = n2g.distill(unless_blocked, data)
+    train = data[torch.from_numpy(partition(len(data), model.config.held_out, model.config.seed))]
+    before = shifted(train, 1)[train == 24]
+    seen = {b: int((before == b).sum()) for b in BLOCKERS if (before == b).any()}
+    assert 1 in seen.values() and len(seen) < len(BLOCKERS)  # some seen once, some never
+    g = model.graph_
+    activator = g.nodes[g.nodes[0].children[24]]
+    quiet = {key for key, child in activator.children.items() if g.nodes[child].end < 0.5}
+    assert quiet == set(seen) and activator.end >= 0.5
+    never = sorted(set(BLOCKERS) - set(seen))
+    assert model.predict_normalised(torch.tensor([[30, never[0], 24]]))[0, 2] >= 0.5  # unseen: no evidence
+
+
+def test_a_proposed_chain_of_wildcards_does_not_hide_occurrences_from_growth():
+    # Pruning may propose "* * [25]" (context that did not matter). It matches every occurrence of 25
+    # with two tokens before it, and the grower used to leave those occurrences to it: no question
+    # about them was asked at all. It says nothing 25 alone does not, so they are grown at 25.
+    x = text(2, NEAR, n=240, rate=0.3)
+    acts = near(x).numpy()
+    g = NeuronGraph("mean", "search")
+    g.add_path([(25, 1.0), (WILDCARD, 0.0), (WILDCARD, 0.0)], 0.0)
+    Grower(g, x.numpy(), acts, np.arange(len(x)), min_count=3).grow()
+    activator = g.nodes[g.nodes[0].children[25]]
+    runs = [key for key in activator.children if key < WILDCARD]
+    assert runs == [run_key(2)] and list(g.nodes[activator.children[runs[0]]].children) == [26]
