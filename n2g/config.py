@@ -139,6 +139,10 @@ class DistillConfig:
     activation clearly stronger or weaker still becomes a branch ("X at 1.0 after Y Y, at 0.6 after Y"):
     Gaussian likelihood ratio of the split at least this, means at least 0.2 apart, 3 distinct
     occurrences each side (0: never). Such a branch stays while its value differs by 0.2."""
+    join_depths: bool = False
+    """Where branches of an activator X show a context token Y at two or more distances, and every
+    training occurrence of X with Y within the largest of them fires (or none does), a wildcard run
+    "Y within D before X" joins them (see :meth:`n2g.grow.Grower._join_depths`)."""
     run_window: int = 3
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
     min_gain: float = 10.0
@@ -340,6 +344,7 @@ PRESETS: dict[str, DistillConfig] = {
         clean_gain=60.0,
         grow_below=True,
         value_gain=60.0,
+        join_depths=True,
         context_activators=True,
         augment=True,
         augment_positions="activator",

@@ -161,7 +161,7 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
         Grower(graph, ids, acts, np.arange(len(seen)), min_count=cfg.min_count, max_depth=cfg.grow_depth,
                run_window=cfg.run_window, min_gain=cfg.min_gain, skip_questions=cfg.grow_gaps,
                split_wildcards=cfg.grow_gaps, set_cost=cfg.set_cost, clean_gain=cfg.clean_gain,
-               grow_below=cfg.grow_below, value_gain=cfg.value_gain).grow()
+               grow_below=cfg.grow_below, value_gain=cfg.value_gain, join_depths=cfg.join_depths).grow()
     if cfg.calibrate:
         evidence = [(np.asarray(e.token_ids), np.asarray(e.activations)) for e in seen]
         told = [v for v in trace.variants if cfg.variant_evidence == "all"

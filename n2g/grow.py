@@ -9,7 +9,9 @@ back) and *is Y anywhere among the next k tokens back* (a wildcard run of 0..k-1
 A question may also be a set: *is the token d positions back one of S*, where S gathers the
 tokens after which X never (or always) fires (each seen ``min_count`` times; or, where that splits
 the occurrences cleanly, every such token however rarely seen, see :meth:`Grower._clean_set`).
-Occurrences that a proposed branch of wildcards alone ("* * [X]") matches are grown at X itself. Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
+Occurrences that a proposed branch of wildcards alone ("* * [X]") matches are grown at X itself.
+Where branches show one context token at several distances, a run joins them when the training
+evidence agrees (:meth:`Grower._join_depths`). Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
 at least ``min_gain``, or a clean split, see :meth:`Grower._clean`) among the occurrences not yet claimed by an earlier branch, so a node gains several children ("X fires unless the token before it is one
 of S" is X with an END that fires and a non-firing child per member of S). After calibration on the
 same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
@@ -39,6 +41,8 @@ CLEAN_WINDOW = 8
 """Tokens (ending at an occurrence) that tell repeated text apart for :meth:`Grower._clean`."""
 CLEAN_MIN = 3
 """Distinct occurrences each side of a clean split needs."""
+JOIN_MAX = 8
+"""Largest distance :meth:`Grower._join_depths` joins over."""
 VALUE_DELTA = 0.2
 """Least difference of mean activation (normalised) between the sides of a strength split."""
 
@@ -50,7 +54,7 @@ class Grower:
                  min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
                  min_gain: float = 10.0, skip_questions: bool = False, skip_cost: float = 2.0,
                  split_wildcards: bool = False, set_cost: float = 2.0, clean_gain: float = 0.0,
-                 grow_below: bool = False, value_gain: float = 0.0):
+                 grow_below: bool = False, value_gain: float = 0.0, join_depths: bool = False):
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
@@ -61,6 +65,7 @@ class Grower:
         self.clean_gain = clean_gain
         self.grow_below = grow_below
         self.value_gain = value_gain
+        self.join_depths = join_depths
 
     def grow(self) -> int:
         """Grow every activator; returns how many nodes were added."""
@@ -102,7 +107,62 @@ class Grower:
                 r, c = r[keep], c[keep]
             if len(r):
                 self._grow(node, r, c, 1, self.max_depth)
+        if self.join_depths:
+            dropped: set[int] = set()
+            for token, node in list(roots.items()):
+                if token != WILDCARD:
+                    dropped |= self._join_depths(node)
+            if dropped:
+                self.graph.compact(set(range(len(self.graph.nodes))) - dropped)
+                return len(self.graph.nodes) - before + len(dropped)  # nodes added (some replaced others)
         return len(self.graph.nodes) - before
+
+    def _join_depths(self, node: int) -> set[int]:
+        """Say "Y anywhere in the D tokens before X" where branches show Y at two or more distances.
+
+        Pruning and growing see each occurrence at its own distance, so "X fires when Y is within 6"
+        comes out as "Y * * [X]" and "Y * * * * * [X]" and a held-out Y four back is missed. Where
+        every training occurrence of X with Y among the D tokens before it (D the largest of those
+        distances, at most ``JOIN_MAX``) fires, or none does, and at least ``CLEAN_MIN`` distinct ones
+        do, a wildcard run "Y *{0..D-1} [X]" replaces them (exact branches with no branches of their
+        own are unlinked; returns their indices, for the caller to compact the graph).
+        """
+        depths: dict[int, set[int]] = {}
+        leaves: dict[int, list[tuple[int, int]]] = {}  # Y -> (parent, node) of exact branches that end at Y
+        stack = [(node, 0)]
+        while stack:  # branches "Y * ... * [X]": wildcards, then one token
+            at, d = stack.pop()
+            for key, child in self.graph.nodes[at].children.items():
+                if key == WILDCARD:
+                    stack.append((child, d + 1))
+                elif key >= 0 and d + 1 <= JOIN_MAX:
+                    depths.setdefault(key, set()).add(d + 1)
+                    if not self.graph.nodes[child].children:
+                        leaves.setdefault(key, []).append((at, child))
+        dropped: set[int] = set()
+        x = self.graph.nodes[node].token_id
+        rows, cols = np.nonzero(self.ids == x)
+        for y_token, ds in sorted(depths.items()):
+            if len(ds) < 2:
+                continue
+            span = max(ds)
+            near = np.zeros(len(rows), bool)
+            for d in range(1, span + 1):
+                ok = cols - d >= 0
+                near[ok] |= self.ids[rows[ok], cols[ok] - d] == y_token
+            if not near.any():
+                continue
+            r, c = rows[near], cols[near]
+            fired = self.fires[r, c]
+            if fired.all() != fired.any() or len(self._distinct(r, c)) < CLEAN_MIN:
+                continue  # some fire and some do not: the distance matters
+            sources = set(self.sources[r].tolist())
+            run = self.graph.add_child(node, run_key(span - 1), sources)
+            self.graph.add_child(run, y_token, sources)
+            for parent, leaf in leaves.get(y_token, ()):
+                del self.graph.nodes[parent].children[y_token]
+                dropped.add(leaf)
+        return dropped
 
     def _split_wildcards(self, node: int, parent: list[int], rows: np.ndarray, cols: np.ndarray) -> None:
         """Ask about the wildcard positions of a proposed branch, from the occurrences it explains.

@@ -475,3 +475,21 @@ def test_a_proposed_chain_of_wildcards_does_not_hide_occurrences_from_growth():
     activator = g.nodes[g.nodes[0].children[25]]
     runs = [key for key in activator.children if key < WILDCARD]
     assert runs == [run_key(2)] and list(g.nodes[activator.children[runs[0]]].children) == [26]
+
+
+def test_a_context_token_seen_at_two_distances_becomes_a_run_over_all_between():
+    # Training shows 26 only two and five tokens before 25; the rule is "26 anywhere in the 6 before".
+    # Branch by branch the graph said "26 * [25]" and "26 * * * * [25]" and missed 26 one, three,
+    # four or six back. Every 25 with 26 within five fires in training, so one run says it.
+    rule = lambda x: ((x == 25) & _within(x, 26, 6)).float()
+    train = [[25], [26, 40, 25], [26, 41, 42, 43, 44, 25]]
+    model = n2g.distill(rule, text(3, train, n=240, rate=0.3))
+    g = model.graph_
+    activator = g.nodes[g.nodes[0].children[25]]
+    runs = [key for key in activator.children if key < WILDCARD]
+    assert [run_span(k) for k in runs] == [4] and list(g.nodes[activator.children[runs[0]]].children) == [26]
+    for gap in range(5):  # 26, then 0 to 4 other tokens, then 25: fires
+        assert model.predict_normalised(torch.tensor([[26] + [50] * gap + [25]]))[0, -1] >= 0.5
+    assert model.predict_normalised(torch.tensor([[26] + [50] * 6 + [25]]))[0, -1] < 0.5
+    off = n2g.distill(rule, text(3, train, n=240, rate=0.3), join_depths=False)
+    assert off.predict_normalised(torch.tensor([[26, 50, 50, 25]]))[0, -1] < 0.5  # without it: exact distances only
