@@ -41,6 +41,10 @@ CLEAN_WINDOW = 8
 """Tokens (ending at an occurrence) that tell repeated text apart for :meth:`Grower._clean`."""
 CLEAN_MIN = 3
 """Distinct occurrences each side of a clean split needs."""
+JOIN_MIN_DEPTHS = 2
+"""Distances a context token must show before :meth:`Grower._join_depths` joins them (at one
+distance, "after Y" and "Y within 3" are equally consistent with the evidence; joining those cost
+planted "X unless after one of 10" on real text)."""
 JOIN_MAX = 8
 """Largest distance :meth:`Grower._join_depths` joins over."""
 VALUE_DELTA = 0.2
@@ -123,8 +127,9 @@ class Grower:
         Pruning and growing see each occurrence at its own distance, so "X fires when Y is within 6"
         comes out as "Y * * [X]" and "Y * * * * * [X]" and a held-out Y four back is missed. Where
         every training occurrence of X with Y among the D tokens before it (D the largest of those
-        distances, at most ``JOIN_MAX``) fires, or none does, and at least ``CLEAN_MIN`` distinct ones
-        do, a wildcard run "Y *{0..D-1} [X]" replaces them (exact branches with no branches of their
+        distances, at most ``JOIN_MAX``; widened to ``run_window`` when the evidence there agrees too)
+        fires, or none does, and at least ``CLEAN_MIN`` distinct ones do, a wildcard run
+        "Y *{0..D-1} [X]" replaces them (exact branches with no branches of their
         own are unlinked; returns their indices, for the caller to compact the graph).
         """
         depths: dict[int, set[int]] = {}
@@ -143,18 +148,20 @@ class Grower:
         x = self.graph.nodes[node].token_id
         rows, cols = np.nonzero(self.ids == x)
         for y_token, ds in sorted(depths.items()):
-            if len(ds) < 2:
+            if len(ds) < JOIN_MIN_DEPTHS:
                 continue
-            span = max(ds)
-            near = np.zeros(len(rows), bool)
-            for d in range(1, span + 1):
-                ok = cols - d >= 0
-                near[ok] |= self.ids[rows[ok], cols[ok] - d] == y_token
-            if not near.any():
-                continue
-            r, c = rows[near], cols[near]
-            fired = self.fires[r, c]
-            if fired.all() != fired.any() or len(self._distinct(r, c)) < CLEAN_MIN:
+            for span in dict.fromkeys((max(max(ds), self.run_window), max(ds))):  # as wide as a grown run, if the evidence agrees
+                if span < 2:
+                    continue
+                near = np.zeros(len(rows), bool)
+                for d in range(1, span + 1):
+                    ok = cols - d >= 0
+                    near[ok] |= self.ids[rows[ok], cols[ok] - d] == y_token
+                r, c = rows[near], cols[near]
+                fired = self.fires[r, c]
+                if near.any() and fired.all() == fired.any() and len(self._distinct(r, c)) >= CLEAN_MIN:
+                    break
+            else:
                 continue  # some fire and some do not: the distance matters
             sources = set(self.sources[r].tolist())
             run = self.graph.add_child(node, run_key(span - 1), sources)

@@ -493,3 +493,15 @@ def test_a_context_token_seen_at_two_distances_becomes_a_run_over_all_between():
     assert model.predict_normalised(torch.tensor([[26] + [50] * 6 + [25]]))[0, -1] < 0.5
     off = n2g.distill(rule, text(3, train, n=240, rate=0.3), join_depths=False)
     assert off.predict_normalised(torch.tensor([[26, 50, 50, 25]]))[0, -1] < 0.5  # without it: exact distances only
+
+
+def test_a_joined_run_is_as_wide_as_a_grown_run_when_the_evidence_allows():
+    # Training shows 26 one and two before 25 (rule: within 3). Joined over the largest distance
+    # seen the run would say "within 2"; with nothing in training against it, it spans the three
+    # positions a grown run does, so 26 three back fires too, and four back does not.
+    train = [[25], [26, 25], [26, 40, 25]]
+    model = n2g.distill(near, text(4, train, n=240, rate=0.3))
+    activator = model.graph_.nodes[model.graph_.nodes[0].children[25]]
+    assert [run_span(k) for k in activator.children if k < WILDCARD] == [2]
+    assert model.predict_normalised(torch.tensor([[26, 50, 50, 25]]))[0, -1] >= 0.5
+    assert model.predict_normalised(torch.tensor([[26, 50, 50, 50, 25]]))[0, -1] < 0.5
