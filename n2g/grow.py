@@ -255,19 +255,26 @@ class Grower:
                 remaining[chosen] = False
                 continue
             base = float(_impurity(n, f))
-            best, skip = None, 0
+            # Every question: (gain after costs, question, wildcards skipped, clean set). One is admissible
+            # with a gain of at least min_gain, or when it splits cleanly; the best admissible one wins.
+            questions = []
             for s in range(depth_left if self.skip_questions else 1):  # the token s+1 positions back, s wildcards between
                 found = self._best_exact(r, c, y, offset + s, n, f, base)
-                if found is not None and found[1] - self.skip_cost * s > (best[1] if best else -np.inf) + 1e-9:
-                    best, skip = (found[0], found[1] - self.skip_cost * s, found[2], found[3]), s
+                if found is not None:
+                    questions.append((found[1] - self.skip_cost * s, found, s, False))
             if self.run_window > 1:
                 run = self._best_run(r, c, y, offset, n, f, base)
-                if run is not None and (best is None or run[1] > best[1] + 1e-9):
-                    best, skip = run, 0
-            clean = self._clean_set(r, c, y, offset)
-            if clean is not None and (best is None or not self._pure(y, best[3])):
-                best, skip = clean, 0  # every member, seen once or more, rather than those seen min_count times
-            elif best is None or (best[1] < self.min_gain and not self._clean(r, c, y, best)):
+                if run is not None:
+                    questions.append((run[1], run, 0, False))
+            for s in range(depth_left if self.skip_questions else 1):  # last: a tie goes to a single token
+                clean = self._clean_set(r, c, y, offset + s, base)  # every member, seen once or more
+                if clean is not None:
+                    questions.append((clean[1] - self.skip_cost * s, clean, s, True))
+            best, skip, top = None, 0, -np.inf
+            for gain, found, s, clean in questions:
+                if gain > top + 1e-9 and (clean or gain >= self.min_gain or self._clean(r, c, y, found)):
+                    best, skip, top = (found[0], gain, found[2], found[3]), s, gain
+            if best is None:
                 return
             kind, _, token, member = best
             chosen = idx[member]
@@ -363,7 +370,7 @@ class Grower:
             return False
         return len(a) * np.log(total / max(within, 1e-9 * total)) >= self.clean_gain
 
-    def _clean_set(self, r, c, y, offset):
+    def _clean_set(self, r, c, y, offset, base):
         """A set question that takes members seen once: every token ``offset`` back after which X never
         fires, when X fires after every other token (or the mirror: always fires / never fires).
 
@@ -387,13 +394,13 @@ class Grower:
         n, f = len(r), int(y.sum())
         for pure, rest_fires in ((fired == 0, True), (fired == counts, False)):
             members = np.flatnonzero(pure)
-            if not len(members):
-                continue
+            if not len(members) or counts[members].max() < self.min_count:
+                continue  # no member seen twice: each occurrence its own explanation (memorising, not a rule)
             n1, f1 = int(counts[members].sum()), int(fired[members].sum())
             if (n - n1, f - f1) != (n - n1, (n - n1) if rest_fires else 0):
                 continue  # the other occurrences are not all on the other side
             member = np.flatnonzero(ok)[pure[inv]]
-            found = ("set", 0.0, [int(t) for t in uniq[members]], member)
+            found = ("set", base - self.set_cost * (len(members) - 1), [int(t) for t in uniq[members]], member)
             if self._clean(r, c, y, found):
                 return found
         return None

@@ -505,3 +505,26 @@ def test_a_joined_run_is_as_wide_as_a_grown_run_when_the_evidence_allows():
     assert [run_span(k) for k in activator.children if k < WILDCARD] == [2]
     assert model.predict_normalised(torch.tensor([[26, 50, 50, 25]]))[0, -1] >= 0.5
     assert model.predict_normalised(torch.tensor([[26, 50, 50, 50, 25]]))[0, -1] < 0.5
+
+
+def test_blockers_two_before_seen_once_each_are_learned_across_the_gap():
+    # "24 fires unless the token two before it is one of 60-64", in text where those come two before
+    # 24 only now and then (the training half shows 62 and 63 once, 61 never). The clean set is also
+    # asked across a wildcard, so every blocker seen, however rarely, gets a quiet branch "B * [24]".
+    from n2g.activations import partition
+    five = [60, 61, 62, 63, 64]
+
+    def rule(x):
+        return ((x == 24) & ~torch.isin(shifted(x, 2), torch.tensor(five))).float()
+
+    data = text(2, [[24]] * 2, n=240, rate=0.3)
+    model = n2g.distill(rule, data)
+    train = data[torch.from_numpy(partition(len(data), model.config.held_out, model.config.seed))]
+    two_back = shifted(train, 2)[train == 24]
+    seen = {b: int((two_back == b).sum()) for b in five if (two_back == b).any()}
+    assert sorted(seen.values())[0] == 1 and len(seen) == 4  # 62 and 63 once, 61 never
+    g = model.graph_
+    activator = g.nodes[g.nodes[0].children[24]]
+    gap = g.nodes[activator.children[WILDCARD]]
+    quiet = {key for key, child in gap.children.items() if g.nodes[child].end < 0.5}
+    assert quiet == set(seen) and activator.end >= 0.5
