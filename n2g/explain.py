@@ -7,6 +7,8 @@ in code type) so pages escape and style it without parsing anything back.
 
 from __future__ import annotations
 
+import re
+
 import networkx as nx
 
 from .records import NeuronResult
@@ -30,11 +32,18 @@ def _listing(items: list[list[dict]], more: int = 0) -> list[dict]:
 
 def _where(path: dict) -> str:
     """How the context of a path sits before its activator, in words."""
-    exact = [d for d, kind in enumerate(path["kinds"]) if kind == "context"]
-    if not exact:
-        return ""
-    d = exact[0]
-    return "right before it" if d == 1 else f"{d} tokens before it"
+    lo = hi = 0  # how far back the first context token may stand
+    for token, kind in zip(path["tokens"][1:], path["kinds"][1:]):
+        span = re.fullmatch(r"\*\{0-(\d+)\}", token) if kind == "wildcard" else None
+        if span:  # a wildcard run of 0..k tokens
+            hi += int(span.group(1))
+            continue
+        lo, hi = lo + 1, hi + 1
+        if kind == "context":
+            if lo == hi:
+                return "right before it" if lo == 1 else f"{lo} tokens before it"
+            return f"anywhere in the {hi} tokens before it" if lo == 1 else f"{lo} to {hi} tokens before it"
+    return ""
 
 
 def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) -> list[dict]:

@@ -491,6 +491,10 @@ def test_a_context_token_seen_at_two_distances_becomes_a_run_over_all_between():
     for gap in range(5):  # 26, then 0 to 4 other tokens, then 25: fires
         assert model.predict_normalised(torch.tensor([[26] + [50] * gap + [25]]))[0, -1] >= 0.5
     assert model.predict_normalised(torch.tensor([[26] + [50] * 6 + [25]]))[0, -1] < 0.5
+    from n2g.explain import _where
+    from n2g.render import graph_paths
+    ctx = [p for p in graph_paths(g.to_networkx()) if "context" in p["kinds"]]
+    assert [_where(p) for p in ctx] == ["anywhere in the 5 tokens before it"]  # as the summary words it
     off = n2g.distill(rule, text(3, train, n=240, rate=0.3), join_depths=False)
     assert off.predict_normalised(torch.tensor([[26, 50, 50, 25]]))[0, -1] < 0.5  # without it: exact distances only
 
