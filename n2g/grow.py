@@ -145,11 +145,11 @@ class Grower:
                     if not self.graph.nodes[child].children:
                         leaves.setdefault(key, []).append((at, child))
         dropped: set[int] = set()
-        x = self.graph.nodes[node].token_id
-        rows, cols = np.nonzero(self.ids == x)
-        for y_token, ds in sorted(depths.items()):
-            if len(ds) < JOIN_MIN_DEPTHS:
-                continue
+        joinable = sorted((y, ds) for y, ds in depths.items() if len(ds) >= JOIN_MIN_DEPTHS)
+        if not joinable:
+            return set()
+        rows, cols = np.nonzero(self.ids == self.graph.nodes[node].token_id)
+        for y_token, ds in joinable:
             for span in dict.fromkeys((max(max(ds), self.run_window), max(ds))):  # as wide as a grown run, if the evidence agrees
                 if span < 2:
                     continue
