@@ -144,10 +144,10 @@ class Grower:
                     depths.setdefault(key, set()).add(d + 1)
                     if not self.graph.nodes[child].children:
                         leaves.setdefault(key, []).append((at, child))
-        dropped: set[int] = set()
         joinable = sorted((y, ds) for y, ds in depths.items() if len(ds) >= JOIN_MIN_DEPTHS)
+        dropped: set[int] = set()
         if not joinable:
-            return set()
+            return dropped
         rows, cols = np.nonzero(self.ids == self.graph.nodes[node].token_id)
         for y_token, ds in joinable:
             for span in dict.fromkeys((max(max(ds), self.run_window), max(ds))):  # as wide as a grown run, if the evidence agrees
@@ -340,13 +340,6 @@ class Grower:
         member = np.flatnonzero(ok & (self.ids[r, np.maximum(c - offset, 0)] == uniq[j]))
         return ("exact", float(lr[j]), int(uniq[j]), member)
 
-    @staticmethod
-    def _pure(y: np.ndarray, member: np.ndarray) -> bool:
-        """Whether a question's two sides each all fire or all do not."""
-        side = np.zeros(len(y), bool)
-        side[member] = True
-        return all(len(set(y[s].tolist())) <= 1 for s in (side, ~side))
-
     def _clean(self, r, c, y, best) -> bool:
         """Whether a question too weak for ``min_gain`` still splits the occurrences cleanly: every
         one on one side fires and none on the other, and the activations on each side are so alike
@@ -397,7 +390,7 @@ class Grower:
             if not len(members) or counts[members].max() < self.min_count:
                 continue  # no member seen twice: each occurrence its own explanation (memorising, not a rule)
             n1, f1 = int(counts[members].sum()), int(fired[members].sum())
-            if (n - n1, f - f1) != (n - n1, (n - n1) if rest_fires else 0):
+            if f - f1 != ((n - n1) if rest_fires else 0):
                 continue  # the other occurrences are not all on the other side
             member = np.flatnonzero(ok)[pure[inv]]
             found = ("set", base - self.set_cost * (len(members) - 1), [int(t) for t in uniq[members]], member)
