@@ -373,10 +373,14 @@ class NeuronGraph:
         with a given context token (occlusion found it important) gets none without it. ``end_value="mean"``
         (with ``auto``) stores each node's mean activation instead of the quantile, moved to the
         threshold when the quantile and the mean disagree about firing, so values keep their strength
-        and decisions stay those the quantile chose.
+        and decisions stay those the quantile chose. With ``backoff``, a node reached from an exact
+        activator through wildcards alone ("* * [X]") holds no END: its tokens count at the activator.
         """
         roots = self.nodes[0].children
         anywhere = WILDCARD in roots
+        chains = self._wildcard_chains() if backoff else {}
+        for node in chains:  # "* * [X]" says what X alone says: its tokens count at X
+            self.nodes[node].end = None
         reached: dict[int, list[float]] = {}
         for ids, acts in sequences:
             ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
@@ -384,6 +388,7 @@ class NeuronGraph:
                 if t not in roots and not anywhere:  # reaches no node
                     continue
                 node = self.deepest_node(ids, i) if backoff else self.match_end(ids, i)
+                node = chains.get(node, node)
                 if node is not None:
                     reached.setdefault(node, []).append(float(acts[i]))
         self.support = {node: len(vals) for node, vals in reached.items()}
@@ -420,6 +425,21 @@ class NeuronGraph:
         for node, v in values.items():
             self.nodes[node].end = float(np.mean(v) if statistic == "mean" else np.quantile(v, float(statistic)))
         return len(values)
+
+    def _wildcard_chains(self) -> dict[int, int]:
+        """Nodes below an exact activator whose path to it holds wildcards only ("* * [X]"), each
+        mapped to that activator: such a node matches every occurrence of X with enough tokens before
+        it, so an END there only splits X's evidence by position in the excerpt."""
+        parent, out = self._parents(), {}
+        for idx in range(1, len(self.nodes)):
+            node = self.nodes[idx]
+            if node.depth > 0 and node.rank[0] == 0:
+                up = idx
+                while self.nodes[up].depth > 0:
+                    up = parent[up]
+                if self.nodes[up].token_id >= 0:
+                    out[idx] = up
+        return out
 
     def _best_quantile(self, sequences, grid: dict[int, np.ndarray], sources: Sequence[int | None] | None = None) -> int:
         """Index into AUTO_QUANTILES of the best training firing F1 (ties: the higher quantile).

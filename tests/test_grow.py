@@ -532,3 +532,16 @@ def test_blockers_two_before_seen_once_each_are_learned_across_the_gap():
     gap = g.nodes[activator.children[WILDCARD]]
     quiet = {key for key, child in gap.children.items() if g.nodes[child].end < 0.5}
     assert quiet == set(seen) and activator.end >= 0.5
+
+
+def test_a_chain_of_wildcards_under_an_activator_holds_no_end_of_its_own():
+    # "11 * [10]": the node "* [10]" on the way matches every 10 with a token before it, so an END
+    # there split 10's evidence by position in the excerpt and listed "* [10]" as a path of its own,
+    # saying what "[10]" says. Its tokens now count at 10.
+    from planted import RULES
+    from n2g.render import graph_paths
+    feature, patterns = RULES["gap"]
+    g = n2g.distill(feature, text(1, patterns, n=240, rate=0.3)).graph_
+    chains = g._wildcard_chains()
+    assert chains and all(g.nodes[i].end is None for i in chains)
+    assert sorted(p["tokens"] for p in graph_paths(g.to_networkx())) == [["10"], ["10", "*", "11"]]
