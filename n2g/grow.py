@@ -257,19 +257,20 @@ class Grower:
             base = float(_impurity(n, f))
             # Every question: (gain after costs, question, wildcards skipped, clean set). One is admissible
             # with a gain of at least min_gain, or when it splits cleanly; the best admissible one wins.
-            questions = []
+            questions, cleans = [], []
             for s in range(depth_left if self.skip_questions else 1):  # the token s+1 positions back, s wildcards between
-                found = self._best_exact(r, c, y, offset + s, n, f, base)
+                tally = self._tally(r, c, y, offset + s)
+                found = self._best_exact(r, c, y, offset + s, n, f, base, tally)
                 if found is not None:
                     questions.append((found[1] - self.skip_cost * s, found, s, False))
+                clean = self._clean_set(r, c, y, base, tally)  # every member, seen once or more
+                if clean is not None:
+                    cleans.append((clean[1] - self.skip_cost * s, clean, s, True))
             if self.run_window > 1:
                 run = self._best_run(r, c, y, offset, n, f, base)
                 if run is not None:
                     questions.append((run[1], run, 0, False))
-            for s in range(depth_left if self.skip_questions else 1):  # last: a tie goes to a single token
-                clean = self._clean_set(r, c, y, offset + s, base)  # every member, seen once or more
-                if clean is not None:
-                    questions.append((clean[1] - self.skip_cost * s, clean, s, True))
+            questions += cleans  # last: a tie goes to a single token
             best, skip, top = None, 0, -np.inf
             for gain, found, s, clean in questions:
                 if gain > top + 1e-9 and (clean or gain >= self.min_gain or self._clean(r, c, y, found)):
@@ -363,7 +364,7 @@ class Grower:
             return False
         return len(a) * np.log(total / max(within, 1e-9 * total)) >= self.clean_gain
 
-    def _clean_set(self, r, c, y, offset, base):
+    def _clean_set(self, r, c, y, base, tally):
         """A set question that takes members seen once: every token ``offset`` back after which X never
         fires, when X fires after every other token (or the mirror: always fires / never fires).
 
@@ -374,16 +375,9 @@ class Grower:
         :meth:`_clean` passes (a few distinct occurrences a side, activations alike within each side),
         which a noisy neuron's handful of occurrences rarely does.
         """
-        if not self.clean_gain:
+        if not self.clean_gain or tally is None:
             return None
-        ok = c - offset >= 0
-        ok[ok] = self.ids[r[ok], c[ok] - offset] >= 0
-        if not ok.any():
-            return None
-        prev = self.ids[r[ok], c[ok] - offset]
-        uniq, inv = np.unique(prev, return_inverse=True)
-        counts = np.bincount(inv)
-        fired = np.bincount(inv, weights=y[ok].astype(np.float64))
+        at, uniq, inv, counts, fired = tally
         n, f = len(r), int(y.sum())
         for pure, rest_fires in ((fired == 0, True), (fired == counts, False)):
             members = np.flatnonzero(pure)
@@ -392,7 +386,7 @@ class Grower:
             n1, f1 = int(counts[members].sum()), int(fired[members].sum())
             if f - f1 != ((n - n1) if rest_fires else 0):
                 continue  # the other occurrences are not all on the other side
-            member = np.flatnonzero(ok)[pure[inv]]
+            member = at[pure[inv]]
             found = ("set", base - self.set_cost * (len(members) - 1), [int(t) for t in uniq[members]], member)
             if self._clean(r, c, y, found):
                 return found
@@ -403,20 +397,26 @@ class Grower:
         gain = np.where((counts >= self.min_count) & (n - counts >= self.min_count), gain, -np.inf)
         return gain
 
-    def _best_exact(self, r, c, y, offset, n, f, base):
+    def _tally(self, r, c, y, offset):
+        """The tokens ``offset`` back of the occurrences that have one: (their indices into ``r``, the
+        distinct tokens, each occurrence's token index, occurrences and firings per token); None if none."""
         ok = c - offset >= 0
         ok[ok] = self.ids[r[ok], c[ok] - offset] >= 0  # padding (-1) is no token
         if not ok.any():
             return None
-        prev = self.ids[r[ok], c[ok] - offset]
-        uniq, inv = np.unique(prev, return_inverse=True)
-        counts = np.bincount(inv)
-        fired = np.bincount(inv, weights=y[ok].astype(np.float64))
+        uniq, inv = np.unique(self.ids[r[ok], c[ok] - offset], return_inverse=True)
+        return np.flatnonzero(ok), uniq, inv, np.bincount(inv), np.bincount(inv, weights=y[ok].astype(np.float64))
+
+    def _best_exact(self, r, c, y, offset, n, f, base, tally=None):
+        tally = self._tally(r, c, y, offset) if tally is None else tally
+        if tally is None:
+            return None
+        at, uniq, inv, counts, fired = tally
         gain = self._score(counts, fired, n, f, base)
         j = int(np.argmax(gain))
         best = None
         if np.isfinite(gain[j]):
-            best = ("exact", float(gain[j]), int(uniq[j]), np.flatnonzero(ok)[inv == j])
+            best = ("exact", float(gain[j]), int(uniq[j]), at[inv == j])
         # A set of tokens that never (or always) fire here, taken together: "X unless after one of S".
         for pure in (fired == 0, fired == counts):
             chosen = pure & (counts >= self.min_count)
@@ -426,7 +426,7 @@ class Grower:
             # Each member past the first costs 2 (as in AIC): a set picked for being pure is not free.
             g = float(base - _impurity(n1, f1) - _impurity(n - n1, f - f1)) - self.set_cost * (int(chosen.sum()) - 1)
             if best is None or g > best[1] + 1e-9:
-                best = ("set", g, [int(t) for t in uniq[chosen]], np.flatnonzero(ok)[chosen[inv]])
+                best = ("set", g, [int(t) for t in uniq[chosen]], at[chosen[inv]])
         return best
 
     def _best_run(self, r, c, y, offset, n, f, base):
