@@ -113,8 +113,8 @@ def main(argv=None) -> int:
         best = max((b for b in methods if b not in configs), key=lambda b: overall[b])
         shown = list(configs) + ["token_lookup", best]
         lines.append(f"\n## test mix: held-out {mix} (best full-partition lookup overall: {best})\n")
-        lines.append("| layer | n | " + " | ".join(f"{m} F1 | {m} r" for m in shown) + " | best lookup per layer | graph nodes | unseen activators |")
-        lines.append("|" + "---|" * (2 * len(shown) + 5))
+        lines.append("| layer | n | " + " | ".join(f"{m} F1 | {m} r" for m in shown) + " | best lookup per layer | graph nodes | unseen activators | ceiling F1 |")
+        lines.append("|" + "---|" * (2 * len(shown) + 6))
         for layer in layers + ["all"]:
             ns = [n for n in live if layer == "all" or n.layer == layer]
             per_layer_best = max((b for b in methods if b not in configs), key=lambda b: mean(ns, b, "f1")) if ns else "-"
@@ -122,8 +122,10 @@ def main(argv=None) -> int:
                                  if key in ("activator", "context", "wildcard")) for n in ns]) if ns else float("nan")
             u = [unseen[(n, mix)] for n in ns]
             frac = sum(a for a, _ in u) / max(sum(b for _, b in u), 1)
+            seen = [(b - a) / b for a, b in u if b]  # per neuron: share of firing tokens a lookup-style graph can reach
+            ceiling = float(np.mean([2 * s / (1 + s) for s in seen])) if seen else float("nan")
             lines.append(f"| {layer} | {len(ns)} | " + " | ".join(f"{mean(ns, m, 'f1'):.3f} | {mean(ns, m, 'pearson'):.3f}" for m in shown)
-                         + f" | {per_layer_best} {mean(ns, per_layer_best, 'f1') if ns else float('nan'):.3f} | {nodes:.0f} | {100 * frac:.1f}% |")
+                         + f" | {per_layer_best} {mean(ns, per_layer_best, 'f1') if ns else float('nan'):.3f} | {nodes:.0f} | {100 * frac:.1f}% | {ceiling:.3f} |")
         lines.append("\nAll lookups (overall mean F1): " + ", ".join(f"{b} {overall[b]:.3f}" for b in methods if b not in configs))
     print("\n".join(lines))
     print(f"\nmodel {model.spec} ({model.device}, {model.dtype}); corpus {corpus.source}: {len(excerpts)} excerpts x {corpus.length} tokens; "
@@ -133,7 +135,9 @@ def main(argv=None) -> int:
           + f"; {platform.machine()}, {torch.get_num_threads()} threads")
     print("F1 of the firing class pooled over held-out test tokens, mean over neurons (neurons without a firing test token "
           "excluded); r = Pearson; lookups are fitted on every token of the training partition; 'unseen activators': "
-          "held-out firing tokens whose token never fires in training (no lookup-style graph can recall them)")
+          "held-out firing tokens whose token never fires in training (no lookup-style graph can recall them); 'ceiling F1': "
+          "mean over neurons of the F1 of a predictor exact on every other token and silent on those (2s / (1 + s), s the "
+          "share of firing tokens seen firing in training): the most a graph can score without model-measured variants")
     if args.json:
         rows = [{"neuron": n.key, "mix": mix, **{m: s.to_dict() for m, s in cell.items()}} for (n, mix), cell in scores.items()]
         Path(args.json).write_text(json.dumps(rows, indent=1))
