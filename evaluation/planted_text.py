@@ -129,6 +129,11 @@ class Rules:
         xu = self.pick(rng, 60, 300)
         yu, zu = self.context(rng, xu, [1, 2, 3]), self.context(rng, xu, [1, 2, 3])
         rules["X with Y within 3, unless Z within 3"] = lambda t: ((t == xu) & within(t, yu, 3) & ~within(t, zu, 3)).float()
+        # dense rules (drawn last, so the draws above are those of earlier reports): most tokens fire
+        yd = self.pick(rng, 300, 3000)
+        rules["every token except right after Y"] = lambda t: (back(t, 1) != yd).float()
+        ten = {self.pick(rng, 300, 5000) for _ in range(10)}
+        rules["every token except 10 frequent ones"] = lambda t: (~one_of(t, ten)).float()
         return rules
 
 

@@ -160,6 +160,12 @@ class DistillConfig:
     background: bool = False
     """Tokens no path matches are predicted at the mean training activation of such tokens (an END on
     the wildcard activator alone, drawn ``[*]``), not 0, when that mean is below ``fire_threshold``."""
+    dense: bool = False
+    """With ``cover``: a neuron for which at least half of the training tokens fire gets the wildcard
+    activator ``[*]`` (any token fires, calibration values it) and, instead of a path for every firing
+    token, a path for every token seen ``min_count`` times that mostly does not fire: its exceptions.
+    Growing, context rules ("any token after Y is quiet") and pruning work on these as on any graph, so
+    "every token but ..." is a few nodes that also hold for tokens training never showed."""
     batch_tokens: int = 16384
     """Padded tokens per forward batch (rows x length)."""
     # -- the published implementation (albertsgarde/Neuron2Graph); see evaluation/results/paper_vs_published.md
@@ -338,6 +344,7 @@ PRESETS: dict[str, DistillConfig] = {
         end_value="mean",
         quiet_tokens=64,
         background=True,
+        dense=True,
         min_gain=20.0,
         grow_gaps=True,
         set_cost=1.0,

@@ -142,7 +142,11 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                 v_acts = rescale(pruned[v.source], v.activations) if cfg.rescale_pruned else v.activations
                 add = (lambda *a: add_example_strict(graph, *a)) if cfg.strict else graph.add_example
                 add(v.token_ids, v_acts, v.importance, cfg.importance_threshold, owners[pruned[v.source].source])
-    if cfg.cover:
+    dense = cfg.cover and cfg.dense and firing_share(seen, cfg.fire_threshold) >= DENSE_SHARE
+    if dense:  # a neuron that fires on most tokens: "any token" and its exceptions
+        wild = graph.add_child(0, WILDCARD)
+        graph.nodes[wild].end = 1.0  # an END, so calibration counts the tokens nothing else matches here
+    elif cfg.cover:
         covered: set[int] = set()
         for k, e in enumerate(seen):
             acts = np.asarray(e.activations)
@@ -156,12 +160,15 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                     graph.nodes[start].sources.add(k)
     if cfg.merge_wildcards:  # published: exact siblings of a wildcard merged into it
         graph.merge_wildcards()
+    grower = None
     if cfg.grow and seen:
         ids, acts = _evidence_arrays(seen)
-        Grower(graph, ids, acts, np.arange(len(seen)), min_count=cfg.min_count, max_depth=cfg.grow_depth,
-               run_window=cfg.run_window, min_gain=cfg.min_gain, skip_questions=cfg.grow_gaps,
-               split_wildcards=cfg.grow_gaps, set_cost=cfg.set_cost, clean_gain=cfg.clean_gain,
-               grow_below=cfg.grow_below, value_gain=cfg.value_gain, join_depths=cfg.join_depths).grow()
+        grower = lambda: Grower(graph, ids, acts, np.arange(len(seen)), min_count=cfg.min_count,
+                                max_depth=cfg.grow_depth, run_window=cfg.run_window, min_gain=cfg.min_gain,
+                                skip_questions=cfg.grow_gaps, split_wildcards=cfg.grow_gaps, set_cost=cfg.set_cost,
+                                clean_gain=cfg.clean_gain, grow_below=cfg.grow_below, value_gain=cfg.value_gain,
+                                join_depths=cfg.join_depths)
+        grower().grow()
     if cfg.calibrate:
         evidence = [(np.asarray(e.token_ids), np.asarray(e.activations)) for e in seen]
         told = [v for v in trace.variants if cfg.variant_evidence == "all"
@@ -204,11 +211,62 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                 calibrate()
                 if cfg.grow and prune_unchanged(graph, evidence):  # exact branches the rules now say
                     calibrate()
+        exceptions = add_exceptions(graph, evidence[: len(seen)], cfg.min_count) if dense else []
+        if exceptions:  # after the context rules: "any token after Y is quiet" says at once what many would
+            if grower is not None:
+                grower().grow(only=exceptions)  # the contexts in which an exception fires after all
+            calibrate()
+            if cfg.grow and prune_unchanged(graph, evidence):
+                calibrate()
         if cfg.quiet_tokens:  # corpus text only: variants are edited contexts chosen because they fire
             add_quiet_tokens(graph, evidence[: len(seen)], cfg.quiet_tokens, max(cfg.min_count, 2))
         if cfg.background:
             set_background(graph, evidence[: len(seen)])
     return graph, trace
+
+
+DENSE_SHARE = 0.5
+"""With ``dense``: the share of training tokens that must fire for "any token" to be the graph's base."""
+
+
+def firing_share(examples: Sequence[Example], threshold: float) -> float:
+    """The share of the examples' tokens whose activation reaches ``threshold`` (0 with no tokens)."""
+    n = sum(len(e.activations) for e in examples)
+    if not n:
+        return 0.0
+    return sum(int(np.sum(np.asarray(e.activations) >= threshold)) for e in examples) / n
+
+
+def add_exceptions(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.ndarray]], min_count: int = 2) -> list[int]:
+    """For a dense neuron's graph (``[*]`` fires): a one-token path for every token that the graph
+    predicts to fire at least ``min_count`` times in ``evidence`` (token ids, activations; excerpt k
+    is ``evidence[k]``) while most of those occurrences do not fire, holding their mean activation and
+    naming every excerpt they occur in as a source; calibration and pruning then treat these like
+    any activator. Returns their ids."""
+    thr = graph.fire_threshold
+    tokens, values, owners = [], [], []
+    for k, (ids, acts) in enumerate(evidence):
+        ids = np.asarray(ids, np.int64)
+        said = (graph.predict_sequence(ids.tolist()) >= thr) & (ids >= 0)
+        tokens.append(ids[said])
+        values.append(np.asarray(acts, np.float64)[said])
+        owners.append(np.full(int(said.sum()), k, np.int64))
+    if not tokens:
+        return []
+    ids, acts, owner = np.concatenate(tokens), np.concatenate(values), np.concatenate(owners)
+    uniq, inv = np.unique(ids, return_inverse=True)
+    counts = np.bincount(inv, minlength=len(uniq))
+    fired = np.bincount(inv, weights=(acts >= thr).astype(np.float64), minlength=len(uniq))
+    means = np.bincount(inv, weights=acts, minlength=len(uniq)) / np.maximum(counts, 1)
+    pick = np.flatnonzero((counts >= min_count) & (2 * fired < counts))
+    pairs = np.unique(np.stack([inv, owner], 1), axis=0)  # (token index, excerpt) once each
+    added = []
+    for j in pick.tolist():
+        node = graph.add_path([(int(uniq[j]), 1.0)], float(means[j]))
+        graph.nodes[node].end = float(means[j])
+        graph.nodes[node].sources.update(pairs[pairs[:, 0] == j, 1].tolist())
+        added.append(int(uniq[j]))
+    return added
 
 
 def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.ndarray]], limit: int,

@@ -59,6 +59,10 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
     # quiet context rules ("any token after Y is quiet"): they silence every activator
     silencing = [p for p in paths if p["end"] < threshold and len(p["nodes"]) > 1
                  and G.nodes[p["nodes"][0]].get("token_id") is None] if firing else []
+    # a dense neuron's base ("[*]" alone fires): its quiet one-token paths are exceptions, most seen first
+    dense = any(len(p["nodes"]) == 1 and G.nodes[p["nodes"][0]].get("token_id") is None for p in firing)
+    exceptions = sorted((p for p in paths if dense and len(p["nodes"]) == 1 and p["end"] < threshold
+                         and G.nodes[p["nodes"][0]].get("token_id") is not None), key=lambda p: -p.get("count", 0))
     out: list[dict] = []
     if not firing:
         out.append(_seg(f"The graph of {key} predicts no firing token: none of its {len(paths)} paths reaches "
@@ -75,6 +79,9 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
         top = ranked[:3]
         out.append(_seg(f"{key} fires on "))
         out.extend(_listing([[_seg(t, True), _seg(f" ({acts[t]:.2f})")] for t in top], len(ranked) - len(top)))
+        if exceptions:  # a dense neuron: any token fires, these are its exceptions
+            out.append(_seg(" but is quiet on "))
+            out.extend(_listing([[_seg(p["tokens"][0], True)] for p in exceptions[:3]], len(exceptions) - len(exceptions[:3])))
         with_ctx = [p for p in firing if "context" in p["kinds"]]
         bare = {act(p) for p in firing if len(p["nodes"]) == 1}
         if with_ctx:
@@ -114,7 +121,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
         out.append(_seg("No context in the graph suppresses an activating token. "))
     wild = [p for p in paths if len(p["nodes"]) == 1 and G.nodes[p["nodes"][0]].get("token_id") is None]
     graded = [p for p in paths if len(p["nodes"]) == 1 and p["end"] < threshold and p["nodes"][0] not in firing_acts
-              and p not in wild]
+              and p not in wild and p not in exceptions]
     mild = sorted((p for p in graded if p["end"] > 0), key=lambda p: -p["end"])
     low = sorted((p for p in graded if p["end"] < 0), key=lambda p: p["end"])
     if mild or low:  # quiet activators: graded values below the firing threshold

@@ -319,6 +319,8 @@ class NeuronGraph:
                     child = children.get(key)
                     if child is not None:
                         stack.append((child, d + 1, exact_start))
+        if best is None and wild is not None and self.nodes[wild].end is not None:
+            return wild  # "any token" with a value of its own (a dense neuron's base, or the background)
         return best
 
     def match_end(self, ids: Sequence[int], i: int, exclude: int | None = None) -> int | None:

@@ -22,6 +22,8 @@ token that changes how strongly; such a branch stays while its value differs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from .graph import WILDCARD, NeuronGraph, run_key
@@ -71,13 +73,14 @@ class Grower:
         self.value_gain = value_gain
         self.join_depths = join_depths
 
-    def grow(self) -> int:
-        """Grow every activator; returns how many nodes were added."""
+    def grow(self, only: Iterable[int] | None = None) -> int:
+        """Grow every activator (or the activators of the tokens ``only``); returns how many nodes were added."""
         before = len(self.graph.nodes)
         roots = self.graph.nodes[0].children
         if not roots:
             return 0
-        keys = np.fromiter((k for k in roots if k != WILDCARD), np.int64)
+        wanted = None if only is None else set(only)
+        keys = np.fromiter((k for k in roots if k != WILDCARD and (wanted is None or k in wanted)), np.int64)
         rows, cols = np.nonzero(np.isin(self.ids, keys))
         tokens = self.ids[rows, cols]
         order = np.argsort(tokens, kind="stable")
@@ -114,7 +117,7 @@ class Grower:
         if self.join_depths:
             dropped: set[int] = set()
             for token, node in list(roots.items()):
-                if token != WILDCARD:
+                if token != WILDCARD and (wanted is None or token in wanted):
                     dropped |= self._join_depths(node)
             if dropped:
                 self.graph.compact(set(range(len(self.graph.nodes))) - dropped)
