@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     train, test = x[perm[:half]], x[perm[half:]]
     rules, test_t, train_t = Rules(train), torch.from_numpy(test), torch.from_numpy(train)
     seeds = seeds_arg(args.seeds)
-    table: dict[str, list[tuple[float, float]]] = {}
+    table: dict[str, list[tuple[float, float, int]]] = {}
     skipped = rare = 0
     for seed in seeds:
         for name, rule in rules.draw(seed).items():
@@ -174,13 +174,14 @@ def main(argv=None) -> int:
             if not s.n_firing:  # the held-out half never matches this draw: nothing to score
                 skipped += 1
                 continue
-            table.setdefault(name, []).append((s.f1 or 0.0, s.pearson or 0.0))
-    print(f"| rule | mean F1 | fits below F1 1.0 | mean r |\n|---|---|---|---|")
+            table.setdefault(name, []).append((s.f1 or 0.0, s.pearson or 0.0, len(fitted.graph_.nodes) - 1))
+    print(f"| rule | mean F1 | fits below F1 1.0 | mean r | mean nodes |\n|---|---|---|---|---|")
     below = 0
     for name, rows in table.items():
-        f1 = [a for a, _ in rows]
+        f1 = [row[0] for row in rows]
         below += sum(a < 1.0 for a in f1)
-        print(f"| {name} | {np.mean(f1):.3f} | {sum(a < 1.0 for a in f1)} of {len(f1)} | {np.mean([b for _, b in rows]):.3f} |")
+        print(f"| {name} | {np.mean(f1):.3f} | {sum(a < 1.0 for a in f1)} of {len(f1)} | {np.mean([row[1] for row in rows]):.3f} "
+              f"| {np.mean([row[2] for row in rows]):.0f} |")
     total = sum(len(r) for r in table.values())
     print(f"\n{below} of {total} fits below F1 1.0 (left out: {rare} draws firing fewer than {MIN_FIRING} times in the training text, {skipped} with no firing held-out token); seeds {args.seeds}; {len(train)} training / {len(test)} held-out "
           f"excerpts of the embedded corpus (distil() holds out half of its training excerpts again); "
