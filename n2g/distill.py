@@ -219,7 +219,8 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
             if cfg.grow and prune_unchanged(graph, evidence):
                 calibrate()
         if cfg.quiet_tokens:  # corpus text only: variants are edited contexts chosen because they fire
-            add_quiet_tokens(graph, evidence[: len(seen)], cfg.quiet_tokens, max(cfg.min_count, 2))
+            if add_quiet_tokens(graph, evidence[: len(seen)], cfg.quiet_tokens, max(cfg.min_count, 2), dense=dense) and dense:
+                calibrate()  # "any token" without the tokens that now hold their own value
         if cfg.background:
             set_background(graph, evidence[: len(seen)])
     return graph, trace
@@ -270,13 +271,15 @@ def add_exceptions(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.n
 
 
 def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.ndarray]], limit: int,
-                     min_count: int = 2) -> list[int]:
+                     min_count: int = 2, dense: bool = False) -> list[int]:
     """Add up to ``limit`` quiet activators: tokens outside the graph, seen at least ``min_count``
     times in ``evidence``, never firing, valued at their mean activation (which may be negative).
 
     They are ranked by how much variance they explain: count x (mean - base)^2, where base is the
     mean activation of every token outside the graph, so a token that is often moderately active
     (or often below the typical token, for a neuron with negative values) comes before a rare one.
+    For a ``dense`` graph (``[*]`` fires) the tokens outside it mostly fire: they get their own
+    value the same way, kept at or above the firing threshold, so no firing prediction changes.
     Returns the token ids added.
     """
     if not evidence:
@@ -284,7 +287,13 @@ def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np
     ids = np.concatenate([np.asarray(i, np.int64) for i, _ in evidence])
     acts = np.concatenate([np.asarray(a, np.float64) for _, a in evidence])
     keep = ids >= 0
+    wild = graph.nodes[0].children.get(WILDCARD)
+    if dense and wild is not None:  # only the tokens "any token" predicts: context rules say the rest
+        keep &= np.concatenate([[graph.match_end(row, i) == wild for i in range(len(row))]
+                                for row in (np.asarray(i, np.int64).tolist() for i, _ in evidence)]).astype(bool)
     ids, acts = ids[keep], acts[keep]
+    if not len(ids):
+        return []
     uniq, inv = np.unique(ids, return_inverse=True)
     counts = np.bincount(inv)
     sums = np.bincount(inv, weights=acts)
@@ -293,9 +302,18 @@ def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np
     means = sums / counts
     roots = graph.nodes[0].children
     root_ids = np.fromiter(roots, np.int64, len(roots))
-    ok = (counts >= min_count) & (peaks < graph.fire_threshold) & (means != 0) & ~np.isin(uniq, root_ids)
+    if dense:  # outside the graph a dense neuron's tokens fire ([*]); their values still differ
+        fired = np.bincount(inv, weights=(acts >= graph.fire_threshold).astype(np.float64))
+        ok = (counts >= min_count) & (2 * fired >= counts) & ~np.isin(uniq, root_ids)
+        means = np.maximum(means, graph.fire_threshold)
+    else:
+        ok = (counts >= min_count) & (peaks < graph.fire_threshold) & (means != 0) & ~np.isin(uniq, root_ids)
     outside = ~np.isin(ids, root_ids)
     base = float(acts[outside].mean()) if outside.any() else 0.0  # the typical token the graph does not know
+    if dense:  # the typical token's value: the median over tokens (a few strong ones do not move it)
+        order = np.argsort(means, kind="stable")
+        base = float(means[order][np.searchsorted(np.cumsum(counts[order]), counts.sum() / 2)])
+        ok &= np.abs(means - base) > 1e-6  # a token "any token" already values right needs no node
     gain = np.where(ok, counts * (means - base) ** 2, -1.0)
     order = [j for j in np.argsort(-gain, kind="stable")[:limit] if gain[j] > 0]
     added = []

@@ -608,3 +608,19 @@ def test_a_dense_neurons_exception_is_grown_where_it_fires_after_all():
     assert seven.end < 0.5 <= g.nodes[seven.children[9]].end
     assert heldout_f1(model, feature, patterns).f1 == 1.0
     assert len(g.nodes) <= 6
+
+
+def test_a_dense_neurons_stronger_tokens_keep_their_own_values():
+    # every token fires at 0.6, tokens 40-44 at 1.0, and 30-39 not at all: "[*]" at 0.6 holds most of
+    # them; the strong tokens get their own value (as quiet activators do for a sparse neuron).
+    def feature(x):
+        strong = (x >= 40) & (x < 45)
+        return torch.where(torch.isin(x, torch.tensor(EXCEPT)), 0.0, torch.where(strong, 1.0, 0.6))
+
+    model = n2g.distill(feature, text(1, [[7]], n=120))
+    g = model.graph_
+    assert g.nodes[g.nodes[0].children[WILDCARD]].end == pytest.approx(0.6, abs=0.01)
+    assert all(g.nodes[g.nodes[0].children[t]].end == pytest.approx(1.0, abs=0.01) for t in range(40, 45))
+    s = heldout_f1(model, feature, [[7]])
+    assert s.f1 == 1.0 and s.pearson > 0.999, s
+    assert len(g.nodes) <= 1 + 1 + 10 + 5
