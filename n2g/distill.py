@@ -142,7 +142,7 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                 v_acts = rescale(pruned[v.source], v.activations) if cfg.rescale_pruned else v.activations
                 add = (lambda *a: add_example_strict(graph, *a)) if cfg.strict else graph.add_example
                 add(v.token_ids, v_acts, v.importance, cfg.importance_threshold, owners[pruned[v.source].source])
-    dense = cfg.cover and cfg.dense and firing_share(seen, cfg.fire_threshold) >= DENSE_SHARE
+    dense = cfg.cover and cfg.calibrate and cfg.dense and firing_share(seen, cfg.fire_threshold) >= DENSE_SHARE
     if dense:  # a neuron that fires on most tokens: "any token" and its exceptions
         wild = graph.add_child(0, WILDCARD)
         graph.nodes[wild].end = 1.0  # an END, so calibration counts the tokens nothing else matches here
@@ -238,6 +238,15 @@ def firing_share(examples: Sequence[Example], threshold: float) -> float:
     return sum(int(np.sum(np.asarray(e.activations) >= threshold)) for e in examples) / n
 
 
+def _per_token(ids: np.ndarray, acts: np.ndarray, threshold: float):
+    """Per distinct token of ``ids``: (tokens, index of each position's token, counts, firing counts, means)."""
+    uniq, inv = np.unique(ids, return_inverse=True)
+    counts = np.bincount(inv, minlength=len(uniq))
+    fired = np.bincount(inv, weights=(acts >= threshold).astype(np.float64), minlength=len(uniq))
+    means = np.bincount(inv, weights=acts, minlength=len(uniq)) / np.maximum(counts, 1)
+    return uniq, inv, counts, fired, means
+
+
 def add_exceptions(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.ndarray]], min_count: int = 2) -> list[int]:
     """For a dense neuron's graph (``[*]`` fires): a one-token path for every token that the graph
     predicts to fire at least ``min_count`` times in ``evidence`` (token ids, activations; excerpt k
@@ -254,18 +263,14 @@ def add_exceptions(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.n
         owners.append(np.full(int(said.sum()), k, np.int64))
     if not tokens:
         return []
-    ids, acts, owner = np.concatenate(tokens), np.concatenate(values), np.concatenate(owners)
-    uniq, inv = np.unique(ids, return_inverse=True)
-    counts = np.bincount(inv, minlength=len(uniq))
-    fired = np.bincount(inv, weights=(acts >= thr).astype(np.float64), minlength=len(uniq))
-    means = np.bincount(inv, weights=acts, minlength=len(uniq)) / np.maximum(counts, 1)
-    pick = np.flatnonzero((counts >= min_count) & (2 * fired < counts))
-    pairs = np.unique(np.stack([inv, owner], 1), axis=0)  # (token index, excerpt) once each
+    uniq, inv, counts, fired, means = _per_token(np.concatenate(tokens), np.concatenate(values), thr)
+    pairs = np.unique(np.stack([inv, np.concatenate(owners)], 1), axis=0)  # (token index, excerpt), sorted
+    bounds = np.searchsorted(pairs[:, 0], np.arange(len(uniq) + 1))
     added = []
-    for j in pick.tolist():
+    for j in np.flatnonzero((counts >= min_count) & (2 * fired < counts)).tolist():
         node = graph.add_path([(int(uniq[j]), 1.0)], float(means[j]))
-        graph.nodes[node].end = float(means[j])
-        graph.nodes[node].sources.update(pairs[pairs[:, 0] == j, 1].tolist())
+        graph.nodes[node].end = float(means[j])  # also where a proposal already made it an activator
+        graph.nodes[node].sources.update(pairs[bounds[j]: bounds[j + 1], 1].tolist())
         added.append(int(uniq[j]))
     return added
 
@@ -278,42 +283,37 @@ def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np
     They are ranked by how much variance they explain: count x (mean - base)^2, where base is the
     mean activation of every token outside the graph, so a token that is often moderately active
     (or often below the typical token, for a neuron with negative values) comes before a rare one.
-    For a ``dense`` graph (``[*]`` fires) the tokens outside it mostly fire: they get their own
-    value the same way, kept at or above the firing threshold, so no firing prediction changes.
+    For a ``dense`` graph (``[*]`` fires) the tokens outside it mostly fire: the tokens "any token"
+    predicts get their own value the same way, kept at or above the firing threshold (so no firing
+    prediction changes), against a base of the median token's mean (a few strong ones do not move it).
     Returns the token ids added.
     """
     if not evidence:
         return []
+    thr = graph.fire_threshold
     ids = np.concatenate([np.asarray(i, np.int64) for i, _ in evidence])
     acts = np.concatenate([np.asarray(a, np.float64) for _, a in evidence])
     keep = ids >= 0
-    wild = graph.nodes[0].children.get(WILDCARD)
+    roots = graph.nodes[0].children
+    wild = roots.get(WILDCARD)
     if dense and wild is not None:  # only the tokens "any token" predicts: context rules say the rest
         keep &= np.concatenate([[graph.match_end(row, i) == wild for i in range(len(row))]
                                 for row in (np.asarray(i, np.int64).tolist() for i, _ in evidence)]).astype(bool)
     ids, acts = ids[keep], acts[keep]
     if not len(ids):
         return []
-    uniq, inv = np.unique(ids, return_inverse=True)
-    counts = np.bincount(inv)
-    sums = np.bincount(inv, weights=acts)
-    peaks = np.full(len(uniq), -np.inf)
-    np.maximum.at(peaks, inv, acts)
-    means = sums / counts
-    roots = graph.nodes[0].children
+    uniq, inv, counts, fired, means = _per_token(ids, acts, thr)
     root_ids = np.fromiter(roots, np.int64, len(roots))
-    if dense:  # outside the graph a dense neuron's tokens fire ([*]); their values still differ
-        fired = np.bincount(inv, weights=(acts >= graph.fire_threshold).astype(np.float64))
-        ok = (counts >= min_count) & (2 * fired >= counts) & ~np.isin(uniq, root_ids)
-        means = np.maximum(means, graph.fire_threshold)
-    else:
-        ok = (counts >= min_count) & (peaks < graph.fire_threshold) & (means != 0) & ~np.isin(uniq, root_ids)
-    outside = ~np.isin(ids, root_ids)
-    base = float(acts[outside].mean()) if outside.any() else 0.0  # the typical token the graph does not know
-    if dense:  # the typical token's value: the median over tokens (a few strong ones do not move it)
+    ok = (counts >= min_count) & ~np.isin(uniq, root_ids)
+    if dense:
+        means = np.maximum(means, thr)
         order = np.argsort(means, kind="stable")
         base = float(means[order][np.searchsorted(np.cumsum(counts[order]), counts.sum() / 2)])
-        ok &= np.abs(means - base) > 1e-6  # a token "any token" already values right needs no node
+        ok &= (2 * fired >= counts) & (np.abs(means - base) > 1e-6)  # one "any token" values right needs no node
+    else:
+        outside = ~np.isin(ids, root_ids)
+        base = float(acts[outside].mean()) if outside.any() else 0.0  # the typical token the graph does not know
+        ok &= (fired == 0) & (means != 0)
     gain = np.where(ok, counts * (means - base) ** 2, -1.0)
     order = [j for j in np.argsort(-gain, kind="stable")[:limit] if gain[j] > 0]
     added = []
