@@ -134,6 +134,15 @@ class Rules:
         rules["every token except right after Y"] = lambda t: (back(t, 1) != yd).float()
         ten = {self.pick(rng, 300, 5000) for _ in range(10)}
         rules["every token except 10 frequent ones"] = lambda t: (~one_of(t, ten)).float()
+        # long-range rules (drawn after the dense ones, so every draw above is unchanged)
+        xl = self.pick(rng, 60, 300)
+        yl = self.context(rng, xl, range(1, 11))
+        rules["X when Y is within 10 before"] = lambda t: ((t == xl) & within(t, yl, 10)).float()
+        xr = self.pick(rng, 60, 300)
+        rules["X when X is within 20 before (repeat)"] = lambda t: ((t == xr) & within(t, xr, 20)).float()
+        xf = self.pick(rng, 60, 300)
+        yf = self.context(rng, xf, range(1, 31))
+        rules["X when Y is within 30 before"] = lambda t: ((t == xf) & within(t, yf, 30)).float()
         return rules
 
 

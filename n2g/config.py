@@ -145,6 +145,13 @@ class DistillConfig:
     "Y within D before X" joins them (see :meth:`n2g.grow.Grower._join_depths`)."""
     run_window: int = 3
     """Grown wildcard runs match a token anywhere in this many positions back (1: no runs)."""
+    run_max: int = 0
+    """Wider runs are asked too, doubling from ``run_window`` up to this many positions back ("Y within
+    6", 12, ... before X), each doubling charged ``run_cost`` of G (0: only ``run_window``). With
+    ``join_depths``, a joined run reaches as far back as the agreeing training occurrences show Y, up
+    to the narrowest such span covering that, and short of the first occurrence that disagrees."""
+    run_cost: float = 2.0
+    """G a grown run pays per doubling of its reach past ``run_window``."""
     min_gain: float = 10.0
     """Least likelihood-ratio (G) statistic of a grown branch's split (10: p of about 0.002 by chance)."""
     choose_on: str = "evidence"
@@ -209,7 +216,7 @@ class DistillConfig:
         for name in ("clean_gain", "value_gain"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 (never) or more (got {getattr(self, name)})")
-        for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context"):
+        for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context", "run_max", "run_cost"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
         for name in ("fire_threshold", "prune_threshold", "importance_threshold", "augment_threshold"):
@@ -352,6 +359,8 @@ PRESETS: dict[str, DistillConfig] = {
         grow_below=True,
         value_gain=60.0,
         join_depths=True,
+        run_max=64,
+        run_cost=6.0,
         context_activators=True,
         augment=True,
         augment_positions="activator",

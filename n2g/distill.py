@@ -167,7 +167,7 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                                 max_depth=cfg.grow_depth, run_window=cfg.run_window, min_gain=cfg.min_gain,
                                 skip_questions=cfg.grow_gaps, split_wildcards=cfg.grow_gaps, set_cost=cfg.set_cost,
                                 clean_gain=cfg.clean_gain, grow_below=cfg.grow_below, value_gain=cfg.value_gain,
-                                join_depths=cfg.join_depths)
+                                join_depths=cfg.join_depths, run_max=cfg.run_max, run_cost=cfg.run_cost)
         grower().grow()
     if cfg.calibrate:
         evidence = [(np.asarray(e.token_ids), np.asarray(e.activations)) for e in seen]

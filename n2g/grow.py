@@ -5,13 +5,14 @@ For every activator of the graph (every token that fires somewhere in training, 
 pivot) it gathers all occurrences of that token in the training evidence and grows context
 branches greedily, as a classification tree over "does it fire here" whose questions are trie
 keys: *is the token d positions back Y* (an exact child, which may continue one position further
-back) and *is Y anywhere among the next k tokens back* (a wildcard run of 0..k-1 tokens, then Y).
+back) and *is Y anywhere among the next k tokens back* (a wildcard run of 0..k-1 tokens, then Y;
+k is ``run_window``, then doubled up to ``run_max``, each doubling charged ``run_cost`` of G).
 A question may also be a set: *is the token d positions back one of S*, where S gathers the
 tokens after which X never (or always) fires (each seen ``min_count`` times; or, where that splits
 the occurrences cleanly, every such token however rarely seen, see :meth:`Grower._clean_set`).
 Occurrences that a proposed branch of wildcards alone ("* * [X]") matches are grown at X itself.
 Where branches show one context token at several distances, a run joins them when the training
-evidence agrees (:meth:`Grower._join_depths`). Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
+evidence agrees, reaching as far back as agreeing occurrences show it (:meth:`Grower._join_depths`). Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
 at least ``min_gain``, or a clean split, see :meth:`Grower._clean`) among the occurrences not yet claimed by an earlier branch, so a node gains several children ("X fires unless the token before it is one
 of S" is X with an END that fires and a non-firing child per member of S). After calibration on the
 same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
@@ -48,7 +49,7 @@ JOIN_MIN_DEPTHS = 2
 distance, "after Y" and "Y within 3" are equally consistent with the evidence; joining those cost
 planted "X unless after one of 10" on real text)."""
 JOIN_MAX = 8
-"""Largest distance :meth:`Grower._join_depths` joins over."""
+"""Largest distance :meth:`Grower._join_depths` joins over (``run_max`` when that is larger)."""
 VALUE_DELTA = 0.2
 """Least difference of mean activation (normalised) between the sides of a strength split."""
 
@@ -60,7 +61,8 @@ class Grower:
                  min_count: int = 3, max_depth: int = 2, max_children: int = 12, run_window: int = 3,
                  min_gain: float = 10.0, skip_questions: bool = False, skip_cost: float = 2.0,
                  split_wildcards: bool = False, set_cost: float = 2.0, clean_gain: float = 0.0,
-                 grow_below: bool = False, value_gain: float = 0.0, join_depths: bool = False):
+                 grow_below: bool = False, value_gain: float = 0.0, join_depths: bool = False,
+                 run_max: int | None = None, run_cost: float = 2.0):
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
@@ -72,6 +74,13 @@ class Grower:
         self.grow_below = grow_below
         self.value_gain = value_gain
         self.join_depths = join_depths
+        # Runs are asked at run_window, then doubled up to run_max ("Y within 3", 6, 12, ... before X);
+        # each doubling costs run_cost of G, as more tokens in reach give more chances to fit noise.
+        top = max(run_window, run_max or run_window)
+        self.run_spans = [run_window]
+        while self.run_spans[-1] < top:
+            self.run_spans.append(min(2 * self.run_spans[-1], top))
+        self.run_cost = run_cost
 
     def grow(self, only: Iterable[int] | None = None) -> int:
         """Grow every activator (or the activators of the tokens ``only``); returns how many nodes were added."""
@@ -130,9 +139,10 @@ class Grower:
         Pruning and growing see each occurrence at its own distance, so "X fires when Y is within 6"
         comes out as "Y * * [X]" and "Y * * * * * [X]" and a held-out Y four back is missed. Where
         every training occurrence of X with Y among the D tokens before it (D the largest of those
-        distances, at most ``JOIN_MAX``; widened to ``run_window`` when the evidence there agrees too)
-        fires, or none does, and at least ``CLEAN_MIN`` distinct ones do, a wildcard run
-        "Y *{0..D-1} [X]" replaces them (exact branches with no branches of their
+        distances, at most ``JOIN_MAX``; widened to ``run_window`` when the evidence there agrees too;
+        with ``run_max`` set, as far as :meth:`_widest_agreeing` finds support, so "X when X occurred in
+        the 20 tokens before" is one run) fires, or none does, and at least ``CLEAN_MIN`` distinct ones
+        do, a wildcard run "Y *{0..D-1} [X]" replaces them (exact branches with no branches of their
         own are unlinked; returns their indices, for the caller to compact the graph).
         """
         depths: dict[int, set[int]] = {}
@@ -143,7 +153,7 @@ class Grower:
             for key, child in self.graph.nodes[at].children.items():
                 if key == WILDCARD:
                     stack.append((child, d + 1))
-                elif key >= 0 and d + 1 <= JOIN_MAX:
+                elif key >= 0 and d + 1 <= max(JOIN_MAX, self.run_spans[-1]):
                     depths.setdefault(key, set()).add(d + 1)
                     if not self.graph.nodes[child].children:
                         leaves.setdefault(key, []).append((at, child))
@@ -153,19 +163,26 @@ class Grower:
             return dropped
         rows, cols = np.nonzero(self.ids == self.graph.nodes[node].token_id)
         for y_token, ds in joinable:
-            for span in dict.fromkeys((max(max(ds), self.run_window), max(ds))):  # as wide as a grown run, if the evidence agrees
-                if span < 2:
-                    continue
-                near = np.zeros(len(rows), bool)
-                for d in range(1, span + 1):
-                    ok = cols - d >= 0
-                    near[ok] |= self.ids[rows[ok], cols[ok] - d] == y_token
-                r, c = rows[near], cols[near]
-                fired = self.fires[r, c]
-                if near.any() and fired.all() == fired.any() and len(self._distinct(r, c)) >= CLEAN_MIN:
-                    break
+            if len(self.run_spans) > 1:
+                found = self._widest_agreeing(rows, cols, y_token, max(ds))
+                if found is None:
+                    continue  # some fire and some do not: the distance matters
+                span, r, c = found
             else:
-                continue  # some fire and some do not: the distance matters
+                # as wide as a grown run, if the evidence agrees there too
+                for span in dict.fromkeys((max(max(ds), self.run_window), max(ds))):
+                    if span < 2:
+                        continue
+                    near = np.zeros(len(rows), bool)
+                    for d in range(1, span + 1):
+                        ok = cols - d >= 0
+                        near[ok] |= self.ids[rows[ok], cols[ok] - d] == y_token
+                    r, c = rows[near], cols[near]
+                    fired = self.fires[r, c]
+                    if near.any() and fired.all() == fired.any() and len(self._distinct(r, c)) >= CLEAN_MIN:
+                        break
+                else:
+                    continue  # some fire and some do not: the distance matters
             sources = set(self.sources[r].tolist())
             run = self.graph.add_child(node, run_key(span - 1), sources)
             self.graph.add_child(run, y_token, sources)
@@ -173,6 +190,37 @@ class Grower:
                 del self.graph.nodes[parent].children[y_token]
                 dropped.add(leaf)
         return dropped
+
+    def _widest_agreeing(self, rows, cols, y_token: int, seen: int):
+        """(D, rows, cols) of the run "Y within D before X" the evidence supports, or None.
+
+        ``seen`` is the largest distance a branch showed Y at. Every occurrence of X whose nearest Y is
+        within ``seen`` must agree (all fire, or none does). The run then reaches as far as the
+        agreeing occurrences show Y (at least ``seen``), widened to the narrowest grown run span
+        covering that, and stops short of the nearest Y of the first occurrence that disagrees. At
+        least ``CLEAN_MIN`` distinct occurrences at ``JOIN_MIN_DEPTHS`` distances must agree.
+        """
+        top = self.run_spans[-1]
+        nearest = np.full(len(rows), top + 1)
+        for d in range(top, 0, -1):  # the nearest Y wins: written last
+            ok = cols - d >= 0
+            hit = np.zeros(len(rows), bool)
+            hit[ok] = self.ids[rows[ok], cols[ok] - d] == y_token
+            nearest[hit] = d
+        fires = self.fires[rows, cols]
+        inside = nearest <= seen
+        if not inside.any() or fires[inside].all() != fires[inside].any():
+            return None
+        side = fires[inside][0]
+        wrong = (nearest <= top) & (fires != side)
+        limit = int(nearest[wrong].min()) - 1 if wrong.any() else top
+        shown = max(seen, int(nearest[(nearest <= limit) & (fires == side)].max()))
+        span = min(limit, next((w for w in self.run_spans if w >= shown), shown))
+        keep = nearest <= span
+        r, c = rows[keep], cols[keep]
+        if span < 2 or len(self._distinct(r, c)) < CLEAN_MIN or len(np.unique(nearest[keep])) < JOIN_MIN_DEPTHS:
+            return None
+        return span, r, c
 
     def _split_wildcards(self, node: int, parent: list[int], rows: np.ndarray, cols: np.ndarray) -> None:
         """Ask about the wildcard positions of a proposed branch, from the occurrences it explains.
@@ -270,9 +318,10 @@ class Grower:
                 if clean is not None:
                     cleans.append((clean[1] - self.skip_cost * s, clean, s, True))
             if self.run_window > 1:
-                run = self._best_run(r, c, y, offset, n, f, base)
-                if run is not None:
-                    questions.append((run[1], run, 0, False))
+                for i, span in enumerate(self.run_spans):
+                    run = self._best_run(r, c, y, offset, n, f, base, span)
+                    if run is not None:
+                        questions.append((run[1] - self.run_cost * i, run, 0, False))
             questions += cleans  # last: a tie goes to a single token
             best, skip, top = None, 0, -np.inf
             for gain, found, s, clean in questions:
@@ -296,9 +345,9 @@ class Grower:
                         self.graph.nodes[child].end = float(np.mean(self.acts[rows[mine], cols[mine]]))
                     if depth_left - skip > 1:
                         self._grow(child, rows[mine], cols[mine], offset + skip + 1, depth_left - skip - 1)
-            else:
+            else:  # kind is ("run", span)
                 excerpt_ids = set(self.sources[rows[chosen]].tolist())
-                run_node = self.graph.add_child(node, run_key(self.run_window - 1), excerpt_ids)
+                run_node = self.graph.add_child(node, run_key(kind[1] - 1), excerpt_ids)
                 self.graph.add_child(run_node, token, excerpt_ids)
             remaining[chosen] = False
 
@@ -432,9 +481,11 @@ class Grower:
                 best = ("set", g, [int(t) for t in uniq[chosen]], at[chosen[inv]])
         return best
 
-    def _best_run(self, r, c, y, offset, n, f, base):
+    def _best_run(self, r, c, y, offset, n, f, base, span=None):
+        """The best "is Y anywhere among the next ``span`` tokens back" question (default ``run_window``)."""
+        span = self.run_window if span is None else span
         occ, tok = [], []
-        for s in range(self.run_window):
+        for s in range(span):
             ok = c - offset - s >= 0
             ok[ok] = self.ids[r[ok], c[ok] - offset - s] >= 0
             occ.append(np.flatnonzero(ok))
@@ -451,7 +502,7 @@ class Grower:
         j = int(np.argmax(gain))
         if not np.isfinite(gain[j]):
             return None
-        return ("run", float(gain[j]), int(uniq[j]), occ[inv == j])
+        return (("run", span), float(gain[j]), int(uniq[j]), occ[inv == j])
 
 
 def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:

@@ -377,6 +377,8 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
     "every token but after Y": (lambda x: (shifted(x, 1) != 9).float(), [[9]]),
     "Y within 6 before": (lambda x: ((x == 25) & _within(x, 26, 6)).float(),
                           [[25], [26, 25], [26, 40, 41, 42, 25], [26, 43, 44, 45, 46, 47, 25]]),
+    "X repeated within 12 (induction-like)": (lambda x: ((x == 11) & _within(x, 11, 12)).float(),
+                                              [[11], [11, 40, 41, 42, 43, 44, 11], [11, 11]]),
 }
 
 
@@ -480,23 +482,45 @@ def test_a_proposed_chain_of_wildcards_does_not_hide_occurrences_from_growth():
 def test_a_context_token_seen_at_two_distances_becomes_a_run_over_all_between():
     # Training shows 26 only two and five tokens before 25; the rule is "26 anywhere in the 6 before".
     # Branch by branch the graph said "26 * [25]" and "26 * * * * [25]" and missed 26 one, three,
-    # four or six back. Every 25 with 26 within five fires in training, so one run says it.
+    # four or six back. Every 25 with 26 within five fires in training, so one run says it, and it
+    # reaches as far as the narrowest grown run span covering five (6) where training shows nothing
+    # against it: the whole rule.
     rule = lambda x: ((x == 25) & _within(x, 26, 6)).float()
     train = [[25], [26, 40, 25], [26, 41, 42, 43, 44, 25]]
     model = n2g.distill(rule, text(3, train, n=240, rate=0.3))
     g = model.graph_
     activator = g.nodes[g.nodes[0].children[25]]
     runs = [key for key in activator.children if key < WILDCARD]
-    assert [run_span(k) for k in runs] == [4] and list(g.nodes[activator.children[runs[0]]].children) == [26]
-    for gap in range(5):  # 26, then 0 to 4 other tokens, then 25: fires
+    assert [run_span(k) for k in runs] == [5] and list(g.nodes[activator.children[runs[0]]].children) == [26]
+    for gap in range(6):  # 26, then 0 to 5 other tokens, then 25: fires
         assert model.predict_normalised(torch.tensor([[26] + [50] * gap + [25]]))[0, -1] >= 0.5
     assert model.predict_normalised(torch.tensor([[26] + [50] * 6 + [25]]))[0, -1] < 0.5
     from n2g.explain import _where
     from n2g.render import graph_paths
     ctx = [p for p in graph_paths(g.to_networkx()) if "context" in p["kinds"]]
-    assert [_where(p) for p in ctx] == ["anywhere in the 5 tokens before it"]  # as the summary words it
+    assert [_where(p) for p in ctx] == ["anywhere in the 6 tokens before it"]  # as the summary words it
+    narrow = n2g.distill(rule, text(3, train, n=240, rate=0.3), run_max=0)  # runs of run_window only: as far as seen
+    narrow_runs = [k for k in narrow.graph_.nodes[narrow.graph_.nodes[0].children[25]].children if k < WILDCARD]
+    assert [run_span(k) for k in narrow_runs] == [4]
     off = n2g.distill(rule, text(3, train, n=240, rate=0.3), join_depths=False)
     assert off.predict_normalised(torch.tensor([[26, 50, 50, 25]]))[0, -1] < 0.5  # without it: exact distances only
+
+
+def test_a_context_token_twenty_back_is_one_run_as_far_as_training_shows():
+    # "25 fires when 26 is anywhere in the 20 tokens before it". Pruning proposes 26 at the two planted
+    # distances (3 and 13); random placements show it fire with 26 at every distance up to 20 and stay
+    # quiet with 26 21 or more back, so one run "26 within 20" says it. Runs of run_window (3) alone
+    # join only as far as a branch showed 26 and miss the held-out 26s 14 to 20 back.
+    rule = lambda x: ((x == 25) & _within(x, 26, 20)).float()
+    patterns = [[25], [26], [26, 40, 41, 25], [26] + list(range(40, 52)) + [25]]
+    data = text(2, patterns, n=240, rate=0.3)
+    model = n2g.distill(rule, data)
+    activator = model.graph_.nodes[model.graph_.nodes[0].children[25]]
+    assert [run_span(k) + 1 for k in activator.children if k < WILDCARD] == [20]
+    assert heldout_f1(model, rule, patterns).f1 == 1.0
+    assert model.predict_normalised(torch.tensor([[26] + [50] * 19 + [25]]))[0, -1] >= 0.5
+    assert model.predict_normalised(torch.tensor([[26] + [50] * 20 + [25]]))[0, -1] < 0.5
+    assert heldout_f1(n2g.distill(rule, data, run_max=0), rule, patterns).f1 < 0.96
 
 
 def test_a_joined_run_is_as_wide_as_a_grown_run_when_the_evidence_allows():
