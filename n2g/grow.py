@@ -189,6 +189,16 @@ class Grower:
             for parent, leaf in leaves.get(y_token, ()):
                 del self.graph.nodes[parent].children[y_token]
                 dropped.add(leaf)
+            for key, other in list(self.graph.nodes[node].children.items()):
+                # a grown run of another reach for the same Y would shadow this one, whose reach the
+                # evidence checked: it goes (and its run node with it, left without children)
+                leaf = self.graph.nodes[other].children.get(y_token)
+                if key < WILDCARD and other != run and leaf is not None and not self.graph.nodes[leaf].children:
+                    del self.graph.nodes[other].children[y_token]
+                    dropped.add(leaf)
+                    if not self.graph.nodes[other].children:
+                        del self.graph.nodes[node].children[key]
+                        dropped.add(other)
         return dropped
 
     def _widest_agreeing(self, rows, cols, y_token: int, seen: int):
