@@ -328,8 +328,7 @@ class Grower:
                 if clean is not None:
                     cleans.append((clean[1] - self.skip_cost * s, clean, s, True))
             if self.run_window > 1:
-                for i, span in enumerate(self.run_spans):
-                    run = self._best_run(r, c, y, offset, n, f, base, span)
+                for i, run in enumerate(self._best_runs(r, c, y, offset, n, f, base)):
                     if run is not None:
                         questions.append((run[1] - self.run_cost * i, run, 0, False))
             questions += cleans  # last: a tie goes to a single token
@@ -491,28 +490,39 @@ class Grower:
                 best = ("set", g, [int(t) for t in uniq[chosen]], at[chosen[inv]])
         return best
 
-    def _best_run(self, r, c, y, offset, n, f, base, span=None):
-        """The best "is Y anywhere among the next ``span`` tokens back" question (default ``run_window``)."""
-        span = self.run_window if span is None else span
-        occ, tok = [], []
-        for s in range(span):
-            ok = c - offset - s >= 0
-            ok[ok] = self.ids[r[ok], c[ok] - offset - s] >= 0
-            occ.append(np.flatnonzero(ok))
-            tok.append(self.ids[r[ok], c[ok] - offset - s])
-        occ, tok = np.concatenate(occ), np.concatenate(tok)
+    def _best_runs(self, r, c, y, offset, n, f, base) -> list:
+        """The best "is Y anywhere among the next k tokens back" question for every k of ``run_spans``.
+
+        Each (token, occurrence) pair is found once, at its nearest distance, over the widest reach;
+        a reach of k then counts the pairs nearer than k. Returns one question (or None) per k."""
+        top = self.run_spans[-1]
+        lag = offset + np.arange(top)
+        cols = c[:, None] - lag[None, :]
+        ok = cols >= 0
+        tok = np.where(ok, self.ids[r[:, None], np.maximum(cols, 0)], -1)
+        occ, dist = np.nonzero(tok >= 0)
         if not len(occ):
-            return None
-        pairs = np.unique(tok * (n + 1) + occ)  # each (token, occurrence) once
-        tok, occ = pairs // (n + 1), pairs % (n + 1)
+            return [None] * len(self.run_spans)
+        key = tok[occ, dist] * (n + 1) + occ
+        order = np.lexsort((dist, key))
+        key, dist = key[order], dist[order]
+        first = np.r_[True, key[1:] != key[:-1]]  # each (token, occurrence) once, at its nearest distance
+        key, dist = key[first], dist[first]
+        tok, occ = key // (n + 1), key % (n + 1)
         uniq, inv = np.unique(tok, return_inverse=True)
-        counts = np.bincount(inv)
-        fired = np.bincount(inv, weights=y[occ].astype(np.float64))
-        gain = self._score(counts, fired, n, f, base)
-        j = int(np.argmax(gain))
-        if not np.isfinite(gain[j]):
-            return None
-        return (("run", span), float(gain[j]), int(uniq[j]), occ[inv == j])
+        fires = y[occ].astype(np.float64)
+        out = []
+        for span in self.run_spans:
+            near = dist < span
+            counts = np.bincount(inv[near], minlength=len(uniq))
+            fired = np.bincount(inv[near], weights=fires[near], minlength=len(uniq))
+            gain = self._score(counts, fired, n, f, base)
+            j = int(np.argmax(gain))
+            if not np.isfinite(gain[j]):
+                out.append(None)
+                continue
+            out.append((("run", span), float(gain[j]), int(uniq[j]), np.sort(occ[near & (inv == j)])))
+        return out
 
 
 def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
