@@ -271,7 +271,8 @@ def _legend_label(title: str | None, summary: str | None) -> str:
     rows.append("<TR>" + scale(_RED, 0.15, 0.85, "activating token: activation") + "<TD> </TD>"
                 + scale(_BLUE, 0.1, 0.8, "context token: importance") + "</TR>")
     key = ("reads right to left: activating token on the right, the tokens before it to its left",
-           "* any one token \u00b7 heavy border: a path ends there, end = its predicted activation",
+           "* any one token, *{0-k} any 0 to k tokens \u00b7 heavy border: a path ends there, end = its predicted activation",
+           "grown: a context token learned from every training occurrence (occlusion did not measure it)",
            "activations are normalised to the neuron's maximum (1 = the strongest excerpt)")
     key_text = "<BR ALIGN=\"LEFT\"/>".join(html_label_text(k) for k in key) + "<BR ALIGN=\"LEFT\"/>"
     rows.append(f'<TR><TD COLSPAN="13" ALIGN="LEFT"><FONT POINT-SIZE="9" COLOR="#555555">{key_text}</FONT></TD></TR>')
@@ -373,6 +374,10 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
                 attrs["fontcolor"] = '"white"'
             tip = f"context token id {a.get('token_id')}, {int(_num(a.get('depth')))} before; importance {imp:.2f}"
             value = f"imp {imp:.2f}"
+            if a.get("count") is not None and _num(a.get("count"), 1.0) == 0:
+                # grown from training occurrences: no proposed path ran through it, so occlusion never measured it
+                tip = f"context token id {a.get('token_id')}, {int(_num(a.get('depth')))} before; learned from training occurrences (no occlusion importance)"
+                value = "grown"
         if ends:
             attrs["penwidth"] = "3"
             tip += f"; path ends here, predicts {best_end:.2f}"

@@ -244,3 +244,22 @@ def test_small_graph_is_drawn_whole():
     dot = R.to_dot(large_graph(6))
     assert "more paths" not in dot and "summary:" not in dot
     assert sum('class="activator' in line for line in node_lines(dot).values()) == 6
+
+
+def test_a_grown_context_token_says_grown_not_a_zero_importance():
+    # Occlusion measured 9's importance on a proposed path; 21 was grown from training occurrences
+    # (no path ran through it), so it has no importance to print, not an importance of 0.
+    from n2g.graph import NeuronGraph
+
+    g = NeuronGraph()
+    g.add_path([(8, 1.0), (9, 0.6)], 1.0)
+    activator = g.nodes[0].children[8]
+    grown = g.add_child(activator, 21)
+    g.nodes[grown].end = 0.0
+    g.token_text = {8: "x", 9: "y", 21: "z"}
+    lines = node_lines(R.to_dot(g.to_networkx(), title="t"))
+    (proposed,) = [line for line in lines.values() if ">y<" in line or "y<FONT" in line or ">y" in line]
+    (learned,) = [line for line in lines.values() if "z" in re.search(r"label=<(.*)>", line).group(1)]
+    assert "imp 0.60" in proposed
+    assert "grown" in learned and "imp" not in re.search(r"label=<(.*)>", learned).group(1)
+    assert "no occlusion importance" in learned
