@@ -271,8 +271,7 @@ def _legend_label(title: str | None, summary: str | None) -> str:
     rows.append("<TR>" + scale(_RED, 0.15, 0.85, "activating token: activation") + "<TD> </TD>"
                 + scale(_BLUE, 0.1, 0.8, "context token: importance") + "</TR>")
     key = ("reads right to left: activating token on the right, the tokens before it to its left",
-           "* any one token, *{0-k} any 0 to k tokens \u00b7 heavy border: a path ends there, end = its predicted activation",
-           "grown: a context token learned from every training occurrence (occlusion did not measure it)",
+           "* any one token \u00b7 heavy border: a path ends there, end = its predicted activation",
            "activations are normalised to the neuron's maximum (1 = the strongest excerpt)")
     key_text = "<BR ALIGN=\"LEFT\"/>".join(html_label_text(k) for k in key) + "<BR ALIGN=\"LEFT\"/>"
     rows.append(f'<TR><TD COLSPAN="13" ALIGN="LEFT"><FONT POINT-SIZE="9" COLOR="#555555">{key_text}</FONT></TD></TR>')
