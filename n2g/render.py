@@ -486,7 +486,9 @@ def render(
     atomic_write(dot_path, source.encode("utf-8"))
     written = [dot_path]
     images = [f for f in formats if f != "dot"]
-    if images and not dot_available():
+    if not images:
+        return written
+    if not dot_available():
         _warn_no_dot()
         return written
     # One dot process lays the graph out once and writes every format (each atomically).

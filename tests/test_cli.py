@@ -147,6 +147,23 @@ def test_fit_both_signs_json_quiet_and_files_follow_the_umask(tiny_model_dir, tm
         assert stat.S_IMODE(f.stat().st_mode) == 0o664, f"{f} is {oct(stat.S_IMODE(f.stat().st_mode))}"
 
 
+def test_a_run_without_graphviz_writes_dot_sources_and_finishes(tiny_model_dir, tmp_path):
+    # A GPU machine often lacks Graphviz: the run must still finish (DOT files, pages, report), not
+    # fail at the end after hours of fitting. PATH holds only a folder with this Python in it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    out = tmp_path / "run"
+    proc = _cli(["run", "--model", tiny_model_dir / "model", "--corpus", tiny_model_dir / "corpus.txt",
+                 "--excerpt-length", "16", "--layers", "1", "--neurons", "5-6", "--out", out, "-q"],
+                env={"N2G_CACHE": str(tmp_path / "cache"), "PATH": str(bin_dir)})
+    assert proc.returncode == 0, proc.stderr
+    graph = out / "neurons" / "L1.N5"
+    assert (graph / "graph.dot").read_text().startswith("digraph")
+    assert not (graph / "graph.svg").exists() and not (graph / "graph.png").exists()
+    assert (out / "report.html").is_file() and (out / "viewer" / "neurons" / "L1.N6.html").is_file()
+
+
 def test_serve_with_a_missing_model_is_one_line(run, tmp_path, capsys):
     code, out, err = main(["serve", run, "--port", "0", "--model", tmp_path / "no-such-model"], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and "model path" in err and "does not exist" in err
