@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import N2GError
 
@@ -76,6 +77,13 @@ class ActivationStore:
     def has(self, excerpt: int) -> bool:
         return int(excerpt) in self._row
 
+    def row(self, excerpt: int) -> int:
+        """Store row of one stored excerpt."""
+        try:
+            return self._row[int(excerpt)]
+        except KeyError:
+            raise N2GError(f"excerpt {excerpt} is not in the activation store") from None
+
     def rows(self, excerpts: Sequence[int]) -> np.ndarray:
         """Store rows of excerpts (each must be stored)."""
         try:
@@ -108,13 +116,20 @@ class ActivationStore:
             raise ValueError(f"unexpected store shape {values.shape} / dtype {values.dtype}")
         return cls(values, np.asarray(excerpts, np.int64), path)
 
-    def write(self, excerpts: np.ndarray, acts: np.ndarray) -> None:
-        """Write ``acts`` (``[B, length, d_mlp]``, raw) of the stored ones among ``excerpts``."""
+    def write(self, excerpts: np.ndarray, acts: torch.Tensor) -> None:
+        """Write ``acts`` (``[B, length, d_mlp]``, raw, on any device) of the stored ones among ``excerpts``.
+
+        The rows are picked, clipped to the float16 range, converted and laid out neuron-major on the
+        tensor's own device (a GPU does it in milliseconds), so the host only copies half the bytes
+        into the store: no per-layer float32 copy, transpose or conversion in numpy.
+        """
         keep = [b for b, e in enumerate(excerpts) if int(e) in self._row]
         if not keep:
             return
         rows = self.rows([excerpts[b] for b in keep])
-        block = np.clip(np.ascontiguousarray(acts[keep].transpose(2, 0, 1)), -65504, 65504).astype(np.float16)
+        if len(keep) < acts.shape[0]:
+            acts = acts[torch.as_tensor(keep, device=acts.device)]
+        block = acts.clamp(-65504, 65504).to(torch.float16).permute(2, 0, 1).contiguous().cpu().numpy()
         if rows[-1] - rows[0] + 1 == len(rows):  # consecutive rows: one slice write
             self.values[:, rows[0] : rows[-1] + 1, :] = block
         else:

@@ -222,9 +222,8 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
         rows = torch.arange(start, start + ids.shape[0], device=device)
         for l in todo:
             a = acts[l]
-            host = a.float().cpu().numpy()  # the one copy to the host per batch: the store needs it anyway
-            if not np.isfinite(host).all():
-                bad = int(np.flatnonzero(~np.isfinite(host).all(axis=(0, 1)))[0])
+            if not bool(torch.isfinite(a).all()):  # checked on the device: one scalar comes back
+                bad = int(torch.nonzero(~torch.isfinite(a).all(1).all(0))[0])
                 raise N2GError(f"neuron L{l}.N{bad} has NaN or infinite activations; try --dtype float32")
             mx, mn = a.amax(1), a.amin(1)  # [B, d]
             idx = rows[:, None].expand_as(mx)
@@ -235,7 +234,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
             v = torch.cat([bot_val[l], mn]); i = torch.cat([bot_idx[l], idx])
             bv, bi = (-v).topk(kk, dim=0)
             bot_val[l], bot_idx[l] = -bv, i.gather(0, bi)
-            stores[l].write(np.arange(start, start + ids.shape[0]), host)
+            stores[l].write(np.arange(start, start + ids.shape[0]), a)  # float16, neuron-major, made on the device
         bar.update(ids.numel())
         start += ids.shape[0]
     bar.close()
@@ -243,14 +242,18 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
     for l in todo:
         store = stores[l]
         store.flush()
-        sample = torch.from_numpy(store.values[:, store.rows(pool), :].reshape(d, -1).T.astype(np.float32))
-        mx, mn = top_val[l][0].float().cpu(), bot_val[l][0].float().cpu()
-        pos_rate = torch.where(mx > 0, (sample >= fire_threshold * mx).float().mean(0), torch.zeros(d))
-        neg_rate = torch.where(mn < 0, (sample <= fire_threshold * mn).float().mean(0), torch.zeros(d))
+        # The pool's stored rows, neuron-major [d, tokens] as the store keeps them, on the model's
+        # device: sorting each neuron's row there is milliseconds on a GPU.
+        sample = torch.from_numpy(np.ascontiguousarray(store.values[:, store.rows(pool), :]).reshape(d, -1))
+        sample = sample.to(device).float()
+        mx, mn = top_val[l][0].float(), bot_val[l][0].float()
+        zero = torch.zeros(d, device=sample.device)
+        pos_rate = torch.where(mx > 0, (sample >= fire_threshold * mx[:, None]).float().mean(1), zero).cpu()
+        neg_rate = torch.where(mn < 0, (sample <= fire_threshold * mn[:, None]).float().mean(1), zero).cpu()
         scan = LayerScan(
             layer=l, top_idx=top_idx[l].cpu(), top_val=top_val[l].float().cpu(), bot_idx=bot_idx[l].cpu(),
-            bot_val=bot_val[l].float().cpu(), quantiles=_quantiles(sample, qs),
-            pos_rate=pos_rate, neg_rate=neg_rate, pool=pool, n_pool_tokens=int(sample.shape[0]),
+            bot_val=bot_val[l].float().cpu(), quantiles=_quantiles(sample, qs).cpu(),
+            pos_rate=pos_rate, neg_rate=neg_rate, pool=pool, n_pool_tokens=int(sample.shape[1]),
             fire_threshold=fire_threshold, store=store,
         )
         if l in stems:
@@ -267,12 +270,16 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
 
 
 def _quantiles(sample: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    """Linear-interpolated quantiles per column (torch.quantile refuses inputs over 16M values)."""
-    ordered = sample.sort(0).values
-    pos = qs * (ordered.shape[0] - 1)
+    """Linear-interpolated quantiles ``[len(qs), d]`` of each neuron's row of ``sample`` (``[d, tokens]``);
+    torch.quantile refuses inputs over 16M values."""
+    if sample.device.type == "cpu":  # numpy sorts contiguous rows about 3x faster than torch on a CPU
+        ordered = torch.from_numpy(np.sort(sample.numpy(), axis=1))
+    else:
+        ordered = sample.sort(1).values
+    pos = qs.to(sample.device) * (ordered.shape[1] - 1)
     lo, hi = pos.floor().long(), pos.ceil().long()
-    frac = (pos - lo.float())[:, None]
-    return ordered[lo] * (1 - frac) + ordered[hi] * frac
+    frac = (pos - lo.float())[None, :]
+    return (ordered[:, lo] * (1 - frac) + ordered[:, hi] * frac).T.contiguous()
 
 
 def _span(layers: list[int]) -> str:

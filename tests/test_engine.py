@@ -89,6 +89,35 @@ def _store_jobs(model, excerpts, layer, indices):
     return [store_job(scans[layer], NeuronId(layer, i), is_train) for i in indices]
 
 
+def test_store_jobs_read_nothing_until_asked_and_then_the_scaled_stored_row(models):
+    # A whole-model run builds one job per neuron (46,080 for SmolLM2): building them must not copy
+    # any neuron's stored activations, and each value read later is the store's row / the scale.
+    from n2g.activations import partition
+    from n2g.engine import store_job
+
+    plain, _ = models
+    excerpts = torch.randint(4, 68, (24, 10))
+    scan = scan_layers(plain, excerpts, [1], k=64, pool_size=64, batch_size=16, progress=False)[1]
+    is_train = partition(len(excerpts), 0.5, 0)
+    values = scan.store.values
+
+    class Untouchable:
+        shape, dtype = values.shape, values.dtype
+
+        def __getitem__(self, key):
+            raise AssertionError("a job read the store while being built")
+
+    scan.store.values = Untouchable()
+    jobs = [store_job(scan, NeuronId(1, i, sign), is_train) for i in range(plain.d_mlp) for sign in Sign]
+    scan.store.values = values
+    assert jobs[0].evidence == [i for i in range(len(excerpts)) if is_train[i]]
+    for job in jobs[:12]:
+        column = scan.activations(job.neuron.index, job.neuron.sign) / job.scale
+        assert len(job.known) == len(excerpts) and 7 in job.known
+        for e in (0, 7, 23):
+            np.testing.assert_array_equal(job.known[e], column[e])
+
+
 def _fingerprint(fit):
     g = fit.graph
     nodes = sorted((-2 if n.token_id is None else n.token_id, n.depth, n.end is not None, n.end or 0.0)
