@@ -333,14 +333,29 @@ def set_background(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.n
     """
     if not evidence:
         return None
+    roots = graph.nodes[0].children
+    anywhere = WILDCARD in roots  # a context rule may start at any token: every token is matched
+    seqs = [np.asarray(ids, np.int64) for ids, _ in evidence]
+    flat = np.concatenate(seqs)
+    unmatched = flat >= 0
+    if anywhere:
+        candidates = np.flatnonzero(unmatched)
+    else:  # a token no path starts at matches nothing: no trie walk for it
+        starts = np.fromiter((k for k in roots if k != WILDCARD), np.int64)
+        candidates = np.flatnonzero(unmatched & np.isin(flat, starts))
+    bounds = np.cumsum([0] + [len(q) for q in seqs])
+    which = np.searchsorted(bounds, candidates, side="right") - 1
+    last, idl = -1, []
+    for at, j in zip(candidates.tolist(), which.tolist()):
+        if j != last:
+            last, idl = j, seqs[j].tolist()
+        if graph.match_end(idl, at - int(bounds[j])) is not None:
+            unmatched[at] = False
     total, n = 0.0, 0
-    for ids, acts in evidence:
-        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
-        acts = np.asarray(acts, np.float64)
-        for i in range(len(ids)):
-            if ids[i] >= 0 and graph.match_end(ids, i) is None:
-                total += float(acts[i])
-                n += 1
+    acts = np.concatenate([np.asarray(a, np.float64) for _, a in evidence])
+    for value in acts[unmatched].tolist():  # summed in position order, as token by token
+        total += value
+        n += 1
     if not n:
         return None
     value = total / n
