@@ -336,17 +336,15 @@ class NeuronGraph:
         roots = self.nodes[0].children
         if not roots or not len(ids):
             return out
-        arr = np.asarray(ids, np.int64)
+        ids = np.asarray(ids, np.int64).tolist()
         wild = roots.get(WILDCARD)
         if wild is not None and self.nodes[wild].children:  # a context rule: a path may start at any token
-            starts = np.arange(len(arr))
-        else:
-            exact = np.fromiter((k for k in roots if k != WILDCARD), np.int64)
-            starts = np.flatnonzero(np.isin(arr, exact))  # tokens a path starts at
+            starts = range(len(ids))
+        else:  # tokens a path starts at (a dict lookup per token: cheaper than np.isin on a short row)
+            starts = [i for i, t in enumerate(ids) if t != WILDCARD and t in roots]
             if wild is not None and self.nodes[wild].end is not None:
                 out[:] = self.nodes[wild].end  # [*] alone: every token no path matches
-        ids = arr.tolist()
-        for i in starts.tolist():
+        for i in starts:
             end = self.match_end(ids, i)
             if end is not None:
                 out[i] = self.nodes[end].end
