@@ -426,7 +426,8 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
     in_examples = {e.excerpt_index for e in examples if e.split == "train"}
     rest = [int(i) for i in (evidence or ()) if i not in in_examples]
     # The rest of the training partition travels as arrays (cheap to send to a worker process).
-    partition = (rest, [np.asarray(excerpts[i], np.int64) for i in rest], [np.asarray(known[i], np.float32) for i in rest])
+    rest_acts = known.many(rest) if hasattr(known, "many") else [np.asarray(known[i], np.float32) for i in rest]
+    partition = (rest, [np.asarray(excerpts[i], np.int64) for i in rest], rest_acts)
     if shared_common is not None and shared_common[0] == (  # the neuron's training evidence is the shared one
             {e.excerpt_index for e in examples if e.split == "train"} | (set(rest) if cfg.evidence == "partition" else set())):
         common = shared_common[1]

@@ -65,6 +65,15 @@ class StoreValues(Mapping):
         row = np.asarray(self.store.values[self.index, self.store.row(excerpt)], np.float32)
         return (-row if self.negative else row) / self.scale  # as the scan's column / scale, bit for bit
 
+    def many(self, excerpts: Sequence[int]) -> list[np.ndarray]:
+        """``[self[e] for e in excerpts]`` in one read of the store (the same values)."""
+        if not len(excerpts):
+            return []
+        if not self.live:
+            raise KeyError(excerpts[0])
+        block = np.asarray(self.store.values[self.index, self.store.rows(excerpts)], np.float32)
+        return list((-block if self.negative else block) / self.scale)
+
     def __contains__(self, excerpt) -> bool:
         return self.live and self.store.has(excerpt)
 

@@ -116,6 +116,8 @@ def test_store_jobs_read_nothing_until_asked_and_then_the_scaled_stored_row(mode
         assert len(job.known) == len(excerpts) and 7 in job.known
         for e in (0, 7, 23):
             np.testing.assert_array_equal(job.known[e], column[e])
+        for got, e in zip(job.known.many([23, 0, 7]), (23, 0, 7)):  # one read, the same values
+            np.testing.assert_array_equal(got, column[e])
 
 
 def _fingerprint(fit):
