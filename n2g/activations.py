@@ -77,13 +77,6 @@ class ActivationStore:
     def has(self, excerpt: int) -> bool:
         return int(excerpt) in self._row
 
-    def row(self, excerpt: int) -> int:
-        """Store row of one stored excerpt."""
-        try:
-            return self._row[int(excerpt)]
-        except KeyError:
-            raise N2GError(f"excerpt {excerpt} is not in the activation store") from None
-
     def rows(self, excerpts: Sequence[int]) -> np.ndarray:
         """Store rows of excerpts (each must be stored)."""
         try:

@@ -60,13 +60,12 @@ class StoreValues(Mapping):
         self.live = scale > 0  # a dead neuron: nothing known
 
     def __getitem__(self, excerpt: int) -> np.ndarray:
-        if not self.live or not self.store.has(excerpt):
+        if excerpt not in self:
             raise KeyError(excerpt)
-        row = np.asarray(self.store.values[self.index, self.store.row(excerpt)], np.float32)
-        return (-row if self.negative else row) / self.scale  # as the scan's column / scale, bit for bit
+        return self.many([excerpt])[0]
 
     def many(self, excerpts: Sequence[int]) -> list[np.ndarray]:
-        """``[self[e] for e in excerpts]`` in one read of the store (the same values)."""
+        """``[self[e] for e in excerpts]`` in one read of the store (the scan's column / scale, bit for bit)."""
         if not len(excerpts):
             return []
         if not self.live:
