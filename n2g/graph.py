@@ -295,8 +295,8 @@ class NeuronGraph:
         roots = self.nodes[0].children
         start = roots.get(int(ids[i]))
         wild = roots.get(WILDCARD)
-        if start is None and wild is None:
-            return None
+        if wild is None and (start is None or not self.nodes[start].children):
+            return start  # no path, or an activator alone: nothing to walk
         best, best_rank = start, self.nodes[start].rank if start is not None else None
         # Below a context activator ("*") only a node with a context token counts: "*" or "* *" alone
         # would match every token. Its branch is explored last, so an exact activator wins ties.
@@ -325,6 +325,16 @@ class NeuronGraph:
 
     def match_end(self, ids: Sequence[int], i: int, exclude: int | None = None) -> int | None:
         """Index of the deepest END node on the matched path of position ``i``, or None."""
+        roots = self.nodes[0].children
+        if WILDCARD not in roots:  # an activator alone (most of them) needs no walk
+            start = roots.get(int(ids[i]))
+            if start is None:
+                return None
+            node = self.nodes[start]
+            if not node.children:
+                if node.end is None or (exclude is not None and node.sources == {exclude}):
+                    return None
+                return start
         for node in reversed(self.match_path(ids, i, exclude)):
             if self.nodes[node].end is not None:
                 return node
