@@ -126,7 +126,7 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
 
     out.graph_ = fit.graph if fit.graph is not None else NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
     out.graph_.neuron = neuron
-    out.examples_, out.scores_, out.trace_ = fit.examples, fit.scores, fit.trace
+    out.examples_, out.scores_, out.trace_, out.ceiling_ = fit.examples, fit.scores, fit.trace, fit.ceiling or {}
     out.stats_, out.status_, out.result_, out.neuron_ = result.stats, result.status, result, neuron
     return out
 

@@ -391,6 +391,8 @@ class NeuronFit:
     """The ablation score, when the run asked for one (:mod:`n2g.ablate`)."""
     steering: dict | None = None
     """The steering check, when the run asked for ablation (:mod:`n2g.steer`)."""
+    ceiling: dict | None = None
+    """What any predictor keyed on tokens could reach on the test split (:func:`token_ceiling`)."""
 
 
 def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool: Sequence[int],
@@ -459,7 +461,27 @@ def finish_fit(examples: list[Example], partition: tuple[list[int], list[np.ndar
     train_acts = [np.asarray(e.activations, np.float64) for e in train]
     for name, lookup in fit_baselines(train_ids, train_acts).items():
         scores[name] = lookup.score(test)
-    return NeuronFit(graph, examples, scores, trace)
+    ceiling = token_ceiling(train_ids, train_acts, test, cfg.fire_threshold)
+    return NeuronFit(graph, examples, scores, trace, ceiling=ceiling)
+
+
+def token_ceiling(train_ids: Sequence[np.ndarray], train_acts: Sequence[np.ndarray], test: Sequence[Example],
+                  threshold: float) -> dict:
+    """How far a predictor keyed on tokens can get on ``test``: ``n_firing`` test tokens fire, of
+    which ``n_seen`` are tokens that fire somewhere in the training evidence; no graph or lookup learned
+    from that evidence recalls the others (only a variant measured by the model can). ``f1`` is the
+    firing F1 of a predictor exact on the seen ones and silent on the rest, 2s / (1 + s) with s the
+    seen share (None without a firing test token)."""
+    fired = [ids[acts >= threshold] for ids, acts in zip(train_ids, train_acts) if len(ids)]
+    fired_tokens = np.unique(np.concatenate(fired)) if fired else np.zeros(0, np.int64)
+    n_firing = n_seen = 0
+    for e in test:
+        acts = np.asarray(e.activations, np.float64)
+        hits = np.asarray(e.token_ids, np.int64)[acts >= threshold]
+        n_firing += len(hits)
+        n_seen += int(np.isin(hits, fired_tokens).sum())
+    share = n_seen / n_firing if n_firing else None
+    return {"n_firing": n_firing, "n_seen": n_seen, "f1": None if share is None else 2 * share / (1 + share)}
 
 
 def top_k(cfg: DistillConfig) -> int:
@@ -671,7 +693,7 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
 
     The returned :class:`NeuronModel` has ``graph_``, ``examples_`` (train and test with true and
     predicted normalised activations), ``scores_`` (``n2g`` and each baseline on the test split),
-    ``stats_`` and ``status_`` (``"fitted"`` or ``"dead"``); its ``predict`` works on the feature's
+    ``ceiling_`` (:func:`token_ceiling`), ``stats_`` and ``status_`` (``"fitted"`` or ``"dead"``); its ``predict`` works on the feature's
     scale. ``options`` override fields of the preset (e.g. ``augment=True``).
     """
     if not callable(feature):
@@ -699,7 +721,7 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     if not (math.isfinite(peak) and peak > 0):
         model.status_ = "dead"
         model.graph_ = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
-        model.examples_, model.scores_, model.trace_ = [], {}, None
+        model.examples_, model.scores_, model.trace_, model.ceiling_ = [], {}, None, {}
         return model
     maxima = np.array([float(np.max(v)) if len(v) else -np.inf for v in signed])
     ranked = [int(i) for i in np.argsort(-maxima, kind="stable")]
@@ -709,5 +731,6 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     result = drive(neuron_steps(seqs, ranked, pool, cfg, occlusion_token_id, known, is_train, evidence),
                    model._evaluator(), substitutes)
     model.graph_, model.examples_, model.scores_, model.trace_ = result.graph, result.examples, result.scores, result.trace
+    model.ceiling_ = result.ceiling
     model.status_ = "fitted"
     return model

@@ -459,7 +459,7 @@ def describe(neuron: NeuronId, stats, fit, seconds: float, token_strings, effect
     result = NeuronResult(neuron=neuron, status=fit.status if fit.graph is not None else "dead", stats=stats,
                           scores=fit.scores, examples=fit.examples, promoted=promoted, suppressed=suppressed,
                           graph_stats=graph_stats, seconds=seconds, ablation=getattr(fit, "ablation", None) or {},
-                          steering=getattr(fit, "steering", None) or {})
+                          steering=getattr(fit, "steering", None) or {}, ceiling=getattr(fit, "ceiling", None) or {})
     if scan is not None and excerpts is not None:
         from .profile import attach_profile
 

@@ -199,6 +199,9 @@ class NeuronResult:
     """With ``--ablation``: the graph standing in for the neuron inside the model (see :mod:`n2g.ablate`)."""
     steering: dict = field(default_factory=dict)
     """With ``--ablation``: the neuron clamped on a held-out prefix (see :mod:`n2g.steer`)."""
+    ceiling: dict = field(default_factory=dict)
+    """The test split's firing tokens (``n_firing``), how many of them are tokens that fire somewhere in
+    training (``n_seen``), and the firing F1 a predictor keyed on tokens could reach at most (``f1``)."""
 
     KIND = "n2g.neuron_result"
 
@@ -219,6 +222,7 @@ class NeuronResult:
             "band_examples": [e.to_dict() for e in self.band_examples],
             "ablation": _clean(self.ablation),
             "steering": _clean(self.steering),
+            "ceiling": _clean(self.ceiling),
         }
 
     @classmethod
@@ -239,4 +243,5 @@ class NeuronResult:
             band_examples=[Example.from_dict(e) for e in d.get("band_examples", [])],
             ablation=d.get("ablation") or {},
             steering=d.get("steering") or {},
+            ceiling=d.get("ceiling") or {},
         )

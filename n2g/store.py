@@ -132,12 +132,12 @@ class RunStore:
         """The scores table: a header and one row per neuron and method (a dead neuron gets one row)."""
         header = ["neuron", "layer", "index", "sign", "status", "method",
                   *("score_status" if f == "status" else f for f in SCORE_FIELDS),
-                  "max_activation", "firing_rate", "seconds"]
+                  "max_activation", "firing_rate", "ceiling_f1", "seconds"]
         per_neuron = []  # results are read one at a time; only their rows are kept
         for r in self._each_result():
             rows = []
             head = [r.neuron.key, r.neuron.layer, r.neuron.index, r.neuron.sign.value, r.status]
-            tail = [r.stats.max_activation, r.stats.firing_rate, round(r.seconds, 4)]
+            tail = [r.stats.max_activation, r.stats.firing_rate, r.ceiling.get("f1"), round(r.seconds, 4)]
             if not r.scores:
                 rows.append(head + [None] + [None] * len(SCORE_FIELDS) + tail)
             for method in METHODS:

@@ -403,3 +403,26 @@ def test_linear_quantiles_equal_numpy_bit_for_bit():
     assert len(got) == len(groups)
     for g, row in zip(groups, got):
         assert np.asarray(row).tobytes() == np.quantile(g, AUTO_QUANTILES).tobytes()
+
+
+def test_token_ceiling_counts_test_firing_tokens_training_never_shows_firing():
+    from n2g.distill import token_ceiling
+    from n2g.records import Example
+
+    train_ids = [np.array([5, 6, 7, 8]), np.array([6, 9])]
+    train_acts = [np.array([0.9, 0.1, 0.0, 0.6]), np.array([0.2, 0.0])]  # 5 and 8 fire; 6 and 9 never do
+    test = [Example([5, 6, 9, 8], [1.0, 0.7, 0.0, 0.5]), Example([7, 5], [0.8, 0.1])]
+    c = token_ceiling(train_ids, train_acts, test, 0.5)
+    # firing test tokens: 5, 6, 8 (first excerpt) and 7 (second); 5 and 8 fire in training, 6 and 7 do not
+    assert (c["n_firing"], c["n_seen"]) == (4, 2)
+    assert c["f1"] == pytest.approx(2 * 0.5 / 1.5)
+    assert token_ceiling(train_ids, train_acts, [Example([5], [0.1])], 0.5) == {"n_firing": 0, "n_seen": 0, "f1": None}
+
+
+def test_a_fit_reports_its_token_ceiling_beside_its_scores():
+    feature = RULES["single"][0]
+    model = n2g.distill(feature, text(1, RULES["single"][1]))
+    test = [e for e in model.examples_ if e.split == "test"]
+    firing = sum(int(np.sum(np.asarray(e.activations) >= 0.5)) for e in test)
+    assert model.ceiling_["n_firing"] == firing == model.scores_["n2g"].n_firing > 0
+    assert model.ceiling_["n_seen"] == firing and model.ceiling_["f1"] == 1.0  # one planted token, seen firing in training

@@ -190,6 +190,11 @@ def test_fit_prints_a_summary_and_writes_artifacts(tiny_dir, tmp_path):
     n2g_row = table[0]
     assert float(n2g_row["f1"]) == pytest.approx(result["scores"]["n2g"]["f1"])
     assert int(n2g_row["n_firing"]) == result["scores"]["n2g"]["n_firing"]
+    ceiling = result["ceiling"]  # test firing tokens that fire somewhere in training bound any token-keyed graph
+    assert ceiling["n_firing"] == result["scores"]["n2g"]["n_firing"] and 0 <= ceiling["n_seen"] <= ceiling["n_firing"]
+    if ceiling["n_firing"]:
+        share = ceiling["n_seen"] / ceiling["n_firing"]
+        assert float(n2g_row["ceiling_f1"]) == pytest.approx(2 * share / (1 + share))
     parquet = pq.read_table(out / "scores.parquet").to_pylist()
     assert [row["method"] for row in parquet] == [row["method"] for row in table]
     assert parquet[0]["f1"] == pytest.approx(result["scores"]["n2g"]["f1"])
