@@ -65,14 +65,20 @@ _GATED = dict(blocks="model.layers", out_proj="mlp.down_proj", final_norm="model
 
 FAMILIES: dict[str, Family] = {
     **{t: Family("gated", **_GATED) for t in (
-        "llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3", "granite",
+        "llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3", "granite", "stablelm", "cohere",
     )},
-    **{t: Family("gated", **_GATED, norm_offset=1.0) for t in ("gemma", "gemma2")},
+    **{t: Family("gated", **_GATED, norm_offset=1.0) for t in ("gemma", "gemma2", "gemma3_text")},
     "gpt2": Family("gpt2", "transformer.h", "mlp.c_proj", "transformer.ln_f"),
     "gpt_neox": Family("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h",
                        "gpt_neox.final_layer_norm"),
     "opt": Family("opt", "model.decoder.layers", "fc2", "model.decoder.final_layer_norm",
                   project_out="model.decoder.project_out"),
+    "phi": Family("phi", "model.layers", "mlp.fc2", "model.final_layernorm"),
+    "gptj": Family("gptj", "transformer.h", "mlp.fc_out", "transformer.ln_f"),
+    "bloom": Family("bloom", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
+    "falcon": Family("falcon", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
+    "starcoder2": Family("starcoder2", "model.layers", "mlp.c_proj", "model.norm"),
+    "mpt": Family("mpt", "transformer.blocks", "ffn.down_proj", "transformer.norm_f"),
 }
 """Supported ``config.model_type`` values. Add a family here to support a new architecture."""
 
@@ -770,7 +776,7 @@ def context_limit(model) -> int | None:
     """The most positions ``model`` (a SubjectModel, or a wrapper with ``base``) takes in one forward, BOS
     included; None when its config does not say."""
     cfg = getattr(_subject_attr(model, "model"), "config", None)
-    for name in ("n_positions", "max_position_embeddings"):
+    for name in ("n_positions", "max_position_embeddings", "max_seq_len"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_FAMILIES = ("llama", "gpt2", "gpt_neox", "opt")
+TINY_FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "phi", "gptj", "bloom", "falcon", "starcoder2", "mpt",
+                 "gemma3_text", "stablelm")
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +55,31 @@ def tiny_model(family: str = "llama", vocab: int = 128):
         cfg = tf.OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=48, num_hidden_layers=3,
                            num_attention_heads=4, word_embed_proj_dim=32,
                            max_position_embeddings=128, **special)
+    elif family == "phi":
+        cfg = tf.PhiConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=4, max_position_embeddings=128, **special)
+    elif family == "gptj":
+        cfg = tf.GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=128, rotary_dim=4,
+                            **special)
+    elif family == "bloom":
+        cfg = tf.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=3, n_head=4, **special)
+    elif family == "falcon":
+        cfg = tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                              max_position_embeddings=128, **special)
+    elif family == "starcoder2":
+        cfg = tf.Starcoder2Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  **special)
+    elif family == "mpt":
+        cfg = tf.MptConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4, max_seq_len=128, **special)
+    elif family == "gemma3_text":
+        cfg = tf.Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=128, **special)
+    elif family == "stablelm":
+        cfg = tf.StableLmConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                **special)
     else:
         raise ValueError(family)
     model = tf.AutoModelForCausalLM.from_config(cfg)

@@ -17,27 +17,35 @@ close = torch.testing.assert_close
 
 def _blocks(sm: SubjectModel):
     m = sm.model
+    if sm.model_type in ("gpt2", "gptj", "bloom", "falcon"):
+        return m.transformer.h
     return {
-        "llama": lambda: m.model.layers,
-        "gpt2": lambda: m.transformer.h,
         "gpt_neox": lambda: m.gpt_neox.layers,
         "opt": lambda: m.model.decoder.layers,
-    }[sm.model_type]()
+        "mpt": lambda: m.transformer.blocks,
+    }.get(sm.model_type, lambda: m.model.layers)()
 
 
 def _by_hand(sm: SubjectModel, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Every layer's neurons recomputed from the MLP weights during one full forward pass."""
     out, handles = {}, []
     for layer, block in enumerate(_blocks(sm)):
-        if sm.model_type == "llama":
-            mlp = block.mlp
+        mlp = getattr(block, "mlp", None)
+        if sm.model_type in ("llama", "gemma3_text", "stablelm"):
             where, fn = mlp, lambda x, mlp=mlp: mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-        elif sm.model_type == "gpt2":
-            mlp = block.mlp
+        elif sm.model_type in ("gpt2", "starcoder2"):
             where, fn = mlp, lambda x, mlp=mlp: mlp.act(mlp.c_fc(x))
-        elif sm.model_type == "gpt_neox":
-            mlp = block.mlp
+        elif sm.model_type in ("gpt_neox", "falcon"):
             where, fn = mlp, lambda x, mlp=mlp: mlp.act(mlp.dense_h_to_4h(x))
+        elif sm.model_type == "bloom":
+            where, fn = mlp, lambda x, mlp=mlp: mlp.gelu_impl(mlp.dense_h_to_4h(x))
+        elif sm.model_type == "phi":
+            where, fn = mlp, lambda x, mlp=mlp: mlp.activation_fn(mlp.fc1(x))
+        elif sm.model_type == "gptj":
+            where, fn = mlp, lambda x, mlp=mlp: mlp.act(mlp.fc_in(x))
+        elif sm.model_type == "mpt":
+            ffn = block.ffn
+            where, fn = ffn, lambda x, ffn=ffn: ffn.act(ffn.up_proj(x))
         else:  # OPT has no MLP module: fc1 -> activation_fn -> fc2 inside the block
             where, fn = block.fc1, lambda x, b=block: b.activation_fn(
                 nn.functional.linear(x, b.fc1.weight, b.fc1.bias))
@@ -265,8 +273,8 @@ def test_load_model_from_local_directory(tmp_path, tiny_llama):
 def test_load_model_rejects_unsupported_local_architecture(tmp_path):
     import transformers as tf
 
-    tf.BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(N2GError, match="'bloom'.*not supported.*gpt_neox"):
+    tf.MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1).save_pretrained(tmp_path)  # no MLP neurons
+    with pytest.raises(N2GError, match="'mamba'.*not supported.*gpt_neox"):
         load_model(str(tmp_path), device="cpu")
 
 
