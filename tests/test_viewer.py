@@ -351,6 +351,25 @@ def test_summary_names_quiet_activators_with_their_graded_values():
     assert "graded values" not in plain
 
 
+def test_summary_says_how_many_held_out_firing_tokens_training_never_shows_firing():
+    from helpers_run import _graph, scores
+    from n2g.explain import summary_text
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    def result(ceiling):
+        return NeuronResult(
+            neuron=NeuronId(0, 1), status="fitted",
+            stats=NeuronStats(max_activation=5.0, quantiles={"0.5": 0.01}, firing_rate=0.01, n_sampled_tokens=1000),
+            scores={"n2g": scores(0.8, 0.5, 0.6, 0.9, 0.9, 0.7)}, ceiling=ceiling)
+
+    G = _graph([([(100, 1.0)], 0.9)])
+    text = summary_text(result({"n_firing": 10, "n_seen": 6, "f1": 0.75}), G)
+    assert text.endswith("4 of its 10 held-out firing tokens are tokens that never fire in the training text, which no "
+                         "rule learned from that text recalls: a graph keyed on tokens scores at most F1 0.75 here.")
+    for seen_all in ({"n_firing": 10, "n_seen": 10, "f1": 1.0}, {}):  # nothing to say, or a result from before
+        assert "never fire in the training text" not in summary_text(result(seen_all), G)
+
+
 def test_run_vocabulary_splits_longest_first_and_ignores_tokens_no_tokenizer_makes():
     from n2g.viewer import MAX_TOKEN_CHARS, RunVocabulary
 
