@@ -176,6 +176,10 @@ def main(argv=None) -> int:
           f"GPU forward {gpu_min:.1f} min + main-process host work {serial_min:.1f} min, overlapped with "
           f"{parallel_min:.1f} min of worker host work on {cores - 1} cores, then the report's plots {plots_cpu / 60:.2f} min: about "
           f"{max(gpu_min + serial_min, parallel_min) + plots_cpu / 60:.0f} min")
+    if not args.no_report:  # the same run with --no-report: pages, report and dot come later (`n2g report`)
+        bare_min = total_neurons * (cost.compute_cpu / n + (save_cpu - save_serial) / n) / (cores - 1) / 60
+        print(f"PROJECTION (not measured): the same with --no-report (graphs, results and scores; `n2g report` "
+              f"renders afterwards): worker host work {bare_min:.1f} min: about {max(gpu_min + serial_min, bare_min):.0f} min")
     print(f"PROJECTION (not measured): whole model on this CPU: forward {total_neurons * per_neuron_weighted / cpu_rate / 3600:.1f} h "
           f"at the throughput measured above")
     print(f"\n{model.spec} ({model.device}, {model.dtype}); preset {args.preset} {' '.join(args.set)}; {len(jobs)} neurons ({args.per_layer}/layer in "
