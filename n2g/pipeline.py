@@ -525,20 +525,23 @@ def _describe_and_save(root: str, neuron: NeuronId, stats, fit, seconds, effects
 
 
 def summary_table(results: list[NeuronResult]) -> str:
-    """A one-screen text table: per neuron, F1 of n2g against the baselines."""
+    """A one-screen text table: per neuron, F1 of n2g against the baselines and the token ceiling (the most a
+    predictor keyed on tokens could score: :func:`n2g.distill.token_ceiling`)."""
     def fmt(v):
         return "  -  " if v is None else f"{v:5.2f}"
 
-    lines = [f"{'neuron':<16}{'status':<8}{'n2g F1':>8}{'tok F1':>8}{'3gram F1':>9}{'n2g r':>8}{'nodes':>7}{'fire%':>7}"]
+    lines = [f"{'neuron':<16}{'status':<8}{'n2g F1':>8}{'tok F1':>8}{'3gram F1':>9}{'max F1':>8}{'n2g r':>8}{'nodes':>7}{'fire%':>7}"]
     for r in results:
         s = r.scores
         f = lambda m, k="f1": getattr(s[m], k) if m in s else None
         nodes = sum(v for k, v in r.graph_stats.items() if k in ("activator", "context", "wildcard"))
         status = r.status if r.status == "dead" or "n2g" not in s or s["n2g"].status == "ok" else "nofire"
         lines.append(f"{r.neuron.key:<16}{status:<8}{fmt(f('n2g')):>8}{fmt(f('token_lookup')):>8}{fmt(f('ngram')):>9}"
-                     f"{fmt(f('n2g', 'pearson')):>8}{nodes:>7}{100 * r.stats.firing_rate:>6.2f}%")
+                     f"{fmt(r.ceiling.get('f1')):>8}{fmt(f('n2g', 'pearson')):>8}{nodes:>7}{100 * r.stats.firing_rate:>6.2f}%")
     scored = [r for r in results if "n2g" in r.scores and r.scores["n2g"].f1 is not None]
     if scored:
         mean = lambda m: float(np.mean([r.scores[m].f1 for r in scored if r.scores[m].f1 is not None]))
-        lines.append(f"{'mean (' + str(len(scored)) + ')':<24}{mean('n2g'):>8.2f}{mean('token_lookup'):>8.2f}{mean('ngram'):>9.2f}")
+        ceilings = [r.ceiling["f1"] for r in scored if r.ceiling.get("f1") is not None]
+        lines.append(f"{'mean (' + str(len(scored)) + ')':<24}{mean('n2g'):>8.2f}{mean('token_lookup'):>8.2f}{mean('ngram'):>9.2f}"
+                     + (f"{float(np.mean(ceilings)):>8.2f}" if ceilings else f"{'  -  ':>8}"))
     return "\n".join(lines)

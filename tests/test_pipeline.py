@@ -278,3 +278,20 @@ def test_excerpts_longer_than_the_models_context_are_refused_before_the_run_star
     assert not (tmp_path / "run").exists()  # nothing written
     opts.excerpt_length = 127  # BOS plus 127 tokens fit exactly
     assert len(run(opts, model=model).results) == 1
+
+
+def test_summary_table_shows_the_token_ceiling_beside_the_scores():
+    from helpers_run import scores
+    from n2g.pipeline import summary_table
+    from n2g.records import NeuronResult, NeuronStats
+
+    stats = NeuronStats(max_activation=1.0, quantiles={}, firing_rate=0.1, n_sampled_tokens=10)
+    results = [NeuronResult(NeuronId(0, i), "fitted", stats, scores={m: scores(0.5, 0.5, f1, 0.9, 0.9, 0.5)
+                                                                       for m in ("n2g", "token_lookup", "ngram")},
+                            ceiling={"n_firing": 10, "n_seen": seen, "f1": 2 * seen / 10 / (1 + seen / 10)})
+               for i, (f1, seen) in enumerate([(0.6, 10), (0.4, 5)])]
+    lines = summary_table(results).splitlines()
+    assert lines[0].split()[8:10] == ["max", "F1"]
+    assert lines[1].split()[2:6] == ["0.60", "0.60", "0.60", "1.00"]
+    assert lines[2].split()[2:6] == ["0.40", "0.40", "0.40", "0.67"]
+    assert lines[3].split()[2:6] == ["0.50", "0.50", "0.50", "0.83"]  # means over the two neurons
