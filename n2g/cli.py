@@ -268,7 +268,8 @@ def _search(args) -> int:
     for h in hits:
         f1 = "  -  " if h["f1"] is None else f"{h['f1']:.2f}"
         w = "  -  " if h["weight"] is None else f"{h['weight']:.2f}"
-        print(f"{h['key']:<16}{display_token(h['token'])[:23]:<24}{h['role']:<11}{w:>7}{f1:>8}  {h['match']}")
+        # the key too is text from the index file, which may not be the user's own: control characters shown, not sent
+        print(f"{display_token(h['key'])[:40]:<16}{display_token(h['token'])[:23]:<24}{h['role']:<11}{w:>7}{f1:>8}  {h['match']}")
     return 0
 
 

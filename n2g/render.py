@@ -44,9 +44,21 @@ _warned_no_dot = False
 # loading
 
 
-def load_graph_json(path: str | os.PathLike) -> nx.DiGraph:
-    """Read a ``graph.json`` written by the pipeline (kind ``n2g.graph``) into a DiGraph."""
+def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = None) -> nx.DiGraph:
+    """Read a ``graph.json`` written by the pipeline (kind ``n2g.graph``) into a DiGraph.
+
+    ``root``: the run directory the file belongs to; a file that resolves outside it (a link, or a
+    folder that is one, leading out of the run) is refused, never read.
+    """
     path = Path(path)
+    if root is not None:
+        try:
+            outside = not path.resolve().is_relative_to(Path(root).resolve())
+        except (OSError, RuntimeError):  # a symlink loop
+            outside = True
+        if outside:
+            raise N2GError(f"graph file {path} is a link that leads out of the run directory; "
+                           "delete it and rerun `n2g run`")
     try:
         d = json.loads(read_text(path))
     except FileNotFoundError:
@@ -112,13 +124,20 @@ def _ws_run(ch: str, n: int) -> str:
     return mark * n if n <= 2 else f"{mark}x{n}"
 
 
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Invisible characters that reorder the text after them (right-to-left overrides and their kin): in a
+token they would turn the rest of a label, table cell or terminal line around, so they are shown as
+``\\u202e`` instead."""
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def display_token(token: str | None, token_id: int | None = None) -> str:
     """Visible, countable text for a token (a BPE piece shown as the text it stands for).
 
     Spaces at either end become ``␣`` (a run of 3 or more ``␣x4``), as do runs of 2 or more
     inside; newlines ``↵`` (``↵x3``), tabs ``→``. Other control characters become ``\\xNN`` so
-    they stay visible (and valid in XML). Long tokens are cut with ``…``.
+    they stay visible (and valid in XML), and bidirectional controls ``\\u202e`` (they would reorder
+    the text around the token). Long tokens are cut with ``…``.
     """
     if token is None:
         return "" if token_id is None else str(token_id)
@@ -138,6 +157,8 @@ def display_token(token: str | None, token_id: int | None = None) -> str:
             continue
         if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000 or ch in "\ufffe\uffff":
             out.append(f"\\x{ord(ch):02x}")
+        elif ch in BIDI_CONTROLS:
+            out.append(f"\\u{ord(ch):04x}")
         else:
             out.append(ch)
         i += 1

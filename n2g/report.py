@@ -363,6 +363,9 @@ def render_missing_graphs(run_dir: str | os.PathLike) -> list[Path]:
         if not gpath.parent.resolve().is_relative_to(root):  # a linked folder: never write outside the run
             log.warning("not rendering %s: its folder is a link that leads out of the run", gpath)
             continue
+        if not gpath.resolve().is_relative_to(root):  # a linked graph.json: never draw a graph from outside the run
+            log.warning("not rendering %s: it is a link that leads out of the run", gpath)
+            continue
         made = gpath.stat().st_mtime
         outs = [gpath.parent / f"graph.{f}" for f in want]
         # missing, or older than a graph that was refitted since

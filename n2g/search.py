@@ -267,7 +267,7 @@ def build_index(run_dir: str | os.PathLike) -> Path:
                 if not gpath.exists():
                     continue
                 try:
-                    G = load_graph_json(gpath)
+                    G = load_graph_json(gpath, run_dir)
                 except N2GError as e:
                     log.warning("skipping graph of %s: %s", key, e)
                     continue
@@ -350,6 +350,10 @@ def _check_types(con: sqlite3.Connection, path: Path) -> None:
         _checked[str(path)] = version
 
 
+MAX_QUERY_CHARS = 1000
+"""Longest token text :func:`search` looks for (SQLite refuses LIKE patterns of 50,000 bytes and more,
+and no tokenizer makes a token this long)."""
+
 MATCHES = ("exact", "case-insensitive", "prefix", "substring")
 """How a hit matched the query, best first (see :func:`search`)."""
 
@@ -370,6 +374,9 @@ def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limi
         raise N2GError(f"unknown role {role!r}; use one of {', '.join(ROLES)} (or none for both)")
     if not token:
         raise N2GError("empty search token; give the token text to look for, e.g. ' Paris' or 'Paris'")
+    if len(token) > MAX_QUERY_CHARS:
+        raise N2GError(f"the search token is {len(token):,} characters long; search for at most "
+                       f"{MAX_QUERY_CHARS:,} characters (a part of the token finds it too)")
     limit = max(1, min(int(limit), 10_000))
     q = fold(token)
     if not q:  # a whitespace token: only exact matches make sense

@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sqlite3
 import stat
 import sys
@@ -45,7 +46,7 @@ from markupsafe import Markup, escape
 from n2g.errors import N2GError
 from n2g.fileio import read_bytes, read_text
 from n2g.records import Example, NeuronResult
-from n2g.render import atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
+from n2g.render import BIDI_CONTROLS, atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
 from n2g.search import INDEX_NAME, build_index, search, similar
 
@@ -85,11 +86,18 @@ details summary{cursor:pointer;font-size:14px;margin:6px 0}#paths{max-height:non
 # neuron pages
 
 
+_SHOWN_CONTROLS = {**{i: 0x2400 + i for i in range(0x20)}, 0x7F: 0x2421, ord("\r"): "␍", ord("\t"): "→   ",
+                   ord("\n"): "↵\n", **{ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS}}
+"""How :func:`_tok_text` shows what would otherwise be invisible or reorder the excerpt: control
+characters as their control pictures (NUL as ␀), bidirectional controls as ``\\u202e``."""
+
+
 def _tok_text(token: str | None, token_id: int) -> str:
-    """Excerpt text of a token: the raw string (spaces kept), newline shown as ↵ then a break."""
+    """Excerpt text of a token: the raw string (spaces kept), newline shown as ↵ then a break, other
+    control characters and bidirectional controls made visible (:data:`_SHOWN_CONTROLS`)."""
     if token is None:
         return f"[{token_id}]"
-    return token.replace("\r", "␍").replace("\t", "→   ").replace("\n", "↵\n")
+    return token.translate(_SHOWN_CONTROLS)
 
 
 def _bg(v: float | None) -> str:
@@ -276,7 +284,7 @@ def _graph_context(run_dir: Path, key: str):
     rel = "../../neurons/" + quote(key, safe="") + "/graph"
     out["links"] = [(f.upper(), f"{rel}.{f}") for f in ("svg", "png", "dot", "json") if (folder / f"graph.{f}").exists()]
     try:
-        G = load_graph_json(gjson)
+        G = load_graph_json(gjson, run_dir)
     except N2GError as e:
         out["message"] = f"cannot draw the graph: {e}"
         return out, None
@@ -809,19 +817,26 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(503, f"the search index is damaged and could not be rebuilt; run `n2g report "
                                 f"{self.run_dir.name}` (on a writable copy if needed), then search again") from None
 
+    @staticmethod
+    def _limit(q: dict, default: str) -> int:
+        text = q.get("limit", [default])[0]
+        if not re.fullmatch(r"[0-9]{1,6}", text.strip()):
+            raise _Refused(400, f"limit {text[:20]!r} is not a whole number; pass e.g. limit={default}")
+        return int(text)
+
     def _api(self, path: str, query: str, head: bool) -> None:
         q = parse_qs(query, keep_blank_values=True)
         try:
             if path == "/api/search":
                 try:
-                    limit = int(q.get("limit", ["50"])[0])
+                    limit = self._limit(q, "50")
                     hits = self._query(lambda: search(self.run_dir, q.get("token", [""])[0],
                                                       role=q.get("role", [""])[0] or None, limit=limit))
                 except (N2GError, ValueError) as e:
                     return self._json(400, {"error": self._public(str(e))}, head)
                 return self._json(200, {"results": hits}, head)
+            limit = self._limit(q, "10")
             try:
-                limit = int(q.get("limit", ["10"])[0])
                 sims = self._query(lambda: similar(self.run_dir, q.get("key", [""])[0], limit=limit))
             except (N2GError, ValueError) as e:
                 return self._json(404, {"error": self._public(str(e))}, head)
@@ -888,6 +903,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(404, f"no neuron {key[:40]!r}; keys look like L5.N123 or L5.N123.neg")
         folder = self.run_dir / "neurons" / NeuronId.from_key(key).key
         rpath, gpath = folder / "result.json", folder / "graph.json"
+        if not _inside(self.run_dir, rpath) or (gpath.exists() and not _inside(self.run_dir, gpath)):
+            raise _Refused(404, f"no readable result for neuron {key} in this run")  # a link out of the run
         stamp = (_mtime(rpath), _mtime(gpath))
         cached = self.cache.get(key)
         if cached is not None and cached[0] == stamp:
@@ -1040,6 +1057,10 @@ class _Server(ThreadingHTTPServer):
         log.debug("request failure", exc_info=True)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 def check_port(port) -> int:
     """``port`` as an int in 0..65535 (0 picks a free one), else N2GError."""
     try:
@@ -1059,13 +1080,20 @@ def make_server(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int =
     beside the graph's prediction and splits text with the model's tokenizer.
     """
     port = check_port(port)
+    if not isinstance(host, str) or not host.strip():
+        # the socket layer reads an empty host as every interface: never open the run to the network by accident
+        raise N2GError(f"--host {host!r} names no address; pass the address to listen on, e.g. 127.0.0.1 "
+                       "(the default; 0.0.0.0 opens the viewer to other machines)")
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 address as written in a URL
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "viewer" / "index.html").exists():
         raise N2GError(f"no viewer in {run_dir}; run `n2g report {run_dir}` first")
     handler = type("N2GHandler", (_Handler,), {"run_dir": run_dir, "subject": model, "vocabulary": None,
                                                "cache": {}, "lock": threading.Lock()})
     try:
-        server = _Server((host, port), handler)
+        server = (_Server6 if ":" in host else _Server)((host, port), handler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise N2GError(f"port {port} on {host} is already in use; pick another with --port") from None
@@ -1079,7 +1107,11 @@ def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
     """Serve the run's report, viewer and search API until interrupted (Ctrl-C)."""
     server = make_server(run_dir, host, port, model=model)
     h, p = server.server_address[:2]
-    log.info("serving %s at http://%s:%d/ (Ctrl-C to stop)", run_dir, h, p)
+    shown = f"[{h}]" if ":" in h else h
+    if not _is_loopback(h):
+        log.warning("listening on %s: anyone who can reach this machine on port %d can read the run "
+                    "(the default --host 127.0.0.1 keeps it on this machine)", h, p)
+    log.info("serving %s at http://%s:%d/ (Ctrl-C to stop)", run_dir, shown, p)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

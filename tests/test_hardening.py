@@ -1196,3 +1196,123 @@ def test_read_bytes_refuses_what_is_not_a_regular_file_or_too_large(tmp_path):
         read_bytes(big, limit=99)
     with pytest.raises(UnreadableFile, match="not a regular file"):
         read_bytes("/dev/zero")
+
+
+# ---------------------------------------------------------------------------------------------
+# second audit: what the first pass missed
+
+
+def test_a_search_token_too_long_for_sqlite_is_one_line_and_never_rebuilds_the_index(run, capsys):
+    index = run / "index.sqlite"
+    stamp = index.stat().st_mtime_ns
+    code, _, err = main(["search", run, "a" * 60_000], capsys)
+    assert code == 2 and "at most 1,000 characters" in one_error_line(err)
+    with serving(run) as port:
+        status, _, body = get(port, "/api/search?token=" + "a" * 60_000)
+    assert status == 400 and "at most 1,000 characters" in json.loads(body)["error"]
+    assert index.stat().st_mtime_ns == stamp  # SQLite's "pattern too complex" was taken for a damaged index
+
+
+def _secret_neuron_elsewhere(run: Path, tmp_path: Path) -> Path:
+    """A copy of L0.N1 outside the run, as L0.N9, with a token only it holds."""
+    elsewhere = tmp_path / "elsewhere" / "L0.N9"
+    shutil.copytree(run / "neurons" / "L0.N1", elsewhere)
+    result = json.loads((elsewhere / "result.json").read_text())
+    result["neuron"]["index"] = 9
+    for e in result["examples"]:
+        if e.get("tokens"):
+            e["tokens"][0] = "SECRET_OUTSIDE"
+    (elsewhere / "result.json").write_text(json.dumps(result))
+    graph = (elsewhere / "graph.json").read_text().replace('" Paris"', '"SECRET_OUTSIDE"')
+    (elsewhere / "graph.json").write_text(graph)
+    return elsewhere
+
+
+def test_server_never_renders_or_predicts_from_a_neuron_folder_linking_out_of_the_run(run, tmp_path):
+    elsewhere = _secret_neuron_elsewhere(run, tmp_path)
+    os.symlink(elsewhere, run / "neurons" / "L0.N9")
+    (run / "viewer" / "neurons" / "L0.N9.html").write_text("<p>a page of another version</p>")
+    with serving(run) as port:
+        status, _, body = get(port, "/viewer/neurons/L0.N9.html")
+        assert b"SECRET_OUTSIDE" not in body
+        status, _, body = get(port, "/api/predict?key=L0.N9&text=SECRET_OUTSIDE")
+        assert status == 404 and "no readable result" in json.loads(body)["error"]
+
+
+def test_a_graph_json_linking_out_of_the_run_is_neither_drawn_nor_indexed(run, tmp_path, capsys):
+    elsewhere = _secret_neuron_elsewhere(run, tmp_path)
+    gpath = run / "neurons" / "L0.N1" / "graph.json"
+    gpath.unlink()
+    os.symlink(elsewhere / "graph.json", gpath)
+    for f in ("graph.svg", "graph.png", "graph.dot"):
+        (run / "neurons" / "L0.N1" / f).unlink(missing_ok=True)
+    (run / "index.sqlite").unlink()
+    code, _, err = main(["report", run], capsys)
+    assert code == 0, err
+    drawn = [f for f in (run / "neurons" / "L0.N1").glob("graph.*") if f != gpath]
+    for f in [*drawn, run / "viewer" / "neurons" / "L0.N1.html"]:
+        assert b"SECRET_OUTSIDE" not in f.read_bytes(), f
+    with pytest.raises(N2GError, match="leads out of the run"):
+        load_graph_json(gpath, run)
+    assert main(["search", run, "SECRET_OUTSIDE"], capsys)[0] == 1
+
+
+def test_bidi_and_control_characters_of_tokens_are_shown_never_obeyed(run):
+    from n2g.render import display_token
+    from n2g.search import read_result
+    from n2g.viewer import neuron_page
+
+    assert display_token("a\u202eb") == "a\\u202eb" and display_token("\u2067x\u200f") == "\\u2067x\\u200f"
+    path = run / "neurons" / "L0.N1" / "result.json"
+    result = json.loads(path.read_text())
+    result["examples"][0]["tokens"][0] = "\u202eevil\x00\x1b[31m\u2066"
+    path.write_text(json.dumps(result))
+    page = neuron_page(run, read_result(path.parent))
+    for raw in ("\u202e", "\u2066", "\x00", "\x1b"):
+        assert raw not in page, repr(raw)
+    assert "\\u202eevil␀␛[31m\\u2066" in page
+
+
+def test_serve_refuses_an_empty_host_and_listens_on_ipv6_loopback(run, capsys, monkeypatch):
+    # the socket layer reads "" as every interface: `--host "$UNSET"` would open the run to the network
+    from n2g import viewer
+
+    monkeypatch.setattr(viewer._Server, "serve_forever", lambda self, *a: None)  # never block the test
+    code, _, err = main(["serve", run, "--host", "", "--port", "0"], capsys)
+    assert code == 2 and "--host '' names no address" in one_error_line(err)
+    monkeypatch.undo()
+    if not socket.has_ipv6:
+        return
+    try:
+        server = make_server(run, "[::1]", 0)
+    except N2GError as e:  # no IPv6 on this machine
+        pytest.skip(str(e))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        con = http.client.HTTPConnection("::1", server.server_address[1], timeout=10)
+        con.request("GET", "/report.html")
+        assert con.getresponse().status == 200
+        con.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("query", ["/api/search?token=Paris&limit=1e3", "/api/similar?key=L0.N1&limit=nan",
+                                   "/api/similar?key=L0.N1&limit=99999999999999999999"])
+def test_api_limit_that_is_not_a_small_whole_number_is_400_with_a_hint(query, run):
+    with serving(run) as port:
+        status, _, body = get(port, query)
+    assert status == 400 and "is not a whole number; pass e.g. limit=" in json.loads(body)["error"]
+
+
+def test_search_prints_no_terminal_escape_from_a_tampered_index(run, capsys):
+    con = sqlite3.connect(run / "index.sqlite")
+    with con:
+        con.execute("UPDATE neurons SET key = ? WHERE key = 'L0.N1'", ("L0.N1\x1b]0;pwned\x07\x1b[2J",))
+        con.execute("UPDATE tokens SET key = ? WHERE key = 'L0.N1'", ("L0.N1\x1b]0;pwned\x07\x1b[2J",))
+    con.close()
+    code, out, err = main(["search", run, "Paris"], capsys)
+    assert code == 0 and "L0.N1" in out, err
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
