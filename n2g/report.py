@@ -71,6 +71,11 @@ def _summary(label, results: list[NeuronResult], methods: list[str]) -> dict:
             vals = [getattr(r.scores[m], metric) for r in pool if m in r.scores]
             stats[metric] = _mean(vals)
         row["methods"][m] = stats
+    ceilings = [r.ceiling for r in firing if r.ceiling.get("f1") is not None]
+    if ceilings:  # the most a predictor keyed on tokens could score (a token never firing in training is out of reach)
+        n_firing = sum(c["n_firing"] for c in ceilings)
+        row["ceiling"] = {"f1": _mean([c["f1"] for c in ceilings]), "n_neurons": len(ceilings),
+                          "unseen_share": (n_firing - sum(c["n_seen"] for c in ceilings)) / n_firing}
     ablated = [r.ablation for r in fitted if r.ablation]
     if ablated:  # runs with --ablation: how well the graphs stand in for their neurons inside the model
         row["ablation"] = {
@@ -311,6 +316,7 @@ def report_html(rep: dict, plots: list[tuple[str, str]]) -> str:
         run_name=run.get("name") or "RUN", o=rep["overall"], rows=rep["layers"] + [rep["overall"]],
         methods=rep["methods"], method_names=METHOD_NAMES, groups=GROUPS, plots=plots,
         by_key={n["key"]: n for n in rep["neurons"]}, href=neuron_href,
+        has_ceiling=any(row.get("ceiling") for row in rep["layers"] + [rep["overall"]]),
     )
 
 

@@ -183,3 +183,23 @@ def test_similar_leaves_out_quiet_activators(tmp_path):
     sims = dict(similar(run, "L0.N1"))
     assert sims["L0.N2"] == pytest.approx(1 / 7) and sims["L1.N4.neg"] == pytest.approx(2 / 6)  # as without it
     assert {h["key"] for h in search(run, " the", role="activator")} >= {"L0.N1", "L0.N2"}
+
+
+def test_report_shows_the_token_ceiling_per_layer_when_results_have_one(run, tmp_path):
+    assert "token ceiling" not in (run / "report.html").read_text()  # results from before: no empty columns
+    other = make_run(tmp_path)
+    for key, (n_firing, n_seen) in {"L0.N1": (10, 5), "L1.N4.neg": (4, 4)}.items():
+        path = other / "neurons" / key / "result.json"
+        d = json.loads(path.read_text())
+        share = n_seen / n_firing
+        d["ceiling"] = {"n_firing": n_firing, "n_seen": n_seen, "f1": 2 * share / (1 + share)}
+        path.write_text(json.dumps(d))
+    write_report(other)
+    rep = json.loads((other / "report.json").read_text())
+    l0, l1 = rep["layers"]
+    assert l0["ceiling"] == {"f1": pytest.approx(2 / 3), "n_neurons": 1, "unseen_share": 0.5}
+    assert l1["ceiling"] == {"f1": 1.0, "n_neurons": 1, "unseen_share": 0.0}
+    assert rep["overall"]["ceiling"] == {"f1": pytest.approx(5 / 6), "n_neurons": 2, "unseen_share": pytest.approx(5 / 14)}
+    page = (other / "report.html").read_text()
+    table = page[page.index('id="layer-table"'):page.index("</table>", page.index('id="layer-table"'))]
+    assert "max F1" in table and '<td class="ceiling">0.667</td><td>50.00 %</td>' in table
