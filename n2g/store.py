@@ -88,6 +88,9 @@ class RunStore:
         path = folder / "result.json"
         if not path.exists():
             return None
+        if not (self._inside(path) and self._inside(folder / "graph.json")):
+            log.warning("%s: its stored result is a link that leads out of the run; it will be redone", neuron.key)
+            return None
         try:
             result = NeuronResult.from_dict(json.loads(read_text(path)))
             if result.status != "dead":
@@ -96,6 +99,13 @@ class RunStore:
         except Exception as exc:  # any damage means: redo this neuron
             log.warning("%s: stored artifacts are damaged (%s); it will be redone", neuron.key, exc)
             return None
+
+    def _inside(self, path: Path) -> bool:
+        """Whether ``path`` (a file or folder of the run, existing or not) stays inside the run directory."""
+        try:
+            return path.resolve().is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError):  # a symlink loop
+            return False
 
     def is_done(self, neuron: NeuronId) -> bool:
         return self.load_result(neuron) is not None
@@ -123,6 +133,9 @@ class RunStore:
             return
         for sub in sorted(folder.iterdir()):
             if (sub / "result.json").exists():
+                if not self._inside(sub / "result.json"):
+                    log.warning("skipping %s: it is a link that leads out of the run", sub / "result.json")
+                    continue
                 try:
                     yield NeuronResult.from_dict(json.loads(read_text(sub / "result.json")))
                 except Exception as exc:

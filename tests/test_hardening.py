@@ -969,6 +969,25 @@ def test_run_store_never_saves_through_a_link_out_of_the_run(tmp_path):
     assert os.listdir(elsewhere) == []
 
 
+def test_a_resumed_run_never_counts_a_neuron_whose_result_links_out_of_the_run(tmp_path):
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+    from n2g.store import RunStore
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = NeuronResult(neuron=NeuronId(0, 0), status="dead", stats=NeuronStats(max_activation=0.0))
+    (elsewhere / "result.json").write_text(json.dumps(result.to_dict()))
+    store = RunStore(tmp_path / "run")
+    (tmp_path / "run" / "neurons").mkdir(parents=True)
+    os.symlink(elsewhere, tmp_path / "run" / "neurons" / "L0.N0")  # a whole folder
+    (tmp_path / "run" / "neurons" / "L0.N1").mkdir()
+    os.symlink(elsewhere / "result.json", tmp_path / "run" / "neurons" / "L0.N1" / "result.json")  # one file
+    assert store.load_result(NeuronId(0, 0)) is None and not store.is_done(NeuronId(0, 1))  # redone, not taken
+    assert store.results() == []  # nor summarised
+    with pytest.raises(N2GError, match="leads out of the run"):  # and the redo says what to do
+        store.save(result, None)
+
+
 def get_as(port: int, path: str, host: str):
     con = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
