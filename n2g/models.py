@@ -11,6 +11,7 @@ downstream reaches the model through :class:`SubjectModel`'s activation methods 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -649,6 +650,29 @@ def _load_cache(target: Path):
         return None
 
 
+@contextlib.contextmanager
+def _quiet_gguf_bar() -> Iterator[None]:
+    """With the libraries' bars off (``-q``), also transformers' GGUF de-quantising bar, which it draws with
+    tqdm directly rather than through its own progress switch."""
+
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
+        yield
+        return
+    try:
+        mod = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        mod = None
+    bar = getattr(mod, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    mod.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        mod.tqdm = bar
+
+
 def _load_gguf(gguf: Path):
     """De-quantise a GGUF file once and cache it as safetensors; later loads read the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -659,9 +683,10 @@ def _load_gguf(gguf: Path):
         return cached
     log.info("de-quantising %s (once; cached under %s)", gguf, target)
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _quiet_gguf_bar():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as exc:
         raise N2GError(f"loading {gguf} needs the gguf package: {exc}; "
                        "install it with `pip install gguf accelerate`") from exc

@@ -404,3 +404,18 @@ def test_a_hub_lookup_says_it_goes_to_the_network_first(tmp_path):
     lines = p.stderr.splitlines()
     hub = next(i for i, l in enumerate(lines) if "looking it up on the Hugging Face hub" in l)
     assert hub < next(i for i, l in enumerate(lines) if l.startswith("n2g: error:"))
+
+
+def test_quiet_mode_silences_the_gguf_dequantising_bar_and_restores_it(monkeypatch, capfd):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from n2g.models import _quiet_gguf_bar
+
+    bar = gguf_utils.tqdm
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # what -q sets
+    with _quiet_gguf_bar():
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert gguf_utils.tqdm is bar and "de-quantizing" not in capfd.readouterr().err
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    with _quiet_gguf_bar():  # without -q the bar is transformers' own
+        assert gguf_utils.tqdm is bar
