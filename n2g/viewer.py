@@ -1111,7 +1111,11 @@ def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
     if not _is_loopback(h):
         log.warning("listening on %s: anyone who can reach this machine on port %d can read the run "
                     "(the default --host 127.0.0.1 keeps it on this machine)", h, p)
-    log.info("serving %s at http://%s:%d/ (Ctrl-C to stop)", run_dir, shown, p)
+    where = f"serving {run_dir} at http://{shown}:{p}/ (Ctrl-C to stop)"
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s", where)
+    else:  # -q: no progress, but the address is what the user came for (with --port 0 nothing else says it)
+        print(f"n2g: {where}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

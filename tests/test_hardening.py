@@ -1318,6 +1318,15 @@ def test_serve_refuses_an_empty_host_and_listens_on_ipv6_loopback(run, capsys, m
         server.server_close()
 
 
+def test_quiet_serve_on_port_0_still_says_where_it_listens(run, capsys, monkeypatch):
+    from n2g import viewer
+
+    monkeypatch.setattr(viewer._Server, "serve_forever", lambda self, *a: None)  # never block the test
+    code, _, err = main(["serve", run, "-q", "--port", "0"], capsys)
+    port = re.search(r"^n2g: serving .* at http://127\.0\.0\.1:([0-9]+)/ \(Ctrl-C to stop\)$", err.strip(), re.M)
+    assert code == 0 and port and int(port.group(1)) > 0, err
+
+
 @pytest.mark.parametrize("query", ["/api/search?token=Paris&limit=1e3", "/api/similar?key=L0.N1&limit=nan",
                                    "/api/similar?key=L0.N1&limit=99999999999999999999"])
 def test_api_limit_that_is_not_a_small_whole_number_is_400_with_a_hint(query, run):
