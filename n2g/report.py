@@ -99,6 +99,7 @@ def neuron_row(r: NeuronResult) -> dict:
         s = r.scores.get(m)
         row[f"{m}_f1"] = s.f1 if s else None
     row["pearson"] = n2g.pearson if n2g else None
+    row["ceiling_f1"] = r.ceiling.get("f1")
     return row
 
 

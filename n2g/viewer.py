@@ -563,7 +563,8 @@ def index_page(run_dir: Path, results: list[NeuronResult], nonce: str) -> str:
                      "f1": f1_text(n["n2g_f1"], n["score_status"]) if r.status != "dead" else "dead",
                      "toks": " ".join(display_token(t) for t in acts.get(n["key"], [])),
                      "v_f1": _num_attr(n["n2g_f1"]), "v_tok": _num_attr(n["token_lookup_f1"]),
-                     "v_ngram": _num_attr(n["ngram_f1"]), "v_pearson": _num_attr(n["pearson"]),
+                     "v_ngram": _num_attr(n["ngram_f1"]), "v_ceiling": _num_attr(n["ceiling_f1"]),
+                     "v_pearson": _num_attr(n["pearson"]),
                      "v_rate": _num_attr(n["firing_rate"])})
     return render_page("index.html", css=Markup(CSS), script=Markup(INDEX_JS), nonce=nonce, rows=rows,
                        layers=sorted({r.neuron.layer for r in results}))

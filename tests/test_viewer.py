@@ -156,6 +156,26 @@ def test_index_page(run):
     assert raw.count("<script") == 1
 
 
+def test_index_page_has_a_sortable_token_ceiling_column(tmp_path):
+    from n2g.viewer import write_viewer
+
+    run = make_run(tmp_path)
+    path = run / "neurons" / "L0.N1" / "result.json"
+    d = json.loads(path.read_text())
+    d["ceiling"] = {"n_firing": 8, "n_seen": 6, "f1": 12 / 14}
+    path.write_text(json.dumps(d))
+    write_viewer(run)
+    raw = (run / "viewer" / "index.html").read_text()
+    head = re.findall(r"<th [^>]*>([^<]+)</th>", raw[raw.index('<table id="neurons"'):])
+    assert head[head.index("n-gram F1") + 1] == "max F1"
+    row = raw[raw.index('href="neurons/L0.N1.html"'):]
+    row = row[:row.index("</tr>")]
+    cells = re.findall(r'<td data-v="([^"]*)">([^<]*)</td>', row)
+    assert (repr(12 / 14), "0.857") in cells
+    other = raw[raw.index('href="neurons/L0.N2.html"'):]
+    assert '<td data-v="">—</td>' in other[:other.index("</tr>")]  # a result without a ceiling
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
