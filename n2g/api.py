@@ -15,8 +15,10 @@ against the baselines, the corpus statistics and the activation histogram.
 
 from __future__ import annotations
 
+import numbers
 import time
 
+import numpy as np
 import torch
 
 from .config import PRESETS, preset as make_preset
@@ -30,6 +32,8 @@ from .records import NeuronId, Sign
 
 def load_model(spec: str = "default", device: str | None = None, dtype: str | None = None) -> SubjectModel:
     """A subject model: ``"default"`` (packaged SmolLM2), a ``.gguf`` file, a local HF directory or a hub id."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise N2GError(f"model spec must be 'default', a .gguf file, a model directory or a hub id (got {spec!r})")
     return _load_model(spec, device=device, dtype=dtype)
 
 
@@ -50,11 +54,14 @@ def load_corpus(source: str = "default", model=None, *, length: int = 64, max_ex
     or ``hf:NAME[:CONFIG]`` (needs the ``datasets`` package). ``model``: the subject model (or its
     spec) whose tokenizer cuts the text; the default model when omitted.
     """
-    if not isinstance(source, str):
-        raise N2GError(f"source must be text: 'default', a file or directory path, or hf:NAME (got {type(source).__name__})")
-    if not isinstance(length, int) or length < 2:
+    if not isinstance(source, str) or not source.strip():
+        raise N2GError(f"source must be text: 'default', a file or directory path, or hf:NAME (got {source!r})")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise N2GError(f"length must be an integer of at least 2 tokens (got {length!r})")
-    if max_excerpts is not None and (not isinstance(max_excerpts, int) or max_excerpts < 1):
+    if not isinstance(text_field, str):
+        raise N2GError(f"text_field must be the name of the field holding the text (got {text_field!r})")
+    if max_excerpts is not None and (isinstance(max_excerpts, bool) or not isinstance(max_excerpts, int)
+                                     or max_excerpts < 1):
         raise N2GError(f"max_excerpts must be a positive integer or None (got {max_excerpts!r})")
     m = _model("default" if model is None else model)
     return Corpus.build(source, m.encode, length=length, max_excerpts=max_excerpts, text_field=text_field)
@@ -65,7 +72,7 @@ def _corpus(corpus, model: SubjectModel, max_excerpts: int | None) -> Corpus:
                                      or max_excerpts < 1):
         raise N2GError(f"max_excerpts must be a positive integer or None (got {max_excerpts!r})")
     if corpus is None or isinstance(corpus, str):
-        return load_corpus(corpus or "default", model, max_excerpts=max_excerpts)
+        return load_corpus("default" if corpus is None else corpus, model, max_excerpts=max_excerpts)
     if isinstance(corpus, Corpus):
         if max_excerpts is not None and max_excerpts < len(corpus):
             return Corpus(corpus.source, corpus.length, corpus.excerpts[:max_excerpts])
@@ -90,17 +97,15 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     from .pipeline import to_result
     from .scan import scan_layers
 
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise N2GError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     if sign not in ("positive", "negative"):
         raise N2GError(f"sign must be 'positive' or 'negative' (got {sign!r}); for both sides call fit_neuron twice")
     for what, value in (("layer", layer), ("index", index)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise N2GError(f"{what} must be an integer (got {value!r})")
-    try:
-        cfg = make_preset(preset, **overrides)
-    except TypeError as exc:
-        raise N2GError(f"unknown setting in {sorted(overrides)}: {exc}; see n2g.DistillConfig for the settings") from None
+    layer, index = int(layer), int(index)  # a NumPy integer is the int it equals
+    cfg = make_preset(preset, **overrides)  # an unknown or ill-typed setting: N2GError
     m = _model(model)
     m.check_neuron(layer, index)
     corp = _corpus(corpus, m, max_excerpts)
@@ -144,7 +149,13 @@ def feature_from_hook(run_with_hook, name: str = "hooked feature"):
 
     def feature(token_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return torch.as_tensor(run_with_hook(token_ids)).detach().float().cpu()
+            out = run_with_hook(token_ids)
+            try:
+                out = torch.as_tensor(out)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise N2GError(f"{name}: run_with_hook returned {type(out).__name__}, not numbers ({exc}); "
+                               "return the [batch, pos] values as a tensor or array") from None
+            return out.detach().float().cpu()
 
     feature.__name__ = name
     return feature

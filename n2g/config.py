@@ -310,6 +310,11 @@ class DistillConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def replace(self, **changes) -> "DistillConfig":
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise N2GError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                           f"options are DistillConfig fields, e.g. {', '.join(sorted(names)[:6])}, ...")
         return dataclasses.replace(self, **changes)
 
 
@@ -376,12 +381,6 @@ PRESETS: dict[str, DistillConfig] = {
 
 def preset(name: str, **overrides) -> DistillConfig:
     """The named preset with ``overrides`` applied (``None`` values are ignored)."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise N2GError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
-    unknown = sorted(set(changes) - names)
-    if unknown:
-        raise N2GError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                       f"options are DistillConfig fields, e.g. {', '.join(sorted(names)[:6])}, ...")
-    return PRESETS[name].replace(**changes)
+    return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})

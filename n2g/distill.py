@@ -533,7 +533,14 @@ class NeuronModel:
 
     def fit(self, examples: Sequence[Example], calibration: Sequence[Example] = ()) -> "NeuronModel":
         """Fit the graph on training examples (normalised activations already measured)."""
-        steps = fit_steps(list(examples), list(calibration), self.config, self.occlusion_token_id)
+        groups = []
+        for what, group in (("examples", examples), ("calibration", calibration)):
+            group = list(group) if isinstance(group, Iterable) and not isinstance(group, (str, bytes)) else None
+            if group is None or not all(isinstance(e, Example) for e in group):
+                raise N2GError(f"fit needs {what} as a list of n2g.Example (token ids and normalised activations); "
+                               "to fit from token ids alone call n2g.distill(feature, excerpts)")
+            groups.append(group)
+        steps = fit_steps(groups[0], groups[1], self.config, self.occlusion_token_id)
         self.graph_, self.trace_ = drive(steps, self._evaluator(), self.substitutes)
         self.status_ = "fitted"
         return self
@@ -582,11 +589,29 @@ class NeuronModel:
             raise N2GError("token ids must be non-negative; a negative id is not a token")
         return (arr[None, :] if arr.ndim == 1 else arr).astype(np.int64), arr.ndim == 1
 
+    @staticmethod
+    def _mask(attention_mask, ids: np.ndarray, single: bool) -> np.ndarray | None:
+        """``attention_mask`` as a 0/1 array of the token ids' shape, or an N2GError."""
+        if attention_mask is None:
+            return None
+        if isinstance(attention_mask, torch.Tensor):
+            attention_mask = attention_mask.detach().cpu().numpy()
+        try:
+            mask = np.asarray(attention_mask)
+        except ValueError:
+            mask = np.asarray(None)
+        if single and mask.ndim == 1:
+            mask = mask[None, :]
+        if mask.shape != ids.shape or mask.dtype.kind not in "biuf" or not np.all((mask == 0) | (mask == 1)):
+            raise N2GError(f"attention_mask must be 0s and 1s of the token ids' shape {ids.shape[-1] if single else ids.shape} "
+                           f"(got {mask.dtype} of shape {mask.shape}); pass the tokenizer's mask or none")
+        return mask
+
     def predict_normalised(self, token_ids, attention_mask=None) -> np.ndarray:
         """Predicted activations divided by the neuron's maximum (1.0 = its strongest excerpt)."""
         self._check_fitted()
         ids, single = self._ids(token_ids)
-        out = predict_batch(self.graph_, ids, attention_mask)
+        out = predict_batch(self.graph_, ids, self._mask(attention_mask, ids, single))
         return out[0] if single else out
 
     def predict(self, token_ids, attention_mask=None) -> np.ndarray:
@@ -618,10 +643,20 @@ class NeuronModel:
             if not (isinstance(X, (list, tuple)) and X and all(isinstance(e, Example) for e in X)):
                 raise N2GError("score(examples) needs a list of n2g.Example; for plain arrays call "
                                "score(token_ids, true_activations)")
+            for k, e in enumerate(X):
+                if len(e.token_ids) != len(e.activations):
+                    raise N2GError(f"example {k} has {len(e.token_ids)} token ids but {len(e.activations)} activations; "
+                                   "pass one activation per token")
+                if not np.all(np.isfinite(np.asarray(e.activations, np.float64))):
+                    raise N2GError(f"example {k} has NaN or infinite activations; pass finite numbers")
             preds = predict_sequences(self.graph_, [e.token_ids for e in X])
             return score_arrays([e.activations for e in X], preds, self.config.fire_threshold)
         ids, single = self._ids(X)
-        true = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
+        try:
+            true = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise N2GError("true activations must be numbers in an array of the token ids' shape "
+                           "(one per token, rows of equal length)") from None
         true = true[None, :] if single and true.ndim == 1 else true
         if true.shape != ids.shape:
             raise N2GError(f"true activations have shape {true.shape} but the token ids {ids.shape}; "
@@ -667,7 +702,7 @@ def _as_lists(excerpts) -> list[list[int]]:
     if isinstance(excerpts, (torch.Tensor, np.ndarray)):
         if excerpts.ndim != 2:
             raise N2GError(f"excerpts must be 2-dimensional [batch, pos] (got shape {tuple(excerpts.shape)}); {hint}")
-        arr = excerpts.numpy() if isinstance(excerpts, torch.Tensor) else excerpts
+        arr = excerpts.detach().cpu().numpy() if isinstance(excerpts, torch.Tensor) else excerpts  # GPU, autograd
         if arr.dtype.kind in "iu" and (arr.size == 0 or (int(arr.min()) >= 0 and int(arr.max()) <= MAX_TOKEN_ID)):
             return arr.tolist()  # an integer array in range: nothing to check per token
         excerpts = arr.tolist()
@@ -677,6 +712,10 @@ def _as_lists(excerpts) -> list[list[int]]:
     for e in excerpts:
         if isinstance(e, (str, bytes)) or not isinstance(e, Iterable):
             raise N2GError(f"an excerpt must be a sequence of token ids, not {type(e).__name__}; {hint}")
+        if isinstance(e, (torch.Tensor, np.ndarray)):  # one excerpt as a 1-D tensor or array (any device)
+            if e.ndim != 1:
+                raise N2GError(f"an excerpt must be one sequence of token ids (got shape {tuple(e.shape)}); {hint}")
+            e = (e.detach().cpu().numpy() if isinstance(e, torch.Tensor) else e).tolist()
         row = []
         for t in e:
             if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) <= MAX_TOKEN_ID:
@@ -701,7 +740,14 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     if isinstance(occlusion_token_id, bool) or not isinstance(occlusion_token_id, (int, np.integer)) \
             or not 0 <= int(occlusion_token_id) <= MAX_TOKEN_ID:
         raise N2GError(f"occlusion_token_id must be a token id from 0 to {MAX_TOKEN_ID} (got {occlusion_token_id!r})")
-    cfg = config or preset(preset_name, **options)
+    if substitutes is not None and not callable(substitutes):
+        raise N2GError(f"substitutes must be callable (seqs, positions, k) -> token-id lists, not {type(substitutes).__name__}")
+    if config is None:
+        cfg = preset(preset_name, **options)
+    elif not isinstance(config, DistillConfig):
+        raise N2GError(f"config must be an n2g.DistillConfig (e.g. n2g.preset('paper')), not {type(config).__name__}")
+    else:  # options change the given config, as they change a preset
+        cfg = config.replace(**{k: v for k, v in options.items() if v is not None})
     seqs = _as_lists(excerpts)
     if not seqs or not any(len(s) for s in seqs):
         raise N2GError("no excerpts to distil from; pass a non-empty list of token-id sequences")

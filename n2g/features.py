@@ -136,6 +136,9 @@ def call_feature(feature: Callable, ids: torch.Tensor, mask: torch.Tensor) -> to
     except (TypeError, ValueError, RuntimeError) as exc:
         raise N2GError(f"the feature returned {type(out).__name__}, not numbers ({exc}); a feature must return "
                        "a [batch, pos] tensor or array of activations") from None
+    if out.is_complex():  # casting would drop the imaginary part with only a warning
+        raise N2GError("the feature returned complex numbers; a feature must return real activations "
+                       "(take .real or .abs() yourself)")
     if out.shape != ids.shape:
         raise N2GError(
             f"the feature returned shape {tuple(out.shape)} for token ids of shape {tuple(ids.shape)}; "

@@ -68,6 +68,8 @@ def run_span(key: int) -> int:
     return -1 - key if key < WILDCARD else 0
 
 GRAPH_KIND = "n2g.graph"
+MAX_END_COUNT = 1 << 26
+"""Most END values a loaded graph may claim in all (each is held in memory): far above any fit's evidence."""
 AUTO_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
 """Quantiles ``calibrate(statistic="auto")`` chooses among."""
 
@@ -570,7 +572,9 @@ class NeuronGraph:
             if attrs["kind"] == "wildcard" or (attrs["kind"] == "activator" and attrs.get("token_id") is None):
                 key = run_key(int(attrs["run"])) if int(attrs.get("run", 0) or 0) > 0 else WILDCARD
             else:
-                key = int(attrs["token_id"])
+                key = attrs["token_id"]
+                if isinstance(key, bool) or not isinstance(key, int) or key < 0:  # a negative key is a wildcard run
+                    raise ValueError(f"node {name}: token_id {key!r} is not a token id (a whole number of 0 or more)")
             node = graph._new_node(index[parents[0]], key)
             node.count, node.importance_sum = int(attrs["count"]), float(attrs["importance"]) * int(attrs["count"])
             index[name] = len(graph.nodes)
@@ -580,13 +584,22 @@ class NeuronGraph:
                 graph.run_parents.add(index[parents[0]])
             if key > WILDCARD:
                 graph.token_text[key] = attrs["token"]
+        total = 0
         for name in g.nodes:
             if g.nodes[name]["kind"] == "end":
-                owner = graph.nodes[index[next(iter(g.predecessors(name)))]]
+                parents = list(g.predecessors(name))
+                if len(parents) != 1:
+                    raise ValueError(f"END node {name} hangs from {len(parents)} nodes, not one")
+                owner = graph.nodes[index[parents[0]]]
                 owner.end = float(g.nodes[name]["activation"])
                 if not math.isfinite(owner.end):
                     raise ValueError(f"END activation {owner.end} is not a finite number")
-                owner.end_values = [owner.end] * int(g.nodes[name]["count"])
+                count = g.nodes[name]["count"]
+                total += count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
+                if isinstance(count, bool) or not isinstance(count, int) or count < 0 or total > MAX_END_COUNT:
+                    raise ValueError(f"END node {name}: count {count!r} is not a token count from 0 to {MAX_END_COUNT} "
+                                     "(summed over the graph)")
+                owner.end_values = [owner.end] * count
         return graph
 
     def to_dict(self) -> dict:
@@ -602,13 +615,19 @@ class NeuronGraph:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NeuronGraph":
-        if d.get("kind") != GRAPH_KIND:
-            raise N2GError(f"not an n2g graph file (kind={d.get('kind')!r}); pass a graph.json written by n2g")
+        if not isinstance(d, dict) or d.get("kind") != GRAPH_KIND:
+            what = f"kind={d.get('kind')!r}" if isinstance(d, dict) else f"a JSON {type(d).__name__}"
+            raise N2GError(f"not an n2g graph file ({what}); pass a graph.json written by n2g")
         if int(d.get("schema_version", 0)) > SCHEMA_VERSION:
             raise N2GError(f"graph schema {d['schema_version']} is newer than this n2g ({SCHEMA_VERSION}); upgrade n2g")
+        end_activation, match = d.get("end_activation", "first"), d.get("match", "greedy")
+        fire = d.get("fire_threshold", 0.5)
+        if end_activation not in ("first", "mean", "max") or match not in ("greedy", "search"):
+            raise ValueError(f"end_activation {end_activation!r} or match {match!r} is not one n2g writes")
+        if isinstance(fire, bool) or not isinstance(fire, (int, float)) or not 0 < fire <= 1:
+            raise ValueError(f"fire_threshold {fire!r} is not a number in (0, 1]")
         g = nx.node_link_graph(d["graph"], directed=True, edges="edges")
-        graph = cls.from_networkx(g, end_activation=d.get("end_activation", "first"),
-                                  match=d.get("match", "greedy"), fire_threshold=d.get("fire_threshold", 0.5))
+        graph = cls.from_networkx(g, end_activation=end_activation, match=match, fire_threshold=float(fire))
         graph.neuron = NeuronId.from_dict(d["neuron"]) if d.get("neuron") else None
         return graph
 
@@ -622,7 +641,7 @@ class NeuronGraph:
         except N2GError:
             raise
         except (OSError, KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError,
-                IndexError, nx.NetworkXError) as exc:  # a damaged or hand-made file: one line, no traceback
+                IndexError, StopIteration, nx.NetworkXError) as exc:  # a damaged or hand-made file: one line, no traceback
             raise N2GError(f"cannot read graph {path}: {type(exc).__name__}: {str(exc)[:200]}; "
                            "re-run n2g to regenerate it") from None
 

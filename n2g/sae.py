@@ -26,7 +26,7 @@ from torch import nn
 from .errors import N2GError
 from .models import SubjectModel, _get, _StopForward
 
-HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|resid_pre|mlp_out)$")
+HOOK = re.compile(r"^blocks\.(\d{1,6})\.hook_(resid_post|resid_pre|mlp_out)$")
 
 
 class _LatentSite:
@@ -63,9 +63,19 @@ class SAEModel:
             raise N2GError(f"{path} is not an SAELens directory (it needs cfg.json and sae_weights.safetensors)")
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            d_in, d_sae, hook_name = int(cfg["d_in"]), int(cfg["d_sae"]), str(cfg["hook_name"])
+            d_in, d_sae, hook_name = cfg["d_in"], cfg["d_sae"], str(cfg["hook_name"])
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise N2GError(f"{cfg_path} is not a readable SAE config with d_in, d_sae and hook_name ({exc})") from None
+        for what, value in (("d_in", d_in), ("d_sae", d_sae)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise N2GError(f"{cfg_path}: {what} must be a positive whole number (got {value!r}); "
+                               "use the cfg.json saved with the SAE")
+        for what in ("activation_fn", "activation_fn_str", "architecture"):
+            if what in cfg and not isinstance(cfg[what], str):
+                raise N2GError(f"{cfg_path}: {what} must be a string (got {cfg[what]!r}); use the cfg.json saved with the SAE")
+        if not isinstance(cfg.get("apply_b_dec_to_input", True), bool):
+            raise N2GError(f"{cfg_path}: apply_b_dec_to_input must be true or false "
+                           f"(got {cfg['apply_b_dec_to_input']!r})")
         m = HOOK.match(hook_name)
         if not m:
             raise N2GError(f"SAE hook {hook_name!r} is not supported; use blocks.L.hook_resid_post, "
@@ -87,9 +97,12 @@ class SAEModel:
         if self.jumprelu:
             act = "relu"
         if act == "topk":
-            self.topk = int((cfg.get("activation_fn_kwargs") or {}).get("k", 0)) or None
-            if not self.topk:
-                raise N2GError(f"{cfg_path}: activation_fn topk needs activation_fn_kwargs.k")
+            kwargs = cfg.get("activation_fn_kwargs") or {}
+            k = kwargs.get("k") if isinstance(kwargs, dict) else None
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise N2GError(f"{cfg_path}: activation_fn topk needs activation_fn_kwargs.k, a positive whole number "
+                               f"(got {k!r})")
+            self.topk = k
         elif act != "relu":
             raise N2GError(f"SAE activation_fn {act!r} is not supported; relu, topk and the jumprelu architecture are")
         from safetensors.torch import load_file
@@ -106,6 +119,9 @@ class SAEModel:
                 got = None if name not in w else tuple(w[name].shape)
                 raise N2GError(f"{weights_path}: {name} should have shape {shape} (d_in={d_in}, d_sae={d_sae}), "
                                f"found {got}; the weights do not match cfg.json")
+            if not (w[name].is_floating_point() and bool(torch.isfinite(w[name].float()).all())):
+                raise N2GError(f"{weights_path}: {name} holds {w[name].dtype} values that are not all finite floats; "
+                               "the weights are damaged or not an SAE's")
         dev = base.device
         self.W_enc, self.b_enc = w["W_enc"].float().to(dev), w["b_enc"].float().to(dev)
         self.W_dec, self.b_dec = w["W_dec"].float().to(dev), w["b_dec"].float().to(dev)

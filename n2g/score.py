@@ -36,6 +36,9 @@ def pearson(true: np.ndarray, pred: np.ndarray) -> float | None:
 
 
 def explained_variance(true: np.ndarray, pred: np.ndarray) -> float | None:
+    """1 - var(true - pred) / var(true); None with no token or constant true values."""
+    if not len(true):
+        return None
     var = float(np.var(true))
     if var == 0:
         return None

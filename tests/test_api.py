@@ -164,9 +164,19 @@ def test_notebook_display_escapes_token_text():
     (lambda m: n2g.fit_neuron(m, 0, 0, sign="both", progress=False), "call fit_neuron twice"),
     (lambda m: n2g.fit_neuron(m, 0, 0, preset="best", progress=False), "unknown preset"),
     (lambda m: n2g.fit_neuron(m, "0", 0, progress=False), "layer must be an integer"),
+    (lambda m: n2g.fit_neuron(m, np.int64(99), np.int64(0), progress=False), "does not exist"),  # NumPy ints are ints
     (lambda m: n2g.fit_neuron(m, 0, 0, corpus=42, progress=False), "corpus must be"),
     (lambda m: n2g.fit_neuron(42, 0, 0, progress=False), "model must be"),
     (lambda m: n2g.load_corpus("default", m, length=1), "length must be"),
+    (lambda m: n2g.fit_neuron(m, 0, 0, preset=["paper"], progress=False), "unknown preset"),  # was unhashable TypeError
+    (lambda m: n2g.fit_neuron(m, 0, 0, corpus="", progress=False), "source must be"),  # was the default corpus
+    (lambda m: n2g.load_corpus("", m), "source must be"),  # was every text file under the working directory
+    (lambda m: n2g.load_corpus("default", m, max_excerpts=True), "max_excerpts must be"),
+    (lambda m: n2g.load_corpus("default", m, text_field=None), "text_field must be"),
+    (lambda m: n2g.load_model(""), "model spec must be"),  # was "." (the working directory) as a model
+    (lambda m: n2g.load_model(None), "model spec must be"),  # was a hub lookup of 'None'
+    (lambda m: n2g.distill(n2g.feature_from_hook(lambda ids: [[1, 2], [3]]), [[1, 2, 3]] * 4),
+     "run_with_hook returned list"),  # was torch's ValueError from inside the adapter
 ])
 def test_api_bad_input_says_what_to_do(tiny_llama, call, message):
     with pytest.raises(n2g.N2GError, match=message):

@@ -426,3 +426,73 @@ def test_a_fit_reports_its_token_ceiling_beside_its_scores():
     firing = sum(int(np.sum(np.asarray(e.activations) >= 0.5)) for e in test)
     assert model.ceiling_["n_firing"] == firing == model.scores_["n2g"].n_firing > 0
     assert model.ceiling_["n_seen"] == firing and model.ceiling_["f1"] == 1.0  # one planted token, seen firing in training
+
+
+GOOD = [[1, 7, 3, 4, 5, 7, 8, 9]] * 3 + [[2, 3, 4, 5, 6, 7, 1]] * 3 + [[9, 7, 7, 2, 3]] * 4
+SEVEN = lambda ids: (ids == 7).float() * 3
+
+
+def test_options_change_a_given_config_and_a_wrong_config_is_refused():
+    """distill(f, x, config=cfg, min_count=5) applies min_count to cfg (it was silently dropped), an
+    unknown option beside a config is refused, and a config that is not a DistillConfig is one line."""
+    model = n2g.distill(SEVEN, GOOD, config=n2g.preset("paper"), min_count=5, name="f")
+    assert model.config.min_count == 5 and model.config.rescale_pruned  # paper's own settings kept
+    with pytest.raises(N2GError, match="unknown option 'bogus'"):
+        n2g.distill(SEVEN, GOOD, config=n2g.preset("paper"), bogus=1)
+    with pytest.raises(N2GError, match="config must be an n2g.DistillConfig"):
+        n2g.distill(SEVEN, GOOD, config={"min_count": 5})
+    with pytest.raises(N2GError, match="unknown preset"):
+        n2g.distill(SEVEN, GOOD, preset_name=["paper"])
+    with pytest.raises(N2GError, match="substitutes must be callable"):
+        n2g.distill(SEVEN, GOOD, substitutes=5, augment=True)
+    with pytest.raises(N2GError, match="complex numbers"):  # was cast to real with a UserWarning
+        n2g.distill(lambda ids: (ids == 7).to(torch.complex64) * 1j, GOOD)
+
+
+def test_excerpts_as_tensors_that_need_grad_or_as_a_list_of_1d_tensors():
+    """Excerpts straight from a tokenizer or a hook library: a list of 1-D LongTensors is a list of
+    excerpts; a tensor is read off its device and autograd graph, so a float one that needs grad
+    is refused in one line (not torch's "Can't call numpy() on Tensor that requires grad")."""
+    rows = [torch.tensor(r) for r in GOOD]
+    assert n2g.distill(SEVEN, rows).status_ == "fitted"
+    with pytest.raises(N2GError, match="whole number"):
+        n2g.distill(SEVEN, torch.tensor(GOOD[:3], dtype=torch.float32, requires_grad=True))
+    with pytest.raises(N2GError, match="one sequence of token ids"):
+        n2g.distill(SEVEN, [torch.tensor([[1, 7]])])
+
+
+def test_fitted_model_refuses_bad_masks_activations_and_examples_in_one_line():
+    model = n2g.distill(SEVEN, GOOD)
+    ids = [[9, 7, 3]]
+    assert model.predict(ids, attention_mask=[[1, 1, 0]]).tolist() == [[0.0, 3.0, 0.0]]
+    assert model.predict([9, 7, 3], attention_mask=[1, 1, 1]).tolist() == [0.0, 3.0, 0.0]
+    for mask in ([[1, 1]], "abc", [[1, 0.5, 0]], [[1, 2, 0]]):  # wrong shape (was numpy's broadcast error), not 0/1
+        with pytest.raises(N2GError, match="attention_mask must be"):
+            model.predict(ids, attention_mask=mask)
+    for y in ([["a", "b", "c"]], [[0, 3], [1]]):  # was numpy's ValueError
+        with pytest.raises(N2GError, match="true activations must be numbers"):
+            model.score([[9, 7, 3], [1, 2, 3]] if len(y) == 2 else ids, y)
+    with pytest.raises(N2GError, match="1 activations"):  # was score_arrays' ValueError
+        model.score([n2g.Example([1, 2, 3], [0.1])])
+    with pytest.raises(N2GError, match="NaN or infinite"):  # was a Scores with explained_variance nan
+        model.score([n2g.Example([1, 7, 3], [float("nan"), 1.0, 0.0])])
+    with pytest.raises(N2GError, match="list of n2g.Example"):  # was AttributeError deep in fit_steps
+        n2g.NeuronModel(SEVEN).fit([1, 2, 3])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: [n.update(count=10**12) for n in d["graph"]["nodes"] if n["kind"] == "end"], "count"),  # was MemoryError
+    (lambda d: d["graph"]["nodes"].append({"id": "9.end", "kind": "end", "activation": 1.0, "count": 1,
+                                           "depth": 0}), "hangs from 0 nodes"),  # was a raw StopIteration
+    (lambda d: [n.update(token_id=-7) for n in d["graph"]["nodes"] if n["kind"] == "activator"], "token_id -7"),
+    (lambda d: d.update(fire_threshold="abc"), "fire_threshold"),  # loaded, then predict raised TypeError
+    (lambda d: d.update(match="bogus"), "match 'bogus'"),
+    (lambda d: d.update(end_activation="bogus"), "end_activation 'bogus'"),
+])
+def test_a_tampered_graph_file_is_refused_in_one_line(tmp_path, damage, needle):
+    path = n2g.distill(SEVEN, GOOD).graph_.save(tmp_path / "graph.json")
+    d = json.loads(path.read_text())
+    damage(d)
+    path.write_text(json.dumps(d))
+    with pytest.raises(N2GError, match=needle):
+        NeuronGraph.load(path)

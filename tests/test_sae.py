@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from conftest import tiny_model, tiny_tokenizer
 from test_pipeline import cli, run_args, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
 
+from n2g.errors import N2GError
 from n2g.models import SubjectModel
 from n2g.sae import SAEModel
 
@@ -145,3 +146,27 @@ def test_serving_an_sae_run_with_a_model_is_refused(tiny_dir, tmp_path):
     assert cli(*args).returncode == 0
     res = cli("serve", str(out), "--model", str(tiny_dir / "model"), "--port", "0")
     assert res.returncode == 2 and "holds SAE latents" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("cfg, weights, needle", [
+    ({"activation_fn": "topk", "activation_fn_kwargs": [3]}, None, "activation_fn_kwargs.k"),  # was AttributeError
+    ({"activation_fn": "topk", "activation_fn_kwargs": {"k": "abc"}}, None, "activation_fn_kwargs.k"),  # ValueError
+    ({"activation_fn": "topk", "activation_fn_kwargs": {"k": -3}}, None, "activation_fn_kwargs.k"),  # torch error later
+    ({"hook_name": "blocks." + "9" * 5000 + ".hook_resid_post"}, None, "not supported"),  # int() digit limit
+    ({"d_in": 32.7}, None, "d_in must be a positive whole number"),  # was read as 32
+    ({"d_sae": 0}, None, "d_sae must be a positive whole number"),
+    ({"apply_b_dec_to_input": "false"}, None, "apply_b_dec_to_input must be true or false"),  # was read as True
+    ({"architecture": ["jumprelu"]}, None, "architecture must be a string"),  # was read as relu
+    ({}, {"W_enc": torch.full((D_IN, D_SAE), float("nan"))}, "not all finite floats"),  # NaN latents at fit time
+    ({}, {"W_enc": torch.ones(D_IN, D_SAE, dtype=torch.int64)}, "not all finite floats"),
+])
+def test_bad_sae_config_or_weights_are_refused_when_loaded(tmp_path, cfg, weights, needle):
+    folder = write_sae(tmp_path / "sae")
+    (folder / "cfg.json").write_text(json.dumps({**json.loads((folder / "cfg.json").read_text()), **cfg}))
+    if weights:
+        from safetensors.torch import load_file
+
+        save_file({**load_file(str(folder / "sae_weights.safetensors")), **weights}, str(folder / "sae_weights.safetensors"))
+    base = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    with pytest.raises(N2GError, match=needle):
+        SAEModel(base, folder)

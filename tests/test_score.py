@@ -34,3 +34,13 @@ def test_undefined_values_where_scikit_learn_would_divide_by_zero():
     s = score_arrays([np.array([0.0, 0.9, 0.1])], [np.zeros(3)], 0.5)
     _, rec, f1, _ = sklearn_metrics.precision_recall_fscore_support([0, 1, 0], [0, 0, 0], labels=[1], zero_division=0)
     assert s.precision is None and s.recall == rec[0] == 0.0 and s.f1 == f1[0] == 0.0
+
+
+def test_no_token_at_all_has_no_explained_variance_and_no_warning():
+    """An empty split (a single excerpt, all of it training) scores None everywhere, not NaN."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = score_arrays([np.zeros(0)], [np.zeros(0)])
+    assert s.explained_variance is None and s.pearson is None and s.n_tokens == 0
