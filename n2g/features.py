@@ -80,13 +80,34 @@ def drive(steps: Steps, evaluate: Callable[[list[list[int]]], list[np.ndarray]],
                 if candidates is None or not request.seqs:
                     answer = [[] for _ in request.seqs]
                 else:
-                    answer = candidates(request.seqs, request.positions, request.k)
+                    answer = _checked_candidates(candidates(request.seqs, request.positions, request.k),
+                                                 len(request.seqs))
             elif isinstance(request, Compute):
                 answer = request.fn(*request.args)
             else:  # pragma: no cover - programming error
                 raise TypeError(f"unknown request {request!r}")
     except StopIteration as stop:
         return stop.value
+
+
+def _checked_candidates(found, n: int) -> list[list[int]]:
+    """A substitutes callable's answer as ``n`` lists of token ids, or an N2GError saying what it must return."""
+    hint = "a substitutes callable must return one list of token ids (whole numbers of 0 or more) per sequence"
+    if isinstance(found, (str, bytes)) or not isinstance(found, Sequence) or len(found) != n:
+        raise N2GError(f"{hint}; got {type(found).__name__}"
+                       + (f" of {len(found)} items for {n} sequences" if isinstance(found, Sequence) else ""))
+    out = []
+    for row in found:
+        if isinstance(row, torch.Tensor):
+            row = row.detach().cpu().tolist()
+        elif isinstance(row, np.ndarray):
+            row = row.tolist()
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) and 0 <= int(t) < 2**31
+                for t in row):
+            raise N2GError(f"{hint}; got {str(row)[:60]!r}")
+        out.append([int(t) for t in row])
+    return out
 
 
 MAX_PADDING = 1.15

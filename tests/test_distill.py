@@ -496,3 +496,14 @@ def test_a_tampered_graph_file_is_refused_in_one_line(tmp_path, damage, needle):
     path.write_text(json.dumps(d))
     with pytest.raises(N2GError, match=needle):
         NeuronGraph.load(path)
+
+
+@pytest.mark.parametrize("bad", [lambda seqs, p, k: None, lambda seqs, p, k: [[21, -4] for _ in seqs],
+                                 lambda seqs, p, k: [[21]], lambda seqs, p, k: ["abc" for _ in seqs],
+                                 lambda seqs, p, k: [[21.5] for _ in seqs]])
+def test_a_substitutes_callable_answering_anything_but_token_id_lists_is_one_line(bad):
+    train = text(1, [[9, 8], [8]])
+    with pytest.raises(N2GError, match="a substitutes callable must return one list of token ids"):
+        n2g.distill(after_family, train, augment=True, substitutes=bad, augment_positions="important")
+    ok = lambda seqs, p, k: [np.array([21, 22]) for _ in seqs]  # arrays of ids are fine
+    assert 21 in n2g.distill(after_family, train, augment=True, substitutes=ok, augment_positions="important").graph_.tokens()
