@@ -195,6 +195,15 @@ def load_texts(source: str | None = None, *, text_field: str = "text",
     """
     if max_docs is not None and max_docs < 1:
         raise N2GError(f"max_docs must be at least 1, got {max_docs}")
+    texts, label = _source_texts(source, text_field)
+    docs = _take(texts, max_docs)
+    if not docs:
+        raise N2GError(f"corpus is empty: {label} holds no non-blank text; add text to it")
+    return docs
+
+
+def _source_texts(source: str | None, text_field: str) -> tuple[Iterable[str], str]:
+    """The documents of ``source`` as a lazy iterable (files are read as they are reached), and its label."""
     if source is None or str(source).lower() in DEFAULT_SOURCES:
         texts: Iterable[str] = _pydoc_texts()
         label = "the default corpus"
@@ -213,10 +222,7 @@ def load_texts(source: str | None = None, *, text_field: str = "text",
             raise N2GError(f"corpus {source!r} does not exist; pass a text/JSONL file, a "
                            "directory, hf:NAME for a Hugging Face dataset, or 'default'")
         label = str(path)
-    docs = _take(texts, max_docs)
-    if not docs:
-        raise N2GError(f"corpus is empty: {label} holds no non-blank text; add text to it")
-    return docs
+    return texts, label
 
 
 PREFIX_MARGIN = 16
@@ -246,7 +252,7 @@ def _encode_prefix(text: str, encode: Callable[[str], list[int]], need: int | No
     return list(encode(text))
 
 
-def make_excerpts(texts: list[str], encode: Callable[[str], list[int]], length: int = 64,
+def make_excerpts(texts: Iterable[str], encode: Callable[[str], list[int]], length: int = 64,
                   max_excerpts: int | None = None) -> torch.Tensor:
     """Cut each tokenised document into consecutive windows of exactly ``length`` tokens.
 
@@ -303,11 +309,29 @@ class Corpus:
     def build(cls, source: str | None, encode: Callable[[str], list[int]], length: int = 64,
               max_excerpts: int | None = None, text_field: str = "text",
               max_docs: int | None = None) -> "Corpus":
-        """Load ``source`` with :func:`load_texts` and cut it with :func:`make_excerpts`."""
+        """Load ``source`` as :func:`load_texts` does and cut it with :func:`make_excerpts`, reading
+        documents only as far as ``max_excerpts`` needs (a directory of large files is not held whole)."""
         name = "pydoc" if source is None or str(source).lower() in DEFAULT_SOURCES \
             else str(source)
-        texts = load_texts(source, text_field=text_field, max_docs=max_docs)
-        excerpts = make_excerpts(texts, encode, length=length, max_excerpts=max_excerpts)
-        log.info("corpus %s: %d documents, %d excerpts of %d tokens",
-                 name, len(texts), excerpts.shape[0], length)
+        if max_docs is not None and max_docs < 1:
+            raise N2GError(f"max_docs must be at least 1, got {max_docs}")
+        texts, label = _source_texts(source, text_field)
+        seen = [0]
+
+        def documents():
+            for text in texts:
+                if max_docs is not None and seen[0] >= max_docs:
+                    return
+                if text.strip():
+                    seen[0] += 1
+                    yield text
+
+        try:
+            excerpts = make_excerpts(documents(), encode, length=length, max_excerpts=max_excerpts)
+        except N2GError as exc:
+            if seen[0] == 0 and "yields no excerpt" in str(exc):
+                raise N2GError(f"corpus is empty: {label} holds no non-blank text; add text to it") from None
+            raise
+        log.info("corpus %s: %d documents read, %d excerpts of %d tokens",
+                 name, seen[0], excerpts.shape[0], length)
         return cls(source=name, length=length, excerpts=excerpts)

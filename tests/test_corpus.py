@@ -146,3 +146,21 @@ def test_hf_source_without_datasets(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(N2GError, match="pip install datasets"):
         load_texts("hf:some/dataset")
+
+
+def test_a_corpus_build_reads_documents_only_as_far_as_max_excerpts_needs(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 200, encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"\x00" * 100)  # never reached: it would be refused as binary
+    corpus = Corpus.build(str(tmp_path), char_encode, length=50, max_excerpts=4)
+    assert corpus.excerpts.shape == (4, 50)
+    with pytest.raises(N2GError, match="is not a UTF-8 text file"):  # needed after all: read, and refused
+        Corpus.build(str(tmp_path), char_encode, length=50, max_excerpts=5)
+    (tmp_path / "b.txt").write_text("  \n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("\t", encoding="utf-8")
+    with pytest.raises(N2GError, match="corpus is empty"):
+        Corpus.build(str(tmp_path), char_encode, length=50)
+    with pytest.raises(N2GError, match="excerpt length must be at least 1"):
+        Corpus.build(str(tmp_path), char_encode, length=0)
+    (tmp_path / "a.txt").write_text("short", encoding="utf-8")
+    with pytest.raises(N2GError, match="yields no excerpt"):
+        Corpus.build(str(tmp_path), char_encode, length=50)
