@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default="0,5,10,15,20,25,29")
     ap.add_argument("--per-layer", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="seed of the neuron sample")
+    ap.add_argument("--sign", choices=("positive", "negative"), default="positive",
+                    help="which side of each sampled neuron to fit (negative: the activation times -1)")
     ap.add_argument("--max-excerpts", type=int, default=1024)
     ap.add_argument("--presets", default="paper,default")
     ap.add_argument("--set", action="append", default=[], help="override for the default preset, e.g. --set max_pivots=2")
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     model = load_model(args.model)
     corpus = Corpus.build("default", model.encode, max_excerpts=args.max_excerpts)
     layers = parse_indices(args.layers, model.n_layers, "layer")
-    neurons = sample_neurons(model.d_mlp, layers, args.per_layer, args.seed)
+    neurons = sample_neurons(model.d_mlp, layers, args.per_layer, args.seed, args.sign)
     overrides = parse_set(args.set)
     configs = {name: preset(name, **(overrides if name == "default" else {})) for name in args.presets.split(",")}
     split_cfg = next(iter(configs.values()))
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     print(f"\nmodel {model.spec} ({model.device}, {model.dtype}); corpus {corpus.source}: {len(excerpts)} excerpts x {corpus.length} tokens; "
           f"partition {int(is_train.sum())} training / {int((~is_train).sum())} held-out excerpts (held_out {split_cfg.held_out}, seed {split_cfg.seed}); "
-          f"{args.per_layer} neurons/layer, sample seed {args.seed}; scan {scan_s:.1f}s; "
+          f"{args.per_layer} neurons/layer ({args.sign} side), sample seed {args.seed}; scan {scan_s:.1f}s; "
           + "; ".join(f"{n} {seconds[n] / len(jobs):.2f} s/neuron" for n in configs)
           + f"; {platform.machine()}, {torch.get_num_threads()} threads")
     print("F1 of the firing class pooled over held-out test tokens, mean over neurons (neurons without a firing test token "

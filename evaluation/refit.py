@@ -47,7 +47,7 @@ def save(args) -> int:
     model = load_model("default")
     corpus = Corpus.build("default", model.encode, max_excerpts=args.max_excerpts)
     layers = parse_indices(args.layers, model.n_layers, "layer")
-    neurons = sample_neurons(model.d_mlp, layers, args.per_layer, args.seed)  # the sample of evaluation/fidelity.py
+    neurons = sample_neurons(model.d_mlp, layers, args.per_layer, args.seed, args.sign)  # the sample of evaluation/fidelity.py
     cfg = preset("default", **parse_set(args.set))
     scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),
                         corpus_key=corpus.fingerprint(), progress=False)
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("save", help="fit the harness sample with the model and pickle what refit needs")
     s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--sign", choices=("positive", "negative"), default="positive")
     s.add_argument("--layers", default=LAYERS)
     s.add_argument("--per-layer", type=int, default=8)
     s.add_argument("--max-excerpts", type=int, default=1024)
