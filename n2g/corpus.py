@@ -9,6 +9,7 @@ result is deterministic and fingerprinted so later stages can tell whether a sca
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -64,6 +65,52 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise N2GError(f"{path} is not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
                        "convert it to UTF-8") from exc
+
+
+TEXT_PIECE_BYTES = 1 << 24
+"""A plain text file larger than this is read a piece at a time, each piece one document ending at a
+line break, so a huge file is never held whole (and ``--max-excerpts`` stops reading it early)."""
+
+
+def _text_pieces(path: Path) -> Iterator[str]:
+    """The documents of one plain text file: the whole file, or pieces of it cut at line breaks."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise N2GError(f"cannot read {path} ({exc.strerror}); check the path and permissions") from exc
+    if size <= TEXT_PIECE_BYTES:
+        yield _read_text(path)
+        return
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    carry, offset = "", 0
+    try:
+        with path.open("rb") as f:
+            while True:
+                data = f.read(TEXT_PIECE_BYTES)
+                if b"\x00" in data:
+                    raise N2GError(f"{path} is not a UTF-8 text file (it looks binary); "
+                                   "pass text, markdown or JSONL files")
+                try:
+                    text = carry + decoder.decode(data, final=not data)
+                except UnicodeDecodeError as exc:
+                    raise N2GError(f"{path} is not a UTF-8 text file ({exc.reason} near byte {offset + exc.start}); "
+                                   "convert it to UTF-8") from None
+                offset += len(data)
+                if not data:
+                    if text:
+                        yield text
+                    return
+                cut = text.rfind("\n") + 1
+                if cut == 0:  # one line longer than a piece: it goes on into the next piece
+                    carry = text
+                    if len(carry) > 4 * TEXT_PIECE_BYTES:  # a single line of this size is cut anyway
+                        yield carry
+                        carry = ""
+                    continue
+                carry = text[cut:]
+                yield text[:cut]
+    except OSError as exc:
+        raise N2GError(f"cannot read {path} ({exc.strerror}); check the path and permissions") from exc
 
 
 def _json_records(path: Path, text_field: str) -> Iterator[str]:
@@ -135,7 +182,7 @@ def _file_texts(path: Path, text_field: str) -> Iterator[str]:
     elif path.suffix.lower() in (".jsonl", ".json"):
         yield from _json_records(path, text_field)
     else:
-        yield _read_text(path)
+        yield from _text_pieces(path)
 
 
 def _dir_texts(path: Path, text_field: str) -> Iterator[str]:

@@ -164,3 +164,23 @@ def test_a_corpus_build_reads_documents_only_as_far_as_max_excerpts_needs(tmp_pa
     (tmp_path / "a.txt").write_text("short", encoding="utf-8")
     with pytest.raises(N2GError, match="yields no excerpt"):
         Corpus.build(str(tmp_path), char_encode, length=50)
+
+
+def test_a_large_text_file_is_read_a_piece_at_a_time_cut_at_line_breaks(tmp_path, monkeypatch):
+    import n2g.corpus as corpus
+
+    monkeypatch.setattr(corpus, "TEXT_PIECE_BYTES", 64)
+    text = "".join(f"line {i} café ☕\n" for i in range(40))  # multi-byte characters across piece borders
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # with a BOM
+    pieces = load_texts(str(path))
+    assert len(pieces) > 5 and "".join(pieces) == text and all(p.endswith("\n") for p in pieces)
+    assert all(len(p.encode("utf-8")) <= 64 + 64 for p in pieces)
+    path.write_bytes(text.encode("utf-8") + b"tail \xff\xfe never read\n")  # invalid UTF-8 near the end
+    with pytest.raises(N2GError, match=r"not a UTF-8 text file \(invalid start byte near byte \d+\)"):
+        load_texts(str(path))
+    corpus_ = Corpus.build(str(path), char_encode, length=16, max_excerpts=3)  # stops before the bad bytes
+    assert corpus_.excerpts.shape == (3, 16)
+    path.write_bytes(text.encode("utf-8") + b"\x00" * 10)
+    with pytest.raises(N2GError, match="it looks binary"):
+        load_texts(str(path))
