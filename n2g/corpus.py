@@ -236,7 +236,7 @@ def load_texts(source: str | None = None, *, text_field: str = "text",
 
     ``source``: ``None``/``"default"``/``"pydoc"`` (Python's offline reference docs), a file
     (``.jsonl``/``.json``: the ``text_field`` of each record; ``.parquet``: its ``text_field`` column,
-    with pyarrow; anything else: one document), a directory (every ``.txt``/``.md``/``.jsonl``/``.text``/
+    with pyarrow; anything else: one document, or pieces of 16 MiB cut at line breaks when larger), a directory (every ``.txt``/``.md``/``.jsonl``/``.text``/
     ``.parquet`` file under it, sorted), or
     ``hf:NAME[:CONFIG]`` (train split, streamed).
     """
