@@ -114,34 +114,53 @@ def _text_pieces(path: Path) -> Iterator[str]:
 
 
 def _json_records(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix.lower() != ".json":  # JSON lines: read a piece at a time, never held whole
+        yield from _json_lines(path, _text_pieces(path), text_field)
+        return
     text = _read_text(path)
-    if path.suffix.lower() == ".json":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # not one JSON value: read it as JSON lines below
-        except RecursionError:
-            raise N2GError(f"{path} nests JSON arrays or objects too deeply to read; "
-                           "a JSON corpus is a list of objects with a text field") from None
-        if isinstance(whole, list):
-            for n, record in enumerate(whole):
-                yield _record_text(record, text_field, f"record {n} of {path}")
-            return
-        if isinstance(whole, dict):
-            yield _record_text(whole, text_field, str(path))
-            return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise N2GError(f"line {lineno} of {path} is not valid JSON ({exc.msg}); "
-                           "a .jsonl corpus needs one JSON object per line") from exc
-        except RecursionError:
-            raise N2GError(f"line {lineno} of {path} nests JSON arrays or objects too deeply to read; "
-                           "a .jsonl corpus needs one flat JSON object with a text field per line") from None
-        yield _record_text(record, text_field, f"line {lineno} of {path}")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # not one JSON value: read it as JSON lines below
+    except RecursionError:
+        raise N2GError(f"{path} nests JSON arrays or objects too deeply to read; "
+                       "a JSON corpus is a list of objects with a text field") from None
+    if isinstance(whole, list):
+        for n, record in enumerate(whole):
+            yield _record_text(record, text_field, f"record {n} of {path}")
+        return
+    if isinstance(whole, dict):
+        yield _record_text(whole, text_field, str(path))
+        return
+    yield from _json_lines(path, [text], text_field)
+
+
+def _json_lines(path: Path, pieces: Iterable[str], text_field: str) -> Iterator[str]:
+    """The text field of each JSON line of ``pieces`` (consecutive parts of one file, each ending at a line
+    break). Lines end at ``\n`` only: a JSON string may hold U+2028 or U+0085 as they are."""
+    lineno = 0
+    for piece in pieces:
+        lines = piece.split("\n")
+        if piece.endswith("\n"):
+            lines.pop()  # the empty text after the piece's last line break
+        for line in lines:
+            lineno += 1
+            line = line.removesuffix("\r")
+            if not line.strip():
+                continue
+            yield _json_line(path, lineno, line, text_field)
+
+
+def _json_line(path: Path, lineno: int, line: str, text_field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise N2GError(f"line {lineno} of {path} is not valid JSON ({exc.msg}); "
+                       "a .jsonl corpus needs one JSON object per line") from exc
+    except RecursionError:
+        raise N2GError(f"line {lineno} of {path} nests JSON arrays or objects too deeply to read; "
+                       "a .jsonl corpus needs one flat JSON object with a text field per line") from None
+    return _record_text(record, text_field, f"line {lineno} of {path}")
 
 
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
@@ -222,11 +241,13 @@ def _hf_texts(source: str, text_field: str) -> Iterator[str]:
 
 def _take(texts: Iterable[str], max_docs: int | None) -> list[str]:
     out = []
+    if max_docs is not None and max_docs < 1:
+        return out
     for text in texts:
-        if max_docs is not None and len(out) >= max_docs:
-            break
         if text.strip():
             out.append(text)
+            if max_docs is not None and len(out) >= max_docs:
+                break  # the next document is never read
     return out
 
 
@@ -367,11 +388,11 @@ class Corpus:
 
         def documents():
             for text in texts:
-                if max_docs is not None and seen[0] >= max_docs:
-                    return
                 if text.strip():
                     seen[0] += 1
                     yield text
+                    if max_docs is not None and seen[0] >= max_docs:
+                        return  # the next document is never read
 
         try:
             excerpts = make_excerpts(documents(), encode, length=length, max_excerpts=max_excerpts)

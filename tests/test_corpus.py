@@ -184,3 +184,18 @@ def test_a_large_text_file_is_read_a_piece_at_a_time_cut_at_line_breaks(tmp_path
     path.write_bytes(text.encode("utf-8") + b"\x00" * 10)
     with pytest.raises(N2GError, match="it looks binary"):
         load_texts(str(path))
+
+
+def test_jsonl_lines_end_at_newlines_only_and_large_files_stream(tmp_path, monkeypatch):
+    import n2g.corpus as corpus
+
+    path = tmp_path / "c.jsonl"
+    odd = "a\u2028b\x85c\x1cd"  # valid raw inside a JSON string; str.splitlines() would cut at each
+    path.write_text(json.dumps({"text": odd}, ensure_ascii=False) + "\r\n" + json.dumps({"text": "two"}) + "\n",
+                    encoding="utf-8")
+    assert load_texts(str(path)) == [odd, "two"]
+    monkeypatch.setattr(corpus, "TEXT_PIECE_BYTES", 64)  # read in pieces: the same records, the same line numbers
+    path.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(30)) + "{oops\n", encoding="utf-8")
+    with pytest.raises(N2GError, match="line 31 of .* is not valid JSON"):
+        load_texts(str(path))
+    assert load_texts(str(path), max_docs=30) == [f"record {i}" for i in range(30)]
