@@ -228,6 +228,9 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
         ys = [y for y in ys if y is not None]
         if ys:
             ax.plot(xs, ys, marker="o", label=METHOD_NAMES.get(m, m))
+    ceiling = [(x, row["ceiling"]["f1"]) for x, row in zip(layers, rep["layers"]) if (row.get("ceiling") or {}).get("f1") is not None]
+    if ceiling:  # what a token-keyed predictor could reach at most
+        ax.plot(*zip(*ceiling), color="black", linestyle="--", marker="_", label="token ceiling (max F1)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("mean firing F1")
@@ -300,7 +303,7 @@ figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:1px 4px}
 """
 
 
-GROUPS = (("firing precision", "precision"), ("firing recall", "recall"), ("firing F1", "f1"),
+GROUPS = (("firing F1", "f1"), ("firing precision", "precision"), ("firing recall", "recall"),
           ("non-firing precision", "nonfiring_precision"), ("non-firing recall", "nonfiring_recall"),
           ("non-firing F1", "nonfiring_f1"), ("Pearson r", "pearson"))
 
