@@ -235,6 +235,7 @@ def _summary_json(summary) -> dict:
                         "status": r.status, "max_activation": r.stats.max_activation, "firing_rate": r.stats.firing_rate,
                         "graph": dict(r.graph_stats), "seconds": r.seconds,
                         "scores": {m: {k: v for k, v in s.to_dict().items()} for m, s in r.scores.items()},
+                        "ceiling": dict(r.ceiling),
                         "page": str(summary.out / "viewer" / "neurons" / f"{r.neuron.key}.html")
                         if "viewer" in summary.artifacts else None})
     return {"out": str(summary.out), "n_neurons": len(summary.results), "fitted_now": summary.fitted_now,

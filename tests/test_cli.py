@@ -139,6 +139,7 @@ def test_fit_both_signs_json_quiet_and_files_follow_the_umask(tiny_model_dir, tm
     assert sorted(n["key"] for n in data["neurons"]) == ["L1.N5", "L1.N5.neg"]
     assert data["fitted_now"] == 2 and data["out"] == str(out)
     assert all("f1" in n["scores"]["n2g"] for n in data["neurons"])
+    assert all(n["ceiling"]["n_firing"] == n["scores"]["n2g"]["n_firing"] for n in data["neurons"])  # the token ceiling too
     assert Path(data["artifacts"]["report"]).is_file() and Path(data["neurons"][0]["page"]).is_file()
     files = [out / "run.json", out / "report.html", out / "scores.csv", out / "index.sqlite",
              out / "neurons" / "L1.N5" / "result.json", out / "neurons" / "L1.N5" / "graph.json",
