@@ -194,6 +194,35 @@ def make_substitutes(model, source: str):
     return EmbeddingSubstitutes(model) if source == "embedding" else ModelSubstitutes(model)
 
 
+def check_masked_lm(spec: str) -> None:
+    """Refuse at once, in one line, a masked LM that is neither a local directory nor reachable: a
+    path that does not exist, or a hub id not in the local cache while the hub cannot be reached."""
+    from pathlib import Path
+
+    from .errors import N2GError
+    from .models import _check_hub_reachable, _looks_like_path
+
+    if not Path(spec).expanduser().exists():
+        if _looks_like_path(spec):
+            raise N2GError(f"masked LM path {spec} does not exist; check the path given with --substitutes mlm:PATH")
+        try:
+            _check_hub_reachable(spec)
+        except N2GError:
+            raise N2GError(f"masked LM {spec!r} is not in the Hugging Face cache and the hub cannot be reached; check "
+                           "your network, pass mlm:/path/to/a/local/model, or use --substitutes embedding") from None
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except Exception as exc:  # transformers raises many types for a missing or bad model
+        raise N2GError(f"cannot load masked LM {spec!r} ({type(exc).__name__}); "
+                       "pass a local directory or a hub id you can reach") from None
+    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING:
+        raise N2GError(f"{spec!r} is a {config.model_type!r} model, not a masked language model; "
+                       "pass one such as mlm:bert-base-uncased, or use --substitutes embedding")
+
+
 class MaskedLMSubstitutes:
     """Substitute source from a masked language model (any ``AutoModelForMaskedLM``), for users who have one.
 

@@ -287,6 +287,10 @@ def _number(text: str, flag: str) -> float:
 
 
 def _steer(args) -> int:
+    import math
+
+    import torch
+
     from .models import load_model
     from .steer import attribution, check_prompt, steer
 
@@ -311,17 +315,23 @@ def _steer(args) -> int:
     source = "--max"
     if peak is None:
         from .corpus import Corpus
-        from .models import cache_dir
+        from .models import cache_dir, check_excerpt_length
         from .records import Sign
         from .scan import scan_layers
 
+        check_excerpt_length(model, args.excerpt_length)
         corpus = Corpus.build(args.corpus, model.encode, length=args.excerpt_length, max_excerpts=args.max_excerpts,
                               text_field=args.text_field)
         scan = scan_layers(model, corpus.excerpts, [args.layer], cache_dir=cache_dir(), corpus_key=corpus.fingerprint(),
                            progress=not args.quiet)[args.layer]
         peak = scan.scale(args.neuron, Sign.POSITIVE)
         source = f"scan of {corpus.excerpts.shape[0]} excerpts"
-    result = steer(model, args.layer, args.neuron, ids, scale * peak, n_tokens=args.tokens)
+    value = scale * peak
+    limit = torch.finfo(model.dtype).max if model.dtype.is_floating_point else float("inf")
+    if not math.isfinite(value) or abs(value) > limit:
+        raise N2GError(f"--scale {scale:g} x maximum {peak:g} = {value:g} is beyond this model's {model.dtype} range; "
+                       "give a smaller --scale or --max")
+    result = steer(model, args.layer, args.neuron, ids, value, n_tokens=args.tokens)
     if target is None:
         from .steer import _next_probs
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 from collections import deque
 from dataclasses import replace
@@ -106,6 +107,9 @@ def _reachable(address: str, timeout: float = 5.0) -> str | None:
 def preflight(opts) -> None:
     """Before anything is loaded or written: Ray is installed and the cluster address answers."""
     _ray()
+    if opts.ray not in ("local", "auto") and "://" not in opts.ray and not re.fullmatch(r"[^\s:]*(:[^\s:]*)*:\d+", opts.ray):
+        raise N2GError(f"--ray address {opts.ray!r} is not host:port, ray://host:port or auto; "
+                       "give the head node's address (`ray status` on it shows it), or --ray alone for a local cluster")
     if opts.ray != "local":
         why = _reachable(opts.ray)
         if why is not None:

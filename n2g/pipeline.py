@@ -209,11 +209,18 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         from .distributed import preflight
 
         preflight(opts)
+    if opts.config().augment and (opts.substitutes or "").startswith("mlm:"):
+        from .augment import check_masked_lm
+
+        check_masked_lm(opts.substitutes[4:])  # before anything is loaded or written: no network, one line
     model, corpus = load_inputs(opts, model, corpus)
     layers = parse_indices(opts.layers, model.n_layers, "layer")
     sae_layer = getattr(model, "encode_latents", None) and model.layer
     if opts.sae and layers == [0] and sae_layer:  # the default layer list means: the SAE's layer
         layers = [sae_layer]
+    if hasattr(model, "encode_latents"):
+        for layer in layers:  # before the run directory is made
+            model.check_neuron(layer, 0)
     indices = parse_indices(opts.neurons, model.d_mlp, "neuron")
     store, is_train = open_store(opts, model, corpus)
     out = store.root

@@ -209,3 +209,51 @@ def test_usage_mistakes_are_one_line_that_points_to_the_help(argv, needle, capsy
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
     assert err.startswith(needle) and err.rstrip().endswith("--help`"), err
+
+
+from test_pipeline import run_args, tiny_dir  # noqa: E402,F401  (tiny_dir is a fixture)
+
+
+def _tiny_bert(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"] + [f"w{i}" for i in range(40)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    BertForMaskedLM(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("mlm:some-org/some-mlm", "hub cannot be reached"),  # was: a scan, retries for half a minute, run.json left behind
+    ("mlm:./no/such/mlm", "does not exist"),
+    ("mlm:SUBJECT", "not a masked language model"),  # a causal LM: was refused only after the scan, run.json left
+    ("mlm:BERT", None),
+])
+def test_masked_lm_substitutes_are_checked_before_the_run_starts(tiny_dir, tmp_path, spec, needle):
+    spec = spec.replace("SUBJECT", str(tiny_dir / "model")).replace("BERT", str(_tiny_bert(tmp_path / "bert")))
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") and not k.lower().endswith("_proxy")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
+    args = run_args(tiny_dir, out, "--substitutes", spec, "--neurons", "0-1", "--layers", "0")
+    res = subprocess.run([sys.executable, "-m", "n2g", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120)
+    if needle is None:
+        assert res.returncode == 0, res.stderr
+        return
+    assert res.returncode == 2, res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.strip() and "Loading weights" not in l]
+    assert len(lines) == 1 and lines[0].startswith("n2g: error:") and needle in lines[0], res.stderr
+    assert not out.exists()
+
+
+def test_ray_address_that_is_not_one_writes_nothing(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "run"
+    code, _, err = main(run_args(tiny_dir, out, "--neurons", "0", "--layers", "0", "--ray", "no such host"), capsys)
+    assert code == 2 and "is not host:port" in err and not out.exists()  # was: run.json, then "Invalid address format"

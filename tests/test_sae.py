@@ -170,3 +170,12 @@ def test_bad_sae_config_or_weights_are_refused_when_loaded(tmp_path, cfg, weight
     base = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
     with pytest.raises(N2GError, match=needle):
         SAEModel(base, folder)
+
+
+@pytest.mark.parametrize("layers", ["2", "0,1"])
+def test_run_on_a_layer_the_sae_does_not_read_writes_nothing(tiny_dir, tmp_path, layers):
+    sae = write_sae(tmp_path / "sae")
+    out = tmp_path / "run"
+    res = cli(*run_args(tiny_dir, out, "--sae", str(sae), "--layers", layers, "--neurons", "0"))
+    assert res.returncode == 2 and "this SAE reads layer 1" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()  # was: a run directory holding run.json and no neurons

@@ -49,11 +49,18 @@ def test_steer_command(tiny_dir):
 
 @pytest.mark.parametrize("change, needle", [({"--scale": "lots"}, "--scale must be a number"),
                                            ({"--prompt": " ".join(["cat"] * 300)}, "context"),
-                                           ({"--layer": "9"}, "does not exist")])
+                                           ({"--layer": "9"}, "does not exist"),
+                                           ({"--max": "1e300", "--scale": "1e300"}, "range"),  # was NaN, --json traceback
+                                           ({"--max": "1e39", "--json": None}, "range"),  # beyond float32: NaN
+                                           ({"--max": None, "--corpus": "CORPUS", "--excerpt-length": "1000"},
+                                            "longer than this model's context")])  # was scanned past the context
 def test_steer_bad_input_is_one_line(tiny_dir, tmp_path, change, needle):
     options = {"--model": str(tiny_dir / "model"), "--layer": "1", "--neuron": "3", "--prompt": "the cat", "--max": "1",
                **change}
-    res = cli("steer", *[x for kv in options.items() for x in kv], "-q", cwd=tmp_path)
+    if options.get("--corpus") == "CORPUS":
+        options["--corpus"] = str(tiny_dir / "corpus.txt")
+    args = [x for k, v in options.items() if k != "--max" or v is not None for x in (k, v) if x is not None]
+    res = cli("steer", *args, "-q", cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     lines = [l for l in res.stderr.splitlines() if l.startswith("n2g: error:")]
     assert len(lines) == 1 and needle in lines[0], res.stderr
