@@ -159,6 +159,11 @@ def test_notebook_display_escapes_token_text():
     assert "<script>" not in page and "&lt;script&gt;" in page
 
 
+def test_notebook_display_of_an_unfitted_model_says_so():
+    page = n2g.NeuronModel(lambda ids: ids.float())._repr_html_()
+    assert "Not fitted yet" in page and "predicts 0 everywhere" not in page
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m: n2g.fit_neuron(m, 99, 0, progress=False), "does not exist"),
     (lambda m: n2g.fit_neuron(m, 0, 0, sign="both", progress=False), "call fit_neuron twice"),
