@@ -227,6 +227,13 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     wanted = [NeuronId(l, i, s) for l in layers for i in indices for s in signs]
     todo = [n for n in wanted if not store.is_done(n)]
     log.info("%d neurons requested, %d already done in %s", len(wanted), len(wanted) - len(todo), out)
+    if opts.ablation and len(todo) < len(wanted):  # a finished neuron is never redone, so --ablation cannot reach it
+        pending = set(todo)
+        unscored = [n for n in wanted if n not in pending and _fitted_without_ablation(store, n)]
+        if unscored:
+            log.warning("%d neuron(s) of this run (e.g. %s) were fitted before without --ablation and are not redone, so "
+                        "they get no ablation score; run them again with --ablation into a new --out", len(unscored),
+                        unscored[0].key)
     fitted = 0
     if todo and opts.ray is not None:
         from .distributed import fit_on_ray
@@ -278,6 +285,11 @@ def random_copy(model, seed: int = 0):
     copy = SubjectModel(net, model.tokenizer, spec=f"{model.spec}#random-init-seed{seed}")
     copy.bos_token_id, copy.occlusion_token_id = model.bos_token_id, model.occlusion_token_id
     return copy
+
+
+def _fitted_without_ablation(store, neuron: NeuronId) -> bool:
+    result = store.load_result(neuron)
+    return result is not None and result.status != "dead" and not result.ablation
 
 
 def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is_train) -> int:
