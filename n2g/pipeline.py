@@ -157,6 +157,11 @@ def check_options(opts: RunOptions) -> None:
         raise N2GError(f"--control must be 'random' (got {opts.control!r})")
     if opts.ray_workers is not None and opts.ray_workers < 1:
         raise N2GError(f"--ray-workers must be at least 1 (got {opts.ray_workers})")
+    if opts.ray_workers is not None and opts.ray is None:
+        log.warning("--ray-workers %d has no effect without --ray; add --ray to fit on Ray workers", opts.ray_workers)
+    if opts.substitutes is not None and not opts.config().augment:
+        log.warning("--substitutes %s has no effect without augmentation (--no-augment, or a preset without it); "
+                    "drop one of the two", opts.substitutes)
 
 
 def load_inputs(opts: RunOptions, model=None, corpus=None):

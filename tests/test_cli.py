@@ -170,7 +170,7 @@ def test_serve_with_a_missing_model_is_one_line(run, tmp_path, capsys):
     assert code == 2 and out == "" and err.count("\n") == 1 and "model path" in err and "does not exist" in err
 
 
-def test_substitutes_option_picks_the_source_and_refuses_others(tiny_model_dir, tmp_path, capsys):
+def test_substitutes_option_picks_the_source_and_refuses_others(tiny_model_dir, tmp_path, capsys, caplog):
     from n2g.pipeline import check_options
 
     assert RunOptions().config().substitute_source == "embedding"  # the default preset's
@@ -180,6 +180,11 @@ def test_substitutes_option_picks_the_source_and_refuses_others(tiny_model_dir, 
     assert RunOptions(substitutes="mlm:some-model").config().substitute_source == "embedding"  # run option only
     for good in (None, "model", "embedding", "mlm:x"):
         check_options(RunOptions(substitutes=good))
+    with caplog.at_level("WARNING", logger="n2g"):  # options that would do nothing are said to do nothing
+        check_options(RunOptions(substitutes="model", overrides={"augment": False}))
+        check_options(RunOptions(ray_workers=4))
+    assert "--substitutes model has no effect without augmentation" in caplog.text
+    assert "--ray-workers 4 has no effect without --ray" in caplog.text
     out = tmp_path / "out"
     code, _, err = main(["fit", "--model", tiny_model_dir / "model", "--layer", "0", "--neuron", "1",
                          "--substitutes", "nearest", "--out", out, "-q"], capsys)
