@@ -327,12 +327,15 @@ def report_html(rep: dict, plots: list[tuple[str, str]]) -> str:
 def _csv(rep: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer", "method", "n_neurons", "n_dead", "n_no_firing_test_token", "n_in_f1_mean", *METRICS])
+    w.writerow(["layer", "method", "n_neurons", "n_dead", "n_no_firing_test_token", "n_in_f1_mean", *METRICS,
+                "ceiling_f1", "ceiling_unseen_share"])
     for row in rep["layers"] + [rep["overall"]]:
+        ceiling = row.get("ceiling") or {}  # the layer's token ceiling, the same on each of its method rows
+        tail = ["" if ceiling.get(k) is None else repr(float(ceiling[k])) for k in ("f1", "unseen_share")]
         for m in rep["methods"]:
             stats = row["methods"][m]
             w.writerow([csv_cell(row["layer"]), csv_cell(m), row["n_neurons"], row["n_dead"], row["n_no_firing_test_token"],
-                        row["n_in_f1_mean"], *("" if stats[k] is None else repr(float(stats[k])) for k in METRICS)])
+                        row["n_in_f1_mean"], *("" if stats[k] is None else repr(float(stats[k])) for k in METRICS), *tail])
     return buf.getvalue()
 
 

@@ -203,3 +203,8 @@ def test_report_shows_the_token_ceiling_per_layer_when_results_have_one(run, tmp
     page = (other / "report.html").read_text()
     table = page[page.index('id="layer-table"'):page.index("</table>", page.index('id="layer-table"'))]
     assert "max F1" in table and '<td class="ceiling">0.667</td><td>50.00 %</td>' in table
+    rows = list(csv.DictReader((other / "report.csv").open()))
+    layer0 = [r for r in rows if r["layer"] == "0"]
+    assert layer0 and all(float(r["ceiling_f1"]) == pytest.approx(2 / 3) and float(r["ceiling_unseen_share"]) == 0.5
+                          for r in layer0)
+    assert all(r["ceiling_f1"] == "" for r in csv.DictReader((run / "report.csv").open()))  # results from before
