@@ -25,6 +25,7 @@ from .config import PRESETS, preset as make_preset
 from .corpus import Corpus
 from .distill import NeuronModel
 from .errors import N2GError
+from .features import as_numbers
 from .models import SubjectModel
 from .models import load_model as _load_model
 from .records import NeuronId, Sign
@@ -149,12 +150,8 @@ def feature_from_hook(run_with_hook, name: str = "hooked feature"):
 
     def feature(token_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = run_with_hook(token_ids)
-            try:
-                out = torch.as_tensor(out)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise N2GError(f"{name}: run_with_hook returned {type(out).__name__}, not numbers ({exc}); "
-                               "return the [batch, pos] values as a tensor or array") from None
+            out = as_numbers(run_with_hook(token_ids), f"{name}: run_with_hook",
+                             "return the [batch, pos] values as a tensor or array")
             return out.detach().float().cpu()
 
     feature.__name__ = name

@@ -146,17 +146,21 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def as_numbers(out, source: str, hint: str) -> torch.Tensor:
+    """``out`` (what ``source`` returned) as a tensor, or an N2GError ending with ``hint``."""
+    try:
+        return torch.as_tensor(out)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise N2GError(f"{source} returned {type(out).__name__}, not numbers ({exc}); {hint}") from None
+
+
 def call_feature(feature: Callable, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Call a feature, passing the attention mask only to features that declare they use it."""
     if getattr(feature, "uses_attention_mask", False):
         out = feature(ids, attention_mask=mask)
     else:
         out = feature(ids)
-    try:
-        out = torch.as_tensor(out)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise N2GError(f"the feature returned {type(out).__name__}, not numbers ({exc}); a feature must return "
-                       "a [batch, pos] tensor or array of activations") from None
+    out = as_numbers(out, "the feature", "a feature must return a [batch, pos] tensor or array of activations")
     if out.is_complex():  # casting would drop the imaginary part with only a warning
         raise N2GError("the feature returned complex numbers; a feature must return real activations "
                        "(take .real or .abs() yourself)")

@@ -166,3 +166,11 @@ def remove_stale_temporaries(root: str | os.PathLike) -> int:
             except OSError:
                 continue
     return removed
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` (links followed, existing or not) lies inside the directory ``root``; False for a link loop."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):
+        return False

@@ -27,7 +27,7 @@ from pathlib import Path
 import networkx as nx
 
 from n2g.errors import N2GError
-from n2g.fileio import read_text, replacing, write_bytes_atomic
+from n2g.fileio import inside, read_text, replacing, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,9 @@ def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = No
     folder that is one, leading out of the run) is refused, never read.
     """
     path = Path(path)
-    if root is not None:
-        try:
-            outside = not path.resolve().is_relative_to(Path(root).resolve())
-        except (OSError, RuntimeError):  # a symlink loop
-            outside = True
-        if outside:
-            raise N2GError(f"graph file {path} is a link that leads out of the run directory; "
-                           "delete it and rerun `n2g run`")
+    if root is not None and not inside(root, path):
+        raise N2GError(f"graph file {path} is a link that leads out of the run directory; "
+                       "delete it and rerun `n2g run`")
     try:
         d = json.loads(read_text(path))
     except FileNotFoundError:

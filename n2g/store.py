@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .baselines import BASELINES
 from .errors import N2GError
-from .fileio import csv_cell, read_text, replacing, write_json_atomic, write_text_atomic
+from .fileio import csv_cell, inside, read_text, replacing, write_json_atomic, write_text_atomic
 from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 
@@ -88,7 +88,7 @@ class RunStore:
         path = folder / "result.json"
         if not path.exists():
             return None
-        if not (self._inside(path) and self._inside(folder / "graph.json")):
+        if not (inside(self.root, path) and inside(self.root, folder / "graph.json")):
             log.warning("%s: its stored result is a link that leads out of the run; it will be redone", neuron.key)
             return None
         try:
@@ -99,13 +99,6 @@ class RunStore:
         except Exception as exc:  # any damage means: redo this neuron
             log.warning("%s: stored artifacts are damaged (%s); it will be redone", neuron.key, exc)
             return None
-
-    def _inside(self, path: Path) -> bool:
-        """Whether ``path`` (a file or folder of the run, existing or not) stays inside the run directory."""
-        try:
-            return path.resolve().is_relative_to(self.root.resolve())
-        except (OSError, RuntimeError):  # a symlink loop
-            return False
 
     def is_done(self, neuron: NeuronId) -> bool:
         return self.load_result(neuron) is not None
@@ -133,7 +126,7 @@ class RunStore:
             return
         for sub in sorted(folder.iterdir()):
             if (sub / "result.json").exists():
-                if not self._inside(sub / "result.json"):
+                if not inside(self.root, sub / "result.json"):
                     log.warning("skipping %s: it is a link that leads out of the run", sub / "result.json")
                     continue
                 try:

@@ -44,7 +44,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from markupsafe import Markup, escape
 
 from n2g.errors import N2GError
-from n2g.fileio import read_bytes, read_text
+from n2g.fileio import inside as _inside, read_bytes, read_text
 from n2g.records import Example, NeuronResult
 from n2g.render import BIDI_CONTROLS, atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
@@ -263,14 +263,6 @@ def _rebuild_svg(text: str) -> tuple[str | None, bool]:
     walk(root, 0)
     prolog_clean = not re.search(r"<!ENTITY", text, re.I) and "<?" not in re.sub(r"\A\s*<\?xml\s[^>]*\?>", "", text)
     return "".join(out), prolog_clean and not dropped
-
-
-def _inside(root: Path, path: Path) -> bool:
-    """Whether ``path`` (links followed) lies inside the directory ``root``."""
-    try:
-        return path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError):
-        return False
 
 
 def _graph_context(run_dir: Path, key: str):
