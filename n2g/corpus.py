@@ -241,8 +241,6 @@ def _hf_texts(source: str, text_field: str) -> Iterator[str]:
 
 def _take(texts: Iterable[str], max_docs: int | None) -> list[str]:
     out = []
-    if max_docs is not None and max_docs < 1:
-        return out
     for text in texts:
         if text.strip():
             out.append(text)
