@@ -131,6 +131,12 @@ def result_problem(r: NeuronResult) -> str | None:
             and all(isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and _number_or_none(row[1])
                     and _number_or_none(row[2]) for row in [*st.get("gainers", []), *st.get("losers", [])]))):
         return "steering has a field of the wrong type"
+    c = r.ceiling
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not isinstance(c, dict) or (c and not (
+            count(c.get("n_firing")) and count(c.get("n_seen")) and c["n_seen"] <= c["n_firing"]
+            and (c.get("f1") is None or (is_finite_number(c["f1"]) and 0 <= c["f1"] <= 1)))):
+        return "ceiling has a field of the wrong type"
     if not all(isinstance(t, str) for t, _ in [*r.promoted, *r.suppressed]):
         return "an output token is not text"
     if not all(isinstance(k, str) for k in r.graph_stats):

@@ -410,6 +410,10 @@ def test_disk_full_during_the_report_is_one_line_and_leaves_nothing(where, run, 
     lambda d: d.update(promoted=[[3, 1.0]]),
     lambda d: d.update(neuron={"layer": "zero", "index": 1}),
     lambda d: d["scores"].update({'=HYPERLINK("http://x.example","open")': d["scores"]["n2g"]}),  # a formula
+    lambda d: d.update(ceiling=True),  # the token ceiling: a record of counts and an F1
+    lambda d: d.update(ceiling={"n_firing": "12", "n_seen": 3, "f1": 0.4}),
+    lambda d: d.update(ceiling={"n_firing": 2, "n_seen": 3, "f1": 0.4}),
+    lambda d: d.update(ceiling={"n_firing": 5, "n_seen": 3, "f1": 7.0}),
 ])
 def test_report_names_and_skips_a_damaged_result(damage, run, capsys, caplog):
     path = run / "neurons" / "L0.N1" / "result.json"
