@@ -120,7 +120,7 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
                         progress=progress, store_tokens=DEFAULT_STORE_TOKENS)
     scan = scans[layer]
     is_train = partition(len(corp), cfg.held_out, cfg.seed)
-    excerpts = corp.excerpts.tolist()
+    excerpts = corp.rows()
     fit = fit_many(m, excerpts, [store_job(scan, neuron, is_train)], cfg, group_size=1)[neuron]
     result = to_result(m, neuron, scan.stats(index, neuron.sign), fit, time.perf_counter() - started,
                        scan=scan, excerpts=excerpts)

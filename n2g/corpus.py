@@ -13,10 +13,11 @@ import codecs
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from n2g.errors import N2GError
@@ -113,9 +114,73 @@ def _text_pieces(path: Path) -> Iterator[str]:
         raise N2GError(f"cannot read {path} ({exc.strerror}); check the path and permissions") from exc
 
 
+def _json_array(path: Path, pieces: Iterable[str], text_field: str) -> Iterator[str]:
+    """The text field of each record of a file holding one JSON list, decoded a record at a time from
+    consecutive ``pieces`` of the file, so only the records being read are held."""
+    decoder, chunks = json.JSONDecoder(), iter(pieces)
+    buf, pos, done = "", 0, False
+
+    def fill() -> None:
+        nonlocal buf, pos, done
+        piece = next(chunks, None)
+        done = piece is None
+        buf, pos = buf[pos:] + (piece or ""), 0
+
+    def skip_space() -> None:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or done:
+                return
+            fill()
+
+    def broken(what: str) -> N2GError:
+        return N2GError(f"{path} is not one JSON list of records ({what}); a .json corpus is a list of "
+                        "objects with a text field, JSON lines go in a .jsonl file")
+
+    skip_space()
+    pos += 1  # the opening bracket, seen by the caller
+    skip_space()
+    n = 0
+    if buf[pos: pos + 1] == "]":
+        pos += 1
+    else:
+        while True:
+            skip_space()
+            while True:  # a record may run past the piece in hand: read on until it decodes
+                try:
+                    value, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or done:  # a number could go on in the next piece
+                        break
+                except json.JSONDecodeError as exc:
+                    if done:
+                        raise broken(f"record {n}: {exc.msg}") from None
+                except RecursionError:
+                    raise N2GError(f"record {n} of {path} nests JSON arrays or objects too deeply to read; "
+                                   "a JSON corpus is a list of objects with a text field") from None
+                fill()
+            pos = end
+            yield _record_text(value, text_field, f"record {n} of {path}")
+            n += 1
+            skip_space()
+            sep = buf[pos: pos + 1]
+            pos += 1
+            if sep == "]":
+                break
+            if sep != ",":
+                raise broken(f"after record {n - 1}: {'the file ends' if not sep else repr(sep)}")
+    skip_space()
+    if pos < len(buf):
+        raise broken("more text follows the list")
+
+
 def _json_records(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix.lower() != ".json":  # JSON lines: read a piece at a time, never held whole
         yield from _json_lines(path, _text_pieces(path), text_field)
+        return
+    if _file_size(path) > TEXT_PIECE_BYTES and _starts_with(path, b"["):  # a large list: a record at a time
+        yield from _json_array(path, _text_pieces(path), text_field)
         return
     text = _read_text(path)
     try:
@@ -133,6 +198,23 @@ def _json_records(path: Path, text_field: str) -> Iterator[str]:
         yield _record_text(whole, text_field, str(path))
         return
     yield from _json_lines(path, [text], text_field)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise N2GError(f"cannot read {path} ({exc.strerror}); check the path and permissions") from exc
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    """Whether the file's first bytes after a UTF-8 BOM and white space are ``prefix``."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise N2GError(f"cannot read {path} ({exc.strerror}); check the path and permissions") from exc
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n").startswith(prefix)
 
 
 def _json_lines(path: Path, pieces: Iterable[str], text_field: str) -> Iterator[str]:
@@ -295,7 +377,62 @@ PREFIX_MARGIN = 16
 """Tokens dropped at the end of a partly tokenised document, where the cut could change them."""
 
 
-def _encode_prefix(text: str, encode: Callable[[str], list[int]], need: int | None) -> list[int]:
+ENCODE_PIECE_CHARS = 1 << 20
+"""A document longer than this many characters is tokenised a piece at a time: a fast tokenizer holds
+several hundred bytes per token while it encodes (offsets, token strings), 2 GB for a 15 MB text."""
+
+CUT_CHECK_CHARS = 256
+"""Characters each side of a candidate cut that are encoded to check that the cut changes no token."""
+
+
+def _safe_cut(text: str, lo: int, hi: int, encode: Callable[[str], list[int]], tries: int = 16) -> int | None:
+    """A position in ``(lo, hi]`` just after a line break where cutting ``text`` changes no token ids.
+
+    The text around each candidate (the last ``tries`` line breaks before ``hi``) is encoded whole and
+    as its two halves; a cut is taken only where both agree, so the pieces give the ids the whole text
+    gives. A tokenizer that marks the start of every call (a prefix space) finds none.
+    """
+    pos = hi
+    for _ in range(tries):
+        cut = text.rfind("\n", lo, pos)
+        if cut < 0:
+            return None
+        pos = cut  # the next candidate lies before this line break
+        cut += 1
+        left, right = text[max(0, cut - CUT_CHECK_CHARS): cut], text[cut: cut + CUT_CHECK_CHARS]
+        if right and list(encode(left + right)) == list(encode(left)) + list(encode(right)):
+            return cut
+    return None
+
+
+def _ids(ids) -> np.ndarray:
+    return np.fromiter(ids, dtype=np.int64, count=len(ids)) if isinstance(ids, list) else np.asarray(ids, np.int64)
+
+
+def encode_long(text: str, encode: Callable[[str], list[int]]) -> np.ndarray:
+    """``encode(text)`` as an int64 array, a piece at a time when the text is long (see
+    :data:`ENCODE_PIECE_CHARS`), each piece's ids packed as it is done.
+
+    Pieces end at checked cuts (:func:`_safe_cut`) about every ``ENCODE_PIECE_CHARS`` characters; where
+    a stretch has none the piece grows, and the rest is encoded whole when the text runs out."""
+    if len(text) <= ENCODE_PIECE_CHARS:
+        return _ids(list(encode(text)))
+    step = max(ENCODE_PIECE_CHARS // 2, 1)
+    cuts, start = [], 0
+    while len(text) - start > ENCODE_PIECE_CHARS:
+        cut, hi = None, start + ENCODE_PIECE_CHARS
+        while cut is None and hi < len(text):
+            cut = _safe_cut(text, hi - step, hi, encode)
+            hi += step
+        if cut is None:
+            break
+        cuts.append(cut)
+        start = cut
+    pieces = [_ids(list(encode(text[a:b]))) for a, b in zip([0] + cuts, cuts + [len(text)])]
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _encode_prefix(text: str, encode: Callable[[str], list[int]], need: int | None):
     """Token ids of ``text``, or of a prefix of it when only the first ``need`` ids are wanted.
 
     ``--max-excerpts`` on one huge file must not tokenise all of it: a growing prefix, cut at a
@@ -303,7 +440,7 @@ def _encode_prefix(text: str, encode: Callable[[str], list[int]], need: int | No
     margin are the ones the whole text gives (tokenisers do not merge across a line break).
     """
     if need is None or len(text) <= max(65536, 16 * need):
-        return list(encode(text))
+        return encode_long(text, encode)
     chars = max(65536, 16 * need)
     while chars < len(text):
         cut = text.rfind("\n", 0, chars)
@@ -315,7 +452,7 @@ def _encode_prefix(text: str, encode: Callable[[str], list[int]], need: int | No
         if len(ids) >= need + PREFIX_MARGIN:
             return ids[: len(ids) - PREFIX_MARGIN]
         chars *= 4
-    return list(encode(text))
+    return encode_long(text, encode)
 
 
 def make_excerpts(texts: Iterable[str], encode: Callable[[str], list[int]], length: int = 64,
@@ -333,7 +470,7 @@ def make_excerpts(texts: Iterable[str], encode: Callable[[str], list[int]], leng
     count = 0
     for text in texts:
         need = None if max_excerpts is None else (max_excerpts - count) * length
-        ids = torch.tensor(list(_encode_prefix(text, encode, need)), dtype=torch.long)
+        ids = torch.from_numpy(_ids(_encode_prefix(text, encode, need)))
         n = ids.numel() // length
         if n == 0:
             continue
@@ -346,7 +483,28 @@ def make_excerpts(texts: Iterable[str], encode: Callable[[str], list[int]], leng
     if not chunks:
         raise N2GError(f"the corpus has fewer than {length} tokens in every document, so it "
                        "yields no excerpt; lower --excerpt-length or add text")
-    return torch.cat(chunks)
+    return chunks[0].contiguous() if len(chunks) == 1 else torch.cat(chunks)
+
+
+class TokenRows(Sequence):
+    """Excerpts' token ids by excerpt index, each row read from an array as a list when asked.
+
+    The fitting stages index excerpts as lists of ints; a list of lists over the whole corpus costs
+    about 40 bytes a token, against 8 for the array it reads. With ``index`` (excerpt numbers, one
+    per row of ``array``) only those excerpts are held: what a worker process needs."""
+
+    def __init__(self, array, index: Sequence[int] | None = None):
+        self.array = array.numpy() if isinstance(array, torch.Tensor) else array
+        self.index = None if index is None else {int(e): r for r, e in enumerate(index)}
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, excerpt):
+        if isinstance(excerpt, slice):
+            raise TypeError("TokenRows is indexed by one excerpt number at a time")
+        row = int(excerpt) if self.index is None else self.index[int(excerpt)]
+        return self.array[row].tolist()
 
 
 @dataclass
@@ -363,12 +521,22 @@ class Corpus:
     def __len__(self) -> int:
         return int(self.excerpts.shape[0])
 
+    def rows(self, index: Sequence[int] | None = None) -> TokenRows:
+        """The excerpts (or only those numbered in ``index``) as token-id lists read when indexed."""
+        if index is None:
+            return TokenRows(self.excerpts)
+        index = [int(e) for e in index]
+        return TokenRows(self.excerpts.numpy()[index], index)
+
     def fingerprint(self) -> str:
         """First 16 hex digits of a SHA-256 over source, length and the excerpt tokens."""
         h = hashlib.sha256()
         h.update(self.source.encode("utf-8"))
         h.update(str(self.length).encode("ascii"))
-        h.update(self.excerpts.to(torch.int64).contiguous().numpy().tobytes())
+        ids = self.excerpts.numpy()
+        step = max(1, (1 << 22) // max(1, self.length))  # blocks of about 4M ids: never a copy of the whole corpus
+        for start in range(0, len(ids), step):
+            h.update(np.ascontiguousarray(ids[start: start + step], np.int64).data)
         return h.hexdigest()[:16]
 
     @classmethod

@@ -325,7 +325,7 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     log.info("partition: %d training and %d held-out excerpts; activation store: %d excerpts x %d layer(s), "
              "%.1f MB on disk", int(is_train.sum()), int((~is_train).sum()), stored.n_stored, len(scans),
              cache_bytes(scans) / 1e6)
-    excerpts = corpus.excerpts.tolist()
+    excerpts = corpus.rows()
     jobs = [store_job(scans[n.layer], n, is_train) for n in todo]
     substitutes = None
     if cfg.augment and (opts.substitutes or "").startswith("mlm:"):
@@ -338,7 +338,8 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     pool = None
     if host_workers > 0:
         vocab = model.token_strings(range(model.vocab_size))
-        pool = host_pool(host_workers, _worker_setup, (vocab, corpus.excerpts.numpy()))
+        # a worker describes results from the stored excerpts only: their token ids, not the corpus's
+        pool = host_pool(host_workers, _worker_setup, (vocab, corpus.rows(stored.excerpts)))
     saving: list = []
     bars: list = []
     try:

@@ -199,3 +199,104 @@ def test_jsonl_lines_end_at_newlines_only_and_large_files_stream(tmp_path, monke
     with pytest.raises(N2GError, match="line 31 of .* is not valid JSON"):
         load_texts(str(path))
     assert load_texts(str(path), max_docs=30) == [f"record {i}" for i in range(30)]
+
+
+def runs_encode(text: str) -> list[int]:
+    """A tokenizer whose tokens are whole runs of spaces and line breaks or of other characters,
+    the way byte-level BPE keeps "\\n    " together: cutting inside a run changes the tokens."""
+    import re
+    import zlib
+
+    return [zlib.crc32(m.group().encode()) % 50_000 for m in re.finditer(r"\s+|\S+", text)]
+
+
+def test_a_long_document_is_tokenised_in_pieces_that_change_no_token(monkeypatch, smollm2):
+    import n2g.corpus as corpus
+    from n2g.corpus import _pydoc_texts, encode_long
+
+    monkeypatch.setattr(corpus, "ENCODE_PIECE_CHARS", 300)
+    monkeypatch.setattr(corpus, "CUT_CHECK_CHARS", 40)
+    text = "\n\n".join(_pydoc_texts()[:40])  # prose, indented code, blank lines
+    calls = []
+
+    def counted(encode):
+        def run(s):
+            calls.append(len(s))
+            return encode(s)
+        return run
+
+    for encode in (smollm2.encode, runs_encode, char_encode):
+        calls.clear()
+        assert encode_long(text, counted(encode)).tolist() == list(encode(text))
+        assert max(calls) < len(text) // 10  # it was cut: no call saw the whole text
+    # one that marks the start of every call (a prefix space, a BOS) finds no safe cut: the text whole
+    marked = lambda s: [7] + char_encode(s)
+    calls.clear()
+    assert encode_long(text, counted(marked)).tolist() == marked(text) and max(calls) == len(text)
+
+
+def test_a_long_document_gives_the_same_excerpts_cut_or_whole(tmp_path, monkeypatch):
+    import n2g.corpus as corpus
+
+    text = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400))
+    path = tmp_path / "code.txt"
+    path.write_text(text)
+    whole = Corpus.build(str(path), runs_encode, length=8)
+    monkeypatch.setattr(corpus, "ENCODE_PIECE_CHARS", 256)
+    monkeypatch.setattr(corpus, "CUT_CHECK_CHARS", 32)
+    cut = Corpus.build(str(path), runs_encode, length=8)
+    assert torch.equal(whole.excerpts, cut.excerpts) and whole.fingerprint() == cut.fingerprint()
+
+
+def test_token_rows_read_excerpts_as_lists_without_copying_the_corpus():
+    corpus_ = Corpus("t", 4, torch.arange(40).view(10, 4))
+    rows = corpus_.rows()
+    assert len(rows) == 10 and rows[3] == [12, 13, 14, 15] and rows[torch.tensor(9)] == [36, 37, 38, 39]
+    assert rows.array.ctypes.data == corpus_.excerpts.data_ptr()  # a view, not a copy
+    some = corpus_.rows([7, 2])  # only these excerpts, by their excerpt numbers
+    assert some[2] == [8, 9, 10, 11] and some[7] == [28, 29, 30, 31] and len(some) == 2
+    with pytest.raises(KeyError):
+        some[3]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(some))[7] == [28, 29, 30, 31]  # sent to worker processes
+
+
+def test_a_large_json_list_is_read_a_record_at_a_time(tmp_path, monkeypatch):
+    import n2g.corpus as corpus
+
+    records = [{"text": f"doc {i}: brackets ] [ , and \"quotes\" \u2028 café ☕\n{'x' * (i % 7)}", "n": [i, {"k": 1.5e3}]}
+               for i in range(60)] + [{"text": "   "}, {"text": "last"}]
+    texts = [r["text"] for r in records if r["text"].strip()]
+    path = tmp_path / "c.json"
+    for dumped in (json.dumps(records), json.dumps(records, indent=2, ensure_ascii=False)):
+        path.write_text(dumped, encoding="utf-8")
+        assert load_texts(str(path)) == texts  # whole, as before
+        monkeypatch.setattr(corpus, "TEXT_PIECE_BYTES", 64)  # now it streams: pieces of 64 bytes
+        assert load_texts(str(path)) == texts
+        monkeypatch.undo()
+    monkeypatch.setattr(corpus, "TEXT_PIECE_BYTES", 64)
+    path.write_text("[" + "1" * 200 + "]", encoding="utf-8")  # a number across pieces is one record
+    with pytest.raises(N2GError, match="record 0 of .* is a JSON int"):
+        load_texts(str(path))
+    good = json.dumps(records)
+    for broken, says in ((good[:-40], "record 59: Expecting ',' delimiter"), (good + ' [{"text": "b"}]', "more text follows"),
+                         (good[:-1] + ' {"text": "b"}]', "after record 61: '{'"), (good[:-1], "after record 61: the file ends")):
+        path.write_text(broken, encoding="utf-8")
+        with pytest.raises(N2GError, match=f"is not one JSON list of records \\({says}.*\\.jsonl file"):
+            load_texts(str(path))
+    # only as far as needed: bytes that are not UTF-8 near the end are never read
+    path.write_bytes(good[:-1].encode("utf-8") + b', {"text": "\xff\xfe"}' * 200 + b"]")
+    built = Corpus.build(str(path), char_encode, length=16, max_excerpts=3)
+    assert built.excerpts.shape == (3, 16)
+    with pytest.raises(N2GError, match="not a UTF-8 text file"):
+        load_texts(str(path))
+
+
+def test_the_corpus_fingerprint_hashes_the_ids_in_blocks_whatever_their_storage():
+    import hashlib
+
+    c = Corpus("src", 4, torch.arange(4 * 3_000_000).view(3_000_000, 4) % 50_000)  # 12 blocks
+    h = hashlib.sha256(b"src" + b"4" + c.excerpts.numpy().tobytes()).hexdigest()[:16]
+    assert c.fingerprint() == h
+    assert Corpus("src", 4, c.excerpts.to(torch.int32)).fingerprint() == h  # ids, not their storage type
