@@ -14,8 +14,10 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -181,6 +183,8 @@ class SubjectModel:
             raise N2GError(f"model of type {model_type!r} has no {self._family.blocks}; "
                            "it does not look like a causal LM of that family")
         self._projs: list[nn.Module] = [_get(b, self._family.out_proj) for b in blocks]
+        if not self._projs:
+            raise N2GError(f"model {spec!r} has no layers; a model needs at least one (check num_hidden_layers)")
         self.n_layers: int = len(self._projs)
         self.d_mlp: int = _proj_in_dim(self._projs[0])
         first = next(model.parameters())
@@ -189,6 +193,9 @@ class SubjectModel:
         out_emb = model.get_output_embeddings()
         self.vocab_size: int = int(out_emb.weight.shape[0] if out_emb is not None
                                    else config.vocab_size)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(emb, "weight", None)
+        self._embedding_rows: int | None = int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
         self.bos_token_id: int | None = self._default_bos()
         self.occlusion_token_id: int = self._default_occlusion()
         self._display: dict[int, str] = {}
@@ -517,7 +524,17 @@ class SubjectModel:
         if self.tokenizer is None:
             raise N2GError(f"model {self.spec!r} has no tokenizer; load it with load_model() "
                            "or pass a tokenizer to SubjectModel")
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        try:
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        except Exception as exc:  # a broken tokenizer.json (no unknown token, say) fails here, on the first text
+            raise N2GError(f"the tokenizer of {self.spec} cannot encode the text ({_first_line(exc)}); "
+                           "check its tokenizer files") from None
+        rows = self._embedding_rows
+        if ids and rows is not None and not 0 <= min(ids) <= max(ids) < rows:
+            bad = next(t for t in ids if not 0 <= t < rows)
+            raise N2GError(f"the tokenizer of {self.spec} gives token id {bad}, but the model embeds only ids "
+                           f"0-{rows - 1}; use the tokenizer saved with these weights")
+        return ids
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """Display string of each token on its own (real leading spaces and newlines)."""
@@ -762,30 +779,99 @@ def _check_hub_reachable(spec: str) -> None:
                        "a local path (a model directory or .gguf file; --model default needs no network)") from None
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to its first line (transformers' messages run to paragraphs)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_EMBEDDING_KEYS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "embedding.weight")
+
+
+def _check_checkpoint(path: Path, config) -> None:
+    """Refuse a local checkpoint whose tensors cannot fill the model its config.json describes, before
+    any memory is allocated: transformers would fill missing layers or embeddings with random values
+    (a config saying 20,000 layers or 20 million tokens over a 100 KB file). Reads safetensors headers only."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return
+    from safetensors import safe_open
+
+    layers, rows, n_keys = set(), None, 0
+    try:
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                for key in h.keys():
+                    n_keys += 1
+                    m = _LAYER_INDEX.search(key)
+                    if m:
+                        layers.add(int(m.group(1)))
+                    if rows is None and key.endswith(_EMBEDDING_KEYS):
+                        shape = h.get_slice(key).get_shape()
+                        rows = int(shape[0]) if shape else None
+    except Exception as exc:  # a damaged header: transformers says what is wrong when it loads
+        log.debug("could not read the safetensors headers of %s: %s", path, exc)
+        return
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(n_layers, int) and layers and n_layers > max(layers) + 1:
+        raise N2GError(f"{path}: config.json says {n_layers} layers but the weights hold {max(layers) + 1}; "
+                       "fix num_hidden_layers in config.json or add the missing weights")
+    if n_keys and rows is None:
+        raise N2GError(f"{path}: the weights hold no token embedding; use a complete checkpoint")
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and rows is not None and vocab > rows:
+        raise N2GError(f"{path}: config.json says {vocab} tokens but the weights embed {rows}; "
+                       "fix vocab_size in config.json or use the weights it was saved with")
+
+
 def _load_pretrained(spec: str, local: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where = "the local directory" if local else "the Hugging Face hub"
+    hint = "check the folder's config.json, weights and tokenizer files" if local else \
+        "check the name or pass a local path"
     if not local:
         _check_hub_reachable(spec)
+    if local:  # the architecture first, from the file, before transformers looks for code to run
+        try:
+            declared = json.loads((Path(spec) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            declared = None
+        model_type = declared.get("model_type") if isinstance(declared, dict) else None
+        if isinstance(model_type, str) and model_type not in FAMILIES:
+            raise N2GError(f"architecture {model_type!r} of {spec} is not supported; "
+                           f"supported model types: {', '.join(sorted(FAMILIES))}")
     try:
-        config = AutoConfig.from_pretrained(spec)
+        # never run code shipped with a model (auto_map): only architectures transformers ships
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
     except Exception as exc:
         if local:
-            raise N2GError(f"{spec} is not a Hugging Face model directory ({exc}); "
+            raise N2GError(f"{spec} is not a Hugging Face model directory ({_first_line(exc)}); "
                            "pass a directory with config.json and weights, or a .gguf file") \
                 from exc
-        raise N2GError(f"model {spec!r} could not be found locally or downloaded ({exc}); "
+        raise N2GError(f"model {spec!r} could not be found locally or downloaded ({_first_line(exc)}); "
                        "check the name, your network, or pass a local path") from exc
     if config.model_type not in FAMILIES:
         raise N2GError(f"architecture {config.model_type!r} of {spec} is not supported; "
                        f"supported model types: {', '.join(sorted(FAMILIES))}")
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(n_layers, int) and n_layers < 1:
+        raise N2GError(f"{spec}: config.json says {n_layers} layers; a model needs at least one "
+                       "(fix num_hidden_layers)")
+    if local:
+        _check_checkpoint(Path(spec), config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, trust_remote_code=False,
+                                                           output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except Exception as exc:
-        raise N2GError(f"could not load model {spec!r} from {where}: {exc}; "
-                       "check the name or pass a local path") from exc
+        raise N2GError(f"could not load model {spec!r} from {where}: {_first_line(exc)}; {hint}") from exc
+    missing = list((info or {}).get("missing_keys") or [])
+    if missing:  # transformers filled them with random values: every activation would be noise
+        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+        raise N2GError(f"model {spec!r} lacks {len(missing)} weight tensor(s) its config needs ({shown}); "
+                       "they would be random: use a complete checkpoint")
     return model, tokenizer
 
 

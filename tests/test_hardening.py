@@ -1348,3 +1348,95 @@ def test_search_prints_no_terminal_escape_from_a_tampered_index(run, capsys):
     code, out, err = main(["search", run, "Paris"], capsys)
     assert code == 0 and "L0.N1" in out, err
     assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile or broken model folders: no code from the folder runs, no random weights, one line
+
+
+@pytest.fixture()
+def model_folder(tmp_path):
+    import torch
+
+    from conftest import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path / "m"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _edit_json(path, **changes):
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+
+
+EVIL = "import pathlib\npathlib.Path(__file__).with_name('PWNED').write_text('ran')\nclass EvilConfig: pass\nclass EvilModel: pass\nclass EvilTok: pass\n"
+
+
+@pytest.mark.parametrize("where", ["config", "tokenizer"])
+def test_code_shipped_in_a_model_folder_never_runs(model_folder, where, monkeypatch):
+    from n2g.models import load_model
+
+    (model_folder / "evil.py").write_text(EVIL)
+    if where == "config":  # an architecture transformers does not ship, with code to run for it
+        _edit_json(model_folder / "config.json", model_type="evil",
+                   auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    else:  # a known architecture whose tokenizer asks for code
+        _edit_json(model_folder / "tokenizer_config.json", tokenizer_class="EvilTok",
+                   auto_map={"AutoTokenizer": ["evil.EvilTok", None]})
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # a prompt answered yes must not matter: there is none
+    with pytest.raises(N2GError) as err:
+        load_model(str(model_folder), device="cpu")
+    assert not (model_folder / "PWNED").exists()
+    assert "\n" not in str(err.value)
+    assert ("'evil' of" in str(err.value) and "not supported" in str(err.value)) if where == "config" \
+        else "custom code" in str(err.value)
+
+
+@pytest.mark.parametrize("change, says", [
+    (dict(num_hidden_layers=6), "config.json says 6 layers but the weights hold 3"),
+    (dict(num_hidden_layers=20000), "config.json says 20000 layers but the weights hold 3"),
+    (dict(num_hidden_layers=0), "says 0 layers; a model needs at least one"),
+    (dict(vocab_size=20_000_000), "says 20000000 tokens but the weights embed 128"),
+])
+def test_a_config_the_weights_cannot_fill_is_refused_before_loading(model_folder, change, says):
+    from n2g.models import load_model
+
+    _edit_json(model_folder / "config.json", **change)
+    with pytest.raises(N2GError, match=says):
+        load_model(str(model_folder), device="cpu")
+
+
+def test_weights_missing_from_the_checkpoint_are_refused_not_filled_at_random(model_folder):
+    from safetensors.torch import load_file, save_file
+
+    from n2g.models import load_model
+
+    weights = load_file(model_folder / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, model_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(N2GError, match=r"lacks 1 weight tensor\(s\) .*model.layers.1.mlp.down_proj.weight.*random"):
+        load_model(str(model_folder), device="cpu")
+    save_file({k: v for k, v in weights.items() if "embed_tokens" not in k}, model_folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(N2GError, match="hold no token embedding"):
+        load_model(str(model_folder), device="cpu")
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_fails_in_one_line(model_folder):
+    from n2g.models import load_model
+
+    tok = json.loads((model_folder / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["cat"] = 500  # beyond the 128 embedded ids
+    (model_folder / "tokenizer.json").write_text(json.dumps(tok))
+    model = load_model(str(model_folder), device="cpu")
+    assert model.encode("the mat") == [4, 8]
+    with pytest.raises(N2GError, match="gives token id 500, but the model embeds only ids 0-127"):
+        model.encode("the cat sat")
+    tok["model"]["vocab"] = {}  # no unknown token: encoding anything fails
+    (model_folder / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(N2GError, match="cannot encode the text .*check its tokenizer files"):
+        load_model(str(model_folder), device="cpu").encode("the cat")
