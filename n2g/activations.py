@@ -14,6 +14,7 @@ run by a seeded draw, and every method learns only from the training side.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,9 @@ class ActivationStore:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             values = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+            if hasattr(os, "posix_fallocate"):  # claim the disk now: a full disk is an OSError here, not a
+                with open(path, "r+b") as f:     # SIGBUS on some page write of the map later
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         return cls(values, np.asarray(excerpts, np.int64), path)
 
     @classmethod

@@ -9,6 +9,7 @@ tools killed by SIGPIPE do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -379,6 +380,8 @@ def _copy_run(src: Path, dst: Path) -> Path:
     import shutil
     import tempfile
 
+    from .fileio import remove_dead_copies
+
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         raise N2GError(f"--out {dst} already exists; name a new or empty directory for the copy")
     if dst.resolve() == src.resolve() or dst.resolve().is_relative_to(src.resolve()):
@@ -386,7 +389,8 @@ def _copy_run(src: Path, dst: Path) -> Path:
     tmp = None
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        remove_dead_copies(dst)  # what an earlier copy killed half-way left
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{os.getpid()}.", dir=dst.parent))
         skip = shutil.ignore_patterns(".*.tmp", "index.sqlite", "report.html", "report.json", "report.csv", "viewer")
         shutil.copytree(src, tmp / "run", symlinks=True, ignore=skip)  # links are copied as links, never followed
         os.replace(tmp / "run", dst)
@@ -453,6 +457,26 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While a command runs, SIGTERM (``kill``, a batch system's time limit) stops it the way Ctrl-C
+    does: temporary files are removed, finished neurons kept, and one line says how to resume."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -475,7 +499,8 @@ def _main(argv: list[str] | None) -> int:
     handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search,
                 "steer": _steer}
     try:
-        return handlers[args.command](args)
+        with _terminate_as_interrupt():
+            return handlers[args.command](args)
     except N2GError as exc:
         print(f"n2g: error: {exc}", file=sys.stderr)
         return 2

@@ -289,7 +289,25 @@ def host_pool(workers: int, initializer: Callable | None = None, initargs: tuple
     from concurrent.futures import ProcessPoolExecutor
 
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=initializer, initargs=initargs)
+                               initializer=_worker_start, initargs=(initializer, initargs))
+
+
+def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
+    """In each worker: leave Ctrl-C to the main process (it shuts the pool down; a worker's own
+    KeyboardInterrupt only prints a traceback), end with the main process even when it is killed
+    (Linux), then run the caller's initializer."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent process dies
+    except (OSError, AttributeError):
+        pass  # not Linux: a killed main process leaves its workers to finish their task and idle out
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: DistillConfig, *,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-_TEMP = re.compile(r"^\..+?\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
+_TEMP = re.compile(r"^\..+?\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp(?:-journal|-wal|-shm)?$")
 LEGACY_TEMP_AGE = 600.0
 """Seconds after which a temporary without a writer's pid in its name counts as abandoned."""
 
@@ -138,6 +138,18 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):
         return True  # someone else's process, or a pid we cannot ask about: leave its file alone
     return True
+
+
+def remove_dead_copies(target: str | os.PathLike) -> None:
+    """Delete the half-written folders ``.NAME.PID.XXXX`` beside ``target`` (``NAME`` its name) left by
+    writers that were killed; a copy whose writer still runs, or a name without a pid, is left alone."""
+    import shutil
+
+    target = Path(target)
+    for old in target.parent.glob(f".{target.name}.*"):
+        pid = old.name[len(target.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temporaries(root: str | os.PathLike) -> int:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from n2g.errors import N2GError
-from n2g.fileio import write_text_atomic
+from n2g.fileio import remove_dead_copies, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -572,6 +572,22 @@ class SubjectModel:
                 f"layers are 0..{self.n_layers - 1} and neuron indices 0..{self.d_mlp - 1}"
             )
 
+    def weights_key(self) -> str:
+        """16 hex digits naming these weights as computed here: every parameter's name, shape and an even
+        sample of up to 256 of its values, the dtype and the device type. Caches of activations (the scan)
+        and runs are keyed on it as well as on the model's name, so changed weights behind the same path
+        or another --dtype are never served another model's activations."""
+        if getattr(self, "_weights_key", None) is None:
+            h = hashlib.sha256(f"{self.dtype}|{self.device.type}".encode())
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    flat = p.detach().reshape(-1)
+                    sample = flat[:: max(1, flat.numel() // 256)][:256]
+                    h.update(f"{name}{tuple(p.shape)}".encode())
+                    h.update(sample.float().cpu().numpy().tobytes())
+            self._weights_key = h.hexdigest()[:16]
+        return self._weights_key
+
     def info(self) -> dict:
         """A JSON-safe summary of the model."""
         bos = self.bos_token_id
@@ -719,7 +735,8 @@ def _save_cache(model, tokenizer, target: Path) -> None:
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        remove_dead_copies(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     except OSError as exc:
         log.warning("cannot write the model cache under %s (%s); next load will be slow",
                     target.parent, exc)

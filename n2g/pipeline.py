@@ -190,7 +190,9 @@ def open_store(opts: RunOptions, model, corpus):
     cfg = opts.config()
     out = Path(opts.out) if opts.out else default_out(opts)
     store = RunStore(out)
-    identity = {"model": str(model.spec), "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(),
+    weights = getattr(model, "weights_key", None)
+    identity = {"model": str(model.spec), **({"model_weights": weights()} if callable(weights) else {}),
+                "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(),
                 "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
                 "config": cfg.to_dict(), "store_tokens": store_budget(opts)}
     n_excerpts, length = int(corpus.excerpts.shape[0]), int(corpus.excerpts.shape[1])

@@ -204,6 +204,19 @@ class SAEModel:
         rows = torch.tensor(indices, dtype=torch.long, device=self.W_dec.device)
         return self.base.directions_effects(self.W_dec[rows], k)
 
+    def weights_key(self) -> str:
+        """The subject model's weights key extended by this SAE's weights and settings (see
+        :meth:`n2g.models.SubjectModel.weights_key`)."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.base.weights_key()}|{self.hook_name}|{self.jumprelu}|{self.apply_b_dec}".encode())
+        for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold):
+            if t is not None:
+                flat = t.reshape(-1)
+                h.update(str(tuple(t.shape)).encode())
+                h.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def info(self) -> dict:
         return {**self.base.info(), "spec": self.spec, "d_mlp": self.d_mlp,
                 "sae": {"path": str(self.path), "hook_name": self.hook_name, "d_sae": self.d_mlp,

@@ -88,6 +88,22 @@ class LayerScan:
         return values if sign == Sign.POSITIVE else -values
 
 
+def _weights_key(model) -> str:
+    """The model's weights key (:meth:`n2g.models.SubjectModel.weights_key`; an SAE's includes its own
+    weights); "" for a stand-in without one."""
+    key = getattr(model, "weights_key", None)
+    return key() if callable(key) else ""
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False where the path cannot even be looked up (a name too long, no permission)."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        log.warning("cannot use the scan cache at %s (%s); scanning without it", path.parent, exc.strerror or exc)
+        return False
+
+
 def _cache_stem(cache_dir: Path, model_key: str, corpus_key: str, layer: int, k: int, pool_size: int, seed: int,
                 store_key: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_key)[-60:]
@@ -120,6 +136,13 @@ def _load(stem: Path) -> LayerScan:
         raise ValueError(f"scan cache version {meta.get('version')} is not {SCAN_VERSION}")
     tensors = load_file(str(stem.with_suffix(".safetensors")))
     store = ActivationStore.open(stem.with_suffix(".acts.npy"), tensors.pop("stored").numpy())
+    for name in ("top_val", "bot_val", "quantiles"):
+        if not bool(torch.isfinite(tensors[name]).all()):
+            raise ValueError(f"{name} holds NaN or infinite values")
+    step = max(1, (1 << 26) // max(1, int(np.prod(store.values.shape[1:]))))  # about 128 MB at a time
+    for start in range(0, store.values.shape[0], step):
+        if not np.isfinite(store.values[start: start + step]).all():
+            raise ValueError("the activation store holds NaN or infinite values")
     return LayerScan(layer=int(meta["layer"]), pool=[int(i) for i in meta["pool"]], n_pool_tokens=int(meta["n_pool_tokens"]),
                      fire_threshold=float(meta["fire_threshold"]), store=store, **{n: tensors[n] for n in _TENSORS})
 
@@ -166,8 +189,8 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
     if cache_dir is not None:
         for layer in layers:
             stems[layer] = _cache_stem(Path(cache_dir), str(model.spec), corpus_key, layer, k, pool_size, seed,
-                                       f"{store_tokens}")
-            if stems[layer].with_suffix(".json").exists():
+                                       f"{store_tokens}|{_weights_key(model)}")
+            if _exists(stems[layer].with_suffix(".json")):
                 try:
                     results[layer] = _load(stems[layer])
                     log.info("layer %d: scan loaded from cache %s", layer, stems[layer])
@@ -201,71 +224,76 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
                             l, stems[l].parent, exc)
                 stems.pop(l)
         stores[l] = ActivationStore.create(d, stored, length, None)
-    top_val = {l: torch.full((0, d), -float("inf"), device=device) for l in todo}
-    top_idx = {l: torch.zeros((0, d), dtype=torch.long, device=device) for l in todo}
-    bot_val = {l: torch.full((0, d), float("inf"), device=device) for l in todo}
-    bot_idx = {l: torch.zeros((0, d), dtype=torch.long, device=device) for l in todo}
-    bar = Progress(n * length, f"scan layers {_span(todo)}", "tok", enabled=progress)
-    start = 0
-    while start < n:
-        ids = excerpts[start : start + batch_size]
-        try:
-            acts = model.layer_activations(ids, None, todo)
-        except RuntimeError as exc:
-            if "out of memory" not in str(exc).lower() or batch_size == 1:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            batch_size = max(batch_size // 2, 1)
-            log.warning("out of memory: scan batch backed off to %d excerpts", batch_size)
-            continue
-        rows = torch.arange(start, start + ids.shape[0], device=device)
-        for l in todo:
-            a = acts[l]
-            if not bool(torch.isfinite(a).all()):  # checked on the device: one scalar comes back
-                bad = int(torch.nonzero(~torch.isfinite(a).all(1).all(0))[0])
-                raise N2GError(f"neuron L{l}.N{bad} has NaN or infinite activations; try --dtype float32")
-            mx, mn = a.amax(1), a.amin(1)  # [B, d]
-            idx = rows[:, None].expand_as(mx)
-            v = torch.cat([top_val[l], mx]); i = torch.cat([top_idx[l], idx])
-            kk = min(k, v.shape[0])
-            tv, ti = v.topk(kk, dim=0)
-            top_val[l], top_idx[l] = tv, i.gather(0, ti)
-            v = torch.cat([bot_val[l], mn]); i = torch.cat([bot_idx[l], idx])
-            bv, bi = (-v).topk(kk, dim=0)
-            bot_val[l], bot_idx[l] = -bv, i.gather(0, bi)
-            stores[l].write(np.arange(start, start + ids.shape[0]), a)  # float16, neuron-major, made on the device
-        bar.update(ids.numel())
-        start += ids.shape[0]
-    bar.close()
-    qs = torch.tensor(QUANTILES)
-    for l in todo:
-        store = stores[l]
-        store.flush()
-        # The pool's stored rows, neuron-major [d, tokens] as the store keeps them, on the model's
-        # device: sorting each neuron's row there is milliseconds on a GPU.
-        sample = torch.from_numpy(np.ascontiguousarray(store.values[:, store.rows(pool), :]).reshape(d, -1))
-        sample = sample.to(device).float()
-        mx, mn = top_val[l][0].float(), bot_val[l][0].float()
-        zero = torch.zeros(d, device=sample.device)
-        pos_rate = torch.where(mx > 0, (sample >= fire_threshold * mx[:, None]).float().mean(1), zero).cpu()
-        neg_rate = torch.where(mn < 0, (sample <= fire_threshold * mn[:, None]).float().mean(1), zero).cpu()
-        scan = LayerScan(
-            layer=l, top_idx=top_idx[l].cpu(), top_val=top_val[l].float().cpu(), bot_idx=bot_idx[l].cpu(),
-            bot_val=bot_val[l].float().cpu(), quantiles=_quantiles(sample, qs).cpu(),
-            pos_rate=pos_rate, neg_rate=neg_rate, pool=pool, n_pool_tokens=int(sample.shape[1]),
-            fire_threshold=fire_threshold, store=store,
-        )
-        if l in stems:
-            final = stems[l].with_suffix(".acts.npy")
+    try:
+        top_val = {l: torch.full((0, d), -float("inf"), device=device) for l in todo}
+        top_idx = {l: torch.zeros((0, d), dtype=torch.long, device=device) for l in todo}
+        bot_val = {l: torch.full((0, d), float("inf"), device=device) for l in todo}
+        bot_idx = {l: torch.zeros((0, d), dtype=torch.long, device=device) for l in todo}
+        bar = Progress(n * length, f"scan layers {_span(todo)}", "tok", enabled=progress)
+        start = 0
+        while start < n:
+            ids = excerpts[start : start + batch_size]
             try:
-                os.replace(tmp_paths[l], final)  # the open map stays valid: same file, new name
-                scan.store = ActivationStore.open(final, stored)
-                _save(scan, stems[l])
-            except OSError as exc:
-                log.warning("layer %d: cannot save the scan cache in %s (%s); going on without it", l, stems[l].parent, exc)
-                tmp_paths[l].unlink(missing_ok=True)
-        results[l] = scan
+                acts = model.layer_activations(ids, None, todo)
+            except RuntimeError as exc:
+                if "out of memory" not in str(exc).lower() or batch_size == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                batch_size = max(batch_size // 2, 1)
+                log.warning("out of memory: scan batch backed off to %d excerpts", batch_size)
+                continue
+            rows = torch.arange(start, start + ids.shape[0], device=device)
+            for l in todo:
+                a = acts[l]
+                if not bool(torch.isfinite(a).all()):  # checked on the device: one scalar comes back
+                    bad = int(torch.nonzero(~torch.isfinite(a).all(1).all(0))[0])
+                    raise N2GError(f"neuron L{l}.N{bad} has NaN or infinite activations; try --dtype float32")
+                mx, mn = a.amax(1), a.amin(1)  # [B, d]
+                idx = rows[:, None].expand_as(mx)
+                v = torch.cat([top_val[l], mx]); i = torch.cat([top_idx[l], idx])
+                kk = min(k, v.shape[0])
+                tv, ti = v.topk(kk, dim=0)
+                top_val[l], top_idx[l] = tv, i.gather(0, ti)
+                v = torch.cat([bot_val[l], mn]); i = torch.cat([bot_idx[l], idx])
+                bv, bi = (-v).topk(kk, dim=0)
+                bot_val[l], bot_idx[l] = -bv, i.gather(0, bi)
+                stores[l].write(np.arange(start, start + ids.shape[0]), a)  # float16, neuron-major, made on the device
+            bar.update(ids.numel())
+            start += ids.shape[0]
+        bar.close()
+        qs = torch.tensor(QUANTILES)
+        for l in todo:
+            store = stores[l]
+            store.flush()
+            # The pool's stored rows, neuron-major [d, tokens] as the store keeps them, on the model's
+            # device: sorting each neuron's row there is milliseconds on a GPU.
+            sample = torch.from_numpy(np.ascontiguousarray(store.values[:, store.rows(pool), :]).reshape(d, -1))
+            sample = sample.to(device).float()
+            mx, mn = top_val[l][0].float(), bot_val[l][0].float()
+            zero = torch.zeros(d, device=sample.device)
+            pos_rate = torch.where(mx > 0, (sample >= fire_threshold * mx[:, None]).float().mean(1), zero).cpu()
+            neg_rate = torch.where(mn < 0, (sample <= fire_threshold * mn[:, None]).float().mean(1), zero).cpu()
+            scan = LayerScan(
+                layer=l, top_idx=top_idx[l].cpu(), top_val=top_val[l].float().cpu(), bot_idx=bot_idx[l].cpu(),
+                bot_val=bot_val[l].float().cpu(), quantiles=_quantiles(sample, qs).cpu(),
+                pos_rate=pos_rate, neg_rate=neg_rate, pool=pool, n_pool_tokens=int(sample.shape[1]),
+                fire_threshold=fire_threshold, store=store,
+            )
+            if l in stems:
+                final = stems[l].with_suffix(".acts.npy")
+                try:
+                    os.replace(tmp_paths[l], final)  # the open map stays valid: same file, new name
+                    scan.store = ActivationStore.open(final, stored)
+                    _save(scan, stems[l])
+                except OSError as exc:
+                    log.warning("layer %d: cannot save the scan cache in %s (%s); going on without it", l, stems[l].parent, exc)
+                    tmp_paths[l].unlink(missing_ok=True)
+            results[l] = scan
+    except BaseException:  # interrupted or failed: no half-written store is left in the cache
+        for tmp in tmp_paths.values():
+            tmp.unlink(missing_ok=True)  # a store already renamed into place is no longer there
+        raise
     return results
 
 

@@ -30,6 +30,8 @@ from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 log = logging.getLogger(__name__)
 
 RUN_KIND = "n2g.run"
+LATER_IDENTITY_KEYS = frozenset({"model_weights"})
+"""Identity keys newer runs record; a run made before one was recorded resumes without it being compared."""
 METHODS = ("n2g", "token_lookup", "ngram", "zero", *sorted(set(BASELINES) - {"token_lookup", "ngram", "zero"}))
 SCORE_FIELDS = ("precision", "recall", "f1", "nonfiring_precision", "nonfiring_recall", "nonfiring_f1",
                 "pearson", "explained_variance", "n_tokens", "n_firing", "n_predicted_firing", "status")
@@ -59,6 +61,8 @@ class RunStore:
             if not isinstance(existing, dict) or existing.get("kind") != RUN_KIND:
                 raise N2GError(f"{self.root} is not an n2g run directory; choose another --out")
             theirs = existing.get("identity")
+            if isinstance(theirs, dict):  # a run made before a key was recorded is judged on the keys it has
+                identity = {k: v for k, v in identity.items() if k in theirs or k not in LATER_IDENTITY_KEYS}
             if theirs != json.loads(json.dumps(identity)):
                 theirs = theirs if isinstance(theirs, dict) else {}
                 diff = sorted(str(k) for k in set(identity) | set(theirs)

@@ -262,3 +262,16 @@ def test_ray_address_that_is_not_one_writes_nothing(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = main(run_args(tiny_dir, out, "--neurons", "0", "--layers", "0", "--ray", "no such host"), capsys)
     assert code == 2 and "is not host:port" in err and not out.exists()  # was: run.json, then "Invalid address format"
+
+
+def test_sigterm_stops_a_command_like_ctrl_c_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys, time, n2g.cli as c\n"
+            "c._info = lambda args: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))\n"
+            "sys.exit(c.main(['info']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "n2g: interrupted; finished neurons are saved, re-run the same command to resume"]

@@ -257,3 +257,15 @@ def test_padding_bound_of_length_batches():
         real = sum(lengths[i] for i in b)
         assert len(b) * max(lengths[i] for i in b) <= 1.15 * real
     assert length_batches([4] * 10, 10**6) == [list(range(10))]  # equal lengths share one batch
+
+
+def test_host_workers_leave_ctrl_c_to_the_main_process():
+    import signal
+
+    from n2g.engine import host_pool
+
+    pool = host_pool(1)
+    try:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=120) == signal.SIG_IGN
+    finally:
+        pool.shutdown()

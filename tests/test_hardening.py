@@ -1440,3 +1440,36 @@ def test_a_tokenizer_that_does_not_fit_the_model_fails_in_one_line(model_folder)
     (model_folder / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(N2GError, match="cannot encode the text .*check its tokenizer files"):
         load_model(str(model_folder), device="cpu").encode("the cat")
+
+
+def test_a_model_cache_copy_left_by_a_killed_writer_is_removed_by_the_next(tmp_path, monkeypatch):
+    from n2g import models
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    target = models.cache_dir() / "models" / "tiny-1234"
+    target.parent.mkdir(parents=True)
+    dead = target.parent / ".tiny-1234.999999999.abcd"  # no such process: killed while writing
+    alive = target.parent / f".tiny-1234.{os.getpid()}.efgh"  # a writer still at work
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    models._save_cache(tiny_model("llama"), tiny_tokenizer(), target)
+    assert not dead.exists() and alive.exists() and (target / "model.safetensors").exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([target.name, alive.name])
+
+
+def test_a_killed_writers_leftovers_are_removed_sidecars_and_half_copies_included(tmp_path):
+    from n2g.fileio import remove_dead_copies, remove_stale_temporaries
+
+    dead, mine = 999999999, os.getpid()
+    names = [f".index.sqlite.{dead}.ab12cd34.tmp", f".index.sqlite.{dead}.ab12cd34.tmp-journal",
+             f".index.sqlite.{dead}.ab12cd34.tmp-wal", f".result.json.{mine}.zz12cd34.tmp", "notes.tmp-journal"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert remove_stale_temporaries(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
+    (tmp_path / f".copy.{dead}.abcd").mkdir()  # a report copy killed half-way
+    (tmp_path / f".copy.{mine}.efgh").mkdir()  # one still being written
+    (tmp_path / ".copy.ijkl").mkdir()  # no pid in its name: not ours to judge
+    remove_dead_copies(tmp_path / "copy")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".copy")) == sorted([".copy.ijkl", f".copy.{mine}.efgh"])

@@ -295,3 +295,26 @@ def test_summary_table_shows_the_token_ceiling_beside_the_scores():
     assert lines[1].split()[2:6] == ["0.60", "0.60", "0.60", "1.00"]
     assert lines[2].split()[2:6] == ["0.40", "0.40", "0.40", "0.67"]
     assert lines[3].split()[2:6] == ["0.50", "0.50", "0.50", "0.83"]  # means over the two neurons
+
+
+def test_a_run_is_not_resumed_with_other_weights_behind_the_same_model_path(tiny_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir / "model", folder)
+    args = ["run", "--model", str(folder), "--corpus", str(tiny_dir / "corpus.txt"), "--layers", "0",
+            "--neurons", "0-1", "--excerpt-length", "32", "--no-report", "-q", "--out", str(tmp_path / "out")]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    identity = json.loads((tmp_path / "out" / "run.json").read_text())["identity"]
+    assert len(identity["model_weights"]) == 16
+    torch.manual_seed(7)
+    tiny_model("llama").save_pretrained(folder)  # overwritten in place: same path, same config
+    again = cli(*args[:-4], "--neurons", "0-3", *args[-3:])
+    assert again.returncode == 2 and "different model_weights" in again.stderr and "Traceback" not in again.stderr
+    del identity["model_weights"]  # a run made before weights were recorded resumes as before
+    meta = json.loads((tmp_path / "out" / "run.json").read_text())
+    meta["identity"] = identity
+    (tmp_path / "out" / "run.json").write_text(json.dumps(meta))
+    resumed = cli(*args[:-4], "--neurons", "0-3", *args[-3:])
+    assert resumed.returncode == 0, resumed.stderr

@@ -80,6 +80,29 @@ def test_a_cached_scan_is_reused_without_running_the_model(tmp_path):
     assert set(names) == {".json", ".safetensors", ".npy"}
 
 
+def test_other_weights_or_another_dtype_behind_the_same_name_are_scanned_again(tmp_path):
+    excerpts = torch.randint(4, 68, (40, 16))
+    first = scan_layers(_model(), excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    torch.manual_seed(1)  # same name, same config, other weights (a checkpoint overwritten in place)
+    other = Counting(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-store")
+    Counting.positions = 0
+    again = scan_layers(other, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert Counting.positions > 0  # the model ran: nothing of the first model's scan was served
+    truth = other.layer_activations(excerpts, None, [0])[0]
+    np.testing.assert_allclose(again[0].store.neuron(3), truth[:, :, 3].numpy(), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(first[0].store.neuron(3), again[0].store.neuron(3), atol=1e-3)
+    half = _model()
+    half.model.to(torch.bfloat16)
+    half.dtype = torch.bfloat16
+    assert len({m.weights_key() for m in (_model(), other, half)}) == 3
+    Counting.positions = 0
+    scan_layers(half, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert Counting.positions > 0
+    Counting.positions = 0  # and the first model, unchanged, still finds its own entry
+    scan_layers(_model(), excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert Counting.positions == 0
+
+
 class _Planted:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['N2G_PLANT_MARK']}",))
@@ -90,7 +113,7 @@ def test_a_pickle_planted_in_the_scan_cache_never_runs(tmp_path, monkeypatch):
     excerpts = torch.randint(4, 68, (40, 16))
     mark = tmp_path / "pwned"
     monkeypatch.setenv("N2G_PLANT_MARK", str(mark))
-    stem = _cache_stem(tmp_path, "tiny-llama-store", "c", 0, 8, 10, 0, str(1 << 17))
+    stem = _cache_stem(tmp_path, "tiny-llama-store", "c", 0, 8, 10, 0, f"{1 << 17}|{model.weights_key()}")
     stem.parent.mkdir(parents=True)
     payload = pickle.dumps(_Planted())
     for suffix in (".pt", ".safetensors", ".acts.npy"):
@@ -152,7 +175,7 @@ def test_fitting_from_the_store_runs_no_stored_excerpt_again_and_batches_like_al
 def test_a_killed_scans_half_written_store_is_removed_and_concurrent_names_differ(tmp_path):
     model = _model()
     excerpts = torch.randint(4, 68, (40, 16))
-    stem = _cache_stem(tmp_path, "tiny-llama-store", "c", 0, 8, 10, 0, str(1 << 17))
+    stem = _cache_stem(tmp_path, "tiny-llama-store", "c", 0, 8, 10, 0, f"{1 << 17}|{model.weights_key()}")
     stem.parent.mkdir(parents=True)
     dead = stem.parent / f".{stem.name}.999999999.abc.acts.npy.tmp"  # no such process
     alive = stem.parent / f".{stem.name}.{os.getpid()}.abc.acts.npy.tmp"  # a scan still running
@@ -161,3 +184,62 @@ def test_a_killed_scans_half_written_store_is_removed_and_concurrent_names_diffe
     scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
     assert not dead.exists() and alive.exists()
     assert stem.with_suffix(".acts.npy").exists()
+
+
+class _Interrupted(Counting):
+    """Stops the scan at its second batch, as Ctrl-C (or SIGTERM, which n2g turns into the same) would."""
+
+    def layer_activations(self, ids, mask, layers):
+        if Counting.positions:
+            raise KeyboardInterrupt
+        return super().layer_activations(ids, mask, layers)
+
+
+def test_an_interrupted_scan_leaves_no_half_written_store_in_the_cache(tmp_path):
+    torch.manual_seed(0)
+    model = _Interrupted(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-store")
+    Counting.positions = 0
+    with pytest.raises(KeyboardInterrupt):
+        scan_layers(model, torch.randint(4, 68, (40, 16)), [0, 1], k=8, pool_size=10, progress=False, batch_size=8,
+                    cache_dir=tmp_path, corpus_key="c")
+    assert Counting.positions > 0 and list((tmp_path / "scans").iterdir()) == []
+
+
+def test_a_store_the_disk_cannot_hold_is_kept_in_memory_not_a_crash_later(tmp_path, monkeypatch, caplog):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        scans = scan_layers(_model(), torch.randint(4, 68, (40, 16)), [0], k=8, pool_size=10, progress=False,
+                            cache_dir=tmp_path, corpus_key="c")
+    assert scans[0].store.path is None and scans[0].store.n_stored == 40
+    assert any("No space left" in r.getMessage() and "keeping it in memory" in r.getMessage() for r in caplog.records)
+    assert not [p for p in (tmp_path / "scans").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_cached_store_with_non_finite_values_is_rescanned_not_used(tmp_path, caplog):
+    model, excerpts = _model(), torch.randint(4, 68, (40, 16))
+    first = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    clean = np.array(first[0].store.values)
+    path = next((tmp_path / "scans").glob("*.acts.npy"))
+    values = np.load(path, mmap_mode="r+")
+    values[2, 5, 3] = np.inf  # damaged bytes on disk
+    values.flush()
+    del values
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        again = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert any("ignoring unreadable scan cache" in r.getMessage() and "NaN or infinite" in r.getMessage()
+               for r in caplog.records)
+    np.testing.assert_array_equal(np.asarray(again[0].store.values), clean)
+
+
+def test_a_cache_path_too_long_to_use_scans_without_the_cache(tmp_path, caplog):
+    deep = tmp_path / ("a" * 300)  # one name longer than any file system allows
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        scans = scan_layers(_model(), torch.randint(4, 68, (40, 16)), [0], k=8, pool_size=10, progress=False,
+                            cache_dir=deep, corpus_key="c")
+    assert scans[0].store.n_stored == 40 and scans[0].store.path is None
+    assert any("name too long" in r.getMessage().lower() for r in caplog.records)
