@@ -13,6 +13,7 @@ import codecs
 import hashlib
 import json
 import logging
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,19 @@ def _record_text(record, text_field: str, where: str) -> str:
     return value
 
 
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+              (b"\xfe\xff", "UTF-16"))
+
+
+def _not_text(path: Path, head: bytes) -> str:
+    """Why a file holding NUL bytes is refused: text in a wide encoding (by its byte order mark), or binary."""
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            return (f"{path} is {name} text, not UTF-8; convert it to UTF-8 "
+                    f"(e.g. iconv -f {name} -t UTF-8 {path} > converted.txt)")
+    return f"{path} is not a UTF-8 text file (it looks binary); pass text, markdown or JSONL files"
+
+
 def _read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
@@ -59,8 +73,7 @@ def _read_text(path: Path) -> str:
         raise N2GError(f"cannot read {path} ({exc.strerror}); check the path and permissions") \
             from exc
     if b"\x00" in data:
-        raise N2GError(f"{path} is not a UTF-8 text file (it looks binary); "
-                       "pass text, markdown or JSONL files")
+        raise N2GError(_not_text(path, data))
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -89,8 +102,7 @@ def _text_pieces(path: Path) -> Iterator[str]:
             while True:
                 data = f.read(TEXT_PIECE_BYTES)
                 if b"\x00" in data:
-                    raise N2GError(f"{path} is not a UTF-8 text file (it looks binary); "
-                                   "pass text, markdown or JSONL files")
+                    raise N2GError(_not_text(path, data if offset == 0 else b""))
                 try:
                     text = carry + decoder.decode(data, final=not data)
                 except UnicodeDecodeError as exc:
@@ -245,6 +257,10 @@ def _json_line(path: Path, lineno: int, line: str, text_field: str) -> str:
     return _record_text(record, text_field, f"line {lineno} of {path}")
 
 
+PARQUET_BATCH_ROWS = 16
+"""Rows of a Parquet file decoded at a time."""
+
+
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
     """The ``text_field`` column of a Parquet file (how Hugging Face datasets are stored), read a
     batch of rows at a time so memory stays flat; null cells are skipped. Needs pyarrow."""
@@ -263,12 +279,18 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
         raise N2GError(f"{path} has no column {text_field!r} (columns: {', '.join(schema.names[:20]) or 'none'}); "
                        "choose the column holding the text with --text-field")
     kind = schema.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    is_view = getattr(pa.types, "is_string_view", lambda t: False)
+    plain = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
+    if not (plain(kind) or (pa.types.is_dictionary(kind) and plain(kind.value_type))):
         raise N2GError(f"column {text_field!r} of {path} holds {kind}, not text; "
                        "choose the column holding the text with --text-field")
     try:
-        for batch in pf.iter_batches(columns=[text_field], batch_size=256):
-            for value in batch.column(0).to_pylist():
+        # A few rows at a time, each made a Python string only when it is wanted: a small compressed
+        # file can hold rows of many megabytes, and --max-excerpts may need only the first.
+        for batch in pf.iter_batches(columns=[text_field], batch_size=PARQUET_BATCH_ROWS):
+            column = batch.column(0)
+            for i in range(len(column)):
+                value = column[i].as_py()
                 if value is not None:
                     yield value
     except N2GError:
@@ -385,62 +407,88 @@ CUT_CHECK_CHARS = 256
 """Characters each side of a candidate cut that are encoded to check that the cut changes no token."""
 
 
-def _safe_cut(text: str, lo: int, hi: int, encode: Callable[[str], list[int]], tries: int = 16) -> int | None:
-    """A position in ``(lo, hi]`` just after a line break where cutting ``text`` changes no token ids.
+def _ids(ids) -> np.ndarray:
+    return np.fromiter(ids, dtype=np.int64, count=len(ids)) if isinstance(ids, list) else np.asarray(ids, np.int64)
 
-    The text around each candidate (the last ``tries`` line breaks before ``hi``) is encoded whole and
-    as its two halves; a cut is taken only where both agree, so the pieces give the ids the whole text
-    gives. A tokenizer that marks the start of every call (a prefix space) finds none.
+
+MAX_PIECE_PIECES = 4
+"""A stretch of this many pieces without a checked cut is cut anyway, before a space or line break: a
+tokenizer that changes tokens at every cut (one that marks the start of each call), or a text without
+line breaks, then costs a few token ids at a border every few megabytes instead of gigabytes of memory."""
+
+
+def _candidates(text: str, lo: int, hi: int, tries: int) -> Iterator[int]:
+    """Cut positions in ``(lo, hi]``, nearest ``hi`` first: for each of the last ``tries`` line breaks, before
+    the run of white space holding it ("word|\\r\\n  next") and right after it; then before runs of spaces."""
+    for mark in ("\n", " "):
+        pos = hi
+        for _ in range(tries):
+            at = text.rfind(mark, lo, pos)
+            if at <= lo:
+                break
+            start = at
+            while start > lo and text[start - 1].isspace():
+                start -= 1
+            if start > lo:
+                yield start
+            if mark == "\n":
+                yield at + 1
+            pos = start
+
+
+def _safe_cut(text: str, lo: int, hi: int, encode: Callable[[str], list[int]], tries: int = 16) -> int | None:
+    """A position in ``(lo, hi]`` where cutting ``text`` changes no token ids, or None.
+
+    The text around each candidate (:func:`_candidates`) is encoded whole and as its two halves; a cut
+    is taken only where both agree, so the pieces give the ids the whole text gives.
     """
-    pos = hi
-    for _ in range(tries):
-        cut = text.rfind("\n", lo, pos)
-        if cut < 0:
-            return None
-        pos = cut  # the next candidate lies before this line break
-        cut += 1
+    for cut in _candidates(text, lo, hi, tries):
         left, right = text[max(0, cut - CUT_CHECK_CHARS): cut], text[cut: cut + CUT_CHECK_CHARS]
         if right and list(encode(left + right)) == list(encode(left)) + list(encode(right)):
             return cut
     return None
 
 
-def _ids(ids) -> np.ndarray:
-    return np.fromiter(ids, dtype=np.int64, count=len(ids)) if isinstance(ids, list) else np.asarray(ids, np.int64)
+def _encode_pieces(text: str, encode: Callable[[str], list[int]]) -> Iterator[np.ndarray]:
+    """The token ids of ``text`` as int64 arrays of consecutive pieces, which joined are ``encode(text)``.
 
-
-def encode_long(text: str, encode: Callable[[str], list[int]]) -> np.ndarray:
-    """``encode(text)`` as an int64 array, a piece at a time when the text is long (see
-    :data:`ENCODE_PIECE_CHARS`), each piece's ids packed as it is done.
-
-    Pieces end at checked cuts (:func:`_safe_cut`) about every ``ENCODE_PIECE_CHARS`` characters; where
-    a stretch has none the piece grows, and the rest is encoded whole when the text runs out."""
-    if len(text) <= ENCODE_PIECE_CHARS:
-        return _ids(list(encode(text)))
+    A text longer than :data:`ENCODE_PIECE_CHARS` is cut about every ``ENCODE_PIECE_CHARS`` characters at
+    checked cuts (:func:`_safe_cut`); where a stretch has none the piece grows, up to
+    :data:`MAX_PIECE_PIECES` pieces, where it is cut unchecked before white space (or anywhere)."""
     step = max(ENCODE_PIECE_CHARS // 2, 1)
-    cuts, start = [], 0
+    start = 0
     while len(text) - start > ENCODE_PIECE_CHARS:
         cut, hi = None, start + ENCODE_PIECE_CHARS
         while cut is None and hi < len(text):
             cut = _safe_cut(text, hi - step, hi, encode)
+            if cut is None and hi - start >= MAX_PIECE_PIECES * ENCODE_PIECE_CHARS:
+                cut = next(_candidates(text, hi - step, hi, 1), hi)
+                log.debug("no token-preserving cut in %d characters: cut at %d unchecked", hi - start, cut)
             hi += step
         if cut is None:
             break
-        cuts.append(cut)
+        yield _ids(list(encode(text[start:cut])))
         start = cut
-    pieces = [_ids(list(encode(text[a:b]))) for a, b in zip([0] + cuts, cuts + [len(text)])]
+    yield _ids(list(encode(text[start:] if start else text)))
+
+
+def encode_long(text: str, encode: Callable[[str], list[int]]) -> np.ndarray:
+    """``encode(text)`` as an int64 array, tokenised a piece at a time (:func:`_encode_pieces`)."""
+    pieces = list(_encode_pieces(text, encode))
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
-def _encode_prefix(text: str, encode: Callable[[str], list[int]], need: int | None):
-    """Token ids of ``text``, or of a prefix of it when only the first ``need`` ids are wanted.
+def _encode_prefix(text: str, encode: Callable[[str], list[int]], need: int | None) -> Iterator[np.ndarray]:
+    """Token ids of ``text`` (in pieces, :func:`_encode_pieces`), or of a prefix of it when only the
+    first ``need`` ids are wanted.
 
     ``--max-excerpts`` on one huge file must not tokenise all of it: a growing prefix, cut at a
     line break, is tokenised until it yields ``need`` ids plus a margin; the ids before the
     margin are the ones the whole text gives (tokenisers do not merge across a line break).
     """
     if need is None or len(text) <= max(65536, 16 * need):
-        return encode_long(text, encode)
+        yield from _encode_pieces(text, encode)
+        return
     chars = max(65536, 16 * need)
     while chars < len(text):
         cut = text.rfind("\n", 0, chars)
@@ -450,9 +498,10 @@ def _encode_prefix(text: str, encode: Callable[[str], list[int]], need: int | No
             cut = chars
         ids = list(encode(text[:cut]))
         if len(ids) >= need + PREFIX_MARGIN:
-            return ids[: len(ids) - PREFIX_MARGIN]
+            yield _ids(ids[: len(ids) - PREFIX_MARGIN])
+            return
         chars *= 4
-    return encode_long(text, encode)
+    yield from _encode_pieces(text, encode)
 
 
 def make_excerpts(texts: Iterable[str], encode: Callable[[str], list[int]], length: int = 64,
@@ -466,24 +515,27 @@ def make_excerpts(texts: Iterable[str], encode: Callable[[str], list[int]], leng
         raise N2GError(f"excerpt length must be at least 1, got {length}")
     if max_excerpts is not None and max_excerpts < 1:
         raise N2GError(f"max_excerpts must be at least 1, got {max_excerpts}")
-    chunks: list[torch.Tensor] = []
+    out = array("q")  # every excerpt's ids, appended as each piece is tokenised: one copy of the corpus
     count = 0
     for text in texts:
         need = None if max_excerpts is None else (max_excerpts - count) * length
-        ids = torch.from_numpy(_ids(_encode_prefix(text, encode, need)))
-        n = ids.numel() // length
-        if n == 0:
-            continue
-        if max_excerpts is not None:
-            n = min(n, max_excerpts - count)
-        chunks.append(ids[: n * length].view(n, length))
-        count += n
+        carry = np.zeros(0, np.int64)  # the document's ids not yet in a whole excerpt
+        for piece in _encode_prefix(text, encode, need):
+            ids = np.concatenate([carry, piece]) if len(carry) else piece
+            n = len(ids) // length
+            if max_excerpts is not None:
+                n = min(n, max_excerpts - count)
+            out.frombytes(memoryview(np.ascontiguousarray(ids[: n * length])).cast("B"))
+            count += n
+            carry = ids[n * length:]
+            if max_excerpts is not None and count >= max_excerpts:
+                break
         if max_excerpts is not None and count >= max_excerpts:
             break
-    if not chunks:
+    if not count:
         raise N2GError(f"the corpus has fewer than {length} tokens in every document, so it "
                        "yields no excerpt; lower --excerpt-length or add text")
-    return chunks[0].contiguous() if len(chunks) == 1 else torch.cat(chunks)
+    return torch.from_numpy(np.frombuffer(out, dtype=np.int64).reshape(count, length))
 
 
 class TokenRows(Sequence):

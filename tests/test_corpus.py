@@ -225,14 +225,20 @@ def test_a_long_document_is_tokenised_in_pieces_that_change_no_token(monkeypatch
             return encode(s)
         return run
 
-    for encode in (smollm2.encode, runs_encode, char_encode):
+    crlf = text.replace("\n", "\r\n")  # Windows line ends, indented lines: cut before the line break
+    indented = "\n".join("  " + line for line in text.split("\n"))
+    for encode, text in [(smollm2.encode, text), (smollm2.encode, crlf), (smollm2.encode, indented),
+                         (runs_encode, text), (runs_encode, crlf), (char_encode, text)]:
         calls.clear()
         assert encode_long(text, counted(encode)).tolist() == list(encode(text))
         assert max(calls) < len(text) // 10  # it was cut: no call saw the whole text
-    # one that marks the start of every call (a prefix space, a BOS) finds no safe cut: the text whole
+    # one that marks the start of every call (a prefix space, a BOS) finds no safe cut: every few pieces
+    # the text is cut unchecked, so memory stays bounded, and only the marks at those borders differ
     marked = lambda s: [7] + char_encode(s)
     calls.clear()
-    assert encode_long(text, counted(marked)).tolist() == marked(text) and max(calls) == len(text)
+    got = encode_long(text, counted(marked)).tolist()
+    assert max(calls) <= (corpus.MAX_PIECE_PIECES + 1) * 300 and got.count(7) > 10
+    assert [t for t in got if t != 7] == [t for t in marked(text) if t != 7]
 
 
 def test_a_long_document_gives_the_same_excerpts_cut_or_whole(tmp_path, monkeypatch):
@@ -246,6 +252,8 @@ def test_a_long_document_gives_the_same_excerpts_cut_or_whole(tmp_path, monkeypa
     monkeypatch.setattr(corpus, "CUT_CHECK_CHARS", 32)
     cut = Corpus.build(str(path), runs_encode, length=8)
     assert torch.equal(whole.excerpts, cut.excerpts) and whole.fingerprint() == cut.fingerprint()
+    assert len(whole) == len(runs_encode(text)) // 8 > 100  # excerpts run on across piece borders
+    assert torch.equal(Corpus.build(str(path), runs_encode, length=8, max_excerpts=50).excerpts, whole.excerpts[:50])
 
 
 def test_token_rows_read_excerpts_as_lists_without_copying_the_corpus():
@@ -300,3 +308,31 @@ def test_the_corpus_fingerprint_hashes_the_ids_in_blocks_whatever_their_storage(
     h = hashlib.sha256(b"src" + b"4" + c.excerpts.numpy().tobytes()).hexdigest()[:16]
     assert c.fingerprint() == h
     assert Corpus("src", 4, c.excerpts.to(torch.int32)).fingerprint() == h  # ids, not their storage type
+
+
+def test_parquet_text_stored_as_a_dictionary_is_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    words = pa.array(["alpha beta", "gamma", None, "alpha beta"]).dictionary_encode()  # how repeated strings are kept
+    pq.write_table(pa.table({"text": words}), path)
+    assert load_texts(str(path)) == ["alpha beta", "gamma", "alpha beta"]
+    big = tmp_path / "big.parquet"  # rows of a megabyte each, one per row group
+    pq.write_table(pa.table({"text": ["ab" * (1 << 19)] * 40}), big, row_group_size=1, compression="zstd")
+    built = Corpus.build(str(big), char_encode, length=8, max_excerpts=2)
+    assert built.excerpts.tolist() == [[97, 98] * 4] * 2
+
+
+def test_utf16_and_utf32_text_is_named_with_how_to_convert_it(tmp_path, monkeypatch):
+    import n2g.corpus as corpus
+
+    for encoding, name in (("utf-16", "UTF-16"), ("utf-32", "UTF-32")):
+        path = tmp_path / f"{encoding}.txt"
+        path.write_bytes(("some text\n" * 20).encode(encoding))  # Python writes the byte order mark first
+        with pytest.raises(N2GError, match=f"is {name} text, not UTF-8; convert it to UTF-8 .*iconv -f {name}"):
+            load_texts(str(path))
+        monkeypatch.setattr(corpus, "TEXT_PIECE_BYTES", 64)  # read in pieces: the same message
+        with pytest.raises(N2GError, match=f"is {name} text, not UTF-8"):
+            load_texts(str(path))
+        monkeypatch.undo()
