@@ -883,6 +883,9 @@ def _load_pretrained(spec: str, local: bool):
                                                            output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # a pickle holding more than tensors: never unpickled
+            raise N2GError(f"the weights of {spec!r} are a pickle (.bin) holding more than tensors; n2g never "
+                           "runs pickled code: use a checkpoint saved as safetensors") from None
         raise N2GError(f"could not load model {spec!r} from {where}: {_first_line(exc)}; {hint}") from exc
     missing = list((info or {}).get("missing_keys") or [])
     if missing:  # transformers filled them with random values: every activation would be noise

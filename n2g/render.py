@@ -461,7 +461,16 @@ def _run_dot_to(source: str, outputs: dict[str, Path]) -> None:
     args = [exe] + [a for fmt, path in outputs.items() for a in (f"-T{fmt}", f"-o{path}")]
     proc = subprocess.run(args, input=source.encode("utf-8"), capture_output=True, timeout=120)
     if proc.returncode != 0:
-        raise N2GError(f"Graphviz failed to render the graph: {proc.stderr.decode('utf-8', 'replace').strip()}")
+        said = " ".join(proc.stderr.decode("utf-8", "replace").split())[:300]
+        folder = next(iter(outputs.values())).parent
+        try:
+            full = shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            full = False
+        if full:  # dot says only "gvwrite_no_z problem 7" when it cannot write
+            raise N2GError(f"Graphviz could not write the drawing into {folder}: the disk is full ({said}); "
+                           "free some space or choose another --out, then re-run the same command")
+        raise N2GError(f"Graphviz failed to render the graph: {said}")
 
 
 def _strip_prolog(svg: str) -> str:

@@ -1473,3 +1473,30 @@ def test_a_killed_writers_leftovers_are_removed_sidecars_and_half_copies_include
     (tmp_path / ".copy.ijkl").mkdir()  # no pid in its name: not ours to judge
     remove_dead_copies(tmp_path / "copy")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".copy")) == sorted([".copy.ijkl", f".copy.{mine}.efgh"])
+
+
+class _PickledCall:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_pickled_weights_holding_code_are_refused_in_one_line(model_folder):
+    from n2g.models import load_model
+
+    (model_folder / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _PickledCall()}, model_folder / "pytorch_model.bin")
+    with pytest.raises(N2GError, match=r"^the weights of .* are a pickle \(.bin\) holding more than tensors; "
+                                       r"n2g never runs pickled code: use a checkpoint saved as safetensors$"):
+        load_model(str(model_folder), device="cpu")
+
+
+def test_graphviz_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    import collections
+
+    from n2g import render
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(render.shutil, "disk_usage", lambda path: usage(10, 10, 0))
+    target = tmp_path / "gone" / "g.svg"  # dot cannot write there
+    with pytest.raises(N2GError, match="disk is full .*free some space or choose another --out"):
+        render._run_dot_to("digraph { a -> b }", {"svg": target})
