@@ -257,8 +257,22 @@ def _json_line(path: Path, lineno: int, line: str, text_field: str) -> str:
     return _record_text(record, text_field, f"line {lineno} of {path}")
 
 
-PARQUET_BATCH_ROWS = 16
-"""Rows of a Parquet file decoded at a time."""
+PARQUET_BATCH_BYTES = 64 << 20
+"""About this many bytes of a Parquet file's text (uncompressed) are decoded at a time: 256 rows of
+ordinary documents, or one row where rows are tens of megabytes."""
+
+
+def _parquet_batch_rows(pf) -> int:
+    """Rows per batch so a batch holds about :data:`PARQUET_BATCH_BYTES` (from the row groups' sizes)."""
+    try:
+        meta = pf.metadata
+        rows = sum(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    except Exception:
+        return 16
+    if rows <= 0 or size <= 0:
+        return 256
+    return int(min(256, max(1, PARQUET_BATCH_BYTES * rows // size)))
 
 
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
@@ -285,9 +299,9 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
         raise N2GError(f"column {text_field!r} of {path} holds {kind}, not text; "
                        "choose the column holding the text with --text-field")
     try:
-        # A few rows at a time, each made a Python string only when it is wanted: a small compressed
-        # file can hold rows of many megabytes, and --max-excerpts may need only the first.
-        for batch in pf.iter_batches(columns=[text_field], batch_size=PARQUET_BATCH_ROWS):
+        # A batch of about PARQUET_BATCH_BYTES, each row made a Python string only when it is wanted: a
+        # small compressed file can hold rows of many megabytes, and --max-excerpts may need only the first.
+        for batch in pf.iter_batches(columns=[text_field], batch_size=_parquet_batch_rows(pf)):
             column = batch.column(0)
             for i in range(len(column)):
                 value = column[i].as_py()

@@ -336,3 +336,16 @@ def test_utf16_and_utf32_text_is_named_with_how_to_convert_it(tmp_path, monkeypa
         with pytest.raises(N2GError, match=f"is {name} text, not UTF-8"):
             load_texts(str(path))
         monkeypatch.undo()
+
+
+def test_parquet_batches_hold_about_64_mb_of_text_whatever_the_row_size(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from n2g.corpus import _parquet_batch_rows
+
+    small, big = tmp_path / "small.parquet", tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": ["a short document"] * 1000}), small)
+    pq.write_table(pa.table({"text": ["ab" * (1 << 22)] * 20}), big, row_group_size=1, compression="zstd")  # 8 MB rows
+    assert _parquet_batch_rows(pq.ParquetFile(small)) == 256
+    assert _parquet_batch_rows(pq.ParquetFile(big)) == 7  # 64 MB / 8 MB a row, rounded down
