@@ -419,3 +419,19 @@ def test_quiet_mode_silences_the_gguf_dequantising_bar_and_restores_it(monkeypat
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
     with _quiet_gguf_bar():  # without -q the bar is transformers' own
         assert gguf_utils.tqdm is bar
+
+
+@pytest.mark.parametrize("family", __import__("conftest").TINY_FAMILIES)
+def test_every_family_saved_as_a_folder_loads_past_the_checkpoint_checks(family, tmp_path):
+    from conftest import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu")  # layer count and embedding read from its safetensors headers
+    ids = torch.tensor([[4, 5, 6, 7, 8]])
+    direct = SubjectModel(model, tiny_tokenizer())
+    assert loaded.n_layers == 3
+    assert torch.allclose(loaded.layer_activations(ids, None, [2])[2], direct.layer_activations(ids, None, [2])[2], atol=1e-5)
+    assert loaded.weights_key() == direct.weights_key()  # the same weights, the same key
