@@ -88,11 +88,7 @@ line break, so a huge file is never held whole (and ``--max-excerpts`` stops rea
 
 def _text_pieces(path: Path) -> Iterator[str]:
     """The documents of one plain text file: the whole file, or pieces of it cut at line breaks."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise N2GError(f"cannot read {path} ({exc.strerror}); check the path and permissions") from exc
-    if size <= TEXT_PIECE_BYTES:
+    if _file_size(path) <= TEXT_PIECE_BYTES:
         yield _read_text(path)
         return
     decoder = codecs.getincrementaldecoder("utf-8-sig")()

@@ -154,6 +154,20 @@ def _ranked(values: torch.Tensor, ids: torch.Tensor, k: int, largest: bool) -> t
     return values[order].cpu(), ids[order].cpu()
 
 
+def add_tensor_sample(h, name: str, tensor: torch.Tensor, n: int = 256) -> None:
+    """Feed hash ``h`` a tensor's name, shape and an even sample of up to ``n`` of its values (on any device)."""
+    with torch.no_grad():
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(flat[:: max(1, flat.numel() // n)][:n].float().cpu().numpy().tobytes())
+
+
+def weights_key_of(model) -> str | None:
+    """``model.weights_key()`` (a SubjectModel, or an SAE over one), or None for a stand-in without it."""
+    key = getattr(model, "weights_key", None)
+    return key() if callable(key) else None
+
+
 class SubjectModel:
     """A causal LM with a uniform way to read its MLP neurons.
 
@@ -579,12 +593,8 @@ class SubjectModel:
         or another --dtype are never served another model's activations."""
         if getattr(self, "_weights_key", None) is None:
             h = hashlib.sha256(f"{self.dtype}|{self.device.type}".encode())
-            with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    flat = p.detach().reshape(-1)
-                    sample = flat[:: max(1, flat.numel() // 256)][:256]
-                    h.update(f"{name}{tuple(p.shape)}".encode())
-                    h.update(sample.float().cpu().numpy().tobytes())
+            for name, p in self.model.named_parameters():
+                add_tensor_sample(h, name, p)
             self._weights_key = h.hexdigest()[:16]
         return self._weights_key
 

@@ -185,13 +185,14 @@ def load_inputs(opts: RunOptions, model=None, corpus=None):
 def open_store(opts: RunOptions, model, corpus):
     """The run directory's store, created or checked against this run's identity; and the partition."""
     from .activations import partition, stored_excerpts
+    from .models import weights_key_of
     from .store import RunStore
 
     cfg = opts.config()
     out = Path(opts.out) if opts.out else default_out(opts)
     store = RunStore(out)
-    weights = getattr(model, "weights_key", None)
-    identity = {"model": str(model.spec), **({"model_weights": weights()} if callable(weights) else {}),
+    weights = weights_key_of(model)
+    identity = {"model": str(model.spec), **({"model_weights": weights} if weights else {}),
                 "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(),
                 "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
                 "config": cfg.to_dict(), "store_tokens": store_budget(opts)}

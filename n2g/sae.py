@@ -209,12 +209,12 @@ class SAEModel:
         :meth:`n2g.models.SubjectModel.weights_key`)."""
         import hashlib
 
+        from .models import add_tensor_sample
+
         h = hashlib.sha256(f"{self.base.weights_key()}|{self.hook_name}|{self.jumprelu}|{self.apply_b_dec}".encode())
-        for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold):
-            if t is not None:
-                flat = t.reshape(-1)
-                h.update(str(tuple(t.shape)).encode())
-                h.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            if getattr(self, name) is not None:
+                add_tensor_sample(h, name, getattr(self, name))
         return h.hexdigest()[:16]
 
     def info(self) -> dict:

@@ -28,6 +28,7 @@ from .activations import DEFAULT_STORE_TOKENS, ActivationStore, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import replacing, write_json_atomic
+from .models import weights_key_of
 from .progress import Progress
 from .records import NeuronStats, Sign
 
@@ -86,13 +87,6 @@ class LayerScan:
         """``[n, length]`` signed raw activations of one neuron on stored excerpts (all when None)."""
         values = self.store.neuron(index, excerpts)
         return values if sign == Sign.POSITIVE else -values
-
-
-def _weights_key(model) -> str:
-    """The model's weights key (:meth:`n2g.models.SubjectModel.weights_key`; an SAE's includes its own
-    weights); "" for a stand-in without one."""
-    key = getattr(model, "weights_key", None)
-    return key() if callable(key) else ""
 
 
 def _exists(path: Path) -> bool:
@@ -189,7 +183,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
     if cache_dir is not None:
         for layer in layers:
             stems[layer] = _cache_stem(Path(cache_dir), str(model.spec), corpus_key, layer, k, pool_size, seed,
-                                       f"{store_tokens}|{_weights_key(model)}")
+                                       f"{store_tokens}|{weights_key_of(model) or ''}")
             if _exists(stems[layer].with_suffix(".json")):
                 try:
                     results[layer] = _load(stems[layer])
