@@ -61,7 +61,7 @@ class Fitter:
         todo = [n for n in todo if not self.store.is_done(n)]
         if not todo:
             return 0
-        return fit_neurons(self.opts, todo, self.model, self.corpus, self.store, self.is_train)
+        return fit_neurons(self.opts, todo, self.model, self.corpus, self.store, self.is_train, share=False)
 
     def pid(self) -> int:
         return os.getpid()

@@ -11,6 +11,7 @@ answers it would get alone, results are the same as fitting one neuron at a time
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -412,12 +413,27 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
     return results
 
 
+def _claimed(queue, size: int, claim: Callable[[NeuronId], bool]) -> list[Job]:
+    """The next ``size`` jobs of ``queue`` that ``claim`` gives this process (fewer at its end)."""
+    group = []
+    for job in queue:
+        if claim(job.neuron):
+            group.append(job)
+            if len(group) == size:
+                break
+    return group
+
+
 def fit_many(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: DistillConfig, *,
              group_size: int = 64, on_done: Callable[[Job, NeuronFit, float], None] | None = None,
              substitutes: Callable | None = None, evaluator: RowEvaluator | None = None,
-             host_workers: int = 0, pool=None) -> dict[NeuronId, NeuronFit]:
+             host_workers: int = 0, pool=None, claim: Callable[[NeuronId], bool] | None = None
+             ) -> dict[NeuronId, NeuronFit]:
     """Fit jobs in groups of ``group_size`` (1 = one neuron at a time), calling ``on_done`` per neuron
     in neuron order.
+
+    With ``claim``, a job is fitted only if ``claim(neuron)`` says yes when its group is formed (another
+    process sharing the run directory may hold it); the others are left out of the result.
 
     ``host_workers > 0`` runs every neuron's host work in that many worker processes (or pass a
     ``pool`` from :func:`host_pool` to share one), overlapped with the model's forward passes for the
@@ -456,8 +472,12 @@ def fit_many(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Dis
     if own_pool:
         pool = host_pool(host_workers)
     try:
-        for start in range(0, len(jobs), group_size):
-            group = jobs[start : start + group_size]
+        queue = iter(jobs)
+        while True:
+            group = list(itertools.islice(queue, group_size)) if claim is None else \
+                _claimed(queue, group_size, claim)
+            if not group:
+                break
             t0 = time.perf_counter()
             parked: list | None = [] if pool is not None else None
             fits = fit_group(model, excerpts, group, cfg, substitutes=substitutes, evaluator=evaluator,

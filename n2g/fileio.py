@@ -130,7 +130,8 @@ def read_text(path: str | os.PathLike, limit: int = MAX_READ_BYTES) -> str:
     return read_bytes(path, limit).decode("utf-8")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this host); True where we may not ask."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +149,7 @@ def remove_dead_copies(target: str | os.PathLike) -> None:
     target = Path(target)
     for old in target.parent.glob(f".{target.name}.*"):
         pid = old.name[len(target.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and old.is_dir() and not old.is_symlink():
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)) and old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -169,7 +170,7 @@ def remove_stale_temporaries(root: str | os.PathLike) -> int:
             path = os.path.join(folder, name)
             try:
                 if m.group(1) is not None:
-                    stale = int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+                    stale = int(m.group(1)) != os.getpid() and not alive(int(m.group(1)))
                 else:
                     stale = now - os.lstat(path).st_mtime > LEGACY_TEMP_AGE
                 if stale:

@@ -300,8 +300,18 @@ def _fitted_without_ablation(store, neuron: NeuronId) -> bool:
     return result is not None and result.status != "dead" and not result.ablation
 
 
-def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is_train) -> int:
-    """Scan the layers of ``todo`` once and fit, save and count its neurons (one process's share of a run)."""
+CLAIM_POLL_SECONDS = 2.0
+"""How often a run that has fitted its share looks again at neurons another process on this host is fitting."""
+
+
+def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is_train, share: bool = True) -> int:
+    """Scan the layers of ``todo`` once and fit, save and count its neurons (one process's share of a run).
+
+    With ``share`` (not under Ray, whose driver hands out the work) neurons are claimed in the run
+    directory as they are fitted (:meth:`~n2g.store.RunStore.claim`): runs started on the same
+    ``--out`` split the neurons between them, and each waits for the neurons another live process on
+    this host is fitting, taking over those whose process has ended, so every run ends with all its
+    neurons saved. Neurons claimed from another host are left to it, with a warning."""
     import os
 
     from .distill import pool_size, top_k
@@ -309,6 +319,7 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     from .models import cache_dir
     from .progress import Progress
     from .scan import cache_bytes, scan_layers
+    from .store import CLAIMS
 
     cfg = opts.config()
     length = int(corpus.excerpts.shape[1])
@@ -345,7 +356,15 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
         pool = host_pool(host_workers, _worker_setup, (vocab, corpus.rows(stored.excerpts)))
     saving: list = []
     bars: list = []
-    try:
+    holders: dict = {}  # neuron -> the claim of another process that holds it
+
+    def mine(neuron: NeuronId) -> bool:
+        state, holder = store.claim(neuron)
+        if holder is not None:
+            holders[neuron] = holder
+        return state == "mine"
+
+    def fit_jobs(jobs: list) -> None:
         for layer in sorted({j.neuron.layer for j in jobs}):
             layer_jobs = [j for j in jobs if j.neuron.layer == layer]
             bar = Progress(len(layer_jobs), f"fit layer {layer}", "neurons", enabled=opts.progress)
@@ -374,8 +393,36 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
                     done_bar.update(1)
 
             fit_many(model, excerpts, layer_jobs, cfg, group_size=opts.group_size, on_done=save, substitutes=substitutes,
-                     evaluator=evaluator, pool=pool)
+                     evaluator=evaluator, pool=pool, claim=mine if share else None)
             bars.append(bar)
+
+    try:
+        fit_jobs(jobs)
+        told = False
+        while share and holders:  # neurons another process held when their turn came
+            left, busy, remote = [], {}, {}
+            for job in jobs:
+                if job.neuron in holders:
+                    state, holder = store.claim(job.neuron)
+                    if state == "mine":  # its process ended without saving it
+                        left.append(job)
+                    elif state in ("busy", "remote"):
+                        (busy if state == "busy" else remote)[job.neuron] = holder
+            if remote:
+                first, holder = next(iter(remote.items()))
+                log.warning("%d neuron(s) (e.g. %s) are claimed by process %s on host %s and are left to it; if that "
+                            "run has ended, delete %s and re-run the same command", len(remote), first.key,
+                            holder.get("pid"), holder.get("host"), store.root / CLAIMS)
+            holders.clear()
+            holders.update(busy)
+            if left:
+                fit_jobs(left)
+            elif busy:
+                if not told:
+                    log.info("waiting for %d neuron(s) that another n2g process (pid %s) is fitting into %s",
+                             len(busy), next(iter(busy.values())).get("pid"), store.root)
+                    told = True
+                time.sleep(CLAIM_POLL_SECONDS)
         for future, done_bar in saving:
             future.result()
             fitted += 1
@@ -386,6 +433,7 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        store.release_claims()
     return fitted
 
 

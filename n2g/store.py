@@ -6,6 +6,7 @@ Layout (DESIGN.md "Artifacts")::
     RUN/neurons/<key>/graph.json      the graph (absent for a dead neuron)
     RUN/neurons/<key>/result.json     scores, examples, stats; written last, so it marks "done"
     RUN/scores.csv                    one row per neuron and method
+    RUN/.claims/<key>                 which process is fitting the neuron now (gone once it is saved)
 
 Every file is written to a temporary name and renamed into place, so a run killed at any moment
 leaves only whole files; on resume a neuron counts as done only if its files load, and a damaged
@@ -19,11 +20,13 @@ import errno
 import io
 import json
 import logging
+import os
+import socket
 from pathlib import Path
 
 from .baselines import BASELINES
 from .errors import N2GError
-from .fileio import csv_cell, inside, read_text, replacing, write_json_atomic, write_text_atomic
+from .fileio import alive, csv_cell, inside, read_text, replacing, write_json_atomic, write_text_atomic
 from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 
@@ -37,6 +40,36 @@ SCORE_FIELDS = ("precision", "recall", "f1", "nonfiring_precision", "nonfiring_r
                 "pearson", "explained_variance", "n_tokens", "n_firing", "n_predicted_firing", "status")
 
 
+CLAIMS = ".claims"
+"""Folder of the run directory where each process notes the neurons it is fitting (see :meth:`RunStore.claim`)."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid from the process
+    that held it; None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode("ascii")
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def this_process() -> dict:
+    """Who holds a claim: host name, pid and the process's start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def _holder_alive(holder: dict) -> bool:
+    """Whether the process of a claim made on this host still runs (the same pid and start time)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if not alive(pid):
+        return False
+    start = holder.get("start")
+    return start is None or _start_time(pid) in (None, start)
+
+
 def _disk_error(path: Path, exc: OSError) -> N2GError:
     if exc.errno == errno.ENOSPC:
         return N2GError(f"disk full while writing {path}; free some space and re-run the same command to resume")
@@ -48,6 +81,8 @@ class RunStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._held: set[NeuronId] = set()
+        self._me = this_process()
 
     # -- identity ------------------------------------------------------------------------
     def open(self, identity: dict, extra: dict | None = None) -> None:
@@ -107,6 +142,59 @@ class RunStore:
     def is_done(self, neuron: NeuronId) -> bool:
         return self.load_result(neuron) is not None
 
+    # -- claims: several processes sharing one run directory -------------------------------------
+    def claim(self, neuron: NeuronId) -> tuple[str, dict | None]:
+        """Take ``neuron`` for this process before fitting it, so that runs started on the same
+        directory share the work instead of each fitting every neuron.
+
+        Returns ``("mine", None)`` when this process holds it now, ``("done", None)`` when its result
+        is saved, ``("busy", holder)`` when a live process on this host is fitting it, and
+        ``("remote", holder)`` when a process on another host claimed it (whether that one still runs
+        cannot be told from here). A claim whose process has ended (killed, or the pid reused since)
+        is taken over. Where claims cannot be written (a read-only directory) every neuron is ``mine``."""
+        if self.is_done(neuron):
+            return "done", None
+        folder = self.root / CLAIMS
+        path = folder / neuron.key
+        try:
+            folder.mkdir(exist_ok=True)
+            import fcntl
+
+            with open(folder / ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one process at a time decides who holds a claim
+                try:
+                    holder = json.loads(read_text(path, 4096))
+                except FileNotFoundError:
+                    holder = None
+                except (OSError, ValueError, RecursionError):
+                    holder = {}  # damaged: nobody's
+                if isinstance(holder, dict) and holder:
+                    if holder == self._me:
+                        return "mine", None
+                    if holder.get("host") != self._me["host"]:
+                        return "remote", holder
+                    if _holder_alive(holder):
+                        return "busy", holder
+                if self.is_done(neuron):  # saved while we looked, and its claim already gone
+                    return "done", None
+                write_json_atomic(path, self._me)
+        except OSError as exc:
+            log.debug("claims unavailable in %s (%s); fitting without them", folder, exc)
+            return "mine", None
+        self._held.add(neuron)
+        return "mine", None
+
+    def release_claims(self) -> None:
+        """Drop this process's claims on neurons it did not finish (an interrupted or failed run)."""
+        for neuron in self._held:
+            path = self.root / CLAIMS / neuron.key
+            try:
+                if json.loads(read_text(path, 4096)) == self._me:
+                    path.unlink()
+            except (OSError, ValueError, RecursionError):
+                pass
+        self._held.clear()
+
     def save(self, result: NeuronResult, graph: NeuronGraph | None) -> None:
         """Write the graph, then the result (the result's presence marks the neuron done)."""
         folder = self.neuron_dir(result.neuron)
@@ -119,6 +207,11 @@ class RunStore:
             write_json_atomic(folder / "result.json", result.to_dict())
         except OSError as exc:
             raise _disk_error(folder, exc) from exc
+        try:  # saved: whoever claimed it is done with it
+            (self.root / CLAIMS / result.neuron.key).unlink()
+        except OSError:
+            pass
+        self._held.discard(result.neuron)
 
     def results(self) -> list[NeuronResult]:
         return sorted(self._each_result(), key=lambda r: r.neuron)

@@ -318,3 +318,84 @@ def test_a_run_is_not_resumed_with_other_weights_behind_the_same_model_path(tiny
     (tmp_path / "out" / "run.json").write_text(json.dumps(meta))
     resumed = cli(*args[:-4], "--neurons", "0-3", *args[-3:])
     assert resumed.returncode == 0, resumed.stderr
+
+
+def _claim_of(pid: int, host: str | None = None) -> str:
+    from n2g.store import _start_time, this_process
+
+    return json.dumps({"host": host or this_process()["host"], "pid": pid, "start": _start_time(pid)})
+
+
+def test_claims_share_a_run_directory_between_processes(tmp_path):
+    from n2g.records import NeuronResult, NeuronStats
+    from n2g.store import CLAIMS, RunStore
+
+    store = RunStore(tmp_path)
+    store.open({"model": "m"})
+    a, b, c, d = (NeuronId(0, i, Sign.POSITIVE) for i in range(4))
+    assert store.claim(a) == ("mine", None)
+    assert json.loads((tmp_path / CLAIMS / a.key).read_text())["pid"] == os.getpid()
+    assert RunStore(tmp_path).claim(a) == ("mine", None)  # the same process, another handle
+    other = subprocess.Popen(["sleep", "60"])  # another live process on this host holds b
+    try:
+        (tmp_path / CLAIMS / b.key).write_text(_claim_of(other.pid))
+        state, holder = store.claim(b)
+        assert state == "busy" and holder["pid"] == other.pid
+        (tmp_path / CLAIMS / c.key).write_text(_claim_of(other.pid, host="elsewhere"))
+        assert store.claim(c)[0] == "remote"  # another host's process: cannot be asked whether it runs
+    finally:
+        other.kill()
+        other.wait()
+    assert store.claim(b) == ("mine", None)  # its process ended without saving b: taken over
+    (tmp_path / CLAIMS / d.key).write_text('{"pid": ')  # a damaged claim is nobody's
+    assert store.claim(d) == ("mine", None)
+    store.save(NeuronResult(neuron=a, status="dead", stats=NeuronStats(max_activation=0.0)), None)
+    assert not (tmp_path / CLAIMS / a.key).exists()  # saved: the claim is gone
+    assert store.claim(a) == ("done", None)
+    store.release_claims()  # an interrupted run drops its own claims, never another host's
+    assert sorted(p.name for p in (tmp_path / CLAIMS).iterdir()) == [".lock", c.key]
+
+
+def test_two_runs_on_one_out_split_the_neurons_and_both_end_with_all_of_them(tiny_dir, tmp_path):
+    few = ("--layers", "0-1", "--neurons", "0-5")
+    reference = tmp_path / "reference"
+    assert cli(*run_args(tiny_dir, reference, *few)).returncode == 0
+    shared = tmp_path / "shared"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    runs = [subprocess.Popen([sys.executable, "-m", "n2g", *run_args(tiny_dir, shared, *few, "--group-size", "1", "--json")],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], [err for _, err in outputs]
+    summaries = [json.loads(out) for out, _ in outputs]
+    assert [s["n_neurons"] for s in summaries] == [12, 12]
+    assert sum(s["fitted_now"] for s in summaries) == 12  # each neuron fitted once, by one of them
+    assert canonical(stored(shared)) == canonical(stored(reference))
+    assert [p.name for p in (shared / ".claims").iterdir()] == [".lock"]
+
+
+def test_a_run_waits_for_a_neuron_another_process_is_fitting_and_takes_it_over_when_that_one_dies(tiny_dir, tmp_path):
+    from n2g.store import CLAIMS
+
+    out = tmp_path / "waits"
+    first = cli(*run_args(tiny_dir, out, "--layers", "0", "--neurons", "0"))
+    assert first.returncode == 0, first.stderr
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / CLAIMS / "L0.N1").write_text(_claim_of(other.pid))  # another process is fitting L0.N1
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        run = subprocess.Popen([sys.executable, "-m", "n2g", *run_args(tiny_dir, out, "--layers", "0", "--neurons", "0-2",
+                                                                     "--json")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "neurons/L0.N2/result.json").exists():
+            time.sleep(0.1)
+        time.sleep(3)  # L0.N2 is done: the run now waits for L0.N1
+        assert run.poll() is None and not (out / "neurons/L0.N1/result.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert (summary["n_neurons"], summary["fitted_now"]) == (3, 2)  # L0.N2, then L0.N1 once its process ended
+    assert (out / "neurons/L0.N1/result.json").exists() and not (out / CLAIMS / "L0.N1").exists()
