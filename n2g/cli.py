@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from .config import PRESETS
 from .errors import N2GError
-from .fileio import read_text
+from .fileio import read_json
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -429,7 +428,7 @@ def _serve(args) -> int:
         if not (Path(args.run_dir) / "viewer" / "index.html").exists():  # say so before loading a model
             raise N2GError(f"no viewer in {args.run_dir}; run `n2g report {args.run_dir}` first")
         try:
-            sae = (json.loads(read_text(Path(args.run_dir) / "run.json")).get("model") or {}).get("sae")
+            sae = (read_json(Path(args.run_dir) / "run.json").get("model") or {}).get("sae")
         except (OSError, ValueError, AttributeError, RecursionError):
             sae = None
         if sae:  # the model alone would show MLP neurons' activations under the latents' names

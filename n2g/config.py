@@ -219,6 +219,9 @@ class DistillConfig:
         for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context", "run_max", "run_cost"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
+        for name, most in (("max_context", 256), ("grow_depth", 64)):  # a graph's depth: see graph.MAX_GRAPH_DEPTH
+            if getattr(self, name) > most:
+                raise N2GError(f"{name} must be at most {most} (got {getattr(self, name)})")
         for name in ("fire_threshold", "prune_threshold", "importance_threshold", "augment_threshold"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:

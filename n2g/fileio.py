@@ -89,8 +89,9 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
     return write_text_atomic(path, json.dumps(data, ensure_ascii=False, allow_nan=False))
 
 
-MAX_READ_BYTES = 1 << 30
-"""Largest run file (a result, graph or run.json) n2g reads; a run folder may not be the user's own."""
+MAX_READ_BYTES = 32 << 20
+"""Largest run file (a result, graph or run.json) n2g reads; a run folder may not be the user's own. The
+largest n2g writes are a few MB; parsed JSON takes about 25 times its bytes in memory."""
 
 
 class UnreadableFile(OSError):
@@ -128,6 +129,28 @@ def read_bytes(path: str | os.PathLike, limit: int = MAX_READ_BYTES) -> bytes:
 def read_text(path: str | os.PathLike, limit: int = MAX_READ_BYTES) -> str:
     """:func:`read_bytes` decoded as UTF-8 (UnicodeDecodeError, a ValueError, when it is not)."""
     return read_bytes(path, limit).decode("utf-8")
+
+
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def loads_json(data: bytes | str):
+    """``json.loads``, refusing text that holds a lone surrogate (``"\\ud800"``: valid JSON, but no
+    UTF-8 page, SQLite row or file name can hold it) with a ValueError. n2g writes UTF-8, never such
+    escapes, so the check costs a second pass only where one appears."""
+    d = json.loads(data)
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    if _ESCAPED_SURROGATE.search(raw):
+        try:
+            json.dumps(d, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("it holds text with a lone surrogate (\\ud800-\\udfff), which is not Unicode text") from None
+    return d
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_READ_BYTES):
+    """A run file's JSON (:func:`read_bytes`, then :func:`loads_json`)."""
+    return loads_json(read_bytes(path, limit))
 
 
 def alive(pid: int) -> bool:

@@ -10,8 +10,8 @@ DiGraph for saving (versioned node-link JSON), rendering and search.
 
 from __future__ import annotations
 
-import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ import networkx as nx
 import numpy as np
 
 from .errors import N2GError
-from .fileio import read_text, write_json_atomic
+from .fileio import read_json, write_json_atomic
 from .records import SCHEMA_VERSION, NeuronId
 
 WILDCARD = -1
@@ -70,6 +70,44 @@ def run_span(key: int) -> int:
 GRAPH_KIND = "n2g.graph"
 MAX_END_COUNT = 1 << 26
 """Most END values a loaded graph may claim in all (each is held in memory): far above any fit's evidence."""
+MAX_GRAPH_NODES = 200_000
+"""Most nodes a loaded graph may hold: n2g's largest real graphs hold a few thousand (each node costs
+memory to load, and predicting walks them)."""
+MAX_GRAPH_DEPTH = 512
+"""Deepest path a loaded graph may hold (prediction recurses once per level): above any graph n2g writes,
+whose paths are at most ``max_context`` (<= 256) tokens plus grown ones (``grow_depth`` <= 64)."""
+MAX_TOKEN_ID = 2**31 - 1
+"""Largest token id a graph may hold (every tokenizer's ids are far below it)."""
+
+
+def tree_problem(g: nx.DiGraph) -> str | None:
+    """What keeps a loaded node-link graph from being an n2g trie, or None: one ``root``, every other node
+    hanging from exactly one parent and reached from the root (no cycle), at most :data:`MAX_GRAPH_NODES`
+    nodes and :data:`MAX_GRAPH_DEPTH` levels. A graph that is not a tree can make drawing and the page's
+    path list cost time and memory quadratic in its size."""
+    if g.number_of_nodes() > MAX_GRAPH_NODES + MAX_GRAPH_NODES:  # every node may have an END leaf
+        return f"it has {g.number_of_nodes():,} nodes, more than the {2 * MAX_GRAPH_NODES:,} n2g loads"
+    roots = [n for n, a in g.nodes(data=True) if a.get("kind") == "root"]
+    if len(roots) != 1 or g.in_degree(roots[0]) != 0:
+        return "it has no single root node"
+    for n in g.nodes:
+        if n != roots[0] and g.in_degree(n) != 1:
+            return f"node {str(n)[:40]!r} hangs from {g.in_degree(n)} nodes, not one"
+    depth, queue = {roots[0]: 0}, [roots[0]]
+    while queue:
+        n = queue.pop()
+        for child in g.successors(n):
+            if child in depth:
+                return "it has a cycle"
+            depth[child] = depth[n] + 1
+            if depth[child] > MAX_GRAPH_DEPTH + 1:  # + 1: an END leaf below the deepest node
+                return f"a path is deeper than the {MAX_GRAPH_DEPTH} levels n2g loads"
+            queue.append(child)
+    if len(depth) != g.number_of_nodes():
+        return "some nodes are not reached from its root (a cycle)"
+    return None
+
+
 AUTO_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
 """Quantiles ``calibrate(statistic="auto")`` chooses among."""
 
@@ -342,8 +380,11 @@ class NeuronGraph:
                 return node
         return None
 
-    def predict_sequence(self, ids: Sequence[int]) -> np.ndarray:
-        """Normalised prediction for every position of one sequence."""
+    def predict_sequence(self, ids: Sequence[int], deadline: float | None = None) -> np.ndarray:
+        """Normalised prediction for every position of one sequence.
+
+        ``deadline`` (a ``time.monotonic()`` value): raise :class:`TimeoutError` once it has passed, checked
+        at each position (a server's budget per request; a graph n2g writes needs microseconds a token)."""
         out = np.zeros(len(ids), np.float32)
         roots = self.nodes[0].children
         if not roots or not len(ids):
@@ -357,6 +398,8 @@ class NeuronGraph:
             if wild is not None and self.nodes[wild].end is not None:
                 out[:] = self.nodes[wild].end  # [*] alone: every token no path matches
         for i in starts:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the prediction took longer than its time budget")
             end = self.match_end(ids, i)
             if end is not None:
                 out[i] = self.nodes[end].end
@@ -562,6 +605,9 @@ class NeuronGraph:
 
     @classmethod
     def from_networkx(cls, g: nx.DiGraph, **kwargs) -> "NeuronGraph":
+        problem = tree_problem(g)
+        if problem:
+            raise ValueError(f"not an n2g trie: {problem}")
         graph = cls(**kwargs)
         index = {"root": 0}
         order = sorted((n for n in g.nodes if g.nodes[n]["kind"] not in ("root", "end")),
@@ -573,8 +619,8 @@ class NeuronGraph:
                 key = run_key(int(attrs["run"])) if int(attrs.get("run", 0) or 0) > 0 else WILDCARD
             else:
                 key = attrs["token_id"]
-                if isinstance(key, bool) or not isinstance(key, int) or key < 0:  # a negative key is a wildcard run
-                    raise ValueError(f"node {name}: token_id {key!r} is not a token id (a whole number of 0 or more)")
+                if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= MAX_TOKEN_ID:  # a negative key is a wildcard run
+                    raise ValueError(f"node {name}: token_id {key!r} is not a token id (a whole number from 0 to {MAX_TOKEN_ID})")
             node = graph._new_node(index[parents[0]], key)
             node.count, node.importance_sum = int(attrs["count"]), float(attrs["importance"]) * int(attrs["count"])
             index[name] = len(graph.nodes)
@@ -637,7 +683,7 @@ class NeuronGraph:
     @classmethod
     def load(cls, path: str | Path) -> "NeuronGraph":
         try:
-            return cls.from_dict(json.loads(read_text(path)))
+            return cls.from_dict(read_json(path))
         except N2GError:
             raise
         except (OSError, KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError,

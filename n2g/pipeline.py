@@ -8,12 +8,11 @@ rendered graphs, validation report, search index and viewer.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

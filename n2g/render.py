@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
@@ -27,7 +26,8 @@ from pathlib import Path
 import networkx as nx
 
 from n2g.errors import N2GError
-from n2g.fileio import inside, read_text, replacing, write_bytes_atomic
+from n2g.fileio import inside, read_json, replacing, write_bytes_atomic
+from n2g.graph import MAX_TOKEN_ID, tree_problem
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = No
         raise N2GError(f"graph file {path} is a link that leads out of the run directory; "
                        "delete it and rerun `n2g run`")
     try:
-        d = json.loads(read_text(path))
+        d = read_json(path)
     except FileNotFoundError:
         raise N2GError(f"graph file {path} does not exist; run `n2g run` to create it") from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to decode
@@ -66,7 +66,8 @@ def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = No
         G = nx.node_link_graph(d["graph"], edges="edges", directed=True, multigraph=False)
     except Exception as e:  # networkx raises whatever a malformed node-link dict provokes
         raise N2GError(f"graph file {path} is damaged ({type(e).__name__}: {e}); delete it and rerun `n2g run`") from None
-    problem = "it is not a directed graph" if not G.is_directed() or G.is_multigraph() else _node_problem(G)
+    problem = "it is not a directed graph" if not G.is_directed() or G.is_multigraph() else \
+        (_node_problem(G) or tree_problem(G))
     if problem:
         raise N2GError(f"graph file {path} is damaged ({problem}); delete it and rerun `n2g run`")
     G.graph.setdefault("fire_threshold", d.get("fire_threshold", 0.5))
@@ -96,8 +97,8 @@ def _node_problem(G: nx.DiGraph) -> str | None:
         if not isinstance(a.get("token"), (str, type(None))):
             return f"node {n!r} has a token that is not text"
         tid = a.get("token_id")
-        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)):
-            return f"node {n!r} has a token id that is not an integer"
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid <= MAX_TOKEN_ID):
+            return f"node {n!r} has a token id that is not a whole number from 0 to {MAX_TOKEN_ID}"
         for k in _NUMERIC_ATTRS:
             v = a.get(k)
             if v is not None and not is_finite_number(v):
@@ -443,13 +444,29 @@ def _warn_no_dot() -> None:
         log.warning("Graphviz `dot` not found on PATH: writing DOT only; install graphviz for SVG/PNG")
 
 
+class DrawingFailed(N2GError):
+    """Graphviz could not draw one graph (it failed on it, or took too long): that graph goes undrawn."""
+
+
+DOT_SECONDS = 120
+"""Longest Graphviz may take to draw one graph (n2g's drawings take well under a second)."""
+
+
+def _dot_process(args: list[str], source: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(args, input=source.encode("utf-8"), capture_output=True, timeout=DOT_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise DrawingFailed(f"Graphviz took more than {DOT_SECONDS} s to draw the graph and was stopped; the graph "
+                       "file may be damaged: delete it and re-run `n2g run`") from None
+
+
 def _run_dot(source: str, fmt: str) -> bytes:
     exe = shutil.which("dot")
     if exe is None:
         raise N2GError("Graphviz `dot` is not installed; install graphviz (e.g. `apt-get install graphviz`)")
-    proc = subprocess.run([exe, f"-T{fmt}"], input=source.encode("utf-8"), capture_output=True, timeout=120)
+    proc = _dot_process([exe, f"-T{fmt}"], source)
     if proc.returncode != 0:
-        raise N2GError(f"Graphviz failed to render the graph: {proc.stderr.decode('utf-8', 'replace').strip()}")
+        raise DrawingFailed(f"Graphviz failed to render the graph: {proc.stderr.decode('utf-8', 'replace').strip()[:300]}")
     return proc.stdout
 
 
@@ -459,7 +476,7 @@ def _run_dot_to(source: str, outputs: dict[str, Path]) -> None:
     if exe is None:
         raise N2GError("Graphviz `dot` is not installed; install graphviz (e.g. `apt-get install graphviz`)")
     args = [exe] + [a for fmt, path in outputs.items() for a in (f"-T{fmt}", f"-o{path}")]
-    proc = subprocess.run(args, input=source.encode("utf-8"), capture_output=True, timeout=120)
+    proc = _dot_process(args, source)
     if proc.returncode != 0:
         said = " ".join(proc.stderr.decode("utf-8", "replace").split())[:300]
         folder = next(iter(outputs.values())).parent
@@ -470,7 +487,7 @@ def _run_dot_to(source: str, outputs: dict[str, Path]) -> None:
         if full:  # dot says only "gvwrite_no_z problem 7" when it cannot write
             raise N2GError(f"Graphviz could not write the drawing into {folder}: the disk is full ({said}); "
                            "free some space or choose another --out, then re-run the same command")
-        raise N2GError(f"Graphviz failed to render the graph: {said}")
+        raise DrawingFailed(f"Graphviz failed to render the graph: {said}")
 
 
 def _strip_prolog(svg: str) -> str:

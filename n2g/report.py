@@ -26,9 +26,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from n2g.errors import N2GError
-from n2g.fileio import csv_cell, read_text, remove_stale_temporaries
+from n2g.fileio import csv_cell, inside, read_json, remove_stale_temporaries
 from n2g.records import NeuronResult
-from n2g.render import atomic_write, dot_available, load_graph_json, render
+from n2g.render import DrawingFailed, atomic_write, dot_available, load_graph_json, render
 from n2g.search import build_index, iter_results, scan_results
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _summary(label, results: list[NeuronResult], methods: list[str]) -> dict:
     if ceilings:  # the most a predictor keyed on tokens could score (a token never firing in training is out of reach)
         n_firing = sum(c["n_firing"] for c in ceilings)
         row["ceiling"] = {"f1": _mean([c["f1"] for c in ceilings]), "n_neurons": len(ceilings),
-                          "unseen_share": (n_firing - sum(c["n_seen"] for c in ceilings)) / n_firing}
+                          "unseen_share": (n_firing - sum(c["n_seen"] for c in ceilings)) / n_firing if n_firing else None}
     ablated = [r.ablation for r in fitted if r.ablation]
     if ablated:  # runs with --ablation: how well the graphs stand in for their neurons inside the model
         row["ablation"] = {
@@ -138,7 +138,7 @@ def _no_results(run_dir: Path) -> None:
 
 def _run_info(run_dir: Path) -> dict:
     try:
-        d = json.loads(read_text(run_dir / "run.json"))
+        d = read_json(run_dir / "run.json")
         return d if isinstance(d, dict) else {}
     except (OSError, ValueError, RecursionError):
         return {}
@@ -154,6 +154,9 @@ def _control(run_dir: Path) -> dict | None:
     """Per-layer means of the same neurons fitted on a randomly initialised model (``--control random``)."""
     folder = run_dir / "control-random"
     if not (folder / "run.json").exists():
+        return None
+    if not (inside(run_dir, folder) and inside(run_dir, folder / "run.json")):
+        log.warning("not reading %s: it is a link that leads out of the run", folder)
         return None
     try:
         results = load_summaries(folder)
@@ -391,7 +394,11 @@ def render_missing_graphs(run_dir: str | os.PathLike) -> list[Path]:
         except N2GError as e:
             log.warning("cannot render %s: %s", gpath, e)
             return []
-        return render(G, gpath.parent / "graph", formats=want, title=gpath.parent.name)
+        try:
+            return render(G, gpath.parent / "graph", formats=want, title=gpath.parent.name)
+        except DrawingFailed as e:  # this graph only: the report goes on without its drawing
+            log.warning("cannot draw %s: %s", gpath, e)
+            return []
 
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         return [p for paths in pool.map(one, jobs) for p in paths]

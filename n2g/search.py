@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
 import re
 import sqlite3
+import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from n2g.errors import N2GError
-from n2g.fileio import read_bytes, replacing
+from n2g.fileio import loads_json, read_bytes, replacing
 from n2g.records import NeuronResult
 from n2g.render import QUIET_BELOW, graph_token_rows, is_finite_number, load_graph_json
 
@@ -135,7 +136,7 @@ def result_problem(r: NeuronResult) -> str | None:
     count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
     if not isinstance(c, dict) or (c and not (
             count(c.get("n_firing")) and count(c.get("n_seen")) and c["n_seen"] <= c["n_firing"]
-            and (c.get("f1") is None or (is_finite_number(c["f1"]) and 0 <= c["f1"] <= 1)))):
+            and (c.get("f1") is None or (is_finite_number(c["f1"]) and 0 <= c["f1"] <= 1 and c["n_firing"] > 0)))):
         return "ceiling has a field of the wrong type"
     if not all(isinstance(t, str) for t, _ in [*r.promoted, *r.suppressed]):
         return "an output token is not text"
@@ -166,7 +167,7 @@ def _mtime(path: Path) -> int:
 
 
 def _parse(data: bytes, check: bool = True) -> NeuronResult:
-    d = json.loads(data.decode("utf-8"))
+    d = loads_json(data)
     if not isinstance(d, dict):
         raise ValueError(f"a JSON {type(d).__name__}, not an object")
     result = NeuronResult.from_dict(d)
@@ -294,29 +295,92 @@ def build_index(run_dir: str | os.PathLike) -> Path:
     return out
 
 
+SEARCH_SECONDS = 30.0
+"""Time budget of the queries on one connection to a run's index (a search of a whole model's index takes
+well under a second; an index made by hand could otherwise keep SQLite busy for ever)."""
+_expected_schema: list = []
+
+
+def _schema_rows(con: sqlite3.Connection) -> list:
+    return [tuple(r) for r in con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")]
+
+
+def _schema_problem(con: sqlite3.Connection) -> str | None:
+    """How the index's tables differ from those n2g writes (a view, a trigger, another column), or None."""
+    if not _expected_schema:
+        mem = sqlite3.connect(":memory:")
+        mem.executescript(_SCHEMA)
+        _expected_schema.extend(_schema_rows(mem))
+        mem.close()
+    return None if _schema_rows(con) == _expected_schema else "its tables are not the ones n2g writes"
+
+
+class _Connection(sqlite3.Connection):
+    deadline = 0.0
+    """When this connection's queries are stopped (``time.monotonic()``)."""
+
+
+def _open(path: Path) -> _Connection:
+    """A read-only connection whose queries stop after :data:`SEARCH_SECONDS` (or at Ctrl-C)."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, factory=_Connection)
+    con.row_factory = sqlite3.Row
+    con.deadline = time.monotonic() + SEARCH_SECONDS
+    con.set_progress_handler(lambda: time.monotonic() > con.deadline, 20_000)
+    return con
+
+
+def _execute(con: _Connection, sql: str, params=()) -> list:
+    """Every row of a query; its time budget used up is a one-line error (a signal meanwhile: Ctrl-C)."""
+    try:
+        return con.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "interrupt" not in str(exc):
+            raise
+        if time.monotonic() <= con.deadline:  # SQLite was stopped by a signal, not by the budget
+            raise KeyboardInterrupt from None
+        raise N2GError(f"the search took more than {SEARCH_SECONDS:g} s and was stopped; run `n2g report` on the "
+                       "run to rebuild its index, then search again") from None
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _connect(run_dir: str | os.PathLike) -> sqlite3.Connection:
     run_dir = Path(run_dir)
     path = run_dir / INDEX_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         if not any(Path(run_dir, "neurons").glob("*/result.json")):
             raise N2GError(f"no neuron results in {run_dir}; run `n2g run` first")
         build_index(run_dir)
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    con.row_factory = sqlite3.Row
-    try:
-        row = con.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-    except sqlite3.DatabaseError:
-        con.close()
-        raise  # damaged: the caller decides whether it can rebuild (the server does, once)
-    if row is None or row[0] != INDEX_SCHEMA:  # written by another n2g version: rebuild it once
-        con.close()
+    stale = None if _regular(path) else "it is not a regular file"  # a FIFO would hold the open for ever
+    con = None
+    if stale is None:
+        con = _open(path)
+        try:
+            stale = _schema_problem(con)
+            if stale is None:
+                row = con.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+                if row is None or row[0] != INDEX_SCHEMA:
+                    stale = "it was written by another n2g version"
+        except sqlite3.DatabaseError:
+            con.close()
+            raise  # damaged: the caller decides whether it can rebuild (the server does, once)
+    if stale is not None:  # rebuild it once
+        if con is not None:
+            con.close()
+        log.info("rebuilding the search index of %s: %s", run_dir, stale)
         try:
             build_index(run_dir)
         except OSError as exc:
-            raise N2GError(f"the search index of {run_dir} was written by another n2g version and cannot be "
-                           f"rebuilt here ({exc.strerror or exc}); run `n2g report {run_dir} --out COPY`") from None
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        con.row_factory = sqlite3.Row
+            raise N2GError(f"the search index of {run_dir} cannot be used ({stale}) or rebuilt here "
+                           f"({exc.strerror or exc}); run `n2g report {run_dir} --out COPY`") from None
+        if not _regular(path):
+            raise N2GError(f"the search index of {run_dir} is not a regular file; delete it and run `n2g report`")
+        con = _open(path)
     try:
         _check_types(con, path)
     except sqlite3.DatabaseError:
@@ -399,7 +463,7 @@ def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limi
         params.append(role)
     con = _connect(run_dir)
     try:
-        rows = con.execute(sql, params).fetchall()
+        rows = _execute(con, sql, params)
     finally:
         con.close()
     hits: dict[tuple[str, str], tuple] = {}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .baselines import BASELINES
 from .errors import N2GError
-from .fileio import alive, csv_cell, inside, read_text, replacing, write_json_atomic, write_text_atomic
+from .fileio import alive, csv_cell, inside, read_json, read_text, replacing, write_json_atomic, write_text_atomic
 from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 
@@ -90,7 +90,7 @@ class RunStore:
         path = self.root / "run.json"
         if path.exists():
             try:
-                existing = json.loads(read_text(path))
+                existing = read_json(path)
             except (OSError, ValueError, RecursionError) as exc:
                 raise N2GError(f"{path} is unreadable ({exc}); delete it or choose another --out") from None
             if not isinstance(existing, dict) or existing.get("kind") != RUN_KIND:
@@ -115,7 +115,7 @@ class RunStore:
             raise _disk_error(path, exc) from exc
 
     def meta(self) -> dict:
-        return json.loads(read_text(self.root / "run.json"))
+        return read_json(self.root / "run.json")
 
     # -- neurons -------------------------------------------------------------------------
     def neuron_dir(self, neuron: NeuronId) -> Path:
@@ -131,7 +131,7 @@ class RunStore:
             log.warning("%s: its stored result is a link that leads out of the run; it will be redone", neuron.key)
             return None
         try:
-            result = NeuronResult.from_dict(json.loads(read_text(path)))
+            result = NeuronResult.from_dict(read_json(path))
             if result.status != "dead":
                 NeuronGraph.load(folder / "graph.json")
             return result
@@ -227,7 +227,7 @@ class RunStore:
                     log.warning("skipping %s: it is a link that leads out of the run", sub / "result.json")
                     continue
                 try:
-                    yield NeuronResult.from_dict(json.loads(read_text(sub / "result.json")))
+                    yield NeuronResult.from_dict(read_json(sub / "result.json"))
                 except Exception as exc:
                     log.warning("skipping unreadable %s (%s)", sub / "result.json", exc)
 

@@ -23,6 +23,7 @@ into code.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -37,6 +38,8 @@ import sqlite3
 import stat
 import sys
 import threading
+import time
+from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -44,7 +47,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from markupsafe import Markup, escape
 
 from n2g.errors import N2GError
-from n2g.fileio import inside as _inside, read_bytes, read_text
+from n2g.fileio import inside as _inside, read_bytes, read_json
 from n2g.records import Example, NeuronResult
 from n2g.render import BIDI_CONTROLS, atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
@@ -634,14 +637,30 @@ _INDEX_JS_HASH = base64.b64encode(hashlib.sha256(INDEX_JS.encode("utf-8")).diges
 _INDEX_CSP = _NO_SCRIPT_CSP + f"; script-src 'sha256-{_INDEX_JS_HASH}'; connect-src 'self'"
 _NEURON_JS_HASH = base64.b64encode(hashlib.sha256(NEURON_JS.encode("utf-8")).digest()).decode("ascii")
 _NEURON_CSP = _NO_SCRIPT_CSP + f"; script-src 'sha256-{_NEURON_JS_HASH}'; connect-src 'self'"
+CACHED_NEURONS = 256
+"""Neurons (result and graph) the server keeps loaded, the most recently asked."""
+PREDICT_SECONDS = 5.0
+"""Time budget of one ``/api/predict`` request's graph walk (a graph n2g writes needs milliseconds)."""
 MAX_TRY_CHARS = 2000
 """Longest text ``/api/predict`` accepts (the page's text box holds as much)."""
 MAX_PAGE_BYTES = 64 << 20
 """Most bytes of a served viewer page read to check it is this version's."""
-MAX_TOKEN_CHARS = 256
+MAX_TOKEN_CHARS = 128
 """Longest token text :class:`RunVocabulary` splits with (longer ones in a run's pages are ignored)."""
+MAX_VOCABULARY = 1 << 20
+"""Most token texts :class:`RunVocabulary` splits with (every real vocabulary is smaller)."""
 _UNKNOWN = -(2**31)
 """Token id of text the run's vocabulary cannot split (matches no graph node)."""
+
+
+def _opened_inside(fd: int, run_dir: Path) -> bool:
+    """Whether the file open as ``fd`` lies inside ``run_dir`` (what was opened, not what a path named a
+    moment before); True where the system cannot tell (no /proc): the check made before opening stands."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return True
+    return Path(real).is_relative_to(run_dir)  # run_dir is resolved when the server starts
 
 
 class RunVocabulary:
@@ -673,30 +692,30 @@ class RunVocabulary:
         return vocab
 
     def _index(self) -> None:
-        # a character trie of the tokens (none longer than MAX_TOKEN_CHARS: no tokenizer makes one, and a
-        # run's pages are not trusted), so splitting costs at most that many steps per character
-        self.trie: dict = {}
+        # the tokens by length (none longer than MAX_TOKEN_CHARS: no tokenizer makes one, and a run's pages
+        # are not trusted), so splitting costs one dict lookup per known length at each position
+        self.by_length: dict[int, dict[str, int]] = {}
+        kept = 0
         for tok, tid in self.ids.items():
-            if len(tok) <= MAX_TOKEN_CHARS:
-                node = self.trie
-                for ch in tok:
-                    node = node.setdefault(ch, {})
-                node[None] = tid
+            if len(tok) <= MAX_TOKEN_CHARS and kept < MAX_VOCABULARY:
+                self.by_length.setdefault(len(tok), {})[tok] = tid
+                kept += 1
+        if kept < len(self.ids):
+            log.warning("the run's pages show %d token texts; the %d longer than %d characters or past the first %d "
+                        "are not used to split text", len(self.ids), len(self.ids) - kept, MAX_TOKEN_CHARS, MAX_VOCABULARY)
+        self.lengths = sorted(self.by_length, reverse=True)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def _longest(self, text: str, i: int) -> tuple[int, int | None]:
         """(length, id) of the longest known token at ``text[i:]``; (0, None) when none is."""
-        node, best, n = self.trie, (0, None), 0
-        while i + n < len(text):
-            node = node.get(text[i + n])
-            if node is None:
-                break
-            n += 1
-            if None in node:
-                best = (n, node[None])
-        return best
+        for n in self.lengths:
+            if i + n <= len(text):
+                tid = self.by_length[n].get(text[i : i + n])
+                if tid is not None:
+                    return n, tid
+        return 0, None
 
     def split(self, text: str) -> tuple[list[int], list[str]]:
         ids, toks, i, unknown = [], [], 0, ""
@@ -901,9 +920,11 @@ class _Handler(BaseHTTPRequestHandler):
         stamp = (_mtime(rpath), _mtime(gpath))
         cached = self.cache.get(key)
         if cached is not None and cached[0] == stamp:
+            with contextlib.suppress(KeyError):  # another thread may have just dropped it
+                self.cache.move_to_end(key)
             return cached[1], cached[2]
         try:
-            result = NeuronResult.from_dict(json.loads(read_text(rpath)))
+            result = NeuronResult.from_dict(read_json(rpath))
             if result_problem(result):
                 raise ValueError(result_problem(result))
         except Exception:  # any damage (wrong types, a JSON list, nesting too deep): no result
@@ -914,6 +935,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(404, f"the graph of neuron {key} cannot be read; run `n2g report` to see which "
                                 "files are damaged, and re-run `n2g run` to redo them") from None
         self.cache[key] = (stamp, result, graph)
+        while len(self.cache) > CACHED_NEURONS:  # the least recently asked neuron goes
+            with contextlib.suppress(KeyError):
+                self.cache.popitem(last=False)
         return result, graph
 
     def _predict(self, query: str, head: bool) -> None:
@@ -929,7 +953,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Refused(400, f"the text is {len(text)} characters long; try at most {MAX_TRY_CHARS}")
             result, graph = self._neuron(key)
             model = self.subject
-            with self.lock:
+            with self.lock:  # the model (and building the run's vocabulary) one request at a time
                 if model is not None:
                     ids = model.encode(text)[:512]
                     toks = model.token_strings(ids)
@@ -937,24 +961,31 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     if self.vocabulary is None:
                         self.__class__.vocabulary = RunVocabulary(self.run_dir)
-                    ids, toks = self.vocabulary.split(text)
-                    how = (f"the run's own vocabulary ({len(self.vocabulary)} tokens seen in its excerpts; "
+                    vocabulary = self.vocabulary
+                    how = (f"the run's own vocabulary ({len(vocabulary)} tokens seen in its excerpts; "
                            "start the server with --model for the model's tokenizer)")
-                if not ids:
-                    raise _Refused(400, "the text has no tokens; type some text to predict on")
-                try:
-                    pred = graph.predict_sequence(ids) if graph is not None else np.zeros(len(ids), np.float32)
-                except Exception:  # a damaged graph.json whose values the loader let through
-                    raise _Refused(500, f"the graph of neuron {key} is damaged; re-run `n2g run` to redo it") from None
-                true = None
-                scale = result.stats.max_activation
-                if model is not None and scale > 0:
-                    import torch
+            if model is None:
+                ids, toks = vocabulary.split(text)
+            if not ids:
+                raise _Refused(400, "the text has no tokens; type some text to predict on")
+            try:  # outside the lock, with a time budget: one slow graph holds up no other request
+                pred = graph.predict_sequence(ids, deadline=time.monotonic() + PREDICT_SECONDS) if graph is not None \
+                    else np.zeros(len(ids), np.float32)
+            except TimeoutError:
+                raise _Refused(503, f"the graph of neuron {key} took more than {PREDICT_SECONDS:g} s to predict on "
+                                    "this text; try a shorter text") from None
+            except Exception:  # a damaged graph.json whose values the loader let through
+                raise _Refused(500, f"the graph of neuron {key} is damaged; re-run `n2g run` to redo it") from None
+            true = None
+            scale = result.stats.max_activation
+            if model is not None and scale > 0:
+                import torch
 
-                    n = result.neuron
-                    model.check_neuron(n.layer, n.index)
+                n = result.neuron
+                model.check_neuron(n.layer, n.index)
+                with self.lock:
                     acts = model.activations(torch.tensor([ids]), None, [(n.layer, n.index)])[0, :, 0].float().cpu().numpy()
-                    true = [round(float(v), 4) for v in acts * (1.0 if n.sign.value == "positive" else -1.0) / scale]
+                true = [round(float(v), 4) for v in acts * (1.0 if n.sign.value == "positive" else -1.0) / scale]
         except _Refused as e:
             return self._json(e.status, {"error": str(e)}, head)
         except N2GError as e:
@@ -966,13 +997,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_file(self, url_path: str, head: bool) -> None:
         real = self._file(url_path)
         try:  # non-blocking: a FIFO named like a page must not hold the thread (opening one waits for a writer)
-            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             raise _Refused(404, "not found") from None
         f = os.fdopen(fd, "rb")
         with f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):  # a pipe, device or socket; or it changed under us
+                raise _Refused(404, "not found")
+            if not _opened_inside(fd, self.run_dir):  # a folder on the way was swapped for a link since the check
+                log.warning("refused %s: it was replaced by a link out of the run while being opened", url_path)
                 raise _Refused(404, "not found")
             os.set_blocking(fd, True)
             body = None
@@ -1084,7 +1118,7 @@ def make_server(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int =
     if not (run_dir / "viewer" / "index.html").exists():
         raise N2GError(f"no viewer in {run_dir}; run `n2g report {run_dir}` first")
     handler = type("N2GHandler", (_Handler,), {"run_dir": run_dir, "subject": model, "vocabulary": None,
-                                               "cache": {}, "lock": threading.Lock()})
+                                               "cache": OrderedDict(), "lock": threading.Lock()})
     try:
         server = (_Server6 if ":" in host else _Server)((host, port), handler)
     except OSError as e:
