@@ -318,11 +318,26 @@ def _file_texts(path: Path, text_field: str) -> Iterator[str]:
         yield from _text_pieces(path)
 
 
+def _is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` holds an n2g run (its ``run.json`` says so)."""
+    try:
+        with open(folder / "run.json", "rb") as f:
+            return b'"n2g.run"' in f.read(4096)
+    except OSError:
+        return False
+
+
 def _dir_texts(path: Path, text_field: str) -> Iterator[str]:
+    runs: dict[Path, bool] = {}
+
+    def in_run(p: Path) -> bool:  # n2g's own output (an --out inside the corpus folder) is not corpus text
+        return any(runs.setdefault(d, _is_run_dir(d)) for d in p.parents if d != path and d.is_relative_to(path))
+
     files = sorted(
         p for p in path.rglob("*")
         if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        and not in_run(p)
     )
     if not files:
         raise N2GError(f"directory {path} holds no {'/'.join(TEXT_SUFFIXES)} files; "

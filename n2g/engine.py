@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -287,17 +289,34 @@ def host_pool(workers: int, initializer: Callable | None = None, initargs: tuple
     if workers <= 0:
         return None
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_start, initargs=(initializer, initargs))
+    return _HostPool(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                     initializer=_worker_start, initargs=(initializer, initargs))
+
+
+class _HostPool(ProcessPoolExecutor):
+    """A process pool whose workers start with Ctrl-C blocked: a worker takes seconds to import n2g and
+    torch before :func:`_worker_start` can ignore SIGINT, and a Ctrl-C in that time (a terminal sends it
+    to every process of the group) printed a traceback per worker. The pool starts workers on demand,
+    inside ``submit``, so SIGINT is blocked in the submitting thread for the call (a blocked signal is
+    inherited through fork and exec); one arriving meanwhile is delivered once ``submit`` has registered
+    the worker, so shutting the pool down still reaches it (interrupted half-way, it was left waiting
+    and the main process hung at exit)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        if not hasattr(signal, "pthread_sigmask"):
+            return super().submit(fn, *args, **kwargs)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super().submit(fn, *args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
     """In each worker: leave Ctrl-C to the main process (it shuts the pool down; a worker's own
     KeyboardInterrupt only prints a traceback), end with the main process even when it is killed
     (Linux), then run the caller's initializer."""
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -194,7 +194,9 @@ def open_store(opts: RunOptions, model, corpus):
     identity = {"model": str(model.spec), **({"model_weights": weights} if weights else {}),
                 "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(),
                 "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
-                "config": cfg.to_dict(), "store_tokens": store_budget(opts)}
+                "config": cfg.to_dict(), "store_tokens": store_budget(opts),
+                # a masked LM named for the variants (the config says only that the preset's source is overridden)
+                "substitutes": opts.substitutes if cfg.augment and (opts.substitutes or "").startswith("mlm:") else None}
     n_excerpts, length = int(corpus.excerpts.shape[0]), int(corpus.excerpts.shape[1])
     is_train = partition(n_excerpts, cfg.held_out, cfg.seed)
     n_stored = len(stored_excerpts(n_excerpts, length, store_budget(opts), cfg.seed))

@@ -211,7 +211,10 @@ class SAEModel:
 
         from .models import add_tensor_sample
 
-        h = hashlib.sha256(f"{self.base.weights_key()}|{self.hook_name}|{self.jumprelu}|{self.apply_b_dec}".encode())
+        settings = f"{self.base.weights_key()}|{self.hook_name}|{self.jumprelu}|{self.apply_b_dec}"
+        if self.topk is not None:  # (a relu SAE's key is what it was before k was keyed)
+            settings += f"|topk={self.topk}"
+        h = hashlib.sha256(settings.encode())
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             if getattr(self, name) is not None:
                 add_tensor_sample(h, name, getattr(self, name))
@@ -220,7 +223,8 @@ class SAEModel:
     def info(self) -> dict:
         return {**self.base.info(), "spec": self.spec, "d_mlp": self.d_mlp,
                 "sae": {"path": str(self.path), "hook_name": self.hook_name, "d_sae": self.d_mlp,
-                        "activation_fn": "jumprelu" if self.jumprelu else "topk" if self.topk else "relu"}}
+                        "activation_fn": "jumprelu" if self.jumprelu else "topk" if self.topk else "relu",
+                        **({"k": self.topk} if self.topk is not None else {})}}
 
     def __repr__(self) -> str:
         return f"SAEModel({self.base!r}, {self.hook_name}, {self.d_mlp} latents)"

@@ -27,7 +27,7 @@ import torch
 from .activations import DEFAULT_STORE_TOKENS, ActivationStore, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
-from .fileio import replacing, write_json_atomic
+from .fileio import FILE_MODE, replacing, write_json_atomic
 from .models import weights_key_of
 from .progress import Progress
 from .records import NeuronStats, Sign
@@ -116,6 +116,7 @@ def _save(scan: LayerScan, stem: Path) -> None:
     tensors["stored"] = torch.as_tensor(scan.store.excerpts, dtype=torch.long)
     with replacing(stem.with_suffix(".safetensors")) as tmp:
         save_file(tensors, str(tmp))
+        os.chmod(tmp, FILE_MODE)  # safetensors writes a file of its own, 0600
     meta = {"layer": scan.layer, "pool": list(map(int, scan.pool)), "n_pool_tokens": scan.n_pool_tokens,
             "fire_threshold": scan.fire_threshold, "version": SCAN_VERSION}
     write_json_atomic(stem.with_suffix(".json"), meta)
@@ -206,6 +207,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
                 # A name of its own: two runs scanning the same layer at once never share a file.
                 fd, name = tempfile.mkstemp(prefix=f".{stems[l].name}.{os.getpid()}.", suffix=".acts.npy.tmp",
                                             dir=stems[l].parent)
+                os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would keep a shared cache from other users
                 os.close(fd)
                 path = Path(name)
                 stores[l] = ActivationStore.create(d, stored, length, path)

@@ -33,7 +33,7 @@ from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 log = logging.getLogger(__name__)
 
 RUN_KIND = "n2g.run"
-LATER_IDENTITY_KEYS = frozenset({"model_weights"})
+LATER_IDENTITY_KEYS = frozenset({"model_weights", "substitutes"})
 """Identity keys newer runs record; a run made before one was recorded resumes without it being compared."""
 METHODS = ("n2g", "token_lookup", "ngram", "zero", *sorted(set(BASELINES) - {"token_lookup", "ngram", "zero"}))
 SCORE_FIELDS = ("precision", "recall", "f1", "nonfiring_precision", "nonfiring_recall", "nonfiring_f1",

@@ -600,11 +600,10 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
     items = [(str(folder), signature) for folder, _, signature in found]
     workers = min(os.cpu_count() or 1, len(items) // PAGES_PER_WORKER)
     if workers > 1:  # many neurons: pages are written by worker processes, one chunk of neurons each
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from n2g.engine import host_pool  # workers that leave Ctrl-C to this process and die with it
 
         chunks = [items[i::workers] for i in range(workers)]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with host_pool(workers) as pool:
             list(pool.map(_write_pages, [run_dir] * workers, chunks))
     else:
         _write_pages(run_dir, items)

@@ -250,6 +250,11 @@ def test_masked_lm_substitutes_are_checked_before_the_run_starts(tiny_dir, tmp_p
                          timeout=120)
     if needle is None:
         assert res.returncode == 0, res.stderr
+        assert json.loads((out / "run.json").read_text())["identity"]["substitutes"] == spec
+        # the same run resumed with the variants of another source would mix the two: refused
+        again = subprocess.run([sys.executable, "-m", "n2g", *run_args(tiny_dir, out, "--neurons", "0-3", "--layers", "0")],
+                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert again.returncode == 2 and "different substitutes" in again.stderr, again.stderr
         return
     assert res.returncode == 2, res.stderr
     lines = [l for l in res.stderr.splitlines() if l.strip() and "Loading weights" not in l]

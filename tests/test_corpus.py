@@ -81,6 +81,22 @@ def test_directory_is_read_recursively_in_sorted_order(tmp_path):
     assert corpus.excerpts.shape == (3, 2) and corpus.source == str(tmp_path)
 
 
+def test_a_run_written_inside_the_corpus_folder_is_not_read_as_corpus(tmp_path):
+    """`--out` inside `--corpus DIR` (or `--corpus .` with the default graphs/ folder): the run's files
+    (scores.parquet, a notes.md) must not become corpus text, or the next run of the same command sees
+    another corpus (and a Parquet file without a text column stopped it)."""
+    (tmp_path / "a.txt").write_text("ay", encoding="utf-8")
+    run = tmp_path / "graphs" / "run1"
+    (run / "neurons").mkdir(parents=True)
+    (run / "run.json").write_text('{"kind": "n2g.run", "identity": {}}', encoding="utf-8")
+    (run / "notes.md").write_text("not corpus", encoding="utf-8")
+    (run / "neurons" / "x.txt").write_text("nor this", encoding="utf-8")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "run.json").write_text('{"kind": "something else"}', encoding="utf-8")
+    (tmp_path / "other" / "b.txt").write_text("bee", encoding="utf-8")
+    assert load_texts(str(tmp_path)) == ["ay", "bee"]
+
+
 def test_parquet_file_and_directory(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -269,3 +269,27 @@ def test_host_workers_leave_ctrl_c_to_the_main_process():
         assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=120) == signal.SIG_IGN
     finally:
         pool.shutdown()
+
+
+def _blocked_signals():
+    import signal
+
+    return signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_host_workers_start_with_ctrl_c_blocked_and_the_main_process_keeps_it():
+    """A worker imports n2g and torch for seconds before it can ignore SIGINT; a Ctrl-C then printed a
+    traceback per worker, and one interrupted while the pool registered it was never shut down (the
+    main process hung at exit). Workers now start with SIGINT blocked; the main process's mask is as before."""
+    import signal
+
+    from n2g.engine import host_pool
+
+    before = _blocked_signals()
+    pool = host_pool(2)
+    try:
+        masks = [f.result() for f in [pool.submit(_blocked_signals) for _ in range(4)]]
+    finally:
+        pool.shutdown()
+    assert all(signal.SIGINT in m for m in masks)
+    assert _blocked_signals() == before and signal.SIGINT not in before

@@ -179,3 +179,26 @@ def test_run_on_a_layer_the_sae_does_not_read_writes_nothing(tiny_dir, tmp_path,
     res = cli(*run_args(tiny_dir, out, "--sae", str(sae), "--layers", layers, "--neurons", "0"))
     assert res.returncode == 2 and "this SAE reads layer 1" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists()  # was: a run directory holding run.json and no neurons
+
+
+def test_the_weights_key_tells_top_k_settings_apart_and_keeps_a_relu_saes_key(tmp_path):
+    """An SAE's k is part of what it computes: a cfg.json edited from relu to top-k, or to another k, must
+    not reuse the scans or resume the run of the old one (it was keyed on the weights alone)."""
+    torch.manual_seed(0)
+    base = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    keys = {}
+    for name, cfg in {"relu": {}, "k1": {"activation_fn": "topk", "activation_fn_kwargs": {"k": 1}},
+                      "k2": {"activation_fn": "topk", "activation_fn_kwargs": {"k": 2}}}.items():
+        sae = SAEModel(base, write_sae(tmp_path / name, **cfg))
+        keys[name] = sae.weights_key()
+        assert sae.info()["sae"].get("k") == cfg.get("activation_fn_kwargs", {}).get("k")
+    assert len(set(keys.values())) == 3  # the same weights in all three folders
+    import hashlib
+
+    from n2g.models import add_tensor_sample
+
+    relu = SAEModel(base, tmp_path / "relu")  # its key is computed as before k was keyed: old runs resume
+    h = hashlib.sha256(f"{base.weights_key()}|{relu.hook_name}|{relu.jumprelu}|{relu.apply_b_dec}".encode())
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        add_tensor_sample(h, name, getattr(relu, name))
+    assert keys["relu"] == h.hexdigest()[:16]

@@ -78,6 +78,10 @@ def test_a_cached_scan_is_reused_without_running_the_model(tmp_path):
     # Only safetensors, JSON and a plain .npy: nothing that unpickles.
     names = sorted(p.suffixes[-1] for p in (tmp_path / "scans").iterdir())
     assert set(names) == {".json", ".safetensors", ".npy"}
+    from n2g.fileio import FILE_MODE  # every file with the user's umask (mkstemp and safetensors made them 0600)
+
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "scans").iterdir()} == \
+        {p.name: oct(FILE_MODE) for p in (tmp_path / "scans").iterdir()}
 
 
 def test_other_weights_or_another_dtype_behind_the_same_name_are_scanned_again(tmp_path):
