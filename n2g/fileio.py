@@ -71,6 +71,27 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def create_json(path: str | os.PathLike, data) -> bool:
+    """Write ``data`` to ``path`` only if no file is there, whole or not at all (the file is written under
+    a temporary name and linked into place, which fails if another process made it first); False then."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.write(fd, json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(tmp)
+
+
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -89,7 +110,7 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
     return write_text_atomic(path, json.dumps(data, ensure_ascii=False, allow_nan=False))
 
 
-MAX_READ_BYTES = 32 << 20
+MAX_READ_BYTES = 64 << 20
 """Largest run file (a result, graph or run.json) n2g reads; a run folder may not be the user's own. The
 largest n2g writes are a few MB; parsed JSON takes about 25 times its bytes in memory."""
 
@@ -131,16 +152,16 @@ def read_text(path: str | os.PathLike, limit: int = MAX_READ_BYTES) -> str:
     return read_bytes(path, limit).decode("utf-8")
 
 
-_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def loads_json(data: bytes | str):
-    """``json.loads``, refusing text that holds a lone surrogate (``"\\ud800"``: valid JSON, but no
-    UTF-8 page, SQLite row or file name can hold it) with a ValueError. n2g writes UTF-8, never such
-    escapes, so the check costs a second pass only where one appears."""
-    d = json.loads(data)
-    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
-    if _ESCAPED_SURROGATE.search(raw):
+    """``json.loads`` of UTF-8 (n2g writes no other encoding), refusing text that holds a lone surrogate
+    (``"\\ud800"``: valid JSON, but no UTF-8 page, SQLite row or file name can hold it) with a ValueError.
+    n2g writes no such escapes, so the check costs a second pass only where one appears."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data  # not JSON's UTF-16/32 guess: the
+    d = json.loads(text)  # check below reads the escapes as written
+    if _ESCAPED_SURROGATE.search(text):
         try:
             json.dumps(d, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:

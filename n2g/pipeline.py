@@ -236,13 +236,6 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     wanted = [NeuronId(l, i, s) for l in layers for i in indices for s in signs]
     todo = [n for n in wanted if not store.is_done(n)]
     log.info("%d neurons requested, %d already done in %s", len(wanted), len(wanted) - len(todo), out)
-    if opts.ablation and len(todo) < len(wanted):  # a finished neuron is never redone, so --ablation cannot reach it
-        pending = set(todo)
-        unscored = [n for n in wanted if n not in pending and _fitted_without_ablation(store, n)]
-        if unscored:
-            log.warning("%d neuron(s) of this run (e.g. %s) were fitted before without --ablation and are not redone, so "
-                        "they get no ablation score; run them again with --ablation into a new --out", len(unscored),
-                        unscored[0].key)
     fitted = 0
     if todo and opts.ray is not None:
         from .distributed import fit_on_ray
@@ -250,6 +243,12 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
         fitted = fit_on_ray(opts, todo, store)
     elif todo:
         fitted = fit_neurons(opts, todo, model, corpus, store, is_train)
+    if opts.ablation and fitted < len(wanted):  # a finished neuron is never redone: --ablation cannot reach one fitted without it
+        unscored = [n for n in wanted if _fitted_without_ablation(store, n)]  # before, or by another process
+        if unscored:
+            log.warning("%d neuron(s) of this run (e.g. %s) were fitted without --ablation (before, or by another "
+                        "n2g process on the same --out) and are not redone, so they get no ablation score; run them "
+                        "again with --ablation into a new --out", len(unscored), unscored[0].key)
     if opts.control == "random":
         from dataclasses import replace
 

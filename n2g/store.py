@@ -15,6 +15,7 @@ one is redone. A directory written with another model, corpus or configuration i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from .baselines import BASELINES
 from .errors import N2GError
-from .fileio import alive, csv_cell, inside, read_json, read_text, replacing, write_json_atomic, write_text_atomic
+from .fileio import MAX_READ_BYTES, alive, create_json, csv_cell, inside, read_json, read_text, replacing, write_json_atomic, write_text_atomic
 from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 
@@ -70,6 +71,14 @@ def _holder_alive(holder: dict) -> bool:
     return start is None or _start_time(pid) in (None, start)
 
 
+class _Fd:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _disk_error(path: Path, exc: OSError) -> N2GError:
     if exc.errno == errno.ENOSPC:
         return N2GError(f"disk full while writing {path}; free some space and re-run the same command to resume")
@@ -83,36 +92,38 @@ class RunStore:
         self.root = Path(root)
         self._held: set[NeuronId] = set()
         self._me = this_process()
+        self._warned = False
 
     # -- identity ------------------------------------------------------------------------
     def open(self, identity: dict, extra: dict | None = None) -> None:
-        """Create the run, or check that an existing one was made with the same identity."""
+        """Create the run, or check that an existing one was made with the same identity (also when
+        another process created it a moment ago: the file is made only where none exists)."""
         path = self.root / "run.json"
-        if path.exists():
+        if not path.exists():
             try:
-                existing = read_json(path)
-            except (OSError, ValueError, RecursionError) as exc:
-                raise N2GError(f"{path} is unreadable ({exc}); delete it or choose another --out") from None
-            if not isinstance(existing, dict) or existing.get("kind") != RUN_KIND:
-                raise N2GError(f"{self.root} is not an n2g run directory; choose another --out")
-            theirs = existing.get("identity")
-            if isinstance(theirs, dict):  # a run made before a key was recorded is judged on the keys it has
-                identity = {k: v for k, v in identity.items() if k in theirs or k not in LATER_IDENTITY_KEYS}
-            if theirs != json.loads(json.dumps(identity)):
-                theirs = theirs if isinstance(theirs, dict) else {}
-                diff = sorted(str(k) for k in set(identity) | set(theirs)
-                              if theirs.get(k) != json.loads(json.dumps(identity.get(k))))
-                raise N2GError(
-                    f"{self.root} holds a run made with a different {', '.join(diff)}; "
-                    "choose another --out (or delete that directory) instead of mixing results"
-                )
-            return
+                self.root.mkdir(parents=True, exist_ok=True)
+                if create_json(path, {"kind": RUN_KIND, "schema_version": SCHEMA_VERSION,
+                                      "identity": identity, **(extra or {})}):
+                    return
+            except OSError as exc:
+                raise _disk_error(path, exc) from exc
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, {"kind": RUN_KIND, "schema_version": SCHEMA_VERSION,
-                                     "identity": identity, **(extra or {})})
-        except OSError as exc:
-            raise _disk_error(path, exc) from exc
+            existing = read_json(path)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise N2GError(f"{path} is unreadable ({exc}); delete it or choose another --out") from None
+        if not isinstance(existing, dict) or existing.get("kind") != RUN_KIND:
+            raise N2GError(f"{self.root} is not an n2g run directory; choose another --out")
+        theirs = existing.get("identity")
+        if isinstance(theirs, dict):  # a run made before a key was recorded is judged on the keys it has
+            identity = {k: v for k, v in identity.items() if k in theirs or k not in LATER_IDENTITY_KEYS}
+        if theirs != json.loads(json.dumps(identity)):
+            theirs = theirs if isinstance(theirs, dict) else {}
+            diff = sorted(str(k) for k in set(identity) | set(theirs)
+                          if theirs.get(k) != json.loads(json.dumps(identity.get(k))))
+            raise N2GError(
+                f"{self.root} holds a run made with a different {', '.join(diff)}; "
+                "choose another --out (or delete that directory) instead of mixing results"
+            )
 
     def meta(self) -> dict:
         return read_json(self.root / "run.json")
@@ -160,8 +171,11 @@ class RunStore:
             folder.mkdir(exist_ok=True)
             import fcntl
 
-            with open(folder / ".lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # one process at a time decides who holds a claim
+            # the folder itself is the lock (a file there could be a FIFO); one that is a link, or not
+            # a folder, is not used: claims would be written, and removed, wherever it leads
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            with contextlib.closing(_Fd(fd)):
+                fcntl.flock(fd, fcntl.LOCK_EX)  # one process at a time decides who holds a claim
                 try:
                     holder = json.loads(read_text(path, 4096))
                 except FileNotFoundError:
@@ -179,7 +193,11 @@ class RunStore:
                     return "done", None
                 write_json_atomic(path, self._me)
         except OSError as exc:
-            log.debug("claims unavailable in %s (%s); fitting without them", folder, exc)
+            if not self._warned:
+                self._warned = True
+                log.warning("%s cannot hold claims (%s: a link, a file or a read-only folder); this run fits "
+                            "without them, so a second run on the same --out would repeat its work", folder,
+                            exc.strerror or exc)
             return "mine", None
         self._held.add(neuron)
         return "mine", None
@@ -189,7 +207,7 @@ class RunStore:
         for neuron in self._held:
             path = self.root / CLAIMS / neuron.key
             try:
-                if json.loads(read_text(path, 4096)) == self._me:
+                if not os.path.islink(path.parent) and json.loads(read_text(path, 4096)) == self._me:
                     path.unlink()
             except (OSError, ValueError, RecursionError):
                 pass
@@ -201,14 +219,21 @@ class RunStore:
         if not folder.resolve().is_relative_to(self.root.resolve()):  # neurons/ or its folder links out
             raise N2GError(f"{folder} is a link that leads out of the run directory; remove it (or choose "
                            "another --out) and re-run the same command")
+        text = json.dumps(result.to_dict(), ensure_ascii=False, allow_nan=False)
+        if len(text) > MAX_READ_BYTES // 4 and len(text.encode("utf-8")) > MAX_READ_BYTES:
+            raise N2GError(f"the result of {result.neuron.key} is {len(text.encode('utf-8')) / 2**20:.0f} MiB, more "
+                           f"than the {MAX_READ_BYTES >> 20} MiB n2g reads back (it keeps about 30 excerpts a neuron); "
+                           "choose a shorter --excerpt-length and another --out")
         try:
             if graph is not None:
                 graph.save(folder / "graph.json")
-            write_json_atomic(folder / "result.json", result.to_dict())
+            write_text_atomic(folder / "result.json", text)
         except OSError as exc:
             raise _disk_error(folder, exc) from exc
+        claims = self.root / CLAIMS
         try:  # saved: whoever claimed it is done with it
-            (self.root / CLAIMS / result.neuron.key).unlink()
+            if not os.path.islink(claims):
+                (claims / result.neuron.key).unlink()
         except OSError:
             pass
         self._held.discard(result.neuron)

@@ -567,6 +567,8 @@ def index_page(run_dir: Path, results: list[NeuronResult], nonce: str) -> str:
 
 PAGES_PER_WORKER = 200
 """Neuron pages per worker process when a run's pages are written in parallel (fewer: one process)."""
+PAGES_PER_TASK = 50
+"""Pages a worker writes per task (small, so Ctrl-C waits for little)."""
 
 
 def _write_pages(run_dir: Path, items: list[tuple[str, bytes | None]]) -> None:
@@ -599,12 +601,15 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
     pages.mkdir(parents=True, exist_ok=True)
     items = [(str(folder), signature) for folder, _, signature in found]
     workers = min(os.cpu_count() or 1, len(items) // PAGES_PER_WORKER)
-    if workers > 1:  # many neurons: pages are written by worker processes, one chunk of neurons each
+    if workers > 1:  # many neurons: pages are written by worker processes, a chunk of neurons at a time
         from n2g.engine import host_pool  # workers that leave Ctrl-C to this process and die with it
 
-        chunks = [items[i::workers] for i in range(workers)]
-        with host_pool(workers) as pool:
-            list(pool.map(_write_pages, [run_dir] * workers, chunks))
+        chunks = [items[i : i + PAGES_PER_TASK] for i in range(0, len(items), PAGES_PER_TASK)]
+        pool = host_pool(workers)
+        try:
+            list(pool.map(_write_pages, [run_dir] * len(chunks), chunks))
+        finally:  # Ctrl-C: the chunks not started are dropped, so it ends after one chunk per worker
+            pool.shutdown(wait=True, cancel_futures=True)
     else:
         _write_pages(run_dir, items)
     out = run_dir / "viewer" / "index.html"

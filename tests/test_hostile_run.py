@@ -249,3 +249,9 @@ def test_the_server_keeps_only_the_most_recently_asked_neurons_loaded(run, monke
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_json_in_another_encoding_cannot_carry_a_lone_surrogate_past_the_check():
+    for encoding in ("utf-16-le", "utf-32"):
+        with pytest.raises(ValueError):
+            loads_json(json.dumps({"token": "sat\ud800"}).encode(encoding))

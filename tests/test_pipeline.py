@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import random
 import signal
@@ -353,7 +354,57 @@ def test_claims_share_a_run_directory_between_processes(tmp_path):
     assert not (tmp_path / CLAIMS / a.key).exists()  # saved: the claim is gone
     assert store.claim(a) == ("done", None)
     store.release_claims()  # an interrupted run drops its own claims, never another host's
-    assert sorted(p.name for p in (tmp_path / CLAIMS).iterdir()) == [".lock", c.key]
+    assert sorted(p.name for p in (tmp_path / CLAIMS).iterdir()) == [c.key]
+
+
+def test_claims_are_never_written_where_a_link_named_claims_leads(tmp_path, caplog):
+    from n2g.records import NeuronResult, NeuronStats
+    from n2g.store import CLAIMS, RunStore
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "L0.N1").write_text("precious")
+    run = tmp_path / "run"
+    store = RunStore(run)
+    store.open({"model": "m"})
+    (run / CLAIMS).symlink_to(outside, target_is_directory=True)
+    neuron = NeuronId(0, 1, Sign.POSITIVE)
+    with caplog.at_level(logging.WARNING):
+        assert store.claim(neuron) == ("mine", None)  # fitted without claims, said once
+    assert "cannot hold claims" in caplog.text
+    store.save(NeuronResult(neuron=neuron, status="dead", stats=NeuronStats(max_activation=0.0)), None)
+    store.release_claims()
+    assert sorted(p.name for p in outside.iterdir()) == ["L0.N1"] and (outside / "L0.N1").read_text() == "precious"
+
+
+def test_a_run_created_by_another_process_a_moment_ago_is_checked_not_overwritten(tmp_path, monkeypatch):
+    from n2g import store as store_module
+    from n2g.errors import N2GError
+
+    real = store_module.create_json
+
+    def raced(path, data):  # another process writes its run.json between our check and our create
+        real(path, {**data, "identity": {"model": "theirs"}})
+        return real(path, data)
+
+    monkeypatch.setattr(store_module, "create_json", raced)
+    with pytest.raises(N2GError, match="different model"):
+        store_module.RunStore(tmp_path / "run").open({"model": "mine"})
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["identity"] == {"model": "theirs"}
+
+
+def test_a_result_too_large_to_read_back_is_refused_when_saved(tmp_path, monkeypatch):
+    from n2g import store as store_module
+    from n2g.errors import N2GError
+    from n2g.records import NeuronResult, NeuronStats
+
+    monkeypatch.setattr(store_module, "MAX_READ_BYTES", 100)
+    run = store_module.RunStore(tmp_path / "run")
+    run.open({"model": "m"})
+    with pytest.raises(N2GError, match="more than the 0 MiB n2g reads back.*shorter --excerpt-length"):
+        run.save(NeuronResult(neuron=NeuronId(0, 1, Sign.POSITIVE), status="dead",
+                              stats=NeuronStats(max_activation=0.0)), None)
+    assert not (tmp_path / "run" / "neurons" / "L0.N1" / "result.json").exists()
 
 
 def test_two_runs_on_one_out_split_the_neurons_and_both_end_with_all_of_them(tiny_dir, tmp_path):
@@ -370,7 +421,7 @@ def test_two_runs_on_one_out_split_the_neurons_and_both_end_with_all_of_them(tin
     assert [s["n_neurons"] for s in summaries] == [12, 12]
     assert sum(s["fitted_now"] for s in summaries) == 12  # each neuron fitted once, by one of them
     assert canonical(stored(shared)) == canonical(stored(reference))
-    assert [p.name for p in (shared / ".claims").iterdir()] == [".lock"]
+    assert list((shared / ".claims").iterdir()) == []  # every claim gone
 
 
 def test_a_run_waits_for_a_neuron_another_process_is_fitting_and_takes_it_over_when_that_one_dies(tiny_dir, tmp_path):
