@@ -127,7 +127,7 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     scale = result.stats.max_activation
     out = NeuronModel(NeuronFeature(m, layer, index), cfg, scale=scale if scale > 0 else 1.0,
                       sign=1.0 if neuron.sign == Sign.POSITIVE else -1.0, occlusion_token_id=int(m.occlusion_token_id),
-                      name=neuron.key, encode=m.encode, token_strings=m.token_strings)
+                      name=neuron.key, encode=m.encode, token_strings=m.token_strings, vocab_size=int(m.vocab_size))
     from .graph import NeuronGraph
 
     out.graph_ = fit.graph if fit.graph is not None else NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)

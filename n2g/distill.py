@@ -515,7 +515,7 @@ class NeuronModel:
     def __init__(self, feature: Callable | None = None, config: DistillConfig | None = None, *,
                  scale: float = 1.0, sign: float = 1.0, substitutes: Callable | None = None,
                  occlusion_token_id: int = 0, name: str = "feature", encode: Callable[[str], list[int]] | None = None,
-                 token_strings: Callable[[list[int]], list[str]] | None = None):
+                 token_strings: Callable[[list[int]], list[str]] | None = None, vocab_size: int | None = None):
         self.feature = feature
         self.config = config or preset("default")
         self.scale = scale
@@ -525,6 +525,8 @@ class NeuronModel:
         self.name = name
         self.encode = encode
         self.token_strings = token_strings
+        self.vocab_size = vocab_size
+        """Token ids the subject model has (ids from 0 to this - 1), where known: larger ones are refused."""
 
     def _evaluator(self) -> Normalised:
         if self.feature is None:
@@ -587,6 +589,10 @@ class NeuronModel:
             raise N2GError(f"token ids must be one sequence [pos] or a batch [batch, pos] (got shape {arr.shape})")
         if (arr < 0).any():
             raise N2GError("token ids must be non-negative; a negative id is not a token")
+        vocab = getattr(self, "vocab_size", None)  # (a model pickled before it was kept has none)
+        if vocab is not None and (arr >= vocab).any():
+            raise N2GError(f"token id {int(arr.max())} is beyond the subject model's vocabulary of {vocab} tokens "
+                           f"(ids 0 to {vocab - 1}); pass ids from its tokenizer, or text")
         return (arr[None, :] if arr.ndim == 1 else arr).astype(np.int64), arr.ndim == 1
 
     @staticmethod

@@ -82,6 +82,7 @@ def test_predict_accepts_text_and_matches_ids(fitted, subject):
     (["a", "b"], "one string at a time"),
     ([-1, 4], "non-negative"),
     (np.zeros((1, 2, 3), int), "one sequence"),
+    ([4, 10**6], "token id 1000000 is beyond the subject model's vocabulary"),  # was predicted 0, silently
 ])
 def test_predict_bad_input_raises_n2gerror_with_advice(fitted, bad, message):
     model, _, _ = fitted
