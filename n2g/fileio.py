@@ -58,12 +58,15 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, sync: bool = True) -> Path:
+    """``data`` into ``path``, whole or not at all; ``sync=False`` skips the fsync (a file that may be lost
+    in a crash, such as a claim of a process that a crash ends anyway)."""
     with replacing(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
     return Path(path)
 
 

@@ -15,7 +15,6 @@ one is redone. A directory written with another model, corpus or configuration i
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import io
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from .baselines import BASELINES
 from .errors import N2GError
-from .fileio import MAX_READ_BYTES, alive, create_json, csv_cell, inside, read_json, read_text, replacing, write_text_atomic
+from .fileio import MAX_READ_BYTES, alive, create_json, csv_cell, inside, read_json, replacing, write_bytes_atomic, write_text_atomic
 from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 
@@ -69,22 +68,6 @@ def _holder_alive(holder: dict) -> bool:
         return False
     start = holder.get("start")
     return start is None or _start_time(pid) in (None, start)
-
-
-def _write_claim(path: Path, holder: dict) -> None:
-    """A claim, whole or not at all, without the fsync a result gets: a claim lost in a crash is a
-    claim of a process that no longer runs (a whole model's 46,080 claims would cost ~30 s of fsyncs)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.claimtmp.tmp")  # a killed writer's is removed as any temporary
-    tmp.write_text(json.dumps(holder), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-class _Fd:
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def _disk_error(path: Path, exc: OSError) -> N2GError:
@@ -182,10 +165,10 @@ class RunStore:
             # the folder itself is the lock (a file there could be a FIFO); one that is a link, or not
             # a folder, is not used: claims would be written, and removed, wherever it leads
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            with contextlib.closing(_Fd(fd)):
-                fcntl.flock(fd, fcntl.LOCK_EX)  # one process at a time decides who holds a claim
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # one process at a time decides who holds a claim (closing unlocks)
                 try:
-                    holder = json.loads(read_text(path, 4096))
+                    holder = read_json(path, 4096)
                 except FileNotFoundError:
                     holder = None
                 except (OSError, ValueError, RecursionError):
@@ -199,7 +182,11 @@ class RunStore:
                         return "busy", holder
                 if self.is_done(neuron):  # saved while we looked, and its claim already gone
                     return "done", None
-                _write_claim(path, self._me)
+                # no fsync: a claim lost in a crash was a claim of a process the crash ended (a whole
+                # model's 46,080 claims would cost ~30 s of fsyncs)
+                write_bytes_atomic(path, json.dumps(self._me).encode("utf-8"), sync=False)
+            finally:
+                os.close(fd)
         except OSError as exc:
             if not self._warned:
                 self._warned = True
@@ -215,7 +202,7 @@ class RunStore:
         for neuron in self._held:
             path = self.root / CLAIMS / neuron.key
             try:
-                if not os.path.islink(path.parent) and json.loads(read_text(path, 4096)) == self._me:
+                if not os.path.islink(path.parent) and read_json(path, 4096) == self._me:
                     path.unlink()
             except (OSError, ValueError, RecursionError):
                 pass
@@ -227,15 +214,15 @@ class RunStore:
         if not folder.resolve().is_relative_to(self.root.resolve()):  # neurons/ or its folder links out
             raise N2GError(f"{folder} is a link that leads out of the run directory; remove it (or choose "
                            "another --out) and re-run the same command")
-        text = json.dumps(result.to_dict(), ensure_ascii=False, allow_nan=False)
-        if len(text) > MAX_READ_BYTES // 4 and len(text.encode("utf-8")) > MAX_READ_BYTES:
-            raise N2GError(f"the result of {result.neuron.key} is {len(text.encode('utf-8')) / 2**20:.0f} MiB, more "
+        data = json.dumps(result.to_dict(), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        if len(data) > MAX_READ_BYTES:
+            raise N2GError(f"the result of {result.neuron.key} is {len(data) / 2**20:.0f} MiB, more "
                            f"than the {MAX_READ_BYTES >> 20} MiB n2g reads back (it keeps about 30 excerpts a neuron); "
                            "choose a shorter --excerpt-length and another --out")
         try:
             if graph is not None:
                 graph.save(folder / "graph.json")
-            write_text_atomic(folder / "result.json", text)
+            write_bytes_atomic(folder / "result.json", data)
         except OSError as exc:
             raise _disk_error(folder, exc) from exc
         claims = self.root / CLAIMS
