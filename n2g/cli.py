@@ -454,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, AttributeError):
             pass
         return 141
+    except KeyboardInterrupt:  # before a command started (its own handler says how to resume)
+        print("n2g: interrupted", file=sys.stderr)
+        return 130
 
 
 @contextlib.contextmanager

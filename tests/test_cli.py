@@ -216,6 +216,25 @@ def test_usage_mistakes_are_one_line_that_points_to_the_help(argv, needle, capsy
     assert err.startswith(needle) and err.rstrip().endswith("--help`"), err
 
 
+def test_the_command_line_starts_without_torch_and_n2g_distill_stays_the_function():
+    # torch loads inside the command (~1.5 s), where Ctrl-C is the command's one-line interruption
+    code = ("import sys, n2g, n2g.cli; assert 'torch' not in sys.modules, 'torch at import'; "
+            "import n2g.pipeline, n2g.distill; from n2g import distill; from n2g.distill import NeuronModel; "
+            "assert callable(n2g.distill) and distill is n2g.distill and n2g.NeuronModel is NeuronModel; "
+            "assert n2g.distill.__module__ == 'n2g.distill'; print(sorted(set(n2g.__all__) - set(dir(n2g))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_ctrl_c_before_a_command_starts_is_one_line(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err == "n2g: interrupted\n"
+
+
 from test_pipeline import run_args, tiny_dir  # noqa: E402,F401  (tiny_dir is a fixture)
 
 
