@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     cfg = preset(args.preset, **overrides)
     t0 = time.perf_counter()
     scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),
-                        corpus_key=corpus.fingerprint(), progress=False, seed=cfg.seed)
+                        corpus_key=corpus.tokens_key(), progress=False, seed=cfg.seed)
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)

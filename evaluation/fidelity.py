@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     pool = max(pool_size(c) for c in configs.values())
     t0 = time.perf_counter()
     scans = scan_layers(model, corpus.excerpts, layers, k=k, pool_size=pool, cache_dir=cache_dir(),
-                        corpus_key=corpus.fingerprint(), progress=False)
+                        corpus_key=corpus.tokens_key(), progress=False)
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
     ids_all = corpus.excerpts.numpy()

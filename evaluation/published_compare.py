@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     paper = preset("paper")
     t0 = time.perf_counter()
     scans = scan_layers(model, corpus.excerpts, layers, k=args.k, pool_size=args.pool, cache_dir=cache_dir(),
-                        corpus_key=corpus.fingerprint(), progress=False)
+                        corpus_key=corpus.tokens_key(), progress=False)
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
     is_train = partition(len(excerpts), paper.held_out, paper.seed)

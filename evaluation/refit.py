@@ -50,7 +50,7 @@ def save(args) -> int:
     neurons = sample_neurons(model.d_mlp, layers, args.per_layer, args.seed, args.sign)  # the sample of evaluation/fidelity.py
     cfg = preset("default", **parse_set(args.set))
     scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),
-                        corpus_key=corpus.fingerprint(), progress=False)
+                        corpus_key=corpus.tokens_key(), progress=False)
     excerpts = corpus.excerpts.tolist()
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
     jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]

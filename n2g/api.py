@@ -116,7 +116,7 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     started = time.perf_counter()
     neuron = NeuronId(layer, index, Sign(sign))
     scans = scan_layers(m, corp.excerpts, [layer], k=top_k(cfg), pool_size=pool_size(cfg), seed=cfg.seed,
-                        fire_threshold=cfg.fire_threshold, cache_dir=cache_dir(), corpus_key=corp.fingerprint(),
+                        fire_threshold=cfg.fire_threshold, cache_dir=cache_dir(), corpus_key=corp.tokens_key(),
                         progress=progress, store_tokens=DEFAULT_STORE_TOKENS)
     scan = scans[layer]
     is_train = partition(len(corp), cfg.held_out, cfg.seed)

@@ -322,7 +322,7 @@ def _steer(args) -> int:
         check_excerpt_length(model, args.excerpt_length)
         corpus = Corpus.build(args.corpus, model.encode, length=args.excerpt_length, max_excerpts=args.max_excerpts,
                               text_field=args.text_field)
-        scan = scan_layers(model, corpus.excerpts, [args.layer], cache_dir=cache_dir(), corpus_key=corpus.fingerprint(),
+        scan = scan_layers(model, corpus.excerpts, [args.layer], cache_dir=cache_dir(), corpus_key=corpus.tokens_key(),
                            progress=not args.quiet)[args.layer]
         peak = scan.scale(args.neuron, Sign.POSITIVE)
         source = f"scan of {corpus.excerpts.shape[0]} excerpts"

@@ -607,8 +607,19 @@ class Corpus:
 
     def fingerprint(self) -> str:
         """First 16 hex digits of a SHA-256 over source, length and the excerpt tokens."""
+        return self._digest(self.source)
+
+    def tokens_key(self) -> str:
+        """First 16 hex digits of a SHA-256 over length and the excerpt tokens alone: the same corpus named
+        by another path (``corpus.txt``, ``./corpus.txt``, ``/abs/corpus.txt``) has the same key."""
+        return self._digest(None)
+
+    def _digest(self, source: str | None) -> str:
         h = hashlib.sha256()
-        h.update(self.source.encode("utf-8"))
+        if source is not None:
+            h.update(source.encode("utf-8"))
+        else:
+            h.update(b"tokens|")
         h.update(str(self.length).encode("ascii"))
         ids = self.excerpts.numpy()
         step = max(1, (1 << 22) // max(1, self.length))  # blocks of about 4M ids: never a copy of the whole corpus

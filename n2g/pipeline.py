@@ -192,7 +192,7 @@ def open_store(opts: RunOptions, model, corpus):
     store = RunStore(out)
     weights = weights_key_of(model)
     identity = {"model": str(model.spec), **({"model_weights": weights} if weights else {}),
-                "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(),
+                "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(), "corpus_tokens": corpus.tokens_key(),
                 "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
                 "config": cfg.to_dict(), "store_tokens": store_budget(opts),
                 # a masked LM named for the variants (the config says only that the preset's source is overridden)
@@ -333,7 +333,7 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
              batch_tokens, scan_batch, host_workers)
     scans = scan_layers(model, corpus.excerpts, scan_layer_set, k=top_k(cfg), pool_size=pool_size(cfg),
                         seed=cfg.seed, batch_size=scan_batch, fire_threshold=cfg.fire_threshold,
-                        cache_dir=cache_dir(), corpus_key=corpus.fingerprint(), progress=opts.progress,
+                        cache_dir=cache_dir(), corpus_key=corpus.tokens_key(), progress=opts.progress,
                         store_tokens=store_budget(opts))
     stored = next(iter(scans.values())).store
     log.info("partition: %d training and %d held-out excerpts; activation store: %d excerpts x %d layer(s), "

@@ -98,9 +98,19 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def _cache_stem(cache_dir: Path, model_key: str, corpus_key: str, layer: int, k: int, pool_size: int, seed: int,
-                store_key: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_key)[-60:]
+def _model_key(model) -> tuple[str, str]:
+    """The scan cache's key for ``model`` and a readable label for its file names. A model whose weights have
+    a key is named by them (and the BOS token the scan puts first), not by the path or name it was loaded
+    from, so the same model reached another way (``./m`` and ``/abs/m``) shares its scans."""
+    weights = weights_key_of(model)
+    if not weights:
+        return str(model.spec), str(model.spec)
+    return f"weights:{weights}|bos:{getattr(model, 'bos_token_id', None)}", str(getattr(model, "model_type", "model"))
+
+
+def _cache_stem(cache_dir: Path, model_key: str, label: str, corpus_key: str, layer: int, k: int, pool_size: int,
+                seed: int, store_key: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[-60:]
     digest = hashlib.sha256(f"{model_key}|{corpus_key}|{store_key}".encode()).hexdigest()[:12]
     return cache_dir / "scans" / f"{safe}-{digest}-L{layer}-k{k}-p{pool_size}-s{seed}-v{SCAN_VERSION}"
 
@@ -183,7 +193,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
     stems: dict[int, Path] = {}
     if cache_dir is not None:
         for layer in layers:
-            stems[layer] = _cache_stem(Path(cache_dir), str(model.spec), corpus_key, layer, k, pool_size, seed,
+            stems[layer] = _cache_stem(Path(cache_dir), *_model_key(model), corpus_key, layer, k, pool_size, seed,
                                        f"{store_tokens}|{weights_key_of(model) or ''}")
             if _exists(stems[layer].with_suffix(".json")):
                 try:

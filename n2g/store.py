@@ -33,8 +33,12 @@ from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 log = logging.getLogger(__name__)
 
 RUN_KIND = "n2g.run"
-LATER_IDENTITY_KEYS = frozenset({"model_weights", "substitutes"})
+LATER_IDENTITY_KEYS = frozenset({"model_weights", "substitutes", "corpus_tokens"})
 """Identity keys newer runs record; a run made before one was recorded resumes without it being compared."""
+SAME_CONTENT = {"corpus_tokens": ("corpus", "corpus_fingerprint"), "model_weights": ("model",)}
+"""Identity keys that name content, and the keys naming that content by where it came from: when both runs
+record the content key and it agrees, the names are not compared (the same corpus file or model folder
+reached by another path, or ``--model default`` and the packaged GGUF's path)."""
 METHODS = ("n2g", "token_lookup", "ngram", "zero", *sorted(set(BASELINES) - {"token_lookup", "ngram", "zero"}))
 SCORE_FIELDS = ("precision", "recall", "f1", "nonfiring_precision", "nonfiring_recall", "nonfiring_f1",
                 "pearson", "explained_variance", "n_tokens", "n_firing", "n_predicted_firing", "status")
@@ -107,6 +111,10 @@ class RunStore:
         theirs = existing.get("identity")
         if isinstance(theirs, dict):  # a run made before a key was recorded is judged on the keys it has
             identity = {k: v for k, v in identity.items() if k in theirs or k not in LATER_IDENTITY_KEYS}
+            for content, names in SAME_CONTENT.items():
+                if content in theirs and theirs[content] == json.loads(json.dumps(identity.get(content))):
+                    theirs = {k: v for k, v in theirs.items() if k not in names}
+                    identity = {k: v for k, v in identity.items() if k not in names}
         if theirs != json.loads(json.dumps(identity)):
             theirs = theirs if isinstance(theirs, dict) else {}
             diff = sorted(str(k) for k in set(identity) | set(theirs)

@@ -324,6 +324,8 @@ def test_the_corpus_fingerprint_hashes_the_ids_in_blocks_whatever_their_storage(
     h = hashlib.sha256(b"src" + b"4" + c.excerpts.numpy().tobytes()).hexdigest()[:16]
     assert c.fingerprint() == h
     assert Corpus("src", 4, c.excerpts.to(torch.int32)).fingerprint() == h  # ids, not their storage type
+    tokens = hashlib.sha256(b"tokens|" + b"4" + c.excerpts.numpy().tobytes()).hexdigest()[:16]
+    assert c.tokens_key() == Corpus("/elsewhere/src", 4, c.excerpts).tokens_key() == tokens != h  # the name left out
 
 
 def test_parquet_text_stored_as_a_dictionary_is_text(tmp_path):

@@ -377,6 +377,26 @@ def test_claims_are_never_written_where_a_link_named_claims_leads(tmp_path, capl
     assert sorted(p.name for p in outside.iterdir()) == ["L0.N1"] and (outside / "L0.N1").read_text() == "precious"
 
 
+def test_the_same_corpus_and_model_by_other_paths_resume_the_run_and_share_its_scans(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    common = ["--layers", "0", "--excerpt-length", "32", "--no-report", "-q", "--out", str(out)]
+    first = cli("run", "--model", "./model", "--corpus", "corpus.txt", "--neurons", "0-1", *common, cwd=tiny_dir)
+    assert first.returncode == 0, first.stderr
+    scans = sorted(p.name for p in (tmp_path / "cache" / "scans").iterdir())
+    (tmp_path / "linked.txt").symlink_to(tiny_dir / "corpus.txt")
+    again = cli("run", "--model", str(tiny_dir / "model") + "/", "--corpus", "linked.txt", "--neurons", "0-3", *common,
+                cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert len(list(out.glob("neurons/*/result.json"))) == 4
+    assert sorted(p.name for p in (tmp_path / "cache" / "scans").iterdir()) == scans  # no second scan
+    assert json.loads((out / "run.json").read_text())["identity"]["corpus"] == "corpus.txt"
+    (tmp_path / "corpus.txt").write_text((tiny_dir / "corpus.txt").read_text()[::-1])  # other text, same name
+    other = cli("run", "--model", "./model", "--corpus", str(tmp_path / "corpus.txt"), "--neurons", "0-1", *common,
+                cwd=tiny_dir)
+    assert other.returncode == 2 and "different corpus" in other.stderr and other.stderr.count("\n") == 1, other.stderr
+
+
 def test_a_run_created_by_another_process_a_moment_ago_is_checked_not_overwritten(tmp_path, monkeypatch):
     from n2g import store as store_module
     from n2g.errors import N2GError

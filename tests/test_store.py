@@ -15,7 +15,7 @@ from n2g.distill import pool_size, top_k
 from n2g.engine import fit_many, store_job
 from n2g.models import SubjectModel
 from n2g.records import NeuronId, Sign
-from n2g.scan import _cache_stem, scan_layers
+from n2g.scan import _cache_stem, _model_key, scan_layers
 
 
 class Counting(SubjectModel):
@@ -107,6 +107,19 @@ def test_other_weights_or_another_dtype_behind_the_same_name_are_scanned_again(t
     assert Counting.positions == 0
 
 
+def test_the_same_weights_by_another_name_share_a_scan(tmp_path):
+    excerpts = torch.randint(4, 68, (40, 16))
+    scan_layers(_model(), excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    renamed = _model()
+    renamed.spec = "/another/path/to/tiny-llama"
+    Counting.positions = 0
+    scan_layers(renamed, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert Counting.positions == 0
+    renamed.bos_token_id = 5  # a different first token changes every activation: scanned again
+    scan_layers(renamed, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert Counting.positions > 0
+
+
 class _Planted:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['N2G_PLANT_MARK']}",))
@@ -117,7 +130,7 @@ def test_a_pickle_planted_in_the_scan_cache_never_runs(tmp_path, monkeypatch):
     excerpts = torch.randint(4, 68, (40, 16))
     mark = tmp_path / "pwned"
     monkeypatch.setenv("N2G_PLANT_MARK", str(mark))
-    stem = _cache_stem(tmp_path, "tiny-llama-store", "c", 0, 8, 10, 0, f"{1 << 17}|{model.weights_key()}")
+    stem = _cache_stem(tmp_path, *_model_key(model), "c", 0, 8, 10, 0, f"{1 << 17}|{model.weights_key()}")
     stem.parent.mkdir(parents=True)
     payload = pickle.dumps(_Planted())
     for suffix in (".pt", ".safetensors", ".acts.npy"):
@@ -179,7 +192,7 @@ def test_fitting_from_the_store_runs_no_stored_excerpt_again_and_batches_like_al
 def test_a_killed_scans_half_written_store_is_removed_and_concurrent_names_differ(tmp_path):
     model = _model()
     excerpts = torch.randint(4, 68, (40, 16))
-    stem = _cache_stem(tmp_path, "tiny-llama-store", "c", 0, 8, 10, 0, f"{1 << 17}|{model.weights_key()}")
+    stem = _cache_stem(tmp_path, *_model_key(model), "c", 0, 8, 10, 0, f"{1 << 17}|{model.weights_key()}")
     stem.parent.mkdir(parents=True)
     dead = stem.parent / f".{stem.name}.999999999.abc.acts.npy.tmp"  # no such process
     alive = stem.parent / f".{stem.name}.{os.getpid()}.abc.acts.npy.tmp"  # a scan still running
