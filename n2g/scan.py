@@ -12,6 +12,7 @@ is unpickled) so later runs reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -204,6 +205,70 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
     todo = sorted(l for l in layers if l not in results)
     if not todo:
         return results
+    with contextlib.ExitStack() as held:  # one process scans a cache entry; another waits, then loads it
+        for l in todo:
+            if l in stems and held.enter_context(_scan_lock(stems[l], l)):
+                try:
+                    results[l] = _load(stems[l])
+                    log.info("layer %d: scan loaded from cache %s (another n2g process made it)", l, stems[l])
+                except Exception:  # that process failed or was stopped: scan it here
+                    pass
+        todo = [l for l in todo if l not in results]
+        if todo:
+            _scan_into(results, model, excerpts, todo, stems, stored=stored, pool=pool, k=k, batch_size=batch_size,
+                       fire_threshold=fire_threshold, progress=progress)
+    return results
+
+
+@contextlib.contextmanager
+def _scan_lock(stem: Path, layer: int):
+    """Hold the lock of one scan cache entry while it is scanned (``stem.lock``, an flock, removed by its
+    holder before release). The context's value says whether another process held it first (its entry
+    may now be in the cache). Without a writable cache folder there is no lock and nothing to wait for."""
+    import fcntl
+
+    path = stem.with_suffix(".lock")
+    waited = False
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        except OSError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("layer %d: another n2g process is scanning it; waiting for its scan", layer)
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            mine = os.fstat(fd)
+            try:
+                now = os.stat(path, follow_symlinks=False)
+                current = (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)  # its holder removed that file before releasing it: lock the one there now
+    try:
+        yield waited
+    finally:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], stems: dict, *, stored, pool, k: int,
+               batch_size: int, fire_threshold: float, progress: bool) -> None:
+    """Scan the layers in ``todo`` in one pass over ``excerpts`` into ``results`` (and the cache, where a
+    layer has a stem)."""
+    n, length = excerpts.shape
     device = getattr(model, "device", "cpu")
     d = model.d_mlp
     stores: dict[int, ActivationStore] = {}
@@ -300,7 +365,6 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
         for tmp in tmp_paths.values():
             tmp.unlink(missing_ok=True)  # a store already renamed into place is no longer there
         raise
-    return results
 
 
 def _quantiles(sample: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,41 @@ def test_the_same_weights_by_another_name_share_a_scan(tmp_path):
     assert Counting.positions > 0
 
 
+def test_a_scan_another_process_is_making_is_waited_for_then_loaded(tmp_path):
+    import shutil
+    import threading
+
+    from n2g.scan import _scan_lock
+
+    model, excerpts = _model(), torch.randint(4, 68, (40, 16))
+    reference = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path / "a",
+                            corpus_key="c")[0]
+    made = _cache_stem(tmp_path / "a", *_model_key(model), "c", 0, 8, 10, 0, f"{1 << 17}|{model.weights_key()}")
+    for folder, holder_writes in ((tmp_path / "b", True), (tmp_path / "c", False)):
+        stem = _cache_stem(folder, *_model_key(model), "c", 0, 8, 10, 0, f"{1 << 17}|{model.weights_key()}")
+        stem.parent.mkdir(parents=True)
+        got = {}
+
+        def waiter():
+            got.update(scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=folder,
+                                   corpus_key="c"))
+
+        with _scan_lock(stem, 0) as waited:  # the other process, scanning the same entry
+            assert waited is False
+            Counting.positions = 0
+            thread = threading.Thread(target=waiter)
+            thread.start()
+            thread.join(1.0)
+            assert thread.is_alive() and Counting.positions == 0  # waiting, not scanning
+            if holder_writes:
+                for suffix in (".safetensors", ".acts.npy", ".json"):  # the JSON last, as a scan saves it
+                    shutil.copy(made.with_suffix(suffix), stem.with_suffix(suffix))
+        thread.join(60)
+        assert not thread.is_alive() and torch.equal(got[0].top_idx, reference.top_idx)
+        assert (Counting.positions == 0) is holder_writes  # loaded what the other made; scanned if it made nothing
+        assert not list(stem.parent.glob("*.lock"))
+
+
 class _Planted:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['N2G_PLANT_MARK']}",))
