@@ -242,6 +242,14 @@ def _scan_lock(stem: Path, layer: int):
                 log.info("layer %d: another n2g process is scanning it; waiting for its scan", layer)
                 waited = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: scan without one
+            os.close(fd)
+            yield False
+            return
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
             mine = os.fstat(fd)
             try:
                 now = os.stat(path, follow_symlinks=False)
