@@ -168,6 +168,21 @@ def weights_key_of(model) -> str | None:
     return key() if callable(key) else None
 
 
+_NOT_COMPUTATION = frozenset({"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "dtype",
+                              "torch_dtype"})
+
+
+def config_key_of(model) -> str:
+    """A key of the model's configuration without where it was loaded from: settings that change activations
+    and live in no weight (``rms_norm_eps``, ``rope_theta``, ...) keep two folders with the same weights apart."""
+    config = getattr(getattr(getattr(model, "base", model), "model", None), "config", None)
+    try:
+        settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_COMPUTATION}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    except Exception:  # a stand-in model without a transformers config
+        return ""
+
+
 class SubjectModel:
     """A causal LM with a uniform way to read its MLP neurons.
 

@@ -29,7 +29,7 @@ from .activations import DEFAULT_STORE_TOKENS, ActivationStore, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import FILE_MODE, replacing, write_json_atomic
-from .models import weights_key_of
+from .models import config_key_of, weights_key_of
 from .progress import Progress
 from .records import NeuronStats, Sign
 
@@ -106,7 +106,8 @@ def _model_key(model) -> tuple[str, str]:
     weights = weights_key_of(model)
     if not weights:
         return str(model.spec), str(model.spec)
-    return f"weights:{weights}|bos:{getattr(model, 'bos_token_id', None)}", str(getattr(model, "model_type", "model"))
+    return (f"weights:{weights}|bos:{getattr(model, 'bos_token_id', None)}|config:{config_key_of(model)}",
+            str(getattr(model, "model_type", "model")))
 
 
 def _cache_stem(cache_dir: Path, model_key: str, label: str, corpus_key: str, layer: int, k: int, pool_size: int,

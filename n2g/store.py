@@ -33,7 +33,7 @@ from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 log = logging.getLogger(__name__)
 
 RUN_KIND = "n2g.run"
-LATER_IDENTITY_KEYS = frozenset({"model_weights", "substitutes", "corpus_tokens"})
+LATER_IDENTITY_KEYS = frozenset({"model_weights", "substitutes", "corpus_tokens", "model_config"})
 """Identity keys newer runs record; a run made before one was recorded resumes without it being compared."""
 SAME_CONTENT = {"corpus_tokens": ("corpus", "corpus_fingerprint"), "model_weights": ("model",)}
 """Identity keys that name content, and the keys naming that content by where it came from: when both runs

@@ -395,6 +395,14 @@ def test_the_same_corpus_and_model_by_other_paths_resume_the_run_and_share_its_s
     other = cli("run", "--model", "./model", "--corpus", str(tmp_path / "corpus.txt"), "--neurons", "0-1", *common,
                 cwd=tiny_dir)
     assert other.returncode == 2 and "different corpus" in other.stderr and other.stderr.count("\n") == 1, other.stderr
+    import shutil  # the same weights in a folder whose config.json computes otherwise
+
+    shutil.copytree(tiny_dir / "model", tmp_path / "edited")
+    config = json.loads((tmp_path / "edited" / "config.json").read_text())
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    edited = cli("run", "--model", str(tmp_path / "edited"), "--corpus", "corpus.txt", "--neurons", "0-1", *common,
+                 cwd=tiny_dir)
+    assert edited.returncode == 2 and "different model_config" in edited.stderr, edited.stderr
 
 
 def test_a_run_created_by_another_process_a_moment_ago_is_checked_not_overwritten(tmp_path, monkeypatch):

@@ -118,6 +118,15 @@ def test_the_same_weights_by_another_name_share_a_scan(tmp_path):
     renamed.bos_token_id = 5  # a different first token changes every activation: scanned again
     scan_layers(renamed, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
     assert Counting.positions > 0
+    edited = _model()  # the same weights in a folder whose config.json says another epsilon
+    edited.model.config.rms_norm_eps = 0.5
+    for layer in edited.model.model.layers:
+        layer.input_layernorm.variance_epsilon = layer.post_attention_layernorm.variance_epsilon = 0.5
+    Counting.positions = 0
+    other = scan_layers(edited, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert Counting.positions > 0
+    np.testing.assert_allclose(other[0].store.neuron(3), edited.layer_activations(excerpts, None, [0])[0][:, :, 3].numpy(),
+                               rtol=2e-3, atol=2e-3)
 
 
 def test_a_scan_another_process_is_making_is_waited_for_then_loaded(tmp_path):
