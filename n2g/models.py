@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -105,6 +106,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise N2GError(f"dtype {dtype} cannot hold a model's activations; use one of float32, bfloat16, float16")
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
@@ -661,7 +664,61 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
-    return cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    """Where the de-quantised copy of ``gguf`` is cached: named by the file's size and a digest of its
+    content (its first 16 MiB, which hold the metadata, 64 blocks spread over the rest and its end), so
+    another GGUF of the same name and size (an edited header, another fine-tune) is never served this one."""
+    size = gguf.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    block = 1 << 16
+    with open(gguf, "rb") as f:
+        h.update(f.read(16 << 20))
+        for i in range(64):
+            f.seek(size * i // 64)
+            h.update(f.read(block))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read())
+    return cache_dir() / "models" / f"{gguf.stem}-{size}-{h.hexdigest()[:12]}"
+
+
+def _gguf_field(reader, name: str):
+    field = reader.fields.get(name)
+    if field is None or not field.data:
+        return None
+    from gguf import GGUFValueType
+
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0] == GGUFValueType.STRING:
+        return bytes(value).decode("utf-8", "replace")
+    return value[0].item() if len(value) == 1 else None
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Refuse a GGUF whose metadata does not fit its tensors, from its header alone (memory-mapped):
+    transformers would de-quantise it into a model of the metadata's sizes, filling missing layers with
+    random values or building tensors of a size no weight has (gigabytes), before any error."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        arch = _gguf_field(reader, "general.architecture")
+        shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+        blocks = {int(m.group(1)) for m in map(re.compile(r"^blk\.(\d+)\.").match, shapes) if m}
+        declared = {key: _gguf_field(reader, f"{arch}.{key}")
+                    for key in ("block_count", "embedding_length", "feed_forward_length", "vocab_size")}
+    except Exception as exc:  # not readable here: transformers says what is wrong
+        log.debug("could not read the GGUF header of %s: %s", gguf, exc)
+        return
+    n_blocks = declared["block_count"]
+    if isinstance(n_blocks, int) and blocks and n_blocks != max(blocks) + 1:
+        raise N2GError(f"{gguf}: its metadata says {n_blocks} layers ({arch}.block_count) but it holds tensors for "
+                       f"{max(blocks) + 1}; use the GGUF file as it was converted")
+    checks = (("embedding_length", "token_embd.weight"), ("vocab_size", "token_embd.weight"),
+              ("feed_forward_length", "blk.0.ffn_up.weight"))
+    for key, tensor in checks:
+        value = declared[key]
+        if isinstance(value, int) and tensor in shapes and value not in shapes[tensor]:
+            raise N2GError(f"{gguf}: its metadata says {arch}.{key} {value} but {tensor} is {shapes[tensor]}; "
+                           "use the GGUF file as it was converted")
 
 
 CHECKSUM_NAME = "model.safetensors.sha256"
@@ -735,15 +792,19 @@ def _load_gguf(gguf: Path):
     """De-quantise a GGUF file once and cache it as safetensors; later loads read the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _gguf_cache_path(gguf)
+    try:
+        target = _gguf_cache_path(gguf)
+    except OSError as exc:
+        raise N2GError(f"cannot read {gguf} ({exc.strerror or exc}); check the path and its permissions") from None
     cached = _load_cache(target)
     if cached is not None:
         return cached
+    _check_gguf(gguf)
     log.info("de-quantising %s (once; cached under %s)", gguf, target)
     try:
         with _quiet_gguf_bar():
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                         dtype=torch.float32)
+            model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                               output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as exc:
         raise N2GError(f"loading {gguf} needs the gguf package: {exc}; "
@@ -751,6 +812,11 @@ def _load_gguf(gguf: Path):
     except Exception as exc:
         raise N2GError(f"could not load GGUF file {gguf}: {exc}; "
                        "check that it is a complete GGUF model file") from exc
+    missing = list((info or {}).get("missing_keys") or [])
+    if missing:  # filled with random values: every activation would be noise (and the copy cached)
+        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+        raise N2GError(f"{gguf} lacks {len(missing)} weight tensor(s) its metadata needs ({shown}); "
+                       "they would be random: use a complete GGUF file")
     _save_cache(model, tokenizer, target)
     return model, tokenizer
 
@@ -823,7 +889,8 @@ def _check_hub_reachable(spec: str) -> None:
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message cut to its first line (transformers' messages run to paragraphs)."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    text = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -831,40 +898,112 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _EMBEDDING_KEYS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "embedding.weight")
 
 
-def _check_checkpoint(path: Path, config) -> None:
-    """Refuse a local checkpoint whose tensors cannot fill the model its config.json describes, before
-    any memory is allocated: transformers would fill missing layers or embeddings with random values
-    (a config saying 20,000 layers or 20 million tokens over a 100 KB file). Reads safetensors headers only."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return
-    from safetensors import safe_open
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in a local checkpoint, read without loading any data: safetensors
+    headers, or a ``pytorch_model*.bin`` opened memory-mapped onto the meta device (tensors only)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    files = sorted(f for f in path.glob("*.safetensors") if f.is_file())
+    if files:
+        from safetensors import safe_open
 
-    layers, rows, n_keys = set(), None, 0
-    try:
         for f in files:
             with safe_open(str(f), "pt") as h:
                 for key in h.keys():
-                    n_keys += 1
-                    m = _LAYER_INDEX.search(key)
-                    if m:
-                        layers.add(int(m.group(1)))
-                    if rows is None and key.endswith(_EMBEDDING_KEYS):
-                        shape = h.get_slice(key).get_shape()
-                        rows = int(shape[0]) if shape else None
+                    shapes[key] = tuple(int(n) for n in h.get_slice(key).get_shape())
+        return shapes
+    for f in sorted(f for f in path.glob("pytorch_model*.bin") if f.is_file()):
+        state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+        for key, tensor in (state.items() if isinstance(state, dict) else ()):
+            if isinstance(tensor, torch.Tensor):
+                shapes[key] = tuple(tensor.shape)
+    return shapes
+
+
+def _check_checkpoint(path: Path, config) -> None:
+    """Refuse a local checkpoint whose tensors do not fit the model its config.json describes, before any
+    memory is allocated: transformers would fill missing layers or embeddings with random values (a config
+    saying 20,000 layers over a 100 KB file), build every tensor at the config's size before it finds a
+    mismatch (a hidden_size of a million: gigabytes for a tiny checkpoint), or drop layers the config does
+    not count. Reads safetensors headers (or a .bin's tensor list) only."""
+    try:
+        shapes = _checkpoint_shapes(path)
     except Exception as exc:  # a damaged header: transformers says what is wrong when it loads
-        log.debug("could not read the safetensors headers of %s: %s", path, exc)
+        log.debug("could not read the tensor list of %s: %s", path, exc)
         return
+    if not shapes:
+        return
+    layers = {int(m.group(1)) for m in map(_LAYER_INDEX.search, shapes) if m}
+    rows = next((shape[0] for key, shape in shapes.items() if key.endswith(_EMBEDDING_KEYS) and shape), None)
     n_layers = getattr(config, "num_hidden_layers", None)
     if isinstance(n_layers, int) and layers and n_layers > max(layers) + 1:
         raise N2GError(f"{path}: config.json says {n_layers} layers but the weights hold {max(layers) + 1}; "
                        "fix num_hidden_layers in config.json or add the missing weights")
-    if n_keys and rows is None:
+    if isinstance(n_layers, int) and layers and n_layers < max(layers) + 1:
+        raise N2GError(f"{path}: config.json says {n_layers} layers but the weights hold {max(layers) + 1}; "
+                       "fix num_hidden_layers in config.json (n2g would explain a truncated model)")
+    if rows is None:
         raise N2GError(f"{path}: the weights hold no token embedding; use a complete checkpoint")
     vocab = getattr(config, "vocab_size", None)
-    if isinstance(vocab, int) and rows is not None and vocab > rows:
+    if isinstance(vocab, int) and vocab > rows:
         raise N2GError(f"{path}: config.json says {vocab} tokens but the weights embed {rows}; "
                        "fix vocab_size in config.json or use the weights it was saved with")
+    _check_shapes(path, config, shapes)
+
+
+def _check_shapes(path: Path, config, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Compare every checkpoint tensor with the one the config builds (on the meta device: no memory)."""
+    if getattr(config, "quantization_config", None) is not None:
+        return  # packed quantised tensors have shapes of their own
+    try:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    except Exception as exc:  # transformers reports what it cannot build when it loads
+        log.debug("could not build %s on the meta device: %s", path, exc)
+        return
+    for key, shape in sorted(shapes.items()):
+        for name in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+            if name in expected:
+                if expected[name] != shape:
+                    raise N2GError(f"{path}: config.json makes {name} {list(expected[name])} but the weights hold "
+                                   f"{list(shape)}; fix config.json (hidden_size, intermediate_size, ...) or use "
+                                   "the weights it was saved with")
+                break
+
+
+MAX_CONFIG_BYTES = 16 << 20
+"""The largest config.json (and other small JSON settings file of a model folder) read: they are a few KB."""
+_READ_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".gguf")
+
+
+def _check_folder(path: Path) -> None:
+    """Refuse, in one line and before anything reads them, the files of a model folder that would hang
+    or swamp a loader: one that is a pipe, device or socket (opening it waits for a writer for ever), a
+    config.json that is not a regular file, and settings files far larger than any real one."""
+    try:
+        entries = list(path.iterdir())
+    except OSError as exc:
+        raise N2GError(f"cannot read the model folder {path} ({exc.strerror or exc}); check its permissions") from None
+    for entry in entries:
+        if not entry.name.lower().endswith(_READ_SUFFIXES):
+            continue
+        try:
+            st = entry.stat()
+        except OSError:
+            continue  # a dangling link: the loaders report a missing file
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise N2GError(f"{entry} is not a regular file (it is a pipe, device or socket); a model folder "
+                           "holds regular files: replace it with the file it stands for")
+        if entry.name in ("config.json", "generation_config.json", "tokenizer_config.json",
+                          "special_tokens_map.json", "model.safetensors.index.json") and st.st_size > MAX_CONFIG_BYTES:
+            raise N2GError(f"{entry} is {st.st_size / 2**20:,.0f} MiB; a model's {entry.name} is a few KB: "
+                           "use the file the model was saved with")
+    config = path / "config.json"
+    if config.exists() and not config.is_file():
+        raise N2GError(f"{config} is not a regular file; a model folder needs its config.json")
 
 
 def _load_pretrained(spec: str, local: bool):
@@ -876,8 +1015,12 @@ def _load_pretrained(spec: str, local: bool):
     if not local:
         _check_hub_reachable(spec)
     if local:  # the architecture first, from the file, before transformers looks for code to run
+        _check_folder(Path(spec))
         try:
             declared = json.loads((Path(spec) / "config.json").read_text(encoding="utf-8"))
+        except RecursionError:
+            raise N2GError(f"{Path(spec) / 'config.json'} nests JSON too deeply to be a model config; "
+                           "use the file the model was saved with") from None
         except (OSError, ValueError):
             declared = None
         model_type = declared.get("model_type") if isinstance(declared, dict) else None

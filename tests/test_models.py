@@ -435,3 +435,90 @@ def test_every_family_saved_as_a_folder_loads_past_the_checkpoint_checks(family,
     assert loaded.n_layers == 3
     assert torch.allclose(loaded.layer_activations(ids, None, [2])[2], direct.layer_activations(ids, None, [2])[2], atol=1e-5)
     assert loaded.weights_key() == direct.weights_key()  # the same weights, the same key
+
+
+def _tiny_folder(path, edit=None, weights="safetensors"):
+    """The tests' tiny Llama saved as a model folder, its config.json edited by ``edit(dict)``."""
+    import json
+
+    from conftest import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    if weights == "bin":  # an older checkpoint: a pickle of tensors
+        from safetensors.torch import load_file
+
+        torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+    if edit is not None:
+        config = json.loads((path / "config.json").read_text())
+        text = edit(config)  # the edited dict, or the file's whole text
+        (path / "config.json").write_text(text if isinstance(text, str) else json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "extra.safetensors"])
+def test_a_pipe_in_a_model_folder_is_refused_not_waited_on(tmp_path, name):
+    import os
+    import subprocess
+    import sys
+
+    folder = _tiny_folder(tmp_path / "m")
+    (folder / name).unlink(missing_ok=True)
+    os.mkfifo(folder / name)  # opening it would wait for a writer for ever
+    code = f"from n2g.models import load_model; load_model({str(folder)!r}, device='cpu')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and f"{name} is not a regular file" in done.stderr.splitlines()[-1], done.stderr
+
+
+@pytest.mark.parametrize("edit, weights, says", [
+    (lambda c: c.update(hidden_size=100_000), "safetensors", "config.json makes .* \\[128, 100000\\] but the weights hold \\[128, 32\\]"),
+    (lambda c: c.update(intermediate_size=1_000_000), "safetensors", "down_proj.weight \\[32, 1000000\\] but the weights hold \\[32, 48\\]"),
+    (lambda c: c.update(num_hidden_layers=1), "safetensors", "says 1 layers but the weights hold 3.*truncated"),
+    (lambda c: c.update(num_hidden_layers=10_000), "bin", "says 10000 layers but the weights hold 3"),
+    (lambda c: c.update(hidden_size=100_000), "bin", "but the weights hold \\[128, 32\\]"),
+    (lambda c: '{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "safetensors",
+     "nests JSON too deeply"),
+    (lambda c: c.update(pad="x" * (17 << 20)), "safetensors", "config.json is 17 MiB"),
+])
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_they_are_built(tmp_path, edit, weights, says):
+    # transformers would build the config's sizes first (gigabytes for a 100 KB checkpoint) or drop layers silently
+    folder = _tiny_folder(tmp_path / "m", edit, weights)
+    with pytest.raises(N2GError, match=says):
+        load_model(str(folder), device="cpu")
+
+
+def test_a_dtype_that_cannot_hold_activations_is_refused_before_loading(tmp_path):
+    with pytest.raises(N2GError, match="torch.int64 cannot hold"):
+        load_model(str(tmp_path / "not-even-there"), device="cpu", dtype=torch.int64)
+
+
+def _edited_gguf(tmp_path, key, value):
+    import shutil
+
+    from gguf import GGUFReader
+
+    target = tmp_path / default_gguf_path().name
+    shutil.copy(default_gguf_path(), target)
+    reader = GGUFReader(str(target), "r+")
+    field = reader.fields[key]
+    field.parts[field.data[0]][0] = value
+    reader.data.flush()
+    del reader
+    return target
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("llama.block_count", 40, "says 40 layers \\(llama.block_count\\) but it holds tensors for 30"),
+    ("llama.feed_forward_length", 20_000, "llama.feed_forward_length 20000 but blk.0.ffn_up.weight is \\[576, 1536\\]"),
+])
+def test_a_gguf_whose_metadata_does_not_fit_its_tensors_is_refused_and_never_served_from_the_cache(
+        tmp_path, key, value, says):
+    edited = _edited_gguf(tmp_path, key, value)
+    # the same name and size as the packaged file: its de-quantised copy is not this one's
+    assert edited.name == default_gguf_path().name and edited.stat().st_size == default_gguf_path().stat().st_size
+    assert _gguf_cache_path(edited) != _gguf_cache_path(default_gguf_path())
+    with pytest.raises(N2GError, match=says):
+        load_model(str(edited), device="cpu")
+    assert not _gguf_cache_path(edited).exists()
