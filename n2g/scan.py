@@ -99,6 +99,10 @@ def _exists(path: Path) -> bool:
         return False
 
 
+POOL_VALUES_AT_ONCE = 1 << 25
+"""Pool activations (neurons x pool tokens) turned into quantiles and firing rates at a time: 128 MB in float32."""
+
+
 def _model_key(model) -> tuple[str, str]:
     """The scan cache's key for ``model`` and a readable label for its file names. A model whose weights have
     a key is named by them (and the BOS token the scan puts first), not by the path or name it was loaded
@@ -347,17 +351,27 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
             store = stores[l]
             store.flush()
             # The pool's stored rows, neuron-major [d, tokens] as the store keeps them, on the model's
-            # device: sorting each neuron's row there is milliseconds on a GPU.
-            sample = torch.from_numpy(np.ascontiguousarray(store.values[:, store.rows(pool), :]).reshape(d, -1))
-            sample = sample.to(device).float()
-            mx, mn = top_val[l][0].float(), bot_val[l][0].float()
-            zero = torch.zeros(d, device=sample.device)
-            pos_rate = torch.where(mx > 0, (sample >= fire_threshold * mx[:, None]).float().mean(1), zero).cpu()
-            neg_rate = torch.where(mn < 0, (sample <= fire_threshold * mn[:, None]).float().mean(1), zero).cpu()
+            # device: sorting each neuron's row there is milliseconds on a GPU. A slice of neurons at a
+            # time, so a layer of a million SAE latents never needs its whole pool in float32 at once.
+            rows = store.rows(pool)
+            n_tokens = len(rows) * length
+            step = max(1, POOL_VALUES_AT_ONCE // max(1, n_tokens))
+            mx_all, mn_all = top_val[l][0].float(), bot_val[l][0].float()
+            quantiles, pos_rate, neg_rate = [], [], []
+            for a in range(0, d, step):
+                b = min(d, a + step)
+                sample = torch.from_numpy(np.ascontiguousarray(store.values[a:b, rows, :]).reshape(b - a, -1))
+                sample = sample.to(device).float()
+                mx, mn = mx_all[a:b], mn_all[a:b]
+                zero = torch.zeros(b - a, device=sample.device)
+                pos_rate.append(torch.where(mx > 0, (sample >= fire_threshold * mx[:, None]).float().mean(1), zero).cpu())
+                neg_rate.append(torch.where(mn < 0, (sample <= fire_threshold * mn[:, None]).float().mean(1), zero).cpu())
+                quantiles.append(_quantiles(sample, qs).cpu())
+                del sample
             scan = LayerScan(
                 layer=l, top_idx=top_idx[l].cpu(), top_val=top_val[l].float().cpu(), bot_idx=bot_idx[l].cpu(),
-                bot_val=bot_val[l].float().cpu(), quantiles=_quantiles(sample, qs).cpu(),
-                pos_rate=pos_rate, neg_rate=neg_rate, pool=pool, n_pool_tokens=int(sample.shape[1]),
+                bot_val=bot_val[l].float().cpu(), quantiles=torch.cat(quantiles, 1),
+                pos_rate=torch.cat(pos_rate), neg_rate=torch.cat(neg_rate), pool=pool, n_pool_tokens=n_tokens,
                 fire_threshold=fire_threshold, store=store,
             )
             if l in stems:

@@ -164,6 +164,19 @@ def test_a_scan_another_process_is_making_is_waited_for_then_loaded(tmp_path):
         assert not list(stem.parent.glob("*.lock"))
 
 
+def test_pool_statistics_computed_a_slice_of_neurons_at_a_time_are_the_same(monkeypatch):
+    import n2g.scan as scan_module
+
+    model, excerpts = _model(), torch.randint(4, 68, (40, 16))
+    whole = scan_layers(model, excerpts, [1], k=8, pool_size=10, progress=False)[1]
+    monkeypatch.setattr(scan_module, "POOL_VALUES_AT_ONCE", 7 * 10 * 16)  # 7 neurons of 10 pool excerpts at a time
+    sliced = scan_layers(model, excerpts, [1], k=8, pool_size=10, progress=False)[1]
+    assert whole.quantiles.shape == sliced.quantiles.shape == (len(scan_module.QUANTILES), model.d_mlp)
+    for name in ("quantiles", "pos_rate", "neg_rate"):
+        assert torch.equal(getattr(whole, name), getattr(sliced, name)), name
+    assert whole.n_pool_tokens == sliced.n_pool_tokens == 160
+
+
 class _Planted:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['N2G_PLANT_MARK']}",))
