@@ -1087,6 +1087,10 @@ def check_excerpt_length(model, length: int) -> None:
     limit = context_limit(model)
     bos = _subject_attr(model, "bos_token_id")
     room = None if limit is None else limit - (1 if bos is not None else 0)
+    if room is not None and room < 1:
+        raise N2GError(f"this model's context ({limit} position{'s' if limit != 1 else ''}"
+                       f"{', one of them for BOS' if bos is not None else ''}) leaves no room for an excerpt; "
+                       "check max_position_embeddings in its config.json")
     if room is not None and length > room:
         raise N2GError(f"--excerpt-length {length} is longer than this model's context ({limit} positions"
                        f"{', one of them for BOS' if bos is not None else ''}); use --excerpt-length {max(room, 1)} or less")

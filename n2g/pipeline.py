@@ -238,12 +238,16 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     todo = [n for n in wanted if not store.is_done(n)]
     log.info("%d neurons requested, %d already done in %s", len(wanted), len(wanted) - len(todo), out)
     fitted = 0
-    if todo and opts.ray is not None:
-        from .distributed import fit_on_ray
+    try:
+        if todo and opts.ray is not None:
+            from .distributed import fit_on_ray
 
-        fitted = fit_on_ray(opts, todo, store)
-    elif todo:
-        fitted = fit_neurons(opts, todo, model, corpus, store, is_train)
+            fitted = fit_on_ray(opts, todo, store)
+        elif todo:
+            fitted = fit_neurons(opts, todo, model, corpus, store, is_train)
+    except N2GError:  # refused before a first neuron (the model computes NaN, ...): no run folder is left
+        store.discard_if_empty()
+        raise
     if opts.ablation and fitted < len(wanted):  # a finished neuron is never redone: --ablation cannot reach one fitted without it
         unscored = [n for n in wanted if _fitted_without_ablation(store, n)]  # before, or by another process
         if unscored:

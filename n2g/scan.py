@@ -332,7 +332,9 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
                 a = acts[l]
                 if not bool(torch.isfinite(a).all()):  # checked on the device: one scalar comes back
                     bad = int(torch.nonzero(~torch.isfinite(a).all(1).all(0))[0])
-                    raise N2GError(f"neuron L{l}.N{bad} has NaN or infinite activations; try --dtype float32")
+                    hint = "try --dtype float32" if getattr(model, "dtype", a.dtype) in (torch.float16, torch.bfloat16) else \
+                        "the model computes them in full precision too: check its config.json and weights"
+                    raise N2GError(f"neuron L{l}.N{bad} has NaN or infinite activations; {hint}")
                 mx, mn = a.amax(1), a.amin(1)  # [B, d]
                 idx = rows[:, None].expand_as(mx)
                 v = torch.cat([top_val[l], mx]); i = torch.cat([top_idx[l], idx])

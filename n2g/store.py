@@ -88,6 +88,7 @@ class RunStore:
         self._held: set[NeuronId] = set()
         self._me = this_process()
         self._warned = False
+        self._made: list[Path] = []  # what open() created: run.json, and the folders it made for it
 
     # -- identity ------------------------------------------------------------------------
     def open(self, identity: dict, extra: dict | None = None) -> None:
@@ -96,9 +97,11 @@ class RunStore:
         path = self.root / "run.json"
         if not path.exists():
             try:
+                missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
                 self.root.mkdir(parents=True, exist_ok=True)
                 if create_json(path, {"kind": RUN_KIND, "schema_version": SCHEMA_VERSION,
                                       "identity": identity, **(extra or {})}):
+                    self._made = [path, *missing]
                     return
             except OSError as exc:
                 raise _disk_error(path, exc) from exc
@@ -123,6 +126,29 @@ class RunStore:
                 f"{self.root} holds a run made with a different {', '.join(diff)}; "
                 "choose another --out (or delete that directory) instead of mixing results"
             )
+
+    def discard_if_empty(self) -> None:
+        """Remove what :meth:`open` created (run.json and the folders made for it) while no neuron has been
+        saved and no other process has claimed one: a run refused before its first neuron leaves nothing."""
+        if not self._made:
+            return
+        for sub in ("neurons", ".claims"):
+            folder = self.root / sub
+            try:
+                if folder.is_dir() and not folder.is_symlink() and any(folder.iterdir()):
+                    return  # another process sharing this --out is at work
+                if folder.is_dir() and not folder.is_symlink():
+                    folder.rmdir()
+            except OSError:
+                return
+        run_json, *folders = self._made
+        run_json.unlink(missing_ok=True)
+        for folder in folders:  # the deepest first, and only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     def meta(self) -> dict:
         return read_json(self.root / "run.json")

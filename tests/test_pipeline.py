@@ -405,6 +405,25 @@ def test_the_same_corpus_and_model_by_other_paths_resume_the_run_and_share_its_s
     assert edited.returncode == 2 and "different model_config" in edited.stderr, edited.stderr
 
 
+def test_a_model_that_computes_nan_is_refused_in_one_line_and_leaves_no_run_folder(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_dir / "model", tmp_path / "nan")
+    config = json.loads((tmp_path / "nan" / "config.json").read_text())
+    (tmp_path / "nan" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": float("nan")}))
+    out = tmp_path / "new" / "out"
+    done = cli("fit", "--model", str(tmp_path / "nan"), "--corpus", str(tiny_dir / "corpus.txt"), "--layer", "1",
+               "--neuron", "2", "--excerpt-length", "32", "-q", "--no-report", "--out", str(out))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "NaN or infinite activations; the model computes them in full precision too" in done.stderr
+    assert not (tmp_path / "new").exists()  # nor the folder made for it
+    (tmp_path / "nan" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1}))
+    small = cli("fit", "--model", str(tmp_path / "nan"), "--corpus", str(tiny_dir / "corpus.txt"), "--excerpt-length", "1",
+                "--layer", "1", "--neuron", "2", "-q", "--no-report", "--out", str(out))
+    assert small.returncode == 2 and "context (1 position, one of them for BOS) leaves no room" in small.stderr, small.stderr
+
+
 def test_a_run_created_by_another_process_a_moment_ago_is_checked_not_overwritten(tmp_path, monkeypatch):
     from n2g import store as store_module
     from n2g.errors import N2GError
