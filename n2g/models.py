@@ -21,6 +21,7 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -957,7 +958,8 @@ def _check_shapes(path: Path, config, shapes: dict[str, tuple[int, ...]]) -> Non
     try:
         from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "zero-element tensors": the comparison below says what is wrong
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         prefix = getattr(skeleton, "base_model_prefix", "") or ""
@@ -1031,6 +1033,9 @@ def _load_pretrained(spec: str, local: bool):
         # never run code shipped with a model (auto_map): only architectures transformers ships
         config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
     except Exception as exc:
+        if local and (Path(spec) / "config.json").is_file():
+            raise N2GError(f"{Path(spec) / 'config.json'} is not a valid model config ({_first_line(exc)}); "
+                           "fix it or use the file the model was saved with") from exc
         if local:
             raise N2GError(f"{spec} is not a Hugging Face model directory ({_first_line(exc)}); "
                            "pass a directory with config.json and weights, or a .gguf file") \
@@ -1049,12 +1054,17 @@ def _load_pretrained(spec: str, local: bool):
     try:
         model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, trust_remote_code=False,
                                                            output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except Exception as exc:
         if "Weights only load failed" in str(exc):  # a pickle holding more than tensors: never unpickled
             raise N2GError(f"the weights of {spec!r} are a pickle (.bin) holding more than tensors; n2g never "
                            "runs pickled code: use a checkpoint saved as safetensors") from None
         raise N2GError(f"could not load model {spec!r} from {where}: {_first_line(exc)}; {hint}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
+    except Exception as exc:
+        raise N2GError(f"could not load the tokenizer of {spec!r} ({_first_line(exc, 160)}); the model needs the "
+                       "tokenizer files it was saved with (tokenizer.json, or tokenizer.model, or vocab.json and "
+                       "merges.txt)") from exc
     missing = list((info or {}).get("missing_keys") or [])
     if missing:  # transformers filled them with random values: every activation would be noise
         shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")

@@ -522,3 +522,14 @@ def test_a_gguf_whose_metadata_does_not_fit_its_tensors_is_refused_and_never_ser
     with pytest.raises(N2GError, match=says):
         load_model(str(edited), device="cpu")
     assert not _gguf_cache_path(edited).exists()
+
+
+def test_an_ill_typed_config_or_a_missing_tokenizer_is_named_in_the_message(tmp_path):
+    folder = _tiny_folder(tmp_path / "typed", lambda c: c.update(num_hidden_layers="3"))
+    with pytest.raises(N2GError, match="config.json is not a valid model config \\(.*num_hidden_layers.*str"):
+        load_model(str(folder), device="cpu")
+    folder = _tiny_folder(tmp_path / "untokenized")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(N2GError, match="could not load the tokenizer of .*the tokenizer files it was saved with"):
+        load_model(str(folder), device="cpu")
