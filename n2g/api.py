@@ -16,6 +16,7 @@ against the baselines, the corpus statistics and the activation histogram.
 from __future__ import annotations
 
 import numbers
+import os
 import time
 
 import numpy as np
@@ -33,14 +34,21 @@ from .records import NeuronId, Sign
 
 def load_model(spec: str = "default", device: str | None = None, dtype: str | None = None) -> SubjectModel:
     """A subject model: ``"default"`` (packaged SmolLM2), a ``.gguf`` file, a local HF directory or a hub id."""
+    spec = _path_text(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise N2GError(f"model spec must be 'default', a .gguf file, a model directory or a hub id (got {spec!r})")
     return _load_model(spec, device=device, dtype=dtype)
 
 
+def _path_text(value):
+    """A ``pathlib.Path`` (any ``os.PathLike``) as the string it stands for; anything else unchanged."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def _model(model) -> SubjectModel:
     if isinstance(model, SubjectModel):
         return model
+    model = _path_text(model)
     if isinstance(model, str):
         return load_model(model)
     raise N2GError(f"model must be an n2g.load_model(...) result or a model spec string (got {type(model).__name__}); "
@@ -55,6 +63,7 @@ def load_corpus(source: str = "default", model=None, *, length: int = 64, max_ex
     or ``hf:NAME[:CONFIG]`` (needs the ``datasets`` package). ``model``: the subject model (or its
     spec) whose tokenizer cuts the text; the default model when omitted.
     """
+    source = _path_text(source)
     if not isinstance(source, str) or not source.strip():
         raise N2GError(f"source must be text: 'default', a file or directory path, or hf:NAME (got {source!r})")
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
@@ -72,13 +81,14 @@ def _corpus(corpus, model: SubjectModel, max_excerpts: int | None) -> Corpus:
     if max_excerpts is not None and (isinstance(max_excerpts, bool) or not isinstance(max_excerpts, int)
                                      or max_excerpts < 1):
         raise N2GError(f"max_excerpts must be a positive integer or None (got {max_excerpts!r})")
+    corpus = _path_text(corpus)
     if corpus is None or isinstance(corpus, str):
         return load_corpus("default" if corpus is None else corpus, model, max_excerpts=max_excerpts)
     if isinstance(corpus, Corpus):
         if max_excerpts is not None and max_excerpts < len(corpus):
             return Corpus(corpus.source, corpus.length, corpus.excerpts[:max_excerpts])
         return corpus
-    raise N2GError(f"corpus must be None, a source string or an n2g.load_corpus(...) result (got {type(corpus).__name__})")
+    raise N2GError(f"corpus must be None, a source string or path, or an n2g.load_corpus(...) result (got {type(corpus).__name__})")
 
 
 def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "default", max_excerpts: int | None = None,
@@ -92,7 +102,7 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     """
     from .activations import DEFAULT_STORE_TOKENS, partition
     from .distill import pool_size, top_k
-    from .engine import fit_many, store_job
+    from .engine import device_budget, fit_many, store_job
     from .features import NeuronFeature
     from .models import cache_dir
     from .pipeline import to_result
@@ -115,7 +125,9 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     check_excerpt_length(m, int(corp.excerpts.shape[1]))
     started = time.perf_counter()
     neuron = NeuronId(layer, index, Sign(sign))
+    _, scan_batch = device_budget(m, int(corp.excerpts.shape[1]))  # as `n2g fit` sizes it (a wide SAE: fewer)
     scans = scan_layers(m, corp.excerpts, [layer], k=top_k(cfg), pool_size=pool_size(cfg), seed=cfg.seed,
+                        batch_size=scan_batch,
                         fire_threshold=cfg.fire_threshold, cache_dir=cache_dir(), corpus_key=corp.tokens_key(),
                         progress=progress, store_tokens=DEFAULT_STORE_TOKENS)
     scan = scans[layer]

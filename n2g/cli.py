@@ -292,12 +292,15 @@ def _steer(args) -> int:
     import torch
 
     from .models import load_model
-    from .steer import attribution, check_prompt, steer
+    from .steer import MAX_TOKENS, attribution, check_prompt, steer
 
     scale = _number(args.scale, "--scale")
     peak = _number(args.max_activation, "--max") if args.max_activation is not None else None
     if args.tokens < 0:
         raise N2GError(f"--tokens must be 0 or more (got {args.tokens})")
+    if args.tokens > MAX_TOKENS:  # before the model is loaded
+        raise N2GError(f"--tokens {args.tokens} is more than the {MAX_TOKENS:,} n2g generates; "
+                       f"give --tokens {MAX_TOKENS} or fewer")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.sae:
         from .sae import load_sae
@@ -315,6 +318,7 @@ def _steer(args) -> int:
     source = "--max"
     if peak is None:
         from .corpus import Corpus
+        from .engine import device_budget
         from .models import cache_dir, check_excerpt_length
         from .records import Sign
         from .scan import scan_layers
@@ -322,8 +326,9 @@ def _steer(args) -> int:
         check_excerpt_length(model, args.excerpt_length)
         corpus = Corpus.build(args.corpus, model.encode, length=args.excerpt_length, max_excerpts=args.max_excerpts,
                               text_field=args.text_field)
-        scan = scan_layers(model, corpus.excerpts, [args.layer], cache_dir=cache_dir(), corpus_key=corpus.tokens_key(),
-                           progress=not args.quiet)[args.layer]
+        _, scan_batch = device_budget(model, args.excerpt_length)  # fewer excerpts at a time for a wide SAE
+        scan = scan_layers(model, corpus.excerpts, [args.layer], batch_size=scan_batch, cache_dir=cache_dir(),
+                           corpus_key=corpus.tokens_key(), progress=not args.quiet)[args.layer]
         peak = scan.scale(args.neuron, Sign.POSITIVE)
         source = f"scan of {corpus.excerpts.shape[0]} excerpts"
     value = scale * peak
@@ -479,9 +484,47 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+_NUMBER_OPTIONS = ("--scale", "--max", "--port")
+"""Options whose value is a number parsed by n2g itself (argparse's type is str)."""
+
+
+def _join_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--scale -1e3`` as ``--scale=-1e3``: argparse takes ``-1e3`` (unlike ``-2``) for an option and
+    says the option expected one argument, so a negative number after an option that takes a number is
+    joined to it."""
+    numeric = set(_NUMBER_OPTIONS)
+    for group in [parser] + [choice for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                             for choice in action.choices.values()]:
+        for action in group._actions:
+            if action.type in (int, float) and action.nargs is None:
+                numeric.update(o for o in action.option_strings if o.startswith("--"))
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        item = argv[i]
+        if item == "--":  # everything after it is positional
+            return out + argv[i:]
+        if item in numeric and i + 1 < len(argv) and argv[i + 1].startswith("-") and _is_number(argv[i + 1]):
+            out.append(f"{item}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(item)
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(_join_negative_numbers(parser, argv))
     if args.command is None:
         parser.print_help()
         return 2

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from .errors import N2GError
 
 
+MAX_TOKEN_IDS = 1 << 20
+"""Most ids a token-id setting (``sentence_end_ids``) may hold: more than the largest vocabularies."""
 SUBSTITUTE_SOURCES = ("model", "embedding")
 """Substitute sources a config can name (``DistillConfig.substitute_source``; :func:`n2g.augment.make_substitutes`)."""
 
@@ -262,18 +264,40 @@ class DistillConfig:
         if self.post_context < 0:
             raise N2GError(f"post_context must be 0 or more (got {self.post_context})")
         if self.sentence_end_ids is not None:
-            try:
-                self.sentence_end_ids = tuple(sorted({int(t) for t in self.sentence_end_ids}))
-            except (TypeError, ValueError):
-                raise N2GError(f"sentence_end_ids must be token ids (got {self.sentence_end_ids!r})") from None
-            if any(t < 0 for t in self.sentence_end_ids):
-                raise N2GError("sentence_end_ids must be token ids of 0 or more")
+            self.sentence_end_ids = self._token_ids("sentence_end_ids", self.sentence_end_ids)
         if self.occlusion_text is not None and (not isinstance(self.occlusion_text, str) or not self.occlusion_text):
             raise N2GError(f"occlusion_text must be a non-empty string or None (got {self.occlusion_text!r})")
         if self.occlusion_token_id is not None and (isinstance(self.occlusion_token_id, bool)
                                                     or not isinstance(self.occlusion_token_id, int)
                                                     or self.occlusion_token_id < 0):
             raise N2GError(f"occlusion_token_id must be a token id of 0 or more or None (got {self.occlusion_token_id!r})")
+
+    @staticmethod
+    def _token_ids(name: str, ids) -> tuple[int, ...]:
+        """``ids`` as a sorted tuple of distinct token ids; counted before anything is built from them, so
+        ``range(10**9)`` is refused at once rather than made into a set of a billion ints."""
+        import itertools
+
+        from .graph import MAX_TOKEN_ID
+
+        try:
+            try:
+                n = len(ids)
+            except OverflowError:  # range(10**30)
+                n = MAX_TOKEN_IDS + 1
+            except TypeError:  # a generator: read one more than allowed, no more
+                ids = list(itertools.islice(iter(ids), MAX_TOKEN_IDS + 1))
+                n = len(ids)
+            if n > MAX_TOKEN_IDS:
+                raise N2GError(f"{name} holds more than {MAX_TOKEN_IDS:,} ids (no vocabulary is that large); "
+                               "pass only the ids of the tokens that end a sentence")
+            out = tuple(sorted({int(t) for t in ids}))
+        except (TypeError, ValueError, OverflowError):
+            raise N2GError(f"{name} must be token ids (got {str(ids)[:80]})") from None
+        bad = [t for t in (out[:1] + out[-1:]) if not 0 <= t <= MAX_TOKEN_ID]  # sorted: the ends say it
+        if bad:
+            raise N2GError(f"{name} must be token ids from 0 to {MAX_TOKEN_ID} (got {bad[0]})")
+        return out
 
     def _check_types(self) -> None:
         """Every field holds a value of its declared type (an int is a float; a bool is never a number;

@@ -158,6 +158,12 @@ class Cost:
 CPU_BATCH_TOKENS = 16384
 """Fitting batch budget off an accelerator: a CPU is busy long before memory matters."""
 MAX_BATCH_TOKENS = 1 << 20
+CPU_SCAN_BATCH = 32
+"""Excerpts per scan batch off an accelerator, for an ordinary MLP width."""
+CPU_SCAN_VALUES = 1 << 24
+"""Most activations (excerpts x positions x width) in one CPU scan batch: a scan holds several copies
+of them, and a wide SAE (a million latents) would otherwise take tens of GB where the CPU's out of
+memory is a kill, not an error to back off from."""
 
 
 def device_budget(model, length: int, n_scan_layers: int = 1, batch_tokens: int | None = None,
@@ -167,11 +173,14 @@ def device_budget(model, length: int, n_scan_layers: int = 1, batch_tokens: int 
     Given values win (the CLI's ``--batch-tokens`` and ``--scan-batch``). Otherwise, on a CUDA
     device they grow with its free memory (half of it, by an estimate of the bytes a token costs in a
     forward pass that keeps one layer's MLP activations, or every scanned layer's for the scan);
-    elsewhere they are 16,384 tokens and 32 excerpts. Out-of-memory errors still back off.
+    elsewhere they are 16,384 tokens and 32 excerpts, fewer excerpts when the width (``d_mlp``, an
+    SAE's ``d_sae``) times ``length`` would put more than :data:`CPU_SCAN_VALUES` activations in one
+    batch. Out-of-memory errors still back off.
     """
     device = getattr(model, "device", torch.device("cpu"))
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
-        return batch_tokens or CPU_BATCH_TOKENS, scan_batch or 32
+        per_excerpt = max(int(length), 1) * max(int(getattr(model, "d_mlp", 0) or 0), 1)
+        return batch_tokens or CPU_BATCH_TOKENS, scan_batch or max(1, min(CPU_SCAN_BATCH, CPU_SCAN_VALUES // per_excerpt))
     free, _ = torch.cuda.mem_get_info(device)
     config = getattr(getattr(model, "model", None), "config", None)
     d_model = int(getattr(config, "hidden_size", 0) or 0) or model.d_mlp // 2

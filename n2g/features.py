@@ -154,6 +154,9 @@ def as_numbers(out, source: str, hint: str) -> torch.Tensor:
         raise N2GError(f"{source} returned {type(out).__name__}, not numbers ({exc}); {hint}") from None
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def call_feature(feature: Callable, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Call a feature, passing the attention mask only to features that declare they use it."""
     if getattr(feature, "uses_attention_mask", False):
@@ -169,7 +172,16 @@ def call_feature(feature: Callable, ids: torch.Tensor, mask: torch.Tensor) -> to
             f"the feature returned shape {tuple(out.shape)} for token ids of shape {tuple(ids.shape)}; "
             "a feature must return one value per token ([batch, pos])"
         )
-    return out.detach().to("cpu", torch.float32)
+    out = out.detach()
+    if out.is_floating_point() and torch.finfo(out.dtype).max > FLOAT32_MAX:
+        # float64 values past float32's range would become infinities below and be blamed on NaNs
+        finite = out[torch.isfinite(out)]
+        peak = float(finite.abs().max()) if finite.numel() else 0.0
+        if peak > FLOAT32_MAX:
+            raise N2GError(f"the feature returned values up to {peak:.3g}, which overflow float32 (largest "
+                           f"{FLOAT32_MAX:.3g}), the precision n2g works in; scale the feature down (e.g. divide it "
+                           "by a constant)")
+    return out.to("cpu", torch.float32)
 
 
 def evaluate_sequences(feature: Callable, seqs: Sequence[Sequence[int]], batch_tokens: int = 16384,
@@ -188,8 +200,8 @@ def check_finite(values: np.ndarray, name: str) -> None:
     """Raise a clear error when a feature produced NaN or infinite values."""
     if not np.all(np.isfinite(values)):
         raise N2GError(
-            f"{name} produced NaN or infinite activations; check the model's dtype "
-            "(try --dtype float32) or the feature function"
+            f"{name} produced NaN or infinite activations; check the feature function (a subject model in half "
+            "precision: load it with dtype='float32')"
         )
 
 

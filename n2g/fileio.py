@@ -131,6 +131,8 @@ def read_bytes(path: str | os.PathLike, limit: int = MAX_READ_BYTES) -> bytes:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):  # opens fine on Linux, reading it fails with EISDIR
+            raise UnreadableFile(f"{path} is a directory, not a file")
         if not stat.S_ISREG(st.st_mode):
             raise UnreadableFile(f"{path} is not a regular file (a pipe, device or socket)")
         if st.st_size > limit:

@@ -680,6 +680,9 @@ class NeuronGraph:
     @classmethod
     def load(cls, path: str | Path) -> "NeuronGraph":
         try:
+            if Path(path).is_dir():  # not a damaged graph: regenerating would not help
+                raise N2GError(f"cannot read graph {path}: it is a directory; give the path of a graph's JSON file "
+                               "(a run keeps them as neurons/<key>/graph.json)")
             return cls.from_dict(read_json(path))
         except N2GError:
             raise

@@ -45,13 +45,29 @@ class Steering:
                 "before": self.before, "after": self.after, "promoted_overlap": self.promoted_overlap, "kl": self.kl}
 
 
+MAX_TOKENS = 1024
+"""Most tokens a greedy continuation generates (``--tokens``): each one is a forward pass over the
+whole prompt so far, twice (clean and clamped)."""
+UNDECLARED_CONTEXT = 4096
+"""Most positions (BOS, prompt and generated tokens) for a model whose config declares no context
+length (BLOOM's ALiBi): attention memory grows with the square of the length, so none is unbounded."""
+
+
 def check_prompt(model, ids: Sequence[int], extra: int = 0) -> None:
     """A prompt the model can take: not empty, and within its context with ``extra`` tokens more."""
+    from .models import context_limit
+
     if not len(ids):
         raise N2GError("the prompt has no tokens; give some text with --prompt")
-    limit = getattr(getattr(model.model, "config", None), "max_position_embeddings", None)
+    if extra > MAX_TOKENS:
+        raise N2GError(f"--tokens {extra} is more than the {MAX_TOKENS:,} n2g generates; give --tokens {MAX_TOKENS} or fewer")
+    limit = context_limit(model)  # n_positions, max_position_embeddings or max_seq_len (MPT)
     need = len(ids) + extra + (1 if model.bos_token_id is not None else 0)
-    if limit and need > int(limit):
+    if limit is None and need > UNDECLARED_CONTEXT:
+        raise N2GError(f"the prompt is {len(ids)} tokens; with {extra} generated tokens it needs {need} positions, "
+                       f"more than the {UNDECLARED_CONTEXT:,} n2g allows a model whose config declares no context "
+                       "length; give a shorter --prompt (or fewer --tokens)")
+    if limit is not None and need > limit:
         raise N2GError(f"the prompt is {len(ids)} tokens; with {extra} generated tokens it exceeds this model's "
                        f"context of {limit}; give a shorter --prompt (or fewer --tokens)")
 

@@ -1,0 +1,183 @@
+"""Hostile input to steer, the CLI's numbers, the CPU scan batch and the Python API (audit 31): one line, bounded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import n2g
+from conftest import tiny_model, tiny_tokenizer
+from test_pipeline import tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+
+from n2g import cli
+from n2g.errors import N2GError
+from n2g.models import SubjectModel
+
+
+def main(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def bloom():
+    """BLOOM (ALiBi) declares no context length in its config."""
+    torch.manual_seed(0)
+    return SubjectModel(tiny_model("bloom"), tiny_tokenizer(), spec="tiny-bloom")
+
+
+# --- H3, T2: steer's prompt and --tokens are bounded for every family ---------------------------------------------
+
+def test_steer_knows_a_context_declared_as_max_seq_len():
+    from n2g.steer import check_prompt, steer
+
+    torch.manual_seed(0)
+    model = SubjectModel(tiny_model("mpt"), tiny_tokenizer(), spec="tiny-mpt")  # MptConfig.max_seq_len 128
+    check_prompt(model, [5, 6], 100)  # 103 positions with BOS: fits
+    with pytest.raises(N2GError, match="exceeds this model's context of 128"):
+        check_prompt(model, [5, 6], 200)  # MPT was a RuntimeError traceback from inside the model
+    with pytest.raises(N2GError, match="context of 128"):
+        steer(model, 1, 3, [5] * 300, 1.0, n_tokens=1)
+
+
+def test_steer_on_a_model_without_a_declared_context_is_bounded(bloom):
+    from n2g.steer import MAX_TOKENS, UNDECLARED_CONTEXT, check_prompt
+
+    check_prompt(bloom, [5, 6], 12)
+    with pytest.raises(N2GError, match=f"more than the {UNDECLARED_CONTEXT:,} n2g allows"):
+        check_prompt(bloom, [5] * UNDECLARED_CONTEXT, 1)  # was taken whole: 25,000 tokens took 24 GB
+    with pytest.raises(N2GError, match="--tokens 100000 is more than"):
+        check_prompt(bloom, [5, 6], 100_000)  # was a greedy loop of 100,000 forwards
+    with pytest.raises(N2GError, match=f"give --tokens {MAX_TOKENS} or fewer"):
+        check_prompt(bloom, [5, 6], MAX_TOKENS + 1)
+
+
+def test_steer_command_refuses_too_many_tokens_before_loading_the_model(capsys, tmp_path):
+    code, out, err = main(["steer", "--model", tmp_path / "no-such-model", "--layer", "1", "--neuron", "3",
+                           "--max", "1", "--prompt", "the cat", "--tokens", "100000", "-q"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("n2g: error: --tokens 100000 is more than") and len(err.splitlines()) == 1, err
+
+
+# --- L5: a negative number in exponent form is an option's value, not an option ----------------------------------
+
+def test_negative_exponent_numbers_are_option_values(tiny_dir, capsys):  # noqa: F811
+    code, out, err = main(["steer", "--model", tiny_dir / "model", "--layer", "1", "--neuron", "3", "--prompt",
+                           "the cat", "--max", "-1e1", "--scale", "-2e-1", "--tokens", "1", "--json", "-q"], capsys)
+    assert code == 0, err  # was: argument --scale: expected one argument
+    result = json.loads(out)
+    assert result["max_activation"] == -10.0 and result["scale"] == -0.2 and result["value"] == pytest.approx(2.0)
+
+
+def test_negative_exponent_numbers_reach_every_numeric_option():
+    parser = cli.build_parser()
+    parse = lambda *argv: parser.parse_args(cli._join_negative_numbers(parser, list(argv)))
+    args = parse("steer", "--layer", "1", "--neuron", "3", "--prompt", "x", "--max", "-1e308", "--scale", "-inf")
+    assert (args.max_activation, args.scale) == ("-1e308", "-inf")  # n2g's own check then says what is wrong
+    assert parse("serve", "RUN", "--port", "-1e3").port == "-1e3"
+    after = ["search", "--", "--limit", "-1e3"]  # after --: positional, untouched
+    assert cli._join_negative_numbers(parser, after) == after
+    with pytest.raises(SystemExit):  # an int option now says the value is not an int, not that it is missing
+        parse("steer", "--layer", "-1e3", "--neuron", "3", "--prompt", "x")
+
+
+# --- M5: the CPU scan batch is bounded by the width (an SAE's d_sae) -----------------------------------------------
+
+class _Wide:
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def __init__(self, d_mlp):
+        self.d_mlp = d_mlp
+
+
+def test_cpu_scan_batch_shrinks_for_wide_saes_only():
+    from n2g.engine import CPU_SCAN_VALUES, device_budget
+
+    assert device_budget(_Wide(48), 32) == (16384, 32)  # the tests' tiny models: unchanged
+    assert device_budget(_Wide(1536), 64)[1] == 32  # SmolLM2's MLP at the default length: unchanged
+    wide = device_budget(_Wide(100_000), 32)[1]  # was 32: 3.5 GB for 64 excerpts of 32 tokens
+    assert 1 <= wide < 32 and wide * 32 * 100_000 <= CPU_SCAN_VALUES
+    assert device_budget(_Wide(10**7), 1024)[1] == 1  # never zero
+    assert device_budget(_Wide(100_000), 32, scan_batch=8)[1] == 8  # --scan-batch still wins
+
+
+def test_fit_neuron_scans_in_batches_sized_to_the_width(tiny_dir, monkeypatch, tmp_path):  # noqa: F811
+    import n2g.engine
+    import n2g.scan
+
+    seen = {}
+
+    def spy(*args, **kw):
+        seen["batch"] = kw.get("batch_size")
+        raise KeyboardInterrupt  # the batch is all this test needs
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(n2g.engine, "CPU_SCAN_VALUES", 4 * 16 * 48)  # as if d_mlp 48 were a wide SAE: 4 excerpts
+    monkeypatch.setattr(n2g.scan, "scan_layers", spy)
+    model = n2g.load_model(str(tiny_dir / "model"))
+    corpus = n2g.load_corpus(str(tiny_dir / "corpus.txt"), model, length=16)
+    with pytest.raises(KeyboardInterrupt):
+        n2g.fit_neuron(model, 1, 2, corpus=corpus, progress=False)
+    assert seen["batch"] == 4  # was the scan's default of 32 whatever the width
+
+
+# --- L8, L10, L11, L12: the Python API ------------------------------------------------------------------------------
+
+def test_the_api_takes_pathlib_paths(tiny_dir, monkeypatch, tmp_path):  # noqa: F811
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    model = n2g.load_model(tiny_dir / "model")  # was: model spec must be ... (got PosixPath(...))
+    assert model.n_layers == 3
+    corpus = n2g.load_corpus(tiny_dir / "corpus.txt", model, length=16, max_excerpts=20)
+    assert len(corpus) == 20
+    fitted = n2g.fit_neuron(tiny_dir / "model", 1, 2, corpus=tiny_dir / "corpus.txt", max_excerpts=30, progress=False)
+    assert fitted.neuron_ == n2g.NeuronId(1, 2) and fitted.status_ in ("fitted", "dead")
+
+
+def test_loading_a_graph_from_a_directory_says_it_is_one(tmp_path):
+    from n2g.fileio import UnreadableFile, read_bytes
+
+    with pytest.raises(N2GError, match="it is a directory; give the path of a graph's JSON file") as e:
+        n2g.NeuronGraph.load(tmp_path)
+    assert "pipe, device or socket" not in str(e.value)
+    with pytest.raises(UnreadableFile, match="is a directory, not a file"):
+        read_bytes(tmp_path)
+
+
+def test_a_float64_feature_beyond_float32_says_it_overflows():
+    with pytest.raises(N2GError, match="overflow float32") as e:
+        n2g.distill(lambda ids: (ids == 7).double() * 1e300, [[7, 7, 8]] * 8)
+    assert "--dtype" not in str(e.value)  # a CLI option is no help to an API caller
+    with pytest.raises(N2GError, match="NaN or infinite") as e:
+        n2g.distill(lambda ids: (ids == 7).float() * float("nan"), [[7, 7, 8]] * 8)
+    assert "--dtype" not in str(e.value)
+    assert n2g.distill(lambda ids: (ids == 7).double() * 1e30, [[7, 7, 8]] * 8).status_ == "fitted"  # in range: fine
+
+
+@pytest.mark.parametrize("ids, message", [([2**31], "from 0 to 2147483647 \\(got 2147483648\\)"),
+                                          ([5, 10**30], "got 1000000000000000000000000000000"),
+                                          ([-1, 4], "got -1"),
+                                          ("range", "holds more than 1,048,576 ids"),
+                                          ("generator", "holds more than 1,048,576 ids")])
+def test_sentence_end_ids_are_bounded(ids, message):
+    from n2g.config import MAX_TOKEN_IDS, DistillConfig
+
+    def given():
+        if ids == "range":
+            return range(MAX_TOKEN_IDS + 1)
+        if ids == "generator":
+            return (i for i in range(MAX_TOKEN_IDS + 1))
+        return ids
+
+    with pytest.raises(N2GError, match=message):
+        DistillConfig(sentence_end_ids=given())
+    with pytest.raises(N2GError, match=message):
+        n2g.distill(lambda t: (t == 7).float(), [[7, 7, 8]] * 8, sentence_end_ids=given())
+    if ids == "range":  # counted, not built: range(10**9) made a set of a billion ints for minutes
+        with pytest.raises(N2GError, match=message):
+            DistillConfig(sentence_end_ids=range(10**12))
+        with pytest.raises(N2GError, match=message):
+            DistillConfig(sentence_end_ids=range(10**30))  # too large even for len()
+    assert DistillConfig(sentence_end_ids=[9, 3, 9]).sentence_end_ids == (3, 9)
