@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import json
 import os
 import platform
 import random
@@ -227,6 +228,68 @@ def cli_cases(sw: Sweep, inp: dict) -> None:
                                                      "--excerpt-length", "32", "--neurons", "0", "--no-report", "-q",
                                                      "--out", out], expect=0)
     sw.rows[-1].message = f"finished in {time.perf_counter() - started:.1f} s"
+
+
+def model_cases(sw: Sweep, inp: dict) -> None:
+    """Model folders and GGUF files that do not hold what they claim (audit of 2026-12-05)."""
+    root = sw.root
+
+    def variant(name: str, edit=None, text: str | None = None) -> Path:
+        folder = root / "models" / name
+        shutil.copytree(inp["model"], folder)
+        if edit is not None or text is not None:
+            config = json.loads((folder / "config.json").read_text())
+            if edit is not None:
+                edit(config)
+            (folder / "config.json").write_text(text if text is not None else json.dumps(config))
+        return folder
+
+    fifo_config = variant("fifo-config")
+    (fifo_config / "config.json").unlink()
+    os.mkfifo(fifo_config / "config.json")
+    sw.cli_case("config.json is a FIFO", ["info", "--model", fifo_config, "-q"])
+    fifo_weights = variant("fifo-weights")
+    os.mkfifo(fifo_weights / "extra.safetensors")
+    sw.cli_case("a FIFO named *.safetensors in the model folder", ["info", "--model", fifo_weights, "-q"])
+    sw.cli_case("config.json hidden_size 1,000,000 over a 32-wide checkpoint",
+                ["info", "--model", variant("wide", lambda c: c.update(hidden_size=1_000_000)), "-q"])
+    sw.cli_case("config.json says 1 layer, the weights hold 3",
+                ["info", "--model", variant("short", lambda c: c.update(num_hidden_layers=1)), "-q"])
+    sw.cli_case("config.json nested 200,000 deep",
+                ["info", "--model", variant("deep", text='{"model_type": "llama", "x": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+                 "-q"])
+    sw.cli_case("a model that computes NaN (rms_norm_eps NaN), --out new",
+                ["fit", "--model", variant("nan", lambda c: c.update(rms_norm_eps=float("nan"))), "--corpus", inp["corpus"],
+                 "--excerpt-length", "32", "--layer", "1", "--neuron", "0", "-q", "--no-report", "--out", "new/out"])
+    sys.path.insert(0, str(REPO / "tests"))
+    import torch
+    from conftest import tiny_model, tiny_tokenizer
+
+    for family in ("bloom", "mpt"):  # BLOOM declares no context length; MPT calls it max_seq_len
+        torch.manual_seed(0)
+        tiny_model(family).save_pretrained(root / "models" / family)
+        tiny_tokenizer().save_pretrained(root / "models" / family)
+    steer = ["steer", "--layer", "1", "--neuron", "3", "--max", "1", "-q", "--prompt", "the cat"]
+    sw.cli_case("steer --tokens 100,000 on a model declaring no context (BLOOM)",
+                [*steer, "--model", root / "models" / "bloom", "--tokens", "100000"])
+    sw.cli_case("steer past MPT's max_seq_len (128)", [*steer, "--model", root / "models" / "mpt", "--tokens", "200"])
+    sw.cli_case("steer --scale -1e3 (a negative number in exponent form)",
+                [*steer, "--model", inp["model"], "--tokens", "2", "--scale", "-1e3"], expect=0)
+
+    from gguf import GGUFReader
+
+    from n2g.models import default_gguf_path
+
+    gguf = root / "models" / "forty" / default_gguf_path().name
+    gguf.parent.mkdir(parents=True)
+    shutil.copy(default_gguf_path(), gguf)
+    reader = GGUFReader(str(gguf), "r+")
+    field = reader.fields["llama.block_count"]
+    field.parts[field.data[0]][0] = 40  # 30 layers of tensors
+    reader.data.flush()
+    del reader
+    sw.cli_case("GGUF whose block_count (40) exceeds its tensors (30)", ["info", "--model", gguf, "-q"],
+                env=dict(ENV, N2G_CACHE=str(root / "gguf-cache")))
 
 
 def artifact_cases(sw: Sweep, inp: dict) -> None:
@@ -480,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         sw = Sweep(Path(tmp))
         inp = make_inputs(sw.root)
         cli_cases(sw, inp)
+        model_cases(sw, inp)
         artifact_cases(sw, inp)
         disk_cases(sw, inp)
         server_cases(sw, inp)

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="4", help="clamp to this multiple of the neuron's maximum activation (default 4)")
     p.add_argument("--max", dest="max_activation", default=None,
                    help="the neuron's maximum activation (default: from a scan of the corpus, cached)")
-    p.add_argument("--tokens", type=int, default=12, help="greedy continuation length (default 12)")
+    p.add_argument("--tokens", type=int, default=12, help="greedy continuation length (default 12, at most 1,024)")
     p.add_argument("--target", default=None, help="output token for the attribution (default: the clean model's top next token)")
     p.add_argument("--sae", default=None, metavar="PATH", help="steer a latent of this local SAELens SAE instead of an MLP neuron")
     _verbosity_args(p, json_out=True)

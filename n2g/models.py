@@ -940,7 +940,8 @@ def _check_checkpoint(path: Path, config) -> None:
         raise N2GError(f"{path}: config.json says {n_layers} layers but the weights hold {max(layers) + 1}; "
                        "fix num_hidden_layers in config.json or add the missing weights")
     if isinstance(n_layers, int) and layers and n_layers < max(layers) + 1:
-        raise N2GError(f"{path}: config.json says {n_layers} layers but the weights hold {max(layers) + 1}; "
+        raise N2GError(f"{path}: config.json says {n_layers} layer{'s' if n_layers != 1 else ''} but the weights hold "
+                       f"{max(layers) + 1}; "
                        "fix num_hidden_layers in config.json (n2g would explain a truncated model)")
     if rows is None:
         raise N2GError(f"{path}: the weights hold no token embedding; use a complete checkpoint")

@@ -475,7 +475,7 @@ def test_a_pipe_in_a_model_folder_is_refused_not_waited_on(tmp_path, name):
 @pytest.mark.parametrize("edit, weights, says", [
     (lambda c: c.update(hidden_size=100_000), "safetensors", "config.json makes .* \\[128, 100000\\] but the weights hold \\[128, 32\\]"),
     (lambda c: c.update(intermediate_size=1_000_000), "safetensors", "down_proj.weight \\[32, 1000000\\] but the weights hold \\[32, 48\\]"),
-    (lambda c: c.update(num_hidden_layers=1), "safetensors", "says 1 layers but the weights hold 3.*truncated"),
+    (lambda c: c.update(num_hidden_layers=1), "safetensors", "says 1 layer but the weights hold 3.*truncated"),
     (lambda c: c.update(num_hidden_layers=10_000), "bin", "says 10000 layers but the weights hold 3"),
     (lambda c: c.update(hidden_size=100_000), "bin", "but the weights hold \\[128, 32\\]"),
     (lambda c: '{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "safetensors",
