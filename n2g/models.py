@@ -182,6 +182,9 @@ def config_key_of(model) -> str:
     config = getattr(getattr(getattr(model, "base", model), "model", None), "config", None)
     try:
         settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_COMPUTATION}
+        if "gguf" in str((settings.get("quantization_config") or {}).get("quant_method", "")).lower():
+            # the record of a de-quantised GGUF's source: present when it is converted, not in its cached copy
+            del settings["quantization_config"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     except Exception:  # a stand-in model without a transformers config
         return ""

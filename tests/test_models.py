@@ -533,3 +533,19 @@ def test_an_ill_typed_config_or_a_missing_tokenizer_is_named_in_the_message(tmp_
         (folder / name).unlink()
     with pytest.raises(N2GError, match="could not load the tokenizer of .*the tokenizer files it was saved with"):
         load_model(str(folder), device="cpu")
+
+
+@pytest.mark.slow
+def test_the_packaged_model_has_the_same_keys_when_converted_and_when_read_from_its_cache(tmp_path, monkeypatch):
+    # runs and scans are keyed on them: a run started by the process that de-quantised the GGUF must
+    # resume (and find its scans) in every later process, which reads the cached copy
+    from n2g.models import config_key_of
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path))
+    cache = _gguf_cache_path(default_gguf_path())
+    assert not cache.exists()
+    converted = load_model("default", device="cpu")
+    assert (cache / "model.safetensors").is_file()
+    cached = load_model("default", device="cpu")
+    assert (config_key_of(converted), converted.weights_key()) == (config_key_of(cached), cached.weights_key())
+    assert len(config_key_of(cached)) == 16
