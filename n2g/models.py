@@ -172,6 +172,25 @@ def weights_key_of(model) -> str | None:
     return key() if callable(key) else None
 
 
+def model_location(model) -> str:
+    """Where ``model`` was loaded from, spelled one way: a local path resolved (``./m``, ``/abs/m/`` and a
+    link to it are one location), ``default`` as the packaged GGUF's path, a hub id as given; an SAE adds its
+    own resolved path. Runs and scans are keyed on it (with the weights and config keys), not on the spelling."""
+    base, sae_path = getattr(model, "base", None), getattr(model, "path", None)
+    if base is not None and sae_path is not None:
+        return f"{model_location(base)}+sae:{Path(sae_path).resolve()}"
+    spec = str(getattr(model, "spec", ""))
+    try:
+        if spec.lower() in DEFAULT_SPECS:
+            return str(default_gguf_path().resolve())
+        path = Path(spec).expanduser()
+        if path.exists():
+            return str(path.resolve())
+    except (OSError, N2GError):
+        pass
+    return spec
+
+
 _NOT_COMPUTATION = frozenset({"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "dtype",
                               "torch_dtype"})
 

@@ -184,7 +184,7 @@ def load_inputs(opts: RunOptions, model=None, corpus=None):
 def open_store(opts: RunOptions, model, corpus):
     """The run directory's store, created or checked against this run's identity; and the partition."""
     from .activations import partition, stored_excerpts
-    from .models import config_key_of, weights_key_of
+    from .models import config_key_of, model_location, weights_key_of
     from .store import RunStore
 
     cfg = opts.config()
@@ -193,6 +193,7 @@ def open_store(opts: RunOptions, model, corpus):
     weights, settings = weights_key_of(model), config_key_of(model)
     identity = {"model": str(model.spec), **({"model_weights": weights} if weights else {}),
                 **({"model_config": settings} if weights and settings else {}),
+                **({"model_path": model_location(model)} if weights else {}),
                 "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(), "corpus_tokens": corpus.tokens_key(),
                 "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
                 "config": cfg.to_dict(), "store_tokens": store_budget(opts),

@@ -29,7 +29,7 @@ from .activations import DEFAULT_STORE_TOKENS, ActivationStore, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import FILE_MODE, replacing, write_json_atomic
-from .models import config_key_of, weights_key_of
+from .models import config_key_of, model_location, weights_key_of
 from .progress import Progress
 from .records import NeuronStats, Sign
 
@@ -105,12 +105,15 @@ POOL_VALUES_AT_ONCE = 1 << 25
 
 def _model_key(model) -> tuple[str, str]:
     """The scan cache's key for ``model`` and a readable label for its file names. A model whose weights have
-    a key is named by them (and the BOS token the scan puts first), not by the path or name it was loaded
-    from, so the same model reached another way (``./m`` and ``/abs/m``) shares its scans."""
+    a key is named by where it was loaded from spelled one way (:func:`n2g.models.model_location`), that key,
+    its configuration and the BOS token the scan puts first, so the same model reached another way (``./m``
+    and ``/abs/m``) shares its scans. The weights key samples each tensor, so the location still tells apart
+    two copies of a model that differ in a few weights."""
     weights = weights_key_of(model)
     if not weights:
         return str(model.spec), str(model.spec)
-    return (f"weights:{weights}|bos:{getattr(model, 'bos_token_id', None)}|config:{config_key_of(model)}",
+    return (f"location:{model_location(model)}|weights:{weights}|bos:{getattr(model, 'bos_token_id', None)}"
+            f"|config:{config_key_of(model)}",
             str(getattr(model, "model_type", "model")))
 
 

@@ -33,12 +33,13 @@ from .records import SCHEMA_VERSION, NeuronId, NeuronResult
 log = logging.getLogger(__name__)
 
 RUN_KIND = "n2g.run"
-LATER_IDENTITY_KEYS = frozenset({"model_weights", "substitutes", "corpus_tokens", "model_config"})
+LATER_IDENTITY_KEYS = frozenset({"model_weights", "substitutes", "corpus_tokens", "model_config", "model_path"})
 """Identity keys newer runs record; a run made before one was recorded resumes without it being compared."""
-SAME_CONTENT = {"corpus_tokens": ("corpus", "corpus_fingerprint"), "model_weights": ("model",)}
-"""Identity keys that name content, and the keys naming that content by where it came from: when both runs
-record the content key and it agrees, the names are not compared (the same corpus file or model folder
-reached by another path, or ``--model default`` and the packaged GGUF's path)."""
+SAME_CONTENT = {"corpus_tokens": ("corpus", "corpus_fingerprint"), "model_path": ("model",)}
+"""Identity keys that say the same thing exactly, and the keys they stand for: when both runs record the
+first and it agrees, the others are not compared (the corpus's tokens for its name: the same corpus file
+reached by another path; the resolved model location for ``--model`` as typed: ``./m`` and ``/abs/m``, or
+``--model default`` and the packaged GGUF's path)."""
 METHODS = ("n2g", "token_lookup", "ngram", "zero", *sorted(set(BASELINES) - {"token_lookup", "ngram", "zero"}))
 SCORE_FIELDS = ("precision", "recall", "f1", "nonfiring_precision", "nonfiring_recall", "nonfiring_f1",
                 "pearson", "explained_variance", "n_tokens", "n_firing", "n_predicted_firing", "status")

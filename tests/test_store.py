@@ -107,14 +107,23 @@ def test_other_weights_or_another_dtype_behind_the_same_name_are_scanned_again(t
     assert Counting.positions == 0
 
 
-def test_the_same_weights_by_another_name_share_a_scan(tmp_path):
+def test_the_same_model_by_another_spelling_of_its_path_shares_a_scan(tmp_path):
     excerpts = torch.randint(4, 68, (40, 16))
-    scan_layers(_model(), excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    first = _model()
+    first.spec = str(tmp_path / "models" / "tiny")
+    scan_layers(first, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
     renamed = _model()
-    renamed.spec = "/another/path/to/tiny-llama"
+    renamed.spec = str(tmp_path / "link" / ".." / "link" / "tiny") + "/"
     Counting.positions = 0
     scan_layers(renamed, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
     assert Counting.positions == 0
+    elsewhere = _model()  # the same sampled weights key at another location: two copies may differ in a few weights
+    elsewhere.spec = "/another/path/to/tiny-llama"
+    scan_layers(elsewhere, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert Counting.positions > 0
+    Counting.positions = 0
     renamed.bos_token_id = 5  # a different first token changes every activation: scanned again
     scan_layers(renamed, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
     assert Counting.positions > 0
