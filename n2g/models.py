@@ -921,11 +921,23 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _EMBEDDING_KEYS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "embedding.weight")
 
 
+def _weight_files(path: Path, name: str) -> list[Path]:
+    """The files transformers loads for weights called ``name`` (``model.safetensors``, ``pytorch_model.bin``):
+    the shards its index lists, else the one file; other files in the folder (an older save's shards) are not
+    read by it, so they are not checked here either."""
+    index = path / f"{name}.index.json"
+    if index.is_file() and index.stat().st_size <= MAX_CONFIG_BYTES:
+        shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return [path / f for f in sorted(set(shards.values())) if isinstance(f, str) and (path / f).is_file()]
+    return [path / name] if (path / name).is_file() else []
+
+
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's name and shape in a local checkpoint, read without loading any data: safetensors
-    headers, or a ``pytorch_model*.bin`` opened memory-mapped onto the meta device (tensors only)."""
+    headers, or a ``pytorch_model.bin`` opened memory-mapped onto the meta device (tensors only; an old
+    non-zip .bin is read whole, as transformers would)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    files = sorted(f for f in path.glob("*.safetensors") if f.is_file())
+    files = _weight_files(path, "model.safetensors")
     if files:
         from safetensors import safe_open
 
@@ -934,8 +946,11 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                 for key in h.keys():
                     shapes[key] = tuple(int(n) for n in h.get_slice(key).get_shape())
         return shapes
-    for f in sorted(f for f in path.glob("pytorch_model*.bin") if f.is_file()):
-        state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+    for f in _weight_files(path, "pytorch_model.bin"):
+        try:
+            state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(f, map_location="meta", weights_only=True)
         for key, tensor in (state.items() if isinstance(state, dict) else ()):
             if isinstance(tensor, torch.Tensor):
                 shapes[key] = tuple(tensor.shape)

@@ -446,10 +446,11 @@ def _tiny_folder(path, edit=None, weights="safetensors"):
     torch.manual_seed(0)
     tiny_model("llama").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
-    if weights == "bin":  # an older checkpoint: a pickle of tensors
+    if weights in ("bin", "legacy bin"):  # an older checkpoint: a pickle of tensors (zip, or before torch 1.6)
         from safetensors.torch import load_file
 
-        torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+        torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=weights == "bin")
         (path / "model.safetensors").unlink()
     if edit is not None:
         config = json.loads((path / "config.json").read_text())
@@ -478,6 +479,7 @@ def test_a_pipe_in_a_model_folder_is_refused_not_waited_on(tmp_path, name):
     (lambda c: c.update(num_hidden_layers=1), "safetensors", "says 1 layer but the weights hold 3.*truncated"),
     (lambda c: c.update(num_hidden_layers=10_000), "bin", "says 10000 layers but the weights hold 3"),
     (lambda c: c.update(hidden_size=100_000), "bin", "but the weights hold \\[128, 32\\]"),
+    (lambda c: c.update(intermediate_size=1_000_000), "legacy bin", "but the weights hold \\[32, 48\\]"),
     (lambda c: '{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "safetensors",
      "nests JSON too deeply"),
     (lambda c: c.update(pad="x" * (17 << 20)), "safetensors", "config.json is 17 MiB"),
@@ -549,3 +551,20 @@ def test_the_packaged_model_has_the_same_keys_when_converted_and_when_read_from_
     cached = load_model("default", device="cpu")
     assert (config_key_of(converted), converted.weights_key()) == (config_key_of(cached), cached.weights_key())
     assert len(config_key_of(cached)) == 16
+
+
+def test_an_older_saves_stray_shards_beside_the_weights_are_not_read(tmp_path):
+    # transformers loads model.safetensors (or the shards its index lists), never other files in the folder
+    import shutil
+
+    from conftest import tiny_model
+
+    folder = _tiny_folder(tmp_path / "m")
+    torch.manual_seed(1)
+    old = tiny_model("llama")
+    old.config.num_hidden_layers = 6
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(old.config).save_pretrained(tmp_path / "six")
+    shutil.copy(tmp_path / "six" / "model.safetensors", folder / "model-00001-of-00002.safetensors")
+    assert load_model(str(folder), device="cpu").n_layers == 3
