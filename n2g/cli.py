@@ -485,7 +485,8 @@ def _terminate_as_interrupt():
 
 
 _NUMBER_OPTIONS = ("--scale", "--max", "--port")
-"""Options whose value is a number parsed by n2g itself (argparse's type is str)."""
+"""Options whose value is a number parsed by n2g itself (argparse's type is str); every other option that
+takes one value is found in the parser."""
 
 
 def _join_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -495,8 +496,8 @@ def _join_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -> 
     numeric = set(_NUMBER_OPTIONS)
     for group in [parser] + [choice for action in parser._actions if isinstance(action, argparse._SubParsersAction)
                              for choice in action.choices.values()]:
-        for action in group._actions:
-            if action.type in (int, float) and action.nargs is None:
+        for action in group._actions:  # every option that takes one value: a number, or text that looks like one
+            if isinstance(action, argparse._StoreAction) and action.nargs is None:
                 numeric.update(o for o in action.option_strings if o.startswith("--"))
     out: list[str] = []
     i = 0

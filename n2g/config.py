@@ -9,6 +9,7 @@ values with :class:`~n2g.errors.N2GError`, so the CLI can build one straight fro
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 from .errors import N2GError
@@ -291,7 +292,12 @@ class DistillConfig:
             if n > MAX_TOKEN_IDS:
                 raise N2GError(f"{name} holds more than {MAX_TOKEN_IDS:,} ids (no vocabulary is that large); "
                                "pass only the ids of the tokens that end a sentence")
-            out = tuple(sorted({int(t) for t in ids}))
+            if isinstance(ids, (str, bytes, bytearray)):  # "13" would be the ids 1 and 3
+                raise TypeError
+            values = list(ids)
+            if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in values):
+                raise TypeError  # 3.7 would be 3, True would be 1 (a NumPy integer is Integral)
+            out = tuple(sorted({int(t) for t in values}))
         except (TypeError, ValueError, OverflowError):
             raise N2GError(f"{name} must be token ids (got {str(ids)[:80]})") from None
         bad = [t for t in (out[:1] + out[-1:]) if not 0 <= t <= MAX_TOKEN_ID]  # sorted: the ends say it

@@ -215,7 +215,14 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
         return results
     with contextlib.ExitStack() as held:  # one process scans a cache entry; another waits, then loads it
         for l in todo:
-            if l in stems and held.enter_context(_scan_lock(stems[l], l)):
+            if l not in stems:
+                continue
+            try:
+                stems[l].parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
+            except OSError:
+                pass
+            held.enter_context(_scan_lock(stems[l], l))
+            if _exists(stems[l].with_suffix(".json")):  # made while this process waited, or just before
                 try:
                     results[l] = _load(stems[l])
                     log.info("layer %d: scan loaded from cache %s (another n2g process made it)", l, stems[l])

@@ -82,6 +82,8 @@ def test_negative_exponent_numbers_reach_every_numeric_option():
     assert cli._join_negative_numbers(parser, after) == after
     with pytest.raises(SystemExit):  # an int option now says the value is not an int, not that it is missing
         parse("steer", "--layer", "-1e3", "--neuron", "3", "--prompt", "x")
+    args = parse("steer", "--layer", "1", "--neuron", "3", "--prompt", "-5e2", "--target", "-1e3")
+    assert (args.prompt, args.target) == ("-5e2", "-1e3")  # text options take text that looks like a number
 
 
 # --- M5: the CPU scan batch is bounded by the width (an SAE's d_sae) -----------------------------------------------
@@ -160,7 +162,10 @@ def test_a_float64_feature_beyond_float32_says_it_overflows():
                                           ([5, 10**30], "got 1000000000000000000000000000000"),
                                           ([-1, 4], "got -1"),
                                           ("range", "holds more than 1,048,576 ids"),
-                                          ("generator", "holds more than 1,048,576 ids")])
+                                          ("generator", "holds more than 1,048,576 ids"),
+                                          ("13", "must be token ids \\(got 13\\)"),  # not the ids 1 and 3
+                                          (b"ab", "must be token ids"), ([3.7], "must be token ids"),
+                                          ([True], "must be token ids")])
 def test_sentence_end_ids_are_bounded(ids, message):
     from n2g.config import MAX_TOKEN_IDS, DistillConfig
 
