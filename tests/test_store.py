@@ -186,6 +186,21 @@ def test_pool_statistics_computed_a_slice_of_neurons_at_a_time_are_the_same(monk
     assert whole.n_pool_tokens == sliced.n_pool_tokens == 160
 
 
+def test_a_fresh_cache_is_locked_too(tmp_path, monkeypatch):
+    import n2g.scan as scan_module
+
+    real, seen = scan_module._scan_lock, []
+
+    def spy(stem, layer):
+        seen.append(stem.parent.is_dir())  # the lock file can be made only where its folder exists
+        return real(stem, layer)
+
+    monkeypatch.setattr(scan_module, "_scan_lock", spy)
+    scan_layers(_model(), torch.randint(4, 68, (40, 16)), [0, 1], k=8, pool_size=10, progress=False,
+                cache_dir=tmp_path / "new", corpus_key="c")
+    assert seen == [True, True]
+
+
 class _Planted:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['N2G_PLANT_MARK']}",))
