@@ -392,14 +392,21 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
                     os.replace(tmp_paths[l], final)  # the open map stays valid: same file, new name
                     scan.store = ActivationStore.open(final, stored)
                     _save(scan, stems[l])
-                except OSError as exc:
-                    log.warning("layer %d: cannot save the scan cache in %s (%s); going on without it", l, stems[l].parent, exc)
+                except Exception as exc:  # a full disk: an OSError, or safetensors' own error
+                    log.warning("layer %d: cannot save the scan cache in %s (%s); going on without it", l,
+                                stems[l].parent, _first_line(exc))
                     tmp_paths[l].unlink(missing_ok=True)
+                    if not stems[l].with_suffix(".json").exists():  # no entry without its JSON: free the disk
+                        final.unlink(missing_ok=True)  # (the open map of it stays readable)
             results[l] = scan
     except BaseException:  # interrupted or failed: no half-written store is left in the cache
         for tmp in tmp_paths.values():
             tmp.unlink(missing_ok=True)  # a store already renamed into place is no longer there
         raise
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _quantiles(sample: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:

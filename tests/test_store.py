@@ -201,6 +201,21 @@ def test_a_fresh_cache_is_locked_too(tmp_path, monkeypatch):
     assert seen == [True, True]
 
 
+def test_a_scan_cache_that_cannot_be_saved_is_a_warning_and_leaves_no_files(tmp_path, monkeypatch, caplog):
+    import n2g.scan as scan_module
+
+    def full(scan, stem):  # safetensors reports a full disk with an error of its own, not an OSError
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(scan_module, "_save", full)
+    model, excerpts = _model(), torch.randint(4, 68, (40, 16))
+    scans = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    truth = model.layer_activations(excerpts, None, [0])[0]
+    np.testing.assert_allclose(scans[0].store.neuron(3), truth[:, :, 3].numpy(), rtol=2e-3, atol=2e-3)  # still readable
+    assert list((tmp_path / "scans").iterdir()) == []
+    assert any("cannot save the scan cache" in r.getMessage() and "No space left" in r.getMessage() for r in caplog.records)
+
+
 class _Planted:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['N2G_PLANT_MARK']}",))
