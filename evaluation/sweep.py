@@ -448,6 +448,21 @@ def disk_cases(sw: Sweep, inp: dict) -> None:
     sw.cli_case("N2G_CACHE cannot be created", ["run", *inp["base"], "--neurons", "0", "--no-report", "--out",
                                                 root / "uncached"], expect=0, env=dict(ENV, N2G_CACHE=str(blocker / "cache")))
 
+    # a scan cache on a disk that fills while the scans are saved: warnings, the run finishes, no partial entry
+    mnt = root / "full-cache"
+    with tmpfs(mnt, "700k") as made:
+        if not made:
+            sw.rows.append(Row("scan cache disk fills during a run", "n2g run", "-", "skipped: needs root and mount", "-", True))
+        else:
+            res = sw.n2g(["run", *inp["base"], "--layers", "0-2", "--neurons", "0-1", "--no-report", "--out",
+                          root / "full-cache-run"], env=dict(ENV, N2G_CACHE=str(mnt)))
+            entries = sorted(p.name for p in (mnt / "scans").iterdir()) if (mnt / "scans").is_dir() else []
+            saved = sum(1 for e in entries if e.endswith(".json"))
+            left = [e for e in entries if not e.endswith((".json", ".safetensors", ".acts.npy"))]
+            orphans = [e for e in entries if e.endswith(".acts.npy") and e[:-9] + ".json" not in entries]
+            sw.add("scan cache disk fills during a run", "n2g run ... (N2G_CACHE on a 700 KB tmpfs)", res.returncode,
+                   f"{sw.message(res.stderr)} ({saved} of 3 layers cached)", left + orphans, 0, "Traceback" in res.stderr)
+
 
 def server_cases(sw: Sweep, inp: dict) -> None:
     root = sw.root
