@@ -292,15 +292,13 @@ def _steer(args) -> int:
     import torch
 
     from .models import load_model
-    from .steer import MAX_TOKENS, attribution, check_prompt, steer
+    from .steer import attribution, check_prompt, check_tokens, steer
 
     scale = _number(args.scale, "--scale")
     peak = _number(args.max_activation, "--max") if args.max_activation is not None else None
     if args.tokens < 0:
         raise N2GError(f"--tokens must be 0 or more (got {args.tokens})")
-    if args.tokens > MAX_TOKENS:  # before the model is loaded
-        raise N2GError(f"--tokens {args.tokens} is more than the {MAX_TOKENS:,} n2g generates; "
-                       f"give --tokens {MAX_TOKENS} or fewer")
+    check_tokens(args.tokens)  # before the model is loaded
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.sae:
         from .sae import load_sae

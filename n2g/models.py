@@ -811,6 +811,16 @@ def _quiet_gguf_bar() -> Iterator[None]:
         mod.tqdm = bar
 
 
+def _refuse_missing(info, what: str, source: str, use: str) -> None:
+    """Refuse a model whose loading info lists missing weights: transformers filled them with random values,
+    so every activation would be noise."""
+    missing = list((info or {}).get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+        raise N2GError(f"{what} lacks {len(missing)} weight tensor(s) {source} needs ({shown}); "
+                       f"they would be random: use {use}")
+
+
 def _load_gguf(gguf: Path):
     """De-quantise a GGUF file once and cache it as safetensors; later loads read the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -835,11 +845,7 @@ def _load_gguf(gguf: Path):
     except Exception as exc:
         raise N2GError(f"could not load GGUF file {gguf}: {exc}; "
                        "check that it is a complete GGUF model file") from exc
-    missing = list((info or {}).get("missing_keys") or [])
-    if missing:  # filled with random values: every activation would be noise (and the copy cached)
-        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
-        raise N2GError(f"{gguf} lacks {len(missing)} weight tensor(s) its metadata needs ({shown}); "
-                       "they would be random: use a complete GGUF file")
+    _refuse_missing(info, f"{gguf}", "its metadata", "a complete GGUF file")  # before the copy is cached
     _save_cache(model, tokenizer, target)
     return model, tokenizer
 
@@ -973,13 +979,10 @@ def _check_checkpoint(path: Path, config) -> None:
     layers = {int(m.group(1)) for m in map(_LAYER_INDEX.search, shapes) if m}
     rows = next((shape[0] for key, shape in shapes.items() if key.endswith(_EMBEDDING_KEYS) and shape), None)
     n_layers = getattr(config, "num_hidden_layers", None)
-    if isinstance(n_layers, int) and layers and n_layers > max(layers) + 1:
-        raise N2GError(f"{path}: config.json says {n_layers} layers but the weights hold {max(layers) + 1}; "
-                       "fix num_hidden_layers in config.json or add the missing weights")
-    if isinstance(n_layers, int) and layers and n_layers < max(layers) + 1:
+    if isinstance(n_layers, int) and layers and n_layers != max(layers) + 1:
+        fix = "or add the missing weights" if n_layers > max(layers) + 1 else "(n2g would explain a truncated model)"
         raise N2GError(f"{path}: config.json says {n_layers} layer{'s' if n_layers != 1 else ''} but the weights hold "
-                       f"{max(layers) + 1}; "
-                       "fix num_hidden_layers in config.json (n2g would explain a truncated model)")
+                       f"{max(layers) + 1}; fix num_hidden_layers in config.json {fix}")
     if rows is None:
         raise N2GError(f"{path}: the weights hold no token embedding; use a complete checkpoint")
     vocab = getattr(config, "vocab_size", None)
@@ -1103,11 +1106,7 @@ def _load_pretrained(spec: str, local: bool):
         raise N2GError(f"could not load the tokenizer of {spec!r} ({_first_line(exc, 160)}); the model needs the "
                        "tokenizer files it was saved with (tokenizer.json, or tokenizer.model, or vocab.json and "
                        "merges.txt)") from exc
-    missing = list((info or {}).get("missing_keys") or [])
-    if missing:  # transformers filled them with random values: every activation would be noise
-        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
-        raise N2GError(f"model {spec!r} lacks {len(missing)} weight tensor(s) its config needs ({shown}); "
-                       "they would be random: use a complete checkpoint")
+    _refuse_missing(info, f"model {spec!r}", "its config", "a complete checkpoint")
     return model, tokenizer
 
 

@@ -29,7 +29,7 @@ from .activations import DEFAULT_STORE_TOKENS, ActivationStore, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import FILE_MODE, replacing, write_json_atomic
-from .models import config_key_of, model_location, weights_key_of
+from .models import _first_line, config_key_of, model_location, weights_key_of
 from .progress import Progress
 from .records import NeuronStats, Sign
 
@@ -257,6 +257,11 @@ def _scan_lock(stem: Path, layer: int):
                 log.info("layer %d: another n2g process is scanning it; waiting for its scan", layer)
                 waited = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            now, mine = os.stat(path, follow_symlinks=False), os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass  # its holder removed that file before releasing it: lock the one there now
         except OSError:  # a file system without locks: scan without one
             os.close(fd)
             yield False
@@ -264,19 +269,7 @@ def _scan_lock(stem: Path, layer: int):
         except BaseException:
             os.close(fd)
             raise
-        try:
-            mine = os.fstat(fd)
-            try:
-                now = os.stat(path, follow_symlinks=False)
-                current = (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
-            except FileNotFoundError:
-                current = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if current:
-            break
-        os.close(fd)  # its holder removed that file before releasing it: lock the one there now
+        os.close(fd)
     try:
         yield waited
     finally:
@@ -394,7 +387,7 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
                     _save(scan, stems[l])
                 except Exception as exc:  # a full disk: an OSError, or safetensors' own error
                     log.warning("layer %d: cannot save the scan cache in %s (%s); going on without it", l,
-                                stems[l].parent, _first_line(exc))
+                                stems[l].parent, _first_line(exc, 200))
                     tmp_paths[l].unlink(missing_ok=True)
                     if not stems[l].with_suffix(".json").exists():  # no entry without its JSON: free the disk
                         final.unlink(missing_ok=True)  # (the open map of it stays readable)
@@ -403,10 +396,6 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
         for tmp in tmp_paths.values():
             tmp.unlink(missing_ok=True)  # a store already renamed into place is no longer there
         raise
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _quantiles(sample: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:

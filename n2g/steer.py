@@ -53,14 +53,19 @@ UNDECLARED_CONTEXT = 4096
 length (BLOOM's ALiBi): attention memory grows with the square of the length, so none is unbounded."""
 
 
+def check_tokens(n: int) -> None:
+    """A continuation length n2g generates (``--tokens``); checked before a model is loaded too."""
+    if n > MAX_TOKENS:
+        raise N2GError(f"--tokens {n} is more than the {MAX_TOKENS:,} n2g generates; give --tokens {MAX_TOKENS} or fewer")
+
+
 def check_prompt(model, ids: Sequence[int], extra: int = 0) -> None:
     """A prompt the model can take: not empty, and within its context with ``extra`` tokens more."""
     from .models import context_limit
 
     if not len(ids):
         raise N2GError("the prompt has no tokens; give some text with --prompt")
-    if extra > MAX_TOKENS:
-        raise N2GError(f"--tokens {extra} is more than the {MAX_TOKENS:,} n2g generates; give --tokens {MAX_TOKENS} or fewer")
+    check_tokens(extra)
     limit = context_limit(model)  # n_positions, max_position_embeddings or max_seq_len (MPT)
     need = len(ids) + extra + (1 if model.bos_token_id is not None else 0)
     if limit is None and need > UNDECLARED_CONTEXT:
