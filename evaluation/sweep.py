@@ -276,6 +276,27 @@ def model_cases(sw: Sweep, inp: dict) -> None:
     sw.cli_case("steer --scale -1e3 (a negative number in exponent form)",
                 [*steer, "--model", inp["model"], "--tokens", "2", "--scale", "-1e3"], expect=0)
 
+    # a layer of a million neurons (an SAE's width): its activation store at the default budget is
+    # about 262 GB, more than this machine's disk and memory; before, a full cache disk put it in memory
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=32, intermediate_size=1_000_000,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                 max_position_embeddings=128)).save_pretrained(root / "models" / "million")
+    tok.save_pretrained(root / "models" / "million")
+    words = [w for w in tok.get_vocab() if not w.startswith("<")]
+    rng = random.Random(1)
+    big = root / "big-corpus.txt"
+    big.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(300)) for _ in range(600)))
+    with tmpfs(root / "million-cache", "64m"):  # a small cache disk where mount is allowed
+        sw.cli_case("a million-neuron layer whose activation store fits neither disk nor memory",
+                    ["run", "--model", root / "models" / "million", "--corpus", big, "--excerpt-length", "64", "-q",
+                     "--neurons", "0", "--out", "out"],
+                    env=dict(ENV, N2G_CACHE=str(root / "million-cache")))
+    shutil.rmtree(root / "models" / "million")
+
     from gguf import GGUFReader
 
     from n2g.models import default_gguf_path

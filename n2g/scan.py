@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +281,65 @@ def _scan_lock(stem: Path, layer: int):
         os.close(fd)
 
 
+MEMORY_SHARE = 0.75
+"""The share of the memory available when a scan starts that its in-memory activation stores may take."""
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable; None where unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def check_room(d_mlp: int, rows: int, pool_rows: int, length: int, layers: list[int], stems: dict) -> None:
+    """Refuse, before anything is written, a scan whose activation stores fit neither the cache's disk
+    nor memory: each store is ``d_mlp x rows x length`` float16 values; stores that the disk cannot hold
+    are kept in memory, and a store larger than the memory would be killed mid-scan, not refused
+    (a million-latent SAE over the default budget is about 260 GB a layer). The message names a
+    ``--store-tokens`` that fits."""
+    per_layer = 2 * d_mlp * rows * length
+    if not layers or not per_layer:
+        return
+    on_disk = [l for l in layers if l in stems]
+    free = (_free_bytes(stems[on_disk[0]].parent) or 0) if on_disk else 0
+    disk_layers = min(len(on_disk), free // per_layer)
+    in_memory = (len(layers) - disk_layers) * per_layer
+    memory = _available_memory()
+    if memory is None or in_memory <= MEMORY_SHARE * memory:
+        return
+    unit, share = 2 * d_mlp * length, int(MEMORY_SHARE * memory)  # bytes of one stored excerpt of one layer
+    fit_rows = 0  # the most rows a layer may keep: j stores on disk, the others in memory
+    for j in range(len(on_disk) + 1):
+        rows_fit = min(free // (j * unit) if j else rows, share // ((len(layers) - j) * unit) if j < len(layers) else rows)
+        fit_rows = max(fit_rows, rows_fit)
+    where = (f"{_gb(free)} of disk is free in {stems[on_disk[0]].parent} and " if on_disk else "no scan cache is "
+             "writable (N2G_CACHE) and ")
+    span = f"layer {layers[0]}" if len(layers) == 1 else f"each of the {len(layers)} layers scanned together"
+    if fit_rows > pool_rows:
+        advice = f"pass --store-tokens {fit_rows * length} or less, or free space"
+    else:
+        advice = "scan fewer layers per run (--layers), or free space"
+    raise N2GError(f"the activation store of {span} needs {_gb(per_layer)} ({d_mlp:,} neurons x {rows * length:,} "
+                   f"tokens x 2 bytes), but {where}{_gb(memory)} of memory is available; {advice}")
+
+
 def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], stems: dict, *, stored, pool, k: int,
                batch_size: int, fire_threshold: float, progress: bool) -> None:
     """Scan the layers in ``todo`` in one pass over ``excerpts`` into ``results`` (and the cache, where a
@@ -287,6 +347,7 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
     n, length = excerpts.shape
     device = getattr(model, "device", "cpu")
     d = model.d_mlp
+    check_room(d, len(stored), len(pool), length, todo, stems)
     stores: dict[int, ActivationStore] = {}
     tmp_paths: dict[int, Path] = {}
     for l in todo:

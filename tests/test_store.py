@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
-from n2g.activations import ActivationStore, partition, stored_excerpts
+from n2g.activations import partition, stored_excerpts
 from n2g.config import preset
 from n2g.distill import pool_size, top_k
 from n2g.engine import fit_many, store_job
@@ -57,6 +57,40 @@ def test_a_token_budget_keeps_a_seeded_subset_that_contains_the_pool():
     assert set(scan.pool) <= set(scan.store.excerpts.tolist())
     assert scan.store.n_stored == 30
 
+
+def test_stores_that_fit_neither_disk_nor_memory_are_refused_with_a_budget_that_fits(tmp_path, monkeypatch):
+    import re
+
+    from n2g import scan as scan_module
+    from n2g.errors import N2GError
+
+    model = _model()  # d_mlp 64: a store of 100 excerpts x 16 tokens is 204,800 bytes a layer
+    excerpts = torch.randint(4, 68, (100, 16))
+    per_layer = 2 * model.d_mlp * 100 * 16
+    monkeypatch.setattr(scan_module, "_free_bytes", lambda folder: per_layer // 2)  # no layer fits the disk
+    monkeypatch.setattr(scan_module, "_available_memory", lambda: per_layer)  # 3/4 of one layer in memory
+    Counting.positions = 0
+    with pytest.raises(N2GError) as refused:
+        scan_layers(model, excerpts, [0, 1], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    message = str(refused.value)
+    assert "\n" not in message and "each of the 2 layers" in message and "needs 0.2 MB" in message
+    assert Counting.positions == 0 and not list((tmp_path / "scans").glob("*.npy*"))  # refused before any work
+    budget = int(re.search(r"--store-tokens (\d+)", message).group(1))
+    # Disk for half a layer, memory for 3/4 of one: one store of 50 excerpts on disk, one in memory.
+    assert budget == 50 * 16
+    scans = scan_layers(model, excerpts, [0, 1], k=8, pool_size=10, progress=False, cache_dir=tmp_path,
+                        corpus_key="c", store_tokens=budget)
+    assert scans[0].store.n_stored == 50 and scans[1].store.n_stored == 50
+    # Where even the random pool cannot be kept, the advice is fewer layers per run.
+    monkeypatch.setattr(scan_module, "_available_memory", lambda: per_layer // 20)
+    monkeypatch.setattr(scan_module, "_free_bytes", lambda folder: 0)
+    with pytest.raises(N2GError, match=r"scan fewer layers per run \(--layers\)"):
+        scan_layers(model, excerpts, [0, 1, 2], k=8, pool_size=10, progress=False, cache_dir=tmp_path / "b",
+                    corpus_key="c")
+    # Memory that holds the stores, however little disk: scanned whole, as before.
+    monkeypatch.setattr(scan_module, "_available_memory", lambda: 10 * per_layer)
+    assert scan_layers(model, excerpts, [0, 1, 2], k=8, pool_size=10, progress=False, cache_dir=tmp_path / "c",
+                       corpus_key="c")[2].store.n_stored == 100
 
 def test_partition_is_seeded_and_holds_out_the_asked_fraction():
     a, b = partition(1000, 0.5, seed=0), partition(1000, 0.5, seed=0)
