@@ -212,7 +212,7 @@ def _run(args) -> int:
         _print_json(_summary_json(summary))
         return 0
     print(summary_table(summary.results))
-    print(f"\n{len(summary.results)} neurons ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
+    print(f"\n{len(summary.results)} neuron{'s' * (len(summary.results) != 1)} ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
     if "report" in summary.artifacts:
         print(f"report: {summary.artifacts['report']}")
     if args.command == "fit" and "viewer" in summary.artifacts:

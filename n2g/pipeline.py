@@ -237,7 +237,8 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     out = store.root
     wanted = [NeuronId(l, i, s) for l in layers for i in indices for s in signs]
     todo = [n for n in wanted if not store.is_done(n)]
-    log.info("%d neurons requested, %d already done in %s", len(wanted), len(wanted) - len(todo), out)
+    log.info("%d neuron%s requested, %d already done in %s", len(wanted), "s" * (len(wanted) != 1),
+             len(wanted) - len(todo), out)
     fitted = 0
     try:
         if todo and opts.ray is not None:

@@ -57,5 +57,6 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         elif self.enabled:
-            sys.stderr.write(f"{self.label}: done, {self.done} {self.unit} in {elapsed:.1f}s\n")
+            unit = self.unit[:-1] if self.done == 1 and self.unit.endswith("s") else self.unit  # "1 neuron"
+            sys.stderr.write(f"{self.label}: done, {self.done} {unit} in {elapsed:.1f}s\n")
         return elapsed

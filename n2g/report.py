@@ -215,6 +215,11 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _no_data(ax) -> None:
+    ax.text(0.5, 0.5, "no neuron has a firing held-out token to score", ha="center", va="center",
+            transform=ax.transAxes, color="#555555")
+
+
 def _plots(rep: dict) -> list[tuple[str, str]]:
     """(caption, base64 PNG) for each plot; made on Figure objects so no global backend changes."""
     from matplotlib.figure import Figure
@@ -239,13 +244,18 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
     ax.set_ylabel("mean firing F1")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:  # every neuron is dead or had no firing held-out token: nothing has an F1
+        _no_data(ax)
     plots.append(("Mean firing F1 by layer, per method", _png(fig)))
 
     f1s = [n["n2g_f1"] for n in rep["neurons"] if n["n2g_f1"] is not None]
     fig = Figure(figsize=(6, 3.4))
     ax = fig.add_subplot()
     ax.hist(f1s, bins=20, range=(0, 1), color="#d62728", edgecolor="white")
+    if not f1s:
+        _no_data(ax)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("per-neuron N2G firing F1")
     ax.set_ylabel("neurons")
@@ -258,6 +268,8 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
         xs = [max(x or 0.0, 1e-6) for x, _ in pts]
         ax.scatter(xs, [y for _, y in pts], s=14, alpha=0.7, color="#1f77b4")
         ax.set_xscale("log")
+    else:
+        _no_data(ax)
     ax.set_xlabel("firing rate on the corpus (log)")
     ax.set_ylabel("N2G firing F1")
     ax.set_ylim(-0.02, 1.02)

@@ -291,7 +291,7 @@ def build_index(run_dir: str | os.PathLike) -> Path:
             con.commit()
         finally:
             con.close()
-    log.info("indexed %d neurons into %s", n, out)
+    log.info("indexed %d neuron%s into %s", n, "s" * (n != 1), out)
     return out
 
 

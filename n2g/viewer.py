@@ -615,7 +615,7 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
     out = run_dir / "viewer" / "index.html"
     results = [r for _, r, _ in found]
     atomic_write(out, index_page(run_dir, results, secrets.token_urlsafe(16)).encode("utf-8"))
-    log.info("wrote viewer for %d neurons under %s", len(results), out.parent)
+    log.info("wrote viewer for %d neuron%s under %s", len(results), "s" * (len(results) != 1), out.parent)
     return out
 
 

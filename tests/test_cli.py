@@ -165,6 +165,18 @@ def test_a_run_without_graphviz_writes_dot_sources_and_finishes(tiny_model_dir, 
     assert (out / "report.html").is_file() and (out / "viewer" / "neurons" / "L1.N6.html").is_file()
 
 
+def test_one_neuron_is_one_neuron_in_every_line_and_nothing_warns(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _cli(["fit", "--model", tiny_model_dir / "model", "--corpus", tiny_model_dir / "corpus.txt",
+                 "--excerpt-length", "16", "--layer", "1", "--neuron", "5", "--out", out],
+                env={"N2G_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "\n1 neuron (1 fitted now) in " in proc.stdout
+    for line in ("1 neuron requested, 0 already done", "fit layer 1: done, 1 neuron in", "indexed 1 neuron into",
+                 "wrote viewer for 1 neuron under"):
+        assert line in proc.stderr
+    assert "Warning" not in proc.stderr  # matplotlib's legend warning when no neuron had an F1
+
 def test_serve_with_a_missing_model_is_one_line(run, tmp_path, capsys):
     code, out, err = main(["serve", run, "--port", "0", "--model", tmp_path / "no-such-model"], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and "model path" in err and "does not exist" in err

@@ -208,3 +208,22 @@ def test_report_shows_the_token_ceiling_per_layer_when_results_have_one(run, tmp
     assert layer0 and all(float(r["ceiling_f1"]) == pytest.approx(2 / 3) and float(r["ceiling_unseen_share"]) == 0.5
                           for r in layer0)
     assert all(r["ceiling_f1"] == "" for r in csv.DictReader((run / "report.csv").open()))  # results from before
+
+
+def test_a_run_without_any_f1_still_gets_its_plots_and_no_warning(tmp_path):
+    import shutil
+    import warnings
+
+    from n2g.report import _plots
+
+    run = make_run(tmp_path)
+    for result in list((run / "neurons").glob("*/result.json")):  # keep the dead and the never-firing neurons
+        if (json.loads(result.read_text()).get("scores") or {}).get("n2g", {}).get("f1") is not None:
+            shutil.rmtree(result.parent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found" was printed to the user
+        write_report(run)
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["neurons"] and all(n["n2g_f1"] is None for n in rep["neurons"])
+    plots = _plots(rep)
+    assert len(plots) == 3 and all(len(png) > 1000 for _, png in plots)
