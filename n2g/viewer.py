@@ -350,6 +350,23 @@ FIRST_EXCERPTS = 4
 """Held-out excerpts shown open at the top of a neuron page (the rest are in a collapsed list)."""
 
 
+
+GRAPH_WORDS = {"activator": "activating tokens", "context": "context nodes", "wildcard": "wildcard nodes",
+               "end": "paths"}
+"""How a neuron page's header names each count of ``NeuronGraph.stats()`` (its ``paths`` key counts the
+training tokens behind the ENDs, not the paths a reader sees: left out)."""
+
+
+def graph_line(stats: dict) -> str:
+    """``198 activating tokens, 93 context nodes, 1 wildcard node, 291 paths`` from a result's graph_stats."""
+    parts = []
+    for key, words in GRAPH_WORDS.items():
+        if key in stats:
+            n = int(stats[key])
+            parts.append(f"{n:,} {words[:-1] if n == 1 else words}")
+    return ", ".join(parts)
+
+
 def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, nonce: str | None = None) -> str:
     """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``)."""
     from n2g.explain import summary
@@ -388,7 +405,7 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, non
         "neuron.html", css=Markup(CSS), script=Markup(NEURON_JS), nonce=nonce or secrets.token_urlsafe(16),
         key=key, layer=n.layer, index=n.index, sign=n.sign.value,
         status="dead: it never fires on the scanned corpus" if result.status == "dead" else result.status,
-        gstats=", ".join(f"{k} {int(v)}" for k, v in result.graph_stats.items()), seconds=result.seconds,
+        gstats=graph_line(result.graph_stats), seconds=result.seconds,
         summary=summary(result, G, threshold), threshold=threshold, max_raw=max_raw,
         test=_excerpt_section(tests[:FIRST_EXCERPTS], "test-excerpts", "test excerpts", threshold, max_raw),
         test_more=_excerpt_section(tests[FIRST_EXCERPTS:], "test-excerpts-more", "more test excerpts", threshold, max_raw),

@@ -99,6 +99,8 @@ def test_neuron_page_contents(run):
     assert "maximum activation 5.0000 (raw)" in text
     assert "max 1.00 norm.(5.000 raw)" in text
     assert "effect (logit per unit of raw activation)" in text
+    # graph_stats {"activator": 1, "context": 1, "paths": 2}: "paths" counts training tokens, not paths
+    assert "graph: 1 activating token, 1 context node ·" in text and "paths 2" not in text
     n2 = "".join(parse(run / "viewer" / "neurons" / "L0.N2.html").text)
     assert "no firing test token" in n2
     dead = "".join(parse(run / "viewer" / "neurons" / "L1.N3.html").text)
