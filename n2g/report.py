@@ -230,16 +230,24 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
     fig = Figure(figsize=(6, 3.4))
     ax = fig.add_subplot()
     layers = [row["layer"] for row in rep["layers"]]
+    from matplotlib import colormaps
+
+    palette = [c for i, c in enumerate(colormaps["tab20"].colors) if i not in (6, 7)]  # reds are the graph's
+    others = iter(palette * (len(rep["methods"]) // len(palette) + 1))  # one colour per method, however many
     for m in rep["methods"]:
         ys = [row["methods"][m]["f1"] for row in rep["layers"]]
         xs = [x for x, y in zip(layers, ys) if y is not None]
         ys = [y for y in ys if y is not None]
+        style = {"color": "#d62728", "linewidth": 2.5, "zorder": 3} if m == "n2g" else {"color": next(others)}
         if ys:
-            ax.plot(xs, ys, marker="o", label=METHOD_NAMES.get(m, m))
+            ax.plot(xs, ys, marker="o", label=METHOD_NAMES.get(m, m), **style)
     ceiling = [(x, row["ceiling"]["f1"]) for x, row in zip(layers, rep["layers"]) if (row.get("ceiling") or {}).get("f1") is not None]
     if ceiling:  # what a token-keyed predictor could reach at most
         ax.plot(*zip(*ceiling), color="black", linestyle="--", marker="_", label="token ceiling (max F1)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(set(layers)) == 1:  # one layer: one tick, not fractions of a layer around it
+        ax.set_xticks(layers[:1])
+        ax.set_xlim(layers[0] - 1, layers[0] + 1)
     ax.set_xlabel("layer")
     ax.set_ylabel("mean firing F1")
     ax.set_ylim(0, 1.02)
@@ -259,7 +267,7 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("per-neuron N2G firing F1")
     ax.set_ylabel("neurons")
-    plots.append((f"Distribution of per-neuron N2G F1 ({len(f1s)} neurons)", _png(fig)))
+    plots.append((f"Distribution of per-neuron N2G F1 ({len(f1s)} neuron{'s' * (len(f1s) != 1)})", _png(fig)))
 
     pts = [(n["firing_rate"], n["n2g_f1"]) for n in rep["neurons"] if n["n2g_f1"] is not None]
     fig = Figure(figsize=(6, 3.4))

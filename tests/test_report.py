@@ -42,6 +42,8 @@ def test_report_json_numbers(run):
     assert o["methods"]["n2g"]["pearson"] == pytest.approx(1.3 / 3)
     assert o["methods"]["token_lookup"]["f1"] == pytest.approx(0.5)
     assert rep["best"] == ["L0.N1", "L1.N4.neg"] and rep["worst"] == ["L1.N4.neg", "L0.N1"]
+    page = (run / "report.html").read_text()  # two scored neurons: one table, not "best 2" and "worst 2"
+    assert "<h2>The 2 scored neurons by N2G F1</h2>" in page and "Worst" not in page and "4 neurons, 1 dead" in page
     n2 = next(n for n in rep["neurons"] if n["key"] == "L0.N2")
     assert n2["n2g_f1"] is None and n2["score_status"] == "no_firing_test_token"
 
@@ -227,3 +229,21 @@ def test_a_run_without_any_f1_still_gets_its_plots_and_no_warning(tmp_path):
     assert rep["neurons"] and all(n["n2g_f1"] is None for n in rep["neurons"])
     plots = _plots(rep)
     assert len(plots) == 3 and all(len(png) > 1000 for _, png in plots)
+    page = (run / "report.html").read_text()
+    assert "scored neuron" not in page and "Best" not in page and "Worst" not in page  # no empty tables
+
+
+def test_best_and_worst_tables_once_there_are_more_scored_neurons_than_one_table_holds(tmp_path):
+    from n2g.report import N_BEST
+
+    run = make_run(tmp_path)
+    source = run / "neurons" / "L0.N1"
+    for i in range(100, 100 + N_BEST):  # copies of L0.N1 under other indices, F1 falling with the index
+        result = json.loads((source / "result.json").read_text())
+        result["neuron"]["index"] = i
+        result["scores"]["n2g"]["f1"] = 1.0 - (i - 100) / 100
+        (run / "neurons" / f"L0.N{i}").mkdir()
+        (run / "neurons" / f"L0.N{i}" / "result.json").write_text(json.dumps(result))
+    write_report(run)
+    page = (run / "report.html").read_text()
+    assert f"<h2>Best {N_BEST} neurons by N2G F1</h2>" in page and f"<h2>Worst {N_BEST} neurons by N2G F1</h2>" in page
