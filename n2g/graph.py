@@ -538,9 +538,13 @@ class NeuronGraph:
         return [k for k in self.nodes[0].children if k != WILDCARD]
 
     def n_paths(self) -> int:
+        """Training paths behind the ENDs: how many occurrences were added or counted at them (the ``xN``
+        of :meth:`describe`, summed), not how many paths the graph has (that is ``stats()["end"]``)."""
         return sum(len(n.end_values) for n in self.nodes)
 
     def stats(self) -> dict[str, int]:
+        """Node counts by kind (``activator``, ``context``, ``wildcard``), ``end``: the paths a reader sees
+        (nodes holding an END), and ``paths``: the training paths behind them (:meth:`n_paths`)."""
         kinds = {"activator": 0, "context": 0, "wildcard": 0, "end": 0}
         for n in self.nodes[1:]:
             if n.depth == 0:
