@@ -491,19 +491,29 @@ def _join_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -> 
     """``--scale -1e3`` as ``--scale=-1e3``: argparse takes ``-1e3`` (unlike ``-2``) for an option and
     says the option expected one argument, so a negative number after an option that takes a number is
     joined to it."""
-    numeric = set(_NUMBER_OPTIONS)
+    numeric, other = set(_NUMBER_OPTIONS), set()
     for group in [parser] + [choice for action in parser._actions if isinstance(action, argparse._SubParsersAction)
                              for choice in action.choices.values()]:
         for action in group._actions:  # every option that takes one value: a number, or text that looks like one
+            longs = [o for o in action.option_strings if o.startswith("--")]
             if isinstance(action, argparse._StoreAction) and action.nargs is None:
-                numeric.update(o for o in action.option_strings if o.startswith("--"))
+                numeric.update(longs)
+            else:
+                other.update(longs)
+    other -= numeric
+
+    def takes_one(item: str) -> bool:  # the option, or an abbreviation argparse would take for one like it
+        if item in numeric:
+            return True
+        return (item.startswith("--") and len(item) > 2 and "=" not in item and item not in other
+                and any(o.startswith(item) for o in numeric) and not any(o.startswith(item) for o in other))
     out: list[str] = []
     i = 0
     while i < len(argv):
         item = argv[i]
         if item == "--":  # everything after it is positional
             return out + argv[i:]
-        if item in numeric and i + 1 < len(argv) and argv[i + 1].startswith("-") and _is_number(argv[i + 1]):
+        if i + 1 < len(argv) and argv[i + 1].startswith("-") and _is_number(argv[i + 1]) and takes_one(item):
             out.append(f"{item}={argv[i + 1]}")
             i += 2
             continue

@@ -84,6 +84,10 @@ def test_negative_exponent_numbers_reach_every_numeric_option():
         parse("steer", "--layer", "-1e3", "--neuron", "3", "--prompt", "x")
     args = parse("steer", "--layer", "1", "--neuron", "3", "--prompt", "-5e2", "--target", "-1e3")
     assert (args.prompt, args.target) == ("-5e2", "-1e3")  # text options take text that looks like a number
+    # abbreviations argparse accepts take them too ("--sca" was "expected one argument")
+    args = parse("steer", "--lay", "1", "--neu", "3", "--prompt", "x", "--sca", "-1e3", "--tar", "-2e1")
+    assert (args.scale, args.target) == ("-1e3", "-2e1")
+    assert cli._join_negative_numbers(parser, ["run", "--ver", "-1e3"]) == ["run", "--ver", "-1e3"]  # a flag's prefix
 
 
 # --- M5: the CPU scan batch is bounded by the width (an SAE's d_sae) -----------------------------------------------
