@@ -92,13 +92,16 @@ def _corpus(corpus, model: SubjectModel, max_excerpts: int | None) -> Corpus:
 
 
 def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "default", max_excerpts: int | None = None,
-               sign: str = "positive", *, progress: bool = True, **overrides) -> NeuronModel:
+               sign: str = "positive", *, progress: bool = True, store_tokens: int | None = None,
+               **overrides) -> NeuronModel:
     """Distil neuron ``(layer, index)`` of ``model`` and return the fitted :class:`~n2g.distill.NeuronModel`.
 
     ``corpus``: None (the default corpus), a source string, or a :class:`~n2g.corpus.Corpus` from
     :func:`load_corpus`. ``preset``: ``"default"`` or ``"paper"``; ``overrides`` change single
     settings (e.g. ``augment=True``). ``sign``: ``"positive"`` or ``"negative"`` (the negative side
     of a gated neuron). The result predicts on the neuron's raw scale; ``predict`` accepts text.
+    ``store_tokens``: the activation store's token budget (``n2g fit --store-tokens``; default 131,072),
+    smaller for a very wide layer whose store would not fit the disk or memory.
     """
     from .activations import DEFAULT_STORE_TOKENS, partition
     from .distill import pool_size, top_k
@@ -116,6 +119,9 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise N2GError(f"{what} must be an integer (got {value!r})")
     layer, index = int(layer), int(index)  # a NumPy integer is the int it equals
+    if store_tokens is not None and (isinstance(store_tokens, bool) or not isinstance(store_tokens, numbers.Integral)
+                                     or store_tokens < 1):
+        raise N2GError(f"store_tokens must be a whole number of at least 1 (got {store_tokens!r})")
     cfg = make_preset(preset, **overrides)  # an unknown or ill-typed setting: N2GError
     m = _model(model)
     m.check_neuron(layer, index)
@@ -129,7 +135,8 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     scans = scan_layers(m, corp.excerpts, [layer], k=top_k(cfg), pool_size=pool_size(cfg), seed=cfg.seed,
                         batch_size=scan_batch,
                         fire_threshold=cfg.fire_threshold, cache_dir=cache_dir(), corpus_key=corp.tokens_key(),
-                        progress=progress, store_tokens=DEFAULT_STORE_TOKENS)
+                        progress=progress,
+                        store_tokens=DEFAULT_STORE_TOKENS if store_tokens is None else int(store_tokens))
     scan = scans[layer]
     is_train = partition(len(corp), cfg.held_out, cfg.seed)
     excerpts = corp.rows()

@@ -333,7 +333,7 @@ def check_room(d_mlp: int, rows: int, pool_rows: int, length: int, layers: list[
              "writable (N2G_CACHE) and ")
     span = f"layer {layers[0]}" if len(layers) == 1 else f"each of the {len(layers)} layers scanned together"
     if fit_rows > pool_rows:
-        advice = f"pass --store-tokens {fit_rows * length} or less, or free space"
+        advice = f"pass --store-tokens {fit_rows * length} or less (store_tokens= in n2g.fit_neuron), or free space"
     else:
         advice = "scan fewer layers per run (--layers), or free space"
     raise N2GError(f"the activation store of {span} needs {_gb(per_layer)} ({d_mlp:,} neurons x {rows * length:,} "

@@ -135,6 +135,19 @@ def test_histogram_and_band_examples_come_from_the_scan(fitted):
             assert e.excerpt_index not in shown
 
 
+def test_fit_neuron_takes_a_store_budget(subject, monkeypatch, tmp_path):
+    rng = random.Random(1)
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(400)))
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    corpus = n2g.load_corpus(str(path), subject, length=16)
+    assert len(corpus) > 300
+    model = n2g.fit_neuron(subject, 1, 5, corpus=corpus, progress=False, store_tokens=16 * 250)
+    assert model.result_ is not None
+    stores = list((tmp_path / "cache" / "scans").glob("*.acts.npy"))
+    assert len(stores) == 1 and np.load(stores[0], mmap_mode="r").shape[1] == 250  # the budget's excerpts
+
+
 def test_fit_neuron_reuses_the_cached_scan(fitted, subject, caplog, monkeypatch):
     _, corpus, cache = fitted
     monkeypatch.setenv("N2G_CACHE", str(cache))
@@ -172,6 +185,8 @@ def test_notebook_display_of_an_unfitted_model_says_so():
     (lambda m: n2g.fit_neuron(m, "0", 0, progress=False), "layer must be an integer"),
     (lambda m: n2g.fit_neuron(m, np.int64(99), np.int64(0), progress=False), "does not exist"),  # NumPy ints are ints
     (lambda m: n2g.fit_neuron(m, 0, 0, corpus=42, progress=False), "corpus must be"),
+    (lambda m: n2g.fit_neuron(m, 0, 0, store_tokens=0, progress=False), "store_tokens must be"),
+    (lambda m: n2g.fit_neuron(m, 0, 0, store_tokens=2.5, progress=False), "store_tokens must be"),
     (lambda m: n2g.fit_neuron(42, 0, 0, progress=False), "model must be"),
     (lambda m: n2g.load_corpus("default", m, length=1), "length must be"),
     (lambda m: n2g.fit_neuron(m, 0, 0, preset=["paper"], progress=False), "unknown preset"),  # was unhashable TypeError
