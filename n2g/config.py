@@ -170,6 +170,11 @@ class DistillConfig:
     background: bool = False
     """Tokens no path matches are predicted at the mean training activation of such tokens (an END on
     the wildcard activator alone, drawn ``[*]``), not 0, when that mean is below ``fire_threshold``."""
+    background_tokens: bool = False
+    """With ``background``: each token seen at least ``max(min_count, 2)`` times where no path matches
+    it, never firing there, gets its own mean there as its background value (``NeuronGraph.token_values``,
+    not trie nodes); a token no path matches is predicted at it, else at the background value. Firing
+    predictions do not change; graded ones (Pearson) do, as a lookup's would."""
     dense: bool = False
     """With ``cover``: a neuron for which at least half of the training tokens fire gets the wildcard
     activator ``[*]`` (any token fires, calibration values it) and, instead of a path for every firing
@@ -389,6 +394,7 @@ PRESETS: dict[str, DistillConfig] = {
         end_value="mean",
         quiet_tokens=64,
         background=True,
+        background_tokens=True,
         dense=True,
         min_gain=20.0,
         grow_gaps=True,

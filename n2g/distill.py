@@ -222,7 +222,7 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
             if add_quiet_tokens(graph, evidence[: len(seen)], cfg.quiet_tokens, max(cfg.min_count, 2), dense=dense) and dense:
                 calibrate()  # "any token" without the tokens that now hold their own value
         if cfg.background:
-            set_background(graph, evidence[: len(seen)])
+            set_background(graph, evidence[: len(seen)], max(cfg.min_count, 2) if cfg.background_tokens else None)
     return graph, trace
 
 
@@ -324,12 +324,14 @@ def add_quiet_tokens(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np
     return added
 
 
-def set_background(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.ndarray]]) -> float | None:
+def set_background(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.ndarray]],
+                   token_min_count: int | None = None) -> float | None:
     """Give the wildcard activator alone (``[*]``) an END: the mean training activation of the tokens
     no path of the graph matches, so a token the graph does not know is predicted at the typical
     unknown token's value instead of 0. Only a value below the firing threshold is set (firing
     predictions do not change); an exact activator's match, or any context rule's, wins over it.
-    Returns the value set, or None.
+    With ``token_min_count``, each token seen that many times where no path matches, never firing
+    there, also gets its own mean there (``graph.token_values``). Returns the background value set, or None.
     """
     if not evidence:
         return None
@@ -364,7 +366,15 @@ def set_background(graph: NeuronGraph, evidence: Sequence[tuple[np.ndarray, np.n
     wild = graph.add_child(0, WILDCARD)
     graph.nodes[wild].end = value
     graph.nodes[wild].end_values = [value] * n
+    if token_min_count is not None:
+        uniq, _, counts, fired, means = _per_token(flat[unmatched], acts[unmatched], graph.fire_threshold)
+        own = (counts >= token_min_count) & (fired == 0) & (np.abs(means - value) >= TOKEN_VALUE_STEP)
+        graph.token_values = {int(t): float(np.float32(m)) for t, m in zip(uniq[own].tolist(), means[own].tolist())}
     return value
+
+
+TOKEN_VALUE_STEP = 0.005
+"""A token's own background value is kept only where it differs from the background value by this much."""
 
 
 def _evidence_arrays(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:

@@ -137,8 +137,14 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
                                 len(low) - len(low[:2])))
         out.append(_seg(". "))
     if wild and wild[0]["end"] < threshold:  # the background value: [*] alone
-        out.append(_seg(f"Any other token is predicted at {wild[0]['end']:.2f}, the training mean of the tokens "
-                        "no path matches. "))
+        own = G.graph.get("token_values") if G is not None else None
+        if isinstance(own, int) and not isinstance(own, bool) and own > 0:
+            out.append(_seg(f"Any other token is predicted at its own training mean where no path matched it "
+                            f"({own:,} tokens, all below the firing threshold), and one the training text never "
+                            f"showed there at {wild[0]['end']:.2f}, the training mean of the tokens no path matches. "))
+        else:
+            out.append(_seg(f"Any other token is predicted at {wild[0]['end']:.2f}, the training mean of the tokens "
+                            "no path matches. "))
     s = result.scores.get("n2g")
     if s is not None:
         base = result.scores.get("token_lookup")

@@ -112,6 +112,28 @@ AUTO_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
 """Quantiles ``calibrate(statistic="auto")`` chooses among."""
 
 
+MAX_TOKEN_VALUES = 1 << 20
+"""At most this many background token values in a graph file."""
+
+
+def _token_values(pairs, fire_threshold: float) -> dict[int, float]:
+    """A graph file's ``token_values`` ([[token id, value], ...]) checked: token ids, finite values below
+    the firing threshold (a background value never fires), at most :data:`MAX_TOKEN_VALUES`."""
+    if not isinstance(pairs, list) or len(pairs) > MAX_TOKEN_VALUES:
+        raise ValueError(f"token_values is not a list of at most {MAX_TOKEN_VALUES:,} [token id, value] pairs")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ValueError(f"token_values holds {str(pair)[:40]!r}, not a [token id, value] pair")
+        t, v = pair
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID:
+            raise ValueError(f"token_values: {t!r} is not a token id (a whole number from 0 to {MAX_TOKEN_ID})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v >= fire_threshold:
+            raise ValueError(f"token_values: token {t}'s value {v!r} is not a finite number below the firing threshold")
+        out[t] = float(v)
+    return out
+
+
 @dataclass
 class Node:
     """One trie node."""
@@ -167,6 +189,9 @@ class NeuronGraph:
         """Nodes with a wildcard-run child (matching looks for runs only there)."""
         self.support: dict[int, int] | None = None
         """Training tokens counted at each node by the last calibration (fitting only; not saved)."""
+        self.token_values: dict[int, float] = {}
+        """Background values of single tokens: a token no path matches is predicted at its value here,
+        else at the wildcard activator's END (the background value). All below ``fire_threshold``."""
 
     # -- building -------------------------------------------------------------------------
     def add_path(self, path: Sequence[tuple[int, float]], activation: float, source: int | None = None) -> int:
@@ -397,12 +422,19 @@ class NeuronGraph:
             starts = [i for i, t in enumerate(ids) if t != WILDCARD and t in roots]
             if wild is not None and self.nodes[wild].end is not None:
                 out[:] = self.nodes[wild].end  # [*] alone: every token no path matches
+                table = self.token_values
+                if table:  # ... or at its own background value
+                    for i, t in enumerate(ids):
+                        v = table.get(t)
+                        if v is not None:
+                            out[i] = v
+        table = self.token_values if wild is not None else {}
         for i in starts:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("the prediction took longer than its time budget")
             end = self.match_end(ids, i)
             if end is not None:
-                out[i] = self.nodes[end].end
+                out[i] = table.get(ids[i], self.nodes[end].end) if end == wild and table else self.nodes[end].end
         return out
 
     def calibrate(self, sequences: Sequence[tuple[Sequence[int], np.ndarray]], backoff: bool = False,
@@ -595,6 +627,8 @@ class NeuronGraph:
         for idx, n in enumerate(self.nodes):
             for child in n.children.values():
                 g.add_edge("root" if idx == 0 else str(idx), str(child))
+        if self.token_values:  # how many tokens hold a background value of their own (the summary says so)
+            g.graph["token_values"] = len(self.token_values)
         return g
 
     def _max_end_below(self) -> list[float]:
@@ -658,6 +692,8 @@ class NeuronGraph:
             "end_activation": self.end_activation,
             "match": self.match,
             "graph": nx.node_link_data(self.to_networkx(), edges="edges"),
+            **({"token_values": [[t, round(v, 6) if round(v, 6) < self.fire_threshold else v]
+                                 for t, v in sorted(self.token_values.items())]} if self.token_values else {}),
         }
 
     @classmethod
@@ -676,6 +712,7 @@ class NeuronGraph:
         g = nx.node_link_graph(d["graph"], directed=True, edges="edges")
         graph = cls.from_networkx(g, end_activation=end_activation, match=match, fire_threshold=float(fire))
         graph.neuron = NeuronId.from_dict(d["neuron"]) if d.get("neuron") else None
+        graph.token_values = _token_values(d.get("token_values", []), graph.fire_threshold)
         return graph
 
     def save(self, path: str | Path) -> Path:

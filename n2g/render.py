@@ -381,6 +381,10 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
                 attrs["fontcolor"] = '"white"'
             tip = f"activating token id {a.get('token_id')}; activation {act:.2f}"
             value = f"act {act:.2f}"
+            own = G.graph.get("token_values")
+            if a.get("token_id") is None and isinstance(own, int) and not isinstance(own, bool) and own > 0:
+                tip = f"any other token: its own training mean where it has one ({own} tokens), else {act:.2f}"
+                value = f"{own} own values, else {act:.2f}"
         else:
             label = html_label_text(display_token(a.get("token"), a.get("token_id")))
             imp = _num(a.get("importance"))

@@ -274,7 +274,7 @@ def test_cover_adds_every_training_activator():
     assert set(covered.graph_.activators()) == {7, 8}
     assert covered.predict(torch.tensor([[40, 8]]))[0, 1] == pytest.approx(0.6)
     unknown = plain.predict(torch.tensor([[40, 8, 41]]))[0]  # 8 is one of the tokens it does not know
-    assert unknown[1] == unknown[2] and unknown[1] < 0.05
+    assert unknown[1] < 0.05 and unknown[2] < 0.05  # predicted quiet: the background, or 41's own mean
 
 
 def _seven_after_rare_contexts(rng, rare_base):

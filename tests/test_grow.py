@@ -146,7 +146,7 @@ def test_quiet_tokens_carry_their_graded_value_without_changing_firing():
     test = text(98, [[24]], n=120, rate=0.3)
     true = (graded(test) / 2.0).numpy()
     with_quiet = n2g.distill(graded, data)
-    without = n2g.distill(graded, data, quiet_tokens=0)
+    without = n2g.distill(graded, data, quiet_tokens=0, background_tokens=False)
     assert with_quiet.config.quiet_tokens > 0
     got = with_quiet.predict_normalised(test)
     plain = without.predict_normalised(test)
@@ -304,7 +304,7 @@ def test_tokens_the_graph_does_not_know_get_their_training_mean():
     data = text(6, [[24]], n=200, rate=0.3)
     test = text(97, [[24]], n=120, rate=0.3)
     true = (offset(test) / 2.0).numpy()
-    with_bg = n2g.distill(offset, data, quiet_tokens=0)
+    with_bg = n2g.distill(offset, data, quiet_tokens=0, background_tokens=False)
     without = n2g.distill(offset, data, quiet_tokens=0, background=False)
     assert with_bg.config.background
     g = with_bg.graph_
@@ -328,6 +328,64 @@ def test_tokens_the_graph_does_not_know_get_their_training_mean():
     text_ = summary_text(result, g.to_networkx())
     assert f"Any other token is predicted at {bg:.2f}" in text_ and "mildly active on *" not in text_
 
+
+
+def test_each_token_the_graph_does_not_know_gets_its_own_training_mean(tmp_path):
+    data = text(6, [[24]], n=200, rate=0.3)
+    test = text(97, [[24]], n=120, rate=0.3)
+    true = (offset(test) / 2.0).numpy()
+    model = n2g.distill(offset, data, quiet_tokens=0)  # default: background_tokens
+    plain = n2g.distill(offset, data, quiet_tokens=0, background_tokens=False)
+    g = model.graph_
+    assert model.config.background_tokens and len(g.token_values) > 20 and 24 not in g.token_values
+    assert len(g.nodes) == len(plain.graph_.nodes)  # values of their own, not trie nodes
+    got = model.predict_normalised(test)
+    known = (test != 24).numpy() & np.isin(test.numpy(), list(g.token_values))
+    assert known.sum() > 0.9 * (test != 24).sum().item()
+    np.testing.assert_allclose(got[known], true[known], atol=1e-6)  # 0.2 or 0.3, each token exactly
+    assert np.array_equal(got >= 0.5, plain.predict_normalised(test) >= 0.5)  # firing predictions unchanged
+    s, s_plain = score_arrays([true], [got]), score_arrays([true], [plain.predict_normalised(test)])
+    assert s.f1 == 1.0 and s.pearson > 0.999 and s.pearson > s_plain.pearson + 0.01
+    # saved and loaded: the same predictions; a graph file without the table (older n2g) has none
+    path = g.save(tmp_path / "graph.json")
+    again = NeuronGraph.load(path)
+    assert again.token_values == pytest.approx(g.token_values)
+    row = test[0].tolist()
+    np.testing.assert_allclose(again.predict_sequence(row), g.predict_sequence(row), atol=1e-6)
+    d = g.to_dict()
+    del d["token_values"]
+    assert NeuronGraph.from_dict(d).token_values == {}
+    from n2g.explain import summary_text
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    result = NeuronResult(neuron=NeuronId(0, 1), status="fitted",
+                          stats=NeuronStats(max_activation=2.0, quantiles={}, firing_rate=0.01, n_sampled_tokens=100),
+                          scores={}, examples=[], promoted=[], suppressed=[], graph_stats={}, seconds=1.0)
+    assert f"its own training mean where no path matched it ({len(g.token_values)} tokens" in summary_text(result, g.to_networkx())
+    from n2g.render import to_dot
+
+    assert f"{len(g.token_values)} own values, else" in to_dot(g.to_networkx())  # the drawing's [*] says so too
+
+
+@pytest.mark.parametrize("pairs, needle", [
+    ([[5, 0.7]], "below the firing threshold"),  # a background value never fires
+    ([[5, float("nan")]], "finite number"),
+    ([[-1, 0.1]], "not a token id"),
+    ([[5]], "pair"),
+    ("5:0.1", "list"),
+])
+def test_a_graph_file_with_bad_token_values_is_refused_in_one_line(tmp_path, pairs, needle):
+    import json as json_
+
+    from n2g.errors import N2GError
+
+    g = n2g.distill(offset, text(6, [[24]], n=200, rate=0.3), quiet_tokens=0).graph_
+    d = g.to_dict()
+    d["token_values"] = pairs
+    path = tmp_path / "graph.json"
+    path.write_text(json_.dumps(d))
+    with pytest.raises(N2GError, match=needle):
+        NeuronGraph.load(path)
 
 def test_a_set_of_ten_blockers_is_learned_from_a_few_occurrences_each():
     # 100 excerpts, each pattern in 10 %: the training half shows 24 firing 5 times and each blocker
