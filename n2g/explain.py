@@ -12,6 +12,7 @@ import re
 import networkx as nx
 
 from .records import NeuronResult
+from .graph import MAX_TOKEN_VALUES
 from .render import graph_paths, path_text
 
 
@@ -138,7 +139,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
         out.append(_seg(". "))
     if wild and wild[0]["end"] < threshold:  # the background value: [*] alone
         own = G.graph.get("token_values") if G is not None else None
-        if isinstance(own, int) and not isinstance(own, bool) and own > 0:
+        if isinstance(own, int) and not isinstance(own, bool) and 0 < own <= MAX_TOKEN_VALUES:
             out.append(_seg(f"Any other token is predicted at its own training mean where no path matched it "
                             f"({own:,} tokens, all below the firing threshold), and one the training text never "
                             f"showed there at {wild[0]['end']:.2f}, the training mean of the tokens no path matches. "))

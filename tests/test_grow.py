@@ -365,6 +365,9 @@ def test_each_token_the_graph_does_not_know_gets_its_own_training_mean(tmp_path)
     from n2g.render import to_dot
 
     assert f"{len(g.token_values)} own values, else" in to_dot(g.to_networkx())  # the drawing's [*] says so too
+    hostile = g.to_networkx()
+    hostile.graph["token_values"] = 10 ** 400  # a hand-made graph.json's count: not printed as 400 digits
+    assert "own values" not in to_dot(hostile) and "own training mean" not in summary_text(result, hostile)
 
 
 @pytest.mark.parametrize("pairs, needle", [
