@@ -252,8 +252,9 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
     ax.set_ylabel("mean firing F1")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
+    if ax.lines:  # beside the plot, not over its lines (eleven methods and the ceiling)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        fig.subplots_adjust(right=0.68)
     else:  # every neuron is dead or had no firing held-out token: nothing has an F1
         _no_data(ax)
     plots.append(("Mean firing F1 by layer, per method", _png(fig)))
