@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import PRESETS
 from .errors import N2GError
 from .fileio import read_json
+from .records import plural
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -212,7 +213,7 @@ def _run(args) -> int:
         _print_json(_summary_json(summary))
         return 0
     print(summary_table(summary.results))
-    print(f"\n{len(summary.results)} neuron{'s' * (len(summary.results) != 1)} ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
+    print(f"\n{len(summary.results)} {plural(len(summary.results), 'neuron')} ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
     if "report" in summary.artifacts:
         print(f"report: {summary.artifacts['report']}")
     if args.command == "fit" and "viewer" in summary.artifacts:

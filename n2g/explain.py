@@ -12,7 +12,7 @@ import re
 import networkx as nx
 
 from .records import NeuronResult
-from .graph import MAX_TOKEN_VALUES
+from .graph import token_value_count
 from .render import graph_paths, path_text
 
 
@@ -138,8 +138,8 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
                                 len(low) - len(low[:2])))
         out.append(_seg(". "))
     if wild and wild[0]["end"] < threshold:  # the background value: [*] alone
-        own = G.graph.get("token_values") if G is not None else None
-        if isinstance(own, int) and not isinstance(own, bool) and 0 < own <= MAX_TOKEN_VALUES:
+        own = token_value_count(G)
+        if own:
             out.append(_seg(f"Any other token is predicted at its own training mean where no path matched it "
                             f"({own:,} tokens, all below the firing threshold), and one the training text never "
                             f"showed there at {wild[0]['end']:.2f}, the training mean of the tokens no path matches. "))

@@ -116,6 +116,13 @@ MAX_TOKEN_VALUES = 1 << 20
 """At most this many background token values in a graph file."""
 
 
+def token_value_count(G) -> int:
+    """How many tokens hold a background value of their own in a drawn graph (``G.graph["token_values"]``,
+    set by :meth:`NeuronGraph.to_networkx`); 0 where absent or not a count n2g could write (a hand-made file)."""
+    own = G.graph.get("token_values") if G is not None else None
+    return own if isinstance(own, int) and not isinstance(own, bool) and 0 < own <= MAX_TOKEN_VALUES else 0
+
+
 def _token_values(pairs, fire_threshold: float) -> dict[int, float]:
     """A graph file's ``token_values`` ([[token id, value], ...]) checked: token ids, finite values below
     the firing threshold (a background value never fires), at most :data:`MAX_TOKEN_VALUES`."""
@@ -416,25 +423,23 @@ class NeuronGraph:
             return out
         ids = np.asarray(ids, np.int64).tolist()
         wild = roots.get(WILDCARD)
+        table = self.token_values  # a token no path matches: its own background value, else [*]'s
         if wild is not None and self.nodes[wild].children:  # a context rule: a path may start at any token
             starts = range(len(ids))
         else:  # tokens a path starts at (a dict lookup per token: cheaper than np.isin on a short row)
             starts = [i for i, t in enumerate(ids) if t != WILDCARD and t in roots]
             if wild is not None and self.nodes[wild].end is not None:
                 out[:] = self.nodes[wild].end  # [*] alone: every token no path matches
-                table = self.token_values
-                if table:  # ... or at its own background value
-                    for i, t in enumerate(ids):
-                        v = table.get(t)
-                        if v is not None:
-                            out[i] = v
-        table = self.token_values if wild is not None else {}
+                for i, t in enumerate(ids if table else ()):
+                    v = table.get(t)
+                    if v is not None:
+                        out[i] = v
         for i in starts:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("the prediction took longer than its time budget")
             end = self.match_end(ids, i)
             if end is not None:
-                out[i] = table.get(ids[i], self.nodes[end].end) if end == wild and table else self.nodes[end].end
+                out[i] = table.get(ids[i], self.nodes[end].end) if end == wild else self.nodes[end].end
         return out
 
     def calibrate(self, sequences: Sequence[tuple[Sequence[int], np.ndarray]], backoff: bool = False,

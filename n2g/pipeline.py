@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import SUBSTITUTE_SOURCES, DistillConfig, preset
 from .errors import N2GError
-from .records import NeuronId, NeuronResult, Sign
+from .records import NeuronId, NeuronResult, Sign, plural
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
     out = store.root
     wanted = [NeuronId(l, i, s) for l in layers for i in indices for s in signs]
     todo = [n for n in wanted if not store.is_done(n)]
-    log.info("%d neuron%s requested, %d already done in %s", len(wanted), "s" * (len(wanted) != 1),
+    log.info("%d %s requested, %d already done in %s", len(wanted), plural(len(wanted), "neuron"),
              len(wanted) - len(todo), out)
     fitted = 0
     try:

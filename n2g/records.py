@@ -22,6 +22,11 @@ class Sign(str, enum.Enum):
     NEGATIVE = "negative"
 
 
+def plural(n: int, noun: str) -> str:
+    """``noun`` as said of ``n`` things: "1 neuron", "2 neurons" (the caller prints the number)."""
+    return noun if n == 1 else noun + "s"
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe copy: enums to values, non-finite floats to None."""
     if isinstance(value, enum.Enum):

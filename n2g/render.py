@@ -27,7 +27,7 @@ import networkx as nx
 
 from n2g.errors import N2GError
 from n2g.fileio import inside, read_json, replacing, write_bytes_atomic
-from n2g.graph import MAX_TOKEN_ID, MAX_TOKEN_VALUES, tree_problem
+from n2g.graph import MAX_TOKEN_ID, token_value_count, tree_problem
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +381,8 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
                 attrs["fontcolor"] = '"white"'
             tip = f"activating token id {a.get('token_id')}; activation {act:.2f}"
             value = f"act {act:.2f}"
-            own = G.graph.get("token_values")
-            if a.get("token_id") is None and isinstance(own, int) and not isinstance(own, bool) and 0 < own <= MAX_TOKEN_VALUES:
+            own = token_value_count(G)
+            if a.get("token_id") is None and own:
                 tip = f"any other token: its own training mean where it has one ({own} tokens), else {act:.2f}"
                 value = f"{own} own values, else {act:.2f}"
         else:

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 from n2g.errors import N2GError
 from n2g.fileio import csv_cell, inside, read_json, remove_stale_temporaries
-from n2g.records import NeuronResult
+from n2g.records import NeuronResult, plural
 from n2g.render import DrawingFailed, atomic_write, dot_available, load_graph_json, render
 from n2g.search import build_index, iter_results, scan_results
 
@@ -222,6 +222,7 @@ def _no_data(ax) -> None:
 
 def _plots(rep: dict) -> list[tuple[str, str]]:
     """(caption, base64 PNG) for each plot; made on Figure objects so no global backend changes."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     from matplotlib.ticker import MaxNLocator
@@ -230,8 +231,6 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
     fig = Figure(figsize=(6, 3.4))
     ax = fig.add_subplot()
     layers = [row["layer"] for row in rep["layers"]]
-    from matplotlib import colormaps
-
     palette = [c for i, c in enumerate(colormaps["tab20"].colors) if i not in (6, 7)]  # reds are the graph's
     others = iter(palette * (len(rep["methods"]) // len(palette) + 1))  # one colour per method, however many
     for m in rep["methods"]:
@@ -268,7 +267,7 @@ def _plots(rep: dict) -> list[tuple[str, str]]:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("per-neuron N2G firing F1")
     ax.set_ylabel("neurons")
-    plots.append((f"Distribution of per-neuron N2G F1 ({len(f1s)} neuron{'s' * (len(f1s) != 1)})", _png(fig)))
+    plots.append((f"Distribution of per-neuron N2G F1 ({len(f1s)} {plural(len(f1s), 'neuron')})", _png(fig)))
 
     pts = [(n["firing_rate"], n["n2g_f1"]) for n in rep["neurons"] if n["n2g_f1"] is not None]
     fig = Figure(figsize=(6, 3.4))

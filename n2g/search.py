@@ -24,7 +24,7 @@ import numpy as np
 
 from n2g.errors import N2GError
 from n2g.fileio import loads_json, read_bytes, replacing
-from n2g.records import NeuronResult
+from n2g.records import NeuronResult, plural
 from n2g.render import QUIET_BELOW, graph_token_rows, is_finite_number, load_graph_json
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def build_index(run_dir: str | os.PathLike) -> Path:
             con.commit()
         finally:
             con.close()
-    log.info("indexed %d neuron%s into %s", n, "s" * (n != 1), out)
+    log.info("indexed %d %s into %s", n, plural(n, "neuron"), out)
     return out
 
 

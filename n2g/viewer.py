@@ -48,7 +48,7 @@ from markupsafe import Markup, escape
 
 from n2g.errors import N2GError
 from n2g.fileio import inside as _inside, read_bytes, read_json
-from n2g.records import Example, NeuronResult
+from n2g.records import Example, NeuronResult, plural
 from n2g.render import BIDI_CONTROLS, atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
 from n2g.search import INDEX_NAME, build_index, search, similar
@@ -350,9 +350,8 @@ FIRST_EXCERPTS = 4
 """Held-out excerpts shown open at the top of a neuron page (the rest are in a collapsed list)."""
 
 
-
-GRAPH_WORDS = {"activator": "activating tokens", "context": "context nodes", "wildcard": "wildcard nodes",
-               "end": "paths"}
+GRAPH_WORDS = {"activator": "activating token", "context": "context node", "wildcard": "wildcard node",
+               "end": "path"}
 """How a neuron page's header names each count of ``NeuronGraph.stats()`` (its ``paths`` key counts the
 training tokens behind the ENDs, not the paths a reader sees: left out)."""
 
@@ -363,7 +362,7 @@ def graph_line(stats: dict) -> str:
     for key, words in GRAPH_WORDS.items():
         if key in stats:
             n = int(stats[key])
-            parts.append(f"{n:,} {words[:-1] if n == 1 else words}")
+            parts.append(f"{n:,} {plural(n, words)}")
     return ", ".join(parts)
 
 
@@ -632,7 +631,7 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
     out = run_dir / "viewer" / "index.html"
     results = [r for _, r, _ in found]
     atomic_write(out, index_page(run_dir, results, secrets.token_urlsafe(16)).encode("utf-8"))
-    log.info("wrote viewer for %d neuron%s under %s", len(results), "s" * (len(results) != 1), out.parent)
+    log.info("wrote viewer for %d %s under %s", len(results), plural(len(results), "neuron"), out.parent)
     return out
 
 
