@@ -74,7 +74,13 @@ def main(argv=None) -> int:
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
-    jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]
+    from n2g.written import written_tokens
+
+    wanted: dict = {}
+    for n in neurons:
+        wanted.setdefault(n.layer, []).append(n.index)
+    written = written_tokens(model, corpus.excerpts, is_train, cfg, wanted, cache_dir(), corpus.tokens_key())
+    jobs = [store_job(scans[n.layer], n, is_train, written) for n in neurons]
     evaluator = RowEvaluator(model, cfg.batch_tokens, int(model.occlusion_token_id))
     t0 = time.perf_counter()
     fits = fit_many(model, excerpts, jobs, cfg, group_size=len(jobs), evaluator=evaluator, host_workers=args.host_workers)

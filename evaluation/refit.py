@@ -53,7 +53,13 @@ def save(args) -> int:
                         corpus_key=corpus.tokens_key(), progress=False)
     excerpts = corpus.excerpts.tolist()
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
-    jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]
+    from n2g.written import written_tokens
+
+    wanted: dict = {}
+    for n in neurons:
+        wanted.setdefault(n.layer, []).append(n.index)
+    written = written_tokens(model, corpus.excerpts, is_train, cfg, wanted, cache_dir(), corpus.tokens_key())
+    jobs = [store_job(scans[n.layer], n, is_train, written) for n in neurons]
     memo = None
     if args.memo:  # activations shared with evaluation/fidelity.py --memo: the same proposals as its runs
         from fidelity import Memo
@@ -66,7 +72,7 @@ def save(args) -> int:
     print(f"# fitted {len(jobs)} neurons in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     data = {"neurons": neurons, "fits": {n: fits[n] for n in neurons}, "config": cfg.to_dict(),
             "evidence": {n: (j.evidence, {i: j.known[i] for i in j.evidence}) for n, j in zip(neurons, jobs)},
-            "ids": corpus.excerpts.numpy()}
+            "ids": corpus.excerpts.numpy(), "written": {n: j.written for n, j in zip(neurons, jobs)}}
     Path(args.out).write_bytes(pickle.dumps(data))
     return 0
 
@@ -89,7 +95,7 @@ def refit_all(data: dict, overrides: dict, lookups: bool) -> dict:
         in_examples = {e.excerpt_index for e in examples if e.split == "train"}
         rest = [i for i in evidence if i not in in_examples]
         part = (rest, [ids_all[i].astype(np.int64) for i in rest], [np.asarray(known[i], np.float32) for i in rest])
-        new = finish_fit(examples, part, proposals, cfg)
+        new = finish_fit(examples, part, proposals, cfg, data.get("written", {}).get(n))
         train_ids = ids_all[evidence]
         train_acts = np.stack([known[i] for i in evidence])
         for mix, sources in (("top", ("top",)), ("top+random", ("top", "random"))):

@@ -25,7 +25,7 @@ from n2g.corpus import Corpus
 from n2g.activations import partition
 from n2g.distill import pool_size, top_k
 from n2g.engine import RowEvaluator, fit_many, store_job
-from n2g.models import load_model
+from n2g.models import cache_dir, load_model
 from n2g.pipeline import parse_indices
 from n2g.scan import scan_layers
 
@@ -77,7 +77,13 @@ def main(argv=None) -> int:
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
-    jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]  # as the pipeline: examples from the store
+    from n2g.written import written_tokens
+
+    wanted: dict = {}
+    for n in neurons:
+        wanted.setdefault(n.layer, []).append(n.index)
+    written = written_tokens(model, corpus.excerpts, is_train, cfg, wanted, cache_dir(), corpus.tokens_key())
+    jobs = [store_job(scans[n.layer], n, is_train, written) for n in neurons]  # as the pipeline: examples from the store
     timings, graphs = {}, {}
     for engine in args.engines.split(","):
         group = 1 if engine in ("sequential", "per-neuron") else args.group_size

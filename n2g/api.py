@@ -140,7 +140,10 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     scan = scans[layer]
     is_train = partition(len(corp), cfg.held_out, cfg.seed)
     excerpts = corp.rows()
-    fit = fit_many(m, excerpts, [store_job(scan, neuron, is_train)], cfg, group_size=1)[neuron]
+    from .written import written_tokens
+
+    written = written_tokens(m, corp.excerpts, is_train, cfg, {layer: [index]}, cache_dir(), corp.tokens_key())
+    fit = fit_many(m, excerpts, [store_job(scan, neuron, is_train, written)], cfg, group_size=1)[neuron]
     result = to_result(m, neuron, scan.stats(index, neuron.sign), fit, time.perf_counter() - started,
                        scan=scan, excerpts=excerpts)
     scale = result.stats.max_activation

@@ -181,6 +181,14 @@ class DistillConfig:
     token, a path for every token seen ``min_count`` times that mostly does not fire: its exceptions.
     Growing, context rules ("any token after Y is quiet") and pruning work on these as on any graph, so
     "every token but ..." is a few nodes that also hold for tokens training never showed."""
+    written: int = 0
+    """Excerpts the subject model writes, each continuing the opening of a training excerpt (sampled,
+    seeded; at most one per training excerpt; 0: none). Each written token that the training partition
+    shows fewer than ``max(min_count, 2)`` times joins the graph's training evidence as a single token
+    with its measured activation, so the graph learns tokens the corpus is too small to show
+    (:mod:`n2g.written`). Lookups and scores still see the corpus only."""
+    written_prompt: int = 8
+    """Tokens of a training excerpt's opening that prompt a written excerpt (never evidence themselves)."""
     batch_tokens: int = 16384
     """Padded tokens per forward batch (rows x length)."""
     # -- the published implementation (albertsgarde/Neuron2Graph); see evaluation/results/paper_vs_published.md
@@ -216,7 +224,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        for name in ("n_top", "n_variants", "n_candidates", "batch_tokens", "max_pivots", "grow_depth", "run_window"):
+        for name in ("n_top", "n_variants", "n_candidates", "batch_tokens", "max_pivots", "grow_depth", "run_window",
+                     "written_prompt"):
             if getattr(self, name) < 1:
                 raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.n_prune is not None and self.n_prune < 1:
@@ -224,7 +233,8 @@ class DistillConfig:
         for name in ("clean_gain", "value_gain"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 (never) or more (got {getattr(self, name)})")
-        for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context", "run_max", "run_cost"):
+        for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context", "run_max", "run_cost",
+                     "written"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
         for name, most in (("max_context", 256), ("grow_depth", 64)):  # a graph's depth: see graph.MAX_GRAPH_DEPTH
@@ -414,6 +424,7 @@ PRESETS: dict[str, DistillConfig] = {
         substitute_source="embedding",
         n_variants=8,
         variant_once=True,
+        written=512,
     ),
 }
 

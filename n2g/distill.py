@@ -116,13 +116,23 @@ def propose_steps(train: Sequence[Example], cfg: DistillConfig, occlusion_id: in
     return Proposals(pruned, imps, variants, owners)
 
 
+def written_examples(written: tuple[np.ndarray, np.ndarray] | None) -> list[Example]:
+    """Model-written tokens as single-token training examples (no context: the corpus teaches contexts)."""
+    if written is None:
+        return []
+    ids, acts = written
+    return [Example([int(t)], [float(a)], split="train", source="written") for t, a in zip(ids.tolist(), acts.tolist())]
+
+
 def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: DistillConfig,
-                proposals: Proposals) -> tuple[NeuronGraph, FitTrace]:
-    """Host work of a fit (no model calls): the graph from the proposals and all training evidence."""
+                proposals: Proposals, written: Sequence[Example] = ()) -> tuple[NeuronGraph, FitTrace]:
+    """Host work of a fit (no model calls): the graph from the proposals and all training evidence
+    (``written``: single-token examples of model-written text, evidence like the corpus's)."""
     graph = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
     pruned, imps, owners = proposals.pruned, proposals.importances, proposals.owners
     trace = FitTrace(pruned, imps, proposals.variants)
-    seen = list(train) + list(calibration)  # a training excerpt's id is its index here
+    corpus_seen = list(train) + list(calibration)  # a training excerpt's id is its index here
+    seen = corpus_seen + list(written)
     ranked = _ranked(train)
     for p, imp in zip(pruned, imps):
         acts = rescale(p) if cfg.rescale_pruned else p.activations  # published: pivot back to its original value
@@ -134,7 +144,7 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
         else:
             graph.add_example(p.token_ids, acts, imp, cfg.importance_threshold, owners[p.source])
     if cfg.augment and pruned and cfg.novel_variants and trace.variants:  # as propose_steps skipped them
-        common = common_tokens([e.token_ids for e in seen], cfg)
+        common = common_tokens([e.token_ids for e in corpus_seen], cfg)
         trace.variants = [v for v in trace.variants if int(v.token_ids[v.position]) not in common]
     if cfg.augment and pruned:
         for v in trace.variants:
@@ -409,7 +419,8 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
                  cfg: DistillConfig, occlusion_id: int,
                  known: Mapping[int, np.ndarray] | None = None, is_train: Sequence[bool] | None = None,
                  evidence: Sequence[int] | None = None,
-                 shared_common: tuple[frozenset[int], frozenset[int]] | None = None) -> Steps:
+                 shared_common: tuple[frozenset[int], frozenset[int]] | None = None,
+                 written: tuple[np.ndarray, np.ndarray] | None = None) -> Steps:
     """Generator stage for one neuron: examples, split, fit, predict, score against baselines.
 
     ``shared_common``: ``(excerpts, tokens)``, the :func:`common_tokens` of those training excerpts,
@@ -420,7 +431,8 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
     only excerpts missing from it are sent to the model. ``is_train`` is the run's corpus-level
     partition; ``evidence`` lists the training excerpts whose activations are known (the stored
     training partition): the baselines always learn from all of them, the graph does when
-    ``cfg.evidence == "partition"``.
+    ``cfg.evidence == "partition"``. ``written``: ``(token ids, normalised activations)`` of model-written
+    tokens the training partition rarely shows (:mod:`n2g.written`), single-token evidence for the graph.
     """
     split = split_examples(ranked, pool, cfg, is_train)
     roles = ([(i, "train", "top") for i in split.train_top] + [(i, "test", "top") for i in split.test_top]
@@ -447,12 +459,13 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
         common = common_tokens([e.token_ids for e in examples if e.split == "train"]  # what build_graph will see
                                + (partition[1] if cfg.evidence == "partition" else []), cfg)
     proposals = yield from propose_steps(train_top, cfg, occlusion_id, common)
-    fit = yield Compute(finish_fit, (examples, partition, proposals, cfg))
+    fit = yield Compute(finish_fit, (examples, partition, proposals, cfg, written if cfg.written else None))
     return fit
 
 
 def finish_fit(examples: list[Example], partition: tuple[list[int], list[np.ndarray], list[np.ndarray]],
-               proposals: Proposals, cfg: DistillConfig) -> "NeuronFit":
+               proposals: Proposals, cfg: DistillConfig,
+               written: tuple[np.ndarray, np.ndarray] | None = None) -> "NeuronFit":
     """Host work of one neuron after its last model request: graph, predictions, scores, baselines.
 
     Pure (no model, no shared state), so the engine may run it in a worker process."""
@@ -462,7 +475,7 @@ def finish_fit(examples: list[Example], partition: tuple[list[int], list[np.ndar
     partition = [Example(ids.tolist(), acts.astype(np.float64).tolist(), split="train", source="partition",
                          excerpt_index=i) for i, ids, acts in zip(*partition)]
     calibration = train_random + (partition if cfg.evidence == "partition" else [])
-    graph, trace = build_graph(train_top, calibration, cfg, proposals)
+    graph, trace = build_graph(train_top, calibration, cfg, proposals, written_examples(written) if cfg.written else [])
     for e in examples:
         e.predicted = [float(v) for v in graph.predict_sequence(e.token_ids)]
     scores = {"n2g": score_arrays([e.activations for e in test], [e.predicted for e in test], cfg.fire_threshold)}
@@ -743,8 +756,13 @@ def _as_lists(excerpts) -> list[list[int]]:
 
 def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: str = "positive",
             substitutes: Callable | None = None, occlusion_token_id: int = 0, name: str = "feature",
-            config: DistillConfig | None = None, **options) -> NeuronModel:
+            config: DistillConfig | None = None, written=None, **options) -> NeuronModel:
     """Distil any feature into a graph from a list of token-id excerpts; returns the fitted model.
+
+    ``written``: token-id rows of text a language model wrote (a feature has no model to write them;
+    :mod:`n2g.written`). With a preset whose ``written`` is not 0, the feature is measured on them and
+    each of their tokens that the training excerpts show fewer than ``max(min_count, 2)`` times joins
+    the graph's evidence as a single token.
 
     The returned :class:`NeuronModel` has ``graph_``, ``examples_`` (train and test with true and
     predicted normalised activations), ``scores_`` (``n2g`` and each baseline on the test split),
@@ -790,7 +808,16 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     known = {i: (signed[i] / peak).astype(np.float32) for i in range(len(seqs))}
     is_train = partition(len(seqs), cfg.held_out, cfg.seed)
     evidence = [i for i in range(len(seqs)) if is_train[i]]
-    result = drive(neuron_steps(seqs, ranked, pool, cfg, occlusion_token_id, known, is_train, evidence),
+    extra = None
+    if written is not None and cfg.written:
+        from .written import single_tokens
+
+        rows = _as_lists(written)
+        values = evaluate_sequences(feature, rows, cfg.batch_tokens, occlusion_token_id) if rows else []
+        for v in values:
+            check_finite(v, name)
+        extra = single_tokens(rows, [v * factor / peak for v in values], [seqs[i] for i in evidence], max(cfg.min_count, 2))
+    result = drive(neuron_steps(seqs, ranked, pool, cfg, occlusion_token_id, known, is_train, evidence, written=extra),
                    model._evaluator(), substitutes)
     model.graph_, model.examples_, model.scores_, model.trace_ = result.graph, result.examples, result.scores, result.trace
     model.ceiling_ = result.ceiling

@@ -47,6 +47,9 @@ class Job:
     """The run's corpus-level partition (True: training excerpt)."""
     evidence: list[int] | None = None
     """Training excerpts whose activations ``known`` holds (the stored training partition)."""
+    written: tuple[np.ndarray, np.ndarray] | None = None
+    """Tokens of model-written text the training partition rarely shows, and the neuron's normalised
+    activations there (:mod:`n2g.written`): single-token evidence for the graph only."""
 
 
 class StoreValues(Mapping):
@@ -86,12 +89,14 @@ class StoreValues(Mapping):
         return self.store.n_stored if self.live else 0
 
 
-def store_job(scan, neuron: NeuronId, is_train: np.ndarray) -> Job:
-    """A job whose known activations and training evidence come from the layer's activation store."""
+def store_job(scan, neuron: NeuronId, is_train: np.ndarray, written=None) -> Job:
+    """A job whose known activations and training evidence come from the layer's activation store
+    (and ``written``, a :class:`n2g.written.WrittenTokens`, when the run measured model-written text)."""
     scale = scan.scale(neuron.index, neuron.sign)
     known = StoreValues(scan, neuron, scale) if scan.store is not None else None
     evidence = scan.store.excerpts[np.asarray(is_train, bool)[scan.store.excerpts]].tolist() if scan.store is not None else None
-    return Job(neuron, scale, scan.ranked(neuron.index, neuron.sign), scan.pool, known, is_train, evidence)
+    mine = written.for_neuron(neuron, scale) if written is not None else None
+    return Job(neuron, scale, scan.ranked(neuron.index, neuron.sign), scan.pool, known, is_train, evidence, mine)
 
 
 @dataclass
@@ -372,7 +377,8 @@ def fit_group(model, excerpts: Sequence[Sequence[int]], jobs: list[Job], cfg: Di
             results[job.neuron] = NeuronFit(None, [], {}, None, status="dead")
         else:
             live[job.neuron] = neuron_steps(excerpts, job.ranked, job.pool, cfg, occlusion, job.known,
-                                            job.is_train, job.evidence, shared.get(keys.get(job.neuron)))
+                                            job.is_train, job.evidence, shared.get(keys.get(job.neuron)),
+                                            written=job.written)
     scales = {job.neuron: job.scale for job in jobs}
     answers: dict[NeuronId, object] = {n: None for n in live}
     own: list = []  # neurons whose host work runs in the pool

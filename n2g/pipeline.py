@@ -347,7 +347,13 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
              "%.1f MB on disk", int(is_train.sum()), int((~is_train).sum()), stored.n_stored, len(scans),
              cache_bytes(scans) / 1e6)
     excerpts = corpus.rows()
-    jobs = [store_job(scans[n.layer], n, is_train) for n in todo]
+    from .written import written_tokens
+
+    wanted: dict[int, list[int]] = {}
+    for n in todo:
+        wanted.setdefault(n.layer, []).append(n.index)
+    written = written_tokens(model, corpus.excerpts, is_train, cfg, wanted, cache_dir(), corpus.tokens_key())
+    jobs = [store_job(scans[n.layer], n, is_train, written) for n in todo]
     substitutes = None
     if cfg.augment and (opts.substitutes or "").startswith("mlm:"):
         from .augment import MaskedLMSubstitutes

@@ -110,7 +110,8 @@ class Example:
     split: str = "train"
     """``"train"`` or ``"test"``."""
     source: str = "top"
-    """``"top"`` (a top-activating excerpt), ``"random"`` (a random excerpt) or ``"variant"``."""
+    """``"top"`` (a top-activating excerpt), ``"random"`` (a random excerpt), ``"variant"`` or ``"written"``
+    (a token of model-written text, :mod:`n2g.written`)."""
     excerpt_index: int | None = None
     """Index of the corpus excerpt it came from, when it came from one."""
     predicted: list[float] | None = None

@@ -177,6 +177,20 @@ def test_one_neuron_is_one_neuron_in_every_line_and_nothing_warns(tiny_model_dir
         assert line in proc.stderr
     assert "Warning" not in proc.stderr  # matplotlib's legend warning when no neuron had an F1
 
+def test_written_option_sets_how_many_excerpts_the_model_writes(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = _cli(["fit", "--model", tiny_model_dir / "model", "--corpus", tiny_model_dir / "corpus.txt",
+                 "--excerpt-length", "16", "--layer", "1", "--neuron", "5", "--written", "3", "--no-report", "--out", out],
+                env={"N2G_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "the model writes 3 excerpts of 16 tokens" in proc.stderr and "written text: 3 excerpts," in proc.stderr
+    assert json.loads((out / "run.json").read_text())["identity"]["config"]["written"] == 3
+    bad = tmp_path / "bad"
+    code, _, err = main(["fit", "--model", tiny_model_dir / "model", "--layer", "1", "--neuron", "5",
+                         "--written", "-1", "--out", bad, "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "written must be 0 or more" in err and not bad.exists()
+
+
 def test_serve_with_a_missing_model_is_one_line(run, tmp_path, capsys):
     code, out, err = main(["serve", run, "--port", "0", "--model", tmp_path / "no-such-model"], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and "model path" in err and "does not exist" in err

@@ -213,7 +213,7 @@ def test_common_tokens_shared_by_a_layer_give_the_same_fits(models, monkeypatch)
     cfg = preset("default")
     shared = fit_many(plain, excerpts.tolist(), jobs, cfg, group_size=3, substitutes=substitutes)
     original = engine.neuron_steps
-    monkeypatch.setattr(engine, "neuron_steps", lambda *a: original(*a[:8]))  # each neuron counts alone
+    monkeypatch.setattr(engine, "neuron_steps", lambda *a, **k: original(*a[:8], **k))  # each neuron counts alone
     alone = fit_many(plain, excerpts.tolist(), jobs, cfg, group_size=3, substitutes=substitutes)
     for job in jobs:
         assert _fingerprint(shared[job.neuron]) == _fingerprint(alone[job.neuron])
