@@ -208,6 +208,11 @@ def measure(model, written: np.ndarray, prompt: int, common: np.ndarray, wanted:
     return WrittenTokens(ids, acts, columns, len(written))
 
 
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def _cache_path(cache_dir: Path, model, corpus_key: str, n: int, prompt: int, length: int, seed: int) -> Path:
     from .scan import _model_key
 
@@ -232,10 +237,14 @@ def written_excerpts(model, excerpts: np.ndarray, is_train: np.ndarray, n: int, 
             if cached.shape == (len(prompts), length) and np.array_equal(cached[:, :prompt], prompts):
                 log.info("written excerpts loaded from cache %s", path)
                 return cached.astype(np.int64)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             log.warning("ignoring unreadable written-text cache %s (%s)", path, exc)
     log.info("the model writes %d excerpts of %d tokens from training openings of %d", len(prompts), length, prompt)
-    written = write_excerpts(model, prompts, length, seed)
+    try:
+        written = write_excerpts(model, prompts, length, seed)
+    except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+        log.warning("the model cannot write text (%s); fitting from the corpus alone", _first(exc))
+        return np.zeros((0, length), np.int64)
     if path is not None:
         try:
             with replacing(path) as tmp:

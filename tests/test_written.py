@@ -144,3 +144,15 @@ def test_a_very_wide_layer_measures_as_many_written_excerpts_as_fit_the_budget(t
     monkeypatch.setattr("n2g.written.MAX_BYTES", 2 * 48 * 12 * 3)  # three excerpts of all 48 neurons
     got = measure(tiny_llama, written, 2, np.array([], np.int64), {0: list(range(48))})
     assert got.n_excerpts == 3 and len(got.ids) == 3 * 10 and got.acts[0].shape == (30, 48)
+
+
+def test_a_model_that_cannot_write_leaves_the_corpus_alone(tiny_llama, monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("no cache support\nsecond line")
+
+    monkeypatch.setattr(tiny_llama.model, "generate", broken)
+    excerpts = np.random.default_rng(0).integers(4, 60, (8, 16))
+    with caplog.at_level("WARNING", logger="n2g"):
+        got = written_excerpts(tiny_llama, excerpts, partition(8, 0.5, 0), 4, 3, 0)
+    assert got.shape == (0, 16)
+    assert "the model cannot write text (RuntimeError: no cache support); fitting from the corpus alone" in caplog.text
