@@ -237,10 +237,11 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
 
 
 @contextlib.contextmanager
-def _scan_lock(stem: Path, layer: int):
+def _scan_lock(stem: Path, layer: int | None, busy: str | None = None):
     """Hold the lock of one scan cache entry while it is scanned (``stem.lock``, an flock, removed by its
     holder before release). The context's value says whether another process held it first (its entry
-    may now be in the cache). Without a writable cache folder there is no lock and nothing to wait for."""
+    may now be in the cache). Without a writable cache folder there is no lock and nothing to wait for.
+    ``busy``: what to log while waiting, for a cache entry that is not a layer's scan."""
     import fcntl
 
     path = stem.with_suffix(".lock")
@@ -255,7 +256,7 @@ def _scan_lock(stem: Path, layer: int):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.info("layer %d: another n2g process is scanning it; waiting for its scan", layer)
+                log.info(busy or f"layer {layer}: another n2g process is scanning it; waiting for its scan")
                 waited = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
             now, mine = os.stat(path, follow_symlinks=False), os.fstat(fd)

@@ -231,29 +231,55 @@ def written_excerpts(model, excerpts: np.ndarray, is_train: np.ndarray, n: int, 
     if not len(prompts) or _language_model(model) is None:
         return np.zeros((0, length), np.int64)
     path = _cache_path(Path(cache_dir), model, corpus_key, n, prompt, length, seed) if cache_dir else None
-    if path is not None and path.is_file():
-        try:
-            cached = np.load(path, allow_pickle=False)
-            if cached.shape == (len(prompts), length) and np.array_equal(cached[:, :prompt], prompts):
-                log.info("written excerpts loaded from cache %s", path)
-                return cached.astype(np.int64)
-        except (OSError, ValueError, EOFError) as exc:
-            log.warning("ignoring unreadable written-text cache %s (%s)", path, exc)
-    log.info("the model writes %d excerpts of %d tokens from training openings of %d", len(prompts), length, prompt)
+    cached = _cached(path, prompts, length)
+    if cached is not None:
+        return cached
+    if path is None:
+        return _write(model, prompts, length, seed)
+    from .scan import _scan_lock
+
     try:
-        written = write_excerpts(model, prompts, length, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("cannot use the written-text cache in %s (%s); writing without it", path.parent, exc.strerror or exc)
+        return _write(model, prompts, length, seed)
+    with _scan_lock(path, None, "another n2g process is writing this run's text; waiting for it"):
+        cached = _cached(path, prompts, length)  # it may have been written while we waited
+        if cached is not None:
+            return cached
+        written = _write(model, prompts, length, seed)
+        if len(written):
+            try:
+                with replacing(path) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, written.astype(np.int32))
+            except OSError as exc:
+                log.warning("cannot save the written excerpts in %s (%s); going on without the cache", path.parent,
+                            exc.strerror or exc)
+    return written
+
+
+def _cached(path: Path | None, prompts: np.ndarray, length: int) -> np.ndarray | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        cached = np.load(path, allow_pickle=False)
+        if cached.shape == (len(prompts), length) and np.array_equal(cached[:, :prompts.shape[1]], prompts):
+            log.info("written excerpts loaded from cache %s", path)
+            return cached.astype(np.int64)
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("ignoring unreadable written-text cache %s (%s)", path, exc)
+    return None
+
+
+def _write(model, prompts: np.ndarray, length: int, seed: int) -> np.ndarray:
+    log.info("the model writes %d excerpts of %d tokens from training openings of %d", len(prompts), length,
+             prompts.shape[1])
+    try:
+        return write_excerpts(model, prompts, length, seed)
     except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as exc:
         log.warning("the model cannot write text (%s); fitting from the corpus alone", _first(exc))
         return np.zeros((0, length), np.int64)
-    if path is not None:
-        try:
-            with replacing(path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, written.astype(np.int32))
-        except OSError as exc:
-            log.warning("cannot save the written excerpts in %s (%s); going on without the cache", path.parent,
-                        exc.strerror or exc)
-    return written
 
 
 def written_tokens(model, excerpts, is_train: np.ndarray, cfg, wanted: dict[int, list[int]],

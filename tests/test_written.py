@@ -156,3 +156,12 @@ def test_a_model_that_cannot_write_leaves_the_corpus_alone(tiny_llama, monkeypat
         got = written_excerpts(tiny_llama, excerpts, partition(8, 0.5, 0), 4, 3, 0)
     assert got.shape == (0, 16)
     assert "the model cannot write text (RuntimeError: no cache support); fitting from the corpus alone" in caplog.text
+
+
+def test_a_cache_folder_that_cannot_be_made_still_writes(tiny_llama, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    excerpts = np.random.default_rng(0).integers(4, 60, (8, 16))
+    with caplog.at_level("WARNING", logger="n2g"):
+        got = written_excerpts(tiny_llama, excerpts, partition(8, 0.5, 0), 4, 3, 0, blocker / "cache")
+    assert got.shape == (4, 16) and "writing without it" in caplog.text
