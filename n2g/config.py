@@ -184,9 +184,10 @@ class DistillConfig:
     written: int = 0
     """Excerpts the subject model writes, each continuing the opening of a training excerpt (sampled,
     seeded; at most one per training excerpt; 0: none). Each written token that the training partition
-    shows fewer than ``max(min_count, 2)`` times joins the graph's training evidence as a single token
-    with its measured activation, so the graph learns tokens the corpus is too small to show
-    (:mod:`n2g.written`). Lookups and scores still see the corpus only."""
+    shows fewer than ``max(min_count, 2)`` times and that fires somewhere in the written text joins the
+    graph's training evidence as a single token with its measured activation (every occurrence), so the
+    graph learns tokens the corpus is too small to show (:mod:`n2g.written`). Lookups and scores still see
+    the corpus only."""
     written_prompt: int = 8
     """Tokens of a training excerpt's opening that prompt a written excerpt (never evidence themselves)."""
     batch_tokens: int = 16384

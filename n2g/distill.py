@@ -116,11 +116,16 @@ def propose_steps(train: Sequence[Example], cfg: DistillConfig, occlusion_id: in
     return Proposals(pruned, imps, variants, owners)
 
 
-def written_examples(written: tuple[np.ndarray, np.ndarray] | None) -> list[Example]:
-    """Model-written tokens as single-token training examples (no context: the corpus teaches contexts)."""
+def written_examples(written: tuple[np.ndarray, np.ndarray] | None, threshold: float) -> list[Example]:
+    """Model-written tokens as single-token training examples (no context: the corpus teaches contexts),
+    every occurrence of each token the written text shows firing (``threshold``). A rare token that never
+    fires there is left to the background value: it would change no firing prediction, and thousands of
+    one-token examples would triple the host work of a fit."""
     if written is None:
         return []
     ids, acts = written
+    keep = np.isin(ids, np.unique(ids[acts >= threshold]))
+    ids, acts = ids[keep], acts[keep]
     return [Example([int(t)], [float(a)], split="train", source="written") for t, a in zip(ids.tolist(), acts.tolist())]
 
 
@@ -475,7 +480,7 @@ def finish_fit(examples: list[Example], partition: tuple[list[int], list[np.ndar
     partition = [Example(ids.tolist(), acts.astype(np.float64).tolist(), split="train", source="partition",
                          excerpt_index=i) for i, ids, acts in zip(*partition)]
     calibration = train_random + (partition if cfg.evidence == "partition" else [])
-    graph, trace = build_graph(train_top, calibration, cfg, proposals, written_examples(written) if cfg.written else [])
+    graph, trace = build_graph(train_top, calibration, cfg, proposals, written_examples(written, cfg.fire_threshold) if cfg.written else [])
     for e in examples:
         e.predicted = [float(v) for v in graph.predict_sequence(e.token_ids)]
     scores = {"n2g": score_arrays([e.activations for e in test], [e.predicted for e in test], cfg.fire_threshold)}

@@ -4,10 +4,11 @@ A corpus of a few hundred excerpts shows most tokens once or never, so a graph c
 such a token fires. The subject model can: it continues the openings of training excerpts (sampled,
 seeded; :func:`write_excerpts`), and every written token that the training partition shows fewer
 than ``max(min_count, 2)`` times (not among :func:`shown_tokens`) is measured at each wanted neuron in its written
-context (:func:`measure`). Each neuron's graph then takes those tokens as single-token training
-evidence (:func:`n2g.distill.build_graph`): a rare token that fires in the model's text gets a path,
-one that stays quiet holds its mean. Tokens the corpus shows often are left to the corpus, and the
-lookups and scores never see written text.
+context (:func:`measure`). Each neuron's graph then takes every occurrence of those that fire there
+as single-token training evidence (:func:`n2g.distill.written_examples`): a rare token that fires in
+the model's text gets a path, valued by all its written occurrences. Tokens the corpus shows often are
+left to the corpus, rare ones that never fire to the background value, and the lookups and scores never
+see written text.
 
 The written token ids are cached per model, corpus and settings (the sampling is the costly part on a
 CPU, about a forward pass per written token); the activations are measured in each run, like one more
