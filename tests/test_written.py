@@ -165,3 +165,14 @@ def test_a_cache_folder_that_cannot_be_made_still_writes(tiny_llama, tmp_path, c
     with caplog.at_level("WARNING", logger="n2g"):
         got = written_excerpts(tiny_llama, excerpts, partition(8, 0.5, 0), 4, 3, 0, blocker / "cache")
     assert got.shape == (4, 16) and "writing without it" in caplog.text
+
+
+def test_a_graph_takes_every_occurrence_of_the_written_tokens_that_fire_there():
+    from n2g.distill import written_examples
+
+    ids = np.array([21, 23, 21, 24, 23, 21])
+    acts = np.array([0.9, 0.1, 0.2, 0.45, 0.0, 0.7], np.float32)
+    got = written_examples((ids, acts), 0.5)
+    assert [(e.token_ids, e.activations, e.source) for e in got] == [
+        ([21], [pytest.approx(0.9)], "written"), ([21], [pytest.approx(0.2)], "written"), ([21], [pytest.approx(0.7)], "written")]
+    assert written_examples(None, 0.5) == []
