@@ -497,7 +497,7 @@ def token_ceiling(train_ids: Sequence[np.ndarray], train_acts: Sequence[np.ndarr
                   threshold: float) -> dict:
     """How far a predictor keyed on tokens can get on ``test``: ``n_firing`` test tokens fire, of
     which ``n_seen`` are tokens that fire somewhere in the training evidence; no graph or lookup learned
-    from that evidence recalls the others (only a variant measured by the model can). ``f1`` is the
+    from that evidence recalls the others (only a variant measured by the model, or model-written text, can). ``f1`` is the
     firing F1 of a predictor exact on the seen ones and silent on the rest, 2s / (1 + s) with s the
     seen share (None without a firing test token)."""
     fired = [ids[acts >= threshold] for ids, acts in zip(train_ids, train_acts) if len(ids)]

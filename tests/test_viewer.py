@@ -387,7 +387,9 @@ def test_summary_says_how_many_held_out_firing_tokens_training_never_shows_firin
     G = _graph([([(100, 1.0)], 0.9)])
     text = summary_text(result({"n_firing": 10, "n_seen": 6, "f1": 0.75}), G)
     assert text.endswith("4 of its 10 held-out firing tokens are tokens that never fire in the training text, which no "
-                         "rule learned from that text recalls: a graph keyed on tokens scores at most F1 0.75 here.")
+                         "rule learned from that text alone recalls: a lookup keyed on its tokens scores at most F1 0.75 "
+                         "here (the graph passes that only where the model's variants or written text showed such a "
+                         "token firing).")
     for seen_all in ({"n_firing": 10, "n_seen": 10, "f1": 1.0}, {}):  # nothing to say, or a result from before
         assert "never fire in the training text" not in summary_text(result(seen_all), G)
 
