@@ -199,10 +199,9 @@ def measure(model, written: np.ndarray, prompt: int, common: np.ndarray, wanted:
         if not mask.any():
             continue
         acts = model.layer_activations(rows, None, layers)
-        where = torch.as_tensor(mask)
-        for l in layers:
-            a = acts[l].cpu()[where]  # [kept positions, d_mlp]
-            acts_out[l].append(a[:, cols[l]].to(torch.float16).numpy())
+        for l in layers:  # on the model's device: only the kept cells of the wanted neurons travel
+            a = acts[l][torch.as_tensor(mask, device=acts[l].device)]  # [kept positions, d_mlp]
+            acts_out[l].append(a[:, cols[l].to(a.device)].to(torch.float16).cpu().numpy())
         ids_out.append(written[start:start + batch][mask])
     ids = np.concatenate(ids_out).astype(np.int64) if ids_out else np.zeros(0, np.int64)
     acts = {l: (np.concatenate(acts_out[l]) if acts_out[l] else np.zeros((0, len(columns[l])), np.float16)) for l in layers}
