@@ -76,10 +76,7 @@ def main(argv=None) -> int:
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
     from n2g.written import written_tokens
 
-    wanted: dict = {}
-    for n in neurons:
-        wanted.setdefault(n.layer, []).append(n.index)
-    written = written_tokens(model, corpus.excerpts, is_train, cfg, wanted, cache_dir(), corpus.tokens_key())
+    written = written_tokens(model, corpus.excerpts, is_train, cfg, neurons, cache_dir(), corpus.tokens_key())
     jobs = [store_job(scans[n.layer], n, is_train, written) for n in neurons]
     evaluator = RowEvaluator(model, cfg.batch_tokens, int(model.occlusion_token_id))
     t0 = time.perf_counter()

@@ -71,10 +71,7 @@ def main(argv=None) -> int:
     is_train = partition(len(excerpts), split_cfg.held_out, split_cfg.seed)
     from n2g.written import written_tokens
 
-    wanted: dict = {}
-    for n in neurons:
-        wanted.setdefault(n.layer, []).append(n.index)
-    written = written_tokens(model, corpus.excerpts, is_train, max(configs.values(), key=lambda c: c.written), wanted, cache_dir(), corpus.tokens_key())
+    written = written_tokens(model, corpus.excerpts, is_train, max(configs.values(), key=lambda c: c.written), neurons, cache_dir(), corpus.tokens_key())
     jobs = [store_job(scans[n.layer], n, is_train, written) for n in neurons]
     fits, seconds = {}, {}
     memo = Memo(model, args.memo) if args.memo else None

@@ -55,10 +55,7 @@ def save(args) -> int:
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
     from n2g.written import written_tokens
 
-    wanted: dict = {}
-    for n in neurons:
-        wanted.setdefault(n.layer, []).append(n.index)
-    written = written_tokens(model, corpus.excerpts, is_train, cfg, wanted, cache_dir(), corpus.tokens_key())
+    written = written_tokens(model, corpus.excerpts, is_train, cfg, neurons, cache_dir(), corpus.tokens_key())
     jobs = [store_job(scans[n.layer], n, is_train, written) for n in neurons]
     memo = None
     if args.memo:  # activations shared with evaluation/fidelity.py --memo: the same proposals as its runs

@@ -142,7 +142,7 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     excerpts = corp.rows()
     from .written import written_tokens
 
-    written = written_tokens(m, corp.excerpts, is_train, cfg, {layer: [index]}, cache_dir(), corp.tokens_key())
+    written = written_tokens(m, corp.excerpts, is_train, cfg, [neuron], cache_dir(), corp.tokens_key())
     fit = fit_many(m, excerpts, [store_job(scan, neuron, is_train, written)], cfg, group_size=1)[neuron]
     result = to_result(m, neuron, scan.stats(index, neuron.sign), fit, time.perf_counter() - started,
                        scan=scan, excerpts=excerpts)

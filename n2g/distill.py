@@ -464,7 +464,7 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
         common = common_tokens([e.token_ids for e in examples if e.split == "train"]  # what build_graph will see
                                + (partition[1] if cfg.evidence == "partition" else []), cfg)
     proposals = yield from propose_steps(train_top, cfg, occlusion_id, common)
-    fit = yield Compute(finish_fit, (examples, partition, proposals, cfg, written if cfg.written else None))
+    fit = yield Compute(finish_fit, (examples, partition, proposals, cfg, written))  # finish_fit heeds cfg.written
     return fit
 
 

@@ -349,10 +349,7 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     excerpts = corpus.rows()
     from .written import written_tokens
 
-    wanted: dict[int, list[int]] = {}
-    for n in todo:
-        wanted.setdefault(n.layer, []).append(n.index)
-    written = written_tokens(model, corpus.excerpts, is_train, cfg, wanted, cache_dir(), corpus.tokens_key())
+    written = written_tokens(model, corpus.excerpts, is_train, cfg, todo, cache_dir(), corpus.tokens_key())
     jobs = [store_job(scans[n.layer], n, is_train, written) for n in todo]
     substitutes = None
     if cfg.augment and (opts.substitutes or "").startswith("mlm:"):

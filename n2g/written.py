@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,8 +157,11 @@ def _quiet_transformers():
 def shown_tokens(excerpts: np.ndarray, is_train: np.ndarray, min_count: int) -> np.ndarray:
     """Sorted ids of the tokens the training partition shows at least ``min_count`` times: the corpus
     values these itself, so written text is never evidence for them."""
-    train = np.asarray(excerpts)[np.asarray(is_train, bool)].ravel()
-    ids, counts = np.unique(train, return_counts=True)
+    return _shown(np.asarray(excerpts)[np.asarray(is_train, bool)].ravel(), min_count)
+
+
+def _shown(tokens: np.ndarray, min_count: int) -> np.ndarray:
+    ids, counts = np.unique(tokens, return_counts=True)
     return ids[counts >= min_count]
 
 
@@ -166,8 +170,7 @@ def single_tokens(rows, acts, training, min_count: int) -> tuple[np.ndarray, np.
     ``training`` rows show fewer than ``min_count`` times: the evidence :func:`measure` keeps, for text
     and activations at hand (:func:`n2g.distill.distill` with ``written=``)."""
     flat = np.concatenate([np.asarray(r, np.int64).ravel() for r in training]) if len(training) else np.zeros(0, np.int64)
-    ids, counts = np.unique(flat, return_counts=True)
-    shown = ids[counts >= min_count]
+    shown = _shown(flat, min_count)
     all_ids = np.concatenate([np.asarray(r, np.int64).ravel() for r in rows]) if len(rows) else np.zeros(0, np.int64)
     all_acts = np.concatenate([np.asarray(a, np.float32).ravel() for a in acts]) if len(acts) else np.zeros(0, np.float32)
     keep = ~np.isin(all_ids, shown)
@@ -282,9 +285,12 @@ def _write(model, prompts: np.ndarray, length: int, seed: int) -> np.ndarray:
         return np.zeros((0, length), np.int64)
 
 
-def written_tokens(model, excerpts, is_train: np.ndarray, cfg, wanted: dict[int, list[int]],
+def written_tokens(model, excerpts, is_train: np.ndarray, cfg, neurons: Iterable[NeuronId],
                    cache_dir: str | Path | None = None, corpus_key: str = "") -> WrittenTokens | None:
-    """What ``cfg.written`` asks for the neurons in ``wanted`` (layer -> indices), or None when it asks nothing."""
+    """What ``cfg.written`` asks for ``neurons`` (each side of a neuron measured once), or None when it asks nothing."""
+    wanted: dict[int, list[int]] = {}
+    for n in neurons:
+        wanted.setdefault(n.layer, []).append(n.index)
     if not cfg.written or not wanted:
         return None
     rows = excerpts.numpy() if isinstance(excerpts, torch.Tensor) else np.asarray(excerpts)

@@ -129,14 +129,14 @@ def test_a_job_carries_its_neurons_written_evidence(tiny_llama, tmp_path):
     cfg = preset("default", written=6)
     is_train = partition(16, cfg.held_out, cfg.seed)
     scans = scan_layers(tiny_llama, excerpts, [1], k=4, pool_size=4, progress=False)
-    tokens = written_tokens(tiny_llama, excerpts, is_train, cfg, {1: [2]}, tmp_path, "c")
+    tokens = written_tokens(tiny_llama, excerpts, is_train, cfg, [NeuronId(1, 2, Sign.POSITIVE)], tmp_path, "c")
     assert tokens.n_excerpts == 6
     job = store_job(scans[1], NeuronId(1, 2, Sign.POSITIVE), is_train, tokens)
     ids, acts = job.written
     assert len(ids) == len(tokens.ids) > 0
     shown = set(shown_tokens(excerpts.numpy(), is_train, 2).tolist())
     assert not shown & set(ids.tolist())
-    assert written_tokens(tiny_llama, excerpts, is_train, preset("paper"), {1: [2]}, tmp_path, "c") is None
+    assert written_tokens(tiny_llama, excerpts, is_train, preset("paper"), [NeuronId(1, 2, Sign.POSITIVE)], tmp_path, "c") is None
 
 
 def test_a_very_wide_layer_measures_as_many_written_excerpts_as_fit_the_budget(tiny_llama, monkeypatch):
