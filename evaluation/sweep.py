@@ -57,6 +57,7 @@ class Sweep:
     # -- helpers -------------------------------------------------------------------------
     def short(self, text: str) -> str:
         text = text.replace(str(self.root), "$T").replace(sys.executable, "python")
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a name that is not UTF-8, shown escaped
         # a 5,000-digit argument is shown by its length
         return re.sub(r"\S{80,}", lambda m: f"{m.group(0)[:8]}...({len(m.group(0)):,} chars)", text)
 
@@ -217,6 +218,25 @@ def cli_cases(sw: Sweep, inp: dict) -> None:
                 env=dict(ENV, HF_HOME=str(root / "hf-home")))
     sw.rows[-1].message += f" ({time.perf_counter() - started:.1f} s)"
 
+    # audit 34: empty path arguments, a dangling --out link, text and file names that are not UTF-8
+    sw.cli_case("--corpus '' (an unset shell variable)", [*run_args, "--corpus", ""])
+    sw.cli_case("report '' (an unset shell variable)", ["report", ""])
+    dangling = root / "dangling-out"
+    os.symlink(root / "nowhere", dangling)
+    sw.cli_case("--out a link to a missing directory", [*run_args, "--neurons", "0", "--out", dangling])
+    sw.cli_case("search token that is not UTF-8", ["search", run, "Par\udcffis"])
+    sw.cli_case("steer --prompt that is not UTF-8", ["steer", "--model", inp["model"], "--layer", "0", "--neuron", "0",
+                                                     "--max", "1", "--prompt", "the \udcff", "-q"])
+    surrogate = root / "surrogate.jsonl"
+    surrogate.write_text('{"text": "the cat"}\n{"text": "\\ud800 sat"}\n')
+    sw.cli_case("JSONL text holding a lone \\ud800 escape", ["run", "--model", inp["model"], "--corpus", surrogate, "-q"])
+    raw = os.fsencode(root)
+    with open(raw + b"/corpus\xff.txt", "wb") as f:
+        f.write(inp["corpus"].read_bytes())
+    sw.cli_case("corpus and --out named in bytes that are not UTF-8",
+                ["fit", "--model", inp["model"], "--corpus", os.fsdecode(raw + b"/corpus\xff.txt"), "--excerpt-length", "32",
+                 "--layer", "0", "--neuron", "0", "--json", "-q", "--out", os.fsdecode(raw + b"/out\xff")], expect=0)
+
     # a 20 MB corpus file and --max-excerpts: only the needed prefix is tokenised
     big = root / "big.txt"
     words = [f"w{i}" for i in range(60)]
@@ -248,6 +268,9 @@ def model_cases(sw: Sweep, inp: dict) -> None:
     (fifo_config / "config.json").unlink()
     os.mkfifo(fifo_config / "config.json")
     sw.cli_case("config.json is a FIFO", ["info", "--model", fifo_config, "-q"])
+    bom = variant("bom")
+    (bom / "config.json").write_bytes(b"\xef\xbb\xbf" + (bom / "config.json").read_bytes())
+    sw.cli_case("config.json saved with a UTF-8 byte-order mark", ["info", "--model", bom, "-q"])
     fifo_weights = variant("fifo-weights")
     os.mkfifo(fifo_weights / "extra.safetensors")
     sw.cli_case("a FIFO named *.safetensors in the model folder", ["info", "--model", fifo_weights, "-q"])

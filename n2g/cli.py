@@ -186,6 +186,9 @@ def _options(args, layers: str, neurons: str):
 
 def _check_out(out: Path) -> None:
     """Refuse to write a run into an unrelated non-empty directory; tidy up after a killed run."""
+    if out.is_symlink() and not out.exists():  # mkdir would fail with "File exists"
+        raise N2GError(f"--out {out} is a link to {os.readlink(out)}, which does not exist; create that "
+                       "directory, or choose another --out")
     if out.exists() and not out.is_dir():
         raise N2GError(f"--out {out} is a file, not a directory; choose a new or empty directory, "
                        "or an existing run directory")
@@ -228,7 +231,12 @@ def _run(args) -> int:
 def _print_json(data) -> None:
     import json
 
-    print(json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False, default=str))
+    text = json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a path that is not UTF-8: JSON's \u escapes keep the output valid UTF-8
+        text = json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False, default=str)
+    print(text)
 
 
 def _summary_json(summary) -> dict:
@@ -449,6 +457,11 @@ def _serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # a path whose name is not UTF-8 is printed with its own bytes, as ls does, not a UnicodeEncodeError
+        if getattr(sys.stdout, "errors", None) == "strict":
+            sys.stdout.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (a test's capture), or closed
+        pass
     try:
         code = _main(argv)
         sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
@@ -534,6 +547,25 @@ def _is_number(text: str) -> bool:
     return True
 
 
+_EMPTY_HINTS = {
+    "model": "--model is empty; pass a .gguf file, a model directory, a hub id, or 'default'",
+    "corpus": "--corpus is empty; pass a text, JSONL or Parquet file, a directory, hf:NAME, or 'default'",
+    "out": "--out is empty; pass the directory to write, or leave --out out for the default",
+    "sae": "--sae is empty; pass the folder of a SAELens SAE, or leave --sae out for MLP neurons",
+    "run_dir": "the run directory is empty; pass the folder `n2g run` wrote",
+}
+"""Path-like arguments that an empty value (``--corpus "$UNSET"``) would otherwise turn into the current
+directory or the default, silently."""
+
+
+def _empty_argument(args) -> str | None:
+    for name, hint in _EMPTY_HINTS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            return hint
+    return None
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -554,6 +586,10 @@ def _main(argv: list[str] | None) -> int:
         from .progress import silence_library_bars
 
         silence_library_bars()
+    empty = _empty_argument(args)
+    if empty:
+        print(f"n2g: error: {empty}", file=sys.stderr)
+        return 2
     handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search,
                 "steer": _steer}
     try:

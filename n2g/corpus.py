@@ -50,6 +50,11 @@ def _record_text(record, text_field: str, where: str) -> str:
     if not isinstance(value, str):
         raise N2GError(f"field {text_field!r} of {where} is not a string; "
                        "choose the field holding the text with --text-field")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape such as "\\ud800" that names half a character
+        raise N2GError(f"field {text_field!r} of {where} holds a lone surrogate (U+{ord(value[exc.start]):04X}, "
+                       f"character {exc.start}), which is not text; fix or remove that \\u escape") from None
     return value
 
 
@@ -271,6 +276,14 @@ def _parquet_batch_rows(pf) -> int:
     return int(min(256, max(1, PARQUET_BATCH_BYTES * rows // size)))
 
 
+def _utf8_name(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
     """The ``text_field`` column of a Parquet file (how Hugging Face datasets are stored), read a
     batch of rows at a time so memory stays flat; null cells are skipped. Needs pyarrow."""
@@ -280,8 +293,8 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
     except ImportError as exc:
         raise N2GError(f"{path} is a Parquet file, which needs pyarrow; install it with `pip install pyarrow`, "
                        "or convert the corpus to JSONL") from exc
-    try:
-        pf = pq.ParquetFile(path)
+    try:  # pyarrow opens only UTF-8 path names; a file name that is not is handed over as an open file
+        pf = pq.ParquetFile(path if _utf8_name(path) else open(path, "rb"))
         schema = pf.schema_arrow
     except Exception as exc:  # pyarrow's errors: not Parquet, truncated, unreadable
         raise N2GError(f"{path} is not a readable Parquet file ({str(exc)[:200]}); check the file") from None
@@ -617,7 +630,7 @@ class Corpus:
     def _digest(self, source: str | None) -> str:
         h = hashlib.sha256()
         if source is not None:
-            h.update(source.encode("utf-8"))
+            h.update(source.encode("utf-8", "surrogateescape"))  # a file name need not be UTF-8
         else:
             h.update(b"tokens|")
         h.update(str(self.length).encode("ascii"))

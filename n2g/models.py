@@ -579,6 +579,9 @@ class SubjectModel:
         if self.tokenizer is None:
             raise N2GError(f"model {self.spec!r} has no tokenizer; load it with load_model() "
                            "or pass a tokenizer to SubjectModel")
+        bad = _not_unicode(text)
+        if bad:
+            raise N2GError(f"the text is not valid Unicode ({bad}); pass UTF-8 text")
         try:
             ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         except Exception as exc:  # a broken tokenizer.json (no unknown token, say) fails here, on the first text
@@ -662,6 +665,20 @@ class SubjectModel:
 
 
 # ---------------------------------------------------------------------- loading
+def _not_unicode(text) -> str | None:
+    """What makes ``text`` unencodable as UTF-8 (a lone surrogate: an undecodable byte of a command-line
+    argument, or a ``\\ud800`` escape in JSON), or None when it is text."""
+    if not isinstance(text, str):
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        ch = text[exc.start]
+        what = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"lone surrogate U+{ord(ch):04X}"
+        return f"{what} at character {exc.start}"
+    return None
+
+
 def cache_dir() -> Path:
     """Root of n2g's cache: ``$N2G_CACHE`` or ``~/.cache/n2g``."""
     return Path(os.environ.get("N2G_CACHE") or Path.home() / ".cache" / "n2g").expanduser()
@@ -953,10 +970,12 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                     shapes[key] = tuple(int(n) for n in h.get_slice(key).get_shape())
         return shapes
     for f in _weight_files(path, "pytorch_model.bin"):
-        try:
-            state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-            state = torch.load(f, map_location="meta", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says what is wrong
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                state = torch.load(f, map_location="meta", weights_only=True)
         for key, tensor in (state.items() if isinstance(state, dict) else ()):
             if isinstance(tensor, torch.Tensor):
                 shapes[key] = tuple(tensor.shape)
@@ -1049,6 +1068,23 @@ def _check_folder(path: Path) -> None:
         raise N2GError(f"{config} is not a regular file; a model folder needs its config.json")
 
 
+def _check_config_encoding(config: Path) -> None:
+    """Refuse a config.json that is not plain UTF-8 (an editor's byte-order mark, UTF-16) with a message
+    that says so: transformers reports only that it is "not a valid JSON file"."""
+    try:
+        with open(config, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return  # missing or unreadable: transformers says what is wrong
+    if head.startswith(b"\xef\xbb\xbf"):
+        raise N2GError(f"{config} starts with a UTF-8 byte-order mark, which JSON does not allow; "
+                       "save it as UTF-8 without BOM")
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+                      (b"\xfe\xff", "UTF-16")):
+        if head.startswith(bom):
+            raise N2GError(f"{config} is {name} text; save it as UTF-8 (e.g. iconv -f {name} -t UTF-8)")
+
+
 def _load_pretrained(spec: str, local: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -1059,6 +1095,7 @@ def _load_pretrained(spec: str, local: bool):
         _check_hub_reachable(spec)
     if local:  # the architecture first, from the file, before transformers looks for code to run
         _check_folder(Path(spec))
+        _check_config_encoding(Path(spec) / "config.json")
         try:
             declared = json.loads((Path(spec) / "config.json").read_text(encoding="utf-8"))
         except RecursionError:
@@ -1093,8 +1130,10 @@ def _load_pretrained(spec: str, local: bool):
     if local:
         _check_checkpoint(Path(spec), config)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, trust_remote_code=False,
-                                                           output_loading_info=True)
+        with warnings.catch_warnings():  # torch's note on an old pickle protocol: a .bin that is refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, trust_remote_code=False,
+                                                               output_loading_info=True)
     except Exception as exc:
         if "Weights only load failed" in str(exc):  # a pickle holding more than tensors: never unpickled
             raise N2GError(f"the weights of {spec!r} are a pickle (.bin) holding more than tensors; n2g never "

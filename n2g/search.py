@@ -206,6 +206,8 @@ def scan_results(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, b
                 found.append((path.parent, cached[1], signature))  # parsed and checked already, same bytes
                 continue
             summary = summary_of(_parse(data))
+            if summary.neuron.key != path.parent.name:  # a copied or renamed folder: its pages and graph would
+                raise ValueError(f"it holds the result of {summary.neuron.key}, not of its folder's neuron")  # mix up
         except Exception as e:  # any damage: name the file, skip it, keep going
             _skip_damaged(path, e)
             continue
@@ -447,6 +449,11 @@ def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limi
     if len(token) > MAX_QUERY_CHARS:
         raise N2GError(f"the search token is {len(token):,} characters long; search for at most "
                        f"{MAX_QUERY_CHARS:,} characters (a part of the token finds it too)")
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a byte of the command line that is not UTF-8 (Python keeps it as a surrogate)
+        raise N2GError(f"the search token is not valid UTF-8 text (character {exc.start}); "
+                       "type the token in UTF-8") from None
     limit = max(1, min(int(limit), 10_000))
     q = fold(token)
     if not q:  # a whitespace token: only exact matches make sense

@@ -75,6 +75,28 @@ def _holder_alive(holder: dict) -> bool:
     return start is None or _start_time(pid) in (None, start)
 
 
+def _as_text(value):
+    """``value`` with every string made UTF-8 text: a file name that is not UTF-8 (Python holds its bytes as
+    lone surrogates) is recorded with its bytes escaped, ``x\\xff.txt``, the same way on every run."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape" if _escaped_bytes(value) else "backslashreplace") \
+                .decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_as_text(k): _as_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_text(v) for v in value]
+    return value
+
+
+def _escaped_bytes(text: str) -> bool:
+    """Whether every lone surrogate of ``text`` stands for a byte (U+DC80-U+DCFF, Python's surrogateescape)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 def _disk_error(path: Path, exc: OSError) -> N2GError:
     if exc.errno == errno.ENOSPC:
         return N2GError(f"disk full while writing {path}; free some space and re-run the same command to resume")
@@ -95,6 +117,7 @@ class RunStore:
     def open(self, identity: dict, extra: dict | None = None) -> None:
         """Create the run, or check that an existing one was made with the same identity (also when
         another process created it a moment ago: the file is made only where none exists)."""
+        identity, extra = _as_text(identity), _as_text(extra)
         path = self.root / "run.json"
         if not path.exists():
             try:
@@ -169,6 +192,8 @@ class RunStore:
             return None
         try:
             result = NeuronResult.from_dict(read_json(path))
+            if result.neuron != neuron:  # a copied or renamed folder
+                raise ValueError(f"it holds the result of {result.neuron.key}")
             if result.status != "dead":
                 NeuronGraph.load(folder / "graph.json")
             return result
@@ -282,9 +307,14 @@ class RunStore:
                     log.warning("skipping %s: it is a link that leads out of the run", sub / "result.json")
                     continue
                 try:
-                    yield NeuronResult.from_dict(read_json(sub / "result.json"))
+                    result = NeuronResult.from_dict(read_json(sub / "result.json"))
                 except Exception as exc:
                     log.warning("skipping unreadable %s (%s)", sub / "result.json", exc)
+                    continue
+                if result.neuron.key != sub.name:  # a copied or renamed folder: the neuron would count twice
+                    log.warning("skipping %s: it holds the result of %s", sub / "result.json", result.neuron.key)
+                    continue
+                yield result
 
     def score_rows(self) -> tuple[list[str], list[list]]:
         """The scores table: a header and one row per neuron and method (a dead neuron gets one row)."""
@@ -335,6 +365,6 @@ class RunStore:
         table = pa.table({name: pa.array(list(col), type=types.get(name, pa.float64()))
                           for name, col in zip(header, columns)})
         path = self.root / "scores.parquet"
-        with replacing(path) as tmp:
-            pq.write_table(table, tmp)
+        with replacing(path) as tmp, open(tmp, "wb") as f:  # a file object: pyarrow takes only UTF-8 path names
+            pq.write_table(table, f)
         return path

@@ -947,6 +947,8 @@ class _Handler(BaseHTTPRequestHandler):
             result = NeuronResult.from_dict(read_json(rpath))
             if result_problem(result):
                 raise ValueError(result_problem(result))
+            if result.neuron.key != folder.name:  # a copied or renamed folder: another neuron's result
+                raise ValueError(f"it holds the result of {result.neuron.key}")
         except Exception:  # any damage (wrong types, a JSON list, nesting too deep): no result
             raise _Refused(404, f"no readable result for neuron {key} in this run") from None
         try:

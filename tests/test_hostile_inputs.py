@@ -190,3 +190,114 @@ def test_sentence_end_ids_are_bounded(ids, message):
         with pytest.raises(N2GError, match=message):
             DistillConfig(sentence_end_ids=range(10**30))  # too large even for len()
     assert DistillConfig(sentence_end_ids=[9, 3, 9]).sentence_end_ids == (3, 9)
+
+
+# --- audit 34: empty path arguments, text that is not UTF-8, non-UTF-8 file names, odd config encodings -------
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "--model", ""], "--model is empty"),
+    (["run", "--corpus", "", "-q"], "--corpus is empty"),  # was: the current directory read as the corpus
+    (["run", "--out", " ", "-q"], "--out is empty"),  # was: graphs/<model>-<preset>
+    (["fit", "--layer", "0", "--neuron", "0", "--sae", "", "-q"], "--sae is empty"),  # was: MLP neurons, silently
+    (["report", ""], "the run directory is empty"),
+    (["search", "", "Paris"], "the run directory is empty"),
+    (["serve", "", "--port", "0"], "the run directory is empty"),
+])
+def test_empty_path_arguments_are_refused(argv, message, capsys):
+    code, out, err = main(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"n2g: error: {message}") and len(err.splitlines()) == 1, err
+
+
+def test_out_as_a_dangling_link_says_where_it_leads(tmp_path, capsys):
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    code, _, err = main(["run", "--model", tmp_path / "no-model", "--out", tmp_path / "out", "-q"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"is a link to {tmp_path / 'nowhere'}, which does not exist" in err  # was: cannot write run.json (File exists)
+
+
+def test_text_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    (tmp_path / "run.json").write_text("{}")
+    code, _, err = main(["search", tmp_path, "Par\udcffis"], capsys)  # `n2g search RUN $'Par\xffis'`
+    assert code == 2 and err.startswith("n2g: error: the search token is not valid UTF-8 text"), err  # was a traceback
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    with pytest.raises(N2GError, match=r"^the text is not valid Unicode \(byte 0xff at character 4\); pass UTF-8 text$"):
+        model.encode("the \udcff")  # steer --prompt $'the \xff': was "check its tokenizer files"
+
+
+def test_a_lone_surrogate_escape_in_a_jsonl_corpus_names_its_line(tmp_path):
+    from n2g.corpus import load_texts
+
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "the cat"}\n{"text": "\\ud800 sat"}\n')
+    with pytest.raises(N2GError, match=r"^field 'text' of line 2 of .*c.jsonl holds a lone surrogate \(U\+D800"):
+        load_texts(str(path))
+
+
+def test_corpus_and_out_named_in_bytes_that_are_not_utf8(tiny_dir, tmp_path):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import REPO
+    from n2g.corpus import load_texts
+    from n2g.fileio import read_json
+
+    raw = os.fsencode(tmp_path)
+    corpus = raw + b"/c\xff.txt"
+    with open(corpus, "wb") as f:
+        f.write((tiny_dir / "corpus.txt").read_bytes())
+    out = raw + b"/o\xff"
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONIOENCODING="utf-8:strict")  # as in a en_US.UTF-8 terminal
+    common = ["--model", str(tiny_dir / "model"), "--corpus", corpus, "--excerpt-length", "32", "--no-report", "-q",
+              "--out", out]
+    for args in (["fit", "--layer", "0", "--neuron", "0", "--json"], ["run", "--layers", "0", "--neurons", "0-1"]):
+        res = subprocess.run([sys.executable, "-m", "n2g", *args, *common], capture_output=True, env=env, timeout=300)
+        # were tracebacks: the corpus digest, run.json, scores.parquet, then printing the summary
+        assert res.returncode == 0 and b"Traceback" not in res.stderr, res.stderr[-2000:]
+        if "--json" in args:
+            assert json.loads(res.stdout.decode("utf-8"))["out"] == os.fsdecode(out)  # valid UTF-8 JSON
+    run = read_json(os.fsdecode(out + b"/run.json"))
+    assert run["identity"]["corpus"].endswith("/c\\xff.txt") and os.path.exists(out + b"/scores.parquet")
+    parquet = raw + b"/p\xff.parquet"
+    with open(parquet, "wb") as f:
+        pq.write_table(pa.table({"text": ["the cat sat"]}), f)
+    assert load_texts(os.fsdecode(parquet)) == ["the cat sat"]  # was: "is not a readable Parquet file"
+
+
+@pytest.mark.parametrize("prefix, message", [(b"\xef\xbb\xbf", "starts with a UTF-8 byte-order mark"),
+                                             (b"\xff\xfe", "is UTF-16 text")])
+def test_config_json_with_a_byte_order_mark_says_so(tiny_dir, tmp_path, prefix, message, capsys):  # noqa: F811
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir / "model", folder)
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_bytes(prefix + text.encode("utf-16-le" if prefix == b"\xff\xfe" else "utf-8"))
+    code, _, err = main(["info", "--model", folder, "-q"], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err  # was: "not a valid JSON file"
+
+
+def test_a_pickle_of_a_newer_protocol_is_refused_without_a_torch_warning(tiny_dir, tmp_path):  # noqa: F811
+    import pickle
+    import shutil
+    import warnings
+
+    from n2g.models import load_model
+
+    class Call:
+        def __reduce__(self):
+            import os
+            return (os.getcwd, ())
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir / "model", folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Call()}, protocol=4))
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(N2GError, match="never runs pickled code"):
+        warnings.simplefilter("always")
+        load_model(str(folder), device="cpu")
+    assert not [w for w in seen if "pickle protocol" in str(w.message)]  # was a two-line UserWarning before the error

@@ -247,3 +247,36 @@ def test_best_and_worst_tables_once_there_are_more_scored_neurons_than_one_table
     write_report(run)
     page = (run / "report.html").read_text()
     assert f"<h2>Best {N_BEST} neurons by N2G F1</h2>" in page and f"<h2>Worst {N_BEST} neurons by N2G F1</h2>" in page
+
+
+def test_a_result_in_another_neurons_folder_is_skipped(run, tmp_path, caplog):
+    """A copied or renamed neuron folder (``neurons/<b>x`` holding L0.N1's result) was a second L0.N1 in the
+    index and viewer, with the other folder's graph beside it (audit 34)."""
+    import shutil
+
+    from n2g.search import scan_results
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.copytree(copy / "neurons" / "L0.N1", copy / "neurons" / "<b>x")
+    keys = [r.neuron.key for _, r, _ in scan_results(copy)]
+    assert keys == sorted(set(keys), key=keys.index) and keys.count("L0.N1") == 1
+    assert "holds the result of L0.N1, not of its folder's neuron" in caplog.text
+
+
+def test_a_run_never_takes_a_result_from_another_neurons_folder(run, tmp_path):
+    """Resuming: neurons/L0.N2 holding L0.N1's result is redone, not counted done; the scores table has L0.N1
+    once (audit 34)."""
+    import shutil
+
+    from n2g.records import NeuronId
+    from n2g.store import RunStore
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "neurons" / "L0.N2")
+    shutil.copytree(copy / "neurons" / "L0.N1", copy / "neurons" / "L0.N2")
+    store = RunStore(copy)
+    assert store.load_result(NeuronId(0, 2)) is None and store.load_result(NeuronId(0, 1)) is not None
+    keys = [r.neuron.key for r in store.results()]
+    assert keys.count("L0.N1") == 1 and "L0.N2" not in keys

@@ -402,3 +402,26 @@ def test_run_vocabulary_splits_longest_first_and_ignores_tokens_no_tokenizer_mak
     assert vocab.split(" Parx.") == ([1, -(2**31), 4], [" Par", "x", "."])  # an unknown stretch is one token
     long = "a" * (MAX_TOKEN_CHARS + 1)
     assert vocab.split(long) == ([6] * len(long), ["a"] * len(long))  # the over-long token is never used
+
+
+def test_server_never_predicts_with_another_neurons_result(run, tmp_path):
+    """neurons/L0.N2 holding a copy of L0.N1's result (a copied or renamed folder) is not L0.N2's (audit 34)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "neurons" / "L0.N2")
+    shutil.copytree(copy / "neurons" / "L0.N1", copy / "neurons" / "L0.N2")
+    server = make_server(copy, "127.0.0.1", 0)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{port}/api/predict?text=Paris&key="
+        with urllib.request.urlopen(base + "L0.N1") as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "L0.N2")
+        assert err.value.code == 404 and "no readable result for neuron L0.N2" in json.load(err.value)["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
