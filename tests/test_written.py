@@ -8,7 +8,7 @@ from n2g.activations import partition
 from n2g.config import preset
 from n2g.engine import store_job
 from n2g.records import NeuronId, Sign
-from n2g.written import measure, openings, shown_tokens, single_tokens, write_excerpts, written_excerpts, written_tokens
+from n2g.written import measure, nucleus_sample, openings, shown_tokens, single_tokens, write_excerpts, written_excerpts, written_tokens
 from planted import text
 
 FIRES_ON = (8, 21, 22)
@@ -86,6 +86,32 @@ def test_the_model_writes_whole_seeded_excerpts(tiny_llama):
     torch.manual_seed(0)
     write_excerpts(tiny_llama, prompts, 12, seed=3)
     assert torch.rand(1) == before  # the caller's random state is left alone
+
+
+def test_nucleus_sampling_draws_from_the_top_p_tokens_in_proportion():
+    # 5 likely tokens hold 0.9 of the mass, 995 unlikely ones 0.1: with top-p 0.9 only the 5 are drawn,
+    # each in proportion to its probability; the suppressed token (-inf) never
+    probs = np.full(1000, 0.1 / 995)
+    probs[[3, 10, 500, 700, 999]] = [0.4, 0.2, 0.15, 0.1, 0.05]
+    scores = torch.tensor(np.log(probs), dtype=torch.float32).repeat(4000, 1)
+    scores[:, 10] = float("-inf")  # suppressed: what is left renormalises to 0.5, 0.1875, 0.125, 0.0625, ...
+    picks = nucleus_sample(scores, 0.7, torch.Generator().manual_seed(0)).numpy()
+    kept = {3: 0.4, 500: 0.15, 700: 0.1}  # 0.5 + 0.1875 < 0.7 <= 0.5 + 0.1875 + 0.125: exactly these three
+    assert set(np.unique(picks).tolist()) == set(kept)
+    total = sum(kept.values())
+    for t, q in kept.items():
+        assert abs(np.mean(picks == t) - q / total) < 0.03
+    again = nucleus_sample(scores, 0.7, torch.Generator().manual_seed(0)).numpy()
+    assert np.array_equal(picks, again)  # seeded by its own generator
+
+
+def test_nucleus_sampling_widens_to_flat_rows_and_keeps_the_top_token():
+    flat = torch.zeros(3, 5000)  # top-p 0.95 of a flat row needs 4,750 tokens, far past the first topk
+    flat[1, 7] = 50.0  # all the mass on one token: it is the whole nucleus
+    picks = nucleus_sample(flat, 0.95, torch.Generator().manual_seed(1))
+    assert picks[1] == 7 and 0 <= picks[0] < 5000 and 0 <= picks[2] < 5000
+    many = nucleus_sample(torch.zeros(20000, 5000), 0.95, torch.Generator().manual_seed(2)).numpy()
+    assert len(np.unique(many)) > 3000  # spread over the whole nucleus, not the first 256
 
 
 def test_measure_keeps_rare_tokens_after_the_prompt_with_their_activations(tiny_llama):
