@@ -553,9 +553,10 @@ _EMPTY_HINTS = {
     "out": "--out is empty; pass the directory to write, or leave --out out for the default",
     "sae": "--sae is empty; pass the folder of a SAELens SAE, or leave --sae out for MLP neurons",
     "run_dir": "the run directory is empty; pass the folder `n2g run` wrote",
+    "device": "--device is empty; pass cpu, cuda or cuda:N, or leave --device out for cuda if available",
 }
-"""Path-like arguments that an empty value (``--corpus "$UNSET"``) would otherwise turn into the current
-directory or the default, silently."""
+"""Arguments that an empty value (``--corpus "$UNSET"``) would otherwise turn into the current directory or
+the default, silently."""
 
 
 def _empty_argument(args) -> str | None:

@@ -47,6 +47,8 @@ def _record_text(record, text_field: str, where: str) -> str:
         raise N2GError(f"{where} has no field {text_field!r} (fields: {fields}); "
                        "choose the field holding the text with --text-field")
     value = record[text_field]
+    if value is None:  # a record with no text, skipped like an empty one (and like a Parquet file's null cells)
+        return ""
     if not isinstance(value, str):
         raise N2GError(f"field {text_field!r} of {where} is not a string; "
                        "choose the field holding the text with --text-field")

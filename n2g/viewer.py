@@ -852,8 +852,8 @@ class _Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _limit(q: dict, default: str) -> int:
         text = q.get("limit", [default])[0]
-        if not re.fullmatch(r"[0-9]{1,6}", text.strip()):
-            raise _Refused(400, f"limit {text[:20]!r} is not a whole number; pass e.g. limit={default}")
+        if not re.fullmatch(r"[0-9]{1,6}", text.strip()) or int(text) < 1:  # as `n2g search --limit`
+            raise _Refused(400, f"limit {text[:20]!r} is not a whole number of at least 1; pass e.g. limit={default}")
         return int(text)
 
     def _api(self, path: str, query: str, head: bool) -> None:

@@ -45,7 +45,7 @@ def test_excerpts_are_consecutive_windows_and_tails_dropped():
 
 def test_jsonl_with_text_field(tmp_path):
     path = tmp_path / "c.jsonl"
-    rows = [{"body": "first doc", "id": 1}, {"body": "  "}, {"body": "second doc"}]
+    rows = [{"body": "first doc", "id": 1}, {"body": "  "}, {"body": None}, {"body": "second doc"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
     assert load_texts(str(path), text_field="body") == ["first doc", "second doc"]
     assert load_texts(str(path), text_field="body", max_docs=1) == ["first doc"]

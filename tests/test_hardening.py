@@ -1332,11 +1332,12 @@ def test_quiet_serve_on_port_0_still_says_where_it_listens(run, capsys, monkeypa
 
 
 @pytest.mark.parametrize("query", ["/api/search?token=Paris&limit=1e3", "/api/similar?key=L0.N1&limit=nan",
-                                   "/api/similar?key=L0.N1&limit=99999999999999999999"])
+                                   "/api/similar?key=L0.N1&limit=99999999999999999999",
+                                   "/api/search?token=Paris&limit=0"])  # `n2g search --limit 0` is refused too
 def test_api_limit_that_is_not_a_small_whole_number_is_400_with_a_hint(query, run):
     with serving(run) as port:
         status, _, body = get(port, query)
-    assert status == 400 and "is not a whole number; pass e.g. limit=" in json.loads(body)["error"]
+    assert status == 400 and "is not a whole number of at least 1; pass e.g. limit=" in json.loads(body)["error"]
 
 
 def test_search_prints_no_terminal_escape_from_a_tampered_index(run, capsys):

@@ -202,6 +202,7 @@ def test_sentence_end_ids_are_bounded(ids, message):
     (["report", ""], "the run directory is empty"),
     (["search", "", "Paris"], "the run directory is empty"),
     (["serve", "", "--port", "0"], "the run directory is empty"),
+    (["info", "--device", ""], "--device is empty"),  # was: cuda if available, silently
 ])
 def test_empty_path_arguments_are_refused(argv, message, capsys):
     code, out, err = main(argv, capsys)
