@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS
-from .errors import N2GError
+from .errors import N2GError, not_unicode
 from .fileio import read_json
 from .records import plural
 
@@ -232,9 +232,7 @@ def _print_json(data) -> None:
     import json
 
     text = json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False, default=str)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a path that is not UTF-8: JSON's \u escapes keep the output valid UTF-8
+    if not_unicode(text):  # a path that is not UTF-8: JSON's \u escapes keep the output valid UTF-8
         text = json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False, default=str)
     print(text)
 

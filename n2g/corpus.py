@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from n2g.errors import N2GError
+from n2g.errors import N2GError, not_unicode
 
 log = logging.getLogger(__name__)
 
@@ -278,14 +278,6 @@ def _parquet_batch_rows(pf) -> int:
     return int(min(256, max(1, PARQUET_BATCH_BYTES * rows // size)))
 
 
-def _utf8_name(path: Path) -> bool:
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
     """The ``text_field`` column of a Parquet file (how Hugging Face datasets are stored), read a
     batch of rows at a time so memory stays flat; null cells are skipped. Needs pyarrow."""
@@ -296,7 +288,7 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
         raise N2GError(f"{path} is a Parquet file, which needs pyarrow; install it with `pip install pyarrow`, "
                        "or convert the corpus to JSONL") from exc
     try:  # pyarrow opens only UTF-8 path names; a file name that is not is handed over as an open file
-        pf = pq.ParquetFile(path if _utf8_name(path) else open(path, "rb"))
+        pf = pq.ParquetFile(open(path, "rb") if not_unicode(str(path)) else path)
         schema = pf.schema_arrow
     except Exception as exc:  # pyarrow's errors: not Parquet, truncated, unreadable
         raise N2GError(f"{path} is not a readable Parquet file ({str(exc)[:200]}); check the file") from None

@@ -7,3 +7,18 @@ CLI turns it into a one-line message on stderr and a non-zero exit code, never a
 
 class N2GError(Exception):
     """A problem the user can fix (bad spec, missing file, out-of-range neuron, ...)."""
+
+
+def not_unicode(text) -> str | None:
+    """What makes ``text`` unencodable as UTF-8, or None when it is text: a lone surrogate, which is either
+    an undecodable byte of a command-line argument or file name (Python's surrogateescape) or a ``\\ud800``
+    escape in JSON."""
+    if not isinstance(text, str):
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        ch = text[exc.start]
+        what = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"lone surrogate U+{ord(ch):04X}"
+        return f"{what} at character {exc.start}"
+    return None

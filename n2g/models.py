@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from n2g.errors import N2GError
+from n2g.errors import N2GError, not_unicode
 from n2g.fileio import remove_dead_copies, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -579,7 +579,7 @@ class SubjectModel:
         if self.tokenizer is None:
             raise N2GError(f"model {self.spec!r} has no tokenizer; load it with load_model() "
                            "or pass a tokenizer to SubjectModel")
-        bad = _not_unicode(text)
+        bad = not_unicode(text)
         if bad:
             raise N2GError(f"the text is not valid Unicode ({bad}); pass UTF-8 text")
         try:
@@ -665,20 +665,6 @@ class SubjectModel:
 
 
 # ---------------------------------------------------------------------- loading
-def _not_unicode(text) -> str | None:
-    """What makes ``text`` unencodable as UTF-8 (a lone surrogate: an undecodable byte of a command-line
-    argument, or a ``\\ud800`` escape in JSON), or None when it is text."""
-    if not isinstance(text, str):
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        ch = text[exc.start]
-        what = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"lone surrogate U+{ord(ch):04X}"
-        return f"{what} at character {exc.start}"
-    return None
-
-
 def cache_dir() -> Path:
     """Root of n2g's cache: ``$N2G_CACHE`` or ``~/.cache/n2g``."""
     return Path(os.environ.get("N2G_CACHE") or Path.home() / ".cache" / "n2g").expanduser()

@@ -174,6 +174,14 @@ class Scores:
         return cls(**{k: v for k, v in d.items() if k in _fields(cls)})
 
 
+def check_folder(neuron: NeuronId, folder_name: str) -> None:
+    """Raise ValueError unless a stored result of ``neuron`` lies in its own folder (``neurons/<key>``): a
+    copied or renamed folder would show a neuron twice, pair its result with another graph, or count the
+    folder's own neuron as done."""
+    if neuron.key != folder_name:
+        raise ValueError(f"it holds the result of {neuron.key}, not of its folder's neuron")
+
+
 @dataclass
 class NeuronResult:
     """Everything a run stores about one neuron except its graph (saved beside it)."""

@@ -24,7 +24,7 @@ import numpy as np
 
 from n2g.errors import N2GError
 from n2g.fileio import loads_json, read_bytes, replacing
-from n2g.records import NeuronResult, plural
+from n2g.records import NeuronResult, check_folder, plural
 from n2g.render import QUIET_BELOW, graph_token_rows, is_finite_number, load_graph_json
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,7 @@ def scan_results(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, b
                 found.append((path.parent, cached[1], signature))  # parsed and checked already, same bytes
                 continue
             summary = summary_of(_parse(data))
-            if summary.neuron.key != path.parent.name:  # a copied or renamed folder: its pages and graph would
-                raise ValueError(f"it holds the result of {summary.neuron.key}, not of its folder's neuron")  # mix up
+            check_folder(summary.neuron, path.parent.name)
         except Exception as e:  # any damage: name the file, skip it, keep going
             _skip_damaged(path, e)
             continue

@@ -25,10 +25,10 @@ import socket
 from pathlib import Path
 
 from .baselines import BASELINES
-from .errors import N2GError
+from .errors import N2GError, not_unicode
 from .fileio import MAX_READ_BYTES, alive, create_json, csv_cell, inside, read_json, replacing, write_bytes_atomic, write_text_atomic
 from .graph import NeuronGraph
-from .records import SCHEMA_VERSION, NeuronId, NeuronResult
+from .records import SCHEMA_VERSION, NeuronId, NeuronResult, check_folder
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,10 @@ def _as_text(value):
     """``value`` with every string made UTF-8 text: a file name that is not UTF-8 (Python holds its bytes as
     lone surrogates) is recorded with its bytes escaped, ``x\\xff.txt``, the same way on every run."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
+        if not not_unicode(value):
             return value
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "surrogateescape" if _escaped_bytes(value) else "backslashreplace") \
-                .decode("utf-8", "backslashreplace")
+        return value.encode("utf-8", "surrogateescape" if _escaped_bytes(value) else "backslashreplace") \
+            .decode("utf-8", "backslashreplace")
     if isinstance(value, dict):
         return {_as_text(k): _as_text(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -192,8 +190,7 @@ class RunStore:
             return None
         try:
             result = NeuronResult.from_dict(read_json(path))
-            if result.neuron != neuron:  # a copied or renamed folder
-                raise ValueError(f"it holds the result of {result.neuron.key}")
+            check_folder(result.neuron, folder.name)
             if result.status != "dead":
                 NeuronGraph.load(folder / "graph.json")
             return result
@@ -308,11 +305,9 @@ class RunStore:
                     continue
                 try:
                     result = NeuronResult.from_dict(read_json(sub / "result.json"))
+                    check_folder(result.neuron, sub.name)
                 except Exception as exc:
                     log.warning("skipping unreadable %s (%s)", sub / "result.json", exc)
-                    continue
-                if result.neuron.key != sub.name:  # a copied or renamed folder: the neuron would count twice
-                    log.warning("skipping %s: it holds the result of %s", sub / "result.json", result.neuron.key)
                     continue
                 yield result
 

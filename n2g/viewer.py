@@ -48,7 +48,7 @@ from markupsafe import Markup, escape
 
 from n2g.errors import N2GError
 from n2g.fileio import inside as _inside, read_bytes, read_json
-from n2g.records import Example, NeuronResult, plural
+from n2g.records import Example, NeuronResult, check_folder, plural
 from n2g.render import BIDI_CONTROLS, atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
 from n2g.search import INDEX_NAME, build_index, search, similar
@@ -947,8 +947,7 @@ class _Handler(BaseHTTPRequestHandler):
             result = NeuronResult.from_dict(read_json(rpath))
             if result_problem(result):
                 raise ValueError(result_problem(result))
-            if result.neuron.key != folder.name:  # a copied or renamed folder: another neuron's result
-                raise ValueError(f"it holds the result of {result.neuron.key}")
+            check_folder(result.neuron, folder.name)
         except Exception:  # any damage (wrong types, a JSON list, nesting too deep): no result
             raise _Refused(404, f"no readable result for neuron {key} in this run") from None
         try:
