@@ -69,9 +69,9 @@ def main(argv=None) -> int:
     excerpts = corpus.excerpts.tolist()
     ids_all = corpus.excerpts.numpy()
     is_train = partition(len(excerpts), split_cfg.held_out, split_cfg.seed)
-    from n2g.written import written_tokens
+    from n2g.vocabulary import model_evidence
 
-    written = written_tokens(model, corpus.excerpts, is_train, max(configs.values(), key=lambda c: c.written), neurons, cache_dir(), corpus.tokens_key())
+    written = model_evidence(model, corpus.excerpts, is_train, max(configs.values(), key=lambda c: (c.written, c.vocabulary)), neurons, scans, cache_dir(), corpus.tokens_key())
     jobs = [store_job(scans[n.layer], n, is_train, written) for n in neurons]
     fits, seconds = {}, {}
     memo = Memo(model, args.memo) if args.memo else None

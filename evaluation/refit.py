@@ -53,9 +53,9 @@ def save(args) -> int:
                         corpus_key=corpus.tokens_key(), progress=False)
     excerpts = corpus.excerpts.tolist()
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
-    from n2g.written import written_tokens
+    from n2g.vocabulary import model_evidence
 
-    written = written_tokens(model, corpus.excerpts, is_train, cfg, neurons, cache_dir(), corpus.tokens_key())
+    written = model_evidence(model, corpus.excerpts, is_train, cfg, neurons, scans, cache_dir(), corpus.tokens_key())
     jobs = [store_job(scans[n.layer], n, is_train, written) for n in neurons]
     memo = None
     if args.memo:  # activations shared with evaluation/fidelity.py --memo: the same proposals as its runs

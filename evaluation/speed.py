@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
     is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
-    from n2g.written import written_tokens
+    from n2g.vocabulary import model_evidence
 
-    written = written_tokens(model, corpus.excerpts, is_train, cfg, neurons, cache_dir(), corpus.tokens_key())
+    written = model_evidence(model, corpus.excerpts, is_train, cfg, neurons, scans, cache_dir(), corpus.tokens_key())
     jobs = [store_job(scans[n.layer], n, is_train, written) for n in neurons]  # as the pipeline: examples from the store
     timings, graphs = {}, {}
     for engine in args.engines.split(","):

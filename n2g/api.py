@@ -140,9 +140,10 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     scan = scans[layer]
     is_train = partition(len(corp), cfg.held_out, cfg.seed)
     excerpts = corp.rows()
-    from .written import written_tokens
+    from .vocabulary import model_evidence
 
-    written = written_tokens(m, corp.excerpts, is_train, cfg, [neuron], cache_dir(), corp.tokens_key())
+    written = model_evidence(m, corp.excerpts, is_train, cfg, [neuron], scans, cache_dir(), corp.tokens_key(),
+                             progress=progress)
     fit = fit_many(m, excerpts, [store_job(scan, neuron, is_train, written)], cfg, group_size=1)[neuron]
     result = to_result(m, neuron, scan.stats(index, neuron.sign), fit, time.perf_counter() - started,
                        scan=scan, excerpts=excerpts)

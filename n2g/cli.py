@@ -48,6 +48,9 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--written", type=int, default=None, metavar="N",
                    help="excerpts the subject model writes from training openings; their tokens the corpus shows "
                         "fewer than twice teach the graph (default preset: 512, at most one per training excerpt; 0: none)")
+    p.add_argument("--vocabulary", type=int, default=None, metavar="N",
+                   help="contexts after which the subject model is read at every token the corpus shows fewer than "
+                        "twice; the tokens that fire teach the graph (default preset: 4; 0: none)")
     p.add_argument("--out", default=None, help="run directory (default: graphs/<model>-<preset>)")
     p.add_argument("--group-size", type=int, default=64, help="neurons fitted together in shared batches")
     p.add_argument("--store-tokens", type=int, default=None,
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args, layers: str, neurons: str):
     from .pipeline import RunOptions
 
-    overrides = {"augment": args.augment, "written": args.written}
+    overrides = {"augment": args.augment, "written": args.written, "vocabulary": args.vocabulary}
     return RunOptions(model=args.model, corpus=args.corpus, text_field=args.text_field, excerpt_length=args.excerpt_length,
                       max_excerpts=args.max_excerpts, layers=layers, neurons=neurons, sign=args.sign, preset=args.preset,
                       overrides=overrides, substitutes=args.substitutes, out=args.out, device=args.device, dtype=args.dtype, group_size=args.group_size,

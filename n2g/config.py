@@ -190,6 +190,17 @@ class DistillConfig:
     the corpus only."""
     written_prompt: int = 8
     """Tokens of a training excerpt's opening that prompt a written excerpt (never evidence themselves)."""
+    vocabulary: int = 0
+    """Contexts after which the subject model is read at every ordinary token that the training partition
+    shows fewer than ``max(min_count, 2)`` times (0: none). A token that fires at a neuron after any of them
+    joins that neuron's training evidence as a single token, once per context with its measured activation,
+    like written text's (:mod:`n2g.vocabulary`): the graph can then fire on tokens the corpus never shows.
+    Lookups and scores still see the corpus only."""
+    vocabulary_context: int = 15
+    """Tokens in each context of ``vocabulary``, cut at seeded places from distinct training excerpts."""
+    vocabulary_most: int = 256
+    """Most tokens of the vocabulary in context one neuron's graph takes (those with the highest mean
+    activation over the contexts), so a neuron that fires on thousands of tokens keeps a readable graph."""
     batch_tokens: int = 16384
     """Padded tokens per forward batch (rows x length)."""
     # -- the published implementation (albertsgarde/Neuron2Graph); see evaluation/results/paper_vs_published.md
@@ -226,7 +237,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         self._check_types()
         for name in ("n_top", "n_variants", "n_candidates", "batch_tokens", "max_pivots", "grow_depth", "run_window",
-                     "written_prompt"):
+                     "written_prompt", "vocabulary_context", "vocabulary_most"):
             if getattr(self, name) < 1:
                 raise N2GError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.n_prune is not None and self.n_prune < 1:
@@ -235,7 +246,7 @@ class DistillConfig:
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 (never) or more (got {getattr(self, name)})")
         for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context", "run_max", "run_cost",
-                     "written"):
+                     "written", "vocabulary"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
         for name, most in (("max_context", 256), ("grow_depth", 64)):  # a graph's depth: see graph.MAX_GRAPH_DEPTH
@@ -426,6 +437,7 @@ PRESETS: dict[str, DistillConfig] = {
         n_variants=8,
         variant_once=True,
         written=512,
+        vocabulary=4,
     ),
 }
 

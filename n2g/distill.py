@@ -464,7 +464,7 @@ def neuron_steps(excerpts: Sequence[Sequence[int]], ranked: Sequence[int], pool:
         common = common_tokens([e.token_ids for e in examples if e.split == "train"]  # what build_graph will see
                                + (partition[1] if cfg.evidence == "partition" else []), cfg)
     proposals = yield from propose_steps(train_top, cfg, occlusion_id, common)
-    fit = yield Compute(finish_fit, (examples, partition, proposals, cfg, written))  # finish_fit heeds cfg.written
+    fit = yield Compute(finish_fit, (examples, partition, proposals, cfg, written))  # heeds cfg.written and cfg.vocabulary
     return fit
 
 
@@ -480,7 +480,7 @@ def finish_fit(examples: list[Example], partition: tuple[list[int], list[np.ndar
     partition = [Example(ids.tolist(), acts.astype(np.float64).tolist(), split="train", source="partition",
                          excerpt_index=i) for i, ids, acts in zip(*partition)]
     calibration = train_random + (partition if cfg.evidence == "partition" else [])
-    graph, trace = build_graph(train_top, calibration, cfg, proposals, written_examples(written, cfg.fire_threshold) if cfg.written else [])
+    graph, trace = build_graph(train_top, calibration, cfg, proposals, written_examples(written, cfg.fire_threshold) if cfg.written or cfg.vocabulary else [])
     for e in examples:
         e.predicted = [float(v) for v in graph.predict_sequence(e.token_ids)]
     scores = {"n2g": score_arrays([e.activations for e in test], [e.predicted for e in test], cfg.fire_threshold)}

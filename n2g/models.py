@@ -11,6 +11,7 @@ downstream reaches the model through :class:`SubjectModel`'s activation methods 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -428,6 +429,49 @@ class SubjectModel:
 
         self._run_until(ids, mask, {l: grab(l) for l in plan})
         return torch.where(mask.bool(), out, 0.0)[:, offset:].cpu()
+
+    @torch.inference_mode()
+    def continuation_activations(self, prefix: Sequence[int], candidates: torch.Tensor,
+                                 layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """``{layer: [len(candidates), d_mlp]}`` (float32, on the model's device): every neuron of each
+        layer at each candidate token put right after ``prefix`` (no BOS; it is prepended as always).
+
+        The same numbers as :meth:`layer_activations` of the rows ``prefix + [candidate]`` at their last
+        position, for one position of work per candidate instead of ``len(prefix) + 1``: the prefix runs
+        once with the key/value cache on, and every candidate is one position over copies of that cache.
+        A model whose cache cannot be copied that way gets the whole rows."""
+        layers = sorted({int(l) for l in layers})
+        candidates = torch.as_tensor(candidates, dtype=torch.long).flatten()
+        if not layers or not len(candidates):
+            return {l: torch.zeros(len(candidates), self.d_mlp, device=self.device) for l in layers}
+        for layer in layers:
+            self.check_neuron(layer, 0)
+        ids, mask, offset = self._prepare(torch.as_tensor([list(prefix)], dtype=torch.long), None)
+        captured: dict[int, torch.Tensor] = {}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache = self.model(input_ids=ids, use_cache=True).cache
+            cache = copy.deepcopy(cache)
+            cache.batch_repeat_interleave(len(candidates))
+
+            def grab(layer):
+                return lambda x: captured.__setitem__(layer, x[:, -1].float())
+
+            with self._hooks({l: grab(l) for l in layers}, (len(candidates), 1)):
+                try:
+                    self.model(input_ids=candidates[:, None].to(self.device), cache=cache, use_cache=True)
+                except _StopForward:
+                    pass
+            if set(captured) != set(layers):
+                raise RuntimeError("the cached pass never reached the requested layers")
+            return captured
+        except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+            log.debug("no cached continuation (%s); running whole rows", _first_line(exc))
+        rows = torch.cat([torch.as_tensor([list(prefix)], dtype=torch.long).expand(len(candidates), -1),
+                          candidates[:, None]], dim=1)
+        whole = self.layer_activations(rows, None, layers)
+        return {l: whole[l][:, -1].float() for l in layers}
 
     def ordinary_tokens(self) -> torch.Tensor:
         """``[rows of the input embedding]`` bools: the ids the tokenizer knows that are not special

@@ -347,9 +347,10 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
              "%.1f MB on disk", int(is_train.sum()), int((~is_train).sum()), stored.n_stored, len(scans),
              cache_bytes(scans) / 1e6)
     excerpts = corpus.rows()
-    from .written import written_tokens
+    from .vocabulary import model_evidence
 
-    written = written_tokens(model, corpus.excerpts, is_train, cfg, todo, cache_dir(), corpus.tokens_key())
+    written = model_evidence(model, corpus.excerpts, is_train, cfg, todo, scans, cache_dir(), corpus.tokens_key(),
+                             progress=opts.progress)
     jobs = [store_job(scans[n.layer], n, is_train, written) for n in todo]
     substitutes = None
     if cfg.augment and (opts.substitutes or "").startswith("mlm:"):
