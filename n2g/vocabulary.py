@@ -127,7 +127,9 @@ def measure(model, windows: np.ndarray, tokens: np.ndarray, scales: dict[int, tu
 
     layers = sorted(scales)
     out = VocabularyTokens(n_candidates=len(tokens), contexts=len(windows))
-    if not layers or not len(windows) or not len(tokens):
+    if not len(windows) or not len(tokens):
+        out.layers = {l: LayerVocabulary(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(windows)), np.float16))
+                      for l in layers}
         return out
     width = sum(int(scales[l][0].numel()) for l in layers)
     batch = int(max(1, min(len(tokens), BATCH_BYTES // max(1, 2 * width * len(windows)))))

@@ -116,3 +116,11 @@ def test_a_job_gets_each_firing_token_once_per_context_beside_the_written_text(t
     with pytest.raises(AssertionError):  # other contexts are measured anew
         vocabulary_tokens(tiny_llama, excerpts, is_train, cfg.replace(seed=5), neurons, scans, tmp_path, "c")
     assert vocabulary_tokens(tiny_llama, excerpts, is_train, preset("paper"), neurons, scans, tmp_path, "c") is None
+
+
+def test_nothing_to_measure_is_an_empty_layer_not_an_error(tiny_llama):
+    scales = {1: (torch.ones(48), torch.ones(48))}
+    for windows, tokens in ((np.zeros((0, 4), np.int64), np.arange(4, 9)), (np.array([[5, 6, 7]]), np.zeros(0, np.int64))):
+        got = measure(tiny_llama, windows, tokens, scales, 0.5)
+        assert list(got.layers) == [1] and len(got.layers[1].tokens) == 0
+        assert got.for_neuron(NeuronId(1, 0, Sign.POSITIVE), 1.0) is None
