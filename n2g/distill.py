@@ -761,13 +761,18 @@ def _as_lists(excerpts) -> list[list[int]]:
 
 def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: str = "positive",
             substitutes: Callable | None = None, occlusion_token_id: int = 0, name: str = "feature",
-            config: DistillConfig | None = None, written=None, **options) -> NeuronModel:
+            config: DistillConfig | None = None, written=None, vocabulary: int | None = None,
+            **options) -> NeuronModel:
     """Distil any feature into a graph from a list of token-id excerpts; returns the fitted model.
 
     ``written``: token-id rows of text a language model wrote (a feature has no model to write them;
     :mod:`n2g.written`). With a preset whose ``written`` is not 0, the feature is measured on them and
     each of their tokens that the training excerpts show fewer than ``max(min_count, 2)`` times joins
-    the graph's evidence as a single token.
+    the graph's evidence as a single token. ``vocabulary``: the feature's vocabulary size (ids ``0`` to
+    ``vocabulary - 1``). With a preset whose ``vocabulary`` is not 0, every id that the training excerpts
+    show fewer than ``max(min_count, 2)`` times is measured right after that many contexts cut from
+    training excerpts, and the ones that fire join the graph's evidence as single tokens
+    (:mod:`n2g.vocabulary`), so the graph can fire on tokens the excerpts never show.
 
     The returned :class:`NeuronModel` has ``graph_``, ``examples_`` (train and test with true and
     predicted normalised activations), ``scores_`` (``n2g`` and each baseline on the test split),
@@ -779,6 +784,9 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     if isinstance(occlusion_token_id, bool) or not isinstance(occlusion_token_id, (int, np.integer)) \
             or not 0 <= int(occlusion_token_id) <= MAX_TOKEN_ID:
         raise N2GError(f"occlusion_token_id must be a token id from 0 to {MAX_TOKEN_ID} (got {occlusion_token_id!r})")
+    if vocabulary is not None and (isinstance(vocabulary, bool) or not isinstance(vocabulary, (int, np.integer))
+                                   or not 1 <= int(vocabulary) <= MAX_TOKEN_ID + 1):
+        raise N2GError(f"vocabulary must be the feature's vocabulary size, from 1 to {MAX_TOKEN_ID + 1} (got {vocabulary!r})")
     if substitutes is not None and not callable(substitutes):
         raise N2GError(f"substitutes must be callable (seqs, positions, k) -> token-id lists, not {type(substitutes).__name__}")
     if config is None:
@@ -822,6 +830,17 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
         for v in values:
             check_finite(v, name)
         extra = single_tokens(rows, [v * factor / peak for v in values], [seqs[i] for i in evidence], max(cfg.min_count, 2))
+    if vocabulary is not None and cfg.vocabulary:
+        from .vocabulary import feature_vocabulary
+
+        def measure_rows(rows):
+            values = evaluate_sequences(feature, rows, cfg.batch_tokens, occlusion_token_id)
+            for v in values:
+                check_finite(v, name)
+            return [v * factor / peak for v in values]
+
+        more = feature_vocabulary(measure_rows, [seqs[i] for i in evidence], int(vocabulary), cfg)
+        extra = more if extra is None else (np.concatenate([extra[0], more[0]]), np.concatenate([extra[1], more[1]]))
     result = drive(neuron_steps(seqs, ranked, pool, cfg, occlusion_token_id, known, is_train, evidence, written=extra),
                    model._evaluator(), substitutes)
     model.graph_, model.examples_, model.scores_, model.trace_ = result.graph, result.examples, result.scores, result.trace

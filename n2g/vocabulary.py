@@ -71,15 +71,21 @@ class VocabularyTokens:
         values = layer.values[lo:hi].astype(np.float32) / np.float32(scale)
         if neuron.sign == Sign.NEGATIVE:
             values = -values
-        tokens = layer.tokens[lo:hi].astype(np.int64)
-        fires = values.max(1, initial=-np.inf) >= self.threshold
-        tokens, values = tokens[fires], values[fires]
-        if self.most is not None and len(tokens) > self.most:
-            keep = np.sort(np.argsort(-values.mean(1), kind="stable")[:self.most])
-            tokens, values = tokens[keep], values[keep]
+        tokens, values = strongest(layer.tokens[lo:hi].astype(np.int64), values, self.threshold, self.most)
         if not len(tokens):
             return None
         return np.repeat(tokens, values.shape[1]), values.ravel()
+
+
+def strongest(tokens: np.ndarray, values: np.ndarray, threshold: float, most: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``values`` (``[tokens, contexts]``, normalised) that reach ``threshold`` after some context,
+    at most ``most`` of them (the highest mean activation), in their given order."""
+    fires = values.max(1, initial=-np.inf) >= threshold if values.size else np.zeros(len(tokens), bool)
+    tokens, values = tokens[fires], values[fires]
+    if most is not None and len(tokens) > most:
+        keep = np.sort(np.argsort(-values.mean(1), kind="stable")[:most])
+        tokens, values = tokens[keep], values[keep]
+    return tokens, values
 
 
 class Evidence:
@@ -107,6 +113,42 @@ def contexts(excerpts: np.ndarray, is_train: np.ndarray, n: int, length: int, se
     rows = np.sort(rng.choice(train, min(int(n), len(train)), replace=False))
     ends = rng.integers(length, width + 1, len(rows))
     return np.stack([np.asarray(excerpts[r, e - length:e], np.int64) for r, e in zip(rows, ends)])
+
+
+def sequence_contexts(seqs, n: int, length: int, seed: int) -> list[list[int]]:
+    """Up to ``n`` token windows of up to ``length`` tokens, cut at seeded places from distinct non-empty
+    sequences of ``seqs`` (token-id lists of any lengths: :func:`n2g.distill.distill`'s training excerpts)."""
+    usable = [s for s in seqs if len(s)]
+    if n <= 0 or length <= 0 or not usable:
+        return []
+    rng = np.random.default_rng([int(seed), 15])
+    out = []
+    for j in np.sort(rng.permutation(len(usable))[:int(n)]):
+        s = list(usable[int(j)])
+        size = min(int(length), len(s))
+        end = int(rng.integers(size, len(s) + 1))
+        out.append([int(t) for t in s[end - size:end]])
+    return out
+
+
+def feature_vocabulary(measure_rows, training: list, size: int, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, normalised activations)`` for a feature with no model behind it (:func:`n2g.distill.distill`):
+    every id below ``size`` that ``training`` shows fewer than ``max(min_count, 2)`` times, put after each of
+    ``cfg.vocabulary`` training contexts; ``measure_rows(rows)`` gives the normalised activations of token-id
+    rows. Kept as :meth:`VocabularyTokens.for_neuron` keeps them: the tokens that fire, at most
+    ``cfg.vocabulary_most``, once per context."""
+    from .written import _shown
+
+    flat = np.concatenate([np.asarray(s, np.int64).ravel() for s in training]) if training else np.zeros(0, np.int64)
+    cand = np.setdiff1d(np.arange(int(size), dtype=np.int64), _shown(flat, max(cfg.min_count, 2)))
+    windows = sequence_contexts(training, cfg.vocabulary, cfg.vocabulary_context, cfg.seed)
+    if not len(cand) or not windows:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    rows = [w + [int(t)] for w in windows for t in cand]
+    last = np.array([float(np.asarray(v)[-1]) for v in measure_rows(rows)], np.float32)
+    values = last.reshape(len(windows), len(cand)).T  # [candidates, contexts]
+    tokens, values = strongest(cand, values, cfg.fire_threshold, cfg.vocabulary_most)
+    return np.repeat(tokens, len(windows)), values.ravel().astype(np.float32)
 
 
 def candidates(model, excerpts: np.ndarray, is_train: np.ndarray, min_count: int) -> np.ndarray:

@@ -124,3 +124,35 @@ def test_nothing_to_measure_is_an_empty_layer_not_an_error(tiny_llama):
         got = measure(tiny_llama, windows, tokens, scales, 0.5)
         assert list(got.layers) == [1] and len(got.layers[1].tokens) == 0
         assert got.for_neuron(NeuronId(1, 0, Sign.POSITIVE), 1.0) is None
+
+
+def test_a_feature_learns_tokens_its_excerpts_never_show_from_its_vocabulary():
+    import n2g
+    from planted import text
+
+    def family(x):  # fires on 8, 21 and 22; the training text shows only 8
+        return ((x == 8) | (x == 21) | (x == 22)).float()
+
+    train = text(1, [[8]])
+    plain = n2g.distill(family, train, augment=False)
+    model = n2g.distill(family, train, augment=False, vocabulary=128)
+    assert {21, 22} <= model.graph_.tokens() and not {21, 22} & plain.graph_.tokens()
+    probe = torch.tensor([[41, 21, 50, 22, 60, 23, 70, 8, 40, 120]])
+    np.testing.assert_array_equal(model.predict_normalised(probe)[0] >= 0.5, family(probe).numpy()[0] >= 0.5)
+    assert model.scores_["token_lookup"] == plain.scores_["token_lookup"]  # lookups and scores never see it
+    off = n2g.distill(family, train, config=preset("default", vocabulary=0), augment=False, vocabulary=128)
+    assert off.graph_.tokens() == plain.graph_.tokens()
+    for bad in (0, -3, True, "128", 1.5):
+        with pytest.raises(n2g.N2GError, match="vocabulary must be the feature's vocabulary size"):
+            n2g.distill(family, train, vocabulary=bad)
+
+
+def test_sequence_contexts_are_seeded_windows_of_distinct_sequences():
+    from n2g.vocabulary import sequence_contexts
+
+    seqs = [list(range(100 * i, 100 * i + n)) for i, n in enumerate((3, 0, 20, 9, 30))]
+    got = sequence_contexts(seqs, 3, 5, 0)
+    assert got == sequence_contexts(seqs, 3, 5, 0) and len(got) == 3
+    assert len({w[0] // 100 for w in got}) == 3 and all(len(w) == min(5, len(seqs[w[0] // 100])) for w in got)
+    assert all(w == list(range(w[0], w[0] + len(w))) for w in got)
+    assert sequence_contexts(seqs, 10, 5, 0).__len__() == 4 and sequence_contexts([[], []], 2, 5, 0) == []
