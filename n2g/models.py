@@ -89,6 +89,10 @@ FAMILIES: dict[str, Family] = {
 """Supported ``config.model_type`` values. Add a family here to support a new architecture."""
 
 
+CONTINUATION_BYTES = 1 << 28
+"""Most memory the copied key/value caches of one batch of continuations may take (:meth:`SubjectModel.continuation_activations`)."""
+
+
 class _StopForward(Exception):
     """Raised by the hook of the deepest needed layer to skip the rest of the forward pass."""
 
@@ -447,31 +451,49 @@ class SubjectModel:
         for layer in layers:
             self.check_neuron(layer, 0)
         ids, mask, offset = self._prepare(torch.as_tensor([list(prefix)], dtype=torch.long), None)
-        captured: dict[int, torch.Tensor] = {}
         try:
-            with warnings.catch_warnings():
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            # the prefix runs as far as the deepest wanted layer: later layers' keys and values are never made
+            with warnings.catch_warnings(), self._hooks({layers[-1]: lambda x: None}, tuple(ids.shape)):
                 warnings.simplefilter("ignore")
-                cache = self.model(input_ids=ids, use_cache=True).cache
-            cache = copy.deepcopy(cache)
-            cache.batch_repeat_interleave(len(candidates))
-
-            def grab(layer):
-                return lambda x: captured.__setitem__(layer, x[:, -1].float())
-
-            with self._hooks({l: grab(l) for l in layers}, (len(candidates), 1)):
                 try:
-                    self.model(input_ids=candidates[:, None].to(self.device), cache=cache, use_cache=True)
+                    self.model(input_ids=ids, cache=cache, use_cache=True)
                 except _StopForward:
                     pass
-            if set(captured) != set(layers):
-                raise RuntimeError("the cached pass never reached the requested layers")
-            return captured
+            per_row = sum(int(t.numel()) * t.element_size() for layer in cache.layers
+                          for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if torch.is_tensor(t))
+            if per_row <= 0:
+                raise TypeError("the cache holds no keys")
+            chunk = max(1, CONTINUATION_BYTES // (2 * per_row))  # the copies, and the keys the candidates add
+            parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+            for start in range(0, len(candidates), chunk):
+                rows = candidates[start:start + chunk]
+                copied = copy.deepcopy(cache)
+                copied.batch_repeat_interleave(len(rows))
+                captured: dict[int, torch.Tensor] = {}
+
+                def grab(layer):
+                    return lambda x: captured.__setitem__(layer, x[:, -1].float())
+
+                with self._hooks({l: grab(l) for l in layers}, (len(rows), 1)):
+                    try:
+                        self.model(input_ids=rows[:, None].to(self.device), cache=copied, use_cache=True)
+                    except _StopForward:
+                        pass
+                if set(captured) != set(layers):
+                    raise RuntimeError("the cached pass never reached the requested layers")
+                for l in layers:
+                    parts[l].append(captured[l])
+            return {l: torch.cat(parts[l]) for l in layers}
         except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
             log.debug("no cached continuation (%s); running whole rows", _first_line(exc))
         rows = torch.cat([torch.as_tensor([list(prefix)], dtype=torch.long).expand(len(candidates), -1),
                           candidates[:, None]], dim=1)
-        whole = self.layer_activations(rows, None, layers)
-        return {l: whole[l][:, -1].float() for l in layers}
+        step = max(1, 16384 // rows.shape[1])
+        parts = [self.layer_activations(rows[s:s + step], None, layers) for s in range(0, len(rows), step)]
+        return {l: torch.cat([p[l][:, -1].float() for p in parts]) for l in layers}
 
     def ordinary_tokens(self) -> torch.Tensor:
         """``[rows of the input embedding]`` bools: the ids the tokenizer knows that are not special

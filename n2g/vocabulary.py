@@ -32,7 +32,7 @@ from .written import shown_tokens
 
 log = logging.getLogger(__name__)
 
-VOCABULARY_VERSION = 1
+VOCABULARY_VERSION = 2
 BATCH_BYTES = 1 << 28
 """Most memory one batch of candidates' activations may take on the model's device (all wanted layers)."""
 
@@ -162,9 +162,11 @@ def candidates(model, excerpts: np.ndarray, is_train: np.ndarray, min_count: int
 
 
 def measure(model, windows: np.ndarray, tokens: np.ndarray, scales: dict[int, tuple[torch.Tensor, torch.Tensor]],
-            threshold: float, progress: bool = False) -> VocabularyTokens:
+            threshold: float, progress: bool = False, most: int | None = None) -> VocabularyTokens:
     """Every neuron of each layer in ``scales`` (layer -> (positive, negative) maxima ``[d_mlp]``) at each
-    token after each window; the pairs that reach ``threshold`` x the maximum on either side are kept."""
+    token after each window; the pairs that reach ``threshold`` x the maximum on either side are kept (on
+    each side at most ``most`` per neuron, the highest mean activation first: what :meth:`VocabularyTokens.for_neuron`
+    would take)."""
     from .progress import Progress
 
     layers = sorted(scales)
@@ -204,9 +206,28 @@ def measure(model, windows: np.ndarray, tokens: np.ndarray, scales: dict[int, tu
             val = np.concatenate([k[2] for k in kept[l]]).astype(np.float16)
         else:
             tok, neu, val = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(windows)), np.float16)
+        if most is not None and len(tok):
+            v = val.astype(np.float32)
+            pos, neg = (x.cpu().numpy().astype(np.float32) for x in scales[l])
+            up = (v.max(1) >= threshold * pos[neu]) & (pos[neu] > 0)
+            down = (-v.min(1) >= threshold * neg[neu]) & (neg[neu] > 0)
+            keep = _first_per_group(neu, v.mean(1), up, most) | _first_per_group(neu, -v.mean(1), down, most)
+            tok, neu, val = tok[keep], neu[keep], val[keep]
         order = np.lexsort((tok, neu))
         out.layers[l] = LayerVocabulary(tok[order].astype(np.int64), neu[order].astype(np.int64), val[order])
     return out
+
+
+def _first_per_group(groups: np.ndarray, score: np.ndarray, ok: np.ndarray, most: int) -> np.ndarray:
+    """Bools: among the rows where ``ok``, the ``most`` of the highest ``score`` in each group."""
+    idx = np.flatnonzero(ok)
+    order = idx[np.lexsort((-score[idx], groups[idx]))]
+    g = groups[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1] if len(g) else np.zeros(0, np.int64)
+    rank = np.arange(len(g)) - np.repeat(starts, np.diff(np.r_[starts, len(g)]))
+    keep = np.zeros(len(groups), bool)
+    keep[order[rank < most]] = True
+    return keep
 
 
 def _cache_path(cache_dir: Path, model, key: str, layer: int) -> Path:
@@ -254,7 +275,7 @@ def vocabulary_tokens(model, excerpts, is_train: np.ndarray, cfg, neurons: Itera
     min_count = max(cfg.min_count, 2)
     windows = contexts(rows, is_train, cfg.vocabulary, cfg.vocabulary_context, cfg.seed)
     key = (f"{corpus_key}|{np.packbits(np.asarray(is_train, bool)).tobytes().hex()}|{windows.tobytes().hex()}"
-           f"|{min_count}|{cfg.fire_threshold}")
+           f"|{min_count}|{cfg.fire_threshold}|{cfg.vocabulary_most}")
     out = VocabularyTokens(contexts=len(windows), threshold=cfg.fire_threshold, most=cfg.vocabulary_most)
     todo = []
     for l in layers:
@@ -270,7 +291,7 @@ def vocabulary_tokens(model, excerpts, is_train: np.ndarray, cfg, neurons: Itera
         scales = {l: (scans[l].top_val[0].float(), -scans[l].bot_val[0].float()) for l in todo}
         log.info("vocabulary in context: %d tokens the training partition shows fewer than %d times, after %d "
                  "contexts of %d tokens, layers %s", len(tokens), min_count, len(windows), windows.shape[1], todo)
-        new = measure(model, windows, tokens, scales, cfg.fire_threshold, progress)
+        new = measure(model, windows, tokens, scales, cfg.fire_threshold, progress, cfg.vocabulary_most)
         for l in todo:
             out.layers[l] = new.layers[l]
             if cache_dir:

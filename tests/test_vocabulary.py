@@ -26,6 +26,8 @@ def test_a_continuation_reads_the_same_activations_as_the_whole_row(tiny_subject
 def test_a_model_without_a_copyable_cache_runs_whole_rows(tiny_llama, monkeypatch):
     prefix, cands = [5, 9, 17], torch.tensor([4, 8, 40])
     fast = tiny_llama.continuation_activations(prefix, cands, [1])
+    monkeypatch.setattr("n2g.models.CONTINUATION_BYTES", 1)  # one candidate per copy of the cache
+    torch.testing.assert_close(tiny_llama.continuation_activations(prefix, cands, [1])[1], fast[1])
     monkeypatch.setattr("n2g.models.copy.deepcopy", lambda c: (_ for _ in ()).throw(TypeError("no copy")))
     slow = tiny_llama.continuation_activations(prefix, cands, [1])
     torch.testing.assert_close(fast[1], slow[1], atol=1e-4, rtol=1e-4)
@@ -63,6 +65,15 @@ def test_measure_keeps_exactly_the_pairs_that_fire_on_either_side(tiny_llama):
     fires = ((full.amax(1) >= 0.5 * pos) & (pos > 0)) | ((-full.amin(1) >= 0.5 * neg) & (neg > 0))
     want = sorted((int(n), int(tokens[t])) for t, n in zip(*np.nonzero(fires.numpy())))
     assert sorted(zip(got.neurons.tolist(), got.tokens.tolist())) == want and len(want) > 10
+    capped = measure(tiny_llama, windows, tokens, {1: (pos, neg)}, 0.5, most=2).layers[1]
+    for n in set(got.neurons.tolist()):  # per neuron and side: the two of the highest mean that fire there
+        rows = got.neurons == n
+        mean = got.values[rows].astype(np.float32).mean(1)
+        up = (got.values[rows].astype(np.float32).max(1) >= 0.5 * float(pos[n])) & (float(pos[n]) > 0)
+        down = -got.values[rows].astype(np.float32).min(1) >= 0.5 * float(neg[n])
+        want_n = set(got.tokens[rows][up][np.argsort(-mean[up], kind="stable")[:2]].tolist())
+        want_n |= set(got.tokens[rows][down][np.argsort(mean[down], kind="stable")[:2]].tolist())
+        assert set(capped.tokens[capped.neurons == n].tolist()) == want_n
     assert (np.diff(got.neurons) >= 0).all()
     row = next(i for i, n in enumerate(got.neurons) if n == want[0][0])
     t = int(np.flatnonzero(tokens == got.tokens[row])[0])
