@@ -54,7 +54,6 @@ class VocabularyTokens:
     """Tokens measured after each context, kept where they fire (see the module's docstring)."""
 
     layers: dict[int, LayerVocabulary] = field(default_factory=dict)
-    n_candidates: int = 0
     contexts: int = 0
     threshold: float = 0.5
     """A token is evidence for a neuron's side where its normalised activation reaches this after some context."""
@@ -103,32 +102,25 @@ class Evidence:
 
 def contexts(excerpts: np.ndarray, is_train: np.ndarray, n: int, length: int, seed: int) -> np.ndarray:
     """``[n, length]`` token windows cut at seeded places from distinct training excerpts (fewer when
-    the partition has fewer; shorter when the excerpts are)."""
-    train = np.flatnonzero(np.asarray(is_train, bool))
-    width = int(np.asarray(excerpts).shape[1]) if np.asarray(excerpts).ndim == 2 else 0
-    length = min(int(length), width)
-    if n <= 0 or not len(train) or length <= 0:
-        return np.zeros((0, max(length, 0)), np.int64)
-    rng = np.random.default_rng([int(seed), 15])
-    rows = np.sort(rng.choice(train, min(int(n), len(train)), replace=False))
-    ends = rng.integers(length, width + 1, len(rows))
-    return np.stack([np.asarray(excerpts[r, e - length:e], np.int64) for r, e in zip(rows, ends)])
+    the partition has fewer; shorter when the excerpts are): :func:`sequence_contexts` of the training rows."""
+    rows = np.asarray(excerpts)
+    width = int(rows.shape[1]) if rows.ndim == 2 else 0
+    windows = sequence_contexts([rows[i] for i in np.flatnonzero(np.asarray(is_train, bool))], n, length, seed)
+    return np.array(windows, np.int64).reshape(len(windows), max(min(int(length), width), 0))
 
 
 def sequence_contexts(seqs, n: int, length: int, seed: int) -> list[list[int]]:
     """Up to ``n`` token windows of up to ``length`` tokens, cut at seeded places from distinct non-empty
-    sequences of ``seqs`` (token-id lists of any lengths: :func:`n2g.distill.distill`'s training excerpts)."""
+    sequences of ``seqs`` (token-id rows of any lengths: :func:`n2g.distill.distill`'s training excerpts)."""
     usable = [s for s in seqs if len(s)]
     if n <= 0 or length <= 0 or not usable:
         return []
     rng = np.random.default_rng([int(seed), 15])
-    out = []
-    for j in np.sort(rng.permutation(len(usable))[:int(n)]):
-        s = list(usable[int(j)])
-        size = min(int(length), len(s))
-        end = int(rng.integers(size, len(s) + 1))
-        out.append([int(t) for t in s[end - size:end]])
-    return out
+    pick = np.sort(rng.choice(len(usable), min(int(n), len(usable)), replace=False))
+    lengths = np.array([len(usable[j]) for j in pick])
+    sizes = np.minimum(int(length), lengths)
+    ends = rng.integers(sizes, lengths + 1)
+    return [[int(t) for t in usable[j][e - k:e]] for j, k, e in zip(pick, sizes, ends)]
 
 
 def feature_vocabulary(measure_rows, training: list, size: int, cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +162,7 @@ def measure(model, windows: np.ndarray, tokens: np.ndarray, scales: dict[int, tu
     from .progress import Progress
 
     layers = sorted(scales)
-    out = VocabularyTokens(n_candidates=len(tokens), contexts=len(windows))
+    out = VocabularyTokens(contexts=len(windows))
     if not len(windows) or not len(tokens):
         out.layers = {l: LayerVocabulary(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(windows)), np.float16))
                       for l in layers}
@@ -285,9 +277,8 @@ def vocabulary_tokens(model, excerpts, is_train: np.ndarray, cfg, neurons: Itera
             out.layers[l] = got
         else:
             todo.append(l)
-    tokens = candidates(model, rows, is_train, min_count)
-    out.n_candidates = len(tokens)
     if todo:
+        tokens = candidates(model, rows, is_train, min_count)
         scales = {l: (scans[l].top_val[0].float(), -scans[l].bot_val[0].float()) for l in todo}
         log.info("vocabulary in context: %d tokens the training partition shows fewer than %d times, after %d "
                  "contexts of %d tokens, layers %s", len(tokens), min_count, len(windows), windows.shape[1], todo)
