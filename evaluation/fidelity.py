@@ -31,7 +31,7 @@ from n2g.engine import RowEvaluator, fit_many, store_job
 from n2g.models import cache_dir, load_model
 from n2g.pipeline import parse_indices
 from n2g.scan import scan_layers
-from n2g.score import score_arrays
+from n2g.score import paired_difference, score_arrays
 
 from harness import parse_set, sample_neurons
 
@@ -118,8 +118,9 @@ def main(argv=None) -> int:
         best = max((b for b in methods if b not in configs), key=lambda b: overall[b])
         shown = list(configs) + ["token_lookup", best]
         lines.append(f"\n## test mix: held-out {mix} (best full-partition lookup overall: {best})\n")
-        lines.append("| layer | n | " + " | ".join(f"{m} F1 | {m} r" for m in shown) + " | best lookup per layer | graph nodes | unseen activators | ceiling F1 |")
-        lines.append("|" + "---|" * (2 * len(shown) + 6))
+        lines.append("| layer | n | " + " | ".join(f"{m} F1 | {m} r" for m in shown)
+                     + f" | {base_from} - {best} F1 [95% CI] | best lookup per layer | graph nodes | unseen activators | ceiling F1 |")
+        lines.append("|" + "---|" * (2 * len(shown) + 7))
         for layer in layers + ["all"]:
             ns = [n for n in live if layer == "all" or n.layer == layer]
             per_layer_best = max((b for b in methods if b not in configs), key=lambda b: mean(ns, b, "f1")) if ns else "-"
@@ -129,8 +130,9 @@ def main(argv=None) -> int:
             frac = sum(a for a, _ in u) / max(sum(b for _, b in u), 1)
             seen = [(b - a) / b for a, b in u if b]  # per neuron: share of firing tokens a lookup-style graph can reach
             ceiling = float(np.mean([2 * s / (1 + s) for s in seen])) if seen else float("nan")
+            gap = paired_difference([scores[(n, mix)][base_from].f1 or 0.0 for n in ns], [scores[(n, mix)][best].f1 or 0.0 for n in ns])
             lines.append(f"| {layer} | {len(ns)} | " + " | ".join(f"{mean(ns, m, 'f1'):.3f} | {mean(ns, m, 'pearson'):.3f}" for m in shown)
-                         + f" | {per_layer_best} {mean(ns, per_layer_best, 'f1') if ns else float('nan'):.3f} | {nodes:.0f} | {100 * frac:.1f}% | {ceiling:.3f} |")
+                         + f" | {gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}] | {per_layer_best} {mean(ns, per_layer_best, 'f1') if ns else float('nan'):.3f} | {nodes:.0f} | {100 * frac:.1f}% | {ceiling:.3f} |")
         lines.append("\nAll lookups (overall mean F1): " + ", ".join(f"{b} {overall[b]:.3f}" for b in methods if b not in configs))
     print("\n".join(lines))
     print(f"\nmodel {model.spec} ({model.device}, {model.dtype}); corpus {corpus.source}: {len(excerpts)} excerpts x {corpus.length} tokens; "
@@ -142,7 +144,9 @@ def main(argv=None) -> int:
           "excluded); r = Pearson; lookups are fitted on every token of the training partition; 'unseen activators': "
           "held-out firing tokens whose token never fires in training (no lookup-style graph can recall them); 'ceiling F1': "
           "mean over neurons of the F1 of a predictor exact on every other token and silent on those (2s / (1 + s), s the "
-          "share of firing tokens seen firing in training): the most a graph can score without model-measured variants")
+          "share of firing tokens seen firing in training): the most a graph can score without model-measured variants; "
+          "'[95% CI]': a paired bootstrap over the neurons of the row (n2g.score.paired_difference), how far the mean "
+          "difference could move with another sample of neurons")
     if args.json:
         rows = [{"neuron": n.key, "mix": mix, **{m: s.to_dict() for m, s in cell.items()}} for (n, mix), cell in scores.items()]
         Path(args.json).write_text(json.dumps(rows, indent=1))

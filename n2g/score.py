@@ -63,3 +63,22 @@ def score_arrays(true: Sequence[np.ndarray], pred: Sequence[np.ndarray], thresho
         n_tokens=int(t.size), n_firing=int(tf.sum()), n_predicted_firing=int(pf.sum()),
         status="ok" if tf.any() else "no_firing_test_token",
     )
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95, reps: int = 10_000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired items (e.g. one method's F1 and another's, neuron by neuron) and a
+    percentile bootstrap interval at ``level`` over the items (``reps`` resamples, seeded): how far the
+    mean difference could move with another sample of neurons. NaN for no items."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"a and b must be flat sequences of the same length (got shapes {a.shape} and {b.shape})")
+    d = a - b
+    if not d.size:
+        return float("nan"), float("nan"), float("nan")
+    if not 0.0 < level < 1.0 or reps < 1:
+        raise ValueError(f"level must be in (0, 1) and reps at least 1 (got {level}, {reps})")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, (int(reps), d.size))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sklearn.metrics as sklearn_metrics  # the [test] extra installs scikit-learn
 
-from n2g.score import score_arrays
+from n2g.score import paired_difference, score_arrays
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -44,3 +44,24 @@ def test_no_token_at_all_has_no_explained_variance_and_no_warning():
         warnings.simplefilter("error")
         s = score_arrays([np.zeros(0)], [np.zeros(0)])
     assert s.explained_variance is None and s.pearson is None and s.n_tokens == 0
+
+
+def test_paired_difference_interval():
+    # a constant difference has no spread: the interval is the point
+    assert paired_difference([0.5, 0.7, 0.9], [0.4, 0.6, 0.8]) == pytest.approx((0.1, 0.1, 0.1))
+    # the mean of the differences, and an interval around it that the resampling makes
+    a = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    b = [0.0] * 8
+    mean, lo, hi = paired_difference(a, b, reps=4000, seed=3)
+    assert mean == pytest.approx(0.625)
+    assert 0.0 < lo < mean < hi <= 1.0
+    # the percentile interval of the bootstrap means of 0/1 items: close to the normal one (sd of the mean 0.171)
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.625 * 0.375 / 8), abs=0.08)
+    assert paired_difference(a, b, reps=4000, seed=3) == (mean, lo, hi)  # seeded
+    narrow = paired_difference(a, b, level=0.5, reps=4000, seed=3)
+    assert lo < narrow[1] <= narrow[2] < hi
+    assert all(np.isnan(paired_difference([], [])))
+    with pytest.raises(ValueError):
+        paired_difference([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [0.0], level=1.5)
