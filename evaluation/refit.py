@@ -5,7 +5,8 @@ growing, quiet activators, END values; not pruning, importance or augmentation) 
 graphs whether the model is called again or not. ``save`` runs the fidelity harness's neuron sample
 once through the model and pickles every neuron's examples, proposals and training partition;
 ``refit`` rebuilds the graphs from that file under each ``--set`` variant in seconds and prints the
-mean firing F1 and Pearson per mix and layer beside the two strongest lookups.
+mean firing F1 and Pearson per mix and layer beside the two strongest lookups, and each variant's paired
+difference from the first (and the first's from those lookups) with a 95 % bootstrap interval over neurons.
 
     python evaluation/refit.py save --seed 1 --out /tmp/fits1.pkl
     python evaluation/refit.py refit /tmp/fits1.pkl --set quiet_tokens=16 --set quiet_tokens=64
@@ -29,7 +30,7 @@ from n2g.activations import partition
 from n2g.baselines import BASELINES
 from n2g.config import preset
 from n2g.distill import Proposals, finish_fit, pool_size, pruned_excerpts, top_k
-from n2g.score import score_arrays
+from n2g.score import paired_difference, score_arrays
 
 from harness import parse_set, sample_neurons
 
@@ -124,13 +125,31 @@ def summary(res: dict, title: str) -> str:
     return "\n".join(out)
 
 
+def gaps(res: dict, base: dict, method: str = "graph") -> str:
+    """Per mix, the mean paired F1 difference of ``res``'s graphs from ``base``'s ``method`` (the same
+    neurons) with its 95 % bootstrap interval over neurons: is a variant's change more than the sample's noise?"""
+    out = []
+    for mix in ("top", "top+random"):
+        keys = [k for k in res if k[1] == mix and res[k]["graph"][0] is not None and k in base and method in base[k]]
+        d, lo, hi = paired_difference([res[k]["graph"][0] or 0.0 for k in keys], [base[k][method][0] or 0.0 for k in keys])
+        out.append(f"  {mix:<10} graph - {'default' if method == 'graph' else method} F1 {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (95% CI, {len(keys)} neurons)")
+    return "\n".join(out)
+
+
 def refit(args) -> int:
     data = pickle.loads(Path(args.fits).read_bytes())
     variants = [{}] + [parse_set(s.split()) for s in args.set]
+    first = None
     for k, overrides in enumerate(variants):
         t0 = time.perf_counter()
         res = refit_all(data, overrides, lookups=k == 0)
         print(summary(res, f"{json.dumps(overrides) or 'default'} ({time.perf_counter() - t0:.1f}s)"), flush=True)
+        if first is None:
+            first = res
+            for name in LOOKUPS:
+                print(gaps(res, first, name), flush=True)
+        else:
+            print(gaps(res, first), flush=True)
     return 0
 
 
