@@ -822,22 +822,20 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     is_train = partition(len(seqs), cfg.held_out, cfg.seed)
     evidence = [i for i in range(len(seqs)) if is_train[i]]
     extra = None
+
+    def measure_rows(rows):  # the feature on model text, checked and on the excerpts' normalised scale
+        values = evaluate_sequences(feature, rows, cfg.batch_tokens, occlusion_token_id) if rows else []
+        for v in values:
+            check_finite(v, name)
+        return [v * factor / peak for v in values]
+
     if written is not None and cfg.written:
         from .written import single_tokens
 
         rows = _as_lists(written)
-        values = evaluate_sequences(feature, rows, cfg.batch_tokens, occlusion_token_id) if rows else []
-        for v in values:
-            check_finite(v, name)
-        extra = single_tokens(rows, [v * factor / peak for v in values], [seqs[i] for i in evidence], max(cfg.min_count, 2))
+        extra = single_tokens(rows, measure_rows(rows), [seqs[i] for i in evidence], max(cfg.min_count, 2))
     if vocabulary is not None and cfg.vocabulary:
         from .vocabulary import feature_vocabulary
-
-        def measure_rows(rows):
-            values = evaluate_sequences(feature, rows, cfg.batch_tokens, occlusion_token_id)
-            for v in values:
-                check_finite(v, name)
-            return [v * factor / peak for v in values]
 
         more = feature_vocabulary(measure_rows, [seqs[i] for i in evidence], int(vocabulary), cfg)
         extra = more if extra is None else (np.concatenate([extra[0], more[0]]), np.concatenate([extra[1], more[1]]))
