@@ -9,7 +9,9 @@ back) and *is Y anywhere among the next k tokens back* (a wildcard run of 0..k-1
 k is ``run_window``, then doubled up to ``run_max``, each doubling charged ``run_cost`` of G).
 A question may also be a set: *is the token d positions back one of S*, where S gathers the
 tokens after which X never (or always) fires (each seen ``min_count`` times; or, where that splits
-the occurrences cleanly, every such token however rarely seen, see :meth:`Grower._clean_set`).
+the occurrences cleanly, every such token however rarely seen, see :meth:`Grower._clean_set`;
+where one token, exact or in a run, splits the occurrences as purely, that one token is asked instead:
+the set would list every token that happened to come before one side).
 Occurrences that a proposed branch of wildcards alone ("* * [X]") matches are grown at X itself.
 Where branches show one context token at several distances, a run joins them when the training
 evidence agrees, reaching as far back as agreeing occurrences show it (:meth:`Grower._join_depths`). Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
@@ -332,12 +334,19 @@ class Grower:
                     if run is not None:
                         questions.append((run[1] - self.run_cost * i, run, 0, False))
             questions += cleans  # last: a tie goes to a single token
-            best, skip, top = None, 0, -np.inf
-            for gain, found, s, clean in questions:
-                if gain > top + 1e-9 and (clean or gain >= self.min_gain or self._clean(r, c, y, found)):
-                    best, skip, top = (found[0], gain, found[2], found[3]), s, gain
-            if best is None:
+            pick = None
+            for q in questions:
+                if (pick is None or q[0] > pick[0] + 1e-9) and (q[3] or q[0] >= self.min_gain or self._clean(r, c, y, q[1])):
+                    pick = q
+            if pick is None:
                 return
+            if pick[3]:  # a clean set lists every token seen before one side; one token that splits as purely says it
+                for q in questions:
+                    if (not q[3] and self._pure(y, q[1][3]) and (pick[3] or q[0] > pick[0] + 1e-9)
+                            and (q[0] >= self.min_gain or self._clean(r, c, y, q[1]))):
+                        pick = q
+            gain, found, skip, _ = pick
+            best = (found[0], gain, found[2], found[3])
             kind, _, token, member = best
             chosen = idx[member]
             if kind in ("exact", "set"):
@@ -424,6 +433,14 @@ class Grower:
         if total <= 0.0:
             return False
         return len(a) * np.log(total / max(within, 1e-9 * total)) >= self.clean_gain
+
+    @staticmethod
+    def _pure(y: np.ndarray, member: np.ndarray) -> bool:
+        """Whether the occurrences ``member`` (indices into ``y``) all fire and the rest never do, or the mirror."""
+        side = np.zeros(len(y), bool)
+        side[member] = True
+        return bool(side.any() and (~side).any()
+                    and ((y[side].all() and not y[~side].any()) or (y[~side].all() and not y[side].any())))
 
     def _clean_set(self, r, c, y, base, tally):
         """A set question that takes members seen once: every token ``offset`` back after which X never

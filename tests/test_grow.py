@@ -440,6 +440,16 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
                           [[25], [26, 25], [26, 40, 41, 42, 25], [26, 43, 44, 45, 46, 47, 25]]),
     "X repeated within 12 (induction-like)": (lambda x: ((x == 11) & _within(x, 11, 12)).float(),
                                               [[11], [11, 40, 41, 42, 43, 44, 11], [11, 11]]),
+    "X only where it is new within 12": (lambda x: ((x == 11) & ~_within(x, 11, 12)).float(),
+                                         [[11], [11, 40, 41, 42, 43, 44, 11], [11, 11]]),
+    "unless Y within 24 before": (lambda x: ((x == 8) & ~_within(x, 9, 24)).float(),
+                                  [[8], [9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 8], [9, 8], [8]]),
+    "Y within 6, or Z right before": (lambda x: ((x == 25) & (_within(x, 26, 6) | (shifted(x, 1) == 27))).float(),
+                                      [[25], [26, 40, 41, 25], [27, 25], [26, 43, 44, 45, 46, 47, 25]]),
+    "Y, a gap, then Z right before": (lambda x: ((x == 16) & (shifted(x, 1) == 17) & (shifted(x, 3) == 18)).float(),
+                                      [[18, 40, 17, 16], [18, 50, 17, 16], [17, 16], [16], [18, 17, 16]]),
+    "two activators after one context": (lambda x: (((x == 7) | (x == 8)) & (shifted(x, 1) == 9)).float(),
+                                         [[9, 7], [9, 8], [7], [8]]),
 }
 
 
@@ -450,6 +460,21 @@ def test_more_rule_shapes_are_recovered_with_their_values(name):
     scores = heldout_f1(model, feature, patterns)
     assert scores.n_firing > 10 and scores.f1 == 1.0, scores
     assert scores.pearson > 0.99, scores  # values, not only firing
+
+
+def test_one_token_that_splits_purely_wins_over_a_clean_set():
+    # "11 fires unless another 11 is among the 12 tokens before it". On this sample the tokens right before
+    # the quiet occurrences (11, 44 and four background tokens seen once) also split them purely, and as a
+    # clean set they cost less G than a run reaching 12 back; the set memorised those four tokens and missed
+    # the rule. A run that splits as purely, one token instead of six, now wins.
+    feature, patterns = SHAPES["X only where it is new within 12"]
+    model = n2g.distill(feature, text(2, patterns, n=160, rate=0.2))
+    assert heldout_f1(model, feature, patterns).f1 == 1.0
+    g = model.graph_
+    x = g.nodes[g.nodes[0].children[11]]
+    runs = [g.nodes[c] for k, c in x.children.items() if k < WILDCARD]
+    assert runs and all(g.nodes[c].end < 0.5 for run in runs for c in run.children.values())
+    assert len(x.children) <= 2  # the run (and at most "11 [11]"), no memorised background tokens
 
 
 def test_a_proposed_branch_is_grown_further_back():
