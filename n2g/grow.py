@@ -19,8 +19,10 @@ at least ``min_gain``, or a clean split, see :meth:`Grower._clean`) among the oc
 of S" is X with an END that fires and a non-firing child per member of S). After calibration on the
 same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
 tokens would fall back to, so the trie keeps only what changes predictions on training data. Where
-every occurrence fires, a *strength split* (:meth:`Grower._best_value`) may still add a context
-token that changes how strongly; such a branch stays while its value differs.
+every occurrence fires (or none does), a *strength split* (:meth:`Grower._best_value`) may still add a
+context token that changes how strongly ("0.3 two after Y, 0 elsewhere" among quiet ones too), and where
+a run's distances agree on firing, one distance clearly stronger keeps an exact branch beside the run
+(:meth:`Grower._distance_strength`); such a branch stays while its value differs.
 """
 
 from __future__ import annotations
@@ -201,6 +203,8 @@ class Grower:
                     if not self.graph.nodes[other].children:
                         del self.graph.nodes[node].children[key]
                         dropped.add(other)
+            if self.value_gain:  # the distances agree on firing; one may still be clearly stronger
+                self._distance_strength(node, r, c, 1, span, y_token)
         return dropped
 
     def _widest_agreeing(self, rows, cols, y_token: int, seen: int):
@@ -306,7 +310,7 @@ class Grower:
             if n < 2 * self.min_count:
                 return
             if f == 0 or f == n:  # every occurrence fires (or none does): only a strength can differ
-                best = self._best_value(r, c, offset) if self.value_gain and f else None
+                best = self._best_value(r, c, offset) if self.value_gain else None
                 if best is None:
                     return
                 kind, _, token, member = best
@@ -367,6 +371,8 @@ class Grower:
                 excerpt_ids = set(self.sources[rows[chosen]].tolist())
                 run_node = self.graph.add_child(node, run_key(kind[1] - 1), excerpt_ids)
                 self.graph.add_child(run_node, token, excerpt_ids)
+                if self.value_gain:
+                    self._distance_strength(node, rows[chosen], cols[chosen], offset, kind[1], token)
             remaining[chosen] = False
 
     def _distinct(self, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -378,7 +384,7 @@ class Grower:
         return np.fromiter(first.values(), np.int64, len(first))
 
     def _best_value(self, r, c, offset):
-        """Among occurrences that all fire: the token ``offset`` back after which the activation is
+        """Among occurrences that all fire (or that none do): the token ``offset`` back after which the activation is
         clearly stronger or weaker ("X at 1.0 after Y Y, 0.6 after Y"): the split's Gaussian likelihood
         ratio ``n ln(SS_total/SS_within)`` at least ``value_gain``, means at least ``VALUE_DELTA`` apart,
         at least ``CLEAN_MIN`` distinct occurrences (repeated text counts once) on each side."""
@@ -410,6 +416,42 @@ class Grower:
             return None
         member = np.flatnonzero(ok & (self.ids[r, np.maximum(c - offset, 0)] == uniq[j]))
         return ("exact", float(lr[j]), int(uniq[j]), member)
+
+    def _distance_strength(self, node: int, r: np.ndarray, c: np.ndarray, offset: int, span: int, token: int) -> None:
+        """Within the occurrences a run "``token`` within ``span`` before" took: the distance at which the
+        activation is clearly stronger or weaker ("X at 1.0 right after Y, 0.6 two after"), tested as
+        :meth:`_best_value` tests a token; if there is one, an exact branch at that distance (wildcards,
+        then ``token``) holds it beside the run, which an exact context outranks."""
+        lag = offset + np.arange(span)
+        cols = c[:, None] - lag[None, :]
+        hit = (cols >= 0) & (self.ids[r[:, None], np.maximum(cols, 0)] == token)
+        if not hit.any(1).all():
+            return
+        keep = self._distinct(r, c)
+        dist = hit.argmax(1)[keep]  # positions past ``offset`` to the nearest ``token``
+        a = self.acts[r[keep], c[keep]].astype(np.float64)
+        sources = set(self.sources[r].tolist())
+        while len(a) >= 2 * CLEAN_MIN:  # the clearest distance first, then again among the others
+            n, total = len(a), float(((a - a.mean()) ** 2).sum())
+            if total <= 1e-12:
+                return
+            best = None
+            for d in np.unique(dist).tolist():
+                side = dist == d
+                if side.sum() < CLEAN_MIN or (~side).sum() < CLEAN_MIN or abs(a[side].mean() - a[~side].mean()) < VALUE_DELTA:
+                    continue
+                within = float(((a[side] - a[side].mean()) ** 2).sum() + ((a[~side] - a[~side].mean()) ** 2).sum())
+                lr = n * np.log(total / max(within, 1e-9 * total))
+                if lr >= self.value_gain and (best is None or lr > best[0]):
+                    best = (lr, d)
+            if best is None:
+                return
+            at = node
+            for _ in range(best[1]):  # the children of ``node`` stand ``offset`` back
+                at = self.graph.add_child(at, WILDCARD, sources)
+            self.graph.nodes[self.graph.add_child(at, token, sources)].strength = True
+            rest = dist != best[1]
+            dist, a = dist[rest], a[rest]
 
     def _clean(self, r, c, y, best) -> bool:
         """Whether a question too weak for ``min_gain`` still splits the occurrences cleanly: every
