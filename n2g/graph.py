@@ -184,15 +184,10 @@ def path_from(ids: Sequence[int], acts: np.ndarray, imp: np.ndarray, j: int,
 class NeuronGraph:
     """A token trie that predicts a neuron's normalised activation from the tokens before it."""
 
-    def __init__(self, end_activation: str = "first", match: str = "greedy", fire_threshold: float = 0.5,
-                 runs_deeper: bool = False):
+    def __init__(self, end_activation: str = "first", match: str = "greedy", fire_threshold: float = 0.5):
         self.end_activation = end_activation
         self.match = match
         self.fire_threshold = fire_threshold
-        self.runs_deeper = runs_deeper
-        """How matching ranks a wildcard run: False (since 2026-12-06), the run adds no depth, so an exact
-        context at a fixed distance outranks a run reaching the same token ("9 [8]" over "9 *{0-2} [8]");
-        True, as graphs written before, the run counts one level deeper and wins over a nearer exact one."""
         self.nodes: list[Node] = [Node(None, -1)]
         self.token_text: dict[int, str] = {}
         self.neuron: NeuronId | None = None
@@ -233,10 +228,10 @@ class NeuronGraph:
         up = self.nodes[parent]
         depth = up.depth + 1
         exact = up.rank[0] + (1 if key > WILDCARD and parent != 0 else 0)
-        return Node(key, depth, rank=(exact, up.rank[1] + (0 if key < WILDCARD and not self.runs_deeper else 1)))
+        return Node(key, depth, rank=(exact, depth))
 
     def add_child(self, at: int, key: int, sources=()) -> int:
-        """The child of ``at`` under ``key``, created if missing (see ``runs_deeper`` for how a run child ranks)."""
+        """The child of ``at`` under ``key``, created if missing (a run child counts as one level deeper)."""
         child = self.nodes[at].children.get(key)
         if child is None:
             child = len(self.nodes)
@@ -304,7 +299,7 @@ class NeuronGraph:
 
         ``greedy`` follows the exact-token child before the wildcard; ``search`` tries every branch
         (exact, wildcard, wildcard run) and keeps the path to the most specific node that holds an
-        END: the most exact context tokens, then the deepest, a run adding no depth (exact wins ties). ``exclude`` matches as if
+        END: the most exact context tokens, then the deepest (exact wins ties). ``exclude`` matches as if
         the paths of that training excerpt had never been added.
         """
         start = self._child(0, int(ids[i]), exclude)
@@ -701,7 +696,6 @@ class NeuronGraph:
             "fire_threshold": self.fire_threshold,
             "end_activation": self.end_activation,
             "match": self.match,
-            **({} if self.runs_deeper else {"run_rank": "shallow"}),
             "graph": nx.node_link_data(self.to_networkx(), edges="edges"),
             **({"token_values": [[t, round(v, 6) if round(v, 6) < self.fire_threshold else v]
                                  for t, v in sorted(self.token_values.items())]} if self.token_values else {}),
@@ -721,9 +715,7 @@ class NeuronGraph:
         if isinstance(fire, bool) or not isinstance(fire, (int, float)) or not 0 < fire <= 1:
             raise ValueError(f"fire_threshold {fire!r} is not a number in (0, 1]")
         g = nx.node_link_graph(d["graph"], directed=True, edges="edges")
-        # files without "run_rank" were written when a run ranked one level deeper: they match as they were fitted
-        graph = cls.from_networkx(g, end_activation=end_activation, match=match, fire_threshold=float(fire),
-                                  runs_deeper=d.get("run_rank") != "shallow")
+        graph = cls.from_networkx(g, end_activation=end_activation, match=match, fire_threshold=float(fire))
         graph.neuron = NeuronId.from_dict(d["neuron"]) if d.get("neuron") else None
         graph.token_values = _token_values(d.get("token_values", []), graph.fire_threshold)
         return graph

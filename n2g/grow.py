@@ -20,9 +20,9 @@ of S" is X with an END that fires and a non-firing child per member of S). After
 same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
 tokens would fall back to, so the trie keeps only what changes predictions on training data. Where
 every occurrence fires (or none does), a *strength split* (:meth:`Grower._best_value`) may still add a
-context token that changes how strongly ("0.3 two after Y, 0 elsewhere" among quiet ones too), and where
-a run's distances agree on firing, one distance clearly stronger keeps an exact branch beside the run
-(:meth:`Grower._distance_strength`); such a branch stays while its value differs.
+context token that changes how strongly ("0.3 two after Y, 0 elsewhere" among quiet ones too); such a
+branch stays while its value differs. Branches showing one context token at several distances are not
+joined into a run where one distance is clearly stronger (:meth:`Grower._stronger_distance`).
 """
 
 from __future__ import annotations
@@ -147,7 +147,9 @@ class Grower:
         with ``run_max`` set, as far as :meth:`_widest_agreeing` finds support, so "X when X occurred in
         the 20 tokens before" is one run) fires, or none does, and at least ``CLEAN_MIN`` distinct ones
         do, a wildcard run "Y *{0..D-1} [X]" replaces them (exact branches with no branches of their
-        own are unlinked; returns their indices, for the caller to compact the graph).
+        own are unlinked; returns their indices, for the caller to compact the graph). With ``value_gain``,
+        not where one distance is clearly stronger than the others (:meth:`_stronger_distance`): one run
+        would hold their mean.
         """
         depths: dict[int, set[int]] = {}
         leaves: dict[int, list[tuple[int, int]]] = {}  # Y -> (parent, node) of exact branches that end at Y
@@ -187,6 +189,8 @@ class Grower:
                         break
                 else:
                     continue  # some fire and some do not: the distance matters
+            if self.value_gain and self._stronger_distance(r, c, span, y_token) is not None:
+                continue  # the distances agree on firing, not on strength: each keeps its own branch
             sources = set(self.sources[r].tolist())
             run = self.graph.add_child(node, run_key(span - 1), sources)
             self.graph.add_child(run, y_token, sources)
@@ -203,8 +207,6 @@ class Grower:
                     if not self.graph.nodes[other].children:
                         del self.graph.nodes[node].children[key]
                         dropped.add(other)
-            if self.value_gain:  # the distances agree on firing; one may still be clearly stronger
-                self._distance_strength(node, r, c, 1, span, y_token)
         return dropped
 
     def _widest_agreeing(self, rows, cols, y_token: int, seen: int):
@@ -371,8 +373,6 @@ class Grower:
                 excerpt_ids = set(self.sources[rows[chosen]].tolist())
                 run_node = self.graph.add_child(node, run_key(kind[1] - 1), excerpt_ids)
                 self.graph.add_child(run_node, token, excerpt_ids)
-                if self.value_gain:
-                    self._distance_strength(node, rows[chosen], cols[chosen], offset, kind[1], token)
             remaining[chosen] = False
 
     def _distinct(self, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -417,41 +417,30 @@ class Grower:
         member = np.flatnonzero(ok & (self.ids[r, np.maximum(c - offset, 0)] == uniq[j]))
         return ("exact", float(lr[j]), int(uniq[j]), member)
 
-    def _distance_strength(self, node: int, r: np.ndarray, c: np.ndarray, offset: int, span: int, token: int) -> None:
-        """Within the occurrences a run "``token`` within ``span`` before" took: the distance at which the
-        activation is clearly stronger or weaker ("X at 1.0 right after Y, 0.6 two after"), tested as
-        :meth:`_best_value` tests a token; if there is one, an exact branch at that distance (wildcards,
-        then ``token``) holds it beside the run, which an exact context outranks."""
-        lag = offset + np.arange(span)
+    def _stronger_distance(self, r: np.ndarray, c: np.ndarray, span: int, token: int) -> int | None:
+        """Among occurrences of X with ``token`` within ``span`` before it: the distance (1 = right before)
+        at which the activation is clearly stronger or weaker than at the others ("X at 1.0 right after Y,
+        0.6 two after"), tested as :meth:`_best_value` tests a token; None if no distance is."""
+        lag = 1 + np.arange(span)
         cols = c[:, None] - lag[None, :]
         hit = (cols >= 0) & (self.ids[r[:, None], np.maximum(cols, 0)] == token)
-        if not hit.any(1).all():
-            return
         keep = self._distinct(r, c)
-        dist = hit.argmax(1)[keep]  # positions past ``offset`` to the nearest ``token``
+        keep = keep[hit[keep].any(1)]
+        dist = hit.argmax(1)[keep]  # to the nearest ``token``, less one
         a = self.acts[r[keep], c[keep]].astype(np.float64)
-        sources = set(self.sources[r].tolist())
-        while len(a) >= 2 * CLEAN_MIN:  # the clearest distance first, then again among the others
-            n, total = len(a), float(((a - a.mean()) ** 2).sum())
-            if total <= 1e-12:
-                return
-            best = None
-            for d in np.unique(dist).tolist():
-                side = dist == d
-                if side.sum() < CLEAN_MIN or (~side).sum() < CLEAN_MIN or abs(a[side].mean() - a[~side].mean()) < VALUE_DELTA:
-                    continue
-                within = float(((a[side] - a[side].mean()) ** 2).sum() + ((a[~side] - a[~side].mean()) ** 2).sum())
-                lr = n * np.log(total / max(within, 1e-9 * total))
-                if lr >= self.value_gain and (best is None or lr > best[0]):
-                    best = (lr, d)
-            if best is None:
-                return
-            at = node
-            for _ in range(best[1]):  # the children of ``node`` stand ``offset`` back
-                at = self.graph.add_child(at, WILDCARD, sources)
-            self.graph.nodes[self.graph.add_child(at, token, sources)].strength = True
-            rest = dist != best[1]
-            dist, a = dist[rest], a[rest]
+        n, total = len(a), float(((a - a.mean()) ** 2).sum()) if len(a) else 0.0
+        if n < 2 * CLEAN_MIN or total <= 1e-12:
+            return None
+        best = None
+        for d in np.unique(dist).tolist():
+            side = dist == d
+            if side.sum() < CLEAN_MIN or (~side).sum() < CLEAN_MIN or abs(a[side].mean() - a[~side].mean()) < VALUE_DELTA:
+                continue
+            within = float(((a[side] - a[side].mean()) ** 2).sum() + ((a[~side] - a[~side].mean()) ** 2).sum())
+            lr = n * np.log(total / max(within, 1e-9 * total))
+            if lr >= self.value_gain and (best is None or lr > best[0]):
+                best = (lr, d + 1)
+        return None if best is None else best[1]
 
     def _clean(self, r, c, y, best) -> bool:
         """Whether a question too weak for ``min_gain`` still splits the occurrences cleanly: every

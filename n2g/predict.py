@@ -2,7 +2,7 @@
 
 For each position the trie is walked backwards from the token (exact token before wildcard, or a
 search over exact, wildcard and wildcard-run branches, as configured); the prediction is the activation of the
-most specific END reached (most exact context tokens, then deepest; a run adds no depth), or
+most specific END reached (most exact context tokens, then deepest), or
 0. Works on ``[batch, pos]`` tensors or arrays (with an optional mask; masked positions get 0) and
 on ragged lists of sequences.
 """

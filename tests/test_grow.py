@@ -97,31 +97,18 @@ def test_runs_survive_saving_and_loading(tmp_path):
     assert "wildcard" in kinds
 
 
-def test_an_exact_context_outranks_a_run_to_the_same_token_and_older_files_match_as_fitted():
-    g = NeuronGraph("mean", "search")
-    x = g.add_path([(8, 1.0)], 0.0)
-    g.nodes[g.add_child(g.add_child(x, run_key(2)), 9)].end = 0.6  # "9 *{0-2} [8]"
-    g.nodes[g.add_child(x, 9)].end = 1.0  # "9 [8]"
-    assert g.predict_sequence([50, 9, 8])[2] == 1.0  # the exact distance is the more specific context
-    assert g.predict_sequence([9, 50, 8])[2] == pytest.approx(0.6)  # the run holds the other distances
-    d = g.to_dict()
-    assert d["run_rank"] == "shallow"
-    assert NeuronGraph.from_dict(d).predict_sequence([50, 9, 8])[2] == 1.0
-    del d["run_rank"]  # a graph written before: its run ranked one level deeper, and still does
-    old = NeuronGraph.from_dict(d)
-    assert old.runs_deeper and old.predict_sequence([50, 9, 8])[2] == pytest.approx(0.6)
-    assert "run_rank" not in old.to_dict()
-
-
-def test_a_run_keeps_a_clearly_different_strength_at_one_distance():
-    # "9 [8]" and "9 * [8]" agree that 8 fires, so they join into one run, but at 1.0 and 0.6: the nearer
-    # distance keeps an exact branch of its own beside the run (the run alone held their mean, 0.81).
+def test_distances_that_agree_on_firing_but_not_on_strength_stay_apart():
+    # "9 [8]" and "9 * [8]" agree that 8 fires, but at 1.0 and 0.6: joined into one run they held their
+    # mean (0.81). Each keeps its own exact branch and value; with value_gain off they are joined as before.
     feature, patterns = SHAPES["strength by distance"]
-    g = n2g.distill(feature, text(1, patterns, n=160, rate=0.2)).graph_
+    data = text(1, patterns, n=160, rate=0.2)
+    g = n2g.distill(feature, data).graph_
     x = g.nodes[g.nodes[0].children[8]]
+    assert not any(k < WILDCARD for k in x.children)  # no run
     assert g.nodes[x.children[9]].end == pytest.approx(1.0)
-    runs = [g.nodes[c] for k, c in x.children.items() if k < WILDCARD]
-    assert len(runs) == 1 and g.nodes[runs[0].children[9]].end == pytest.approx(0.6)
+    assert g.nodes[g.nodes[x.children[WILDCARD]].children[9]].end == pytest.approx(0.6)
+    joined = n2g.distill(feature, data, value_gain=0).graph_
+    assert any(k < WILDCARD for k in joined.nodes[joined.nodes[0].children[8]].children)
 
 
 def test_growth_stops_at_min_count_and_pruning_keeps_only_changed_decisions():
