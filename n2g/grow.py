@@ -14,7 +14,8 @@ where one token, exact or in a run, splits the occurrences as purely, that one t
 the set would list every token that happened to come before one side).
 Occurrences that a proposed branch of wildcards alone ("* * [X]") matches are grown at X itself.
 Where branches show one context token at several distances, a run joins them when the training
-evidence agrees, reaching as far back as agreeing occurrences show it (:meth:`Grower._join_depths`). Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
+evidence agrees, reaching as far back as agreeing occurrences show it (:meth:`Grower._join_depths`;
+an occurrence another context explains does not stretch it). Each step takes the question with the largest likelihood-ratio gain (the G statistic of the split,
 at least ``min_gain``, or a clean split, see :meth:`Grower._clean`) among the occurrences not yet claimed by an earlier branch, so a node gains several children ("X fires unless the token before it is one
 of S" is X with an END that fires and a non-firing child per member of S). After calibration on the
 same evidence, :func:`prune_unchanged` removes every branch whose firing decision equals the one its
@@ -168,9 +169,13 @@ class Grower:
         if not joinable:
             return dropped
         rows, cols = np.nonzero(self.ids == self.graph.nodes[node].token_id)
+        contexts = self._context_tokens(node, rows, cols)
         for y_token, ds in joinable:
             if len(self.run_spans) > 1:
-                found = self._widest_agreeing(rows, cols, y_token, max(ds))
+                # an occurrence another context explains ("Z [X]" of "X after Z, or Y within 6") does not
+                # stretch the run: it agrees for its own reason (it may still stop the run)
+                others = np.fromiter((bool(t) and y_token not in t for t in contexts), bool, len(rows))
+                found = self._widest_agreeing(rows, cols, y_token, max(ds), others)
                 if found is None:
                     continue  # some fire and some do not: the distance matters
                 span, r, c = found
@@ -209,14 +214,32 @@ class Grower:
                         dropped.add(other)
         return dropped
 
-    def _widest_agreeing(self, rows, cols, y_token: int, seen: int):
+    def _context_tokens(self, node: int, rows: np.ndarray, cols: np.ndarray) -> list[frozenset]:
+        """Per occurrence of ``node``'s token: the context tokens on the path to the deepest node it reaches
+        below ``node`` (empty where it reaches none, or only wildcards)."""
+        parent = self.graph._parents()
+        cache: dict = {}
+        out = []
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            at = self.graph.deepest_node(self._row(cache, r), c)
+            tokens = set()
+            while at is not None and at > 0 and at != node:
+                key = self.graph.nodes[at].token_id
+                if key is not None and key > WILDCARD:
+                    tokens.add(key)
+                at = parent[at]
+            out.append(frozenset(tokens) if at == node else frozenset())
+        return out
+
+    def _widest_agreeing(self, rows, cols, y_token: int, seen: int, others: np.ndarray | None = None):
         """(D, rows, cols) of the run "Y within D before X" the evidence supports, or None.
 
         ``seen`` is the largest distance a branch showed Y at. Every occurrence of X whose nearest Y is
         within ``seen`` must agree (all fire, or none does). The run then reaches as far as the
         agreeing occurrences show Y (at least ``seen``), widened to the narrowest grown run span
         covering that, and stops short of the nearest Y of the first occurrence that disagrees. At
-        least ``CLEAN_MIN`` distinct occurrences at ``JOIN_MIN_DEPTHS`` distances must agree.
+        least ``CLEAN_MIN`` distinct occurrences at ``JOIN_MIN_DEPTHS`` distances must agree. Occurrences
+        flagged in ``others`` (another context explains them) can stop the run but do not stretch it.
         """
         top = self.run_spans[-1]
         nearest = np.full(len(rows), top + 1)
@@ -232,7 +255,8 @@ class Grower:
         side = fires[inside][0]
         wrong = (nearest <= top) & (fires != side)
         limit = int(nearest[wrong].min()) - 1 if wrong.any() else top
-        shown = max(seen, int(nearest[(nearest <= limit) & (fires == side)].max()))
+        agree = (nearest <= limit) & (fires == side) & (True if others is None else ~others)
+        shown = max(seen, int(nearest[agree].max())) if agree.any() else seen
         span = min(limit, next((w for w in self.run_spans if w >= shown), shown))
         keep = nearest <= span
         r, c = rows[keep], cols[keep]

@@ -497,6 +497,19 @@ def test_one_token_that_splits_purely_wins_over_a_clean_set():
     assert len(x.children) <= 2  # the run (and at most "11 [11]"), no memorised background tokens
 
 
+def test_occurrences_another_context_explains_do_not_stretch_a_run():
+    # "25 fires after 27, or when 26 is within 6 before it". Occurrences that fire after 27 and happen to
+    # have a 26 twenty tokens back agree with "26 within 28" for 27's sake; the run stretched that far and
+    # fired wrongly on held-out 25s with a 26 7-28 back (F1 0.96). It reaches 6 now.
+    feature, patterns = SHAPES["Y within 6, or Z right before"]
+    model = n2g.distill(feature, text(1, patterns, n=240, rate=0.3))
+    assert heldout_f1(model, feature, patterns).f1 == 1.0
+    g = model.graph_
+    x = g.nodes[g.nodes[0].children[25]]
+    assert [run_span(k) for k in x.children if k < WILDCARD] == [5]  # "26 *{0-5} [25]": 0 to 5 tokens between
+    assert g.nodes[x.children[27]].end >= 0.5
+
+
 def test_a_proposed_branch_is_grown_further_back():
     # Pruning proposes "9 [8]"; only growing below it finds that 21 before the 9 silences it.
     feature, patterns = SHAPES["after Y, unless Z before Y"]
