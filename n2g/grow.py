@@ -373,7 +373,7 @@ class Grower:
             if pick[3]:  # a clean set lists every token seen before one side; one token that splits as purely says it
                 for q in questions:
                     if (not q[3] and self._pure(y, q[1][3]) and (pick[3] or q[0] > pick[0] + 1e-9)
-                            and (q[0] >= self.min_gain or self._clean(r, c, y, q[1]))):
+                            and (q[0] >= self.min_gain or self._clean(r, c, y, q[1], runs=True))):
                         pick = q
             gain, found, skip, _ = pick
             best = (found[0], gain, found[2], found[3])
@@ -466,13 +466,14 @@ class Grower:
                 best = (lr, d + 1)
         return None if best is None else best[1]
 
-    def _clean(self, r, c, y, best) -> bool:
+    def _clean(self, r, c, y, best, runs: bool = False) -> bool:
         """Whether a question too weak for ``min_gain`` still splits the occurrences cleanly: every
         one on one side fires and none on the other, and the activations on each side are so alike
         that the split explains all but a sliver of their variance (Gaussian likelihood ratio
         ``n ln(SS_total / SS_within)`` at least ``clean_gain``). A few occurrences then suffice,
-        as for a deterministic rule; a noisy neuron's pure split of a handful rarely passes."""
-        if not self.clean_gain or best[0] not in ("exact", "set"):
+        as for a deterministic rule; a noisy neuron's pure split of a handful rarely passes. A run
+        question is judged so only with ``runs`` (where it would replace a clean set)."""
+        if not self.clean_gain or (best[0] not in ("exact", "set") and not runs):
             return False
         side = np.zeros(len(r), bool)
         side[best[3]] = True
