@@ -45,6 +45,16 @@ def _impurity(n: np.ndarray, f: np.ndarray) -> np.ndarray:
     return -2.0 * (a + b)
 
 
+def _split_lr(a: np.ndarray, side: np.ndarray) -> float:
+    """Gaussian likelihood ratio ``n ln(SS_total / SS_within)`` of splitting values ``a`` by the mask ``side``
+    (0 when the values do not vary)."""
+    total = float(((a - a.mean()) ** 2).sum())
+    if total <= 1e-12:
+        return 0.0
+    within = float(((a[side] - a[side].mean()) ** 2).sum() + ((a[~side] - a[~side].mean()) ** 2).sum())
+    return len(a) * float(np.log(total / max(within, 1e-9 * total)))
+
+
 CLEAN_WINDOW = 8
 """Tokens (ending at an occurrence) that tell repeated text apart for :meth:`Grower._clean`."""
 CLEAN_MIN = 3
@@ -452,16 +462,14 @@ class Grower:
         keep = keep[hit[keep].any(1)]
         dist = hit.argmax(1)[keep]  # to the nearest ``token``, less one
         a = self.acts[r[keep], c[keep]].astype(np.float64)
-        n, total = len(a), float(((a - a.mean()) ** 2).sum()) if len(a) else 0.0
-        if n < 2 * CLEAN_MIN or total <= 1e-12:
+        if len(a) < 2 * CLEAN_MIN:
             return None
         best = None
         for d in np.unique(dist).tolist():
             side = dist == d
             if side.sum() < CLEAN_MIN or (~side).sum() < CLEAN_MIN or abs(a[side].mean() - a[~side].mean()) < VALUE_DELTA:
                 continue
-            within = float(((a[side] - a[side].mean()) ** 2).sum() + ((a[~side] - a[~side].mean()) ** 2).sum())
-            lr = n * np.log(total / max(within, 1e-9 * total))
+            lr = _split_lr(a, side)
             if lr >= self.value_gain and (best is None or lr > best[0]):
                 best = (lr, d + 1)
         return None if best is None else best[1]
@@ -475,20 +483,15 @@ class Grower:
         question is judged so only with ``runs`` (where it would replace a clean set)."""
         if not self.clean_gain or (best[0] not in ("exact", "set") and not runs):
             return False
+        if not self._pure(y, best[3]):
+            return False
         side = np.zeros(len(r), bool)
         side[best[3]] = True
-        if not ((y[side].all() and not y[~side].any()) or (y[~side].all() and not y[side].any())):
-            return False
         keep = self._distinct(r, c)
         side, r, c = side[keep], r[keep], c[keep]
         if side.sum() < CLEAN_MIN or (~side).sum() < CLEAN_MIN:
             return False
-        a = self.acts[r, c].astype(np.float64)
-        total = float(((a - a.mean()) ** 2).sum())
-        within = float(((a[side] - a[side].mean()) ** 2).sum() + ((a[~side] - a[~side].mean()) ** 2).sum())
-        if total <= 0.0:
-            return False
-        return len(a) * np.log(total / max(within, 1e-9 * total)) >= self.clean_gain
+        return _split_lr(self.acts[r, c].astype(np.float64), side) >= self.clean_gain
 
     @staticmethod
     def _pure(y: np.ndarray, member: np.ndarray) -> bool:

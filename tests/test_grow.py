@@ -484,16 +484,22 @@ def test_more_rule_shapes_are_recovered_with_their_values(name):
     assert scores.pearson > 0.99, scores  # values, not only firing
 
 
+def _recovered(shape: str, activator: int, seed: int, n: int, rate: float):
+    """(graph, activator node) of a SHAPES rule distilled from ``text(seed, ..., n, rate)``, asserting it is
+    recovered at held-out F1 1.0."""
+    feature, patterns = SHAPES[shape]
+    model = n2g.distill(feature, text(seed, patterns, n=n, rate=rate))
+    assert heldout_f1(model, feature, patterns).f1 == 1.0
+    g = model.graph_
+    return g, g.nodes[g.nodes[0].children[activator]]
+
+
 def test_one_token_that_splits_purely_wins_over_a_clean_set():
     # "11 fires unless another 11 is among the 12 tokens before it". On this sample the tokens right before
     # the quiet occurrences (11, 44 and four background tokens seen once) also split them purely, and as a
     # clean set they cost less G than a run reaching 12 back; the set memorised those four tokens and missed
     # the rule. A run that splits as purely, one token instead of six, now wins.
-    feature, patterns = SHAPES["X only where it is new within 12"]
-    model = n2g.distill(feature, text(2, patterns, n=160, rate=0.2))
-    assert heldout_f1(model, feature, patterns).f1 == 1.0
-    g = model.graph_
-    x = g.nodes[g.nodes[0].children[11]]
+    g, x = _recovered("X only where it is new within 12", 11, seed=2, n=160, rate=0.2)
     runs = [g.nodes[c] for k, c in x.children.items() if k < WILDCARD]
     assert runs and all(g.nodes[c].end < 0.5 for run in runs for c in run.children.values())
     assert len(x.children) <= 2  # the run (and at most "11 [11]"), no memorised background tokens
@@ -504,11 +510,7 @@ def test_a_run_that_splits_purely_wins_over_a_clean_set_below_min_gain():
     # "9 within 3" splits 7's 15 occurrences purely but with G 17 < min_gain; the tokens two back of the
     # quiet ones (six, seen once each) were admitted as a clean set and memorised (held-out F1 0.64). A run
     # that splits as purely and as cleanly is asked instead.
-    feature, patterns = SHAPES["weaker with Y within 3 before"]
-    model = n2g.distill(feature, text(2, patterns, n=100, rate=0.1))
-    assert heldout_f1(model, feature, patterns).f1 == 1.0
-    g = model.graph_
-    x = g.nodes[g.nodes[0].children[7]]
+    g, x = _recovered("weaker with Y within 3 before", 7, seed=2, n=100, rate=0.1)
     assert [run_span(k) for k in x.children] == [2]  # "9 *{0-2} [7]" and nothing memorised
 
 
@@ -516,11 +518,7 @@ def test_occurrences_another_context_explains_do_not_stretch_a_run():
     # "25 fires after 27, or when 26 is within 6 before it". Occurrences that fire after 27 and happen to
     # have a 26 twenty tokens back agree with "26 within 28" for 27's sake; the run stretched that far and
     # fired wrongly on held-out 25s with a 26 7-28 back (F1 0.96). It reaches 6 now.
-    feature, patterns = SHAPES["Y within 6, or Z right before"]
-    model = n2g.distill(feature, text(1, patterns, n=240, rate=0.3))
-    assert heldout_f1(model, feature, patterns).f1 == 1.0
-    g = model.graph_
-    x = g.nodes[g.nodes[0].children[25]]
+    g, x = _recovered("Y within 6, or Z right before", 25, seed=1, n=240, rate=0.3)
     assert [run_span(k) for k in x.children if k < WILDCARD] == [5]  # "26 *{0-5} [25]": 0 to 5 tokens between
     assert g.nodes[x.children[27]].end >= 0.5
 
