@@ -24,7 +24,7 @@ from .errors import N2GError
 from .examples import random_pool, split_examples
 from .features import Compute, Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
 from .graph import WILDCARD, NeuronGraph
-from .grow import Grower, add_context_activators, prune_unchanged
+from .grow import Grower, add_context_activators, prune_unchanged, run_spans
 from .importance import importance_steps
 from .predict import predict_batch, predict_sequences
 from .prune import Pruned, choose_pivots, prune_steps
@@ -222,7 +222,8 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
         if cfg.context_activators and seen:  # rules for any token after Y, where they fix training errors
             ids, acts = _evidence_arrays(seen)
             if add_context_activators(graph, ids, acts, max_depth=cfg.grow_depth, min_count=cfg.min_count,
-                                      min_gain=cfg.min_gain):
+                                      min_gain=cfg.min_gain, run_cost=cfg.run_cost,
+                                      run_spans=run_spans(cfg.run_window, cfg.run_max) if cfg.run_window > 1 else ()):
                 calibrate()
                 if cfg.grow and prune_unchanged(graph, evidence):  # exact branches the rules now say
                     calibrate()

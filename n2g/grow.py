@@ -24,11 +24,16 @@ every occurrence fires (or none does), a *strength split* (:meth:`Grower._best_v
 context token that changes how strongly ("0.3 two after Y, 0 elsewhere" among quiet ones too); such a
 branch stays while its value differs. Branches showing one context token at several distances are not
 joined into a run where one distance is clearly stronger (:meth:`Grower._stronger_distance`).
+A run is a leaf: where it would leave its side mixed and an exact question selects the same occurrences,
+the exact one is asked, and the wildcard positions it skips are split as a proposed branch's are. Where
+no question is admissible, one step of lookahead (:meth:`Grower._lookahead`) asks a token that a second
+one further back makes admissible ("after Z Y" where Y alone is mixed). :func:`add_context_activators`
+adds rules with no activating token ("any token after Y", or with Y within a reach).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -69,6 +74,20 @@ VALUE_DELTA = 0.2
 """Least difference of mean activation (normalised) between the sides of a strength split."""
 
 
+def _mixed(fires: np.ndarray) -> bool:
+    """Whether some of these occurrences fire and some do not."""
+    return bool(fires.any() and not fires.all())
+
+
+def run_spans(run_window: int, run_max: int | None = None) -> list[int]:
+    """Reaches of the run questions: ``run_window``, then doubled up to ``run_max`` (3, 6, 12, ...)."""
+    top = max(run_window, run_max or run_window)
+    spans = [run_window]
+    while spans[-1] < top:
+        spans.append(min(2 * spans[-1], top))
+    return spans
+
+
 class Grower:
     """Grows context branches of a graph from evidence arrays ``ids``/``acts`` (``[n, length]``)."""
 
@@ -91,10 +110,7 @@ class Grower:
         self.join_depths = join_depths
         # Runs are asked at run_window, then doubled up to run_max ("Y within 3", 6, 12, ... before X);
         # each doubling costs run_cost of G, as more tokens in reach give more chances to fit noise.
-        top = max(run_window, run_max or run_window)
-        self.run_spans = [run_window]
-        while self.run_spans[-1] < top:
-            self.run_spans.append(min(2 * self.run_spans[-1], top))
+        self.run_spans = run_spans(run_window, run_max)
         self.run_cost = run_cost
 
     def grow(self, only: Iterable[int] | None = None) -> int:
@@ -274,7 +290,8 @@ class Grower:
             return None
         return span, r, c
 
-    def _split_wildcards(self, node: int, parent: list[int], rows: np.ndarray, cols: np.ndarray) -> None:
+    def _split_wildcards(self, node: int, parent: list[int], rows: np.ndarray, cols: np.ndarray,
+                         grown: bool = False) -> None:
         """Ask about the wildcard positions of a proposed branch, from the occurrences it explains.
 
         A branch such as "Y * [X]" made by pruning may cover occurrences that fire and others that do
@@ -291,7 +308,7 @@ class Grower:
         if any(k < WILDCARD for k in keys[1:]):
             return  # a run: positions below it are not fixed
         holes = [d for d, k in enumerate(keys) if d > 0 and k == WILDCARD]
-        if not holes or self.graph.nodes[node].end is None:
+        if not holes or (self.graph.nodes[node].end is None and not grown):
             return
         remaining = np.ones(len(rows), bool)
         for _ in range(self.max_children):
@@ -378,6 +395,8 @@ class Grower:
             for q in questions:
                 if (pick is None or q[0] > pick[0] + 1e-9) and (q[3] or q[0] >= self.min_gain or self._clean(r, c, y, q[1])):
                     pick = q
+            if pick is None and depth_left > 1:
+                pick = self._lookahead(r, c, y, offset, n, f, base, questions)
             if pick is None:
                 return
             if pick[3]:  # a clean set lists every token seen before one side; one token that splits as purely says it
@@ -385,6 +404,13 @@ class Grower:
                     if (not q[3] and self._pure(y, q[1][3]) and (pick[3] or q[0] > pick[0] + 1e-9)
                             and (q[0] >= self.min_gain or self._clean(r, c, y, q[1], runs=True))):
                         pick = q
+            if pick[1][0][0] == "run" and _mixed(y[pick[1][3]]):
+                # a run is a leaf: where it leaves its side mixed, an exact question on the same occurrences
+                # ("Y * [X]" for "Y within 3") can still be refined, so it is asked instead
+                same = [q for q in questions if not q[3] and q[1][0] == "exact"
+                        and np.array_equal(np.sort(q[1][3]), pick[1][3])]
+                if same:
+                    pick = max(same, key=lambda q: q[0])
             gain, found, skip, _ = pick
             best = (found[0], gain, found[2], found[3])
             kind, _, token, member = best
@@ -403,11 +429,36 @@ class Grower:
                         self.graph.nodes[child].end = float(np.mean(self.acts[rows[mine], cols[mine]]))
                     if depth_left - skip > 1:
                         self._grow(child, rows[mine], cols[mine], offset + skip + 1, depth_left - skip - 1)
+                    if skip and self.split_wildcards and _mixed(self.fires[rows[mine], cols[mine]]):
+                        self._split_wildcards(child, self.graph._parents(), rows[mine], cols[mine], grown=True)
             else:  # kind is ("run", span)
                 excerpt_ids = set(self.sources[rows[chosen]].tolist())
                 run_node = self.graph.add_child(node, run_key(kind[1] - 1), excerpt_ids)
                 self.graph.add_child(run_node, token, excerpt_ids)
             remaining[chosen] = False
+
+    def _lookahead(self, r, c, y, offset, n, f, base, questions, top: int = 3):
+        """A question too weak alone that a second token further back makes strong: "X fires after Z Y"
+        where Y alone (after Z or not) is mixed. Of the ``top`` best exact questions, the first whose side a
+        second exact question (one more position back) splits so that the two together would be admissible
+        (gain of the pair against every other occurrence, less ``skip_cost`` for the second token, at least
+        ``min_gain``, or clean); None if none."""
+        exact = sorted((q for q in questions if not q[3] and q[2] == 0 and q[1][0] == "exact"), key=lambda q: -q[0])
+        for q in exact[:top]:
+            side = q[1][3]
+            y2 = y[side]
+            n2, f2 = len(side), int(y2.sum())
+            if n2 < 2 * self.min_count or f2 in (0, n2):
+                continue
+            found = self._best_exact(r[side], c[side], y2, offset + 1, n2, f2, float(_impurity(n2, f2)))
+            if found is None or found[0] != "exact":
+                continue
+            pair = side[found[3]]
+            n1, f1 = len(pair), int(y[pair].sum())
+            g = float(base - _impurity(n1, f1) - _impurity(n - n1, f - f1)) - self.skip_cost
+            if g >= self.min_gain or self._clean(r, c, y, ("exact", g, found[2], pair)):
+                return q
+        return None
 
     def _distinct(self, r: np.ndarray, c: np.ndarray) -> np.ndarray:
         """Indices of the first occurrence per distinct window of ``CLEAN_WINDOW`` tokens ending at it:
@@ -674,7 +725,8 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
 
 def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, *, max_depth: int = 2,
                            min_count: int = 2, min_distinct: int = 3, min_gain: float = 10.0,
-                           limit: int = 12, quiet: bool = True) -> list[tuple[int, int]]:
+                           limit: int = 12, quiet: bool = True, run_spans: Sequence[int] = (),
+                           run_cost: float = 2.0) -> list[tuple[int, int]]:
     """Add rules with no activating token where they fix training predictions the graph gets wrong.
 
     A candidate says "any token fires when the token d positions back is Y" (d up to ``max_depth``,
@@ -686,6 +738,10 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     tokens it now predicts are right at least ``min_count`` more times than before, where before is
     judged as on unseen text (each excerpt matched without the paths only it made); matching prefers
     an exact activator's equally specific branch, so what the graph says about a token stays.
+    With ``run_spans`` (reaches k > ``max_depth``), a candidate may also say "any token fires when Y is
+    among the k tokens before it" (``Y *{0-(k-1)} [*]``), each reach past the first charged ``run_cost``
+    of gain more, as in :class:`Grower`; a reach that only repeats an exact distance's rule fixes nothing
+    more and is not kept.
     With ``quiet``, a candidate may also say "any token is quiet when the token d back is Y": a Y
     after which most tokens do not fire, while the graph predicts firing for most of them (at least
     ``min_count`` more wrongly than rightly, on ``min_distinct`` different tokens), as for a neuron
@@ -729,27 +785,36 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
                 for j in np.flatnonzero(quiet_ok & (wrong - right >= min_count) & (2 * wrong > counts)).tolist():
                     if len(np.unique(tok[(inv == j) & said & ~y])) >= min_distinct:
                         found.append((float(gain[j]), d, int(uniq[j])))
-    found.sort(key=lambda t: (-t[0], t[1], t[2]))
+    for j, span in enumerate(s for s in run_spans if s > max_depth):  # "any token fires with Y within span"
+        if span >= ids.shape[1]:
+            break
+        found += _context_runs(ids, fires, valid, span, n, f, base, min_count, min_distinct, min_gain + run_cost * j)
+    # exact distances before runs on equal gain; a run's d is -span, so reach(d) is its span
+    found.sort(key=lambda t: (-t[0], abs(t[1]), t[2]))
     q = graph.end_quantile
     kept = []
     for _, d, token in found[:limit]:
-        rows = np.flatnonzero(np.any(ids[:, : ids.shape[1] - d] == token, axis=1))
+        reach = abs(d)
+        near = lambda s, i: s[i - d] == token if d > 0 else token in s[max(0, i - reach): i]
+        rows = np.flatnonzero(np.any(ids[:, : ids.shape[1] - 1] == token, axis=1))
         seqs = [ids[r][ids[r] >= 0].tolist() for r in rows]
         before = {}  # as unseen text: each excerpt matched without the paths only it made
         for k, s in enumerate(seqs):
-            for i in range(d, len(s)):
-                if s[i - d] == token:
+            for i in range(1 if d < 0 else d, len(s)):
+                if near(s, i):
                     end = graph.match_end(s, i, exclude=int(rows[k]))
                     before[(k, i)] = graph.nodes[end].end if end is not None else 0.0
         at = graph.add_child(0, WILDCARD)
+        if d < 0:
+            at = graph.add_child(at, run_key(reach - 1))
         for _ in range(d - 1):
             at = graph.add_child(at, WILDCARD)
         leaf = graph.add_child(at, token)
         graph.nodes[leaf].end = 1.0  # a placeholder, so matching reaches the leaf
         values, hits = [], []
         for k, s in enumerate(seqs):
-            for i in range(d, len(s)):
-                if s[i - d] == token and graph.match_end(s, i, exclude=int(rows[k])) == leaf:
+            for i in range(1 if d < 0 else d, len(s)):
+                if near(s, i) and graph.match_end(s, i, exclude=int(rows[k])) == leaf:
                     values.append(float(acts[rows[k], i]))
                     hits.append((k, i))
         value = None
@@ -764,8 +829,42 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
         graph.nodes[leaf].end = value
         graph.nodes[leaf].end_values = [value] * len(values)
         kept.append((d, token))
-        _drop_said_by_rule(graph, d, token, value >= thr)
+        if d > 0:
+            _drop_said_by_rule(graph, d, token, value >= thr)
     return kept
+
+
+def _context_runs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, span: int, n: int, f: int, base: float,
+                  min_count: int, min_distinct: int, min_gain: float) -> list[tuple[float, int, int]]:
+    """Candidates "any token fires when Y is among the ``span`` tokens before it": (gain, -span, Y) for
+    every Y after which more tokens fire than not within that reach, on ``min_distinct`` different
+    tokens, with a split gain of at least ``min_gain``. Only Ys seen before a firing token are counted
+    over every position."""
+    rows, cols = np.nonzero(fires & valid)
+    pairs = []  # (Y, firing position) once each, for every Y within reach of a firing token
+    for d in range(1, span + 1):
+        ok = cols - d >= 0
+        pairs.append(ids[rows[ok], cols[ok] - d] * np.int64(ids.size) + (rows[ok] * ids.shape[1] + cols[ok]))
+    pairs = np.unique(np.concatenate(pairs)) if pairs else np.zeros(0, np.int64)
+    tokens, fi = np.unique(pairs[pairs >= 0] // ids.size, return_counts=True)
+    # the most a Y can gain: every position in its reach fires (a pure split)
+    bound = base - _impurity(n - fi, f - fi)
+    out = []
+    for token in tokens[(fi >= min_count) & (bound >= min_gain)].tolist():
+        at = (ids == token).astype(np.int32)
+        # within[r, i]: Y among positions i-span .. i-1 (a running count of Y over the reach)
+        csum = np.cumsum(np.pad(at, ((0, 0), (1, 0))), axis=1)
+        hi = np.arange(ids.shape[1])
+        lo = np.maximum(hi - span, 0)
+        within = (csum[:, hi] - csum[:, lo]) > 0
+        within &= valid
+        c, fi = int(within.sum()), int((within & fires).sum())
+        if fi < min_count or 2 * fi <= c:
+            continue
+        gain = base - float(_impurity(c, fi)) - float(_impurity(n - c, f - fi))
+        if gain >= min_gain and len(np.unique(ids[within & fires])) >= min_distinct:
+            out.append((gain, -span, token))
+    return out
 
 
 def _drop_said_by_rule(graph: NeuronGraph, d: int, token: int, fires: bool) -> None:

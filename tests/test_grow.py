@@ -469,6 +469,10 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
     "strength by distance": (lambda x: (x == 8).float() * ((shifted(x, 1) == 9).float()
                                                            + 0.6 * ((shifted(x, 2) == 9) & (shifted(x, 1) != 9)).float()),
                              [[9, 8], [9, 40, 8], [8], [9, 40, 41, 8]]),
+    "any token within 3 after Y": (lambda x: _within(x, 9, 3).float(), [[9]]),
+    "two tokens before, over a sub-threshold base": (
+        lambda x: (x == 16).float() * (0.4 + 0.6 * ((shifted(x, 1) == 17) & (shifted(x, 2) == 18)).float()),
+        [[18, 17, 16], [17, 16], [16], [18, 40, 16]]),
     "sub-threshold two after Y": (lambda x: (x == 8).float() * ((shifted(x, 1) == 9).float()
                                                                 + 0.3 * ((shifted(x, 2) == 9) & (shifted(x, 1) != 9)).float()),
                                   [[9, 8], [9, 40, 8], [8], [9, 40, 41, 8]]),
@@ -521,6 +525,37 @@ def test_occurrences_another_context_explains_do_not_stretch_a_run():
     g, x = _recovered("Y within 6, or Z right before", 25, seed=1, n=240, rate=0.3)
     assert [run_span(k) for k in x.children if k < WILDCARD] == [5]  # "26 *{0-5} [25]": 0 to 5 tokens between
     assert g.nodes[x.children[27]].end >= 0.5
+
+
+def test_any_token_fires_with_y_within_a_reach():
+    # "every token among the 3 after 9 fires": no activating token, and no one distance says it. The rules
+    # for any token said only "right after 9" and "two after 9" (held-out F1 0.80); a run "9 *{0-2} [*]"
+    # is a candidate now, and it alone is kept.
+    feature, patterns = SHAPES["any token within 3 after Y"]
+    model = n2g.distill(feature, text(1, patterns, n=160, rate=0.2))
+    assert heldout_f1(model, feature, patterns).f1 == 1.0
+    g = model.graph_
+    wild = g.nodes[g.nodes[0].children[WILDCARD]]
+    assert list(wild.children) == [run_key(2)] and list(g.nodes[wild.children[run_key(2)]].children) == [9]
+
+
+def test_a_run_that_leaves_its_side_mixed_gives_way_to_a_question_that_can_be_refined():
+    # 16 is at 0.4, and at 1.0 after "18 17". On this sample "18 within 3" and "18 two back" split 16's
+    # occurrences alike (after "18 17" and "18 40"), and the run won; a run cannot be grown further, so the
+    # graph said 0.72 after 18 (held-out F1 0.66). The exact question is asked instead, and its wildcard
+    # position is split: "18 17 [16]".
+    g, x = _recovered("two tokens before, over a sub-threshold base", 16, seed=2, n=160, rate=0.2)
+    after = g.nodes[x.children[17]]
+    assert g.nodes[after.children[18]].end == pytest.approx(1.0) and after.end < 0.5 and x.end < 0.5
+    assert not [k for k in x.children if k < WILDCARD]
+
+
+def test_a_question_too_weak_alone_is_asked_where_a_second_token_makes_it_strong():
+    # The same rule from 60 training excerpts: 16 fires 6 times of 34, always after "18 17". "17 [16]"
+    # alone leaves its side mixed (G 11.5 < min_gain) and nothing else is admissible, so growing stopped and
+    # [16] held 0.51 everywhere (held-out F1 0.40). The pair "18 17" splits purely with G >= min_gain.
+    g, x = _recovered("two tokens before, over a sub-threshold base", 16, seed=2, n=120, rate=0.15)
+    assert g.nodes[g.nodes[x.children[17]].children[18]].end == pytest.approx(1.0) and x.end < 0.5
 
 
 def test_a_proposed_branch_is_grown_further_back():
