@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .graph import WILDCARD, NeuronGraph, run_key
+from .graph import WILDCARD, NeuronGraph, run_key, run_span
 
 
 def _impurity(n: np.ndarray, f: np.ndarray) -> np.ndarray:
@@ -726,7 +726,7 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
 def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, *, max_depth: int = 2,
                            min_count: int = 2, min_distinct: int = 3, min_gain: float = 10.0,
                            limit: int = 12, quiet: bool = True, run_spans: Sequence[int] = (),
-                           run_cost: float = 2.0) -> list[tuple[int, int]]:
+                           run_cost: float = 2.0, pair_cost: float = 2.0) -> list[tuple[int, int]]:
     """Add rules with no activating token where they fix training predictions the graph gets wrong.
 
     A candidate says "any token fires when the token d positions back is Y" (d up to ``max_depth``,
@@ -742,6 +742,8 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     among the k tokens before it" (``Y *{0-(k-1)} [*]``), each reach past the first charged ``run_cost``
     of gain more, as in :class:`Grower`; a reach that only repeats an exact distance's rule fixes nothing
     more and is not kept.
+    With ``max_depth`` of 2 or more, a candidate may also be a pair, "any token fires right after Y2 Y1"
+    (``Y2 Y1 [*]``, where Y1 alone and Y2 two back are mixed), charged ``pair_cost`` of gain more.
     With ``quiet``, a candidate may also say "any token is quiet when the token d back is Y": a Y
     after which most tokens do not fire, while the graph predicts firing for most of them (at least
     ``min_count`` more wrongly than rightly, on ``min_distinct`` different tokens), as for a neuron
@@ -789,32 +791,37 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
         if span >= ids.shape[1]:
             break
         found += _context_runs(ids, fires, valid, span, n, f, base, min_count, min_distinct, min_gain + run_cost * j)
-    # exact distances before runs on equal gain; a run's d is -span, so reach(d) is its span
-    found.sort(key=lambda t: (-t[0], abs(t[1]), t[2]))
+    if max_depth >= 2:
+        found += _context_pairs(ids, fires, valid, n, f, base, min_count, min_distinct, min_gain + pair_cost)
+    # exact distances before runs and pairs on equal gain (d: distance; -span for a run; 0 for a pair)
+    found.sort(key=lambda t: (-t[0], t[1] <= 0, abs(t[1]), t[2]))
     q = graph.end_quantile
     kept = []
     for _, d, token in found[:limit]:
-        reach = abs(d)
-        near = lambda s, i: s[i - d] == token if d > 0 else token in s[max(0, i - reach): i]
-        rows = np.flatnonzero(np.any(ids[:, : ids.shape[1] - 1] == token, axis=1))
+        if d > 0:
+            keys = [WILDCARD] * (d - 1) + [token]
+        elif d < 0:
+            keys = [run_key(-d - 1), token]
+        else:
+            keys = list(token)  # (right before, two before)
+        last = keys[-1]
+        rows = np.flatnonzero(np.any(ids[:, : ids.shape[1] - 1] == last, axis=1))
         seqs = [ids[r][ids[r] >= 0].tolist() for r in rows]
         before = {}  # as unseen text: each excerpt matched without the paths only it made
         for k, s in enumerate(seqs):
-            for i in range(1 if d < 0 else d, len(s)):
-                if near(s, i):
+            for i in range(1, len(s)):
+                if _rule_matches(keys, s, i):
                     end = graph.match_end(s, i, exclude=int(rows[k]))
                     before[(k, i)] = graph.nodes[end].end if end is not None else 0.0
         at = graph.add_child(0, WILDCARD)
-        if d < 0:
-            at = graph.add_child(at, run_key(reach - 1))
-        for _ in range(d - 1):
-            at = graph.add_child(at, WILDCARD)
-        leaf = graph.add_child(at, token)
+        for key in keys[:-1]:
+            at = graph.add_child(at, key)
+        leaf = graph.add_child(at, last)
         graph.nodes[leaf].end = 1.0  # a placeholder, so matching reaches the leaf
         values, hits = [], []
         for k, s in enumerate(seqs):
-            for i in range(1 if d < 0 else d, len(s)):
-                if near(s, i) and graph.match_end(s, i, exclude=int(rows[k])) == leaf:
+            for i in range(1, len(s)):
+                if (k, i) in before and graph.match_end(s, i, exclude=int(rows[k])) == leaf:
                     values.append(float(acts[rows[k], i]))
                     hits.append((k, i))
         value = None
@@ -829,9 +836,54 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
         graph.nodes[leaf].end = value
         graph.nodes[leaf].end_values = [value] * len(values)
         kept.append((d, token))
-        if d > 0:
-            _drop_said_by_rule(graph, d, token, value >= thr)
+        if d >= 0:
+            _drop_said_by_rule(graph, keys, value >= thr)
     return kept
+
+
+def _rule_matches(keys: Sequence[int], s: Sequence[int], i: int) -> bool:
+    """Whether the context keys of a rule for any token (below ``[*]``, nearest first: tokens, single
+    wildcards, or a run followed by its token) hold before position ``i`` of ``s``."""
+    pos = i - 1
+    k = 0
+    while k < len(keys):
+        key = keys[k]
+        if pos < 0:
+            return False
+        if key == WILDCARD:
+            pos -= 1
+        elif key < WILDCARD:  # a run of 0..span tokens, then the next key's token
+            token, reach = keys[k + 1], run_span(key)
+            window = s[max(0, pos - reach): pos + 1]
+            if token not in window:
+                return False
+            return k + 2 == len(keys)  # a run ends a rule's keys
+        else:
+            if s[pos] != key:
+                return False
+            pos -= 1
+        k += 1
+    return True
+
+
+def _context_pairs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, n: int, f: int, base: float,
+                   min_count: int, min_distinct: int, min_gain: float) -> list[tuple[float, int, tuple[int, int]]]:
+    """Candidates "any token fires right after Y2 Y1": (gain, 0, (Y1, Y2)) for every pair after which more
+    tokens fire than not, on ``min_distinct`` different tokens, with a split gain of at least ``min_gain``."""
+    if ids.shape[1] < 3:
+        return []
+    here = valid[:, 2:] & (ids[:, 1:-1] >= 0) & (ids[:, :-2] >= 0)
+    y1, y2 = ids[:, 1:-1][here].astype(np.int64), ids[:, :-2][here].astype(np.int64)
+    y, tok = fires[:, 2:][here], ids[:, 2:][here]
+    width = np.int64(max(int(ids.max()), 0) + 1)
+    uniq, inv, counts = np.unique(y1 * width + y2, return_inverse=True, return_counts=True)
+    fired = np.bincount(inv, weights=y.astype(np.float64), minlength=len(uniq))
+    gain = base - _impurity(counts, fired) - _impurity(n - counts, f - fired)
+    out = []
+    for j in np.flatnonzero((fired >= min_count) & (2 * fired > counts) & (gain >= min_gain)).tolist():
+        if len(np.unique(tok[(inv == j) & y])) >= min_distinct:
+            out.append((float(gain[j]), 0, (int(uniq[j] // width), int(uniq[j] % width))))
+    return out
 
 
 def _context_runs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, span: int, n: int, f: int, base: float,
@@ -846,11 +898,27 @@ def _context_runs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, span: i
         ok = cols - d >= 0
         pairs.append(ids[rows[ok], cols[ok] - d] * np.int64(ids.size) + (rows[ok] * ids.shape[1] + cols[ok]))
     pairs = np.unique(np.concatenate(pairs)) if pairs else np.zeros(0, np.int64)
-    tokens, fi = np.unique(pairs[pairs >= 0] // ids.size, return_counts=True)
+    pairs = pairs[pairs >= 0]
+    tokens, fi = np.unique(pairs // ids.size, return_counts=True)
+    # every occurrence of Y covers the position right after it: more of those must fire than not
+    after = ids[:, :-1][valid[:, 1:] & (ids[:, :-1] >= 0)]
+    ys, ny = np.unique(after, return_counts=True)
+    least = np.zeros(len(tokens), np.int64)
+    known = np.isin(tokens, ys)
+    least[known] = ny[np.searchsorted(ys, tokens[known])]
     # the most a Y can gain: every position in its reach fires (a pure split)
     bound = base - _impurity(n - fi, f - fi)
+    ok = (fi >= min_count) & (bound >= min_gain) & (2 * fi > least)
+    if ok.any():  # tokens fired on within reach, at least min_distinct different ones
+        pos = pairs % ids.size
+        tok_at = ids.ravel()[pos]
+        y_of = pairs // ids.size
+        keep = np.isin(y_of, tokens[ok])
+        yt = np.unique(y_of[keep] * np.int64(ids.size) + tok_at[keep])
+        yy, distinct = np.unique(yt // ids.size, return_counts=True)
+        ok &= np.isin(tokens, yy[distinct >= min_distinct])
     out = []
-    for token in tokens[(fi >= min_count) & (bound >= min_gain)].tolist():
+    for token in tokens[ok].tolist():
         at = (ids == token).astype(np.int32)
         # within[r, i]: Y among positions i-span .. i-1 (a running count of Y over the reach)
         csum = np.cumsum(np.pad(at, ((0, 0), (1, 0))), axis=1)
@@ -867,23 +935,24 @@ def _context_runs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, span: i
     return out
 
 
-def _drop_said_by_rule(graph: NeuronGraph, d: int, token: int, fires: bool) -> None:
-    """Remove exact activators' leaf branches "token, d back" whose firing decision the new context
-    rule makes anyway, so their tokens now count at the rule (one rule instead of a branch per token)."""
+def _drop_said_by_rule(graph: NeuronGraph, keys: Sequence[int], fires: bool) -> None:
+    """Remove exact activators' leaf branches with the context ``keys`` of a new rule for any token (tokens
+    and single wildcards, nearest first) whose firing decision the rule makes anyway, so their tokens now
+    count at the rule (one rule instead of a branch per token)."""
     drop = set()
     for key, at in graph.nodes[0].children.items():
         if key == WILDCARD:
             continue
-        for _ in range(d - 1):
-            at = graph.nodes[at].children.get(WILDCARD)
+        for k in keys[:-1]:
+            at = graph.nodes[at].children.get(k)
             if at is None:
                 break
         if at is None:
             continue
-        leaf = graph.nodes[at].children.get(token)
+        leaf = graph.nodes[at].children.get(keys[-1])
         if leaf is not None and not graph.nodes[leaf].children and graph.nodes[leaf].end is not None \
                 and (graph.nodes[leaf].end >= graph.fire_threshold) == fires:
-            del graph.nodes[at].children[token]
+            del graph.nodes[at].children[keys[-1]]
             drop.add(leaf)
     if drop:
         graph.compact(set(range(len(graph.nodes))) - drop)

@@ -470,6 +470,7 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
                                                            + 0.6 * ((shifted(x, 2) == 9) & (shifted(x, 1) != 9)).float()),
                              [[9, 8], [9, 40, 8], [8], [9, 40, 41, 8]]),
     "any token within 3 after Y": (lambda x: _within(x, 9, 3).float(), [[9]]),
+    "any token after Y Y": (lambda x: ((shifted(x, 1) == 9) & (shifted(x, 2) == 9)).float(), [[9, 9], [9]]),
     "two tokens before, over a sub-threshold base": (
         lambda x: (x == 16).float() * (0.4 + 0.6 * ((shifted(x, 1) == 17) & (shifted(x, 2) == 18)).float()),
         [[18, 17, 16], [17, 16], [16], [18, 40, 16]]),
@@ -537,6 +538,19 @@ def test_any_token_fires_with_y_within_a_reach():
     g = model.graph_
     wild = g.nodes[g.nodes[0].children[WILDCARD]]
     assert list(wild.children) == [run_key(2)] and list(g.nodes[wild.children[run_key(2)]].children) == [9]
+
+
+def test_any_token_fires_after_a_pair():
+    # "every token right after 9 9 fires": "after 9" and "two after 9" are both mixed, so no rule for any
+    # token was found and the graph memorised "9 9 [X]" for each X seen (held-out F1 0.34). A pair is a
+    # candidate now; it replaces the memorised branches.
+    feature, patterns = SHAPES["any token after Y Y"]
+    model = n2g.distill(feature, text(1, patterns, n=160, rate=0.2))
+    assert heldout_f1(model, feature, patterns).f1 == 1.0
+    g = model.graph_
+    assert g.activators() == []  # no memorised "9 9 [X]"
+    after = g.nodes[g.nodes[g.nodes[0].children[WILDCARD]].children[9]]
+    assert g.nodes[after.children[9]].end == pytest.approx(1.0)
 
 
 def test_a_run_that_leaves_its_side_mixed_gives_way_to_a_question_that_can_be_refined():
