@@ -24,7 +24,7 @@ from .errors import N2GError
 from .examples import random_pool, split_examples
 from .features import Compute, Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
 from .graph import WILDCARD, NeuronGraph
-from .grow import Grower, add_context_activators, prune_unchanged, run_spans
+from .grow import Grower, add_context_activators, drop_explained_activators, prune_unchanged, run_spans
 from .importance import importance_steps
 from .predict import predict_batch, predict_sequences
 from .prune import Pruned, choose_pivots, prune_steps
@@ -226,6 +226,8 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
                                       run_spans=run_spans(cfg.run_window, cfg.run_max) if cfg.run_window > 1 else ()):
                 calibrate()
                 if cfg.grow and prune_unchanged(graph, evidence):  # exact branches the rules now say
+                    calibrate()
+                if drop_explained_activators(graph, evidence[: len(seen)]):  # activators the rules now say
                     calibrate()
         exceptions = add_exceptions(graph, evidence[: len(seen)], cfg.min_count) if dense else []
         if exceptions:  # after the context rules: "any token after Y is quiet" says at once what many would

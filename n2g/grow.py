@@ -28,7 +28,8 @@ A run is a leaf: where it would leave its side mixed and an exact question selec
 the exact one is asked, and the wildcard positions it skips are split as a proposed branch's are. Where
 no question is admissible, one step of lookahead (:meth:`Grower._lookahead`) asks a token that a second
 one further back makes admissible ("after Z Y" where Y alone is mixed). :func:`add_context_activators`
-adds rules with no activating token ("any token after Y", or with Y within a reach).
+adds rules with no activating token ("any token after Y", after a pair, or with Y within a reach), and
+:func:`drop_explained_activators` then removes exact activators those rules make redundant.
 """
 
 from __future__ import annotations
@@ -841,6 +842,39 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     return kept
 
 
+def drop_explained_activators(graph: NeuronGraph, sequences) -> int:
+    """Remove exact activators, branches and all, that the rules for any token make redundant: every training
+    occurrence of the token in ``sequences`` (``(ids, acts)`` pairs) gets the same firing decision without
+    them, and some occurrence is matched by a rule. Such an activator was grown before the rules existed
+    ("53 fires after 9, 21 or 22, and not after these 48 tokens" where "any token after 9, 21 or 22" says it);
+    kept, its END fires on the token after contexts it never saw. Returns how many activators went; calibrate
+    again afterwards."""
+    roots = graph.nodes[0].children
+    if WILDCARD not in roots:
+        return 0
+    thr = graph.fire_threshold
+    where: dict[int, list[tuple[list[int], int]]] = {}
+    for ids, _ in sequences:
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+        for i, t in enumerate(ids):
+            if t in roots and t != WILDCARD:
+                where.setdefault(t, []).append((ids, i))
+    value = lambda end: graph.nodes[end].end if end is not None else 0.0
+    drop = []
+    for token, occ in where.items():
+        node = roots[token]
+        before = [value(graph.match_end(ids, i)) >= thr for ids, i in occ]
+        del roots[token]
+        ends = [graph.match_end(ids, i) for ids, i in occ]
+        roots[token] = node
+        if any(e is not None for e in ends) and before == [value(e) >= thr for e in ends]:
+            drop.append(token)
+    if drop:
+        nodes = {roots.pop(t) for t in drop}
+        graph.compact(set(range(len(graph.nodes))) - nodes)
+    return len(drop)
+
+
 def _rule_matches(keys: Sequence[int], s: Sequence[int], i: int) -> bool:
     """Whether the context keys of a rule for any token (below ``[*]``, nearest first: tokens, single
     wildcards, or a run followed by its token) hold before position ``i`` of ``s``."""
@@ -976,4 +1010,4 @@ def _drop_dead_context_branches(graph: NeuronGraph) -> None:
         graph.compact(set(range(len(graph.nodes))) - (below - live))
 
 
-__all__ = ["Grower", "prune_unchanged", "add_context_activators", "WILDCARD"]
+__all__ = ["Grower", "prune_unchanged", "add_context_activators", "drop_explained_activators", "WILDCARD"]
