@@ -28,7 +28,8 @@ A run is a leaf: where it would leave its side mixed and an exact question selec
 the exact one is asked, and the wildcard positions it skips are split as a proposed branch's are. Where
 no question is admissible, one step of lookahead (:meth:`Grower._lookahead`) asks a token that a second
 one further back makes admissible ("after Z Y" where Y alone is mixed). :func:`add_context_activators`
-adds rules with no activating token ("any token after Y", after a pair, or with Y within a reach), and
+adds rules with no activating token ("any token after Y", with exceptions, after a pair, or with Y within
+a reach), and
 :func:`drop_explained_activators` then removes exact activators those rules make redundant.
 """
 
@@ -727,7 +728,8 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
 def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray, *, max_depth: int = 2,
                            min_count: int = 2, min_distinct: int = 3, min_gain: float = 10.0,
                            limit: int = 12, quiet: bool = True, run_spans: Sequence[int] = (),
-                           run_cost: float = 2.0, pair_cost: float = 2.0) -> list[tuple[int, int]]:
+                           run_cost: float = 2.0, pair_cost: float = 2.0,
+                           exception_cost: float = 2.0) -> list[tuple[int, int]]:
     """Add rules with no activating token where they fix training predictions the graph gets wrong.
 
     A candidate says "any token fires when the token d positions back is Y" (d up to ``max_depth``,
@@ -743,6 +745,9 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     among the k tokens before it" (``Y *{0-(k-1)} [*]``), each reach past the first charged ``run_cost``
     of gain more, as in :class:`Grower`; a reach that only repeats an exact distance's rule fixes nothing
     more and is not kept.
+    A candidate "any token d back of Y fires" may come with exceptions: the tokens seen there at least
+    ``min_count`` times that never fire, set apart (each charged ``exception_cost`` of gain) so that more of
+    the rest fire than not; each becomes a quiet branch "Y [X]" of its own activator.
     With ``max_depth`` of 2 or more, a candidate may also be a pair, "any token fires right after Y2 Y1"
     (``Y2 Y1 [*]``, where Y1 alone and Y2 two back are mixed), charged ``pair_cost`` of gain more.
     With ``quiet``, a candidate may also say "any token is quiet when the token d back is Y": a Y
@@ -772,6 +777,8 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
         for j in np.flatnonzero((fired >= min_count) & (2 * fired > counts) & (gain >= min_gain)).tolist():
             if len(np.unique(tok[(inv == j) & y])) >= min_distinct:
                 found.append((float(gain[j]), d, int(uniq[j])))
+        found += _with_exceptions(inv, uniq, tok, y, counts, fired, d, n, f, base, min_count, min_distinct,
+                                  min_gain, exception_cost)
         if quiet:  # "any token after Y is quiet", where the graph says most of them fire (a dense neuron)
             quiet_ok = (counts - fired >= min_count) & (2 * fired < counts) & (gain >= min_gain)
             if quiet_ok.any():
@@ -798,7 +805,9 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     found.sort(key=lambda t: (-t[0], t[1] <= 0, abs(t[1]), t[2]))
     q = graph.end_quantile
     kept = []
-    for _, d, token in found[:limit]:
+    said: set[tuple[int, ...]] = set()
+    for _, d, token, *rest in found[:limit]:
+        exceptions = rest[0] if rest else ()
         if d > 0:
             keys = [WILDCARD] * (d - 1) + [token]
         elif d < 0:
@@ -806,6 +815,8 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
         else:
             keys = list(token)  # (right before, two before)
         last = keys[-1]
+        if tuple(keys) in said:
+            continue  # the same rule, kept with exceptions (or without)
         rows = np.flatnonzero(np.any(ids[:, : ids.shape[1] - 1] == last, axis=1))
         seqs = [ids[r][ids[r] >= 0].tolist() for r in rows]
         before = {}  # as unseen text: each excerpt matched without the paths only it made
@@ -819,6 +830,14 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
             at = graph.add_child(at, key)
         leaf = graph.add_child(at, last)
         graph.nodes[leaf].end = 1.0  # a placeholder, so matching reaches the leaf
+        made = []  # "X after Y is quiet" for each exception X: (parent, key) of every node added for them
+        for x in exceptions:
+            at = 0
+            for key in [x] + keys:
+                if key not in graph.nodes[at].children:
+                    made.append((at, key))
+                at = graph.add_child(at, key)
+            graph.nodes[at].end = 0.0  # quiet: calibration values it
         values, hits = [], []
         for k, s in enumerate(seqs):
             for i in range(1, len(s)):
@@ -832,11 +851,17 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
             gain = sum(int(now == fires[rows[k], i]) - int((before[(k, i)] >= thr) == fires[rows[k], i]) for k, i in hits)
         if value is None or gain < min_count:  # undo: the leaf, then wildcards that lead to no END
             graph.nodes[leaf].end = None
+            gone = set()
+            for parent, key in reversed(made):  # the exceptions' branches, deepest first
+                gone.add(graph.nodes[parent].children.pop(key))
+            if gone:
+                graph.compact(set(range(len(graph.nodes))) - gone)
             _drop_dead_context_branches(graph)
             continue
         graph.nodes[leaf].end = value
         graph.nodes[leaf].end_values = [value] * len(values)
         kept.append((d, token))
+        said.add(tuple(keys))
         if d >= 0:
             _drop_said_by_rule(graph, keys, value >= thr)
     return kept
@@ -898,6 +923,33 @@ def _rule_matches(keys: Sequence[int], s: Sequence[int], i: int) -> bool:
             pos -= 1
         k += 1
     return True
+
+
+def _with_exceptions(inv, uniq, tok, y, counts, fired, d, n, f, base, min_count, min_distinct, min_gain,
+                     cost) -> list[tuple[float, int, int, tuple[int, ...]]]:
+    """Candidates "any token d after Y fires, except X1, X2, ...": a Y after which more tokens fire than not
+    once the tokens seen there at least ``min_count`` times and never firing are set apart (each charged
+    ``cost`` of gain). (gain, d, Y, exceptions) for each."""
+    near = fired >= min_count
+    if not near.any():
+        return []
+    sel = np.isin(inv, np.flatnonzero(near))
+    width = np.int64(max(int(tok.max()), 0) + 1)
+    pairs, pinv, pcount = np.unique(inv[sel].astype(np.int64) * width + tok[sel], return_inverse=True, return_counts=True)
+    pfired = np.bincount(pinv, weights=y[sel].astype(np.float64), minlength=len(pairs))
+    out = []
+    for j in np.flatnonzero(near).tolist():
+        mine = (pairs // width) == j
+        exc = mine & (pcount >= min_count) & (pfired == 0)
+        if not exc.any():
+            continue
+        c = int(counts[j] - pcount[exc].sum())
+        if 2 * fired[j] <= c:
+            continue
+        g = float(base - _impurity(c, fired[j]) - _impurity(n - c, f - fired[j])) - cost * int(exc.sum())
+        if g >= min_gain and len(np.unique(tok[(inv == j) & y])) >= min_distinct:
+            out.append((g, d, int(uniq[j]), tuple(int(x) for x in pairs[exc] % width)))
+    return out
 
 
 def _context_pairs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, n: int, f: int, base: float,
