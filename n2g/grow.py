@@ -753,7 +753,8 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     With ``quiet``, a candidate may also say "any token is quiet when the token d back is Y": a Y
     after which most tokens do not fire, while the graph predicts firing for most of them (at least
     ``min_count`` more wrongly than rightly, on ``min_distinct`` different tokens), as for a neuron
-    that fires nearly everywhere; it is kept by the same test.
+    that fires nearly everywhere; it is kept by the same test. Where any token fires (``[*]`` does), a quiet
+    rule may also be a run ("any token is quiet with Y among the k tokens before it").
     Returns the (distance, token) rules kept.
     """
     thr = graph.fire_threshold
@@ -795,10 +796,15 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
                 for j in np.flatnonzero(quiet_ok & (wrong - right >= min_count) & (2 * wrong > counts)).tolist():
                     if len(np.unique(tok[(inv == j) & said & ~y])) >= min_distinct:
                         found.append((float(gain[j]), d, int(uniq[j])))
+    wild = graph.nodes[0].children.get(WILDCARD)
+    dense = quiet and wild is not None and graph.nodes[wild].end is not None and graph.nodes[wild].end >= thr
     for j, span in enumerate(s for s in run_spans if s > max_depth):  # "any token fires with Y within span"
         if span >= ids.shape[1]:
             break
         found += _context_runs(ids, fires, valid, span, n, f, base, min_count, min_distinct, min_gain + run_cost * j)
+        if dense:  # "any token is quiet with Y within span", where any token fires
+            found += _context_runs(ids, ~fires & valid, valid, span, n, n - f, base, min_count, min_distinct,
+                                   min_gain + run_cost * j)
     if max_depth >= 2:
         found += _context_pairs(ids, fires, valid, n, f, base, min_count, min_distinct, min_gain + pair_cost)
     # exact distances before runs and pairs on equal gain (d: distance; -span for a run; 0 for a pair)
@@ -977,7 +983,8 @@ def _context_runs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, span: i
     """Candidates "any token fires when Y is among the ``span`` tokens before it": (gain, -span, Y) for
     every Y after which more tokens fire than not within that reach, on ``min_distinct`` different
     tokens, with a split gain of at least ``min_gain``. Only Ys seen before a firing token are counted
-    over every position."""
+    over every position. With ``fires`` the quiet positions (and ``f`` their count), the candidates say
+    "any token is quiet with Y within reach"."""
     rows, cols = np.nonzero(fires & valid)
     pairs = []  # (Y, firing position) once each, for every Y within reach of a firing token
     for d in range(1, span + 1):

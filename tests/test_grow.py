@@ -472,6 +472,7 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
     "any token within 3 after Y": (lambda x: _within(x, 9, 3).float(), [[9]]),
     "any token right after one of 3 Ys": (lambda x: ((shifted(x, 1) == 9) | (shifted(x, 1) == 21) | (shifted(x, 1) == 22)).float(),
                                          [[9], [21], [22]]),
+    "every token but within 3 after Y": (lambda x: (~_within(x, 9, 3)).float(), [[9]]),
     "any token after Y except Z": (lambda x: ((shifted(x, 1) == 9) & (x != 21)).float(), [[9], [9, 21]]),
     "any token after Y Y": (lambda x: ((shifted(x, 1) == 9) & (shifted(x, 2) == 9)).float(), [[9, 9], [9]]),
     "two tokens before, over a sub-threshold base": (
@@ -567,6 +568,19 @@ def test_a_rule_for_any_token_comes_with_its_exceptions():
     g = model.graph_
     rule = g.nodes[g.nodes[g.nodes[0].children[WILDCARD]].children[9]]
     assert rule.end == pytest.approx(1.0) and g.nodes[g.nodes[g.nodes[0].children[21]].children[9]].end < 0.5
+
+
+def test_a_dense_neuron_is_quiet_with_y_within_a_reach():
+    # Every token fires but the 3 after 9. Quiet rules for any token were exact distances ("9 [*]", "9 * [*]"),
+    # so the third token after 9 was predicted at 1.0 (Pearson 0.82). A quiet run is a candidate where any
+    # token fires.
+    feature, patterns = SHAPES["every token but within 3 after Y"]
+    model = n2g.distill(feature, text(1, patterns, n=160, rate=0.2))
+    scores = heldout_f1(model, feature, patterns)
+    assert scores.f1 == 1.0 and scores.pearson > 0.99, scores
+    g = model.graph_
+    wild = g.nodes[g.nodes[0].children[WILDCARD]]
+    assert run_key(2) in wild.children and g.nodes[g.nodes[wild.children[run_key(2)]].children[9]].end < 0.5
 
 
 def test_an_activator_the_rules_for_any_token_explain_goes():
