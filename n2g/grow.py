@@ -52,6 +52,12 @@ def _impurity(n: np.ndarray, f: np.ndarray) -> np.ndarray:
     return -2.0 * (a + b)
 
 
+def _split_gain(base, n, f, n1, f1):
+    """G statistic of splitting ``n`` occurrences (``f`` firing, deviance ``base``) into ``n1`` (``f1`` firing)
+    and the rest; arrays work element-wise."""
+    return base - _impurity(n1, f1) - _impurity(n - n1, f - f1)
+
+
 def _split_lr(a: np.ndarray, side: np.ndarray) -> float:
     """Gaussian likelihood ratio ``n ln(SS_total / SS_within)`` of splitting values ``a`` by the mask ``side``
     (0 when the values do not vary)."""
@@ -457,7 +463,7 @@ class Grower:
                 continue
             pair = side[found[3]]
             n1, f1 = len(pair), int(y[pair].sum())
-            g = float(base - _impurity(n1, f1) - _impurity(n - n1, f - f1)) - self.skip_cost
+            g = float(_split_gain(base, n, f, n1, f1)) - self.skip_cost
             if g >= self.min_gain or self._clean(r, c, y, ("exact", g, found[2], pair)):
                 return q
         return None
@@ -583,7 +589,7 @@ class Grower:
         return None
 
     def _score(self, counts, fired, n, f, base):
-        gain = base - _impurity(counts, fired) - _impurity(n - counts, f - fired)
+        gain = _split_gain(base, n, f, counts, fired)
         gain = np.where((counts >= self.min_count) & (n - counts >= self.min_count), gain, -np.inf)
         return gain
 
@@ -614,7 +620,7 @@ class Grower:
             if chosen.sum() < 2 or n - n1 < self.min_count:
                 continue
             # Each member past the first costs 2 (as in AIC): a set picked for being pure is not free.
-            g = float(base - _impurity(n1, f1) - _impurity(n - n1, f - f1)) - self.set_cost * (int(chosen.sum()) - 1)
+            g = float(_split_gain(base, n, f, n1, f1)) - self.set_cost * (int(chosen.sum()) - 1)
             if best is None or g > best[1] + 1e-9:
                 best = ("set", g, [int(t) for t in uniq[chosen]], at[chosen[inv]])
         return best
@@ -755,7 +761,8 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     ``min_count`` more wrongly than rightly, on ``min_distinct`` different tokens), as for a neuron
     that fires nearly everywhere; it is kept by the same test. Where any token fires (``[*]`` does), a quiet
     rule may also be a run ("any token is quiet with Y among the k tokens before it").
-    Returns the (distance, token) rules kept.
+    Returns the rules kept as (d, Y): d the distance, or -k for a reach of k (Y a token), or 0 for a pair
+    (Y the tokens right before and two before).
     """
     thr = graph.fire_threshold
     fires = acts >= thr
@@ -774,10 +781,9 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
         uniq, inv = np.unique(prev, return_inverse=True)
         counts = np.bincount(inv)
         fired = np.bincount(inv, weights=y.astype(np.float64))
-        gain = base - _impurity(counts, fired) - _impurity(n - counts, f - fired)
-        for j in np.flatnonzero((fired >= min_count) & (2 * fired > counts) & (gain >= min_gain)).tolist():
-            if len(np.unique(tok[(inv == j) & y])) >= min_distinct:
-                found.append((float(gain[j]), d, int(uniq[j])))
+        gain = _split_gain(base, n, f, counts, fired)
+        found += [(float(gain[j]), d, int(uniq[j]))
+                  for j in _firing_keys(inv, y, tok, counts, fired, gain, min_count, min_distinct, min_gain)]
         found += _with_exceptions(inv, uniq, tok, y, counts, fired, d, n, f, base, min_count, min_distinct,
                                   min_gain, exception_cost)
         if quiet:  # "any token after Y is quiet", where the graph says most of them fire (a dense neuron)
@@ -797,12 +803,12 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
                     if len(np.unique(tok[(inv == j) & said & ~y])) >= min_distinct:
                         found.append((float(gain[j]), d, int(uniq[j])))
     wild = graph.nodes[0].children.get(WILDCARD)
-    dense = quiet and wild is not None and graph.nodes[wild].end is not None and graph.nodes[wild].end >= thr
+    any_fires = quiet and wild is not None and graph.nodes[wild].end is not None and graph.nodes[wild].end >= thr
     for j, span in enumerate(s for s in run_spans if s > max_depth):  # "any token fires with Y within span"
         if span >= ids.shape[1]:
             break
         found += _context_runs(ids, fires, valid, span, n, f, base, min_count, min_distinct, min_gain + run_cost * j)
-        if dense:  # "any token is quiet with Y within span", where any token fires
+        if any_fires:  # "any token is quiet with Y within span"
             found += _context_runs(ids, ~fires & valid, valid, span, n, n - f, base, min_count, min_distinct,
                                    min_gain + run_cost * j)
     if max_depth >= 2:
@@ -943,16 +949,19 @@ def _with_exceptions(inv, uniq, tok, y, counts, fired, d, n, f, base, min_count,
     width = np.int64(max(int(tok.max()), 0) + 1)
     pairs, pinv, pcount = np.unique(inv[sel].astype(np.int64) * width + tok[sel], return_inverse=True, return_counts=True)
     pfired = np.bincount(pinv, weights=y[sel].astype(np.float64), minlength=len(pairs))
+    owner = pairs // width  # sorted: each key's pairs are one slice
+    bounds = np.searchsorted(owner, np.arange(len(counts) + 1))
     out = []
     for j in np.flatnonzero(near).tolist():
-        mine = (pairs // width) == j
-        exc = mine & (pcount >= min_count) & (pfired == 0)
+        exc = np.zeros(len(pairs), bool)
+        mine = slice(bounds[j], bounds[j + 1])
+        exc[mine] = (pcount[mine] >= min_count) & (pfired[mine] == 0)
         if not exc.any():
             continue
         c = int(counts[j] - pcount[exc].sum())
         if 2 * fired[j] <= c:
             continue
-        g = float(base - _impurity(c, fired[j]) - _impurity(n - c, f - fired[j])) - cost * int(exc.sum())
+        g = float(_split_gain(base, n, f, c, fired[j])) - cost * int(exc.sum())
         if g >= min_gain and len(np.unique(tok[(inv == j) & y])) >= min_distinct:
             out.append((g, d, int(uniq[j]), tuple(int(x) for x in pairs[exc] % width)))
     return out
@@ -970,12 +979,16 @@ def _context_pairs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, n: int
     width = np.int64(max(int(ids.max()), 0) + 1)
     uniq, inv, counts = np.unique(y1 * width + y2, return_inverse=True, return_counts=True)
     fired = np.bincount(inv, weights=y.astype(np.float64), minlength=len(uniq))
-    gain = base - _impurity(counts, fired) - _impurity(n - counts, f - fired)
-    out = []
-    for j in np.flatnonzero((fired >= min_count) & (2 * fired > counts) & (gain >= min_gain)).tolist():
-        if len(np.unique(tok[(inv == j) & y])) >= min_distinct:
-            out.append((float(gain[j]), 0, (int(uniq[j] // width), int(uniq[j] % width))))
-    return out
+    gain = _split_gain(base, n, f, counts, fired)
+    return [(float(gain[j]), 0, (int(uniq[j] // width), int(uniq[j] % width)))
+            for j in _firing_keys(inv, y, tok, counts, fired, gain, min_count, min_distinct, min_gain)]
+
+
+def _firing_keys(inv, y, tok, counts, fired, gain, min_count, min_distinct, min_gain) -> list[int]:
+    """Indices of the context keys (``inv`` maps each position to one) after which more tokens fire than not, at
+    least ``min_count`` of them, on ``min_distinct`` different tokens, with a split gain of at least ``min_gain``."""
+    return [j for j in np.flatnonzero((fired >= min_count) & (2 * fired > counts) & (gain >= min_gain)).tolist()
+            if len(np.unique(tok[(inv == j) & y])) >= min_distinct]
 
 
 def _context_runs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, span: int, n: int, f: int, base: float,
@@ -1000,7 +1013,7 @@ def _context_runs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, span: i
     known = np.isin(tokens, ys)
     least[known] = ny[np.searchsorted(ys, tokens[known])]
     # the most a Y can gain: every position in its reach fires (a pure split)
-    bound = base - _impurity(n - fi, f - fi)
+    bound = _split_gain(base, n, f, fi, fi)
     ok = (fi >= min_count) & (bound >= min_gain) & (2 * fi > least)
     if ok.any():  # tokens fired on within reach, at least min_distinct different ones
         pos = pairs % ids.size
@@ -1022,7 +1035,7 @@ def _context_runs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, span: i
         c, fi = int(within.sum()), int((within & fires).sum())
         if fi < min_count or 2 * fi <= c:
             continue
-        gain = base - float(_impurity(c, fi)) - float(_impurity(n - c, f - fi))
+        gain = float(_split_gain(base, n, f, c, fi))
         if gain >= min_gain and len(np.unique(ids[within & fires])) >= min_distinct:
             out.append((gain, -span, token))
     return out
