@@ -82,6 +82,10 @@ VALUE_DELTA = 0.2
 """Least difference of mean activation (normalised) between the sides of a strength split."""
 
 
+REFINE_TOKENS = 3
+"""Of each run span's best tokens, how many have their reach refined within the span (:meth:`Grower._refined_reach`)."""
+
+
 def _mixed(fires: np.ndarray) -> bool:
     """Whether some of these occurrences fire and some do not."""
     return bool(fires.any() and not fires.all())
@@ -401,7 +405,7 @@ class Grower:
             questions += cleans  # last: a tie goes to a single token
             pick = None
             for q in questions:
-                if (pick is None or q[0] > pick[0] + 1e-9) and (q[3] or q[0] >= self.min_gain or self._clean(r, c, y, q[1])):
+                if (pick is None or q[0] > pick[0] + 1e-9) and (q[3] or q[0] >= self.min_gain or self._clean(r, c, y, q[1], runs=True)):
                     pick = q
             if pick is None and depth_left > 1:
                 pick = self._lookahead(r, c, y, offset, n, f, base, questions)
@@ -647,7 +651,7 @@ class Grower:
         uniq, inv = np.unique(tok, return_inverse=True)
         fires = y[occ].astype(np.float64)
         out = []
-        for span in self.run_spans:
+        for i, span in enumerate(self.run_spans):
             near = dist < span
             counts = np.bincount(inv[near], minlength=len(uniq))
             fired = np.bincount(inv[near], weights=fires[near], minlength=len(uniq))
@@ -656,8 +660,30 @@ class Grower:
             if not np.isfinite(gain[j]):
                 out.append(None)
                 continue
-            out.append((("run", span), float(gain[j]), int(uniq[j]), np.sort(occ[near & (inv == j)])))
+            best = (float(gain[j]), span, j)
+            if i:  # a reach between the previous span and this one, where the evidence stops the rule there
+                for j in np.argsort(-gain)[:REFINE_TOKENS]:
+                    if np.isfinite(gain[j]):
+                        got = self._refined_reach(dist[inv == j], fires[inv == j], self.run_spans[i - 1],
+                                                  span, n, f, base, j)
+                        if got[0] > best[0] + 1e-9 or (got[0] > best[0] - 1e-9 and got[1] > best[1]):
+                            best = got
+            g, span, j = best
+            out.append((("run", span), g, int(uniq[j]), np.sort(occ[(dist < span) & (inv == j)])))
         return out
+
+    def _refined_reach(self, dist, fires, lo, hi, n, f, base, j):
+        """(gain, k, j) of the best reach k in (``lo``, ``hi``] for one token (its occurrences' nearest
+        distances ``dist``, 0 right before, and firings ``fires``); a tie goes to the widest k.
+
+        A doubling span says "Y within 48" where the evidence says "Y within 40": the occurrences with Y
+        41-48 back that fire (or do not) the other way leave the side mixed. The reach is cut where the
+        evidence turns, at no extra cost: the span's doubling has been charged."""
+        ks = np.arange(lo + 1, hi + 1)
+        near = dist[None, :] < ks[:, None]
+        gain = self._score(near.sum(1), (near * fires[None, :]).sum(1), n, f, base)
+        top = np.flatnonzero(gain >= gain.max() - 1e-9)
+        return (float(gain[top[-1]]), int(ks[top[-1]]), j)
 
 
 def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
