@@ -86,6 +86,28 @@ REFINE_TOKENS = 3
 """Of each run span's best tokens, how many have their reach refined within the span (:meth:`Grower._refined_reach`)."""
 
 
+def _value_lr(a: np.ndarray, tok: np.ndarray, occ: np.ndarray, m: int) -> np.ndarray:
+    """Per token (of ``m``): Gaussian likelihood ratio ``n ln(SS_total/SS_within)`` of splitting the activations
+    ``a`` into the occurrences with it and the rest, for pairs (``tok``, ``occ``) of a token index and an index into
+    ``a`` (each pair once); -inf where a side has fewer than ``CLEAN_MIN`` or the means differ by less than
+    ``VALUE_DELTA``."""
+    n, total_sum, total_sq = len(a), float(a.sum()), float((a * a).sum())
+    total = total_sq - total_sum ** 2 / n
+    if total <= 1e-12 or not len(tok):
+        return np.full(m, -np.inf)
+    counts = np.bincount(tok, minlength=m)
+    sums = np.bincount(tok, weights=a[occ], minlength=m)
+    sq = np.bincount(tok, weights=a[occ] ** 2, minlength=m)
+    rest_n = n - counts
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inside = sq - sums ** 2 / counts
+        outside = (total_sq - sq) - (total_sum - sums) ** 2 / np.maximum(rest_n, 1)
+        within = np.maximum(inside + outside, 1e-9 * total)
+        lr = n * np.log(total / within)
+        delta = np.abs(sums / counts - (total_sum - sums) / np.maximum(rest_n, 1))
+    return np.where((counts >= CLEAN_MIN) & (rest_n >= CLEAN_MIN) & (delta >= VALUE_DELTA), lr, -np.inf)
+
+
 def _mixed(fires: np.ndarray) -> bool:
     """Whether some of these occurrences fire and some do not."""
     return bool(fires.any() and not fires.all())
@@ -380,10 +402,15 @@ class Grower:
                     return
                 kind, _, token, member = best
                 chosen = idx[member]
-                child = self.graph.add_child(node, token, set(self.sources[rows[chosen]].tolist()))
+                excerpt_ids = set(self.sources[rows[chosen]].tolist())
+                if kind == "exact":
+                    child = self.graph.add_child(node, token, excerpt_ids)
+                    if depth_left > 1:
+                        self._grow(child, rows[chosen], cols[chosen], offset + 1, depth_left - 1)
+                else:  # ("run", span): a leaf, as a grown run is
+                    child = self.graph.add_child(self.graph.add_child(node, run_key(kind[1] - 1), excerpt_ids),
+                                                 token, excerpt_ids)
                 self.graph.nodes[child].strength = True
-                if depth_left > 1:
-                    self._grow(child, rows[chosen], cols[chosen], offset + 1, depth_left - 1)
                 remaining[chosen] = False
                 continue
             base = float(_impurity(n, f))
@@ -482,37 +509,39 @@ class Grower:
 
     def _best_value(self, r, c, offset):
         """Among occurrences that all fire (or that none do): the token ``offset`` back after which the activation is
-        clearly stronger or weaker ("X at 1.0 after Y Y, 0.6 after Y"): the split's Gaussian likelihood
-        ratio ``n ln(SS_total/SS_within)`` at least ``value_gain``, means at least ``VALUE_DELTA`` apart,
-        at least ``CLEAN_MIN`` distinct occurrences (repeated text counts once) on each side."""
-        ok = c - offset >= 0
-        ok[ok] = self.ids[r[ok], c[ok] - offset] >= 0
-        if ok.sum() < 2 * CLEAN_MIN:
+        clearly stronger or weaker ("X at 1.0 after Y Y, 0.6 after Y"), or with runs (``run_window`` > 1) the
+        token anywhere among the ``k`` tokens from there back ("X at 1.0, at 0.5 with Y within 3"; each doubling of
+        ``k`` past ``run_window`` charged ``run_cost``): the split's Gaussian likelihood ratio
+        ``n ln(SS_total/SS_within)`` at least ``value_gain``, means at least ``VALUE_DELTA`` apart, at least
+        ``CLEAN_MIN`` distinct occurrences (repeated text counts once) on each side. An exact token wins a tie."""
+        keep = self._distinct(r, c)
+        if len(keep) < 2 * CLEAN_MIN:
             return None
-        keep = np.flatnonzero(ok)[self._distinct(r[ok], c[ok])]
         a = self.acts[r[keep], c[keep]].astype(np.float64)
-        prev = self.ids[r[keep], c[keep] - offset]
-        uniq, inv = np.unique(prev, return_inverse=True)
-        counts = np.bincount(inv)
-        sums = np.bincount(inv, weights=a)
-        sq = np.bincount(inv, weights=a * a)
-        n, total_sum = len(a), float(a.sum())
-        total = float((a * a).sum()) - total_sum ** 2 / n
-        if total <= 1e-12:
+        ok = c[keep] - offset >= 0
+        prev = np.where(ok, self.ids[r[keep], np.maximum(c[keep] - offset, 0)], -1)
+        ok &= prev >= 0
+        uniq, inv = np.unique(prev[ok], return_inverse=True)
+        lr = _value_lr(a[ok], inv, np.arange(len(inv)), len(uniq)) if ok.sum() >= 2 * CLEAN_MIN else np.zeros(0)
+        best = None
+        if len(lr) and np.isfinite(lr.max()):
+            j = int(np.argmax(lr))
+            member = np.flatnonzero((c - offset >= 0) & (self.ids[r, np.maximum(c - offset, 0)] == uniq[j]))
+            best = ("exact", float(lr[j]), int(uniq[j]), member)
+        found = self._nearest(r, c, offset) if self.run_window > 1 else None
+        if found is not None:
+            tokens, pair_tok, pair_occ, dist = found
+            pos = np.full(len(r), -1)
+            pos[keep] = np.arange(len(keep))  # an occurrence's index into ``a``; -1: repeated text
+            for i, span in enumerate(self.run_spans):
+                near = (dist < span) & (pos[pair_occ] >= 0)
+                lr = _value_lr(a, pair_tok[near], pos[pair_occ[near]], len(tokens)) - self.run_cost * i
+                j = int(np.argmax(lr))
+                if np.isfinite(lr[j]) and (best is None or lr[j] > best[1] + 1e-9):
+                    best = (("run", span), float(lr[j]), int(tokens[j]), np.sort(pair_occ[(pair_tok == j) & (dist < span)]))
+        if best is None or best[1] < self.value_gain:
             return None
-        rest_n = n - counts
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inside = sq - sums ** 2 / counts
-            outside = (float((a * a).sum()) - sq) - (total_sum - sums) ** 2 / np.maximum(rest_n, 1)
-            within = np.maximum(inside + outside, 1e-9 * total)
-            lr = n * np.log(total / within)
-            delta = np.abs(sums / counts - (total_sum - sums) / np.maximum(rest_n, 1))
-        lr = np.where((counts >= CLEAN_MIN) & (rest_n >= CLEAN_MIN) & (delta >= VALUE_DELTA), lr, -np.inf)
-        j = int(np.argmax(lr))
-        if not np.isfinite(lr[j]) or lr[j] < self.value_gain:
-            return None
-        member = np.flatnonzero(ok & (self.ids[r, np.maximum(c - offset, 0)] == uniq[j]))
-        return ("exact", float(lr[j]), int(uniq[j]), member)
+        return best
 
     def _stronger_distance(self, r: np.ndarray, c: np.ndarray, span: int, token: int) -> int | None:
         """Among occurrences of X with ``token`` within ``span`` before it: the distance (1 = right before)
@@ -629,19 +658,18 @@ class Grower:
                 best = ("set", g, [int(t) for t in uniq[chosen]], at[chosen[inv]])
         return best
 
-    def _best_runs(self, r, c, y, offset, n, f, base) -> list:
-        """The best "is Y anywhere among the next k tokens back" question for every k of ``run_spans``.
-
-        Each (token, occurrence) pair is found once, at its nearest distance, over the widest reach;
-        a reach of k then counts the pairs nearer than k. Returns one question (or None) per k."""
-        top = self.run_spans[-1]
-        lag = offset + np.arange(top)
+    def _nearest(self, r, c, offset):
+        """Every (token, occurrence) pair within the widest run span, ``offset`` positions back and more, once,
+        at its nearest distance: (distinct tokens, each pair's token index, occurrence index (into ``r``)
+        and distance (0 = ``offset`` back)); None where no occurrence has a token there."""
+        n = len(r)
+        lag = offset + np.arange(self.run_spans[-1])
         cols = c[:, None] - lag[None, :]
         ok = cols >= 0
         tok = np.where(ok, self.ids[r[:, None], np.maximum(cols, 0)], -1)
         occ, dist = np.nonzero(tok >= 0)
         if not len(occ):
-            return [None] * len(self.run_spans)
+            return None
         key = tok[occ, dist] * (n + 1) + occ
         order = np.lexsort((dist, key))
         key, dist = key[order], dist[order]
@@ -649,6 +677,17 @@ class Grower:
         key, dist = key[first], dist[first]
         tok, occ = key // (n + 1), key % (n + 1)
         uniq, inv = np.unique(tok, return_inverse=True)
+        return uniq, inv, occ, dist
+
+    def _best_runs(self, r, c, y, offset, n, f, base) -> list:
+        """The best "is Y anywhere among the next k tokens back" question for every k of ``run_spans``.
+
+        Each (token, occurrence) pair is found once, at its nearest distance, over the widest reach;
+        a reach of k then counts the pairs nearer than k. Returns one question (or None) per k."""
+        found = self._nearest(r, c, offset)
+        if found is None:
+            return [None] * len(self.run_spans)
+        uniq, inv, occ, dist = found
         fires = y[occ].astype(np.float64)
         out = []
         for i, span in enumerate(self.run_spans):

@@ -478,6 +478,8 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
     "two tokens before, over a sub-threshold base": (
         lambda x: (x == 16).float() * (0.4 + 0.6 * ((shifted(x, 1) == 17) & (shifted(x, 2) == 18)).float()),
         [[18, 17, 16], [17, 16], [16], [18, 40, 16]]),
+    "weaker but firing with Y within 3 before": (lambda x: (x == 8).float() * (1.0 - 0.45 * _within(x, 9, 3).float()),
+                                                 [[8], [9, 8], [9, 40, 8], [9, 40, 41, 8]]),
     "X only where it is new within 40": (lambda x: ((x == 8) & ~_within(x, 8, 40)).float(), [[8]] * 4),
     "sub-threshold two after Y": (lambda x: (x == 8).float() * ((shifted(x, 1) == 9).float()
                                                                 + 0.3 * ((shifted(x, 2) == 9) & (shifted(x, 1) != 9)).float()),
