@@ -389,6 +389,7 @@ class Grower:
 
     def _grow(self, node: int, rows: np.ndarray, cols: np.ndarray, offset: int, depth_left: int) -> None:
         remaining = np.ones(len(rows), bool)
+        peeled = []  # (token, occurrences) of each exact or set question about the position right before
         for _ in range(self.max_children):
             idx = np.flatnonzero(remaining)
             r, c = rows[idx], cols[idx]
@@ -462,6 +463,8 @@ class Grower:
                     at = self.graph.add_child(at, WILDCARD, set(self.sources[rows[chosen]].tolist()))
                 for t in members:
                     mine = chosen[prev == t]
+                    if not skip:
+                        peeled.append((t, mine))
                     child = self.graph.add_child(at, t, set(self.sources[rows[mine]].tolist()))
                     if len(mine) < self.min_count and self.graph.nodes[child].end is None:
                         # a member of a clean set seen once: an END now, so calibration values it from one token
@@ -474,7 +477,26 @@ class Grower:
                 excerpt_ids = set(self.sources[rows[chosen]].tolist())
                 run_node = self.graph.add_child(node, run_key(kind[1] - 1), excerpt_ids)
                 self.graph.add_child(run_node, token, excerpt_ids)
+                for z, earlier in peeled:
+                    self._keep_peeled(node, rows[earlier], cols[earlier], offset, kind[1], token, z)
             remaining[chosen] = False
+
+    def _keep_peeled(self, node, rows, cols, offset, span, y_token, z):
+        """A run "Y within k" grown after an exact question "Z [X]" (whose occurrences it no longer saw) would
+        outrank it where both match: a run counts one level deeper. Where some of Z's occurrences have Y within
+        reach, "Y *{0..k-2} Z [X]" keeps them with Z ("X with Y within 3, unless Z right before X"); branch
+        pruning removes it where it changes no prediction."""
+        near = np.zeros(len(rows), bool)
+        for d in range(offset + 1, offset + span):
+            ok = cols - d >= 0
+            near[ok] |= self.ids[rows[ok], cols[ok] - d] == y_token
+        if not near.any():
+            return
+        excerpt_ids = set(self.sources[rows[near]].tolist())
+        at = self.graph.nodes[node].children[z]
+        if span > 2:
+            at = self.graph.add_child(at, run_key(span - 2), excerpt_ids)
+        self.graph.add_child(at, y_token, excerpt_ids)
 
     def _lookahead(self, r, c, y, offset, n, f, base, questions, top: int = 3):
         """A question too weak alone that a second token further back makes strong: "X fires after Z Y"

@@ -562,6 +562,24 @@ def test_a_run_reaches_as_far_as_the_evidence_agrees_within_its_span():
     assert g.nodes[g.nodes[x.children[key]].children[8]].end == 0.0
 
 
+def test_an_exact_question_asked_before_a_run_keeps_its_occurrences():
+    # "8 fires unless 9 is within 3 before it, but does after 21 right before it". The grower asked "21 or 65
+    # or 92 [8]" (fires) first, then "9 within 3" on the rest (quiet); in the trie a run counts one level
+    # deeper, so "9 21 8" matched the run and its value sank to 0.34 (held-out F1 0.79). "9 *{0-1} 21 [8]"
+    # keeps those occurrences with 21 now.
+    def feature(x):
+        return ((x == 8) & (~_within(x, 9, 3) | (shifted(x, 1) == 21))).float()
+
+    patterns = [[8], [9, 8], [9, 21, 8], [9, 40, 8], [21, 8]]
+    model = n2g.distill(feature, text(3, patterns, n=160, rate=0.2))
+    assert heldout_f1(model, feature, patterns).f1 == 1.0
+    g = model.graph_
+    x = g.nodes[g.nodes[0].children[8]]
+    after = g.nodes[g.nodes[x.children[21]].children[run_key(1)]]  # "9 *{0-1} 21 [8]"
+    assert g.nodes[after.children[9]].end >= 0.5
+    assert g.nodes[g.nodes[x.children[run_key(2)]].children[9]].end < 0.5  # "9 *{0-2} [8]" is quiet
+
+
 def test_any_token_fires_with_y_within_a_reach():
     # "every token among the 3 after 9 fires": no activating token, and no one distance says it. The rules
     # for any token said only "right after 9" and "two after 9" (held-out F1 0.80); a run "9 *{0-2} [*]"
