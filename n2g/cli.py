@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -399,7 +400,11 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         raise N2GError(f"--out {dst} already exists; name a new or empty directory for the copy")
-    if dst.resolve() == src.resolve() or dst.resolve().is_relative_to(src.resolve()):
+    try:
+        inside = dst.resolve() == src.resolve() or dst.resolve().is_relative_to(src.resolve())
+    except RuntimeError:  # Python 3.11's pathlib: "Symlink loop from ..."
+        raise N2GError(f"--out {dst} is a link that leads back to itself; remove it, or choose another --out") from None
+    if inside:
         raise N2GError(f"--out {dst} is inside the run {src}; name a directory elsewhere")
     tmp = None
     try:
@@ -600,9 +605,21 @@ def _main(argv: list[str] | None) -> int:
     except N2GError as exc:
         print(f"n2g: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise
+        what = "too long for this file system" if exc.errno == errno.ENAMETOOLONG else "a loop of links"
+        print(f"n2g: error: the path {_shown(exc.filename)} is {what}; choose another path", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("n2g: interrupted; finished neurons are saved, re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def _shown(path, limit: int = 120) -> str:
+    """A path for a one-line message: its first and last characters where it is long."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
 
 
 if __name__ == "__main__":

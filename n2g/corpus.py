@@ -171,6 +171,8 @@ def _json_array(path: Path, pieces: Iterable[str], text_field: str) -> Iterator[
                 except json.JSONDecodeError as exc:
                     if done:
                         raise broken(f"record {n}: {exc.msg}") from None
+                except ValueError as exc:  # it decodes, but a number has more digits than Python converts
+                    raise broken(f"record {n}: {_first_clause(exc)}") from None
                 except RecursionError:
                     raise N2GError(f"record {n} of {path} nests JSON arrays or objects too deeply to read; "
                                    "a JSON corpus is a list of objects with a text field") from None
@@ -202,6 +204,9 @@ def _json_records(path: Path, text_field: str) -> Iterator[str]:
         whole = json.loads(text)
     except json.JSONDecodeError:
         whole = None  # not one JSON value: read it as JSON lines below
+    except ValueError as exc:  # it decodes, but a number has more digits than Python converts
+        raise N2GError(f"{path} cannot be read as JSON ({_first_clause(exc)}); "
+                       "a JSON corpus is a list of objects with a text field") from None
     except RecursionError:
         raise N2GError(f"{path} nests JSON arrays or objects too deeply to read; "
                        "a JSON corpus is a list of objects with a text field") from None
@@ -248,12 +253,21 @@ def _json_lines(path: Path, pieces: Iterable[str], text_field: str) -> Iterator[
             yield _json_line(path, lineno, line, text_field)
 
 
+def _first_clause(exc: Exception) -> str:
+    """An exception's message up to its first semicolon (Python's advice to call set_int_max_str_digits is
+    not the user's to act on)."""
+    return str(exc).split(";")[0]
+
+
 def _json_line(path: Path, lineno: int, line: str, text_field: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise N2GError(f"line {lineno} of {path} is not valid JSON ({exc.msg}); "
                        "a .jsonl corpus needs one JSON object per line") from exc
+    except ValueError as exc:  # it decodes, but a number has more digits than Python converts
+        raise N2GError(f"line {lineno} of {path} cannot be read as JSON ({_first_clause(exc)}); "
+                       "a .jsonl corpus needs one JSON object per line") from None
     except RecursionError:
         raise N2GError(f"line {lineno} of {path} nests JSON arrays or objects too deeply to read; "
                        "a .jsonl corpus needs one flat JSON object with a text field per line") from None

@@ -142,8 +142,10 @@ def _save(scan: LayerScan, stem: Path) -> None:
     write_json_atomic(stem.with_suffix(".json"), meta)
 
 
-def _load(stem: Path) -> LayerScan:
-    """A cached scan; only tensors and JSON are read, nothing is unpickled."""
+def _load(stem: Path, layer: int | None = None, n: int | None = None, pool: list[int] | None = None) -> LayerScan:
+    """A cached scan; only tensors and JSON are read, nothing is unpickled. With ``layer``, ``n`` (the corpus's
+    excerpts) and ``pool`` (the random pool this run draws), an entry that disagrees (another layer, an excerpt
+    index out of range, another pool) is refused as a damaged one is."""
     from safetensors.torch import load_file
 
     meta = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
@@ -158,8 +160,18 @@ def _load(stem: Path) -> LayerScan:
     for start in range(0, store.values.shape[0], step):
         if not np.isfinite(store.values[start: start + step]).all():
             raise ValueError("the activation store holds NaN or infinite values")
-    return LayerScan(layer=int(meta["layer"]), pool=[int(i) for i in meta["pool"]], n_pool_tokens=int(meta["n_pool_tokens"]),
-                     fire_threshold=float(meta["fire_threshold"]), store=store, **{n: tensors[n] for n in _TENSORS})
+    scan = LayerScan(layer=int(meta["layer"]), pool=[int(i) for i in meta["pool"]], n_pool_tokens=int(meta["n_pool_tokens"]),
+                     fire_threshold=float(meta["fire_threshold"]), store=store, **{name: tensors[name] for name in _TENSORS})
+    if layer is not None and scan.layer != layer:
+        raise ValueError(f"it holds layer {scan.layer}")
+    if pool is not None and scan.pool != [int(i) for i in pool]:
+        raise ValueError("its random pool is not this run's")
+    if n is not None:
+        for name, idx in (("top_idx", scan.top_idx), ("bot_idx", scan.bot_idx),
+                          ("stored", torch.from_numpy(np.asarray(store.excerpts)))):
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                raise ValueError(f"{name} names an excerpt outside the corpus's {n}")
+    return scan
 
 
 def _remove_stale(stem: Path) -> None:
@@ -207,7 +219,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
                                        f"{store_tokens}|{weights_key_of(model) or ''}")
             if _exists(stems[layer].with_suffix(".json")):
                 try:
-                    results[layer] = _load(stems[layer])
+                    results[layer] = _load(stems[layer], layer, n, pool)
                     log.info("layer %d: scan loaded from cache %s", layer, stems[layer])
                 except Exception as exc:  # a damaged cache entry is rescanned, not trusted
                     log.warning("layer %d: ignoring unreadable scan cache %s (%s)", layer, stems[layer], exc)
@@ -225,7 +237,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
             held.enter_context(_scan_lock(stems[l], l))
             if _exists(stems[l].with_suffix(".json")):  # made while this process waited, or just before
                 try:
-                    results[l] = _load(stems[l])
+                    results[l] = _load(stems[l], l, n, pool)
                     log.info("layer %d: scan loaded from cache %s (another n2g process made it)", l, stems[l])
                 except Exception:  # that process failed or was stopped: scan it here
                     pass

@@ -302,3 +302,59 @@ def test_a_pickle_of_a_newer_protocol_is_refused_without_a_torch_warning(tiny_di
         warnings.simplefilter("always")
         load_model(str(folder), device="cpu")
     assert not [w for w in seen if "pickle protocol" in str(w.message)]  # was a two-line UserWarning before the error
+
+
+# --- audit 39: paths too long, link loops, numbers too long for Python ---------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    lambda long, tmp: ["run", "--model", tmp / "no-model", "--out", long, "-q"],
+    lambda long, tmp: ["info", "--model", long],
+    lambda long, tmp: ["report", long],
+    lambda long, tmp: ["search", long, "Paris"],
+    lambda long, tmp: ["serve", long, "--port", "0"],
+])
+def test_a_path_too_long_for_the_file_system_is_one_line(tmp_path, capsys, argv):
+    long = tmp_path / ("a" * 300)  # one name longer than any file system allows: was OSError [Errno 36]
+    code, out, err = main(argv(long, tmp_path), capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert "is too long for this file system; choose another path" in err and "..." in err  # shortened
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_corpus_path_too_long_for_the_file_system_is_one_line(tiny_dir, tmp_path, capsys):  # noqa: F811
+    long = tmp_path / ("a" * 300)
+    code, out, err = main(["run", "--model", tiny_dir / "model", "--corpus", long, "--out", tmp_path / "o", "-q"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "is too long for this file system" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_out_as_a_link_loop_is_one_line(tmp_path, capsys):
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "loop").symlink_to("loop")
+    code, _, err = main(["report", tmp_path, "--out", tmp_path / "loop"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err  # was: RuntimeError: Symlink loop
+    assert "is a link that leads back to itself" in err
+
+
+@pytest.mark.parametrize("name, body, where", [
+    ("c.jsonl", '{"text": "the cat", "n": ' + "9" * 5000 + "}\n", "line 1 of"),
+    ("c.json", '[{"text": "the cat", "n": ' + "9" * 5000 + "}]", "c.json cannot be read as JSON"),
+])
+def test_a_number_too_long_for_python_in_a_json_corpus_is_one_message(tmp_path, name, body, where):
+    from n2g.corpus import load_texts
+
+    path = tmp_path / name
+    path.write_text(body)  # was: ValueError: Exceeds the limit (4300 digits) for integer string conversion
+    with pytest.raises(N2GError, match=r"cannot be read as JSON \(Exceeds the limit \(4300 digits\)[^;]*\); ") as exc:
+        list(load_texts(str(path)))
+    assert where in str(exc.value) and "set_int_max_str_digits" not in str(exc.value)
+
+
+def test_a_number_too_long_for_python_in_a_large_json_list_names_its_record(tmp_path, monkeypatch):
+    from n2g import corpus
+
+    monkeypatch.setattr(corpus, "TEXT_PIECE_BYTES", 64)  # read it a piece at a time, as a large file is
+    path = tmp_path / "c.json"
+    path.write_text('[{"text": "the cat sat on the mat"}, {"text": "x", "n": ' + "9" * 5000 + "}]")
+    with pytest.raises(N2GError, match=r"is not one JSON list of records \(record 1: Exceeds the limit"):
+        list(corpus.load_texts(str(path)))

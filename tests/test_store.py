@@ -1,5 +1,6 @@
 """The scan's activation store: what it keeps, the cache it is saved in, and fitting from it."""
 
+import json
 import logging
 import os
 import pickle
@@ -381,6 +382,22 @@ def test_a_cached_store_with_non_finite_values_is_rescanned_not_used(tmp_path, c
     assert any("ignoring unreadable scan cache" in r.getMessage() and "NaN or infinite" in r.getMessage()
                for r in caplog.records)
     np.testing.assert_array_equal(np.asarray(again[0].store.values), clean)
+
+
+@pytest.mark.parametrize("pool", [[99999], [-3]])
+def test_a_cached_scan_naming_excerpts_outside_the_corpus_is_rescanned_not_used(tmp_path, caplog, pool):
+    # an edited or damaged entry whose pool names excerpt 99999 crashed a later step with an IndexError;
+    # -3 was taken as the third from the end
+    model, excerpts = _model(), torch.randint(4, 68, (40, 16))
+    first = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    meta_path = next((tmp_path / "scans").glob("*.json"))
+    meta = json.loads(meta_path.read_text())
+    meta["pool"][0] = pool[0]
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        again = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
+    assert any("ignoring unreadable scan cache" in r.getMessage() and "pool" in r.getMessage() for r in caplog.records)
+    assert again[0].pool == first[0].pool and min(again[0].pool) >= 0
 
 
 def test_a_cache_path_too_long_to_use_scans_without_the_cache(tmp_path, caplog):
