@@ -27,7 +27,7 @@ import networkx as nx
 
 from n2g.errors import N2GError
 from n2g.fileio import inside, read_json, replacing, write_bytes_atomic
-from n2g.graph import MAX_TOKEN_ID, token_value_count, tree_problem
+from n2g.graph import MAX_TOKEN_ID, NeuronGraph, token_value_count, tree_problem
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,13 @@ _warned_no_dot = False
 # loading
 
 
-def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = None) -> nx.DiGraph:
+def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = None, check: bool = False) -> nx.DiGraph:
     """Read a ``graph.json`` written by the pipeline (kind ``n2g.graph``) into a DiGraph.
 
     ``root``: the run directory the file belongs to; a file that resolves outside it (a link, or a
-    folder that is one, leading out of the run) is refused, never read.
+    folder that is one, leading out of the run) is refused, never read. ``check``: also refuse a file
+    :meth:`n2g.graph.NeuronGraph.load` (what ``n2g serve`` and the API predict with) would refuse, so the
+    report names every graph the server cannot use (a drawing alone takes any well-formed node-link graph).
     """
     path = Path(path)
     if root is not None and not inside(root, path):
@@ -62,6 +64,14 @@ def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = No
         raise N2GError(f"cannot read graph file {path} ({e}); delete it and rerun `n2g run`") from None
     if not isinstance(d, dict) or d.get("kind") != GRAPH_KIND or "graph" not in d:
         raise N2GError(f"{path} is not an n2g graph file (kind={d.get('kind') if isinstance(d, dict) else None!r})")
+    try:  # what `n2g serve` and the API load: a file they refuse is refused (and named) here too
+        if check:
+            NeuronGraph.from_dict(d)
+    except N2GError as e:
+        raise N2GError(f"graph file {path} is damaged ({e}); delete it and rerun `n2g run`") from None
+    except Exception as e:  # whatever a hand-made or damaged file provokes in the loader
+        raise N2GError(f"graph file {path} is damaged ({type(e).__name__}: {str(e)[:200]}); "
+                       "delete it and rerun `n2g run`") from None
     try:
         G = nx.node_link_graph(d["graph"], edges="edges", directed=True, multigraph=False)
     except Exception as e:  # networkx raises whatever a malformed node-link dict provokes

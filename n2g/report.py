@@ -410,7 +410,7 @@ def render_missing_graphs(run_dir: str | os.PathLike) -> list[Path]:
 
     def one(gpath: Path) -> list[Path]:
         try:
-            G = load_graph_json(gpath)
+            G = load_graph_json(gpath, check=True)
         except N2GError as e:
             log.warning("cannot render %s: %s", gpath, e)
             return []

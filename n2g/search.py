@@ -275,7 +275,7 @@ def build_index(run_dir: str | os.PathLike) -> Path:
                 if not gpath.exists():
                     continue
                 try:
-                    G = load_graph_json(gpath, run_dir)
+                    G = load_graph_json(gpath, run_dir, check=True)
                 except N2GError as e:
                     log.warning("skipping graph of %s: %s", key, e)
                     continue

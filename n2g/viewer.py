@@ -279,7 +279,7 @@ def _graph_context(run_dir: Path, key: str):
     rel = "../../neurons/" + quote(key, safe="") + "/graph"
     out["links"] = [(f.upper(), f"{rel}.{f}") for f in ("svg", "png", "dot", "json") if (folder / f"graph.{f}").exists()]
     try:
-        G = load_graph_json(gjson, run_dir)
+        G = load_graph_json(gjson, run_dir, check=True)
     except N2GError as e:
         out["message"] = f"cannot draw the graph: {e}"
         return out, None

@@ -914,6 +914,31 @@ def test_run_json_sections_of_another_shape_do_not_break_the_report(change, run,
     assert "layer-table" in (run / "report.html").read_text()
 
 
+@pytest.mark.parametrize("change", [
+    lambda d: d.update(schema_version=999),
+    lambda d: d.update(match=7),
+    lambda d: d.update(token_values=[[-5, 1.0]]),
+    lambda d: d.update(end_activation=None),
+])
+def test_a_graph_the_server_refuses_is_refused_by_the_report_too(run, change, capsys, caplog):
+    # `n2g serve` loads graphs with NeuronGraph.load and told the user to run `n2g report` to find a damaged one,
+    # but the report's own loader drew and indexed these without a word
+    from n2g.graph import NeuronGraph
+
+    path = run / "neurons" / "L0.N1" / "graph.json"
+    d = json.loads(path.read_text())
+    change(d)
+    path.write_text(json.dumps(d))
+    with pytest.raises(N2GError):
+        NeuronGraph.load(path)
+    with pytest.raises(N2GError, match="is damaged"):
+        load_graph_json(path, check=True)
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        code, _, err = main(["report", run], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert any("L0.N1" in r.getMessage() and "is damaged" in r.getMessage() for r in caplog.records)
+
+
 DEEP = '{"kind": "n2g.graph", "graph": ' + "[" * 100_000 + "]" * 100_000 + "}"
 
 
