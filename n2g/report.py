@@ -137,11 +137,18 @@ def _no_results(run_dir: Path) -> None:
 
 
 def _run_info(run_dir: Path) -> dict:
+    """``run.json`` (the run's model, corpus and options); {} with a warning where it is damaged, since the
+    neurons' own files still make a report."""
     try:
         d = read_json(run_dir / "run.json")
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError, RecursionError):
+        problem = None if isinstance(d, dict) else f"it holds a JSON {type(d).__name__}, not an object"
+    except (OSError, ValueError, RecursionError) as exc:
+        d, problem = None, str(exc)[:200]
+    if problem is not None:
+        log.warning("%s cannot be read (%s); the report leaves out the run's model, corpus and options "
+                    "(re-running the same `n2g run` command rewrites it)", run_dir / "run.json", problem)
         return {}
+    return d
 
 
 def _fields(record, names: tuple[str, ...]) -> dict:

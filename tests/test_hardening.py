@@ -939,6 +939,15 @@ def test_a_graph_the_server_refuses_is_refused_by_the_report_too(run, change, ca
     assert any("L0.N1" in r.getMessage() and "is damaged" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("text", ["", "[]", "null", '{"model": '])
+def test_a_damaged_run_json_is_named_by_the_report(run, text, capsys, caplog):
+    (run / "run.json").write_text(text)  # was: a report without the run's details, and not a word why
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        code, _, err = main(["report", run], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert any("run.json cannot be read" in r.getMessage() for r in caplog.records)
+
+
 DEEP = '{"kind": "n2g.graph", "graph": ' + "[" * 100_000 + "]" * 100_000 + "}"
 
 
