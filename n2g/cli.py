@@ -609,7 +609,8 @@ def _main(argv: list[str] | None) -> int:
         if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
             raise
         what = "too long for this file system" if exc.errno == errno.ENAMETOOLONG else "a loop of links"
-        print(f"n2g: error: the path {_shown(exc.filename)} is {what}; choose another path", file=sys.stderr)
+        path = f"the path {_shown(exc.filename)}" if exc.filename is not None else "a path given"
+        print(f"n2g: error: {path} is {what}; choose another path", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("n2g: interrupted; finished neurons are saved, re-run the same command to resume", file=sys.stderr)

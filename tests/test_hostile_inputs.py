@@ -358,3 +358,14 @@ def test_a_number_too_long_for_python_in_a_large_json_list_names_its_record(tmp_
     path.write_text('[{"text": "the cat sat on the mat"}, {"text": "x", "n": ' + "9" * 5000 + "}]")
     with pytest.raises(N2GError, match=r"is not one JSON list of records \(record 1: Exceeds the limit"):
         list(corpus.load_texts(str(path)))
+
+
+def test_a_path_too_long_without_a_file_name_is_still_one_line(monkeypatch, capsys):
+    import errno
+
+    def too_long(args):
+        raise OSError(errno.ENAMETOOLONG, "File name too long")  # as a library may raise it, with no filename
+
+    monkeypatch.setattr(cli, "_info", too_long)
+    code, out, err = main(["info"], capsys)
+    assert code == 2 and err == "n2g: error: a path given is too long for this file system; choose another path\n"
