@@ -244,10 +244,7 @@ class Grower:
                 for span in dict.fromkeys((max(max(ds), self.run_window), max(ds))):
                     if span < 2:
                         continue
-                    near = np.zeros(len(rows), bool)
-                    for d in range(1, span + 1):
-                        ok = cols - d >= 0
-                        near[ok] |= self.ids[rows[ok], cols[ok] - d] == y_token
+                    near = self._seen(rows, cols, y_token, range(1, span + 1))
                     r, c = rows[near], cols[near]
                     fired = self.fires[r, c]
                     if near.any() and fired.all() == fired.any() and len(self._distinct(r, c)) >= CLEAN_MIN:
@@ -273,6 +270,14 @@ class Grower:
                         del self.graph.nodes[node].children[key]
                         dropped.add(other)
         return dropped
+
+    def _seen(self, rows: np.ndarray, cols: np.ndarray, token: int, distances) -> np.ndarray:
+        """Per occurrence: whether ``token`` is at one of ``distances`` before it (1 = right before)."""
+        near = np.zeros(len(rows), bool)
+        for d in distances:
+            ok = cols - d >= 0
+            near[ok] |= self.ids[rows[ok], cols[ok] - d] == token
+        return near
 
     def _context_tokens(self, node: int, rows: np.ndarray, cols: np.ndarray) -> list[frozenset]:
         """Per occurrence of ``node``'s token: the context tokens on the path to the deepest node it reaches
@@ -486,10 +491,7 @@ class Grower:
         outrank it where both match: a run counts one level deeper. Where some of Z's occurrences have Y within
         reach, "Y *{0..k-2} Z [X]" keeps them with Z ("X with Y within 3, unless Z right before X"); branch
         pruning removes it where it changes no prediction."""
-        near = np.zeros(len(rows), bool)
-        for d in range(offset + 1, offset + span):
-            ok = cols - d >= 0
-            near[ok] |= self.ids[rows[ok], cols[ok] - d] == y_token
+        near = self._seen(rows, cols, y_token, range(offset + 1, offset + span))
         if not near.any():
             return
         excerpt_ids = set(self.sources[rows[near]].tolist())
@@ -725,16 +727,16 @@ class Grower:
             if i:  # a reach between the previous span and this one, where the evidence stops the rule there
                 for j in np.argsort(-gain)[:REFINE_TOKENS]:
                     if np.isfinite(gain[j]):
-                        got = self._refined_reach(dist[inv == j], fires[inv == j], self.run_spans[i - 1],
-                                                  span, n, f, base, j)
-                        if got[0] > best[0] + 1e-9 or (got[0] > best[0] - 1e-9 and got[1] > best[1]):
-                            best = got
+                        g, k = self._refined_reach(dist[inv == j], fires[inv == j], self.run_spans[i - 1], span,
+                                                   n, f, base)
+                        if g > best[0] + 1e-9 or (g > best[0] - 1e-9 and k > best[1]):
+                            best = (g, k, j)
             g, span, j = best
             out.append((("run", span), g, int(uniq[j]), np.sort(occ[(dist < span) & (inv == j)])))
         return out
 
-    def _refined_reach(self, dist, fires, lo, hi, n, f, base, j):
-        """(gain, k, j) of the best reach k in (``lo``, ``hi``] for one token (its occurrences' nearest
+    def _refined_reach(self, dist, fires, lo, hi, n, f, base):
+        """(gain, k) of the best reach k in (``lo``, ``hi``] for one token (its occurrences' nearest
         distances ``dist``, 0 right before, and firings ``fires``); a tie goes to the widest k.
 
         A doubling span says "Y within 48" where the evidence says "Y within 40": the occurrences with Y
@@ -744,7 +746,7 @@ class Grower:
         near = dist[None, :] < ks[:, None]
         gain = self._score(near.sum(1), (near * fires[None, :]).sum(1), n, f, base)
         top = np.flatnonzero(gain >= gain.max() - 1e-9)
-        return (float(gain[top[-1]]), int(ks[top[-1]]), j)
+        return float(gain[top[-1]]), int(ks[top[-1]])
 
 
 def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:

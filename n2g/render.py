@@ -57,6 +57,7 @@ def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = No
         raise N2GError(f"graph file {path} is a link that leads out of the run directory; "
                        "delete it and rerun `n2g run`")
     try:
+        version = _file_version(path) if check else None  # before reading: the verdict is this version's
         d = read_json(path)
     except FileNotFoundError:
         raise N2GError(f"graph file {path} does not exist; run `n2g run` to create it") from None
@@ -64,14 +65,10 @@ def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = No
         raise N2GError(f"cannot read graph file {path} ({e}); delete it and rerun `n2g run`") from None
     if not isinstance(d, dict) or d.get("kind") != GRAPH_KIND or "graph" not in d:
         raise N2GError(f"{path} is not an n2g graph file (kind={d.get('kind') if isinstance(d, dict) else None!r})")
-    try:  # what `n2g serve` and the API load: a file they refuse is refused (and named) here too
-        if check:
-            NeuronGraph.from_dict(d)
-    except N2GError as e:
-        raise N2GError(f"graph file {path} is damaged ({e}); delete it and rerun `n2g run`") from None
-    except Exception as e:  # whatever a hand-made or damaged file provokes in the loader
-        raise N2GError(f"graph file {path} is damaged ({type(e).__name__}: {str(e)[:200]}); "
-                       "delete it and rerun `n2g run`") from None
+    if check:  # what `n2g serve` and the API load: a file they refuse is refused (and named) here too
+        problem = _server_problem(version, d)
+        if problem:
+            raise N2GError(f"graph file {path} is damaged ({problem}); delete it and rerun `n2g run`")
     try:
         G = nx.node_link_graph(d["graph"], edges="edges", directed=True, multigraph=False)
     except Exception as e:  # networkx raises whatever a malformed node-link dict provokes
@@ -84,6 +81,31 @@ def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = No
     if d.get("neuron"):
         G.graph.setdefault("neuron", d["neuron"])
     return G
+
+
+_SERVER_PROBLEMS: dict[tuple, str | None] = {}
+"""Verdicts of :func:`_server_problem` by file version: a report loads each graph three times (index, drawing,
+page), and building a NeuronGraph costs milliseconds."""
+
+
+def _file_version(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _server_problem(version: tuple, d: dict) -> str | None:
+    """Why :meth:`n2g.graph.NeuronGraph.from_dict` refuses this graph file's contents (None: it loads them),
+    decided once per file version."""
+    if version not in _SERVER_PROBLEMS:
+        try:
+            NeuronGraph.from_dict(d)
+            problem = None
+        except N2GError as e:
+            problem = str(e)
+        except Exception as e:  # whatever a hand-made or damaged file provokes in the loader
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+        _SERVER_PROBLEMS[version] = problem
+    return _SERVER_PROBLEMS[version]
 
 
 _NUMERIC_ATTRS = ("activation", "importance", "depth", "count")
