@@ -22,8 +22,11 @@ same evidence, :func:`prune_unchanged` removes every branch whose firing decisio
 tokens would fall back to, so the trie keeps only what changes predictions on training data. Where
 every occurrence fires (or none does), a *strength split* (:meth:`Grower._best_value`) may still add a
 context token that changes how strongly ("0.3 two after Y, 0 elsewhere" among quiet ones too); such a
-branch stays while its value differs. Branches showing one context token at several distances are not
-joined into a run where one distance is clearly stronger (:meth:`Grower._stronger_distance`).
+branch stays while its value differs. A strength run whose occurrences all hold Y at one distance is said
+as "Y * * [X]", and one that would match an exact branch's occurrences beside it (a run is matched a level
+deeper, so it would take them) gives way to Y's best single distance. Branches showing one context token
+at several distances are not joined into a run where one distance is clearly stronger
+(:meth:`Grower._stronger_distance`).
 A run is a leaf: where it would leave its side mixed and an exact question selects the same occurrences,
 the exact one is asked, and the wildcard positions it skips are split as a proposed branch's are. Where
 no question is admissible, one step of lookahead (:meth:`Grower._lookahead`) asks a token that a second
@@ -403,7 +406,7 @@ class Grower:
             if n < 2 * self.min_count:
                 return
             if f == 0 or f == n:  # every occurrence fires (or none does): only a strength can differ
-                best = self._best_value(r, c, offset) if self.value_gain else None
+                best = self._best_value(r, c, offset, (node, rows, cols)) if self.value_gain else None
                 if best is None:
                     return
                 kind, _, token, member = best
@@ -413,6 +416,11 @@ class Grower:
                     child = self.graph.add_child(node, token, excerpt_ids)
                     if depth_left > 1:
                         self._grow(child, rows[chosen], cols[chosen], offset + 1, depth_left - 1)
+                elif kind[0] == "skip":  # "Y * * [X]": the token at one distance, past wildcards; a leaf
+                    at = node
+                    for _ in range(kind[1]):
+                        at = self.graph.add_child(at, WILDCARD, excerpt_ids)
+                    child = self.graph.add_child(at, token, excerpt_ids)
                 else:  # ("run", span): a leaf, as a grown run is
                     child = self.graph.add_child(self.graph.add_child(node, run_key(kind[1] - 1), excerpt_ids),
                                                  token, excerpt_ids)
@@ -531,13 +539,17 @@ class Grower:
             first.setdefault(tuple(self.ids[rr, max(0, cc - CLEAN_WINDOW + 1): cc + 1].tolist()), k)
         return np.fromiter(first.values(), np.int64, len(first))
 
-    def _best_value(self, r, c, offset):
+    def _best_value(self, r, c, offset, where=None):
         """Among occurrences that all fire (or that none do): the token ``offset`` back after which the activation is
         clearly stronger or weaker ("X at 1.0 after Y Y, 0.6 after Y"), or with runs (``run_window`` > 1) the
         token anywhere among the ``k`` tokens from there back ("X at 1.0, at 0.5 with Y within 3"; each doubling of
         ``k`` past ``run_window`` charged ``run_cost``): the split's Gaussian likelihood ratio
         ``n ln(SS_total/SS_within)`` at least ``value_gain``, means at least ``VALUE_DELTA`` apart, at least
-        ``CLEAN_MIN`` distinct occurrences (repeated text counts once) on each side. An exact token wins a tie."""
+        ``CLEAN_MIN`` distinct occurrences (repeated text counts once) on each side. An exact token wins a tie.
+        A run whose occurrences hold Y at one distance only, where no other occurrence holds it, is returned
+        as ``(("skip", d), ...)``: Y exactly ``d`` wildcards further back. With ``where`` (the node and all its
+        occurrences), a run that would match occurrences of an exact child of the node (:meth:`_shadows`)
+        gives way to the best single distance of Y among its occurrences, or to nothing."""
         keep = self._distinct(r, c)
         if len(keep) < 2 * CLEAN_MIN:
             return None
@@ -565,7 +577,42 @@ class Grower:
                     best = (("run", span), float(lr[j]), int(tokens[j]), np.sort(pair_occ[(pair_tok == j) & (dist < span)]))
         if best is None or best[1] < self.value_gain:
             return None
+        if best[0] != "exact":
+            # a run whose occurrences all hold Y at one distance, and that no other occurrence holds there,
+            # is said as "Y * * [X]": a run is matched one level deeper than the exact branches beside it
+            # ("Y [X]" at 1.0, "Y * [X]" at 0.7) and would take their occurrences from them
+            member = best[3]
+            at = np.unique(dist[(pair_tok == np.searchsorted(tokens, best[2])) & np.isin(pair_occ, member)])
+            if len(at) == 1 and at[0] > 0:
+                there = np.flatnonzero(self._seen(r, c, best[2], [offset + int(at[0])]))
+                if np.array_equal(there, member):
+                    return (("skip", int(at[0])), best[1], best[2], member)
+            if where is not None and self._shadows(*where, offset, best[0][1], best[2]):
+                # the run would outrank an exact branch beside it on that branch's own occurrences: the
+                # best single distance of Y instead ("Y * [X]" at 0.45, then "Y * * [X]" at 0.2)
+                pick = None
+                for d in at.tolist():
+                    side = self._seen(r[keep], c[keep], best[2], [offset + d])
+                    if min(side.sum(), (~side).sum()) < CLEAN_MIN or abs(a[side].mean() - a[~side].mean()) < VALUE_DELTA:
+                        continue
+                    lr = _split_lr(a, side)
+                    if lr >= self.value_gain and (pick is None or lr > pick[1] + 1e-9):
+                        mem = np.flatnonzero(self._seen(r, c, best[2], [offset + d]))
+                        pick = (("skip", d) if d else "exact", lr, best[2], mem)
+                return pick
         return best
+
+    def _shadows(self, node, rows, cols, offset, span, token) -> bool:
+        """Whether a run "``token`` within ``span``" below ``node`` would match occurrences of an exact child
+        of ``node`` (the token ``offset`` back): matched a level deeper, it would take them from that child."""
+        kids = [k for k in self.graph.nodes[node].children if k >= 0]
+        if token in kids:
+            return True
+        if not kids:
+            return False
+        ok = cols - offset >= 0
+        mine = ok & np.isin(np.where(ok, self.ids[rows, np.maximum(cols - offset, 0)], -1), kids)
+        return bool(self._seen(rows[mine], cols[mine], token, range(offset + 1, offset + span)).any())
 
     def _stronger_distance(self, r: np.ndarray, c: np.ndarray, span: int, token: int) -> int | None:
         """Among occurrences of X with ``token`` within ``span`` before it: the distance (1 = right before)
