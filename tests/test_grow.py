@@ -111,38 +111,31 @@ def test_distances_that_agree_on_firing_but_not_on_strength_stay_apart():
     assert any(k < WILDCARD for k in joined.nodes[joined.nodes[0].children[8]].children)
 
 
-def test_a_strength_at_one_distance_is_said_past_wildcards_not_as_a_run():
+@pytest.mark.parametrize("shape, seed, n, rate, back, value", [
     # 8 at 1.0 right after 9, 0.7 two after, 0.4 (quiet) three after. Once "9 [8]" and "40 [8]" (the filler
-    # before 8 in "9 40 8") have their occurrences, the quiet ones left differ only in strength: every one
-    # has 9 three back. Said as the run "9 *{0-2} [8]", the run (matched a level deeper) took the firing
+    # before 8 in "9 40 8") had their occurrences, the quiet ones left differed only in strength, all with 9
+    # three back; said as the run "9 *{0-2} [8]", the run (matched a level deeper) took the firing
     # occurrences of "9 [8]" and "40 [8]" too, held their mean (0.73) and fired on "9 40 41 8" (F1 0.80).
-    feature, patterns = SHAPES["strength fading with distance"]
-    model = n2g.distill(feature, text(1, patterns, n=240, rate=0.3))
-    scores = heldout_f1(model, feature, patterns)
-    assert scores.f1 == 1.0 and scores.pearson > 0.999, scores
-    g = model.graph_
-    x = g.nodes[g.nodes[0].children[8]]
-    assert not any(k < WILDCARD for k in x.children)  # no run
-    assert g.nodes[x.children[9]].end == pytest.approx(1.0)
-    far = g.nodes[g.nodes[x.children[WILDCARD]].children[WILDCARD]].children[9]
-    assert g.nodes[far].end == pytest.approx(0.4)
-
-
-def test_a_strength_run_does_not_take_the_occurrences_of_an_exact_branch_beside_it():
-    # 8 fires at 1.0 right after 9; two and three after 9 it is quiet but not silent (0.45, 0.2). "9 [8]"
-    # comes from pruning; the quiet occurrences differ in strength, and the best strength split was the
-    # run "9 *{0-2} [8]" (9 at two distances). Matched a level deeper, the run took the occurrences of
-    # "9 [8]" too, held 0.55 and fired on every 8 with 9 two or three back (held-out F1 0.44). Each
-    # distance is asked alone instead.
-    feature, patterns = SHAPES["quiet strengths by distance"]
-    model = n2g.distill(feature, text(3, patterns, n=160, rate=0.2))
+    # Now "9 * * [8]" at 0.4.
+    ("strength fading with distance", 1, 240, 0.3, 3, 0.4),
+    # 8 at 1.0 right after 9; two and three after it quiet but not silent (0.45, 0.2). The run of the two
+    # quiet distances took the occurrences of "9 [8]" (from pruning) too, held 0.55 and fired on every 8
+    # with 9 two or three back (F1 0.44). Each distance is now asked alone: "9 * [8]" at 0.45.
+    ("quiet strengths by distance", 3, 160, 0.2, 2, 0.45),
+])
+def test_a_strength_run_does_not_take_the_occurrences_of_exact_branches_beside_it(shape, seed, n, rate, back, value):
+    feature, patterns = SHAPES[shape]
+    model = n2g.distill(feature, text(seed, patterns, n=n, rate=rate))
     scores = heldout_f1(model, feature, patterns)
     assert scores.f1 == 1.0 and scores.pearson > 0.99, scores
     g = model.graph_
     x = g.nodes[g.nodes[0].children[8]]
     assert not any(k < WILDCARD for k in x.children)  # no run
     assert g.nodes[x.children[9]].end == pytest.approx(1.0)
-    assert g.nodes[g.nodes[x.children[WILDCARD]].children[9]].end == pytest.approx(0.45)
+    at = x
+    for _ in range(back - 1):  # 9 ``back`` positions before 8: past wildcards, not in a run
+        at = g.nodes[at.children[WILDCARD]]
+    assert g.nodes[at.children[9]].end == pytest.approx(value)
 
 
 def test_growth_stops_at_min_count_and_pruning_keeps_only_changed_decisions():
