@@ -606,10 +606,15 @@ def _main(argv: list[str] | None) -> int:
         print(f"n2g: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
+        path = f"the path {_shown(exc.filename)}" if exc.filename is not None else "a path given"
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # wherever it is met (a cache, a run's files)
+            what = "is on a read-only file system" if exc.errno == errno.EROFS else "cannot be used (permission denied)"
+            print(f"n2g: error: {path} {what}; change its permissions or choose another path (n2g's cache is "
+                  "$N2G_CACHE)", file=sys.stderr)
+            return 2
         if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
             raise
         what = "too long for this file system" if exc.errno == errno.ENAMETOOLONG else "a loop of links"
-        path = f"the path {_shown(exc.filename)}" if exc.filename is not None else "a path given"
         print(f"n2g: error: {path} is {what}; choose another path", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -61,6 +61,8 @@ def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = No
         d = read_json(path)
     except FileNotFoundError:
         raise N2GError(f"graph file {path} does not exist; run `n2g run` to create it") from None
+    except PermissionError:
+        raise N2GError(f"cannot read graph file {path}: permission denied; make it readable") from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to decode
         raise N2GError(f"cannot read graph file {path} ({e}); delete it and rerun `n2g run`") from None
     if not isinstance(d, dict) or d.get("kind") != GRAPH_KIND or "graph" not in d:

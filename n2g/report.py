@@ -29,7 +29,7 @@ from n2g.errors import N2GError
 from n2g.fileio import csv_cell, inside, read_json, remove_stale_temporaries
 from n2g.records import NeuronResult, plural
 from n2g.render import DrawingFailed, atomic_write, dot_available, load_graph_json, render
-from n2g.search import build_index, iter_results, scan_results
+from n2g.search import build_index, iter_results, result_paths, scan_results
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def load_results(run_dir: str | os.PathLike) -> list[NeuronResult]:
 
 
 def _no_results(run_dir: Path) -> None:
-    damaged = len(list(run_dir.glob("neurons/*/result.json"))) if run_dir.is_dir() else 0
+    damaged = len(result_paths(run_dir)) if run_dir.is_dir() else 0
     if damaged:
         raise N2GError(f"none of the {damaged} neuron results in {run_dir} can be read (damaged); re-run the same "
                        "`n2g run` command to redo them")

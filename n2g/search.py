@@ -178,12 +178,46 @@ def _parse(data: bytes, check: bool = True) -> NeuronResult:
 
 
 def _skip_damaged(path: Path, e: Exception) -> None:
-    """Name a damaged file in a warning (once per process and version of the file)."""
+    """Name a damaged or unreadable file in a warning (once per process and version of the file)."""
     key = (str(path), _mtime(path))
     if key in _warned:
         return
     _warned.add(key)
-    log.warning("skipping damaged neuron result %s (%s); re-run the same `n2g run` command to redo it", path, e)
+    if isinstance(e, PermissionError):
+        log.warning("skipping neuron result %s: permission denied; make it readable to include that neuron", path)
+    else:
+        log.warning("skipping damaged neuron result %s (%s); re-run the same `n2g run` command to redo it", path, e)
+
+
+def result_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """Every ``neurons/*/result.json`` of a run, sorted by folder name. A ``neurons`` folder that cannot be
+    listed is an N2GError naming it; a neuron folder that cannot be opened is named in a warning and left
+    out (a glob would pass over both without a word)."""
+    neurons = Path(run_dir, "neurons")
+    try:
+        with os.scandir(neurons) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise N2GError(f"cannot list {neurons} ({e.strerror or e}); make it readable, or run `n2g run` again") from None
+    out = []
+    for entry in entries:
+        path = Path(neurons, entry.name, "result.json")
+        try:
+            if not entry.is_dir():
+                continue
+            os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:  # a folder that cannot be searched
+            if (str(path), 0) not in _warned:
+                _warned.add((str(path), 0))
+                log.warning("skipping neuron folder %s (%s); make it readable to include that neuron",
+                            path.parent, e.strerror or e)
+            continue
+        out.append(path)
+    return out
 
 
 def scan_results(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, bytes]]:
@@ -195,7 +229,7 @@ def scan_results(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, b
     """
     found = []
     root = Path(run_dir).resolve()
-    for path in sorted(Path(run_dir, "neurons").glob("*/result.json")):
+    for path in result_paths(run_dir):
         try:
             if not path.resolve().is_relative_to(root):
                 raise ValueError("it is a link that leads out of the run directory")
@@ -354,7 +388,7 @@ def _connect(run_dir: str | os.PathLike) -> sqlite3.Connection:
     run_dir = Path(run_dir)
     path = run_dir / INDEX_NAME
     if not os.path.lexists(path):
-        if not any(Path(run_dir, "neurons").glob("*/result.json")):
+        if not result_paths(run_dir):
             raise N2GError(f"no neuron results in {run_dir}; run `n2g run` first")
         build_index(run_dir)
     stale = None if _regular(path) else "it is not a regular file"  # a FIFO would hold the open for ever

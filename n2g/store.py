@@ -183,8 +183,12 @@ class RunStore:
         """The stored result if it and its graph load; None (and a warning) if missing or damaged."""
         folder = self.neuron_dir(neuron)
         path = folder / "result.json"
-        if not path.exists():
-            return None
+        try:
+            if not path.exists():
+                return None
+        except PermissionError:  # a folder that cannot be searched can be neither read nor redone
+            raise N2GError(f"cannot open {folder}: permission denied; make it readable and writable (or remove it "
+                           "to redo that neuron), then re-run the same command") from None
         if not (inside(self.root, path) and inside(self.root, folder / "graph.json")):
             log.warning("%s: its stored result is a link that leads out of the run; it will be redone", neuron.key)
             return None

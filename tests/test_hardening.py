@@ -430,6 +430,76 @@ def test_report_names_and_skips_a_damaged_result(damage, run, capsys, caplog):
     assert [n["key"] for n in rep["neurons"]] == ["L0.N2", "L1.N3", "L1.N4.neg"]
 
 
+def _deny(monkeypatch, fn: str, path: Path):
+    """``os.<fn>`` raises PermissionError for ``path``, as for a folder whose mode refuses this user (root,
+    whom modes do not stop, runs the tests too)."""
+    real = getattr(os, fn)
+
+    def refused(p, *args, **kwargs):
+        if Path(os.fsdecode(p)).absolute() == path.absolute():
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(p))
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, fn, refused)
+
+
+def test_report_names_a_neuron_folder_it_cannot_open(run, monkeypatch, capsys, caplog):
+    # A glob passes over a folder it cannot search without a word: the neuron vanished from the report.
+    _deny(monkeypatch, "stat", run / "neurons" / "L0.N1" / "result.json")
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        code, _, err = main(["report", run], capsys)
+    assert code == 0, err
+    warned = [r.getMessage() for r in caplog.records if "L0.N1" in r.getMessage()]
+    assert len(warned) == 1 and "neuron folder" in warned[0] and "readable" in warned[0], warned
+    rep = json.loads((run / "report.json").read_text())
+    assert [n["key"] for n in rep["neurons"]] == ["L0.N2", "L1.N3", "L1.N4.neg"]
+
+
+def test_report_of_a_neurons_folder_it_cannot_list_is_one_line(run, monkeypatch, capsys):
+    # It said "no neuron results in RUN; run `n2g run` first" of a run with four.
+    _deny(monkeypatch, "scandir", run / "neurons")
+    (run / "index.sqlite").unlink()  # so that search must build it
+    for argv in (["report", run], ["search", run, "the"]):
+        code, _, err = main(argv, capsys)
+        assert code == 2
+        line = one_error_line(err)
+        assert "cannot list" in line and "neurons" in line and "readable" in line
+
+
+def test_resuming_over_a_neuron_folder_it_cannot_open_is_one_line(run):
+    # Path.exists raised PermissionError from inside `n2g run` (a traceback) before.
+    from n2g.records import NeuronId
+    from n2g.store import RunStore
+
+    folder = run / "neurons" / "L0.N1"
+    real = Path.exists
+
+    def exists(self, *args, **kwargs):
+        if self == folder / "result.json":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "exists", exists)
+        with pytest.raises(N2GError, match="permission denied.*re-run the same command"):
+            RunStore(run).is_done(NeuronId(0, 1))
+        assert RunStore(run).is_done(NeuronId(0, 2))
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EPERM, errno.EROFS])
+def test_a_permission_error_met_anywhere_is_one_line(err, run, monkeypatch, capsys):
+    # e.g. an unreadable $N2G_CACHE: the model cache's is_file() raised from deep inside loading.
+    def refuse(args):
+        raise PermissionError(err, os.strerror(err), "/somewhere/cache/models/m/model.safetensors")
+
+    monkeypatch.setattr(cli, "_report", refuse)
+    code, _, err_text = main(["report", run], capsys)
+    assert code == 2
+    line = one_error_line(err_text)
+    assert "/somewhere/cache/models/m/model.safetensors" in line and "N2G_CACHE" in line
+    assert ("read-only" if err == errno.EROFS else "permission denied") in line
+
+
 def test_text_from_result_files_never_becomes_a_spreadsheet_formula(run):
     from n2g.fileio import csv_cell
     from n2g.store import RunStore
