@@ -414,7 +414,17 @@ def _copy_run(src: Path, dst: Path) -> Path:
         skip = shutil.ignore_patterns(".*.tmp", "index.sqlite", "report.html", "report.json", "report.csv", "viewer")
         shutil.copytree(src, tmp / "run", symlinks=True, ignore=skip)  # links are copied as links, never followed
         os.replace(tmp / "run", dst)
-    except (OSError, shutil.Error) as exc:
+    except shutil.Error as exc:  # files of the run that could not be copied: (source, copy, why) each
+        failed = exc.args[0] if exc.args and isinstance(exc.args[0], list) and exc.args[0] else None
+        if failed is None:
+            raise N2GError(f"cannot copy the run to {dst} ({exc}); choose a writable --out with enough space") from None
+        first, why = failed[0][0], str(failed[0][2])
+        more = f" and {len(failed) - 1} more file(s)" if len(failed) > 1 else ""
+        if "Permission denied" in why or "Operation not permitted" in why:
+            raise N2GError(f"cannot read {first}{more} of the run (permission denied), so it cannot be copied to "
+                           f"{dst}; make the run readable") from None
+        raise N2GError(f"cannot copy {first}{more} to {dst} ({why}); choose a writable --out with enough space") from None
+    except OSError as exc:
         raise N2GError(f"cannot copy the run to {dst} ({exc}); choose a writable --out with enough space") from None
     finally:
         if tmp is not None:

@@ -13,6 +13,7 @@ import codecs
 import hashlib
 import json
 import logging
+import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -354,12 +355,15 @@ def _dir_texts(path: Path, text_field: str) -> Iterator[str]:
     def in_run(p: Path) -> bool:  # n2g's own output (an --out inside the corpus folder) is not corpus text
         return any(runs.setdefault(d, _is_run_dir(d)) for d in p.parents if d != path and d.is_relative_to(path))
 
-    files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        and not in_run(p)
-    )
+    def refuse(err: OSError):  # a glob passes over a folder it cannot list without a word
+        raise N2GError(f"cannot list {err.filename} in the corpus ({err.strerror}); make it readable, or move it "
+                       "out of the corpus folder")
+
+    found = []
+    for root, dirs, names in os.walk(path, onerror=refuse):  # links to folders are not followed
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root, name) for name in names if not name.startswith(".")]
+    files = sorted(p for p in found if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not in_run(p))
     if not files:
         raise N2GError(f"directory {path} holds no {'/'.join(TEXT_SUFFIXES)} files; "
                        "add text files or point the corpus at a file")

@@ -361,6 +361,26 @@ def test_report_of_a_read_only_run_can_go_into_a_copy(run, tmp_path, capsys):
         assert code == 2 and "--out" in one_error_line(err)
 
 
+def test_a_run_with_a_file_it_cannot_read_copied_for_a_report_is_one_line(run, tmp_path, monkeypatch, capsys):
+    # It printed shutil's list of (source, copy, error) tuples and asked for a writable --out.
+    import shutil
+
+    real = shutil.copyfile  # what copytree's copy2 calls to read a file
+    svg = run / "neurons" / "L0.N1" / "graph.svg"
+
+    def copyfile(src, dst, **kwargs):
+        if Path(src) == svg:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src))
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    code, _, err = main(["report", run, "--out", tmp_path / "copy"], capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert f"cannot read {svg} of the run (permission denied)" in line and "readable" in line
+    assert not (tmp_path / "copy").exists() and temporaries(tmp_path) == []
+
+
 @pytest.mark.parametrize("where", ["fsync", "sqlite"])
 def test_disk_full_during_the_report_is_one_line_and_leaves_nothing(where, run, monkeypatch, capsys):
     for name in ("report.html", "report.json", "index.sqlite"):
