@@ -1017,6 +1017,7 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         from safetensors import safe_open
 
         for f in files:
+            open(f, "rb").close()  # safetensors reports a file it may not read as missing
             with safe_open(str(f), "pt") as h:
                 for key in h.keys():
                     shapes[key] = tuple(int(n) for n in h.get_slice(key).get_shape())
@@ -1042,6 +1043,9 @@ def _check_checkpoint(path: Path, config) -> None:
     not count. Reads safetensors headers (or a .bin's tensor list) only."""
     try:
         shapes = _checkpoint_shapes(path)
+    except PermissionError as exc:  # transformers would say "No such file or directory" of it
+        raise N2GError(f"cannot read {exc.filename or path} (permission denied); make the model's files "
+                       "readable") from None
     except Exception as exc:  # a damaged header: transformers says what is wrong when it loads
         log.debug("could not read the tensor list of %s: %s", path, exc)
         return

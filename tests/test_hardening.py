@@ -1498,6 +1498,23 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps(d))
 
 
+def test_model_weights_that_cannot_be_read_are_named(model_folder, monkeypatch):
+    # safetensors, then transformers, called such a file missing ("No such file or directory").
+    from n2g.models import load_model
+
+    weights = model_folder / "model.safetensors"
+    real = open
+
+    def refusing_open(path, *args, **kwargs):
+        if Path(path) == weights:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr("n2g.models.open", refusing_open, raising=False)
+    with pytest.raises(N2GError, match=r"cannot read .*model.safetensors \(permission denied\); make the model's files readable"):
+        load_model(str(model_folder), device="cpu")
+
+
 EVIL = "import pathlib\npathlib.Path(__file__).with_name('PWNED').write_text('ran')\nclass EvilConfig: pass\nclass EvilModel: pass\nclass EvilTok: pass\n"
 
 
