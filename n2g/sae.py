@@ -108,6 +108,10 @@ class SAEModel:
         from safetensors.torch import load_file
 
         try:
+            open(weights_path, "rb").close()  # safetensors reports a file it may not read as missing
+        except OSError as exc:
+            raise N2GError(f"cannot read {weights_path} ({exc.strerror}); make the SAE's files readable") from None
+        try:
             w = load_file(str(weights_path))
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise N2GError(f"cannot read {weights_path} ({type(exc).__name__}); is it a safetensors file?") from None

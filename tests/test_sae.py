@@ -172,6 +172,27 @@ def test_bad_sae_config_or_weights_are_refused_when_loaded(tmp_path, cfg, weight
         SAEModel(base, folder)
 
 
+def test_sae_weights_that_cannot_be_read_are_named(tmp_path, monkeypatch):
+    # safetensors called such a file missing: "cannot read ... (FileNotFoundError); is it a safetensors file?"
+    import errno
+    import os
+    from pathlib import Path
+
+    folder = write_sae(tmp_path / "sae")
+    weights = folder / "sae_weights.safetensors"
+    real = open
+
+    def refusing_open(path, *args, **kwargs):
+        if Path(path) == weights:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr("n2g.sae.open", refusing_open, raising=False)
+    base = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    with pytest.raises(N2GError, match=r"cannot read .*sae_weights.safetensors \(Permission denied\); make the SAE's"):
+        SAEModel(base, folder)
+
+
 @pytest.mark.parametrize("layers", ["2", "0,1"])
 def test_run_on_a_layer_the_sae_does_not_read_writes_nothing(tiny_dir, tmp_path, layers):
     sae = write_sae(tmp_path / "sae")
