@@ -198,6 +198,9 @@ class RunStore:
             if result.status != "dead":
                 NeuronGraph.load(folder / "graph.json")
             return result
+        except PermissionError as exc:
+            log.warning("%s: %s cannot be read (permission denied); it will be redone", neuron.key, exc.filename)
+            return None
         except Exception as exc:  # any damage means: redo this neuron
             log.warning("%s: stored artifacts are damaged (%s); it will be redone", neuron.key, exc)
             return None

@@ -506,6 +506,17 @@ def test_resuming_over_a_neuron_folder_it_cannot_open_is_one_line(run):
         assert RunStore(run).is_done(NeuronId(0, 2))
 
 
+def test_a_stored_result_that_cannot_be_read_is_redone_and_said_so(run, monkeypatch, caplog):
+    from n2g.records import NeuronId
+    from n2g.store import RunStore
+
+    _deny(monkeypatch, "open", run / "neurons" / "L0.N1" / "result.json")
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        assert not RunStore(run).is_done(NeuronId(0, 1))
+    assert any("L0.N1" in r.getMessage() and "permission denied" in r.getMessage() and "redone" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
 @pytest.mark.parametrize("err", [errno.EACCES, errno.EPERM, errno.EROFS])
 def test_a_permission_error_met_anywhere_is_one_line(err, run, monkeypatch, capsys):
     # e.g. an unreadable $N2G_CACHE: the model cache's is_file() raised from deep inside loading.
