@@ -506,6 +506,14 @@ def test_resuming_over_a_neuron_folder_it_cannot_open_is_one_line(run):
         assert RunStore(run).is_done(NeuronId(0, 2))
 
 
+def test_a_graph_file_that_cannot_be_read_says_so(run, monkeypatch):
+    # It said "delete it and rerun `n2g run`" of a file that only needs its permissions back.
+    path = run / "neurons" / "L0.N1" / "graph.json"
+    _deny(monkeypatch, "open", path)
+    with pytest.raises(N2GError, match="cannot read graph file .*: permission denied; make it readable$"):
+        load_graph_json(path)
+
+
 def test_a_stored_result_that_cannot_be_read_is_redone_and_said_so(run, monkeypatch, caplog):
     from n2g.records import NeuronId
     from n2g.store import RunStore
