@@ -619,8 +619,8 @@ def _main(argv: list[str] | None) -> int:
         path = f"the path {_shown(exc.filename)}" if exc.filename is not None else "a path given"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # wherever it is met (a cache, a run's files)
             what = "is on a read-only file system" if exc.errno == errno.EROFS else "cannot be used (permission denied)"
-            print(f"n2g: error: {path} {what}; change its permissions or choose another path (n2g's cache is "
-                  "$N2G_CACHE)", file=sys.stderr)
+            print(f"n2g: error: {path} {what}; change its permissions or choose another path{_cache_hint(exc.filename)}",
+                  file=sys.stderr)
             return 2
         if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
             raise
@@ -630,6 +630,17 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("n2g: interrupted; finished neurons are saved, re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def _cache_hint(path) -> str:
+    """" (n2g's cache: $N2G_CACHE)" where ``path`` lies in n2g's cache, which the user may not know n2g uses."""
+    from .models import cache_dir
+
+    try:
+        inside_cache = path is not None and Path(os.fsdecode(path)).absolute().is_relative_to(cache_dir().absolute())
+    except (OSError, ValueError):
+        inside_cache = False
+    return f" (it is in n2g's cache, {_shown(cache_dir())}; set $N2G_CACHE to move it)" if inside_cache else ""
 
 
 def _shown(path, limit: int = 120) -> str:

@@ -526,17 +526,20 @@ def test_a_stored_result_that_cannot_be_read_is_redone_and_said_so(run, monkeypa
 
 
 @pytest.mark.parametrize("err", [errno.EACCES, errno.EPERM, errno.EROFS])
-def test_a_permission_error_met_anywhere_is_one_line(err, run, monkeypatch, capsys):
+def test_a_permission_error_met_anywhere_is_one_line(err, run, tmp_path, monkeypatch, capsys):
     # e.g. an unreadable $N2G_CACHE: the model cache's is_file() raised from deep inside loading.
-    def refuse(args):
-        raise PermissionError(err, os.strerror(err), "/somewhere/cache/models/m/model.safetensors")
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    for path, in_cache in ((tmp_path / "cache" / "models" / "m" / "model.safetensors", True),
+                           (tmp_path / "elsewhere" / "run.json", False)):
+        def refuse(args):
+            raise PermissionError(err, os.strerror(err), str(path))
 
-    monkeypatch.setattr(cli, "_report", refuse)
-    code, _, err_text = main(["report", run], capsys)
-    assert code == 2
-    line = one_error_line(err_text)
-    assert "/somewhere/cache/models/m/model.safetensors" in line and "N2G_CACHE" in line
-    assert ("read-only" if err == errno.EROFS else "permission denied") in line
+        monkeypatch.setattr(cli, "_report", refuse)
+        code, _, err_text = main(["report", run], capsys)
+        assert code == 2
+        line = one_error_line(err_text)
+        assert str(path) in line and ("read-only" if err == errno.EROFS else "permission denied") in line
+        assert ("set $N2G_CACHE" in line) == in_cache
 
 
 def test_text_from_result_files_never_becomes_a_spreadsheet_formula(run):
