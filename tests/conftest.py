@@ -15,6 +15,27 @@ TINY_FAMILIES = ("llama", "gpt2", "gpt_neox", "opt", "phi", "gptj", "bloom", "fa
                  "gemma3_text", "stablelm")
 
 
+def deny(monkeypatch, where: str, *paths: Path) -> None:
+    """Make ``where`` (a dotted name: ``os.stat``, ``os.scandir``, or ``n2g.sae.open`` for the ``open`` one module
+    calls) raise PermissionError for each of ``paths`` and act as before for every other path: a file or folder
+    whose mode refuses this user, refused where the OS would refuse it (root, whom modes do not stop, runs the
+    tests too)."""
+    import builtins
+    import errno
+    import importlib
+
+    module, name = where.rsplit(".", 1)
+    real = getattr(importlib.import_module(module), name, None) or getattr(builtins, name)
+    refused_paths = {Path(p).absolute() for p in paths}
+
+    def refused(p, *args, **kwargs):
+        if Path(os.fsdecode(p)).absolute() in refused_paths:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(p))
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(where, refused, raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import deny
 from n2g.corpus import Corpus, load_texts, make_excerpts
 from n2g.errors import N2GError
 
@@ -152,22 +153,12 @@ def test_errors_say_what_to_do(tmp_path):
 def test_a_corpus_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     # A glob passed over a folder it could not list without a word: its text silently left the corpus
     # (or, for the corpus folder itself, "holds no .txt files"). Denied where the OS would deny it.
-    import errno
-    import os
-
     (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.txt").write_text("more text", encoding="utf-8")
     (tmp_path / ".hidden").mkdir()  # hidden folders are not corpus text, so never listed
-    real = os.scandir
-
-    def scandir(p="."):
-        if os.path.basename(os.fspath(p)) in ("sub", ".hidden"):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(p))
-        return real(p)
-
     assert sorted(load_texts(str(tmp_path))) == ["more text", "some text"]
-    monkeypatch.setattr(os, "scandir", scandir)
+    deny(monkeypatch, "os.scandir", tmp_path / "sub", tmp_path / ".hidden")
     with pytest.raises(N2GError, match=r"cannot list .*sub in the corpus \(Permission denied\); make it readable"):
         load_texts(str(tmp_path))
 

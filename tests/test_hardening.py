@@ -35,7 +35,7 @@ from urllib.parse import quote
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import deny, tiny_model, tiny_tokenizer
 from helpers_run import make_run
 from n2g import cli
 from n2g.corpus import load_texts, make_excerpts
@@ -450,22 +450,9 @@ def test_report_names_and_skips_a_damaged_result(damage, run, capsys, caplog):
     assert [n["key"] for n in rep["neurons"]] == ["L0.N2", "L1.N3", "L1.N4.neg"]
 
 
-def _deny(monkeypatch, fn: str, path: Path):
-    """``os.<fn>`` raises PermissionError for ``path``, as for a folder whose mode refuses this user (root,
-    whom modes do not stop, runs the tests too)."""
-    real = getattr(os, fn)
-
-    def refused(p, *args, **kwargs):
-        if Path(os.fsdecode(p)).absolute() == path.absolute():
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(p))
-        return real(p, *args, **kwargs)
-
-    monkeypatch.setattr(os, fn, refused)
-
-
 def test_report_names_a_neuron_folder_it_cannot_open(run, monkeypatch, capsys, caplog):
     # A glob passes over a folder it cannot search without a word: the neuron vanished from the report.
-    _deny(monkeypatch, "stat", run / "neurons" / "L0.N1" / "result.json")
+    deny(monkeypatch, "os.stat", run / "neurons" / "L0.N1" / "result.json")
     with caplog.at_level(logging.WARNING, logger="n2g"):
         code, _, err = main(["report", run], capsys)
     assert code == 0, err
@@ -477,7 +464,7 @@ def test_report_names_a_neuron_folder_it_cannot_open(run, monkeypatch, capsys, c
 
 def test_report_of_a_neurons_folder_it_cannot_list_is_one_line(run, monkeypatch, capsys):
     # It said "no neuron results in RUN; run `n2g run` first" of a run with four.
-    _deny(monkeypatch, "scandir", run / "neurons")
+    deny(monkeypatch, "os.scandir", run / "neurons")
     (run / "index.sqlite").unlink()  # so that search must build it
     for argv in (["report", run], ["search", run, "the"]):
         code, _, err = main(argv, capsys)
@@ -509,7 +496,7 @@ def test_resuming_over_a_neuron_folder_it_cannot_open_is_one_line(run):
 def test_a_graph_file_that_cannot_be_read_says_so(run, monkeypatch):
     # It said "delete it and rerun `n2g run`" of a file that only needs its permissions back.
     path = run / "neurons" / "L0.N1" / "graph.json"
-    _deny(monkeypatch, "open", path)
+    deny(monkeypatch, "os.open", path)
     with pytest.raises(N2GError, match="cannot read graph file .*: permission denied; make it readable$"):
         load_graph_json(path)
 
@@ -518,7 +505,7 @@ def test_a_stored_result_that_cannot_be_read_is_redone_and_said_so(run, monkeypa
     from n2g.records import NeuronId
     from n2g.store import RunStore
 
-    _deny(monkeypatch, "open", run / "neurons" / "L0.N1" / "result.json")
+    deny(monkeypatch, "os.open", run / "neurons" / "L0.N1" / "result.json")
     with caplog.at_level(logging.WARNING, logger="n2g"):
         assert not RunStore(run).is_done(NeuronId(0, 1))
     assert any("L0.N1" in r.getMessage() and "permission denied" in r.getMessage() and "redone" in r.getMessage()
@@ -1524,15 +1511,7 @@ def test_model_weights_that_cannot_be_read_are_named(model_folder, monkeypatch):
     # safetensors, then transformers, called such a file missing ("No such file or directory").
     from n2g.models import load_model
 
-    weights = model_folder / "model.safetensors"
-    real = open
-
-    def refusing_open(path, *args, **kwargs):
-        if Path(path) == weights:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr("n2g.models.open", refusing_open, raising=False)
+    deny(monkeypatch, "n2g.models.open", model_folder / "model.safetensors")
     with pytest.raises(N2GError, match=r"cannot read .*model.safetensors \(permission denied\); make the model's files readable"):
         load_model(str(model_folder), device="cpu")
 

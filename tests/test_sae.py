@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import deny, tiny_model, tiny_tokenizer
 from test_pipeline import cli, run_args, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
 
 from n2g.errors import N2GError
@@ -174,20 +174,8 @@ def test_bad_sae_config_or_weights_are_refused_when_loaded(tmp_path, cfg, weight
 
 def test_sae_weights_that_cannot_be_read_are_named(tmp_path, monkeypatch):
     # safetensors called such a file missing: "cannot read ... (FileNotFoundError); is it a safetensors file?"
-    import errno
-    import os
-    from pathlib import Path
-
     folder = write_sae(tmp_path / "sae")
-    weights = folder / "sae_weights.safetensors"
-    real = open
-
-    def refusing_open(path, *args, **kwargs):
-        if Path(path) == weights:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr("n2g.sae.open", refusing_open, raising=False)
+    deny(monkeypatch, "n2g.sae.open", folder / "sae_weights.safetensors")
     base = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
     with pytest.raises(N2GError, match=r"cannot read .*sae_weights.safetensors \(Permission denied\); make the SAE's"):
         SAEModel(base, folder)
