@@ -951,3 +951,36 @@ def test_a_dense_neurons_stronger_tokens_keep_their_own_values():
     s = heldout_f1(model, feature, [[7]])
     assert s.f1 == 1.0 and s.pearson > 0.999, s
     assert len(g.nodes) <= 1 + 1 + 10 + 5
+
+
+def _hashed(x, salt: float) -> torch.Tensor:
+    """A number in [0, 1) fixed by each token and the two before it: noise a real neuron's context would
+    give, the same wherever that context recurs (so occlusion and variants see the values the text does)."""
+    key = (x * 7919 + shifted(x, 1, 3) * 104729 + shifted(x, 2, 5) * 1299709).double()
+    return torch.frac(torch.abs(torch.sin(key * (1.0 + salt)) * 43758.5453)).float()
+
+
+def _noisy(feature, kind: str, peak: float):
+    if kind == "jitter":  # every value moved by about a tenth of the peak, either way
+        return lambda x: feature(x) + 0.1 * peak * torch.sqrt(-2 * torch.log(_hashed(x, 0.0).clamp(min=1e-6))) \
+            * torch.cos(2 * torch.pi * _hashed(x, 0.37))
+    return lambda x: feature(x) + 0.3 * peak * _hashed(x, 0.71)  # "background": up to 0.3 of the peak, everywhere
+
+
+@pytest.mark.parametrize("kind", ["jitter", "background"])
+@pytest.mark.parametrize("name", ["X unless after one of 10", "Y within 3 before", "after Y, unless Z before Y",
+                                  "three tokens of context", "any token two after Y"])
+def test_a_noisy_neuron_gets_the_graph_of_its_clean_rule(name, kind):
+    # Real activations vary with context. Noise that never crosses the threshold must not grow branches
+    # (each context's noise is its own) nor move a firing decision: the graph has the clean rule's context
+    # and wildcard nodes and fires exactly where the noisy neuron does on held-out text.
+    feature, patterns = {"X unless after one of 10": (unless_blocked, UNLESS),
+                         "Y within 3 before": (near, NEAR)}.get(name) or SHAPES[name]
+    data = text(1, patterns, n=160, rate=0.2)
+    clean = n2g.distill(feature, data).graph_.stats()
+    noisy = _noisy(feature, kind, float(feature(data).max()))
+    model = n2g.distill(noisy, data)
+    stats = model.graph_.stats()
+    assert (stats["context"], stats["wildcard"]) == (clean["context"], clean["wildcard"]), model.graph_.describe()
+    scores = heldout_f1(model, noisy, patterns)
+    assert scores.n_firing > 10 and scores.f1 == 1.0, scores
