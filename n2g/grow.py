@@ -803,9 +803,11 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
     goes; a leaf with one is unlinked, the training tokens whose prediction came from it are
     matched again, and it stays unlinked when every one of them still fires, or still does not,
     as before (a leaf no training token reaches goes too). Without ``sequences`` the tokens are
-    assumed to fall back to the nearest ancestor END. A leaf a strength split grew (``Node.strength``)
-    also stays when its tokens' values would move by at least ``VALUE_DELTA`` on average. Returns how many nodes were removed;
-    calibrate again afterwards, since removed nodes' tokens now count elsewhere.
+    assumed to fall back to the nearest ancestor END. Rules for any token (the wildcard activator's
+    subtree) are tried after every other branch, so a rule outlasts the single-token paths it generalises.
+    A leaf a strength split grew (``Node.strength``) also stays when its tokens' values would move by at
+    least ``VALUE_DELTA`` on average. Returns how many nodes were removed; calibrate again afterwards,
+    since removed nodes' tokens now count elsewhere.
     """
     thr = graph.fire_threshold
     parent = graph._parents()
@@ -822,7 +824,17 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
                         users.setdefault(end, []).append((ids, i))
     removed: set[int] = set()
     live_children = [len(n.children) for n in graph.nodes]
-    for idx in range(len(graph.nodes) - 1, 0, -1):
+    # A rule for any token (under the wildcard activator) is tried last: where it and exact paths of single
+    # tokens say the same, the exact paths go (they are what it generalises), not the rule.
+    general = set()
+    wild = graph.nodes[0].children.get(WILDCARD)
+    stack = [] if wild is None else [wild]
+    while stack:
+        at = stack.pop()
+        general.add(at)
+        stack.extend(graph.nodes[at].children.values())
+    order = [i for i in range(len(graph.nodes) - 1, 0, -1) if i not in general] + sorted(general, reverse=True)
+    for idx in order:
         n = graph.nodes[idx]
         if live_children[idx] > 0:
             continue

@@ -8,10 +8,11 @@ NOISE_LOW, NOISE_HIGH = 30, 100
 """Background text is drawn from these ids, so no rule fires by accident."""
 
 
-def text(seed: int, patterns, n: int = 160, length: int = 64, rate: float = 0.35) -> torch.Tensor:
-    """``n`` excerpts of random noise tokens with each pattern planted at random places."""
+def text(seed: int, patterns, n: int = 160, length: int = 64, rate: float = 0.35,
+         low: int = NOISE_LOW, high: int = NOISE_HIGH) -> torch.Tensor:
+    """``n`` excerpts of random noise tokens (ids ``low`` to ``high - 1``) with each pattern planted at random places."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(NOISE_LOW, NOISE_HIGH, (n, length), generator=g)
+    x = torch.randint(low, high, (n, length), generator=g)
     for pattern in patterns:
         for b in range(n):
             if torch.rand(1, generator=g).item() < rate:
