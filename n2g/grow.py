@@ -673,7 +673,9 @@ class Grower:
         only some of them and the split is neither strong nor clean. Taking every never-firing token
         makes the split clean whenever the rule is deterministic; it is then kept only if
         :meth:`_clean` passes (a few distinct occurrences a side, activations alike within each side),
-        which a noisy neuron's handful of occurrences rarely does.
+        which a noisy neuron's handful of occurrences rarely does. Not where the set holds more tokens seen once
+        than the other side does: a token never seen here is then likelier to be of the set's kind, and the
+        set would only list the tokens it was shown.
         """
         if not self.clean_gain or tally is None:
             return None
@@ -686,6 +688,8 @@ class Grower:
             n1, f1 = int(counts[members].sum()), int(fired[members].sum())
             if f - f1 != ((n - n1) if rest_fires else 0):
                 continue  # the other occurrences are not all on the other side
+            if (counts[members] == 1).sum() > (counts[~pure] == 1).sum():
+                continue  # a token never seen here is likelier one of the set's kind than the rest's: no rule
             member = at[pure[inv]]
             found = ("set", base - self.set_cost * (len(members) - 1), [int(t) for t in uniq[members]], member)
             if self._clean(r, c, y, found):
