@@ -460,11 +460,10 @@ class Grower:
             if pick[1][0][0] == "run" and _mixed(y[pick[1][3]]):
                 # a run is a leaf: where it leaves its side mixed, an exact question on the same occurrences
                 # ("Y * [X]" for "Y within 3") can still be refined, so it is asked instead
-                same = [q for q in questions if not q[3] and q[1][0] == "exact"
-                        and np.array_equal(np.sort(q[1][3]), pick[1][3])]
+                exact = [q for q in questions if not q[3] and q[1][0] == "exact"]
+                same = [q for q in exact if np.array_equal(np.sort(q[1][3]), pick[1][3])]
                 if not same:  # else the best exact question that is admissible on its own: it can be refined
-                    same = [q for q in questions if not q[3] and q[1][0] == "exact"
-                            and (q[0] >= self.min_gain or self._clean(r, c, y, q[1], runs=True))]
+                    same = [q for q in exact if q[0] >= self.min_gain or self._clean(r, c, y, q[1], runs=True)]
                 if same:
                     pick = max(same, key=lambda q: q[0])
             gain, found, skip, _ = pick

@@ -33,8 +33,8 @@ UNLESS = [[24]] + [[b, 24] for b in BLOCKERS]
 NEAR = [[25], [26, 25], [26, 40, 25], [26, 41, 42, 25], [26, 43, 44, 45, 25]]
 
 
-def heldout_f1(model, feature, patterns):
-    test = text(99, patterns, n=160, rate=0.3)
+def heldout_f1(model, feature, patterns, **text_kw):
+    test = text(99, patterns, n=160, rate=0.3, **text_kw)
     true = (feature(test) / model.scale).numpy()
     return score_arrays([true], [model.predict_normalised(test)])
 
@@ -658,8 +658,7 @@ def test_a_rule_for_any_token_outlasts_the_single_tokens_it_generalises():
     # kept 81 single tokens (held-out F1 0.01). The rules for any token are tried last.
     feature, patterns = SHAPES["any token within 3 after Y"]
     model = n2g.distill(feature, text(1, patterns, n=240, rate=0.3, low=200, high=30000))
-    test = text(99, patterns, n=160, rate=0.3, low=200, high=30000)
-    scores = score_arrays([(feature(test) / model.scale).numpy()], [model.predict_normalised(test)])
+    scores = heldout_f1(model, feature, patterns, low=200, high=30000)
     assert scores.f1 == 1.0, scores
     assert model.graph_.describe().splitlines()[2:] == ["  9 *{0-2} [*]  1.00  x82"]
 
@@ -706,9 +705,7 @@ def test_a_mixed_run_gives_way_to_an_exact_question_that_can_be_refined_on_long_
     # Where a run leaves its side mixed, the best exact question admissible on its own is asked instead.
     feature, patterns = SHAPES["two tokens before, over a sub-threshold base"]
     model = n2g.distill(feature, text(2, patterns, n=240, length=256, rate=0.3))
-    test = text(99, patterns, n=160, length=256, rate=0.3)
-    scores = score_arrays([(feature(test) / model.scale).numpy()], [model.predict_normalised(test)])
-    assert scores.f1 == 1.0, model.graph_.describe()
+    assert heldout_f1(model, feature, patterns, length=256).f1 == 1.0, model.graph_.describe()
     g = model.graph_
     x = g.nodes[g.nodes[0].children[16]]
     assert g.nodes[g.nodes[x.children[17]].children[18]].end == pytest.approx(1.0)
