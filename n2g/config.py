@@ -419,6 +419,7 @@ PRESETS: dict[str, DistillConfig] = {
         background_tokens=True,
         dense=True,
         min_gain=20.0,
+        grow_depth=3,
         grow_gaps=True,
         set_cost=1.0,
         clean_gain=60.0,

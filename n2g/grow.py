@@ -29,8 +29,9 @@ at several distances are not joined into a run where one distance is clearly str
 (:meth:`Grower._stronger_distance`).
 A run is a leaf: where it would leave its side mixed and an exact question selects the same occurrences,
 the exact one is asked, and the wildcard positions it skips are split as a proposed branch's are. Where
-no question is admissible, one step of lookahead (:meth:`Grower._lookahead`) asks a token that a second
-one further back makes admissible ("after Z Y" where Y alone is mixed). :func:`add_context_activators`
+no question is admissible, or where it is stronger than the best one that is, one step of lookahead
+(:meth:`Grower._lookahead`) asks a token that a second one further back makes admissible ("after Z Y"
+where Y alone is mixed, or "after Y, unless Z before Y"). :func:`add_context_activators`
 adds rules with no activating token ("any token after Y", with exceptions, after a pair, or with Y within
 a reach), and
 :func:`drop_explained_activators` then removes exact activators those rules make redundant.
@@ -183,7 +184,10 @@ class Grower:
                         parent, deepest = self.graph._parents(), deepest_of(r, c)
                     for at in np.unique(deepest).tolist():
                         depth = self._fixed_depth(at, parent)
-                        if at != node and depth is not None and depth < self.max_depth:
+                        # not below a proposed chain of two or more wildcards alone ("* * [X]"): it holds every
+                        # occurrence of X, about whose earlier tokens X's own questions (charged) already ask
+                        wild_only = depth is not None and depth >= 2 and self.graph.nodes[at].rank[0] == 0
+                        if at != node and depth is not None and depth < self.max_depth and not wild_only:
                             self._grow(at, r[deepest == at], c[deepest == at], depth + 1, self.max_depth - depth)
                 # a proposed chain of wildcards alone ("* * [X]") says nothing the activator does not
                 keep = (deepest == node) | np.fromiter((self.graph.nodes[at].rank[0] == 0 for at in deepest.tolist()),
@@ -448,8 +452,10 @@ class Grower:
             for q in questions:
                 if (pick is None or q[0] > pick[0] + 1e-9) and (q[3] or q[0] >= self.min_gain or self._clean(r, c, y, q[1], runs=True)):
                     pick = q
-            if pick is None and depth_left > 1:
-                pick = self._lookahead(r, c, y, offset, n, f, base, questions)
+            if depth_left > 1:  # a token that a second one further back makes stronger than any question alone
+                ahead = self._lookahead(r, c, y, offset, n, f, base, questions)
+                if ahead is not None and (pick is None or ahead[1] > pick[0] + 1e-9):
+                    pick = ahead[0]
             if pick is None:
                 return
             if pick[3]:  # a clean set lists every token seen before one side; one token that splits as purely says it
@@ -511,11 +517,13 @@ class Grower:
         self.graph.add_child(at, y_token, excerpt_ids)
 
     def _lookahead(self, r, c, y, offset, n, f, base, questions, top: int = 3):
-        """A question too weak alone that a second token further back makes strong: "X fires after Z Y"
-        where Y alone (after Z or not) is mixed. Of the ``top`` best exact questions, the first whose side a
-        second exact question (one more position back) splits so that the two together would be admissible
-        (gain of the pair against every other occurrence, less ``skip_cost`` for the second token, at least
-        ``min_gain``, or clean); None if none."""
+        """A question that a second token further back makes strong: "X fires after Z Y" where Y alone (after
+        Z or not) is mixed, or "X fires after Y, unless Z before Y". Of the ``top`` best exact questions, the
+        first whose side a second exact question (one more position back) splits so that the two together, or
+        Y's side without the second token, would be admissible (gain against every other occurrence, less
+        ``skip_cost`` for the second token, at least ``min_gain``, or clean): (that question, the gain); None
+        if none. Asked where no question is admissible alone, and taken over one that is where its gain is
+        higher (a set of background tokens that happen to fire is then not listed instead)."""
         exact = sorted((q for q in questions if not q[3] and q[2] == 0 and q[1][0] == "exact"), key=lambda q: -q[0])
         for q in exact[:top]:
             side = q[1][3]
@@ -527,10 +535,14 @@ class Grower:
             if found is None or found[0] != "exact":
                 continue
             pair = side[found[3]]
-            n1, f1 = len(pair), int(y[pair].sum())
-            g = float(_split_gain(base, n, f, n1, f1)) - self.skip_cost
-            if g >= self.min_gain or self._clean(r, c, y, ("exact", g, found[2], pair)):
-                return q
+            # the pair, or the rest of Y's side: "X after Y, unless Z before Y" is Y's side without the pair
+            for group in (pair, np.setdiff1d(side, pair)):
+                n1, f1 = len(group), int(y[group].sum())
+                if not n1:
+                    continue
+                g = float(_split_gain(base, n, f, n1, f1)) - self.skip_cost
+                if g >= self.min_gain or self._clean(r, c, y, ("exact", g, found[2], group)):
+                    return q, g
         return None
 
     def _distinct(self, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -958,7 +970,7 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
                         found.append((float(gain[j]), d, int(uniq[j])))
     wild = graph.nodes[0].children.get(WILDCARD)
     any_fires = quiet and wild is not None and graph.nodes[wild].end is not None and graph.nodes[wild].end >= thr
-    for j, span in enumerate(s for s in run_spans if s > max_depth):  # "any token fires with Y within span"
+    for j, span in enumerate(s for s in run_spans if s > 1):  # "any token fires with Y within span"
         if span >= ids.shape[1]:
             break
         found += _context_runs(ids, fires, valid, span, n, f, base, min_count, min_distinct, min_gain + run_cost * j)

@@ -1026,3 +1026,58 @@ def test_a_noisy_neuron_gets_the_graph_of_its_clean_rule(name, kind):
     assert (stats["context"], stats["wildcard"]) == (clean["context"], clean["wildcard"]), model.graph_.describe()
     scores = heldout_f1(model, noisy, patterns)
     assert scores.n_firing > 10 and scores.f1 == 1.0, scores
+
+
+def _under_a_stronger_rule(seed: int, patterns, n: int, rate: float) -> torch.Tensor:
+    """Planted text in which token 3 (which fires at the neuron's maximum) sits in every other excerpt: the top
+    excerpts are its, so pruning and occlusion never propose the weaker rule's context, which the grower then
+    finds in the training evidence alone, as for a real neuron's second, weaker meaning."""
+    x = text(seed, patterns, n=n, rate=rate)
+    g = torch.Generator().manual_seed(seed + 1000)
+    for b in range(0, n, 2):
+        x[b, int(torch.randint(1, x.shape[1], (1,), generator=g))] = 3
+    return x
+
+
+def _weaker(feature):
+    return lambda x: torch.maximum(0.65 * feature(x), (x == 3).float())
+
+
+def _quiet_after_z_y(x):  # 8 fires after 9, but below the threshold after "21 9"
+    return (x == 8).float() * torch.where(shifted(x, 1) == 9, torch.where(shifted(x, 2) == 21, 0.7, 1.0), 0.0)
+
+
+@pytest.mark.parametrize("name, seed", [("after Y, unless Z before Y", 1), ("after Y, unless Z before Y", 2),
+                                        ("quiet after Z Y", 1), ("quiet after Z Y", 3)])
+def test_a_weaker_rule_is_grown_from_the_evidence_with_its_blocker(name, seed):
+    # "8 fires after 9, unless 21 before the 9", at 0.65 of the neuron's maximum. "9 [8]" alone leaves its
+    # side mixed (G below min_gain), so the lookahead asks it because 9's side without "21 9" splits purely;
+    # before, it looked only at the pair "21 9" (all quiet: weak) and grew nothing, so that [8] held 0.5
+    # everywhere and branch pruning dropped it (held-out F1 0.79), or took a set of background tokens two back
+    # that happened to fire there (0.72-0.73); a lookahead stronger than the best admissible question now wins.
+    feature, patterns = {"quiet after Z Y": (_quiet_after_z_y, [[8], [9, 8], [21, 9, 8]])}.get(name) or SHAPES[name]
+    f = _weaker(feature)
+    model = n2g.distill(f, _under_a_stronger_rule(seed, patterns, 160, 0.2))
+    test = _under_a_stronger_rule(99, patterns, 160, 0.3)
+    scores = score_arrays([(f(test) / model.scale).numpy()], [model.predict_normalised(test)])
+    assert scores.f1 == 1.0, model.graph_.describe()
+    g = model.graph_
+    after_nine = g.nodes[g.nodes[g.nodes[0].children[8]].children[9]]
+    assert after_nine.end == pytest.approx(0.65) and g.nodes[after_nine.children[21]].end < 0.5
+
+
+@pytest.mark.parametrize("name, seed, n, rate", [("three tokens of context", 3, 240, 0.3),
+                                                 ("Y, a gap, then Z right before", 2, 160, 0.2)])
+def test_a_weaker_rule_reaches_three_tokens_back(name, seed, n, rate):
+    # 16 fires (at 0.65) only with 18 three tokens back ("19 18 17 [16]", "18 * 17 [16]"). With growing two
+    # positions deep the grower found no split the evidence supports ("18 * [16]" is mixed) and the rule was
+    # lost or read as "18 within 3" (held-out F1 0.75 and 0.85); three positions deep it is found. The held-out
+    # text's misses are plants written over each other ("19 18 16"), a context the training text never shows.
+    feature, patterns = SHAPES[name]
+    f = _weaker(feature)
+    model = n2g.distill(f, _under_a_stronger_rule(seed, patterns, n, rate))
+    test = _under_a_stronger_rule(99, patterns, 160, 0.3)
+    scores = score_arrays([(f(test) / model.scale).numpy()], [model.predict_normalised(test)])
+    assert scores.f1 >= 0.98, model.graph_.describe()
+    g = model.graph_
+    assert any(n.depth == 3 and n.end is not None and n.end >= 0.5 for n in g.nodes), g.describe()  # three back
