@@ -913,7 +913,7 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     tokens it now predicts are right at least ``min_count`` more times than before, where before is
     judged as on unseen text (each excerpt matched without the paths only it made); matching prefers
     an exact activator's equally specific branch, so what the graph says about a token stays.
-    With ``run_spans`` (reaches k > ``max_depth``), a candidate may also say "any token fires when Y is
+    With ``run_spans`` (reaches k of 2 or more), a candidate may also say "any token fires when Y is
     among the k tokens before it" (``Y *{0-(k-1)} [*]``), each reach past the first charged ``run_cost``
     of gain more, as in :class:`Grower`; a reach that only repeats an exact distance's rule fixes nothing
     more and is not kept.
@@ -970,7 +970,7 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
                         found.append((float(gain[j]), d, int(uniq[j])))
     wild = graph.nodes[0].children.get(WILDCARD)
     any_fires = quiet and wild is not None and graph.nodes[wild].end is not None and graph.nodes[wild].end >= thr
-    for j, span in enumerate(s for s in run_spans if s > 1):  # "any token fires with Y within span"
+    for j, span in enumerate(run_spans):  # "any token fires with Y within span"
         if span >= ids.shape[1]:
             break
         found += _context_runs(ids, fires, valid, span, n, f, base, min_count, min_distinct, min_gain + run_cost * j)

@@ -1043,6 +1043,11 @@ def _weaker(feature):
     return lambda x: torch.maximum(0.65 * feature(x), (x == 3).float())
 
 
+def _heldout_under_a_stronger_rule(model, feature, patterns):
+    test = _under_a_stronger_rule(99, patterns, 160, 0.3)
+    return score_arrays([(feature(test) / model.scale).numpy()], [model.predict_normalised(test)])
+
+
 def _quiet_after_z_y(x):  # 8 fires after 9, but below the threshold after "21 9"
     return (x == 8).float() * torch.where(shifted(x, 1) == 9, torch.where(shifted(x, 2) == 21, 0.7, 1.0), 0.0)
 
@@ -1058,8 +1063,7 @@ def test_a_weaker_rule_is_grown_from_the_evidence_with_its_blocker(name, seed):
     feature, patterns = {"quiet after Z Y": (_quiet_after_z_y, [[8], [9, 8], [21, 9, 8]])}.get(name) or SHAPES[name]
     f = _weaker(feature)
     model = n2g.distill(f, _under_a_stronger_rule(seed, patterns, 160, 0.2))
-    test = _under_a_stronger_rule(99, patterns, 160, 0.3)
-    scores = score_arrays([(f(test) / model.scale).numpy()], [model.predict_normalised(test)])
+    scores = _heldout_under_a_stronger_rule(model, f, patterns)
     assert scores.f1 == 1.0, model.graph_.describe()
     g = model.graph_
     after_nine = g.nodes[g.nodes[g.nodes[0].children[8]].children[9]]
@@ -1076,8 +1080,7 @@ def test_a_weaker_rule_reaches_three_tokens_back(name, seed, n, rate):
     feature, patterns = SHAPES[name]
     f = _weaker(feature)
     model = n2g.distill(f, _under_a_stronger_rule(seed, patterns, n, rate))
-    test = _under_a_stronger_rule(99, patterns, 160, 0.3)
-    scores = score_arrays([(f(test) / model.scale).numpy()], [model.predict_normalised(test)])
+    scores = _heldout_under_a_stronger_rule(model, f, patterns)
     assert scores.f1 >= 0.98, model.graph_.describe()
     g = model.graph_
     assert any(n.depth == 3 and n.end is not None and n.end >= 0.5 for n in g.nodes), g.describe()  # three back
