@@ -35,7 +35,7 @@ from harness import parse_set  # noqa: E402
 
 
 MIN_FIRING = 10
-"""Least firing tokens a draw needs in the training text (the graph learns from about half of it)."""
+"""Least firing tokens a draw needs in the training text (kept at 10 since the graph learned from half of it)."""
 
 
 def back(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -193,7 +193,8 @@ def main(argv=None) -> int:
               f"| {np.mean([row[2] for row in rows]):.0f} |")
     total = sum(len(r) for r in table.values())
     print(f"\n{below} of {total} fits below F1 1.0 (left out: {rare} draws firing fewer than {MIN_FIRING} times in the training text, {skipped} with no firing held-out token); seeds {args.seeds}; {len(train)} training / {len(test)} held-out "
-          f"excerpts of the embedded corpus (distil() holds out half of its training excerpts again); "
+          f"excerpts of the embedded corpus (distil() scores on half of its training excerpts"
+          f"{', then fits the graph again on all of them' if overrides.get('refit', True) else ' and fits on the other half'}); "
           f"preset {args.preset} {overrides or ''}; {time.time() - t0:.0f}s; {platform.machine()}, "
           f"{platform.python_version()}")
     return 0

@@ -714,6 +714,7 @@ class NeuronModel:
             f1 = "no firing test token" if s.f1 is None else f"{s.f1:.3f}"
             head += f"; test firing F1 {f1}" + (f", token lookup {base.f1:.3f}" if base and base.f1 is not None else "")
             head += f", Pearson r {s.pearson:.3f}" if s.pearson is not None else ""
+            head += "; the graph refit on every excerpt after scoring" if getattr(self, "refit_", False) else ""
         head += f"; maximum activation {self.scale:.4g})"
         if not hasattr(self, "graph_"):
             return head
@@ -765,7 +766,7 @@ def _as_lists(excerpts) -> list[list[int]]:
 def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: str = "positive",
             substitutes: Callable | None = None, occlusion_token_id: int = 0, name: str = "feature",
             config: DistillConfig | None = None, written=None, vocabulary: int | None = None,
-            **options) -> NeuronModel:
+            refit: bool = True, **options) -> NeuronModel:
     """Distil any feature into a graph from a list of token-id excerpts; returns the fitted model.
 
     ``written``: token-id rows of text a language model wrote (a feature has no model to write them;
@@ -776,6 +777,13 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     show fewer than ``max(min_count, 2)`` times is measured right after that many contexts cut from
     training excerpts, and the ones that fire join the graph's evidence as single tokens
     (:mod:`n2g.vocabulary`), so the graph can fire on tokens the excerpts never show.
+
+    ``refit``: the graph is first fitted on the training side of the excerpts (``1 - held_out`` of them) and
+    scored on the held-out side: ``scores_`` and the test examples of ``examples_`` are that fit's. Then, as a
+    final model after cross-validation, ``graph_`` is fitted again from every excerpt, so it learns from all the
+    evidence given (a blocker or context shown only in held-out excerpts is learned too); the training examples
+    of ``examples_`` are the final fit's. ``refit=False`` keeps the scored graph (half the evidence with the
+    default ``held_out``, half the feature calls).
 
     The returned :class:`NeuronModel` has ``graph_``, ``examples_`` (train and test with true and
     predicted normalised activations), ``scores_`` (``n2g`` and each baseline on the test split),
@@ -846,5 +854,14 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
                    model._evaluator(), substitutes)
     model.graph_, model.examples_, model.scores_, model.trace_ = result.graph, result.examples, result.scores, result.trace
     model.ceiling_ = result.ceiling
+    model.refit_ = bool(refit and not is_train.all())
+    if model.refit_:  # the final graph learns from every excerpt; the scores stay the held-out ones
+        everything = np.ones(len(seqs), bool)  # the written and vocabulary evidence measured above is reused
+        final = drive(neuron_steps(seqs, ranked, pool, cfg, occlusion_token_id, known, everything, list(range(len(seqs))),
+                                   written=extra), model._evaluator(), substitutes)
+        # The graph's paths name their training excerpts by position among the training examples, so those
+        # are the final fit's; the test examples keep the scored graph's predictions, as the scores do.
+        model.graph_, model.trace_ = final.graph, final.trace
+        model.examples_ = final.examples + [e for e in result.examples if e.split == "test"]
     model.status_ = "fitted"
     return model

@@ -507,3 +507,40 @@ def test_a_substitutes_callable_answering_anything_but_token_id_lists_is_one_lin
         n2g.distill(after_family, train, augment=True, substitutes=bad, augment_positions="important")
     ok = lambda seqs, p, k: [np.array([21, 22]) for _ in seqs]  # arrays of ids are fine
     assert 21 in n2g.distill(after_family, train, augment=True, substitutes=ok, augment_positions="important").graph_.tokens()
+
+
+def _seven_unless_after_blocker(x):  # token 7 fires, unless the token right before it is 20 or 21
+    prev = torch.roll(x, 1, 1)
+    prev[:, 0] = -1
+    return ((x == 7) & (prev != 20) & (prev != 21)).float()
+
+
+def _plant(x, rows, pattern, seed):
+    g = torch.Generator().manual_seed(seed)
+    for r in rows:
+        at = int(torch.randint(2, x.shape[1], (1,), generator=g))
+        x[r, at - len(pattern) + 1 : at + 1] = torch.tensor(pattern)
+
+
+def test_the_final_graph_learns_from_every_excerpt_and_the_scores_stay_held_out():
+    from n2g.activations import partition
+
+    cfg = n2g.preset("default")
+    x = text(5, [[7], [20, 7]], n=160, rate=0.3)
+    held = np.flatnonzero(~partition(len(x), cfg.held_out, cfg.seed))
+    _plant(x, held[:8], [21, 7], 1)  # blocker 21 comes before 7 only in excerpts the scored fit holds out
+    scored = n2g.distill(_seven_unless_after_blocker, x, refit=False)
+    final = n2g.distill(_seven_unless_after_blocker, x)
+    assert final.refit_ and not scored.refit_
+    assert final.scores_ == scored.scores_  # both report the fit on the training side, scored on held-out text
+    assert [e.token_ids for e in final.examples_ if e.split == "test"] == \
+        [e.token_ids for e in scored.examples_ if e.split == "test"]
+    probe = text(77, [[7], [20, 7], [21, 7]], n=60, rate=0.3)
+    true = _seven_unless_after_blocker(probe).numpy()
+    blocked = (probe == 7) & (torch.roll(probe, 1, 1) == 21)
+    assert int(blocked.sum()) >= 10
+    assert (scored.predict_normalised(probe)[blocked] >= 0.5).all()  # never saw 21 before 7: fires
+    assert score_arrays([true], [final.predict_normalised(probe)]).f1 == 1.0  # learned it from the held-out side
+    assert "refit on every excerpt" in repr(final) and "refit" not in repr(scored)
+    # The final fit's training examples (whose order the paths' sources follow) take in held-out excerpts.
+    assert {e.excerpt_index for e in final.examples_ if e.split == "train"} & set(held.tolist())
