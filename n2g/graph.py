@@ -474,8 +474,10 @@ class NeuronGraph:
         for node in chains:  # "* * [X]" says what X alone says: its tokens count at X
             self.nodes[node].end = None
         reached: dict[int, list[float]] = {}
-        for ids, acts in sequences:
+        shown: dict[int, set[int]] = {}  # node -> training excerpts with a firing token counted there
+        for j, (ids, acts) in enumerate(sequences):
             ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+            source = None if sources is None else sources[j]
             for i, t in enumerate(ids):
                 if t not in roots and not anywhere:  # reaches no node
                     continue
@@ -483,6 +485,8 @@ class NeuronGraph:
                 node = chains.get(node, node)
                 if node is not None:
                     reached.setdefault(node, []).append(float(acts[i]))
+                    if source is not None and acts[i] >= self.fire_threshold:
+                        shown.setdefault(node, set()).add(source)
         self.support = {node: len(vals) for node, vals in reached.items()}
         if backoff and subtree:  # a node its own tokens cannot value falls back to every token through it
             parent = self._parents()
@@ -502,9 +506,9 @@ class NeuronGraph:
             if select is not None:  # choose on these sequences only (e.g. a mix shaped like the test split)
                 chosen_seqs = [sequences[j] for j in select]
                 chosen_src = None if sources is None else [sources[j] for j in select]
-                k = self._best_quantile(chosen_seqs, grid, chosen_src)
+                k = self._best_quantile(chosen_seqs, grid, chosen_src, shown)
             else:
-                k = self._best_quantile(sequences, grid, sources)
+                k = self._best_quantile(sequences, grid, sources, shown)
             self.end_quantile = AUTO_QUANTILES[k]
             for node, qs in grid.items():
                 value = float(qs[k])
@@ -533,11 +537,25 @@ class NeuronGraph:
                     out[idx] = up
         return out
 
-    def _best_quantile(self, sequences, grid: dict[int, np.ndarray], sources: Sequence[int | None] | None = None) -> int:
+    def _best_quantile(self, sequences, grid: dict[int, np.ndarray], sources: Sequence[int | None] | None = None,
+                       shown: dict[int, set[int]] | None = None) -> int:
         """Index into AUTO_QUANTILES of the best training firing F1 (ties: the higher quantile).
 
-        ``grid`` holds each calibrated node's value at every quantile of AUTO_QUANTILES.
+        ``grid`` holds each calibrated node's value at every quantile of AUTO_QUANTILES. Out of sample
+        (``sources``), a node only the token's own excerpt made is skipped, unless ``shown`` (node -> the
+        training excerpts with a firing token counted at it) names another excerpt: new text with that
+        context is then text the graph knows (pruning put the context in a path from one excerpt, but the
+        training text shows it firing elsewhere too).
         """
+        if shown and sources is not None:
+            made = {node: set(self.nodes[node].sources) for node in shown if self.nodes[node].sources}
+            try:
+                for node in made:  # (a node no excerpt made is never skipped: it stays so)
+                    self.nodes[node].sources |= shown[node]
+                return self._best_quantile(sequences, grid, sources)
+            finally:
+                for node, src in made.items():
+                    self.nodes[node].sources = src
         for node in grid:  # the set of ENDs is fixed now; only their values depend on the quantile
             if self.nodes[node].end is None:
                 self.nodes[node].end = 0.0

@@ -544,3 +544,30 @@ def test_the_final_graph_learns_from_every_excerpt_and_the_scores_stay_held_out(
     assert "refit on every excerpt" in repr(final) and "refit" not in repr(scored)
     # The final fit's training examples (whose order the paths' sources follow) take in held-out excerpts.
     assert {e.excerpt_index for e in final.examples_ if e.split == "train"} & set(held.tolist())
+
+
+def test_a_context_one_excerpt_proposed_counts_out_of_sample_where_other_excerpts_show_it_firing():
+    # "7 fires after 20, 21 or 22": pruning made each context path from one top excerpt (0, 1, 2); training
+    # excerpts 3-5 show the same contexts firing, 6 shows "23 7" firing (a context no path has) and 7-16 show
+    # "50 7" quiet. The END quantile is chosen out of sample on a top-like mix (0, 1, 2, 6 and two quiet
+    # ones). Before, each context path counted as unknown to its own excerpt, so every firing token of the
+    # mix fell back to bare 7, which then had to fire (quantile 1.0: "7 fires anywhere"; branch pruning then
+    # drops the contexts). The training text shows those contexts firing in other excerpts: they count.
+    g = NeuronGraph()
+    for k, c in enumerate((20, 21, 22)):
+        g.add_path([(7, 1.0), (c, 1.0)], 1.0, k)
+    rows = [([c, 7], [0.0, 1.0]) for c in (20, 21, 22, 20, 21, 22, 23)] + [([50, 7], [0.0, 0.1])] * 10
+    g.calibrate(rows, backoff=True, statistic="auto", min_count=1, sources=list(range(len(rows))),
+                end_value="mean", select=[0, 1, 2, 6, 7, 8], subtree=True)
+    seven = g.nodes[0].children[7]
+    assert g.nodes[seven].end < 0.5  # bare 7 stays quiet: 1 firing token in 11 reach it
+    assert all(g.nodes[g.nodes[seven].children[c]].end == 1.0 for c in (20, 21, 22))
+    assert [g.nodes[g.nodes[seven].children[c]].sources for c in (20, 21, 22)] == [{0}, {1}, {2}]  # as made
+    # Without the other excerpts (rows 3-5 quiet background instead), the mix cannot tell: 7 fires alone.
+    rows[3:6] = [([50, 7], [0.0, 0.1])] * 3
+    h = NeuronGraph()
+    for k, c in enumerate((20, 21, 22)):
+        h.add_path([(7, 1.0), (c, 1.0)], 1.0, k)
+    h.calibrate(rows, backoff=True, statistic="auto", min_count=1, sources=list(range(len(rows))),
+                end_value="mean", select=[0, 1, 2, 6, 7, 8], subtree=True)
+    assert h.end_quantile == 1.0 and h.nodes[h.nodes[0].children[7]].end >= 0.5
