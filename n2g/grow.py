@@ -89,6 +89,10 @@ VALUE_DELTA = 0.2
 REFINE_TOKENS = 3
 """Of each run span's best tokens, how many have their reach refined within the span (:meth:`Grower._refined_reach`)."""
 
+SET_CHANCE = 0.2
+"""A set question's member (a token after which X never fires, or always fires) must be that pure with
+probability at most this by chance, given how often it is seen and X's firing share where it is asked."""
+
 
 def _value_lr(a: np.ndarray, tok: np.ndarray, occ: np.ndarray, m: int) -> np.ndarray:
     """Per token (of ``m``): Gaussian likelihood ratio ``n ln(SS_total/SS_within)`` of splitting the activations
@@ -736,8 +740,12 @@ class Grower:
         if np.isfinite(gain[j]):
             best = ("exact", float(gain[j]), int(uniq[j]), at[inv == j])
         # A set of tokens that never (or always) fire here, taken together: "X unless after one of S".
-        for pure in (fired == 0, fired == counts):
-            chosen = pure & (counts >= self.min_count)
+        for side, pure in enumerate((fired == 0, fired == counts)):
+            # A member is pure past chance: a token seen k times here is all quiet (all firing) with probability
+            # (share of quiet (firing) occurrences)^k; one background token seen twice with X quiet each time,
+            # where half of X's occurrences are quiet, says nothing, and many such would join the set.
+            rate = (f / n) if side else (1 - f / n)
+            chosen = pure & (counts >= self.min_count) & (rate ** counts <= SET_CHANCE)
             n1, f1 = int(counts[chosen].sum()), int(fired[chosen].sum())
             if chosen.sum() < 2 or n - n1 < self.min_count:
                 continue
