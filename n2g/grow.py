@@ -749,7 +749,7 @@ class Grower:
             n1, f1 = int(counts[chosen].sum()), int(fired[chosen].sum())
             if chosen.sum() < 2 or n - n1 < self.min_count:
                 continue
-            # Each member past the first costs 2 (as in AIC): a set picked for being pure is not free.
+            # Each member past the first costs ``set_cost`` (as in AIC): a set picked for being pure is not free.
             g = float(_split_gain(base, n, f, n1, f1)) - self.set_cost * (int(chosen.sum()) - 1)
             if best is None or g > best[1] + 1e-9:
                 best = ("set", g, [int(t) for t in uniq[chosen]], at[chosen[inv]])

@@ -11,7 +11,7 @@ from n2g.errors import N2GError
 from n2g.graph import AUTO_QUANTILES, WILDCARD, NeuronGraph
 from n2g.score import score_arrays
 
-from planted import RULES, after, after_family, dead, strengths, text, two_context
+from planted import RULES, after, after_family, dead, shifted, strengths, text, two_context
 
 TOKENS = {"single": {7}, "after": {8, 9}, "gap": {10, 11}, "either": {12, 13}, "strengths": {14, 15},
           "two_context": {16, 17, 18}, "negative": {19}}
@@ -510,8 +510,7 @@ def test_a_substitutes_callable_answering_anything_but_token_id_lists_is_one_lin
 
 
 def _seven_unless_after_blocker(x):  # token 7 fires, unless the token right before it is 20 or 21
-    prev = torch.roll(x, 1, 1)
-    prev[:, 0] = -1
+    prev = shifted(x, 1)
     return ((x == 7) & (prev != 20) & (prev != 21)).float()
 
 
@@ -537,7 +536,7 @@ def test_the_final_graph_learns_from_every_excerpt_and_the_scores_stay_held_out(
         [e.token_ids for e in scored.examples_ if e.split == "test"]
     probe = text(77, [[7], [20, 7], [21, 7]], n=60, rate=0.3)
     true = _seven_unless_after_blocker(probe).numpy()
-    blocked = (probe == 7) & (torch.roll(probe, 1, 1) == 21)
+    blocked = (probe == 7) & (shifted(probe, 1) == 21)
     assert int(blocked.sum()) >= 10
     assert (scored.predict_normalised(probe)[blocked] >= 0.5).all()  # never saw 21 before 7: fires
     assert score_arrays([true], [final.predict_normalised(probe)]).f1 == 1.0  # learned it from the held-out side
