@@ -800,6 +800,8 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
         raise N2GError(f"vocabulary must be the feature's vocabulary size, from 1 to {MAX_TOKEN_ID + 1} (got {vocabulary!r})")
     if substitutes is not None and not callable(substitutes):
         raise N2GError(f"substitutes must be callable (seqs, positions, k) -> token-id lists, not {type(substitutes).__name__}")
+    if not isinstance(refit, (bool, np.bool_)):
+        raise N2GError(f"refit must be True (the graph learns from every excerpt after scoring) or False, not {refit!r}")
     if config is None:
         cfg = preset(preset_name, **options)
     elif not isinstance(config, DistillConfig):

@@ -445,6 +445,8 @@ def test_options_change_a_given_config_and_a_wrong_config_is_refused():
         n2g.distill(SEVEN, GOOD, preset_name=["paper"])
     with pytest.raises(N2GError, match="substitutes must be callable"):
         n2g.distill(SEVEN, GOOD, substitutes=5, augment=True)
+    with pytest.raises(N2GError, match="refit must be True"):  # a string would have been taken as True
+        n2g.distill(SEVEN, GOOD, refit="no")
     with pytest.raises(N2GError, match="complex numbers"):  # was cast to real with a UserWarning
         n2g.distill(lambda ids: (ids == 7).to(torch.complex64) * 1j, GOOD)
 
