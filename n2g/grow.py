@@ -978,13 +978,15 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
                         found.append((float(gain[j]), d, int(uniq[j])))
     wild = graph.nodes[0].children.get(WILDCARD)
     any_fires = quiet and wild is not None and graph.nodes[wild].end is not None and graph.nodes[wild].end >= thr
+    occurrences = _Occurrences(ids, valid) if len(run_spans) and run_spans[0] < ids.shape[1] else None
     for j, span in enumerate(run_spans):  # "any token fires with Y within span"
         if span >= ids.shape[1]:
             break
-        found += _context_runs(ids, fires, valid, span, n, f, base, min_count, min_distinct, min_gain + run_cost * j)
+        found += _context_runs(ids, fires, valid, span, n, f, base, min_count, min_distinct, min_gain + run_cost * j,
+                               occurrences)
         if any_fires:  # "any token is quiet with Y within span"
             found += _context_runs(ids, ~fires & valid, valid, span, n, n - f, base, min_count, min_distinct,
-                                   min_gain + run_cost * j)
+                                   min_gain + run_cost * j, occurrences)
     if max_depth >= 2:
         found += _context_pairs(ids, fires, valid, n, f, base, min_count, min_distinct, min_gain + pair_cost)
     # exact distances before runs and pairs on equal gain (d: distance; -span for a run; 0 for a pair)
@@ -1165,53 +1167,75 @@ def _firing_keys(inv, y, tok, counts, fired, gain, min_count, min_distinct, min_
             if len(np.unique(tok[(inv == j) & y])) >= min_distinct]
 
 
+class _Occurrences:
+    """Every token occurrence of evidence arrays ``ids`` (``[n, length]``, -1 pads), grouped by token: what
+    :func:`_context_runs` needs for any reach, found once for all its reaches."""
+
+    def __init__(self, ids: np.ndarray, valid: np.ndarray):
+        self.shape = ids.shape
+        width = ids.shape[1]
+        at = np.flatnonzero(valid.ravel())
+        y = ids.ravel()[at]
+        order = np.lexsort((at, y))
+        self.at, self.y = at[order], y[order]
+        self.row, self.col = self.at // width, self.at % width
+        # the column of the same token's next occurrence in the row (width where there is none)
+        same = (self.y[1:] == self.y[:-1]) & (self.row[1:] == self.row[:-1])
+        self.next = np.full(len(self.at), width, np.int64)
+        self.next[:-1][same] = self.col[1:][same]
+        self.tokens = np.unique(self.y)
+        self.group = np.searchsorted(self.tokens, self.y)
+        self.valid_running = self.running(valid)
+        # every occurrence of Y covers the position right after it (when that holds a token)
+        inner = self.col + 1 < width
+        self.after = np.bincount(self.group[inner], weights=valid.ravel()[self.at[inner] + 1],
+                                 minlength=len(self.tokens))
+
+    def running(self, mask: np.ndarray) -> np.ndarray:
+        """``[n, length + 1]`` running counts of ``mask`` along each row (0 first)."""
+        out = np.zeros((self.shape[0], self.shape[1] + 1), np.int64)
+        np.cumsum(mask, axis=1, out=out[:, 1:])
+        return out
+
+
 def _context_runs(ids: np.ndarray, fires: np.ndarray, valid: np.ndarray, span: int, n: int, f: int, base: float,
-                  min_count: int, min_distinct: int, min_gain: float) -> list[tuple[float, int, int]]:
+                  min_count: int, min_distinct: int, min_gain: float,
+                  occurrences: _Occurrences | None = None) -> list[tuple[float, int, int]]:
     """Candidates "any token fires when Y is among the ``span`` tokens before it": (gain, -span, Y) for
     every Y after which more tokens fire than not within that reach, on ``min_distinct`` different
-    tokens, with a split gain of at least ``min_gain``. Only Ys seen before a firing token are counted
-    over every position. With ``fires`` the quiet positions (and ``f`` their count), the candidates say
-    "any token is quiet with Y within reach"."""
-    rows, cols = np.nonzero(fires & valid)
-    pairs = []  # (Y, firing position) once each, for every Y within reach of a firing token
-    for d in range(1, span + 1):
-        ok = cols - d >= 0
-        pairs.append(ids[rows[ok], cols[ok] - d] * np.int64(ids.size) + (rows[ok] * ids.shape[1] + cols[ok]))
-    pairs = np.unique(np.concatenate(pairs)) if pairs else np.zeros(0, np.int64)
-    pairs = pairs[pairs >= 0]
-    tokens, fi = np.unique(pairs // ids.size, return_counts=True)
-    # every occurrence of Y covers the position right after it: more of those must fire than not
-    after = ids[:, :-1][valid[:, 1:] & (ids[:, :-1] >= 0)]
-    ys, ny = np.unique(after, return_counts=True)
-    least = np.zeros(len(tokens), np.int64)
-    known = np.isin(tokens, ys)
-    least[known] = ny[np.searchsorted(ys, tokens[known])]
-    # the most a Y can gain: every position in its reach fires (a pure split)
+    tokens, with a split gain of at least ``min_gain``. ``valid`` marks the positions that hold a
+    token (``ids >= 0``); ``occurrences`` is theirs, when found already. With ``fires`` the quiet positions
+    (and ``f`` their count), the candidates say "any token is quiet with Y within reach"."""
+    o = _Occurrences(ids, valid) if occurrences is None else occurrences
+    width = ids.shape[1]
+    # Each occurrence of a token Y reaches the positions after it, up to span on, cut at Y's next occurrence
+    # in that row (which starts its own reach), so the reaches of one Y never overlap; the positions within
+    # reach of Y are counted per occurrence from running counts along its row.
+    last = np.minimum(np.minimum(o.col + span, width - 1), o.next)
+    first = np.minimum(o.col + 1, width)
+    running = o.running(fires & valid)
+    firing_reach = running[o.row, last + 1] - running[o.row, first]
+    fi = np.bincount(o.group, weights=firing_reach, minlength=len(o.tokens)).astype(np.int64)
+    within = np.bincount(o.group, weights=o.valid_running[o.row, last + 1] - o.valid_running[o.row, first],
+                         minlength=len(o.tokens)).astype(np.int64)
+    # the most a Y can gain: every position in its reach fires (a pure split); more of the positions right
+    # after its occurrences must fire than not
     bound = _split_gain(base, n, f, fi, fi)
-    ok = (fi >= min_count) & (bound >= min_gain) & (2 * fi > least)
+    ok = (fi > 0) & (fi >= min_count) & (bound >= min_gain) & (2 * fi > o.after) & (2 * fi > within)
     if ok.any():  # tokens fired on within reach, at least min_distinct different ones
-        pos = pairs % ids.size
-        tok_at = ids.ravel()[pos]
-        y_of = pairs // ids.size
-        keep = np.isin(y_of, tokens[ok])
-        yt = np.unique(y_of[keep] * np.int64(ids.size) + tok_at[keep])
-        yy, distinct = np.unique(yt // ids.size, return_counts=True)
-        ok &= np.isin(tokens, yy[distinct >= min_distinct])
+        pick = ok[o.group] & (firing_reach > 0)
+        lengths = (last - o.col)[pick]
+        pos = np.repeat(o.at[pick] + 1 - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+        keep = fires.ravel()[pos] & valid.ravel()[pos]
+        wide = np.int64(ids.max() + 1)
+        pair = np.unique(np.repeat(o.y[pick], lengths)[keep] * wide + ids.ravel()[pos][keep])
+        yy, distinct = np.unique(pair // wide, return_counts=True)
+        ok &= np.isin(o.tokens, yy[distinct >= min_distinct])
     out = []
-    for token in tokens[ok].tolist():
-        at = (ids == token).astype(np.int32)
-        # within[r, i]: Y among positions i-span .. i-1 (a running count of Y over the reach)
-        csum = np.cumsum(np.pad(at, ((0, 0), (1, 0))), axis=1)
-        hi = np.arange(ids.shape[1])
-        lo = np.maximum(hi - span, 0)
-        within = (csum[:, hi] - csum[:, lo]) > 0
-        within &= valid
-        c, fi = int(within.sum()), int((within & fires).sum())
-        if fi < min_count or 2 * fi <= c:
-            continue
-        gain = float(_split_gain(base, n, f, c, fi))
-        if gain >= min_gain and len(np.unique(ids[within & fires])) >= min_distinct:
-            out.append((gain, -span, token))
+    for j in np.flatnonzero(ok).tolist():
+        gain = float(_split_gain(base, n, f, int(within[j]), int(fi[j])))
+        if gain >= min_gain:
+            out.append((gain, -span, int(o.tokens[j])))
     return out
 
 

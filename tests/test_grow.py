@@ -1110,3 +1110,43 @@ def test_a_set_question_takes_no_token_that_is_pure_by_chance():
             if len(keys) == 2 and 30 <= key < 100 and g.nodes[child].end is not None:
                 three_back.append(key)
     assert three_back == [], g.describe()
+
+
+def test_rules_for_any_token_within_reach_count_each_position_once_as_a_direct_count_does():
+    """`_context_runs` counts the positions within reach of each Y from its occurrences; a direct count over every
+    position (is Y among the span tokens before it?) must give the same candidates, gains and order."""
+    from n2g.grow import _context_runs, _impurity
+
+    def direct(ids, fires, valid, span, n, f, base, min_count, min_distinct, min_gain):
+        out = []
+        for token in np.unique(ids[valid]).tolist():
+            within = np.zeros(ids.shape, bool)
+            for d in range(1, span + 1):
+                within[:, d:] |= ids[:, :-d] == token
+            within &= valid
+            c, fi = int(within.sum()), int((within & fires).sum())
+            if fi < max(min_count, 1) or 2 * fi <= c:
+                continue
+            after = int(((ids[:, :-1] == token) & valid[:, 1:]).sum())
+            pure = float(base - _impurity(fi, fi) - _impurity(n - fi, f - fi))  # as if every position in reach fired
+            gain = float(base - _impurity(c, fi) - _impurity(n - c, f - fi))
+            if 2 * fi > after and pure >= min_gain and gain >= min_gain and len(np.unique(ids[within & fires])) >= min_distinct:
+                out.append((gain, -span, token))
+        return out
+
+    rng = np.random.default_rng(5)
+    checked = 0
+    for trial in range(40):
+        ids = rng.integers(0, int(rng.integers(4, 30)), size=(int(rng.integers(1, 12)), int(rng.integers(2, 20))))
+        for r in range(ids.shape[0]):  # right padding, as evidence arrays have
+            ids[r, int(rng.integers(1, ids.shape[1] + 1)):] = -1
+        valid = ids >= 0
+        fires = valid & (rng.random(ids.shape) < rng.uniform(0.2, 0.9))
+        n, f = int(valid.sum()), int(fires.sum())
+        base = float(_impurity(n, f))
+        for span in (2, 3, 6):
+            for mask, k in ((fires, f), (~fires & valid, n - f)):
+                got = _context_runs(ids, mask, valid, span, n, k, base, 2, 2, 0.5)
+                assert got == direct(ids, mask, valid, span, n, k, base, 2, 2, 0.5)
+                checked += len(got)
+    assert checked > 50  # the draws make candidates, not only empty lists
