@@ -798,28 +798,38 @@ class Grower:
                 continue
             best = (float(gain[j]), span, j)
             if i:  # a reach between the previous span and this one, where the evidence stops the rule there
-                for j in np.argsort(-gain)[:REFINE_TOKENS]:
-                    if np.isfinite(gain[j]):
-                        g, k = self._refined_reach(dist[inv == j], fires[inv == j], self.run_spans[i - 1], span,
-                                                   n, f, base)
-                        if g > best[0] + 1e-9 or (g > best[0] - 1e-9 and k > best[1]):
-                            best = (g, k, j)
+                top = [j for j in np.argsort(-gain)[:REFINE_TOKENS].tolist() if np.isfinite(gain[j])]
+                reaches = self._refined_reaches(dist, fires, inv, top, self.run_spans[i - 1], span, n, f, base)
+                for j, (g, k) in zip(top, reaches):
+                    if g > best[0] + 1e-9 or (g > best[0] - 1e-9 and k > best[1]):
+                        best = (g, k, j)
             g, span, j = best
             out.append((("run", span), g, int(uniq[j]), np.sort(occ[(dist < span) & (inv == j)])))
         return out
 
-    def _refined_reach(self, dist, fires, lo, hi, n, f, base):
-        """(gain, k) of the best reach k in (``lo``, ``hi``] for one token (its occurrences' nearest
-        distances ``dist``, 0 right before, and firings ``fires``); a tie goes to the widest k.
+    def _refined_reaches(self, dist, fires, inv, tokens, lo, hi, n, f, base) -> list[tuple[float, int]]:
+        """(gain, k) of the best reach k in (``lo``, ``hi``] for each of ``tokens`` (indices into the distinct
+        tokens that ``inv`` maps each (token, occurrence) pair to; ``dist`` its nearest distance, 0 right before,
+        ``fires`` its firing); a tie goes to the widest k.
 
         A doubling span says "Y within 48" where the evidence says "Y within 40": the occurrences with Y
         41-48 back that fire (or do not) the other way leave the side mixed. The reach is cut where the
         evidence turns, at no extra cost: the span's doubling has been charged."""
+        if not tokens:
+            return []
+        row = np.full(max(int(inv.max(initial=0)), max(tokens)) + 1, -1, np.int64)
+        row[tokens] = np.arange(len(tokens))
+        pick = (row[inv] >= 0) & (dist < hi)
+        cell = row[inv[pick]] * hi + dist[pick]
+        size = len(tokens) * hi
+        # occurrences (and firings) of each token nearer than k, for every k up to hi
+        near = np.cumsum(np.bincount(cell, minlength=size).reshape(len(tokens), hi), axis=1)
+        fired = np.cumsum(np.bincount(cell, weights=fires[pick], minlength=size).reshape(len(tokens), hi), axis=1)
         ks = np.arange(lo + 1, hi + 1)
-        near = dist[None, :] < ks[:, None]
-        gain = self._score(near.sum(1), (near * fires[None, :]).sum(1), n, f, base)
-        top = np.flatnonzero(gain >= gain.max() - 1e-9)
-        return float(gain[top[-1]]), int(ks[top[-1]])
+        gain = self._score(near[:, lo:hi], fired[:, lo:hi], n, f, base)
+        best = gain >= gain.max(axis=1, keepdims=True) - 1e-9
+        last = hi - lo - 1 - np.argmax(best[:, ::-1], axis=1)
+        return [(float(gain[t, at]), int(ks[at])) for t, at in enumerate(last.tolist())]
 
 
 def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:

@@ -1150,3 +1150,33 @@ def test_rules_for_any_token_within_reach_count_each_position_once_as_a_direct_c
                 assert got == direct(ids, mask, valid, span, n, k, base, 2, 2, 0.5)
                 checked += len(got)
     assert checked > 50  # the draws make candidates, not only empty lists
+
+
+def test_refined_reaches_of_several_tokens_are_each_tokens_own_best_cut():
+    """The reach cut between two spans, found for several tokens at once, is each token's best k counted
+    directly (its occurrences nearer than k), the widest k on a tie."""
+    from n2g.grow import _impurity, _split_gain
+
+    graph = NeuronGraph(fire_threshold=0.5)
+    grower = Grower(graph, np.zeros((1, 4), np.int64), np.zeros((1, 4)), np.zeros(1, np.int64), min_count=2)
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        pairs = int(rng.integers(5, 200))
+        inv = rng.integers(0, 6, pairs)
+        dist = rng.integers(0, 24, pairs)
+        fires = (rng.random(pairs) < rng.uniform(0.1, 0.9)).astype(np.float64)
+        n, f = pairs + int(rng.integers(0, 50)), int(fires.sum()) + int(rng.integers(0, 10))
+        base = float(_impurity(n, f))
+        lo, hi = sorted(rng.choice(np.arange(1, 25), 2, replace=False).tolist())
+        tokens = sorted(set(rng.integers(0, 6, 3).tolist()))
+        got = grower._refined_reaches(dist, fires, inv, tokens, lo, hi, n, f, base)
+        want = []
+        for t in tokens:
+            gains = []
+            for k in range(lo + 1, hi + 1):
+                near = (inv == t) & (dist < k)
+                c, fi = int(near.sum()), float(fires[near].sum())
+                gains.append(float(_split_gain(base, n, f, c, fi)) if c >= 2 and n - c >= 2 else -np.inf)
+            at = max(i for i, g in enumerate(gains) if g >= max(gains) - 1e-9)
+            want.append((gains[at], lo + 1 + at))
+        assert got == want
