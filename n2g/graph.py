@@ -382,10 +382,11 @@ class NeuronGraph:
                 best, best_rank = at, rank
             if d <= i:
                 children = self.nodes[at].children
-                for key, run in children.items():  # runs first on the stack: explored last, lose ties
-                    if key < WILDCARD:
-                        for inner, at_d in self._run_matches(ids, i, run, d, run_span(key)):
-                            stack.append((inner, at_d + 1, exact_start))
+                if at in self.run_parents:  # runs first on the stack: explored last, lose ties
+                    for key, run in children.items():
+                        if key < WILDCARD:
+                            for inner, at_d in self._run_matches(ids, i, run, d, run_span(key)):
+                                stack.append((inner, at_d + 1, exact_start))
                 # Pushed wildcard before exact so the exact branch is explored first and wins ties.
                 for key in (WILDCARD, int(ids[i - d])):
                     child = children.get(key)
