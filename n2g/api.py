@@ -85,10 +85,26 @@ def _corpus(corpus, model: SubjectModel, max_excerpts: int | None) -> Corpus:
     if corpus is None or isinstance(corpus, str):
         return load_corpus("default" if corpus is None else corpus, model, max_excerpts=max_excerpts)
     if isinstance(corpus, Corpus):
+        _check_token_ids(corpus, model)
         if max_excerpts is not None and max_excerpts < len(corpus):
             return Corpus(corpus.source, corpus.length, corpus.excerpts[:max_excerpts])
         return corpus
     raise N2GError(f"corpus must be None, a source string or path, or an n2g.load_corpus(...) result (got {type(corpus).__name__})")
+
+
+def _check_token_ids(corpus: Corpus, model: SubjectModel) -> None:
+    """N2GError unless ``corpus`` holds ``[n, length]`` integer token ids of ``model``'s vocabulary: a corpus
+    cut with another model's tokenizer made the embedding lookup fail with an IndexError."""
+    ex = corpus.excerpts
+    if not isinstance(ex, torch.Tensor) or ex.ndim != 2 or ex.dtype.is_floating_point or ex.dtype.is_complex \
+            or ex.dtype == torch.bool:
+        raise N2GError("the corpus's excerpts must be a [n_excerpts, length] tensor of integer token ids; "
+                       "make the corpus with n2g.load_corpus(source, model)")
+    if ex.numel() and (int(ex.min()) < 0 or int(ex.max()) >= model.vocab_size):
+        bad = int(ex.min()) if int(ex.min()) < 0 else int(ex.max())
+        raise N2GError(f"the corpus holds token id {bad}, which is not in this model's vocabulary of "
+                       f"{model.vocab_size} tokens (ids 0 to {model.vocab_size - 1}); cut the corpus with this "
+                       "model's tokenizer: n2g.load_corpus(source, model)")
 
 
 def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "default", max_excerpts: int | None = None,

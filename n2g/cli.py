@@ -412,7 +412,8 @@ def _copy_run(src: Path, dst: Path) -> Path:
         remove_dead_copies(dst)  # what an earlier copy killed half-way left
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{os.getpid()}.", dir=dst.parent))
         skip = shutil.ignore_patterns(".*.tmp", "index.sqlite", "report.html", "report.json", "report.csv", "viewer")
-        shutil.copytree(src, tmp / "run", symlinks=True, ignore=skip)  # links are copied as links, never followed
+        shutil.copytree(src, tmp / "run", symlinks=True, ignore=skip,  # links are copied as links, never followed
+                        copy_function=_copy_regular)
         os.replace(tmp / "run", dst)
     except shutil.Error as exc:  # files of the run that could not be copied: (source, copy, why) each
         failed = exc.args[0] if exc.args and isinstance(exc.args[0], list) and exc.args[0] else None
@@ -430,6 +431,22 @@ def _copy_run(src: Path, dst: Path) -> Path:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _copy_regular(src: str, dst: str) -> str:
+    """``shutil.copy2`` of a regular file of the run; anything else is refused in one line: a device such as
+    /dev/zero would be read until the copy fills the disk, a pipe would wait for a writer for ever."""
+    import shutil
+    import stat
+
+    try:
+        mode = os.lstat(src).st_mode
+    except OSError:
+        mode = None  # copy2 says what is wrong with it
+    if mode is not None and not stat.S_ISREG(mode):
+        raise N2GError(f"{_shown(src)} in the run is not a regular file (a pipe, device or socket), so the run is "
+                       "not copied; remove it from the run and try again")
+    return shutil.copy2(src, dst)
 
 
 def _report(args) -> int:
@@ -479,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (a test's capture), or closed
         pass
     try:
-        code = _main(argv)
+        with _interrupts_never_swallowed():
+            code = _main(argv)
         sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
         return code
     except BrokenPipeError:
@@ -493,6 +511,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a command started (its own handler says how to resume)
         print("n2g: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _interrupts_never_swallowed():
+    """A Ctrl-C that lands while the garbage collector runs a finaliser (a ``__del__`` of a library, say while
+    torch and transformers import) is printed by Python as "Exception ignored ... KeyboardInterrupt" with a
+    traceback, and lost: the command went on and exited 0. Such an interrupt is delivered again a moment
+    later, outside the finaliser, where the command's own handler stops it in one line."""
+    import _thread
+    import threading
+
+    previous, timers = sys.unraisablehook, []
+
+    def hook(info):
+        if (isinstance(info.exc_type, type) and issubclass(info.exc_type, KeyboardInterrupt)
+                and threading.current_thread() is threading.main_thread()):
+            timer = threading.Timer(0.01, _thread.interrupt_main)  # not from here: it would land in this hook
+            timer.daemon = True
+            timers.append(timer)
+            timer.start()
+            return
+        previous(info)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        for timer in timers:
+            timer.cancel()
 
 
 @contextlib.contextmanager

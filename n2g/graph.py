@@ -11,6 +11,7 @@ DiGraph for saving (versioned node-link JSON), rendering and search.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -740,6 +741,11 @@ class NeuronGraph:
         return graph
 
     def save(self, path: str | Path) -> Path:
+        if not isinstance(path, (str, os.PathLike)):
+            raise N2GError(f"save needs a file path, not {type(path).__name__}; e.g. graph.save('graph.json')")
+        if Path(path).is_dir():  # as load says: os.replace onto a folder was an IsADirectoryError traceback
+            raise N2GError(f"cannot save the graph to {path}: it is a directory; give the path of a JSON file "
+                           "(e.g. graph.json inside it)")
         return write_json_atomic(path, self.to_dict())
 
     @classmethod

@@ -441,6 +441,10 @@ def write_error(run_dir: Path, exc: BaseException) -> N2GError:
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return N2GError(f"cannot write the report into {run_dir} ({exc.strerror}); write it into a copy "
                         f"of the run with `n2g report {run_dir} --out COPY`")
+    if isinstance(exc, OSError) and exc.errno == errno.EISDIR and getattr(exc, "filename2", None):
+        # os.replace(temporary, output) onto a folder: name the folder, not the temporary that is already gone
+        return N2GError(f"{exc.filename2} is a directory where the report writes a file; remove it, then run "
+                        f"`n2g report {run_dir}` again")
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return N2GError(f"cannot write {where} ({detail}); check the disk and permissions, then run "
                     f"`n2g report {run_dir}` again")

@@ -369,3 +369,101 @@ def test_a_path_too_long_without_a_file_name_is_still_one_line(monkeypatch, caps
     monkeypatch.setattr(cli, "_info", too_long)
     code, out, err = main(["info"], capsys)
     assert code == 2 and err == "n2g: error: a path given is too long for this file system; choose another path\n"
+
+
+# --- audit 32: a report copied out of a run that holds no regular file; a Ctrl-C in a finaliser ---------------------
+
+@pytest.mark.parametrize("kind", ["pipe", "device"])
+def test_a_run_holding_a_pipe_or_device_is_not_copied_for_a_report(kind, tmp_path, capsys):
+    # `n2g report RUN --out COPY` read a device such as /dev/zero until the copy filled the disk, and said of a
+    # pipe "choose a writable --out with enough space"
+    import os
+    import stat
+
+    from helpers_run import make_run
+
+    run = make_run(tmp_path)
+    odd = run / "neurons" / "L0.N1" / "graph.png"
+    if kind == "pipe":
+        os.mkfifo(odd)
+    else:  # /dev/null: the old copy took it for an empty file (a /dev/zero would fill the disk)
+        try:
+            os.mknod(odd, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        except (PermissionError, OSError):
+            pytest.skip("making a device node needs root")
+    copy = tmp_path / "copy"
+    code, out, err = main(["report", run, "--out", copy], capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"n2g: error: {odd} in the run is not a regular file (a pipe, device or socket)"), err
+    assert "remove it from the run" in err
+    assert not copy.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".copy.")]
+
+
+def test_a_ctrl_c_a_finaliser_swallows_still_stops_the_command_in_one_line(monkeypatch, capsys):
+    # A SIGINT that lands while the garbage collector runs a __del__ (as torch and transformers import) was printed
+    # as "Exception ignored in ... KeyboardInterrupt" with a traceback, and the command went on and exited 0
+    import time
+
+    class Finalised:
+        def __del__(self):
+            raise KeyboardInterrupt  # what Python's SIGINT handler raises in whatever code runs at that moment
+
+    def info(args):
+        obj = Finalised()
+        del obj
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 0
+
+    monkeypatch.setattr(cli, "_info", info)
+    code, out, err = main(["info"], capsys)
+    assert code == 130, err
+    assert "Exception ignored" not in err and "Traceback" not in err, err
+    assert err.splitlines() == ["n2g: interrupted; finished neurons are saved, re-run the same command to resume"]
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.full((6, 8), 500), r"the corpus holds token id 500, which is not in this model's vocabulary of 128 tokens"),
+    (torch.full((6, 8), -1), r"the corpus holds token id -1, which is not in this model's vocabulary"),
+    (torch.ones(6, 8), r"the corpus's excerpts must be a \[n_excerpts, length\] tensor of integer token ids"),
+])
+def test_fit_neuron_refuses_a_corpus_cut_with_another_models_tokenizer(ids, message, tmp_path, monkeypatch):
+    # a corpus from n2g.load_corpus(source, other_model) was an IndexError from the embedding lookup (a float one
+    # was fitted as a dead neuron)
+    from n2g.corpus import Corpus
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    with pytest.raises(N2GError, match="^" + message):
+        n2g.fit_neuron(model, 0, 0, corpus=Corpus("other", 8, ids), progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name", ["report.html", "index.sqlite", "viewer/neurons/L0.N1.html"])
+def test_a_folder_where_the_report_writes_a_file_is_named_with_what_to_do(name, tmp_path, capsys):
+    # was: "cannot write RUN/.report.html.123.abcd1234.tmp (Is a directory); check the disk and permissions"
+    from helpers_run import make_run
+
+    run = make_run(tmp_path)
+    (run / name).mkdir(parents=True)
+    code, out, err = main(["report", run], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("n2g: error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0] == (f"n2g: error: {run / name} is a directory where the report writes a file; remove it, "
+                        f"then run `n2g report {run}` again")
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_saving_a_graph_to_a_directory_or_a_non_path_says_so(tmp_path):
+    # load said "it is a directory"; save raised IsADirectoryError (and TypeError for a number) from os.replace
+    from n2g.graph import NeuronGraph
+
+    graph = NeuronGraph()
+    with pytest.raises(N2GError, match=r"^cannot save the graph to .*: it is a directory; give the path of a JSON file"):
+        graph.save(tmp_path)
+    with pytest.raises(N2GError, match=r"^save needs a file path, not int"):
+        graph.save(3)
+    assert graph.save(tmp_path / "g.json") == tmp_path / "g.json"
+    assert [p.name for p in tmp_path.iterdir()] == ["g.json"]
