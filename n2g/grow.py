@@ -50,9 +50,10 @@ def _impurity(n: np.ndarray, f: np.ndarray) -> np.ndarray:
     """Deviance (-2 log-likelihood, nats) of "f of n tokens fire" under its own firing rate."""
     n = np.asarray(n, np.float64)
     f = np.asarray(f, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.where(f > 0, f * np.log(np.maximum(f, 1e-300) / np.maximum(n, 1)), 0.0)
-        b = np.where(n - f > 0, (n - f) * np.log(np.maximum(n - f, 1e-300) / np.maximum(n, 1)), 0.0)
+    whole = np.maximum(n, 1)  # every log below is of a positive number: no warning to silence (called very often)
+    a = np.where(f > 0, f * np.log(np.maximum(f, 1e-300) / whole), 0.0)
+    rest = n - f
+    b = np.where(rest > 0, rest * np.log(np.maximum(rest, 1e-300) / whole), 0.0)
     return -2.0 * (a + b)
 
 
