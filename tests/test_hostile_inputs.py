@@ -402,6 +402,7 @@ def test_a_run_holding_a_pipe_or_device_is_not_copied_for_a_report(kind, tmp_pat
 def test_a_ctrl_c_a_finaliser_swallows_still_stops_the_command_in_one_line(monkeypatch, capsys):
     # A SIGINT that lands while the garbage collector runs a __del__ (as torch and transformers import) was printed
     # as "Exception ignored in ... KeyboardInterrupt" with a traceback, and the command went on and exited 0
+    import signal
     import time
 
     class Finalised:
@@ -417,7 +418,13 @@ def test_a_ctrl_c_a_finaliser_swallows_still_stops_the_command_in_one_line(monke
         return 0
 
     monkeypatch.setattr(cli, "_info", info)
-    code, out, err = main(["info"], capsys)
+    # As in a terminal, Python's own SIGINT handler (a suite started in the background of a non-interactive
+    # shell inherits SIGINT ignored, and an ignored signal cannot be delivered again)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, out, err = main(["info"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 130, err
     assert "Exception ignored" not in err and "Traceback" not in err, err
     assert err.splitlines() == ["n2g: interrupted; finished neurons are saved, re-run the same command to resume"]
