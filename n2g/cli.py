@@ -463,6 +463,19 @@ def _report(args) -> int:
     return 0
 
 
+def _check_served_model(model, made_with: dict, args) -> None:
+    """N2GError unless ``model`` has the architecture and shape of the model the run was made with (as
+    run.json records it): another model's neuron of the same index would be shown as the true activation."""
+    info = model.info()
+    differ = [f"{k} {made_with[k]!r} there, {info[k]!r} here" for k in ("architecture", "n_layers", "d_mlp", "vocab_size")
+              if k in made_with and made_with[k] != info.get(k)]
+    if differ:
+        spec = made_with.get("spec")
+        raise N2GError(f"{args.run_dir} was made with another model than {args.model} ({'; '.join(differ)}); "
+                       f"serve it with the run's model{f' (--model {spec})' if isinstance(spec, str) else ''} "
+                       "or without --model")
+
+
 def _serve(args) -> int:
     from .viewer import check_port, serve
 
@@ -476,20 +489,44 @@ def _serve(args) -> int:
         if not (Path(args.run_dir) / "viewer" / "index.html").exists():  # say so before loading a model
             raise N2GError(f"no viewer in {args.run_dir}; run `n2g report {args.run_dir}` first")
         try:
-            sae = (read_json(Path(args.run_dir) / "run.json").get("model") or {}).get("sae")
+            made_with = read_json(Path(args.run_dir) / "run.json").get("model") or {}
+            sae = made_with.get("sae")
         except (OSError, ValueError, AttributeError, RecursionError):
-            sae = None
+            made_with, sae = {}, None
         if sae:  # the model alone would show MLP neurons' activations under the latents' names
             hook = sae.get("hook_name") if isinstance(sae, dict) else sae
             raise N2GError(f"{args.run_dir} holds SAE latents ({hook}); serve it without --model "
                            "(try-your-own-text then shows the graphs' predictions)")
 
         model = load_model(args.model, device=args.device)
+        _check_served_model(model, made_with if isinstance(made_with, dict) else {}, args)
     serve(Path(args.run_dir), host=args.host, port=port, model=model)
     return 0
 
 
+def _stdout_closed_to_devnull() -> None:
+    """Where n2g started with its standard output closed (``n2g ... >&-``; Python then has no ``sys.stdout``):
+    what it prints is discarded, as on a closed pipe, and descriptor 1 is /dev/null, so that no file n2g opens
+    later gets it and receives what a library or a child process writes there."""
+    if sys.stdout is not None:
+        return
+    try:
+        try:
+            os.fstat(1)
+        except OSError:  # closed: the lowest free descriptor, 1, goes to /dev/null
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != 1:
+                os.dup2(null, 1)
+                os.close(null)
+            sys.stdout = open(1, "w", closefd=False)
+        else:
+            sys.stdout = open(os.devnull, "w")
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _stdout_closed_to_devnull()
     try:  # a path whose name is not UTF-8 is printed with its own bytes, as ls does, not a UnicodeEncodeError
         if getattr(sys.stdout, "errors", None) == "strict":
             sys.stdout.reconfigure(errors="surrogateescape")
@@ -498,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _interrupts_never_swallowed():
             code = _main(argv)
-        sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
         return code
     except BrokenPipeError:
         # The reader of stdout has gone (`n2g ... | head`): stop quietly, as Unix tools do.

@@ -17,6 +17,9 @@ from .errors import N2GError
 
 MAX_TOKEN_IDS = 1 << 20
 """Most ids a token-id setting (``sentence_end_ids``) may hold: more than the largest vocabularies."""
+MAX_RUN_REACH = 1 << 16
+"""Most positions back a run question (``run_window``, ``run_max``) may reach: arrays of that many lags are
+built per occurrence, and no excerpt is that long."""
 SUBSTITUTE_SOURCES = ("model", "embedding")
 """Substitute sources a config can name (``DistillConfig.substitute_source``; :func:`n2g.augment.make_substitutes`)."""
 
@@ -249,7 +252,9 @@ class DistillConfig:
                      "written", "vocabulary"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
-        for name, most in (("max_context", 256), ("grow_depth", 64)):  # a graph's depth: see graph.MAX_GRAPH_DEPTH
+        # a graph's depth: see graph.MAX_GRAPH_DEPTH; a run's reach: positions back, and no excerpt is longer
+        for name, most in (("max_context", 256), ("grow_depth", 64), ("run_window", MAX_RUN_REACH),
+                           ("run_max", MAX_RUN_REACH)):
             if getattr(self, name) > most:
                 raise N2GError(f"{name} must be at most {most} (got {getattr(self, name)})")
         for name in ("fire_threshold", "prune_threshold", "importance_threshold", "augment_threshold"):

@@ -9,7 +9,9 @@ fitted alone (:func:`distill`) or many share batches (``n2g.engine``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -547,6 +549,30 @@ class NeuronModel:
                  scale: float = 1.0, sign: float = 1.0, substitutes: Callable | None = None,
                  occlusion_token_id: int = 0, name: str = "feature", encode: Callable[[str], list[int]] | None = None,
                  token_strings: Callable[[list[int]], list[str]] | None = None, vocab_size: int | None = None):
+        for what, fn in (("feature", feature), ("substitutes", substitutes), ("encode", encode),
+                         ("token_strings", token_strings)):
+            if fn is not None and not callable(fn):
+                raise N2GError(f"{what} must be callable or None, not {type(fn).__name__}")
+        if config is not None and not isinstance(config, DistillConfig):
+            raise N2GError(f"config must be an n2g.DistillConfig (e.g. n2g.preset('paper')) or None, "
+                           f"not {type(config).__name__}")
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real) or not (
+                math.isfinite(scale) and scale > 0):
+            raise N2GError(f"scale must be the feature's maximum activation, a positive finite number (got {scale!r})")
+        if isinstance(sign, (bool, np.bool_)) or not isinstance(sign, numbers.Real) or sign not in (1, -1):
+            raise N2GError(f"sign must be 1.0 (the positive side) or -1.0 (the negative side) (got {sign!r})")
+        if isinstance(occlusion_token_id, (bool, np.bool_)) or not isinstance(occlusion_token_id, numbers.Integral) \
+                or not 0 <= int(occlusion_token_id) <= MAX_TOKEN_ID:
+            raise N2GError(f"occlusion_token_id must be a token id from 0 to {MAX_TOKEN_ID} (got {occlusion_token_id!r})")
+        if not isinstance(name, str):
+            raise N2GError(f"name must be text (got {type(name).__name__})")
+        if vocab_size is not None and (isinstance(vocab_size, (bool, np.bool_))
+                                       or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1):
+            raise N2GError(f"vocab_size must be the subject model's vocabulary size, a whole number of at least 1, "
+                           f"or None (got {vocab_size!r})")
+        scale, sign = float(scale), float(sign)
+        occlusion_token_id = int(occlusion_token_id)
+        vocab_size = None if vocab_size is None else int(vocab_size)
         self.feature = feature
         self.config = config or preset("default")
         self.scale = scale
@@ -572,7 +598,7 @@ class NeuronModel:
             if group is None or not all(isinstance(e, Example) for e in group):
                 raise N2GError(f"fit needs {what} as a list of n2g.Example (token ids and normalised activations); "
                                "to fit from token ids alone call n2g.distill(feature, excerpts)")
-            groups.append(group)
+            groups.append([_checked_example(e, k, what) for k, e in enumerate(group)])
         steps = fit_steps(groups[0], groups[1], self.config, self.occlusion_token_id)
         self.graph_, self.trace_ = drive(steps, self._evaluator(), self.substitutes)
         self.status_ = "fitted"
@@ -680,12 +706,7 @@ class NeuronModel:
             if not (isinstance(X, (list, tuple)) and X and all(isinstance(e, Example) for e in X)):
                 raise N2GError("score(examples) needs a list of n2g.Example; for plain arrays call "
                                "score(token_ids, true_activations)")
-            for k, e in enumerate(X):
-                if len(e.token_ids) != len(e.activations):
-                    raise N2GError(f"example {k} has {len(e.token_ids)} token ids but {len(e.activations)} activations; "
-                                   "pass one activation per token")
-                if not np.all(np.isfinite(np.asarray(e.activations, np.float64))):
-                    raise N2GError(f"example {k} has NaN or infinite activations; pass finite numbers")
+            X = [_checked_example(e, k, "examples") for k, e in enumerate(X)]
             preds = predict_sequences(self.graph_, [e.token_ids for e in X])
             return score_arrays([e.activations for e in X], preds, self.config.fire_threshold)
         ids, single = self._ids(X)
@@ -731,6 +752,28 @@ class NeuronModel:
 
 MAX_TOKEN_ID = 2**31 - 1
 """Largest token id ``distill`` accepts (ids are stored as 64-bit, matched as ints)."""
+
+
+def _checked_example(e: Example, k: int, what: str) -> Example:
+    """``e`` with its token ids as ints and its activations as floats, or an N2GError saying what example ``k``
+    of ``what`` lacks: one sequence of whole-number token ids and as many finite activations."""
+    hint = "pass one sequence of token ids and one finite activation per token"
+    try:
+        ids = np.asarray(e.token_ids)
+        acts = np.asarray(e.activations, np.float64)
+    except (TypeError, ValueError):
+        raise N2GError(f"{what}[{k}]: its token ids and activations must be sequences of numbers; {hint}") from None
+    if ids.ndim != 1 or acts.ndim != 1:
+        raise N2GError(f"{what}[{k}]: token ids of shape {ids.shape} and activations of shape {acts.shape}; {hint}")
+    if ids.size and (ids.dtype.kind not in "iu" or int(ids.min()) < 0 or int(ids.max()) > MAX_TOKEN_ID):
+        raise N2GError(f"{what}[{k}]: token ids must be whole numbers from 0 to {MAX_TOKEN_ID}; {hint}")
+    if len(ids) != len(acts):
+        raise N2GError(f"{what}[{k}] has {len(ids)} token ids but {len(acts)} activations; {hint}")
+    if not np.all(np.isfinite(acts)):
+        raise N2GError(f"{what}[{k}] has NaN or infinite activations; {hint}")
+    if isinstance(e.token_ids, list) and isinstance(e.activations, list):
+        return e
+    return dataclasses.replace(e, token_ids=ids.astype(np.int64).tolist(), activations=acts.tolist())
 
 
 def _as_lists(excerpts) -> list[list[int]]:

@@ -102,6 +102,8 @@ def _reachable(address: str, timeout: float = 5.0) -> str | None:
             return None
     except OSError as exc:
         return exc.strerror or type(exc).__name__
+    except (UnicodeError, ValueError, OverflowError):  # a host name no resolver takes ("a..b", a 64-letter label)
+        return "not a valid host name"
 
 
 def preflight(opts) -> None:

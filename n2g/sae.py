@@ -63,6 +63,9 @@ class SAEModel:
             raise N2GError(f"{path} is not an SAELens directory (it needs cfg.json and sae_weights.safetensors)")
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            meta = cfg.get("meta") if isinstance(cfg, dict) else None
+            if "hook_name" not in cfg and isinstance(meta, dict) and "hook_name" in meta:
+                cfg = {**cfg, "hook_name": meta["hook_name"]}  # SAELens 6 keeps it under meta
             d_in, d_sae, hook_name = cfg["d_in"], cfg["d_sae"], str(cfg["hook_name"])
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise N2GError(f"{cfg_path} is not a readable SAE config with d_in, d_sae and hook_name ({exc})") from None
@@ -92,16 +95,29 @@ class SAEModel:
             raise N2GError(f"the SAE's width d_in={d_in} does not match the model's hidden size {hidden}; "
                            "use an SAE trained on this model")
         act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+        architecture = cfg.get("architecture", "standard").lower()
+        if architecture not in ("standard", "jumprelu", "topk"):
+            # a gated SAE (or any other) encodes differently: read as a ReLU SAE its latents would be wrong
+            raise N2GError(f"{cfg_path}: SAE architecture {cfg['architecture']!r} is not supported; "
+                           "standard (relu or topk), topk and jumprelu are")
+        norm = cfg.get("normalize_activations", "none")
+        if norm in ("constant_norm_rescale", "layer_norm"):  # applied to the input at run time, which n2g does not
+            raise N2GError(f"{cfg_path}: normalize_activations {norm!r} is not supported (n2g encodes the hook's "
+                           "activations as they are); use an SAE saved with none or expected_average_only_in")
         self.topk = None
-        self.jumprelu = str(cfg.get("architecture", "")).lower() == "jumprelu" or act == "jumprelu"
+        self.jumprelu = architecture == "jumprelu" or act == "jumprelu"
         if self.jumprelu:
             act = "relu"
+        if architecture == "topk":  # SAELens 6: the architecture names it and k is a field of its own
+            act = "topk"
         if act == "topk":
             kwargs = cfg.get("activation_fn_kwargs") or {}
             k = kwargs.get("k") if isinstance(kwargs, dict) else None
+            if k is None and architecture == "topk":
+                k = cfg.get("k")
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise N2GError(f"{cfg_path}: activation_fn topk needs activation_fn_kwargs.k, a positive whole number "
-                               f"(got {k!r})")
+                raise N2GError(f"{cfg_path}: a topk SAE needs k (activation_fn_kwargs.k, or k beside architecture topk), "
+                               f"a positive whole number (got {k!r})")
             self.topk = k
         elif act != "relu":
             raise N2GError(f"SAE activation_fn {act!r} is not supported; relu, topk and the jumprelu architecture are")

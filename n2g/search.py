@@ -142,6 +142,8 @@ def result_problem(r: NeuronResult) -> str | None:
         return "an output token is not text"
     if not all(isinstance(k, str) for k in r.graph_stats):
         return "graph_stats has a key that is not text"
+    if not (is_finite_number(r.seconds) and r.seconds >= 0):
+        return "seconds is not a finite number of seconds"
     return None
 
 

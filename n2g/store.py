@@ -95,6 +95,32 @@ def _escaped_bytes(text: str) -> bool:
     return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
+def _checked(result: NeuronResult) -> NeuronResult:
+    """``result`` if its fields have the types and finite values the report relies on (the summary, the
+    scores table and ``--json`` rely on them too); else ValueError naming the problem, so that a resumed run
+    redoes the neuron as it does one whose file is damaged otherwise."""
+    from .search import result_problem
+
+    problem = result_problem(result)
+    if problem:
+        raise ValueError(problem)
+    return result
+
+
+def _parquet_cell(value, kind):
+    """A scores-table value as a ``kind`` column takes it: an int in a float column as a float, an int beyond
+    64 bits as null (Arrow refuses either)."""
+    import pyarrow as pa
+
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if kind == pa.float64():
+        return float(value)
+    if pa.types.is_integer(kind) and isinstance(value, int) and not -2**63 <= value < 2**63:
+        return None
+    return value
+
+
 def _disk_error(path: Path, exc: OSError) -> N2GError:
     if exc.errno == errno.ENOSPC:
         return N2GError(f"disk full while writing {path}; free some space and re-run the same command to resume")
@@ -193,7 +219,7 @@ class RunStore:
             log.warning("%s: its stored result is a link that leads out of the run; it will be redone", neuron.key)
             return None
         try:
-            result = NeuronResult.from_dict(read_json(path))
+            result = _checked(NeuronResult.from_dict(read_json(path)))
             check_folder(result.neuron, folder.name)
             if result.status != "dead":
                 NeuronGraph.load(folder / "graph.json")
@@ -311,7 +337,7 @@ class RunStore:
                     log.warning("skipping %s: it is a link that leads out of the run", sub / "result.json")
                     continue
                 try:
-                    result = NeuronResult.from_dict(read_json(sub / "result.json"))
+                    result = _checked(NeuronResult.from_dict(read_json(sub / "result.json")))
                     check_folder(result.neuron, sub.name)
                 except Exception as exc:
                     log.warning("skipping unreadable %s (%s)", sub / "result.json", exc)
@@ -364,7 +390,8 @@ class RunStore:
                  "layer": pa.int32(), "index": pa.int32(), "n_tokens": pa.int64(), "n_firing": pa.int64(),
                  "n_predicted_firing": pa.int64()}
         columns = list(zip(*rows)) if rows else [[] for _ in header]
-        table = pa.table({name: pa.array(list(col), type=types.get(name, pa.float64()))
+        table = pa.table({name: pa.array([_parquet_cell(v, types.get(name, pa.float64())) for v in col],
+                                         type=types.get(name, pa.float64()))
                           for name, col in zip(header, columns)})
         path = self.root / "scores.parquet"
         with replacing(path) as tmp, open(tmp, "wb") as f:  # a file object: pyarrow takes only UTF-8 path names

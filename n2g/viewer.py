@@ -793,6 +793,22 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name.endswith(".tmp")
 
 
+MAX_PREDICT_TOKENS = 512
+"""Most tokens of typed text the model reads for try-your-own-text (the rest is not shown)."""
+
+
+def _predict_room(model) -> int:
+    """How many tokens of typed text the model can read in one forward: :data:`MAX_PREDICT_TOKENS`, or fewer
+    where its context (one position of it for BOS) is shorter; a model with learned positions fails beyond it."""
+    from n2g.models import context_limit
+
+    limit = context_limit(model)
+    if limit is None:
+        return MAX_PREDICT_TOKENS
+    bos = getattr(model, "bos_token_id", None)
+    return max(1, min(MAX_PREDICT_TOKENS, limit - (1 if bos is not None else 0)))
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Serves regular files of the run directory (whitelisted types, no listings) and the search API."""
 
@@ -976,7 +992,7 @@ class _Handler(BaseHTTPRequestHandler):
             model = self.subject
             with self.lock:  # the model (and building the run's vocabulary) one request at a time
                 if model is not None:
-                    ids = model.encode(text)[:512]
+                    ids = model.encode(text)[:_predict_room(model)]
                     toks = model.token_strings(ids)
                     how = f"the model's tokenizer ({model.spec})"
                 else:

@@ -474,3 +474,203 @@ def test_saving_a_graph_to_a_directory_or_a_non_path_says_so(tmp_path):
         graph.save(3)
     assert graph.save(tmp_path / "g.json") == tmp_path / "g.json"
     assert [p.name for p in tmp_path.iterdir()] == ["g.json"]
+
+
+# --- audit 2: NeuronModel, preset bounds, Ray address, resumed results, serve --model, closed stdout ------------
+
+def _planted_model():
+    """A distilled "7 right after 9" feature: a fitted NeuronModel without a tokenizer."""
+    feature = lambda ids: ((ids == 7) & (torch.roll(ids, 1, 1) == 9)).float()  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    ex = torch.randint(0, 20, (40, 16), generator=g)
+    ex[:10, 3], ex[:10, 4] = 9, 7
+    return feature, n2g.distill(feature, ex)
+
+
+@pytest.mark.parametrize("example, message", [
+    (n2g.Example([9, 7], [1.0]), r"has 2 token ids but 1 activations"),  # fit: IndexError from calibrate
+    (n2g.Example([9, 7], [float("inf"), 1.0]), r"has NaN or infinite activations"),  # fit: a graph "[*] 1.00"
+    (n2g.Example("ab", [1.0, 0.0]), r"token ids of shape \(\)"),  # ValueError: invalid literal for int()
+    (n2g.Example([9, 7], None), r"activations of shape \(\)"),  # score: TypeError from len(None)
+    (n2g.Example([[9, 7]], [[1.0, 0.0]]), r"token ids of shape \(1, 2\)"),  # score: unhashable type: 'list'
+    (n2g.Example([2**70, 7], [1.0, 0.0]), r"whole numbers from 0 to"),  # score: OverflowError
+    (n2g.Example([-3, 7], [1.0, 0.0]), r"whole numbers from 0 to"),  # fitted as if a token
+    (n2g.Example([9, 7], ["a", "b"]), r"must be sequences of numbers"),  # ValueError: could not convert
+])
+def test_fit_and_score_take_examples_of_one_finite_activation_per_token_or_say_so(example, message):
+    feature, fitted = _planted_model()
+    with pytest.raises(N2GError, match=r"^examples\[0\] " + message if message.startswith("has") else message):
+        n2g.NeuronModel(feature).fit([example])
+    with pytest.raises(N2GError, match=message):
+        fitted.score([example])
+    with pytest.raises(N2GError, match=r"^calibration\[1\]"):
+        n2g.NeuronModel(feature).fit(fitted.examples_[:3], [fitted.examples_[0], example])
+    assert fitted.score(fitted.examples_).f1 == 1.0  # well-formed examples score as before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"config": "paper"}, r"^config must be an n2g.DistillConfig"),  # AttributeError: 'str' has no batch_tokens
+    ({"scale": "x"}, r"^scale must be the feature's maximum activation"),  # TypeError in fit
+    ({"scale": None}, r"^scale must be"),  # TypeError in repr
+    ({"sign": "negative"}, r"^sign must be 1.0"),  # ValueError in predict
+    ({"sign": 0}, r"^sign must be 1.0"),  # predicted 0 everywhere
+    ({"name": 5}, r"^name must be text"),  # TypeError in repr
+    ({"occlusion_token_id": "a"}, r"^occlusion_token_id must be a token id"),  # TypeError in torch.full
+    ({"occlusion_token_id": -1}, r"^occlusion_token_id must be a token id"),
+    ({"encode": "not callable"}, r"^encode must be callable"),  # TypeError in predict(text)
+    ({"substitutes": 5}, r"^substitutes must be callable"),
+    ({"token_strings": 5}, r"^token_strings must be callable"),
+    ({"vocab_size": "big"}, r"^vocab_size must be"),  # UFuncTypeError in predict
+    ({"vocab_size": -3}, r"^vocab_size must be"),
+])
+def test_a_neuron_model_refuses_constructor_arguments_it_cannot_use(kwargs, message):
+    feature, _ = _planted_model()
+    with pytest.raises(N2GError, match=message):
+        n2g.NeuronModel(feature, **kwargs)
+    with pytest.raises(N2GError, match=r"^feature must be callable"):
+        n2g.NeuronModel("not callable")
+    model = n2g.NeuronModel(feature, scale=2, sign=-1, occlusion_token_id=torch.tensor(3).numpy()[()], vocab_size=20)
+    assert (model.scale, model.sign, model.occlusion_token_id, model.vocab_size) == (2.0, -1.0, 3, 20)
+
+
+@pytest.mark.parametrize("name", ["run_window", "run_max"])
+def test_the_reach_of_run_questions_is_bounded(name):
+    # 10**9 tried to allocate 127 GiB (MemoryError), 10**30 was numpy's "Maximum allowed size exceeded"
+    from n2g.config import MAX_RUN_REACH
+
+    for value in (10**9, 10**30):
+        with pytest.raises(N2GError, match=f"^{name} must be at most {MAX_RUN_REACH}"):
+            n2g.preset("default", **{name: value})
+    assert getattr(n2g.preset("default", **{name: MAX_RUN_REACH}), name) == MAX_RUN_REACH
+
+
+@pytest.mark.parametrize("address", ["a..b:6379", "a" * 64 + ".example:6379", "\u00e9" * 70 + ":1"])
+def test_a_ray_address_no_resolver_takes_is_refused_in_one_line(address):
+    # the check of the address was a UnicodeError traceback from the idna codec ("label empty or too long")
+    from n2g.distributed import _reachable
+
+    assert _reachable(address, timeout=1.0) == "not a valid host name"
+
+
+def test_a_resumed_run_redoes_results_with_values_its_summary_cannot_hold(tiny_dir, tmp_path, monkeypatch, capsys,
+                                                                          caplog):
+    # the report skipped these files, but a resumed `n2g run` counted them done and then failed: --json with
+    # "Out of range float values are not JSON compliant", the scores table with AttributeError or ArrowInvalid
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    argv = ["run", "--model", tiny_dir / "model", "--corpus", tiny_dir / "corpus.txt", "--layers", "0",
+            "--neurons", "0-1", "--excerpt-length", "32", "--no-report", "-q", "--out", out, "--json"]
+    code, _, err = main(argv, capsys)
+    assert code == 0, err
+    edits = {"L0.N0": lambda d: d.__setitem__("seconds", float("inf")),
+             "L0.N1": lambda d: d.__setitem__("ceiling", [1])}
+    for key, edit in edits.items():
+        path = out / "neurons" / key / "result.json"
+        d = json.loads(path.read_text())
+        edit(d)
+        path.write_text(json.dumps(d))  # Infinity, as json writes it
+    code, stdout, err = main(argv, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    summary = json.loads(stdout)
+    assert summary["fitted_now"] == 2 and summary["n_neurons"] == 2
+    assert "seconds is not a finite number" in caplog.text and "ceiling has a field of the wrong type" in caplog.text
+
+
+def test_the_scores_parquet_takes_numbers_arrow_would_refuse():
+    pa = pytest.importorskip("pyarrow")
+    from n2g.store import _parquet_cell
+
+    assert pa.array([_parquet_cell(2**62, pa.float64())], pa.float64()).to_pylist() == [float(2**62)]
+    assert _parquet_cell(10**30, pa.int64()) is None and _parquet_cell(7, pa.int64()) == 7
+
+
+def test_try_your_own_text_reads_no_more_tokens_than_the_models_context(tmp_path):
+    # a tiny GPT-2 (128 learned positions): 300 typed tokens were an IndexError and a dropped connection
+    import threading
+    import urllib.request
+    from urllib.parse import quote
+
+    from helpers_run import make_run
+    from n2g.report import build_all
+    from n2g.viewer import make_server
+
+    run = make_run(tmp_path)
+    build_all(run)
+    torch.manual_seed(0)
+    gpt2 = SubjectModel(tiny_model("gpt2"), tiny_tokenizer(), spec="tiny-gpt2")
+    server = make_server(run, "127.0.0.1", 0, model=gpt2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/predict?key=L0.N1&text=" + quote("the cat sat " * 100)
+        with urllib.request.urlopen(url, timeout=60) as r:
+            d = json.load(r)
+        assert r.status == 200 and len(d["tokens"]) == len(d["true"]) == 127  # 128 positions, one for BOS
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_refuses_a_model_of_another_shape_than_the_runs(tmp_path, capsys, monkeypatch):
+    # the neuron of the same index in another model was shown as the "true activation"
+    import n2g.viewer
+    from helpers_run import make_run
+    from n2g.report import build_all
+
+    monkeypatch.setattr(n2g.viewer, "serve", lambda *a, **k: None)  # never listen: the check comes before
+
+    run = make_run(tmp_path)  # run.json: a llama of 2 layers x 8 neurons
+    build_all(run)
+    torch.manual_seed(0)
+    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
+    tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
+    code, _, err = main(["serve", run, "--model", tmp_path / "gpt2", "--port", "0", "-q"], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("n2g: error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert "was made with another model" in lines[0] and "architecture 'llama' there, 'gpt2' here" in lines[0]
+    assert "--model toy/model" in lines[0]
+
+
+def test_a_command_started_with_its_output_closed_is_one_line(tmp_path):
+    # `n2g ... >&-`: Python has no sys.stdout, and the final flush was an AttributeError traceback (exit 1)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), N2G_CACHE=str(tmp_path / "cache"))
+    res = subprocess.run([sys.executable, "-m", "n2g", "search", str(tmp_path / "none"), "x"], env=env,
+                         stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().startswith("n2g: error:") and len(res.stderr.strip().splitlines()) == 1
+
+
+def _sae_dir(folder, **cfg):
+    from test_sae import write_sae
+
+    folder = write_sae(folder)
+    d = json.loads((folder / "cfg.json").read_text())
+    d.update(cfg)
+    (folder / "cfg.json").write_text(json.dumps({k: v for k, v in d.items() if v is not None}))
+    return folder
+
+
+def test_an_sae_architecture_n2g_cannot_encode_is_refused_and_a_saelens_6_topk_is_read_as_topk(tmp_path):
+    # any "architecture" but jumprelu was encoded as a ReLU SAE without a word: SAELens 6 saves a TopK SAE as
+    # architecture "topk" with k beside it (and hook_name under meta), whose latents were then dense ReLUs
+    from n2g.sae import SAEModel
+
+    torch.manual_seed(0)
+    base = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    v6 = SAEModel(base, _sae_dir(tmp_path / "v6", activation_fn=None, hook_name=None, architecture="topk", k=3,
+                                 meta={"hook_name": "blocks.1.hook_resid_post"}))
+    assert v6.topk == 3 and v6.layer == 1 and v6.info()["sae"]["activation_fn"] == "topk"
+    latents = v6.layer_activations(torch.randint(4, 60, (2, 10)), None, [1])[1]
+    assert int((latents > 0).sum(-1).max()) <= 3
+    with pytest.raises(N2GError, match=r"SAE architecture 'gated' is not supported"):
+        SAEModel(base, _sae_dir(tmp_path / "gated", architecture="gated"))
+    with pytest.raises(N2GError, match=r"a topk SAE needs k"):
+        SAEModel(base, _sae_dir(tmp_path / "no-k", activation_fn=None, architecture="topk"))
+    with pytest.raises(N2GError, match=r"normalize_activations 'layer_norm' is not supported"):
+        SAEModel(base, _sae_dir(tmp_path / "ln", normalize_activations="layer_norm"))
+    plain = SAEModel(base, _sae_dir(tmp_path / "plain", architecture="standard", normalize_activations="none"))
+    assert plain.topk is None and not plain.jumprelu
