@@ -124,6 +124,9 @@ def _parquet_cell(value, kind):
 def _disk_error(path: Path, exc: OSError) -> N2GError:
     if exc.errno == errno.ENOSPC:
         return N2GError(f"disk full while writing {path}; free some space and re-run the same command to resume")
+    if exc.errno == errno.EISDIR:  # os.replace(temporary, destination) onto a folder names the destination second
+        where = getattr(exc, "filename2", None) or path
+        return N2GError(f"{where} is a directory where the run writes a file; remove it and re-run the same command")
     return N2GError(f"cannot write {path} ({exc.strerror or exc}); choose a writable --out directory")
 
 
@@ -371,13 +374,14 @@ class RunStore:
         writer = csv.writer(buf)
         writer.writerow(header)
         writer.writerows([[csv_cell(v) for v in row] for row in rows])  # text from result files is never a formula
-        path = self.root / "scores.csv"
+        csv_path = path = self.root / "scores.csv"
         try:
             write_text_atomic(path, buf.getvalue())
+            path = self.root / "scores.parquet"  # the file an error below is about
             self._write_parquet(header, rows)
         except OSError as exc:
             raise _disk_error(path, exc) from exc
-        return path
+        return csv_path
 
     def _write_parquet(self, header: list[str], rows: list[list]) -> Path | None:
         try:

@@ -674,3 +674,18 @@ def test_an_sae_architecture_n2g_cannot_encode_is_refused_and_a_saelens_6_topk_i
         SAEModel(base, _sae_dir(tmp_path / "ln", normalize_activations="layer_norm"))
     plain = SAEModel(base, _sae_dir(tmp_path / "plain", architecture="standard", normalize_activations="none"))
     assert plain.topk is None and not plain.jumprelu
+
+
+@pytest.mark.parametrize("name", ["scores.csv", "scores.parquet"])
+def test_a_folder_where_the_scores_table_goes_is_named_with_what_to_do(name, tmp_path):
+    # a scores.parquet folder was reported as "cannot write RUN/scores.csv (Is a directory); choose a writable --out"
+    from helpers_run import make_run
+
+    from n2g.store import RunStore
+
+    run = make_run(tmp_path)
+    (run / name).mkdir()
+    with pytest.raises(N2GError) as err:
+        RunStore(run).write_scores_table()
+    assert str(err.value) == f"{run / name} is a directory where the run writes a file; remove it and re-run the same command"
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
