@@ -88,7 +88,7 @@ VALUE_DELTA = 0.2
 
 
 REFINE_TOKENS = 3
-"""Of each run span's best tokens, how many have their reach refined within the span (:meth:`Grower._refined_reach`)."""
+"""Of each run span's best tokens, how many have their reach refined within the span (:meth:`Grower._refined_reaches`)."""
 
 SET_CHANCE = 0.2
 """A set question's member (a token after which X never fires, or always fires) must be that pure with

@@ -1224,11 +1224,18 @@ def context_limit(model) -> int | None:
     return None
 
 
+def context_room(model) -> int | None:
+    """The most tokens of text ``model`` takes in one forward: its context less the BOS it prepends; None
+    when its config does not say."""
+    limit = context_limit(model)
+    return None if limit is None else limit - (1 if _subject_attr(model, "bos_token_id") is not None else 0)
+
+
 def check_excerpt_length(model, length: int) -> None:
     """Refuse excerpts (plus the BOS the model prepends) longer than the model's context."""
     limit = context_limit(model)
     bos = _subject_attr(model, "bos_token_id")
-    room = None if limit is None else limit - (1 if bos is not None else 0)
+    room = context_room(model)
     if room is not None and room < 1:
         raise N2GError(f"this model's context ({limit} position{'s' if limit != 1 else ''}"
                        f"{', one of them for BOS' if bos is not None else ''}) leaves no room for an excerpt; "

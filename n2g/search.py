@@ -161,6 +161,15 @@ def summary_of(result: NeuronResult) -> NeuronResult:
                                steering={})
 
 
+def checked_result(result: NeuronResult) -> NeuronResult:
+    """``result`` if :func:`result_problem` finds nothing wrong with it; else ValueError naming the problem
+    (a damaged file: the report skips it, a resumed run redoes the neuron, the server answers 404)."""
+    problem = result_problem(result)
+    if problem:
+        raise ValueError(problem)
+    return result
+
+
 def _mtime(path: Path) -> int:
     try:
         return path.stat().st_mtime_ns
@@ -173,10 +182,7 @@ def _parse(data: bytes, check: bool = True) -> NeuronResult:
     if not isinstance(d, dict):
         raise ValueError(f"a JSON {type(d).__name__}, not an object")
     result = NeuronResult.from_dict(d)
-    problem = result_problem(result) if check else None
-    if problem:
-        raise ValueError(problem)
-    return result
+    return checked_result(result) if check else result
 
 
 def _skip_damaged(path: Path, e: Exception) -> None:

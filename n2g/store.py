@@ -29,6 +29,7 @@ from .errors import N2GError, not_unicode
 from .fileio import MAX_READ_BYTES, alive, create_json, csv_cell, inside, read_json, replacing, write_bytes_atomic, write_text_atomic
 from .graph import NeuronGraph
 from .records import SCHEMA_VERSION, NeuronId, NeuronResult, check_folder
+from .search import checked_result
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,6 @@ def _as_text(value):
 def _escaped_bytes(text: str) -> bool:
     """Whether every lone surrogate of ``text`` stands for a byte (U+DC80-U+DCFF, Python's surrogateescape)."""
     return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
-
-
-def _checked(result: NeuronResult) -> NeuronResult:
-    """``result`` if its fields have the types and finite values the report relies on (the summary, the
-    scores table and ``--json`` rely on them too); else ValueError naming the problem, so that a resumed run
-    redoes the neuron as it does one whose file is damaged otherwise."""
-    from .search import result_problem
-
-    problem = result_problem(result)
-    if problem:
-        raise ValueError(problem)
-    return result
 
 
 def _parquet_cell(value, kind):
@@ -222,7 +211,7 @@ class RunStore:
             log.warning("%s: its stored result is a link that leads out of the run; it will be redone", neuron.key)
             return None
         try:
-            result = _checked(NeuronResult.from_dict(read_json(path)))
+            result = checked_result(NeuronResult.from_dict(read_json(path)))
             check_folder(result.neuron, folder.name)
             if result.status != "dead":
                 NeuronGraph.load(folder / "graph.json")
@@ -340,7 +329,7 @@ class RunStore:
                     log.warning("skipping %s: it is a link that leads out of the run", sub / "result.json")
                     continue
                 try:
-                    result = _checked(NeuronResult.from_dict(read_json(sub / "result.json")))
+                    result = checked_result(NeuronResult.from_dict(read_json(sub / "result.json")))
                     check_folder(result.neuron, sub.name)
                 except Exception as exc:
                     log.warning("skipping unreadable %s (%s)", sub / "result.json", exc)

@@ -800,13 +800,10 @@ MAX_PREDICT_TOKENS = 512
 def _predict_room(model) -> int:
     """How many tokens of typed text the model can read in one forward: :data:`MAX_PREDICT_TOKENS`, or fewer
     where its context (one position of it for BOS) is shorter; a model with learned positions fails beyond it."""
-    from n2g.models import context_limit
+    from n2g.models import context_room
 
-    limit = context_limit(model)
-    if limit is None:
-        return MAX_PREDICT_TOKENS
-    bos = getattr(model, "bos_token_id", None)
-    return max(1, min(MAX_PREDICT_TOKENS, limit - (1 if bos is not None else 0)))
+    room = context_room(model)
+    return MAX_PREDICT_TOKENS if room is None else max(1, min(MAX_PREDICT_TOKENS, room))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -945,7 +942,7 @@ class _Handler(BaseHTTPRequestHandler):
         """(result, graph or None) of a neuron of the run, cached until its files change."""
         from n2g.graph import NeuronGraph
         from n2g.records import NeuronId
-        from n2g.search import result_problem
+        from n2g.search import checked_result
 
         if not re.fullmatch(r"L[0-9]{1,6}\.N[0-9]{1,9}(\.neg)?", key):
             raise _Refused(404, f"no neuron {key[:40]!r}; keys look like L5.N123 or L5.N123.neg")
@@ -960,9 +957,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.cache.move_to_end(key)
             return cached[1], cached[2]
         try:
-            result = NeuronResult.from_dict(read_json(rpath))
-            if result_problem(result):
-                raise ValueError(result_problem(result))
+            result = checked_result(NeuronResult.from_dict(read_json(rpath)))
             check_folder(result.neuron, folder.name)
         except Exception:  # any damage (wrong types, a JSON list, nesting too deep): no result
             raise _Refused(404, f"no readable result for neuron {key} in this run") from None
