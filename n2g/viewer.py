@@ -12,7 +12,8 @@ types the pages link to, resolved inside the run directory (no symlink leads out
 dot files or temporaries), with a Content-Security-Policy header that allows no script but each
 page's own fixed one (a viewer page another version or anyone else wrote is rendered again from
 the run's records, never trusted to name its own script); bound to loopback, it answers only requests addressed to this machine (a
-page elsewhere cannot reach it by rebinding its own name to 127.0.0.1). A run's ``graph.svg`` is
+page elsewhere cannot reach it by rebinding its own name to 127.0.0.1), and its API only its own pages (a page
+of another site cannot make it run the model or rebuild the index, nor embed the run's files). A run's ``graph.svg`` is
 inlined only as rebuilt from the elements Graphviz draws with (:func:`safe_svg`), and nothing is
 written through a link that leads out of the run. Pages come from jinja2 templates with autoescaping (:mod:`n2g.pages`), so
 corpus text is escaped wherever it lands; scripts are fixed text, allowed by a per-page CSP nonce
@@ -827,6 +828,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", self._csp or _NO_SCRIPT_CSP)
         self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Cross-Origin-Resource-Policy", "same-origin")  # no <img> or <script> of another site
         super().end_headers()
 
     def _public(self, message: str) -> str:
@@ -1066,6 +1068,16 @@ class _Handler(BaseHTTPRequestHandler):
         name = host[1:host.find("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
         return not _is_loopback(name.rstrip("."))
 
+    def _cross_site(self) -> bool:
+        """Whether the browser says a page of another origin sent the request (``Sec-Fetch-Site``, or
+        ``Origin`` where it sends no such header): a web page, or another server on this machine, whose
+        requests carry this server's own Host and so pass :meth:`_host_refused`."""
+        site = self.headers.get("Sec-Fetch-Site")
+        if site is not None and site.strip().lower() not in ("same-origin", "none"):
+            return True
+        origin, host = self.headers.get("Origin"), self.headers.get("Host")
+        return origin is not None and origin.strip().lower() != f"http://{(host or '').strip().lower()}"
+
     def _get(self, head: bool) -> None:
         self._csp = None
         if self._host_refused():
@@ -1079,6 +1091,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Refused(400, "NUL byte in the request")
             if path in ("", "/"):
                 raise _Refused(302, "/viewer/index.html")
+            if path.startswith("/api/") and self._cross_site():  # it would run the model, or rebuild the index
+                return self._json(403, {"error": "this server answers its API only to its own pages; open the "
+                                                 "viewer at the address `n2g serve` prints"}, head)
             if path in ("/api/search", "/api/similar"):
                 return self._api(path, url.query, head)
             if path == "/api/predict":

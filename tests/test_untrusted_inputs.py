@@ -1,0 +1,87 @@
+"""Input from other people (third audit): a web page on another site visiting the local server, and a
+run folder, graph JSON or search index someone sent. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import threading
+
+import pytest
+
+from helpers_run import make_run
+from n2g.report import build_all
+from n2g.viewer import make_server
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A fresh synthetic run with its report and viewer built (each test may change it)."""
+    run = make_run(tmp_path)
+    build_all(run)
+    return run
+
+
+@contextlib.contextmanager
+def serving(run_dir, **kwargs):
+    server = make_server(run_dir, "127.0.0.1", 0, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def get(port: int, path: str, headers: dict | None = None):
+    """(status, headers, body) of a GET of ``path`` with ``headers`` added (as a browser would send them)."""
+    con = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        con.putrequest("GET", path, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            con.putheader(name, value)
+        con.endheaders()
+        r = con.getresponse()
+        return r.status, r.headers, r.read()
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the server, visited by a page of another site
+
+
+API = ["/api/predict?key=L0.N1&text=the%20cat", "/api/search?token=cat", "/api/similar?key=L0.N1"]
+
+
+@pytest.mark.parametrize("path", API)
+@pytest.mark.parametrize("headers", [
+    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},  # <img src> or fetch(no-cors) from a web page
+    {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"},  # another server on this machine (another port)
+    {"Origin": "http://evil.example"},  # a browser that sends no Sec-Fetch-* headers
+    {"Origin": "null"},  # a sandboxed frame or a file on disk
+], ids=["cross-site", "same-site", "origin", "null-origin"])
+def test_a_page_of_another_site_cannot_make_the_api_work_or_read_it(path, headers, run):
+    # the Host header is the server's own (127.0.0.1): the loopback check lets it through; the page is not ours
+    with serving(run) as port:
+        status, h, body = get(port, path, headers)
+        assert status == 403, body
+        assert h["Content-Type"] == "application/json; charset=utf-8"
+        assert json.loads(body) == {"error": "this server answers its API only to its own pages; open the "
+                                             "viewer at the address `n2g serve` prints"}
+        assert "Access-Control-Allow-Origin" not in h
+        # the server's own pages (same-origin fetch), and a person typing the address, are answered
+        assert get(port, path, {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"})[0] == 200
+        assert get(port, path, {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"})[0] == 200
+        assert get(port, path, {"Origin": f"http://127.0.0.1:{port}"})[0] == 200
+        assert get(port, path)[0] == 200  # curl, scripts
+
+
+def test_files_of_the_run_are_not_embeddable_by_another_site(run):
+    # an <img> of another site could otherwise read a drawing's size, or learn which neurons a run holds
+    with serving(run) as port:
+        for path in ("/neurons/L0.N1/graph.png", "/neurons/L0.N1/graph.json", "/viewer/index.html", "/nothing.png"):
+            status, h, _ = get(port, path)
+            assert h["Cross-Origin-Resource-Policy"] == "same-origin", path
