@@ -692,6 +692,8 @@ class NeuronGraph:
             if key < WILDCARD:
                 graph.run_parents.add(index[parents[0]])
             if key > WILDCARD:
+                if not isinstance(attrs["token"], str):  # printing, drawing and saving the graph read it as text
+                    raise ValueError(f"node {name}: token {attrs['token']!r:.40} is not text")
                 graph.token_text[key] = attrs["token"]
         total = 0
         for name in g.nodes:

@@ -85,3 +85,24 @@ def test_files_of_the_run_are_not_embeddable_by_another_site(run):
         for path in ("/neurons/L0.N1/graph.png", "/neurons/L0.N1/graph.json", "/viewer/index.html", "/nothing.png"):
             status, h, _ = get(port, path)
             assert h["Cross-Origin-Resource-Policy"] == "same-origin", path
+
+
+# ---------------------------------------------------------------------------------------------
+# a graph JSON someone sent
+
+
+@pytest.mark.parametrize("token", [5, 1.5, True, ["a"], {"a": 1}])
+def test_a_graph_whose_token_is_not_text_is_refused_when_loaded(token, run, tmp_path):
+    # it loaded, and then printing it, drawing it or saving it again was a TypeError traceback
+    from n2g.errors import N2GError
+    from n2g.graph import NeuronGraph
+
+    d = json.loads((run / "neurons" / "L0.N1" / "graph.json").read_text())
+    node = next(n for n in d["graph"]["nodes"] if n.get("kind") == "activator" and n.get("token_id") is not None)
+    node["token"] = token
+    path = tmp_path / "sent.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(N2GError) as e:
+        NeuronGraph.load(path)
+    assert str(e.value) == (f"cannot read graph {path}: ValueError: node {node['id']}: token {token!r} is not text; "
+                            "re-run n2g to regenerate it")
