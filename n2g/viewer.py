@@ -542,13 +542,21 @@ def _num_attr(v) -> str:
 
 
 def _top_activators(run_dir: Path) -> dict[str, list[str]]:
+    from n2g.search import _check_types, _open, _regular, _schema_problem
+
     path = run_dir / INDEX_NAME
     out: dict[str, list[str]] = {}
-    if not path.exists():
+    if not os.path.lexists(path):
         return out
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        if not _regular(path):  # a FIFO's opening would wait for a writer for ever
+            raise sqlite3.DatabaseError("it is not a regular file")
+        con = _open(path)  # read-only, its queries stopped after SEARCH_SECONDS
         try:
+            problem = _schema_problem(con)  # an index n2g did not write (a view may never end) is not read
+            if problem:
+                raise sqlite3.DatabaseError(problem)
+            _check_types(con, path)
             for key, token in con.execute(
                 "SELECT key, token FROM tokens WHERE role = 'activator' ORDER BY key, weight DESC, token"
             ):

@@ -106,3 +106,39 @@ def test_a_graph_whose_token_is_not_text_is_refused_when_loaded(token, run, tmp_
         NeuronGraph.load(path)
     assert str(e.value) == (f"cannot read graph {path}: ValueError: node {node['id']}: token {token!r} is not text; "
                             "re-run n2g to regenerate it")
+
+
+# ---------------------------------------------------------------------------------------------
+# a search index someone made
+
+
+ENDLESS_VIEW = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT);
+INSERT INTO meta VALUES ('schema_version', '2');
+CREATE VIEW tokens AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)
+  SELECT x AS token_id, 'a' || x AS token, 'L0.N1' AS key, 'activator' AS role, 1.0 AS weight, 'a' AS folded FROM c;
+"""
+
+
+@pytest.mark.parametrize("index", ["endless view", "pipe"])
+def test_an_index_page_rendered_again_beside_an_index_n2g_did_not_write_is_answered(index, run, caplog):
+    # the server renders an index page another version wrote again, reading each neuron's activating tokens from
+    # index.sqlite: a view that never ends (or a FIFO in its place) held the request, and a CPU, for ever
+    import os
+    import sqlite3
+
+    from n2g.viewer import INDEX_JS
+
+    (run / "index.sqlite").unlink()
+    if index == "pipe":
+        os.mkfifo(run / "index.sqlite")
+    else:
+        con = sqlite3.connect(run / "index.sqlite")
+        con.executescript(ENDLESS_VIEW)
+        con.close()
+    (run / "viewer" / "index.html").write_text("<html>a page of an older n2g</html>")
+    with serving(run) as port:
+        status, _, body = get(port, "/viewer/index.html")  # the helper gives up after 10 s
+    assert status == 200 and INDEX_JS in body.decode()
+    assert "L0.N1" in body.decode() and "a1" not in body.decode()  # every neuron, no token of the made-up index
+    assert "cannot read the activators of" in caplog.text and "run `n2g report` to rebuild the index" in caplog.text
