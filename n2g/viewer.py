@@ -1081,10 +1081,10 @@ class _Handler(BaseHTTPRequestHandler):
         ``Origin`` where it sends no such header): a web page, or another server on this machine, whose
         requests carry this server's own Host and so pass :meth:`_host_refused`."""
         site = self.headers.get("Sec-Fetch-Site")
-        if site is not None and site.strip().lower() not in ("same-origin", "none"):
-            return True
-        origin, host = self.headers.get("Origin"), self.headers.get("Host")
-        return origin is not None and origin.strip().lower() != f"http://{(host or '').strip().lower()}"
+        if site is not None:
+            return site.strip().lower() not in ("same-origin", "none")
+        origin, host = self.headers.get("Origin"), (self.headers.get("Host") or "").strip().lower()
+        return origin is not None and origin.strip().lower() not in (f"http://{host}", f"https://{host}")
 
     def _get(self, head: bool) -> None:
         self._csp = None

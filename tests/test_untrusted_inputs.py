@@ -76,6 +76,8 @@ def test_a_page_of_another_site_cannot_make_the_api_work_or_read_it(path, header
         assert get(port, path, {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"})[0] == 200
         assert get(port, path, {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"})[0] == 200
         assert get(port, path, {"Origin": f"http://127.0.0.1:{port}"})[0] == 200
+        # where the browser says same-origin, that is what counts (an Origin may name the https of a proxy)
+        assert get(port, path, {"Sec-Fetch-Site": "same-origin", "Origin": "https://proxy.example"})[0] == 200
         assert get(port, path)[0] == 200  # curl, scripts
 
 
