@@ -680,9 +680,10 @@ def _main(argv: list[str] | None) -> int:
     if quiet and verbose:
         print("n2g: error: -q and -v contradict each other; pass one of them", file=sys.stderr)
         return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_VisibleFormatter("n2g: %(levelname)s %(name)s: %(message)s" if verbose else "n2g: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-                        format="n2g: %(levelname)s %(name)s: %(message)s" if verbose else "n2g: %(message)s",
-                        stream=sys.stderr)
+                        handlers=[handler])
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if quiet:
@@ -699,7 +700,7 @@ def _main(argv: list[str] | None) -> int:
         with _terminate_as_interrupt():
             return handlers[args.command](args)
     except N2GError as exc:
-        print(f"n2g: error: {exc}", file=sys.stderr)
+        print(f"n2g: error: {visible(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:
         path = f"the path {_shown(exc.filename)}" if exc.filename is not None else "a path given"
@@ -718,6 +719,28 @@ def _main(argv: list[str] | None) -> int:
         return 130
 
 
+_TERMINAL_CONTROLS: dict[int, str] = {}
+
+
+def visible(text: str) -> str:
+    """``text`` for the terminal with its control characters shown as ``\\x1b`` (a newline kept) and its
+    bidirectional controls as ``\\u202e``: file names, node ids and fields of a run folder someone else made
+    reach messages, and must not set the terminal's title, clear its screen or reorder the line."""
+    if not _TERMINAL_CONTROLS:
+        from .render import BIDI_CONTROLS
+
+        _TERMINAL_CONTROLS.update({i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0xA0)) if i != 0x0A})
+        _TERMINAL_CONTROLS.update({ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS})
+    return text.translate(_TERMINAL_CONTROLS)
+
+
+class _VisibleFormatter(logging.Formatter):
+    """Log lines through :func:`visible`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return visible(super().format(record))
+
+
 def _cache_hint(path) -> str:
     """" (n2g's cache: $N2G_CACHE)" where ``path`` lies in n2g's cache, which the user may not know n2g uses."""
     from .models import cache_dir
@@ -731,7 +754,7 @@ def _cache_hint(path) -> str:
 
 def _shown(path, limit: int = 120) -> str:
     """A path for a one-line message: its first and last characters where it is long."""
-    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    text = visible(os.fsdecode(path) if isinstance(path, bytes) else str(path))
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
 
 

@@ -683,7 +683,7 @@ class NeuronGraph:
             else:
                 key = attrs["token_id"]
                 if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= MAX_TOKEN_ID:  # a negative key is a wildcard run
-                    raise ValueError(f"node {name}: token_id {key!r} is not a token id (a whole number from 0 to {MAX_TOKEN_ID})")
+                    raise ValueError(f"node {str(name)[:40]!r}: token_id {key!r} is not a token id (a whole number from 0 to {MAX_TOKEN_ID})")
             node = graph._new_node(index[parents[0]], key)
             node.count, node.importance_sum = int(attrs["count"]), float(attrs["importance"]) * int(attrs["count"])
             index[name] = len(graph.nodes)
@@ -693,7 +693,7 @@ class NeuronGraph:
                 graph.run_parents.add(index[parents[0]])
             if key > WILDCARD:
                 if not isinstance(attrs["token"], str):  # printing, drawing and saving the graph read it as text
-                    raise ValueError(f"node {name}: token {attrs['token']!r:.40} is not text")
+                    raise ValueError(f"node {str(name)[:40]!r}: token {attrs['token']!r:.40} is not text")
                 graph.token_text[key] = attrs["token"]
         total = 0
         for name in g.nodes:
@@ -705,7 +705,7 @@ class NeuronGraph:
                 count = g.nodes[name]["count"]
                 total += count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
                 if isinstance(count, bool) or not isinstance(count, int) or count < 0 or total > MAX_END_COUNT:
-                    raise ValueError(f"END node {name}: count {count!r} is not a token count from 0 to {MAX_END_COUNT} "
+                    raise ValueError(f"END node {str(name)[:40]!r}: count {count!r} is not a token count from 0 to {MAX_END_COUNT} "
                                      "(summed over the graph)")
                 owner.end_values = [owner.end] * count
         return graph

@@ -106,7 +106,7 @@ def test_a_graph_whose_token_is_not_text_is_refused_when_loaded(token, run, tmp_
     path.write_text(json.dumps(d))
     with pytest.raises(N2GError) as e:
         NeuronGraph.load(path)
-    assert str(e.value) == (f"cannot read graph {path}: ValueError: node {node['id']}: token {token!r} is not text; "
+    assert str(e.value) == (f"cannot read graph {path}: ValueError: node {node['id']!r}: token {token!r} is not text; "
                             "re-run n2g to regenerate it")
 
 
@@ -144,3 +144,54 @@ def test_an_index_page_rendered_again_beside_an_index_n2g_did_not_write_is_answe
     assert status == 200 and INDEX_JS in body.decode()
     assert "L0.N1" in body.decode() and "a1" not in body.decode()  # every neuron, no token of the made-up index
     assert "cannot read the activators of" in caplog.text and "run `n2g report` to rebuild the index" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# text of a run folder in messages on the terminal
+
+
+ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202e"
+"""Set the terminal's title, clear the screen, an 8-bit CSI, a right-to-left override."""
+
+
+def _n2g(*argv):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "n2g", *map(str, argv)], capture_output=True, env=env, timeout=300)
+
+
+def test_names_from_a_run_folder_reach_warnings_as_text_never_as_terminal_escapes(run):
+    # a neuron folder's name and a graph node's id were written to stderr as they were: the run's maker drove the terminal
+    import shutil
+
+    shutil.copytree(run / "neurons" / "L0.N1", run / "neurons" / f"L0.N1{ESCAPES}")
+    path = run / "neurons" / "L0.N2" / "graph.json"
+    d = json.loads(path.read_text())
+    node = next(n for n in d["graph"]["nodes"] if n.get("kind") == "activator")
+    old, node["id"], node["token_id"] = node["id"], f"n{ESCAPES}", "x"
+    for e in d["graph"]["edges"]:
+        e["source"] = node["id"] if e["source"] == old else e["source"]
+        e["target"] = node["id"] if e["target"] == old else e["target"]
+    path.write_text(json.dumps(d))
+    p = _n2g("report", run)
+    err = p.stderr.decode("utf-8", "surrogateescape")
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert "skipping damaged neuron result" in err and "skipping graph of L0.N2" in err
+    for ch in "\x1b\x07\x9b\u202e":
+        assert ch not in err
+    assert "L0.N1\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202e" in err
+
+
+def test_text_of_a_run_json_reaches_an_error_as_text_never_as_terminal_escapes(run):
+    d = json.loads((run / "run.json").read_text())
+    d["model"]["sae"] = {"hook_name": ESCAPES}
+    (run / "run.json").write_text(json.dumps(d))
+    p = _n2g("serve", run, "--model", "tiny")  # refused before any model is loaded
+    err = p.stderr.decode("utf-8", "surrogateescape")
+    assert p.returncode == 2 and err.count("\n") == 1, err
+    assert err == (f"n2g: error: {run} holds SAE latents (\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202e); serve it without "
+                   "--model (try-your-own-text then shows the graphs' predictions)\n")
