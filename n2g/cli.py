@@ -236,7 +236,9 @@ def _print_json(data) -> None:
     import json
 
     text = json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False, default=str)
-    if not_unicode(text):  # a path that is not UTF-8: JSON's \u escapes keep the output valid UTF-8
+    # a path that is not UTF-8, or text JSON leaves raw that a terminal obeys (a C1 control such as the 8-bit
+    # CSI, a bidirectional override: a run folder's tokens): JSON's \u escapes keep the output plain text
+    if not_unicode(text) or visible(text) != text:
         text = json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False, default=str)
     print(text)
 

@@ -195,3 +195,17 @@ def test_text_of_a_run_json_reaches_an_error_as_text_never_as_terminal_escapes(r
     assert p.returncode == 2 and err.count("\n") == 1, err
     assert err == (f"n2g: error: {run} holds SAE latents (\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202e); serve it without "
                    "--model (try-your-own-text then shows the graphs' predictions)\n")
+
+
+def test_search_json_on_a_terminal_carries_no_8_bit_control_or_bidi_override_from_a_tampered_index(run):
+    # JSON escapes the C0 controls (ESC among them) but not the C1 ones (an 8-bit CSI) or a right-to-left override
+    import sqlite3
+
+    con = sqlite3.connect(run / "index.sqlite")
+    with con:
+        con.execute("UPDATE tokens SET token = token || ? WHERE folded LIKE '%paris%'", ("\x9b2J\u202e",))
+    con.close()
+    p = _n2g("search", run, "Paris", "--json")
+    out = p.stdout.decode("utf-8")
+    assert p.returncode == 0 and "\x9b" not in out and "\u202e" not in out, p.stderr
+    assert any(h["token"].endswith("\x9b2J\u202e") for h in json.loads(out)["results"])  # the same text, escaped
