@@ -365,7 +365,8 @@ class _Connection(sqlite3.Connection):
 
 def _open(path: Path) -> _Connection:
     """A read-only connection whose queries stop after :data:`SEARCH_SECONDS` (or at Ctrl-C)."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, factory=_Connection)
+    # as a URI with the path percent-encoded: a '#', '?' or '%' in a folder's name is part of the path
+    con = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, factory=_Connection)
     con.row_factory = sqlite3.Row
     con.deadline = time.monotonic() + SEARCH_SECONDS
     con.set_progress_handler(lambda: time.monotonic() > con.deadline, 20_000)

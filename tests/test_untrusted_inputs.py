@@ -209,3 +209,29 @@ def test_search_json_on_a_terminal_carries_no_8_bit_control_or_bidi_override_fro
     out = p.stdout.decode("utf-8")
     assert p.returncode == 0 and "\x9b" not in out and "\u202e" not in out, p.stderr
     assert any(h["token"].endswith("\x9b2J\u202e") for h in json.loads(out)["results"])  # the same text, escaped
+
+
+# ---------------------------------------------------------------------------------------------
+# a run folder named as people name folders
+
+
+@pytest.mark.parametrize("name", ["run #3", "run?x=1", "run%3F", "50% done"])
+def test_a_run_folder_whose_name_is_special_in_a_uri_is_searched_and_served(name, tmp_path, capsys):
+    # the index was opened as the URI file:{path}?mode=ro: a '#' cut the path short (SQLite then created an empty
+    # database beside the run, read-write), a '?' or '%' named another file; search failed after "rebuilding"
+    from n2g import cli
+
+    made = make_run(tmp_path / "made")
+    run = tmp_path / name
+    made.rename(run)
+    build_all(run)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["search", str(run), "Paris"]) == 0
+    out, err = capsys.readouterr()
+    assert "L0.N1" in out and "rebuilding" not in err, err
+    with serving(run) as port:
+        status, _, body = get(port, "/api/search?token=Paris")
+        assert status == 200 and json.loads(body)["results"], body
+        status, _, body = get(port, "/api/similar?key=L0.N1")
+        assert status == 200 and json.loads(body)["results"], body
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no database made beside the run
