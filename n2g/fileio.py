@@ -174,6 +174,24 @@ def loads_json(data: bytes | str):
     return d
 
 
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of lists and objects :func:`nested_deeper` lets through (n2g's files nest a handful)."""
+
+
+def nested_deeper(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether parsed JSON ``value`` nests lists and objects more than ``limit`` deep, checked without recursion:
+    JSON nested hundreds deep parses, and then a recursive walk of it (``str``, ``json.dumps``) runs out of stack."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        for child in v.values() if isinstance(v, dict) else v if isinstance(v, list) else ():
+            if isinstance(child, (list, dict)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def read_json(path: str | os.PathLike, limit: int = MAX_READ_BYTES):
     """A run file's JSON (:func:`read_bytes`, then :func:`loads_json`)."""
     return loads_json(read_bytes(path, limit))

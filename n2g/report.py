@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from n2g.errors import N2GError
-from n2g.fileio import csv_cell, inside, read_json, remove_stale_temporaries
+from n2g.fileio import MAX_JSON_DEPTH, csv_cell, inside, nested_deeper, read_json, remove_stale_temporaries
 from n2g.records import NeuronResult, plural
 from n2g.render import DrawingFailed, atomic_write, dot_available, load_graph_json, render
 from n2g.search import build_index, iter_results, result_paths, scan_results
@@ -142,6 +142,8 @@ def _run_info(run_dir: Path) -> dict:
     try:
         d = read_json(run_dir / "run.json")
         problem = None if isinstance(d, dict) else f"it holds a JSON {type(d).__name__}, not an object"
+        if problem is None and nested_deeper(d):  # the report's walks of it (report.json) would run out of stack
+            problem = f"it nests lists and objects more than {MAX_JSON_DEPTH} deep, deeper than n2g writes"
     except (OSError, ValueError, RecursionError) as exc:
         d, problem = None, str(exc)[:200]
     if problem is not None:

@@ -235,3 +235,22 @@ def test_a_run_folder_whose_name_is_special_in_a_uri_is_searched_and_served(name
         status, _, body = get(port, "/api/similar?key=L0.N1")
         assert status == 200 and json.loads(body)["results"], body
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no database made beside the run
+
+
+# ---------------------------------------------------------------------------------------------
+# a run.json someone made
+
+
+@pytest.mark.parametrize("where", ["corpus", "model", "name"])
+def test_a_run_json_nested_deeper_than_n2g_writes_is_named_and_the_report_is_written(where, run, caplog):
+    # JSON nested 900 deep parses, but the report's own walk of it (report.json) then ran out of stack: a traceback
+    from n2g.report import build_all
+
+    d = json.loads((run / "run.json").read_text())
+    d[where] = json.loads("[" * 900 + "]" * 900)
+    (run / "run.json").write_text(json.dumps(d))
+    (run / "report.html").unlink()
+    build_all(run)
+    assert f"{run / 'run.json'} cannot be read (it nests lists and objects more than 32 deep" in caplog.text
+    assert "synthetic" not in (run / "report.html").read_text()  # the run's sections are left out, as of a damaged file
+    assert json.loads((run / "report.json").read_text())["run"] == {}
