@@ -77,6 +77,10 @@ memory to load, and predicting walks them)."""
 MAX_GRAPH_DEPTH = 512
 """Deepest path a loaded graph may hold (prediction recurses once per level): above any graph n2g writes,
 whose paths are at most ``max_context`` (<= 256) tokens plus grown ones (``grow_depth`` <= 64)."""
+MAX_PATH_TOKENS = 1 << 21
+"""Most tokens all paths of a loaded graph may hold together (each END's depth, summed): the drawing and the
+neuron page build every path's text, so a few thousand deep paths from a small file would take gigabytes. n2g's
+graphs hold far fewer (a few thousand nodes, most paths a handful of tokens)."""
 MAX_TOKEN_ID = 2**31 - 1
 """Largest token id a graph may hold (every tokenizer's ids are far below it)."""
 
@@ -84,8 +88,8 @@ MAX_TOKEN_ID = 2**31 - 1
 def tree_problem(g: nx.DiGraph) -> str | None:
     """What keeps a loaded node-link graph from being an n2g trie, or None: one ``root``, every other node
     hanging from exactly one parent and reached from the root (no cycle), at most :data:`MAX_GRAPH_NODES`
-    nodes and :data:`MAX_GRAPH_DEPTH` levels. A graph that is not a tree can make drawing and the page's
-    path list cost time and memory quadratic in its size."""
+    nodes, :data:`MAX_GRAPH_DEPTH` levels and :data:`MAX_PATH_TOKENS` tokens in its paths. A graph that is not
+    a tree can make drawing and the page's path list cost time and memory quadratic in its size."""
     if g.number_of_nodes() > 2 * MAX_GRAPH_NODES:  # every node may have an END leaf
         return f"it has {g.number_of_nodes():,} nodes, more than the {2 * MAX_GRAPH_NODES:,} n2g loads"
     roots = [n for n, a in g.nodes(data=True) if a.get("kind") == "root"]
@@ -106,6 +110,9 @@ def tree_problem(g: nx.DiGraph) -> str | None:
             queue.append(child)
     if len(depth) != g.number_of_nodes():
         return "some nodes are not reached from its root (a cycle)"
+    tokens = sum(depth[n] - 1 for n, a in g.nodes(data=True) if a.get("kind") == "end")
+    if tokens > MAX_PATH_TOKENS:
+        return f"its paths hold {tokens:,} tokens in all, more than the {MAX_PATH_TOKENS:,} n2g loads"
     return None
 
 

@@ -254,3 +254,48 @@ def test_a_run_json_nested_deeper_than_n2g_writes_is_named_and_the_report_is_wri
     assert f"{run / 'run.json'} cannot be read (it nests lists and objects more than 32 deep" in caplog.text
     assert "synthetic" not in (run / "report.html").read_text()  # the run's sections are left out, as of a damaged file
     assert json.loads((run / "report.json").read_text())["run"] == {}
+
+
+def _broom(trunk: int, leaves: int) -> dict:
+    """A graph that is a tree of few nodes but long paths: a chain of ``trunk`` nodes, then ``leaves`` paths ending below it."""
+    nodes = [{"id": "root", "kind": "root", "token_id": None, "token": "", "depth": -1, "importance": 0.0,
+              "activation": 0.0, "count": 0}]
+    edges, prev = [], "root"
+    for i in range(trunk):
+        nodes.append({"id": f"t{i}", "kind": "activator" if i == 0 else "context", "token_id": 5 + i % 50,
+                      "token": f"tok{i % 50}", "depth": i, "importance": 0.5, "activation": 0.9, "count": 1})
+        edges.append({"source": prev, "target": f"t{i}"})
+        prev = f"t{i}"
+    for j in range(leaves):
+        nodes += [{"id": f"l{j}", "kind": "context", "token_id": 1000 + j, "token": f"leaf{j}", "depth": trunk,
+                   "importance": 0.5, "activation": 0.9, "count": 1},
+                  {"id": f"l{j}.end", "kind": "end", "token_id": None, "token": "", "depth": trunk, "importance": 0.0,
+                   "activation": 0.9, "count": 1}]
+        edges += [{"source": prev, "target": f"l{j}"}, {"source": f"l{j}", "target": f"l{j}.end"}]
+    return {"directed": True, "multigraph": False, "graph": {}, "nodes": nodes, "edges": edges}
+
+
+def test_a_graph_whose_paths_hold_more_tokens_than_n2g_writes_is_refused_not_listed(run):
+    # 4,300 paths of 500 tokens from a 2 MB file: every path's text was built for the drawing and listed on the page
+    # (a 36 MB file of this shape, under every other limit, made a 2 GB page and some 10 GB of memory)
+    from n2g.errors import N2GError
+    from n2g.graph import MAX_PATH_TOKENS, NeuronGraph
+    from n2g.render import load_graph_json
+
+    path = run / "neurons" / "L0.N1" / "graph.json"
+    d = json.loads(path.read_text())
+    d["graph"] = _broom(500, 4300)
+    path.write_text(json.dumps(d))
+    said = f"its paths hold 2,154,300 tokens in all, more than the {MAX_PATH_TOKENS:,} n2g loads"
+    with pytest.raises(N2GError, match=said):
+        load_graph_json(path, run, check=True)
+    with pytest.raises(N2GError, match=said):
+        NeuronGraph.load(path)
+    for stale in ("svg", "png", "dot"):
+        (path.parent / f"graph.{stale}").unlink()
+    build_all(run)
+    page = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    assert f"cannot draw the graph: graph file {path} is damaged (" in page and len(page) < 200_000
+    d["graph"] = _broom(400, 4300)  # 1.7 million tokens: loaded
+    path.write_text(json.dumps(d))
+    assert len(NeuronGraph.load(path).paths()) == 4300
