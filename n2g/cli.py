@@ -388,8 +388,8 @@ def _info(args) -> int:
         _print_json(info)
         return 0
     width = max(len(k) for k in info)
-    for key, value in info.items():
-        print(f"{key:<{width}}  {value}")
+    for key, value in info.items():  # the BOS token is text of the model folder, which may not be the user's own
+        print(f"{key:<{width}}  {visible(str(value))}")
     return 0
 
 

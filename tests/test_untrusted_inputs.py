@@ -299,3 +299,20 @@ def test_a_graph_whose_paths_hold_more_tokens_than_n2g_writes_is_refused_not_lis
     d["graph"] = _broom(400, 4300)  # 1.7 million tokens: loaded
     path.write_text(json.dumps(d))
     assert len(NeuronGraph.load(path).paths()) == 4300
+
+
+def test_info_on_a_model_folder_someone_sent_prints_its_tokens_as_text(tmp_path, capsys):
+    # the BOS token of a model folder's tokenizer was printed as it is: its maker drove the terminal
+    from conftest import tiny_model, tiny_tokenizer
+    from n2g import cli
+
+    folder, bos = tmp_path / "m", "<bos>\x1b]0;pwned\x07\x1b[2J"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.exists():
+            path.write_text(path.read_text().replace('"<bos>"', json.dumps(bos)))
+    assert cli.main(["info", "--model", str(folder), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "bos_token     <bos>\\x1b]0;pwned\\x07\\x1b[2J\n" in out and "\x1b" not in out
