@@ -334,6 +334,8 @@ def build_index(run_dir: str | os.PathLike) -> Path:
             con.commit()
         finally:
             con.close()
+        for sidecar in ("-journal", "-wal", "-shm"):  # the old file's: SQLite would try to roll them into the new one
+            out.with_name(out.name + sidecar).unlink(missing_ok=True)
     log.info("indexed %d %s into %s", n, plural(n, "neuron"), out)
     return out
 

@@ -316,3 +316,33 @@ def test_info_on_a_model_folder_someone_sent_prints_its_tokens_as_text(tmp_path,
     assert cli.main(["info", "--model", str(folder), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "bos_token     <bos>\\x1b]0;pwned\\x07\\x1b[2J\n" in out and "\x1b" not in out
+
+
+HOT_JOURNAL = """
+import os, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA cache_size=1")  # spill the change to the file mid-transaction
+con.execute("BEGIN")
+con.execute("UPDATE tokens SET token = 'X' || token, folded = 'x' || folded")
+con.execute("CREATE TABLE filler(x)")
+con.execute("INSERT INTO filler SELECT randomblob(4000) FROM (WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c LIMIT 200) SELECT i FROM c)")
+os._exit(0)  # a writer killed with its transaction open: its journal is left beside the file
+"""
+
+
+def test_a_journal_left_beside_the_index_goes_with_the_index_it_belonged_to(run, capsys):
+    # SQLite opens an index with a hot journal beside it only to roll the journal back, which a read-only connection
+    # may not: search failed and said "run n2g report", and n2g report rebuilt the index but left the journal
+    import subprocess
+    import sys
+
+    from n2g import cli
+    from n2g.search import search
+
+    subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(run / "index.sqlite")], check=True, timeout=60)
+    assert (run / "index.sqlite-journal").stat().st_size > 0
+    build_all(run)
+    assert not (run / "index.sqlite-journal").exists()
+    assert {h["key"] for h in search(run, "Paris")} >= {"L0.N1"}
+    assert cli.main(["search", str(run), "Paris"]) == 0 and "L0.N1" in capsys.readouterr().out
+    assert "Paris" in (run / "viewer" / "index.html").read_text()  # the page's activating tokens were read
