@@ -140,6 +140,8 @@ def _run_info(run_dir: Path) -> dict:
     """``run.json`` (the run's model, corpus and options); {} with a warning where it is damaged, since the
     neurons' own files still make a report."""
     try:
+        if not inside(run_dir, run_dir / "run.json"):  # its fields go into the report: nothing from outside the run
+            raise ValueError("it is a link that leads out of the run directory")
         d = read_json(run_dir / "run.json")
         problem = None if isinstance(d, dict) else f"it holds a JSON {type(d).__name__}, not an object"
         if problem is None and nested_deeper(d):  # the report's walks of it (report.json) would run out of stack

@@ -346,3 +346,18 @@ def test_a_journal_left_beside_the_index_goes_with_the_index_it_belonged_to(run,
     assert {h["key"] for h in search(run, "Paris")} >= {"L0.N1"}
     assert cli.main(["search", str(run), "Paris"]) == 0 and "L0.N1" in capsys.readouterr().out
     assert "Paris" in (run / "viewer" / "index.html").read_text()  # the page's activating tokens were read
+
+
+def test_a_run_json_linking_out_of_the_run_is_not_read_into_the_report(run, tmp_path, caplog):
+    # every other file of a run that leads out of it is refused; run.json's fields went into report.html and report.json
+    import os
+
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps({"name": "a file of the user's, elsewhere", "model": {"spec": "private/path"}}))
+    (run / "run.json").unlink()
+    os.symlink(outside, run / "run.json")
+    build_all(run)
+    assert f"{run / 'run.json'} cannot be read (it is a link that leads out of the run directory)" in caplog.text
+    for name in ("report.html", "report.json"):
+        text = (run / name).read_text()
+        assert "elsewhere" not in text and "private/path" not in text
