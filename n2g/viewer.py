@@ -1027,7 +1027,8 @@ class _Handler(BaseHTTPRequestHandler):
                 model.check_neuron(n.layer, n.index)
                 with self.lock:
                     acts = model.activations(torch.tensor([ids]), None, [(n.layer, n.index)])[0, :, 0].float().cpu().numpy()
-                true = [round(float(v), 4) for v in acts * (1.0 if n.sign.value == "positive" else -1.0) / scale]
+                true = [round(float(v), 4) if math.isfinite(v) else None  # JSON has no NaN: the page shows —
+                        for v in acts * (1.0 if n.sign.value == "positive" else -1.0) / scale]
         except _Refused as e:
             return self._json(e.status, {"error": str(e)}, head)
         except N2GError as e:

@@ -315,6 +315,33 @@ def test_try_your_own_text_with_a_model_shows_the_true_activation(run, tiny_llam
         server.server_close()
 
 
+def test_a_model_that_gives_nan_is_answered_in_valid_json_with_the_value_missing(run, tiny_llama, monkeypatch):
+    import torch
+
+    real = tiny_llama.activations
+
+    def with_nan(ids, mask, pairs):
+        acts = real(ids, mask, pairs).clone()
+        acts[0, 1, 0] = float("nan")
+        acts[0, 2, 0] = float("inf")
+        return acts
+
+    monkeypatch.setattr(tiny_llama, "activations", with_nan)
+    server = make_server(run, "127.0.0.1", 0, model=tiny_llama)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/predict?key=L0.N1&text=the+cat+sat"
+        with urllib.request.urlopen(url) as r:
+            body = r.read().decode("utf-8")
+        d = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+        raw = real(torch.tensor([[4, 5, 6]]), None, [(0, 1)])[0, :, 0].numpy()
+        assert d["true"][0] == pytest.approx(raw[0] / 5.0, abs=1e-4) and d["true"][1:] == [None, None]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_strongest_held_out_excerpts_come_first_and_the_rest_fold_away(run):
     import copy
 
