@@ -786,15 +786,17 @@ def _mtime(path: Path) -> int:
 
 
 def _is_loopback(host: str) -> bool:
-    """Whether a host name or address is this machine's loopback (``localhost``, 127.0.0.0/8, ``::1``)."""
+    """Whether a host name or address is this machine's loopback (``localhost``, 127.0.0.0/8, ``::1``, and
+    127.0.0.0/8 written as an IPv4-mapped IPv6 address, ``::ffff:127.0.0.1``)."""
     import ipaddress
 
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
 
 
 def _hidden(name: str) -> bool:

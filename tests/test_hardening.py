@@ -1140,12 +1140,14 @@ def get_as(port: int, path: str, host: str):
 def test_server_on_loopback_answers_only_requests_for_this_machine(run):
     # a page on evil.example whose name is rebound to 127.0.0.1 (DNS rebinding) must not read the run
     with serving(run) as port:
-        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "[2001:db8::1]:80"):
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "[2001:db8::1]:80",
+                     "[::ffff:10.0.0.1]:80"):
             for path in ("/viewer/index.html", "/api/search?token=Paris", "/api/predict?key=L0.N1&text=x",
                          "/run.json"):
                 status, body = get_as(port, path, host)
                 assert status == 403 and b"Paris" not in body and b"toy/model" not in body, (host, path, status)
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "127.0.0.2"):
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "127.0.0.2",
+                     f"[::ffff:127.0.0.1]:{port}"):  # IPv4 loopback written as an IPv4-mapped IPv6 address
             assert get_as(port, "/report.html", host)[0] == 200, host
 
 
