@@ -690,7 +690,8 @@ class SubjectModel:
     # ------------------------------------------------------------------ checks and info
     def check_neuron(self, layer: int, index: int) -> None:
         """Raise :class:`N2GError` unless ``(layer, index)`` exists in this model."""
-        if not 0 <= int(layer) < self.n_layers or not 0 <= int(index) < self.d_mlp:
+        layer, index = neuron_numbers(layer, index)
+        if not 0 <= layer < self.n_layers or not 0 <= index < self.d_mlp:
             raise N2GError(
                 f"neuron (layer {layer}, index {index}) does not exist in {self.spec}: "
                 f"layers are 0..{self.n_layers - 1} and neuron indices 0..{self.d_mlp - 1}"
@@ -1211,6 +1212,25 @@ def _subject_attr(model, name: str):
     if value is None and getattr(model, "base", None) is not None:
         value = getattr(model.base, name, None)
     return value
+
+
+def neuron_numbers(layer, index) -> tuple[int, int]:
+    """``(layer, index)`` as ints, or an N2GError: a whole number each (a NumPy integer, or a one-element
+    integer tensor, too); ``int()`` would take ``1.7`` as layer 1 and ``"x"`` would be a ValueError."""
+    import operator
+
+    import numpy as np
+
+    out = []
+    for what, value in (("layer", layer), ("index", index)):
+        try:
+            if isinstance(value, (bool, np.bool_)):
+                raise TypeError
+            out.append(operator.index(value))
+        except (TypeError, ValueError, RuntimeError):
+            raise N2GError(f"{what} must be a whole number (got {value!r}); pass the neuron's layer and index "
+                           "as ints") from None
+    return out[0], out[1]
 
 
 def context_limit(model) -> int | None:

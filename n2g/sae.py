@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import N2GError
-from .models import SubjectModel, _get, _StopForward
+from .models import SubjectModel, _get, _StopForward, neuron_numbers
 
 HOOK = re.compile(r"^blocks\.(\d{1,6})\.hook_(resid_post|resid_pre|mlp_out)$")
 
@@ -180,9 +180,10 @@ class SAEModel:
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
     def check_neuron(self, layer: int, index: int) -> None:
-        if int(layer) != self.layer:
+        layer, index = neuron_numbers(layer, index)
+        if layer != self.layer:
             raise N2GError(f"this SAE reads layer {self.layer} ({self.hook_name}); ask for layer {self.layer}")
-        if not 0 <= int(index) < self.d_mlp:
+        if not 0 <= index < self.d_mlp:
             raise N2GError(f"latent {index} does not exist: this SAE has latents 0..{self.d_mlp - 1}")
 
     @torch.inference_mode()

@@ -12,6 +12,8 @@ activation, times the activation (the Transluce seed's definition).
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -77,6 +79,51 @@ def check_prompt(model, ids: Sequence[int], extra: int = 0) -> None:
                        f"context of {limit}; give a shorter --prompt (or fewer --tokens)")
 
 
+def _scalar(value):
+    """A one-element tensor or array as the Python number it holds; anything else unchanged."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def _whole(value, what: str, least: int = 0) -> int:
+    """``value`` as an int of at least ``least`` (a NumPy integer too), or an N2GError."""
+    value = _scalar(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < least:
+        raise N2GError(f"{what} must be a whole number of {least} or more (got {value!r})")
+    return int(value)
+
+
+def _token_ids(model, ids, what: str = "the prompt") -> list[int]:
+    """``ids`` as a list of ints, each a token id of ``model``, or an N2GError: a string was read character
+    by character, a 2-D batch gave a ValueError, an id beyond the vocabulary an IndexError from inside the model."""
+    hint = "pass one sequence of token ids from the model's tokenizer, e.g. model.encode(text)"
+    if isinstance(ids, (str, bytes)):
+        raise N2GError(f"{what} must be token ids, not text; {hint}")
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError):
+        arr = np.asarray(None)
+    if arr.size == 0 and arr.ndim == 1:
+        return []  # check_prompt says the prompt has no tokens
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise N2GError(f"{what} must be one sequence of whole-number token ids (got {arr.dtype} of shape "
+                       f"{arr.shape}); {hint}")
+    vocab = int(model.vocab_size)
+    if int(arr.min()) < 0 or int(arr.max()) >= vocab:
+        bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
+        raise N2GError(f"{what} holds token id {bad}, which is not in this model's vocabulary (ids 0 to "
+                       f"{vocab - 1}); {hint}")
+    return arr.astype(np.int64).tolist()
+
+
+def _neuron(model, layer, index) -> tuple[int, int]:
+    model.check_neuron(layer, index)  # a whole number each, and in the model
+    return int(_scalar(layer)), int(_scalar(index))
+
+
 @contextlib.contextmanager
 def clamped(model, layer: int, index: int, value: float | None):
     """Within the block, the neuron's activation is ``value`` at every position (None: untouched)."""
@@ -114,8 +161,16 @@ def _greedy(model, ids: list[int], n: int, layer: int, index: int, value: float 
 def steer(model, layer: int, index: int, ids: Sequence[int], value: float, k: int = 10, n_tokens: int = 12,
           promoted: Sequence[str] | None = None) -> Steering:
     """Clamp neuron ``layer``/``index`` to ``value`` (raw activation) on prompt ``ids``; see the module docs."""
-    model.check_neuron(layer, index)
-    ids = [int(t) for t in ids]
+    layer, index = _neuron(model, layer, index)
+    ids = _token_ids(model, ids)
+    value = _scalar(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise N2GError(f"value must be a finite number, the raw activation to clamp the neuron to (got {value!r})")
+    limit = torch.finfo(model.dtype).max if model.dtype.is_floating_point else math.inf
+    if abs(value) > limit:
+        raise N2GError(f"value {value:g} is beyond this model's {model.dtype} range; give a smaller value")
+    value = float(value)
+    k, n_tokens = _whole(k, "k"), _whole(n_tokens, "n_tokens")
     check_prompt(model, ids, n_tokens)
     p0 = _next_probs(model, ids, layer, index, None)
     p1 = _next_probs(model, ids, layer, index, value)
@@ -136,8 +191,12 @@ def steer(model, layer: int, index: int, ids: Sequence[int], value: float, k: in
 
 def attribution(model, layer: int, index: int, ids: Sequence[int], target: int) -> np.ndarray:
     """Per prompt position: d p(target as the next token) / d activation, times the activation."""
-    model.check_neuron(layer, index)
-    ids = [int(t) for t in ids]
+    layer, index = _neuron(model, layer, index)
+    ids = _token_ids(model, ids)
+    target = _whole(target, "target (a token id)")
+    if target >= model.vocab_size:
+        raise N2GError(f"target {target} is not in this model's vocabulary (ids 0 to {model.vocab_size - 1}); "
+                       "pass the token id of the output token")
     check_prompt(model, ids)
     x, mask, offset = model._prepare(torch.tensor([ids]), None)
     leaf = {}

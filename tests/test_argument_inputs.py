@@ -1,0 +1,51 @@
+"""Arguments of the public Python API and the CLI (audit 4): wrong types, out-of-range values, numpy
+scalars and mismatched inputs are one N2GError that says what to pass, never a deep TypeError or
+IndexError, and never a silently wrong answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from n2g.errors import N2GError
+
+
+# --- n2g.steer.steer / attribution: the README's Python entry points for steering -------------------------------
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, steer, attr: steer(m, 0, 1, [5, 6], float("nan")), "value must be a finite number"),  # was NaN tables
+    (lambda m, steer, attr: steer(m, 0, 1, [5, 6], float("inf")), "value must be a finite number"),
+    (lambda m, steer, attr: steer(m, 0, 1, [5, 6], 1e39), "beyond this model's torch.float32 range"),
+    (lambda m, steer, attr: steer(m, 0, 1, [5, 500], 1.0), "token id 500, which is not in this model's vocabulary"),
+    (lambda m, steer, attr: steer(m, 0, 1, [5, -1], 1.0), "token id -1, which is not in this model's vocabulary"),
+    (lambda m, steer, attr: steer(m, 0, 1, "the cat", 1.0), "must be token ids, not text"),  # was int('t')
+    (lambda m, steer, attr: steer(m, 0, 1, torch.tensor([[5, 6]]), 1.0), "one sequence of whole-number token ids"),
+    (lambda m, steer, attr: steer(m, 0, 1, [5.7, 6.2], 1.0), "whole-number token ids"),  # was read as 5 and 6
+    (lambda m, steer, attr: steer(m, 0, 1, [5, 6], 1.0, k=-1), "k must be a whole number of 0 or more"),
+    (lambda m, steer, attr: steer(m, 0, 1, [5] * 200, 1.0, n_tokens=-100), "n_tokens must be a whole number"),
+    (lambda m, steer, attr: steer(m, 0, 1, [5, 6], 1.0, n_tokens=1.5), "n_tokens must be a whole number"),
+    (lambda m, steer, attr: steer(m, 0.0, 1, [5, 6], 1.0), "layer must be a whole number (got 0.0)"),
+    (lambda m, steer, attr: steer(m, True, 1, [5, 6], 1.0), "layer must be a whole number (got True)"),
+    (lambda m, steer, attr: attr(m, 0, 1, [5, 6], -1), "target (a token id) must be a whole number of 0"),  # was the last token
+    (lambda m, steer, attr: attr(m, 0, 1, [5, 6], 500), "target 500 is not in this model's vocabulary"),
+    (lambda m, steer, attr: attr(m, 0, 1, [5, 6], 5.9), "target (a token id) must be a whole number"),  # was token 5
+    (lambda m, steer, attr: attr(m, 0, 1, [999], 5), "token id 999"),
+    (lambda m, steer, attr: attr(m, 0, "1", [5, 6], 5), "index must be a whole number (got '1')"),
+])
+def test_steer_and_attribution_refuse_what_they_cannot_use_in_one_line(tiny_llama, call, message):
+    from n2g.steer import attribution, steer
+
+    with pytest.raises(N2GError) as info:
+        call(tiny_llama, steer, attribution)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_steer_and_attribution_take_numpy_and_tensor_numbers(tiny_llama):
+    from n2g.steer import attribution, steer
+
+    plain = steer(tiny_llama, 0, 1, [5, 6, 7], 2.0, n_tokens=1)
+    same = steer(tiny_llama, np.int64(0), torch.tensor(1), torch.tensor([5, 6, 7]), np.float32(2.0), n_tokens=np.int64(1))
+    assert same.kl == pytest.approx(plain.kl) and same.after == plain.after
+    assert np.allclose(attribution(tiny_llama, 0, 1, np.array([5, 6, 7]), torch.tensor(9)),
+                       attribution(tiny_llama, 0, 1, [5, 6, 7], 9))
