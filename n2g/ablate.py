@@ -19,12 +19,15 @@ asked for (each row carries its own layer, neuron and values), so sequences are 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .errors import N2GError
 from .records import NeuronId, Sign
 
 MIN_DAMAGE = 1e-4
@@ -103,12 +106,50 @@ def _log_probs(model, seq: list[int], rows: list) -> torch.Tensor:
     return torch.log_softmax(logits[:, :-1].float(), dim=-1), ids[:, 1:]
 
 
+def _checked(model, jobs, seqs_of) -> tuple[list, list[list[list[int]]]]:
+    """``jobs`` and ``seqs_of`` as lists, or an N2GError that says what to pass: lists of different lengths
+    were cut to the shorter one by ``zip``, so a neuron without sequences was reported as "no text"; a
+    token id or neuron the model does not have was an IndexError from inside it."""
+    from .models import context_room
+    from .steer import _token_ids
+
+    hint = "pass jobs as [(n2g.NeuronId, graph, scale, mean), ...] and seqs_of as one list of token-id sequences per job"
+    jobs, seqs_of = list(jobs), list(seqs_of)
+    if len(jobs) != len(seqs_of):
+        raise N2GError(f"{len(jobs)} job(s) but {len(seqs_of)} list(s) of sequences; {hint}")
+    room = context_room(model)
+    out = []
+    for k, (job, seqs) in enumerate(zip(jobs, seqs_of)):
+        if not isinstance(job, (tuple, list)) or len(job) != 4 or not isinstance(job[0], NeuronId):
+            raise N2GError(f"jobs[{k}] is not (n2g.NeuronId, graph, scale, mean); {hint}")
+        neuron, graph, scale, mean = job
+        model.check_neuron(neuron.layer, neuron.index)
+        if graph is not None and not callable(getattr(graph, "predict_sequence", None)):
+            raise N2GError(f"jobs[{k}]: the graph is a {type(graph).__name__}, not an n2g.NeuronGraph; pass a fitted "
+                           "model's graph_ (or None for a neuron without a graph)")
+        for what, value in (("scale", scale), ("mean", mean)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise N2GError(f"jobs[{k}]: {what} must be a finite number (got {value!r}); {hint}")
+        if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Iterable):
+            raise N2GError(f"seqs_of[{k}] is not a list of token-id sequences; {hint}")
+        rows = []
+        for seq in seqs:
+            ids = _token_ids(model, seq, f"a sequence of seqs_of[{k}]")
+            if room is not None and len(ids) > room:
+                raise N2GError(f"a sequence of seqs_of[{k}] is {len(ids)} tokens, more than this model's context "
+                               f"takes ({room}); pass shorter sequences")
+            rows.append(ids)
+        out.append(rows)
+    return jobs, out
+
+
 def ablation_scores(model, jobs: Sequence[tuple[NeuronId, object, float, float]], seqs_of: Sequence[Sequence[list[int]]],
                     ) -> list[Ablation]:
     """Ablation scores of many neurons: ``jobs[k] = (neuron, graph, scale, mean)`` on the sequences
     ``seqs_of[k]`` (held-out excerpts); ``scale`` is the neuron's maximum on its side (the graph's
     normalising constant) and ``mean`` its mean raw activation. Neurons sharing a sequence share its
     forward passes."""
+    jobs, seqs_of = _checked(model, jobs, seqs_of)
     per_seq: dict[tuple[int, ...], list[tuple[int, str, torch.Tensor | None]]] = {}
     for k, ((neuron, graph, scale, mean), seqs) in enumerate(zip(jobs, seqs_of)):
         sign = 1.0 if neuron.sign == Sign.POSITIVE else -1.0

@@ -49,3 +49,48 @@ def test_steer_and_attribution_take_numpy_and_tensor_numbers(tiny_llama):
     assert same.kl == pytest.approx(plain.kl) and same.after == plain.after
     assert np.allclose(attribution(tiny_llama, 0, 1, np.array([5, 6, 7]), torch.tensor(9)),
                        attribution(tiny_llama, 0, 1, [5, 6, 7], 9))
+
+
+# --- n2g.ablate.ablation_scores: scores many neurons at once (README) --------------------------------------------
+
+def _ablation_graph():
+    import n2g
+
+    return n2g.distill(lambda ids: (ids == 5).float(), [[5, 6, 7, 5, 8]] * 6, preset_name="paper").graph_
+
+
+@pytest.mark.parametrize("jobs, seqs_of, message", [
+    ("two", [[[5, 6, 7]]], "2 job(s) but 1 list(s) of sequences"),  # the second neuron was reported "no text"
+    ("one", [[[5, 6, 7]], [[5, 6]]], "1 job(s) but 2 list(s)"),  # the second list was ignored
+    ("one", [[[5, 600]]], "token id 600, which is not in this model's vocabulary"),  # IndexError inside the model
+    ("one", [[[5, -1]]], "token id -1"),
+    ("one", [[5, 6, 7]], "a sequence of seqs_of[0] must be one sequence of whole-number token ids"),  # TypeError
+    ("one", [[[5] * 300]], "300 tokens, more than this model's context takes (127)"),  # was scored past the context
+    ("layer 7", [[[5, 6]]], "does not exist in tiny-llama"),  # IndexError: list index out of range
+    ("index 100", [[[5, 6]]], "does not exist in tiny-llama"),
+    ("tuple neuron", [[[5, 6]]], "jobs[0] is not (n2g.NeuronId, graph, scale, mean)"),  # AttributeError
+    ("neuron model", [[[5, 6]]], "the graph is a NeuronModel, not an n2g.NeuronGraph; pass a fitted model's graph_"),
+    ("nan scale", [[[5, 6]]], "jobs[0]: scale must be a finite number (got nan)"),  # NaN scores
+])
+def test_ablation_scores_refuses_jobs_and_sequences_it_cannot_score(tiny_llama, jobs, seqs_of, message):
+    import n2g
+    from n2g.ablate import ablation_scores
+    from n2g.records import NeuronId
+
+    g, n = _ablation_graph(), NeuronId(0, 1)
+    jobs = {"one": [(n, g, 1.0, 0.0)], "two": [(n, g, 1.0, 0.0)] * 2, "layer 7": [(NeuronId(7, 1), g, 1.0, 0.0)],
+            "index 100": [(NeuronId(0, 100), g, 1.0, 0.0)], "tuple neuron": [((0, 1), g, 1.0, 0.0)],
+            "neuron model": [(n, n2g.NeuronModel(), 1.0, 0.0)], "nan scale": [(n, g, float("nan"), 0.0)]}[jobs]
+    with pytest.raises(N2GError) as info:
+        ablation_scores(tiny_llama, jobs, seqs_of)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ablation_scores_take_numpy_sequences_and_numbers(tiny_llama):
+    from n2g.ablate import ablation_scores
+    from n2g.records import NeuronId
+
+    g, n = _ablation_graph(), NeuronId(0, 1)
+    (plain,) = ablation_scores(tiny_llama, [(n, g, 1.0, 0.0)], [[[5, 6, 7, 8]]])
+    (same,) = ablation_scores(tiny_llama, ((n, g, np.float32(1.0), np.float64(0.0)),), [np.array([[5, 6, 7, 8]])])
+    assert same.to_dict() == plain.to_dict() and plain.n_tokens == 4
