@@ -66,21 +66,25 @@ def load_corpus(source: str = "default", model=None, *, length: int = 64, max_ex
     source = _path_text(source)
     if not isinstance(source, str) or not source.strip():
         raise N2GError(f"source must be text: 'default', a file or directory path, or hf:NAME (got {source!r})")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+    if isinstance(length, (bool, np.bool_)) or not isinstance(length, numbers.Integral) or length < 2:
         raise N2GError(f"length must be an integer of at least 2 tokens (got {length!r})")
     if not isinstance(text_field, str):
         raise N2GError(f"text_field must be the name of the field holding the text (got {text_field!r})")
-    if max_excerpts is not None and (isinstance(max_excerpts, bool) or not isinstance(max_excerpts, int)
-                                     or max_excerpts < 1):
-        raise N2GError(f"max_excerpts must be a positive integer or None (got {max_excerpts!r})")
+    max_excerpts = _max_excerpts(max_excerpts)
     m = _model("default" if model is None else model)
-    return Corpus.build(source, m.encode, length=length, max_excerpts=max_excerpts, text_field=text_field)
+    return Corpus.build(source, m.encode, length=int(length), max_excerpts=max_excerpts, text_field=text_field)
+
+
+def _max_excerpts(value) -> int | None:
+    """``max_excerpts`` as an int (a NumPy integer too) or None, or an N2GError."""
+    if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+                              or value < 1):
+        raise N2GError(f"max_excerpts must be a positive integer or None (got {value!r})")
+    return None if value is None else int(value)
 
 
 def _corpus(corpus, model: SubjectModel, max_excerpts: int | None) -> Corpus:
-    if max_excerpts is not None and (isinstance(max_excerpts, bool) or not isinstance(max_excerpts, int)
-                                     or max_excerpts < 1):
-        raise N2GError(f"max_excerpts must be a positive integer or None (got {max_excerpts!r})")
+    max_excerpts = _max_excerpts(max_excerpts)
     corpus = _path_text(corpus)
     if corpus is None or isinstance(corpus, str):
         return load_corpus("default" if corpus is None else corpus, model, max_excerpts=max_excerpts)

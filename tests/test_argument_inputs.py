@@ -94,3 +94,19 @@ def test_ablation_scores_take_numpy_sequences_and_numbers(tiny_llama):
     (plain,) = ablation_scores(tiny_llama, [(n, g, 1.0, 0.0)], [[[5, 6, 7, 8]]])
     (same,) = ablation_scores(tiny_llama, ((n, g, np.float32(1.0), np.float64(0.0)),), [np.array([[5, 6, 7, 8]])])
     assert same.to_dict() == plain.to_dict() and plain.n_tokens == 4
+
+
+# --- n2g.load_corpus / fit_neuron: a NumPy integer is the int it equals, as layer and index already are ----------
+
+def test_load_corpus_and_fit_neuron_take_numpy_integers_for_counts(tiny_llama, tmp_path):
+    import n2g
+    from n2g.api import _corpus
+
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(["the cat sat on the mat"] * 40))
+    corpus = n2g.load_corpus(text, tiny_llama, length=np.int64(8), max_excerpts=np.int32(3))  # was refused:
+    assert tuple(corpus.excerpts.shape) == (3, 8)  # "max_excerpts must be a positive integer (got np.int32(3))"
+    assert len(_corpus(corpus, tiny_llama, np.int64(2))) == 2  # what fit_neuron(..., max_excerpts=) cuts
+    for bad in (np.float64(3.0), np.True_, np.int64(0)):
+        with pytest.raises(N2GError, match="max_excerpts must be a positive integer"):
+            n2g.load_corpus(text, tiny_llama, length=8, max_excerpts=bad)
