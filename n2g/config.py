@@ -249,7 +249,7 @@ class DistillConfig:
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 (never) or more (got {getattr(self, name)})")
         for name in ("n_extra_train", "n_random_test", "n_random_train", "max_context", "cover_context", "run_max", "run_cost",
-                     "written", "vocabulary"):
+                     "written", "vocabulary", "seed", "min_count", "quiet_tokens", "min_gain", "set_cost"):
             if getattr(self, name) < 0:
                 raise N2GError(f"{name} must be 0 or more (got {getattr(self, name)})")
         # a graph's depth: see graph.MAX_GRAPH_DEPTH; a run's reach: positions back, and no excerpt is longer
@@ -371,6 +371,8 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DistillConfig":
+        if not isinstance(d, dict):
+            raise N2GError(f"a config must be a dict of DistillConfig fields (got {type(d).__name__})")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

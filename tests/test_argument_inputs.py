@@ -110,3 +110,27 @@ def test_load_corpus_and_fit_neuron_take_numpy_integers_for_counts(tiny_llama, t
     for bad in (np.float64(3.0), np.True_, np.int64(0)):
         with pytest.raises(N2GError, match="max_excerpts must be a positive integer"):
             n2g.load_corpus(text, tiny_llama, length=8, max_excerpts=bad)
+
+
+# --- DistillConfig: settings whose negative value has no meaning ---------------------------------------------------
+
+@pytest.mark.parametrize("name, value", [
+    ("seed", -10**6),  # was a ValueError from inside NumPy's generator when the excerpts were partitioned
+    ("quiet_tokens", -1),  # was "all quiet tokens but the last": a slice [:-1]
+    ("min_count", -3), ("min_gain", -5.0), ("set_cost", -1.0),
+])
+def test_distill_config_refuses_negative_counts_seeds_and_costs(name, value):
+    import n2g
+
+    with pytest.raises(N2GError, match=f"^{name} must be 0 or more \\(got {value}\\)$"):
+        n2g.DistillConfig(**{name: value})
+    with pytest.raises(N2GError, match=f"^{name} must be 0 or more"):
+        n2g.distill(lambda ids: (ids == 5).float(), [[5, 6, 7]] * 4, **{name: value})
+    n2g.DistillConfig(**{name: 0})  # 0 still means none / no minimum
+
+
+def test_distill_config_from_something_other_than_a_dict_is_one_line():
+    import n2g
+
+    with pytest.raises(N2GError, match="a config must be a dict of DistillConfig fields \\(got list\\)"):
+        n2g.DistillConfig.from_dict([1])  # was AttributeError: 'list' object has no attribute 'items'
