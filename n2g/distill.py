@@ -599,6 +599,9 @@ class NeuronModel:
                 raise N2GError(f"fit needs {what} as a list of n2g.Example (token ids and normalised activations); "
                                "to fit from token ids alone call n2g.distill(feature, excerpts)")
             groups.append([_checked_example(e, k, what) for k, e in enumerate(group)])
+        if not groups[0]:  # an empty graph, "fitted", would predict the feature quiet everywhere
+            raise N2GError("fit needs at least one training example; pass a non-empty list of n2g.Example, "
+                           "or call n2g.distill(feature, excerpts)")
         steps = fit_steps(groups[0], groups[1], self.config, self.occlusion_token_id)
         self.graph_, self.trace_ = drive(steps, self._evaluator(), self.substitutes)
         self.status_ = "fitted"

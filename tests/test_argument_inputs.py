@@ -134,3 +134,15 @@ def test_distill_config_from_something_other_than_a_dict_is_one_line():
 
     with pytest.raises(N2GError, match="a config must be a dict of DistillConfig fields \\(got list\\)"):
         n2g.DistillConfig.from_dict([1])  # was AttributeError: 'list' object has no attribute 'items'
+
+
+# --- NeuronModel.fit ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("examples", [[], (), {}, iter([])])
+def test_fitting_on_no_examples_is_refused_not_an_empty_graph(examples):
+    import n2g
+
+    model = n2g.NeuronModel(lambda ids: (ids == 5).float())
+    with pytest.raises(N2GError, match="^fit needs at least one training example; pass a non-empty list"):
+        model.fit(examples)  # was status "fitted" with a graph of no paths
+    assert not hasattr(model, "graph_")
