@@ -635,6 +635,9 @@ class NeuronModel:
         except ValueError:
             raise N2GError("token ids of different lengths; pad them into a [batch, pos] array with an "
                            "attention_mask, or predict one sequence at a time") from None
+        if arr.dtype == object and arr.ndim == 0:  # a generator, a set, an Example, ...: not a sequence
+            raise N2GError(f"token ids must be text, a list, an array or a tensor (got {type(token_ids).__name__}); "
+                           "pass list(...) of the ids, or score(examples) for n2g.Example")
         if arr.dtype == object:
             raise N2GError("token ids of different lengths; pad them into a [batch, pos] array with an "
                            "attention_mask, or predict one sequence at a time")
@@ -649,6 +652,9 @@ class NeuronModel:
             raise N2GError(f"token ids must be one sequence [pos] or a batch [batch, pos] (got shape {arr.shape})")
         if (arr < 0).any():
             raise N2GError("token ids must be non-negative; a negative id is not a token")
+        if int(arr.max()) > MAX_TOKEN_ID:  # a uint64 beyond int64 would wrap to a negative id
+            raise N2GError(f"token id {int(arr.max())} is beyond {MAX_TOKEN_ID}, the largest id n2g takes; "
+                           "pass ids from the subject model's tokenizer")
         vocab = getattr(self, "vocab_size", None)  # (a model pickled before it was kept has none)
         if vocab is not None and (arr >= vocab).any():
             raise N2GError(f"token id {int(arr.max())} is beyond the subject model's vocabulary of {vocab} tokens "
@@ -712,6 +718,9 @@ class NeuronModel:
             X = [_checked_example(e, k, "examples") for k, e in enumerate(X)]
             preds = predict_sequences(self.graph_, [e.token_ids for e in X])
             return score_arrays([e.activations for e in X], preds, self.config.fire_threshold)
+        if isinstance(X, Example) or (isinstance(X, (list, tuple)) and X and all(isinstance(e, Example) for e in X)):
+            raise N2GError("score(examples) takes no true activations (the examples hold them); call score(examples), "
+                           "or score(token_ids, true_activations)")
         ids, single = self._ids(X)
         try:
             true = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y, dtype=np.float64)

@@ -146,3 +146,27 @@ def test_fitting_on_no_examples_is_refused_not_an_empty_graph(examples):
     with pytest.raises(N2GError, match="^fit needs at least one training example; pass a non-empty list"):
         model.fit(examples)  # was status "fitted" with a graph of no paths
     assert not hasattr(model, "graph_")
+
+
+# --- NeuronModel.predict / score: what is not token ids says so -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fives():
+    import n2g
+
+    return n2g.distill(lambda ids: (ids == 5).float(), [[5, 6, 7, 5, 8]] * 6, preset_name="paper")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.predict(i for i in [5, 6]), "token ids must be text, a list, an array or a tensor (got generator)"),
+    (lambda m: m.predict({5, 6}), "(got set)"),  # these three said "token ids of different lengths"
+    (lambda m: m.predict(m.examples_[0]), "(got Example)"),
+    (lambda m: m.score(m.examples_, [1.0]), "score(examples) takes no true activations"),
+    (lambda m: m.predict(np.array([2**64 - 1], np.uint64)), "token id 18446744073709551615 is beyond 2147483647"),
+    (lambda m: m.predict([2**40, 5]), "token id 1099511627776 is beyond 2147483647"),  # was predicted as unseen
+])
+def test_predict_and_score_name_inputs_that_are_not_token_ids(fives, call, message):
+    with pytest.raises(N2GError) as info:
+        call(fives)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert fives.predict(np.array([5, 6], np.uint8)).tolist() == fives.predict([5, 6]).tolist()
