@@ -785,6 +785,9 @@ class NeuronGraph:
         """
         from .render import path_text
 
+        if limit is not None and (isinstance(limit, (bool, np.bool_)) or not isinstance(limit, (int, np.integer))
+                                  or limit < 0):
+            raise N2GError(f"limit must be a whole number of 0 or more, or None for every path (got {limit!r})")
         paths = self.paths()
         st = self.stats()
         name = self.neuron.key if self.neuron else "graph"
@@ -797,7 +800,7 @@ class NeuronGraph:
             return head + "\n  (no paths: the graph predicts 0 everywhere)"
         shown = paths if limit is None else paths[:limit]
         texts = [path_text(p) for p in shown]
-        width = min(max(len(t) for t in texts), 60)
+        width = min(max((len(t) for t in texts), default=0), 60)
         lines = [head, "  path in reading order, [activating token]; END value (normalised); training paths"]
         lines += [f"  {t:<{width}}  {p['end']:.2f}  x{p['count']}" for t, p in zip(texts, shown)]
         if len(paths) > len(shown):
