@@ -749,7 +749,7 @@ def _cache_hint(path) -> str:
 
     try:
         inside_cache = path is not None and Path(os.fsdecode(path)).absolute().is_relative_to(cache_dir().absolute())
-    except (OSError, ValueError):
+    except (OSError, ValueError, N2GError):
         inside_cache = False
     return f" (it is in n2g's cache, {_shown(cache_dir())}; set $N2G_CACHE to move it)" if inside_cache else ""
 

@@ -734,7 +734,13 @@ class SubjectModel:
 # ---------------------------------------------------------------------- loading
 def cache_dir() -> Path:
     """Root of n2g's cache: ``$N2G_CACHE`` or ``~/.cache/n2g``."""
-    return Path(os.environ.get("N2G_CACHE") or Path.home() / ".cache" / "n2g").expanduser()
+    value = os.environ.get("N2G_CACHE")
+    try:
+        return Path(value or Path.home() / ".cache" / "n2g").expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory." (~user of no such user, or no home)
+        where = f"$N2G_CACHE {value!r} names the home folder of a user" if value else "the home folder of this user"
+        raise N2GError(f"{where} that this system does not know, so n2g's cache has no place; "
+                       "set $N2G_CACHE to a folder path") from None
 
 
 def default_gguf_path() -> Path:

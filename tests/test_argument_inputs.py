@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from n2g.errors import N2GError
+from test_pipeline import tiny_dir  # noqa: F401  (tiny_dir is a fixture)
 
 
 # --- n2g.steer.steer / attribution: the README's Python entry points for steering -------------------------------
@@ -182,3 +183,20 @@ def test_describe_takes_a_limit_of_0_or_more_and_says_so_otherwise(fives):
     for bad in (-1, "3", 2.5, True):  # -1 was max() of an empty sequence, "3" a TypeError from slicing
         with pytest.raises(N2GError, match="^limit must be a whole number of 0 or more, or None for every path"):
             graph.describe(limit=bad)
+
+
+# --- $N2G_CACHE ------------------------------------------------------------------------------------------------------
+
+def test_a_cache_under_the_home_of_an_unknown_user_is_one_line_and_leaves_no_run(tiny_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                                capsys):
+    from n2g import cli
+
+    monkeypatch.setenv("N2G_CACHE", "~no-such-user-of-n2g/cache")
+    out = tmp_path / "run"
+    code = cli.main(["fit", "--model", str(tiny_dir / "model"), "--corpus", str(tiny_dir / "corpus.txt"),
+                     "--excerpt-length", "32", "--layer", "0", "--neuron", "0", "--no-report", "-q", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("n2g: error: $N2G_CACHE '~no-such-user-of-n2g/cache' names the home folder of a user "
+                                 "that this system does not know, so n2g's cache has no place; set $N2G_CACHE to a "
+                                 "folder path\n")  # was RuntimeError: Could not determine home directory
+    assert not out.exists()
