@@ -190,6 +190,8 @@ def feature_from_hook(run_with_hook, name: str = "hooked feature"):
     """
     if not callable(run_with_hook):
         raise N2GError("feature_from_hook needs a callable: token ids [batch, pos] -> values [batch, pos]")
+    if not isinstance(name, str):
+        raise N2GError(f"name must be text, the feature's name in messages (got {type(name).__name__})")
 
     def feature(token_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

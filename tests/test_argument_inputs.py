@@ -200,3 +200,11 @@ def test_a_cache_under_the_home_of_an_unknown_user_is_one_line_and_leaves_no_run
                                  "that this system does not know, so n2g's cache has no place; set $N2G_CACHE to a "
                                  "folder path\n")  # was RuntimeError: Could not determine home directory
     assert not out.exists()
+
+
+def test_feature_from_hook_refuses_a_name_that_is_not_text():
+    import n2g
+
+    with pytest.raises(N2GError, match=r"^name must be text, the feature's name in messages \(got int\)$"):
+        n2g.feature_from_hook(lambda ids: ids.float(), name=3)  # was TypeError: __name__ must be set to a string
+    assert n2g.feature_from_hook(lambda ids: ids.float(), name="unit").__name__ == "unit"
