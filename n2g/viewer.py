@@ -1183,7 +1183,7 @@ def make_server(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int =
         if e.errno == errno.EADDRINUSE:
             raise N2GError(f"port {port} on {host} is already in use; pick another with --port") from None
         raise N2GError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
-    except (OverflowError, ValueError, UnicodeError) as e:
+    except (OverflowError, ValueError, UnicodeError, TypeError) as e:  # TypeError: a name IDNA cannot encode
         raise N2GError(f"cannot listen on {host!r}:{port} ({e}); check --host and --port") from None
     return server
 

@@ -1457,6 +1457,15 @@ def test_serve_refuses_an_empty_host_and_listens_on_ipv6_loopback(run, capsys, m
         server.server_close()
 
 
+def test_serve_on_a_host_name_of_undecodable_bytes_is_one_line(run, capsys, monkeypatch):
+    # `--host $'\xff'`: the byte reaches Python as a lone surrogate, which the socket layer cannot encode
+    from n2g import viewer
+
+    monkeypatch.setattr(viewer._Server, "serve_forever", lambda self, *a: None)  # never block the test
+    code, _, err = main(["serve", run, "--host", "\udcff", "--port", "0"], capsys)
+    assert code == 2 and "cannot listen on" in one_error_line(err) and "check --host" in one_error_line(err)
+
+
 def test_quiet_serve_on_port_0_still_says_where_it_listens(run, capsys, monkeypatch):
     from n2g import viewer
 
