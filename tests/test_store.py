@@ -407,3 +407,30 @@ def test_a_cache_path_too_long_to_use_scans_without_the_cache(tmp_path, caplog):
                             cache_dir=deep, corpus_key="c")
     assert scans[0].store.n_stored == 40 and scans[0].store.path is None
     assert any("name too long" in r.getMessage().lower() for r in caplog.records)
+
+
+class _Large(SubjectModel):
+    """Neuron 3's activations times 1e8 (an SAE latent can be that large)."""
+
+    def layer_activations(self, ids, mask, layers):
+        out = {}
+        for layer, a in super().layer_activations(ids, mask, layers).items():
+            scale = torch.ones(a.shape[-1], dtype=a.dtype, device=a.device)
+            scale[3] = 1e8
+            out[layer] = a * scale
+        return out
+
+
+def test_activations_beyond_the_float16_store_are_named_in_one_warning(caplog):
+    torch.manual_seed(0)
+    model = _Large(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-large")
+    excerpts = torch.randint(4, 68, (40, 16))
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        scan = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False)[0]
+    truth = model.layer_activations(excerpts, None, [0])[0][:, :, 3]
+    peak = float(truth.abs().max())
+    assert peak > 65504
+    said = [r.getMessage() for r in caplog.records if "65,504" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("layer 0: 1 neuron reach beyond +-65,504 (L0.N3: ")
+    assert float(scan.top_val[0, 3]) == pytest.approx(float(truth.max()), rel=1e-3)  # the scan's own maximum is exact
+    assert float(np.abs(scan.store.neuron(3)).max()) == 65504.0  # the store keeps it at float16's largest
