@@ -9,6 +9,7 @@ rendered graphs, validation report, search index and viewer.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import time
@@ -138,6 +139,11 @@ def _signs(sign: str) -> list[Sign]:
     return [Sign(sign)]
 
 
+MAX_WORKERS_PER_CORE = 4
+"""The most host worker processes per CPU core ``--host-workers`` may ask for: more only share the cores and
+each holds the vocabulary and the stored corpus rows (thousands would exhaust memory)."""
+
+
 def check_options(opts: RunOptions) -> None:
     """Refuse bad options before anything is loaded or written."""
     _signs(opts.sign)
@@ -152,6 +158,11 @@ def check_options(opts: RunOptions) -> None:
             raise N2GError(f"{flag} must be at least 1 (got {value})")
     if opts.host_workers is not None and opts.host_workers < 0:
         raise N2GError(f"--host-workers must be 0 or more (got {opts.host_workers})")
+    cores = os.cpu_count() or 1
+    if opts.host_workers is not None and opts.host_workers > MAX_WORKERS_PER_CORE * cores:
+        raise N2GError(f"--host-workers {opts.host_workers} is more than {MAX_WORKERS_PER_CORE} worker processes per core "
+                       f"({cores} {'core' if cores == 1 else 'cores'} here); pass at most {MAX_WORKERS_PER_CORE * cores}, "
+                       "or leave it out for one per core beside a GPU")
     if opts.control not in (None, "random"):
         raise N2GError(f"--control must be 'random' (got {opts.control!r})")
     if opts.ray_workers is not None and opts.ray_workers < 1:

@@ -231,12 +231,14 @@ def bad_cases(tiny_dir, tmp_path):
         "report of nothing": (["report", str(tmp_path / "nothing")], "run directory"),
         "zero batch tokens": (["run", "--model", model, "--corpus", corpus, "--batch-tokens", "0", *base], "--batch-tokens"),
         "negative host workers": (["run", "--model", model, "--corpus", corpus, "--host-workers", "-1", *base], "--host-workers"),
+        "a worker per neuron": (["run", "--model", model, "--corpus", corpus, "--host-workers", "100000", *base],
+                                "worker processes per core"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown model", "missing corpus", "binary corpus", "empty corpus", "layer out of range",
                                   "neuron out of range", "empty neuron list", "unwritable out", "report of nothing",
-                                  "zero batch tokens", "negative host workers"])
+                                  "zero batch tokens", "negative host workers", "a worker per neuron"])
 def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_dir, tmp_path):
     args, needle = bad_cases(tiny_dir, tmp_path)[case]
     work = tmp_path / "cwd"
