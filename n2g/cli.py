@@ -61,7 +61,7 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan-batch", type=int, default=None,
                    help="excerpts per scan batch (default: sized to free GPU memory; 32 on CPU)")
     p.add_argument("--host-workers", type=int, default=None,
-                   help="worker processes for graph building and scoring (default: all cores but one on a GPU, 0 on CPU)")
+                   help="worker processes for graph building and scoring (default: all cores but one on a GPU, 0 on CPU; at most 4 per core)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="fit on Ray workers: a local cluster, or the cluster at ADDRESS (needs pip install 'n2g[ray]')")
     p.add_argument("--sae", default=None, metavar="PATH",
