@@ -7,7 +7,9 @@ quotes, backslash, braces, pipe, ampersand). The numbers are chosen so report me
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import networkx as nx
@@ -202,3 +204,18 @@ def add_large_neuron(run: Path, key_index: int = 5, n_act: int = 90) -> NeuronId
         "graph": nx.node_link_data(G, edges="edges"),
     }))
     return neuron
+
+
+@contextlib.contextmanager
+def serving(run_dir, **kwargs):
+    """The run served on a free loopback port (yields the port); shut down on leaving."""
+    from n2g.viewer import make_server
+
+    server = make_server(run_dir, "127.0.0.1", 0, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -36,7 +36,7 @@ import pytest
 import torch
 
 from conftest import deny, tiny_model, tiny_tokenizer
-from helpers_run import make_run
+from helpers_run import make_run, serving
 from n2g import cli
 from n2g.corpus import load_texts, make_excerpts
 from n2g.errors import N2GError
@@ -59,18 +59,6 @@ def run(tmp_path):
     run = make_run(tmp_path)
     build_all(run)
     return run
-
-
-@contextlib.contextmanager
-def serving(run_dir):
-    server = make_server(run_dir, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def get(port: int, path: str, method: str = "GET"):

@@ -3,16 +3,13 @@ run folder, graph JSON or search index someone sent. Each test failed before its
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import threading
 
 import pytest
 
-from helpers_run import make_run
+from helpers_run import make_run, serving
 from n2g.report import build_all
-from n2g.viewer import make_server
 
 
 @pytest.fixture
@@ -21,18 +18,6 @@ def run(tmp_path):
     run = make_run(tmp_path)
     build_all(run)
     return run
-
-
-@contextlib.contextmanager
-def serving(run_dir, **kwargs):
-    server = make_server(run_dir, "127.0.0.1", 0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def get(port: int, path: str, headers: dict | None = None):
