@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .errors import N2GError
+from .errors import N2GError, is_real
 from .records import NeuronId, Sign
 
 MIN_DAMAGE = 1e-4
@@ -128,7 +127,7 @@ def _checked(model, jobs, seqs_of) -> tuple[list, list[list[list[int]]]]:
             raise N2GError(f"jobs[{k}]: the graph is a {type(graph).__name__}, not an n2g.NeuronGraph; pass a fitted "
                            "model's graph_ (or None for a neuron without a graph)")
         for what, value in (("scale", scale), ("mean", mean)):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if not is_real(value) or not math.isfinite(value):
                 raise N2GError(f"jobs[{k}]: {what} must be a finite number (got {value!r}); {hint}")
         if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Iterable):
             raise N2GError(f"seqs_of[{k}] is not a list of token-id sequences; {hint}")

@@ -26,6 +26,8 @@ from .errors import N2GError
 
 DEFAULT_STORE_TOKENS = 1 << 17
 """Token budget of the store per layer (about 400 MB per layer for a 1,536-neuron MLP in 16 bits)."""
+FLOAT16_MAX = 65504.0
+"""The largest value the float16 store holds; a larger activation is kept at it (the scan warns)."""
 
 
 def partition(n_excerpts: int, held_out: float, seed: int = 0) -> np.ndarray:
@@ -126,7 +128,7 @@ class ActivationStore:
         rows = self.rows([excerpts[b] for b in keep])
         if len(keep) < acts.shape[0]:
             acts = acts[torch.as_tensor(keep, device=acts.device)]
-        block = acts.clamp(-65504, 65504).to(torch.float16).permute(2, 0, 1).contiguous().cpu().numpy()
+        block = acts.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).permute(2, 0, 1).contiguous().cpu().numpy()
         if rows[-1] - rows[0] + 1 == len(rows):  # consecutive rows: one slice write
             self.values[:, rows[0] : rows[-1] + 1, :] = block
         else:

@@ -15,17 +15,15 @@ against the baselines, the corpus statistics and the activation histogram.
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 
-import numpy as np
 import torch
 
 from .config import PRESETS, preset as make_preset
 from .corpus import Corpus
 from .distill import NeuronModel
-from .errors import N2GError
+from .errors import N2GError, is_whole
 from .features import as_numbers
 from .models import SubjectModel
 from .models import load_model as _load_model
@@ -66,7 +64,7 @@ def load_corpus(source: str = "default", model=None, *, length: int = 64, max_ex
     source = _path_text(source)
     if not isinstance(source, str) or not source.strip():
         raise N2GError(f"source must be text: 'default', a file or directory path, or hf:NAME (got {source!r})")
-    if isinstance(length, (bool, np.bool_)) or not isinstance(length, numbers.Integral) or length < 2:
+    if not is_whole(length) or length < 2:
         raise N2GError(f"length must be an integer of at least 2 tokens (got {length!r})")
     if not isinstance(text_field, str):
         raise N2GError(f"text_field must be the name of the field holding the text (got {text_field!r})")
@@ -77,8 +75,7 @@ def load_corpus(source: str = "default", model=None, *, length: int = 64, max_ex
 
 def _max_excerpts(value) -> int | None:
     """``max_excerpts`` as an int (a NumPy integer too) or None, or an N2GError."""
-    if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
-                              or value < 1):
+    if value is not None and (not is_whole(value) or value < 1):
         raise N2GError(f"max_excerpts must be a positive integer or None (got {value!r})")
     return None if value is None else int(value)
 
@@ -136,11 +133,10 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     if sign not in ("positive", "negative"):
         raise N2GError(f"sign must be 'positive' or 'negative' (got {sign!r}); for both sides call fit_neuron twice")
     for what, value in (("layer", layer), ("index", index)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        if not is_whole(value):
             raise N2GError(f"{what} must be an integer (got {value!r})")
     layer, index = int(layer), int(index)  # a NumPy integer is the int it equals
-    if store_tokens is not None and (isinstance(store_tokens, bool) or not isinstance(store_tokens, numbers.Integral)
-                                     or store_tokens < 1):
+    if store_tokens is not None and (not is_whole(store_tokens) or store_tokens < 1):
         raise N2GError(f"store_tokens must be a whole number of at least 1 (got {store_tokens!r})")
     cfg = make_preset(preset, **overrides)  # an unknown or ill-typed setting: N2GError
     m = _model(model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from .activations import partition
 from .augment import Variant, augment_steps
 from .baselines import fit_baselines
 from .config import DistillConfig, preset
-from .errors import N2GError
+from .errors import N2GError, is_real, is_whole
 from .examples import random_pool, split_examples
 from .features import Compute, Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
 from .graph import WILDCARD, NeuronGraph
@@ -556,18 +555,15 @@ class NeuronModel:
         if config is not None and not isinstance(config, DistillConfig):
             raise N2GError(f"config must be an n2g.DistillConfig (e.g. n2g.preset('paper')) or None, "
                            f"not {type(config).__name__}")
-        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real) or not (
-                math.isfinite(scale) and scale > 0):
+        if not is_real(scale) or not (math.isfinite(scale) and scale > 0):
             raise N2GError(f"scale must be the feature's maximum activation, a positive finite number (got {scale!r})")
-        if isinstance(sign, (bool, np.bool_)) or not isinstance(sign, numbers.Real) or sign not in (1, -1):
+        if not is_real(sign) or sign not in (1, -1):
             raise N2GError(f"sign must be 1.0 (the positive side) or -1.0 (the negative side) (got {sign!r})")
-        if isinstance(occlusion_token_id, (bool, np.bool_)) or not isinstance(occlusion_token_id, numbers.Integral) \
-                or not 0 <= int(occlusion_token_id) <= MAX_TOKEN_ID:
+        if not is_whole(occlusion_token_id) or not 0 <= int(occlusion_token_id) <= MAX_TOKEN_ID:
             raise N2GError(f"occlusion_token_id must be a token id from 0 to {MAX_TOKEN_ID} (got {occlusion_token_id!r})")
         if not isinstance(name, str):
             raise N2GError(f"name must be text (got {type(name).__name__})")
-        if vocab_size is not None and (isinstance(vocab_size, (bool, np.bool_))
-                                       or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1):
+        if vocab_size is not None and (not is_whole(vocab_size) or vocab_size < 1):
             raise N2GError(f"vocab_size must be the subject model's vocabulary size, a whole number of at least 1, "
                            f"or None (got {vocab_size!r})")
         scale, sign = float(scale), float(sign)

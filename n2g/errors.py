@@ -4,6 +4,8 @@ Library code raises :class:`N2GError` with a message that says what is wrong and
 CLI turns it into a one-line message on stderr and a non-zero exit code, never a traceback.
 """
 
+import numbers
+
 
 class N2GError(Exception):
     """A problem the user can fix (bad spec, missing file, out-of-range neuron, ...)."""
@@ -22,3 +24,14 @@ def not_unicode(text) -> str | None:
         what = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"lone surrogate U+{ord(ch):04X}"
         return f"{what} at character {exc.start}"
     return None
+
+
+def is_whole(value) -> bool:
+    """Whether ``value`` is a whole number to check a count or id with: an int or NumPy integer, not a bool
+    (NumPy's bool is no ``numbers.Integral`` either)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """Whether ``value`` is a real number (an int, float or NumPy number), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -20,7 +20,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 
-from .errors import N2GError
+from .errors import N2GError, is_whole
 from .fileio import read_json, write_json_atomic
 from .records import SCHEMA_VERSION, NeuronId
 
@@ -785,8 +785,7 @@ class NeuronGraph:
         """
         from .render import path_text
 
-        if limit is not None and (isinstance(limit, (bool, np.bool_)) or not isinstance(limit, (int, np.integer))
-                                  or limit < 0):
+        if limit is not None and (not is_whole(limit) or limit < 0):
             raise N2GError(f"limit must be a whole number of 0 or more, or None for every path (got {limit!r})")
         paths = self.paths()
         st = self.stats()

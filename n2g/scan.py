@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .activations import DEFAULT_STORE_TOKENS, ActivationStore, stored_excerpts
+from .activations import DEFAULT_STORE_TOKENS, FLOAT16_MAX, ActivationStore, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import FILE_MODE, replacing, write_json_atomic
@@ -102,8 +102,6 @@ def _exists(path: Path) -> bool:
 
 POOL_VALUES_AT_ONCE = 1 << 25
 """Pool activations (neurons x pool tokens) turned into quantiles and firing rates at a time: 128 MB in float32."""
-FLOAT16_MAX = 65504.0
-"""The largest value the float16 activation store holds; larger activations are kept at it (with a warning)."""
 
 
 def _model_key(model) -> tuple[str, str]:
@@ -440,11 +438,11 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
             mx_all, mn_all = top_val[l][0].float(), bot_val[l][0].float()
             beyond = torch.nonzero((mx_all > FLOAT16_MAX) | (mn_all < -FLOAT16_MAX)).flatten().cpu()
             if len(beyond):  # (an SAE's latents can be that large; an MLP's neurons are not)
-                i = int(beyond[torch.argmax(torch.maximum(mx_all[beyond].cpu(), -mn_all[beyond].cpu()))])
+                size = torch.maximum(mx_all[beyond].cpu(), -mn_all[beyond].cpu())
                 log.warning("layer %d: %d %s reach beyond +-65,504 (L%d.N%d: %.6g), which the float16 activation "
                             "store keeps at +-65,504: their fits and scores see those tokens weaker than they are; "
                             "scale such a feature down before fitting it", l, len(beyond),
-                            plural(len(beyond), "neuron"), l, i, max(float(mx_all[i]), -float(mn_all[i])))
+                            plural(len(beyond), "neuron"), l, int(beyond[size.argmax()]), float(size.max()))
             quantiles, pos_rate, neg_rate = [], [], []
             for a in range(0, d, step):
                 b = min(d, a + step)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .errors import N2GError
+from .errors import N2GError, is_real, is_whole
 
 
 @dataclass
@@ -89,7 +88,7 @@ def _scalar(value):
 def _whole(value, what: str, least: int = 0) -> int:
     """``value`` as an int of at least ``least`` (a NumPy integer too), or an N2GError."""
     value = _scalar(value)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < least:
+    if not is_whole(value) or value < least:
         raise N2GError(f"{what} must be a whole number of {least} or more (got {value!r})")
     return int(value)
 
@@ -120,8 +119,10 @@ def _token_ids(model, ids, what: str = "the prompt") -> list[int]:
 
 
 def _neuron(model, layer, index) -> tuple[int, int]:
+    from .models import neuron_numbers
+
     model.check_neuron(layer, index)  # a whole number each, and in the model
-    return int(_scalar(layer)), int(_scalar(index))
+    return neuron_numbers(layer, index)
 
 
 @contextlib.contextmanager
@@ -164,7 +165,7 @@ def steer(model, layer: int, index: int, ids: Sequence[int], value: float, k: in
     layer, index = _neuron(model, layer, index)
     ids = _token_ids(model, ids)
     value = _scalar(value)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise N2GError(f"value must be a finite number, the raw activation to clamp the neuron to (got {value!r})")
     limit = torch.finfo(model.dtype).max if model.dtype.is_floating_point else math.inf
     if abs(value) > limit:
