@@ -149,6 +149,8 @@ def request(port: int, path: str) -> tuple[int, dict, bytes]:
     con = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         con.putrequest("GET", path, skip_accept_encoding=True)
+        if path.startswith("/api/"):
+            con.putheader("X-N2G-Request", "1")  # as the viewer's pages send it
         con.endheaders()
         r = con.getresponse()
         return r.status, dict(r.headers), r.read()

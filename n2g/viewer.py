@@ -512,7 +512,7 @@ INDEX_JS = r"""
     if (token === "") { msg.textContent = "Type a token to search for."; return; }
     msg.textContent = "searching\u2026";
     var url = "../api/search?token=" + encodeURIComponent(token) + "&role=" + encodeURIComponent(role);
-    fetch(url).then(function (r) { return r.json(); }).then(function (data) {
+    fetch(url, {headers: {"X-N2G-Request": "1"}}).then(function (r) { return r.json(); }).then(function (data) {
       var body = out.tBodies[0];
       while (body.firstChild) body.removeChild(body.firstChild);
       if (data.error) { msg.textContent = data.error; out.hidden = true; return; }
@@ -666,6 +666,9 @@ _INDEX_JS_HASH = base64.b64encode(hashlib.sha256(INDEX_JS.encode("utf-8")).diges
 _INDEX_CSP = _NO_SCRIPT_CSP + f"; script-src 'sha256-{_INDEX_JS_HASH}'; connect-src 'self'"
 _NEURON_JS_HASH = base64.b64encode(hashlib.sha256(NEURON_JS.encode("utf-8")).digest()).decode("ascii")
 _NEURON_CSP = _NO_SCRIPT_CSP + f"; script-src 'sha256-{_NEURON_JS_HASH}'; connect-src 'self'"
+API_HEADER = "X-N2G-Request"
+"""Header an API request must carry where the browser sends no ``Sec-Fetch-Site`` (the pages' scripts add it;
+so must ``curl`` or Python: ``curl -H 'X-N2G-Request: 1' URL``)."""
 CACHED_NEURONS = 256
 """Neurons (result and graph) the server keeps loaded, the most recently asked."""
 PREDICT_SECONDS = 5.0
@@ -1089,6 +1092,14 @@ class _Handler(BaseHTTPRequestHandler):
         origin, host = self.headers.get("Origin"), (self.headers.get("Host") or "").strip().lower()
         return origin is not None and origin.strip().lower() not in (f"http://{host}", f"https://{host}")
 
+    def _unmarked(self) -> bool:
+        """Whether an API request says nothing of where it was sent from: no ``Sec-Fetch-Site``, no
+        ``Origin`` (a foreign one is :meth:`_cross_site`) and no :data:`API_HEADER`, which the viewer's pages
+        add. That is what an ``<img>`` of another site sends from a browser without ``Sec-Fetch-*``
+        headers (Safari before 16.4); a page of another origin cannot add a header without the CORS
+        preflight this server never grants."""
+        return all(self.headers.get(h) is None for h in ("Sec-Fetch-Site", API_HEADER, "Origin"))
+
     def _get(self, head: bool) -> None:
         self._csp = None
         if self._host_refused():
@@ -1105,6 +1116,10 @@ class _Handler(BaseHTTPRequestHandler):
             if path.startswith("/api/") and self._cross_site():  # it would run the model, or rebuild the index
                 return self._json(403, {"error": "this server answers its API only to its own pages; open the "
                                                  "viewer at the address `n2g serve` prints"}, head)
+            if path.startswith("/api/") and self._unmarked():
+                return self._json(403, {"error": f"send the header `{API_HEADER}: 1` with API requests (the "
+                                                 "viewer's pages do), or open the viewer at the address "
+                                                 "`n2g serve` prints"}, head)
             if path in ("/api/search", "/api/similar"):
                 return self._api(path, url.query, head)
             if path == "/api/predict":

@@ -206,6 +206,13 @@ def add_large_neuron(run: Path, key_index: int = 5, n_act: int = 90) -> NeuronId
     return neuron
 
 
+def api(url: str):
+    """A request for the server's API with the header the viewer's pages add (``urlopen(api(url))``)."""
+    import urllib.request
+
+    return urllib.request.Request(url, headers={"X-N2G-Request": "1"})
+
+
 @contextlib.contextmanager
 def serving(run_dir, **kwargs):
     """The run served on a free loopback port (yields the port); shut down on leaving."""

@@ -62,10 +62,13 @@ def run(tmp_path):
 
 
 def get(port: int, path: str, method: str = "GET"):
-    """(status, headers, body) for a raw request path, sent exactly as given."""
+    """(status, headers, body) for a raw request path, sent exactly as given (an API request with the
+    header the viewer's pages add)."""
     con = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         con.putrequest(method, path, skip_accept_encoding=True)
+        if path.startswith("/api/"):
+            con.putheader("X-N2G-Request", "1")
         con.endheaders()
         r = con.getresponse()
         return r.status, r.headers, r.read()

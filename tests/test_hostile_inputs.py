@@ -590,7 +590,7 @@ def test_try_your_own_text_reads_no_more_tokens_than_the_models_context(tmp_path
     import urllib.request
     from urllib.parse import quote
 
-    from helpers_run import make_run
+    from helpers_run import api, make_run
     from n2g.report import build_all
     from n2g.viewer import make_server
 
@@ -602,7 +602,7 @@ def test_try_your_own_text_reads_no_more_tokens_than_the_models_context(tmp_path
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/api/predict?key=L0.N1&text=" + quote("the cat sat " * 100)
-        with urllib.request.urlopen(url, timeout=60) as r:
+        with urllib.request.urlopen(api(url), timeout=60) as r:
             d = json.load(r)
         assert r.status == 200 and len(d["tokens"]) == len(d["true"]) == 127  # 128 positions, one for BOS
     finally:

@@ -7,18 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
 
-import networkx as nx
-import numpy as np
 import pytest
 
-from helpers_run import make_run
+from helpers_run import api, make_run
 from n2g.errors import N2GError
 from n2g.fileio import loads_json
 from n2g.graph import MAX_GRAPH_DEPTH, NeuronGraph
@@ -243,7 +240,7 @@ def test_the_server_keeps_only_the_most_recently_asked_neurons_loaded(run, monke
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         for key in ("L0.N1", "L0.N2", "L1.N4.neg", "L0.N2"):
-            with urllib.request.urlopen(f"{base}/api/predict?key={key}&text=%20Paris") as r:
+            with urllib.request.urlopen(api(f"{base}/api/predict?key={key}&text=%20Paris")) as r:
                 assert json.load(r)["key"] == key
         assert list(server.RequestHandlerClass.cache) == ["L1.N4.neg", "L0.N2"]
     finally:

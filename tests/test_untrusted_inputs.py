@@ -21,10 +21,13 @@ def run(tmp_path):
 
 
 def get(port: int, path: str, headers: dict | None = None):
-    """(status, headers, body) of a GET of ``path`` with ``headers`` added (as a browser would send them)."""
+    """(status, headers, body) of a GET of ``path`` with ``headers`` added (as a browser would send them;
+    by default the header the viewer's pages add to an API request)."""
     con = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         con.putrequest("GET", path, skip_accept_encoding=True)
+        if headers is None and path.startswith("/api/"):
+            headers = {"X-N2G-Request": "1"}
         for name, value in (headers or {}).items():
             con.putheader(name, value)
         con.endheaders()
@@ -63,7 +66,24 @@ def test_a_page_of_another_site_cannot_make_the_api_work_or_read_it(path, header
         assert get(port, path, {"Origin": f"http://127.0.0.1:{port}"})[0] == 200
         # where the browser says same-origin, that is what counts (an Origin may name the https of a proxy)
         assert get(port, path, {"Sec-Fetch-Site": "same-origin", "Origin": "https://proxy.example"})[0] == 200
-        assert get(port, path)[0] == 200  # curl, scripts
+        assert get(port, path)[0] == 200  # curl, scripts: with the header the pages add
+
+
+@pytest.mark.parametrize("path", API)
+def test_a_request_that_says_nothing_of_its_origin_must_carry_the_api_header(path, run):
+    # Safari before 16.4 sends no Sec-Fetch-* headers, and an <img src> of another site's page no Origin:
+    # without a header of our own the request could come from anywhere
+    from n2g.viewer import API_HEADER
+
+    with serving(run) as port:
+        status, h, body = get(port, path, {"Accept": "image/webp,*/*", "User-Agent": "Safari/605.1.15"})
+        assert status == 403
+        assert json.loads(body) == {"error": "send the header `X-N2G-Request: 1` with API requests (the viewer's "
+                                             "pages do), or open the viewer at the address `n2g serve` prints"}
+        assert get(port, path, {API_HEADER: "1"})[0] == 200
+        # the pages' scripts send it (a same-origin fetch with a header of its own needs no preflight)
+        for page in ("/viewer/index.html", "/viewer/neurons/L0.N1.html"):
+            assert b'{headers: {"X-N2G-Request": "1"}}' in get(port, page)[2], page
 
 
 def test_files_of_the_run_are_not_embeddable_by_another_site(run):

@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from helpers_run import QUOTED, SCRIPT, SPECIALS, add_histogram, add_large_neuron, make_run
+from helpers_run import QUOTED, SCRIPT, SPECIALS, add_histogram, add_large_neuron, api, make_run
 from n2g.errors import N2GError
 from n2g.report import METHOD_NAMES, build_all
 from n2g.viewer import NEURON_JS, make_server
@@ -191,16 +191,16 @@ def test_server_api_and_static(run):
     t.start()
     try:
         base = f"http://127.0.0.1:{port}"
-        with urllib.request.urlopen(base + "/api/search?token=Paris&role=activator") as r:
+        with urllib.request.urlopen(api(base + "/api/search?token=Paris&role=activator")) as r:
             assert r.headers["Content-Type"].startswith("application/json")
             keys = [h["key"] for h in json.load(r)["results"]]
         assert keys == ["L1.N4.neg", "L0.N1", "L0.N2"]
-        with urllib.request.urlopen(base + "/api/search?token=%3Cscript%3Ealert(1)%3C%2Fscript%3E") as r:
+        with urllib.request.urlopen(api(base + "/api/search?token=%3Cscript%3Ealert(1)%3C%2Fscript%3E")) as r:
             assert [h["key"] for h in json.load(r)["results"]] == ["L1.N4.neg"]
-        with urllib.request.urlopen(base + "/api/similar?key=L0.N1") as r:
+        with urllib.request.urlopen(api(base + "/api/similar?key=L0.N1")) as r:
             assert json.load(r)["results"][0]["key"] == "L1.N4.neg"
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(base + "/api/search?token=x&role=bogus")
+            urllib.request.urlopen(api(base + "/api/search?token=x&role=bogus"))
         assert e.value.code == 400 and "unknown role" in json.load(e.value)["error"]
         with urllib.request.urlopen(base + "/") as r:  # redirected to the viewer
             assert r.url.endswith("/viewer/index.html") and b'id="neurons"' in r.read()
@@ -256,7 +256,7 @@ def test_search_rebuilds_an_index_of_an_older_schema(tmp_path):
 
 def _get_json(url):
     try:
-        with urllib.request.urlopen(url) as r:
+        with urllib.request.urlopen(api(url)) as r:
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
@@ -332,7 +332,7 @@ def test_a_model_that_gives_nan_is_answered_in_valid_json_with_the_value_missing
     t.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/api/predict?key=L0.N1&text=the+cat+sat"
-        with urllib.request.urlopen(url) as r:
+        with urllib.request.urlopen(api(url)) as r:
             body = r.read().decode("utf-8")
         d = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
         raw = real(torch.tensor([[4, 5, 6]]), None, [(0, 1)])[0, :, 0].numpy()
@@ -444,10 +444,10 @@ def test_server_never_predicts_with_another_neurons_result(run, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{port}/api/predict?text=Paris&key="
-        with urllib.request.urlopen(base + "L0.N1") as r:
+        with urllib.request.urlopen(api(base + "L0.N1")) as r:
             assert r.status == 200
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(base + "L0.N2")
+            urllib.request.urlopen(api(base + "L0.N2"))
         assert err.value.code == 404 and "no readable result for neuron L0.N2" in json.load(err.value)["error"]
     finally:
         server.shutdown()

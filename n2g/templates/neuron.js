@@ -41,7 +41,8 @@
     var text = document.getElementById("try-text").value;
     if (!text.trim()) { msg.textContent = "Type some text first."; return; }
     msg.textContent = "predicting\u2026";
-    fetch("../../api/predict?key=" + encodeURIComponent(key) + "&text=" + encodeURIComponent(text))
+    fetch("../../api/predict?key=" + encodeURIComponent(key) + "&text=" + encodeURIComponent(text),
+          {headers: {"X-N2G-Request": "1"}})
       .then(function (r) { return r.json(); })
       .then(function (d) {
         while (out.firstChild) out.removeChild(out.firstChild);
