@@ -64,8 +64,8 @@ def load_corpus(source: str = "default", model=None, *, length: int = 64, max_ex
     source = _path_text(source)
     if not isinstance(source, str) or not source.strip():
         raise N2GError(f"source must be text: 'default', a file or directory path, or hf:NAME (got {source!r})")
-    if not is_whole(length) or length < 2:
-        raise N2GError(f"length must be an integer of at least 2 tokens (got {length!r})")
+    if not is_whole(length) or length < 1:  # one token is a lookup of single tokens, as `--excerpt-length 1` gives
+        raise N2GError(f"length must be an integer of at least 1 token (got {length!r})")
     if not isinstance(text_field, str):
         raise N2GError(f"text_field must be the name of the field holding the text (got {text_field!r})")
     max_excerpts = _max_excerpts(max_excerpts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,9 +64,11 @@ class NeuronId:
 
     @classmethod
     def from_key(cls, key: str) -> "NeuronId":
-        parts = key.split(".")
-        sign = Sign.NEGATIVE if len(parts) == 3 and parts[2] == "neg" else Sign.POSITIVE
-        return cls(int(parts[0][1:]), int(parts[1][1:]), sign)
+        """The neuron a key such as ``L5.N2`` or ``L5.N2.neg`` names; a ValueError for anything else."""
+        m = re.fullmatch(r"L([0-9]+)\.N([0-9]+)(\.neg)?", key) if isinstance(key, str) else None
+        if m is None:
+            raise ValueError(f"{str(key)[:40]!r} is not a neuron key; keys look like L5.N2 or L5.N2.neg")
+        return cls(int(m[1]), int(m[2]), Sign.NEGATIVE if m[3] else Sign.POSITIVE)
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "index": self.index, "sign": self.sign.value}
@@ -241,6 +244,8 @@ class NeuronResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NeuronResult":
+        if not isinstance(d, dict):
+            raise ValueError(f"not a neuron result record (a JSON {type(d).__name__}, not an object)")
         if d.get("kind") != cls.KIND:
             raise ValueError(f"not a neuron result record (kind={d.get('kind')!r})")
         return cls(

@@ -188,7 +188,7 @@ def test_notebook_display_of_an_unfitted_model_says_so():
     (lambda m: n2g.fit_neuron(m, 0, 0, store_tokens=0, progress=False), "store_tokens must be"),
     (lambda m: n2g.fit_neuron(m, 0, 0, store_tokens=2.5, progress=False), "store_tokens must be"),
     (lambda m: n2g.fit_neuron(42, 0, 0, progress=False), "model must be"),
-    (lambda m: n2g.load_corpus("default", m, length=1), "length must be"),
+    (lambda m: n2g.load_corpus("default", m, length=0), "length must be"),
     (lambda m: n2g.fit_neuron(m, 0, 0, preset=["paper"], progress=False), "unknown preset"),  # was unhashable TypeError
     (lambda m: n2g.fit_neuron(m, 0, 0, corpus="", progress=False), "source must be"),  # was the default corpus
     (lambda m: n2g.load_corpus("", m), "source must be"),  # was every text file under the working directory
@@ -249,3 +249,8 @@ def test_fit_neuron_agrees_with_the_pipeline(fitted, subject, tmp_path, monkeypa
     assert stored.histogram == model.result_.histogram
     graph = n2g.NeuronGraph.load(tmp_path / "run" / "neurons" / "L1.N5" / "graph.json")
     assert str(graph) == str(model.graph_)
+
+
+def test_excerpts_of_one_token_are_allowed_from_python_as_from_the_cli(tiny_llama):
+    corpus = n2g.load_corpus("default", tiny_llama, length=1, max_excerpts=5)
+    assert corpus.excerpts.shape == (5, 1)

@@ -208,3 +208,20 @@ def test_feature_from_hook_refuses_a_name_that_is_not_text():
     with pytest.raises(N2GError, match=r"^name must be text, the feature's name in messages \(got int\)$"):
         n2g.feature_from_hook(lambda ids: ids.float(), name=3)  # was TypeError: __name__ must be set to a string
     assert n2g.feature_from_hook(lambda ids: ids.float(), name="unit").__name__ == "unit"
+
+
+@pytest.mark.parametrize("key", ["Lx", "L5", "L5.N2.pos", "L5.Nx", "l5.n2", " L5.N2", None, 52])
+def test_a_neuron_key_that_is_not_one_is_named_in_a_value_error(key):
+    from n2g.records import NeuronId
+
+    with pytest.raises(ValueError, match="is not a neuron key; keys look like L5.N2 or L5.N2.neg"):
+        NeuronId.from_key(key)
+    assert NeuronId.from_key("L5.N2.neg") == NeuronId(5, 2, NeuronId.from_key("L0.N0.neg").sign)
+
+
+@pytest.mark.parametrize("record", [[], "result", 3, None])
+def test_a_result_record_that_is_not_an_object_is_a_value_error(record):
+    from n2g.records import NeuronResult
+
+    with pytest.raises(ValueError, match="not a neuron result record"):
+        NeuronResult.from_dict(record)
