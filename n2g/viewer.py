@@ -81,7 +81,9 @@ table.excerpts td{text-align:left;width:46%}table.excerpts td.meta{width:8%;colo
 #search-msg{color:#a33;font-size:13px}form{margin:8px 0}input,select,button{font-size:14px}
 .summary{font-size:15px;background:#f6f7fb;padding:10px 14px;border-left:4px solid #d62728;max-width:1100px}
 code.tok,td.tok{font-family:ui-monospace,Menlo,Consolas,monospace;background:#eef;padding:0 3px;white-space:pre}
-details summary{cursor:pointer;font-size:14px;margin:6px 0}#paths{max-height:none}
+details summary{cursor:pointer;font-size:14px;margin:6px 0}
+.scroll{max-height:60vh;overflow:auto;display:inline-block;max-width:100%}.scroll table{margin:0}
+.scroll thead th{position:sticky;top:0;box-shadow:0 1px 0 #ddd}
 #try-out .try-row{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;margin:4px 0;line-height:1.7}
 #try-out span.fire{outline:1px solid #555}textarea{font-size:14px;max-width:100%}h3{font-size:1em;margin:14px 0 4px}
 """

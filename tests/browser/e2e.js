@@ -178,6 +178,8 @@ async function main() {
     check((await page.textContent("#graph svg")).includes("more paths"), "a +k more node stands for the rest");
     const pathRows = await page.$$eval("#paths tbody tr", (trs) => trs.length);
     check(pathRows === 113, "the page lists all 113 paths: " + pathRows);
+    const pathBox = await page.$eval("#paths-scroll", (d) => [d.clientHeight, d.scrollHeight, window.innerHeight]);
+    check(pathBox[0] <= 0.6 * pathBox[2] + 1 && pathBox[1] > pathBox[0], "the path list scrolls in its own box, not the page: " + pathBox);
     await page.evaluate(() => window.scrollTo(0, 0));
     await shot(page, "neuron-large.png");
 
