@@ -70,7 +70,40 @@ def run_span(key: int) -> int:
 
 GRAPH_KIND = "n2g.graph"
 MAX_END_COUNT = 1 << 26
-"""Most END values a loaded graph may claim in all (each is held in memory): far above any fit's evidence."""
+"""Most END values a loaded graph may claim in all (held as counts, :class:`SameValues`): far above any fit's evidence."""
+
+
+class SameValues(Sequence):
+    """``n`` copies of one END value, held as one: the evidence a saved graph's END claims (its count),
+    read back without a list of ``n`` entries (a file may claim millions). Adding a path to that END
+    turns it back into a list."""
+
+    __slots__ = ("value", "n")
+
+    def __init__(self, value: float, n: int):
+        self.value, self.n = float(value), int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        picked = range(self.n)[i]  # an IndexError past the end, as a list gives
+        return [self.value] * len(picked) if isinstance(i, slice) else self.value
+
+    def __iter__(self):
+        return iter([self.value] * self.n) if self.n < 4096 else (self.value for _ in range(self.n))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, SameValues):
+            return (self.n, self.value) == (other.n, other.value) or self.n == other.n == 0
+        return isinstance(other, Sequence) and len(other) == self.n and all(v == self.value for v in other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"[{self.value!r}] * {self.n}"
+
+
 MAX_GRAPH_NODES = 200_000
 """Most nodes a loaded graph may hold: n2g's largest real graphs hold a few thousand (each node costs
 memory to load, and predicting walks them)."""
@@ -228,6 +261,8 @@ class NeuronGraph:
             if source is not None:
                 node.sources.add(source)
         node = self.nodes[at]
+        if not isinstance(node.end_values, list):  # a loaded END's claimed evidence (SameValues)
+            node.end_values = list(node.end_values)
         node.end_values.append(float(activation))
         node.end = self._end_value(node.end_values)
         return at
@@ -714,7 +749,7 @@ class NeuronGraph:
                 if isinstance(count, bool) or not isinstance(count, int) or count < 0 or total > MAX_END_COUNT:
                     raise ValueError(f"END node {str(name)[:40]!r}: count {count!r} is not a token count from 0 to {MAX_END_COUNT} "
                                      "(summed over the graph)")
-                owner.end_values = [owner.end] * count
+                owner.end_values = SameValues(owner.end, count)
         return graph
 
     def to_dict(self) -> dict:

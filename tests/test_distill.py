@@ -572,3 +572,31 @@ def test_a_context_one_excerpt_proposed_counts_out_of_sample_where_other_excerpt
     h.calibrate(rows, backoff=True, statistic="auto", min_count=1, sources=list(range(len(rows))),
                 end_value="mean", select=[0, 1, 2, 6, 7, 8], subtree=True)
     assert h.end_quantile == 1.0 and h.nodes[h.nodes[0].children[7]].end >= 0.5
+
+
+def test_a_graph_claiming_millions_of_end_values_loads_as_counts_not_a_list_of_them(tmp_path):
+    # an END's count is how many training values set it; a run folder from anyone may claim 2^25 of them,
+    # and the server keeps 256 graphs loaded: 256 MB each as a list of that many floats
+    import tracemalloc
+
+    from n2g.graph import MAX_END_COUNT
+
+    fitted = n2g.distill(SEVEN, GOOD).graph_
+    path = fitted.save(tmp_path / "graph.json")
+    d = json.loads(path.read_text())
+    ends = [n for n in d["graph"]["nodes"] if n["kind"] == "end"]
+    ends[0]["count"] = MAX_END_COUNT - 1 - sum(n["count"] for n in ends[1:])
+    path.write_text(json.dumps(d))
+    tracemalloc.start()
+    graph = NeuronGraph.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20, peak  # the list alone would be 512 MB
+    assert graph.n_paths() == MAX_END_COUNT - 1
+    assert graph.predict_sequence([9, 7, 3]).tolist() == fitted.predict_sequence([9, 7, 3]).tolist()
+    again = NeuronGraph.load(graph.save(tmp_path / "again.json"))  # saved with the same count
+    assert json.loads((tmp_path / "again.json").read_text())["graph"] == d["graph"] and again.n_paths() == graph.n_paths()
+    small = NeuronGraph.load(fitted.save(tmp_path / "small.json"))  # a path added to a loaded END joins its values
+    (node,) = [n for n in small.nodes if n.end is not None]
+    small.add_path([(node.token_id, 1.0)], 0.25)
+    assert len(node.end_values) == 11 and node.end_values[:10] == [node.end_values[0]] * 10
