@@ -72,8 +72,8 @@ def _holder_alive(holder: dict) -> bool:
         return False
     if not alive(pid):
         return False
-    start = holder.get("start")
-    return start is None or _start_time(pid) in (None, start)
+    now = _start_time(pid)  # where /proc says, n2g recorded it: a claim without it is not n2g's own
+    return now is None or holder.get("start") == now
 
 
 def _as_text(value):

@@ -331,7 +331,7 @@ def _claim_of(pid: int, host: str | None = None) -> str:
 
 def test_claims_share_a_run_directory_between_processes(tmp_path):
     from n2g.records import NeuronResult, NeuronStats
-    from n2g.store import CLAIMS, RunStore
+    from n2g.store import CLAIMS, RunStore, _start_time, this_process
 
     store = RunStore(tmp_path)
     store.open({"model": "m"})
@@ -350,6 +350,12 @@ def test_claims_share_a_run_directory_between_processes(tmp_path):
         other.kill()
         other.wait()
     assert store.claim(b) == ("mine", None)  # its process ended without saving b: taken over
+    # a claim naming a live process of this host but not its start time (a copied or hand-made run folder
+    # naming pid 1): not one n2g wrote here, so the run would otherwise wait for it for ever
+    (tmp_path / CLAIMS / d.key).write_text(json.dumps({"host": this_process()["host"], "pid": 1}))
+    assert store.claim(d) == ("mine", None) or _start_time(1) is None  # (where /proc says nothing, it cannot be told)
+    (tmp_path / CLAIMS / d.key).write_text(json.dumps({"host": this_process()["host"], "pid": 1, "start": "7"}))
+    assert store.claim(d) == ("mine", None) or _start_time(1) in (None, "7")
     (tmp_path / CLAIMS / d.key).write_text('{"pid": ')  # a damaged claim is nobody's
     assert store.claim(d) == ("mine", None)
     store.save(NeuronResult(neuron=a, status="dead", stats=NeuronStats(max_activation=0.0)), None)
