@@ -172,6 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", default=None, choices=["activator", "context"], help="only as activating or context token")
     p.add_argument("--limit", type=int, default=20, help="at most this many hits (default 20)")
     _verbosity_args(p, json_out=True)
+
+    p = sub.add_parser("predict", help="which neurons of a run fire on a text, by their graphs", description=(
+        "Split TEXT into tokens and list the neurons of the run whose graphs predict firing on it (normalised "
+        "activation >= 0.5), strongest first, with the tokens where they fire. With --model, also the neurons' "
+        "true activations on the text: neurons that truly fire are listed too, so a graph's misses show. "
+        "With --neuron, every token's prediction for those neurons."))
+    p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
+    p.add_argument("text", help="the text to predict on ('-' reads it from standard input)")
+    p.add_argument("--neuron", action="append", default=None, metavar="KEY",
+                   help="show every token's prediction for this neuron, e.g. L5.N2 or L5.N2.neg (repeatable)")
+    p.add_argument("--model", default=None, help="the run's subject model, to split the text with its tokenizer and "
+                   "show the true activations (default: split with the tokens the run's excerpts show)")
+    p.add_argument("--device", default=None, help="device for --model (default: cuda if available, else cpu)")
+    p.add_argument("--limit", type=int, default=20, help="at most this many neurons in the list (default 20)")
+    _verbosity_args(p, json_out=True)
     return parser
 
 
@@ -287,6 +302,137 @@ def _search(args) -> int:
         w = "  -  " if h["weight"] is None else f"{h['weight']:.2f}"
         # the key too is text from the index file, which may not be the user's own: control characters shown, not sent
         print(f"{display_token(h['key'])[:40]:<16}{display_token(h['token'])[:23]:<24}{h['role']:<11}{w:>7}{f1:>8}  {h['match']}")
+    return 0
+
+
+MAX_PREDICT_CHARS = 100_000
+"""Longest text ``n2g predict`` reads (more than any model here reads in one pass)."""
+
+
+def _run_made_with(run_dir: Path) -> dict:
+    try:
+        made_with = read_json(run_dir / "run.json").get("model") or {}
+    except (OSError, ValueError, AttributeError, RecursionError):
+        made_with = {}
+    return made_with if isinstance(made_with, dict) else {}
+
+
+def _predict(args) -> int:
+    import sqlite3
+
+    from .records import NeuronId
+    from .render import display_token
+    from .search import fires_on, run_neurons
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").exists():
+        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
+    if args.limit < 1:
+        raise N2GError(f"--limit must be at least 1 (got {args.limit})")
+    for key in args.neuron or ():
+        try:
+            NeuronId.from_key(key)
+        except ValueError as exc:
+            raise N2GError(f"--neuron: {visible(str(exc))}") from None
+    text = args.text
+    if text == "-":
+        try:
+            text = sys.stdin.read(MAX_PREDICT_CHARS + 1)
+        except (AttributeError, OSError, ValueError) as exc:  # closed, or bytes that are not UTF-8
+            raise N2GError(f"cannot read the text from standard input ({exc}); pipe UTF-8 text in, or pass it as TEXT") from None
+    if len(text) > MAX_PREDICT_CHARS:
+        raise N2GError(f"the text is longer than {MAX_PREDICT_CHARS:,} characters; predict on a part of it")
+    if not_unicode(text):
+        raise N2GError("the text is not valid UTF-8; give it in UTF-8")
+    if not text.strip():
+        raise N2GError("no text given; pass the text to predict on (or '-' to read it from standard input)")
+    true = None
+    if args.model:
+        import torch
+
+        from .models import load_model
+        from .viewer import _predict_room
+
+        made_with = _run_made_with(run_dir)
+        if made_with.get("sae"):
+            raise N2GError(f"{args.run_dir} holds SAE latents; predict on it without --model (the graphs' predictions)")
+        model = load_model(args.model, device=args.device)
+        _check_served_model(model, made_with, args, "predict on it")
+        room = _predict_room(model)
+        ids = model.encode(text)
+        if len(ids) > room:
+            logging.getLogger(__name__).warning(
+                "the text is %d tokens long; the model reads the first %d in one pass, so only they are used",
+                        len(ids), room)
+            ids = ids[:room]
+        toks = model.token_strings(ids)
+        how = f"the model's tokenizer ({model.spec})"
+    else:
+        from .viewer import RunVocabulary
+
+        vocabulary = RunVocabulary(run_dir)
+        ids, toks = vocabulary.split(text)
+        how = f"the run's own vocabulary ({len(vocabulary):,} token texts seen in its excerpts; --model for the model's tokenizer)"
+    if not ids:
+        raise N2GError("the text has no tokens; pass some text to predict on")
+    try:
+        if args.model:
+            wanted = [r for r in run_neurons(run_dir) if r["status"] != "dead" and (r["max_activation"] or 0) > 0
+                      and (not args.neuron or r["key"] in args.neuron)]
+            true = {}
+            for start in range(0, len(wanted), 4096):  # one pass per 4,096 neurons reads every layer they are in
+                part = wanted[start:start + 4096]
+                for layer, index in {(r["layer"], r["index"]) for r in part}:
+                    model.check_neuron(layer, index)
+                pairs = sorted({(r["layer"], r["index"]) for r in part})
+                col = {pair: j for j, pair in enumerate(pairs)}
+                with torch.no_grad():
+                    acts = model.activations(torch.tensor([ids]), None, pairs)[0].float().cpu().numpy()
+                for r in part:
+                    sign = -1.0 if r["sign"] == "negative" else 1.0
+                    true[r["key"]] = acts[:, col[(r["layer"], r["index"])]] * sign / r["max_activation"]
+        results = fires_on(run_dir, ids, true, neurons=args.neuron)
+    except (sqlite3.Error, OSError) as exc:
+        raise N2GError(f"cannot read the search index of {run_dir} ({exc}); run `n2g report {run_dir}` to rebuild it") from None
+    shown = [display_token(t) for t in toks]
+    if args.json:
+        _print_json({"tokens": toks, "token_ids": [i if 0 <= i < 2**31 else None for i in ids], "tokenizer": how,
+                     "unit": "normalised activation", "results": results if args.neuron else results[:args.limit]})
+        return 0
+    print(f"{len(ids)} tokens, split by {how}")
+    if args.neuron:
+        for e in results:
+            f1 = "-" if e["f1"] is None else f"{e['f1']:.2f}"
+            said = f"the graph says it fires on {len(e['fires'])} of {len(ids)} tokens"
+            if true is not None:
+                said += f"; it truly fires on {len(e['true_fires'])}" if e.get("true") is not None else "; no true activation (a dead neuron)"
+            print(f"\n{display_token(e['key'])} (N2G F1 {f1}): {said}")
+            print(f"  {'token':<24}{'predicted':>10}" + (f"{'true':>8}" if true is not None else ""))
+            for i, tok in enumerate(shown):
+                line = f"  {tok[:23]:<24}{e['predicted'][i]:>10.2f}"
+                if true is not None:
+                    v = (e.get("true") or [None] * len(ids))[i]
+                    line += f"{'-' if v is None else format(v, '.2f'):>8}"
+                print(line)
+        return 0
+    if not results:
+        print("no neuron's graph predicts firing on this text" + (", and none truly fires" if true is not None else ""),
+              file=sys.stderr)
+        return 1
+    print(f"{'neuron':<16}{'N2G F1':>7}{'predicted':>10}" + (f"{'true':>7}" if true is not None else "")
+          + "  where the graph says it fires" + (" (true: where it fires)" if true is not None else ""))
+    for e in results[:args.limit]:
+        f1 = "  -" if e["f1"] is None else f"{e['f1']:.2f}"
+        where = ", ".join(f"{shown[i][:20]} {e['predicted'][i]:.2f}" for i in e["fires"][:6])
+        where += f" and {len(e['fires']) - 6} more" if len(e["fires"]) > 6 else ""
+        line = f"{display_token(e['key'])[:40]:<16}{f1:>7}{e['predicted_max']:>10.2f}"
+        if true is not None:
+            line += f"{'-' if e.get('true_max') is None else format(e['true_max'], '.2f'):>7}"
+            if not e["fires"]:
+                where = "(none; true: " + ", ".join(shown[i][:20] for i in e["true_fires"][:6]) + ")"
+        print(f"{line}  {where}")
+    if len(results) > args.limit:
+        print(f"... and {len(results) - args.limit} more (--limit)")
     return 0
 
 
@@ -465,7 +611,7 @@ def _report(args) -> int:
     return 0
 
 
-def _check_served_model(model, made_with: dict, args) -> None:
+def _check_served_model(model, made_with: dict, args, doing: str = "serve it") -> None:
     """N2GError unless ``model`` has the architecture and shape of the model the run was made with (as
     run.json records it): another model's neuron of the same index would be shown as the true activation."""
     info = model.info()
@@ -474,7 +620,7 @@ def _check_served_model(model, made_with: dict, args) -> None:
     if differ:
         spec = made_with.get("spec")
         raise N2GError(f"{args.run_dir} was made with another model than {args.model} ({'; '.join(differ)}); "
-                       f"serve it with the run's model{f' (--model {spec})' if isinstance(spec, str) else ''} "
+                       f"{doing} with the run's model{f' (--model {spec})' if isinstance(spec, str) else ''} "
                        "or without --model")
 
 
@@ -696,7 +842,7 @@ def _main(argv: list[str] | None) -> int:
     if empty:
         print(f"n2g: error: {empty}", file=sys.stderr)
         return 2
-    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search,
+    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search, "predict": _predict,
                 "steer": _steer}
     try:
         with _terminate_as_interrupt():

@@ -627,3 +627,89 @@ def similar(run_dir: str | os.PathLike, key: str, limit: int = 10) -> list[tuple
     finally:
         con.close()
     return cached[1].similar(key, mine, max(0, int(limit)))
+
+
+PREDICT_SECONDS = 5.0
+"""Time budget of one graph's walk over the text in :func:`fires_on` (a graph n2g writes needs milliseconds)."""
+
+
+def run_neurons(run_dir: str | os.PathLike) -> list[dict]:
+    """Every neuron of the run's index: key, layer, index, sign, status, f1 and max_activation (raw)."""
+    con = _connect(run_dir)
+    try:
+        rows = _execute(con, "SELECT key, layer, idx, sign, status, f1, max_activation FROM neurons ORDER BY layer, idx, sign")
+    finally:
+        con.close()
+    return [{"key": r["key"], "layer": r["layer"], "index": r["idx"], "sign": r["sign"], "status": r["status"],
+             "f1": r["f1"], "max_activation": r["max_activation"]} for r in rows]
+
+
+def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, np.ndarray] | None = None,
+             neurons: list[str] | None = None) -> list[dict]:
+    """The neurons of a run whose graphs predict firing somewhere on ``token_ids`` (normalised activation at or
+    above the graph's fire threshold), strongest first; with ``true`` (key -> the neuron's normalised true
+    activation per token), also the neurons that truly fire there, so that a graph's misses show.
+
+    Only the graphs holding one of the text's tokens, as activating or context token, are read: a path fires
+    only where each of its tokens is there (a wildcard activator's paths hold context tokens). ``neurons``
+    names the keys to answer for instead (every one of them is returned, firing or not). Each entry:
+    key, layer, index, sign, f1, predicted (per token), predicted_max, fires (positions the graph says
+    fire), and with ``true``: true, true_max, true_fires.
+    """
+    from n2g.fileio import inside
+    from n2g.graph import NeuronGraph
+
+    run_dir = Path(run_dir)
+    ids = [int(t) for t in token_ids]
+    rows = {r["key"]: r for r in run_neurons(run_dir)}
+    if neurons is not None:
+        missing = [k for k in neurons if k not in rows]
+        if missing:
+            raise N2GError(f"no neuron {missing[0]} in the index of {run_dir}; `n2g search` or the viewer lists its neurons")
+        keys = list(dict.fromkeys(neurons))
+    else:
+        known = sorted({t for t in ids if 0 <= t < 2**31})
+        con = _connect(run_dir)
+        try:
+            keys = {r["key"] for start in range(0, len(known), 500)
+                    for r in _execute(con, "SELECT DISTINCT key FROM tokens WHERE token_id IN "
+                                           f"({','.join('?' * len(known[start:start + 500]))})", known[start:start + 500])}
+        finally:
+            con.close()
+        if true is not None:
+            keys |= {k for k, v in true.items() if k in rows and len(v) and float(np.nanmax(v)) >= 0.5}
+        keys = sorted(keys, key=lambda k: (rows[k]["layer"], rows[k]["index"], k) if k in rows else (0, 0, k))
+    out = []
+    for key in keys:
+        row = rows.get(key)
+        if row is None:
+            continue
+        predicted = np.zeros(len(ids), np.float32)
+        threshold = 0.5
+        gpath = run_dir / "neurons" / key / "graph.json"
+        if os.path.lexists(gpath):
+            try:
+                if not inside(run_dir, gpath):
+                    raise N2GError("a link that leads out of the run")
+                graph = NeuronGraph.load(gpath)
+                threshold = graph.fire_threshold
+                predicted = graph.predict_sequence(ids, deadline=time.monotonic() + PREDICT_SECONDS)
+            except Exception as exc:  # a damaged graph (or one too slow): named, the others still answered
+                log.warning("cannot predict with the graph of %s (%s); re-run `n2g run` to redo it",
+                            key, str(exc)[:200] or type(exc).__name__)
+                continue
+        entry = {**{k: row[k] for k in ("key", "layer", "index", "sign", "f1")},
+                 "predicted": [round(float(v), 4) for v in predicted],
+                 "predicted_max": round(float(np.max(predicted)), 4) if len(ids) else 0.0,
+                 "fires": [i for i, v in enumerate(predicted) if v >= threshold]}
+        if true is not None:
+            t = true.get(key)
+            entry["true"] = None if t is None else [round(float(v), 4) if math.isfinite(v) else None for v in t]
+            finite = [v for v in (entry["true"] or []) if v is not None]
+            entry["true_max"] = max(finite) if finite else None
+            entry["true_fires"] = [i for i, v in enumerate(entry["true"] or []) if v is not None and v >= threshold]
+        if neurons is not None or entry["fires"] or (true is not None and entry["true_fires"]):
+            out.append(entry)
+    if neurons is None:
+        out.sort(key=lambda e: (-max(e["predicted_max"], e.get("true_max") or 0.0), e["layer"], e["index"], e["key"]))
+    return out

@@ -77,6 +77,97 @@ def test_search_mistakes_are_one_line(run, tmp_path, capsys):
     assert code == 2 and "contradict" in err
 
 
+def test_predict_lists_the_neurons_whose_graphs_fire_on_a_text(run, capsys):
+    # split with the run's own tokens: " in", " Paris", "." -- L0.N1's " in [ Paris]" (END 0.7) fires at " Paris";
+    # L0.N2 and L1.N5 hold " in" too but none of their paths is all there; L1.N4.neg's " Paris" needs its context
+    code, out, err = main(["predict", run, " in Paris."], capsys)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("3 tokens, split by the run's own vocabulary")
+    assert lines[1].split()[:4] == ["neuron", "N2G", "F1", "predicted"]
+    assert lines[2:] == [f"{'L0.N1':<16}{'0.80':>7}{0.7:>10.2f}  ␣Paris 0.70"]
+    code, out, _ = main(["predict", run, " in the London", "--json"], capsys)  # " London" after * after " in"
+    data = json.loads(out)
+    assert code == 0 and data["tokens"] == [" in", " the", " London"] and data["token_ids"] == [101, 104, 102]
+    (hit,) = data["results"]
+    assert (hit["key"], hit["predicted"], hit["predicted_max"], hit["fires"]) == ("L0.N2", [0.0, 0.0, 0.6], 0.6, [2])
+    code, out, _ = main(["predict", run, " in Paris", "--neuron", "L1.N4.neg", "--neuron", "L0.N1"], capsys)
+    assert code == 0
+    assert out.splitlines()[1:] == [
+        "", "L1.N4.neg (N2G F1 0.50): the graph says it fires on 0 of 2 tokens",
+        f"  {'token':<24}{'predicted':>10}", f"  {'␣in':<24}{0.0:>10.2f}", f"  {'␣Paris':<24}{0.0:>10.2f}",
+        "", "L0.N1 (N2G F1 0.80): the graph says it fires on 1 of 2 tokens",
+        f"  {'token':<24}{'predicted':>10}", f"  {'␣in':<24}{0.0:>10.2f}", f"  {'␣Paris':<24}{0.7:>10.2f}"]
+    code, out, err = main(["predict", run, " the the."], capsys)
+    assert code == 1 and out.startswith("3 tokens") and "no neuron's graph predicts firing on this text" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--neuron", "Lx"], "--neuron: 'Lx' is not a neuron key; keys look like L5.N2 or L5.N2.neg"),
+    (["--neuron", "L9.N9"], "no neuron L9.N9 in the index of"),
+    (["--limit", "0"], "--limit must be at least 1"),
+])
+def test_predict_mistakes_are_one_line(run, capsys, argv, says):
+    code, out, err = main(["predict", run, " in Paris", *argv], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and says in err, err
+
+
+def test_predict_reads_the_text_from_standard_input_and_refuses_none(run, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" in Paris"))
+    code, out, _ = main(["predict", run, "-", "--json"], capsys)
+    assert code == 0 and [h["key"] for h in json.loads(out)["results"]] == ["L0.N1"]
+    code, out, err = main(["predict", run, "  "], capsys)
+    assert code == 2 and "no text given" in err
+
+
+def test_predict_with_the_model_shows_true_activations_and_the_neurons_that_truly_fire(tmp_path, capsys):
+    # the synthetic run said it was made with a 3-layer llama of 48 neurons a layer: the tiny one here
+    import torch
+
+    from conftest import tiny_model, tiny_tokenizer
+    from n2g.models import load_model
+
+    run = make_run(tmp_path)
+    made = json.loads((run / "run.json").read_text())
+    made["model"] = {"spec": "tiny", "architecture": "llama", "n_layers": 3, "d_mlp": 48}
+    (run / "run.json").write_text(json.dumps(made))
+    torch.manual_seed(0)
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    text = "the cat sat on the mat and the dog"
+    model = load_model(str(tmp_path / "llama"))
+    ids = model.encode(text)
+    acts = model.activations(torch.tensor([ids]), None, [(0, 1), (0, 2), (1, 4)])[0].float().numpy()
+    # maxima that make L0.N1 and L1.N4.neg fire on this text (at their strongest token) and L0.N2 not
+    maxima = {"L0.N1": float(acts[:, 0].max()), "L0.N2": 4 * float(abs(acts[:, 1]).max()), "L1.N4.neg": -float(acts[:, 2].min())}
+    for key, top in maxima.items():
+        d = json.loads((run / "neurons" / key / "result.json").read_text())
+        d["stats"]["max_activation"] = top
+        (run / "neurons" / key / "result.json").write_text(json.dumps(d))
+    build_all(run)
+    code, out, err = main(["predict", run, text, "--model", tmp_path / "llama", "--json", "-q"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["token_ids"] == ids and data["tokenizer"].startswith("the model's tokenizer")
+    expect = {"L0.N1": acts[:, 0] / maxima["L0.N1"], "L0.N2": acts[:, 1] / maxima["L0.N2"],
+              "L1.N4.neg": -acts[:, 2] / maxima["L1.N4.neg"]}
+    truly = sorted(k for k, v in expect.items() if v.max() >= 0.5)
+    assert truly == ["L0.N1", "L1.N4.neg"]
+    assert sorted(h["key"] for h in data["results"]) == truly  # no graph fires on these ids: only the true ones
+    for h in data["results"]:
+        assert h["fires"] == [] and h["true"] == pytest.approx(expect[h["key"]].round(4).tolist(), abs=1e-4)
+        assert h["true_fires"] == [i for i, v in enumerate(expect[h["key"]]) if v >= 0.5]
+    code, out, _ = main(["predict", run, text, "--model", tmp_path / "llama", "--neuron", "L1.N4.neg", "--json", "-q"], capsys)
+    (h,) = json.loads(out)["results"]
+    assert code == 0 and h["true"] == pytest.approx(expect["L1.N4.neg"].round(4).tolist(), abs=1e-4)
+    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")  # another model's neuron of the same index is not the truth
+    tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
+    code, _, err = main(["predict", run, text, "--model", tmp_path / "gpt2", "-q"], capsys)
+    assert code == 2 and "was made with another model" in err and "predict on it with the run's model" in err
+
+
 def test_quiet_silences_library_progress_bars(monkeypatch):
     import huggingface_hub.utils as hub
     import transformers.utils.logging as tlog
