@@ -348,8 +348,6 @@ def _predict(args) -> int:
         raise N2GError("no text given; pass the text to predict on (or '-' to read it from standard input)")
     true = None
     if args.model:
-        import torch
-
         from .models import load_model
         from .viewer import _predict_room
 
@@ -377,20 +375,9 @@ def _predict(args) -> int:
         raise N2GError("the text has no tokens; pass some text to predict on")
     try:
         if args.model:
-            wanted = [r for r in run_neurons(run_dir) if r["status"] != "dead" and (r["max_activation"] or 0) > 0
-                      and (not args.neuron or r["key"] in args.neuron)]
-            true = {}
-            for start in range(0, len(wanted), 4096):  # one pass per 4,096 neurons reads every layer they are in
-                part = wanted[start:start + 4096]
-                for layer, index in {(r["layer"], r["index"]) for r in part}:
-                    model.check_neuron(layer, index)
-                pairs = sorted({(r["layer"], r["index"]) for r in part})
-                col = {pair: j for j, pair in enumerate(pairs)}
-                with torch.no_grad():
-                    acts = model.activations(torch.tensor([ids]), None, pairs)[0].float().cpu().numpy()
-                for r in part:
-                    sign = -1.0 if r["sign"] == "negative" else 1.0
-                    true[r["key"]] = acts[:, col[(r["layer"], r["index"])]] * sign / r["max_activation"]
+            from .viewer import true_activations
+
+            true = true_activations(model, [r for r in run_neurons(run_dir) if not args.neuron or r["key"] in args.neuron], ids)
         results = fires_on(run_dir, ids, true, neurons=args.neuron)
     except (sqlite3.Error, OSError) as exc:
         raise N2GError(f"cannot read the search index of {run_dir} ({exc}); run `n2g report {run_dir}` to rebuild it") from None

@@ -645,14 +645,15 @@ def run_neurons(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, np.ndarray] | None = None,
-             neurons: list[str] | None = None) -> list[dict]:
+             neurons: list[str] | None = None, deadline: float | None = None) -> list[dict]:
     """The neurons of a run whose graphs predict firing somewhere on ``token_ids`` (normalised activation at or
     above the graph's fire threshold), strongest first; with ``true`` (key -> the neuron's normalised true
     activation per token), also the neurons that truly fire there, so that a graph's misses show.
 
     Only the graphs holding one of the text's tokens, as activating or context token, are read: a path fires
     only where each of its tokens is there (a wildcard activator's paths hold context tokens). ``neurons``
-    names the keys to answer for instead (every one of them is returned, firing or not). Each entry:
+    names the keys to answer for instead (every one of them is returned, firing or not). Past ``deadline`` (a
+    :func:`time.monotonic` time) no more graphs are read, and what was found is returned. Each entry:
     key, layer, index, sign, f1, predicted (per token), predicted_max, fires (positions the graph says
     fire), and with ``true``: true, true_max, true_fires.
     """
@@ -680,10 +681,14 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
             keys |= {k for k, v in true.items() if k in rows and len(v) and float(np.nanmax(v)) >= 0.5}
         keys = sorted(keys, key=lambda k: (rows[k]["layer"], rows[k]["index"], k) if k in rows else (0, 0, k))
     out = []
-    for key in keys:
+    for n_read, key in enumerate(keys):
         row = rows.get(key)
         if row is None:
             continue
+        if deadline is not None and time.monotonic() > deadline:
+            log.warning("stopped after reading %d of the %d graphs that hold a token of the text (time budget)",
+                        n_read, len(keys))
+            break
         predicted = np.zeros(len(ids), np.float32)
         threshold = 0.5
         gpath = run_dir / "neurons" / key / "graph.json"
@@ -693,7 +698,7 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
                     raise N2GError("a link that leads out of the run")
                 graph = NeuronGraph.load(gpath)
                 threshold = graph.fire_threshold
-                predicted = graph.predict_sequence(ids, deadline=time.monotonic() + PREDICT_SECONDS)
+                predicted = graph.predict_sequence(ids, deadline=min(time.monotonic() + PREDICT_SECONDS, deadline or math.inf))
             except Exception as exc:  # a damaged graph (or one too slow): named, the others still answered
                 log.warning("cannot predict with the graph of %s (%s); re-run `n2g run` to redo it",
                             key, str(exc)[:200] or type(exc).__name__)

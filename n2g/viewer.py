@@ -535,6 +535,47 @@ INDEX_JS = r"""
       out.hidden = data.results.length === 0;
     }).catch(function (e) { msg.textContent = "search failed: " + e; });
   });
+
+  var firesForm = document.getElementById("fires-form");
+  var firesMsg = document.getElementById("fires-msg");
+  var firesOut = document.getElementById("fires-results");
+  if (!served) { firesMsg.textContent = "This needs the server too: run `n2g serve RUN`."; }
+  firesForm.addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    if (!served) return;
+    var text = document.getElementById("fires-text").value;
+    if (!text.trim()) { firesMsg.textContent = "Type some text first."; return; }
+    firesMsg.textContent = "predicting\u2026";
+    fetch("../api/fires?text=" + encodeURIComponent(text), {headers: {"X-N2G-Request": "1"}})
+      .then(function (r) { return r.json(); }).then(function (d) {
+        var body = firesOut.tBodies[0];
+        while (body.firstChild) body.removeChild(body.firstChild);
+        if (d.error) { firesMsg.textContent = d.error; firesOut.hidden = true; return; }
+        var truth = d.results.some(function (h) { return h.true !== undefined; });
+        d.results.forEach(function (h) {
+          var tr = document.createElement("tr");
+          var td = document.createElement("td"); td.className = "l";
+          var a = document.createElement("a");
+          a.href = "neurons/" + encodeURIComponent(h.key) + ".html";
+          a.textContent = h.key; td.appendChild(a); tr.appendChild(td);
+          cell(tr, h.f1 === null ? "\u2014" : h.f1.toFixed(3));
+          cell(tr, h.predicted_max.toFixed(2));
+          cell(tr, h.true_max === undefined || h.true_max === null ? "\u2014" : h.true_max.toFixed(2));
+          var where = h.fires.map(function (i) { return shown(d.tokens[i]) + " " + h.predicted[i].toFixed(2); });
+          if (!where.length && h.true_fires) {
+            where = ["none (truly fires at " + h.true_fires.map(function (i) { return shown(d.tokens[i]); }).join(", ") + ")"];
+          }
+          cell(tr, where.join(", ")).className = "l tok";
+          body.appendChild(tr);
+        });
+        firesOut.hidden = d.results.length === 0;
+        firesMsg.textContent = d.tokens.length + " tokens, split by " + d.tokenizer + ". " +
+          (d.n_results ? d.n_results + " neuron(s)" + (d.n_results > d.results.length ? ", the " + d.results.length + " strongest shown" : "") +
+           (truth ? " whose graph says they fire, or that truly fire." : " whose graph says they fire.")
+           : "No neuron's graph says it fires on this text.") +
+          (d.complete ? "" : " (Stopped at the time budget: more may fire.)");
+      }).catch(function (e) { firesMsg.textContent = "prediction failed: " + e; });
+  });
 })();
 """
 
@@ -822,6 +863,35 @@ def _predict_room(model) -> int:
     return MAX_PREDICT_TOKENS if room is None else max(1, min(MAX_PREDICT_TOKENS, room))
 
 
+def true_activations(model, neurons: list[dict], ids: list[int], chunk: int = 4096) -> dict:
+    """Each neuron's true activation on ``ids``, normalised (sign applied, divided by its maximum):
+    key -> array, for the rows of :func:`n2g.search.run_neurons` that are fitted with a positive maximum.
+    One forward pass per ``chunk`` neurons reads every layer they are in."""
+    import torch
+
+    wanted = [r for r in neurons if r["status"] != "dead" and isinstance(r["max_activation"], (int, float))
+              and r["max_activation"] > 0]
+    out = {}
+    for start in range(0, len(wanted), chunk):
+        part = wanted[start:start + chunk]
+        pairs = sorted({(r["layer"], r["index"]) for r in part})
+        for layer, index in pairs:
+            model.check_neuron(layer, index)
+        col = {pair: j for j, pair in enumerate(pairs)}
+        with torch.no_grad():
+            acts = model.activations(torch.tensor([ids]), None, pairs)[0].float().cpu().numpy()
+        for r in part:
+            sign = -1.0 if r["sign"] == "negative" else 1.0
+            out[r["key"]] = acts[:, col[(r["layer"], r["index"])]] * sign / r["max_activation"]
+    return out
+
+
+FIRES_SECONDS = 30.0
+"""Time budget of one ``/api/fires`` request's graph reading (a neuron's graph takes milliseconds)."""
+FIRES_LIMIT = 50
+"""Most neurons ``/api/fires`` answers with."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Serves regular files of the run directory (whitelisted types, no listings) and the search API."""
 
@@ -989,6 +1059,52 @@ class _Handler(BaseHTTPRequestHandler):
                 self.cache.popitem(last=False)
         return result, graph
 
+    def _tokens(self, text: str) -> tuple[list[int], list[str], str]:
+        """(ids, token texts, how it was split) of typed text: the model's tokenizer, else the run's tokens."""
+        if not text.strip():
+            raise _Refused(400, "no text given; type some text to predict on")
+        if len(text) > MAX_TRY_CHARS:
+            raise _Refused(400, f"the text is {len(text)} characters long; try at most {MAX_TRY_CHARS}")
+        model = self.subject
+        with self.lock:  # the model (and building the run's vocabulary) one request at a time
+            if model is not None:
+                ids = model.encode(text)[:_predict_room(model)]
+                toks = model.token_strings(ids)
+                how = f"the model's tokenizer ({model.spec})"
+            else:
+                if self.vocabulary is None:
+                    self.__class__.vocabulary = RunVocabulary(self.run_dir)
+                vocabulary = self.vocabulary
+                how = (f"the run's own vocabulary ({len(vocabulary)} tokens seen in its excerpts; "
+                       "start the server with --model for the model's tokenizer)")
+        if model is None:
+            ids, toks = vocabulary.split(text)
+        if not ids:
+            raise _Refused(400, "the text has no tokens; type some text to predict on")
+        return ids, toks, how
+
+    def _fires(self, query: str, head: bool) -> None:
+        """``/api/fires?text=T``: the neurons whose graphs fire on the text (and, with a model, that truly do)."""
+        from n2g.search import fires_on, run_neurons
+
+        q = parse_qs(query, keep_blank_values=True)
+        try:
+            ids, toks, how = self._tokens(q.get("text", [""])[0])
+            true = None
+            if self.subject is not None:
+                neurons = self._query(lambda: run_neurons(self.run_dir))
+                with self.lock:
+                    true = true_activations(self.subject, neurons, ids)
+            deadline = time.monotonic() + FIRES_SECONDS
+            results = self._query(lambda: fires_on(self.run_dir, ids, true, deadline=deadline))
+        except _Refused as e:
+            return self._json(e.status, {"error": str(e)}, head)
+        except N2GError as e:
+            return self._json(400, {"error": self._public(str(e))}, head)
+        return self._json(200, {"tokens": toks, "token_ids": [None if i == _UNKNOWN else int(i) for i in ids],
+                                "tokenizer": how, "unit": "normalised activation", "complete": time.monotonic() <= deadline,
+                                "n_results": len(results), "results": results[:FIRES_LIMIT]}, head)
+
     def _predict(self, query: str, head: bool) -> None:
         """``/api/predict?key=K&text=T``: the graph's prediction per token, and the true activation with a model."""
         import numpy as np
@@ -1002,21 +1118,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Refused(400, f"the text is {len(text)} characters long; try at most {MAX_TRY_CHARS}")
             result, graph = self._neuron(key)
             model = self.subject
-            with self.lock:  # the model (and building the run's vocabulary) one request at a time
-                if model is not None:
-                    ids = model.encode(text)[:_predict_room(model)]
-                    toks = model.token_strings(ids)
-                    how = f"the model's tokenizer ({model.spec})"
-                else:
-                    if self.vocabulary is None:
-                        self.__class__.vocabulary = RunVocabulary(self.run_dir)
-                    vocabulary = self.vocabulary
-                    how = (f"the run's own vocabulary ({len(vocabulary)} tokens seen in its excerpts; "
-                           "start the server with --model for the model's tokenizer)")
-            if model is None:
-                ids, toks = vocabulary.split(text)
-            if not ids:
-                raise _Refused(400, "the text has no tokens; type some text to predict on")
+            ids, toks, how = self._tokens(text)
             try:  # outside the lock, with a time budget: one slow graph holds up no other request
                 pred = graph.predict_sequence(ids, deadline=time.monotonic() + PREDICT_SECONDS) if graph is not None \
                     else np.zeros(len(ids), np.float32)
@@ -1126,6 +1228,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._api(path, url.query, head)
             if path == "/api/predict":
                 return self._predict(url.query, head)
+            if path == "/api/fires":
+                return self._fires(url.query, head)
             return self._send_file(path, head)
         except UnicodeDecodeError:
             self.send_error(400, "the request path is not valid UTF-8")

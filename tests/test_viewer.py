@@ -294,6 +294,26 @@ def test_try_your_own_text_without_a_model_uses_the_runs_vocabulary(run):
         server.server_close()
 
 
+def test_which_neurons_fire_on_a_text_is_answered_by_the_api(run):
+    from urllib.parse import quote
+
+    from helpers_run import serving
+
+    with serving(run) as port:
+        base = f"http://127.0.0.1:{port}/api/fires?text="
+        status, d = _get_json(base + quote(" in Paris. the London"))
+        assert status == 200, d
+        assert d["tokens"] == [" in", " Paris", ".", " the", " London"] and d["complete"] is True
+        assert [(h["key"], h["fires"], h["predicted_max"]) for h in d["results"]] == [("L0.N1", [1], 0.7)]
+        status, d = _get_json(base + quote(" in the London Paris"))  # " London" two tokens after " in"; " Paris" alone
+        assert [(h["key"], h["fires"]) for h in d["results"]] == [("L0.N1", [3]), ("L0.N2", [2])]
+        assert d["n_results"] == 2 and "true" not in d["results"][0]
+        status, d = _get_json(base + "a" * 2001)
+        assert status == 400 and "at most 2000" in d["error"]
+        status, d = _get_json(base)
+        assert status == 400 and "no text given" in d["error"]
+
+
 def test_try_your_own_text_with_a_model_shows_the_true_activation(run, tiny_llama):
     import torch
 

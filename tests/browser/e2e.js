@@ -104,6 +104,13 @@ async function main() {
       document.querySelector("#search-results tbody tr td:nth-child(2)").textContent.includes("word"));
     const pre = await page.$$eval("#search-results tbody tr", (trs) => trs.map((tr) => tr.cells[0].textContent + "|" + tr.cells[5].textContent));
     check(pre.length === 1 && pre[0] === "L1.N5|exact", "search 'word1' finds the large neuron: " + pre);
+    // which neurons fire on a text: the graphs of L0.N1 (" in [ Paris]") and L0.N2 (" in * [ London]")
+    await page.fill("#fires-text", " in the London Paris");
+    await page.click("#fires-button");
+    await page.waitForSelector("#fires-results:not([hidden]) tbody tr");
+    const firing = await page.$$eval("#fires-results tbody tr", (trs) => trs.map((tr) => tr.cells[0].textContent + "|" + tr.cells[4].textContent));
+    check(JSON.stringify(firing) === JSON.stringify(["L0.N1|\u2423Paris 0.90", "L0.N2|\u2423London 0.60"]),
+          "a typed text lists the neurons whose graphs fire on it, and where: " + firing);
     await page.fill("#q", "Paris");
     await page.click("#search-form button");
     await page.waitForSelector("#search-results a >> text=L1.N4.neg");
