@@ -171,6 +171,26 @@ def add_tensor_sample(h, name: str, tensor: torch.Tensor, n: int = 256) -> None:
         h.update(flat[:: max(1, flat.numel() // n)][:n].float().cpu().numpy().tobytes())
 
 
+CONTENT_CHUNK = 1 << 26
+"""Bytes of a tensor :func:`add_tensor_content` brings to the CPU at a time."""
+
+
+def add_tensor_content(h, name: str, tensor: torch.Tensor) -> None:
+    """Feed hash ``h`` a tensor's name, shape, dtype and every byte of its values (on any device, a chunk at a time)."""
+    with torch.no_grad():
+        flat = tensor.detach().contiguous().reshape(-1)
+        h.update(f"{name}{tuple(tensor.shape)}{flat.dtype}".encode())
+        raw = flat.view(torch.uint8)
+        for start in range(0, raw.numel(), CONTENT_CHUNK):
+            h.update(raw[start: start + CONTENT_CHUNK].cpu().numpy().data)
+
+
+def content_key_of(model) -> str | None:
+    """``model.content_key()`` (a SubjectModel, or an SAE over one), or None for a stand-in without it."""
+    key = getattr(model, "content_key", None)
+    return key() if callable(key) else None
+
+
 def weights_key_of(model) -> str | None:
     """``model.weights_key()`` (a SubjectModel, or an SAE over one), or None for a stand-in without it."""
     key = getattr(model, "weights_key", None)
@@ -708,6 +728,18 @@ class SubjectModel:
                 add_tensor_sample(h, name, p)
             self._weights_key = h.hexdigest()[:16]
         return self._weights_key
+
+    def content_key(self) -> str:
+        """16 hex digits of a SHA-256 over every byte of every parameter (with its name, shape and dtype) and
+        the device type: unlike :meth:`weights_key`, which samples each tensor, it tells apart weights that
+        differ anywhere (one edited value in a model folder re-saved in place). The caches of activations,
+        written text and the vocabulary in context are keyed on it, and runs record it."""
+        if getattr(self, "_content_key", None) is None:
+            h = hashlib.sha256(f"{self.device.type}".encode())
+            for name, p in self.model.named_parameters():
+                add_tensor_content(h, name, p)
+            self._content_key = h.hexdigest()[:16]
+        return self._content_key
 
     def info(self) -> dict:
         """A JSON-safe summary of the model."""

@@ -195,14 +195,16 @@ def load_inputs(opts: RunOptions, model=None, corpus=None):
 def open_store(opts: RunOptions, model, corpus):
     """The run directory's store, created or checked against this run's identity; and the partition."""
     from .activations import partition, stored_excerpts
-    from .models import config_key_of, model_location, weights_key_of
+    from .models import config_key_of, content_key_of, model_location, weights_key_of
     from .store import RunStore
 
     cfg = opts.config()
     out = Path(opts.out) if opts.out else default_out(opts)
     store = RunStore(out)
     weights, settings = weights_key_of(model), config_key_of(model)
+    content = content_key_of(model) if weights else None
     identity = {"model": str(model.spec), **({"model_weights": weights} if weights else {}),
+                **({"model_content": content} if content else {}),
                 **({"model_config": settings} if weights and settings else {}),
                 **({"model_path": model_location(model)} if weights else {}),
                 "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(), "corpus_tokens": corpus.tokens_key(),

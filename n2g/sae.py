@@ -241,6 +241,23 @@ class SAEModel:
                 add_tensor_sample(h, name, getattr(self, name))
         return h.hexdigest()[:16]
 
+    def content_key(self) -> str:
+        """The subject model's content key extended by every value of this SAE's weights and its settings
+        (see :meth:`n2g.models.SubjectModel.content_key`)."""
+        import hashlib
+
+        from .models import add_tensor_content
+
+        base = self.base.content_key()
+        known = self.__dict__.get("_content_key")  # (not getattr: that would find the base model's)
+        if known is None or known[0] != base:
+            h = hashlib.sha256(f"{base}|{self.hook_name}|{self.jumprelu}|{self.apply_b_dec}|{self.topk}".encode())
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+                if getattr(self, name) is not None:
+                    add_tensor_content(h, name, getattr(self, name))
+            self.__dict__["_content_key"] = known = (base, h.hexdigest()[:16])
+        return known[1]
+
     def info(self) -> dict:
         return {**self.base.info(), "spec": self.spec, "d_mlp": self.d_mlp,
                 "sae": {"path": str(self.path), "hook_name": self.hook_name, "d_sae": self.d_mlp,

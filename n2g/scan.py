@@ -30,7 +30,7 @@ from .activations import DEFAULT_STORE_TOKENS, FLOAT16_MAX, ActivationStore, sto
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import FILE_MODE, replacing, write_json_atomic
-from .models import _first_line, config_key_of, model_location, weights_key_of
+from .models import _first_line, config_key_of, content_key_of, model_location, weights_key_of
 from .progress import Progress
 from .records import NeuronStats, Sign, plural
 
@@ -108,13 +108,14 @@ def _model_key(model) -> tuple[str, str]:
     """The scan cache's key for ``model`` and a readable label for its file names. A model whose weights have
     a key is named by where it was loaded from spelled one way (:func:`n2g.models.model_location`), that key,
     its configuration and the BOS token the scan puts first, so the same model reached another way (``./m``
-    and ``/abs/m``) shares its scans. The weights key samples each tensor, so the location still tells apart
-    two copies of a model that differ in a few weights."""
+    and ``/abs/m``) shares its scans. The weights key samples each tensor; the content key reads every value,
+    so weights changed anywhere behind the same path (one value edited and the folder saved again) are never
+    served the scans of the old ones."""
     weights = weights_key_of(model)
     if not weights:
         return str(model.spec), str(model.spec)
     return (f"location:{model_location(model)}|weights:{weights}|bos:{getattr(model, 'bos_token_id', None)}"
-            f"|config:{config_key_of(model)}",
+            f"|config:{config_key_of(model)}|content:{content_key_of(model)}",
             str(getattr(model, "model_type", "model")))
 
 

@@ -549,7 +549,8 @@ def test_the_packaged_model_has_the_same_keys_when_converted_and_when_read_from_
     converted = load_model("default", device="cpu")
     assert (cache / "model.safetensors").is_file()
     cached = load_model("default", device="cpu")
-    assert (config_key_of(converted), converted.weights_key()) == (config_key_of(cached), cached.weights_key())
+    assert (config_key_of(converted), converted.weights_key(), converted.content_key()) == \
+        (config_key_of(cached), cached.weights_key(), cached.content_key())
     assert len(config_key_of(cached)) == 16
 
 
