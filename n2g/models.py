@@ -191,6 +191,14 @@ def content_key_of(model) -> str | None:
     return key() if callable(key) else None
 
 
+def forget_weight_keys(model) -> None:
+    """Drop the weights and content keys ``model`` (and the model under an SAE) worked out before, so the next
+    use reads the weights again: a notebook may edit them in place (``weight.data[5] = 0``) between two fits."""
+    for m in (model, getattr(model, "base", None)):
+        for name in ("_weights_key", "_content_key"):
+            getattr(m, "__dict__", {}).pop(name, None)
+
+
 def weights_key_of(model) -> str | None:
     """``model.weights_key()`` (a SubjectModel, or an SAE over one), or None for a stand-in without it."""
     key = getattr(model, "weights_key", None)

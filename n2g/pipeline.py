@@ -195,12 +195,13 @@ def load_inputs(opts: RunOptions, model=None, corpus=None):
 def open_store(opts: RunOptions, model, corpus):
     """The run directory's store, created or checked against this run's identity; and the partition."""
     from .activations import partition, stored_excerpts
-    from .models import config_key_of, content_key_of, model_location, weights_key_of
+    from .models import config_key_of, content_key_of, forget_weight_keys, model_location, weights_key_of
     from .store import RunStore
 
     cfg = opts.config()
     out = Path(opts.out) if opts.out else default_out(opts)
     store = RunStore(out)
+    forget_weight_keys(model)  # a model passed in may have been edited since an earlier run keyed it
     weights, settings = weights_key_of(model), config_key_of(model)
     content = content_key_of(model) if weights else None
     identity = {"model": str(model.spec), **({"model_weights": weights} if weights else {}),

@@ -30,7 +30,7 @@ from .activations import DEFAULT_STORE_TOKENS, FLOAT16_MAX, ActivationStore, sto
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import FILE_MODE, replacing, write_json_atomic
-from .models import _first_line, config_key_of, content_key_of, model_location, weights_key_of
+from .models import _first_line, config_key_of, content_key_of, forget_weight_keys, model_location, weights_key_of
 from .progress import Progress
 from .records import NeuronStats, Sign, plural
 
@@ -215,6 +215,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
     results: dict[int, LayerScan] = {}
     stems: dict[int, Path] = {}
     if cache_dir is not None:
+        forget_weight_keys(model)  # the weights as they are now, not as an earlier scan found them
         for layer in layers:
             stems[layer] = _cache_stem(Path(cache_dir), *_model_key(model), corpus_key, layer, k, pool_size, seed,
                                        f"{store_tokens}|{weights_key_of(model) or ''}")

@@ -53,3 +53,24 @@ def test_model_folder_edited_in_place_is_scanned_again(tiny_folder, tmp_path, mo
     assert cached.stats.to_dict() == fresh.stats.to_dict()
     with pytest.raises(N2GError, match="different model_content"):
         fit_one(tiny_folder, tmp_path / "run1", cache, monkeypatch)
+
+
+def test_weights_edited_in_memory_between_two_fits_are_scanned_again(tiny_folder, tmp_path, monkeypatch):
+    """A notebook fits a neuron, zeroes part of a weight in place and fits it again with the same model object
+    and cache: the second fit must see the edited weights, not the scan keyed on the first ones."""
+    import n2g
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    model = n2g.load_model(str(tiny_folder / "model"))
+    corpus = n2g.load_corpus(str(tiny_folder / "corpus.txt"), model, length=32)
+    before = n2g.fit_neuron(model, layer=0, index=5, corpus=corpus, progress=False, **QUICK)
+    model.model.model.layers[0].mlp.up_proj.weight.data[5] *= -3  # .data: no version counter sees it
+    again = n2g.fit_neuron(model, layer=0, index=5, corpus=corpus, progress=False, **QUICK)
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "fresh-cache"))
+    fresh = n2g.fit_neuron(model, layer=0, index=5, corpus=corpus, progress=False, **QUICK)
+    assert fresh.stats_.max_activation != pytest.approx(before.stats_.max_activation)
+    assert again.stats_.to_dict() == fresh.stats_.to_dict()
+    fit_one(tiny_folder, tmp_path / "run", tmp_path / "cache", monkeypatch, model=model)
+    model.model.model.layers[0].mlp.up_proj.weight.data[5] *= 2
+    with pytest.raises(N2GError, match="different model_content"):  # the run of the weights before is not resumed
+        fit_one(tiny_folder, tmp_path / "run", tmp_path / "cache", monkeypatch, model=model)
