@@ -227,7 +227,7 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
                     log.warning("layer %d: ignoring unreadable scan cache %s (%s)", layer, stems[layer], exc)
     todo = sorted(l for l in layers if l not in results)
     if not todo:
-        return results
+        return _thresholds(results, fire_threshold, model)
     with contextlib.ExitStack() as held:  # one process scans a cache entry; another waits, then loads it
         for l in todo:
             if l not in stems:
@@ -247,7 +247,13 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
         if todo:
             _scan_into(results, model, excerpts, todo, stems, stored=stored, pool=pool, k=k, batch_size=batch_size,
                        fire_threshold=fire_threshold, progress=progress)
-    return results
+    return _thresholds(results, fire_threshold, model)
+
+
+def _thresholds(results: dict[int, LayerScan], fire_threshold: float, model) -> dict[int, LayerScan]:
+    """Every scan in ``results`` with its firing rates at ``fire_threshold`` (a cached one may have counted another)."""
+    device = getattr(model, "device", "cpu")
+    return {l: _with_threshold(scan, fire_threshold, device) for l, scan in results.items()}
 
 
 @contextlib.contextmanager
@@ -445,21 +451,11 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
                             "store keeps at +-65,504: their fits and scores see those tokens weaker than they are; "
                             "scale such a feature down before fitting it", l, len(beyond),
                             plural(len(beyond), "neuron"), l, int(beyond[size.argmax()]), float(size.max()))
-            quantiles, pos_rate, neg_rate = [], [], []
-            for a in range(0, d, step):
-                b = min(d, a + step)
-                sample = torch.from_numpy(np.ascontiguousarray(store.values[a:b, rows, :]).reshape(b - a, -1))
-                sample = sample.to(device).float()
-                mx, mn = mx_all[a:b], mn_all[a:b]
-                zero = torch.zeros(b - a, device=sample.device)
-                pos_rate.append(torch.where(mx > 0, (sample >= fire_threshold * mx[:, None]).float().mean(1), zero).cpu())
-                neg_rate.append(torch.where(mn < 0, (sample <= fire_threshold * mn[:, None]).float().mean(1), zero).cpu())
-                quantiles.append(_quantiles(sample, qs).cpu())
-                del sample
+            quantiles, pos_rate, neg_rate = _pool_stats(store, rows, step, mx_all, mn_all, fire_threshold, device, qs)
             scan = LayerScan(
                 layer=l, top_idx=top_idx[l].cpu(), top_val=top_val[l].float().cpu(), bot_idx=bot_idx[l].cpu(),
-                bot_val=bot_val[l].float().cpu(), quantiles=torch.cat(quantiles, 1),
-                pos_rate=torch.cat(pos_rate), neg_rate=torch.cat(neg_rate), pool=pool, n_pool_tokens=n_tokens,
+                bot_val=bot_val[l].float().cpu(), quantiles=quantiles,
+                pos_rate=pos_rate, neg_rate=neg_rate, pool=pool, n_pool_tokens=n_tokens,
                 fire_threshold=fire_threshold, store=store,
             )
             if l in stems:
@@ -479,6 +475,39 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
         for tmp in tmp_paths.values():
             tmp.unlink(missing_ok=True)  # a store already renamed into place is no longer there
         raise
+
+
+def _pool_stats(store: ActivationStore, rows: np.ndarray, step: int, mx_all: torch.Tensor, mn_all: torch.Tensor,
+                fire_threshold: float, device, qs: torch.Tensor | None) -> tuple:
+    """``(quantiles, pos_rate, neg_rate)`` of every neuron over the store's ``rows`` (the pool), ``step`` neurons
+    at a time on ``device``; quantiles None without ``qs``."""
+    d = store.values.shape[0]
+    quantiles, pos_rate, neg_rate = [], [], []
+    for a in range(0, d, step):
+        b = min(d, a + step)
+        sample = torch.from_numpy(np.ascontiguousarray(store.values[a:b, rows, :]).reshape(b - a, -1))
+        sample = sample.to(device).float()
+        mx, mn = mx_all[a:b], mn_all[a:b]
+        zero = torch.zeros(b - a, device=sample.device)
+        pos_rate.append(torch.where(mx > 0, (sample >= fire_threshold * mx[:, None]).float().mean(1), zero).cpu())
+        neg_rate.append(torch.where(mn < 0, (sample <= fire_threshold * mn[:, None]).float().mean(1), zero).cpu())
+        if qs is not None:
+            quantiles.append(_quantiles(sample, qs).cpu())
+        del sample
+    return (torch.cat(quantiles, 1) if qs is not None else None), torch.cat(pos_rate), torch.cat(neg_rate)
+
+
+def _with_threshold(scan: LayerScan, fire_threshold: float, device) -> LayerScan:
+    """A cached scan made with another fire threshold, its firing rates counted again at ``fire_threshold``
+    from the stored pool rows (the rest of a scan does not depend on it)."""
+    if scan.fire_threshold == fire_threshold or scan.store is None:
+        return scan
+    rows = scan.store.rows(scan.pool)
+    step = max(1, POOL_VALUES_AT_ONCE // max(1, scan.n_pool_tokens))
+    _, scan.pos_rate, scan.neg_rate = _pool_stats(scan.store, rows, step, scan.top_val[0].float().to(device),
+                                                  scan.bot_val[0].float().to(device), fire_threshold, device, None)
+    scan.fire_threshold = fire_threshold
+    return scan
 
 
 def _quantiles(sample: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:

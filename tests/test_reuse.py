@@ -74,3 +74,16 @@ def test_weights_edited_in_memory_between_two_fits_are_scanned_again(tiny_folder
     model.model.model.layers[0].mlp.up_proj.weight.data[5] *= 2
     with pytest.raises(N2GError, match="different model_content"):  # the run of the weights before is not resumed
         fit_one(tiny_folder, tmp_path / "run", tmp_path / "cache", monkeypatch, model=model)
+
+
+def test_a_scan_cached_at_another_fire_threshold_counts_its_firing_rates_again(tiny_folder, tmp_path, monkeypatch):
+    """The scan cache is not keyed on the fire threshold; its firing rates were (the share of tokens at or above
+    threshold x max), so a fit at 0.2 after one at 0.5 reported the 0.5 rate."""
+    cache = tmp_path / "cache"
+    at_half = fit_one(tiny_folder, tmp_path / "run1", cache, monkeypatch)
+    cached = fit_one(tiny_folder, tmp_path / "run2", cache, monkeypatch, fire_threshold=0.2)
+    fresh = fit_one(tiny_folder, tmp_path / "run3", tmp_path / "fresh-cache", monkeypatch, fire_threshold=0.2)
+    assert fresh.stats.firing_rate > at_half.stats.firing_rate
+    assert cached.stats.to_dict() == fresh.stats.to_dict()
+    again = fit_one(tiny_folder, tmp_path / "run4", cache, monkeypatch)  # and back: the entry itself is unchanged
+    assert again.stats.to_dict() == at_half.stats.to_dict()
