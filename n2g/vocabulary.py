@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,16 +232,25 @@ def _cache_path(cache_dir: Path, model, key: str, layer: int) -> Path:
     return Path(cache_dir) / "vocabulary" / f"{safe}-L{layer}-{digest}.npz"
 
 
-def _load(path: Path, n_contexts: int) -> LayerVocabulary | None:
+def _load(path: Path, n_contexts: int, d_mlp: int | None = None, vocab_size: int | None = None) -> LayerVocabulary | None:
+    """A cached layer, or None (and a warning) when it is missing, unreadable or not what this module writes:
+    another shape, neurons out of order or beyond ``d_mlp``, tokens beyond ``vocab_size``."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             layer = LayerVocabulary(z["tokens"].astype(np.int64), z["neurons"].astype(np.int64), z["values"].astype(np.float16))
-        if layer.values.ndim == 2 and layer.values.shape == (len(layer.tokens), n_contexts) and len(layer.neurons) == len(layer.tokens):
+        if not (layer.values.ndim == 2 and layer.values.shape == (len(layer.tokens), n_contexts)
+                and len(layer.neurons) == len(layer.tokens)):
+            log.warning("ignoring vocabulary cache %s of another shape", path)
+        elif len(layer.tokens) and not (
+                int(layer.neurons.min()) >= 0 and bool((np.diff(layer.neurons) >= 0).all()) and int(layer.tokens.min()) >= 0
+                and (d_mlp is None or int(layer.neurons.max()) < d_mlp)
+                and (vocab_size is None or int(layer.tokens.max()) < vocab_size)):
+            log.warning("ignoring damaged vocabulary cache %s (neurons or tokens out of range); measuring again", path)
+        else:
             return layer
-        log.warning("ignoring vocabulary cache %s of another shape", path)
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # a damaged zip is no OSError
         log.warning("ignoring unreadable vocabulary cache %s (%s)", path, exc)
     return None
 
@@ -272,7 +282,8 @@ def vocabulary_tokens(model, excerpts, is_train: np.ndarray, cfg, neurons: Itera
     todo = []
     for l in layers:
         path = _cache_path(Path(cache_dir), model, key, l) if cache_dir else None
-        got = _load(path, len(windows)) if path is not None else None
+        got = _load(path, len(windows), getattr(model, "d_mlp", None), getattr(model, "vocab_size", None)) \
+            if path is not None else None
         if got is not None:
             out.layers[l] = got
         else:

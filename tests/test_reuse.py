@@ -87,3 +87,33 @@ def test_a_scan_cached_at_another_fire_threshold_counts_its_firing_rates_again(t
     assert cached.stats.to_dict() == fresh.stats.to_dict()
     again = fit_one(tiny_folder, tmp_path / "run4", cache, monkeypatch)  # and back: the entry itself is unchanged
     assert again.stats.to_dict() == at_half.stats.to_dict()
+
+
+def same_result(result) -> dict:
+    out = result.to_dict()
+    out.pop("seconds")
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "neurons beyond the layer"])
+def test_a_damaged_vocabulary_cache_is_measured_again(tiny_folder, tmp_path, monkeypatch, damage):
+    """A truncated vocabulary entry ended the run with zipfile's BadZipFile traceback; one naming neurons the
+    layer does not have was read as evidence. Either is now measured again, as a fresh cache would."""
+    import numpy as np
+
+    rng = random.Random(0)  # twenty words: the other forty are tokens the corpus never shows
+    (tiny_folder / "corpus.txt").write_text(" ".join(rng.choice([f"w{i}" for i in range(20)]) for _ in range(1500)))
+    cache = tmp_path / "cache"
+    first = fit_one(tiny_folder, tmp_path / "run1", cache, monkeypatch, vocabulary=2)
+    (entry,) = (cache / "vocabulary").iterdir()
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:-50])
+    else:
+        with np.load(entry) as z:
+            arrays = dict(z)
+        assert len(arrays["neurons"])
+        arrays["neurons"] = arrays["neurons"] + 1000
+        with open(entry, "wb") as f:
+            np.savez(f, **arrays)
+    again = fit_one(tiny_folder, tmp_path / "run2", cache, monkeypatch, vocabulary=2)
+    assert same_result(again) == same_result(first)
