@@ -281,7 +281,7 @@ def written_excerpts(model, excerpts: np.ndarray, is_train: np.ndarray, n: int, 
     if not len(prompts) or _language_model(model) is None:
         return np.zeros((0, length), np.int64)
     path = _cache_path(Path(cache_dir), model, corpus_key, n, prompt, length, seed) if cache_dir else None
-    cached = _cached(path, prompts, length)
+    cached = _cached(path, prompts, length, getattr(model, "vocab_size", None))
     if cached is not None:
         return cached
     if path is None:
@@ -294,7 +294,7 @@ def written_excerpts(model, excerpts: np.ndarray, is_train: np.ndarray, n: int, 
         log.warning("cannot use the written-text cache in %s (%s); writing without it", path.parent, exc.strerror or exc)
         return _write(model, prompts, length, seed)
     with _scan_lock(path, None, "another n2g process is writing this run's text; waiting for it"):
-        cached = _cached(path, prompts, length)  # it may have been written while we waited
+        cached = _cached(path, prompts, length, getattr(model, "vocab_size", None))  # it may have been written while we waited
         if cached is not None:
             return cached
         written = _write(model, prompts, length, seed)
@@ -309,12 +309,18 @@ def written_excerpts(model, excerpts: np.ndarray, is_train: np.ndarray, n: int, 
     return written
 
 
-def _cached(path: Path | None, prompts: np.ndarray, length: int) -> np.ndarray | None:
+def _cached(path: Path | None, prompts: np.ndarray, length: int, vocab_size: int | None = None) -> np.ndarray | None:
+    """The cached written excerpts of these prompts, or None when there are none or they are not this module's:
+    another shape or prompts, not integers, or ids beyond ``vocab_size`` (damaged; they are written again)."""
     if path is None or not path.is_file():
         return None
     try:
         cached = np.load(path, allow_pickle=False)
         if cached.shape == (len(prompts), length) and np.array_equal(cached[:, :prompts.shape[1]], prompts):
+            if not (np.issubdtype(cached.dtype, np.integer) and (not cached.size or (
+                    int(cached.min()) >= 0 and (vocab_size is None or int(cached.max()) < vocab_size)))):
+                log.warning("ignoring damaged written-text cache %s (ids that are no tokens); writing it again", path)
+                return None
             log.info("written excerpts loaded from cache %s", path)
             return cached.astype(np.int64)
     except (OSError, ValueError, EOFError) as exc:

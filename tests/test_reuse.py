@@ -117,3 +117,20 @@ def test_a_damaged_vocabulary_cache_is_measured_again(tiny_folder, tmp_path, mon
             np.savez(f, **arrays)
     again = fit_one(tiny_folder, tmp_path / "run2", cache, monkeypatch, vocabulary=2)
     assert same_result(again) == same_result(first)
+
+
+def test_a_written_text_cache_holding_ids_that_are_no_tokens_is_written_again(tiny_folder, tmp_path, monkeypatch):
+    """A damaged written-text entry whose prompts still match but whose written ids lie beyond the vocabulary
+    ended the run with IndexError from the embedding; it is now written again, as a fresh cache would."""
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    first = fit_one(tiny_folder, tmp_path / "run1", cache, monkeypatch, written=8)
+    (entry,) = (cache / "written").iterdir()
+    written = np.load(entry)
+    written[:, -1] = 10**6
+    with open(entry, "wb") as f:
+        np.save(f, written)
+    again = fit_one(tiny_folder, tmp_path / "run2", cache, monkeypatch, written=8)
+    assert same_result(again) == same_result(first)
+    assert int(np.load(entry).max()) < 10**6  # and the entry is whole again
