@@ -30,7 +30,7 @@ from .activations import DEFAULT_STORE_TOKENS, FLOAT16_MAX, ActivationStore, sto
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import FILE_MODE, replacing, write_json_atomic
-from .models import _first_line, config_key_of, content_key_of, forget_weight_keys, model_location, weights_key_of
+from .models import _first_line, _sha256, config_key_of, content_key_of, forget_weight_keys, model_location, weights_key_of
 from .progress import Progress
 from .records import NeuronStats, Sign, plural
 
@@ -139,7 +139,9 @@ def _save(scan: LayerScan, stem: Path) -> None:
         save_file(tensors, str(tmp))
         os.chmod(tmp, FILE_MODE)  # safetensors writes a file of its own, 0600
     meta = {"layer": scan.layer, "pool": list(map(int, scan.pool)), "n_pool_tokens": scan.n_pool_tokens,
-            "fire_threshold": scan.fire_threshold, "version": SCAN_VERSION}
+            "fire_threshold": scan.fire_threshold, "version": SCAN_VERSION,
+            # checked on every load: a store damaged on disk (a zeroed region) would load and change every fit
+            "store_sha256": _sha256(stem.with_suffix(".acts.npy")), "tensors_sha256": _sha256(stem.with_suffix(".safetensors"))}
     write_json_atomic(stem.with_suffix(".json"), meta)
 
 
@@ -161,6 +163,9 @@ def _load(stem: Path, layer: int | None = None, n: int | None = None, pool: list
     for start in range(0, store.values.shape[0], step):
         if not np.isfinite(store.values[start: start + step]).all():
             raise ValueError("the activation store holds NaN or infinite values")
+    for name, suffix in (("tensors_sha256", ".safetensors"), ("store_sha256", ".acts.npy")):  # (older entries have none)
+        if name in meta and _sha256(stem.with_suffix(suffix)) != meta[name]:
+            raise ValueError(f"its {suffix} file does not match its recorded SHA-256")
     scan = LayerScan(layer=int(meta["layer"]), pool=[int(i) for i in meta["pool"]], n_pool_tokens=int(meta["n_pool_tokens"]),
                      fire_threshold=float(meta["fire_threshold"]), store=store, **{name: tensors[name] for name in _TENSORS})
     if layer is not None and scan.layer != layer:

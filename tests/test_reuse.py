@@ -134,3 +134,17 @@ def test_a_written_text_cache_holding_ids_that_are_no_tokens_is_written_again(ti
     again = fit_one(tiny_folder, tmp_path / "run2", cache, monkeypatch, written=8)
     assert same_result(again) == same_result(first)
     assert int(np.load(entry).max()) < 10**6  # and the entry is whole again
+
+
+def test_a_scan_cache_entry_damaged_on_disk_is_scanned_again(tiny_folder, tmp_path, monkeypatch):
+    """A region of a cached activation store zeroed on disk still loaded, finite, and every fit read the zeros;
+    the entry's files now carry SHA-256 digests checked on load, and it is scanned again."""
+    cache = tmp_path / "cache"
+    first = fit_one(tiny_folder, tmp_path / "run1", cache, monkeypatch)
+    (entry,) = (cache / "scans").glob("*.acts.npy")
+    data = bytearray(entry.read_bytes())
+    start, size = len(data) // 2, len(data) // 4  # in the values, past any header
+    data[start: start + size] = bytes(size)
+    entry.write_bytes(bytes(data))
+    again = fit_one(tiny_folder, tmp_path / "run2", cache, monkeypatch)
+    assert same_result(again) == same_result(first)
