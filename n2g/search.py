@@ -633,15 +633,33 @@ PREDICT_SECONDS = 5.0
 """Time budget of one graph's walk over the text in :func:`fires_on` (a graph n2g writes needs milliseconds)."""
 
 
+def _neuron_key(layer: int, index: int, sign) -> str | None:
+    """The key n2g gives the neuron of an index row (as :class:`n2g.records.NeuronId` does), or None for a row
+    no run holds (a layer or index out of range, a sign that is neither)."""
+    if sign not in ("positive", "negative") or not (0 <= layer < 10**6 and 0 <= index < 10**9):
+        return None
+    return f"L{layer}.N{index}" + (".neg" if sign == "negative" else "")
+
+
 def run_neurons(run_dir: str | os.PathLike) -> list[dict]:
-    """Every neuron of the run's index: key, layer, index, sign, status, f1 and max_activation (raw)."""
+    """Every neuron of the run's index: key, layer, index, sign, status, f1 and max_activation (raw).
+
+    A row whose key is not the one n2g gives its layer, index and sign (an index made by hand: a key with
+    path pieces such as ``L0.N2/../L0.N1``, or naming another neuron than its numbers) is left out with a
+    warning: the key names the folder whose graph is read, and the numbers the neuron the model is read at."""
     con = _connect(run_dir)
     try:
         rows = _execute(con, "SELECT key, layer, idx, sign, status, f1, max_activation FROM neurons ORDER BY layer, idx, sign")
     finally:
         con.close()
-    return [{"key": r["key"], "layer": r["layer"], "index": r["idx"], "sign": r["sign"], "status": r["status"],
-             "f1": r["f1"], "max_activation": r["max_activation"]} for r in rows]
+    out = [{"key": r["key"], "layer": r["layer"], "index": r["idx"], "sign": r["sign"], "status": r["status"],
+            "f1": r["f1"], "max_activation": r["max_activation"]} for r in rows
+           if r["key"] == _neuron_key(r["layer"], r["idx"], r["sign"])]
+    if len(out) < len(rows):
+        log.warning("the search index of %s names %d %s whose key is not its layer, index and sign; they are left out "
+                    "(run `n2g report %s` to rebuild the index)", Path(run_dir).name, len(rows) - len(out),
+                    plural(len(rows) - len(out), "neuron"), run_dir)
+    return out
 
 
 def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, np.ndarray] | None = None,
