@@ -863,26 +863,34 @@ def _predict_room(model) -> int:
     return MAX_PREDICT_TOKENS if room is None else max(1, min(MAX_PREDICT_TOKENS, room))
 
 
-def true_activations(model, neurons: list[dict], ids: list[int], chunk: int = 4096) -> dict:
+TRUE_CELLS = 1 << 24
+"""Most (token, neuron) activations :func:`true_activations` has the model read in one forward pass (64 MiB of
+float32): a whole small model's neurons on a short text in one pass, a long text in a few."""
+
+
+def true_activations(model, neurons: list[dict], ids: list[int], cells: int = TRUE_CELLS) -> dict:
     """Each neuron's true activation on ``ids``, normalised (sign applied, divided by its maximum):
     key -> array, for the rows of :func:`n2g.search.run_neurons` that are fitted with a positive maximum.
-    One forward pass per ``chunk`` neurons reads every layer they are in."""
+    Each forward pass reads up to ``cells`` // len(ids) neurons (a neuron's two signs are read once), so a
+    run's neurons take as few passes as that memory allows: each pass runs the model from its first layer."""
     import torch
 
     wanted = [r for r in neurons if r["status"] != "dead" and isinstance(r["max_activation"], (int, float))
               and r["max_activation"] > 0]
-    out = {}
-    for start in range(0, len(wanted), chunk):
-        part = wanted[start:start + chunk]
-        pairs = sorted({(r["layer"], r["index"]) for r in part})
-        for layer, index in pairs:
-            model.check_neuron(layer, index)
-        col = {pair: j for j, pair in enumerate(pairs)}
+    pairs = sorted({(r["layer"], r["index"]) for r in wanted})
+    for layer, index in pairs:
+        model.check_neuron(layer, index)
+    per_pass = max(1, cells // max(1, len(ids)))
+    column = {}  # (layer, index) -> activation per token
+    for start in range(0, len(pairs), per_pass):
+        part = pairs[start:start + per_pass]
         with torch.no_grad():
-            acts = model.activations(torch.tensor([ids]), None, pairs)[0].float().cpu().numpy()
-        for r in part:
-            sign = -1.0 if r["sign"] == "negative" else 1.0
-            out[r["key"]] = acts[:, col[(r["layer"], r["index"])]] * sign / r["max_activation"]
+            acts = model.activations(torch.tensor([ids]), None, part)[0].float().cpu().numpy()
+        column.update((pair, acts[:, j]) for j, pair in enumerate(part))
+    out = {}
+    for r in wanted:
+        sign = -1.0 if r["sign"] == "negative" else 1.0
+        out[r["key"]] = column[(r["layer"], r["index"])] * sign / r["max_activation"]
     return out
 
 

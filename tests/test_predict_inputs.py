@@ -49,3 +49,39 @@ def test_index_keys_that_are_not_their_neurons_key_are_not_read_as_folders(run, 
     code, out, err = main(["predict", run, " in Paris", "--json"], capsys)
     assert code == 0 and [h["key"] for h in json.loads(out)["results"]] == ["L0.N1"]
     assert "names 3 neurons whose key is not its layer, index and sign" in caplog.text
+
+
+class _CountingModel:
+    """A stand-in for a 30-layer model of 1,536 neurons a layer (SmolLM2's shape) that counts its forward
+    passes; neuron (l, i) reads l + i / 10,000 + position."""
+
+    def __init__(self):
+        self.passes = 0
+
+    def check_neuron(self, layer, index):
+        assert 0 <= layer < 30 and 0 <= index < 1536
+
+    def activations(self, token_ids, mask, neurons):
+        import torch
+
+        self.passes += 1
+        pos = torch.arange(token_ids.shape[1], dtype=torch.float32)[:, None]
+        cols = torch.tensor([l + i / 10_000 for l, i in neurons], dtype=torch.float32)[None, :]
+        return (pos + cols)[None]
+
+
+def test_the_true_activations_of_a_whole_run_take_one_forward_pass_on_a_short_text():
+    # the server holds its model lock for these passes: a pass per 4,096 neurons (and each sign counted apart)
+    # ran SmolLM2 from its first layer 23 times for its 92,160 keys, where one pass reads them all
+    from n2g.viewer import true_activations
+
+    rows = [{"key": f"L{l}.N{i}{s}", "layer": l, "index": i, "sign": "negative" if s else "positive",
+             "status": "fitted", "max_activation": 2.0} for l in range(30) for i in range(1536) for s in ("", ".neg")]
+    model = _CountingModel()
+    true = true_activations(model, rows, list(range(12)))
+    assert model.passes == 1 and len(true) == len(rows)
+    assert true["L29.N1535"].tolist() == pytest.approx([(29.1535 + p) / 2 for p in range(12)])
+    assert true["L3.N7.neg"].tolist() == pytest.approx([-(3.0007 + p) / 2 for p in range(12)])
+    model = _CountingModel()  # a long text: as many passes as the memory budget needs, each value still right
+    true = true_activations(model, rows, list(range(12)), cells=12 * 10_000)
+    assert model.passes == 5 and true["L29.N1535"].tolist() == pytest.approx([(29.1535 + p) / 2 for p in range(12)])
