@@ -662,6 +662,24 @@ def run_neurons(run_dir: str | os.PathLike) -> list[dict]:
     return out
 
 
+def _run_fire_threshold(run_dir: Path) -> float:
+    """The fire threshold the run was fitted at (``run.json``'s config), 0.5 where it records no valid one."""
+    from n2g.fileio import read_json
+
+    try:
+        value = read_json(run_dir / "run.json")["config"]["fire_threshold"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
+        return 0.5
+    return float(value) if is_finite_number(value) and 0 < value <= 1 else 0.5
+
+
+def _truly_max(values) -> float:
+    """The largest finite value of a true activation, -inf where there is none."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.max()) if v.size else -math.inf
+
+
 def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, np.ndarray] | None = None,
              neurons: list[str] | None = None, deadline: float | None = None) -> list[dict]:
     """The neurons of a run whose graphs predict firing somewhere on ``token_ids`` (normalised activation at or
@@ -681,6 +699,7 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
     run_dir = Path(run_dir)
     ids = [int(t) for t in token_ids]
     rows = {r["key"]: r for r in run_neurons(run_dir)}
+    fire = _run_fire_threshold(run_dir)
     if neurons is not None:
         missing = [k for k in neurons if k not in rows]
         if missing:
@@ -695,8 +714,9 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
                                            f"({','.join('?' * len(known[start:start + 500]))})", known[start:start + 500])}
         finally:
             con.close()
-        if true is not None:
-            keys |= {k for k, v in true.items() if k in rows and len(v) and float(np.nanmax(v)) >= 0.5}
+        if true is not None:  # at the run's threshold (a graph's own is checked below): one fit at 0.3 fires at 0.4
+            cutoff = min(0.5, fire)
+            keys |= {k for k, v in true.items() if k in rows and _truly_max(v) >= cutoff}
         keys = sorted(keys, key=lambda k: (rows[k]["layer"], rows[k]["index"], k) if k in rows else (0, 0, k))
     out = []
     for n_read, key in enumerate(keys):
@@ -708,7 +728,7 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
                         n_read, len(keys))
             break
         predicted = np.zeros(len(ids), np.float32)
-        threshold = 0.5
+        threshold = fire  # a neuron without a graph: the run's
         gpath = run_dir / "neurons" / key / "graph.json"
         if os.path.lexists(gpath):
             try:

@@ -85,3 +85,28 @@ def test_the_true_activations_of_a_whole_run_take_one_forward_pass_on_a_short_te
     model = _CountingModel()  # a long text: as many passes as the memory budget needs, each value still right
     true = true_activations(model, rows, list(range(12)), cells=12 * 10_000)
     assert model.passes == 5 and true["L29.N1535"].tolist() == pytest.approx([(29.1535 + p) / 2 for p in range(12)])
+
+
+def _fit_at(run, threshold):
+    """The run as if fitted at another fire threshold (run.json's config and every graph say so)."""
+    made = json.loads((run / "run.json").read_text())
+    made["config"]["fire_threshold"] = threshold
+    (run / "run.json").write_text(json.dumps(made))
+    for gpath in (run / "neurons").glob("*/graph.json"):
+        d = json.loads(gpath.read_text())
+        d["fire_threshold"] = threshold
+        gpath.write_text(json.dumps(d))
+
+
+def test_a_neuron_that_truly_fires_at_the_runs_lower_threshold_is_listed(run):
+    # fitted at 0.3: L0.N2 truly at 0.4 fires, though its graph holds none of the text's tokens ("\n", ".")
+    # and so says it does not -- the miss the listing is there to show; L1.N3 (dead, no graph) fires at 0.35
+    import numpy as np
+
+    _fit_at(run, 0.3)
+    true = {"L0.N2": np.array([0.0, 0.4], np.float32), "L0.N1": np.array([0.2, 0.1], np.float32),
+            "L1.N3": np.array([0.35, np.nan], np.float32)}
+    hits = {h["key"]: h for h in fires_on(run, [105, 106], true)}
+    assert sorted(hits) == ["L0.N2", "L1.N3"]
+    assert hits["L0.N2"]["fires"] == [] and hits["L0.N2"]["true_fires"] == [1]
+    assert hits["L1.N3"]["true_fires"] == [0] and hits["L1.N3"]["true"] == [0.35, None]
