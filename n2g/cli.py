@@ -384,7 +384,8 @@ def _predict(args) -> int:
     shown = [display_token(t) for t in toks]
     if args.json:
         _print_json({"tokens": toks, "token_ids": [i if 0 <= i < 2**31 else None for i in ids], "tokenizer": how,
-                     "unit": "normalised activation", "results": results if args.neuron else results[:args.limit]})
+                     "unit": "normalised activation", "n_results": len(results),  # the text says "... and N more"
+                     "results": results if args.neuron else results[:args.limit]})
         return 0
     print(f"{len(ids)} tokens, split by {how}")
     if args.neuron:

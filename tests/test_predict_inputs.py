@@ -110,3 +110,12 @@ def test_a_neuron_that_truly_fires_at_the_runs_lower_threshold_is_listed(run):
     assert sorted(hits) == ["L0.N2", "L1.N3"]
     assert hits["L0.N2"]["fires"] == [] and hits["L0.N2"]["true_fires"] == [1]
     assert hits["L1.N3"]["true_fires"] == [0] and hits["L1.N3"]["true"] == [0.35, None]
+
+
+def test_json_says_how_many_neurons_fire_beyond_the_limit(run, capsys):
+    # the table ends "... and 1 more (--limit)"; --json cut the list at --limit and said nothing of the rest
+    code, out, _ = main(["predict", run, " in the London Paris", "--limit", "1"], capsys)
+    assert code == 0 and out.splitlines()[-1] == "... and 1 more (--limit)"
+    code, out, _ = main(["predict", run, " in the London Paris", "--limit", "1", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["n_results"] == 2 and [h["key"] for h in data["results"]] == ["L0.N1"]
