@@ -67,6 +67,7 @@ def test_report_html_is_self_contained(run):
     assert 'href="viewer/neurons/L1.N4.neg.html"' in page
     assert "synthetic &lt;test&gt; run" in page
     assert "1 dead" in page
+    assert "<code>n2g predict synthetic &lt;test&gt; run \"TEXT\"</code> for those that fire on a text" in page
 
 
 def test_empty_run_dir_is_a_user_error(tmp_path):
