@@ -378,7 +378,7 @@ def _predict(args) -> int:
             from .viewer import true_activations
 
             true = true_activations(model, [r for r in run_neurons(run_dir) if not args.neuron or r["key"] in args.neuron], ids)
-        results = fires_on(run_dir, ids, true, neurons=args.neuron)
+        results = fires_on(run_dir, ids, true, neurons=args.neuron, progress=not args.quiet)
     except (sqlite3.Error, OSError) as exc:
         raise N2GError(f"cannot read the search index of {run_dir} ({exc}); run `n2g report {run_dir}` to rebuild it") from None
     shown = [display_token(t) for t in toks]

@@ -681,7 +681,7 @@ def _truly_max(values) -> float:
 
 
 def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, np.ndarray] | None = None,
-             neurons: list[str] | None = None, deadline: float | None = None) -> list[dict]:
+             neurons: list[str] | None = None, deadline: float | None = None, progress: bool = False) -> list[dict]:
     """The neurons of a run whose graphs predict firing somewhere on ``token_ids`` (normalised activation at or
     above the graph's fire threshold), strongest first; with ``true`` (key -> the neuron's normalised true
     activation per token), also the neurons that truly fire there, so that a graph's misses show.
@@ -689,13 +689,11 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
     Only the graphs holding one of the text's tokens, as activating or context token, are read: a path fires
     only where each of its tokens is there (a wildcard activator's paths hold context tokens). ``neurons``
     names the keys to answer for instead (every one of them is returned, firing or not). Past ``deadline`` (a
-    :func:`time.monotonic` time) no more graphs are read, and what was found is returned. Each entry:
+    :func:`time.monotonic` time) no more graphs are read, and what was found is returned. ``progress``: a bar
+    while more than :data:`PROGRESS_GRAPHS` graphs are read. Each entry:
     key, layer, index, sign, f1, predicted (per token), predicted_max, fires (positions the graph says
     fire), and with ``true``: true, true_max, true_fires.
     """
-    from n2g.fileio import inside
-    from n2g.graph import NeuronGraph
-
     run_dir = Path(run_dir)
     ids = [int(t) for t in token_ids]
     rows = {r["key"]: r for r in run_neurons(run_dir)}
@@ -719,7 +717,30 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
             keys |= {k for k, v in true.items() if k in rows and _truly_max(v) >= cutoff}
         keys = sorted(keys, key=lambda k: (rows[k]["layer"], rows[k]["index"], k) if k in rows else (0, 0, k))
     out = []
+    from n2g.progress import Progress
+
+    bar = Progress(len(keys), "read graphs", "graphs", enabled=progress and len(keys) > PROGRESS_GRAPHS)
+    try:
+        _read_graphs(run_dir, keys, rows, ids, fire, true, neurons, deadline, out, bar)
+    finally:
+        bar.close()
+    if neurons is None:
+        out.sort(key=lambda e: (-max(e["predicted_max"], e.get("true_max") or 0.0), e["layer"], e["index"], e["key"]))
+    return out
+
+
+PROGRESS_GRAPHS = 200
+"""More graphs than this to read, and :func:`fires_on` shows a progress bar when asked to."""
+
+
+def _read_graphs(run_dir: Path, keys: list[str], rows: dict, ids: list[int], fire: float, true: dict | None,
+                 neurons: list[str] | None, deadline: float | None, out: list, bar) -> None:
+    """:func:`fires_on`'s reading of each candidate's graph, appending its entries to ``out``."""
+    from n2g.fileio import inside
+    from n2g.graph import NeuronGraph
+
     for n_read, key in enumerate(keys):
+        bar.update(1)
         row = rows.get(key)
         if row is None:
             continue
@@ -753,6 +774,3 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
             entry["true_fires"] = [i for i, v in enumerate(entry["true"] or []) if v is not None and v >= threshold]
         if neurons is not None or entry["fires"] or (true is not None and entry["true_fires"]):
             out.append(entry)
-    if neurons is None:
-        out.sort(key=lambda e: (-max(e["predicted_max"], e.get("true_max") or 0.0), e["layer"], e["index"], e["key"]))
-    return out
