@@ -355,7 +355,7 @@ def fit_neurons(opts: RunOptions, todo: list[NeuronId], model, corpus, store, is
     scans = scan_layers(model, corpus.excerpts, scan_layer_set, k=top_k(cfg), pool_size=pool_size(cfg),
                         seed=cfg.seed, batch_size=scan_batch, fire_threshold=cfg.fire_threshold,
                         cache_dir=cache_dir(), corpus_key=corpus.tokens_key(), progress=opts.progress,
-                        store_tokens=store_budget(opts))
+                        store_tokens=store_budget(opts), reread_weights=False)  # open_store has just keyed them
     stored = next(iter(scans.values())).store
     log.info("partition: %d training and %d held-out excerpts; activation store: %d excerpts x %d layer(s), "
              "%.1f MB on disk", int(is_train.sum()), int((~is_train).sum()), stored.n_stored, len(scans),

@@ -200,7 +200,7 @@ def cache_bytes(scans: dict[int, "LayerScan"]) -> int:
 def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64, pool_size: int = 64,
                 seed: int = 0, batch_size: int = 32, fire_threshold: float = 0.5,
                 cache_dir: str | Path | None = None, corpus_key: str = "", progress: bool = True,
-                store_tokens: int | None = DEFAULT_STORE_TOKENS) -> dict[int, LayerScan]:
+                store_tokens: int | None = DEFAULT_STORE_TOKENS, reread_weights: bool = True) -> dict[int, LayerScan]:
     """Scan the requested layers (all their neurons) in one pass; cached layers are loaded instead.
 
     The same pass fills each layer's activation store (``store_tokens`` tokens at most: the whole
@@ -220,7 +220,8 @@ def scan_layers(model, excerpts: torch.Tensor, layers: list[int], *, k: int = 64
     results: dict[int, LayerScan] = {}
     stems: dict[int, Path] = {}
     if cache_dir is not None:
-        forget_weight_keys(model)  # the weights as they are now, not as an earlier scan found them
+        if reread_weights:  # the weights as they are now, not as an earlier scan found them (a caller that
+            forget_weight_keys(model)  # has just keyed them, as a run has, passes reread_weights=False)
         for layer in layers:
             stems[layer] = _cache_stem(Path(cache_dir), *_model_key(model), corpus_key, layer, k, pool_size, seed,
                                        f"{store_tokens}|{weights_key_of(model) or ''}")

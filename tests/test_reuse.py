@@ -148,3 +148,16 @@ def test_a_scan_cache_entry_damaged_on_disk_is_scanned_again(tiny_folder, tmp_pa
     entry.write_bytes(bytes(data))
     again = fit_one(tiny_folder, tmp_path / "run2", cache, monkeypatch)
     assert same_result(again) == same_result(first)
+
+
+def test_a_run_reads_every_byte_of_the_weights_once(tiny_folder, tmp_path, monkeypatch):
+    """The content key hashes every parameter (a 7B model's 14 GB): a run keys its store and its scans with
+    one reading, and so does a Ray worker across the units it fits."""
+    import n2g.models
+
+    reads = []
+    real = n2g.models.add_tensor_content
+    monkeypatch.setattr(n2g.models, "add_tensor_content", lambda h, name, t: (reads.append(name), real(h, name, t)))
+    fit_one(tiny_folder, tmp_path / "run", tmp_path / "cache", monkeypatch)
+    n_params = len(list(tiny_model("llama").named_parameters()))
+    assert len(reads) == n_params and len(set(reads)) == n_params
