@@ -758,7 +758,14 @@ def _read_graphs(run_dir: Path, keys: list[str], rows: dict, ids: list[int], fir
                 graph = NeuronGraph.load(gpath)
                 threshold = graph.fire_threshold
                 predicted = graph.predict_sequence(ids, deadline=min(time.monotonic() + PREDICT_SECONDS, deadline or math.inf))
-            except Exception as exc:  # a damaged graph (or one too slow): named, the others still answered
+            except TimeoutError:  # the request's budget, or the graph's own: not a damaged file
+                if deadline is not None and time.monotonic() > deadline:
+                    log.warning("stopped after reading %d of the %d graphs that hold a token of the text (time budget)",
+                                n_read, len(keys))
+                    break
+                log.warning("left out %s: its graph took more than %g s to predict on this text", key, PREDICT_SECONDS)
+                continue
+            except Exception as exc:  # a damaged graph: named, the others still answered
                 log.warning("cannot predict with the graph of %s (%s); re-run `n2g run` to redo it",
                             key, str(exc)[:200] or type(exc).__name__)
                 continue

@@ -119,3 +119,20 @@ def test_json_says_how_many_neurons_fire_beyond_the_limit(run, capsys):
     code, out, _ = main(["predict", run, " in the London Paris", "--limit", "1", "--json"], capsys)
     data = json.loads(out)
     assert code == 0 and data["n_results"] == 2 and [h["key"] for h in data["results"]] == ["L0.N1"]
+
+
+def test_a_graph_too_slow_for_its_budget_is_left_out_not_called_damaged(run, caplog, monkeypatch):
+    # " in the London Paris": L0.N1 and L0.N2 fire; L0.N2's walk runs past its budget
+    from n2g.graph import NeuronGraph
+
+    real = NeuronGraph.predict_sequence
+
+    def slow(self, ids, deadline=None):
+        if self.neuron is not None and self.neuron.key == "L0.N2":
+            raise TimeoutError("past its deadline")
+        return real(self, ids, deadline=deadline)
+
+    monkeypatch.setattr(NeuronGraph, "predict_sequence", slow)
+    assert [h["key"] for h in fires_on(run, [101, 104, 102, 100])] == ["L0.N1"]
+    assert "left out L0.N2: its graph took more than 5 s to predict on this text" in caplog.text
+    assert "re-run `n2g run`" not in caplog.text
