@@ -639,16 +639,20 @@ PAGES_PER_TASK = 50
 """Pages a worker writes per task (small, so Ctrl-C waits for little)."""
 
 
-def _write_pages(run_dir: Path, items: list[tuple[str, bytes | None]]) -> None:
+def _write_pages(run_dir: Path, items: list[tuple[str, bytes | None]]) -> dict[str, int]:
     """Write the pages of ``(neuron folder, hash of its checked result.json)`` items, reading each
-    whole result here, one at a time (a file changed since it was checked is checked again)."""
+    whole result here, one at a time (a file changed since it was checked is checked again); returns the
+    token texts and ids their excerpts show (for ``viewer/vocabulary.json``)."""
     from n2g.search import read_result
 
     pages = run_dir / "viewer" / "neurons"
+    tokens: dict[str, int] = {}
     for folder, checked in items:
         r = read_result(folder, checked)
         if r is not None:
             atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r).encode("utf-8"))
+            _add_tokens(tokens, r)
+    return tokens
 
 
 def write_viewer(run_dir: str | os.PathLike) -> Path:
@@ -675,11 +679,17 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
         chunks = [items[i : i + PAGES_PER_TASK] for i in range(0, len(items), PAGES_PER_TASK)]
         pool = host_pool(workers)
         try:
-            list(pool.map(_write_pages, [run_dir] * len(chunks), chunks))
+            seen = list(pool.map(_write_pages, [run_dir] * len(chunks), chunks))
         finally:  # Ctrl-C: the chunks not started are dropped, so it ends after one chunk per worker
             pool.shutdown(wait=True, cancel_futures=True)
     else:
-        _write_pages(run_dir, items)
+        seen = [_write_pages(run_dir, items)]
+    tokens: dict[str, int] = {}
+    for part in seen:  # in neuron order, as RunVocabulary reads the results: the same first id for a text
+        for tok, tid in part.items():
+            tokens.setdefault(tok, tid)
+    atomic_write(pages.parent / VOCABULARY_NAME, json.dumps({"kind": VOCABULARY_KIND, "tokens": tokens},
+                                                            ensure_ascii=False).encode("utf-8"))
     out = run_dir / "viewer" / "index.html"
     results = [r for _, r, _ in found]
     atomic_write(out, index_page(run_dir, results, secrets.token_urlsafe(16)).encode("utf-8"))
@@ -738,6 +748,43 @@ def _opened_inside(fd: int, run_dir: Path) -> bool:
     return Path(real).is_relative_to(run_dir)  # run_dir is resolved when the server starts
 
 
+VOCABULARY_NAME = "vocabulary.json"
+"""The run's token texts and ids (``viewer/vocabulary.json``), written with the pages: what :class:`RunVocabulary`
+splits typed text with, read without opening every result (a whole model's run holds 46,080)."""
+VOCABULARY_KIND = "n2g.vocabulary"
+
+
+def _add_tokens(ids: dict[str, int], r: NeuronResult) -> None:
+    """Every token text and id of a result's stored excerpts, the first id seen for a text kept."""
+    for e in r.examples + r.band_examples:
+        if e.tokens:
+            for tid, tok in zip(e.token_ids, e.tokens):
+                if tok:
+                    ids.setdefault(tok, int(tid))
+
+
+def _saved_vocabulary(run_dir: Path) -> dict[str, int] | None:
+    """The token texts and ids of ``viewer/vocabulary.json``; None (a warning where it is damaged) when there
+    is none to use: missing, not a regular file of the run, or not what :func:`write_viewer` writes."""
+    path = run_dir / "viewer" / VOCABULARY_NAME
+    if not os.path.lexists(path):
+        return None
+    try:
+        if not _inside(run_dir, path):
+            raise ValueError("a link that leads out of the run")
+        d = read_json(path, MAX_PAGE_BYTES)
+        tokens = d.get("tokens") if isinstance(d, dict) and d.get("kind") == VOCABULARY_KIND else None
+        if not isinstance(tokens, dict) or not all(
+                isinstance(t, str) and isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31
+                for t, i in tokens.items()):
+            raise ValueError("not a token-to-id table n2g writes")
+        return tokens
+    except (OSError, ValueError, RecursionError) as exc:
+        log.warning("cannot use %s (%s); reading the tokens of every result instead (`n2g report` writes it again)",
+                    path, str(exc)[:200])
+        return None
+
+
 class RunVocabulary:
     """A tokenizer made of the tokens a run's pages show, for serving without the model.
 
@@ -749,13 +796,11 @@ class RunVocabulary:
     def __init__(self, run_dir: Path):
         from n2g.search import iter_results
 
-        self.ids: dict[str, int] = {}
-        for _, r in iter_results(run_dir):
-            for e in r.examples + r.band_examples:
-                if e.tokens:
-                    for tid, tok in zip(e.token_ids, e.tokens):
-                        if tok:
-                            self.ids.setdefault(tok, int(tid))
+        self.ids = _saved_vocabulary(Path(run_dir))  # what `n2g report` wrote: one file, not every result
+        if self.ids is None:
+            self.ids = {}
+            for _, r in iter_results(run_dir):
+                _add_tokens(self.ids, r)
         self._index()
 
     @classmethod

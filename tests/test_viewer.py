@@ -472,3 +472,27 @@ def test_server_never_predicts_with_another_neurons_result(run, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_runs_vocabulary_is_written_with_the_pages_and_read_without_the_results(tmp_path, monkeypatch, caplog):
+    # a whole model's run holds 46,080 results: splitting a typed text must not read every one of them
+    import n2g.search
+    from n2g.report import build_all
+    from n2g.search import iter_results
+    from n2g.viewer import RunVocabulary, _add_tokens
+
+    run = make_run(tmp_path)
+    add_large_neuron(run)
+    build_all(run)
+    expect: dict[str, int] = {}
+    for _, r in iter_results(run):
+        _add_tokens(expect, r)
+    saved = json.loads((run / "viewer" / "vocabulary.json").read_text())
+    assert saved == {"kind": "n2g.vocabulary", "tokens": expect} and expect[" Paris"] == 100
+    monkeypatch.setattr(n2g.search, "iter_results", lambda *a: pytest.fail("read the results"))
+    assert RunVocabulary(run).ids == expect
+    assert RunVocabulary(run).split(" in Paris.") == ([101, 100, 106], [" in", " Paris", "."])
+    monkeypatch.undo()
+    (run / "viewer" / "vocabulary.json").write_text('{"kind": "n2g.vocabulary", "tokens": {" Paris": "x"}}')
+    assert RunVocabulary(run).ids == expect  # damaged: read from the results, with a warning
+    assert "reading the tokens of every result instead" in caplog.text
