@@ -286,6 +286,9 @@ def _search(args) -> int:
     if args.limit < 1:
         raise N2GError(f"--limit must be at least 1 (got {args.limit})")
     logging.getLogger(__name__).debug("searching %s for %r (role %s, limit %d)", run_dir, args.token, args.role, args.limit)
+    from .search import warn_if_index_behind
+
+    warn_if_index_behind(run_dir)
     try:
         hits = search(run_dir, args.token, role=args.role, limit=args.limit)
     except (sqlite3.Error, OSError) as exc:
@@ -322,7 +325,7 @@ def _predict(args) -> int:
 
     from .records import NeuronId
     from .render import display_token
-    from .search import fires_on, run_neurons
+    from .search import fires_on, run_neurons, warn_if_index_behind
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "run.json").exists():
@@ -373,6 +376,7 @@ def _predict(args) -> int:
         how = f"the run's own vocabulary ({len(vocabulary):,} token texts seen in its excerpts; --model for the model's tokenizer)"
     if not ids:
         raise N2GError("the text has no tokens; pass some text to predict on")
+    warn_if_index_behind(run_dir)
     try:
         if args.model:
             from .viewer import true_activations

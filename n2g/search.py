@@ -8,6 +8,7 @@ share the most tokens with a given one. All SQL is parametrised.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -226,6 +227,36 @@ def result_paths(run_dir: str | os.PathLike) -> list[Path]:
             continue
         out.append(path)
     return out
+
+
+def warn_if_index_behind(run_dir: str | os.PathLike) -> bool:
+    """Warn (and say True) when a neuron result of the run is newer than its search index, or the run holds
+    another number of results than the index lists: neurons fitted since `n2g report` that search and
+    predict would not see. One stat per result; for the command line, not for each request of the server."""
+    run_dir = Path(run_dir)
+    path = run_dir / INDEX_NAME
+    try:
+        if not _regular(path):
+            return False
+        built = path.stat().st_mtime_ns
+        con = _open(path)
+        try:
+            listed = con.execute("SELECT COUNT(*) FROM neurons").fetchone()[0]
+        finally:
+            con.close()
+    except (OSError, sqlite3.Error):
+        return False  # a damaged index is rebuilt or named where it is read
+    paths = result_paths(run_dir)
+    newer = 0
+    for p in paths:
+        with contextlib.suppress(OSError):
+            newer += p.stat().st_mtime_ns > built
+    if newer or listed != len(paths):
+        log.warning("the search index of %s lists %d %s, the run holds %d (%d saved since the index was built); "
+                    "run `n2g report %s` to bring it up to date", run_dir, listed, plural(listed, "neuron"),
+                    len(paths), newer, run_dir)
+        return True
+    return False
 
 
 def scan_results(run_dir: str | os.PathLike) -> list[tuple[Path, NeuronResult, bytes]]:

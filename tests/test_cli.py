@@ -416,3 +416,33 @@ def test_sigterm_stops_a_command_like_ctrl_c_with_one_line(tmp_path):
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip().splitlines() == [
         "n2g: interrupted; finished neurons are saved, re-run the same command to resume"]
+
+
+def test_search_and_predict_say_when_the_index_is_behind_the_run(tmp_path, capsys, caplog):
+    # a neuron fitted after `n2g report` (a run resumed with more neurons) is in no index yet
+    import shutil
+
+    run = make_run(tmp_path)
+    build_all(run)
+    for argv in (["search", run, "Paris"], ["predict", run, " in Paris"]):
+        code, _, err = main(argv, capsys)
+        assert code == 0 and "search index" not in caplog.text, caplog.text
+    shutil.copytree(run / "neurons" / "L0.N1", run / "neurons" / "L0.N7")
+    d = json.loads((run / "neurons" / "L0.N7" / "result.json").read_text())
+    d["neuron"]["index"] = 7
+    (run / "neurons" / "L0.N7" / "result.json").write_text(json.dumps(d))
+    built = (run / "index.sqlite").stat().st_mtime_ns - 10**10  # the index built 10 s before this result was saved,
+    os.utime(run / "index.sqlite", ns=(built, built))  # and after the others
+    for result in run.glob("neurons/*/result.json"):
+        if result.parent.name != "L0.N7":
+            os.utime(result, ns=(built - 10**10,) * 2)
+    for argv in (["search", run, "Paris"], ["predict", run, " in Paris"]):
+        caplog.clear()
+        code, out, err = main(argv, capsys)
+        assert code == 0 and "L0.N7" not in out
+        assert f"the search index of {run} lists 4 neurons, the run holds 5 (1 saved since the index was built); " \
+               f"run `n2g report {run}` to bring it up to date" in caplog.text, caplog.text
+    build_all(run)
+    caplog.clear()
+    code, out, err = main(["predict", run, " in Paris"], capsys)
+    assert code == 0 and "search index" not in caplog.text and "L0.N7" in out
