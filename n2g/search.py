@@ -737,16 +737,25 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
     else:
         known = sorted({t for t in ids if 0 <= t < 2**31})
         con = _connect(run_dir)
+        # the strongest activator among the text's tokens, per neuron (0 where only context tokens are there):
+        # read first, so that a reading stopped by ``deadline`` has the likeliest to fire, whatever their layer
+        strongest: dict[str, float] = {}
         try:
-            keys = {r["key"] for start in range(0, len(known), 500)
-                    for r in _execute(con, "SELECT DISTINCT key FROM tokens WHERE token_id IN "
-                                           f"({','.join('?' * len(known[start:start + 500]))})", known[start:start + 500])}
+            for start in range(0, len(known), 500):
+                part = known[start:start + 500]
+                for r in _execute(con, "SELECT key, MAX(CASE WHEN role = 'activator' THEN weight ELSE 0 END) AS w "
+                                       f"FROM tokens WHERE token_id IN ({','.join('?' * len(part))}) GROUP BY key", part):
+                    w = r["w"] if isinstance(r["w"], (int, float)) and math.isfinite(r["w"]) else 0.0
+                    strongest[r["key"]] = max(strongest.get(r["key"], 0.0), float(w))
         finally:
             con.close()
         if true is not None:  # at the run's threshold (a graph's own is checked below): one fit at 0.3 fires at 0.4
             cutoff = min(0.5, fire)
-            keys |= {k for k, v in true.items() if k in rows and _truly_max(v) >= cutoff}
-        keys = sorted(keys, key=lambda k: (rows[k]["layer"], rows[k]["index"], k) if k in rows else (0, 0, k))
+            for k, v in true.items():
+                if k in rows and _truly_max(v) >= cutoff:
+                    strongest.setdefault(k, 0.0)
+        keys = sorted(strongest, key=lambda k: (-strongest[k], rows[k]["layer"], rows[k]["index"], k) if k in rows
+                      else (0.0, 0, 0, k))
     out = []
     from n2g.progress import Progress
 

@@ -136,3 +136,19 @@ def test_a_graph_too_slow_for_its_budget_is_left_out_not_called_damaged(run, cap
     assert [h["key"] for h in fires_on(run, [101, 104, 102, 100])] == ["L0.N1"]
     assert "left out L0.N2: its graph took more than 5 s to predict on this text" in caplog.text
     assert "re-run `n2g run`" not in caplog.text
+
+
+def test_the_graphs_likeliest_to_fire_are_read_first(run, monkeypatch):
+    # a reading the server stops at its time budget keeps the strongest activators of the text, whatever their layer
+    from n2g.graph import NeuronGraph
+
+    read = []
+    real = NeuronGraph.load.__func__
+
+    def load(cls, path):
+        read.append(path.parent.name)
+        return real(cls, path)
+
+    monkeypatch.setattr(NeuronGraph, "load", classmethod(load))
+    fires_on(run, [101, 104, 102, 100])  # " in the London Paris"
+    assert read == ["L1.N4.neg", "L0.N1", "L0.N2"]  # activators " Paris" 1.0 and 0.9, " London" 0.6
