@@ -506,6 +506,12 @@ INDEX_JS = r"""
               .replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
   }
   function cell(tr, text) { var td = document.createElement("td"); td.textContent = text; tr.appendChild(td); return td; }
+  function keyCell(tr, key) {  // the neuron's key, linked to its page
+    var td = document.createElement("td"); td.className = "l";
+    var a = document.createElement("a");
+    a.href = "neurons/" + encodeURIComponent(key) + ".html";
+    a.textContent = key; td.appendChild(a); tr.appendChild(td);
+  }
   form.addEventListener("submit", function (ev) {
     ev.preventDefault();
     var token = document.getElementById("q").value;
@@ -521,10 +527,7 @@ INDEX_JS = r"""
       msg.textContent = data.results.length ? data.results.length + " match(es)" : "no neuron has this token in its graph";
       data.results.forEach(function (h) {
         var tr = document.createElement("tr");
-        var td = document.createElement("td"); td.className = "l";
-        var a = document.createElement("a");
-        a.href = "neurons/" + encodeURIComponent(h.key) + ".html";
-        a.textContent = h.key; td.appendChild(a); tr.appendChild(td);
+        keyCell(tr, h.key);
         cell(tr, shown(h.token)).className = "l tok";
         cell(tr, h.role).className = "l";
         cell(tr, h.weight === null ? "\u2014" : h.weight.toFixed(3));
@@ -554,10 +557,7 @@ INDEX_JS = r"""
         var truth = d.results.some(function (h) { return h.true !== undefined; });
         d.results.forEach(function (h) {
           var tr = document.createElement("tr");
-          var td = document.createElement("td"); td.className = "l";
-          var a = document.createElement("a");
-          a.href = "neurons/" + encodeURIComponent(h.key) + ".html";
-          a.textContent = h.key; td.appendChild(a); tr.appendChild(td);
+          keyCell(tr, h.key);
           cell(tr, h.f1 === null ? "\u2014" : h.f1.toFixed(3));
           cell(tr, h.predicted_max.toFixed(2));
           cell(tr, h.true_max === undefined || h.true_max === null ? "\u2014" : h.true_max.toFixed(2));

@@ -43,6 +43,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+def save_tiny_folder(root: Path, documents: int) -> Path:
+    """A tiny Llama and its tokenizer saved as ``root/model`` (seeded), and ``root/corpus.txt`` of ``documents``
+    documents of 300 random words; returns ``root``."""
+    torch.manual_seed(0)
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    words = [w for w in tok.get_vocab() if not w.startswith("<")]
+    rng = random.Random(0)
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(300)) for _ in range(documents)))
+    return root
+
+
 def tiny_tokenizer():
     """A whitespace word-level tokenizer: <unk>=0, <bos>=1, <eos>=2, <pad>=3, then 64 words."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import pyarrow.parquet as pq
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import save_tiny_folder, tiny_model, tiny_tokenizer
 from n2g.config import preset
 from n2g.engine import Job, fit_many
 from n2g.models import SubjectModel
@@ -30,16 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny Llama and its tokenizer saved as a local model directory, plus a corpus file."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model, tok = tiny_model("llama"), tiny_tokenizer()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    words = [w for w in tok.get_vocab() if not w.startswith("<")]
-    rng = random.Random(0)
-    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(300)) for _ in range(12))
-    (root / "corpus.txt").write_text(text)
-    return root
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny"), 12)
 
 
 def cli(*args, cwd=None, **kw):

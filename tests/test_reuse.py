@@ -6,9 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import save_tiny_folder, tiny_model
 from n2g.errors import N2GError
 from n2g.pipeline import RunOptions, run
 
@@ -17,15 +16,8 @@ QUICK = {"written": 0, "vocabulary": 0}
 
 @pytest.fixture
 def tiny_folder(tmp_path):
-    """A tiny Llama saved as a model folder, and a corpus file."""
-    torch.manual_seed(0)
-    model, tok = tiny_model("llama"), tiny_tokenizer()
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    words = [w for w in tok.get_vocab() if not w.startswith("<")]
-    rng = random.Random(0)
-    (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(300)) for _ in range(6)))
-    return tmp_path
+    """A tiny Llama saved as a model folder, and a corpus file (each test its own: some edit it)."""
+    return save_tiny_folder(tmp_path, 6)
 
 
 def fit_one(folder, out, cache, monkeypatch, model=None, **overrides):
