@@ -314,6 +314,27 @@ def test_which_neurons_fire_on_a_text_is_answered_by_the_api(run):
         assert status == 400 and "no text given" in d["error"]
 
 
+def test_which_neurons_fire_on_a_text_with_a_model_lists_those_that_truly_fire(tmp_path, tiny_llama):
+    # L0.N1's maximum set to the model's on this text: it truly fires there, though its graph (" Paris") says not
+    import torch
+    from urllib.parse import quote
+
+    from helpers_run import serving
+
+    run = make_run(tmp_path)
+    raw = tiny_llama.activations(torch.tensor([[4, 5, 6]]), None, [(0, 1)])[0, :, 0].numpy()
+    d = json.loads((run / "neurons" / "L0.N1" / "result.json").read_text())
+    d["stats"]["max_activation"] = float(raw.max())
+    (run / "neurons" / "L0.N1" / "result.json").write_text(json.dumps(d))
+    build_all(run)
+    with serving(run, model=tiny_llama) as port:
+        status, d = _get_json(f"http://127.0.0.1:{port}/api/fires?text=" + quote("the cat sat"))
+    assert status == 200 and d["tokens"] == ["the", "cat", "sat"], d
+    (hit,) = d["results"]
+    assert (hit["key"], hit["fires"], hit["true_fires"]) == ("L0.N1", [], [int(raw.argmax())])
+    assert hit["true"] == pytest.approx((raw / raw.max()).tolist(), abs=1e-4) and hit["true_max"] == 1.0
+
+
 def test_try_your_own_text_with_a_model_shows_the_true_activation(run, tiny_llama):
     import torch
 
