@@ -66,6 +66,21 @@ def this_process() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
 
 
+def _computed_elsewhere(existing: dict, extra: dict | None, diff: list[str]) -> str:
+    """Where only the weights' keys differ because the run was computed on another device type or in another
+    dtype (both are part of the keys: the activations differ), the words that say so and how to resume it."""
+    if not {"model_weights", "model_content"} & set(diff):
+        return ""
+    then, now = existing.get("model"), (extra or {}).get("model")
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        return ""
+    kind = lambda d: str(d.get("device", "")).split(":")[0]  # noqa: E731 (cuda:1 and cuda compute alike)
+    if (kind(then), then.get("dtype")) == (kind(now), now.get("dtype")):
+        return ""
+    return (f" (it was computed on {kind(then) or '?'} in {then.get('dtype') or '?'}, this run on {kind(now) or '?'} in "
+            f"{now.get('dtype') or '?'}: pass --device {kind(then) or '?'} --dtype {then.get('dtype') or '?'} to resume it)")
+
+
 def _holder_alive(holder: dict) -> bool:
     """Whether the process of a claim made on this host still runs (the same pid and start time)."""
     pid = holder.get("pid")
@@ -164,7 +179,7 @@ class RunStore:
             diff = sorted(str(k) for k in set(identity) | set(theirs)
                           if theirs.get(k) != json.loads(json.dumps(identity.get(k))))
             raise N2GError(
-                f"{self.root} holds a run made with a different {', '.join(diff)}; "
+                f"{self.root} holds a run made with a different {', '.join(diff)}{_computed_elsewhere(existing, extra, diff)}; "
                 "choose another --out (or delete that directory) instead of mixing results"
             )
 

@@ -153,3 +153,19 @@ def test_a_run_reads_every_byte_of_the_weights_once(tiny_folder, tmp_path, monke
     fit_one(tiny_folder, tmp_path / "run", tmp_path / "cache", monkeypatch)
     n_params = len(list(tiny_model("llama").named_parameters()))
     assert len(reads) == n_params and len(set(reads)) == n_params
+
+
+def test_a_run_resumed_in_another_dtype_says_how_to_resume_it(tiny_folder, tmp_path, monkeypatch):
+    """The dtype and device type are part of the weights' keys (the activations differ), so the run is refused:
+    the message says that is why, and what to pass."""
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+
+    def opts(dtype):
+        return RunOptions(model=str(tiny_folder / "model"), corpus=str(tiny_folder / "corpus.txt"), layers="0",
+                          neurons="5", excerpt_length=32, out=str(tmp_path / "run"), report=False, progress=False,
+                          dtype=dtype, overrides=QUICK)
+
+    run(opts("float32"))
+    with pytest.raises(N2GError, match=r"different model_content, model_weights \(it was computed on cpu in float32, "
+                                       r"this run on cpu in bfloat16: pass --device cpu --dtype float32 to resume it\)"):
+        run(opts("bfloat16"))
