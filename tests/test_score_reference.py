@@ -1,0 +1,32 @@
+"""Scores, lookups and the token ceiling checked against plain-Python references written apart from n2g."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from n2g.score import score_arrays
+
+
+def _ref_pearson(t: list[float], p: list[float]) -> float | None:
+    """Pearson r by its definition; None where a side has every value equal (no variance to correlate)."""
+    if len(t) < 2 or len(set(t)) == 1 or len(set(p)) == 1:
+        return None
+    mt, mp = sum(t) / len(t), sum(p) / len(p)
+    cov = sum((a - mt) * (b - mp) for a, b in zip(t, p))
+    return cov / (sum((a - mt) ** 2 for a in t) * sum((b - mp) ** 2 for b in p)) ** 0.5
+
+
+@pytest.mark.parametrize("value", [0.1, 0.3, 0.7, 1 / 3])
+def test_a_constant_side_has_no_pearson_and_constant_true_values_no_explained_variance(value):
+    # np.std of 0.1 repeated 3 times is 1.4e-17, not 0: the old check let that through, giving r ~ 1e-16
+    # for a predictor that says one value everywhere, and explained variance -3e32 (or 1.0) for a constant truth
+    rng = np.random.default_rng(0)
+    for n in (3, 11, 37, 100):
+        varied = rng.random(n)
+        s = score_arrays([varied], [np.full(n, value)])
+        assert s.pearson is None and _ref_pearson(varied.tolist(), [value] * n) is None
+        s = score_arrays([np.full(n, value)], [varied])
+        assert s.pearson is None and s.explained_variance is None
+        s = score_arrays([np.full(n, value)], [np.full(n, 0.1)])  # a constant offset: was "explains all" (1.0)
+        assert s.explained_variance is None and s.pearson is None
