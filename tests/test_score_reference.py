@@ -30,3 +30,30 @@ def test_a_constant_side_has_no_pearson_and_constant_true_values_no_explained_va
         assert s.pearson is None and s.explained_variance is None
         s = score_arrays([np.full(n, value)], [np.full(n, 0.1)])  # a constant offset: was "explains all" (1.0)
         assert s.explained_variance is None and s.pearson is None
+
+
+def _exact_pearson_and_ev(t: list[float], p: list[float]) -> tuple[float, float]:
+    """Pearson r and explained variance in exact rational arithmetic (no overflow, no underflow)."""
+    from fractions import Fraction
+
+    t, p = [Fraction(x) for x in t], [Fraction(x) for x in p]
+    n = len(t)
+    mt, mp = sum(t) / n, sum(p) / n
+    vt, vp = sum((a - mt) ** 2 for a in t), sum((b - mp) ** 2 for b in p)
+    cov = sum((a - mt) * (b - mp) for a, b in zip(t, p))
+    d = [a - b for a, b in zip(t, p)]
+    vd = sum((x - sum(d) / n) ** 2 for x in d)
+    return (1 if cov > 0 else -1) * float(cov * cov / (vt * vp)) ** 0.5, float(1 - vd / vt)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-170, 1.0, 1e160, 1e300])
+def test_pearson_and_explained_variance_at_any_magnitude(scale):
+    # squares of values beyond 1e154 (or below 1e-162) leave float64: r and explained variance were NaN there
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        t = rng.random(12) * scale
+        p = (rng.random(12) + t / scale) * scale * 0.5
+        s = score_arrays([t[:5], t[5:]], [p[:5], p[5:]])
+        r, ev = _exact_pearson_and_ev(t.tolist(), p.tolist())
+        assert s.pearson == pytest.approx(r, rel=1e-12, abs=1e-12)
+        assert s.explained_variance == pytest.approx(ev, rel=1e-12, abs=1e-12)
