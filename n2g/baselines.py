@@ -71,7 +71,7 @@ def _statistic(v: np.ndarray, start: np.ndarray, counts: np.ndarray, statistic: 
     else:  # a quantile, nearest rank on the sorted values of each key
         q = float(statistic)
         stat = v[start + np.floor(q * (counts - 1) + 0.5).astype(np.int64)]
-    return stat.astype(np.float32)
+    return stat.astype(np.float64)  # not float32: 0.49999999 (or a mean just under the threshold) would round to 0.5 and fire
 
 
 class NGramLookup:
@@ -93,7 +93,7 @@ class NGramLookup:
 
     def predict_sequences(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
         arrays = [np.asarray(s, np.int64) for s in seqs]
-        flat = np.zeros(sum(len(a) for a in arrays), np.float32)
+        flat = np.zeros(sum(len(a) for a in arrays), np.float64)
         done = np.zeros(len(flat), bool)
         ids, pos = _flatten(arrays)
         for m in range(self.n, 0, -1):  # longest context first
@@ -129,7 +129,7 @@ class Zero(NGramLookup):
         super().__init__(1, "max")
 
     def fit_arrays(self, seqs, acts) -> "Zero":
-        self.tables_ = [(np.zeros(0, np.int64), np.zeros(0, np.float32))]
+        self.tables_ = [(np.zeros(0, np.int64), np.zeros(0, np.float64))]
         return self
 
 

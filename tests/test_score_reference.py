@@ -57,3 +57,22 @@ def test_pearson_and_explained_variance_at_any_magnitude(scale):
         r, ev = _exact_pearson_and_ev(t.tolist(), p.tolist())
         assert s.pearson == pytest.approx(r, rel=1e-12, abs=1e-12)
         assert s.explained_variance == pytest.approx(ev, rel=1e-12, abs=1e-12)
+
+
+def test_a_lookup_value_just_under_the_threshold_stays_under_it():
+    # the tables were float32: a training value (or a mean) of 0.49999999 came back as 0.5, so the lookup
+    # predicted firing where every training occurrence was quiet
+    from n2g.baselines import NGramLookup
+
+    for stat, acts in (("max", [0.49999999, 0.2]), ("mean", [0.49999999, 0.49999999]), ("0.75", [0.49999999, 0.1])):
+        ids = [np.array([5, 5] if stat != "max" else [5, 6])]
+        model = NGramLookup(1, stat).fit_arrays(ids, [np.array(acts)])
+        assert model.predict([5])[0] < 0.5
+        s = model.score([_example([5, 6, 7], [0.49999999, 0.2, 0.9])])
+        assert s.n_predicted_firing == 0 and s.precision is None and s.recall == 0.0
+
+
+def _example(ids, acts):
+    from n2g.records import Example
+
+    return Example(list(ids), [float(a) for a in acts], split="test", source="top", excerpt_index=0)
