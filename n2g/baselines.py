@@ -117,9 +117,10 @@ class NGramLookup:
             return self.predict_sequences([ids])[0]
         return np.stack(self.predict_sequences(list(ids)))
 
-    def score(self, examples: Sequence[Example]) -> Scores:
+    def score(self, examples: Sequence[Example], threshold: float | None = None) -> Scores:
+        """Scores on ``examples`` at ``threshold`` (the fire threshold of the run; default :attr:`threshold`)."""
         preds = self.predict_sequences([e.token_ids for e in examples])
-        return score_arrays([e.activations for e in examples], preds, self.threshold)
+        return score_arrays([e.activations for e in examples], preds, self.threshold if threshold is None else threshold)
 
 
 class Zero(NGramLookup):

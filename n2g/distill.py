@@ -492,7 +492,7 @@ def finish_fit(examples: list[Example], partition: tuple[list[int], list[np.ndar
     train_ids = [np.asarray(e.token_ids, np.int64) for e in train]  # built once for every lookup
     train_acts = [np.asarray(e.activations, np.float64) for e in train]
     for name, lookup in fit_baselines(train_ids, train_acts).items():
-        scores[name] = lookup.score(test)
+        scores[name] = lookup.score(test, cfg.fire_threshold)  # the graph's threshold, not the lookups' default 0.5
     ceiling = token_ceiling(train_ids, train_acts, test, cfg.fire_threshold)
     return NeuronFit(graph, examples, scores, trace, ceiling=ceiling)
 

@@ -76,3 +76,24 @@ def _example(ids, acts):
     from n2g.records import Example
 
     return Example(list(ids), [float(a) for a in acts], split="test", source="top", excerpt_index=0)
+
+
+def test_the_lookups_are_scored_at_the_run_fire_threshold():
+    # with fire_threshold 0.3 the graph and the ceiling counted 13 firing test tokens and every lookup 8:
+    # the lookups were scored at their class default of 0.5, so their F1 was of another task
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from planted import text
+
+    from n2g.distill import distill
+
+    x = text(0, [[7], [8]], n=40, length=24)
+    model = distill(lambda t: (t == 7).float() + (t == 8).float() * 0.4, x.tolist(), preset_name="paper",
+                    fire_threshold=0.3, refit=False)
+    test = [e for e in model.examples_ if e.split == "test"]
+    firing = sum(a >= 0.3 for e in test for a in e.activations)
+    assert firing > sum(a >= 0.5 for e in test for a in e.activations)  # the threshold matters here
+    assert model.ceiling_["n_firing"] == firing
+    assert {name: s.n_firing for name, s in model.scores_.items()} == {name: firing for name in model.scores_}
