@@ -29,7 +29,7 @@ from n2g.errors import N2GError
 from n2g.fileio import MAX_JSON_DEPTH, csv_cell, inside, nested_deeper, read_json, remove_stale_temporaries
 from n2g.records import NeuronResult, plural
 from n2g.render import DrawingFailed, atomic_write, dot_available, load_graph_json, render
-from n2g.search import build_index, iter_results, result_paths, scan_results
+from n2g.search import _run_fire_threshold, build_index, iter_results, result_paths, scan_results
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def compute_report(run_dir: str | os.PathLike) -> dict:
         "run": {k: info.get(k) for k in ("name", "model", "corpus", "partition", "activation_store") if k in info},
         "methods": methods,
         "metrics": list(METRICS),
-        "fire_threshold": 0.5,
+        "fire_threshold": _run_fire_threshold(run_dir),  # what the scores were binarised at
         "notes": (
             "Means over neurons. Firing-class precision/recall/F1 exclude neurons with no firing test "
             "token; every mean skips undefined values; dead neurons are not scored."

@@ -97,3 +97,19 @@ def test_the_lookups_are_scored_at_the_run_fire_threshold():
     assert firing > sum(a >= 0.5 for e in test for a in e.activations)  # the threshold matters here
     assert model.ceiling_["n_firing"] == firing
     assert {name: s.n_firing for name, s in model.scores_.items()} == {name: firing for name in model.scores_}
+
+
+def test_the_report_states_the_fire_threshold_the_run_was_scored_at(tmp_path):
+    # report.json and the page said "fire threshold 0.5" whatever run.json's config held
+    import json
+
+    from helpers_run import make_run
+    from n2g.report import write_report
+
+    run = make_run(tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["fire_threshold"] = 0.3
+    (run / "run.json").write_text(json.dumps(info))
+    write_report(run)
+    assert json.loads((run / "report.json").read_text())["fire_threshold"] == 0.3
+    assert "fire threshold 0.3 " in (run / "report.html").read_text()
