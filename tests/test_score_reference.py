@@ -113,3 +113,26 @@ def test_the_report_states_the_fire_threshold_the_run_was_scored_at(tmp_path):
     write_report(run)
     assert json.loads((run / "report.json").read_text())["fire_threshold"] == 0.3
     assert "fire threshold 0.3 " in (run / "report.html").read_text()
+
+
+def test_a_layer_without_a_token_ceiling_beside_one_with_it(tmp_path):
+    # a layer whose neurons have no ceiling (all dead, none with a firing test token, or results from before
+    # ceilings) beside one that has it: the page's template read row.ceiling and write_report raised
+    import json
+
+    from helpers_run import make_run
+    from n2g.report import write_report
+
+    run = make_run(tmp_path)
+    path = run / "neurons" / "L0.N1" / "result.json"
+    d = json.loads(path.read_text())
+    d["ceiling"] = {"n_firing": 10, "n_seen": 5, "f1": 2 * 0.5 / 1.5}
+    path.write_text(json.dumps(d))
+    write_report(run)
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["layers"][0]["ceiling"]["f1"] == pytest.approx(2 / 3) and "ceiling" not in rep["layers"][1]
+    page = (run / "report.html").read_text()
+    row = page[page.index('data-layer="1"'):]
+    row = row[: row.index("</tr>")]
+    assert '<td class="ceiling">—</td><td>—</td>' in row
+    assert '<td class="ceiling">0.667</td><td>50.00 %</td>' in page
