@@ -136,3 +136,196 @@ def test_a_layer_without_a_token_ceiling_beside_one_with_it(tmp_path):
     row = row[: row.index("</tr>")]
     assert '<td class="ceiling">—</td><td>—</td>' in row
     assert '<td class="ceiling">0.667</td><td>50.00 %</td>' in page
+
+
+# ---------------------------------------------------------------------------------------------
+# References that agree today, on what the other tests leave unchecked
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 1 / 3])
+def test_scores_match_scikit_learn_with_ties_at_the_threshold(threshold):
+    """Values exactly at the threshold fire (">="), on both sides, in every count; excerpts of any length pool."""
+    import sklearn.metrics as skm  # the [test] extra installs scikit-learn
+
+    rng = np.random.default_rng(11)
+    below = np.nextafter(threshold, 0.0)
+    for _ in range(200):
+        lengths = rng.integers(0, 6, size=rng.integers(1, 5))
+        true = [rng.choice([0.0, below, threshold, 1.0], n) for n in lengths]
+        pred = [rng.choice([0.0, below, threshold, 0.9], n) for n in lengths]
+        s = score_arrays(true, pred, threshold)
+        t, p = np.concatenate(true), np.concatenate(pred)
+        yt, yp = [int(v >= threshold) for v in t], [int(v >= threshold) for v in p]
+        assert (s.n_tokens, s.n_firing, s.n_predicted_firing) == (len(yt), sum(yt), sum(yp))
+        assert s.status == ("ok" if sum(yt) else "no_firing_test_token")
+        if not len(yt):
+            continue
+        prec, rec, f1, _ = skm.precision_recall_fscore_support(yt, yp, labels=[1, 0], zero_division=np.nan)
+        for got, want in zip((s.precision, s.recall, s.nonfiring_precision, s.nonfiring_recall),
+                             (prec[0], rec[0], prec[1], rec[1])):
+            assert (got is None and np.isnan(want)) or got == pytest.approx(want)
+        for got, r, want in ((s.f1, rec[0], f1[0]), (s.nonfiring_f1, rec[1], f1[1])):
+            # undefined only with nothing to recall; 0 where nothing is predicted (scikit-learn's zero_division)
+            assert got is None if np.isnan(r) else got == pytest.approx(0.0 if np.isnan(want) else want)
+        if _ref_pearson(t.tolist(), p.tolist()) is None:
+            assert s.pearson is None
+        elif min(np.ptp(t), np.ptp(p)) > 1e-6:  # (a side spread over one float's width is too ill-conditioned to compare)
+            r, ev = _exact_pearson_and_ev(t.tolist(), p.tolist())
+            assert (s.pearson, s.explained_variance) == pytest.approx((r, ev), rel=1e-9, abs=1e-12)
+
+
+def _dict_lookup(seqs, acts, n, statistic):
+    """A lookup as dictionaries of tuples: every context of 1..n tokens ending at a training token."""
+    tables = {}
+    for ids, a in zip(seqs, acts):
+        for j in range(len(ids)):
+            for m in range(1, min(n, j + 1) + 1):
+                tables.setdefault(tuple(int(x) for x in ids[j - m + 1 : j + 1]), []).append(float(a[j]))
+
+    def value(v):
+        v = sorted(v)
+        if statistic == "max":
+            return v[-1]
+        if statistic == "mean":
+            return sum(v) / len(v)
+        return v[-(-int(float(statistic) * len(v) * 4) // 4) - 1]  # nearest rank: the ceil(q * n)-th value
+
+    def predict(seq):
+        out = []
+        for j in range(len(seq)):
+            keys = [tuple(int(x) for x in seq[j - m + 1 : j + 1]) for m in range(min(n, j + 1), 0, -1)]
+            hit = next((k for k in keys if k in tables), None)  # the longest context seen, else 0
+            out.append(0.0 if hit is None else max(value(tables[hit]), 0.0))
+        return out
+
+    return predict
+
+
+def test_lookups_match_a_dictionary_reference():
+    """Back-off from the longest seen context, short contexts at a sequence's start, unseen tokens, ids near
+    the packing limit, negative activations (clipped at 0), the mean, 0.75 quantile and maximum."""
+    from n2g.baselines import BASELINES, fit_baselines
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        vocab = int(rng.integers(1, 5))
+        offset = 2**21 - 2 - vocab if trial % 5 == 0 else 0  # the largest ids a packed key holds
+        seqs = [rng.integers(0, vocab, int(rng.integers(0, 9))) + offset for _ in range(int(rng.integers(0, 10)))]
+        acts = [rng.choice([-0.3, 0.0, 0.25, 0.5, 0.75, 1.0], len(s)) if trial % 2 else rng.normal(0.3, 0.5, len(s))
+                for s in seqs]
+        queries = [rng.integers(0, vocab + 1, int(rng.integers(0, 9))) + offset for _ in range(3)]
+        for name, model in fit_baselines(seqs, acts).items():
+            if name == "zero":
+                continue
+            ref = _dict_lookup(seqs, acts, model.n, model.statistic)
+            for q, got in zip(queries, model.predict_sequences(queries)):
+                np.testing.assert_allclose(got, ref(q), rtol=1e-12, atol=0, err_msg=name)
+
+
+def test_the_lookup_quantile_is_the_nearest_rank_not_numpy_interpolation():
+    """ngram*_0.75 takes the ceil(0.75 n)-th smallest value: numpy's method="inverted_cdf", an observed value,
+    not numpy's default linear interpolation."""
+    from n2g.baselines import NGramLookup
+
+    for n in range(1, 40):
+        v = np.random.default_rng(n).random(n)
+        got = NGramLookup(1, "0.75").fit_arrays([np.zeros(n, np.int64)], [v]).predict([0])[0]
+        assert got == np.quantile(v, 0.75, method="inverted_cdf")
+        assert got in v
+    v = np.arange(4) / 10
+    assert NGramLookup(1, "0.75").fit_arrays([np.zeros(4, np.int64)], [v]).predict([0])[0] != np.quantile(v, 0.75)
+
+
+def test_the_token_ceiling_is_the_f1_of_the_predictor_it_describes():
+    """Exact on every held-out token whose token fires somewhere in training, silent on the rest, scored."""
+    from n2g.distill import token_ceiling
+
+    rng = np.random.default_rng(9)
+    for _ in range(100):
+        threshold = float(rng.choice([0.5, 0.3]))
+        levels = [0.0, 0.2, np.nextafter(threshold, 0.0), threshold, 0.9]
+        train_ids = [rng.integers(0, 6, int(rng.integers(0, 9))) for _ in range(int(rng.integers(0, 5)))]
+        train_acts = [rng.choice(levels, len(s)) for s in train_ids]
+        test = [_example(rng.integers(0, 8, int(rng.integers(0, 9))), []) for _ in range(int(rng.integers(0, 5)))]
+        for e in test:
+            e.activations = [float(a) for a in rng.choice(levels, len(e.token_ids))]
+        fired = {int(t) for ids, a in zip(train_ids, train_acts) for t, v in zip(ids, a) if v >= threshold}
+        preds = [[a if t in fired else 0.0 for t, a in zip(e.token_ids, e.activations)] for e in test]
+        s = score_arrays([e.activations for e in test], preds, threshold)
+        c = token_ceiling(train_ids, train_acts, test, threshold)
+        assert (c["n_firing"], c["n_seen"]) == (s.n_firing, s.n_predicted_firing)
+        assert c["f1"] is None if s.f1 is None else c["f1"] == pytest.approx(s.f1)
+
+
+def test_report_means_match_a_reference_in_json_csv_and_html(tmp_path):
+    """Per-layer and overall means: dead neurons counted, not scored; firing precision/recall/F1 and the
+    ceiling over neurons with a firing test token; the rest over every scored neuron; undefined values skipped."""
+    import csv
+    import io
+    import json
+    import random
+    import re
+    import shutil
+
+    from helpers_run import make_run
+    from n2g.records import NeuronId, NeuronResult, NeuronStats, Scores
+    from n2g.report import GROUPS, METRICS, _csv, compute_report, fmt, report_html
+
+    def mean(v):
+        v = [x for x in v if x is not None]
+        return sum(v) / len(v) if v else None
+
+    for seed in range(3):
+        rng = random.Random(seed)
+        run = make_run(tmp_path / str(seed))
+        for d in (run / "neurons").iterdir():
+            shutil.rmtree(d)
+        results = []
+        for i in range(30):
+            dead, ok = rng.random() < 0.15, rng.random() < 0.8
+            v = lambda: None if rng.random() < 0.15 else rng.random()
+            scores = {} if dead else {m: Scores(
+                precision=v() if ok else None, recall=v() if ok else None, f1=rng.random() if ok else None,
+                nonfiring_precision=v(), nonfiring_recall=v(), nonfiring_f1=v(), pearson=v(), explained_variance=v(),
+                status="ok" if ok else "no_firing_test_token") for m in ("n2g", "token_lookup", "ngram", "zero")}
+            nf = rng.randint(1, 9) if ok else 0
+            seen = rng.randint(0, nf)
+            ceiling = {} if dead or rng.random() < 0.3 else {"n_firing": nf, "n_seen": seen,
+                                                             "f1": 2 * seen / (nf + seen) if nf else None}
+            r = NeuronResult(NeuronId(rng.choice([0, 2, 5]), i), "dead" if dead else "fitted",
+                             NeuronStats(max_activation=1.0, firing_rate=0.01, n_sampled_tokens=10), scores=scores,
+                             ceiling=ceiling)
+            (run / "neurons" / r.neuron.key).mkdir()
+            (run / "neurons" / r.neuron.key / "result.json").write_text(json.dumps(r.to_dict()))
+            results.append(r)
+        rep = compute_report(run)
+        groups = [(layer, [r for r in results if r.neuron.layer == layer]) for layer in sorted({0, 2, 5} & {r.neuron.layer for r in results})]
+        rows = rep["layers"] + [rep["overall"]]
+        assert [row["layer"] for row in rows] == [g for g, _ in groups] + ["all"]
+        csv_rows = iter(csv.DictReader(io.StringIO(_csv(rep))))
+        page = report_html(rep, [])
+        table = page[page.index('id="layer-table"'):page.index("</table>", page.index('id="layer-table"'))]
+        html_rows = re.findall(r'<tr(?: class="all")? data-layer="[^"]*">(.*?)</tr>', table, re.S)
+        for row, (_, rs), html in zip(rows, groups + [("all", results)], html_rows):
+            scored = [r for r in rs if r.status != "dead"]
+            firing = [r for r in scored if r.scores["n2g"].status == "ok"]
+            assert (row["n_neurons"], row["n_dead"], row["n_no_firing_test_token"], row["n_in_f1_mean"]) == (
+                len(rs), len(rs) - len(scored), len(scored) - len(firing), len(firing))
+            cells = [str(row["layer"]), str(len(rs)), str(len(rs) - len(scored)), str(len(scored) - len(firing))]
+            ceilings = [r.ceiling for r in firing if r.ceiling.get("f1") is not None]
+            for _, metric in GROUPS:
+                for m in rep["methods"]:
+                    want = mean([getattr(r.scores[m], metric) for r in (firing if metric in ("precision", "recall", "f1") else scored)])
+                    got = row["methods"][m][metric]
+                    assert got is None if want is None else got == pytest.approx(want, rel=1e-12)
+                    cells.append(fmt(want))
+                if metric == "f1":
+                    c = {"f1": mean([c["f1"] for c in ceilings]), "n_neurons": len(ceilings), "unseen_share":
+                         sum(c["n_firing"] - c["n_seen"] for c in ceilings) / sum(c["n_firing"] for c in ceilings)} if ceilings else None
+                    assert row.get("ceiling") == (None if c is None else pytest.approx(c, rel=1e-12))
+                    cells += [fmt(c["f1"]), f"{100 * c['unseen_share']:.2f} %"] if c else ["—", "—"]
+            assert re.findall(r"<td[^>]*>(.*?)</td>", html) == cells
+            for m in rep["methods"]:
+                line = next(csv_rows)
+                assert (line["layer"], line["method"]) == (str(row["layer"]), m)
+                assert [line[k] for k in METRICS] == ["" if row["methods"][m][k] is None else repr(row["methods"][m][k]) for k in METRICS]
