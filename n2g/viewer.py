@@ -369,14 +369,18 @@ def graph_line(stats: dict) -> str:
     return ", ".join(parts)
 
 
-def neuron_page(run_dir: Path, result: NeuronResult, threshold: float = 0.5, nonce: str | None = None) -> str:
-    """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``)."""
+def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = None, nonce: str | None = None) -> str:
+    """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``); tokens fire at ``threshold``,
+    by default the run's fire threshold (``run.json``)."""
     from n2g.explain import summary
     from n2g.profile import band_label
     from n2g.render import is_finite_number
     from n2g.pages import render_page
     from n2g.render import MAX_DRAWN_PATHS, graph_paths, path_text
+    from n2g.search import _run_fire_threshold
 
+    if threshold is None:
+        threshold = _run_fire_threshold(Path(run_dir))
     n = result.neuron
     key = n.key
     st = result.stats
@@ -645,12 +649,15 @@ def _write_pages(run_dir: Path, items: list[tuple[str, bytes | None]]) -> dict[s
     token texts and ids their excerpts show (for ``viewer/vocabulary.json``)."""
     from n2g.search import read_result
 
+    from n2g.search import _run_fire_threshold
+
     pages = run_dir / "viewer" / "neurons"
     tokens: dict[str, int] = {}
+    threshold = _run_fire_threshold(run_dir)  # once for the chunk, not once a page
     for folder, checked in items:
         r = read_result(folder, checked)
         if r is not None:
-            atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r).encode("utf-8"))
+            atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r, threshold).encode("utf-8"))
             _add_tokens(tokens, r)
     return tokens
 

@@ -517,3 +517,19 @@ def test_the_runs_vocabulary_is_written_with_the_pages_and_read_without_the_resu
     (run / "viewer" / "vocabulary.json").write_text('{"kind": "n2g.vocabulary", "tokens": {" Paris": "x"}}')
     assert RunVocabulary(run).ids == expect  # damaged: read from the results, with a warning
     assert "reading the tokens of every result instead" in caplog.text
+
+
+def test_neuron_pages_mark_firing_tokens_at_the_runs_fire_threshold(tmp_path):
+    # a run fitted at 0.3: L0.N1's train excerpt " in" at 0.1 stays quiet, its test " Paris" at 0.6 fires either way,
+    # and the page says 0.3 (it said, and outlined at, 0.5 whatever the run)
+    run = make_run(tmp_path)
+    made = json.loads((run / "run.json").read_text())
+    made["config"]["fire_threshold"] = 0.3
+    (run / "run.json").write_text(json.dumps(made))
+    d = json.loads((run / "neurons" / "L0.N1" / "result.json").read_text())
+    d["examples"][0]["activations"] = [0.0, 0.4, 1.0, 0.0]  # " in" at 0.4: fires at 0.3, not at 0.5
+    (run / "neurons" / "L0.N1" / "result.json").write_text(json.dumps(d))
+    build_all(run)
+    page = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    assert 'data-threshold="0.3"' in page and "it <i>fires</i> at ≥ 0.3" in page
+    assert '<span class="fire" style="background:rgba(214,39,40,0.400)" title="␣in  true 0.400"> in</span>' in page
