@@ -37,8 +37,10 @@ def pearson(true: np.ndarray, pred: np.ndarray) -> float | None:
     """Pearson correlation, None when either side is constant."""
     if len(true) < 2 or _constant(true) or _constant(pred):
         return None
-    # r does not change when a side is scaled: each side over its largest magnitude, so values near 1e-160 or
-    # 1e160 (whose squares leave float64) give r, not NaN
+    # r does not change when a side is shifted or scaled: each side less its first value (a side that varies by a
+    # few floats' width around 0.5 keeps its shape), over its largest magnitude (values near 1e-160 or 1e160,
+    # whose squares leave float64, give r, not NaN)
+    true, pred = true - true[0], pred - pred[0]
     return float(np.corrcoef(true / np.max(np.abs(true)), pred / np.max(np.abs(pred)))[0, 1])
 
 
@@ -46,7 +48,10 @@ def explained_variance(true: np.ndarray, pred: np.ndarray) -> float | None:
     """1 - var(true - pred) / var(true); None with no token or constant true values."""
     if not len(true) or _constant(true):
         return None
-    scale = float(np.max(np.abs(true)))  # both sides over the same factor: the ratio stays, squares stay in float64
+    # both sides less the same value and over the same factor: the ratio stays, a true side that varies by a few
+    # floats' width keeps its shape, and squares stay in float64
+    true, pred = true - true[0], pred - true[0]
+    scale = float(np.max(np.abs(true)))
     true, pred = true / scale, pred / scale
     var = float(np.var(true))
     if var == 0:

@@ -204,7 +204,7 @@ def _dict_lookup(seqs, acts, n, statistic):
 def test_lookups_match_a_dictionary_reference():
     """Back-off from the longest seen context, short contexts at a sequence's start, unseen tokens, ids near
     the packing limit, negative activations (clipped at 0), the mean, 0.75 quantile and maximum."""
-    from n2g.baselines import BASELINES, fit_baselines
+    from n2g.baselines import fit_baselines
 
     rng = np.random.default_rng(5)
     for trial in range(40):
@@ -329,3 +329,13 @@ def test_report_means_match_a_reference_in_json_csv_and_html(tmp_path):
                 line = next(csv_rows)
                 assert (line["layer"], line["method"]) == (str(row["layer"]), m)
                 assert [line[k] for k in METRICS] == ["" if row["methods"][m][k] is None else repr(row["methods"][m][k]) for k in METRICS]
+
+
+def test_pearson_and_explained_variance_of_sides_that_vary_by_a_few_floats():
+    # [0, 1] against [0.5 - 1 ulp, 0.5]: exactly r = 1; a true side of two neighbouring floats
+    from n2g.score import explained_variance, pearson
+
+    below = np.nextafter(0.5, 0.0)
+    assert pearson(np.array([0.0, 1.0]), np.array([below, 0.5])) == pytest.approx(1.0, abs=1e-12)
+    assert pearson(np.array([below, 0.5, below]), np.array([0.0, 1.0, 0.0])) == pytest.approx(1.0, abs=1e-12)
+    assert explained_variance(np.array([below, 0.5]), np.array([below, 0.5])) == 1.0
