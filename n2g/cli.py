@@ -274,17 +274,23 @@ def _summary_json(summary) -> dict:
             "neurons": neurons}
 
 
+def _run_dir_and_limit(args) -> Path:
+    """``args.run_dir`` as a path, once it is a run directory and ``--limit`` is at least 1 (search, predict)."""
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").exists():
+        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
+    if args.limit < 1:
+        raise N2GError(f"--limit must be at least 1 (got {args.limit})")
+    return run_dir
+
+
 def _search(args) -> int:
     import sqlite3
 
     from .search import search
     from .render import display_token
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "run.json").exists():
-        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
-    if args.limit < 1:
-        raise N2GError(f"--limit must be at least 1 (got {args.limit})")
+    run_dir = _run_dir_and_limit(args)
     logging.getLogger(__name__).debug("searching %s for %r (role %s, limit %d)", run_dir, args.token, args.role, args.limit)
     from .search import warn_if_index_behind
 
@@ -327,11 +333,7 @@ def _predict(args) -> int:
     from .render import display_token
     from .search import fires_on, run_neurons, warn_if_index_behind
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "run.json").exists():
-        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
-    if args.limit < 1:
-        raise N2GError(f"--limit must be at least 1 (got {args.limit})")
+    run_dir = _run_dir_and_limit(args)
     for key in args.neuron or ():
         try:
             NeuronId.from_key(key)

@@ -25,7 +25,7 @@ import numpy as np
 
 from n2g.errors import N2GError
 from n2g.fileio import loads_json, read_bytes, replacing
-from n2g.records import NeuronResult, check_folder, plural
+from n2g.records import NeuronId, NeuronResult, Sign, check_folder, plural
 from n2g.render import QUIET_BELOW, graph_token_rows, is_finite_number, load_graph_json
 
 log = logging.getLogger(__name__)
@@ -669,7 +669,7 @@ def _neuron_key(layer: int, index: int, sign) -> str | None:
     no run holds (a layer or index out of range, a sign that is neither)."""
     if sign not in ("positive", "negative") or not (0 <= layer < 10**6 and 0 <= index < 10**9):
         return None
-    return f"L{layer}.N{index}" + (".neg" if sign == "negative" else "")
+    return NeuronId(layer, index, Sign(sign)).key
 
 
 def run_neurons(run_dir: str | os.PathLike) -> list[dict]:
@@ -756,9 +756,9 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
                     strongest.setdefault(k, 0.0)
         keys = sorted(strongest, key=lambda k: (-strongest[k], rows[k]["layer"], rows[k]["index"], k) if k in rows
                       else (0.0, 0, 0, k))
-    out = []
     from n2g.progress import Progress
 
+    out: list[dict] = []
     bar = Progress(len(keys), "read graphs", "graphs", enabled=progress and len(keys) > PROGRESS_GRAPHS)
     try:
         _read_graphs(run_dir, keys, rows, ids, fire, true, neurons, deadline, out, bar)
@@ -779,14 +779,19 @@ def _read_graphs(run_dir: Path, keys: list[str], rows: dict, ids: list[int], fir
     from n2g.fileio import inside
     from n2g.graph import NeuronGraph
 
+    def out_of_time(n_read: int) -> bool:
+        if deadline is None or time.monotonic() <= deadline:
+            return False
+        log.warning("stopped after reading %d of the %d graphs that hold a token of the text (time budget)",
+                    n_read, len(keys))
+        return True
+
     for n_read, key in enumerate(keys):
         bar.update(1)
         row = rows.get(key)
         if row is None:
             continue
-        if deadline is not None and time.monotonic() > deadline:
-            log.warning("stopped after reading %d of the %d graphs that hold a token of the text (time budget)",
-                        n_read, len(keys))
+        if out_of_time(n_read):
             break
         predicted = np.zeros(len(ids), np.float32)
         threshold = fire  # a neuron without a graph: the run's
@@ -799,9 +804,7 @@ def _read_graphs(run_dir: Path, keys: list[str], rows: dict, ids: list[int], fir
                 threshold = graph.fire_threshold
                 predicted = graph.predict_sequence(ids, deadline=min(time.monotonic() + PREDICT_SECONDS, deadline or math.inf))
             except TimeoutError:  # the request's budget, or the graph's own: not a damaged file
-                if deadline is not None and time.monotonic() > deadline:
-                    log.warning("stopped after reading %d of the %d graphs that hold a token of the text (time budget)",
-                                n_read, len(keys))
+                if out_of_time(n_read):
                     break
                 log.warning("left out %s: its graph took more than %g s to predict on this text", key, PREDICT_SECONDS)
                 continue

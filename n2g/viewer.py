@@ -1119,12 +1119,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.cache.popitem(last=False)
         return result, graph
 
-    def _tokens(self, text: str) -> tuple[list[int], list[str], str]:
-        """(ids, token texts, how it was split) of typed text: the model's tokenizer, else the run's tokens."""
+    @staticmethod
+    def _check_text(text: str) -> None:
         if not text.strip():
             raise _Refused(400, "no text given; type some text to predict on")
         if len(text) > MAX_TRY_CHARS:
             raise _Refused(400, f"the text is {len(text)} characters long; try at most {MAX_TRY_CHARS}")
+
+    def _tokens(self, text: str) -> tuple[list[int], list[str], str]:
+        """(ids, token texts, how it was split) of typed text: the model's tokenizer, else the run's tokens."""
+        self._check_text(text)
         model = self.subject
         with self.lock:  # the model (and building the run's vocabulary) one request at a time
             if model is not None:
@@ -1172,10 +1176,7 @@ class _Handler(BaseHTTPRequestHandler):
         q = parse_qs(query, keep_blank_values=True)
         key, text = q.get("key", [""])[0], q.get("text", [""])[0]
         try:
-            if not text.strip():
-                raise _Refused(400, "no text given; type some text to predict on")
-            if len(text) > MAX_TRY_CHARS:
-                raise _Refused(400, f"the text is {len(text)} characters long; try at most {MAX_TRY_CHARS}")
+            self._check_text(text)  # before the key: an empty text is named first
             result, graph = self._neuron(key)
             model = self.subject
             ids, toks, how = self._tokens(text)
