@@ -20,18 +20,43 @@ from .records import Example, Scores
 from .score import score_arrays
 
 _BITS = 21
-"""Bits per token id in a packed key (vocabularies up to 2 million; three tokens fit in 63 bits)."""
+"""Bits per token in a packed key (three tokens fit in 63 bits)."""
+
+_UNKNOWN = (1 << _BITS) - 1
+"""The key part of a token no training key holds, so a context with it matches nothing."""
 
 
-def _flatten(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """All token ids in one array (+1 so id 0 differs from 'none') and each one's position in its sequence."""
+def _flatten(seqs: Sequence[np.ndarray], vocab: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every token's key part in one array, and each one's position in its sequence.
+
+    A token's key part is its id + 1 (so id 0 differs from 'none'), or, where the training ids do not all fit
+    in :data:`_BITS` bits, 1 + its rank among the training ids ``vocab`` (:func:`_vocabulary`); a token that
+    would not fit, or that ``vocab`` lacks, is :data:`_UNKNOWN`, so two different contexts never share a key."""
     arrays = [np.asarray(s, np.int64).ravel() for s in seqs]
     if not arrays or not sum(len(a) for a in arrays):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ids = np.concatenate(arrays) + 1
+    raw = np.concatenate(arrays)
+    if vocab is None:
+        ids = np.minimum(raw + 1, _UNKNOWN)
+    else:
+        at = np.minimum(np.searchsorted(vocab, raw), max(len(vocab) - 1, 0))
+        known = (vocab[at] == raw) if len(vocab) else np.zeros(len(raw), bool)
+        ids = np.where(known, at + 1, _UNKNOWN)
     lengths = np.array([len(a) for a in arrays])
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     return ids, np.arange(len(ids)) - starts
+
+
+def _vocabulary(seqs: Sequence[np.ndarray]) -> np.ndarray | None:
+    """None where every training id + 1 fits below :data:`_UNKNOWN` (keys are the ids themselves); else the
+    sorted distinct training ids, whose ranks make the keys."""
+    top = max((int(np.max(s)) for s in (np.asarray(s, np.int64).ravel() for s in seqs) if len(s)), default=-1)
+    if top + 1 < _UNKNOWN:
+        return None
+    vocab = np.unique(np.concatenate([np.asarray(s, np.int64).ravel() for s in seqs]))
+    if len(vocab) + 1 >= _UNKNOWN:
+        raise ValueError(f"a lookup keys at most {_UNKNOWN - 2:,} distinct training tokens (got {len(vocab):,})")
+    return vocab
 
 
 def _pack_flat(ids: np.ndarray, pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,11 +70,11 @@ def _pack_flat(ids: np.ndarray, pos: np.ndarray, n: int) -> tuple[np.ndarray, np
     return key, pos >= n - 1
 
 
-def _tables(seqs: Sequence[np.ndarray], acts: Sequence[np.ndarray], n: int,
-            statistics: Sequence[str]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+def _tables(seqs: Sequence[np.ndarray], acts: Sequence[np.ndarray], n: int, statistics: Sequence[str],
+            vocab: np.ndarray | None = None) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """Per statistic, the lookup tables of contexts 1..n: keys packed and sorted once for all statistics."""
     values = np.concatenate([np.asarray(a, np.float64).ravel() for a in acts]) if len(acts) else np.zeros(0)
-    ids, pos = _flatten(seqs)
+    ids, pos = _flatten(seqs, vocab)
     out: dict[str, list] = {s: [] for s in statistics}
     for m in range(1, n + 1):
         keys, full = _pack_flat(ids, pos, m)
@@ -88,14 +113,15 @@ class NGramLookup:
         return self.fit_arrays([np.asarray(e.token_ids) for e in examples], [np.asarray(e.activations) for e in examples])
 
     def fit_arrays(self, seqs: Sequence[np.ndarray], acts: Sequence[np.ndarray]) -> "NGramLookup":
-        self.tables_ = _tables(seqs, acts, self.n, [self.statistic])[self.statistic]
+        self.vocab_ = _vocabulary(seqs)
+        self.tables_ = _tables(seqs, acts, self.n, [self.statistic], self.vocab_)[self.statistic]
         return self
 
     def predict_sequences(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
         arrays = [np.asarray(s, np.int64) for s in seqs]
         flat = np.zeros(sum(len(a) for a in arrays), np.float64)
         done = np.zeros(len(flat), bool)
-        ids, pos = _flatten(arrays)
+        ids, pos = _flatten(arrays, getattr(self, "vocab_", None))
         for m in range(self.n, 0, -1):  # longest context first
             keys, full = _pack_flat(ids, pos, m)
             uniq, stat = self.tables_[m - 1]
@@ -131,6 +157,7 @@ class Zero(NGramLookup):
 
     def fit_arrays(self, seqs, acts) -> "Zero":
         self.tables_ = [(np.zeros(0, np.int64), np.zeros(0, np.float64))]
+        self.vocab_ = None
         return self
 
 
@@ -152,9 +179,10 @@ def fit_baselines(seqs: Sequence[np.ndarray], acts: Sequence[np.ndarray], names:
     lookups = {name: m for name, m in made.items() if type(m) is NGramLookup}
     if lookups:
         n = max(m.n for m in lookups.values())
-        tables = _tables(seqs, acts, n, sorted({m.statistic for m in lookups.values()}))
+        vocab = _vocabulary(seqs)
+        tables = _tables(seqs, acts, n, sorted({m.statistic for m in lookups.values()}), vocab)
         for m in lookups.values():
-            m.tables_ = tables[m.statistic][: m.n]
+            m.tables_, m.vocab_ = tables[m.statistic][: m.n], vocab
     for name, m in made.items():
         if name not in lookups:
             m.fit_arrays(seqs, acts)

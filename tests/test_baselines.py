@@ -62,3 +62,19 @@ def test_zero_and_empty():
     made = fit_baselines([], [])
     assert made["zero"].predict([1, 2]).tolist() == [0.0, 0.0]
     assert made["ngram"].predict([1, 2]).tolist() == [0.0, 0.0]
+
+
+def test_large_token_ids_never_share_a_key():
+    # Packed keys hold 21 bits per token: 2**21 + 5 after 0 and 5 after 0 would be one key if ids were packed as they are.
+    big = 2**21 + 5
+    seqs, acts = [np.array([0, big]), np.array([0, 5])], [np.array([0.0, 1.0]), np.array([0.0, 0.0])]
+    for name in ("ngram2_max", "ngram"):
+        alone = BASELINES[name]().fit_arrays(seqs, acts)
+        shared = fit_baselines(seqs, acts, [name])[name]
+        for m in (alone, shared):
+            got = m.predict_sequences([np.array([0, 5]), np.array([0, big]), np.array([3, big]), np.array([0, 2**31 - 1])])
+            assert [g.tolist() for g in got] == [[0.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]]
+    # Training ids that fit: an unseen large id at prediction time matches nothing either.
+    small = NGramLookup(2, "max").fit_arrays([np.array([0, 5])], [np.array([0.0, 1.0])])
+    assert small.predict_sequences([np.array([0, big]), np.array([0, 5])])[0].tolist() == [0.0, 0.0]
+    assert small.predict_sequences([np.array([0, 5])])[0].tolist() == [0.0, 1.0]
