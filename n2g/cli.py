@@ -642,6 +642,9 @@ def _serve(args) -> int:
 
         model = load_model(args.model, device=args.device)
         _check_served_model(model, made_with if isinstance(made_with, dict) else {}, args)
+    from .search import warn_if_index_behind
+
+    warn_if_index_behind(args.run_dir)  # pages, search and "which neurons fire" would leave those neurons out
     serve(Path(args.run_dir), host=args.host, port=port, model=model)
     return 0
 

@@ -418,13 +418,17 @@ def test_sigterm_stops_a_command_like_ctrl_c_with_one_line(tmp_path):
         "n2g: interrupted; finished neurons are saved, re-run the same command to resume"]
 
 
-def test_search_and_predict_say_when_the_index_is_behind_the_run(tmp_path, capsys, caplog):
+def test_search_predict_and_serve_say_when_the_index_is_behind_the_run(tmp_path, capsys, caplog, monkeypatch):
     # a neuron fitted after `n2g report` (a run resumed with more neurons) is in no index yet
     import shutil
 
+    import n2g.viewer
+
+    served = []
+    monkeypatch.setattr(n2g.viewer, "serve", lambda run_dir, **kw: served.append(run_dir))
     run = make_run(tmp_path)
     build_all(run)
-    for argv in (["search", run, "Paris"], ["predict", run, " in Paris"]):
+    for argv in (["search", run, "Paris"], ["predict", run, " in Paris"], ["serve", run]):
         code, _, err = main(argv, capsys)
         assert code == 0 and "search index" not in caplog.text, caplog.text
     shutil.copytree(run / "neurons" / "L0.N1", run / "neurons" / "L0.N7")
@@ -436,7 +440,7 @@ def test_search_and_predict_say_when_the_index_is_behind_the_run(tmp_path, capsy
     for result in run.glob("neurons/*/result.json"):
         if result.parent.name != "L0.N7":
             os.utime(result, ns=(built - 10**10,) * 2)
-    for argv in (["search", run, "Paris"], ["predict", run, " in Paris"]):
+    for argv in (["search", run, "Paris"], ["predict", run, " in Paris"], ["serve", run]):
         caplog.clear()
         code, out, err = main(argv, capsys)
         assert code == 0 and "L0.N7" not in out
@@ -446,3 +450,4 @@ def test_search_and_predict_say_when_the_index_is_behind_the_run(tmp_path, capsy
     caplog.clear()
     code, out, err = main(["predict", run, " in Paris"], capsys)
     assert code == 0 and "search index" not in caplog.text and "L0.N7" in out
+    assert served == [run] * 2  # the warning does not stop the server
