@@ -516,6 +516,15 @@ SHAPES = {  # name: (feature, patterns planted); each rule says something a toke
     "weaker but firing with Y within 3 before": (lambda x: (x == 8).float() * (1.0 - 0.45 * _within(x, 9, 3).float()),
                                                  [[8], [9, 8], [9, 40, 8], [9, 40, 41, 8]]),
     "X only where it is new within 40": (lambda x: ((x == 8) & ~_within(x, 8, 40)).float(), [[8]] * 4),
+    "one of a set within 3 before": (lambda x: ((x == 8) & torch.stack([_within(x, y, 3) for y in (9, 20, 21, 22, 23)]).any(0)).float(),
+                                     [[8]] + [[y, 40, 8] for y in (9, 20, 21, 22, 23)] + [[y, 8] for y in (9, 20, 21, 22, 23)]),
+    "two activators with Y within 3": (lambda x: (((x == 7) | (x == 8)) & _within(x, 9, 3)).float(),
+                                       [[7], [8], [9, 40, 7], [9, 8], [9, 40, 41, 8], [9, 7]]),
+    "1.0 after Y, 0.7 after Z, quiet after W Y": (
+        lambda x: (x == 8).float() * (((shifted(x, 1) == 9) & (shifted(x, 2) != 22)).float() + 0.7 * (shifted(x, 1) == 21).float()),
+        [[9, 8], [21, 8], [22, 9, 8], [8]]),
+    "a frequent token after another frequent one": (lambda x: ((x == 45) & (shifted(x, 1) == 46)).float(), [[46, 45]]),
+    "a frequent token except after another": (lambda x: ((x == 45) & (shifted(x, 1) != 46)).float(), [[46, 45]]),
     "sub-threshold two after Y": (lambda x: (x == 8).float() * ((shifted(x, 1) == 9).float()
                                                                 + 0.3 * ((shifted(x, 2) == 9) & (shifted(x, 1) != 9)).float()),
                                   [[9, 8], [9, 40, 8], [8], [9, 40, 41, 8]]),
