@@ -187,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for --model (default: cuda if available, else cpu)")
     p.add_argument("--limit", type=int, default=20, help="at most this many neurons in the list (default 20)")
     _verbosity_args(p, json_out=True)
+
+    p = sub.add_parser("compare", help="compare the graphs of two runs of one model, neuron by neuron", description=(
+        "Pair the neurons two runs of one model share (scored on the same held-out text) and show each run's mean "
+        "firing F1 and Pearson r, the difference B - A with a 95%% bootstrap interval over the neurons, wins and "
+        "losses, the difference per layer and the neurons that moved most. For a setting changed between the runs "
+        "(e.g. --augment, --written 0, --vocabulary 0, another n2g version)."))
+    p.add_argument("run_a", help="the first run directory (A)")
+    p.add_argument("run_b", help="the second run directory (B)")
+    p.add_argument("--limit", type=int, default=10, help="list at most this many gains and losses (default 10; 0: none)")
+    _verbosity_args(p, json_out=True)
     return parser
 
 
@@ -311,6 +321,19 @@ def _search(args) -> int:
         w = "  -  " if h["weight"] is None else f"{h['weight']:.2f}"
         # the key too is text from the index file, which may not be the user's own: control characters shown, not sent
         print(f"{display_token(h['key'])[:40]:<16}{display_token(h['token'])[:23]:<24}{h['role']:<11}{w:>7}{f1:>8}  {h['match']}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import compare_runs, format_comparison
+
+    if args.limit < 0:
+        raise N2GError(f"--limit must be 0 or more (got {args.limit})")
+    comparison = compare_runs(args.run_a, args.run_b, progress=not args.quiet)
+    if args.json:
+        _print_json(comparison.to_dict())
+    else:
+        print(format_comparison(comparison, args.limit))
     return 0
 
 
@@ -839,7 +862,7 @@ def _main(argv: list[str] | None) -> int:
     if empty:
         print(f"n2g: error: {empty}", file=sys.stderr)
         return 2
-    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search, "predict": _predict,
+    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search, "predict": _predict, "compare": _compare,
                 "steer": _steer}
     try:
         with _terminate_as_interrupt():
