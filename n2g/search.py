@@ -694,14 +694,12 @@ def run_neurons(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def _run_fire_threshold(run_dir: Path) -> float:
-    """The fire threshold the run was fitted at (the config ``run.json`` records with the run's identity, or at
-    its top level), 0.5 where it records no valid one."""
+    """The fire threshold the run was fitted at (the config ``run.json`` records with the run's identity), 0.5
+    where it records no valid one."""
     from n2g.fileio import read_json
 
     try:
-        info = read_json(run_dir / "run.json")
-        config = (info.get("identity") or {}).get("config") or info["config"]
-        value = config["fire_threshold"]
+        value = read_json(run_dir / "run.json")["identity"]["config"]["fire_threshold"]
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         return 0.5
     return float(value) if is_finite_number(value) and 0 < value <= 1 else 0.5

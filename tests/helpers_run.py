@@ -78,7 +78,7 @@ def make_run(root: Path) -> Path:
         "kind": "n2g.run", "schema_version": 1, "name": "synthetic <test> run",
         "model": {"spec": "toy/model", "architecture": "llama", "n_layers": 2, "d_mlp": 8},
         "corpus": {"source": "planted", "n_excerpts": 10, "length": 8},
-        "config": {"preset": "paper"}, "versions": {"n2g": "0.1.0"},
+        "identity": {"model": "toy/model", "config": {"fire_threshold": 0.5}}, "versions": {"n2g": "0.1.0"},
     }))
 
     def save(result: NeuronResult, G: nx.DiGraph | None) -> None:

@@ -46,7 +46,7 @@ def runs(tmp_path):
     _set_scores(b, "L0.N1", 0.9, 0.6)  # F1 0.8 -> 0.9, Pearson 0.7 -> 0.6; the other neurons as in A
     default = json.loads(json.dumps(dataclasses.asdict(n2g.preset("default"))))  # as run.json records it
     for run, augment in ((a, True), (b, False)):
-        _run_json(run, lambda d: d.update(identity={"model_content": "abc", "config": {**default, "augment": augment}}))
+        _run_json(run, lambda d: d["identity"].update(model_content="abc", config={**default, "augment": augment}))
     return a, b
 
 

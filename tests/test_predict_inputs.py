@@ -90,7 +90,7 @@ def test_the_true_activations_of_a_whole_run_take_one_forward_pass_on_a_short_te
 def _fit_at(run, threshold):
     """The run as if fitted at another fire threshold (run.json's config and every graph say so)."""
     made = json.loads((run / "run.json").read_text())
-    made["config"]["fire_threshold"] = threshold
+    made["identity"]["config"]["fire_threshold"] = threshold
     (run / "run.json").write_text(json.dumps(made))
     for gpath in (run / "neurons").glob("*/graph.json"):
         d = json.loads(gpath.read_text())

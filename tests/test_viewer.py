@@ -524,7 +524,7 @@ def test_neuron_pages_mark_firing_tokens_at_the_runs_fire_threshold(tmp_path):
     # and the page says 0.3 (it said, and outlined at, 0.5 whatever the run)
     run = make_run(tmp_path)
     made = json.loads((run / "run.json").read_text())
-    made["config"]["fire_threshold"] = 0.3
+    made["identity"]["config"]["fire_threshold"] = 0.3
     (run / "run.json").write_text(json.dumps(made))
     d = json.loads((run / "neurons" / "L0.N1" / "result.json").read_text())
     d["examples"][0]["activations"] = [0.0, 0.4, 1.0, 0.0]  # " in" at 0.4: fires at 0.3, not at 0.5
