@@ -847,10 +847,16 @@ class NeuronGraph:
     def __repr__(self) -> str:
         return self.describe(limit=5)
 
+    def drawable(self) -> nx.DiGraph:
+        """:meth:`to_networkx` with the graph's fire threshold, which the drawing marks quiet activators by."""
+        g = self.to_networkx()
+        g.graph["fire_threshold"] = self.fire_threshold
+        return g
+
     def _repr_svg_(self) -> str | None:  # notebooks show the graph inline (nothing without Graphviz)
         from .render import dot_available, svg_of
 
-        return svg_of(self.to_networkx()) if dot_available() else None
+        return svg_of(self.drawable()) if dot_available() else None
 
     def set_token_text(self, to_text: Callable[[list[int]], list[str]]) -> None:
         ids = sorted(self.tokens())

@@ -13,7 +13,7 @@ def model_html(model) -> str:
     graph = getattr(model, "graph_", None)
     svg, paths = None, []
     if graph is not None:
-        G = graph.to_networkx()
+        G = graph.drawable()
         paths = [{"text": path_text(p), "end": p["end"], "count": p["count"]} for p in graph_paths(G)]
         if dot_available() and paths:
             svg = Markup(svg_of(G, title=model.name))  # labels are entity-escaped by the renderer

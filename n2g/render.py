@@ -246,13 +246,14 @@ MAX_DRAWN_PATHS = 14
 
 
 QUIET_BELOW = 0.5
-"""An activator whose strongest END is below this (the fire threshold) is quiet: it holds a graded
+"""An activator whose strongest END is below this (the default fire threshold) is quiet: it holds a graded
 value (``quiet_tokens``) but is never predicted to fire."""
 
 
-def is_quiet(attrs: dict) -> bool:
-    """Whether an activator node (its attributes) is quiet: no END on or below it fires."""
-    return attrs.get("kind") == "activator" and _num(attrs.get("activation")) < QUIET_BELOW
+def is_quiet(attrs: dict, threshold: float = QUIET_BELOW) -> bool:
+    """Whether an activator node (its attributes) is quiet: no END on or below it fires (reaches ``threshold``,
+    the graph's fire threshold)."""
+    return attrs.get("kind") == "activator" and _num(attrs.get("activation")) < threshold
 
 
 def graph_paths(G: nx.DiGraph) -> list[dict]:
@@ -355,7 +356,8 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
         shown = paths[:max_paths]
         keep = {n for p in shown for n in p["nodes"]}
         acts = [n for n in G.nodes if G.nodes[n].get("kind") == "activator"]
-        quiet = {n for n in acts if is_quiet(G.nodes[n])}
+        threshold = _num(G.graph.get("fire_threshold", QUIET_BELOW))
+        quiet = {n for n in acts if is_quiet(G.nodes[n], threshold if 0 < threshold <= 1 else QUIET_BELOW)}
         drawn = {p["nodes"][0] for p in shown}
         hidden_acts, hidden_quiet = len(acts) - len(drawn), len(quiet - drawn)
         summary = (f"summary: the {max_paths} strongest of {len(paths)} paths ({len(acts)} activating tokens"

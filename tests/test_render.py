@@ -226,6 +226,9 @@ def test_large_graph_is_summarised_strongest_on_top_and_fits_one_screen():
     # 120 paths, 14 drawn on 11 tokens; 34 activators stay below 0.5 (quiet), all of them among the hidden
     assert "+106 more paths" in dot and "(79 more activating tokens, 34 quiet)" in dot
     assert "summary: the 14 strongest of 120 paths (90 activating tokens, 34 of them quiet: never predicted to fire)" in dot
+    G.graph["fire_threshold"] = 0.3  # a graph fitted at 0.3: activators from 0.3 to 0.5 fire (they were drawn as quiet)
+    assert "(90 activating tokens, 12 of them quiet: never predicted to fire)" in R.to_dot(G, title="L5.N1")
+    G.graph["fire_threshold"] = 0.5
     height, pos = _plain_positions(dot)
     assert height * 96 < 720, f"{height * 96:.0f} px tall: does not fit one screen (80 % of a 900 px window)"
     strongest = R.graph_paths(G)[0]
