@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="compare the graphs of two runs of one model, neuron by neuron", description=(
         "Pair the neurons two runs of one model share (scored on the same held-out text) and show each run's mean "
-        "firing F1 and Pearson r, the difference B - A with a 95%% bootstrap interval over the neurons, wins and "
+        "firing F1 and Pearson r, the difference B - A with a 95 % bootstrap interval over the neurons, wins and "
         "losses, the difference per layer and the neurons that moved most. For a setting changed between the runs "
         "(e.g. --augment, --written 0, --vocabulary 0, another n2g version)."))
     p.add_argument("run_a", help="the first run directory (A)")
