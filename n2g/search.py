@@ -576,14 +576,15 @@ def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limi
     ]
 
 
-SIMILAR_ROWS = (f"token_id IS NOT NULL AND NOT (role = 'activator' AND weight < {QUIET_BELOW!r})")
-"""Token rows ``similar`` counts: quiet activators (graded values of common tokens, never firing) would
-make neurons look alike for sharing a background token, so they are left out."""
+def _similar_rows(threshold: float = QUIET_BELOW) -> str:
+    """The token rows ``similar`` counts: quiet activators (graded values of common tokens, below the run's fire
+    threshold, never firing) would make neurons look alike for sharing a background token, so they are left out."""
+    return f"token_id IS NOT NULL AND NOT (role = 'activator' AND weight < {float(threshold)!r})"
 
 
-def _weights(con: sqlite3.Connection, key: str) -> dict[int, float]:
+def _weights(con: sqlite3.Connection, key: str, threshold: float = QUIET_BELOW) -> dict[int, float]:
     w: dict[int, float] = {}
-    for tid, role in con.execute(f"SELECT token_id, role FROM tokens WHERE key = ? AND {SIMILAR_ROWS}", (key,)):
+    for tid, role in con.execute(f"SELECT token_id, role FROM tokens WHERE key = ? AND {_similar_rows(threshold)}", (key,)):
         w[tid] = max(w.get(tid, 0.0), ACTIVATOR_WEIGHT if role == "activator" else 1.0)
     return w
 
@@ -593,10 +594,10 @@ class _TokenWeights:
     (rows sorted by token id) and each neuron's total weight. Loaded once per process and index
     file, so :func:`similar` costs a few array operations per neuron however large the run."""
 
-    def __init__(self, con: sqlite3.Connection):
+    def __init__(self, con: sqlite3.Connection, threshold: float = QUIET_BELOW):
         rows = con.execute(
             f"SELECT key, token_id, MAX(CASE WHEN role = 'activator' THEN {ACTIVATOR_WEIGHT!r} ELSE 1.0 END) "
-            f"FROM tokens WHERE {SIMILAR_ROWS} GROUP BY key, token_id").fetchall()
+            f"FROM tokens WHERE {_similar_rows(threshold)} GROUP BY key, token_id").fetchall()
         self.keys = sorted({k for k, _, _ in rows})
         number = {k: i for i, k in enumerate(self.keys)}
         key_ids = np.fromiter((number[k] for k, _, _ in rows), np.int64, len(rows))
@@ -639,22 +640,23 @@ def similar(run_dir: str | os.PathLike, key: str, limit: int = 10) -> list[tuple
     """Neurons whose graphs share the most token ids with ``key``'s: ``(key, weighted Jaccard)``.
 
     Each token id weighs 2 where it is an activating token and 1 where it is only context; the
-    score is sum(min) / sum(max) over the union. Quiet activators (never predicted to fire) do not
-    count. Neurons sharing nothing are left out.
+    score is sum(min) / sum(max) over the union. Quiet activators (below the run's fire threshold: never
+    predicted to fire) do not count. Neurons sharing nothing are left out.
     """
+    threshold = _run_fire_threshold(Path(run_dir))
     con = _connect(run_dir)
     try:
         if con.execute("SELECT 1 FROM neurons WHERE key = ?", (key,)).fetchone() is None:
             raise N2GError(f"no neuron {key!r} in {run_dir}; keys look like L5.N123 or L5.N123.neg")
-        mine = _weights(con, key)
+        mine = _weights(con, key, threshold)
         if not mine:
             return []
         path = Path(run_dir) / INDEX_NAME
         st = path.stat()
-        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        version = (st.st_ino, st.st_mtime_ns, st.st_size, threshold)
         cached = _token_weights.get(str(path))
         if cached is None or cached[0] != version:
-            cached = _token_weights[str(path)] = (version, _TokenWeights(con))
+            cached = _token_weights[str(path)] = (version, _TokenWeights(con, threshold))
     finally:
         con.close()
     return cached[1].similar(key, mine, max(0, int(limit)))

@@ -186,6 +186,11 @@ def test_similar_leaves_out_quiet_activators(tmp_path):
     sims = dict(similar(run, "L0.N1"))
     assert sims["L0.N2"] == pytest.approx(1 / 7) and sims["L1.N4.neg"] == pytest.approx(2 / 6)  # as without it
     assert {h["key"] for h in search(run, " the", role="activator")} >= {"L0.N1", "L0.N2"}
+    info = json.loads((run / "run.json").read_text())  # a run fitted at 0.15: " the" at 0.2 fires in both graphs
+    info["identity"]["config"]["fire_threshold"] = 0.15
+    (run / "run.json").write_text(json.dumps(info))
+    sims = dict(similar(run, "L0.N1"))  # (it was quiet at 0.5, whatever the run's threshold)
+    assert sims["L0.N2"] == pytest.approx(3 / 9) and sims["L1.N4.neg"] == pytest.approx(2 / 8)
 
 
 def test_report_shows_the_token_ceiling_per_layer_when_results_have_one(run, tmp_path):
