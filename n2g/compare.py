@@ -108,11 +108,25 @@ class Comparison:
 
 
 def _run_json(run_dir: Path) -> dict:
-    from .report import _run_info
+    """``run.json``; N2GError where it cannot be read: without it the model the run was made with is unknown."""
+    from .fileio import MAX_JSON_DEPTH, inside, nested_deeper, read_json
 
-    if not (run_dir / "run.json").exists():
+    path = run_dir / "run.json"
+    if not path.exists():
         raise N2GError(f"{run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
-    return _run_info(run_dir)
+    try:
+        if not inside(run_dir, path):  # its fields reach the terminal: nothing from outside the run
+            raise ValueError("it is a link that leads out of the run directory")
+        d = read_json(path)
+        problem = None if isinstance(d, dict) else f"it holds a JSON {type(d).__name__}, not an object"
+        if problem is None and nested_deeper(d):
+            problem = f"it nests lists and objects more than {MAX_JSON_DEPTH} deep, deeper than n2g writes"
+    except (OSError, ValueError, RecursionError) as exc:
+        problem = str(exc)[:200]
+    if problem is not None:
+        raise N2GError(f"{path} cannot be read ({problem}), so the model {run_dir} was made with is not known; "
+                       "re-running the same `n2g run` command rewrites it")
+    return d
 
 
 def _identity(info: dict) -> dict:

@@ -143,3 +143,24 @@ def test_what_cannot_be_compared_is_one_line(runs, capsys, case, message):
         argv += ["--limit", "-1"]
     code, out, err = main(argv, capsys)
     assert code == 2 and not out and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("case", ["damaged", "list", "deep", "link out", "both damaged"])
+def test_a_run_json_that_cannot_be_read_is_one_line_not_another_model(runs, capsys, case):
+    a, b = runs
+    if case == "damaged":
+        (b / "run.json").write_text("{nope")
+    elif case == "list":
+        (b / "run.json").write_text("[1, 2]")
+    elif case == "deep":
+        (b / "run.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "link out":
+        (b / "run.json").unlink()
+        (b / "run.json").symlink_to(a / "run.json")
+    else:  # neither run's model is known: not compared as if they were of one model
+        (a / "run.json").write_text("{nope")
+        (b / "run.json").write_text("{nope")
+    code, out, err = main(["compare", a, b], capsys)
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert "run.json cannot be read" in err and "different models" not in err, err
+    assert "re-running the same `n2g run` command rewrites it" in err
