@@ -102,9 +102,12 @@ class Comparison:
     """Per paired neuron: key, status in A and B, F1 and Pearson r of each; sorted by F1 difference, largest gain first."""
 
     def to_dict(self) -> dict:
+        """As JSON: NaN and infinities from a run.json (a setting, a model spec) as None, since JSON has none."""
+        from .report import _finite
+
         d = dataclasses.asdict(self)
         d["settings"] = [{"setting": k, "a": a, "b": b} for k, a, b in self.settings]
-        return d
+        return _finite(d)
 
 
 def _run_json(run_dir: Path) -> dict:

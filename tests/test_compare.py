@@ -164,3 +164,13 @@ def test_a_run_json_that_cannot_be_read_is_one_line_not_another_model(runs, caps
     assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
     assert "run.json cannot be read" in err and "different models" not in err, err
     assert "re-running the same `n2g run` command rewrites it" in err
+
+
+def test_json_is_valid_when_a_run_json_holds_nan_or_infinity(runs, capsys):
+    a, b = runs
+    _run_json(a, lambda d: d["model"].update(spec=float("inf")))
+    _run_json(b, lambda d: (d["model"].update(spec=float("inf")), d["identity"]["config"].update(augment=float("nan"))))
+    code, out, err = main(["compare", a, b, "--json"], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    d = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert d["a"]["model"] is None and d["settings"] == [{"setting": "augment", "a": True, "b": None}]
