@@ -24,6 +24,9 @@ from .records import NeuronResult, plural
 METRICS = {"f1": "firing F1", "pearson": "Pearson r"}
 """Scores compared, by their field in :class:`n2g.records.Scores`, with the name printed."""
 
+_RANGES = {"f1": (0.0, 1.0), "pearson": (-1.0, 1.0)}
+"""The values each score can take: one outside (a damaged file) counts as no score."""
+
 TIE = 1e-9
 """Differences smaller than this count as equal."""
 
@@ -178,7 +181,10 @@ def _test_text(result: NeuronResult) -> tuple:
 def _score(result: NeuronResult, metric: str) -> float | None:
     scores = result.scores.get("n2g")
     value = None if scores is None else getattr(scores, metric)
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    low, high = _RANGES[metric]
+    return float(value) if low - TIE <= value <= high + TIE else None
 
 
 def _mean(values) -> float | None:

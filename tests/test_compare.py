@@ -174,3 +174,17 @@ def test_json_is_valid_when_a_run_json_holds_nan_or_infinity(runs, capsys):
     assert code == 0 and "Traceback" not in err, err
     d = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     assert d["a"]["model"] is None and d["settings"] == [{"setting": "augment", "a": True, "b": None}]
+
+
+def test_a_score_outside_its_range_counts_as_none(runs, capsys):
+    a, b = runs  # F1 1e308 and -1e308: the mean overflowed to inf, printed as +inf, and --json was a traceback
+    for key in ("L0.N1", "L1.N4.neg"):
+        _set_scores(a, key, -1e308, -5.0)
+        _set_scores(b, key, 1e308, 5.0)
+    c = compare_runs(a, b)
+    assert (c.metrics["f1"].n, c.metrics["f1"].mean_a) == (0, None)
+    assert (c.metrics["pearson"].n, c.metrics["pearson"].mean_a) == (1, 0.2)  # L0.N2 alone
+    code, out, err = main(["compare", a, b, "--json"], capsys)
+    assert code == 0 and json.loads(out)["neurons"][0]["f1_b"] is None, err
+    code, out, err = main(["compare", a, b], capsys)
+    assert code == 0 and "inf" not in out and "1000000" not in out, out
