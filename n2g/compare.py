@@ -222,8 +222,8 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, progress: b
             raise N2GError(f"no neuron results in {d}; run `n2g run` first")
     differ = _models_differ(infos)
     if differ is not None:
-        raise N2GError(f"{dirs[0]} and {dirs[1]} were made with different models ({differ[0]} {differ[1]} and "
-                       f"{differ[2]}); a neuron of one is not the neuron of the other: compare two runs of one model")
+        raise N2GError(f"{dirs[0]} and {dirs[1]} were made with different models ({differ[0]} {_plain(differ[1])} and "
+                       f"{_plain(differ[2])}); a neuron of one is not the neuron of the other: compare two runs of one model")
     thresholds = [_fire_threshold(d) for d in dirs]
     if thresholds[0] != thresholds[1]:
         raise N2GError(f"{dirs[0]} scores firing at {thresholds[0]:g} and {dirs[1]} at {thresholds[1]:g}; "
@@ -289,6 +289,12 @@ def _num(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "-"
     return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def _plain(v) -> str:
+    """A value from a run.json for a one-line message: a newline in it kept from breaking the line, cut short."""
+    text = str(v).replace("\n", "\\n")
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _value(v) -> str:

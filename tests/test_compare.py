@@ -188,3 +188,12 @@ def test_a_score_outside_its_range_counts_as_none(runs, capsys):
     assert code == 0 and json.loads(out)["neurons"][0]["f1_b"] is None, err
     code, out, err = main(["compare", a, b], capsys)
     assert code == 0 and "inf" not in out and "1000000" not in out, out
+
+
+def test_a_model_spec_with_a_newline_is_one_line(runs, capsys):
+    a, b = runs
+    _run_json(a, lambda d: d["identity"].pop("model_content"))
+    _run_json(b, lambda d: (d["identity"].pop("model_content"), d["model"].update(spec="evil\nline two\x1b[2J" + "x" * 5000)))
+    code, out, err = main(["compare", a, b], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and len(err) < 500, err
+    assert "(model toy/model and evil\\nline two\\x1b[2Jxxx" in err and "\x1b" not in err
