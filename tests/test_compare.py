@@ -197,3 +197,12 @@ def test_a_model_spec_with_a_newline_is_one_line(runs, capsys):
     code, out, err = main(["compare", a, b], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and len(err) < 500, err
     assert "(model toy/model and evil\\nline two\\x1b[2Jxxx" in err and "\x1b" not in err
+
+
+def test_scores_whose_held_out_text_is_not_recorded_are_not_paired(runs):
+    a, b = runs
+    for run in (a, b):
+        _edit(run, "L0.N1", lambda d: d.update(examples=[]))  # scored, but on which excerpts neither file says
+    c = compare_runs(a, b)
+    assert (c.paired, c.text_differs) == (["L0.N2", "L1.N3", "L1.N4.neg"], ["L0.N1"])  # L1.N3, dead, has none to pair
+    assert (c.metrics["f1"].n, c.metrics["f1"].mean_b) == (1, 0.5)
