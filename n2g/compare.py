@@ -319,7 +319,7 @@ def format_comparison(c: Comparison, limit: int = 10) -> str:
     if c.a.preset != c.b.preset:
         own = [f"{label} also: {', '.join(f'{show(k)} {show(_value(v))}' for k, v in side.own.items())}"
                for label, side in (("A", c.a), ("B", c.b)) if side.own]
-        lines.append(f"settings that differ: preset {c.a.preset} -> {c.b.preset} ({len(c.settings)} settings; --json lists "
+        lines.append(f"settings that differ: preset {c.a.preset or 'not recorded'} -> {c.b.preset or 'not recorded'} ({len(c.settings)} settings; --json lists "
                      f"them){''.join('; ' + o for o in own)}")
     elif c.settings:
         shown = c.settings[:12]

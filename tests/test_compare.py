@@ -206,3 +206,10 @@ def test_scores_whose_held_out_text_is_not_recorded_are_not_paired(runs):
     c = compare_runs(a, b)
     assert (c.paired, c.text_differs) == (["L0.N2", "L1.N3", "L1.N4.neg"], ["L0.N1"])  # L1.N3, dead, has none to pair
     assert (c.metrics["f1"].n, c.metrics["f1"].mean_b) == (1, 0.5)
+
+
+def test_a_run_that_records_no_options_is_said_so_not_preset_none(runs, capsys):
+    a, b = runs
+    _run_json(a, lambda d: d["identity"].pop("config"))
+    code, out, err = main(["compare", a, b], capsys)
+    assert code == 0 and "settings that differ: preset not recorded -> default (" in out and "None" not in out, out
