@@ -164,6 +164,13 @@ def token_value_count(G) -> int:
     return own if isinstance(own, int) and not isinstance(own, bool) and 0 < own <= MAX_TOKEN_VALUES else 0
 
 
+def _saved_value(value: float, fire_threshold: float) -> float:
+    """``value`` rounded to 6 decimals for graph.json, unless that moves it across ``fire_threshold`` (as a
+    float32 prediction meets it): a value calibration keeps just below the threshold must stay quiet once saved."""
+    rounded = round(value, 6)
+    return rounded if (np.float32(rounded) >= fire_threshold) == (np.float32(value) >= fire_threshold) else value
+
+
 def _token_values(pairs, fire_threshold: float) -> dict[int, float]:
     """A graph file's ``token_values`` ([[token id, value], ...]) checked: token ids, finite values below
     the firing threshold (a background value never fires), at most :data:`MAX_TOKEN_VALUES`."""
@@ -684,12 +691,12 @@ class NeuronGraph:
                 token=("*" if span == 0 else f"*{{0-{span}}}") if n.token_id <= WILDCARD else self.describe_token(int(n.token_id)),
                 depth=n.depth,
                 importance=1.0 if n.depth == 0 else round(n.importance_sum / max(n.count, 1), 6),
-                activation=round(float(max_end_below[idx]), 6),
+                activation=_saved_value(float(max_end_below[idx]), self.fire_threshold),
                 count=n.count,
             )
             if n.end is not None:
                 g.add_node(f"{idx}.end", kind="end", token_id=None, token="", depth=n.depth,
-                           importance=0.0, activation=round(float(n.end), 6), count=len(n.end_values))
+                           importance=0.0, activation=_saved_value(float(n.end), self.fire_threshold), count=len(n.end_values))
                 g.add_edge(str(idx), f"{idx}.end")
         for idx, n in enumerate(self.nodes):
             for child in n.children.values():

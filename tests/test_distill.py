@@ -167,6 +167,26 @@ def test_graph_json_round_trip_is_identical(tmp_path):
     np.testing.assert_array_equal(loaded.predict_sequence(probe[0].tolist()), graph.predict_sequence(probe[0].tolist()))
 
 
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+def test_an_end_value_just_below_the_fire_threshold_stays_quiet_in_graph_json(tmp_path, threshold):
+    # calibrate(end_value="mean") keeps a node the chosen quantile calls quiet just below the threshold
+    # (nextafter(float32(threshold), 0)); graph.json rounded it to 6 decimals, onto the threshold itself, so the
+    # saved graph (what search, predict, the server and compare read) fired where the scored graph did not,
+    # and its drawing no longer counted the activator quiet
+    from n2g.render import is_quiet, load_graph_json
+
+    below = float(np.nextafter(np.float32(threshold), np.float32(0)))
+    graph = NeuronGraph(fire_threshold=threshold)
+    graph.add_path([(5, 1.0)], below)
+    graph.add_path([(6, 1.0)], threshold)
+    path = graph.save(tmp_path / "graph.json")
+    for g in (graph, NeuronGraph.load(path)):
+        assert (g.predict_sequence([5, 6]) >= threshold).tolist() == [False, True]
+    G = load_graph_json(path)
+    quiet = {a["token_id"] for _, a in G.nodes(data=True) if is_quiet(a, G.graph["fire_threshold"])}
+    assert quiet == {5}
+
+
 def test_no_firing_test_token_is_reported_not_perfect():
     s = score_arrays([np.zeros(10)], [np.zeros(10)])
     assert s.f1 is None and s.status == "no_firing_test_token"
