@@ -13,7 +13,7 @@ import networkx as nx
 
 from .records import NeuronResult
 from .graph import token_value_count
-from .render import graph_paths, path_text
+from .render import graph_fire_threshold, graph_paths, path_text
 
 
 def _seg(text: str, code: bool = False) -> dict:
@@ -47,8 +47,11 @@ def _where(path: dict) -> str:
     return ""
 
 
-def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) -> list[dict]:
-    """The summary paragraph of one neuron as segments ``{"t": text, "code": bool}``."""
+def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None = None) -> list[dict]:
+    """The summary paragraph of one neuron as segments ``{"t": text, "code": bool}``; it fires at ``threshold``,
+    by default the graph's own fire threshold (:func:`n2g.render.graph_fire_threshold`)."""
+    if threshold is None:
+        threshold = graph_fire_threshold(G)
     key = result.neuron.key
     st = result.stats
     if result.status == "dead" or not st.max_activation > 0:
@@ -169,6 +172,6 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) 
     return out
 
 
-def summary_text(result: NeuronResult, G: nx.DiGraph | None, threshold: float = 0.5) -> str:
+def summary_text(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None = None) -> str:
     """The summary paragraph as plain text."""
     return "".join(s["t"] for s in summary(result, G, threshold)).strip()

@@ -250,6 +250,13 @@ QUIET_BELOW = 0.5
 value (``quiet_tokens``) but is never predicted to fire."""
 
 
+def graph_fire_threshold(G: nx.DiGraph | None) -> float:
+    """The fire threshold a drawn graph was fitted at (``G.graph["fire_threshold"]``, set by :func:`load_graph_json`
+    and :meth:`n2g.graph.NeuronGraph.drawable`); :data:`QUIET_BELOW` where it holds no number in (0, 1]."""
+    value = G.graph.get("fire_threshold") if G is not None else None
+    return float(value) if is_finite_number(value) and 0 < value <= 1 else QUIET_BELOW
+
+
 def is_quiet(attrs: dict, threshold: float = QUIET_BELOW) -> bool:
     """Whether an activator node (its attributes) is quiet: no END on or below it fires (reaches ``threshold``,
     the graph's fire threshold)."""
@@ -356,8 +363,8 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
         shown = paths[:max_paths]
         keep = {n for p in shown for n in p["nodes"]}
         acts = [n for n in G.nodes if G.nodes[n].get("kind") == "activator"]
-        threshold = _num(G.graph.get("fire_threshold", QUIET_BELOW))
-        quiet = {n for n in acts if is_quiet(G.nodes[n], threshold if 0 < threshold <= 1 else QUIET_BELOW)}
+        threshold = graph_fire_threshold(G)
+        quiet = {n for n in acts if is_quiet(G.nodes[n], threshold)}
         drawn = {p["nodes"][0] for p in shown}
         hidden_acts, hidden_quiet = len(acts) - len(drawn), len(quiet - drawn)
         summary = (f"summary: the {max_paths} strongest of {len(paths)} paths ({len(acts)} activating tokens"

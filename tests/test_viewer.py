@@ -441,6 +441,28 @@ def test_summary_names_quiet_activators_with_their_graded_values():
     assert "graded values" not in plain
 
 
+def test_summary_describes_a_graph_at_its_own_fire_threshold():
+    # a graph fitted at 0.3 (load_graph_json and NeuronGraph.drawable put it in G.graph): summary_text(result, G)
+    # described it at 0.5, its " the" path at 0.4 as a graded value below the threshold
+    from helpers_run import _graph, scores
+    from n2g.explain import summary_text
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    result = NeuronResult(
+        neuron=NeuronId(0, 1), status="fitted",
+        stats=NeuronStats(max_activation=5.0, quantiles={"0.5": 0.01}, firing_rate=0.01, n_sampled_tokens=1000),
+        scores={"n2g": scores(0.8, 0.8, 0.8, 0.9, 0.9, 0.7)})
+    G = _graph([([(100, 1.0)], 0.9), ([(104, 1.0)], 0.4)])
+    G.graph["fire_threshold"] = 0.3
+    text = summary_text(result, G)
+    assert "L0.N1 fires on ␣Paris (0.90) and ␣the (0.40)" in text and "normalised activation ≥ 0.3)" in text
+    assert "graded values" not in text
+    assert "normalised activation ≥ 0.5)" in summary_text(result, G, 0.5)  # a threshold given still wins
+    for bad in (0, -0.3, 2, "0.3", float("nan"), None, [0.3]):  # a hand-made graph's: the default 0.5
+        G.graph["fire_threshold"] = bad
+        assert "graded values: mildly active on ␣the (0.40)" in summary_text(result, G)
+
+
 def test_summary_says_how_many_held_out_firing_tokens_training_never_shows_firing():
     from helpers_run import _graph, scores
     from n2g.explain import summary_text
