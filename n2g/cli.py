@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="which neurons of a run fire on a text, by their graphs", description=(
         "Split TEXT into tokens and list the neurons of the run whose graphs predict firing on it (normalised "
-        "activation >= 0.5), strongest first, with the tokens where they fire. With --model, also the neurons' "
+        "activation at or above the run's fire threshold, 0.5 unless the run was fitted at another), strongest "
+        "first, with the tokens where they fire. With --model, also the neurons' "
         "true activations on the text: neurons that truly fire are listed too, so a graph's misses show. "
         "With --neuron, every token's prediction for those neurons."))
     p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")

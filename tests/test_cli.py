@@ -333,6 +333,16 @@ def test_usage_mistakes_are_one_line_that_points_to_the_help(argv, needle, capsy
     assert err.startswith(needle) and err.rstrip().endswith("--help`"), err
 
 
+def test_predict_help_names_the_runs_fire_threshold_not_0_5(capsys):
+    # predict lists the neurons whose graphs reach the run's own fire threshold (a run fitted at 0.3 fires at 0.3);
+    # its help said "normalised activation >= 0.5" whatever the run
+    with pytest.raises(SystemExit) as e:
+        cli.main(["predict", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and ">= 0.5" not in out
+    assert "at or above the run's fire threshold, 0.5 unless the run was fitted at another)" in out
+
+
 def test_the_command_line_starts_without_torch_and_n2g_distill_stays_the_function():
     # torch loads inside the command (~1.5 s), where Ctrl-C is the command's one-line interruption
     code = ("import sys, n2g, n2g.cli; assert 'torch' not in sys.modules, 'torch at import'; "
