@@ -834,12 +834,15 @@ class Grower:
 
 
 def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
-    """Remove branches that change no prediction on the training tokens ``sequences``.
+    """Remove branches that change no prediction on the training tokens ``sequences``, or change only
+    wrong ones.
 
     Bottom-up over leaves (a node whose children are all gone becomes one): a leaf without an END
     goes; a leaf with one is unlinked, the training tokens whose prediction came from it are
     matched again, and it stays unlinked when every one of them still fires, or still does not,
-    as before (a leaf no training token reaches goes too). Without ``sequences`` the tokens are
+    as before, or where one does not, it now fires as its true activation does (a branch that only
+    takes tokens from better branches: "54 * * [8]", valued 0.8 from tokens that "9 *{0-2} [8]" also
+    says fire, firing without 9 on new text); a leaf no training token reaches goes too. Without ``sequences`` the tokens are
     assumed to fall back to the nearest ancestor END. Rules for any token (the wildcard activator's
     subtree) are tried after every other branch, so a rule outlasts the single-token paths it generalises.
     A leaf a strength split grew (``Node.strength``) also stays when its tokens' values would move by at
@@ -848,17 +851,17 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
     """
     thr = graph.fire_threshold
     parent = graph._parents()
-    users: dict[int, list[tuple[list[int], int]]] = {}
+    users: dict[int, list[tuple[list[int], int, bool]]] = {}  # END -> (token ids, position, truly fires)
     if sequences is not None:
         roots = graph.nodes[0].children
         anywhere = WILDCARD in roots
-        for ids, _ in sequences:
+        for ids, acts in sequences:
             ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
             for i, t in enumerate(ids):
                 if t in roots or anywhere:
                     end = graph.match_end(ids, i)
                     if end is not None:
-                        users.setdefault(end, []).append((ids, i))
+                        users.setdefault(end, []).append((ids, i, bool(acts[i] >= thr)))
     removed: set[int] = set()
     live_children = [len(n.children) for n in graph.nodes]
     # A rule for any token (under the wildcard activator) is tried last: where it and exact paths of single
@@ -891,20 +894,23 @@ def prune_unchanged(graph: NeuronGraph, sequences=None) -> int:
             moved = []
             drop = True
             shift = 0.0
-            for ids, i in users.get(idx, ()):
+            righted = False  # a decision that moves, moves to the token's true side
+            for ids, i, truly in users.get(idx, ()):
                 end = graph.match_end(ids, i)
                 value = graph.nodes[end].end if end is not None else 0.0
                 if (value >= thr) != fires:
-                    drop = False
-                    break
+                    if (value >= thr) != truly:
+                        drop = False
+                        break
+                    righted = True
                 shift += abs(value - n.end)
-                moved.append((end, ids, i))
-            if drop and n.strength and moved and shift / len(moved) >= VALUE_DELTA:
+                moved.append((end, ids, i, truly))
+            if drop and not righted and n.strength and moved and shift / len(moved) >= VALUE_DELTA:
                 drop = False  # a strength split: the same decision, at a clearly different strength
             if drop:
-                for end, ids, i in moved:
+                for end, ids, i, truly in moved:
                     if end is not None:
-                        users.setdefault(end, []).append((ids, i))
+                        users.setdefault(end, []).append((ids, i, truly))
             else:
                 graph.nodes[up].children[key] = idx
         if drop:

@@ -1189,3 +1189,16 @@ def test_refined_reaches_of_several_tokens_are_each_tokens_own_best_cut():
             at = max(i for i, g in enumerate(gains) if g >= max(gains) - 1e-9)
             want.append((gains[at], lo + 1 + at))
         assert got == want
+
+
+def test_a_branch_that_only_takes_tokens_from_a_better_one_is_pruned():
+    # With more text, "54 * * [8]" (and five more like it) were proposed from top excerpts where a set member was
+    # also within 3 before 8: valued 0.8 from tokens that "9 *{0-2} [8]" and its siblings say fire anyway, they
+    # changed predictions only where they were wrong, so pruning kept them, and 54 three back fired on new text.
+    feature, patterns = SHAPES["one of a set within 3 before"]
+    model = n2g.distill(feature, text(1, patterns, n=240, rate=0.3))
+    scores = heldout_f1(model, feature, patterns)
+    assert scores.n_firing > 100 and scores.f1 == 1.0, scores  # 0.996
+    g = model.graph_
+    below = g.nodes[g.nodes[0].children[8]].children
+    assert all(token in (9, 20, 21, 22, 23) or token < 0 for token in below), [g.describe_token(t) for t in below]
