@@ -697,11 +697,13 @@ def run_neurons(run_dir: str | os.PathLike) -> list[dict]:
 
 def _run_fire_threshold(run_dir: Path) -> float:
     """The fire threshold the run was fitted at (the config ``run.json`` records with the run's identity), 0.5
-    where it records no valid one."""
-    from n2g.fileio import read_json
+    where it records no valid one, or where run.json is a link that leads out of the run (as the report reads it)."""
+    from n2g.fileio import inside, read_json
 
     try:
-        value = read_json(run_dir / "run.json")["identity"]["config"]["fire_threshold"]
+        if not inside(run_dir, Path(run_dir) / "run.json"):
+            return 0.5
+        value = read_json(Path(run_dir) / "run.json")["identity"]["config"]["fire_threshold"]
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         return 0.5
     return float(value) if is_finite_number(value) and 0 < value <= 1 else 0.5

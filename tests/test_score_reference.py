@@ -340,3 +340,23 @@ def test_pearson_and_explained_variance_of_sides_that_vary_by_a_few_floats():
     assert pearson(np.array([0.0, 1.0]), np.array([below, 0.5])) == pytest.approx(1.0, abs=1e-12)
     assert pearson(np.array([below, 0.5, below]), np.array([0.0, 1.0, 0.0])) == pytest.approx(1.0, abs=1e-12)
     assert explained_variance(np.array([below, 0.5]), np.array([below, 0.5])) == 1.0
+
+
+def test_a_run_json_that_links_out_of_the_run_gives_no_fire_threshold(tmp_path):
+    # the report refuses to read such a run.json; its threshold was still read from wherever the link led
+    import json
+
+    from helpers_run import make_run
+    from n2g.search import _run_fire_threshold
+
+    run = make_run(tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    info["identity"]["config"]["fire_threshold"] = 0.3
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps(info))
+    (run / "run.json").unlink()
+    (run / "run.json").symlink_to(outside)
+    assert _run_fire_threshold(run) == 0.5
+    (run / "run.json").unlink()
+    (run / "run.json").write_text(json.dumps(info))
+    assert _run_fire_threshold(run) == 0.3
