@@ -101,17 +101,10 @@ def temporaries(root: Path) -> list[str]:
 def make_inputs(root: Path) -> dict:
     """A tiny random Llama as a model directory, a corpus, and a finished run of 8 neurons."""
     sys.path.insert(0, str(REPO / "tests"))
-    import torch
-    from conftest import tiny_model, tiny_tokenizer
+    from conftest import save_tiny_folder
 
-    torch.manual_seed(0)
-    model, tok = tiny_model("llama"), tiny_tokenizer()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    words = [w for w in tok.get_vocab() if not w.startswith("<")]
-    rng = random.Random(0)
+    save_tiny_folder(root, 12)  # root/model (a tiny random Llama) and root/corpus.txt
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(300)) for _ in range(12)))
     base = ["--model", root / "model", "--corpus", corpus, "--excerpt-length", "32", "-q"]
     run = root / "run"
     res = subprocess.run([sys.executable, "-m", "n2g", "run", *map(str, base), "--layers", "0-1", "--neurons", "0-3",

@@ -115,20 +115,12 @@ class Comparison:
 
 def _run_json(run_dir: Path) -> dict:
     """``run.json``; N2GError where it cannot be read: without it the model the run was made with is unknown."""
-    from .fileio import MAX_JSON_DEPTH, inside, nested_deeper, read_json
+    from .report import read_run_json
 
     path = run_dir / "run.json"
     if not path.exists():
         raise N2GError(f"{run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
-    try:
-        if not inside(run_dir, path):  # its fields reach the terminal: nothing from outside the run
-            raise ValueError("it is a link that leads out of the run directory")
-        d = read_json(path)
-        problem = None if isinstance(d, dict) else f"it holds a JSON {type(d).__name__}, not an object"
-        if problem is None and nested_deeper(d):
-            problem = f"it nests lists and objects more than {MAX_JSON_DEPTH} deep, deeper than n2g writes"
-    except (OSError, ValueError, RecursionError) as exc:
-        problem = str(exc)[:200]
+    d, problem = read_run_json(run_dir)
     if problem is not None:
         raise N2GError(f"{path} cannot be read ({problem}), so the model {run_dir} was made with is not known; "
                        "re-running the same `n2g run` command rewrites it")
@@ -165,12 +157,6 @@ def _settings(info: dict) -> dict:
         if key in identity:
             out[key] = identity[key]
     return out
-
-
-def _fire_threshold(run_dir: Path) -> float:
-    from .search import _run_fire_threshold
-
-    return _run_fire_threshold(run_dir)
 
 
 def _test_text(result: NeuronResult) -> tuple:
@@ -212,7 +198,7 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, progress: b
     the same held-out text in both.
     """
     from .progress import Progress
-    from .search import read_result, scan_results
+    from .search import _run_fire_threshold, read_result, scan_results
 
     dirs = Path(run_a), Path(run_b)
     infos = [_run_json(d) for d in dirs]
@@ -224,7 +210,7 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, progress: b
     if differ is not None:
         raise N2GError(f"{dirs[0]} and {dirs[1]} were made with different models ({differ[0]} {_plain(differ[1])} and "
                        f"{_plain(differ[2])}); a neuron of one is not the neuron of the other: compare two runs of one model")
-    thresholds = [_fire_threshold(d) for d in dirs]
+    thresholds = [_run_fire_threshold(d) for d in dirs]
     if thresholds[0] != thresholds[1]:
         raise N2GError(f"{dirs[0]} scores firing at {thresholds[0]:g} and {dirs[1]} at {thresholds[1]:g}; "
                        "compare runs fitted at one fire threshold")

@@ -136,18 +136,26 @@ def _no_results(run_dir: Path) -> None:
     raise N2GError(f"no neuron results in {run_dir}; run `n2g run` first")
 
 
-def _run_info(run_dir: Path) -> dict:
-    """``run.json`` (the run's model, corpus and options); {} with a warning where it is damaged, since the
-    neurons' own files still make a report."""
+def read_run_json(run_dir: Path) -> tuple[dict | None, str | None]:
+    """``(run.json as a dict, None)``, or ``(None, why it cannot be read)``: damaged, not an object, nested deeper
+    than n2g writes (walks of it would run out of stack), or a link that leads out of the run (its fields reach
+    pages and the terminal: nothing from outside the run)."""
     try:
-        if not inside(run_dir, run_dir / "run.json"):  # its fields go into the report: nothing from outside the run
+        if not inside(run_dir, run_dir / "run.json"):
             raise ValueError("it is a link that leads out of the run directory")
         d = read_json(run_dir / "run.json")
         problem = None if isinstance(d, dict) else f"it holds a JSON {type(d).__name__}, not an object"
-        if problem is None and nested_deeper(d):  # the report's walks of it (report.json) would run out of stack
+        if problem is None and nested_deeper(d):
             problem = f"it nests lists and objects more than {MAX_JSON_DEPTH} deep, deeper than n2g writes"
     except (OSError, ValueError, RecursionError) as exc:
-        d, problem = None, str(exc)[:200]
+        problem = str(exc)[:200]
+    return (None, problem) if problem is not None else (d, None)
+
+
+def _run_info(run_dir: Path) -> dict:
+    """``run.json`` (the run's model, corpus and options); {} with a warning where it is damaged, since the
+    neurons' own files still make a report."""
+    d, problem = read_run_json(run_dir)
     if problem is not None:
         log.warning("%s cannot be read (%s); the report leaves out the run's model, corpus and options "
                     "(re-running the same `n2g run` command rewrites it)", run_dir / "run.json", problem)
