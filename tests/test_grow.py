@@ -62,6 +62,31 @@ def test_fires_when_a_token_is_within_three_before():
     assert model.predict_normalised(torch.tensor([[26, 50, 50, 50, 25]]))[0, -1] == 0.0
 
 
+VARIED = {  # name: (how the feature's values change, how the text changes)
+    "activations x 1000": (lambda a: a * 1000, {}),
+    "activations x 0.001": (lambda a: a * 0.001, {}),
+    "a negative base (-0.17) off the rule, as after a GELU": (lambda a: torch.where(a > 0, a, torch.full_like(a, -0.17)), {}),
+    "16-token excerpts": (lambda a: a, {"length": 16}),
+    "token ids past 40,000": (lambda a: a, {"shift": 40_000}),
+    "60 training excerpts": (lambda a: a, {"n": 60}),
+}
+
+
+@pytest.mark.parametrize("rule", ["unless one of 10", "Y within 3"])
+@pytest.mark.parametrize("change", VARIED)
+def test_the_issues_rules_do_not_depend_on_scale_length_or_token_ids(rule, change):
+    feature, patterns = {"unless one of 10": (unless_blocked, UNLESS), "Y within 3": (near, NEAR)}[rule]
+    values, kw = VARIED[change]
+    shift, length = kw.get("shift", 0), kw.get("length", 64)
+    varied = lambda x: values(feature(x - shift))
+    model = n2g.distill(varied, text(1, patterns, n=kw.get("n", 160), rate=0.2, length=length) + shift)
+    test = text(99, patterns, n=160, rate=0.3, length=length) + shift
+    scores = score_arrays([(varied(test) / model.scale).numpy()], [model.predict_normalised(test)])
+    assert scores.n_firing > 20 and scores.f1 == 1.0 and scores.pearson > 0.99, scores
+    # the graph is keyed by the text's own ids: the activating token is 24 or 25 shifted
+    assert {24 + shift, 25 + shift} & set(model.graph_.nodes[0].children)
+
+
 def test_grower_learns_a_wildcard_run_when_the_gap_varies():
     _run_graph()
 
