@@ -450,8 +450,17 @@ PRESETS: dict[str, DistillConfig] = {
 }
 
 
+def given(overrides: dict) -> dict:
+    """``overrides`` without the ``None`` values that mean "not given" (an option left out on the command line):
+    a ``None`` is kept for a field that takes it as a value (``n_prune=None``: prune every training excerpt;
+    ``occlusion_text=None``: the model's own occlusion token), and for a name that is no field (refused later)."""
+    optional = {f.name for f in dataclasses.fields(DistillConfig) if "None" in str(f.type)}
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    return {k: v for k, v in overrides.items() if v is not None or k in optional or k not in fields}
+
+
 def preset(name: str, **overrides) -> DistillConfig:
-    """The named preset with ``overrides`` applied (``None`` values are ignored)."""
+    """The named preset with ``overrides`` applied (a ``None`` is ignored, except for a field that takes it: :func:`given`)."""
     if not isinstance(name, str) or name not in PRESETS:
         raise N2GError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
+    return PRESETS[name].replace(**given(overrides))

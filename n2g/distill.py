@@ -20,7 +20,7 @@ import torch
 from .activations import partition
 from .augment import Variant, augment_steps
 from .baselines import fit_baselines
-from .config import DistillConfig, preset
+from .config import DistillConfig, given, preset
 from .errors import N2GError, is_real, is_whole
 from .examples import random_pool, split_examples
 from .features import Compute, Evaluate, Normalised, Steps, drive, evaluate_sequences, check_finite
@@ -858,7 +858,7 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     elif not isinstance(config, DistillConfig):
         raise N2GError(f"config must be an n2g.DistillConfig (e.g. n2g.preset('paper')), not {type(config).__name__}")
     else:  # options change the given config, as they change a preset
-        cfg = config.replace(**{k: v for k, v in options.items() if v is not None})
+        cfg = config.replace(**given(options))
     seqs = _as_lists(excerpts)
     if not seqs or not any(len(s) for s in seqs):
         raise N2GError("no excerpts to distil from; pass a non-empty list of token-id sequences")

@@ -471,6 +471,26 @@ def test_options_change_a_given_config_and_a_wrong_config_is_refused():
         n2g.distill(lambda ids: (ids == 7).to(torch.complex64) * 1j, GOOD)
 
 
+def test_none_is_a_setting_where_a_field_takes_it():
+    """``n_prune=None`` (prune every training excerpt) and ``occlusion_text=None`` (the model's own occlusion
+    token) were dropped as "not given", so the preset's 20 and '"' stayed; a None for a field that takes no
+    None (the CLI's flags left out) still means "not given", and a misspelt name with None is refused."""
+    from n2g.config import preset
+
+    assert preset("default", n_prune=None).n_prune is None and preset("default").n_prune == 20
+    assert preset("paper", occlusion_text=None).occlusion_text is None
+    assert preset("default", augment=None, written=None).augment and preset("default", written=None).written == 512
+    with pytest.raises(N2GError, match="unknown option 'n_prun'"):
+        preset("default", n_prune=20, n_prun=None)
+    feature = lambda ids: (ids == 7).float()  # every excerpt fires on 7: more than 20 training excerpts to prune
+    excerpts = text(3, [(7,)], n=120, rate=1.0)
+    for how in ({}, {"config": n2g.preset("default")}):
+        every = n2g.distill(feature, excerpts, n_prune=None, written=None, refit=False, **how)
+        some = n2g.distill(feature, excerpts, refit=False, **how)
+        assert every.config.n_prune is None
+        assert len(some.trace_.pruned) == 20 < len(every.trace_.pruned)
+
+
 def test_excerpts_as_tensors_that_need_grad_or_as_a_list_of_1d_tensors():
     """Excerpts straight from a tokenizer or a hook library: a list of 1-D LongTensors is a list of
     excerpts; a tensor is read off its device and autograd graph, so a float one that needs grad
