@@ -516,14 +516,20 @@ def token_ceiling(train_ids: Sequence[np.ndarray], train_acts: Sequence[np.ndarr
     return {"n_firing": n_firing, "n_seen": n_seen, "f1": None if share is None else 2 * share / (1 + share)}
 
 
+def _smaller_side(cfg: DistillConfig) -> float:
+    """The share of the corpus's excerpts on the smaller side of the partition (0.5 at the default ``held_out``)."""
+    return min(cfg.held_out, 1.0 - cfg.held_out)
+
+
 def top_k(cfg: DistillConfig) -> int:
-    """Top excerpts the scan keeps per neuron: enough for both sides of the partition."""
-    return max(64, 2 * (cfg.n_top + cfg.n_extra_train))
+    """Top excerpts the scan keeps per neuron: enough for both sides of the partition (twice the top
+    excerpts asked for at ``held_out`` 0.5; more where one side holds less of them)."""
+    return max(64, math.ceil((cfg.n_top + cfg.n_extra_train) / _smaller_side(cfg)))
 
 
 def pool_size(cfg: DistillConfig) -> int:
-    """Random excerpts in the shared pool: enough for both sides of the partition."""
-    return max(64, 2 * (cfg.n_top + cfg.n_extra_train + cfg.n_random_test + cfg.n_random_train))
+    """Random excerpts in the shared pool: enough for both sides of the partition (as :func:`top_k`)."""
+    return max(64, math.ceil((cfg.n_top + cfg.n_extra_train + cfg.n_random_test + cfg.n_random_train) / _smaller_side(cfg)))
 
 
 def corpus_stats(acts: Sequence[np.ndarray], sample: Sequence[int], fire_threshold: float) -> NeuronStats:

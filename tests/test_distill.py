@@ -491,6 +491,31 @@ def test_none_is_a_setting_where_a_field_takes_it():
         assert len(some.trace_.pruned) == 20 < len(every.trace_.pruned)
 
 
+@pytest.mark.parametrize("held_out", [0.5, 0.25, 0.75, 0.8])
+def test_the_scan_keeps_enough_top_and_random_excerpts_for_both_sides_at_any_held_out(held_out):
+    """The scan keeps ``top_k`` excerpts per neuron (the best of the whole corpus) and a pool of ``pool_size``
+    random ones, which the partition then splits; both were sized for held_out 0.5, so at 0.8 a neuron got
+    about 25 of its 40 training top excerpts and 32 of its 40 training random ones, silently. (As at 0.5, a
+    neuron whose best excerpts happen to fall mostly on one side may still get a few fewer.)"""
+    from n2g.activations import partition
+    from n2g.distill import pool_size, top_k
+    from n2g.examples import random_pool, split_examples
+
+    cfg = n2g.preset("default", held_out=held_out)
+    n = 4000
+    is_train = partition(n, cfg.held_out, cfg.seed)
+    train_top = []
+    for neuron in range(50):  # each neuron's strongest excerpts: any k of the corpus
+        ranked = np.random.default_rng(neuron).permutation(n)[: top_k(cfg)].tolist()
+        split = split_examples(ranked, random_pool(n, pool_size(cfg), cfg.seed), cfg, is_train)
+        train_top.append(len(split.train_top))
+        assert len(split.test_top) == cfg.n_top // 2
+        assert len(split.train_random) == cfg.n_random_train and len(split.test_random) == cfg.n_random_test
+    assert np.mean(train_top) >= 0.98 * ((cfg.n_top + 1) // 2 + cfg.n_extra_train)
+    if held_out == 0.5:  # the default's scans (and their cache entries) are as they were
+        assert (top_k(cfg), pool_size(cfg)) == (100, 200)
+
+
 def test_excerpts_as_tensors_that_need_grad_or_as_a_list_of_1d_tensors():
     """Excerpts straight from a tokenizer or a hook library: a list of 1-D LongTensors is a list of
     excerpts; a tensor is read off its device and autograd graph, so a float one that needs grad
