@@ -164,7 +164,10 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     result = to_result(m, neuron, scan.stats(index, neuron.sign), fit, time.perf_counter() - started,
                        scan=scan, excerpts=excerpts)
     scale = result.stats.max_activation
-    out = NeuronModel(NeuronFeature(m, layer, index), cfg, scale=scale if scale > 0 else 1.0,
+    from .published import for_model
+
+    # the settings as the fit used them (paper: occlusion by '"', sentence ends), so a later fit(...) uses them too
+    out = NeuronModel(NeuronFeature(m, layer, index), for_model(cfg, m), scale=scale if scale > 0 else 1.0,
                       sign=1.0 if neuron.sign == Sign.POSITIVE else -1.0, occlusion_token_id=int(m.occlusion_token_id),
                       name=neuron.key, encode=m.encode, token_strings=m.token_strings, vocab_size=int(m.vocab_size))
     from .graph import NeuronGraph

@@ -251,6 +251,22 @@ def test_fit_neuron_agrees_with_the_pipeline(fitted, subject, tmp_path, monkeypa
     assert str(graph) == str(model.graph_)
 
 
+def test_a_fitted_neuron_fitted_again_on_its_own_examples_uses_the_settings_it_was_fitted_with(fitted, subject, monkeypatch):
+    """fit_neuron fits with the settings that need the tokenizer filled in (``occlusion_text`` as its token id,
+    sentence ends), but the returned model kept the config without them, so ``fit(...)`` on its own training
+    examples occluded with the model's default token instead and made another graph."""
+    _, corpus, cache = fitted
+    monkeypatch.setenv("N2G_CACHE", str(cache))
+    model = n2g.fit_neuron(subject, 2, 7, corpus=corpus, preset="paper", occlusion_text="the", progress=False)
+    assert model.config.occlusion_token_id == subject.encode("the")[0] != subject.occlusion_token_id
+    ids = [e.token_ids for e in model.examples_]
+    before, nodes = [model.graph_.predict_sequence(i) for i in ids], len(model.graph_.nodes)
+    model.fit([e for e in model.examples_ if e.split == "train" and e.source == "top"],
+              [e for e in model.examples_ if e.split == "train" and e.source == "random"])
+    assert len(model.graph_.nodes) == nodes
+    assert all(np.array_equal(a, model.graph_.predict_sequence(i)) for a, i in zip(before, ids))
+
+
 def test_excerpts_of_one_token_are_allowed_from_python_as_from_the_cli(tiny_llama):
     corpus = n2g.load_corpus("default", tiny_llama, length=1, max_excerpts=5)
     assert corpus.excerpts.shape == (5, 1)
