@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 RUN_KIND = "n2g.run"
 LATER_IDENTITY_KEYS = frozenset({"model_weights", "substitutes", "corpus_tokens", "model_config", "model_path",
-                                 "model_content"})
+                                 "model_content", "model_tokens"})
 """Identity keys newer runs record; a run made before one was recorded resumes without it being compared."""
 SAME_CONTENT = {"corpus_tokens": ("corpus", "corpus_fingerprint"), "model_path": ("model",)}
 """Identity keys that say the same thing exactly, and the keys they stand for: when both runs record the

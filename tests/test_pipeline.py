@@ -403,6 +403,37 @@ def test_the_same_corpus_and_model_by_other_paths_resume_the_run_and_share_its_s
     assert edited.returncode == 2 and "different model" in edited.stderr and "model_config" in edited.stderr, edited.stderr
 
 
+def test_a_run_is_not_resumed_with_another_bos_or_occlusion_token_set_on_the_model(tmp_path, monkeypatch):
+    """``bos_token_id`` and ``occlusion_token_id`` are plain attributes a notebook may set; the first changes every
+    activation (the scan cache is keyed on it), the second every importance, but a run resumed after either was
+    changed went on and mixed neurons fitted both ways in one run. A run made before they were recorded resumes."""
+    import dataclasses
+
+    from n2g.corpus import Corpus
+    from n2g.errors import N2GError
+    from n2g.pipeline import RunOptions, run
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-tokens")
+    corpus = Corpus("ids", 16, torch.randint(4, 60, (40, 16), generator=torch.Generator().manual_seed(0)))
+    out = tmp_path / "out"
+    opts = RunOptions(layers="1", neurons="0", out=str(out), progress=False, report=False,
+                      overrides={"written": 0, "vocabulary": 0})
+    run(opts, model=model, corpus=corpus)
+    more = dataclasses.replace(opts, neurons="0-1")
+    for name, value in (("occlusion_token_id", 5), ("bos_token_id", None)):
+        before = getattr(model, name)
+        setattr(model, name, value)
+        with pytest.raises(N2GError, match="different model_tokens"):
+            run(more, model=model, corpus=corpus)
+        setattr(model, name, before)
+    meta = json.loads((out / "run.json").read_text())
+    del meta["identity"]["model_tokens"]  # a run made before they were recorded
+    (out / "run.json").write_text(json.dumps(meta))
+    assert [r.neuron.key for r in run(more, model=model, corpus=corpus).results] == ["L1.N0", "L1.N1"]
+
+
 def test_a_model_that_computes_nan_is_refused_in_one_line_and_leaves_no_run_folder(tiny_dir, tmp_path, monkeypatch):
     import shutil
 
