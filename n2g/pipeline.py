@@ -209,7 +209,8 @@ def open_store(opts: RunOptions, model, corpus):
                 **({"model_config": settings} if weights and settings else {}),
                 **({"model_path": model_location(model)} if weights else {}),
                 # plain attributes a caller may set: the first token of every row, the token that occludes
-                "model_tokens": {"bos": getattr(model, "bos_token_id", None), "occlusion": int(model.occlusion_token_id)},
+                "model_tokens": {"bos": None if getattr(model, "bos_token_id", None) is None else int(model.bos_token_id),
+                                 "occlusion": int(model.occlusion_token_id)},
                 "corpus": corpus.source, "corpus_fingerprint": corpus.fingerprint(), "corpus_tokens": corpus.tokens_key(),
                 "excerpt_length": int(corpus.excerpts.shape[1]), "n_excerpts": int(corpus.excerpts.shape[0]),
                 "config": cfg.to_dict(), "store_tokens": store_budget(opts),
