@@ -826,6 +826,11 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
             refit: bool = True, **options) -> NeuronModel:
     """Distil any feature into a graph from a list of token-id excerpts; returns the fitted model.
 
+    ``substitutes``: ``(seqs, positions, k) -> token-id lists``, up to ``k`` tokens to put in place of the
+    token at each position; augmentation measures the feature on those variants. A feature has no model to
+    propose them, so without ``substitutes`` the graph learns without variants, whatever ``augment`` says
+    (``n2g fit`` and ``n2g run`` pass the subject model's own; :func:`n2g.fit_neuron` too).
+
     ``written``: token-id rows of text a language model wrote (a feature has no model to write them;
     :mod:`n2g.written`). With a preset whose ``written`` is not 0, the feature is measured on them and
     each of their tokens that the training excerpts show fewer than ``max(min_count, 2)`` times joins
