@@ -252,10 +252,36 @@ def _run(args) -> int:
     print(f"\n{len(summary.results)} {plural(len(summary.results), 'neuron')} ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
     if "report" in summary.artifacts:
         print(f"report: {summary.artifacts['report']}")
-    if args.command == "fit" and "viewer" in summary.artifacts:
-        for r in summary.results:  # what to open next: the neuron's own page
-            print(f"page: {summary.out / 'viewer' / 'neurons' / (r.neuron.key + '.html')}")
+    if args.command == "fit":
+        for r in summary.results:  # what the graph says, in words, and what to open next: the neuron's own page
+            text = _fit_summary(summary.out, r)
+            if text:
+                print("\n" + text)
+            if "viewer" in summary.artifacts:
+                print(f"page: {summary.out / 'viewer' / 'neurons' / (r.neuron.key + '.html')}")
     return 0
+
+
+def _fit_summary(out: Path, result) -> str:
+    """The neuron page's summary paragraph as terminal text, wrapped to the terminal ("" where the saved graph
+    cannot be read: the page says why)."""
+    import shutil
+    import textwrap
+
+    from .explain import summary_text
+    from .render import load_graph_json
+    from .search import _run_fire_threshold
+
+    G = None
+    gjson = out / "neurons" / result.neuron.key / "graph.json"
+    if gjson.exists():
+        try:
+            G = load_graph_json(gjson, out, check=True)
+        except N2GError:
+            return ""
+    text = visible(summary_text(result, G, _run_fire_threshold(out)))
+    width = min(100, max(40, shutil.get_terminal_size((100, 24)).columns - 1))
+    return textwrap.fill(text, width, break_on_hyphens=False)
 
 
 def _print_json(data) -> None:

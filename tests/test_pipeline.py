@@ -192,6 +192,16 @@ def test_fit_prints_a_summary_and_writes_artifacts(tiny_dir, tmp_path):
     assert parquet[0]["layer"] == 1 and parquet[0]["index"] == 4 and parquet[0]["score_status"] == "ok"
     assert (out / "report.html").exists() and (out / "index.sqlite").exists()
     assert (out / "neurons" / "L1.N4" / "graph.dot").exists()
+    # the page's summary paragraph, in the terminal too (wrapped to its width)
+    from n2g.explain import summary_text
+    from n2g.render import load_graph_json
+    from n2g.report import load_results
+
+    (saved,) = load_results(out)
+    expected = summary_text(saved, load_graph_json(out / "neurons" / "L1.N4" / "graph.json", out), 0.5)
+    assert expected.startswith("L1.N4 ") and "On held-out excerpts" in expected
+    assert " ".join(expected.split()) in " ".join(res.stdout.split())
+    assert res.stdout.rstrip().splitlines()[-1].startswith("page: ")
 
 
 def test_info_reports_the_model(tiny_dir):
