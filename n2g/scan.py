@@ -73,10 +73,11 @@ class LayerScan:
         return (self.top_idx if sign == Sign.POSITIVE else self.bot_idx)[:, index].tolist()
 
     def stats(self, index: int, sign: Sign) -> NeuronStats:
-        factor = 1.0 if sign == Sign.POSITIVE else -1.0
-        qs = self.quantiles[:, index] * factor
-        if sign == Sign.NEGATIVE:
-            qs = qs.flip(0)  # quantile q of -x is -(quantile 1-q of x)
+        qs = self.quantiles[:, index]
+        if sign == Sign.NEGATIVE:  # quantile q of -x is -(quantile 1-q of x), and the scan keeps only upper ones
+            # (0.5 ... 0.999): the negated pool tokens' own, from the store as the scan computed the positive ones
+            pool = torch.from_numpy(-self.store.neuron(index, self.pool).reshape(1, -1))
+            qs = _quantiles(pool, torch.tensor(QUANTILES))[:, 0]
         rate = self.pos_rate if sign == Sign.POSITIVE else self.neg_rate
         return NeuronStats(
             max_activation=max(self.scale(index, sign), 0.0),

@@ -78,6 +78,13 @@ def test_scan_statistics_match_a_direct_computation(models):
     expected_rate = float((acts >= 0.5 * maxima.max()).float().mean())
     assert stats.firing_rate == pytest.approx(expected_rate, abs=1e-6)
     assert stats.quantiles["0.5"] == pytest.approx(float(acts.flatten().quantile(0.5)), rel=1e-4, abs=1e-6)
+    # every quantile of each side, the negative one of the negated activations (it held the positive side's
+    # quantiles negated in reverse order: its "0.5" was -(quantile 0.999), its "0.999" -(quantile 0.5))
+    for sign, signed in ((Sign.POSITIVE, acts), (Sign.NEGATIVE, -acts)):
+        quantiles = scan.stats(3, sign).quantiles
+        assert list(quantiles) == ["0.5", "0.9", "0.99", "0.999"]
+        for q, value in quantiles.items():  # the store keeps float16
+            assert value == pytest.approx(float(signed.flatten().quantile(float(q))), rel=2e-3, abs=1e-5), (sign, q)
 
 
 def _store_jobs(model, excerpts, layer, indices):
