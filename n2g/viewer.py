@@ -589,8 +589,11 @@ def _num_attr(v) -> str:
 
 
 def _top_activators(run_dir: Path) -> dict[str, list[str]]:
-    from n2g.search import _check_types, _open, _regular, _schema_problem
+    """Up to 4 tokens each neuron's graph fires on, strongest first: its quiet activators (graded values below the
+    run's fire threshold, never predicted to fire) are left out, as :func:`n2g.search.similar` leaves them out."""
+    from n2g.search import _check_types, _open, _regular, _run_fire_threshold, _schema_problem
 
+    threshold = _run_fire_threshold(run_dir)
     path = run_dir / INDEX_NAME
     out: dict[str, list[str]] = {}
     if not os.path.lexists(path):
@@ -605,7 +608,8 @@ def _top_activators(run_dir: Path) -> dict[str, list[str]]:
                 raise sqlite3.DatabaseError(problem)
             _check_types(con, path)
             for key, token in con.execute(
-                "SELECT key, token FROM tokens WHERE role = 'activator' ORDER BY key, weight DESC, token"
+                "SELECT key, token FROM tokens WHERE role = 'activator' AND weight >= ? ORDER BY key, weight DESC, token",
+                (threshold,),
             ):
                 lst = out.setdefault(key, [])
                 if len(lst) < 4:

@@ -34,29 +34,35 @@ def scores(p, r, f1, nfp, nff, pearson, status="ok") -> Scores:
     )
 
 
-def _graph(paths: list[tuple[list[tuple[int | None, float]], float]]) -> nx.DiGraph:
-    """Trie from paths: [(activator_id, act), (ctx_id or None for wildcard, importance), ...], end act."""
+def _graph(paths: list[tuple[list[tuple[int | None, float]], float]],
+           quiet: tuple[tuple[int, float], ...] = ()) -> nx.DiGraph:
+    """Trie from paths: [(activator_id, act), (ctx_id or None for wildcard, importance), ...], end act; with the
+    attributes :meth:`n2g.graph.NeuronGraph.to_networkx` writes (root at depth -1, an END at its owner's depth,
+    ``run`` 0 on token and wildcard nodes). ``quiet``: (token id, value) of quiet activators, activating tokens whose
+    END holds a graded value below the fire threshold (never predicted to fire), which real graphs carry by the
+    dozen (``quiet_tokens``)."""
     G = nx.DiGraph()
-    G.add_node("root", kind="root", token_id=None, token="", depth=None, importance=0.0, activation=0.0, count=0)
-    for tokens, end_act in paths:
+    G.add_node("root", kind="root", token_id=None, token="", depth=-1, importance=0.0, activation=0.0, count=0)
+    for tokens, end_act in [*paths, *(([(tid, 1.0)], value) for tid, value in quiet)]:
         parent = "root"
         for depth, (tid, w) in enumerate(tokens):
             node = f"{parent}/{tid if tid is not None else '*'}"
             if node not in G:
                 if depth == 0:
-                    G.add_node(node, kind="activator", token_id=tid, token=VOCAB[tid], depth=0,
-                               importance=1.0, activation=0.0, count=0)
+                    G.add_node(node, kind="activator", run=0, token_id=tid, token=VOCAB[tid], depth=0,
+                               importance=1.0, activation=end_act, count=0)
                 elif tid is None:
-                    G.add_node(node, kind="wildcard", token_id=None, token="*", depth=depth,
+                    G.add_node(node, kind="wildcard", run=0, token_id=None, token="*", depth=depth,
                                importance=w, activation=0.0, count=0)
                 else:
-                    G.add_node(node, kind="context", token_id=tid, token=VOCAB[tid], depth=depth,
+                    G.add_node(node, kind="context", run=0, token_id=tid, token=VOCAB[tid], depth=depth,
                                importance=w, activation=0.0, count=0)
                 G.add_edge(parent, node)
             G.nodes[node]["count"] += 1
             parent = node
         end = f"{parent}/END"
-        G.add_node(end, kind="end", token_id=None, token="", depth=None, importance=0.0, activation=end_act, count=1)
+        G.add_node(end, kind="end", token_id=None, token="", depth=len(tokens) - 1, importance=0.0, activation=end_act,
+                   count=1)
         G.add_edge(parent, end)
         act_node = f"root/{tokens[0][0]}"
         G.nodes[act_node]["activation"] = max(G.nodes[act_node]["activation"], end_act)
@@ -88,7 +94,8 @@ def make_run(root: Path) -> Path:
         if G is not None:
             (d / "graph.json").write_text(json.dumps({
                 "kind": "n2g.graph", "schema_version": 1, "neuron": result.neuron.to_dict(),
-                "fire_threshold": 0.5, "graph": nx.node_link_data(G, edges="edges"),
+                "fire_threshold": 0.5, "end_activation": "mean", "match": "search",
+                "graph": nx.node_link_data(G, edges="edges"),
             }))
 
     zero_ok = scores(None, 0.0, 0.0, 0.9, 0.95, None)
@@ -105,8 +112,8 @@ def make_run(root: Path) -> Path:
             _example([104, 104, 106], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], "test", source="random", with_tokens=False),
         ],
         promoted=[(" France", 1.5), (" city", 0.9)], suppressed=[(" Texas", -1.2)],
-        graph_stats={"activator": 1, "context": 1, "paths": 2}, seconds=1.5,
-    ), _graph([([(100, 1.0)], 0.9), ([(100, 1.0), (101, 0.8)], 0.7)]))
+        graph_stats={"activator": 3, "context": 1, "wildcard": 0, "end": 4, "paths": 6}, seconds=1.5,
+    ), _graph([([(100, 1.0)], 0.9), ([(100, 1.0), (101, 0.8)], 0.7)], quiet=((105, 0.1), (106, -0.2))))
 
     # L0.N2: " London" <- * <- " in", and "Paris"; no firing test token
     save(NeuronResult(
@@ -120,7 +127,7 @@ def make_run(root: Path) -> Path:
             _example([101, 104, 102], [0.0, 0.0, 1.0], [0.0, 0.0, 0.6], "train"),
             _example([104, 104, 106], [0.0, 0.1, 0.0], [0.0, 0.0, 0.0], "test"),
         ],
-        graph_stats={"activator": 2, "context": 1, "wildcard": 1, "paths": 2}, seconds=1.0,
+        graph_stats={"activator": 2, "context": 1, "wildcard": 1, "end": 2, "paths": 2}, seconds=1.0,
     ), _graph([([(102, 1.0), (None, 0.1), (101, 0.9)], 0.6), ([(103, 1.0)], 0.5)]))
 
     # L1.N3: dead
@@ -140,7 +147,7 @@ def make_run(root: Path) -> Path:
             _example([202, 100, 105], [0.1, 0.8, 0.0], [0.0, 0.8, 0.0], "test"),
         ],
         promoted=[(SCRIPT, 2.0)], suppressed=[(QUOTED, -1.0)],
-        graph_stats={"activator": 1, "context": 3, "paths": 2}, seconds=2.0,
+        graph_stats={"activator": 1, "context": 3, "wildcard": 0, "end": 2, "paths": 2}, seconds=2.0,
     ), _graph([([(100, 1.0), (200, 0.85), (201, 0.77)], 1.0), ([(100, 1.0), (202, 0.9)], 0.8)]))
     return run
 
@@ -173,20 +180,20 @@ def add_large_neuron(run: Path, key_index: int = 5, n_act: int = 90) -> NeuronId
     """
     neuron = NeuronId(1, key_index)
     G = nx.DiGraph()
-    G.add_node("root", kind="root", token_id=None, token="", depth=None, importance=0.0, activation=0.0, count=0)
+    G.add_node("root", kind="root", token_id=None, token="", depth=-1, importance=0.0, activation=0.0, count=0)
     for i in range(n_act):
         tid = 300 + i
         strongest = i == n_act // 2
         act = 1.0 if strongest else round(0.5 + 0.45 * ((i * 37) % n_act) / n_act, 4)
         count = 9 if strongest else 1 + i % 3
         a = f"a{i}"
-        G.add_node(a, kind="activator", token_id=tid, token=" strongest" if strongest else f" word{i}", depth=0,
+        G.add_node(a, kind="activator", run=0, token_id=tid, token=" strongest" if strongest else f" word{i}", depth=0,
                    importance=1.0, activation=act, count=count)
-        G.add_node(f"{a}/END", kind="end", token_id=None, token="", depth=None, importance=0.0, activation=act, count=count)
+        G.add_node(f"{a}/END", kind="end", token_id=None, token="", depth=0, importance=0.0, activation=act, count=count)
         G.add_edges_from([("root", a), (a, f"{a}/END")])
         if i % 4 == 0 and not strongest:
-            G.add_node(f"c{i}", kind="context", token_id=101, token=" in", depth=1, importance=0.9, activation=act, count=1)
-            G.add_node(f"c{i}/END", kind="end", token_id=None, token="", depth=None, importance=0.0, activation=0.1, count=1)
+            G.add_node(f"c{i}", kind="context", run=0, token_id=101, token=" in", depth=1, importance=0.9, activation=act, count=1)
+            G.add_node(f"c{i}/END", kind="end", token_id=None, token="", depth=1, importance=0.0, activation=0.1, count=1)
             G.add_edges_from([(a, f"c{i}"), (f"c{i}", f"c{i}/END")])
     result = NeuronResult(
         neuron=neuron, status="fitted",
@@ -194,14 +201,15 @@ def add_large_neuron(run: Path, key_index: int = 5, n_act: int = 90) -> NeuronId
         scores={"n2g": scores(0.6, 0.7, 0.65, 0.9, 0.9, 0.4333333), "token_lookup": scores(0.5, 0.5, 0.5, 0.8, 0.8, 0.3),
                 "ngram": scores(0.5, 0.5, 0.5, 0.8, 0.8, 0.3), "zero": scores(None, 0.0, 0.0, 0.9, 0.95, None)},
         examples=[_example([104, 101, 100, 106], [0.0, 0.1, 0.7, 0.0], [0.0, 0.0, 0.7, 0.0], "test")],
-        graph_stats={"activator": n_act, "context": n_act // 4, "paths": G.number_of_nodes()}, seconds=3.0,
+        graph_stats={**{k: sum(G.nodes[n]["kind"] == k for n in G) for k in ("activator", "context", "wildcard", "end")},
+                     "paths": G.number_of_nodes()}, seconds=3.0,
     )
     d = run / "neurons" / neuron.key
     d.mkdir()
     (d / "result.json").write_text(json.dumps(result.to_dict()))
     (d / "graph.json").write_text(json.dumps({
         "kind": "n2g.graph", "schema_version": 1, "neuron": neuron.to_dict(), "fire_threshold": 0.5,
-        "graph": nx.node_link_data(G, edges="edges"),
+        "end_activation": "mean", "match": "search", "graph": nx.node_link_data(G, edges="edges"),
     }))
     return neuron
 

@@ -88,8 +88,8 @@ def test_index_tables(run):
     rows = con.execute("SELECT key, layer, idx, sign, status, f1, ngram_f1 FROM neurons ORDER BY key").fetchall()
     assert rows == [("L0.N1", 0, 1, "positive", "fitted", 0.8, 0.7), ("L0.N2", 0, 2, "positive", "fitted", None, None),
                     ("L1.N3", 1, 3, "positive", "dead", None, None), ("L1.N4.neg", 1, 4, "negative", "fitted", 0.5, 0.3)]
-    roles = con.execute("SELECT token, role, weight FROM tokens WHERE key = 'L0.N1' ORDER BY role").fetchall()
-    assert roles == [(" Paris", "activator", 0.9), (" in", "context", 0.8)]
+    roles = con.execute("SELECT token, role, weight FROM tokens WHERE key = 'L0.N1' ORDER BY role, weight DESC").fetchall()
+    assert roles == [(" Paris", "activator", 0.9), ("\n", "activator", 0.1), (".", "activator", -0.2), (" in", "context", 0.8)]
     con.close()
 
 

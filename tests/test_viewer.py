@@ -99,8 +99,8 @@ def test_neuron_page_contents(run):
     assert "maximum activation 5.0000 (raw)" in text
     assert "max 1.00 norm.(5.000 raw)" in text
     assert "effect (logit per unit of raw activation)" in text
-    # graph_stats {"activator": 1, "context": 1, "paths": 2}: "paths" counts training tokens, not paths
-    assert "graph: 1 activating token, 1 context node ·" in text and "paths 2" not in text
+    # graph_stats {"activator": 3, ..., "end": 4, "paths": 6}: "paths" counts training tokens, not paths
+    assert "graph: 3 activating tokens, 1 context node, 0 wildcard nodes, 4 paths ·" in text and "6 paths" not in text
     n2 = "".join(parse(run / "viewer" / "neurons" / "L0.N2.html").text)
     assert "no firing test token" in n2
     dead = "".join(parse(run / "viewer" / "neurons" / "L1.N3.html").text)
@@ -156,6 +156,15 @@ def test_index_page(run):
     (nonce,) = re.findall(r"<script nonce=\"([^\"]+)\">", raw)
     assert f"'nonce-{nonce}'" in raw
     assert raw.count("<script") == 1
+
+
+def test_index_page_lists_the_tokens_a_graph_fires_on_not_its_quiet_activators(run):
+    # L0.N1's graph fires on " Paris" and holds quiet activators "\n" (0.1) and "." (-0.2), as every real graph holds
+    # graded values of common tokens; the column "activating tokens" listed them too (up to 4 activators by weight)
+    raw = (run / "viewer" / "index.html").read_text()
+    row = raw[raw.index('href="neurons/L0.N1.html"'):]
+    row = row[:row.index("</tr>")]
+    assert re.findall(r'<td class="l tok" data-v="([^"]*)">', row) == ["\u2423Paris"]
 
 
 def test_index_page_has_a_sortable_token_ceiling_column(tmp_path):
