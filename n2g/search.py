@@ -50,8 +50,9 @@ CREATE INDEX tokens_key ON tokens (key);
 """
 
 
-INDEX_SCHEMA = "2"
-"""Schema of ``index.sqlite``; an index of another schema is rebuilt before it is searched."""
+INDEX_SCHEMA = "3"
+"""Schema of ``index.sqlite``; an index of another schema is rebuilt before it is searched. 3: a graph whose
+"any token" activator ends a path (a dense neuron) has a row for it (see :func:`_any_token_row`)."""
 
 
 def fold(text: str) -> str:
@@ -319,6 +320,18 @@ def _f1(result: NeuronResult, method: str) -> float | None:
     return None if s is None else s.f1
 
 
+def _any_token_row(G) -> float | None:
+    """The END value of a graph's wildcard activator ("any token", a dense neuron's base), or None where it ends no
+    path. The index holds it as an activator row without a token (token id NULL, empty text: no search finds it),
+    so that :func:`fires_on` reads a graph that fires on any token whatever the text's tokens."""
+    for node, a in G.nodes(data=True):
+        if a.get("kind") == "activator" and a.get("token_id") is None and a.get("token") == "*":
+            ends = [G.nodes[c].get("activation") for c in G.successors(node) if G.nodes[c].get("kind") == "end"]
+            ends = [float(v) for v in ends if is_finite_number(v)]
+            return max(ends) if ends else None
+    return None
+
+
 def build_index(run_dir: str | os.PathLike) -> Path:
     """Write ``RUN/index.sqlite`` from every neuron of the run; returns its path."""
     run_dir = Path(run_dir)
@@ -358,9 +371,11 @@ def build_index(run_dir: str | os.PathLike) -> Path:
                     k = (token_id, token, role)
                     if k not in best or weight > best[k][3]:
                         best[k] = (token_id, token, role, weight)
+                any_token = _any_token_row(G)
                 con.executemany(
                     "INSERT INTO tokens VALUES (?,?,?,?,?,?)",
-                    [(tid, tok, key, role, w, fold(tok)) for tid, tok, role, w in best.values()],
+                    [(tid, tok, key, role, w, fold(tok)) for tid, tok, role, w in best.values()]
+                    + ([(None, "", key, "activator", any_token, "")] if any_token is not None else []),
                 )
             con.commit()
         finally:
@@ -723,7 +738,8 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
     activation per token), also the neurons that truly fire there, so that a graph's misses show.
 
     Only the graphs holding one of the text's tokens, as activating or context token, are read: a path fires
-    only where each of its tokens is there (a wildcard activator's paths hold context tokens). ``neurons``
+    only where each of its tokens is there (a wildcard activator's paths hold context tokens); and the graphs
+    that fire on any token (a dense neuron's wildcard activator ends a firing path of its own). ``neurons``
     names the keys to answer for instead (every one of them is returned, firing or not). Past ``deadline`` (a
     :func:`time.monotonic` time) no more graphs are read, and what was found is returned. ``progress``: a bar
     while more than :data:`PROGRESS_GRAPHS` graphs are read. Each entry:
@@ -745,7 +761,12 @@ def fires_on(run_dir: str | os.PathLike, token_ids: list[int], true: dict[str, n
         # the strongest activator among the text's tokens, per neuron (0 where only context tokens are there):
         # read first, so that a reading stopped by ``deadline`` has the likeliest to fire, whatever their layer
         strongest: dict[str, float] = {}
-        try:
+        try:  # graphs that fire on any token first (a dense neuron's: its row has no token), then the text's tokens
+            for r in _execute(con, "SELECT key, MAX(weight) AS w FROM tokens WHERE token_id IS NULL AND role = 'activator' "
+                                   "GROUP BY key"):
+                w = r["w"] if isinstance(r["w"], (int, float)) and math.isfinite(r["w"]) else 0.0
+                if w >= min(0.5, fire):  # (a graph fitted at a lower threshold than the run's is checked below)
+                    strongest[r["key"]] = float(w)
             for start in range(0, len(known), 500):
                 part = known[start:start + 500]
                 for r in _execute(con, "SELECT key, MAX(CASE WHEN role = 'activator' THEN weight ELSE 0 END) AS w "

@@ -608,7 +608,8 @@ def _top_activators(run_dir: Path) -> dict[str, list[str]]:
                 raise sqlite3.DatabaseError(problem)
             _check_types(con, path)
             for key, token in con.execute(
-                "SELECT key, token FROM tokens WHERE role = 'activator' AND weight >= ? ORDER BY key, weight DESC, token",
+                "SELECT key, token FROM tokens WHERE role = 'activator' AND token_id IS NOT NULL AND weight >= ? "
+                "ORDER BY key, weight DESC, token",
                 (threshold,),
             ):
                 lst = out.setdefault(key, [])

@@ -214,6 +214,34 @@ def add_large_neuron(run: Path, key_index: int = 5, n_act: int = 90) -> NeuronId
     return neuron
 
 
+def add_dense_neuron(run: Path, key_index: int = 6) -> NeuronId:
+    """A layer-1 neuron that fires on any token but right after ``" in"``, as n2g fits a dense neuron: its graph's
+    wildcard activator ("*", no token id) ends a firing path of its own (0.9), and its one context token ends a
+    quiet one (0.1). Its graph holds no activating token; it scores no test token (its f1 is None)."""
+    neuron = NeuronId(1, key_index)
+    G = nx.DiGraph()
+    G.add_node("root", kind="root", token_id=None, token="", depth=-1, importance=0.0, activation=0.0, count=0)
+    G.add_node("1", kind="activator", run=0, token_id=None, token="*", depth=0, importance=1.0, activation=0.9, count=0)
+    G.add_node("1.end", kind="end", token_id=None, token="", depth=0, importance=0.0, activation=0.9, count=40)
+    G.add_node("2", kind="context", run=0, token_id=101, token=VOCAB[101], depth=1, importance=0.0, activation=0.1, count=0)
+    G.add_node("2.end", kind="end", token_id=None, token="", depth=1, importance=0.0, activation=0.1, count=5)
+    G.add_edges_from([("root", "1"), ("1", "1.end"), ("1", "2"), ("2", "2.end")])
+    result = NeuronResult(
+        neuron=neuron, status="fitted",
+        stats=NeuronStats(max_activation=1.0, quantiles={"0.5": 0.6}, firing_rate=0.9, n_sampled_tokens=1000),
+        scores={"n2g": scores(None, None, None, 1.0, 1.0, 0.2, status="no_firing_test_token")},
+        graph_stats={"activator": 1, "context": 1, "wildcard": 0, "end": 2, "paths": 45}, seconds=1.0,
+    )
+    d = run / "neurons" / neuron.key
+    d.mkdir()
+    (d / "result.json").write_text(json.dumps(result.to_dict()))
+    (d / "graph.json").write_text(json.dumps({
+        "kind": "n2g.graph", "schema_version": 1, "neuron": neuron.to_dict(), "fire_threshold": 0.5,
+        "end_activation": "mean", "match": "search", "graph": nx.node_link_data(G, edges="edges"),
+    }))
+    return neuron
+
+
 def api(url: str):
     """A request for the server's API with the header the viewer's pages add (``urlopen(api(url))``)."""
     import urllib.request

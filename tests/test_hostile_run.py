@@ -103,7 +103,7 @@ def _hostile_index(path):
     path.unlink(missing_ok=True)
     con = sqlite3.connect(path)
     con.executescript("""
-        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('schema_version', '2');
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('schema_version', '3');
         CREATE VIEW neurons AS SELECT 'L0.N1' key, 0 layer, 1 idx, 'positive' sign, 'fitted' status, .5 f1,
             .5 pearson, .1 firing_rate, 1.0 max_activation, .5 token_lookup_f1, .5 ngram_f1, 'ok' score_status;
         CREATE VIEW tokens AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)

@@ -9,10 +9,10 @@ import sqlite3
 
 import pytest
 
-from helpers_run import make_run
+from helpers_run import add_dense_neuron, make_run
 from n2g import cli
 from n2g.report import build_all
-from n2g.search import fires_on
+from n2g.search import fires_on, search
 
 
 def main(argv, capsys):
@@ -152,3 +152,20 @@ def test_the_graphs_likeliest_to_fire_are_read_first(run, monkeypatch):
     monkeypatch.setattr(NeuronGraph, "load", classmethod(load))
     fires_on(run, [101, 104, 102, 100])  # " in the London Paris"
     assert read == ["L1.N4.neg", "L0.N1", "L0.N2"]  # activators " Paris" 1.0 and 0.9, " London" 0.6
+
+
+def test_a_graph_that_fires_on_any_token_is_read_whatever_the_texts_tokens(run, capsys):
+    # a dense neuron's graph: "*" fires (0.9) but right after " in" (0.1); it holds no activating token, and its
+    # one context token is not in the text, so which neurons fire on " the." left it out (the index listed no row
+    # for the wildcard activator), though its graph fires on both tokens
+    add_dense_neuron(run)
+    build_all(run)
+    assert [(e["key"], e["fires"]) for e in fires_on(run, [104, 106]) if e["key"] == "L1.N6"] == [("L1.N6", [0, 1])]
+    assert [(e["key"], e["fires"]) for e in fires_on(run, [101, 104]) if e["key"] == "L1.N6"] == [("L1.N6", [0])]
+    code, out, _ = main(["predict", run, " the."], capsys)
+    assert code == 0 and "L1.N6" in out
+    # the row that says so is no token: no search finds it, and the viewer lists no activating token for it
+    assert search(run, "*") == [] and all(h["key"] != "L1.N6" for h in search(run, "the"))
+    index = (run / "viewer" / "index.html").read_text()
+    row = index[index.index('href="neurons/L1.N6.html"'):]
+    assert '<td class="l tok" data-v=""></td></tr>' in row[:row.index("</tr>") + 5]

@@ -121,7 +121,7 @@ def test_a_graph_whose_token_is_not_text_is_refused_when_loaded(token, run, tmp_
 
 ENDLESS_VIEW = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT);
-INSERT INTO meta VALUES ('schema_version', '2');
+INSERT INTO meta VALUES ('schema_version', '3');
 CREATE VIEW tokens AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)
   SELECT x AS token_id, 'a' || x AS token, 'L0.N1' AS key, 'activator' AS role, 1.0 AS weight, 'a' AS folded FROM c;
 """
