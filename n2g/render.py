@@ -437,8 +437,9 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
                 attrs["fontcolor"] = '"white"'
             tip = f"context token id {a.get('token_id')}, {int(_num(a.get('depth')))} before; importance {imp:.2f}"
             value = f"imp {imp:.2f}"
-            if a.get("count") is not None and _num(a.get("count"), 1.0) == 0:
-                # grown from training occurrences: no proposed path ran through it, so occlusion never measured it
+            if (a.get("count") is not None and _num(a.get("count"), 1.0) == 0) or imp == 0.0:
+                # grown from training occurrences, or on paths that cover firing training tokens the graph missed
+                # (importance 0 on each): no occlusion measured it, so it has no importance to print
                 tip = f"context token id {a.get('token_id')}, {int(_num(a.get('depth')))} before; learned from training occurrences (no occlusion importance)"
                 value = "grown"
         if ends:

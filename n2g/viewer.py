@@ -359,13 +359,15 @@ GRAPH_WORDS = {"activator": "activating token", "context": "context node", "wild
 training tokens behind the ENDs, not the paths a reader sees: left out)."""
 
 
-def graph_line(stats: dict) -> str:
-    """``198 activating tokens, 93 context nodes, 1 wildcard node, 291 paths`` from a result's graph_stats."""
+def graph_line(stats: dict, quiet: int = 0) -> str:
+    """``198 activating tokens, 93 context nodes, 1 wildcard node, 291 paths`` from a result's graph_stats;
+    ``quiet``: how many of the activating tokens are quiet (graded values, never predicted to fire), said beside them."""
     parts = []
     for key, words in GRAPH_WORDS.items():
         if key in stats:
             n = int(stats[key])
-            parts.append(f"{n:,} {plural(n, words)}")
+            parts.append(f"{n:,} {plural(n, words)}"
+                         + (f" ({quiet:,} of them quiet: never predicted to fire)" if key == "activator" and quiet else ""))
     return ", ".join(parts)
 
 
@@ -376,7 +378,7 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
     from n2g.profile import band_label
     from n2g.render import is_finite_number
     from n2g.pages import render_page
-    from n2g.render import MAX_DRAWN_PATHS, graph_paths, path_text
+    from n2g.render import MAX_DRAWN_PATHS, graph_paths, is_quiet, path_text
     from n2g.search import _run_fire_threshold
 
     if threshold is None:
@@ -411,7 +413,8 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
         "neuron.html", css=Markup(CSS), script=Markup(NEURON_JS), nonce=nonce or secrets.token_urlsafe(16),
         key=key, layer=n.layer, index=n.index, sign=n.sign.value,
         status="dead: it never fires on the scanned corpus" if result.status == "dead" else result.status,
-        gstats=graph_line(result.graph_stats), seconds=result.seconds,
+        gstats=graph_line(result.graph_stats, sum(is_quiet(a, threshold) for _, a in G.nodes(data=True)) if G is not None else 0),
+        seconds=result.seconds,
         summary=summary(result, G, threshold), threshold=threshold, max_raw=max_raw,
         test=_excerpt_section(tests[:FIRST_EXCERPTS], "test-excerpts", "test excerpts", threshold, max_raw),
         test_more=_excerpt_section(tests[FIRST_EXCERPTS:], "test-excerpts-more", "more test excerpts", threshold, max_raw),

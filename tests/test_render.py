@@ -266,3 +266,10 @@ def test_a_grown_context_token_says_grown_not_a_zero_importance():
     assert "imp 0.60" in proposed
     assert "grown" in learned and "imp" not in re.search(r"label=<(.*)>", learned).group(1)
     assert "no occlusion importance" in learned
+    # a context token on a path that covers a firing training token the graph missed: importance 0 on that
+    # path (occlusion never ran there), so "grown" too, not "imp 0.00"
+    g.add_path([(8, 1.0), (40, 0.0)], 1.0)
+    g.token_text[40] = "qq"
+    lines = node_lines(R.to_dot(g.to_networkx(), title="t"))
+    (covered,) = [line for line in lines.values() if "qq" in re.search(r"label=<(.*)>", line).group(1)]
+    assert "grown" in covered and "imp 0.00" not in covered
