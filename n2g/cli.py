@@ -246,7 +246,11 @@ def _run(args) -> int:
     _check_out(Path(opts.out) if opts.out else default_out(opts))
     summary = run(opts)
     if args.json:
-        _print_json(_summary_json(summary))
+        data = _summary_json(summary)
+        if args.command == "fit":  # one neuron: what its graph says, in words, as the terminal shows it
+            for entry, r in zip(data["neurons"], summary.results):
+                entry["summary"] = _fit_summary(summary.out, r) or None
+        _print_json(data)
         return 0
     print(summary_table(summary.results))
     print(f"\n{len(summary.results)} {plural(len(summary.results), 'neuron')} ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
@@ -256,18 +260,14 @@ def _run(args) -> int:
         for r in summary.results:  # what the graph says, in words, and what to open next: the neuron's own page
             text = _fit_summary(summary.out, r)
             if text:
-                print("\n" + text)
+                print("\n" + _wrapped(text))
             if "viewer" in summary.artifacts:
                 print(f"page: {summary.out / 'viewer' / 'neurons' / (r.neuron.key + '.html')}")
     return 0
 
 
 def _fit_summary(out: Path, result) -> str:
-    """The neuron page's summary paragraph as terminal text, wrapped to the terminal ("" where the saved graph
-    cannot be read: the page says why)."""
-    import shutil
-    import textwrap
-
+    """The neuron page's summary paragraph, plain text ("" where the saved graph cannot be read: the page says why)."""
     from .explain import summary_text
     from .render import load_graph_json
     from .search import _run_fire_threshold
@@ -279,9 +279,16 @@ def _fit_summary(out: Path, result) -> str:
             G = load_graph_json(gjson, out, check=True)
         except N2GError:
             return ""
-    text = visible(summary_text(result, G, _run_fire_threshold(out)))
+    return summary_text(result, G, _run_fire_threshold(out))
+
+
+def _wrapped(text: str) -> str:
+    """``text`` for the terminal: control characters made visible, wrapped to the terminal's width (at most 100)."""
+    import shutil
+    import textwrap
+
     width = min(100, max(40, shutil.get_terminal_size((100, 24)).columns - 1))
-    return textwrap.fill(text, width, break_on_hyphens=False)
+    return textwrap.fill(visible(text), width, break_on_hyphens=False)
 
 
 def _print_json(data) -> None:

@@ -202,6 +202,10 @@ def test_fit_prints_a_summary_and_writes_artifacts(tiny_dir, tmp_path):
     assert expected.startswith("L1.N4 ") and "On held-out excerpts" in expected
     assert " ".join(expected.split()) in " ".join(res.stdout.split())
     assert res.stdout.rstrip().splitlines()[-1].startswith("page: ")
+    again = cli("fit", "--model", str(tiny_dir / "model"), "--corpus", str(tiny_dir / "corpus.txt"), "--layer", "1",
+                "--neuron", "4", "--excerpt-length", "32", "-q", "--out", str(out), "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["neurons"][0]["summary"] == expected  # --json: the paragraph, unwrapped
 
 
 def test_info_reports_the_model(tiny_dir):
