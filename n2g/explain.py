@@ -105,8 +105,12 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         elif bare and not silencing:
             out.append(_seg(", whatever precedes them"))
         out.append(_seg(". "))
-    out.append(_seg(f"Its strongest activation on the corpus is {st.max_activation:.4g} (raw); values here "
-                    f"are normalised to it (1 = that maximum) unless marked raw. "))
+    if result.neuron.sign.value == "negative":  # raw as the model computes it: the side's extreme is below 0
+        out.append(_seg(f"Its most negative activation on the corpus is {-st.max_activation:.4g} (raw); values here "
+                        f"are normalised to it (1 = that extreme) unless marked raw. "))
+    else:
+        out.append(_seg(f"Its strongest activation on the corpus is {st.max_activation:.4g} (raw); values here "
+                        f"are normalised to it (1 = that maximum) unless marked raw. "))
     if st.n_sampled_tokens:
         out.append(_seg(f"It fires (normalised activation ≥ {threshold:g}) on {100 * st.firing_rate:.2f} % of "
                         f"{st.n_sampled_tokens:,} sampled corpus tokens. "))

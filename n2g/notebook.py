@@ -21,5 +21,5 @@ def model_html(model) -> str:
     rows = [{"name": METHOD_NAMES.get(m, m), "s": scores[m], "f1": f1_text(scores[m].f1, scores[m].status)}
             for m in [*(m for m in METHODS if m in scores), *sorted(set(scores) - set(METHODS))]]
     return render_page("notebook.html", name=model.name, status=getattr(model, "status_", "not fitted"),
-                       scale=model.scale, svg=svg, rows=rows, paths=paths[:15], n_paths=len(paths),
+                       scale=model.scale * getattr(model, "sign", 1.0), negative=getattr(model, "sign", 1.0) < 0, svg=svg, rows=rows, paths=paths[:15], n_paths=len(paths),
                        fitted=graph is not None)

@@ -49,7 +49,7 @@ from markupsafe import Markup, escape
 
 from n2g.errors import N2GError
 from n2g.fileio import inside as _inside, read_bytes, read_json
-from n2g.records import Example, NeuronResult, check_folder, plural
+from n2g.records import Example, NeuronResult, Sign, check_folder, plural
 from n2g.render import BIDI_CONTROLS, atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
 from n2g.search import INDEX_NAME, build_index, search, similar
@@ -386,10 +386,15 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
     n = result.neuron
     key = n.key
     st = result.stats
-    max_raw = st.max_activation
+    # the stats are on the distilled side (a negative neuron's negated); raw values are shown as the model computes
+    # them, so a negative neuron's extreme is its most negative activation and normalised = activation / that
+    negative = n.sign == Sign.NEGATIVE
+    scale = st.max_activation
+    max_raw = -scale if negative else scale
     graph, G = _graph_context(run_dir, key)
     paths = graph_paths(G) if G is not None else []
-    quantiles = [{"q": q, "raw": v, "norm": (v / max_raw if max_raw > 0 and v is not None else None)}
+    quantiles = [{"q": q, "raw": None if v is None else (-v if negative else v),
+                  "norm": (v / scale if scale > 0 and v is not None else None)}
                  for q, v in sorted(st.quantiles.items(), key=lambda kv: float(kv[0]) if _isnum(kv[0]) else 0.0)]
     methods = [m for m in METHODS if m in result.scores] + sorted(set(result.scores) - set(METHODS))
     scores = [{"name": METHOD_NAMES.get(m, m), "s": result.scores[m], "f1": f1_text(result.scores[m].f1, result.scores[m].status)}
@@ -415,7 +420,7 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
         status="dead: it never fires on the scanned corpus" if result.status == "dead" else result.status,
         gstats=graph_line(result.graph_stats, sum(is_quiet(a, threshold) for _, a in G.nodes(data=True)) if G is not None else 0),
         seconds=result.seconds,
-        summary=summary(result, G, threshold), threshold=threshold, max_raw=max_raw,
+        summary=summary(result, G, threshold), threshold=threshold, max_raw=max_raw, negative=negative,
         test=_excerpt_section(tests[:FIRST_EXCERPTS], "test-excerpts", "test excerpts", threshold, max_raw),
         test_more=_excerpt_section(tests[FIRST_EXCERPTS:], "test-excerpts-more", "more test excerpts", threshold, max_raw),
         train=_excerpt_section([e for e in result.examples if e.split == "train"], "train-excerpts", "train excerpts",

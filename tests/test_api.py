@@ -178,6 +178,15 @@ def test_notebook_display_of_an_unfitted_model_says_so():
     assert "Not fitted yet" in page and "predicts 0 everywhere" not in page
 
 
+def test_notebook_display_of_a_negative_side_gives_the_extreme_its_predictions_are_scaled_to():
+    # predict() returns normalised x scale x sign: on the negative side the raw scale it names is below 0
+    model = n2g.NeuronModel(lambda ids: -ids.float(), scale=2.0, sign=-1.0)
+    page = model._repr_html_()
+    assert "most negative activation -2.0000 (raw; predictions are on this scale)" in page and "maximum" not in page
+    page = n2g.NeuronModel(lambda ids: ids.float(), scale=2.0)._repr_html_()
+    assert "maximum activation 2.0000 (raw; predictions are on this scale)" in page
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m: n2g.fit_neuron(m, 99, 0, progress=False), "does not exist"),
     (lambda m: n2g.fit_neuron(m, 0, 0, sign="both", progress=False), "call fit_neuron twice"),

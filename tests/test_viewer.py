@@ -109,6 +109,23 @@ def test_neuron_page_contents(run):
     assert "dead" in dead and "no graph" in dead and "never fires" in dead
 
 
+def test_negative_neuron_page_shows_raw_values_as_the_model_computes_them(run):
+    # L1.N4.neg: stats on its side (maximum 3.0 of the negated activation, quantile 0.99 of it 0.5); the model's
+    # own values are negative there: its extreme is -3, an excerpt peaking at 0.8 normalised is -2.4 raw, and the
+    # quantile 0.99 of the side (0.5 / 3 normalised) is -0.5 raw. The summary names the same extreme.
+    raw = (run / "viewer" / "neurons" / "L1.N4.neg.html").read_text()
+    text = "".join(parse(run / "viewer" / "neurons" / "L1.N4.neg.html").text)
+    assert "most negative activation -3.0000 (raw)" in text and "maximum activation" not in text
+    assert "most negative value (this is its negative side) on the scanned corpus (-3.0000 raw)" in text
+    assert "max 0.80 norm.(-2.400 raw)" in text
+    assert '<td class="l">0.99</td><td>-0.5000</td><td>0.1667</td>' in raw
+    assert "effect (logit per unit of fall in raw activation)" in text
+    summary = text[text.index("L1.N4.neg"):text.index("Units:")]
+    assert "most negative activation on the corpus is -3 (raw)" in summary and "strongest activation" not in summary
+    positive = "".join(parse(run / "viewer" / "neurons" / "L0.N1.html").text)
+    assert "maximum activation 5.0000 (raw)" in positive and "most negative" not in positive
+
+
 def test_neuron_page_explains_first(run):
     raw = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
     text = "".join(parse(run / "viewer" / "neurons" / "L0.N1.html").text)
