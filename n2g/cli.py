@@ -53,13 +53,13 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                    help="contexts after which the subject model is read at every token the corpus shows fewer than "
                         "twice; the tokens that fire teach the graph (default preset: 4; 0: none)")
     p.add_argument("--out", default=None, help="run directory (default: graphs/<model>-<preset>)")
-    p.add_argument("--group-size", type=int, default=64, help="neurons fitted together in shared batches")
+    p.add_argument("--group-size", type=int, default=64, help="neurons fitted together in shared batches (default 64)")
     p.add_argument("--store-tokens", type=int, default=None,
                    help="token budget of each layer's on-disk activation store (default 131072; larger corpora keep a seeded subset)")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per fitting batch (default: sized to free GPU memory; 16384 on CPU)")
     p.add_argument("--scan-batch", type=int, default=None,
-                   help="excerpts per scan batch (default: sized to free GPU memory; 32 on CPU)")
+                   help="excerpts per scan batch (default: sized to free GPU memory; on CPU 32, fewer for a very wide layer)")
     p.add_argument("--host-workers", type=int, default=None,
                    help="worker processes for graph building and scoring (default: all cores but one on a GPU, 0 on CPU; at most 4 per core)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
@@ -72,8 +72,9 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                    help="also score each graph standing in for its neuron inside the model (more forward work)")
     p.add_argument("--ray-workers", type=int, default=None,
                    help="Ray workers (default: one per GPU of the cluster, else one per CPU)")
-    p.add_argument("--no-report", dest="report", action="store_false", help="skip rendering, report and viewer")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip drawing, the report, the search index and the viewer (n2g report RUN writes them later)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (progress stays on stderr)")
 
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=layers, help=f"e.g. 0,5,10 or 0-29 or all (default {layers})")
     p.add_argument("--neurons", default=neurons,
                    help=f"e.g. 0-99 or 1,2,3 or all (default {neurons}: a quick look; 'all' is a whole layer, hours on a CPU)")
-    p.add_argument("--sign", default="positive", choices=["positive", "negative", "both"], help="which side(s) to distil")
+    p.add_argument("--sign", default="positive", choices=["positive", "negative", "both"],
+                   help="which side of each neuron to distil (default positive; both: two graphs per neuron)")
     _fit_args(p)
 
     p = sub.add_parser("report", help="write the validation report and viewer for a run",

@@ -1,7 +1,7 @@
 """Distillation settings and the named presets.
 
-``paper`` reproduces the defaults of the published Neuron to Graph method (DESIGN.md, "The
-algorithm"); ``default`` is the best configuration measured on SmolLM2 by
+``paper`` reproduces the defaults of the published Neuron to Graph method (README.md, "Presets";
+every difference in evaluation/results/paper_vs_published.md); ``default`` is the best configuration measured on SmolLM2 by
 ``evaluation/fidelity.py``. A config is a small dataclass whose ``__post_init__`` rejects bad
 values with :class:`~n2g.errors.N2GError`, so the CLI can build one straight from user input.
 """
@@ -26,7 +26,7 @@ SUBSTITUTE_SOURCES = ("model", "embedding")
 
 @dataclass
 class DistillConfig:
-    """Every knob of the distiller; see DESIGN.md for what each step does."""
+    """Every knob of the distiller; README.md ("How it learns", "Presets") says what each step does."""
 
     n_top: int = 20
     """Top-activating excerpts split between train and test (half each)."""

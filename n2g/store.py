@@ -1,6 +1,6 @@
 """The run directory: per-neuron artifacts, the run's identity, the scores table.
 
-Layout (DESIGN.md "Artifacts")::
+Layout (README.md, "What a run writes")::
 
     RUN/run.json                      identity (model, corpus, config) and versions
     RUN/neurons/<key>/graph.json      the graph (absent for a dead neuron)
