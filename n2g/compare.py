@@ -30,8 +30,10 @@ _RANGES = {"f1": (0.0, 1.0), "pearson": (-1.0, 1.0)}
 TIE = 1e-9
 """Differences smaller than this count as equal."""
 
-_TEST_SHAPE = ("n_top", "n_random_test", "seed", "held_out", "evidence")
-"""Options that choose a neuron's held-out test excerpts: named when two runs' held-out text differs."""
+_TEST_SHAPE = ("n_top", "n_random_test", "seed", "held_out")
+"""Options that choose a neuron's held-out test excerpts (:func:`n2g.examples.split_examples`): named when two runs'
+held-out text differs. Every preset picks them from the run's held-out partition, so ``default`` and ``paper`` runs
+of one corpus are scored on the same text."""
 
 
 @dataclasses.dataclass
@@ -251,9 +253,8 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, progress: b
         shape = [k for k, _, _ in settings if k in _TEST_SHAPE + ("corpus", "excerpt_length", "n_excerpts", "store_tokens")]
         why = f"they differ in {', '.join(shape)}" if shape else \
             "another corpus, --max-excerpts, store or scan would change it"
-        raise N2GError(f"no neuron of both runs was scored on the same held-out text ({why}; `paper` picks its test "
-                       "excerpts the published way, `default` from the held-out partition); compare runs of one "
-                       "model and corpus with the same --max-excerpts and a preset that splits the same way")
+        raise N2GError(f"no neuron of both runs was scored on the same held-out text ({why}); compare runs of one "
+                       "model and corpus with the same --max-excerpts (`default` and `paper` split alike)")
     metrics = {m: _summary(m, [(r[f"{m}_a"], r[f"{m}_b"]) for r in rows
                                if r[f"{m}_a"] is not None and r[f"{m}_b"] is not None]) for m in METRICS}
     layers = []

@@ -114,7 +114,7 @@ def test_a_preset_change_is_named_with_what_each_side_changed_of_it(runs, capsys
               "other: compare two runs of one model"),
     ("threshold", "scores firing at 0.5 and "),
     ("no neuron", "share no neuron; run the second with the same --layers, --neurons and --sign as the first"),
-    ("no text", "no neuron of both runs was scored on the same held-out text (they differ in n_top;"),
+    ("no text", "no neuron of both runs was scored on the same held-out text (they differ in n_top); compare runs"),
     ("not a run", "is not an n2g run directory (no run.json); run `n2g run` first"),
     ("limit", "--limit must be 0 or more (got -1)"),
 ])
@@ -213,3 +213,20 @@ def test_a_run_that_records_no_options_is_said_so_not_preset_none(runs, capsys):
     _run_json(a, lambda d: d["identity"].pop("config"))
     code, out, err = main(["compare", a, b], capsys)
     assert code == 0 and "settings that differ: preset not recorded -> default (" in out and "None" not in out, out
+
+
+def test_held_out_text_that_differs_names_what_chose_it_not_the_preset(runs, capsys):
+    """`default` and `paper` pick test excerpts alike (the run's held-out partition), so where a default and a paper
+    run hold other held-out text the message names what does choose it (here the corpus size), not the presets'
+    other settings (`evidence` only says what the graph learns from)."""
+    a, b = runs
+    default, paper = (json.loads(json.dumps(dataclasses.asdict(n2g.preset(name)))) for name in ("default", "paper"))
+    _run_json(a, lambda d: d["identity"].update(config=default, n_excerpts=1024))
+    _run_json(b, lambda d: d["identity"].update(config=paper, n_excerpts=512))
+    for key in ("L0.N1", "L0.N2", "L1.N4.neg"):
+        _edit(b, key, lambda d: d["examples"].pop())
+    shutil.rmtree(b / "neurons" / "L1.N3")  # dead: no held-out text to differ
+    code, out, err = main(["compare", a, b], capsys)
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert "(they differ in n_excerpts); compare runs of one model and corpus with the same --max-excerpts" in err, err
+    assert "evidence" not in err and "published way" not in err, err
