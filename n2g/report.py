@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 KIND = "n2g.report"
 SCHEMA_VERSION = 1
 METHODS = ("n2g", "token_lookup", "ngram", "zero")
-METHOD_NAMES = {"n2g": "N2G graph", "token_lookup": "token lookup", "ngram": "3-gram lookup (max)", "zero": "all zero"}
+METHOD_NAMES = {"n2g": "N2G graph", "token_lookup": "token lookup", "ngram": "3-gram lookup (max)", "zero": "all zero",
+                # the other lookups of n2g.baselines.BASELINES, "ngram{N}_{statistic}": the last N tokens, backing off
+                **{f"ngram{n}_{stat}": f"{'token' if n == 1 else f'{n}-gram'} lookup ({stat}{' quantile' if stat[0].isdigit() else ''})"
+                   for n in (1, 2, 3) for stat in ("mean", "0.75", "max")}}
 METRICS = ("precision", "recall", "f1", "nonfiring_precision", "nonfiring_recall", "nonfiring_f1", "pearson")
 FIRING_METRICS = ("precision", "recall", "f1")
 N_BEST = 10
@@ -71,6 +74,9 @@ def _summary(label, results: list[NeuronResult], methods: list[str]) -> dict:
             vals = [getattr(r.scores[m], metric) for r in pool if m in r.scores]
             stats[metric] = _mean(vals)
         row["methods"][m] = stats
+    sizes = [sum(v for k, v in r.graph_stats.items() if k in ("activator", "context", "wildcard") and isinstance(v, int))
+             for r in fitted if r.graph_stats]
+    row["graph_nodes"] = _mean(sizes)  # nodes per graph (activating, context and wildcard), as `n2g run` prints them
     ceilings = [r.ceiling for r in firing if r.ceiling.get("f1") is not None]
     if ceilings:  # the most a predictor keyed on tokens could score (a token never firing in training is out of reach)
         n_firing = sum(c["n_firing"] for c in ceilings)
@@ -85,6 +91,14 @@ def _summary(label, results: list[NeuronResult], methods: list[str]) -> dict:
             **{f"ce_increase_{v}": _mean([a.get("ce_increase", {}).get(v) for a in ablated]) for v in ("graph", "zero", "mean")},
         }
     return row
+
+
+def best_lookup(overall: dict, methods: list[str]) -> str | None:
+    """The lookup baseline with the highest mean firing F1 over every layer (the report's "best lookup", compared
+    with the graph layer by layer); None where no lookup has one."""
+    scored = [(overall["methods"][m]["f1"], m) for m in methods
+              if m not in ("n2g", "zero") and overall["methods"].get(m, {}).get("f1") is not None]
+    return max(scored, key=lambda fm: (fm[0], -methods.index(fm[1])))[1] if scored else None
 
 
 def neuron_row(r: NeuronResult) -> dict:
@@ -214,6 +228,7 @@ def compute_report(run_dir: str | os.PathLike) -> dict:
         ),
         "layers": rows,
         "overall": overall,
+        "lookup": best_lookup(overall, methods),
         "control": _control(run_dir),
         "best": [n["key"] for n in ranked[:N_BEST]],
         "worst": [n["key"] for n in ranked[::-1][:N_BEST]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import json
 import sqlite3
 
@@ -286,3 +287,18 @@ def test_a_run_never_takes_a_result_from_another_neurons_folder(run, tmp_path):
     assert store.load_result(NeuronId(0, 2)) is None and store.load_result(NeuronId(0, 1)) is not None
     keys = [r.neuron.key for r in store.results()]
     assert keys.count("L0.N1") == 1 and "L0.N2" not in keys
+
+
+def test_the_report_opens_with_the_graph_beside_the_best_lookup_per_layer(run):
+    rep = json.loads((run / "report.json").read_text())
+    # token lookup and 3-gram lookup tie at 0.5 over every layer: the first in the report's order is named
+    assert rep["overall"]["methods"]["token_lookup"]["f1"] == rep["overall"]["methods"]["ngram"]["f1"] == pytest.approx(0.5)
+    assert rep["lookup"] == "token_lookup"
+    assert [row["graph_nodes"] for row in rep["layers"] + [rep["overall"]]] == [4.0, 4.0, 4.0]
+    page = (run / "report.html").read_text()
+    assert page.index('id="glance-table"') < page.index('id="layer-table"')
+    table = page[page.index('id="glance-table"'):page.index("</table>", page.index('id="glance-table"'))]
+    cells = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in table.split("<tr")[2:]]
+    assert cells[0] == ["0", "2", "0.800", "0.600", "+0.200", "0.450", "4"]
+    assert cells[-1][:5] == ["all", "4", "0.650", "0.500", "+0.150"] and cells[-1][-1] == "4"
+    assert "<b>token lookup</b>, the lookup with the highest F1 over every layer" in page
