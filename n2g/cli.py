@@ -345,8 +345,13 @@ def _search(args) -> int:
         hits = search(run_dir, args.token, role=args.role, limit=args.limit)
     except (sqlite3.Error, OSError) as exc:
         raise N2GError(f"cannot read the search index of {run_dir} ({exc}); run `n2g report {run_dir}` to rebuild it") from None
+    from .search import _run_fire_threshold
+
+    threshold = _run_fire_threshold(run_dir)
+    for h in hits:  # an activating token whose value stays below the fire threshold: a graded value, never firing
+        h["quiet"] = h["role"] == "activator" and h["weight"] is not None and h["weight"] < threshold
     if args.json:
-        _print_json({"query": args.token, "role": args.role, "results": hits})
+        _print_json({"query": args.token, "role": args.role, "fire_threshold": threshold, "results": hits})
         return 0
     if not hits:
         print(f"no neuron's graph has a token matching {args.token!r}", file=sys.stderr)
@@ -355,8 +360,12 @@ def _search(args) -> int:
     for h in hits:
         f1 = "  -  " if h["f1"] is None else f"{h['f1']:.2f}"
         w = "  -  " if h["weight"] is None else f"{h['weight']:.2f}"
+        role = "quiet" if h["quiet"] else h["role"]
         # the key too is text from the index file, which may not be the user's own: control characters shown, not sent
-        print(f"{display_token(h['key'])[:40]:<16}{display_token(h['token'])[:23]:<24}{h['role']:<11}{w:>7}{f1:>8}  {h['match']}")
+        print(f"{display_token(h['key'])[:40]:<16}{display_token(h['token'])[:23]:<24}{role:<11}{w:>7}{f1:>8}  {h['match']}")
+    if any(h["quiet"] for h in hits):
+        print(f"(quiet: an activating token whose graph value stays below the fire threshold {threshold:g}; "
+              "the graph holds its graded value but never predicts it to fire)")
     return 0
 
 

@@ -66,6 +66,18 @@ def test_search_prints_a_table_and_json(run, capsys):
     assert hit["token"] == " word1" and hit["key"] == "L1.N5"
 
 
+def test_search_marks_an_activating_token_that_never_fires_as_quiet(run, capsys):
+    code, out, _ = main(["search", run, "."], capsys)  # L0.N1 holds "." at -0.2: a graded value, below the threshold
+    lines = out.splitlines()
+    assert code == 0 and lines[1].split()[:3] == ["L0.N1", ".", "quiet"]
+    assert lines[-1].startswith("(quiet: an activating token whose graph value stays below the fire threshold 0.5;")
+    code, out, _ = main(["search", run, "Paris", "--role", "activator"], capsys)
+    assert "quiet" not in out  # 0.5 and up fire
+    code, out, _ = main(["search", run, ".", "--json"], capsys)
+    data = json.loads(out)
+    assert data["fire_threshold"] == 0.5 and [(h["key"], h["role"], h["quiet"]) for h in data["results"]] == [("L0.N1", "activator", True)]
+
+
 def test_search_mistakes_are_one_line(run, tmp_path, capsys):
     code, out, err = main(["search", run, "zzzz-nothing"], capsys)
     assert code == 1 and out == "" and "no neuron's graph has a token matching" in err
