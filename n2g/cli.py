@@ -348,8 +348,6 @@ def _search(args) -> int:
     from .search import _run_fire_threshold
 
     threshold = _run_fire_threshold(run_dir)
-    for h in hits:  # an activating token whose value stays below the fire threshold: a graded value, never firing
-        h["quiet"] = h["role"] == "activator" and h["weight"] is not None and h["weight"] < threshold
     if args.json:
         _print_json({"query": args.token, "role": args.role, "fire_threshold": threshold, "results": hits})
         return 0

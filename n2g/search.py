@@ -527,8 +527,9 @@ def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limi
     equals it ignoring case and surrounding whitespace (``case-insensitive``), starts with it
     (``prefix``: ``dict`` finds `` dictionary``) or contains it (``substring``). ``role`` is
     ``"activator"``, ``"context"`` or None for both. Each hit is a dict with key, layer, index, sign,
-    f1, token, token_id, role, weight (activation for activators, importance for context tokens)
-    and match; one hit per neuron and role (its best-matching, then strongest token).
+    f1, token, token_id, role, weight (activation for activators, importance for context tokens),
+    quiet (an activator whose value stays below the run's fire threshold: a graded value, never predicted to
+    fire) and match; one hit per neuron and role (its best-matching, then strongest token).
     """
     if role in ("", "any", "all"):
         role = None
@@ -581,10 +582,12 @@ def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limi
         if k not in hits or rank < hits[k][0]:
             hits[k] = (rank, r)
     ordered = sorted(hits.values(), key=lambda h: (h[0], h[1]["layer"], h[1]["idx"], h[1]["key"], h[1]["role"]))
+    fire = _run_fire_threshold(Path(run_dir))
     return [
         {
             "key": r["key"], "layer": r["layer"], "index": r["idx"], "sign": r["sign"], "f1": r["f1"],
             "token": r["token"], "token_id": r["token_id"], "role": r["role"], "weight": r["weight"],
+            "quiet": r["role"] == "activator" and isinstance(r["weight"], (int, float)) and r["weight"] < fire,
             "match": MATCHES[rank[0]],
         }
         for rank, r in ordered[:limit]

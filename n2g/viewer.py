@@ -541,7 +541,7 @@ INDEX_JS = r"""
         var tr = document.createElement("tr");
         keyCell(tr, h.key);
         cell(tr, shown(h.token)).className = "l tok";
-        cell(tr, h.role).className = "l";
+        cell(tr, h.quiet ? "quiet" : h.role).className = "l";
         cell(tr, h.weight === null ? "\u2014" : h.weight.toFixed(3));
         cell(tr, h.f1 === null ? "\u2014" : h.f1.toFixed(3));
         cell(tr, h.match || "").className = "l";

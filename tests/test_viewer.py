@@ -223,6 +223,8 @@ def test_server_api_and_static(run):
             assert r.headers["Content-Type"].startswith("application/json")
             keys = [h["key"] for h in json.load(r)["results"]]
         assert keys == ["L1.N4.neg", "L0.N1", "L0.N2"]
+        with urllib.request.urlopen(api(base + "/api/search?token=.")) as r:  # L0.N1's "." at -0.2 never fires
+            assert [(h["key"], h["role"], h["quiet"]) for h in json.load(r)["results"]] == [("L0.N1", "activator", True)]
         with urllib.request.urlopen(api(base + "/api/search?token=%3Cscript%3Ealert(1)%3C%2Fscript%3E")) as r:
             assert [h["key"] for h in json.load(r)["results"]] == ["L1.N4.neg"]
         with urllib.request.urlopen(api(base + "/api/similar?key=L0.N1")) as r:
