@@ -88,15 +88,7 @@ def make_run(root: Path) -> Path:
     }))
 
     def save(result: NeuronResult, G: nx.DiGraph | None) -> None:
-        d = run / "neurons" / result.neuron.key
-        d.mkdir()
-        (d / "result.json").write_text(json.dumps(result.to_dict()))
-        if G is not None:
-            (d / "graph.json").write_text(json.dumps({
-                "kind": "n2g.graph", "schema_version": 1, "neuron": result.neuron.to_dict(),
-                "fire_threshold": 0.5, "end_activation": "mean", "match": "search",
-                "graph": nx.node_link_data(G, edges="edges"),
-            }))
+        _save(run, result, G)
 
     zero_ok = scores(None, 0.0, 0.0, 0.9, 0.95, None)
     # L0.N1: " in Paris"
@@ -204,13 +196,7 @@ def add_large_neuron(run: Path, key_index: int = 5, n_act: int = 90) -> NeuronId
         graph_stats={**{k: sum(G.nodes[n]["kind"] == k for n in G) for k in ("activator", "context", "wildcard", "end")},
                      "paths": G.number_of_nodes()}, seconds=3.0,
     )
-    d = run / "neurons" / neuron.key
-    d.mkdir()
-    (d / "result.json").write_text(json.dumps(result.to_dict()))
-    (d / "graph.json").write_text(json.dumps({
-        "kind": "n2g.graph", "schema_version": 1, "neuron": neuron.to_dict(), "fire_threshold": 0.5,
-        "end_activation": "mean", "match": "search", "graph": nx.node_link_data(G, edges="edges"),
-    }))
+    _save(run, result, G)
     return neuron
 
 
@@ -232,14 +218,20 @@ def add_dense_neuron(run: Path, key_index: int = 6) -> NeuronId:
         scores={"n2g": scores(None, None, None, 1.0, 1.0, 0.2, status="no_firing_test_token")},
         graph_stats={"activator": 1, "context": 1, "wildcard": 0, "end": 2, "paths": 45}, seconds=1.0,
     )
-    d = run / "neurons" / neuron.key
+    _save(run, result, G)
+    return neuron
+
+
+def _save(run: Path, result: NeuronResult, G: nx.DiGraph | None) -> None:
+    """``result.json`` and (unless dead: ``G`` None) ``graph.json`` of one neuron, as n2g writes them."""
+    d = run / "neurons" / result.neuron.key
     d.mkdir()
     (d / "result.json").write_text(json.dumps(result.to_dict()))
-    (d / "graph.json").write_text(json.dumps({
-        "kind": "n2g.graph", "schema_version": 1, "neuron": neuron.to_dict(), "fire_threshold": 0.5,
-        "end_activation": "mean", "match": "search", "graph": nx.node_link_data(G, edges="edges"),
-    }))
-    return neuron
+    if G is not None:
+        (d / "graph.json").write_text(json.dumps({
+            "kind": "n2g.graph", "schema_version": 1, "neuron": result.neuron.to_dict(), "fire_threshold": 0.5,
+            "end_activation": "mean", "match": "search", "graph": nx.node_link_data(G, edges="edges"),
+        }))
 
 
 def api(url: str):
