@@ -572,7 +572,8 @@ def _steer(args) -> int:
     print(f"neuron L{args.layer}.N{args.neuron}: maximum activation {peak:.4g} ({source}); clamped to "
           f"{scale:g} x max = {result.value:.4g} at every position")
     print(f"next-token KL(clean || clamped) {result.kl:.4f} nats; {result.promoted_overlap} of the top "
-          f"{len(result.gainers)} gainers are among the neuron's 50 most promoted output tokens")
+          f"{len(result.gainers)} gainers are among the neuron's 50 most "
+          + ("promoted output tokens" if result.value >= 0 else "suppressed output tokens (a clamp below 0 promotes them)"))
     print("top gainers (probability before -> after):")
     for t, a, b in result.gainers:
         print(f"  {t!r:>20}  {a:.4f} -> {b:.4f}")

@@ -3,7 +3,8 @@
 :func:`steer` clamps a neuron to a multiple of its maximum activation at every position of a
 prompt (and of the tokens generated after it) and reports the change in next-token probabilities
 (top gainers and losers), a short greedy continuation before and after, and how many of the top
-gainers are among the tokens the neuron's output weights promote (its direct logit effect).
+gainers are among the tokens the neuron's output weights promote (its direct logit effect; for a clamp
+below 0, the tokens they suppress, which a fall in the activation promotes).
 :func:`attribution` gives, for a prompt and an output token, the neuron's attribution at every
 position: the gradient of that token's next-token probability with respect to the neuron's
 activation, times the activation (the Transluce seed's definition).
@@ -37,7 +38,8 @@ class Steering:
     after: str = ""
     """Greedy continuation with the neuron clamped."""
     promoted_overlap: int = 0
-    """How many of the top gainers are among the neuron's top promoted output tokens."""
+    """How many of the top gainers are among the 50 output tokens the clamp's direction promotes most: the neuron's
+    most promoted tokens for a value of 0 or more, its most suppressed ones (promoted as it falls) below 0."""
     kl: float = 0.0
     """KL(clean || clamped) of the next-token distribution, nats."""
 
@@ -181,8 +183,9 @@ def steer(model, layer: int, index: int, ids: Sequence[int], value: float, k: in
     up, down = delta.topk(k).indices.tolist(), (-delta).topk(k).indices.tolist()
     gainers = [(t, float(p0[i]), float(p1[i])) for t, i in zip(names(up), up)]
     losers = [(t, float(p0[i]), float(p1[i])) for t, i in zip(names(down), down)]
-    if promoted is None:
-        promoted = [t for t, _ in model.output_effects(layer, index, k=50)[0]]
+    if promoted is None:  # the tokens the clamp's direction writes towards: a value below 0 (a negative side) the
+        # neuron's most suppressed ones, which a fall in its activation promotes
+        promoted = [t for t, _ in model.output_effects(layer, index, k=50)[0 if value >= 0 else 1]]
     overlap = len(set(t for t, _, _ in gainers) & set(promoted))
     kl = float((p0 * (torch.log(p0.clamp_min(1e-30)) - torch.log(p1.clamp_min(1e-30)))).sum())
     text = lambda toks: "".join(model.token_strings(toks))

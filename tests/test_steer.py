@@ -24,6 +24,42 @@ def test_clamping_a_neuron_that_writes_towards_a_token_raises_it():
     assert calm.kl == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_clamp_below_zero_counts_the_gainers_among_the_tokens_that_direction_promotes():
+    # the neuron writes towards "9": held far below 0 it pushes "9" down and the tokens it suppresses up, so its
+    # gainers are among its most suppressed tokens (the overlap was counted with its promoted ones: 0 of 10)
+    model = planted()
+    promoted, suppressed = ({t for t, _ in side} for side in model.output_effects(LAYER, INDEX, k=50))
+    down = steer(model, LAYER, INDEX, [10, 11, 12], -100 * STRENGTH, n_tokens=1)
+    gained = {t for t, _, _ in down.gainers}
+    assert model.token_strings([9])[0] in [t for t, _, _ in down.losers[:3]]
+    assert down.promoted_overlap == len(gained & suppressed) >= 5 and not gained & promoted
+    up = steer(model, LAYER, INDEX, [10, 11, 12], 100 * STRENGTH, n_tokens=1)
+    assert up.promoted_overlap == len({t for t, _, _ in up.gainers} & promoted) >= 5
+
+
+def test_steering_check_of_a_negative_side_in_a_run(tiny_dir, tmp_path):
+    # a .neg neuron is clamped to 4 x its most negative value; its page says so, and counts its gainers among the
+    # tokens a fall in its activation promotes (its most suppressed ones), as n2g.steer does for a value below 0
+    from test_pipeline import run_args
+
+    from n2g.models import load_model
+
+    out = tmp_path / "run"
+    args = [a for a in run_args(tiny_dir, out, "--neurons", "0", "--layers", "1", "--sign", "negative", "--ablation")
+            if a != "--no-report"]
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    result = json.loads((out / "neurons" / "L1.N0.neg" / "result.json").read_text())
+    steering = result["steering"]
+    assert steering["value"] == pytest.approx(-4.0 * result["stats"]["max_activation"], rel=1e-5)
+    model = load_model(str(tiny_dir / "model"))
+    promoted, suppressed = ({t for t, _ in side} for side in model.output_effects(1, 0, k=50))
+    gained = {t for t, _, _ in steering["gainers"]}
+    assert steering["promoted_overlap"] == len(gained & suppressed) != len(gained & promoted)
+    page = (out / "viewer" / "neurons" / "L1.N0.neg.html").read_text()
+    assert "clamped to 4 × its most negative value" in page and "weights suppress most" in page
+
+
 def test_attribution_is_where_the_neuron_is_active_and_points_to_its_token():
     model = planted()
     attr = attribution(model, LAYER, INDEX, [10, 7, 11, 7], 9)
