@@ -750,7 +750,8 @@ class NeuronModel:
             head += f"; test firing F1 {f1}" + (f", token lookup {base.f1:.3f}" if base and base.f1 is not None else "")
             head += f", Pearson r {s.pearson:.3f}" if s.pearson is not None else ""
             head += "; the graph refit on every excerpt after scoring" if getattr(self, "refit_", False) else ""
-        head += f"; maximum activation {self.scale:.4g})"
+        # raw, as predict() gives it: the negative side's extreme is below 0 (the notebook display names it so too)
+        head += f"; most negative activation {-self.scale:.4g})" if self.sign < 0 else f"; maximum activation {self.scale:.4g})"
         if not hasattr(self, "graph_"):
             return head
         return head + "\n" + self.graph_.describe(limit=10)

@@ -187,6 +187,16 @@ def test_notebook_display_of_a_negative_side_gives_the_extreme_its_predictions_a
     assert "maximum activation 2.0000 (raw; predictions are on this scale)" in page
 
 
+def test_printed_negative_side_gives_the_extreme_its_predictions_are_scaled_to():
+    # print(model) named the negative side's extreme 'maximum activation 0.5' beside predictions below 0
+    feature = lambda ids: -(ids == 5).float() / 2  # "cat": -0.5, else 0
+    model = n2g.distill(feature, [[4, 5, 6, 7, 4, 8]] * 6 + [[4, 6, 7, 8]] * 6, sign="negative")
+    assert model.predict([4, 5, 6]) == pytest.approx([0.0, -0.5, 0.0], abs=0.01)
+    assert repr(model).splitlines()[0].endswith("; most negative activation -0.5)") and "maximum" not in repr(model)
+    positive = n2g.distill(lambda ids: (ids == 5).float() / 2, [[4, 5, 6, 7, 4, 8]] * 6 + [[4, 6, 7, 8]] * 6)
+    assert str(positive).splitlines()[0].endswith("; maximum activation 0.5)")
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m: n2g.fit_neuron(m, 99, 0, progress=False), "does not exist"),
     (lambda m: n2g.fit_neuron(m, 0, 0, sign="both", progress=False), "call fit_neuron twice"),
