@@ -378,6 +378,7 @@ def report_html(rep: dict, plots: list[tuple[str, str]]) -> str:
         methods=rep["methods"], method_names=METHOD_NAMES, groups=GROUPS, plots=plots,
         by_key={n["key"]: n for n in rep["neurons"]}, href=neuron_href,
         has_ceiling=any(row.get("ceiling") for row in rep["layers"] + [rep["overall"]]),
+        negative=any(n["sign"] == "negative" for n in rep["neurons"]),
     )
 
 

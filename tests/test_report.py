@@ -66,6 +66,8 @@ def test_report_html_is_self_contained(run):
     assert page.count("data:image/png;base64,") == 3
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert 'href="viewer/neurons/L1.N4.neg.html"' in page
+    # the run holds a negative side: normalised is not "activation / the neuron's maximum" for it
+    assert "a negative side's (key <code>.neg</code>) is activation ÷ its most negative value, and each side counts" in page
     assert "synthetic &lt;test&gt; run" in page
     assert "1 dead" in page
     assert "<code>n2g predict synthetic &lt;test&gt; run \"TEXT\"</code> for those that fire on a text" in page
