@@ -10,16 +10,17 @@ from n2g.activations import partition
 from n2g.config import preset
 from n2g.engine import fit_many, store_job
 from n2g.models import SubjectModel
-from n2g.records import NeuronId
+from n2g.records import NeuronId, Sign
 from n2g.scan import scan_layers
 from test_pipeline import tiny_dir  # noqa: F401  (a fixture)
 
 LAYER, INDEX, STRENGTH = 1, 3, 4.0
 
 
-def planted():
+def planted(sign: float = 1.0):
     """A tiny Llama whose neuron L1.N3 is exactly 4.0 on token 7 and 0 elsewhere, and writes
-    strongly towards token 9 (so the text "7 9" depends on it)."""
+    strongly towards token 9 (so the text "7 9" depends on it); with ``sign`` -1 it is -4.0 on token 7
+    and writes towards 9 as it falls (its negative side carries the rule)."""
     torch.manual_seed(0)
     net = tiny_model("llama")
     model = SubjectModel(net, tiny_tokenizer(), spec="tiny")
@@ -28,13 +29,13 @@ def planted():
 
     def plant(module, args):
         x = args[0].clone()
-        x[..., INDEX] = STRENGTH * (seen["ids"] == 7).to(x.dtype)
+        x[..., INDEX] = sign * STRENGTH * (seen["ids"] == 7).to(x.dtype)
         return (x, *args[1:])
 
     proj = model._projs[LAYER]
     proj.register_forward_pre_hook(plant)
     with torch.no_grad():
-        proj.weight[:, INDEX] = 2.0 * net.get_output_embeddings().weight[9]
+        proj.weight[:, INDEX] = sign * 2.0 * net.get_output_embeddings().weight[9]
     return model
 
 
@@ -67,6 +68,29 @@ def test_graph_of_a_planted_neuron_recovers_the_zero_ablation_damage():
     assert 0 < score.ce_increase["mean"] < score.ce_increase["zero"] + 1.0
     again = Ablation.from_dict(score.to_dict())
     assert again == score
+
+
+def test_graph_of_a_planted_negative_side_stands_in_with_the_model_s_sign():
+    # the negative side's graph predicts +1 (normalised) on "7": put back as -4.0, as the model computes it, it
+    # recovers zero-ablation's damage; put back as +4.0 it would write away from "9" and do more damage than zero
+    model = planted(sign=-1.0)
+    excerpts = corpus()
+    scans = scan_layers(model, excerpts, [LAYER], k=64, pool_size=64, batch_size=16, progress=False)
+    is_train = partition(len(excerpts), 0.5, 0)
+    neuron = NeuronId(LAYER, INDEX, Sign.NEGATIVE)
+    job = store_job(scans[LAYER], neuron, is_train)
+    assert job.scale == pytest.approx(STRENGTH)
+    fit = fit_many(model, excerpts.tolist(), [job], preset("default"))[neuron]
+    assert fit.scores["n2g"].f1 == 1.0
+    held_out = [excerpts[i].tolist() for i in range(len(excerpts)) if not is_train[i]][:6]
+    mean = float(scans[LAYER].store.neuron(INDEX).astype(np.float64).mean())
+    assert mean < 0
+    (score,) = ablation_scores(model, [(neuron, fit.graph, job.scale, mean)], [held_out])
+    assert score.ce_increase["zero"] > 0.05
+    assert abs(score.ce_increase["graph"]) < 1e-4 and score.recovered == pytest.approx(1.0, abs=1e-3)
+    flipped = NeuronId(LAYER, INDEX)  # the same graph and scale read as a positive side's: the wrong sign
+    (wrong,) = ablation_scores(model, [(flipped, fit.graph, job.scale, mean)], [held_out])
+    assert wrong.ce_increase["graph"] > score.ce_increase["zero"]
 
 
 def test_a_graph_that_predicts_nothing_recovers_nothing_and_a_useless_neuron_is_flagged():
