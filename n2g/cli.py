@@ -460,6 +460,9 @@ def _predict(args) -> int:
                      "results": results if args.neuron else results[:args.limit]})
         return 0
     print(f"{len(ids)} tokens, split by {how}")
+    if any(e["sign"] == "negative" for e in results[:None if args.neuron else args.limit]):
+        print("values are normalised activations; a .neg side's is the activation ÷ its most negative value "
+              "(1 = its strongest, where the model's value is lowest)")
     if args.neuron:
         for e in results:
             f1 = "-" if e["f1"] is None else f"{e['f1']:.2f}"

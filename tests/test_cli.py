@@ -106,6 +106,8 @@ def test_predict_lists_the_neurons_whose_graphs_fire_on_a_text(run, capsys):
     code, out, _ = main(["predict", run, " in Paris", "--neuron", "L1.N4.neg", "--neuron", "L0.N1"], capsys)
     assert code == 0
     assert out.splitlines()[1:] == [
+        "values are normalised activations; a .neg side's is the activation ÷ its most negative value "
+        "(1 = its strongest, where the model's value is lowest)",
         "", "L1.N4.neg (N2G F1 0.50): the graph says it fires on 0 of 2 tokens",
         f"  {'token':<24}{'predicted':>10}", f"  {'␣in':<24}{0.0:>10.2f}", f"  {'␣Paris':<24}{0.0:>10.2f}",
         "", "L0.N1 (N2G F1 0.80): the graph says it fires on 1 of 2 tokens",
