@@ -160,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--scale", default="4", help="clamp to this multiple of the neuron's maximum activation (default 4)")
     p.add_argument("--max", dest="max_activation", default=None,
-                   help="the neuron's maximum activation (default: from a scan of the corpus, cached)")
+                   help="the neuron's maximum activation, or with --sign negative its most negative one (default: from "
+                        "a scan of the corpus, cached)")
+    p.add_argument("--sign", default="positive", choices=["positive", "negative"],
+                   help="clamp to a multiple of the neuron's maximum (positive, the default) or of its most negative "
+                        "activation (negative: its negative side, the .neg neuron of a run)")
     p.add_argument("--tokens", type=int, default=12, help="greedy continuation length (default 12, at most 1,024)")
     p.add_argument("--target", default=None, help="output token for the attribution (default: the clean model's top next token)")
     p.add_argument("--sae", default=None, metavar="PATH", help="steer a latent of this local SAELens SAE instead of an MLP neuron")
@@ -521,6 +525,9 @@ def _steer(args) -> int:
 
     scale = _number(args.scale, "--scale")
     peak = _number(args.max_activation, "--max") if args.max_activation is not None else None
+    if peak is not None and args.sign == "negative" and peak > 0:
+        raise N2GError(f"with --sign negative, --max is the neuron's most negative activation, below 0 (got {peak:g}); "
+                       f"give --max {-peak:g}")
     if args.tokens < 0:
         raise N2GError(f"--tokens must be 0 or more (got {args.tokens})")
     check_tokens(args.tokens)  # before the model is loaded
@@ -552,7 +559,8 @@ def _steer(args) -> int:
         _, scan_batch = device_budget(model, args.excerpt_length)  # fewer excerpts at a time for a wide SAE
         scan = scan_layers(model, corpus.excerpts, [args.layer], batch_size=scan_batch, cache_dir=cache_dir(),
                            corpus_key=corpus.tokens_key(), progress=not args.quiet)[args.layer]
-        peak = scan.scale(args.neuron, Sign.POSITIVE)
+        peak = scan.scale(args.neuron, Sign(args.sign))
+        peak = -peak if args.sign == "negative" else peak  # raw, as the model computes it: that side's extreme is below 0
         source = f"scan of {corpus.excerpts.shape[0]} excerpts"
     value = scale * peak
     limit = torch.finfo(model.dtype).max if model.dtype.is_floating_point else float("inf")
@@ -568,12 +576,13 @@ def _steer(args) -> int:
     tokens = model.token_strings(ids)
     target_text = model.token_strings([target])[0]
     if args.json:
-        _print_json({"neuron": f"L{args.layer}.N{args.neuron}", "max_activation": peak, "max_from": source,
+        _print_json({"neuron": f"L{args.layer}.N{args.neuron}", "sign": args.sign, "max_activation": peak, "max_from": source,
                      "scale": scale, **result.to_dict(), "attribution": {"target": target_text,
                      "per_token": [[t, float(v)] for t, v in zip(tokens, attr)], "total": float(attr.sum())}})
         return 0
-    print(f"neuron L{args.layer}.N{args.neuron}: maximum activation {peak:.4g} ({source}); clamped to "
-          f"{scale:g} x max = {result.value:.4g} at every position")
+    extreme = "most negative activation" if args.sign == "negative" else "maximum activation"
+    print(f"neuron L{args.layer}.N{args.neuron}: {extreme} {peak:.4g} ({source}); clamped to "
+          f"{scale:g} x {'that' if args.sign == 'negative' else 'max'} = {result.value:.4g} at every position")
     print(f"next-token KL(clean || clamped) {result.kl:.4f} nats; {result.promoted_overlap} of the top "
           f"{len(result.gainers)} gainers are among the neuron's 50 most "
           + ("promoted output tokens" if result.value >= 0 else "suppressed output tokens (a clamp below 0 promotes them)"))

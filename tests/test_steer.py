@@ -83,6 +83,33 @@ def test_steer_command(tiny_dir):
     assert "scan of" in text.stdout and "top gainers" in text.stdout and "attribution to" in text.stdout
 
 
+def test_steer_command_clamps_a_negative_side_to_a_multiple_of_its_most_negative_activation(tiny_dir):
+    # `n2g steer` took the scan's maximum whatever the side: a .neg neuron could be clamped only by hand
+    from n2g.corpus import Corpus
+    from n2g.models import load_model
+    from n2g.scan import scan_layers
+
+    model = str(tiny_dir / "model")
+    common = ["steer", "--model", model, "--corpus", str(tiny_dir / "corpus.txt"), "--excerpt-length", "32",
+              "--layer", "1", "--neuron", "3", "--prompt", "the cat", "--tokens", "1", "-q"]
+    res = cli(*common, "--sign", "negative", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    m = load_model(model)
+    corpus = Corpus.build(str(tiny_dir / "corpus.txt"), m.encode, length=32)
+    lowest = float(scan_layers(m, corpus.excerpts, [1], progress=False)[1].bot_val[0, 3])
+    assert lowest < 0 and out["sign"] == "negative"
+    assert out["max_activation"] == pytest.approx(lowest) and out["value"] == pytest.approx(4 * lowest)
+    suppressed = {t for t, _ in m.output_effects(1, 3, k=50)[1]}
+    assert out["promoted_overlap"] == len({t for t, _, _ in out["gainers"]} & suppressed)
+    text = cli(*common, "--sign", "negative")
+    assert text.returncode == 0, text.stderr
+    assert f"most negative activation {lowest:.4g} (scan of" in text.stdout and f"= {4 * lowest:.4g} at" in text.stdout
+    assert "most suppressed output tokens" in text.stdout
+    wrong = cli(*common, "--sign", "negative", "--max", "2")
+    assert wrong.returncode == 2 and "give --max -2" in wrong.stderr
+
+
 @pytest.mark.parametrize("change, needle", [({"--scale": "lots"}, "--scale must be a number"),
                                            ({"--prompt": " ".join(["cat"] * 300)}, "context"),
                                            ({"--layer": "9"}, "does not exist"),
