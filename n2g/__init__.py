@@ -18,7 +18,7 @@ import types
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "api", "load_corpus": "api", "fit_neuron": "api", "feature_from_hook": "api",
+    "load_model": "api", "load_corpus": "api", "fit_neuron": "api", "load_neuron": "api", "feature_from_hook": "api",
     "PRESETS": "config", "DistillConfig": "config", "preset": "config",
     "NeuronModel": "distill", "distill": "distill",
     "N2GError": "errors", "NeuronGraph": "graph",
@@ -27,7 +27,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "load_model", "load_corpus", "fit_neuron", "feature_from_hook",
+    "load_model", "load_corpus", "fit_neuron", "load_neuron", "feature_from_hook",
     "PRESETS", "DistillConfig", "preset", "NeuronModel", "distill", "N2GError", "NeuronGraph",
     "Example", "NeuronId", "NeuronResult", "NeuronStats", "Scores", "Sign", "__version__",
 ]

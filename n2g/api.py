@@ -15,8 +15,10 @@ against the baselines, the corpus statistics and the activation histogram.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,8 @@ from .features import as_numbers
 from .models import SubjectModel
 from .models import load_model as _load_model
 from .records import NeuronId, Sign
+
+log = logging.getLogger(__name__)
 
 
 def load_model(spec: str = "default", device: str | None = None, dtype: str | None = None) -> SubjectModel:
@@ -175,6 +179,74 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
     out.graph_ = fit.graph if fit.graph is not None else NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
     out.graph_.neuron = neuron
     out.examples_, out.scores_, out.trace_, out.ceiling_ = fit.examples, fit.scores, fit.trace, fit.ceiling or {}
+    out.stats_, out.status_, out.result_, out.neuron_ = result.stats, result.status, result, neuron
+    return out
+
+
+def load_neuron(run, key: str, model=None) -> NeuronModel:
+    """A neuron of a run (the folder ``n2g run`` or ``n2g fit`` wrote) as the fitted :class:`~n2g.distill.NeuronModel`
+    its fit made: the saved graph, examples, scores and stats, predicting on the neuron's raw scale.
+
+    ``key``: ``"L5.N2"``, or ``"L5.N2.neg"`` for a negative side. ``model`` (optional): the run's subject model (an
+    :func:`load_model` result or its spec, e.g. ``"default"``), so that ``predict`` reads text and ``fit`` can run
+    again; without it ``predict`` takes token ids. A model of another shape than the run's is refused.
+    """
+    from .config import DistillConfig
+    from .features import NeuronFeature
+    from .graph import NeuronGraph
+    from .published import for_model
+    from .report import read_run_json
+    from .store import RunStore
+
+    run = _path_text(run)
+    if not isinstance(run, str):
+        raise N2GError(f"run must be the path of a run folder (got {type(run).__name__})")
+    run_dir = Path(run)
+    if not (run_dir / "run.json").exists():
+        raise N2GError(f"{run} is not an n2g run directory (no run.json); pass the folder `n2g run` or `n2g fit` wrote")
+    info, problem = read_run_json(run_dir)
+    try:
+        neuron = NeuronId.from_key(key)
+    except ValueError as exc:
+        raise N2GError(str(exc)) from None
+    result = RunStore(run_dir).load_result(neuron)
+    if result is None:
+        raise N2GError(f"{run} holds no readable result for {neuron.key}; fit it there with `n2g run --layers "
+                       f"{neuron.layer} --neurons {neuron.index}{' --sign negative' if neuron.sign == Sign.NEGATIVE else ''} "
+                       f"--out {run}` (the run's other options)")
+    made_with = (info or {}).get("model") if isinstance((info or {}).get("model"), dict) else {}
+    try:
+        cfg = DistillConfig.from_dict(((info or {}).get("identity") or {}).get("config"))
+    except (N2GError, TypeError, AttributeError):
+        log.warning("%s: the run's settings cannot be read (%s); the default preset's stand in for them",
+                    run_dir / "run.json", problem or "no config recorded")
+        cfg = make_preset("default")
+    m = None
+    if model is not None:
+        m = _model(model)
+        if made_with.get("sae"):
+            raise N2GError(f"{run} holds SAE latents, not the model's neurons; load {neuron.key} without a model")
+        got = m.info()
+        differ = [f"{k} {made_with[k]!r} there, {got.get(k)!r} here" for k in ("architecture", "n_layers", "d_mlp",
+                  "vocab_size") if k in made_with and made_with[k] != got.get(k)]
+        if differ:
+            raise N2GError(f"{run} was made with another model ({'; '.join(differ)}); pass the run's own model "
+                           f"({made_with.get('spec')!r}) or none")
+        m.check_neuron(neuron.layer, neuron.index)
+    scale = result.stats.max_activation
+    vocab = m.vocab_size if m is not None else made_with.get("vocab_size")
+    out = NeuronModel(NeuronFeature(m, neuron.layer, neuron.index) if m is not None else None,
+                      for_model(cfg, m) if m is not None else cfg, scale=scale if scale > 0 else 1.0,
+                      sign=1.0 if neuron.sign == Sign.POSITIVE else -1.0,
+                      occlusion_token_id=int(m.occlusion_token_id) if m is not None else 0, name=neuron.key,
+                      encode=m.encode if m is not None else None, token_strings=m.token_strings if m is not None else None,
+                      vocab_size=int(vocab) if is_whole(vocab) and int(vocab) > 0 else None)
+    if result.status == "dead":
+        out.graph_ = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)
+    else:
+        out.graph_ = NeuronGraph.load(run_dir / "neurons" / neuron.key / "graph.json")
+    out.graph_.neuron = neuron
+    out.examples_, out.scores_, out.ceiling_ = result.examples, result.scores, dict(result.ceiling or {})
     out.stats_, out.status_, out.result_, out.neuron_ = result.stats, result.status, result, neuron
     return out
 

@@ -618,7 +618,8 @@ class NeuronModel:
         """Token ids of ``text`` with the subject model's tokenizer (models from :func:`n2g.fit_neuron`)."""
         if self.encode is None:
             raise N2GError(f"{self.name} has no tokenizer, so it cannot read text; pass token ids "
-                           "(a list of ints or a [batch, pos] array), or fit it with n2g.fit_neuron(model, ...)")
+                           "(a list of ints or a [batch, pos] array), or give it its subject model: "
+                           "n2g.fit_neuron(model, ...) or n2g.load_neuron(run, key, model=...)")
         return list(self.encode(text))
 
     def _ids(self, token_ids) -> tuple[np.ndarray, bool]:

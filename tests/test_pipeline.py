@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pyarrow.parquet as pq
 import torch
@@ -540,3 +541,36 @@ def test_a_run_waits_for_a_neuron_another_process_is_fitting_and_takes_it_over_w
     summary = json.loads(stdout)
     assert (summary["n_neurons"], summary["fitted_now"]) == (3, 2)  # L0.N2, then L0.N1 once its process ended
     assert (out / "neurons/L0.N1/result.json").exists() and not (out / CLAIMS / "L0.N1").exists()
+
+
+def test_a_neuron_of_a_run_loads_as_the_fitted_model_its_fit_made(tiny_dir, tmp_path):
+    import n2g
+    from n2g.errors import N2GError
+
+    out = tmp_path / "run"
+    res = cli("run", "--model", str(tiny_dir / "model"), "--corpus", str(tiny_dir / "corpus.txt"), "--layers", "1",
+              "--neurons", "4", "--sign", "both", "--excerpt-length", "32", "--no-report", "-q", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    for key, sign in (("L1.N4", 1.0), ("L1.N4.neg", -1.0)):
+        saved = json.loads((out / "neurons" / key / "result.json").read_text())
+        model = n2g.load_neuron(out, key)
+        assert model.status_ == saved["status"] == "fitted" and model.sign == sign
+        assert model.scale == saved["stats"]["max_activation"]
+        assert model.scores_["n2g"].f1 == saved["scores"]["n2g"]["f1"]
+        tests = [e for e in model.examples_ if e.split == "test"]
+        assert tests and len(model.examples_) == len(saved["examples"])
+        for e in tests:  # the saved graph predicts what the fit stored, on the normalised and the raw scale
+            ids = np.asarray(e.token_ids)
+            np.testing.assert_allclose(model.predict_normalised(ids), e.predicted, atol=1e-5)
+            np.testing.assert_allclose(model.predict(ids), np.asarray(e.predicted) * model.scale * sign, rtol=1e-5, atol=1e-7)
+        assert model.score(tests).f1 == pytest.approx(model.scores_["n2g"].f1)
+        assert str(model).startswith(f"NeuronModel {key} (fitted; test firing F1")
+        with pytest.raises(N2GError, match="has no tokenizer"):
+            model.predict("the cat sat")
+    with_model = n2g.load_neuron(out, "L1.N4", model=str(tiny_dir / "model"))  # text, through the run's own tokenizer
+    ids = with_model.tokenize("the cat sat on the mat")
+    np.testing.assert_array_equal(with_model.predict("the cat sat on the mat"), with_model.predict(ids))
+    for args, needle in (((tmp_path, "L1.N4"), "not an n2g run directory"), ((out, "L1.N5"), "no readable result for L1.N5"),
+                         ((out, "neuron 4"), "is not a neuron key")):
+        with pytest.raises(N2GError, match=needle):
+            n2g.load_neuron(*args)
