@@ -211,6 +211,9 @@ def load_neuron(run, key: str, model=None) -> NeuronModel:
         raise N2GError(str(exc)) from None
     result = RunStore(run_dir).load_result(neuron)
     if result is None:
+        graph_file = run_dir / "neurons" / neuron.key / "graph.json"
+        if graph_file.is_file():  # a graph it cannot read says why (one a newer n2g wrote: upgrade), not "fit it again"
+            NeuronGraph.load(graph_file)
         raise N2GError(f"{run} holds no readable result for {neuron.key}; fit it there with `n2g run --layers "
                        f"{neuron.layer} --neurons {neuron.index}{' --sign negative' if neuron.sign == Sign.NEGATIVE else ''} "
                        f"--out {run}` (the run's other options)")

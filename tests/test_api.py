@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import shutil
@@ -289,3 +290,49 @@ def test_a_fitted_neuron_fitted_again_on_its_own_examples_uses_the_settings_it_w
 def test_excerpts_of_one_token_are_allowed_from_python_as_from_the_cli(tiny_llama):
     corpus = n2g.load_corpus("default", tiny_llama, length=1, max_excerpts=5)
     assert corpus.excerpts.shape == (5, 1)
+
+
+@pytest.fixture(scope="module")
+def both_sides_run(fitted, subject, tmp_path_factory):
+    """The fitted neuron's run folder (both sides, as `n2g run --sign both` writes it) and the models fit_neuron made."""
+    from n2g.pipeline import RunOptions, run
+
+    _, corpus, cache = fitted
+    out = tmp_path_factory.mktemp("sides") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("N2G_CACHE", str(cache))
+        run(RunOptions(layers="1", neurons="5", sign="both", out=str(out), progress=False, report=False),
+            model=subject, corpus=corpus)
+        fits = {s: n2g.fit_neuron(subject, 1, 5, corpus=corpus, sign=s, progress=False) for s in ("positive", "negative")}
+    return out, fits
+
+
+@pytest.mark.parametrize("sign, key", [("positive", "L1.N5"), ("negative", "L1.N5.neg")])
+def test_a_loaded_neuron_behaves_as_the_one_fit_neuron_made(both_sides_run, subject, sign, key):
+    out, fits = both_sides_run
+    fit = fits[sign]
+    ids = np.array([e.token_ids for e in fit.examples_ if e.split == "test"])
+    for model in (None, subject):
+        loaded = n2g.load_neuron(out, key, model=model)
+        assert (loaded.scale, loaded.sign, loaded.name) == (fit.scale, fit.sign, fit.name)
+        assert loaded.scores_ == fit.scores_ and loaded.stats_ == fit.stats_ and loaded.examples_ == fit.examples_
+        assert str(loaded) == str(fit)
+        # graph.json holds END values to 6 decimals (never across the firing threshold): the same predictions to that
+        np.testing.assert_allclose(loaded.predict(ids), fit.predict(ids), rtol=0, atol=1e-6 * fit.scale)
+        assert (loaded.predict_normalised(ids) >= 0.5).tolist() == (fit.predict_normalised(ids) >= 0.5).tolist()
+        assert np.sign(loaded.predict(ids)).tolist() == np.sign(fit.predict(ids)).tolist()
+    np.testing.assert_allclose(loaded.predict("the cat sat on the mat"), fit.predict("the cat sat on the mat"),
+                               rtol=0, atol=1e-6 * fit.scale)
+
+
+def test_a_loaded_neuron_whose_graph_a_newer_n2g_wrote_says_to_upgrade(both_sides_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(both_sides_run[0], out)
+    path = out / "neurons" / "L1.N5" / "graph.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "schema_version": saved["schema_version"] + 1}))
+    with pytest.raises(n2g.N2GError, match="is newer than this n2g .*; upgrade n2g$"):
+        n2g.load_neuron(out, "L1.N5")  # said "fit it there with `n2g run ...`", which would overwrite the newer run's
+    path.write_text("{")
+    with pytest.raises(n2g.N2GError, match=r"^cannot read graph .*graph\.json: JSONDecodeError"):
+        n2g.load_neuron(out, "L1.N5")
