@@ -616,6 +616,9 @@ class NeuronModel:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` with the subject model's tokenizer (models from :func:`n2g.fit_neuron`)."""
+        if not isinstance(text, str):  # a list of words or of ids reached the tokenizer: a TypeError from inside it
+            raise N2GError(f"text must be one string (got {type(text).__name__}); for token ids call "
+                           "predict(token_ids), one string at a time for texts")
         if self.encode is None:
             raise N2GError(f"{self.name} has no tokenizer, so it cannot read text; pass token ids "
                            "(a list of ints or a [batch, pos] array), or give it its subject model: "

@@ -336,3 +336,14 @@ def test_a_loaded_neuron_whose_graph_a_newer_n2g_wrote_says_to_upgrade(both_side
     path.write_text("{")
     with pytest.raises(n2g.N2GError, match=r"^cannot read graph .*graph\.json: JSONDecodeError"):
         n2g.load_neuron(out, "L1.N5")
+
+
+@pytest.mark.parametrize("text", [["the", "cat"], 123, None, b"the cat"])
+def test_text_for_the_tokenizer_must_be_one_string(fitted, text):
+    # a list of words was a TypeError from inside the tokenizer; a number or bytes "cannot encode the text ... check
+    # its tokenizer files", as if the tokenizer were damaged
+    model, _, _ = fitted
+    for call in (model.tokenize, model.predict_tokens):
+        with pytest.raises(n2g.N2GError, match=r"^text must be one string \(got (list|int|NoneType|bytes)\); for token ids call"):
+            call(text)
+    assert [t for t, _ in model.predict_tokens("the cat")] == ["the", "cat"]
