@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import N2GError, is_whole
+
 SCHEMA_VERSION = 1
 
 
@@ -55,6 +57,18 @@ class NeuronId:
     """Index of the neuron within the MLP (the input dimension of the output projection)."""
     sign: Sign = Sign.POSITIVE
     """Which side is distilled: negative means the activation is multiplied by -1 first."""
+
+    def __post_init__(self) -> None:
+        # NeuronId(5, 2, "negative") kept the string: to_dict() failed on it, and "both" was taken
+        for what in ("layer", "index"):
+            value = getattr(self, what)
+            if not is_whole(value) or value < 0:
+                raise N2GError(f"a neuron's {what} must be a whole number of 0 or more (got {value!r})")
+            object.__setattr__(self, what, int(value))  # a NumPy integer as the int it equals (JSON writes it)
+        if not isinstance(self.sign, Sign):
+            if self.sign not in ("positive", "negative"):
+                raise N2GError(f"a neuron's sign must be 'positive' or 'negative' (got {self.sign!r})")
+            object.__setattr__(self, "sign", Sign(self.sign))
 
     @property
     def key(self) -> str:

@@ -347,3 +347,15 @@ def test_text_for_the_tokenizer_must_be_one_string(fitted, text):
         with pytest.raises(n2g.N2GError, match=r"^text must be one string \(got (list|int|NoneType|bytes)\); for token ids call"):
             call(text)
     assert [t for t, _ in model.predict_tokens("the cat")] == ["the", "cat"]
+
+
+def test_a_neuron_id_takes_its_sign_as_text_and_refuses_what_is_no_neuron():
+    neuron = n2g.NeuronId(1, 2, "negative")  # as fit_neuron and distill take the sign; to_dict() was an AttributeError
+    assert neuron.sign is n2g.Sign.NEGATIVE and neuron == n2g.NeuronId.from_key("L1.N2.neg")
+    assert neuron.to_dict() == {"layer": 1, "index": 2, "sign": "negative"}
+    assert json.dumps(n2g.NeuronId(np.int64(3), np.int32(4)).to_dict()) == '{"layer": 3, "index": 4, "sign": "positive"}'
+    for args, message in (((1, 2, "both"), "sign must be 'positive' or 'negative'"),  # was taken, keyed L1.N2
+                          ((-1, 2), "layer must be a whole number of 0 or more"),  # was keyed L-1.N2, which no key reads
+                          ((1, 2.5), "index must be a whole number of 0 or more")):
+        with pytest.raises(n2g.N2GError, match=message):
+            n2g.NeuronId(*args)
