@@ -468,11 +468,15 @@ class NeuronGraph:
 
         ``deadline`` (a ``time.monotonic()`` value): raise :class:`TimeoutError` once it has passed, checked
         at each position (a server's budget per request; a graph n2g writes needs microseconds a token)."""
-        out = np.zeros(len(ids), np.float32)
+        arr = np.asarray(ids)  # a tensor or array too
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):  # 9.7 was read as token 9, [[...]] a TypeError
+            raise N2GError(f"predict_sequence takes one sequence of integer token ids (got {arr.dtype} of shape "
+                           f"{arr.shape}); for a batch call NeuronModel.predict or predict_sequence on each row")
+        out = np.zeros(len(arr), np.float32)
         roots = self.nodes[0].children
-        if not roots or not len(ids):
+        if not roots or not len(arr):
             return out
-        ids = np.asarray(ids, np.int64).tolist()
+        ids = arr.astype(np.int64, copy=False).tolist()
         wild = roots.get(WILDCARD)
         table = self.token_values  # a token no path matches: its own background value, else [*]'s
         if wild is not None and self.nodes[wild].children:  # a context rule: a path may start at any token

@@ -359,3 +359,13 @@ def test_a_neuron_id_takes_its_sign_as_text_and_refuses_what_is_no_neuron():
                           ((1, 2.5), "index must be a whole number of 0 or more")):
         with pytest.raises(n2g.N2GError, match=message):
             n2g.NeuronId(*args)
+
+
+def test_a_graph_predicts_one_sequence_of_integer_token_ids_and_says_so_otherwise():
+    model = n2g.distill(lambda ids: (ids == 7).float(), [[1, 7, 2, 7, 3, 4]] * 8 + [[5, 6, 1, 2, 3, 4]] * 8)
+    graph = model.graph_
+    assert graph.predict_sequence(np.array([1, 7])).tolist() == graph.predict_sequence(torch.tensor([1, 7])).tolist() \
+        == [0.0, 1.0]
+    for bad in ([1.0, 7.9], [[1, 7]], "17", None, 7):  # 7.9 was read as token 7; [[1, 7]] a TypeError, None too
+        with pytest.raises(n2g.N2GError, match="^predict_sequence takes one sequence of integer token ids"):
+            graph.predict_sequence(bad)
