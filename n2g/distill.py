@@ -547,7 +547,8 @@ class NeuronModel:
     ``predict`` takes token ids (``[batch, pos]`` or one sequence) or, when the model knows its
     tokenizer (models from :func:`n2g.fit_neuron`), text; ``score`` takes examples, or token ids and
     true activations as plain arrays. ``print(model)`` lists the graph's paths; a notebook shows the
-    graph and the scores.
+    graph and the scores. Pickling (or ``copy.deepcopy``) copies all it holds: a model from
+    :func:`n2g.fit_neuron` carries its subject model, weights and all (``graph_.save`` keeps the graph alone).
     """
 
     def __init__(self, feature: Callable | None = None, config: DistillConfig | None = None, *,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
+import pickle
 import random
 import shutil
 
@@ -369,3 +371,13 @@ def test_a_graph_predicts_one_sequence_of_integer_token_ids_and_says_so_otherwis
     for bad in ([1.0, 7.9], [[1, 7]], "17", None, 7):  # 7.9 was read as token 7; [[1, 7]] a TypeError, None too
         with pytest.raises(n2g.N2GError, match="^predict_sequence takes one sequence of integer token ids"):
             graph.predict_sequence(bad)
+
+
+def test_a_fitted_neuron_pickles_and_copies_with_its_subject_model(fitted):
+    # README: pickling a model from fit_neuron carries its subject model, so the copy still reads text
+    model, _, _ = fitted
+    text = "the cat sat on the mat w1"
+    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        np.testing.assert_array_equal(copied.predict(text), model.predict(text))
+        assert copied.scores_ == model.scores_ and str(copied) == str(model)
+        assert copied.feature.model is not model.feature.model
