@@ -501,8 +501,12 @@ DOT_SECONDS = 120
 
 
 def _dot_process(args: list[str], source: str) -> subprocess.CompletedProcess:
+    # In a session of its own: a terminal's Ctrl-C reaches n2g alone. dot catches SIGINT, writes what it has
+    # drawn so far and exits 0, so a drawing cut short would be put in place as whole (and, newer than its
+    # graph.json, never drawn again); n2g stops after the drawings under way are finished.
     try:
-        return subprocess.run(args, input=source.encode("utf-8"), capture_output=True, timeout=DOT_SECONDS)
+        return subprocess.run(args, input=source.encode("utf-8"), capture_output=True, timeout=DOT_SECONDS,
+                              start_new_session=True)
     except subprocess.TimeoutExpired:
         raise DrawingFailed(f"Graphviz took more than {DOT_SECONDS} s to draw the graph and was stopped; the graph "
                        "file may be damaged: delete it and re-run `n2g run`") from None

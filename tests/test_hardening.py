@@ -245,6 +245,58 @@ def test_report_killed_at_random_points_resumes_to_the_same_files(tmp_path):
         sorted(p.relative_to(reference) for p in reference.rglob("*"))
 
 
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
+def test_ctrl_c_in_a_terminal_while_graphviz_draws_leaves_no_partial_drawing(tmp_path):
+    # A terminal's Ctrl-C reaches every process of its foreground group, Graphviz's dot too, which then writes
+    # what it has drawn so far and exits 0 (its own SIGINT handler): that partial drawing was put in place as
+    # graph.png / graph.svg, newer than graph.json, so no later `n2g report` drew it again.
+    run = make_run(tmp_path)
+    real, started, go = shutil.which("dot"), tmp_path / "started", tmp_path / "go"
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "dot"  # dot as it behaves on SIGINT; the first drawing waits for the test's Ctrl-C
+    fake.write_text(f"#!{sys.executable}\n" + "\n".join([
+        "import os, signal, sys, time",
+        "def partial(signum, frame):",
+        "    for a in sys.argv[1:]:",
+        "        if a.startswith('-o'):",
+        "            open(a[2:], 'w').write('partial')",
+        "    sys.exit(0)",
+        "signal.signal(signal.SIGINT, partial)",
+        "try:",
+        f"    os.mkdir({str(started)!r})",
+        "except FileExistsError:",
+        "    pass",
+        "else:",
+        f"    while not os.path.exists({str(go)!r}):",
+        "        time.sleep(0.02)",
+        f"os.execv({real!r}, [{real!r}] + sys.argv[1:])", ""]))
+    fake.chmod(0o755)
+    env = dict(_env(), PATH=f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    as_in_a_terminal = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "from n2g.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, "report", str(run)], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started.exists(), proc.communicate()[1]
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the report and the dot it started
+        go.touch()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("n2g: interrupted"), err
+    assert "cannot draw" not in err, err  # the drawing was not the graph's fault
+    drawings = lambda: {p: p.read_bytes() for p in run.glob("neurons/*/graph.*") if p.suffix in (".svg", ".png")}
+    assert drawings() and not [p for p, data in drawings().items() if data == b"partial"]
+    again = subprocess.run(_report_cmd(run), env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert not [p for p, data in drawings().items() if data == b"partial"] and temporaries(run) == []
+
+
 def test_concurrent_reports_on_one_run_both_succeed(tmp_path):
     run = make_run(tmp_path)
     procs = [subprocess.Popen(_report_cmd(run), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
