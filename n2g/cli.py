@@ -620,7 +620,9 @@ def _copy_run(src: Path, dst: Path) -> Path:
     from .fileio import remove_dead_copies
 
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
-        raise N2GError(f"--out {dst} already exists; name a new or empty directory for the copy")
+        made = f" (if it is the copy an interrupted `n2g report --out` made, `n2g report {dst}` finishes its report)" \
+            if (dst / "run.json").exists() else ""
+        raise N2GError(f"--out {dst} already exists; name a new or empty directory for the copy{made}")
     try:
         inside = dst.resolve() == src.resolve() or dst.resolve().is_relative_to(src.resolve())
     except RuntimeError:  # Python 3.11's pathlib: "Symlink loop from ..."
@@ -676,9 +678,14 @@ def _report(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "run.json").exists():
         raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
-    if args.out:
+    if not args.out:
+        paths = build_all(run_dir)
+    else:
         run_dir = _copy_run(run_dir, Path(args.out))
-    paths = build_all(run_dir)
+        try:
+            paths = build_all(run_dir)
+        except KeyboardInterrupt:  # the same command again would refuse the copy it made
+            raise KeyboardInterrupt(f"the copy {run_dir} is made; `n2g report {run_dir}` finishes its report") from None
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -938,8 +945,9 @@ def _main(argv: list[str] | None) -> int:
         what = "too long for this file system" if exc.errno == errno.ENAMETOOLONG else "a loop of links"
         print(f"n2g: error: {path} is {what}; choose another path", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("n2g: interrupted; finished neurons are saved, re-run the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a command may say what to do instead (none of Ctrl-C's own says anything)
+        print(f"n2g: interrupted; {visible(str(exc)) or 'finished neurons are saved, re-run the same command to resume'}",
+              file=sys.stderr)
         return 130
 
 

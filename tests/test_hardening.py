@@ -404,6 +404,27 @@ def test_report_of_a_read_only_run_can_go_into_a_copy(run, tmp_path, capsys):
         assert code == 2 and "--out" in one_error_line(err)
 
 
+def test_a_report_into_a_copy_interrupted_says_how_to_finish_it(run, tmp_path, monkeypatch, capsys):
+    # Ctrl-C after the copy was made said "re-run the same command to resume", and the same command refused
+    # the copy it had made ("--out ... already exists"), with no word of how to finish it.
+    import n2g.report
+
+    def interrupted(run_dir):
+        raise KeyboardInterrupt
+
+    copy = tmp_path / "copy"
+    with monkeypatch.context() as m:
+        m.setattr(n2g.report, "build_all", interrupted)
+        code, _, err = main(["report", run, "--out", copy], capsys)
+    assert code == 130
+    assert err.splitlines() == [f"n2g: interrupted; the copy {copy} is made; `n2g report {copy}` finishes its report"]
+    code, _, err = main(["report", run, "--out", copy], capsys)
+    assert code == 2 and f"`n2g report {copy}` finishes its report" in one_error_line(err)
+    code, _, err = main(["report", copy], capsys)
+    assert code == 0, err
+    assert json.loads((copy / "report.json").read_text())["overall"]["n_neurons"] == 4
+
+
 def test_a_run_with_a_file_it_cannot_read_copied_for_a_report_is_one_line(run, tmp_path, monkeypatch, capsys):
     # It printed shutil's list of (source, copy, error) tuples and asked for a writable --out.
     import shutil
