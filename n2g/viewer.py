@@ -971,6 +971,7 @@ class _Handler(BaseHTTPRequestHandler):
     run_dir: Path  # resolved; set on the subclass made per server
     subject = None  # the subject model (``serve --model``), or None
     vocabulary: RunVocabulary | None = None  # built on the first prediction without a model
+    vocabulary_stamp = 0  # the mtime of viewer/vocabulary.json it was built from
     cache: dict  # neuron key -> ((mtimes), result, graph); per server
     lock: threading.Lock  # one model call at a time; per server
     server_version = "n2g"
@@ -1149,8 +1150,10 @@ class _Handler(BaseHTTPRequestHandler):
                 toks = model.token_strings(ids)
                 how = f"the model's tokenizer ({model.spec})"
             else:
-                if self.vocabulary is None:
+                stamp = _mtime(self.run_dir / "viewer" / VOCABULARY_NAME)
+                if self.vocabulary is None or stamp != self.vocabulary_stamp:  # `n2g report` wrote it again
                     self.__class__.vocabulary = RunVocabulary(self.run_dir)
+                    self.__class__.vocabulary_stamp = stamp
                 vocabulary = self.vocabulary
                 how = (f"the run's own vocabulary ({len(vocabulary)} tokens seen in its excerpts; "
                        "start the server with --model for the model's tokenizer)")

@@ -547,6 +547,32 @@ def test_server_never_predicts_with_another_neurons_result(run, tmp_path):
         server.server_close()
 
 
+def test_a_running_server_splits_text_with_the_vocabulary_the_last_report_wrote(run):
+    # `n2g run` adds neurons and `n2g report` writes their pages and tokens while `n2g serve` runs: the server
+    # kept splitting typed text with the vocabulary it read first, so the new neurons' tokens stayed unknown
+    import os
+    from urllib.parse import quote
+
+    server = make_server(run, "127.0.0.1", 0)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/predict?key=L0.N1&text=" + quote(" in xyz")
+        status, d = _get_json(url)
+        assert status == 200 and d["token_ids"] == [101, None], d
+        path = run / "viewer" / "vocabulary.json"
+        saved = json.loads(path.read_text())
+        saved["tokens"][" xyz"] = 300  # as `n2g report` writes it for a run with a neuron more
+        path.write_text(json.dumps(saved))
+        later = path.stat().st_mtime + 5
+        os.utime(path, (later, later))
+        status, d = _get_json(url)
+        assert status == 200 and d["token_ids"] == [101, 300], d
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_runs_vocabulary_is_written_with_the_pages_and_read_without_the_results(tmp_path, monkeypatch, caplog):
     # a whole model's run holds 46,080 results: splitting a typed text must not read every one of them
     import n2g.search
