@@ -2,25 +2,35 @@
 
 A reader (or a resumed run) therefore sees either the old file or the whole new one, never a
 half-written one, whenever the writer is killed. A writer killed with ``kill -9`` leaves its
-temporary behind (``.NAME.PID.XXXXXXXX.tmp``); :func:`remove_stale_temporaries` deletes those whose
-process is gone, so the next run cleans up after it.
+temporary behind (``.NAME.PID-HOST.XXXXXXXX.tmp``, HOST a hash of the machine's name); :func:`remove_stale_temporaries`
+deletes those whose process is gone, so the next run cleans up after it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
+import socket
 import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-_TEMP = re.compile(r"^\..+?\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp(?:-journal|-wal|-shm)?$")
+_TEMP = re.compile(r"^\..+?\.(?:(\d+)(?:-([0-9a-f]{8}))?\.)?[A-Za-z0-9_]{8}\.tmp(?:-journal|-wal|-shm)?$")
 LEGACY_TEMP_AGE = 600.0
-"""Seconds after which a temporary without a writer's pid in its name counts as abandoned."""
+"""Seconds after which a temporary without a writer's pid in its name, or one of a writer on another machine, counts
+as abandoned."""
+HOST = hashlib.blake2b(socket.gethostname().encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+"""This machine in the names of the temporaries it writes: in a run directory that several machines share (``n2g
+run`` on each), a pid says nothing of a writer on another machine, whose temporaries are left to it."""
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-{HOST}."
 
 
 def _read_umask() -> int:
@@ -45,7 +55,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, FILE_MODE)
     finally:
@@ -78,7 +88,7 @@ def create_json(path: str | os.PathLike, data) -> bool:
     """Write ``data`` to ``path`` only if no file is there, whole or not at all (the file is written under
     a temporary name and linked into place, which fails if another process made it first); False then."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, FILE_MODE)
         os.write(fd, json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8"))
@@ -223,9 +233,10 @@ def remove_dead_copies(target: str | os.PathLike) -> None:
 def remove_stale_temporaries(root: str | os.PathLike) -> int:
     """Delete the temporaries of killed writers under ``root``; returns how many were removed.
 
-    A temporary is stale when the process named in it no longer exists (or, for a name without a
-    pid, when it is older than ``LEGACY_TEMP_AGE``); a live writer's temporaries are kept, so a
-    concurrent run on the same directory is never disturbed. Errors (a read-only run) are ignored.
+    A temporary is stale when the process named in it no longer exists on this machine (or, for a name
+    without a pid or with another machine's :data:`HOST`, when it is older than ``LEGACY_TEMP_AGE``); a
+    live writer's temporaries are kept, so a concurrent run on the same directory, from this machine or
+    another that shares it, is never disturbed. Errors (a read-only run) are ignored.
     """
     removed = 0
     now = time.time()
@@ -236,7 +247,7 @@ def remove_stale_temporaries(root: str | os.PathLike) -> int:
                 continue
             path = os.path.join(folder, name)
             try:
-                if m.group(1) is not None:
+                if m.group(1) is not None and m.group(2) in (None, HOST):
                     stale = int(m.group(1)) != os.getpid() and not alive(int(m.group(1)))
                 else:
                     stale = now - os.lstat(path).st_mtime > LEGACY_TEMP_AGE

@@ -1676,6 +1676,29 @@ def test_a_model_cache_copy_left_by_a_killed_writer_is_removed_by_the_next(tmp_p
     assert sorted(p.name for p in target.parent.iterdir()) == sorted([target.name, alive.name])
 
 
+def test_a_writer_on_another_machine_keeps_its_temporaries_in_a_shared_run(run, monkeypatch):
+    # `n2g run` on each machine that shares the run directory, or `n2g report` on one while another fits: the
+    # tidying of the one deleted the other's temporaries in flight (its pid is no process here), and that
+    # writer's rename into place then failed (FileNotFoundError: its run or report stopped with an error).
+    import n2g.fileio as fileio
+
+    target = run / "neurons" / "L0.N1" / "result.json"
+    with monkeypatch.context() as m:  # a writer on another machine: a pid this one does not run, another host
+        m.setattr(os, "getpid", lambda: 4_194_303)
+        m.setattr(fileio, "HOST", "0123abcd", raising=False)
+        writing = fileio.replacing(target)
+        tmp = writing.__enter__()
+    tmp.write_text('{"written": "on another machine"}')
+    assert fileio.remove_stale_temporaries(run) == 0  # what `n2g run` and `n2g report` do here first
+    build_all(run)
+    writing.__exit__(None, None, None)  # the other machine's write goes into place
+    assert json.loads(target.read_text()) == {"written": "on another machine"}
+    abandoned = run / ".report.html.4194303-0123abcd.ab12cd34.tmp"  # one that machine's writer left, long ago
+    abandoned.write_text("x")
+    os.utime(abandoned, (time.time() - 3600, time.time() - 3600))
+    assert fileio.remove_stale_temporaries(run) == 1 and not abandoned.exists()
+
+
 def test_a_killed_writers_leftovers_are_removed_sidecars_and_half_copies_included(tmp_path):
     from n2g.fileio import remove_dead_copies, remove_stale_temporaries
 
