@@ -946,9 +946,18 @@ def _main(argv: list[str] | None) -> int:
         print(f"n2g: error: {path} is {what}; choose another path", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a command may say what to do instead (none of Ctrl-C's own says anything)
-        print(f"n2g: interrupted; {visible(str(exc)) or 'finished neurons are saved, re-run the same command to resume'}",
-              file=sys.stderr)
+        advice = visible(str(exc)) or _INTERRUPTED.get(args.command)
+        print(f"n2g: interrupted{'; ' + advice if advice else ''}", file=sys.stderr)
         return 130
+
+
+_INTERRUPTED = {
+    "fit": "finished neurons are saved, re-run the same command to resume",
+    "run": "finished neurons are saved, re-run the same command to resume",
+    "report": "what was written is whole; re-run the same command to finish the report",
+}
+"""What the interrupted line adds, by command: those that write a run say how to go on; the others (info, search,
+predict, compare, steer, serve) saved nothing to resume (a search index left unbuilt is built by the next one)."""
 
 
 _TERMINAL_CONTROLS: dict[int, str] = {}
