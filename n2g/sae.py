@@ -149,8 +149,10 @@ class SAEModel:
         self.apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
         self.hook_name, self.path = hook_name, path
         blocks = _get(base.model, base._family.blocks)
-        if self.site_kind == "mlp_out":
-            self.site: nn.Module = base._projs[self.layer]
+        if self.site_kind == "mlp_out":  # what the MLP adds to the residual: after the norm Gemma 2/3 and OLMo 2
+            # apply to the MLP's output (where TransformerLens's hook_mlp_out reads), else the output projection's
+            post = getattr(blocks[self.layer], "post_feedforward_layernorm", None)
+            self.site: nn.Module = post if isinstance(post, nn.Module) else base._projs[self.layer]
         else:  # resid_pre of block L is what block L - 1 hands on
             self.site = blocks[self.layer if self.site_kind == "resid_post" else self.layer - 1]
         self.d_mlp = d_sae

@@ -211,3 +211,27 @@ def test_the_weights_key_tells_top_k_settings_apart_and_keeps_a_relu_saes_key(tm
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         add_tensor_sample(h, name, getattr(relu, name))
     assert keys["relu"] == h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_mlp_out_is_what_the_mlp_adds_to_the_residual(tmp_path, family):
+    """hook_mlp_out is the MLP's contribution to the residual stream: in Gemma 2/3 (Gemma Scope's MLP SAEs) that is
+    the output of the norm applied after the MLP, not of the down projection; latents were encoded from the
+    un-normalised projection output, and a clamped latent's decoded change was passed through that norm."""
+    torch.manual_seed(0)
+    net = tiny_model(family)
+    base = SubjectModel(net, tiny_tokenizer(), spec="tiny")
+    sae = SAEModel(base, write_sae(tmp_path / "sae", "blocks.1.hook_mlp_out"))
+    block = net.model.layers[1]
+    contribution = getattr(block, "post_feedforward_layernorm", block.mlp.down_proj)
+    ids = torch.randint(4, 60, (2, 9))
+    h = _site_output(net, contribution, ids, base.bos_token_id)
+    expected = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    torch.testing.assert_close(sae.layer_activations(ids, None, [1])[1], expected[:, 1:], rtol=1e-5, atol=1e-5)
+    from n2g.steer import clamped
+
+    clean = _site_output(net, block, ids, base.bos_token_id)
+    with clamped(sae, 1, 4, 2.5):
+        edited = _site_output(net, block, ids, base.bos_token_id)
+    # the residual after the block moves by exactly the latent's decoded change
+    torch.testing.assert_close(edited - clean, (2.5 - expected[..., 4:5]) * sae.W_dec[4], rtol=1e-4, atol=1e-4)
