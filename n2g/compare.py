@@ -139,7 +139,10 @@ def _models_differ(infos: list[dict]) -> tuple[str, object, object] | None:
     files record the same kind of one (the content's, then the files'), else the spec and shape; None if alike."""
     identities = [_identity(i) for i in infos]
     models = [i.get("model") if isinstance(i.get("model"), dict) else {} for i in infos]
-    saes = [repr(m.get("sae")) for m in models]
+    # an SAE's settings, not the path it was read from (as given: `sae`, `./sae`, `/abs/sae`); its weights are in
+    # the content and weights keys below
+    saes = [repr({k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s)
+            for s in (m.get("sae") for m in models)]
     if saes[0] != saes[1]:
         return "SAE", *saes
     for key in ("model_content", "model_weights"):

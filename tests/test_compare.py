@@ -230,3 +230,20 @@ def test_held_out_text_that_differs_names_what_chose_it_not_the_preset(runs, cap
     assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
     assert "(they differ in n_excerpts); compare runs of one model and corpus with the same --max-excerpts" in err, err
     assert "evidence" not in err and "published way" not in err, err
+
+
+@pytest.mark.parametrize("sae_b, refused", [
+    ({"path": "/abs/sae"}, False),  # the same SAE given by another path: was refused as another model
+    ({"hook_name": "blocks.2.hook_resid_post"}, True),
+    (None, True),  # latents against MLP neurons
+])
+def test_runs_of_one_sae_compare_whatever_path_it_was_given_by(runs, capsys, sae_b, refused):
+    a, b = runs
+    sae = {"path": "sae", "hook_name": "blocks.1.hook_resid_post", "d_sae": 16, "activation_fn": "relu"}
+    _run_json(a, lambda d: d["model"].update(sae=sae))
+    _run_json(b, lambda d: d["model"].update(sae=None if sae_b is None else {**sae, **sae_b}))
+    code, out, err = main(["compare", a, b], capsys)
+    if refused:
+        assert code == 2 and "were made with different models (SAE " in err, err
+    else:
+        assert code == 0 and "firing F1" in out, err
