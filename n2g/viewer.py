@@ -371,9 +371,25 @@ def graph_line(stats: dict, quiet: int = 0) -> str:
     return ", ".join(parts)
 
 
-def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = None, nonce: str | None = None) -> str:
+def _run_sae_hook(run_dir: Path) -> str:
+    """The hook site of the SAE whose latents the run fitted (``run.json``), or "" for a run of MLP neurons."""
+    from n2g.fileio import inside, read_json
+
+    try:
+        if not inside(run_dir, Path(run_dir) / "run.json"):
+            return ""
+        sae = read_json(Path(run_dir) / "run.json")["model"].get("sae")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        return ""
+    hook = sae.get("hook_name") if isinstance(sae, dict) else None
+    return hook if isinstance(hook, str) else ""
+
+
+def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = None, nonce: str | None = None,
+                sae_hook: str | None = None) -> str:
     """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``); tokens fire at ``threshold``,
-    by default the run's fire threshold (``run.json``)."""
+    by default the run's fire threshold (``run.json``); ``sae_hook``: the SAE hook site of a run of SAE latents
+    ("" for MLP neurons; by default as ``run.json`` records it), so the page calls the feature a latent."""
     from n2g.explain import summary
     from n2g.profile import band_label
     from n2g.render import is_finite_number
@@ -383,6 +399,8 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
 
     if threshold is None:
         threshold = _run_fire_threshold(Path(run_dir))
+    if sae_hook is None:
+        sae_hook = _run_sae_hook(Path(run_dir))
     n = result.neuron
     key = n.key
     st = result.stats
@@ -430,7 +448,7 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
         hist=_histogram(result.histogram or {}, threshold), quantiles=quantiles, bands=bands,
         promoted=result.promoted, suppressed=result.suppressed, ablation=_fields_of(result.ablation, _ABLATION_FIELDS),
         steering=_fields_of(result.steering, _STEERING_FIELDS),
-        similar=[(k, page_name(k), j) for k, j in sims],
+        similar=[(k, page_name(k), j) for k, j in sims], sae_hook=sae_hook, unit="latent" if sae_hook else "neuron",
     )
 
 
@@ -667,10 +685,11 @@ def _write_pages(run_dir: Path, items: list[tuple[str, bytes | None]]) -> dict[s
     pages = run_dir / "viewer" / "neurons"
     tokens: dict[str, int] = {}
     threshold = _run_fire_threshold(run_dir)  # once for the chunk, not once a page
+    sae_hook = _run_sae_hook(run_dir)
     for folder, checked in items:
         r = read_result(folder, checked)
         if r is not None:
-            atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r, threshold).encode("utf-8"))
+            atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r, threshold, sae_hook=sae_hook).encode("utf-8"))
             _add_tokens(tokens, r)
     return tokens
 

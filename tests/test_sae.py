@@ -109,6 +109,11 @@ def test_run_fit_report_and_steer_on_latents(tiny_dir, tmp_path):
     live = [r for r in fitted if r["status"] == "fitted"]
     assert live and all(set(r["ablation"]["ce_increase"]) == {"graph", "zero", "mean"} for r in live)
     assert (out / "report.html").exists() and (out / "viewer" / "neurons" / "L1.N0.html").exists()
+    page = (out / "viewer" / "neurons" / f"L1.N{live[0]['neuron']['index']}.html").read_text()
+    # the page names what it shows: a latent of the SAE at its hook, whose output effect is its decoder direction
+    assert 'SAE latent L1.N' in page and "of the SAE at blocks.1.hook_resid_post" in page
+    assert "the latent's decoder direction" in page and "activation ÷ the latent's maximum" in page
+    assert "Neuron L1" not in page and "the neuron's output weights" not in page
     key = live[0]["neuron"]["index"]
     steer = cli("steer", "--model", str(tiny_dir / "model"), "--sae", str(sae), "--layer", "1", "--neuron", str(key),
                 "--prompt", "the cat sat", "--max", "1", "--scale", "20", "--tokens", "2", "--json", "-q")
