@@ -237,6 +237,8 @@ class SAEModel:
         settings = f"{self.base.weights_key()}|{self.hook_name}|{self.jumprelu}|{self.apply_b_dec}"
         if self.topk is not None:  # (a relu SAE's key is what it was before k was keyed)
             settings += f"|topk={self.topk}"
+        if self.site is not self.base._projs[self.layer] and self.site_kind == "mlp_out":  # read after the post-MLP
+            settings += "|site=post_feedforward_layernorm"  # norm since 2026-12-07: scans cached before read before it
         h = hashlib.sha256(settings.encode())
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             if getattr(self, name) is not None:
