@@ -48,7 +48,9 @@ def _path_text(value):
 
 
 def _model(model) -> SubjectModel:
-    if isinstance(model, SubjectModel):
+    from .sae import SAEModel
+
+    if isinstance(model, (SubjectModel, SAEModel)):  # an SAE over a model: its latents stand in for the neurons
         return model
     model = _path_text(model)
     if isinstance(model, str):
@@ -227,8 +229,10 @@ def load_neuron(run, key: str, model=None) -> NeuronModel:
     m = None
     if model is not None:
         m = _model(model)
-        if made_with.get("sae"):
-            raise N2GError(f"{run} holds SAE latents, not the model's neurons; load {neuron.key} without a model")
+        if bool(made_with.get("sae")) != hasattr(m, "encode_latents"):
+            raise N2GError(f"{run} holds SAE latents; pass its SAE over the model, n2g.sae.load_sae(SAE_PATH, model), or no "
+                           "model" if made_with.get("sae") else f"{run} holds the model's neurons, not an SAE's latents; "
+                           "pass the model itself, or no model")
         got = m.info()
         differ = [f"{k} {made_with[k]!r} there, {got.get(k)!r} here" for k in ("architecture", "n_layers", "d_mlp",
                   "vocab_size") if k in made_with and made_with[k] != got.get(k)]

@@ -240,3 +240,28 @@ def test_mlp_out_is_what_the_mlp_adds_to_the_residual(tmp_path, family):
         edited = _site_output(net, block, ids, base.bos_token_id)
     # the residual after the block moves by exactly the latent's decoded change
     torch.testing.assert_close(edited - clean, (2.5 - expected[..., 4:5]) * sae.W_dec[4], rtol=1e-4, atol=1e-4)
+
+
+def test_an_sae_latent_is_fitted_and_loaded_from_python_as_the_cli_fits_it(tiny_dir, tmp_path):
+    import n2g
+    from n2g.errors import N2GError
+    from n2g.sae import load_sae
+
+    sae = write_sae(tmp_path / "sae")
+    out = tmp_path / "run"
+    res = cli(*run_args(tiny_dir, out, "--sae", str(sae), "--layers", "1", "--neurons", "0-3"))
+    assert res.returncode == 0, res.stderr
+    saved = {k: json.loads((out / "neurons" / k / "result.json").read_text()) for k in ("L1.N0", "L1.N1", "L1.N2", "L1.N3")}
+    key = next(k for k, r in saved.items() if r["status"] == "fitted")
+    index = saved[key]["neuron"]["index"]
+    latents = load_sae(sae, n2g.load_model(str(tiny_dir / "model")))
+    corpus = n2g.load_corpus(str(tiny_dir / "corpus.txt"), latents, length=32)  # as run_args cut it
+    fitted = n2g.fit_neuron(latents, 1, index, corpus=corpus, progress=False)
+    assert fitted.stats_.max_activation == pytest.approx(saved[key]["stats"]["max_activation"])
+    assert fitted.scores_["n2g"].f1 == pytest.approx(saved[key]["scores"]["n2g"]["f1"])
+    loaded = n2g.load_neuron(out, key, model=latents)  # the run's latent, reading text through the model's tokenizer
+    ids = loaded.tokenize("the cat sat on the mat")
+    np.testing.assert_array_equal(loaded.predict("the cat sat on the mat"), loaded.predict(ids))
+    np.testing.assert_allclose(loaded.predict(ids), fitted.predict(ids), atol=1e-5 * fitted.scale)
+    with pytest.raises(N2GError, match="holds SAE latents; pass its SAE over the model"):
+        n2g.load_neuron(out, key, model=str(tiny_dir / "model"))
