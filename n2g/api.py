@@ -211,7 +211,7 @@ def load_neuron(run, key: str, model=None) -> NeuronModel:
         neuron = NeuronId.from_key(key)
     except ValueError as exc:
         raise N2GError(str(exc)) from None
-    result = RunStore(run_dir).load_result(neuron)
+    result = RunStore(run_dir).load_result(neuron, then="it is not loaded")
     if result is None:
         graph_file = run_dir / "neurons" / neuron.key / "graph.json"
         if graph_file.is_file():  # a graph it cannot read says why (one a newer n2g wrote: upgrade), not "fit it again"

@@ -213,8 +213,8 @@ class RunStore:
     def neuron_dir(self, neuron: NeuronId) -> Path:
         return self.root / "neurons" / neuron.key
 
-    def load_result(self, neuron: NeuronId) -> NeuronResult | None:
-        """The stored result if it and its graph load; None (and a warning) if missing or damaged."""
+    def load_result(self, neuron: NeuronId, then: str = "it will be redone") -> NeuronResult | None:
+        """The stored result if it and its graph load; None (and a warning ending in ``then``) if missing or damaged."""
         folder = self.neuron_dir(neuron)
         path = folder / "result.json"
         try:
@@ -224,7 +224,7 @@ class RunStore:
             raise N2GError(f"cannot open {folder}: permission denied; make it readable and writable (or remove it "
                            "to redo that neuron), then re-run the same command") from None
         if not (inside(self.root, path) and inside(self.root, folder / "graph.json")):
-            log.warning("%s: its stored result is a link that leads out of the run; it will be redone", neuron.key)
+            log.warning("%s: its stored result is a link that leads out of the run; %s", neuron.key, then)
             return None
         try:
             result = checked_result(NeuronResult.from_dict(read_json(path)))
@@ -233,10 +233,10 @@ class RunStore:
                 NeuronGraph.load(folder / "graph.json")
             return result
         except PermissionError as exc:
-            log.warning("%s: %s cannot be read (permission denied); it will be redone", neuron.key, exc.filename)
+            log.warning("%s: %s cannot be read (permission denied); %s", neuron.key, exc.filename, then)
             return None
         except Exception as exc:  # any damage means: redo this neuron
-            log.warning("%s: stored artifacts are damaged (%s); it will be redone", neuron.key, exc)
+            log.warning("%s: stored artifacts are damaged (%s); %s", neuron.key, exc, then)
             return None
 
     def is_done(self, neuron: NeuronId) -> bool:

@@ -543,7 +543,7 @@ def test_a_run_waits_for_a_neuron_another_process_is_fitting_and_takes_it_over_w
     assert (out / "neurons/L0.N1/result.json").exists() and not (out / CLAIMS / "L0.N1").exists()
 
 
-def test_a_neuron_of_a_run_loads_as_the_fitted_model_its_fit_made(tiny_dir, tmp_path):
+def test_a_neuron_of_a_run_loads_as_the_fitted_model_its_fit_made(tiny_dir, tmp_path, caplog):
     import n2g
     from n2g.errors import N2GError
 
@@ -574,3 +574,8 @@ def test_a_neuron_of_a_run_loads_as_the_fitted_model_its_fit_made(tiny_dir, tmp_
                          ((out, "neuron 4"), "is not a neuron key")):
         with pytest.raises(N2GError, match=needle):
             n2g.load_neuron(*args)
+    (out / "neurons" / "L1.N4.neg" / "result.json").write_text("{damaged")
+    with caplog.at_level(logging.WARNING), pytest.raises(N2GError, match="no readable result for L1.N4.neg"):
+        n2g.load_neuron(out, "L1.N4.neg")
+    assert "stored artifacts are damaged" in caplog.text and "it is not loaded" in caplog.text
+    assert "redone" not in caplog.text  # loading redoes nothing
