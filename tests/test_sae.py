@@ -114,6 +114,8 @@ def test_run_fit_report_and_steer_on_latents(tiny_dir, tmp_path):
     assert 'SAE latent L1.N' in page and "of the SAE at blocks.1.hook_resid_post" in page
     assert "the latent's decoder direction" in page and "activation ÷ the latent's maximum" in page
     assert "Neuron L1" not in page and "the neuron's output weights" not in page
+    # its server takes no --model (refused for an SAE run): the page's script does not suggest one
+    assert 'data-sae="1"' in page and 'getAttribute("data-sae")' in page
     key = live[0]["neuron"]["index"]
     steer = cli("steer", "--model", str(tiny_dir / "model"), "--sae", str(sae), "--layer", "1", "--neuron", str(key),
                 "--prompt", "the cat sat", "--max", "1", "--scale", "20", "--tokens", "2", "--json", "-q")
