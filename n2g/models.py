@@ -65,26 +65,29 @@ class Family:
     """Added to the final norm's weight (Gemma's RMSNorm scales by ``1 + weight``)."""
     project_out: str | None = None
     """Dotted path to a projection between the final norm and the unembedding (OPT-350m)."""
+    centered: bool = False
+    """The final norm subtracts the mean (a LayerNorm, not an RMSNorm): a direction's mean never reaches the logits."""
 
 
 _GATED = dict(blocks="model.layers", out_proj="mlp.down_proj", final_norm="model.norm")
 
 FAMILIES: dict[str, Family] = {
     **{t: Family("gated", **_GATED) for t in (
-        "llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3", "granite", "stablelm", "cohere",
+        "llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "smollm3", "granite",
     )},
+    **{t: Family("gated", **_GATED, centered=True) for t in ("olmo", "stablelm", "cohere")},
     **{t: Family("gated", **_GATED, norm_offset=1.0) for t in ("gemma", "gemma2", "gemma3_text")},
-    "gpt2": Family("gpt2", "transformer.h", "mlp.c_proj", "transformer.ln_f"),
+    "gpt2": Family("gpt2", "transformer.h", "mlp.c_proj", "transformer.ln_f", centered=True),
     "gpt_neox": Family("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h",
-                       "gpt_neox.final_layer_norm"),
+                       "gpt_neox.final_layer_norm", centered=True),
     "opt": Family("opt", "model.decoder.layers", "fc2", "model.decoder.final_layer_norm",
-                  project_out="model.decoder.project_out"),
-    "phi": Family("phi", "model.layers", "mlp.fc2", "model.final_layernorm"),
-    "gptj": Family("gptj", "transformer.h", "mlp.fc_out", "transformer.ln_f"),
-    "bloom": Family("bloom", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
-    "falcon": Family("falcon", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
-    "starcoder2": Family("starcoder2", "model.layers", "mlp.c_proj", "model.norm"),
-    "mpt": Family("mpt", "transformer.blocks", "ffn.down_proj", "transformer.norm_f"),
+                  project_out="model.decoder.project_out", centered=True),
+    "phi": Family("phi", "model.layers", "mlp.fc2", "model.final_layernorm", centered=True),
+    "gptj": Family("gptj", "transformer.h", "mlp.fc_out", "transformer.ln_f", centered=True),
+    "bloom": Family("bloom", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f", centered=True),
+    "falcon": Family("falcon", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f", centered=True),
+    "starcoder2": Family("starcoder2", "model.layers", "mlp.c_proj", "model.norm", centered=True),
+    "mpt": Family("mpt", "transformer.blocks", "ffn.down_proj", "transformer.norm_f", centered=True),
 }
 """Supported ``config.model_type`` values. Add a family here to support a new architecture."""
 
@@ -600,7 +603,7 @@ class SubjectModel:
     @torch.inference_mode()
     def direction_effects(self, vec: torch.Tensor, k: int = 10
                           ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-        """Tokens a residual-stream direction promotes and suppresses most (final norm gain, unembedding)."""
+        """Tokens a residual-stream direction promotes and suppresses most (final norm, unembedding)."""
         return self.directions_effects(vec.reshape(1, -1), k)[0]
 
     @torch.inference_mode()
@@ -645,10 +648,12 @@ class SubjectModel:
         return out
 
     def _logit_inputs(self, vecs: torch.Tensor) -> torch.Tensor:
-        """Residual-stream directions as the unembedding sees them: final norm gain, then the
-        projection some families put before the unembedding (one vector at a time)."""
+        """Residual-stream directions as the unembedding sees them: the final norm's centring (a LayerNorm's)
+        and gain, then the projection some families put before the unembedding (one vector at a time)."""
         x = vecs.float()
         norm = _get(self.model, self._family.final_norm)
+        if norm is not None and self._family.centered and x.shape[0]:
+            x = torch.stack([v - v.contiguous().mean() for v in x])
         weight = getattr(norm, "weight", None) if norm is not None else None
         if weight is not None:
             x = x * (weight.float() + self._family.norm_offset)

@@ -178,6 +178,45 @@ def test_output_effects_follow_unembedding(tiny_llama):
         by_hand.topk(5, largest=False).values.tolist(), rel=1e-4)
 
 
+def test_output_effects_are_the_direct_effect_through_the_final_norm(tiny_subject):
+    """Every token's output effect is proportional to the change the direction makes in the model's own final
+    norm and unembedding (a Jacobian-vector product at a residual orthogonal to it, where the norm acts as
+    its gain over a constant scale): a LayerNorm's centring (GPT-2, OPT, BLOOM, ...) included, so a
+    direction's mean, which never reaches the logits, does not rank tokens either."""
+    from n2g.models import _get, _proj_out_column
+
+    sm = tiny_subject
+    torch.manual_seed(1)
+    fam = sm._family
+    norm = _get(sm.model, fam.final_norm)
+    project = _get(sm.model, fam.project_out) if fam.project_out else None
+    head = sm.model.get_output_embeddings()
+    with torch.no_grad():
+        for p in norm.parameters():  # a trained norm's gain and bias are not all ones and zeros
+            p.add_(torch.randn_like(p) * 0.3)
+
+    def logits(h):
+        y = norm(h)
+        return head(project(y) if project is not None else y)
+
+    v = _proj_out_column(sm._projs[1], 3).float()
+    basis = torch.linalg.qr(torch.stack([torch.ones_like(v), v], dim=1)).Q
+    h = torch.randn_like(v)
+    h = h - basis @ (basis.T @ h)  # mean 0 and orthogonal to v
+    jvp = torch.func.jvp(logits, (h,), (v,))[1].double()
+    effect = (head.weight @ sm._logit_inputs(v[None])[0]).double()
+    scale = float(jvp @ effect / (effect @ effect))
+    assert scale > 0
+    close(effect * scale, jvp, rtol=1e-4, atol=1e-5 * float(jvp.abs().max()))
+    top, bottom = sm.output_effects(1, 3, k=5)
+    assert [t for t, _ in top] == sm.token_strings(jvp.topk(5).indices.tolist())
+    assert [t for t, _ in bottom] == sm.token_strings(jvp.topk(5, largest=False).indices.tolist())
+    if fam.centered:  # a constant added to every component changes nothing
+        shifted, plain = sm.direction_effects(v + 2.0, k=5)[0], sm.direction_effects(v, k=5)[0]
+        assert [t for t, _ in shifted] == [t for t, _ in plain]
+        assert [x for _, x in shifted] == pytest.approx([x for _, x in plain], rel=1e-4)
+
+
 def test_output_effects_batched_equal_one_at_a_time(tiny_subject):
     """Output effects of a group of neurons (one matmul) are exactly each neuron's own, in every family."""
     sm = tiny_subject
