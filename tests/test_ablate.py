@@ -48,19 +48,26 @@ def corpus(n=64, length=24, seed=0):
     return torch.tensor(rows)
 
 
-def test_graph_of_a_planted_neuron_recovers_the_zero_ablation_damage():
-    model = planted()
+def _fitted_planted(sign: Sign):
+    """(model, neuron, graph, scale, mean raw activation, 6 held-out excerpts) of the planted neuron's ``sign`` side,
+    fitted by default and recovered at F1 1.0."""
+    model = planted(sign=1.0 if sign == Sign.POSITIVE else -1.0)
     excerpts = corpus()
     scans = scan_layers(model, excerpts, [LAYER], k=64, pool_size=64, batch_size=16, progress=False)
     is_train = partition(len(excerpts), 0.5, 0)
-    neuron = NeuronId(LAYER, INDEX)
+    neuron = NeuronId(LAYER, INDEX, sign)
     job = store_job(scans[LAYER], neuron, is_train)
     assert job.scale == pytest.approx(STRENGTH)
     fit = fit_many(model, excerpts.tolist(), [job], preset("default"))[neuron]
     assert fit.scores["n2g"].f1 == 1.0
     held_out = [excerpts[i].tolist() for i in range(len(excerpts)) if not is_train[i]][:6]
     mean = float(scans[LAYER].store.neuron(INDEX).astype(np.float64).mean())
-    (score,) = ablation_scores(model, [(neuron, fit.graph, job.scale, mean)], [held_out])
+    return model, neuron, fit.graph, job.scale, mean, held_out
+
+
+def test_graph_of_a_planted_neuron_recovers_the_zero_ablation_damage():
+    model, neuron, graph, scale, mean, held_out = _fitted_planted(Sign.POSITIVE)
+    (score,) = ablation_scores(model, [(neuron, graph, scale, mean)], [held_out])
     assert score.status == "ok" and score.n_excerpts == 6 and score.n_tokens == 6 * 24
     assert score.ce_increase["zero"] > 0.05  # the neuron matters: without it "9" after "7" is a surprise
     assert abs(score.ce_increase["graph"]) < 1e-4 and score.kl["graph"] < 1e-5
@@ -73,23 +80,13 @@ def test_graph_of_a_planted_neuron_recovers_the_zero_ablation_damage():
 def test_graph_of_a_planted_negative_side_stands_in_with_the_model_s_sign():
     # the negative side's graph predicts +1 (normalised) on "7": put back as -4.0, as the model computes it, it
     # recovers zero-ablation's damage; put back as +4.0 it would write away from "9" and do more damage than zero
-    model = planted(sign=-1.0)
-    excerpts = corpus()
-    scans = scan_layers(model, excerpts, [LAYER], k=64, pool_size=64, batch_size=16, progress=False)
-    is_train = partition(len(excerpts), 0.5, 0)
-    neuron = NeuronId(LAYER, INDEX, Sign.NEGATIVE)
-    job = store_job(scans[LAYER], neuron, is_train)
-    assert job.scale == pytest.approx(STRENGTH)
-    fit = fit_many(model, excerpts.tolist(), [job], preset("default"))[neuron]
-    assert fit.scores["n2g"].f1 == 1.0
-    held_out = [excerpts[i].tolist() for i in range(len(excerpts)) if not is_train[i]][:6]
-    mean = float(scans[LAYER].store.neuron(INDEX).astype(np.float64).mean())
+    model, neuron, graph, scale, mean, held_out = _fitted_planted(Sign.NEGATIVE)
     assert mean < 0
-    (score,) = ablation_scores(model, [(neuron, fit.graph, job.scale, mean)], [held_out])
+    (score,) = ablation_scores(model, [(neuron, graph, scale, mean)], [held_out])
     assert score.ce_increase["zero"] > 0.05
     assert abs(score.ce_increase["graph"]) < 1e-4 and score.recovered == pytest.approx(1.0, abs=1e-3)
     flipped = NeuronId(LAYER, INDEX)  # the same graph and scale read as a positive side's: the wrong sign
-    (wrong,) = ablation_scores(model, [(flipped, fit.graph, job.scale, mean)], [held_out])
+    (wrong,) = ablation_scores(model, [(flipped, graph, scale, mean)], [held_out])
     assert wrong.ce_increase["graph"] > score.ce_increase["zero"]
 
 
