@@ -617,7 +617,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
     import shutil
     import tempfile
 
-    from .fileio import remove_dead_copies
+    from .fileio import remove_dead_copies, writer_tag
 
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         made = f" (if it is the copy an interrupted `n2g report --out` made, `n2g report {dst}` finishes its report)" \
@@ -633,7 +633,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_copies(dst)  # what an earlier copy killed half-way left
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{os.getpid()}.", dir=dst.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{writer_tag()}.", dir=dst.parent))
         skip = shutil.ignore_patterns(".*.tmp", "index.sqlite", "report.html", "report.json", "report.csv", "viewer")
         shutil.copytree(src, tmp / "run", symlinks=True, ignore=skip,  # links are copied as links, never followed
                         copy_function=_copy_regular)

@@ -29,8 +29,28 @@ HOST = hashlib.blake2b(socket.gethostname().encode("utf-8", "surrogateescape"), 
 run`` on each), a pid says nothing of a writer on another machine, whose temporaries are left to it."""
 
 
+def writer_tag() -> str:
+    """``PID-HOST``: this process on this machine, in the name of what it writes under a temporary name."""
+    return f"{os.getpid()}-{HOST}"
+
+
+def writer_gone(tag: str, path: str | os.PathLike) -> bool:
+    """Whether the writer a temporary's ``tag`` names (``PID-HOST``, or ``PID`` in older names) is gone: a process of
+    this machine that no longer runs; another machine's writer (whose pid means nothing here, in a folder machines
+    share) once ``path`` is older than :data:`LEGACY_TEMP_AGE`. False for a tag that names no writer."""
+    m = re.fullmatch(r"(\d+)(?:-([0-9a-f]{8}))?", tag)
+    if m is None:
+        return False
+    if m.group(2) not in (None, HOST):
+        try:
+            return time.time() - os.lstat(path).st_mtime > LEGACY_TEMP_AGE
+        except OSError:
+            return False
+    return int(m.group(1)) != os.getpid() and not alive(int(m.group(1)))
+
+
 def _temporary_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}-{HOST}."
+    return f".{path.name}.{writer_tag()}."
 
 
 def _read_umask() -> int:
@@ -219,14 +239,15 @@ def alive(pid: int) -> bool:
 
 
 def remove_dead_copies(target: str | os.PathLike) -> None:
-    """Delete the half-written folders ``.NAME.PID.XXXX`` beside ``target`` (``NAME`` its name) left by
-    writers that were killed; a copy whose writer still runs, or a name without a pid, is left alone."""
+    """Delete the half-written folders ``.NAME.PID-HOST.XXXX`` beside ``target`` (``NAME`` its name) left by
+    writers that were killed (:func:`writer_gone`); a copy whose writer still runs, or a name without a pid, is left
+    alone."""
     import shutil
 
     target = Path(target)
     for old in target.parent.glob(f".{target.name}.*"):
-        pid = old.name[len(target.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)) and old.is_dir() and not old.is_symlink():
+        tag = old.name[len(target.name) + 2:].split(".", 1)[0]
+        if old.is_dir() and not old.is_symlink() and writer_gone(tag, old):
             shutil.rmtree(old, ignore_errors=True)
 
 

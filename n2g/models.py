@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from n2g.errors import N2GError, not_unicode
-from n2g.fileio import remove_dead_copies, write_text_atomic
+from n2g.fileio import remove_dead_copies, write_text_atomic, writer_tag
 
 log = logging.getLogger(__name__)
 
@@ -977,7 +977,7 @@ def _save_cache(model, tokenizer, target: Path) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_copies(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{writer_tag()}.", dir=target.parent))
     except OSError as exc:
         log.warning("cannot write the model cache under %s (%s); next load will be slow",
                     target.parent, exc)

@@ -29,7 +29,7 @@ import torch
 from .activations import DEFAULT_STORE_TOKENS, FLOAT16_MAX, ActivationStore, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
-from .fileio import FILE_MODE, replacing, write_json_atomic
+from .fileio import FILE_MODE, replacing, write_json_atomic, writer_gone, writer_tag
 from .models import _first_line, _sha256, config_key_of, content_key_of, forget_weight_keys, model_location, weights_key_of
 from .progress import Progress
 from .records import NeuronStats, Sign, plural
@@ -182,15 +182,12 @@ def _load(stem: Path, layer: int | None = None, n: int | None = None, pool: list
 
 
 def _remove_stale(stem: Path) -> None:
-    """Delete this entry's half-written stores left by scans that were killed (their process is gone)."""
+    """Delete this entry's half-written stores left by scans that were killed (their process is gone; in a cache
+    machines share, another machine's only once old: :func:`n2g.fileio.writer_gone`)."""
     for tmp in stem.parent.glob(f".{stem.name}.*.acts.npy.tmp"):
-        try:
-            pid = int(tmp.name[len(stem.name) + 2 :].split(".", 1)[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except (ValueError, PermissionError, OSError):
-            continue
+        with contextlib.suppress(OSError):
+            if writer_gone(tmp.name[len(stem.name) + 2 :].split(".", 1)[0], tmp):
+                tmp.unlink(missing_ok=True)
 
 
 def cache_bytes(scans: dict[int, "LayerScan"]) -> int:
@@ -385,7 +382,7 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
                 stems[l].parent.mkdir(parents=True, exist_ok=True)
                 _remove_stale(stems[l])
                 # A name of its own: two runs scanning the same layer at once never share a file.
-                fd, name = tempfile.mkstemp(prefix=f".{stems[l].name}.{os.getpid()}.", suffix=".acts.npy.tmp",
+                fd, name = tempfile.mkstemp(prefix=f".{stems[l].name}.{writer_tag()}.", suffix=".acts.npy.tmp",
                                             dir=stems[l].parent)
                 os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would keep a shared cache from other users
                 os.close(fd)

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import time
 import pickle
 
 import numpy as np
@@ -325,13 +326,22 @@ def test_a_killed_scans_half_written_store_is_removed_and_concurrent_names_diffe
     excerpts = torch.randint(4, 68, (40, 16))
     stem = _cache_stem(tmp_path, *_model_key(model), "c", 0, 8, 10, 0, f"{1 << 17}|{model.weights_key()}")
     stem.parent.mkdir(parents=True)
+    from n2g.fileio import HOST, LEGACY_TEMP_AGE
+
     dead = stem.parent / f".{stem.name}.999999999.abc.acts.npy.tmp"  # no such process
     alive = stem.parent / f".{stem.name}.{os.getpid()}.abc.acts.npy.tmp"  # a scan still running
-    dead.write_bytes(b"half")
-    alive.write_bytes(b"half")
+    here = stem.parent / f".{stem.name}.999999999-{HOST}.abc.acts.npy.tmp"  # this machine's, its process gone
+    # in a cache machines share: another machine's scan (its pid is no process here) in flight, and one long gone
+    away = stem.parent / f".{stem.name}.999999999-{'0' * 8 if HOST != '0' * 8 else '1' * 8}.abc.acts.npy.tmp"
+    gone = stem.parent / away.name.replace(".abc.", ".old.")
+    for tmp in (dead, alive, here, away, gone):
+        tmp.write_bytes(b"half")
+    past = time.time() - LEGACY_TEMP_AGE - 60
+    os.utime(gone, (past, past))
     scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, cache_dir=tmp_path, corpus_key="c")
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and alive.exists() and not here.exists() and away.exists() and not gone.exists()
     assert stem.with_suffix(".acts.npy").exists()
+    assert all(f"{os.getpid()}-{HOST}" not in p.name for p in stem.parent.iterdir())  # this scan's own went in place
 
 
 class _Interrupted(Counting):
