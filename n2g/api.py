@@ -233,9 +233,9 @@ def load_neuron(run, key: str, model=None) -> NeuronModel:
             raise N2GError(f"{run} holds SAE latents; pass its SAE over the model, n2g.sae.load_sae(SAE_PATH, model), or no "
                            "model" if made_with.get("sae") else f"{run} holds the model's neurons, not an SAE's latents; "
                            "pass the model itself, or no model")
-        got = m.info()
-        differ = [f"{k} {made_with[k]!r} there, {got.get(k)!r} here" for k in ("architecture", "n_layers", "d_mlp",
-                  "vocab_size") if k in made_with and made_with[k] != got.get(k)]
+        from .models import shape_differences
+
+        differ = shape_differences(made_with, m)
         if differ:
             raise N2GError(f"{run} was made with another model ({'; '.join(differ)}); pass the run's own model "
                            f"({made_with.get('spec')!r}) or none")

@@ -694,9 +694,9 @@ def _report(args) -> int:
 def _check_served_model(model, made_with: dict, args, doing: str = "serve it") -> None:
     """N2GError unless ``model`` has the architecture and shape of the model the run was made with (as
     run.json records it): another model's neuron of the same index would be shown as the true activation."""
-    info = model.info()
-    differ = [f"{k} {made_with[k]!r} there, {info[k]!r} here" for k in ("architecture", "n_layers", "d_mlp", "vocab_size")
-              if k in made_with and made_with[k] != info.get(k)]
+    from .models import shape_differences
+
+    differ = shape_differences(made_with, model)
     if differ:
         spec = made_with.get("spec")
         raise N2GError(f"{args.run_dir} was made with another model than {args.model} ({'; '.join(differ)}); "

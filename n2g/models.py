@@ -202,6 +202,18 @@ def forget_weight_keys(model) -> None:
             getattr(m, "__dict__", {}).pop(name, None)
 
 
+SHAPE_KEYS = ("architecture", "n_layers", "d_mlp", "vocab_size")
+"""What a run records of its model's shape (``run.json``'s ``model``) and another model must match to stand for it."""
+
+
+def shape_differences(made_with: dict, model) -> list[str]:
+    """``"KEY X there, Y here"`` for each of :data:`SHAPE_KEYS` that ``made_with`` (a run's record of its model)
+    holds and ``model.info()`` gives otherwise: another model's neuron of the same index is another neuron."""
+    info = model.info()
+    return [f"{k} {made_with[k]!r} there, {info.get(k)!r} here" for k in SHAPE_KEYS
+            if k in made_with and made_with[k] != info.get(k)]
+
+
 def weights_key_of(model) -> str | None:
     """``model.weights_key()`` (a SubjectModel, or an SAE over one), or None for a stand-in without it."""
     key = getattr(model, "weights_key", None)

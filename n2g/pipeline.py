@@ -638,7 +638,7 @@ def summary_table(results: list[NeuronResult]) -> str:
     for r in results:
         s = r.scores
         f = lambda m, k="f1": getattr(s[m], k) if m in s else None
-        nodes = sum(v for k, v in r.graph_stats.items() if k in ("activator", "context", "wildcard"))
+        nodes = r.graph_nodes
         status = r.status if r.status == "dead" or "n2g" not in s or s["n2g"].status == "ok" else "nofire"
         lines.append(f"{r.neuron.key:<16}{status:<8}{fmt(f('n2g')):>8}{fmt(f('token_lookup')):>8}{fmt(f('ngram')):>9}"
                      f"{fmt(r.ceiling.get('f1')):>8}{fmt(f('n2g', 'pearson')):>8}{nodes:>7}{100 * r.stats.firing_rate:>6.2f}%")

@@ -236,6 +236,11 @@ class NeuronResult:
 
     KIND = "n2g.neuron_result"
 
+    @property
+    def graph_nodes(self) -> int:
+        """Nodes of the graph: activating, context and wildcard (its paths' END values not counted)."""
+        return sum(v for k, v in self.graph_stats.items() if k in ("activator", "context", "wildcard") and isinstance(v, int))
+
     def to_dict(self) -> dict:
         return {
             "kind": self.KIND,

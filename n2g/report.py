@@ -74,9 +74,7 @@ def _summary(label, results: list[NeuronResult], methods: list[str]) -> dict:
             vals = [getattr(r.scores[m], metric) for r in pool if m in r.scores]
             stats[metric] = _mean(vals)
         row["methods"][m] = stats
-    sizes = [sum(v for k, v in r.graph_stats.items() if k in ("activator", "context", "wildcard") and isinstance(v, int))
-             for r in fitted if r.graph_stats]
-    row["graph_nodes"] = _mean(sizes)  # nodes per graph (activating, context and wildcard), as `n2g run` prints them
+    row["graph_nodes"] = _mean([r.graph_nodes for r in fitted if r.graph_stats])  # as `n2g run` prints them
     ceilings = [r.ceiling for r in firing if r.ceiling.get("f1") is not None]
     if ceilings:  # the most a predictor keyed on tokens could score (a token never firing in training is out of reach)
         n_firing = sum(c["n_firing"] for c in ceilings)
