@@ -373,14 +373,11 @@ def graph_line(stats: dict, quiet: int = 0) -> str:
 
 def _run_sae_hook(run_dir: Path) -> str:
     """The hook site of the SAE whose latents the run fitted (``run.json``), or "" for a run of MLP neurons."""
-    from n2g.fileio import inside, read_json
+    from n2g.report import read_run_json
 
-    try:
-        if not inside(run_dir, Path(run_dir) / "run.json"):
-            return ""
-        sae = read_json(Path(run_dir) / "run.json")["model"].get("sae")
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
-        return ""
+    info, _ = read_run_json(Path(run_dir))  # (damaged, or a link out of the run: None)
+    model = (info or {}).get("model")
+    sae = model.get("sae") if isinstance(model, dict) else None
     hook = sae.get("hook_name") if isinstance(sae, dict) else None
     return hook if isinstance(hook, str) else ""
 
