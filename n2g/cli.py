@@ -324,11 +324,20 @@ def _summary_json(summary) -> dict:
             "neurons": neurons}
 
 
+def _run_folder(text: str) -> Path:
+    """``text`` as a path, once it is a run directory this n2g can read (not one a newer n2g wrote)."""
+    from .report import read_run_json
+
+    run_dir = Path(text)
+    if not (run_dir / "run.json").exists():
+        raise N2GError(f"{text} is not an n2g run directory (no run.json); run `n2g run` first")
+    read_run_json(run_dir)  # N2GError where a newer n2g wrote it; a damaged run.json is each command's to handle
+    return run_dir
+
+
 def _run_dir_and_limit(args) -> Path:
     """``args.run_dir`` as a path, once it is a run directory and ``--limit`` is at least 1 (search, predict)."""
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "run.json").exists():
-        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
+    run_dir = _run_folder(args.run_dir)
     if args.limit < 1:
         raise N2GError(f"--limit must be at least 1 (got {args.limit})")
     return run_dir
@@ -675,9 +684,7 @@ def _copy_regular(src: str, dst: str) -> str:
 def _report(args) -> int:
     from .report import build_all
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "run.json").exists():
-        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
+    run_dir = _run_folder(args.run_dir)
     if not args.out:
         paths = build_all(run_dir)
     else:
@@ -708,8 +715,7 @@ def _serve(args) -> int:
     from .viewer import check_port, serve
 
     port = check_port(args.port)
-    if not (Path(args.run_dir) / "run.json").exists():
-        raise N2GError(f"{args.run_dir} is not an n2g run directory (no run.json); run `n2g run` first")
+    _run_folder(args.run_dir)
     model = None
     if args.model:
         from .models import load_model

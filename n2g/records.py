@@ -18,6 +18,15 @@ from .errors import N2GError, is_whole
 SCHEMA_VERSION = 1
 
 
+def newer_schema(d) -> str | None:
+    """Why a saved record cannot be read by this n2g, where a newer one wrote it (its ``schema_version`` above
+    :data:`SCHEMA_VERSION`: fields may mean other things now); None otherwise."""
+    version = d.get("schema_version") if isinstance(d, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        return f"written by a newer n2g (schema {version}; this one reads up to {SCHEMA_VERSION}): upgrade n2g"
+    return None
+
+
 class Sign(str, enum.Enum):
     """Which side of a neuron is distilled; gated neurons fire negative as well as positive."""
 
@@ -267,6 +276,8 @@ class NeuronResult:
             raise ValueError(f"not a neuron result record (a JSON {type(d).__name__}, not an object)")
         if d.get("kind") != cls.KIND:
             raise ValueError(f"not a neuron result record (kind={d.get('kind')!r})")
+        if newer_schema(d):
+            raise ValueError(newer_schema(d))
         return cls(
             neuron=NeuronId.from_dict(d["neuron"]),
             status=d["status"],

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 from n2g.errors import N2GError
 from n2g.fileio import MAX_JSON_DEPTH, csv_cell, inside, nested_deeper, read_json, remove_stale_temporaries
-from n2g.records import NeuronResult, plural
+from n2g.records import NeuronResult, newer_schema, plural
 from n2g.render import DrawingFailed, atomic_write, dot_available, load_graph_json, render
 from n2g.search import _run_fire_threshold, build_index, iter_results, result_paths, scan_results
 
@@ -151,7 +151,8 @@ def _no_results(run_dir: Path) -> None:
 def read_run_json(run_dir: Path) -> tuple[dict | None, str | None]:
     """``(run.json as a dict, None)``, or ``(None, why it cannot be read)``: damaged, not an object, nested deeper
     than n2g writes (walks of it would run out of stack), or a link that leads out of the run (its fields reach
-    pages and the terminal: nothing from outside the run)."""
+    pages and the terminal: nothing from outside the run). N2GError where a newer n2g wrote it: what its fields
+    say may have changed, so nothing is read from the run."""
     try:
         if not inside(run_dir, run_dir / "run.json"):
             raise ValueError("it is a link that leads out of the run directory")
@@ -159,6 +160,8 @@ def read_run_json(run_dir: Path) -> tuple[dict | None, str | None]:
         problem = None if isinstance(d, dict) else f"it holds a JSON {type(d).__name__}, not an object"
         if problem is None and nested_deeper(d):
             problem = f"it nests lists and objects more than {MAX_JSON_DEPTH} deep, deeper than n2g writes"
+        if problem is None and newer_schema(d):
+            raise N2GError(f"{run_dir} was {newer_schema(d)} to read it")
     except (OSError, ValueError, RecursionError) as exc:
         problem = str(exc)[:200]
     return (None, problem) if problem is not None else (d, None)
@@ -204,6 +207,7 @@ def _control(run_dir: Path) -> dict | None:
 def compute_report(run_dir: str | os.PathLike) -> dict:
     """The report's numbers as a JSON-ready dict (what ``report.json`` holds)."""
     run_dir = Path(run_dir)
+    info = _run_info(run_dir)  # first: a run a newer n2g wrote is refused before its results are read
     results = load_summaries(run_dir)
     present = {m for r in results for m in r.scores}
     methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
@@ -212,7 +216,6 @@ def compute_report(run_dir: str | os.PathLike) -> dict:
     overall = _summary("all", results, methods)
     neurons = [neuron_row(r) for r in results]
     ranked = sorted((n for n in neurons if n["n2g_f1"] is not None), key=lambda n: (-n["n2g_f1"], n["key"]))
-    info = _run_info(run_dir)
     return {
         "kind": KIND,
         "schema_version": SCHEMA_VERSION,
@@ -485,6 +488,7 @@ def build_all(run_dir: str | os.PathLike) -> dict[str, Path]:
     from n2g.viewer import write_viewer
 
     run_dir = Path(run_dir)
+    read_run_json(run_dir)  # a run a newer n2g wrote is refused before anything is read or written
     scan_run(run_dir)  # fail early, with the user-facing message, on an empty run (each result is checked once)
     remove_stale_temporaries(run_dir)
     try:

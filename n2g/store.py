@@ -28,7 +28,7 @@ from .baselines import BASELINES
 from .errors import N2GError, not_unicode
 from .fileio import MAX_READ_BYTES, alive, create_json, csv_cell, inside, read_json, replacing, write_bytes_atomic, write_text_atomic
 from .graph import NeuronGraph
-from .records import SCHEMA_VERSION, NeuronId, NeuronResult, check_folder
+from .records import SCHEMA_VERSION, NeuronId, NeuronResult, check_folder, newer_schema
 from .search import checked_result
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,8 @@ class RunStore:
             raise N2GError(f"{path} is unreadable ({exc}); delete it or choose another --out") from None
         if not isinstance(existing, dict) or existing.get("kind") != RUN_KIND:
             raise N2GError(f"{self.root} is not an n2g run directory; choose another --out")
+        if newer_schema(existing):  # adding to it could write what the newer n2g reads otherwise
+            raise N2GError(f"{self.root} was {newer_schema(existing)} to add to it, or choose another --out")
         theirs = existing.get("identity")
         if isinstance(theirs, dict):  # a run made before a key was recorded is judged on the keys it has
             identity = {k: v for k, v in identity.items() if k in theirs or k not in LATER_IDENTITY_KEYS}

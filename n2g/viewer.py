@@ -375,7 +375,10 @@ def _run_sae_hook(run_dir: Path) -> str:
     """The hook site of the SAE whose latents the run fitted (``run.json``), or "" for a run of MLP neurons."""
     from n2g.report import read_run_json
 
-    info, _ = read_run_json(Path(run_dir))  # (damaged, or a link out of the run: None)
+    try:
+        info, _ = read_run_json(Path(run_dir))  # (damaged, or a link out of the run: None)
+    except N2GError:  # a newer n2g's run.json
+        info = None
     model = (info or {}).get("model")
     sae = model.get("sae") if isinstance(model, dict) else None
     hook = sae.get("hook_name") if isinstance(sae, dict) else None

@@ -340,6 +340,34 @@ def test_a_loaded_neuron_whose_graph_a_newer_n2g_wrote_says_to_upgrade(both_side
         n2g.load_neuron(out, "L1.N5")
 
 
+def test_a_run_a_newer_n2g_wrote_is_neither_added_to_nor_read(both_sides_run, subject, fitted, tmp_path, monkeypatch, capsys):
+    from n2g import cli
+    from n2g.pipeline import RunOptions, run
+    from n2g.records import NeuronResult
+
+    out = tmp_path / "run"
+    shutil.copytree(both_sides_run[0], out)
+    meta = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**meta, "schema_version": meta["schema_version"] + 1}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    upgrade = r"was written by a newer n2g \(schema 2; this one reads up to 1\): upgrade n2g to "
+    with pytest.raises(n2g.N2GError, match=upgrade + "add to it, or choose another --out$"):
+        monkeypatch.setenv("N2G_CACHE", str(fitted[2]))  # resuming it wrote this n2g's results beside the newer ones
+        run(RunOptions(layers="1", neurons="4,5", out=str(out), progress=False, report=False), model=subject, corpus=fitted[1])
+    with pytest.raises(n2g.N2GError, match=upgrade + "read it$"):
+        n2g.load_neuron(out, "L1.N5")
+    for command in (["report", str(out)], ["report", str(out), "--out", str(tmp_path / "copy")], ["search", str(out), "the"],
+                    ["predict", str(out), "the cat"], ["serve", str(out), "--port", "0"], ["compare", str(out), str(out)]):
+        assert cli.main(command) == 2, command  # each read the run's files as this n2g's (report wrote pages of them)
+        assert capsys.readouterr().err.strip().endswith("upgrade n2g to read it"), command
+    assert not (tmp_path / "copy").exists()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "nothing written"
+    result = json.loads((out / "neurons" / "L1.N5" / "result.json").read_text())
+    with pytest.raises(ValueError, match=r"^written by a newer n2g \(schema 2; .*upgrade n2g$"):
+        NeuronResult.from_dict({**result, "schema_version": 2})
+    NeuronResult.from_dict(result)
+
+
 @pytest.mark.parametrize("text", [["the", "cat"], 123, None, b"the cat"])
 def test_text_for_the_tokenizer_must_be_one_string(fitted, text):
     # a list of words was a TypeError from inside the tokenizer; a number or bytes "cannot encode the text ... check
