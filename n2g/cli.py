@@ -258,8 +258,9 @@ def _run(args) -> int:
                 entry["summary"] = _fit_summary(summary.out, r) or None
         _print_json(data)
         return 0
-    print(summary_table(summary.results))
-    print(f"\n{len(summary.results)} {plural(len(summary.results), 'neuron')} ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
+    unit = "latent" if getattr(args, "sae", None) else "neuron"
+    print(summary_table(summary.results, unit))
+    print(f"\n{len(summary.results)} {plural(len(summary.results), unit)} ({summary.fitted_now} fitted now) in {summary.seconds:.1f}s -> {summary.out}")
     if "report" in summary.artifacts:
         print(f"report: {summary.artifacts['report']}")
     if args.command == "fit":
@@ -590,10 +591,12 @@ def _steer(args) -> int:
                      "per_token": [[t, float(v)] for t, v in zip(tokens, attr)], "total": float(attr.sum())}})
         return 0
     extreme = "most negative activation" if args.sign == "negative" else "maximum activation"
-    print(f"neuron L{args.layer}.N{args.neuron}: {extreme} {peak:.4g} ({source}); clamped to "
+    unit = "latent" if args.sae else "neuron"  # an SAE's latent has a decoder direction, no output weights
+    name = f"latent L{args.layer}.N{args.neuron} of the SAE at {model.hook_name}" if args.sae else f"neuron L{args.layer}.N{args.neuron}"
+    print(f"{name}: {extreme} {peak:.4g} ({source}); clamped to "
           f"{scale:g} x {'that' if args.sign == 'negative' else 'max'} = {result.value:.4g} at every position")
     print(f"next-token KL(clean || clamped) {result.kl:.4f} nats; {result.promoted_overlap} of the top "
-          f"{len(result.gainers)} gainers are among the neuron's 50 most "
+          f"{len(result.gainers)} gainers are among the {unit}'s 50 most "
           + ("promoted output tokens" if result.value >= 0 else "suppressed output tokens (a clamp below 0 promotes them)"))
     print("top gainers (probability before -> after):")
     for t, a, b in result.gainers:

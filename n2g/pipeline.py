@@ -628,13 +628,13 @@ def _describe_and_save(root: str, neuron: NeuronId, stats, fit, seconds, effects
     RunStore(root).save(result, fit.graph)
 
 
-def summary_table(results: list[NeuronResult]) -> str:
-    """A one-screen text table: per neuron, F1 of n2g against the baselines and the token ceiling (the most a
-    predictor keyed on tokens could score: :func:`n2g.distill.token_ceiling`)."""
+def summary_table(results: list[NeuronResult], unit: str = "neuron") -> str:
+    """A one-screen text table: per neuron (``unit``: "latent" for an SAE's), F1 of n2g against the baselines and the
+    token ceiling (the most a predictor keyed on tokens could score: :func:`n2g.distill.token_ceiling`)."""
     def fmt(v):
         return "  -  " if v is None else f"{v:5.2f}"
 
-    lines = [f"{'neuron':<16}{'status':<8}{'n2g F1':>8}{'tok F1':>8}{'3gram F1':>9}{'max F1':>8}{'n2g r':>8}{'nodes':>7}{'fire%':>7}"]
+    lines = [f"{unit:<16}{'status':<8}{'n2g F1':>8}{'tok F1':>8}{'3gram F1':>9}{'max F1':>8}{'n2g r':>8}{'nodes':>7}{'fire%':>7}"]
     for r in results:
         s = r.scores
         f = lambda m, k="f1": getattr(s[m], k) if m in s else None

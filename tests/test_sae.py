@@ -103,6 +103,7 @@ def test_run_fit_report_and_steer_on_latents(tiny_dir, tmp_path):
     res = cli(*args)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (out / "neurons").iterdir()) == ["L1.N0", "L1.N1", "L1.N2", "L1.N3"]  # the SAE's layer
+    assert res.stdout.startswith("latent ") and "\n4 latents (4 fitted now)" in res.stdout  # said "neuron(s)"
     meta = json.loads((out / "run.json").read_text())
     assert "+sae:" in meta["model"]["spec"] and meta["model"]["sae"]["hook_name"] == "blocks.1.hook_resid_post"
     fitted = [json.loads((out / "neurons" / k / "result.json").read_text()) for k in ("L1.N0", "L1.N1", "L1.N2", "L1.N3")]
@@ -121,6 +122,11 @@ def test_run_fit_report_and_steer_on_latents(tiny_dir, tmp_path):
                 "--prompt", "the cat sat", "--max", "1", "--scale", "20", "--tokens", "2", "--json", "-q")
     assert steer.returncode == 0, steer.stderr
     assert json.loads(steer.stdout)["kl"] > 0  # clamping the latent changes the next-token distribution
+    steer = cli("steer", "--model", str(tiny_dir / "model"), "--sae", str(sae), "--layer", "1", "--neuron", str(key),
+                "--prompt", "the cat sat", "--max", "1", "--scale", "20", "--tokens", "2", "-q")
+    assert steer.returncode == 0, steer.stderr
+    assert steer.stdout.startswith(f"latent L1.N{key} of the SAE at blocks.1.hook_resid_post: maximum activation 1 ")
+    assert "gainers are among the latent's 50 most promoted" in steer.stdout and "neuron" not in steer.stdout
 
 
 @pytest.mark.parametrize("make, needle", [
