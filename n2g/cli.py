@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", default="8000", help="port, 1-65535 (default 8000; 0 picks a free one)")
     p.add_argument("--model", default=None,
                    help="load this subject model (e.g. default) so try-your-own-text shows the neuron's true activation")
+    p.add_argument("--sae", default=None, metavar="PATH",
+                   help="with --model, for a run of SAE latents: the run's SAE (a local SAELens directory)")
     p.add_argument("--device", default=None, help="device for --model (default: cuda if available)")
     _verbosity_args(p)
 
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show every token's prediction for this neuron, e.g. L5.N2 or L5.N2.neg (repeatable)")
     p.add_argument("--model", default=None, help="the run's subject model, to split the text with its tokenizer and "
                    "show the true activations (default: split with the tokens the run's excerpts show)")
+    p.add_argument("--sae", default=None, metavar="PATH",
+                   help="with --model, for a run of SAE latents: the run's SAE (a local SAELens directory)")
     p.add_argument("--device", default=None, help="device for --model (default: cuda if available, else cpu)")
     p.add_argument("--limit", type=int, default=20, help="at most this many neurons in the list (default 20)")
     _verbosity_args(p, json_out=True)
@@ -432,15 +436,10 @@ def _predict(args) -> int:
     if not text.strip():
         raise N2GError("no text given; pass the text to predict on (or '-' to read it from standard input)")
     true = None
-    if args.model:
-        from .models import load_model
+    if args.model or args.sae:
         from .viewer import _predict_room
 
-        made_with = _run_made_with(run_dir)
-        if made_with.get("sae"):
-            raise N2GError(f"{args.run_dir} holds SAE latents; predict on it without --model (the graphs' predictions)")
-        model = load_model(args.model, device=args.device)
-        _check_served_model(model, made_with, args, "predict on it")
+        model = _run_subject(args, _run_made_with(run_dir), "predict on it")
         room = _predict_room(model)
         ids = model.encode(text)
         if len(ids) > room:
@@ -714,29 +713,45 @@ def _check_served_model(model, made_with: dict, args, doing: str = "serve it") -
                        "or without --model")
 
 
+def _run_subject(args, made_with: dict, doing: str):
+    """``--model`` (with ``--sae`` over it for a run of SAE latents) once it is the run's model: its neurons or
+    latents are read as the graphs' true activations. N2GError where the two do not fit together."""
+    from .models import load_model
+
+    if not args.model:
+        raise N2GError(f"--sae needs --model, the model the SAE reads; give both, or neither to {doing} with the graphs alone")
+    sae = made_with.get("sae")
+    if sae and not args.sae:  # the model alone would show MLP neurons' activations under the latents' names
+        hook = sae.get("hook_name") if isinstance(sae, dict) else sae
+        raise N2GError(f"{args.run_dir} holds SAE latents ({hook}); give its SAE with --sae SAE_PATH beside --model, "
+                       f"or {doing} without --model (the graphs' predictions)")
+    if args.sae and not sae:
+        raise N2GError(f"{args.run_dir} holds the model's MLP neurons, not an SAE's latents; {doing} without --sae")
+    model = load_model(args.model, device=args.device)
+    if args.sae:
+        from .sae import load_sae
+
+        model = load_sae(args.sae, model)
+        theirs = {k: v for k, v in sae.items() if k != "path"} if isinstance(sae, dict) else {}
+        ours = {k: v for k, v in model.info()["sae"].items() if k != "path"}
+        differ = [f"{k} {theirs[k]!r} there, {ours.get(k)!r} here" for k in theirs if theirs[k] != ours.get(k)]
+        if differ:
+            raise N2GError(f"{args.run_dir} was made with another SAE than {args.sae} ({'; '.join(differ)}); {doing} "
+                           f"with the run's SAE (--sae {sae.get('path')}) or without --model")
+    _check_served_model(model, made_with, args, doing)
+    return model
+
+
 def _serve(args) -> int:
     from .viewer import check_port, serve
 
     port = check_port(args.port)
     _run_folder(args.run_dir)
     model = None
-    if args.model:
-        from .models import load_model
-
+    if args.model or args.sae:
         if not (Path(args.run_dir) / "viewer" / "index.html").exists():  # say so before loading a model
             raise N2GError(f"no viewer in {args.run_dir}; run `n2g report {args.run_dir}` first")
-        try:
-            made_with = read_json(Path(args.run_dir) / "run.json").get("model") or {}
-            sae = made_with.get("sae")
-        except (OSError, ValueError, AttributeError, RecursionError):
-            made_with, sae = {}, None
-        if sae:  # the model alone would show MLP neurons' activations under the latents' names
-            hook = sae.get("hook_name") if isinstance(sae, dict) else sae
-            raise N2GError(f"{args.run_dir} holds SAE latents ({hook}); serve it without --model "
-                           "(try-your-own-text then shows the graphs' predictions)")
-
-        model = load_model(args.model, device=args.device)
-        _check_served_model(model, made_with if isinstance(made_with, dict) else {}, args)
+        model = _run_subject(args, _run_made_with(Path(args.run_dir)), "serve it")
     from .search import warn_if_index_behind
 
     warn_if_index_behind(args.run_dir)  # pages, search and "which neurons fire" would leave those neurons out

@@ -380,6 +380,7 @@ def report_html(rep: dict, plots: list[tuple[str, str]]) -> str:
         by_key={n["key"]: n for n in rep["neurons"]}, href=neuron_href,
         has_ceiling=any(row.get("ceiling") for row in rep["layers"] + [rep["overall"]]),
         negative=any(n["sign"] == "negative" for n in rep["neurons"]),
+        sae=isinstance(run.get("model"), dict) and bool(run["model"].get("sae")),
     )
 
 

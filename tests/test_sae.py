@@ -115,8 +115,9 @@ def test_run_fit_report_and_steer_on_latents(tiny_dir, tmp_path):
     assert 'SAE latent L1.N' in page and "of the SAE at blocks.1.hook_resid_post" in page
     assert "the latent's decoder direction" in page and "activation ÷ the latent's maximum" in page
     assert "Neuron L1" not in page and "the neuron's output weights" not in page
-    # its server takes no --model (refused for an SAE run): the page's script does not suggest one
-    assert 'data-sae="1"' in page and 'getAttribute("data-sae")' in page
+    # its server reads true activations with --model and --sae (--model alone is refused): what the pages suggest
+    assert 'data-sae="1"' in page and 'getAttribute("data-sae")' in page and "--model MODEL --sae SAE to see the latent" in page
+    assert "--model</code> and <code>--sae</code> to see true activations" in (out / "report.html").read_text()
     key = live[0]["neuron"]["index"]
     steer = cli("steer", "--model", str(tiny_dir / "model"), "--sae", str(sae), "--layer", "1", "--neuron", str(key),
                 "--prompt", "the cat sat", "--max", "1", "--scale", "20", "--tokens", "2", "--json", "-q")
@@ -152,13 +153,41 @@ def test_bad_sae_is_one_line(tiny_dir, tmp_path, make, needle):
     assert "Traceback" not in res.stderr and list(work.iterdir()) == []
 
 
-def test_serving_an_sae_run_with_a_model_is_refused(tiny_dir, tmp_path):
+def test_an_sae_run_reads_true_activations_through_its_own_sae_and_no_other(tiny_dir, tmp_path):
+    from n2g.models import load_model
+    from n2g.sae import load_sae
+
     sae = write_sae(tmp_path / "sae")
     out = tmp_path / "run"
-    args = [a for a in run_args(tiny_dir, out, "--sae", str(sae), "--layers", "1", "--neurons", "0") if a != "--no-report"]
+    args = [a for a in run_args(tiny_dir, out, "--sae", str(sae), "--layers", "1", "--neurons", "0-3") if a != "--no-report"]
     assert cli(*args).returncode == 0
-    res = cli("serve", str(out), "--model", str(tiny_dir / "model"), "--port", "0")
-    assert res.returncode == 2 and "holds SAE latents" in res.stderr and "Traceback" not in res.stderr
+    model = str(tiny_dir / "model")
+    for command, needle in [
+        (("serve", str(out), "--model", model, "--port", "0"), "holds SAE latents (blocks.1.hook_resid_post); give its SAE with --sae"),
+        (("predict", str(out), "the cat", "--model", model), "holds SAE latents (blocks.1.hook_resid_post); give its SAE with --sae"),
+        (("predict", str(out), "the cat", "--sae", str(sae)), "--sae needs --model"),
+        (("predict", str(out), "the cat", "--model", model, "--sae", str(write_sae(tmp_path / "wide", d_sae=24))),
+         "made with another SAE than"),  # its latent 0 is another latent
+        (("serve", str(out), "--model", model, "--sae", str(write_sae(tmp_path / "pre", hook="blocks.2.hook_resid_pre")),
+          "--port", "0"), "hook_name 'blocks.1.hook_resid_post' there, 'blocks.2.hook_resid_pre' here"),
+    ]:
+        res = cli(*command)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, (command, res.stderr)
+    # with the run's SAE over the model: each latent's true activation on the text, as the SAE encodes it
+    live = [json.loads(p.read_text()) for p in sorted((out / "neurons").glob("*/result.json"))]
+    live = [r for r in live if r["status"] == "fitted"]
+    res = cli("predict", str(out), "the cat sat on the mat", "--model", model, "--sae", str(sae), "--json", "-q",
+              *(a for r in live for a in ("--neuron", f"L1.N{r['neuron']['index']}")))
+    assert res.returncode == 0, res.stderr
+    got = {e["key"]: e["true"] for e in json.loads(res.stdout)["results"]}
+    latents = load_sae(sae, load_model(model))
+    ids = json.loads(res.stdout)["token_ids"]
+    with torch.no_grad():
+        acts = latents.activations(torch.tensor([ids]), None, [(1, r["neuron"]["index"]) for r in live])[0].numpy()
+    assert sorted(got) == sorted(f"L1.N{r['neuron']['index']}" for r in live)
+    assert np.abs(acts).max() > 0  # (the output holds 4 decimals)
+    for j, r in enumerate(live):
+        np.testing.assert_allclose(got[f"L1.N{r['neuron']['index']}"], acts[:, j] / r["stats"]["max_activation"], rtol=0, atol=5.1e-5)
 
 
 @pytest.mark.parametrize("cfg, weights, needle", [

@@ -6,10 +6,11 @@
   var msg = document.getElementById("try-msg");
   var out = document.getElementById("try-out");
   var served = location.protocol === "http:" || location.protocol === "https:";
-  var latent = body.getAttribute("data-sae") === "1";  // an SAE run's server takes no --model: no true activation
+  var latent = body.getAttribute("data-sae") === "1";  // an SAE run's server reads true activations with --model and --sae
+  var withModel = latent ? "--model MODEL --sae SAE to see the latent's" : "--model to see the neuron's";
   if (!served) {
-    msg.textContent = "Trying your own text needs the server: run `n2g serve RUN`" + (latent ? "" :
-      " (add --model to see the neuron's true activation too)") + " and open this page at the address it prints.";
+    msg.textContent = "Trying your own text needs the server: run `n2g serve RUN` (add " + withModel +
+      " true activation too) and open this page at the address it prints.";
   }
   function bg(v) {
     if (v === null || isNaN(v)) return "transparent";
@@ -51,7 +52,7 @@
         if (d["true"]) out.appendChild(line("true activation (normalised)", d.tokens, d["true"], "true"));
         out.appendChild(line("graph prediction (normalised)", d.tokens, d.predicted, "predicted"));
         msg.textContent = d.tokens.length + " tokens, split by " + d.tokenizer + "." +
-          (d["true"] || latent ? "" : " Start the server with --model to see the neuron's true activation beside it.");
+          (d["true"] ? "" : " Start the server with " + withModel + " true activation beside it.");
       })
       .catch(function (e) { msg.textContent = "prediction failed: " + e; });
   });
