@@ -169,3 +169,13 @@ def test_a_graph_that_fires_on_any_token_is_read_whatever_the_texts_tokens(run, 
     index = (run / "viewer" / "index.html").read_text()
     row = index[index.index('href="neurons/L1.N6.html"'):]
     assert '<td class="l tok" data-v=""></td></tr>' in row[:row.index("</tr>") + 5]
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_an_sae_given_for_a_run_of_mlp_neurons_is_one_line_before_any_model_loads(run, capsys, tmp_path, command):
+    # the latents' activations would be shown as the MLP neurons' true activations
+    argv = [command, run, *(["x = 1"] if command == "predict" else ["--port", "0"]), "--model", tmp_path / "no-model",
+            "--sae", tmp_path / "no-sae"]
+    code, out, err = main(argv, capsys)
+    assert code == 2 and err.strip().endswith("holds the model's MLP neurons, not an SAE's latents; "
+                                              f"{'predict on' if command == 'predict' else 'serve'} it without --sae"), err
