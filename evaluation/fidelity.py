@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
     ids_all = corpus.excerpts.numpy()
-    is_train = partition(len(excerpts), split_cfg.held_out, split_cfg.seed)
+    is_train = partition(len(excerpts), split_cfg.held_out, split_cfg.seed, excerpts)
     from n2g.vocabulary import model_evidence
 
     written = model_evidence(model, corpus.excerpts, is_train, max(configs.values(), key=lambda c: (c.written, c.vocabulary)), neurons, scans, cache_dir(), corpus.tokens_key())

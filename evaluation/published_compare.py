@@ -6,7 +6,7 @@ point ``--published`` at it. Its modules are loaded under the name ``pubn2g`` (i
 run), so both packages live in one process and share the model and the activation store.
 
 Neurons: the harness's sample (``default_rng(seed).choice(d_mlp, per_layer)`` sorted, layer by layer),
-the first ``--take`` of each layer. Split: ``partition(n_excerpts, 0.5, 0)``; a neuron's training excerpts
+the first ``--take`` of each layer. Split: ``partition(n_excerpts, 0.5, 0, excerpts)``; a neuron's training excerpts
 are its best 10 training-partition excerpts, its test excerpts its best 10 held-out ones (the harness's
 top-only mix). The published code is fed those excerpts as text whose round trip keeps the ids
 (``demo/shim.py: IdTextTokenizer``), without augmentation (``NoAugmenter``: DistilBERT is a hub download),
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                         corpus_key=corpus.tokens_key(), progress=False)
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
-    is_train = partition(len(excerpts), paper.held_out, paper.seed)
+    is_train = partition(len(excerpts), paper.held_out, paper.seed, excerpts)
     jobs = [store_job(scans[n.layer], n, is_train) for n in neurons]
 
     t0 = time.perf_counter()

@@ -53,7 +53,7 @@ def save(args) -> int:
     scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),
                         corpus_key=corpus.tokens_key(), progress=False)
     excerpts = corpus.excerpts.tolist()
-    is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
+    is_train = partition(len(excerpts), cfg.held_out, cfg.seed, excerpts)
     from n2g.vocabulary import model_evidence
 
     written = model_evidence(model, corpus.excerpts, is_train, cfg, neurons, scans, cache_dir(), corpus.tokens_key())

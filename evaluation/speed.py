@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
     scan_s = time.perf_counter() - t0
     excerpts = corpus.excerpts.tolist()
-    is_train = partition(len(excerpts), cfg.held_out, cfg.seed)
+    is_train = partition(len(excerpts), cfg.held_out, cfg.seed, excerpts)
     from n2g.vocabulary import model_evidence
 
     written = model_evidence(model, corpus.excerpts, is_train, cfg, neurons, scans, cache_dir(), corpus.tokens_key())

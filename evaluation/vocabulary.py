@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     layers = parse_indices(args.layers, model.n_layers, "layer")
     scans = scan_layers(model, corpus.excerpts, layers, k=top_k(cfg), pool_size=pool_size(cfg), cache_dir=cache_dir(),
                         corpus_key=corpus.tokens_key(), progress=False)
-    is_train = partition(len(corpus.excerpts), cfg.held_out, cfg.seed)
+    is_train = partition(len(corpus.excerpts), cfg.held_out, cfg.seed, corpus.excerpts)
     n_cand = len(candidates(model, corpus.excerpts.numpy(), is_train, max(cfg.min_count, 2)))
     neurons = [NeuronId(l, 0, Sign.POSITIVE) for l in layers]
     cpu0, t0 = time.process_time(), time.perf_counter()

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     corpus = Corpus.build("default", model.encode, max_excerpts=1024)
     cfg = preset("default")
     ids = corpus.excerpts.numpy()
-    prompts = openings(ids, partition(len(ids), cfg.held_out, cfg.seed), args.excerpts, cfg.written_prompt, cfg.seed)
+    prompts = openings(ids, partition(len(ids), cfg.held_out, cfg.seed, ids), args.excerpts, cfg.written_prompt, cfg.seed)
     length = ids.shape[1]
     new = prompts.shape[0] * (length - prompts.shape[1])
     print("| round | method | s | written tokens/s | CPU s | distinct written tokens |")

@@ -30,10 +30,17 @@ FLOAT16_MAX = 65504.0
 """The largest value the float16 store holds; a larger activation is kept at it (the scan warns)."""
 
 
-def partition(n_excerpts: int, held_out: float, seed: int = 0) -> np.ndarray:
+def partition(n_excerpts: int, held_out: float, seed: int = 0, excerpts=None) -> np.ndarray:
     """Boolean ``[n_excerpts]``: True for training excerpts, False for held-out ones (seeded).
 
-    Exactly ``round(held_out * n)`` excerpts are held out (at least one of each side when n >= 2).
+    Exactly ``round(held_out * n)`` excerpts are held out (at least one of each side when n >= 2): the first
+    of a seeded draw. With ``excerpts`` (their token ids: a ``[n, length]`` array or tensor, or one sequence
+    per excerpt) identical excerpts stay on one side, so held-out text never repeats training text (a corpus
+    of repeated documents would score memorised text): the draw is walked as before, and the first copy of an
+    excerpt drawn decides the side of all its copies, held out while fewer than that many are. A corpus
+    without repeats is split as without ``excerpts``; should every distinct excerpt land on the held-out
+    side, the one drawn last is trained on, so a corpus of one distinct excerpt is all training, as one
+    excerpt is.
     """
     if not 0.0 < held_out < 1.0:
         raise N2GError(f"held_out must be between 0 and 1 (got {held_out})")
@@ -42,7 +49,30 @@ def partition(n_excerpts: int, held_out: float, seed: int = 0) -> np.ndarray:
         n_out = min(max(n_out, 1), n_excerpts - 1)
     rng = np.random.default_rng(seed + 104729)
     is_train = np.ones(n_excerpts, bool)
-    is_train[rng.permutation(n_excerpts)[:n_out]] = False
+    order = rng.permutation(n_excerpts)
+    if excerpts is None or n_excerpts < 2:
+        is_train[order[:n_out]] = False
+        return is_train
+    import hashlib
+
+    if isinstance(excerpts, torch.Tensor):
+        excerpts = excerpts.numpy()
+    if len(excerpts) != n_excerpts:
+        raise N2GError(f"partition: {len(excerpts)} excerpts given for {n_excerpts}")
+    first_of: dict[bytes, int] = {}  # a digest of an excerpt's ids -> its first copy in the draw
+    first = np.empty(n_excerpts, np.int64)
+    for i in order.tolist():
+        key = hashlib.blake2b(np.ascontiguousarray(excerpts[i], dtype=np.int64).tobytes(), digest_size=16).digest()
+        first[i] = first_of.setdefault(key, i)
+    copies = np.bincount(first, minlength=n_excerpts)
+    held = 0
+    for f in first_of.values():  # the distinct excerpts in the order of the draw
+        if held < n_out:
+            is_train[f] = False
+            held += int(copies[f])
+    is_train = is_train[first]
+    if not is_train.any():  # every distinct excerpt went to the held-out side: train on the one drawn last
+        is_train[first == f] = True
     return is_train
 
 

@@ -160,7 +160,7 @@ def fit_neuron(model, layer: int, index: int, corpus=None, preset: str = "defaul
                         progress=progress,
                         store_tokens=DEFAULT_STORE_TOKENS if store_tokens is None else int(store_tokens))
     scan = scans[layer]
-    is_train = partition(len(corp), cfg.held_out, cfg.seed)
+    is_train = partition(len(corp), cfg.held_out, cfg.seed, corp.excerpts)
     excerpts = corp.rows()
     from .vocabulary import model_evidence
 

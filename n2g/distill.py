@@ -900,7 +900,7 @@ def distill(feature: Callable, excerpts, *, preset_name: str = "default", sign: 
     maxima = np.array([float(np.max(v)) if len(v) else -np.inf for v in signed])
     ranked = [int(i) for i in np.argsort(-maxima, kind="stable")]
     known = {i: (signed[i] / peak).astype(np.float32) for i in range(len(seqs))}
-    is_train = partition(len(seqs), cfg.held_out, cfg.seed)
+    is_train = partition(len(seqs), cfg.held_out, cfg.seed, seqs)
     evidence = [i for i in range(len(seqs)) if is_train[i]]
     extra = None
 

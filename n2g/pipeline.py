@@ -217,7 +217,16 @@ def open_store(opts: RunOptions, model, corpus):
                 # a masked LM named for the variants (the config says only that the preset's source is overridden)
                 "substitutes": opts.substitutes if cfg.augment and (opts.substitutes or "").startswith("mlm:") else None}
     n_excerpts, length = int(corpus.excerpts.shape[0]), int(corpus.excerpts.shape[1])
-    is_train = partition(n_excerpts, cfg.held_out, cfg.seed)
+    is_train = partition(n_excerpts, cfg.held_out, cfg.seed, corpus.excerpts)
+    moved = int((is_train != partition(n_excerpts, cfg.held_out, cfg.seed)).sum())
+    if moved:  # a run of this corpus made before repeats were kept together was scored on another split
+        identity["partition"] = "repeats together"
+        log.info("partition: the copies of a repeated excerpt are kept on one side (%d of %d excerpts moved), so "
+                 "no held-out excerpt repeats a training one", moved, n_excerpts)
+    if not (~is_train).any():
+        log.warning("the corpus has %s, so nothing is held out and no neuron can be scored; add text "
+                    "(more excerpts, or a shorter --excerpt-length)",
+                    "one excerpt" if n_excerpts == 1 else f"one distinct excerpt ({n_excerpts} copies of it)")
     n_stored = len(stored_excerpts(n_excerpts, length, store_budget(opts), cfg.seed))
     store.open(identity, {"name": out.name, "model": model.info(), "versions": versions(),
                           "corpus": {"source": corpus.source, "n_excerpts": n_excerpts, "length": length},

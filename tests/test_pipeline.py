@@ -579,3 +579,31 @@ def test_a_neuron_of_a_run_loads_as_the_fitted_model_its_fit_made(tiny_dir, tmp_
         n2g.load_neuron(out, "L1.N4.neg")
     assert "stored artifacts are damaged" in caplog.text and "it is not loaded" in caplog.text
     assert "redone" not in caplog.text  # loading redoes nothing
+
+
+def test_repeated_documents_never_land_on_both_sides_of_the_split_and_one_distinct_excerpt_says_so(tmp_path, caplog):
+    import random
+
+    from n2g.corpus import Corpus
+    from n2g.pipeline import RunOptions, open_store, run
+
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama")
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "mat"] + [f"w{i}" for i in range(40)]
+    docs = [" ".join(rng.choice(words) for _ in range(48)) for _ in range(8)] * 3  # each document three times
+    rng.shuffle(docs)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    opts = RunOptions(corpus=str(tmp_path / "c.jsonl"), excerpt_length=16, neurons="0", out=str(tmp_path / "run"),
+                      report=False, progress=False, overrides={"written": 0, "vocabulary": 0})
+    corpus = Corpus.build(opts.corpus, model.encode, length=16)
+    _, is_train = open_store(opts, model, corpus)
+    rows = lambda side: {r.tobytes() for r in corpus.excerpts.numpy()[side]}
+    assert not rows(is_train) & rows(~is_train) and (~is_train).sum() >= 24
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["identity"]["partition"] == "repeats together"
+    # every excerpt the same text: nothing can be held out, and the run says so rather than printing "nofire"
+    (tmp_path / "same.txt").write_text(" ".join(["cat"] * 100))
+    opts = RunOptions(corpus=str(tmp_path / "same.txt"), excerpt_length=16, neurons="0", out=str(tmp_path / "same"),
+                      report=False, progress=False, overrides={"written": 0, "vocabulary": 0})
+    with caplog.at_level(logging.WARNING):
+        run(opts, model=model)
+    assert "one distinct excerpt (6 copies of it), so nothing is held out and no neuron can be scored" in caplog.text

@@ -101,6 +101,27 @@ def test_partition_is_seeded_and_holds_out_the_asked_fraction():
     assert int((~partition(10, 0.3)).sum()) == 3
 
 
+def test_partition_keeps_the_copies_of_a_repeated_excerpt_on_one_side():
+    # A corpus of repeated documents: a random split puts copies of most excerpts on both sides, and the held-out
+    # scores of every lookup (and graph) then measure memorised text (on 24 documents x 4 copies: held-out F1
+    # 0.92 for n2g and 0.94 for a 3-gram lookup, 0.74 and 0.71 once the copies stay together).
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 1000, (50, 8))
+    excerpts = distinct[rng.integers(0, 50, 400)]
+    plain, together = partition(400, 0.5, 3), partition(400, 0.5, 3, excerpts)
+    rows = lambda side: {r.tobytes() for r in excerpts[side]}
+    assert rows(plain) & rows(~plain), "the plain draw leaks: the case this guards against"
+    assert not rows(together) & rows(~together)
+    assert 150 <= int((~together).sum()) <= 250  # still about half held out
+    assert (partition(400, 0.5, 3, torch.from_numpy(excerpts)) == together).all()  # a tensor as an array
+    assert (partition(400, 0.5, 3, excerpts.tolist()) == together).all()  # sequences as an array
+    unique = np.arange(400 * 8).reshape(400, 8)
+    assert (partition(400, 0.5, 3, unique) == plain).all(), "a corpus without repeats is split as before"
+    # one distinct excerpt: all training (as one excerpt is), never all held out
+    assert partition(10, 0.5, 0, np.zeros((10, 4))).all() and partition(1, 0.5, 0, np.zeros((1, 4))).all()
+    assert (~partition(10, 0.5, 0, np.eye(10)[[0] * 9 + [1]])).any()
+
+
 def test_a_cached_scan_is_reused_without_running_the_model(tmp_path):
     model = _model()
     excerpts = torch.randint(4, 68, (40, 16))
