@@ -643,14 +643,14 @@ def summary_table(results: list[NeuronResult], unit: str = "neuron") -> str:
     def fmt(v):
         return "  -  " if v is None else f"{v:5.2f}"
 
-    lines = [f"{unit:<16}{'status':<8}{'n2g F1':>8}{'tok F1':>8}{'3gram F1':>9}{'max F1':>8}{'n2g r':>8}{'nodes':>7}{'fire%':>7}"]
+    lines = [f"{unit:<16}{'status':<8}{'n2g F1':>8}{'tok F1':>8}{'3gram F1':>9}{'max F1':>8}{'n2g r':>8}{'nodes':>7}{'fire%':>8}"]
     for r in results:
         s = r.scores
         f = lambda m, k="f1": getattr(s[m], k) if m in s else None
         nodes = r.graph_nodes
         status = r.status if r.status == "dead" or "n2g" not in s or s["n2g"].status == "ok" else "nofire"
         lines.append(f"{r.neuron.key:<16}{status:<8}{fmt(f('n2g')):>8}{fmt(f('token_lookup')):>8}{fmt(f('ngram')):>9}"
-                     f"{fmt(r.ceiling.get('f1')):>8}{fmt(f('n2g', 'pearson')):>8}{nodes:>7}{100 * r.stats.firing_rate:>6.2f}%")
+                     f"{fmt(r.ceiling.get('f1')):>8}{fmt(f('n2g', 'pearson')):>8}{nodes:>7}{100 * r.stats.firing_rate:>7.2f}%")
     scored = [r for r in results if "n2g" in r.scores and r.scores["n2g"].f1 is not None]
     if scored:
         mean = lambda m: float(np.mean([r.scores[m].f1 for r in scored if r.scores[m].f1 is not None]))

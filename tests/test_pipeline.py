@@ -303,6 +303,9 @@ def test_summary_table_shows_the_token_ceiling_beside_the_scores():
     assert lines[1].split()[2:6] == ["0.60", "0.60", "0.60", "1.00"]
     assert lines[2].split()[2:6] == ["0.40", "0.40", "0.40", "0.67"]
     assert lines[3].split()[2:6] == ["0.50", "0.50", "0.50", "0.83"]  # means over the two neurons
+    # a neuron firing on every token (a constant one) keeps its node count and firing rate apart
+    results[0].stats = NeuronStats(max_activation=1.0, quantiles={}, firing_rate=1.0, n_sampled_tokens=10)
+    assert summary_table(results).splitlines()[1].split()[-2:] == ["0", "100.00%"]
 
 
 def test_a_run_is_not_resumed_with_other_weights_behind_the_same_model_path(tiny_dir, tmp_path):
