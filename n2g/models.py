@@ -10,6 +10,7 @@ downstream reaches the model through :class:`SubjectModel`'s activation methods 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import copy
 import functools
@@ -255,6 +256,28 @@ def config_key_of(model) -> str:
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     except Exception:  # a stand-in model without a transformers config
         return ""
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_bytes() -> dict[str, int]:
+    """The byte each character of a byte-level BPE piece (GPT-2, Llama 3, SmolLM2, Qwen) stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _byte_piece_text(piece: str) -> str | None:
+    """A byte-level BPE piece that holds part of a character as text, each byte no whole character takes shown
+    as ``<0xE6>`` (as SentencePiece names its byte tokens), so the pieces of one character stay apart; None
+    for a piece of another kind."""
+    table = _byte_level_bytes()
+    if not piece or any(ch not in table for ch in piece):
+        return None
+    return bytes(table[ch] for ch in piece).decode("utf-8", "n2g-byte-names")
+
+
+codecs.register_error("n2g-byte-names", lambda e: ("".join(f"<0x{b:02X}>" for b in e.object[e.start:e.end]), e.end))
 
 
 class SubjectModel:
@@ -730,6 +753,8 @@ class SubjectModel:
         # SentencePiece drops the word-start marker of a lone token; keep it as a real space.
         if piece.startswith("\u2581") and not s.startswith(" "):
             s = " " + s
+        if "\ufffd" in s and "\ufffd" not in piece:  # part of a character: say which bytes, not "�" for each
+            s = _byte_piece_text(piece) or s
         return s
 
     # ------------------------------------------------------------------ checks and info

@@ -367,6 +367,27 @@ def test_an_unreachable_hub_is_reported_before_transformers_retries(monkeypatch)
     assert calls == ["transformers"]
 
 
+def test_byte_level_pieces_of_a_character_show_their_bytes_each_apart():
+    # A byte-level BPE (GPT-2, Llama 3, SmolLM2) splits a rare character into pieces that decode to "\ufffd" on their
+    # own: graphs, pages, search and predict showed a dozen different activators all as "\ufffd".
+    from conftest import tiny_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = "the café 日本語 東京 🙂 naïve " * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=262, special_tokens=["<unk>", "<bos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+    sm = SubjectModel(tiny_model("llama", vocab=len(tok)), tok, spec="tiny-bpe")
+    ids = sm.encode(" 日 the")
+    shown = sm.token_strings(ids)
+    assert shown[:3] == [" <0xE6>", "<0x97>", "<0xA5>"] and "".join(shown[3:]) == " the"
+    everything = sm.token_strings(range(len(tok)))
+    assert not any("\ufffd" in t for t in everything) and len(set(everything)) == len(everything)
+
+
 def test_bad_dtype(tmp_path, tiny_llama):
     tiny_llama.model.save_pretrained(tmp_path)
     tiny_llama.tokenizer.save_pretrained(tmp_path)
