@@ -28,6 +28,9 @@ DEFAULT_STORE_TOKENS = 1 << 17
 """Token budget of the store per layer (about 400 MB per layer for a 1,536-neuron MLP in 16 bits)."""
 FLOAT16_MAX = 65504.0
 """The largest value the float16 store holds; a larger activation is kept at it (the scan warns)."""
+FLOAT16_FAINT = 2.0 ** -18
+"""A neuron whose largest value (either sign) is below this spans fewer than 64 of the float16 store's smallest
+steps (2^-24, about 6e-8), and below that step is kept as 0 (the scan warns)."""
 
 
 def partition(n_excerpts: int, held_out: float, seed: int = 0, excerpts=None) -> np.ndarray:

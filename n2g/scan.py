@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .activations import DEFAULT_STORE_TOKENS, FLOAT16_MAX, ActivationStore, stored_excerpts
+from .activations import DEFAULT_STORE_TOKENS, FLOAT16_FAINT, FLOAT16_MAX, ActivationStore, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import FILE_MODE, replacing, write_json_atomic, writer_gone, writer_tag
@@ -455,6 +455,13 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
                             "store keeps at +-65,504: their fits and scores see those tokens weaker than they are; "
                             "scale such a feature down before fitting it", l, len(beyond),
                             plural(len(beyond), "neuron"), l, int(beyond[size.argmax()]), float(size.max()))
+            size = torch.maximum(mx_all, -mn_all).cpu()
+            faint = torch.nonzero((size > 0) & (size < FLOAT16_FAINT)).flatten()
+            if len(faint):  # (a feature on another scale, or a neuron whose weights were scaled far down)
+                log.warning("layer %d: %d %s peak below %.2g (L%d.N%d: %.6g), which the float16 activation store "
+                            "keeps as a few steps of 6e-08 or as 0: their fits see too little or nothing fire; scale "
+                            "such a feature up before fitting it", l, len(faint), plural(len(faint), "neuron"),
+                            FLOAT16_FAINT, l, int(faint[size[faint].argmin()]), float(size[faint].min()))
             quantiles, pos_rate, neg_rate = _pool_stats(store, rows, step, mx_all, mn_all, fire_threshold, device, qs)
             scan = LayerScan(
                 layer=l, top_idx=top_idx[l].cpu(), top_val=top_val[l].float().cpu(), bot_idx=bot_idx[l].cpu(),

@@ -465,3 +465,28 @@ def test_activations_beyond_the_float16_store_are_named_in_one_warning(caplog):
     assert len(said) == 1 and said[0].startswith("layer 0: 1 neuron reach beyond +-65,504 (L0.N3: ")
     assert float(scan.top_val[0, 3]) == pytest.approx(float(truth.max()), rel=1e-3)  # the scan's own maximum is exact
     assert float(np.abs(scan.store.neuron(3)).max()) == 65504.0  # the store keeps it at float16's largest
+
+
+class _Faint(SubjectModel):
+    """Neuron 5's activations times 1e-9 (a neuron whose weights were scaled far down)."""
+
+    def layer_activations(self, ids, mask, layers):
+        out = {}
+        for layer, a in super().layer_activations(ids, mask, layers).items():
+            scale = torch.ones(a.shape[-1], dtype=a.dtype, device=a.device)
+            scale[5] = 1e-9
+            out[layer] = a * scale
+        return out
+
+
+def test_activations_below_the_float16_stores_resolution_are_named_in_one_warning(caplog):
+    # Stored as 0, such a neuron fitted as "nofire" with no word of why: its graph empty, its page saying it
+    # fires on 0 % of the corpus, while the scan's maximum (exact) said otherwise.
+    torch.manual_seed(0)
+    model = _Faint(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-faint")
+    excerpts = torch.randint(4, 68, (40, 16))
+    with caplog.at_level(logging.WARNING, logger="n2g"):
+        scan = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False)[0]
+    assert float(scan.top_val[0, 5]) > 0 and float(np.abs(scan.store.neuron(5)).max()) == 0.0
+    said = [r.getMessage() for r in caplog.records if "peak below" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("layer 0: 1 neuron peak below 3.8e-06 (L0.N5: ")
