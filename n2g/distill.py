@@ -756,7 +756,10 @@ class NeuronModel:
             head += f", Pearson r {s.pearson:.3f}" if s.pearson is not None else ""
             head += "; the graph refit on every excerpt after scoring" if getattr(self, "refit_", False) else ""
         # raw, as predict() gives it: the negative side's extreme is below 0 (the notebook display names it so too)
-        head += f"; most negative activation {-self.scale:.4g})" if self.sign < 0 else f"; maximum activation {self.scale:.4g})"
+        if status == "dead":  # no extreme: the scale it holds is a stand-in, not a value the feature took
+            head += f"; it never goes {'below' if self.sign < 0 else 'above'} 0 on its excerpts)"
+        else:
+            head += f"; most negative activation {-self.scale:.4g})" if self.sign < 0 else f"; maximum activation {self.scale:.4g})"
         if not hasattr(self, "graph_"):
             return head
         return head + "\n" + self.graph_.describe(limit=10)

@@ -200,6 +200,19 @@ def test_printed_negative_side_gives_the_extreme_its_predictions_are_scaled_to()
     assert str(positive).splitlines()[0].endswith("; maximum activation 0.5)")
 
 
+def test_a_dead_feature_is_never_printed_with_the_stand_in_scale_as_its_maximum():
+    # A feature that never fires held the stand-in scale 1, printed as "dead; maximum activation 1"; the negative
+    # side of a feature that is 3 everywhere as "most negative activation -1".
+    excerpts = [[4, 5, 6, 7, 8, 9]] * 4 + [[9, 8, 7, 6]] * 4
+    for feature, sign, said in [(lambda ids: torch.zeros(ids.shape), "positive", "never goes above 0"),
+                                (lambda ids: torch.full(ids.shape, 3.0), "negative", "never goes below 0")]:
+        model = n2g.distill(feature, excerpts, sign=sign)
+        assert model.status_ == "dead"
+        assert repr(model).splitlines()[0].endswith(f"(dead; it {said} on its excerpts)")
+        page = model._repr_html_()
+        assert f"it {said} on its excerpts" in page and "activation 1" not in page and "activation -1" not in page
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m: n2g.fit_neuron(m, 99, 0, progress=False), "does not exist"),
     (lambda m: n2g.fit_neuron(m, 0, 0, sign="both", progress=False), "call fit_neuron twice"),
