@@ -221,12 +221,6 @@ def open_store(opts: RunOptions, model, corpus):
     moved = int((is_train != partition(n_excerpts, cfg.held_out, cfg.seed)).sum())
     if moved:  # a run of this corpus made before repeats were kept together was scored on another split
         identity["partition"] = "repeats together"
-        log.info("partition: the copies of a repeated excerpt are kept on one side (%d of %d excerpts moved), so "
-                 "no held-out excerpt repeats a training one", moved, n_excerpts)
-    if not (~is_train).any():
-        log.warning("the corpus has %s, so nothing is held out and no neuron can be scored; add text "
-                    "(more excerpts, or a shorter --excerpt-length)",
-                    "one excerpt" if n_excerpts == 1 else f"one distinct excerpt ({n_excerpts} copies of it)")
     n_stored = len(stored_excerpts(n_excerpts, length, store_budget(opts), cfg.seed))
     store.open(identity, {"name": out.name, "model": model.info(), "versions": versions(),
                           "corpus": {"source": corpus.source, "n_excerpts": n_excerpts, "length": length},
@@ -234,6 +228,13 @@ def open_store(opts: RunOptions, model, corpus):
                                         "held_out": cfg.held_out, "seed": cfg.seed},
                           "activation_store": {"token_budget": store_budget(opts), "stored_excerpts": n_stored,
                                                "bytes_per_layer": n_stored * length * int(model.d_mlp) * 2}})
+    if moved:
+        log.info("partition: the copies of a repeated excerpt are kept on one side (%d of %d excerpts moved), so "
+                 "no held-out excerpt repeats a training one", moved, n_excerpts)
+    if not (~is_train).any():
+        log.warning("the corpus has %s, so nothing is held out and no neuron can be scored; add text "
+                    "(more excerpts, or a shorter --excerpt-length)",
+                    "one excerpt" if n_excerpts == 1 else f"one distinct excerpt ({n_excerpts} copies of it)")
     return store, is_train
 
 
