@@ -37,7 +37,8 @@ from .records import NeuronStats, Sign, plural
 log = logging.getLogger(__name__)
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
-SCAN_VERSION = 3
+SCAN_VERSION = 4
+"""4: equal maxima rank by excerpt index (3 ranked them as topk happened to, which moved with the scan batch)."""
 
 
 @dataclass
@@ -426,13 +427,16 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
                     raise N2GError(f"neuron L{l}.N{bad} has NaN or infinite activations; {hint}")
                 mx, mn = a.amax(1), a.amin(1)  # [B, d]
                 idx = rows[:, None].expand_as(mx)
+                # A stable sort, not topk: the kept rows come first and hold lower excerpt indices than this
+                # batch's, so equal maxima (the same first token after BOS) rank by excerpt index whatever the
+                # scan batch (topk orders ties as it likes, and which excerpts a batch holds moved them).
                 v = torch.cat([top_val[l], mx]); i = torch.cat([top_idx[l], idx])
                 kk = min(k, v.shape[0])
-                tv, ti = v.topk(kk, dim=0)
-                top_val[l], top_idx[l] = tv, i.gather(0, ti)
+                ti = torch.sort(v, dim=0, descending=True, stable=True).indices[:kk]
+                top_val[l], top_idx[l] = v.gather(0, ti), i.gather(0, ti)
                 v = torch.cat([bot_val[l], mn]); i = torch.cat([bot_idx[l], idx])
-                bv, bi = (-v).topk(kk, dim=0)
-                bot_val[l], bot_idx[l] = -bv, i.gather(0, bi)
+                bi = torch.sort(v, dim=0, stable=True).indices[:kk]
+                bot_val[l], bot_idx[l] = v.gather(0, bi), i.gather(0, bi)
                 stores[l].write(np.arange(start, start + ids.shape[0]), a)  # float16, neuron-major, made on the device
             bar.update(ids.numel())
             start += ids.shape[0]

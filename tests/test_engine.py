@@ -87,6 +87,30 @@ def test_scan_statistics_match_a_direct_computation(models):
             assert value == pytest.approx(float(signed.flatten().quantile(float(q))), rel=2e-3, abs=1e-5), (sign, q)
 
 
+class TokenValued(SubjectModel):
+    """Each neuron's activation is a function of the token alone: rows are exact whatever the batch holds."""
+
+    def layer_activations(self, token_ids, attention_mask, layers):
+        d = self.d_mlp
+        values = ((token_ids[..., None] * (torch.arange(d) + 1)) % 7).float() - 3.0
+        return {l: values for l in layers}
+
+
+def test_equal_maxima_rank_by_excerpt_index_whatever_the_scan_batch(models):
+    # Equal maxima are common (the same first token after BOS; a token-level neuron on the same token); topk
+    # ordered such ties as it liked, so which excerpts a neuron's top examples held moved with --scan-batch
+    # (and with the GPU's free memory, which sizes it).
+    plain, _ = models
+    model = TokenValued(plain.model, tiny_tokenizer(), spec="tiny")
+    excerpts = torch.randint(4, 68, (40, 10))
+    scans = [scan_layers(model, excerpts, [1], k=9, pool_size=40, batch_size=b, progress=False)[1] for b in (1, 5, 40)]
+    for scan in scans:
+        for idx, val, sign in ((scan.top_idx, scan.top_val, -1), (scan.bot_idx, scan.bot_val, 1)):
+            for n in range(idx.shape[1]):  # by value, then by excerpt index
+                assert idx[:, n].tolist() == [i for _, i in sorted(zip((sign * val[:, n]).tolist(), idx[:, n].tolist()))]
+        assert torch.equal(scan.top_idx, scans[0].top_idx) and torch.equal(scan.bot_idx, scans[0].bot_idx)
+
+
 def _store_jobs(model, excerpts, layer, indices):
     from n2g.activations import partition
     from n2g.engine import store_job
