@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 WRITE_VERSION = 3
 MAX_BYTES = 1 << 30
-"""Most memory the written tokens' activations may take (16-bit, every wanted neuron)."""
+"""Most memory the written tokens' activations of one whole layer would take (16-bit, every neuron of it): the
+excerpts measured depend on the model alone, never on how many of its neurons a run asks for, so a neuron fitted
+alone, in a whole-model run or after a resume learns from the same written text."""
 TOP_P = 0.95
 FIRST_TOP = 512
 """Tokens :func:`nucleus_sample` looks at first; a row whose nucleus is wider is sorted whole."""
@@ -233,10 +235,10 @@ def measure(model, written: np.ndarray, prompt: int, common: np.ndarray, wanted:
     if not len(written) or not layers:
         return WrittenTokens(np.zeros(0, np.int64), {l: np.zeros((0, len(columns[l])), np.float16) for l in layers},
                              columns, len(written))
-    width = sum(len(c) for c in columns.values())
+    width = int(getattr(model, "d_mlp", 0) or max(len(c) for c in columns.values()))  # the layer's, not the request's
     most = max(1, MAX_BYTES // max(1, 2 * width * written.shape[1]))
     if len(written) > most:  # a very wide layer (an SAE's): as many excerpts as fit the budget
-        log.info("written text: measuring %d of %d excerpts (%d neurons at %d bytes a token each)",
+        log.info("written text: measuring %d of %d excerpts (%d neurons a layer at %d bytes a token each)",
                  most, len(written), width, 2)
         written = written[:most]
     keep = ~np.isin(written, common)

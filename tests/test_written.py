@@ -172,6 +172,18 @@ def test_a_very_wide_layer_measures_as_many_written_excerpts_as_fit_the_budget(t
     assert got.n_excerpts == 3 and len(got.ids) == 3 * 10 and got.acts[0].shape == (30, 48)
 
 
+def test_a_neuron_measures_the_same_written_excerpts_alone_as_among_a_whole_layer(tiny_llama, monkeypatch):
+    # The budget is a whole layer's: one counted over the neurons a run asks for measured fewer excerpts for a
+    # neuron in a large run (and more for the same neuron fitted alone, or in a resumed run) than the run's others.
+    written = np.random.default_rng(0).integers(4, 60, (10, 12))
+    monkeypatch.setattr("n2g.written.MAX_BYTES", 2 * 48 * 12 * 3)
+    alone = measure(tiny_llama, written, 2, np.array([], np.int64), {0: [5]})
+    among = measure(tiny_llama, written, 2, np.array([], np.int64), {0: list(range(48)), 1: [5]})
+    assert alone.n_excerpts == among.n_excerpts == 3
+    np.testing.assert_array_equal(alone.ids, among.ids)
+    np.testing.assert_array_equal(alone.for_neuron(NeuronId(0, 5), 1.0)[1], among.for_neuron(NeuronId(0, 5), 1.0)[1])
+
+
 def test_a_model_that_cannot_write_leaves_the_corpus_alone(tiny_llama, monkeypatch, caplog):
     def broken(*a, **k):
         raise RuntimeError("no cache support\nsecond line")
