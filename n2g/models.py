@@ -739,6 +739,22 @@ class SubjectModel:
             out.append(s)
         return out
 
+    def text(self, ids: Sequence[int]) -> str:
+        """``ids`` as one text, decoded together (a character split over several byte-level pieces reads as the
+        character, where :meth:`token_strings` names each piece's bytes); the tokens' display strings joined where
+        the tokenizer cannot decode them."""
+        ids = [int(t) for t in ids]
+        joined = "".join(self.token_strings(ids))
+        if "<0x" not in joined or self.tokenizer is None:  # no piece of a character: the display strings say it
+            return joined
+        try:
+            text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot decode these ids: their display strings
+            return joined
+        if not isinstance(text, str):
+            return joined
+        return " " + text if joined.startswith(" ") and not text.startswith(" ") else text  # (SentencePiece drops it)
+
     def _token_string(self, tid: int) -> str:
         tok = self.tokenizer
         if tok is None:

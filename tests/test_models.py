@@ -386,6 +386,8 @@ def test_byte_level_pieces_of_a_character_show_their_bytes_each_apart():
     assert shown[:3] == [" <0xE6>", "<0x97>", "<0xA5>"] and "".join(shown[3:]) == " the"
     everything = sm.token_strings(range(len(tok)))
     assert not any("\ufffd" in t for t in everything) and len(set(everything)) == len(everything)
+    # text read as a whole (steer's continuations) shows the character its pieces make
+    assert sm.text(ids) == " 日 the" and sm.text(ids[3:]) == " the"
 
 
 def test_bad_dtype(tmp_path, tiny_llama):
