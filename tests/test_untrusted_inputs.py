@@ -198,8 +198,8 @@ def test_text_of_a_run_json_reaches_an_error_as_text_never_as_terminal_escapes(r
     p = _n2g("serve", run, "--model", "tiny")  # refused before any model is loaded
     err = p.stderr.decode("utf-8", "surrogateescape")
     assert p.returncode == 2 and err.count("\n") == 1, err
-    assert err == (f"n2g: error: {run} holds SAE latents (\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202e); serve it without "
-                   "--model (try-your-own-text then shows the graphs' predictions)\n")
+    assert err == (f"n2g: error: {run} holds SAE latents (\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202e); give its SAE with "
+                   "--sae SAE_PATH beside --model, or serve it without --model (the graphs' predictions)\n")
 
 
 def test_search_json_on_a_terminal_carries_no_8_bit_control_or_bidi_override_from_a_tampered_index(run):
