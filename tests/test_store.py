@@ -440,21 +440,28 @@ def test_a_cache_path_too_long_to_use_scans_without_the_cache(tmp_path, caplog):
     assert any("name too long" in r.getMessage().lower() for r in caplog.records)
 
 
-class _Large(SubjectModel):
-    """Neuron 3's activations times 1e8 (an SAE latent can be that large)."""
+class _Scaled(SubjectModel):
+    """One neuron's activations times a factor: 1e8 (beyond float16) or 1e-9 (a neuron whose weights were scaled far
+    down, below its resolution)."""
+
+    neuron, factor = 3, 1e8
 
     def layer_activations(self, ids, mask, layers):
         out = {}
         for layer, a in super().layer_activations(ids, mask, layers).items():
             scale = torch.ones(a.shape[-1], dtype=a.dtype, device=a.device)
-            scale[3] = 1e8
+            scale[self.neuron] = self.factor
             out[layer] = a * scale
         return out
 
 
+class _Faint(_Scaled):
+    neuron, factor = 5, 1e-9
+
+
 def test_activations_beyond_the_float16_store_are_named_in_one_warning(caplog):
     torch.manual_seed(0)
-    model = _Large(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-large")
+    model = _Scaled(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-large")
     excerpts = torch.randint(4, 68, (40, 16))
     with caplog.at_level(logging.WARNING, logger="n2g"):
         scan = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False)[0]
@@ -465,18 +472,6 @@ def test_activations_beyond_the_float16_store_are_named_in_one_warning(caplog):
     assert len(said) == 1 and said[0].startswith("layer 0: 1 neuron reach beyond +-65,504 (L0.N3: ")
     assert float(scan.top_val[0, 3]) == pytest.approx(float(truth.max()), rel=1e-3)  # the scan's own maximum is exact
     assert float(np.abs(scan.store.neuron(3)).max()) == 65504.0  # the store keeps it at float16's largest
-
-
-class _Faint(SubjectModel):
-    """Neuron 5's activations times 1e-9 (a neuron whose weights were scaled far down)."""
-
-    def layer_activations(self, ids, mask, layers):
-        out = {}
-        for layer, a in super().layer_activations(ids, mask, layers).items():
-            scale = torch.ones(a.shape[-1], dtype=a.dtype, device=a.device)
-            scale[5] = 1e-9
-            out[layer] = a * scale
-        return out
 
 
 def test_activations_below_the_float16_stores_resolution_are_named_in_one_warning(caplog):
