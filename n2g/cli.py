@@ -732,8 +732,10 @@ def _run_subject(args, made_with: dict, doing: str):
         from .sae import load_sae
 
         model = load_sae(args.sae, model)
-        theirs = {k: v for k, v in sae.items() if k != "path"} if isinstance(sae, dict) else {}
-        ours = {k: v for k, v in model.info()["sae"].items() if k != "path"}
+        from .records import sae_settings
+
+        theirs = sae_settings(sae) if isinstance(sae, dict) else {}
+        ours = sae_settings(model.info()["sae"])
         differ = [f"{k} {theirs[k]!r} there, {ours.get(k)!r} here" for k in theirs if theirs[k] != ours.get(k)]
         if differ:
             raise N2GError(f"{args.run_dir} was made with another SAE than {args.sae} ({'; '.join(differ)}); {doing} "

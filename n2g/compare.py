@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from .errors import N2GError
-from .records import NeuronResult, plural
+from .records import NeuronResult, plural, sae_settings
 
 METRICS = {"f1": "firing F1", "pearson": "Pearson r"}
 """Scores compared, by their field in :class:`n2g.records.Scores`, with the name printed."""
@@ -141,8 +141,7 @@ def _models_differ(infos: list[dict]) -> tuple[str, object, object] | None:
     models = [i.get("model") if isinstance(i.get("model"), dict) else {} for i in infos]
     # an SAE's settings, not the path it was read from (as given: `sae`, `./sae`, `/abs/sae`); its weights are in
     # the content and weights keys below
-    saes = [repr({k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s)
-            for s in (m.get("sae") for m in models)]
+    saes = [repr(sae_settings(m.get("sae"))) for m in models]
     if saes[0] != saes[1]:
         return "SAE", *saes
     for key in ("model_content", "model_weights"):

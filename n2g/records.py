@@ -18,6 +18,12 @@ from .errors import N2GError, is_whole
 SCHEMA_VERSION = 1
 
 
+def sae_settings(sae):
+    """An SAE as ``run.json`` records it (``model.sae``), less the path it was read from (``sae``, ``./sae`` and
+    ``/abs/sae`` are one SAE); what is not a record, as it is."""
+    return {k: v for k, v in sae.items() if k != "path"} if isinstance(sae, dict) else sae
+
+
 def newer_schema(d) -> str | None:
     """Why a saved record cannot be read by this n2g, where a newer one wrote it (its ``schema_version`` above
     :data:`SCHEMA_VERSION`: fields may mean other things now); None otherwise."""
@@ -276,8 +282,8 @@ class NeuronResult:
             raise ValueError(f"not a neuron result record (a JSON {type(d).__name__}, not an object)")
         if d.get("kind") != cls.KIND:
             raise ValueError(f"not a neuron result record (kind={d.get('kind')!r})")
-        if newer_schema(d):
-            raise ValueError(newer_schema(d))
+        if newer := newer_schema(d):
+            raise ValueError(newer)
         return cls(
             neuron=NeuronId.from_dict(d["neuron"]),
             status=d["status"],

@@ -160,8 +160,8 @@ def read_run_json(run_dir: Path) -> tuple[dict | None, str | None]:
         problem = None if isinstance(d, dict) else f"it holds a JSON {type(d).__name__}, not an object"
         if problem is None and nested_deeper(d):
             problem = f"it nests lists and objects more than {MAX_JSON_DEPTH} deep, deeper than n2g writes"
-        if problem is None and newer_schema(d):
-            raise N2GError(f"{run_dir} was {newer_schema(d)} to read it")
+        if problem is None and (newer := newer_schema(d)):
+            raise N2GError(f"{run_dir} was {newer} to read it")
     except (OSError, ValueError, RecursionError) as exc:
         problem = str(exc)[:200]
     return (None, problem) if problem is not None else (d, None)

@@ -188,9 +188,8 @@ def steer(model, layer: int, index: int, ids: Sequence[int], value: float, k: in
         promoted = [t for t, _ in model.output_effects(layer, index, k=50)[0 if value >= 0 else 1]]
     overlap = len(set(t for t, _, _ in gainers) & set(promoted))
     kl = float((p0 * (torch.log(p0.clamp_min(1e-30)) - torch.log(p1.clamp_min(1e-30)))).sum())
-    text = model.text if hasattr(model, "text") else lambda toks: "".join(model.token_strings(toks))
-    return Steering(float(value), gainers, losers, text(_greedy(model, ids, n_tokens, layer, index, None)),
-                    text(_greedy(model, ids, n_tokens, layer, index, value)), overlap, kl)
+    return Steering(float(value), gainers, losers, model.text(_greedy(model, ids, n_tokens, layer, index, None)),
+                    model.text(_greedy(model, ids, n_tokens, layer, index, value)), overlap, kl)
 
 
 def attribution(model, layer: int, index: int, ids: Sequence[int], target: int) -> np.ndarray:

@@ -167,8 +167,8 @@ class RunStore:
             raise N2GError(f"{path} is unreadable ({exc}); delete it or choose another --out") from None
         if not isinstance(existing, dict) or existing.get("kind") != RUN_KIND:
             raise N2GError(f"{self.root} is not an n2g run directory; choose another --out")
-        if newer_schema(existing):  # adding to it could write what the newer n2g reads otherwise
-            raise N2GError(f"{self.root} was {newer_schema(existing)} to add to it, or choose another --out")
+        if newer := newer_schema(existing):  # adding to it could write what the newer n2g reads otherwise
+            raise N2GError(f"{self.root} was {newer} to add to it, or choose another --out")
         theirs = existing.get("identity")
         if isinstance(theirs, dict):  # a run made before a key was recorded is judged on the keys it has
             identity = {k: v for k, v in identity.items() if k in theirs or k not in LATER_IDENTITY_KEYS}
