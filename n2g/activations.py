@@ -27,10 +27,40 @@ from .errors import N2GError
 DEFAULT_STORE_TOKENS = 1 << 17
 """Token budget of the store per layer (about 400 MB per layer for a 1,536-neuron MLP in 16 bits)."""
 FLOAT16_MAX = 65504.0
-"""The largest value the float16 store holds; a larger activation is kept at it (the scan warns)."""
+"""The largest value float16 holds. A neuron that reaches beyond it is stored scaled down by a power of two."""
 FLOAT16_FAINT = 2.0 ** -18
-"""A neuron whose largest value (either sign) is below this spans fewer than 64 of the float16 store's smallest
-steps (2^-24, about 6e-8), and below that step is kept as 0 (the scan warns)."""
+"""A neuron whose largest value (either sign) is below this would span fewer than 64 of float16's smallest steps
+(2^-24, about 6e-8); it is stored scaled up by a power of two."""
+SCALED_PEAK_BITS = 11
+"""A neuron stored scaled has its largest value stored in [2^10, 2^11): room above it for text the scan did not
+see (model-written text, tokens after other contexts) and float16's full relative precision below it."""
+
+
+def store_exponents(peak) -> torch.Tensor:
+    """``[d]`` int32 power-of-two exponents ``e`` a float16 store of activations divides each neuron by (stores
+    ``x * 2**-e``; reads ``stored * 2**e``, exact: a power of two only moves float16's exponent), from each neuron's
+    largest absolute value ``peak`` (a tensor or array). 0 for a neuron float16 holds as it is, so such a neuron is
+    stored bit for bit as without it; beyond float16's range or below :data:`FLOAT16_FAINT`, the exponent that puts
+    the peak at 2^10-2^11. Never lower for a larger peak, so a store that follows a growing peak only divides."""
+    peak = torch.as_tensor(peak).float().abs()
+    _, e = torch.frexp(peak)  # peak = m * 2**e, 0.5 <= m < 1
+    out_of_range = (peak > FLOAT16_MAX) | ((peak > 0) & (peak < FLOAT16_FAINT))
+    return torch.where(out_of_range, e - SCALED_PEAK_BITS, torch.zeros_like(e)).to(torch.int32)
+
+
+def to_float16(acts: torch.Tensor, exponents: torch.Tensor | None) -> torch.Tensor:
+    """``acts`` (neurons last) divided by ``2**exponents`` (one per neuron, None for none), clipped to float16's
+    range and converted: how every float16 copy of activations is made (see :func:`store_exponents`)."""
+    if exponents is not None and bool((exponents != 0).any()):
+        acts = acts.float() * torch.exp2(-exponents.to(device=acts.device, dtype=torch.float32))
+    return acts.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
+
+
+def from_float16(values: np.ndarray, exponents) -> np.ndarray:
+    """float32 ``values * 2**exponents`` (broadcast; the inverse of :func:`to_float16`)."""
+    values = np.asarray(values, np.float32)
+    exponents = np.asarray(exponents, np.int32)
+    return np.ldexp(values, exponents) if exponents.any() else values
 
 
 def partition(n_excerpts: int, held_out: float, seed: int = 0, excerpts=None) -> np.ndarray:
@@ -98,9 +128,17 @@ class ActivationStore:
     excerpts: np.ndarray
     """``[n_stored]`` sorted excerpt indices of the stored rows."""
     path: Path | None = None
+    exponents: np.ndarray | None = None
+    """``[d_mlp]`` int32: neuron n is stored as ``activation * 2**-exponents[n]`` (see :func:`store_exponents`;
+    all 0 unless a neuron reaches beyond float16's range or peaks below :data:`FLOAT16_FAINT`)."""
 
     def __post_init__(self) -> None:
         self._row = {int(e): r for r, e in enumerate(self.excerpts)}
+        if self.exponents is None:
+            self.exponents = np.zeros(self.values.shape[0], np.int32)
+        self.exponents = np.asarray(self.exponents, np.int32)
+        self._peak: torch.Tensor | None = None  # while written: each neuron's largest absolute value so far
+        self._written: torch.Tensor | None = None  # while written: :attr:`exponents` on the activations' device
 
     @property
     def n_stored(self) -> int:
@@ -123,9 +161,7 @@ class ActivationStore:
     def neuron(self, index: int, excerpts: Sequence[int] | None = None) -> np.ndarray:
         """``[n, length]`` float32 activations of one neuron (all stored rows, or the given excerpts)."""
         column = self.values[index]
-        if excerpts is None:
-            return np.asarray(column, np.float32)
-        return np.asarray(column[self.rows(excerpts)], np.float32)
+        return from_float16(column if excerpts is None else column[self.rows(excerpts)], self.exponents[index])
 
     @classmethod
     def create(cls, d_mlp: int, excerpts: np.ndarray, length: int, path: Path | None) -> "ActivationStore":
@@ -142,30 +178,48 @@ class ActivationStore:
         return cls(values, np.asarray(excerpts, np.int64), path)
 
     @classmethod
-    def open(cls, path: Path, excerpts: np.ndarray) -> "ActivationStore":
+    def open(cls, path: Path, excerpts: np.ndarray, exponents: np.ndarray | None = None) -> "ActivationStore":
         values = np.load(path, mmap_mode="r", allow_pickle=False)
         if values.dtype != np.float16 or values.ndim != 3 or values.shape[1] != len(excerpts):
             raise ValueError(f"unexpected store shape {values.shape} / dtype {values.dtype}")
-        return cls(values, np.asarray(excerpts, np.int64), path)
+        if exponents is not None and len(exponents) != values.shape[0]:
+            raise ValueError(f"{len(exponents)} exponents for a store of {values.shape[0]} neurons")
+        return cls(values, np.asarray(excerpts, np.int64), path, exponents)
 
     def write(self, excerpts: np.ndarray, acts: torch.Tensor) -> None:
         """Write ``acts`` (``[B, length, d_mlp]``, raw, on any device) of the stored ones among ``excerpts``.
 
-        The rows are picked, clipped to the float16 range, converted and laid out neuron-major on the
-        tensor's own device (a GPU does it in milliseconds), so the host only copies half the bytes
-        into the store: no per-layer float32 copy, transpose or conversion in numpy.
+        The rows are picked, scaled (:func:`store_exponents`, from each neuron's largest value in every batch
+        written so far, stored or not: the scan's own maximum), converted and laid out neuron-major on the
+        tensor's own device (a GPU does it in milliseconds), so the host only copies half the bytes into the
+        store: no per-layer float32 copy, transpose or conversion in numpy. When a batch takes a neuron's
+        peak beyond what its exponent holds, the rows already written for it are divided to the new one.
         """
+        peak = torch.maximum(acts.amax(dim=(0, 1)), -acts.amin(dim=(0, 1))).float()
+        self._peak = peak if self._peak is None else torch.maximum(self._peak, peak)
+        want = store_exponents(self._peak)
+        if self._written is None or not torch.equal(want, self._written):  # (one scalar back from a GPU)
+            self._rescale(want.cpu().numpy())
+            self._written = want
         keep = [b for b, e in enumerate(excerpts) if int(e) in self._row]
         if not keep:
             return
         rows = self.rows([excerpts[b] for b in keep])
         if len(keep) < acts.shape[0]:
             acts = acts[torch.as_tensor(keep, device=acts.device)]
-        block = acts.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).permute(2, 0, 1).contiguous().cpu().numpy()
+        block = to_float16(acts, want if self.exponents.any() else None).permute(2, 0, 1).contiguous().cpu().numpy()
         if rows[-1] - rows[0] + 1 == len(rows):  # consecutive rows: one slice write
             self.values[:, rows[0] : rows[-1] + 1, :] = block
         else:
             self.values[:, rows, :] = block
+
+    def _rescale(self, exponents: np.ndarray) -> None:
+        """Move the neurons whose exponent changed to ``exponents`` (the rows written so far, exactly: a power
+        of two; values that fall below float16's smallest step relative to a new, larger peak become 0)."""
+        for n in np.flatnonzero(exponents != self.exponents).tolist():
+            shift = int(self.exponents[n]) - int(exponents[n])
+            self.values[n] = np.ldexp(np.asarray(self.values[n], np.float32), shift).astype(np.float16)
+        self.exponents = exponents.astype(np.int32)
 
     def flush(self) -> None:
         if isinstance(self.values, np.memmap):

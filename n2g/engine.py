@@ -76,7 +76,7 @@ class StoreValues(Mapping):
             return []
         if not self.live:
             raise KeyError(excerpts[0])
-        block = np.asarray(self.store.values[self.index, self.store.rows(excerpts)], np.float32)
+        block = self.store.neuron(self.index, excerpts)
         return list((-block if self.negative else block) / self.scale)
 
     def __contains__(self, excerpt) -> bool:

@@ -596,7 +596,7 @@ def store_values(scan, neuron: NeuronId) -> tuple:
     if scan.store is None:
         return None, None
     if scan.store.path is not None:
-        return (str(scan.store.path), neuron.index, neuron.sign), scan.store.excerpts
+        return (str(scan.store.path), neuron.index, neuron.sign, int(scan.store.exponents[neuron.index])), scan.store.excerpts
     return scan.activations(neuron.index, neuron.sign), scan.store.excerpts
 
 
@@ -607,14 +607,14 @@ class _NeuronScan:
         self.values, self.store = values, type("Stored", (), {"excerpts": excerpts})()
 
     def activations(self, index, sign):
-        if isinstance(self.values, tuple):  # (store path, index, sign): read here, in the worker
-            from .activations import ActivationStore
+        if isinstance(self.values, tuple):  # (store path, index, sign, exponent): read here, in the worker
+            from .activations import ActivationStore, from_float16
 
-            path, index, sign = self.values
+            path, index, sign, exponent = self.values
             stores = _WORKER.setdefault("stores", {})
             if path not in stores:
                 stores[path] = ActivationStore.open(Path(path), self.store.excerpts)
-            values = stores[path].neuron(index)
+            values = from_float16(stores[path].values[index], exponent)
             return values if sign == Sign.POSITIVE else -values
         return self.values
 

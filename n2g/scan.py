@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .activations import DEFAULT_STORE_TOKENS, FLOAT16_FAINT, FLOAT16_MAX, ActivationStore, stored_excerpts
+from .activations import DEFAULT_STORE_TOKENS, ActivationStore, store_exponents, stored_excerpts
 from .errors import N2GError
 from .examples import random_pool
 from .fileio import FILE_MODE, replacing, write_json_atomic, writer_gone, writer_tag
@@ -37,8 +37,16 @@ from .records import NeuronStats, Sign, plural
 log = logging.getLogger(__name__)
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
-SCAN_VERSION = 4
-"""4: equal maxima rank by excerpt index (3 ranked them as topk happened to, which moved with the scan batch)."""
+SCAN_VERSION = 5
+"""5: a neuron beyond float16's range or below its resolution is stored scaled by a power of two (4 kept it at
++-65,504 or as 0). 4: equal maxima rank by excerpt index (3 ranked them as topk happened to, which moved with the
+scan batch)."""
+
+
+def peak_exponents(top_val: torch.Tensor, bot_val: torch.Tensor) -> np.ndarray:
+    """``[d_mlp]`` the activation store's exponents (:func:`n2g.activations.store_exponents`) from a scan's
+    maxima and minima (``[k, d_mlp]``): each neuron's largest absolute value over the corpus."""
+    return store_exponents(torch.maximum(top_val[0].float(), -bot_val[0].float())).numpy()
 
 
 @dataclass
@@ -157,10 +165,11 @@ def _load(stem: Path, layer: int | None = None, n: int | None = None, pool: list
     if meta.get("version") != SCAN_VERSION:
         raise ValueError(f"scan cache version {meta.get('version')} is not {SCAN_VERSION}")
     tensors = load_file(str(stem.with_suffix(".safetensors")))
-    store = ActivationStore.open(stem.with_suffix(".acts.npy"), tensors.pop("stored").numpy())
     for name in ("top_val", "bot_val", "quantiles"):
         if not bool(torch.isfinite(tensors[name]).all()):
             raise ValueError(f"{name} holds NaN or infinite values")
+    store = ActivationStore.open(stem.with_suffix(".acts.npy"), tensors.pop("stored").numpy(),
+                                 peak_exponents(tensors["top_val"], tensors["bot_val"]))
     step = max(1, (1 << 26) // max(1, int(np.prod(store.values.shape[1:]))))  # about 128 MB at a time
     for start in range(0, store.values.shape[0], step):
         if not np.isfinite(store.values[start: start + step]).all():
@@ -452,20 +461,11 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
             n_tokens = len(rows) * length
             step = max(1, POOL_VALUES_AT_ONCE // max(1, n_tokens))
             mx_all, mn_all = top_val[l][0].float(), bot_val[l][0].float()
-            beyond = torch.nonzero((mx_all > FLOAT16_MAX) | (mn_all < -FLOAT16_MAX)).flatten().cpu()
-            if len(beyond):  # (an SAE's latents can be that large; an MLP's neurons are not)
-                size = torch.maximum(mx_all[beyond].cpu(), -mn_all[beyond].cpu())
-                log.warning("layer %d: %d %s reach beyond +-65,504 (L%d.N%d: %.6g), which the float16 activation "
-                            "store keeps at +-65,504: their fits and scores see those tokens weaker than they are; "
-                            "scale such a feature down before fitting it", l, len(beyond),
-                            plural(len(beyond), "neuron"), l, int(beyond[size.argmax()]), float(size.max()))
-            size = torch.maximum(mx_all, -mn_all).cpu()
-            faint = torch.nonzero((size > 0) & (size < FLOAT16_FAINT)).flatten()
-            if len(faint):  # (a feature on another scale, or a neuron whose weights were scaled far down)
-                log.warning("layer %d: %d %s peak below %.2g (L%d.N%d: %.6g), which the float16 activation store "
-                            "keeps as a few steps of 6e-08 or as 0: their fits see too little or nothing fire; scale "
-                            "such a feature up before fitting it", l, len(faint), plural(len(faint), "neuron"),
-                            FLOAT16_FAINT, l, int(faint[size[faint].argmin()]), float(size[faint].min()))
+            scaled = np.flatnonzero(store.exponents)
+            if len(scaled):  # (an SAE's latents can be that large; a neuron's weights may be scaled far down)
+                log.info("layer %d: %d %s beyond float16's range or resolution (L%d.N%d: %.6g) stored scaled by a "
+                         "power of two", l, len(scaled), plural(len(scaled), "neuron"), l, int(scaled[0]),
+                         float(torch.maximum(mx_all[int(scaled[0])], -mn_all[int(scaled[0])])))
             quantiles, pos_rate, neg_rate = _pool_stats(store, rows, step, mx_all, mn_all, fire_threshold, device, qs)
             scan = LayerScan(
                 layer=l, top_idx=top_idx[l].cpu(), top_val=top_val[l].float().cpu(), bot_idx=bot_idx[l].cpu(),
@@ -477,7 +477,7 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
                 final = stems[l].with_suffix(".acts.npy")
                 try:
                     os.replace(tmp_paths[l], final)  # the open map stays valid: same file, new name
-                    scan.store = ActivationStore.open(final, stored)
+                    scan.store = ActivationStore.open(final, stored, store.exponents)
                     _save(scan, stems[l])
                 except Exception as exc:  # a full disk: an OSError, or safetensors' own error
                     log.warning("layer %d: cannot save the scan cache in %s (%s); going on without it", l,
@@ -502,6 +502,8 @@ def _pool_stats(store: ActivationStore, rows: np.ndarray, step: int, mx_all: tor
         b = min(d, a + step)
         sample = torch.from_numpy(np.ascontiguousarray(store.values[a:b, rows, :]).reshape(b - a, -1))
         sample = sample.to(device).float()
+        if store.exponents[a:b].any():  # neurons stored scaled (:func:`n2g.activations.store_exponents`)
+            sample *= torch.exp2(torch.from_numpy(store.exponents[a:b]).float()).to(sample.device)[:, None]
         mx, mn = mx_all[a:b], mn_all[a:b]
         zero = torch.zeros(b - a, device=sample.device)
         pos_rate.append(torch.where(mx > 0, (sample >= fire_threshold * mx[:, None]).float().mean(1), zero).cpu())

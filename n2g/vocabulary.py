@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .activations import from_float16, store_exponents, to_float16
 from .fileio import replacing
 from .records import NeuronId, Sign
 from .written import shown_tokens
 
 log = logging.getLogger(__name__)
 
-VOCABULARY_VERSION = 2
+VOCABULARY_VERSION = 3
 BATCH_BYTES = 1 << 28
 """Most memory one batch of candidates' activations may take on the model's device (all wanted layers)."""
 
@@ -48,6 +49,13 @@ class LayerVocabulary:
     """``[M]`` neuron indices (ascending)."""
     values: np.ndarray
     """``[M, contexts]`` raw activations (float16) of the token at the neuron after each context."""
+    exponents: np.ndarray | None = None
+    """``[M]`` int32: row i holds ``activation * 2**-exponents[i]`` (the activation store's scaling of its neuron,
+    :func:`n2g.activations.store_exponents`); None: all 0."""
+
+    def __post_init__(self) -> None:
+        if self.exponents is None:
+            self.exponents = np.zeros(len(self.tokens), np.int32)
 
 
 @dataclass
@@ -68,7 +76,7 @@ class VocabularyTokens:
         if layer is None or not scale > 0:
             return None
         lo, hi = np.searchsorted(layer.neurons, [neuron.index, neuron.index + 1])
-        values = layer.values[lo:hi].astype(np.float32) / np.float32(scale)
+        values = from_float16(layer.values[lo:hi], layer.exponents[lo:hi, None]) / np.float32(scale)
         if neuron.sign == Sign.NEGATIVE:
             values = -values
         tokens, values = strongest(layer.tokens[lo:hi].astype(np.int64), values, self.threshold, self.most)
@@ -171,7 +179,12 @@ def measure(model, windows: np.ndarray, tokens: np.ndarray, scales: dict[int, tu
     width = sum(int(scales[l][0].numel()) for l in layers)
     batch = int(max(1, min(len(tokens), BATCH_BYTES // max(1, 2 * width * len(windows)))))
     device = getattr(model, "device", torch.device("cpu"))
-    cut = {l: (threshold * scales[l][0].to(device), threshold * scales[l][1].to(device)) for l in layers}
+    # Neurons float16 would not hold as they are are kept scaled as the activation store keeps them.
+    exps = {l: store_exponents(torch.maximum(scales[l][0], scales[l][1])) for l in layers}
+    shift = {l: torch.exp2(-exps[l].float()) for l in layers}
+    cut = {l: (threshold * scales[l][0].to(device) * shift[l].to(device), threshold * scales[l][1].to(device) * shift[l].to(device))
+           for l in layers}
+    exps_on = {l: exps[l].to(device) if bool(exps[l].any()) else None for l in layers}
     live = {l: (scales[l][0].to(device) > 0, scales[l][1].to(device) > 0) for l in layers}
     kept: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {l: [] for l in layers}
     bar = Progress(len(tokens) * len(windows), "vocabulary", unit="tok", enabled=progress)
@@ -181,7 +194,7 @@ def measure(model, windows: np.ndarray, tokens: np.ndarray, scales: dict[int, tu
         for w in windows:
             acts = model.continuation_activations(w.tolist(), chunk, layers)
             for l in layers:
-                per[l].append(acts[l].to(torch.float16))
+                per[l].append(to_float16(acts[l], exps_on[l]))
             bar.update(len(chunk))
         for l in layers:
             values = torch.stack(per[l], dim=1)  # [chunk, contexts, d_mlp]
@@ -201,13 +214,14 @@ def measure(model, windows: np.ndarray, tokens: np.ndarray, scales: dict[int, tu
             tok, neu, val = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(windows)), np.float16)
         if most is not None and len(tok):
             v = val.astype(np.float32)
-            pos, neg = (x.cpu().numpy().astype(np.float32) for x in scales[l])
+            pos, neg = ((x.cpu().float() * shift[l]).numpy() for x in scales[l])
             up = (v.max(1) >= threshold * pos[neu]) & (pos[neu] > 0)
             down = (-v.min(1) >= threshold * neg[neu]) & (neg[neu] > 0)
             keep = _first_per_group(neu, v.mean(1), up, most) | _first_per_group(neu, -v.mean(1), down, most)
             tok, neu, val = tok[keep], neu[keep], val[keep]
         order = np.lexsort((tok, neu))
-        out.layers[l] = LayerVocabulary(tok[order].astype(np.int64), neu[order].astype(np.int64), val[order])
+        out.layers[l] = LayerVocabulary(tok[order].astype(np.int64), neu[order].astype(np.int64), val[order],
+                                        exps[l].numpy()[neu[order]])
     return out
 
 
@@ -239,9 +253,10 @@ def _load(path: Path, n_contexts: int, d_mlp: int | None = None, vocab_size: int
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            layer = LayerVocabulary(z["tokens"].astype(np.int64), z["neurons"].astype(np.int64), z["values"].astype(np.float16))
+            layer = LayerVocabulary(z["tokens"].astype(np.int64), z["neurons"].astype(np.int64), z["values"].astype(np.float16),
+                                    z["exponents"].astype(np.int32))
         if not (layer.values.ndim == 2 and layer.values.shape == (len(layer.tokens), n_contexts)
-                and len(layer.neurons) == len(layer.tokens)):
+                and len(layer.neurons) == len(layer.tokens) == len(layer.exponents)):
             log.warning("ignoring vocabulary cache %s of another shape", path)
         elif len(layer.tokens) and not (
                 int(layer.neurons.min()) >= 0 and bool((np.diff(layer.neurons) >= 0).all()) and int(layer.tokens.min()) >= 0
@@ -260,7 +275,8 @@ def _save(path: Path, layer: LayerVocabulary) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, tokens=layer.tokens.astype(np.int32), neurons=layer.neurons.astype(np.int32), values=layer.values)
+                np.savez(f, tokens=layer.tokens.astype(np.int32), neurons=layer.neurons.astype(np.int32), values=layer.values,
+                         exponents=layer.exponents.astype(np.int16))
     except OSError as exc:
         log.warning("cannot save the vocabulary cache in %s (%s); going on without it", path.parent, exc.strerror or exc)
 
@@ -307,10 +323,12 @@ def model_evidence(model, excerpts, is_train: np.ndarray, cfg, neurons: Iterable
                    cache_dir: str | Path | None = None, corpus_key: str = "", progress: bool = False):
     """Everything the subject model tells the graphs beyond the corpus: written text (``cfg.written``) and
     the vocabulary in context (``cfg.vocabulary``), joined per neuron; None when the settings ask for neither."""
+    from .scan import peak_exponents
     from .written import written_tokens
 
     neurons = list(neurons)
-    written = written_tokens(model, excerpts, is_train, cfg, neurons, cache_dir, corpus_key)
+    exponents = {l: peak_exponents(scans[l].top_val, scans[l].bot_val) for l in {n.layer for n in neurons} if l in scans}
+    written = written_tokens(model, excerpts, is_train, cfg, neurons, cache_dir, corpus_key, exponents)
     vocabulary = vocabulary_tokens(model, excerpts, is_train, cfg, neurons, scans, cache_dir, corpus_key, progress)
     if written is None and vocabulary is None:
         return None

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .activations import from_float16, to_float16
 from .fileio import replacing
 from .records import NeuronId, Sign
 
@@ -55,13 +56,17 @@ class WrittenTokens:
     """Per layer: neuron index -> column of ``acts``."""
     n_excerpts: int = 0
     """Written excerpts the positions come from."""
+    exponents: dict[int, np.ndarray] = field(default_factory=dict)
+    """Per layer ``[columns]``: column c holds ``activation * 2**-exponents[c]`` (the activation store's scaling,
+    :func:`n2g.activations.store_exponents`, for a neuron beyond float16's range); absent: all 0."""
 
     def for_neuron(self, neuron: NeuronId, scale: float) -> tuple[np.ndarray, np.ndarray] | None:
         """``(ids, normalised activations)`` of the neuron's side (``scale``: its maximum there), or None."""
         column = self.columns.get(neuron.layer, {}).get(neuron.index)
         if column is None or not scale > 0 or not len(self.ids):
             return None
-        acts = self.acts[neuron.layer][:, column].astype(np.float32)
+        exponents = self.exponents.get(neuron.layer)
+        acts = from_float16(self.acts[neuron.layer][:, column], 0 if exponents is None else exponents[column])
         if neuron.sign == Sign.NEGATIVE:
             acts = -acts
         return self.ids, acts / np.float32(scale)
@@ -227,14 +232,16 @@ def single_tokens(rows, acts, training, min_count: int) -> tuple[np.ndarray, np.
 
 
 def measure(model, written: np.ndarray, prompt: int, common: np.ndarray, wanted: dict[int, list[int]],
-            batch: int = 32) -> WrittenTokens:
+            batch: int = 32, exponents: dict[int, np.ndarray] | None = None) -> WrittenTokens:
     """Raw activations of the neurons in ``wanted`` (layer -> indices) at every written token after the
-    prompt that is not in ``common``: one pass over the written excerpts for all wanted layers."""
+    prompt that is not in ``common``: one pass over the written excerpts for all wanted layers. ``exponents``
+    (layer -> ``[d_mlp]``, the activation store's) scale the neurons float16 would not hold as they are."""
     layers = sorted(wanted)
     columns = {l: {int(i): c for c, i in enumerate(sorted(set(wanted[l])))} for l in layers}
+    scaled = {l: np.asarray(exponents[l], np.int32)[sorted(columns[l])] for l in layers if exponents and l in exponents}
     if not len(written) or not layers:
         return WrittenTokens(np.zeros(0, np.int64), {l: np.zeros((0, len(columns[l])), np.float16) for l in layers},
-                             columns, len(written))
+                             columns, len(written), scaled)
     width = int(getattr(model, "d_mlp", 0) or max(len(c) for c in columns.values()))  # the layer's, not the request's
     most = max(1, MAX_BYTES // max(1, 2 * width * written.shape[1]))
     if len(written) > most:  # a very wide layer (an SAE's): as many excerpts as fit the budget
@@ -253,11 +260,12 @@ def measure(model, written: np.ndarray, prompt: int, common: np.ndarray, wanted:
         acts = model.layer_activations(rows, None, layers)
         for l in layers:  # on the model's device: only the kept cells of the wanted neurons travel
             a = acts[l][torch.as_tensor(mask, device=acts[l].device)]  # [kept positions, d_mlp]
-            acts_out[l].append(a[:, cols[l].to(a.device)].to(torch.float16).cpu().numpy())
+            e = torch.from_numpy(scaled[l]) if l in scaled and scaled[l].any() else None
+            acts_out[l].append(to_float16(a[:, cols[l].to(a.device)], e).cpu().numpy())
         ids_out.append(written[start:start + batch][mask])
     ids = np.concatenate(ids_out).astype(np.int64) if ids_out else np.zeros(0, np.int64)
     acts = {l: (np.concatenate(acts_out[l]) if acts_out[l] else np.zeros((0, len(columns[l])), np.float16)) for l in layers}
-    return WrittenTokens(ids, acts, columns, len(written))
+    return WrittenTokens(ids, acts, columns, len(written), scaled)
 
 
 def _first(exc: BaseException) -> str:
@@ -341,8 +349,10 @@ def _write(model, prompts: np.ndarray, length: int, seed: int) -> np.ndarray:
 
 
 def written_tokens(model, excerpts, is_train: np.ndarray, cfg, neurons: Iterable[NeuronId],
-                   cache_dir: str | Path | None = None, corpus_key: str = "") -> WrittenTokens | None:
-    """What ``cfg.written`` asks for ``neurons`` (each side of a neuron measured once), or None when it asks nothing."""
+                   cache_dir: str | Path | None = None, corpus_key: str = "",
+                   exponents: dict[int, np.ndarray] | None = None) -> WrittenTokens | None:
+    """What ``cfg.written`` asks for ``neurons`` (each side of a neuron measured once), or None when it asks
+    nothing; ``exponents``: the activation stores' (layer -> ``[d_mlp]``), for neurons float16 would not hold."""
     wanted: dict[int, list[int]] = {}
     for n in neurons:
         wanted.setdefault(n.layer, []).append(n.index)
@@ -351,7 +361,7 @@ def written_tokens(model, excerpts, is_train: np.ndarray, cfg, neurons: Iterable
     rows = excerpts.numpy() if isinstance(excerpts, torch.Tensor) else np.asarray(excerpts)
     written = written_excerpts(model, rows, is_train, cfg.written, cfg.written_prompt, cfg.seed, cache_dir, corpus_key)
     common = shown_tokens(rows, is_train, max(cfg.min_count, 2))
-    tokens = measure(model, written, cfg.written_prompt, common, wanted)
+    tokens = measure(model, written, cfg.written_prompt, common, wanted, exponents=exponents)
     log.info("written text: %d excerpts, %d tokens the training partition shows fewer than %d times",
              tokens.n_excerpts, len(tokens.ids), max(cfg.min_count, 2))
     return tokens

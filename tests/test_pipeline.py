@@ -610,3 +610,37 @@ def test_repeated_documents_never_land_on_both_sides_of_the_split_and_one_distin
     with caplog.at_level(logging.WARNING):
         run(opts, model=model)
     assert "one distinct excerpt (6 copies of it), so nothing is held out and no neuron can be scored" in caplog.text
+
+
+@pytest.mark.parametrize("factor", [1e8, 1e-9])
+def test_a_neuron_scaled_far_beyond_or_below_float16_fits_the_graph_of_the_same_neuron_unscaled(factor, tmp_path, monkeypatch):
+    """A neuron's graph does not depend on its scale. The float16 stores kept a neuron beyond +-65,504 at 65,504
+    (scored against its true maximum: no test token fired) and one below 2^-18 as a few steps of 6e-8 or as 0; the
+    written text and the vocabulary in context stored such a neuron as infinite. Here the neuron's gate-up row is
+    scaled and its down-projection column unscaled, so the model computes the same function and every token of the
+    scan, the written text and the vocabulary sees the neuron times ``factor``."""
+    from n2g.corpus import Corpus
+    from n2g.pipeline import RunOptions, run
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    corpus = Corpus("ids", 16, torch.randint(4, 60, (80, 16), generator=torch.Generator().manual_seed(0)))
+    scores, graphs = {}, {}
+    for f in (1.0, factor):
+        torch.manual_seed(0)
+        lm = tiny_model("llama")
+        with torch.no_grad():
+            lm.model.layers[1].mlp.up_proj.weight[3] *= f
+            lm.model.layers[1].mlp.down_proj.weight[:, 3] /= f
+        model = SubjectModel(lm, tiny_tokenizer(), spec=f"tiny-llama-x{f}")
+        out = tmp_path / f"x{f}"
+        done = run(RunOptions(layers="1", neurons="2-3", out=str(out), progress=False, report=False), model=model, corpus=corpus)
+        scores[f] = {r.neuron.key: (r.scores["n2g"].f1, r.scores["n2g"].pearson, r.scores["ngram2_max"].f1) for r in done.results}
+        graph = json.loads((out / "neurons" / "L1.N3" / "graph.json").read_text())
+        graphs[f] = graph["graph"]
+    assert scores[1.0]["L1.N3"][0] > 0.5  # a neuron with something to find
+    for key in ("L1.N2", "L1.N3"):
+        assert scores[factor][key] == pytest.approx(scores[1.0][key], abs=1e-3)
+    shape = {f: ([(n["id"], n["kind"], n["token_id"], n["depth"]) for n in g["nodes"]], g["edges"]) for f, g in graphs.items()}
+    assert shape[factor] == shape[1.0] and len(shape[1.0][0]) > 3  # the same nodes and edges ...
+    for a, b in zip(graphs[factor]["nodes"], graphs[1.0]["nodes"]):  # ... at the same (normalised) values
+        assert a["activation"] == pytest.approx(b["activation"], abs=1e-3)  # float16 keeps 11 bits

@@ -17,7 +17,7 @@ from n2g.distill import pool_size, top_k
 from n2g.engine import fit_many, store_job
 from n2g.models import SubjectModel
 from n2g.records import NeuronId, Sign
-from n2g.scan import _cache_stem, _model_key, scan_layers
+from n2g.scan import _cache_stem, _model_key, peak_exponents, scan_layers
 
 
 class Counting(SubjectModel):
@@ -459,29 +459,56 @@ class _Faint(_Scaled):
     neuron, factor = 5, 1e-9
 
 
-def test_activations_beyond_the_float16_store_are_named_in_one_warning(caplog):
+def test_activations_beyond_the_float16_range_are_stored_scaled_not_clipped(tmp_path):
+    # The store kept such a neuron at +-65,504 while scores divided by its true maximum (1e6 and more), so it fitted
+    # as "nofire". Now it is kept divided by a power of two, exactly as float16 keeps any other neuron.
     torch.manual_seed(0)
     model = _Scaled(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-large")
     excerpts = torch.randint(4, 68, (40, 16))
-    with caplog.at_level(logging.WARNING, logger="n2g"):
-        scan = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False)[0]
-    truth = model.layer_activations(excerpts, None, [0])[0][:, :, 3]
-    peak = float(truth.abs().max())
-    assert peak > 65504
-    said = [r.getMessage() for r in caplog.records if "65,504" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith("layer 0: 1 neuron reach beyond +-65,504 (L0.N3: ")
-    assert float(scan.top_val[0, 3]) == pytest.approx(float(truth.max()), rel=1e-3)  # the scan's own maximum is exact
-    assert float(np.abs(scan.store.neuron(3)).max()) == 65504.0  # the store keeps it at float16's largest
+    scan = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, batch_size=7, cache_dir=tmp_path)[0]
+    cached = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False, batch_size=7, cache_dir=tmp_path)[0]
+    assert cached.store is not scan.store and np.array_equal(cached.store.neuron(3), scan.store.neuron(3))
+    truth = model.layer_activations(excerpts, None, [0])[0].permute(2, 0, 1).numpy()  # [d, n, length]
+    assert np.abs(truth[3]).max() > 65504
+    got = scan.store.neuron(3)
+    assert np.allclose(got, truth[3], rtol=1e-3, atol=1e-3 * np.abs(truth[3]).max())
+    assert float(got.max()) == pytest.approx(float(scan.top_val[0, 3]), rel=1e-3)
+    assert scan.store.exponents[3] > 0 and not np.delete(scan.store.exponents, 3).any()  # the others as before
+    assert np.array_equal(scan.store.exponents, peak_exponents(scan.top_val, scan.bot_val))  # what a cached scan reads
+    assert np.array_equal(scan.store.neuron(2), truth[2].astype(np.float16).astype(np.float32))
 
 
-def test_activations_below_the_float16_stores_resolution_are_named_in_one_warning(caplog):
-    # Stored as 0, such a neuron fitted as "nofire" with no word of why: its graph empty, its page saying it
-    # fires on 0 % of the corpus, while the scan's maximum (exact) said otherwise.
+def test_activations_below_the_float16_resolution_are_stored_scaled_not_lost():
+    # Stored as 0, such a neuron fitted as "nofire": its graph empty, its page saying it fires on 0 % of the corpus.
     torch.manual_seed(0)
     model = _Faint(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-faint")
     excerpts = torch.randint(4, 68, (40, 16))
-    with caplog.at_level(logging.WARNING, logger="n2g"):
-        scan = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False)[0]
-    assert float(scan.top_val[0, 5]) > 0 and float(np.abs(scan.store.neuron(5)).max()) == 0.0
-    said = [r.getMessage() for r in caplog.records if "peak below" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith("layer 0: 1 neuron peak below 3.8e-06 (L0.N5: ")
+    scan = scan_layers(model, excerpts, [0], k=8, pool_size=10, progress=False)[0]
+    truth = model.layer_activations(excerpts, None, [0])[0][:, :, 5].numpy()
+    got = scan.store.neuron(5)
+    assert float(np.abs(truth).max()) < 1e-8 and scan.store.exponents[5] < 0
+    assert np.allclose(got, truth, rtol=1e-3, atol=1e-3 * np.abs(truth).max())
+    assert float(scan.stats(5, Sign.POSITIVE).quantiles["0.999"]) == pytest.approx(
+        float(np.quantile(truth[np.isin(np.arange(40), scan.pool)], 0.999)), rel=1e-2)
+
+
+def test_a_store_whose_peak_grows_batch_by_batch_rescales_what_it_wrote():
+    from n2g.activations import ActivationStore, store_exponents
+
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((2, 4, 3)).astype(np.float32) for _ in range(4)]
+    rows[0][..., 0] *= 1e-12  # neuron 0: faint, then ordinary, then beyond float16
+    rows[2][..., 0] *= 1e5
+    rows[3][..., 0] *= 1e9
+    rows[1][..., 1] *= 1e7  # neuron 1: beyond float16 from its second batch on; neuron 2 ordinary throughout
+    store = ActivationStore.create(3, np.arange(8), 4, None)
+    seen = []
+    for b, block in enumerate(rows):
+        store.write(np.arange(2 * b, 2 * b + 2), torch.from_numpy(block))
+        seen.append(int(store.exponents[0]))
+    assert seen[0] < 0 and seen[1] == 0 < seen[2] < seen[3]  # the exponent follows the peak
+    truth = np.concatenate(rows).transpose(2, 0, 1)
+    assert np.array_equal(store.exponents, store_exponents(np.abs(truth).reshape(3, -1).max(1)).numpy())
+    for n in range(3):  # every row as exact as float16 keeps it relative to the neuron's peak
+        assert np.allclose(store.neuron(n), truth[n], rtol=1e-3, atol=1e-4 * np.abs(truth[n]).max())
+    assert np.array_equal(store.neuron(2), truth[2].astype(np.float16).astype(np.float32))
