@@ -727,6 +727,14 @@ def _run_fire_threshold(run_dir: Path) -> float:
     return float(value) if is_finite_number(value) and 0 < value <= 1 else 0.5
 
 
+def shown_value(value: float, threshold: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` decimals for a listing, unless that moves it across ``threshold`` (a graph's
+    END kept just below it, 0.49999997, is no 0.5 that a page or a reader of the JSON takes for firing): then as is."""
+    value = float(value)
+    rounded = round(value, digits)
+    return rounded if (rounded >= threshold) == (value >= threshold) else value
+
+
 def _truly_max(values) -> float:
     """The largest finite value of a true activation, -inf where there is none."""
     v = np.asarray(values, np.float64)
@@ -842,14 +850,14 @@ def _read_graphs(run_dir: Path, keys: list[str], rows: dict, ids: list[int], fir
                             key, str(exc)[:200] or type(exc).__name__)
                 continue
         entry = {**{k: row[k] for k in ("key", "layer", "index", "sign", "f1")},
-                 "predicted": [round(float(v), 4) for v in predicted],
-                 "predicted_max": round(float(np.max(predicted)), 4) if len(ids) else 0.0,
+                 "predicted": [shown_value(v, threshold) for v in predicted],
+                 "predicted_max": shown_value(np.max(predicted), threshold) if len(ids) else 0.0,
                  "fires": [i for i, v in enumerate(predicted) if v >= threshold]}
         if true is not None:
             t = true.get(key)
-            entry["true"] = None if t is None else [round(float(v), 4) if math.isfinite(v) else None for v in t]
+            entry["true"] = None if t is None else [shown_value(v, threshold) if math.isfinite(v) else None for v in t]
             finite = [v for v in (entry["true"] or []) if v is not None]
             entry["true_max"] = max(finite) if finite else None
-            entry["true_fires"] = [i for i, v in enumerate(entry["true"] or []) if v is not None and v >= threshold]
+            entry["true_fires"] = [] if t is None else [i for i, v in enumerate(t) if math.isfinite(v) and v >= threshold]
         if neurons is not None or entry["fires"] or (true is not None and entry["true_fires"]):
             out.append(entry)

@@ -1208,6 +1208,8 @@ class _Handler(BaseHTTPRequestHandler):
         """``/api/predict?key=K&text=T``: the graph's prediction per token, and the true activation with a model."""
         import numpy as np
 
+        from n2g.search import _run_fire_threshold, shown_value
+
         q = parse_qs(query, keep_blank_values=True)
         key, text = q.get("key", [""])[0], q.get("text", [""])[0]
         try:
@@ -1224,6 +1226,7 @@ class _Handler(BaseHTTPRequestHandler):
             except Exception:  # a damaged graph.json whose values the loader let through
                 raise _Refused(500, f"the graph of neuron {key} is damaged; re-run `n2g run` to redo it") from None
             true = None
+            threshold = _run_fire_threshold(self.run_dir)  # the page's (its script colours what fires at it)
             scale = result.stats.max_activation
             if model is not None and scale > 0:
                 import torch
@@ -1232,14 +1235,14 @@ class _Handler(BaseHTTPRequestHandler):
                 model.check_neuron(n.layer, n.index)
                 with self.lock:
                     acts = model.activations(torch.tensor([ids]), None, [(n.layer, n.index)])[0, :, 0].float().cpu().numpy()
-                true = [round(float(v), 4) if math.isfinite(v) else None  # JSON has no NaN: the page shows —
+                true = [shown_value(v, threshold) if math.isfinite(v) else None  # JSON has no NaN: the page shows —
                         for v in acts * (1.0 if n.sign.value == "positive" else -1.0) / scale]
         except _Refused as e:
             return self._json(e.status, {"error": str(e)}, head)
         except N2GError as e:
             return self._json(400, {"error": self._public(str(e))}, head)
         return self._json(200, {"key": key, "tokens": toks, "token_ids": [None if i == _UNKNOWN else int(i) for i in ids],
-                                "predicted": [round(float(v), 4) for v in pred], "true": true, "tokenizer": how,
+                                "predicted": [shown_value(v, threshold) for v in pred], "true": true, "tokenizer": how,
                                 "max_activation": result.stats.max_activation, "unit": "normalised activation"}, head)
 
     def _send_file(self, url_path: str, head: bool) -> None:

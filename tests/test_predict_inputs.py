@@ -179,3 +179,33 @@ def test_an_sae_given_for_a_run_of_mlp_neurons_is_one_line_before_any_model_load
     code, out, err = main(argv, capsys)
     assert code == 2 and err.strip().endswith("holds the model's MLP neurons, not an SAE's latents; "
                                               f"{'predict on' if command == 'predict' else 'serve'} it without --sae"), err
+
+
+def test_a_value_just_below_the_threshold_is_not_shown_as_firing(run):
+    # a graph keeps an END its quantile called quiet just below the threshold (the float32 below 0.5): the JSON
+    # of `n2g predict`, /api/fires and /api/predict rounded it to 0.5, which the page's script (and anyone reading
+    # the JSON) takes for firing, though "fires" said it does not; a true 0.49996 was listed in true_fires,
+    # though scores and the neuron page count it quiet
+    import numpy as np
+
+    from helpers_run import serving
+
+    below = float(np.nextafter(np.float32(0.5), np.float32(0)))
+    gpath = run / "neurons" / "L0.N1" / "graph.json"
+    d = json.loads(gpath.read_text())
+    for node in d["graph"]["nodes"]:
+        if node["id"] == "root/100/END":  # " Paris" alone
+            node["activation"] = below
+    gpath.write_text(json.dumps(d))
+    true = {"L0.N1": np.array([0.49996, 0.5], np.float32)}
+    (hit,) = fires_on(run, [100, 100], true, neurons=["L0.N1"])
+    assert hit["predicted"][0] < 0.5 and hit["predicted_max"] < 0.5 and hit["fires"] == []
+    assert hit["true"][0] < 0.5 and hit["true_fires"] == [1]
+    with serving(run) as port:
+        import urllib.request
+
+        from helpers_run import api
+
+        with urllib.request.urlopen(api(f"http://127.0.0.1:{port}/api/predict?key=L0.N1&text=+Paris")) as r:
+            got = json.loads(r.read())
+    assert got["token_ids"] == [100] and got["predicted"][0] < 0.5
