@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neuron", action="append", default=None, metavar="KEY",
                    help="show every token's prediction for this neuron, e.g. L5.N2 or L5.N2.neg (repeatable)")
     p.add_argument("--model", default=None, help="the run's subject model, to split the text with its tokenizer and "
-                   "show the true activations (default: split with the tokens the run's excerpts show)")
+                   "show the true activations (default: split with the tokens the run's excerpts and graphs show)")
     p.add_argument("--sae", default=None, metavar="PATH",
                    help="with --model, for a run of SAE latents: the run's SAE (a local SAELens directory)")
     p.add_argument("--device", default=None, help="device for --model (default: cuda if available, else cpu)")
@@ -454,7 +454,7 @@ def _predict(args) -> int:
 
         vocabulary = RunVocabulary(run_dir)
         ids, toks = vocabulary.split(text)
-        how = f"the run's own vocabulary ({len(vocabulary):,} token texts seen in its excerpts; --model for the model's tokenizer)"
+        how = f"the run's own vocabulary ({len(vocabulary):,} token texts seen in its excerpts and graphs; --model for the model's tokenizer)"
     if not ids:
         raise N2GError("the text has no tokens; pass some text to predict on")
     warn_if_index_behind(run_dir)

@@ -727,6 +727,8 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
     for part in seen:  # in neuron order, as RunVocabulary reads the results: the same first id for a text
         for tok, tid in part.items():
             tokens.setdefault(tok, tid)
+    for tok, tid in _graph_tokens(run_dir).items():  # tokens a graph learned that no stored excerpt shows
+        tokens.setdefault(tok, tid)
     atomic_write(pages.parent / VOCABULARY_NAME, json.dumps({"kind": VOCABULARY_KIND, "tokens": tokens},
                                                             ensure_ascii=False).encode("utf-8"))
     out = run_dir / "viewer" / "index.html"
@@ -802,6 +804,30 @@ def _add_tokens(ids: dict[str, int], r: NeuronResult) -> None:
                     ids.setdefault(tok, int(tid))
 
 
+def _graph_tokens(run_dir: Path) -> dict[str, int]:
+    """The token texts and ids the run's graphs hold (the search index's rows, ids in order): a graph learns tokens
+    its stored excerpts never show (from the training partition, the model's variants and written text, the
+    vocabulary in context), which ``n2g search`` finds, so typed text must split into them too."""
+    from n2g.search import _connect, _execute
+
+    out: dict[str, int] = {}
+    try:
+        con = _connect(run_dir)
+        try:
+            rows = _execute(con, "SELECT DISTINCT token_id, token FROM tokens WHERE token_id IS NOT NULL "
+                                 "ORDER BY token_id, token")
+        finally:
+            con.close()
+    except (sqlite3.Error, N2GError, OSError) as exc:  # no index, or a damaged one: the excerpts' tokens alone
+        log.warning("cannot read the graphs' tokens from the search index of %s (%s); typed text is split with "
+                    "the excerpts' tokens alone (`n2g report` rebuilds it)", run_dir, str(exc)[:200])
+        return out
+    for r in rows:
+        if isinstance(r["token"], str) and r["token"] and 0 <= r["token_id"] < 2**31:
+            out.setdefault(r["token"], int(r["token_id"]))
+    return out
+
+
 def _saved_vocabulary(run_dir: Path) -> dict[str, int] | None:
     """The token texts and ids of ``viewer/vocabulary.json``; None (a warning where it is damaged) when there
     is none to use: missing, not a regular file of the run, or not what :func:`write_viewer` writes."""
@@ -827,7 +853,7 @@ def _saved_vocabulary(run_dir: Path) -> dict[str, int] | None:
 class RunVocabulary:
     """A tokenizer made of the tokens a run's pages show, for serving without the model.
 
-    Every token id and text in the run's stored excerpts is known; text is split greedily, longest
+    Every token id and text in the run's stored excerpts and in its graphs is known; text is split greedily, longest
     known token first, so it reproduces the model's split for text made of familiar pieces. A
     stretch no known token covers becomes one unknown token (predicted 0).
     """
@@ -840,6 +866,8 @@ class RunVocabulary:
             self.ids = {}
             for _, r in iter_results(run_dir):
                 _add_tokens(self.ids, r)
+            for tok, tid in _graph_tokens(Path(run_dir)).items():  # as write_viewer saves them: after the excerpts'
+                self.ids.setdefault(tok, tid)
         self._index()
 
     @classmethod
@@ -1174,7 +1202,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.__class__.vocabulary = RunVocabulary(self.run_dir)
                     self.__class__.vocabulary_stamp = stamp
                 vocabulary = self.vocabulary
-                how = (f"the run's own vocabulary ({len(vocabulary)} tokens seen in its excerpts; "
+                how = (f"the run's own vocabulary ({len(vocabulary)} tokens seen in its excerpts and graphs; "
                        "start the server with --model for the model's tokenizer)")
         if model is None:
             ids, toks = vocabulary.split(text)

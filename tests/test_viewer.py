@@ -586,6 +586,8 @@ def test_the_runs_vocabulary_is_written_with_the_pages_and_read_without_the_resu
     expect: dict[str, int] = {}
     for _, r in iter_results(run):
         _add_tokens(expect, r)
+    # and the tokens only graphs hold: L0.N2's "Paris", the large graph's activators
+    expect |= {"Paris": 103, **{f" word{i}": 300 + i for i in range(90) if i != 45}, " strongest": 345}
     saved = json.loads((run / "viewer" / "vocabulary.json").read_text())
     assert saved == {"kind": "n2g.vocabulary", "tokens": expect} and expect[" Paris"] == 100
     monkeypatch.setattr(n2g.search, "iter_results", lambda *a: pytest.fail("read the results"))
@@ -611,3 +613,28 @@ def test_neuron_pages_mark_firing_tokens_at_the_runs_fire_threshold(tmp_path):
     page = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
     assert 'data-threshold="0.3"' in page and "it <i>fires</i> at ≥ 0.3" in page
     assert '<span class="fire" style="background:rgba(214,39,40,0.400)" title="␣in  true 0.400"> in</span>' in page
+
+
+def test_text_without_a_model_splits_into_the_tokens_the_graphs_hold(tmp_path, capsys):
+    # a graph learns tokens its stored excerpts never show (the partition, variants, the vocabulary in context):
+    # `n2g search strongest` found L1.N5 by its activator " strongest" (1.0), but `n2g predict RUN " strongest"`
+    # and the server split the text with the excerpts' tokens alone, so the token was unknown and nothing fired
+    from urllib.parse import quote
+
+    from helpers_run import serving
+    from n2g import cli
+    from n2g.search import search
+
+    run = make_run(tmp_path)
+    add_large_neuron(run)
+    build_all(run)
+    assert [(h["key"], h["token_id"]) for h in search(run, "strongest")] == [("L1.N5", 345)]
+    assert cli.main(["predict", str(run), " in strongest", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["token_ids"] == [101, 345] and [(h["key"], h["fires"]) for h in d["results"]] == [("L1.N5", [1])]
+    (run / "viewer" / "vocabulary.json").unlink()  # read from the results and the index instead
+    assert cli.main(["predict", str(run), " strongest", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == [345]
+    with serving(run) as port:
+        status, d = _get_json(f"http://127.0.0.1:{port}/api/predict?key=L1.N5&text=" + quote(" strongest"))
+    assert status == 200 and d["token_ids"] == [345] and d["predicted"] == [1.0]
