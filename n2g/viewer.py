@@ -386,10 +386,11 @@ def _run_sae_hook(run_dir: Path) -> str:
 
 
 def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = None, nonce: str | None = None,
-                sae_hook: str | None = None) -> str:
+                sae_hook: str | None = None, graph_tokens: dict[str, int] | None = None) -> str:
     """HTML of one neuron's page (relative links: it lives in ``viewer/neurons/``); tokens fire at ``threshold``,
     by default the run's fire threshold (``run.json``); ``sae_hook``: the SAE hook site of a run of SAE latents
-    ("" for MLP neurons; by default as ``run.json`` records it), so the page calls the feature a latent."""
+    ("" for MLP neurons; by default as ``run.json`` records it), so the page calls the feature a latent;
+    ``graph_tokens``: a dict the graph's token texts and ids are added to (:func:`_add_graph_tokens`)."""
     from n2g.explain import summary
     from n2g.profile import band_label
     from n2g.render import is_finite_number
@@ -410,6 +411,8 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
     scale = st.max_activation
     max_raw = -scale if negative else scale
     graph, G = _graph_context(run_dir, key)
+    if graph_tokens is not None and G is not None:
+        _add_graph_tokens(graph_tokens, G)
     paths = graph_paths(G) if G is not None else []
     quantiles = [{"q": q, "raw": None if v is None else (-v if negative else v),
                   "norm": (v / scale if scale > 0 and v is not None else None)}
@@ -674,24 +677,26 @@ PAGES_PER_TASK = 50
 """Pages a worker writes per task (small, so Ctrl-C waits for little)."""
 
 
-def _write_pages(run_dir: Path, items: list[tuple[str, bytes | None]]) -> dict[str, int]:
+def _write_pages(run_dir: Path, items: list[tuple[str, bytes | None]]) -> tuple[dict[str, int], dict[str, int]]:
     """Write the pages of ``(neuron folder, hash of its checked result.json)`` items, reading each
     whole result here, one at a time (a file changed since it was checked is checked again); returns the
-    token texts and ids their excerpts show (for ``viewer/vocabulary.json``)."""
+    token texts and ids their excerpts show, and those their graphs hold (for ``viewer/vocabulary.json``)."""
     from n2g.search import read_result
 
     from n2g.search import _run_fire_threshold
 
     pages = run_dir / "viewer" / "neurons"
     tokens: dict[str, int] = {}
+    graphs: dict[str, int] = {}
     threshold = _run_fire_threshold(run_dir)  # once for the chunk, not once a page
     sae_hook = _run_sae_hook(run_dir)
     for folder, checked in items:
         r = read_result(folder, checked)
         if r is not None:
-            atomic_write(pages / page_name(r.neuron.key), neuron_page(run_dir, r, threshold, sae_hook=sae_hook).encode("utf-8"))
+            page = neuron_page(run_dir, r, threshold, sae_hook=sae_hook, graph_tokens=graphs)
+            atomic_write(pages / page_name(r.neuron.key), page.encode("utf-8"))
             _add_tokens(tokens, r)
-    return tokens
+    return tokens, graphs
 
 
 def write_viewer(run_dir: str | os.PathLike) -> Path:
@@ -725,10 +730,11 @@ def write_viewer(run_dir: str | os.PathLike) -> Path:
         seen = [_write_pages(run_dir, items)]
     tokens: dict[str, int] = {}
     for part in seen:  # in neuron order, as RunVocabulary reads the results: the same first id for a text
-        for tok, tid in part.items():
+        for tok, tid in part[0].items():
             tokens.setdefault(tok, tid)
-    for tok, tid in _graph_tokens(run_dir).items():  # tokens a graph learned that no stored excerpt shows
-        tokens.setdefault(tok, tid)
+    for part in seen:  # then the tokens a graph learned that no stored excerpt shows
+        for tok, tid in part[1].items():
+            tokens.setdefault(tok, tid)
     atomic_write(pages.parent / VOCABULARY_NAME, json.dumps({"kind": VOCABULARY_KIND, "tokens": tokens},
                                                             ensure_ascii=False).encode("utf-8"))
     out = run_dir / "viewer" / "index.html"
@@ -804,28 +810,16 @@ def _add_tokens(ids: dict[str, int], r: NeuronResult) -> None:
                     ids.setdefault(tok, int(tid))
 
 
-def _graph_tokens(run_dir: Path) -> dict[str, int]:
-    """The token texts and ids the run's graphs hold (the search index's rows, ids in order): a graph learns tokens
-    its stored excerpts never show (from the training partition, the model's variants and written text, the
-    vocabulary in context), which ``n2g search`` finds, so typed text must split into them too."""
-    from n2g.search import _connect, _execute
+def _add_graph_tokens(ids: dict[str, int], G) -> None:
+    """Every token text and id a graph holds (activating and context tokens, as the search index lists them), the
+    first id seen for a text kept: a graph learns tokens its stored excerpts never show (from the training partition,
+    the model's variants and written text, the vocabulary in context), which ``n2g search`` finds, so typed text
+    must split into them too."""
+    from n2g.render import graph_token_rows
 
-    out: dict[str, int] = {}
-    try:
-        con = _connect(run_dir)
-        try:
-            rows = _execute(con, "SELECT DISTINCT token_id, token FROM tokens WHERE token_id IS NOT NULL "
-                                 "ORDER BY token_id, token")
-        finally:
-            con.close()
-    except (sqlite3.Error, N2GError, OSError) as exc:  # no index, or a damaged one: the excerpts' tokens alone
-        log.warning("cannot read the graphs' tokens from the search index of %s (%s); typed text is split with "
-                    "the excerpts' tokens alone (`n2g report` rebuilds it)", run_dir, str(exc)[:200])
-        return out
-    for r in rows:
-        if isinstance(r["token"], str) and r["token"] and 0 <= r["token_id"] < 2**31:
-            out.setdefault(r["token"], int(r["token_id"]))
-    return out
+    for tid, tok, _, _ in graph_token_rows(G):
+        if tid is not None and tok:
+            ids.setdefault(tok, int(tid))
 
 
 def _saved_vocabulary(run_dir: Path) -> dict[str, int] | None:
@@ -864,9 +858,13 @@ class RunVocabulary:
         self.ids = _saved_vocabulary(Path(run_dir))  # what `n2g report` wrote: one file, not every result
         if self.ids is None:
             self.ids = {}
-            for _, r in iter_results(run_dir):
+            graphs: dict[str, int] = {}
+            for folder, r in iter_results(run_dir):
                 _add_tokens(self.ids, r)
-            for tok, tid in _graph_tokens(Path(run_dir)).items():  # as write_viewer saves them: after the excerpts'
+                if (folder / "graph.json").exists():
+                    with contextlib.suppress(N2GError):  # a damaged graph: the report names it
+                        _add_graph_tokens(graphs, load_graph_json(folder / "graph.json", run_dir, check=True))
+            for tok, tid in graphs.items():  # as write_viewer saves them: after every excerpt's
                 self.ids.setdefault(tok, tid)
         self._index()
 
