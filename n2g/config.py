@@ -158,6 +158,12 @@ class DistillConfig:
     to the narrowest such span covering that, and short of the first occurrence that disagrees."""
     run_cost: float = 2.0
     """G a grown run pays per doubling of its reach past ``run_window``."""
+    start_node: bool = False
+    """Growing and context rules may also ask "is the position d back the start of the text" (a start node,
+    drawn ``⟨start⟩``, matched where a walk steps back past the text's first token), so "X fires only as
+    the text's first token", "X within 2 tokens of the start" and "any token at the start" are expressible.
+    Each training excerpt starts a text (the model sees BOS and nothing else before it); single-token
+    evidence (written text, the vocabulary in context) does not."""
     min_gain: float = 10.0
     """Least likelihood-ratio (G) statistic of a grown branch's split (10: p of about 0.002 by chance)."""
     choose_on: str = "evidence"

@@ -177,13 +177,15 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
     if cfg.merge_wildcards:  # published: exact siblings of a wildcard merged into it
         graph.merge_wildcards()
     grower = None
+    # each excerpt starts a text for the model (BOS, then the excerpt); a single written token does not
+    starts = np.fromiter((e.source != "written" for e in seen), bool, len(seen)) if cfg.start_node else None
     if cfg.grow and seen:
         ids, acts = _evidence_arrays(seen)
         grower = lambda: Grower(graph, ids, acts, np.arange(len(seen)), min_count=cfg.min_count,
                                 max_depth=cfg.grow_depth, run_window=cfg.run_window, min_gain=cfg.min_gain,
                                 skip_questions=cfg.grow_gaps, split_wildcards=cfg.grow_gaps, set_cost=cfg.set_cost,
                                 clean_gain=cfg.clean_gain, grow_below=cfg.grow_below, value_gain=cfg.value_gain,
-                                join_depths=cfg.join_depths, run_max=cfg.run_max, run_cost=cfg.run_cost)
+                                join_depths=cfg.join_depths, run_max=cfg.run_max, run_cost=cfg.run_cost, starts=starts)
         grower().grow()
     if cfg.calibrate:
         evidence = [(np.asarray(e.token_ids), np.asarray(e.activations)) for e in seen]
@@ -224,7 +226,8 @@ def build_graph(train: Sequence[Example], calibration: Sequence[Example], cfg: D
             ids, acts = _evidence_arrays(seen)
             if add_context_activators(graph, ids, acts, max_depth=cfg.grow_depth, min_count=cfg.min_count,
                                       min_gain=cfg.min_gain, run_cost=cfg.run_cost,
-                                      run_spans=run_spans(cfg.run_window, cfg.run_max) if cfg.run_window > 1 else ()):
+                                      run_spans=run_spans(cfg.run_window, cfg.run_max) if cfg.run_window > 1 else (),
+                                      starts=starts):
                 calibrate()
                 if cfg.grow and prune_unchanged(graph, evidence):  # exact branches the rules now say
                     calibrate()

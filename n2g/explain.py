@@ -40,7 +40,7 @@ def _where(path: dict) -> str:
             hi += int(span.group(1))
             continue
         lo, hi = lo + 1, hi + 1
-        if kind == "context":
+        if kind in ("context", "start"):  # "⟨start⟩ right before it": the text's first token
             if lo == hi:
                 return "right before it" if lo == 1 else f"{lo} tokens before it"
             return f"anywhere in the {hi} tokens before it" if lo == 1 else f"{lo} to {hi} tokens before it"
@@ -86,11 +86,11 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         if exceptions:  # a dense neuron: any token fires, these are its exceptions
             out.append(_seg(" but is quiet on "))
             out.extend(_listing([[_seg(p["tokens"][0], True)] for p in exceptions[:3]], len(exceptions) - len(exceptions[:3])))
-        with_ctx = [p for p in firing if "context" in p["kinds"]]
+        with_ctx = [p for p in firing if "context" in p["kinds"] or "start" in p["kinds"]]
         bare = {act(p) for p in firing if len(p["nodes"]) == 1}
         if with_ctx:
             p = with_ctx[0]
-            ctx = next(t for t, k in zip(p["tokens"], p["kinds"]) if k == "context")
+            ctx = next(t for t, k in zip(p["tokens"], p["kinds"]) if k in ("context", "start"))
             out.append(_seg(", in contexts such as "))
             out.append(_seg(ctx, True))
             out.append(_seg(f" {_where(p)} ("))

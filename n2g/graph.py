@@ -26,6 +26,12 @@ from .records import SCHEMA_VERSION, NeuronId
 
 WILDCARD = -1
 """Trie key of a wildcard (any single token)."""
+START = 2**31
+"""Trie key of the start of the text: matched where a walk steps back past the text's first token (no token
+id is this large, see :data:`MAX_TOKEN_ID`). It compares as a token key (``> WILDCARD``): an exact context.
+Token-id arrays never hold it; a walk derives it from the position."""
+START_TEXT = "\u27e8start\u27e9"
+"""How the start of the text is shown (``⟨start⟩``): not a token's text (a token holding it is shown escaped)."""
 
 
 def linear_quantiles(groups: list[np.ndarray], qs: Sequence[float]) -> list[np.ndarray]:
@@ -365,6 +371,10 @@ class NeuronGraph:
                 if nxt is None:
                     break
                 path.append(nxt)
+            else:  # every token before i matched: one step further back is the start of the text
+                nxt = self._child(path[-1], START, exclude)
+                if nxt is not None:
+                    path.append(nxt)
             return path
         best = self._search(ids, i, start, 1, exclude) if start is not None else None
         wild = self._child(0, WILDCARD, exclude)
@@ -380,9 +390,10 @@ class NeuronGraph:
         """(depth, path) of the deepest END at or below ``at`` over exact, wildcard and run branches."""
         node = self.nodes[at]
         best = (node.rank, [at]) if node.end is not None else None
-        if d <= i and node.children:
+        if d <= i + 1 and node.children:
             children = node.children
-            for key in (int(ids[i - d]), WILDCARD):
+            # one step past the text's first token, only the start of the text is there
+            for key in ((int(ids[i - d]), WILDCARD) if d <= i else (START,)):
                 child = children.get(key)  # inline lookup: this loop is prediction's hot path
                 if child is None or (exclude is not None and self.nodes[child].sources == {exclude}):
                     continue
@@ -404,7 +415,10 @@ class NeuronGraph:
         children = self.nodes[run].children
         out = []
         for s in range(k + 1):
-            if d + s > i:
+            if d + s > i:  # the run reaches past the text's first token: the start of the text may follow
+                child = children.get(START) if d + s == i + 1 else None
+                if child is not None and not (exclude is not None and self.nodes[child].sources == {exclude}):
+                    out.append((child, d + s))
                 break
             child = children.get(int(ids[i - d - s]))
             if child is not None and not (exclude is not None and self.nodes[child].sources == {exclude}):
@@ -430,15 +444,16 @@ class NeuronGraph:
             rank = self.nodes[at].rank
             if (exact_start or rank[0] >= 1) and (best_rank is None or rank > best_rank):
                 best, best_rank = at, rank
-            if d <= i:
+            if d <= i + 1:
                 children = self.nodes[at].children
                 if at in self.run_parents:  # runs first on the stack: explored last, lose ties
                     for key, run in children.items():
                         if key < WILDCARD:
                             for inner, at_d in self._run_matches(ids, i, run, d, run_span(key)):
                                 stack.append((inner, at_d + 1, exact_start))
-                # Pushed wildcard before exact so the exact branch is explored first and wins ties.
-                for key in (WILDCARD, int(ids[i - d])):
+                # Pushed wildcard before exact so the exact branch is explored first and wins ties; one step
+                # past the text's first token only the start of the text is there.
+                for key in ((WILDCARD, int(ids[i - d])) if d <= i else (START,)):
                     child = children.get(key)
                     if child is not None:
                         stack.append((child, d + 1, exact_start))
@@ -669,11 +684,11 @@ class NeuronGraph:
         return kinds
 
     def tokens(self) -> set[int]:
-        """Every concrete token id in the graph."""
-        return {n.token_id for n in self.nodes[1:] if n.token_id is not None and n.token_id > WILDCARD}
+        """Every concrete token id in the graph (not the start of the text)."""
+        return {n.token_id for n in self.nodes[1:] if n.token_id is not None and WILDCARD < n.token_id < START}
 
     def describe_token(self, token_id: int) -> str:
-        return self.token_text.get(token_id, str(token_id))
+        return START_TEXT if token_id == START else self.token_text.get(token_id, str(token_id))
 
     # -- networkx and JSON ----------------------------------------------------------------
     def to_networkx(self) -> nx.DiGraph:
@@ -686,13 +701,16 @@ class NeuronGraph:
                 kind = "activator"
             elif n.token_id <= WILDCARD:
                 kind = "wildcard"
+            elif n.token_id == START:
+                kind = "start"
             else:
                 kind = "context"
             span = run_span(n.token_id)
             g.add_node(
                 str(idx), kind=kind, run=span,
-                token_id=None if n.token_id <= WILDCARD else int(n.token_id),
-                token=("*" if span == 0 else f"*{{0-{span}}}") if n.token_id <= WILDCARD else self.describe_token(int(n.token_id)),
+                token_id=None if n.token_id <= WILDCARD or n.token_id == START else int(n.token_id),
+                token=(("*" if span == 0 else f"*{{0-{span}}}") if n.token_id <= WILDCARD
+                       else START_TEXT if n.token_id == START else self.describe_token(int(n.token_id))),
                 depth=n.depth,
                 importance=1.0 if n.depth == 0 else round(n.importance_sum / max(n.count, 1), 6),
                 activation=_saved_value(float(max_end_below[idx]), self.fire_threshold),
@@ -733,6 +751,10 @@ class NeuronGraph:
             parents = list(g.predecessors(name))
             if attrs["kind"] == "wildcard" or (attrs["kind"] == "activator" and attrs.get("token_id") is None):
                 key = run_key(int(attrs["run"])) if int(attrs.get("run", 0) or 0) > 0 else WILDCARD
+            elif attrs["kind"] == "start":
+                if parents[0] == "root":
+                    raise ValueError(f"node {str(name)[:40]!r}: the start of the text cannot be an activating token")
+                key = START
             else:
                 key = attrs["token_id"]
                 if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= MAX_TOKEN_ID:  # a negative key is a wildcard run
@@ -744,7 +766,7 @@ class NeuronGraph:
             graph.nodes[index[parents[0]]].children[key] = index[name]
             if key < WILDCARD:
                 graph.run_parents.add(index[parents[0]])
-            if key > WILDCARD:
+            if WILDCARD < key < START:
                 if not isinstance(attrs["token"], str):  # printing, drawing and saving the graph read it as text
                     raise ValueError(f"node {str(name)[:40]!r}: token {attrs['token']!r:.40} is not text")
                 graph.token_text[key] = attrs["token"]

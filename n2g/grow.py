@@ -43,7 +43,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .graph import WILDCARD, NeuronGraph, run_key, run_span
+from .graph import START, WILDCARD, NeuronGraph, run_key, run_span
 
 
 def _impurity(n: np.ndarray, f: np.ndarray) -> np.ndarray:
@@ -117,6 +117,14 @@ def _value_lr(a: np.ndarray, tok: np.ndarray, occ: np.ndarray, m: int) -> np.nda
     return np.where((counts >= CLEAN_MIN) & (rest_n >= CLEAN_MIN) & (delta >= VALUE_DELTA), lr, -np.inf)
 
 
+def _with_start(ids: np.ndarray, acts: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Evidence arrays with a first column: ``START`` where the row starts a text (``starts``), else -1
+    (padding: no token, as before single-token evidence, whose text went on before it); activation 0 there."""
+    lead = np.where(np.asarray(starts, bool), START, -1).astype(ids.dtype)
+    return (np.concatenate([lead[:, None], ids], axis=1),
+            np.concatenate([np.zeros((len(acts), 1), acts.dtype), acts], axis=1))
+
+
 def _mixed(fires: np.ndarray) -> bool:
     """Whether some of these occurrences fire and some do not."""
     return bool(fires.any() and not fires.all())
@@ -139,7 +147,13 @@ class Grower:
                  min_gain: float = 10.0, skip_questions: bool = False, skip_cost: float = 2.0,
                  split_wildcards: bool = False, set_cost: float = 2.0, clean_gain: float = 0.0,
                  grow_below: bool = False, value_gain: float = 0.0, join_depths: bool = False,
-                 run_max: int | None = None, run_cost: float = 2.0):
+                 run_max: int | None = None, run_cost: float = 2.0, starts: np.ndarray | None = None):
+        # With ``starts`` (per row: whether it starts a text) the arrays gain a first column holding the start
+        # of the text (``START``, a token to every question) or padding, so "is the position d back the start"
+        # is asked like any token; rows handed to the graph's matching leave it out (``shift``).
+        self.shift = 0 if starts is None else 1
+        if starts is not None:
+            ids, acts = _with_start(ids, acts, starts)
         self.graph, self.ids, self.acts, self.sources = graph, ids, acts, sources
         self.fires = acts >= graph.fire_threshold
         self.min_count, self.max_depth, self.max_children = min_count, max_depth, max_children
@@ -170,8 +184,8 @@ class Grower:
         rows, cols, tokens = rows[order], cols[order], tokens[order]
         bounds = np.flatnonzero(np.diff(tokens)) + 1
         lists, parent = {}, []
-        deepest_of = lambda r, c: np.fromiter((self.graph.deepest_node(self._row(lists, rr), cc) for rr, cc in zip(r, c)),
-                                              np.int64, len(r))
+        deepest_of = lambda r, c: np.fromiter((self.graph.deepest_node(self._row(lists, rr), cc - self.shift)
+                                               for rr, cc in zip(r, c)), np.int64, len(r))
         for r, c in zip(np.split(rows, bounds), np.split(cols, bounds)):
             if not len(r):
                 continue
@@ -298,7 +312,7 @@ class Grower:
         cache: dict = {}
         out = []
         for r, c in zip(rows.tolist(), cols.tolist()):
-            at = self.graph.deepest_node(self._row(cache, r), c)
+            at = self.graph.deepest_node(self._row(cache, r), c - self.shift)
             tokens = set()
             while at is not None and at > 0 and at != node:
                 key = self.graph.nodes[at].token_id
@@ -400,8 +414,9 @@ class Grower:
         return self.graph.nodes[node].depth
 
     def _row(self, cache: dict, r: int) -> list[int]:
+        """Row ``r`` as the graph matches it (without the start column; a column there is ``c - shift``)."""
         if r not in cache:
-            cache[r] = self.ids[r].tolist()
+            cache[r] = self.ids[r, self.shift:].tolist()
         return cache[r]
 
     def _grow(self, node: int, rows: np.ndarray, cols: np.ndarray, offset: int, depth_left: int) -> None:
@@ -926,7 +941,7 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
                            min_count: int = 2, min_distinct: int = 3, min_gain: float = 10.0,
                            limit: int = 12, quiet: bool = True, run_spans: Sequence[int] = (),
                            run_cost: float = 2.0, pair_cost: float = 2.0,
-                           exception_cost: float = 2.0) -> list[tuple[int, int]]:
+                           exception_cost: float = 2.0, starts: np.ndarray | None = None) -> list[tuple[int, int]]:
     """Add rules with no activating token where they fix training predictions the graph gets wrong.
 
     A candidate says "any token fires when the token d positions back is Y" (d up to ``max_depth``,
@@ -952,12 +967,18 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
     ``min_count`` more wrongly than rightly, on ``min_distinct`` different tokens), as for a neuron
     that fires nearly everywhere; it is kept by the same test. Where any token fires (``[*]`` does), a quiet
     rule may also be a run ("any token is quiet with Y among the k tokens before it").
+    With ``starts`` (per row: whether it starts a text, as :class:`Grower` takes it), Y may also be the start of
+    the text ("any token at the text's first position": ``⟨start⟩ [*]``), at an exact distance or in a pair.
     Returns the rules kept as (d, Y): d the distance, or -k for a reach of k (Y a token), or 0 for a pair
     (Y the tokens right before and two before).
     """
     thr = graph.fire_threshold
+    shift = 0 if starts is None else 1
+    if starts is not None:
+        ids, acts = _with_start(ids, acts, starts)
     fires = acts >= thr
     valid = ids >= 0
+    valid[:, :shift] = False  # the start of the text is context, never a token that fires or not
     n, f = int(valid.sum()), int(fires[valid].sum())
     if f < min_count or f == n:
         return []
@@ -984,8 +1005,8 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
                     predicted, done = np.zeros(ids.shape, bool), np.zeros(ids.shape[0], bool)
                 need = np.flatnonzero(~done & np.isin(ids[:, :-d], uniq[quiet_ok]).any(axis=1))
                 for r in need.tolist():  # only excerpts that show a candidate Y are predicted
-                    row = ids[r][ids[r] >= 0].tolist()
-                    predicted[r, : len(row)] = graph.predict_sequence(row) >= thr
+                    row = ids[r, shift:][ids[r, shift:] >= 0].tolist()
+                    predicted[r, shift: shift + len(row)] = graph.predict_sequence(row) >= thr
                 done[need] = True
                 said = predicted[:, d:][here]
                 wrong = np.bincount(inv, weights=(said & ~y).astype(np.float64), minlength=len(uniq))
@@ -1023,10 +1044,11 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
         if tuple(keys) in said:
             continue  # the same rule, kept with exceptions (or without)
         rows = np.flatnonzero(np.any(ids[:, : ids.shape[1] - 1] == last, axis=1))
-        seqs = [ids[r][ids[r] >= 0].tolist() for r in rows]
+        seqs = [ids[r, shift:][ids[r, shift:] >= 0].tolist() for r in rows]  # as the graph matches them
+        first = 0 if shift else 1  # the first token has context only where the start of the text is one
         before = {}  # as unseen text: each excerpt matched without the paths only it made
         for k, s in enumerate(seqs):
-            for i in range(1, len(s)):
+            for i in range(first, len(s)):
                 if _rule_matches(keys, s, i):
                     end = graph.match_end(s, i, exclude=int(rows[k]))
                     before[(k, i)] = graph.nodes[end].end if end is not None else 0.0
@@ -1045,15 +1067,16 @@ def add_context_activators(graph: NeuronGraph, ids: np.ndarray, acts: np.ndarray
             graph.nodes[at].end = 0.0  # quiet: calibration values it
         values, hits = [], []
         for k, s in enumerate(seqs):
-            for i in range(1, len(s)):
+            for i in range(first, len(s)):
                 if (k, i) in before and graph.match_end(s, i, exclude=int(rows[k])) == leaf:
-                    values.append(float(acts[rows[k], i]))
-                    hits.append((k, i))
+                    values.append(float(acts[rows[k], i + shift]))
+                    hits.append((k, i + shift))
         value = None
         if len(values) >= min_count:
             value = float(np.quantile(values, q)) if q is not None else float(np.mean(values))
             now = value >= thr
-            gain = sum(int(now == fires[rows[k], i]) - int((before[(k, i)] >= thr) == fires[rows[k], i]) for k, i in hits)
+            gain = sum(int(now == fires[rows[k], c]) - int((before[(k, c - shift)] >= thr) == fires[rows[k], c])
+                       for k, c in hits)
         if value is None or gain < min_count:  # undo: the leaf, then wildcards that lead to no END
             graph.nodes[leaf].end = None
             gone = set()
@@ -1112,6 +1135,8 @@ def _rule_matches(keys: Sequence[int], s: Sequence[int], i: int) -> bool:
     k = 0
     while k < len(keys):
         key = keys[k]
+        if key == START:  # the start of the text: one step before the first token, nothing further back
+            return pos == -1 and k + 1 == len(keys)
         if pos < 0:
             return False
         if key == WILDCARD:

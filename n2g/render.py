@@ -27,7 +27,7 @@ import networkx as nx
 
 from n2g.errors import N2GError
 from n2g.fileio import inside, read_json, replacing, write_bytes_atomic
-from n2g.graph import MAX_TOKEN_ID, NeuronGraph, token_value_count, tree_problem
+from n2g.graph import MAX_TOKEN_ID, START_TEXT, NeuronGraph, token_value_count, tree_problem
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,8 @@ def display_token(token: str | None, token_id: int | None = None) -> str:
     """
     if token is None:
         return "" if token_id is None else str(token_id)
+    if token == START_TEXT:  # a token whose text reads as the start of the text is shown escaped
+        return token.encode("ascii", "backslashreplace").decode("ascii")
     out = []
     i, n = 0, len(token)
     while i < n:
@@ -303,6 +305,8 @@ def _node_text(a: dict) -> str:
     if a.get("kind") == "wildcard":
         span = int(_num(a.get("run"), 0.0))
         return "*" if span == 0 else f"*{{0-{span}}}"
+    if a.get("kind") == "start":
+        return START_TEXT
     return display_token(a.get("token"), a.get("token_id"))
 
 
@@ -415,6 +419,12 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
             tip = (f"any token; importance {_num(a.get('importance')):.2f}" if span == 0
                    else f"any 0 to {span} tokens, then the token to its left")
             value = ""
+        elif kind == "start":  # drawn apart from tokens: italic on grey, as no token's text is
+            label = f"<I>{html_label_text(START_TEXT)}</I>"
+            attrs["style"] = '"rounded,filled,bold"'
+            attrs["fillcolor"] = '"#e0e0e0"'
+            tip = "the start of the text: the path reaches back past the text's first token"
+            value = ""
         elif kind == "activator":
             label = html_label_text(display_token(a.get("token"), a.get("token_id")))
             act = _num(a.get("activation"), 1.0)
@@ -451,7 +461,7 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
         attrs["tooltip"] = _dot_quote(tip)
         attrs["label"] = f"<{label}{_value_line(value, white) if value else ''}>" if label else '""'
         # the node's kind is text from graph.json: only the kinds n2g draws become a class, never raw text in DOT
-        css = kind if kind in ("activator", "wildcard") else "context"
+        css = kind if kind in ("activator", "wildcard", "start") else "context"
         attrs["class"] = f'"{css}{" end" if ends else ""}"'
         body = ", ".join(f"{k}={v}" for k, v in attrs.items())
         node_lines.append(f"  {ids[n]} [{body}];")
