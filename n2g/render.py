@@ -317,8 +317,9 @@ def path_text(path: dict) -> str:
     return " ".join(toks)
 
 
-def _legend_label(title: str | None, summary: str | None) -> str:
-    """The graph's label: title, colour scales and key, drawn at the top of the image."""
+def _legend_label(title: str | None, summary: str | None, start: bool = False) -> str:
+    """The graph's label: title, colour scales and key (with ``start``, what the start node means), drawn at
+    the top of the image."""
     stops = (0.0, 0.25, 0.5, 0.75, 1.0)
 
     def scale(rgb, lo, span, name):
@@ -335,6 +336,7 @@ def _legend_label(title: str | None, summary: str | None) -> str:
                 + scale(_BLUE, 0.1, 0.8, "context token: importance") + "</TR>")
     key = ("reads right to left: activating token on the right, the tokens before it to its left",
            "* any one token \u00b7 heavy border: a path ends there, end = its predicted activation",
+           *([f"{START_TEXT} (italic, grey): the start of the text, before its first token"] if start else []),
            "activations are normalised to the neuron's maximum (1 = the strongest excerpt)")
     key_text = "<BR ALIGN=\"LEFT\"/>".join(html_label_text(k) for k in key) + "<BR ALIGN=\"LEFT\"/>"
     rows.append(f'<TR><TD COLSPAN="13" ALIGN="LEFT"><FONT POINT-SIZE="9" COLOR="#555555">{key_text}</FONT></TD></TR>')
@@ -391,7 +393,8 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
         '  edge [dir=back, color="#777777", arrowsize=0.6];',
     ]
     if legend:
-        lines.append(f"  label={_legend_label(title, summary)};")
+        start = any(a.get("kind") == "start" for _, a in G.nodes(data=True))
+        lines.append(f"  label={_legend_label(title, summary, start)};")
     elif title:
         lines.append(f"  label=<<B>{html_label_text(display_token(title))}</B>>;")
 

@@ -1227,3 +1227,142 @@ def test_a_branch_that_only_takes_tokens_from_a_better_one_is_pruned():
     g = model.graph_
     below = g.nodes[g.nodes[0].children[8]].children
     assert all(token in (9, 20, 21, 22, 23) or token < 0 for token in below), [g.describe_token(t) for t in below]
+
+
+def _position(x):
+    return torch.arange(x.shape[1]).expand_as(x)
+
+
+def first_only(x):  # token 24 fires only as the text's first token
+    return ((x == 24) & (_position(x) == 0)).float()
+
+
+def first_two(x):  # token 24 fires within the text's first two tokens
+    return ((x == 24) & (_position(x) < 2)).float()
+
+
+def first_any(x):  # any token fires as the text's first token (the model saw BOS and nothing else before it)
+    return (_position(x) == 0).float()
+
+
+def start_text(seed: int, n: int = 240, token: int = 24):
+    """Noise with ``token`` planted anywhere, and in most rows at one of the first four positions too (so the
+    training text shows where a rule about the start stops)."""
+    x = text(seed, [[token]], n=n, rate=0.5)
+    g = torch.Generator().manual_seed(seed + 1000)
+    for b in range(n):
+        if torch.rand(1, generator=g).item() < 0.6:
+            x[b, int(torch.randint(0, 4, (1,), generator=g))] = token
+    return x
+
+
+def _start_f1(model, feature, test):
+    return score_arrays([(feature(test) / model.scale).numpy()], [model.predict_normalised(test)])
+
+
+@pytest.mark.parametrize("feature", [first_only, first_two], ids=["only first", "within first two"])
+def test_a_token_that_fires_only_near_the_start_of_the_text_is_learned(feature):
+    from n2g.graph import START
+
+    model = n2g.distill(feature, start_text(1), start_node=True)
+    scores = _start_f1(model, feature, start_text(99))
+    assert scores.n_firing > 20 and scores.f1 == 1.0, (scores, model.graph_.describe())
+    g = model.graph_
+    assert any(n.token_id == START for n in g.nodes)
+    assert "\u27e8start\u27e9" in g.describe()
+    for k in range(4):  # 24 as the k-th token of new text
+        row = [50] * k + [24, 50]
+        assert (g.predict_sequence(row)[k] >= 0.5) == bool(feature(torch.tensor([row]))[0, k]), (k, g.describe())
+    assert g.tokens() == {24}  # the start of the text is no token: nothing asks a tokenizer for its text
+    # Without the start node no graph says where the text starts.
+    assert _start_f1(n2g.distill(feature, start_text(1)), feature, start_text(99)).f1 < 0.9
+
+
+def test_any_token_at_the_start_of_the_text_is_a_context_rule():
+    from n2g.graph import START, WILDCARD
+
+    data = text(1, [[24]], n=240, rate=0.3)
+    model = n2g.distill(first_any, data, start_node=True)
+    scores = _start_f1(model, first_any, text(99, [[24]], n=240, rate=0.3))
+    assert scores.n_firing == 240 and scores.f1 == 1.0, (scores, model.graph_.describe())
+    g = model.graph_
+    rule = g.nodes[g.nodes[0].children[WILDCARD]]
+    assert START in rule.children  # "⟨start⟩ [*]": one rule, not a branch per token seen first
+    assert g.predict_sequence([99, 99])[0] >= 0.5 and g.predict_sequence([99, 99])[1] < 0.5
+    assert _start_f1(n2g.distill(first_any, data), first_any, text(99, [[24]], n=240, rate=0.3)).f1 < 0.1
+
+
+def _start_graph(match: str = "search") -> NeuronGraph:
+    """24 fires as the text's first token (0.9), 25 within its first three (0.8), else both quiet."""
+    from n2g.graph import START
+
+    g = NeuronGraph(end_activation="mean", match=match)
+    g.add_path([(24, 1.0)], 0.1)
+    g.add_path([(24, 1.0), (START, 0.0)], 0.9)
+    g.add_path([(25, 1.0)], 0.2)
+    if match == "search":
+        at = g.add_child(g.nodes[0].children[25], run_key(2))
+        g.nodes[g.add_child(at, START)].end = 0.8
+    g.token_text.update({24: "start", 25: "\u27e8start\u27e9"})  # token texts that read like the start node
+    return g
+
+
+@pytest.mark.parametrize("match", ["search", "greedy"])
+def test_the_start_node_is_matched_only_past_the_first_token(match):
+    g = _start_graph(match)
+    np.testing.assert_allclose(g.predict_sequence([24, 24, 50, 24]), [0.9, 0.1, 0, 0.1], atol=1e-6)
+    if match == "search":
+        np.testing.assert_allclose(g.predict_sequence([25, 50, 25, 25, 25]), [0.8, 0, 0.8, 0.2, 0.2], atol=1e-6)
+        assert g.deepest_node([50, 25], 1) == g.nodes[g.nodes[g.nodes[0].children[25]].children[run_key(2)]].children[2**31]
+
+
+def test_a_start_node_survives_saving_and_loading(tmp_path):
+    g = _start_graph()
+    loaded = NeuronGraph.load(g.save(tmp_path / "graph.json"))
+    for row in ([24, 24, 25], [25, 50, 25, 24], [50, 25, 24, 25, 25]):
+        np.testing.assert_array_equal(loaded.predict_sequence(row), g.predict_sequence(row))
+    G = loaded.to_networkx()
+    starts = [a for _, a in G.nodes(data=True) if a["kind"] == "start"]
+    assert len(starts) == 2 and all(a["token_id"] is None and a["token"] == "\u27e8start\u27e9" for a in starts)
+    assert loaded.tokens() == {24, 25}
+    assert "\u27e8start\u27e9 [start]" in loaded.describe()
+
+
+def test_a_start_node_under_the_root_is_refused(tmp_path):
+    import json
+
+    from n2g.errors import N2GError
+
+    d = _start_graph().to_dict()
+    for node in d["graph"]["nodes"]:
+        if node["kind"] == "activator" and node["token_id"] == 24:
+            node.update(kind="start", token_id=None)
+    path = tmp_path / "graph.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(N2GError, match="start of the text cannot be an activating token"):
+        NeuronGraph.load(path)
+
+
+def test_a_start_node_is_drawn_apart_from_any_token():
+    from n2g.render import dot_available, graph_paths, graph_token_rows, path_text, svg_of, to_dot
+
+    G = _start_graph().to_networkx()
+    dot = to_dot(G)
+    assert "<I>\u27e8start\u27e9</I>" in dot and 'class="start' in dot and "the start of the text" in dot
+    # a token whose text reads "⟨start⟩" is shown escaped, not as the start node
+    assert "&#92;u27e8start&#92;u27e9" in dot
+    assert "the start of the text, before its first token" in dot  # the legend says so (only where one is drawn)
+    assert "the start of the text, before" not in to_dot(_run_graph().to_networkx())
+    texts = {path_text(p) for p in graph_paths(G)}
+    assert "\u27e8start\u27e9 [start]" in texts and "[\\u27e8start\\u27e9]" in texts
+    # the search index lists tokens only; the summary says where the start sits
+    assert {t for t, *_ in graph_token_rows(G)} == {24, 25}
+    from n2g.explain import summary_text
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    result = NeuronResult(neuron=NeuronId(0, 1), status="fitted",
+                          stats=NeuronStats(max_activation=1.0, quantiles={}, firing_rate=0.01, n_sampled_tokens=100),
+                          scores={}, examples=[], promoted=[], suppressed=[], graph_stats={}, seconds=1.0)
+    assert "\u27e8start\u27e9 right before it (\u27e8start\u27e9 [start]: 0.90)" in summary_text(result, G)
+    if dot_available():
+        assert "\u27e8start\u27e9</text>" in svg_of(G)
