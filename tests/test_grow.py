@@ -1366,3 +1366,27 @@ def test_a_start_node_is_drawn_apart_from_any_token():
     assert "\u27e8start\u27e9 right before it (\u27e8start\u27e9 [start]: 0.90)" in summary_text(result, G)
     if dot_available():
         assert "\u27e8start\u27e9</text>" in svg_of(G)
+
+
+def test_single_token_evidence_is_not_the_start_of_a_text():
+    from n2g.graph import START
+
+    rng = np.random.default_rng(0)
+    starts_text = rng.integers(30, 100, (40, 16))
+    starts_text[:, 0] = 24  # 24 first in a text: fires
+    starts_text[::2, 5] = 24  # 24 later: quiet
+    written = np.full((40, 16), -1)
+    written[:, 0] = 24  # written single tokens: quiet, and no text starts before them
+    ids = np.concatenate([starts_text, written])
+    acts = (ids == 24).astype(np.float32)
+    acts[:40, 5] = 0.0
+    g = NeuronGraph(match="search")
+    g.add_path([(24, 1.0)], 0.5)
+    Grower(g, ids, acts, np.arange(80), starts=np.arange(80) < 40).grow()
+    start = g.nodes[g.nodes[0].children[24]].children[START]
+    assert g.nodes[start].sources == set(range(40))  # the texts' first tokens only
+    g2 = NeuronGraph(match="search")
+    g2.add_path([(24, 1.0)], 0.5)
+    Grower(g2, ids, acts, np.arange(80), starts=np.ones(80, bool)).grow()  # as if every row started a text
+    start = g2.nodes[g2.nodes[0].children[24]].children[START]
+    assert g2.nodes[start].sources == set(range(80))  # the quiet written tokens would join it: half of it quiet
