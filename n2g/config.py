@@ -441,6 +441,7 @@ PRESETS: dict[str, DistillConfig] = {
         join_depths=True,
         run_max=64,
         run_cost=6.0,
+        start_node=True,
         context_activators=True,
         augment=True,
         augment_positions="activator",
