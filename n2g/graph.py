@@ -4,8 +4,9 @@ Each path starts at a firing token (the activator) and walks backwards: a contex
 its importance for the activator is at least the threshold, otherwise it becomes a wildcard that
 matches any one token; the path stops after the furthest important token and ends in an END that
 holds the normalised activation. Paths are merged into a trie keyed by token id (display strings
-are attributes); a grown path may also reach the start of the text (:data:`START`, drawn ``⟨start⟩``). The trie lives in plain lists for fast prediction and converts to a networkx
-DiGraph for saving (versioned node-link JSON), rendering and search.
+are attributes); a grown path may also reach the start of the text (:data:`START`, drawn ``⟨start⟩``).
+The trie lives in plain lists for fast prediction and converts to a networkx DiGraph for saving
+(versioned node-link JSON), rendering and search.
 """
 
 from __future__ import annotations
