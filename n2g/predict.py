@@ -18,7 +18,9 @@ from .graph import NeuronGraph
 
 
 def predict_batch(graph: NeuronGraph, token_ids, attention_mask=None) -> np.ndarray:
-    """Normalised predictions ``[batch, pos]`` for a batch of token ids."""
+    """Normalised predictions ``[batch, pos]`` for a batch of token ids. With ``attention_mask`` each row's text
+    is its unmasked tokens: padding (left or right) is no context, and the text starts at its first real token
+    (where a start-of-text node matches); masked positions predict 0."""
     ids = token_ids.detach().cpu().numpy() if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids)
     if ids.ndim == 1:
         return graph.predict_sequence(ids.tolist())
@@ -26,11 +28,12 @@ def predict_batch(graph: NeuronGraph, token_ids, attention_mask=None) -> np.ndar
     mask = None
     if attention_mask is not None:
         mask = attention_mask.detach().cpu().numpy() if isinstance(attention_mask, torch.Tensor) else np.asarray(attention_mask)
+        mask = mask.astype(bool)
     for b in range(ids.shape[0]):
-        row = ids[b].tolist()
-        out[b] = graph.predict_sequence(row)
-    if mask is not None:
-        out = np.where(mask.astype(bool), out, 0.0).astype(np.float32)
+        if mask is None:
+            out[b] = graph.predict_sequence(ids[b].tolist())
+        elif mask[b].any():
+            out[b, mask[b]] = graph.predict_sequence(ids[b][mask[b]].tolist())
     return out
 
 

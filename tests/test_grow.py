@@ -1316,6 +1316,26 @@ def test_the_start_node_is_matched_only_past_the_first_token(match):
         assert g.deepest_node([50, 25], 1) == g.nodes[g.nodes[g.nodes[0].children[25]].children[run_key(2)]].children[2**31]
 
 
+def test_padding_is_not_the_text_a_start_node_or_a_context_sees():
+    # Left-padded, a row's first real token sat after pad tokens: the start node never matched it (and pad ids
+    # were context). With the mask, each row is predicted on its own tokens, as the same text alone.
+    from n2g.predict import predict_batch
+
+    g = _start_graph()
+    texts = [[24, 24, 50, 24], [25, 50], [24]]
+    width, pad = 6, 50
+    left = np.array([[pad] * (width - len(t)) + t for t in texts])
+    right = np.array([t + [pad] * (width - len(t)) for t in texts])
+    for ids, padded_left in ((left, True), (right, False)):
+        mask = (np.arange(width)[None, :] >= (width - np.array([len(t) for t in texts]))[:, None]) if padded_left else \
+            (np.arange(width)[None, :] < np.array([len(t) for t in texts])[:, None])
+        out = predict_batch(g, torch.as_tensor(ids), torch.as_tensor(mask.astype(np.int64)))
+        for b, t in enumerate(texts):
+            np.testing.assert_allclose(out[b][mask[b]], g.predict_sequence(t), atol=1e-6)
+            assert not out[b][~mask[b]].any()
+    assert predict_batch(g, left, np.zeros_like(left)).sum() == 0
+
+
 def test_a_start_node_survives_saving_and_loading(tmp_path):
     g = _start_graph()
     loaded = NeuronGraph.load(g.save(tmp_path / "graph.json"))
