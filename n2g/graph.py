@@ -31,6 +31,10 @@ START = 2**31
 """Trie key of the start of the text: matched where a walk steps back past the text's first token (no token
 id is this large, see :data:`MAX_TOKEN_ID`). It compares as a token key (``> WILDCARD``): an exact context.
 Token-id arrays never hold it; a walk derives it from the position."""
+GRAPH_SCHEMA_VERSION = 2
+"""The newest graph.json this n2g reads. 2: a graph may hold a start node (kind "start"), which an n2g reading up
+to 1 would misread; a graph without one is still written as 1 (:data:`n2g.records.SCHEMA_VERSION`), so an older
+n2g reads it, and one with a start node tells that n2g to upgrade."""
 START_TEXT = "\u27e8start\u27e9"
 """How the start of the text is shown (``⟨start⟩``): not a token's text (a token holding it is shown escaped)."""
 
@@ -789,7 +793,7 @@ class NeuronGraph:
     def to_dict(self) -> dict:
         return {
             "kind": GRAPH_KIND,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": GRAPH_SCHEMA_VERSION if any(n.token_id == START for n in self.nodes) else SCHEMA_VERSION,
             "neuron": self.neuron.to_dict() if self.neuron else None,
             "fire_threshold": self.fire_threshold,
             "end_activation": self.end_activation,
@@ -804,8 +808,8 @@ class NeuronGraph:
         if not isinstance(d, dict) or d.get("kind") != GRAPH_KIND:
             what = f"kind={d.get('kind')!r}" if isinstance(d, dict) else f"a JSON {type(d).__name__}"
             raise N2GError(f"not an n2g graph file ({what}); pass a graph.json written by n2g")
-        if int(d.get("schema_version", 0)) > SCHEMA_VERSION:
-            raise N2GError(f"graph schema {d['schema_version']} is newer than this n2g ({SCHEMA_VERSION}); upgrade n2g")
+        if int(d.get("schema_version", 0)) > GRAPH_SCHEMA_VERSION:
+            raise N2GError(f"graph schema {d['schema_version']} is newer than this n2g ({GRAPH_SCHEMA_VERSION}); upgrade n2g")
         end_activation, match = d.get("end_activation", "first"), d.get("match", "greedy")
         fire = d.get("fire_threshold", 0.5)
         if end_activation not in ("first", "mean", "max") or match not in ("greedy", "search"):

@@ -345,7 +345,9 @@ def test_a_loaded_neuron_whose_graph_a_newer_n2g_wrote_says_to_upgrade(both_side
     shutil.copytree(both_sides_run[0], out)
     path = out / "neurons" / "L1.N5" / "graph.json"
     saved = json.loads(path.read_text())
-    path.write_text(json.dumps({**saved, "schema_version": saved["schema_version"] + 1}))
+    from n2g.graph import GRAPH_SCHEMA_VERSION
+
+    path.write_text(json.dumps({**saved, "schema_version": GRAPH_SCHEMA_VERSION + 1}))
     with pytest.raises(n2g.N2GError, match="is newer than this n2g .*; upgrade n2g$"):
         n2g.load_neuron(out, "L1.N5")  # said "fit it there with `n2g run ...`", which would overwrite the newer run's
     path.write_text("{")

@@ -1348,6 +1348,25 @@ def test_a_start_node_survives_saving_and_loading(tmp_path):
     assert "\u27e8start\u27e9 [start]" in loaded.describe()
 
 
+def test_a_graph_with_a_start_node_tells_an_older_n2g_to_upgrade(tmp_path, monkeypatch):
+    # An n2g that reads graph schema 1 would take the start node for a context token with no id; a graph without
+    # one stays schema 1, readable by it.
+    import json
+
+    import n2g.graph as graph_module
+    from n2g.errors import N2GError
+
+    with_start = json.loads(_start_graph().save(tmp_path / "a.json").read_text())
+    plain = NeuronGraph(fire_threshold=0.5)
+    plain.add_path([(24, 1.0)], 0.9, 0)
+    without = json.loads(plain.save(tmp_path / "b.json").read_text())
+    assert with_start["schema_version"] == 2 and without["schema_version"] == 1
+    monkeypatch.setattr(graph_module, "GRAPH_SCHEMA_VERSION", 1)  # an n2g from before the start node
+    assert NeuronGraph.load(tmp_path / "b.json").tokens() == {24}
+    with pytest.raises(N2GError, match=r"graph schema 2 is newer than this n2g \(1\); upgrade n2g"):
+        NeuronGraph.load(tmp_path / "a.json")
+
+
 def test_a_start_node_under_the_root_is_refused(tmp_path):
     import json
 
