@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "true activations on the text: neurons that truly fire are listed too, so a graph's misses show. "
         "With --neuron, every token's prediction for those neurons."))
     p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
-    p.add_argument("text", help="the text to predict on ('-' reads it from standard input)")
+    p.add_argument("text", help="the text to predict on ('-' reads it from standard input, less the one line break "
+                   "that ends it, as `echo` and files add one)")
     p.add_argument("--neuron", action="append", default=None, metavar="KEY",
                    help="show every token's prediction for this neuron, e.g. L5.N2 or L5.N2.neg (repeatable)")
     p.add_argument("--model", default=None, help="the run's subject model, to split the text with its tokenizer and "
@@ -429,6 +430,8 @@ def _predict(args) -> int:
             text = sys.stdin.read(MAX_PREDICT_CHARS + 1)
         except (AttributeError, OSError, ValueError) as exc:  # closed, or bytes that are not UTF-8
             raise N2GError(f"cannot read the text from standard input ({exc}); pipe UTF-8 text in, or pass it as TEXT") from None
+        if len(text) <= MAX_PREDICT_CHARS:  # `echo TEXT |` and a file end in a line break that is no part of the text
+            text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
     if len(text) > MAX_PREDICT_CHARS:
         raise N2GError(f"the text is longer than {MAX_PREDICT_CHARS:,} characters; predict on a part of it")
     if not_unicode(text):

@@ -132,6 +132,14 @@ def test_predict_reads_the_text_from_standard_input_and_refuses_none(run, capsys
     monkeypatch.setattr(sys, "stdin", io.StringIO(" in Paris"))
     code, out, _ = main(["predict", run, "-", "--json"], capsys)
     assert code == 0 and [h["key"] for h in json.loads(out)["results"]] == ["L0.N1"]
+    # `echo " in Paris" | n2g predict RUN -`: the line break echo adds is not a token of the text (it was the last)
+    for piped in (" in Paris\n", " in Paris\r\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
+        code, piped_out, _ = main(["predict", run, "-", "--json"], capsys)
+        assert code == 0 and json.loads(piped_out) == json.loads(out)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" in Paris\n\n"))  # only the one that ends it
+    code, two, _ = main(["predict", run, "-", "--json"], capsys)
+    assert code == 0 and json.loads(two)["tokens"][-1] == "\n"
     code, out, err = main(["predict", run, "  "], capsys)
     assert code == 2 and "no text given" in err
 
