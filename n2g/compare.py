@@ -49,6 +49,8 @@ class Side:
     """The preset whose fields the settings are closest to (None: run.json records no options)."""
     own: dict = dataclasses.field(default_factory=dict)
     """Settings that differ from that preset's (the command line's --augment, --written ...)."""
+    unit: str = "neuron"
+    """What the run fitted: "latent" for an SAE's latents (runs of one model fit the same kind)."""
 
 
 def _closest_preset(settings: dict) -> tuple[str | None, dict]:
@@ -225,7 +227,9 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, progress: b
                        "--neurons and --sign as the first")
     sides = [Side(str(d), info.get("name") if isinstance(info.get("name"), str) else None,
                   (info.get("model") or {}).get("spec") if isinstance(info.get("model"), dict) else None,
-                  len(results), _settings(info)) for d, info, results in zip(dirs, infos, found)]
+                  len(results), _settings(info),
+                  unit="latent" if isinstance(info.get("model"), dict) and info["model"].get("sae") else "neuron")
+             for d, info, results in zip(dirs, infos, found)]
     for side in sides:
         side.preset, side.own = _closest_preset(side.settings)
     keys = sorted(set(sides[0].settings) | set(sides[1].settings))
@@ -303,7 +307,7 @@ def format_comparison(c: Comparison, limit: int = 10) -> str:
     lines = []
     for label, side in (("A", c.a), ("B", c.b)):
         about = ", ".join(x for x in (side.name and f"run {show(side.name)!s}", side.model and f"model {show(side.model)}",
-                                      f"{side.neurons} {plural(side.neurons, 'neuron')}") if x)
+                                      f"{side.neurons} {plural(side.neurons, side.unit)}") if x)
         lines.append(f"{label}  {show(side.run_dir)}  ({about})")
     if c.a.preset != c.b.preset:
         own = [f"{label} also: {', '.join(f'{show(k)} {show(_value(v))}' for k, v in side.own.items())}"
@@ -322,9 +326,10 @@ def format_comparison(c: Comparison, limit: int = 10) -> str:
         left.append(f"{len(c.text_differs)} scored on other held-out text")
     if c.unreadable:
         left.append(f"{len(c.unreadable)} unreadable")
-    lines.append(f"{len(c.paired)} {plural(len(c.paired), 'neuron')} in both runs, scored on the same held-out text; left out: {', '.join(left)}")
+    unit = c.a.unit
+    lines.append(f"{len(c.paired)} {plural(len(c.paired), unit)} in both runs, scored on the same held-out text; left out: {', '.join(left)}")
     lines.append("")
-    lines.append(f"{'':<12}{'A':>7}{'B':>7}  {'B - A [95% CI]':<27}{'B better / equal / worse':<26}neurons")
+    lines.append(f"{'':<12}{'A':>7}{'B':>7}  {'B - A [95% CI]':<27}{'B better / equal / worse':<26}{unit}s")
     for m, s in c.metrics.items():
         interval = "" if s.low is None else f" [{_num(s.low, True)}, {_num(s.high, True)}]"
         lines.append(f"{METRICS[m]:<12}{_num(s.mean_a):>7}{_num(s.mean_b):>7}  {_num(s.difference, True) + interval:<27}"

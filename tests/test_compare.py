@@ -245,5 +245,6 @@ def test_runs_of_one_sae_compare_whatever_path_it_was_given_by(runs, capsys, sae
     code, out, err = main(["compare", a, b], capsys)
     if refused:
         assert code == 2 and "were made with different models (SAE " in err, err
-    else:
+    else:  # an SAE's latents are called latents, as the run's own summary and pages call them
         assert code == 0 and "firing F1" in out, err
+        assert "model toy/model, 4 latents)" in out and "4 latents in both runs" in out and "neuron" not in out, out
