@@ -186,7 +186,7 @@ class ActivationStore:
             raise ValueError(f"{len(exponents)} exponents for a store of {values.shape[0]} neurons")
         return cls(values, np.asarray(excerpts, np.int64), path, exponents)
 
-    def write(self, excerpts: np.ndarray, acts: torch.Tensor) -> None:
+    def write(self, excerpts: np.ndarray, acts: torch.Tensor, peak: torch.Tensor | None = None) -> None:
         """Write ``acts`` (``[B, length, d_mlp]``, raw, on any device) of the stored ones among ``excerpts``.
 
         The rows are picked, scaled (:func:`store_exponents`, from each neuron's largest value in every batch
@@ -194,8 +194,11 @@ class ActivationStore:
         tensor's own device (a GPU does it in milliseconds), so the host only copies half the bytes into the
         store: no per-layer float32 copy, transpose or conversion in numpy. When a batch takes a neuron's
         peak beyond what its exponent holds, the rows already written for it are divided to the new one.
+        ``peak``: each neuron's largest absolute value in ``acts`` where the caller has it (the scan does).
         """
-        peak = torch.maximum(acts.amax(dim=(0, 1)), -acts.amin(dim=(0, 1))).float()
+        if peak is None:
+            peak = torch.maximum(acts.amax(dim=(0, 1)), -acts.amin(dim=(0, 1)))
+        peak = peak.float()
         self._peak = peak if self._peak is None else torch.maximum(self._peak, peak)
         want = store_exponents(self._peak)
         if self._written is None or not torch.equal(want, self._written):  # (one scalar back from a GPU)

@@ -446,7 +446,8 @@ def _scan_into(results: dict, model, excerpts: torch.Tensor, todo: list[int], st
                 v = torch.cat([bot_val[l], mn]); i = torch.cat([bot_idx[l], idx])
                 bi = torch.sort(v, dim=0, stable=True).indices[:kk]
                 bot_val[l], bot_idx[l] = v.gather(0, bi), i.gather(0, bi)
-                stores[l].write(np.arange(start, start + ids.shape[0]), a)  # float16, neuron-major, made on the device
+                # float16, neuron-major, made on the device; the batch's peaks from its maxima and minima above
+                stores[l].write(np.arange(start, start + ids.shape[0]), a, torch.maximum(mx.amax(0), -mn.amin(0)))
             bar.update(ids.numel())
             start += ids.shape[0]
         bar.close()
