@@ -190,8 +190,9 @@ def load_neuron(run, key: str, model=None) -> NeuronModel:
     its fit made: the saved graph, examples, scores and stats, predicting on the neuron's raw scale.
 
     ``key``: ``"L5.N2"``, or ``"L5.N2.neg"`` for a negative side. ``model`` (optional): the run's subject model (an
-    :func:`load_model` result or its spec, e.g. ``"default"``), so that ``predict`` reads text and ``fit`` can run
-    again; without it ``predict`` takes token ids. A model of another shape than the run's is refused.
+    :func:`load_model` result or its spec, e.g. ``"default"``), so that ``fit`` can run again; without it ``predict``
+    reads text with the tokenizer the run saved (``RUN/tokenizer.json``), or takes token ids where the run has none. A
+    model of another shape than the run's is refused.
     """
     from .config import DistillConfig
     from .features import NeuronFeature
@@ -240,13 +241,20 @@ def load_neuron(run, key: str, model=None) -> NeuronModel:
             raise N2GError(f"{run} was made with another model ({'; '.join(differ)}); pass the run's own model "
                            f"({made_with.get('spec')!r}) or none")
         m.check_neuron(neuron.layer, neuron.index)
+    encode, token_strings = (m.encode, m.token_strings) if m is not None else (None, None)
+    if m is None:  # text is read with the tokenizer the run saved, where it has one
+        from .tokenizer import RunTokenizer
+
+        saved = RunTokenizer.load(run_dir)
+        if saved is not None:
+            encode, token_strings = saved.encode, saved.token_strings
     scale = result.stats.max_activation
     vocab = m.vocab_size if m is not None else made_with.get("vocab_size")
     out = NeuronModel(NeuronFeature(m, neuron.layer, neuron.index) if m is not None else None,
                       for_model(cfg, m) if m is not None else cfg, scale=scale if scale > 0 else 1.0,
                       sign=1.0 if neuron.sign == Sign.POSITIVE else -1.0,
                       occlusion_token_id=int(m.occlusion_token_id) if m is not None else 0, name=neuron.key,
-                      encode=m.encode if m is not None else None, token_strings=m.token_strings if m is not None else None,
+                      encode=encode, token_strings=token_strings,
                       vocab_size=int(vocab) if is_whole(vocab) and int(vocab) > 0 else None)
     if result.status == "dead":
         out.graph_ = NeuronGraph(cfg.end_activation, cfg.match, cfg.fire_threshold)

@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "that ends it, as `echo` and files add one)")
     p.add_argument("--neuron", action="append", default=None, metavar="KEY",
                    help="show every token's prediction for this neuron, e.g. L5.N2 or L5.N2.neg (repeatable)")
-    p.add_argument("--model", default=None, help="the run's subject model, to split the text with its tokenizer and "
-                   "show the true activations (default: split with the tokens the run's excerpts and graphs show)")
+    p.add_argument("--model", default=None, help="the run's subject model, to show the true activations too "
+                   "(without it the text is split by the tokenizer the run saved, else by the tokens its excerpts "
+                   "and graphs show)")
     p.add_argument("--sae", default=None, metavar="PATH",
                    help="with --model, for a run of SAE latents: the run's SAE (a local SAELens directory)")
     p.add_argument("--device", default=None, help="device for --model (default: cuda if available, else cpu)")
@@ -453,11 +454,11 @@ def _predict(args) -> int:
         toks = model.token_strings(ids)
         how = f"the model's tokenizer ({model.spec})"
     else:
-        from .viewer import RunVocabulary
+        from .tokenizer import splitter
 
-        vocabulary = RunVocabulary(run_dir)
-        ids, toks = vocabulary.split(text)
-        how = f"the run's own vocabulary ({len(vocabulary):,} token texts seen in its excerpts and graphs; --model for the model's tokenizer)"
+        split = splitter(run_dir)
+        ids, toks = split.split(text)
+        how = split.how if split.exact else f"{split.how}; --model for the model's tokenizer"
     if not ids:
         raise N2GError("the text has no tokens; pass some text to predict on")
     warn_if_index_behind(run_dir)

@@ -261,6 +261,7 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
             model.check_neuron(layer, 0)
     indices = parse_indices(opts.neurons, model.d_mlp, "neuron")
     store, is_train = open_store(opts, model, corpus)
+    store.save_tokenizer(model)  # typed text split as the model splits it, without loading the model
     out = store.root
     wanted = [NeuronId(l, i, s) for l in layers for i in indices for s in signs]
     todo = [n for n in wanted if not store.is_done(n)]

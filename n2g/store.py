@@ -144,6 +144,7 @@ class RunStore:
         self._me = this_process()
         self._warned = False
         self._made: list[Path] = []  # what open() created: run.json, and the folders it made for it
+        self._made_beside: list[Path] = []  # files written beside run.json since (the model's tokenizer)
 
     # -- identity ------------------------------------------------------------------------
     def open(self, identity: dict, extra: dict | None = None) -> None:
@@ -200,13 +201,23 @@ class RunStore:
             except OSError:
                 return
         run_json, *folders = self._made
+        for path in self._made_beside:
+            path.unlink(missing_ok=True)
         run_json.unlink(missing_ok=True)
         for folder in folders:  # the deepest first, and only while empty
             try:
                 folder.rmdir()
             except OSError:
                 break
-        self._made = []
+        self._made, self._made_beside = [], []
+
+    def save_tokenizer(self, model) -> None:
+        """Save ``model``'s tokenizer in the run (:func:`n2g.tokenizer.save`) unless it has one; removed with
+        run.json by :meth:`discard_if_empty`."""
+        from n2g import tokenizer
+
+        if tokenizer.save(self.root, model) and self._made:
+            self._made_beside.append(self.root / tokenizer.NAME)
 
     def meta(self) -> dict:
         return read_json(self.root / "run.json")

@@ -52,6 +52,7 @@ from n2g.fileio import inside as _inside, read_bytes, read_json
 from n2g.records import Example, NeuronResult, Sign, check_folder, plural
 from n2g.render import BIDI_CONTROLS, atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
+from n2g import tokenizer
 from n2g.search import INDEX_NAME, build_index, search, similar
 
 log = logging.getLogger(__name__)
@@ -893,6 +894,13 @@ class RunVocabulary:
     def __len__(self) -> int:
         return len(self.ids)
 
+    exact = False
+    """Whether text is split as the model splits it (:class:`n2g.tokenizer.RunTokenizer` is)."""
+
+    @property
+    def how(self) -> str:
+        return f"the run's own vocabulary ({len(self):,} token texts seen in its excerpts and graphs)"
+
     def _longest(self, text: str, i: int) -> tuple[int, int | None]:
         """(length, id) of the longest known token at ``text[i:]``; (0, None) when none is."""
         for n in self.lengths:
@@ -1015,8 +1023,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     run_dir: Path  # resolved; set on the subclass made per server
     subject = None  # the subject model (``serve --model``), or None
-    vocabulary: RunVocabulary | None = None  # built on the first prediction without a model
-    vocabulary_stamp = 0  # the mtime of viewer/vocabulary.json it was built from
+    vocabulary = None  # what splits typed text without a model (RunTokenizer or RunVocabulary), built when first asked
+    vocabulary_stamp = (0, 0)  # the mtimes of the run's tokenizer.json and viewer/vocabulary.json it was built from
     cache: dict  # neuron key -> ((mtimes), result, graph); per server
     lock: threading.Lock  # one model call at a time; per server
     server_version = "n2g"
@@ -1186,7 +1194,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(400, f"the text is {len(text)} characters long; try at most {MAX_TRY_CHARS}")
 
     def _tokens(self, text: str) -> tuple[list[int], list[str], str]:
-        """(ids, token texts, how it was split) of typed text: the model's tokenizer, else the run's tokens."""
+        """(ids, token texts, how it was split) of typed text: the model's tokenizer, else the one the run saved,
+        else the run's tokens."""
         self._check_text(text)
         model = self.subject
         with self.lock:  # the model (and building the run's vocabulary) one request at a time
@@ -1195,13 +1204,13 @@ class _Handler(BaseHTTPRequestHandler):
                 toks = model.token_strings(ids)
                 how = f"the model's tokenizer ({model.spec})"
             else:
-                stamp = _mtime(self.run_dir / "viewer" / VOCABULARY_NAME)
+                stamp = (_mtime(self.run_dir / tokenizer.NAME), _mtime(self.run_dir / "viewer" / VOCABULARY_NAME))
                 if self.vocabulary is None or stamp != self.vocabulary_stamp:  # `n2g report` wrote it again
-                    self.__class__.vocabulary = RunVocabulary(self.run_dir)
+                    self.__class__.vocabulary = tokenizer.splitter(self.run_dir)
                     self.__class__.vocabulary_stamp = stamp
                 vocabulary = self.vocabulary
-                how = (f"the run's own vocabulary ({len(vocabulary)} tokens seen in its excerpts and graphs; "
-                       "start the server with --model for the model's tokenizer)")
+                how = vocabulary.how if vocabulary.exact else \
+                    f"{vocabulary.how}; start the server with --model for the model's tokenizer"
         if model is None:
             ids, toks = vocabulary.split(text)
         if not ids:

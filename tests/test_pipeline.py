@@ -568,11 +568,14 @@ def test_a_neuron_of_a_run_loads_as_the_fitted_model_its_fit_made(tiny_dir, tmp_
             np.testing.assert_allclose(model.predict(ids), np.asarray(e.predicted) * model.scale * sign, rtol=1e-5, atol=1e-7)
         assert model.score(tests).f1 == pytest.approx(model.scores_["n2g"].f1)
         assert str(model).startswith(f"NeuronModel {key} (fitted; test firing F1")
-        with pytest.raises(N2GError, match="has no tokenizer"):
-            model.predict("the cat sat")
     with_model = n2g.load_neuron(out, "L1.N4", model=str(tiny_dir / "model"))  # text, through the run's own tokenizer
     ids = with_model.tokenize("the cat sat on the mat")
     np.testing.assert_array_equal(with_model.predict("the cat sat on the mat"), with_model.predict(ids))
+    # without the model, text is read with the tokenizer the run saved: the same ids and predictions
+    assert n2g.load_neuron(out, "L1.N4").tokenize("the cat sat on the mat") == ids
+    (out / "tokenizer.json").unlink()  # a run made before n2g saved it takes token ids only
+    with pytest.raises(N2GError, match="has no tokenizer"):
+        n2g.load_neuron(out, "L1.N4").predict("the cat sat")
     for args, needle in (((tmp_path, "L1.N4"), "not an n2g run directory"), ((out, "L1.N5"), "no readable result for L1.N5"),
                          ((out, "neuron 4"), "is not a neuron key")):
         with pytest.raises(N2GError, match=needle):

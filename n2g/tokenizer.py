@@ -1,0 +1,203 @@
+"""The run's tokenizer: typed text split into the model's own tokens without loading the model.
+
+``n2g run`` and ``n2g fit`` save the subject model's tokenizer in the run (``RUN/tokenizer.json``: the
+``tokenizers`` library's definition of it, and every token id's display string as the run's pages show it)
+when that library alone splits a set of probe texts exactly as the model does. ``n2g predict RUN TEXT`` and
+``n2g serve RUN`` without ``--model`` split typed text with it, so a graph is asked about the tokens the model
+would have read (the run's own vocabulary, split greedily, makes " in Paris" into " in", " P", "ar", "is").
+A run without one (made before it, or whose model's tokenizer is not a ``tokenizers`` one) falls back to
+:class:`n2g.viewer.RunVocabulary`.
+
+A run folder may come from anyone: the file is read only when it is a regular file of the run of at most
+64 MiB in the format written here, the tokenizer library's refusal of a broken definition (a Rust panic
+included) is a warning and the fallback, and the ids it gives are used only within its table of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from n2g.errors import N2GError
+from n2g.fileio import inside, read_json, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+NAME = "tokenizer.json"
+KIND = "n2g.tokenizer"
+SCHEMA_VERSION = 1
+MAX_TOKENS = 1 << 22
+"""Most token ids a saved tokenizer may list (every real vocabulary is far smaller)."""
+
+PROBES = (
+    "The quick brown fox jumps over the lazy dog.",
+    " in Paris, 1999: don't stop!",
+    "def f(x):\n    return dict(a=1, b=[2, 3])  # done\n",
+    "  two  spaces\tand a tab\n\nnew paragraph",
+    "Ünïcödé → 日本語の文 🙂 émigré naïve",
+    "HTTP/1.1 200 OK\r\nContent-Length: 42",
+)
+"""Texts the saved tokenizer must split exactly as the model does before it is saved (code, prose, spacing,
+non-Latin scripts and characters past the basic plane)."""
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def definition_of(model) -> str | None:
+    """The ``tokenizers`` definition (JSON text) of ``model``'s tokenizer when that alone splits every probe text
+    as ``model.encode`` does; None for a tokenizer that is not a ``tokenizers`` one or splits otherwise (a
+    tokenizer whose Python side adds to the split)."""
+    backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        definition = backend.to_str()
+        twin = Tokenizer.from_str(definition)
+        for text in PROBES:
+            if list(twin.encode(text, add_special_tokens=False).ids) != list(model.encode(text)):
+                log.info("the tokenizers library splits %r otherwise than the model's tokenizer; typed text will be "
+                         "split by the run's own vocabulary unless --model is given", text)
+                return None
+    except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException
+        if _is_interrupt(exc):
+            raise
+        log.info("the model's tokenizer cannot be saved with the run (%s)", _first_line(exc))
+        return None
+    return definition
+
+
+def save(run_dir: str | Path, model) -> bool:
+    """Write ``run_dir/tokenizer.json`` for ``model`` unless the run has one; whether one was written. A run
+    folder that cannot take it (read-only, full) is left as it is: typed text then falls back to the run's
+    vocabulary."""
+    path = Path(run_dir) / NAME
+    if os.path.lexists(path):
+        return False
+    definition = definition_of(model)
+    if definition is None:
+        return False
+    strings = model.token_strings(range(int(model.vocab_size)))
+    data = {"kind": KIND, "schema_version": SCHEMA_VERSION, "model": str(getattr(model, "spec", "")),
+            "tokenizer": definition, "token_strings": strings}
+    try:
+        write_text_atomic(path, json.dumps(data, ensure_ascii=False))
+    except OSError as exc:
+        log.info("cannot save the model's tokenizer as %s (%s); typed text will be split by the run's own "
+                 "vocabulary unless --model is given", path, exc.strerror or exc)
+        return False
+    return True
+
+
+class RunTokenizer:
+    """The tokenizer a run saved: :meth:`split` gives the model's token ids and the run's display strings."""
+
+    exact = True
+    """Whether text is split as the model splits it (the run's own vocabulary is not)."""
+
+    def __init__(self, path: Path, tokenizer, strings: list[str], spec: str):
+        self.path, self.tokenizer, self.strings, self.spec = path, tokenizer, strings, spec
+
+    def __len__(self) -> int:
+        return len(self.strings)
+
+    @property
+    def how(self) -> str:
+        model = f" ({self.spec})" if self.spec else ""
+        return f"the model's tokenizer{model}, saved with the run"
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunTokenizer | None:
+        """The run's saved tokenizer; None when it has none, or (with a warning) one that cannot be used."""
+        run_dir = Path(run_dir)
+        path = run_dir / NAME
+        if not os.path.lexists(path):
+            return None
+        try:
+            if not inside(run_dir, path):
+                raise ValueError("a link that leads out of the run")
+            d = read_json(path)
+            if not isinstance(d, dict) or d.get("kind") != KIND:
+                raise ValueError("not a tokenizer n2g saves")
+            version = d.get("schema_version")
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError("no schema version n2g writes")
+            if version > SCHEMA_VERSION:
+                raise ValueError(f"saved by a newer n2g (schema {version}); upgrade n2g to use it")
+            definition, strings, spec = d.get("tokenizer"), d.get("token_strings"), d.get("model", "")
+            if not isinstance(definition, str) or not isinstance(strings, list) or not isinstance(spec, str) \
+                    or len(strings) > MAX_TOKENS or not all(isinstance(s, str) for s in strings):
+                raise ValueError("not a tokenizer n2g saves")
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(definition)
+        except BaseException as exc:  # noqa: BLE001 - the tokenizers library's refusal may be a Rust panic
+            if _is_interrupt(exc):
+                raise
+            log.warning("cannot use %s (%s); splitting typed text by the run's own vocabulary instead (pass "
+                        "--model to split it with the model's tokenizer)", path, _first_line(exc))
+            return None
+        return cls(path, tokenizer, strings, spec)
+
+    def split(self, text: str) -> tuple[list[int], list[str]]:
+        """(token ids, display strings) of ``text``, as the model splits it; an id the saved table does not list
+        (a tampered file) is the unknown token, shown as the text it covers."""
+        from n2g.viewer import _UNKNOWN
+
+        try:
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        except BaseException as exc:  # noqa: BLE001 - a Rust panic (a pattern past its matching budget) included
+            if _is_interrupt(exc):
+                raise
+            raise N2GError(f"the run's tokenizer ({self.path}) cannot split this text ({_first_line(exc)}); "
+                           "pass --model to split it with the model's own") from None
+        ids, toks = [], []
+        for tid, (a, b) in zip(encoding.ids, encoding.offsets):
+            if 0 <= tid < len(self.strings):
+                ids.append(int(tid))
+                toks.append(self.strings[tid])
+            else:
+                ids.append(_UNKNOWN)
+                toks.append(text[a:b])
+        return ids, toks
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model splits it (what :meth:`n2g.models.SubjectModel.encode` gives)."""
+        from n2g.errors import not_unicode
+        from n2g.viewer import _UNKNOWN
+
+        if not isinstance(text, str):
+            raise N2GError(f"text must be one string (got {type(text).__name__})")
+        bad = not_unicode(text)
+        if bad:
+            raise N2GError(f"the text is not valid Unicode ({bad}); pass UTF-8 text")
+        ids, toks = self.split(text)
+        if _UNKNOWN in ids:
+            raise N2GError(f"the run's tokenizer ({self.path}) gives a token id past its own table of "
+                           f"{len(self.strings):,} tokens for {toks[ids.index(_UNKNOWN)]!r}; pass the run's model")
+        return ids
+
+    def token_strings(self, ids) -> list[str]:
+        """Display string of each token id, as the run's pages show it."""
+        return [self.strings[int(t)] if 0 <= int(t) < len(self.strings) else f"<{int(t)}>" for t in ids]
+
+
+def splitter(run_dir: str | Path):
+    """What splits typed text for a run without its model: its saved tokenizer, else its own vocabulary
+    (:class:`n2g.viewer.RunVocabulary`). Either has ``split(text) -> (ids, strings)`` and ``how``."""
+    found = RunTokenizer.load(run_dir)
+    if found is not None:
+        return found
+    from n2g.viewer import RunVocabulary
+
+    return RunVocabulary(run_dir)

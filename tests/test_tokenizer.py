@@ -1,0 +1,184 @@
+"""The run's saved tokenizer: typed text split as the model splits it without loading the model, and a
+tokenizer.json from a run folder that may come from anyone is used only when it is what n2g writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from n2g import tokenizer
+from n2g.corpus import Corpus
+from n2g.errors import N2GError
+from n2g.models import SubjectModel
+from n2g.pipeline import RunOptions, run
+from n2g.viewer import _UNKNOWN, RunVocabulary
+
+TEXT = "the cat  sat on\tthe mat w7"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A run of one neuron of a tiny Llama with a word-level tokenizer, and the model."""
+    root = tmp_path_factory.mktemp("tokenizer")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("N2G_CACHE", str(root / "cache"))
+    try:
+        torch.manual_seed(0)
+        model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-words")
+        corpus = Corpus("ids", 16, torch.randint(4, 60, (40, 16), generator=torch.Generator().manual_seed(0)))
+        run(RunOptions(layers="1", neurons="0", out=str(root / "run"), progress=False,
+                       overrides={"written": 0, "vocabulary": 0}), model=model, corpus=corpus)
+    finally:
+        mp.undo()
+    return root / "run", model
+
+
+def _main(argv, capsys):
+    from n2g.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_run_saves_its_models_tokenizer_and_typed_text_splits_as_the_model_does(made, capsys):
+    run_dir, model = made
+    saved = json.loads((run_dir / "tokenizer.json").read_text())
+    assert saved["kind"] == "n2g.tokenizer" and saved["token_strings"] == model.token_strings(range(model.vocab_size))
+    split = tokenizer.splitter(run_dir)
+    assert isinstance(split, tokenizer.RunTokenizer) and split.exact
+    ids = model.encode(TEXT)
+    assert split.split(TEXT) == (ids, model.token_strings(ids))
+    # the run's own vocabulary, split greedily, makes the spaces tokens the model never reads
+    greedy, _ = RunVocabulary(run_dir).split(TEXT)
+    assert greedy != ids and _UNKNOWN in greedy
+    code, out, err = _main(["predict", run_dir, TEXT, "--json", "-q"], capsys)
+    assert code in (0, 1), err
+    data = json.loads(out)
+    assert data["token_ids"] == ids and data["tokens"] == model.token_strings(ids)
+    assert data["tokenizer"] == "the model's tokenizer (tiny-llama-words), saved with the run"
+    code, out, _ = _main(["predict", run_dir, TEXT], capsys)
+    assert f"{len(ids)} tokens, split by the model's tokenizer (tiny-llama-words), saved with the run\n" in out
+
+
+def test_the_server_splits_typed_text_with_the_saved_tokenizer(made):
+    import urllib.request
+    from urllib.parse import quote
+
+    from helpers_run import api, serving
+
+    run_dir, model = made
+    with serving(run_dir) as port, urllib.request.urlopen(api(f"http://127.0.0.1:{port}/api/fires?text={quote(TEXT)}")) as r:
+        d = json.load(r)
+    assert d["token_ids"] == model.encode(TEXT) and d["tokenizer"].endswith("saved with the run")
+
+
+def test_a_tokenizer_the_tokenizers_library_splits_otherwise_is_not_saved(tmp_path, monkeypatch):
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    assert tokenizer.definition_of(model) is not None
+    real = model.encode
+    monkeypatch.setattr(model, "encode", lambda text: [1, *real(text)])  # a Python side that adds to the split
+    assert tokenizer.definition_of(model) is None and not tokenizer.save(tmp_path, model)
+    assert not (tmp_path / "tokenizer.json").exists()
+    assert tokenizer.definition_of(SubjectModel(tiny_model("llama"), None, spec="no tokenizer")) is None
+
+
+def test_a_run_refused_before_its_first_neuron_leaves_no_tokenizer_behind(tmp_path):
+    from n2g.store import RunStore
+
+    store = RunStore(tmp_path / "a" / "run")
+    store.open({"model": "tiny"})
+    store.save_tokenizer(SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny"))
+    assert (tmp_path / "a" / "run" / "tokenizer.json").is_file()
+    store.discard_if_empty()
+    assert not (tmp_path / "a").exists()
+
+
+def _copy(run_dir, tmp_path, name="copy"):
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(run_dir, dst, symlinks=True)
+    return dst
+
+
+def _tamper(path, **changes):
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda p: p.write_text("not json"), "Expecting value"),
+    (lambda p: _tamper(p, kind="something.else"), "not a tokenizer n2g saves"),
+    (lambda p: _tamper(p, schema_version=99), "upgrade n2g"),
+    (lambda p: _tamper(p, tokenizer="{}"), "cannot use"),
+    (lambda p: _tamper(p, token_strings=[1, 2]), "not a tokenizer n2g saves"),
+    (lambda p: (p.unlink(), p.symlink_to("/etc/hostname")), "leads out of the run"),
+], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "link out"])
+def test_a_tokenizer_json_n2g_did_not_write_is_not_used(made, tmp_path, caplog, damage, says):
+    run_dir, _ = made
+    copy = _copy(run_dir, tmp_path)
+    damage(copy / "tokenizer.json")
+    with caplog.at_level(logging.WARNING):
+        split = tokenizer.splitter(copy)
+    assert isinstance(split, RunVocabulary) and not split.exact
+    assert "splitting typed text by the run's own vocabulary" in caplog.text and says in caplog.text
+
+
+def test_ids_past_the_saved_table_are_unknown_tokens(made, tmp_path):
+    run_dir, model = made
+    copy = _copy(run_dir, tmp_path)
+    _tamper(copy / "tokenizer.json", token_strings=model.token_strings(range(5)))  # ids 0-4 only
+    ids, toks = tokenizer.splitter(copy).split("the cat")
+    assert ids == [4, _UNKNOWN] and toks == ["the", "cat"]
+
+
+def test_a_pattern_past_its_matching_budget_is_one_line(made, tmp_path):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    run_dir, _ = made
+    copy = _copy(run_dir, tmp_path)
+    hostile = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    hostile.pre_tokenizer = pre_tokenizers.Split(Regex("(a+)+$"), behavior="isolated")  # backtracks without end
+    _tamper(copy / "tokenizer.json", tokenizer=hostile.to_str())
+    split = tokenizer.splitter(copy)
+    assert split.split("b a")[0] == [1, 0]  # ordinary text is split ("b " unknown, then "a")
+    with pytest.raises(N2GError, match=r"^the run's tokenizer .* cannot split this text .*pass --model"):
+        split.split("a" * 40 + "!")
+
+
+@pytest.mark.slow
+def test_the_packaged_models_tokenizer_is_saved_and_splits_as_the_model(smollm2, tmp_path):
+    from n2g.corpus import load_texts
+
+    assert tokenizer.save(tmp_path, smollm2)
+    split = tokenizer.splitter(tmp_path)
+    assert split.split(" in Paris") == (smollm2.encode(" in Paris"), [" in", " Paris"])
+    for text in load_texts("default")[:10]:
+        text = text[:4000]
+        ids = smollm2.encode(text)
+        assert split.split(text) == (ids, smollm2.token_strings(ids))
+
+
+def test_a_loaded_neuron_reads_text_with_the_saved_tokenizer(made, tmp_path):
+    import n2g
+
+    run_dir, model = made
+    neuron = n2g.load_neuron(run_dir, "L1.N0")
+    ids = model.encode(TEXT)
+    assert neuron.tokenize(TEXT) == ids
+    assert [t for t, _ in neuron.predict_tokens(TEXT)] == model.token_strings(ids)
+    assert neuron.predict(TEXT).tolist() == neuron.predict(ids).tolist()
+    copy = _copy(run_dir, tmp_path)
+    (copy / "tokenizer.json").unlink()  # a run made before n2g saved it: token ids only
+    with pytest.raises(N2GError, match="has no tokenizer"):
+        n2g.load_neuron(copy, "L1.N0").predict(TEXT)
+    _copy(run_dir, tmp_path, "short")
+    _tamper(tmp_path / "short" / "tokenizer.json", token_strings=model.token_strings(range(5)))
+    with pytest.raises(N2GError, match="past its own table of 5 tokens for 'cat'"):
+        n2g.load_neuron(tmp_path / "short", "L1.N0").predict("the cat")
