@@ -430,6 +430,24 @@ def artifact_cases(sw: Sweep, inp: dict) -> None:
            f"scores.csv identical to a single run: {same}", temporaries(out) + ([] if same else ["DIFFERENT"]), "0/0",
            any("Traceback" in e for _, e in outs))
 
+    # the run's tokenizer.json with a pattern that backtracks without end (the tokenizers library panics in Rust)
+    run = copy_run(inp["run"], root / "tokenizer-redos")
+    saved = json.loads((run / "tokenizer.json").read_text())
+    definition = json.loads(saved["tokenizer"])
+    definition["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    saved["tokenizer"] = json.dumps(definition)
+    (run / "tokenizer.json").write_text(json.dumps(saved))
+    res = sw.n2g(["predict", run, "a" * 40 + "!"])
+    sw.add("tokenizer.json whose pattern never ends", "n2g predict RUN aaaa...a!", res.returncode,
+           sw.message(res.stderr), temporaries(run), 2, "Traceback" in res.stderr or "panicked" in res.stderr)
+
+    # a tokenizer.json n2g did not write: a warning, and typed text split by the run's own tokens
+    run = copy_run(inp["run"], root / "tokenizer-foreign")
+    (run / "tokenizer.json").write_text('{"kind": "something.else"}')
+    res = sw.n2g(["predict", run, "the cat sat", "--neuron", "L0.N1"])
+    sw.add("tokenizer.json n2g did not write", "n2g predict RUN TEXT --neuron L0.N1", res.returncode,
+           sw.message(res.stderr), temporaries(run), 0, "Traceback" in res.stderr)
+
     # stdout closed before the command writes (`n2g report RUN | head -0`)
     run = copy_run(inp["run"], root / "pipe")
     r, w = os.pipe()

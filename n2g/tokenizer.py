@@ -15,9 +15,12 @@ included) is a warning and the fallback, and the ids it gives are used only with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+import threading
 from pathlib import Path
 
 from n2g.errors import N2GError
@@ -50,6 +53,33 @@ def _is_interrupt(exc: BaseException) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
+
+
+@contextlib.contextmanager
+def _panics_quiet():
+    """File descriptor 2 sent to /dev/null while the ``tokenizers`` library works on the main thread: a Rust panic
+    (a hostile definition's pattern past its matching budget) writes its message and a backtrace there before
+    Python sees it as an exception, which n2g reports in one line. (A server thread leaves it: other threads may
+    be logging.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(quiet, 2)
+        finally:
+            os.close(quiet)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def definition_of(model) -> str | None:
@@ -140,7 +170,8 @@ class RunTokenizer:
                 raise ValueError("not a tokenizer n2g saves")
             from tokenizers import Tokenizer
 
-            tokenizer = Tokenizer.from_str(definition)
+            with _panics_quiet():
+                tokenizer = Tokenizer.from_str(definition)
         except BaseException as exc:  # noqa: BLE001 - the tokenizers library's refusal may be a Rust panic
             if _is_interrupt(exc):
                 raise
@@ -155,7 +186,8 @@ class RunTokenizer:
         from n2g.viewer import _UNKNOWN
 
         try:
-            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+            with _panics_quiet():
+                encoding = self.tokenizer.encode(text, add_special_tokens=False)
         except BaseException as exc:  # noqa: BLE001 - a Rust panic (a pattern past its matching budget) included
             if _is_interrupt(exc):
                 raise

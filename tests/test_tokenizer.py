@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_ids_past_the_saved_table_are_unknown_tokens(made, tmp_path):
     assert ids == [4, _UNKNOWN] and toks == ["the", "cat"]
 
 
-def test_a_pattern_past_its_matching_budget_is_one_line(made, tmp_path):
+def test_a_pattern_past_its_matching_budget_is_one_line(made, tmp_path, capfd):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     run_dir, _ = made
@@ -148,8 +149,12 @@ def test_a_pattern_past_its_matching_budget_is_one_line(made, tmp_path):
     _tamper(copy / "tokenizer.json", tokenizer=hostile.to_str())
     split = tokenizer.splitter(copy)
     assert split.split("b a")[0] == [1, 0]  # ordinary text is split ("b " unknown, then "a")
+    capfd.readouterr()
     with pytest.raises(N2GError, match=r"^the run's tokenizer .* cannot split this text .*pass --model"):
         split.split("a" * 40 + "!")
+    assert capfd.readouterr().err == ""  # the Rust panic's message and backtrace are not shown
+    print("still written", file=sys.stderr)  # and the error stream works as before
+    assert capfd.readouterr().err == "still written\n"
 
 
 @pytest.mark.slow
