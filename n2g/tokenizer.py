@@ -82,6 +82,27 @@ def _panics_quiet():
         os.close(saved)
 
 
+def _plain(tokenizer):
+    """``tokenizer`` (a ``tokenizers.Tokenizer``) without truncation or padding: a tokenizer.json may set them, and
+    the backend of a transformers tokenizer keeps them until its first call, but ``model.encode`` applies neither
+    (typed text past max_length would be cut short, a short one padded)."""
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def _probes(backend, rows: int) -> tuple[str, ...]:
+    """:data:`PROBES`, and a text of the tokenizer's added tokens (its special ones among them; those of ids below
+    ``rows``, which the model embeds) typed between words: a tokenizer whose Python side reads them otherwise
+    (``split_special_tokens``, a flag the definition does not carry) splits it otherwise."""
+    try:
+        added = [t.content for i, t in sorted(backend.get_added_tokens_decoder().items()) if i < rows][:256]
+    except Exception:  # noqa: BLE001 - an older tokenizers library: the fixed probes only
+        added = []
+    added = [a for a in added if isinstance(a, str) and a.strip()]
+    return PROBES + ((" ".join(f"a{a}b" for a in added) + " " + "".join(added),) if added else ())
+
+
 def definition_of(model) -> str | None:
     """The ``tokenizers`` definition (JSON text) of ``model``'s tokenizer when that alone splits every probe text
     as ``model.encode`` does; None for a tokenizer that is not a ``tokenizers`` one or splits otherwise (a
@@ -92,12 +113,13 @@ def definition_of(model) -> str | None:
     try:
         from tokenizers import Tokenizer
 
-        definition = backend.to_str()
-        twin = Tokenizer.from_str(definition)
-        for text in PROBES:
+        twin = _plain(Tokenizer.from_str(backend.to_str()))
+        definition = twin.to_str()
+        rows = getattr(model, "_embedding_rows", None) or getattr(model, "vocab_size", None) or MAX_TOKENS
+        for text in _probes(backend, int(rows)):
             if list(twin.encode(text, add_special_tokens=False).ids) != list(model.encode(text)):
                 log.info("the tokenizers library splits %r otherwise than the model's tokenizer; typed text will be "
-                         "split by the run's own vocabulary unless --model is given", text)
+                         "split by the run's own vocabulary unless --model is given", text[:200])
                 return None
     except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException
         if _is_interrupt(exc):
@@ -171,7 +193,7 @@ class RunTokenizer:
             from tokenizers import Tokenizer
 
             with _panics_quiet():
-                tokenizer = Tokenizer.from_str(definition)
+                tokenizer = _plain(Tokenizer.from_str(definition))  # (as saved by an n2g that kept them)
         except BaseException as exc:  # noqa: BLE001 - the tokenizers library's refusal may be a Rust panic
             if _is_interrupt(exc):
                 raise

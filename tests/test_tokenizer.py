@@ -187,3 +187,40 @@ def test_a_loaded_neuron_reads_text_with_the_saved_tokenizer(made, tmp_path):
     _tamper(tmp_path / "short" / "tokenizer.json", token_strings=model.token_strings(range(5)))
     with pytest.raises(N2GError, match="past its own table of 5 tokens for 'cat'"):
         n2g.load_neuron(tmp_path / "short", "L1.N0").predict("the cat")
+
+
+
+def _words_tokenizer(backend=None, **kwargs):
+    """tiny_tokenizer()'s words around ``backend`` (its own by default), in the transformers class."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend or tiny_tokenizer().backend_tokenizer, bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", **kwargs)
+
+
+def test_truncation_and_padding_in_the_definition_are_not_saved(tmp_path):
+    # a tokenizer.json may set them (the Python side applies them only when asked, and model.encode never asks):
+    # saved as they were, typed text past max_length was cut short and a short one padded, though the probes agreed
+    backend = tiny_tokenizer().backend_tokenizer
+    backend.enable_truncation(max_length=len(tokenizer.PROBES[0]))
+    backend.enable_padding(length=4, pad_id=3, pad_token="<pad>")
+    with_both = backend.to_str()
+    model = SubjectModel(tiny_model("llama"), _words_tokenizer(backend), spec="tiny")
+    assert tokenizer.save(tmp_path, model)  # before the model encodes anything, as with a cached corpus
+    long, short = " ".join(["the cat sat on the mat"] * 20), "cat"
+    assert len(model.encode(long)) == 120 and model.encode(short) == [5]
+    split = tokenizer.splitter(tmp_path)
+    assert split.split(long)[0] == model.encode(long) and split.split(short)[0] == [5]
+    _tamper(tmp_path / "tokenizer.json", tokenizer=with_both)  # a file saved with them (by an n2g before this fix)
+    split = tokenizer.splitter(tmp_path)
+    assert isinstance(split, tokenizer.RunTokenizer)
+    assert split.split(long)[0] == model.encode(long) and split.split(short)[0] == [5]
+
+
+def test_a_model_that_splits_its_special_tokens_is_not_saved():
+    # split_special_tokens=True: the Python side reads "<bos>" typed in text as characters; the tokenizers
+    # library's definition does not carry that flag, so its twin would read it as the special token
+    assert tokenizer.definition_of(SubjectModel(tiny_model("llama"), _words_tokenizer(), spec="tiny")) is not None
+    model = SubjectModel(tiny_model("llama"), _words_tokenizer(split_special_tokens=True), spec="tiny")
+    assert model.encode("the <bos> cat") != [4, 1, 5]
+    assert tokenizer.definition_of(model) is None
