@@ -205,8 +205,14 @@ class RunTokenizer:
     def split(self, text: str) -> tuple[list[int], list[str]]:
         """(token ids, display strings) of ``text``, as the model splits it; an id the saved table does not list
         (a tampered file) is the unknown token, shown as the text it covers."""
+        from n2g.errors import not_unicode
         from n2g.viewer import _UNKNOWN
 
+        if not isinstance(text, str):
+            raise N2GError(f"text must be one string (got {type(text).__name__})")
+        bad = not_unicode(text)
+        if bad:
+            raise N2GError(f"the text is not valid Unicode ({bad}); pass UTF-8 text")
         try:
             with _panics_quiet():
                 encoding = self.tokenizer.encode(text, add_special_tokens=False)
@@ -227,14 +233,8 @@ class RunTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model splits it (what :meth:`n2g.models.SubjectModel.encode` gives)."""
-        from n2g.errors import not_unicode
         from n2g.viewer import _UNKNOWN
 
-        if not isinstance(text, str):
-            raise N2GError(f"text must be one string (got {type(text).__name__})")
-        bad = not_unicode(text)
-        if bad:
-            raise N2GError(f"the text is not valid Unicode ({bad}); pass UTF-8 text")
         ids, toks = self.split(text)
         if _UNKNOWN in ids:
             raise N2GError(f"the run's tokenizer ({self.path}) gives a token id past its own table of "

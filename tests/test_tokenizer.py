@@ -224,3 +224,12 @@ def test_a_model_that_splits_its_special_tokens_is_not_saved():
     model = SubjectModel(tiny_model("llama"), _words_tokenizer(split_special_tokens=True), spec="tiny")
     assert model.encode("the <bos> cat") != [4, 1, 5]
     assert tokenizer.definition_of(model) is None
+
+
+def test_text_that_is_not_unicode_is_one_line(made):
+    split = tokenizer.splitter(made[0])
+    for bad, says in (("a\ud800b", "not valid Unicode"), (b"the cat", "must be one string")):
+        with pytest.raises(N2GError, match=says):
+            split.split(bad)
+        with pytest.raises(N2GError, match=says):
+            split.encode(bad)
