@@ -242,11 +242,11 @@ def load_neuron(run, key: str, model=None) -> NeuronModel:
                            f"({made_with.get('spec')!r}) or none")
         m.check_neuron(neuron.layer, neuron.index)
     encode, token_strings = (m.encode, m.token_strings) if m is not None else (None, None)
-    if m is None:  # text is read with the tokenizer the run saved, where it has one
-        from .tokenizer import RunTokenizer
+    if m is None:  # text is read with the tokenizer the run saved, where it has one (read when first used)
+        from . import tokenizer
 
-        saved = RunTokenizer.load(run_dir)
-        if saved is not None:
+        if os.path.lexists(run_dir / tokenizer.NAME):
+            saved = tokenizer.SavedTokenizer(run_dir)
             encode, token_strings = saved.encode, saved.token_strings
     scale = result.stats.max_activation
     vocab = m.vocab_size if m is not None else made_with.get("vocab_size")

@@ -201,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, help="at most this many neurons in the list (default 20)")
     _verbosity_args(p, json_out=True)
 
+    p = sub.add_parser("show", help="print fitted neurons of a run: scores, summary and graph paths", description=(
+        "Print neurons a run fitted, as the terminal can show them: the graph's test firing F1 beside the token "
+        "lookup and the best lookup fitted on the same training text, Pearson r, the summary paragraph of the "
+        "neuron's page, the graph's strongest paths in reading order ([activating token], its END value and how "
+        "many training paths end there), and where the neuron's page is. Nothing is refitted."))
+    p.add_argument("run_dir", help="a run directory written by n2g run / n2g fit")
+    p.add_argument("keys", nargs="+", metavar="KEY", help="neuron keys, e.g. L5.N2 or L5.N2.neg")
+    p.add_argument("--paths", default="20", metavar="N",
+                   help="print the N strongest paths of each graph (default 20; 0: none; all: every path)")
+    _verbosity_args(p, json_out=True)
+
     p = sub.add_parser("compare", help="compare the graphs of two runs of one model, neuron by neuron", description=(
         "Pair the neurons two runs of one model share (scored on the same held-out text) and show each run's mean "
         "firing F1 and Pearson r, the difference B - A with a 95 % bootstrap interval over the neurons, wins and "
@@ -384,6 +395,83 @@ def _search(args) -> int:
     if any(h["quiet"] for h in hits):
         print(f"(quiet: an activating token whose graph value stays below the fire threshold {threshold:g}; "
               "the graph holds its graded value but never predicts it to fire)")
+    return 0
+
+
+def _paths_limit(text: str) -> int | None:
+    """``--paths``: a whole number of 0 or more, or ``all`` (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise N2GError(f"--paths must be a whole number of 0 or more, or 'all' (got {visible(text)[:40]!r})")
+    return n
+
+
+def _show(args) -> int:
+    """``n2g show RUN KEY...``: each neuron's scores, summary and strongest paths, from what the run saved."""
+    from .api import load_neuron
+    from .records import NeuronId
+    from .render import path_text
+    from .report import METHOD_NAMES
+
+    run_dir = _run_folder(args.run_dir)
+    limit = _paths_limit(args.paths)
+    for key in args.keys:
+        try:
+            NeuronId.from_key(key)
+        except ValueError as exc:
+            raise N2GError(visible(str(exc))) from None
+    shown = []
+    for key in dict.fromkeys(args.keys):  # each neuron once, in the order asked
+        neuron = load_neuron(run_dir, key)
+        r = neuron.result_
+        scores = {m: s for m, s in r.scores.items() if s is not None}
+        lookups = [(s.f1, m) for m, s in scores.items() if m not in ("n2g", "zero") and s.f1 is not None]
+        best = max(lookups, key=lambda fm: fm[0])[1] if lookups else None
+        paths = neuron.graph_.paths()
+        page = run_dir / "viewer" / "neurons" / f"{r.neuron.key}.html"
+        shown.append({
+            "key": r.neuron.key, "layer": r.neuron.layer, "index": r.neuron.index, "sign": r.neuron.sign.value,
+            "status": r.status, "max_activation": r.stats.max_activation, "best_lookup": best,
+            "scores": {m: {"precision": s.precision, "recall": s.recall, "f1": s.f1, "pearson": s.pearson}
+                       for m, s in scores.items()},
+            "summary": _fit_summary(run_dir, r) or None, "n_paths": len(paths),
+            "paths": [{"text": path_text(p), "tokens": p["tokens"], "kinds": p["kinds"], "end": p["end"],
+                       "count": p["count"]} for p in (paths if limit is None else paths[:limit])],
+            "page": str(page) if page.is_file() else None, "_graph": neuron.graph_})
+    if args.json:
+        _print_json({"run": str(run_dir), "neurons": [{k: v for k, v in e.items() if k != "_graph"} for e in shown]})
+        return 0
+
+    def f1(method: str) -> str:
+        s = shown_entry["scores"].get(method)
+        return "-" if s is None or s["f1"] is None else f"{s['f1']:.3f}"
+
+    for n, shown_entry in enumerate(shown):
+        e = shown_entry
+        head = f"{e['key']} ({e['status']})"
+        if e["status"] != "dead":
+            head += ": test firing F1 " + (f1("n2g") if f1("n2g") != "-" else "undefined (no held-out token fires)")
+            if "token_lookup" in e["scores"] and f1("token_lookup") != "-":
+                head += f"; token lookup {f1('token_lookup')}"
+            if e["best_lookup"] and e["best_lookup"] != "token_lookup":
+                head += f"; best lookup, {METHOD_NAMES.get(e['best_lookup'], e['best_lookup'])}, {f1(e['best_lookup'])}"
+            pearson = (e["scores"].get("n2g") or {}).get("pearson")
+            head += f"; Pearson r {pearson:.3f}" if pearson is not None else ""
+            negative = e["sign"] == "negative"  # the stored extreme is its size; the model's value is below 0
+            head += f"; {'most negative' if negative else 'maximum'} activation {-e['max_activation'] if negative else e['max_activation']:.4g}"
+        print(("\n" if n else "") + visible(head))
+        if e["summary"]:
+            print(_wrapped(e["summary"]))
+        if limit != 0 and e["status"] != "dead":
+            print("\n" + visible(e["_graph"].describe(limit=limit)).replace("graph.describe(limit=None) lists all",
+                                                                         "--paths all lists every one"))
+        if e["page"]:
+            print(f"page: {_shown(e['page'], 400)}")
     return 0
 
 
@@ -955,7 +1043,7 @@ def _main(argv: list[str] | None) -> int:
     if empty:
         print(f"n2g: error: {empty}", file=sys.stderr)
         return 2
-    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search, "predict": _predict, "compare": _compare,
+    handlers = {"info": _info, "fit": _run, "run": _run, "report": _report, "serve": _serve, "search": _search, "predict": _predict, "show": _show, "compare": _compare,
                 "steer": _steer}
     try:
         with _terminate_as_interrupt():

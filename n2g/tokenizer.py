@@ -246,6 +246,32 @@ class RunTokenizer:
         return [self.strings[int(t)] if 0 <= int(t) < len(self.strings) else f"<{int(t)}>" for t in ids]
 
 
+class SavedTokenizer:
+    """A run's saved tokenizer, read when first used: a neuron loaded to be looked at never reads its 2 MB
+    (:func:`n2g.load_neuron` without a model gives its neuron these ``encode`` and ``token_strings``)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir, self._loaded = Path(run_dir), None
+
+    def __getstate__(self) -> dict:  # a pickled neuron carries the run's path, not the tokenizer
+        return {"run_dir": self.run_dir, "_loaded": None}
+
+    def _get(self) -> RunTokenizer:
+        if self._loaded is None:
+            self._loaded = RunTokenizer.load(self.run_dir)
+            if self._loaded is None:
+                raise N2GError(f"{self.run_dir / NAME} cannot be used (the warning says why), so the neuron cannot "
+                               "read text; pass token ids, or give it the run's model: "
+                               "n2g.load_neuron(run, key, model=...)")
+        return self._loaded
+
+    def encode(self, text: str) -> list[int]:
+        return self._get().encode(text)
+
+    def token_strings(self, ids) -> list[str]:
+        return self._get().token_strings(ids)
+
+
 def splitter(run_dir: str | Path):
     """What splits typed text for a run without its model: its saved tokenizer, else its own vocabulary
     (:class:`n2g.viewer.RunVocabulary`). Either has ``split(text) -> (ids, strings)`` and ``how``."""

@@ -482,3 +482,40 @@ def test_search_predict_and_serve_say_when_the_index_is_behind_the_run(tmp_path,
     code, out, err = main(["predict", run, " in Paris"], capsys)
     assert code == 0 and "search index" not in caplog.text and "L0.N7" in out
     assert served == [run] * 2  # the warning does not stop the server
+
+
+def test_show_prints_a_neurons_scores_summary_and_strongest_paths(run, capsys):
+    code, out, err = main(["show", run, "L0.N1", "L1.N4.neg", "L1.N3", "--paths", "1"], capsys)
+    assert code == 0 and err == ""
+    blocks = out.split("\n\n")
+    assert blocks[0].splitlines()[0] == ("L0.N1 (fitted): test firing F1 0.800; token lookup 0.600; best lookup, "
+                                         "3-gram lookup (max), 0.700; Pearson r 0.700; maximum activation 5")
+    assert blocks[0].splitlines()[1].startswith("L0.N1 fires on ␣Paris (0.90), in contexts such as ␣in right before it")
+    assert blocks[1].splitlines()[2:] == ["  [␣Paris]  0.90  x1", "  ... 3 more paths (--paths all lists every one)",
+                                          f"page: {run / 'viewer' / 'neurons' / 'L0.N1.html'}"]
+    assert blocks[2].startswith("L1.N4.neg (fitted): test firing F1 0.500; token lookup 0.400; Pearson r 0.400; "
+                                "most negative activation -3\n")
+    assert "\\x1b" not in out and "<script>alert(1)</script> [␣Paris]  1.00  x1" in blocks[3]
+    assert blocks[4].splitlines()[0] == "L1.N3 (dead)" and "NeuronGraph" not in blocks[4]  # no graph to list
+    code, out, _ = main(["show", run, "L0.N1", "--paths", "all", "--json"], capsys)
+    (d,) = json.loads(out)["neurons"]
+    saved = json.loads((run / "neurons" / "L0.N1" / "result.json").read_text())
+    assert code == 0 and d["scores"]["n2g"]["f1"] == saved["scores"]["n2g"]["f1"] == 0.8
+    assert d["best_lookup"] == "ngram" and d["n_paths"] == 4 and len(d["paths"]) == 4
+    assert [(p["text"], p["end"], p["count"]) for p in d["paths"][:2]] == [("[␣Paris]", 0.9, 1), ("␣in [␣Paris]", 0.7, 1)]
+    assert d["summary"].startswith("L0.N1 fires on") and d["page"].endswith("L0.N1.html")
+    code, out, _ = main(["show", run, "L0.N1", "--paths", "0"], capsys)
+    assert code == 0 and "NeuronGraph" not in out
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["L0.x"], "'L0.x' is not a neuron key; keys look like L5.N2"),
+    (["L0.N1", "L9.N9"], "holds no readable result for L9.N9; fit it there with `n2g run --layers 9 --neurons 9"),
+    (["L0.N1", "--paths", "-1"], "--paths must be a whole number of 0 or more, or 'all'"),
+    (["L0.N1", "--paths", "many"], "--paths must be a whole number of 0 or more, or 'all'"),
+])
+def test_show_mistakes_are_one_line(run, capsys, argv, says):
+    code, out, err = main(["show", run, *argv], capsys)
+    assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1
+    code, _, err = main(["show", run.parent, "L0.N1"], capsys)
+    assert code == 2 and "is not an n2g run directory" in err

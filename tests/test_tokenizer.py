@@ -187,6 +187,15 @@ def test_a_loaded_neuron_reads_text_with_the_saved_tokenizer(made, tmp_path):
     _tamper(tmp_path / "short" / "tokenizer.json", token_strings=model.token_strings(range(5)))
     with pytest.raises(N2GError, match="past its own table of 5 tokens for 'cat'"):
         n2g.load_neuron(tmp_path / "short", "L1.N0").predict("the cat")
+    (tmp_path / "short" / "tokenizer.json").write_text("{}")  # damaged: read when first used, and said so then
+    damaged = n2g.load_neuron(tmp_path / "short", "L1.N0")
+    with pytest.raises(N2GError, match="tokenizer.json cannot be used .* pass token ids, or give it the run's model"):
+        damaged.predict("the cat")
+    assert damaged.predict(ids).shape == (len(ids),)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(neuron))  # the run's path travels, not the tokenizer; read again there
+    assert again.tokenize(TEXT) == ids and neuron.encode.__self__._loaded is not None
 
 
 
