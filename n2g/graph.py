@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import N2GError, is_whole
 from .fileio import read_json, write_json_atomic
-from .records import SCHEMA_VERSION, NeuronId
+from .records import SCHEMA_VERSION, NeuronId, plural
 
 WILDCARD = -1
 """Trie key of a wildcard (any single token)."""
@@ -876,7 +876,8 @@ class NeuronGraph:
         lines = [head, "  path in reading order, [activating token]; END value (normalised); training paths"]
         lines += [f"  {t:<{width}}  {p['end']:.2f}  x{p['count']}" for t, p in zip(texts, shown)]
         if len(paths) > len(shown):
-            lines.append(f"  ... {len(paths) - len(shown)} more paths (graph.describe(limit=None) lists all)")
+            more = len(paths) - len(shown)
+            lines.append(f"  ... {more} more {plural(more, 'path')} (graph.describe(limit=None) lists all)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -376,8 +376,8 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
         summary = (f"summary: the {max_paths} strongest of {len(paths)} paths ({len(acts)} activating tokens"
                    + (f", {len(quiet)} of them quiet: never predicted to fire" if quiet else "")
                    + "); all are listed on the neuron page")
-        more = (f"+{len(paths) - max_paths} more paths"
-                + (f" ({hidden_acts} more activating tokens" + (f", {hidden_quiet} quiet" if hidden_quiet else "") + ")"
+        more = (f"+{len(paths) - max_paths} more {'path' if len(paths) - max_paths == 1 else 'paths'}"
+                + (f" ({hidden_acts} more activating {'token' if hidden_acts == 1 else 'tokens'}" + (f", {hidden_quiet} quiet" if hidden_quiet else "") + ")"
                    if hidden_acts else ""))
     rank = {}
     for r, p in enumerate(paths):  # each node sorts by the strongest path through it

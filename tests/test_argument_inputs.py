@@ -178,7 +178,7 @@ def test_predict_and_score_name_inputs_that_are_not_token_ids(fives, call, messa
 def test_describe_takes_a_limit_of_0_or_more_and_says_so_otherwise(fives):
     graph = fives.graph_
     n = len(graph.paths())
-    assert graph.describe(limit=0).endswith(f"... {n} more paths (graph.describe(limit=None) lists all)")
+    assert graph.describe(limit=0).endswith(f"... {n} more {'path' if n == 1 else 'paths'} (graph.describe(limit=None) lists all)")
     assert graph.describe(limit=np.int64(1)).splitlines()[:3] == graph.describe(limit=None).splitlines()[:3]
     for bad in (-1, "3", 2.5, True):  # -1 was max() of an empty sequence, "3" a TypeError from slicing
         with pytest.raises(N2GError, match="^limit must be a whole number of 0 or more, or None for every path"):

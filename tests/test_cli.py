@@ -506,6 +506,8 @@ def test_show_prints_a_neurons_scores_summary_and_strongest_paths(run, capsys):
     assert d["summary"].startswith("L0.N1 fires on") and d["page"].endswith("L0.N1.html")
     code, out, _ = main(["show", run, "L0.N1", "--paths", "0"], capsys)
     assert code == 0 and "NeuronGraph" not in out
+    code, out, _ = main(["show", run, "L0.N2", "--paths", "1"], capsys)  # 2 paths: one shown, one more
+    assert code == 0 and "  ... 1 more path (--paths all lists every one)" in out.splitlines()
 
 
 @pytest.mark.parametrize("argv, says", [
