@@ -564,7 +564,7 @@ def _predict(args) -> int:
                      "unit": "normalised activation", "n_results": len(results),  # the text says "... and N more"
                      "results": results if args.neuron else results[:args.limit]})
         return 0
-    print(f"{len(ids)} tokens, split by {how}")
+    print(visible(f"{len(ids)} tokens, split by {how}"))  # how: the model name a run's tokenizer.json gives
     if any(e["sign"] == "negative" for e in results[:None if args.neuron else args.limit]):
         print("values are normalised activations; a .neg side's is the activation ÷ its most negative value "
               "(1 = its strongest, where the model's value is lowest)")

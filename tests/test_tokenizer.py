@@ -157,6 +157,15 @@ def test_a_pattern_past_its_matching_budget_is_one_line(made, tmp_path, capfd):
     assert capfd.readouterr().err == "still written\n"
 
 
+def test_predict_shows_control_characters_of_the_saved_model_name(made, tmp_path, capsys):
+    run_dir, _ = made
+    copy = _copy(run_dir, tmp_path)
+    _tamper(copy / "tokenizer.json", model="tiny\x1b]0;title\x07\u202eevil")  # a run folder from anyone
+    code, out, err = _main(["predict", copy, "the cat"], capsys)
+    assert "\x1b" not in out + err and "\u202e" not in out + err
+    assert "split by the model's tokenizer (tiny\\x1b]0;title\\x07\\u202eevil), saved with the run" in out
+
+
 @pytest.mark.slow
 def test_the_packaged_models_tokenizer_is_saved_and_splits_as_the_model(smollm2, tmp_path):
     from n2g.corpus import load_texts
