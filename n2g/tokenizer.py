@@ -46,6 +46,53 @@ PROBES = (
 non-Latin scripts and characters past the basic plane)."""
 
 
+MAX_GROWTH = 1024
+"""Most times longer a saved tokenizer's normalizers and pre-tokenizers may make typed text, as bounded by :func:`_growth` (real ones:
+a few times at most). A hostile definition chaining Replace("a", "aa") forty times is a few hundred bytes that make
+one typed "a" a terabyte, which the tokenizers library allocates until the process is killed (as do forty ByteLevel
+pre-tokenizers in a row: each makes a character past ASCII two)."""
+
+_SMALL_GROWTH = {"NFC": 1, "NFD": 3, "NFKC": 18, "NFKD": 18, "Lowercase": 3, "Strip": 1, "StripAccents": 1, "Nmt": 1,
+                 "BertNormalizer": 3 * 3, "ByteLevel": 4, "Metaspace": 2, "Split": 1, "Whitespace": 1,
+                 "WhitespaceSplit": 1, "BertPreTokenizer": 1, "Punctuation": 1, "Digits": 1, "CharDelimiterSplit": 1,
+                 "UnicodeScripts": 1, "FixedLength": 1}
+"""How many times longer each fixed normalizer or pre-tokenizer may make text at most (Unicode bounds its
+normalisation forms' expansion by 18, case mapping by 3; BERT's pads Chinese characters with spaces and lower-cases;
+a byte becomes one character; Metaspace adds one before a word); another kind counts as 18."""
+
+
+def _growth(node, depth: int = 0) -> float:
+    """An upper bound on how many times longer the normalizer or pre-tokenizer ``node`` (the definition's JSON) makes
+    text: the
+    product over a sequence, 1 + the length of what a Replace puts in (a pattern may match the empty string at
+    every position) or a Prepend adds, 1 + the longest string a Precompiled character map gives."""
+    if node is None:
+        return 1.0
+    if not isinstance(node, dict) or depth > 64:
+        raise ValueError("a normalizer n2g cannot read")
+    kind = node.get("type")
+    if kind == "Sequence":
+        total = 1.0
+        for part in node.get("normalizers") or node.get("pretokenizers") or ():
+            total *= _growth(part, depth + 1)
+        return total
+    if kind in ("Replace", "Prepend"):
+        added = node.get("content" if kind == "Replace" else "prepend")
+        return 1.0 + (len(added) if isinstance(added, str) else MAX_GROWTH)
+    if kind == "Precompiled":
+        import base64
+        import struct
+
+        try:
+            blob = base64.b64decode(node.get("precompiled_charsmap") or b"")
+            (size,) = struct.unpack_from("<I", blob) if blob else (0,)
+            strings = blob[4 + size:].split(b"\0") if blob else [b""]
+        except (ValueError, TypeError, struct.error):
+            return float(MAX_GROWTH + 1)
+        return 1.0 + max(len(s) for s in strings)
+    return float(_SMALL_GROWTH.get(kind, 18))
+
+
 def _is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
 
@@ -190,6 +237,11 @@ class RunTokenizer:
             if not isinstance(definition, str) or not isinstance(strings, list) or not isinstance(spec, str) \
                     or len(strings) > MAX_TOKENS or not all(isinstance(s, str) for s in strings):
                 raise ValueError("not a tokenizer n2g saves")
+            parsed = json.loads(definition)
+            growth = _growth(parsed.get("normalizer")) * _growth(parsed.get("pre_tokenizer")) \
+                if isinstance(parsed, dict) else 1.0
+            if growth > MAX_GROWTH:
+                raise ValueError(f"its normalizers and pre-tokenizers can make typed text {growth:,.0f} times longer")
             from tokenizers import Tokenizer
 
             with _panics_quiet():

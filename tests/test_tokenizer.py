@@ -113,6 +113,22 @@ def _tamper(path, **changes):
     path.write_text(json.dumps(d))
 
 
+def _growing(path):
+    """The saved definition with forty Replace("a", "aa") normalizers: one typed "a" made 2**40 characters."""
+    definition = json.loads(json.loads(path.read_text())["tokenizer"])
+    definition["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"String": "a"}, "content": "aa"}] * 40}
+    return json.dumps(definition)
+
+
+def _growing_bytes(path):
+    """The saved definition with forty ByteLevel pre-tokenizers in a row: one typed "é" made 2**40 characters."""
+    definition = json.loads(json.loads(path.read_text())["tokenizer"])
+    definition["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}] * 40}
+    return json.dumps(definition)
+
+
 @pytest.mark.parametrize("damage, says", [
     (lambda p: p.write_text("not json"), "Expecting value"),
     (lambda p: _tamper(p, kind="something.else"), "not a tokenizer n2g saves"),
@@ -120,7 +136,10 @@ def _tamper(path, **changes):
     (lambda p: _tamper(p, tokenizer="{}"), "cannot use"),
     (lambda p: _tamper(p, token_strings=[1, 2]), "not a tokenizer n2g saves"),
     (lambda p: (p.unlink(), p.symlink_to("/etc/hostname")), "leads out of the run"),
-], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "link out"])
+    (lambda p: _tamper(p, tokenizer=_growing(p)), "its normalizers and pre-tokenizers can make typed text"),
+    (lambda p: _tamper(p, tokenizer=_growing_bytes(p)), "its normalizers and pre-tokenizers can make typed text"),
+], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "link out", "growing normalizers",
+        "growing pre-tokenizers"])
 def test_a_tokenizer_json_n2g_did_not_write_is_not_used(made, tmp_path, caplog, damage, says):
     run_dir, _ = made
     copy = _copy(run_dir, tmp_path)
@@ -129,6 +148,25 @@ def test_a_tokenizer_json_n2g_did_not_write_is_not_used(made, tmp_path, caplog, 
         split = tokenizer.splitter(copy)
     assert isinstance(split, RunVocabulary) and not split.exact
     assert "splitting typed text by the run's own vocabulary" in caplog.text and says in caplog.text
+
+
+def test_the_normalizers_of_real_tokenizers_are_within_the_growth_bound():
+    import base64
+    import struct
+
+    llama = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                 {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    bert = {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True, "lowercase": True}
+    charsmap = base64.b64encode(struct.pack("<I", 8) + bytes(8) + "\u30ad\u30ed\0a\0".encode()).decode()
+    for normalizer in (None, llama, bert, {"type": "NFKC"}, {"type": "Precompiled", "precompiled_charsmap": charsmap},
+                       {"type": "Sequence", "normalizers": [{"type": "NFKC"}, llama]}):
+        assert tokenizer._growth(normalizer) <= tokenizer.MAX_GROWTH
+    smollm2 = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                     {"type": "ByteLevel", "add_prefix_space": False}]}
+    metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    assert tokenizer._growth(smollm2) * tokenizer._growth(metaspace) * tokenizer._growth(bert) <= tokenizer.MAX_GROWTH
+    long = base64.b64encode(struct.pack("<I", 0) + b"x" * 5000 + b"\0").decode()  # a character made 5,000
+    assert tokenizer._growth({"type": "Precompiled", "precompiled_charsmap": long}) > tokenizer.MAX_GROWTH
 
 
 def test_ids_past_the_saved_table_are_unknown_tokens(made, tmp_path):
