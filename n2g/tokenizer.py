@@ -33,6 +33,9 @@ KIND = "n2g.tokenizer"
 SCHEMA_VERSION = 1
 MAX_TOKENS = 1 << 22
 """Most token ids a saved tokenizer may list (every real vocabulary is far smaller)."""
+MAX_TOKEN_STRING = 1024
+"""Longest display string a saved tokenizer may give a token (real ones: under 100 characters). Typed text shows
+one per token, so a 50 MB string for " a" made a server's answer to 2,000 typed characters 100 GB."""
 
 PROBES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -237,6 +240,8 @@ class RunTokenizer:
             if not isinstance(definition, str) or not isinstance(strings, list) or not isinstance(spec, str) \
                     or len(strings) > MAX_TOKENS or not all(isinstance(s, str) for s in strings):
                 raise ValueError("not a tokenizer n2g saves")
+            if any(len(s) > MAX_TOKEN_STRING for s in strings):
+                raise ValueError(f"a token's text is longer than {MAX_TOKEN_STRING:,} characters")
             parsed = json.loads(definition)
             growth = _growth(parsed.get("normalizer")) * _growth(parsed.get("pre_tokenizer")) \
                 if isinstance(parsed, dict) else 1.0

@@ -135,10 +135,11 @@ def _growing_bytes(path):
     (lambda p: _tamper(p, schema_version=99), "upgrade n2g"),
     (lambda p: _tamper(p, tokenizer="{}"), "cannot use"),
     (lambda p: _tamper(p, token_strings=[1, 2]), "not a tokenizer n2g saves"),
+    (lambda p: _tamper(p, token_strings=["x" * 1025] * 68), "a token's text is longer than 1,024 characters"),
     (lambda p: (p.unlink(), p.symlink_to("/etc/hostname")), "leads out of the run"),
     (lambda p: _tamper(p, tokenizer=_growing(p)), "its normalizers and pre-tokenizers can make typed text"),
     (lambda p: _tamper(p, tokenizer=_growing_bytes(p)), "its normalizers and pre-tokenizers can make typed text"),
-], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "link out", "growing normalizers",
+], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "long strings", "link out", "growing normalizers",
         "growing pre-tokenizers"])
 def test_a_tokenizer_json_n2g_did_not_write_is_not_used(made, tmp_path, caplog, damage, says):
     run_dir, _ = made
