@@ -420,13 +420,14 @@ def _show(args) -> int:
 
     run_dir = _run_folder(args.run_dir)
     limit = _paths_limit(args.paths)
+    keys = []
     for key in args.keys:
         try:
-            NeuronId.from_key(key)
+            keys.append(NeuronId.from_key(key).key)  # L05.N2 is L5.N2
         except ValueError as exc:
             raise N2GError(visible(str(exc))) from None
     shown = []
-    for key in dict.fromkeys(args.keys):  # each neuron once, in the order asked
+    for key in dict.fromkeys(keys):  # each neuron once, in the order asked
         neuron = load_neuron(run_dir, key)
         r = neuron.result_
         scores = {m: s for m, s in r.scores.items() if s is not None}

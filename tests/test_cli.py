@@ -508,6 +508,8 @@ def test_show_prints_a_neurons_scores_summary_and_strongest_paths(run, capsys):
     assert code == 0 and "NeuronGraph" not in out
     code, out, _ = main(["show", run, "L0.N2", "--paths", "1"], capsys)  # 2 paths: one shown, one more
     assert code == 0 and "  ... 1 more path (--paths all lists every one)" in out.splitlines()
+    code, out, _ = main(["show", run, "L0.N1", "L00.N01", "L0.N1", "--paths", "0", "--json"], capsys)
+    assert code == 0 and [d["key"] for d in json.loads(out)["neurons"]] == ["L0.N1"]  # one neuron, however written
 
 
 @pytest.mark.parametrize("argv, says", [
