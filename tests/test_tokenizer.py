@@ -129,6 +129,13 @@ def _growing_bytes(path):
     return json.dumps(definition)
 
 
+def _many_steps(path):
+    """The saved definition with 300 Whitespace pre-tokenizers in a row, each a pass over all typed text."""
+    definition = json.loads(json.loads(path.read_text())["tokenizer"])
+    definition["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Whitespace"}] * 300}
+    return json.dumps(definition)
+
+
 @pytest.mark.parametrize("damage, says", [
     (lambda p: p.write_text("not json"), "Expecting value"),
     (lambda p: _tamper(p, kind="something.else"), "not a tokenizer n2g saves"),
@@ -139,8 +146,9 @@ def _growing_bytes(path):
     (lambda p: (p.unlink(), p.symlink_to("/etc/hostname")), "leads out of the run"),
     (lambda p: _tamper(p, tokenizer=_growing(p)), "its normalizers and pre-tokenizers can make typed text"),
     (lambda p: _tamper(p, tokenizer=_growing_bytes(p)), "its normalizers and pre-tokenizers can make typed text"),
+    (lambda p: _tamper(p, tokenizer=_many_steps(p)), "it chains 300 normalizers and pre-tokenizers"),
 ], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "long strings", "link out", "growing normalizers",
-        "growing pre-tokenizers"])
+        "growing pre-tokenizers", "many steps"])
 def test_a_tokenizer_json_n2g_did_not_write_is_not_used(made, tmp_path, caplog, damage, says):
     run_dir, _ = made
     copy = _copy(run_dir, tmp_path)
