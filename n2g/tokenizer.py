@@ -323,7 +323,7 @@ class SavedTokenizer:
     (:func:`n2g.load_neuron` without a model gives its neuron these ``encode`` and ``token_strings``)."""
 
     def __init__(self, run_dir: str | Path):
-        self.run_dir, self._loaded = Path(run_dir), None
+        self.run_dir, self._loaded = Path(run_dir).absolute(), None  # a pickled neuron read elsewhere finds it
 
     def __getstate__(self) -> dict:  # a pickled neuron carries the run's path, not the tokenizer
         return {"run_dir": self.run_dir, "_loaded": None}
@@ -331,6 +331,9 @@ class SavedTokenizer:
     def _get(self) -> RunTokenizer:
         if self._loaded is None:
             self._loaded = RunTokenizer.load(self.run_dir)
+            if self._loaded is None and not os.path.lexists(self.run_dir / NAME):
+                raise N2GError(f"{self.run_dir / NAME} is gone, so the neuron cannot read text; pass token ids, or "
+                               "give it the run's model: n2g.load_neuron(run, key, model=...)")
             if self._loaded is None:
                 raise N2GError(f"{self.run_dir / NAME} cannot be used (the warning says why), so the neuron cannot "
                                "read text; pass token ids, or give it the run's model: "

@@ -254,6 +254,23 @@ def test_a_loaded_neuron_reads_text_with_the_saved_tokenizer(made, tmp_path):
     assert again.tokenize(TEXT) == ids and neuron.encode.__self__._loaded is not None
 
 
+def test_a_neuron_loaded_from_a_relative_path_reads_text_after_a_change_of_directory(made, tmp_path, monkeypatch):
+    import pickle
+
+    import n2g
+
+    run_dir, model = made
+    copy = _copy(run_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    pickled = pickle.dumps(n2g.load_neuron("copy", "L1.N0"))  # a relative path, as typed
+    monkeypatch.chdir(tmp_path.parent)
+    assert pickle.loads(pickled).tokenize(TEXT) == model.encode(TEXT)
+    gone = pickle.loads(pickled)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(N2GError, match="tokenizer.json is gone, so the neuron cannot read text"):
+        gone.tokenize(TEXT)
+
+
 
 def _words_tokenizer(backend=None, **kwargs):
     """tiny_tokenizer()'s words around ``backend`` (its own by default), in the transformers class."""
