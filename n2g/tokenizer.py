@@ -254,6 +254,8 @@ class RunTokenizer:
                 raise ValueError("not a tokenizer n2g saves")
             if any(len(s) > MAX_TOKEN_STRING for s in strings):
                 raise ValueError(f"a token's text is longer than {MAX_TOKEN_STRING:,} characters")
+            if len(spec) > 4096:  # said in every answer of `n2g predict` and the server: the model's name or path
+                raise ValueError("its model name is longer than 4,096 characters")
             parsed = json.loads(definition)
             growth = _growth(parsed.get("normalizer")) * _growth(parsed.get("pre_tokenizer")) \
                 if isinstance(parsed, dict) else 1.0

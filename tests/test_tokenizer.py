@@ -143,11 +143,12 @@ def _many_steps(path):
     (lambda p: _tamper(p, tokenizer="{}"), "cannot use"),
     (lambda p: _tamper(p, token_strings=[1, 2]), "not a tokenizer n2g saves"),
     (lambda p: _tamper(p, token_strings=["x" * 1025] * 68), "a token's text is longer than 1,024 characters"),
+    (lambda p: _tamper(p, model="x" * 4097), "its model name is longer than 4,096 characters"),
     (lambda p: (p.unlink(), p.symlink_to("/etc/hostname")), "leads out of the run"),
     (lambda p: _tamper(p, tokenizer=_growing(p)), "its normalizers and pre-tokenizers can make typed text"),
     (lambda p: _tamper(p, tokenizer=_growing_bytes(p)), "its normalizers and pre-tokenizers can make typed text"),
     (lambda p: _tamper(p, tokenizer=_many_steps(p)), "it chains 300 normalizers and pre-tokenizers"),
-], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "long strings", "link out", "growing normalizers",
+], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "long strings", "long model name", "link out", "growing normalizers",
         "growing pre-tokenizers", "many steps"])
 def test_a_tokenizer_json_n2g_did_not_write_is_not_used(made, tmp_path, caplog, damage, says):
     run_dir, _ = made
