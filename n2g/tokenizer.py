@@ -108,6 +108,24 @@ def _steps(node) -> int:
     return int(node is not None)
 
 
+def _check_costs(definition: str, strings: list[str], spec: str) -> None:
+    """ValueError unless a tokenizer keeps within what typed text may cost: token texts of at most
+    :data:`MAX_TOKEN_STRING` characters, a model name of at most 4,096, normalizers and pre-tokenizers that make text
+    at most :data:`MAX_GROWTH` times longer in at most :data:`MAX_STEPS` steps. :func:`save` checks what it writes
+    as :meth:`RunTokenizer.load` checks what it reads."""
+    if any(len(s) > MAX_TOKEN_STRING for s in strings):
+        raise ValueError(f"a token's text is longer than {MAX_TOKEN_STRING:,} characters")
+    if len(spec) > 4096:  # said in every answer of `n2g predict` and the server: the model's name or path
+        raise ValueError("its model name is longer than 4,096 characters")
+    parsed = json.loads(definition)
+    growth = _growth(parsed.get("normalizer")) * _growth(parsed.get("pre_tokenizer")) if isinstance(parsed, dict) else 1.0
+    if growth > MAX_GROWTH:
+        raise ValueError(f"its normalizers and pre-tokenizers can make typed text {growth:,.0f} times longer")
+    steps = _steps(parsed.get("normalizer")) + _steps(parsed.get("pre_tokenizer")) if isinstance(parsed, dict) else 0
+    if steps > MAX_STEPS:
+        raise ValueError(f"it chains {steps:,} normalizers and pre-tokenizers")
+
+
 def _is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
 
@@ -202,8 +220,15 @@ def save(run_dir: str | Path, model) -> bool:
     if definition is None:
         return False
     strings = model.token_strings(range(int(model.vocab_size)))
-    data = {"kind": KIND, "schema_version": SCHEMA_VERSION, "model": str(getattr(model, "spec", "")),
-            "tokenizer": definition, "token_strings": strings}
+    spec = str(getattr(model, "spec", ""))
+    try:  # never a file that loading would refuse
+        _check_costs(definition, strings, spec)
+    except ValueError as exc:
+        log.info("the model's tokenizer is not saved with the run (%s); typed text will be split by the run's own "
+                 "vocabulary unless --model is given", exc)
+        return False
+    data = {"kind": KIND, "schema_version": SCHEMA_VERSION, "model": spec, "tokenizer": definition,
+            "token_strings": strings}
     try:
         write_text_atomic(path, json.dumps(data, ensure_ascii=False))
     except OSError as exc:
@@ -252,18 +277,7 @@ class RunTokenizer:
             if not isinstance(definition, str) or not isinstance(strings, list) or not isinstance(spec, str) \
                     or len(strings) > MAX_TOKENS or not all(isinstance(s, str) for s in strings):
                 raise ValueError("not a tokenizer n2g saves")
-            if any(len(s) > MAX_TOKEN_STRING for s in strings):
-                raise ValueError(f"a token's text is longer than {MAX_TOKEN_STRING:,} characters")
-            if len(spec) > 4096:  # said in every answer of `n2g predict` and the server: the model's name or path
-                raise ValueError("its model name is longer than 4,096 characters")
-            parsed = json.loads(definition)
-            growth = _growth(parsed.get("normalizer")) * _growth(parsed.get("pre_tokenizer")) \
-                if isinstance(parsed, dict) else 1.0
-            if growth > MAX_GROWTH:
-                raise ValueError(f"its normalizers and pre-tokenizers can make typed text {growth:,.0f} times longer")
-            steps = _steps(parsed.get("normalizer")) + _steps(parsed.get("pre_tokenizer"))
-            if steps > MAX_STEPS:
-                raise ValueError(f"it chains {steps:,} normalizers and pre-tokenizers")
+            _check_costs(definition, strings, spec)
             from tokenizers import Tokenizer
 
             with _panics_quiet():

@@ -316,3 +316,11 @@ def test_text_that_is_not_unicode_is_one_line(made):
             split.split(bad)
         with pytest.raises(N2GError, match=says):
             split.encode(bad)
+
+
+def test_a_tokenizer_past_the_limits_loading_keeps_is_not_saved(tmp_path, monkeypatch):
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny")
+    monkeypatch.setattr(tokenizer, "MAX_TOKEN_STRING", 3)  # "<bos>", "<unk>" ... are longer
+    assert not tokenizer.save(tmp_path, model) and not (tmp_path / "tokenizer.json").exists()
+    monkeypatch.undo()
+    assert tokenizer.save(tmp_path, model) and tokenizer.RunTokenizer.load(tmp_path) is not None
