@@ -896,9 +896,32 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, AttributeError):
             pass
         return 141
+    except OSError as exc:
+        if not _output_failed(exc):
+            raise
+        return 2
     except KeyboardInterrupt:  # before a command started (its own handler says how to resume)
         print("n2g: interrupted", file=sys.stderr)
         return 130
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _output_failed(exc: OSError) -> bool:
+    """Whether ``exc`` is standard output that cannot be written (``> /dev/full``, a full disk or quota, a file past
+    its size limit): then it is said in one line on stderr, and stdout is sent to /dev/null so that the flush at exit
+    cannot fail again. A file n2g writes names its path and is the caller's to explain."""
+    if isinstance(exc, BrokenPipeError) or exc.filename is not None or exc.errno not in _OUTPUT_ERRNOS:
+        return False
+    print(f"n2g: error: cannot write the output ({exc.strerror or exc}); free some space, or send the output "
+          "elsewhere", file=sys.stderr)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return True
 
 
 @contextlib.contextmanager
@@ -1053,6 +1076,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"n2g: error: {visible(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:
+        if _output_failed(exc):
+            return 2
         path = f"the path {_shown(exc.filename)}" if exc.filename is not None else "a path given"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # wherever it is met (a cache, a run's files)
             what = "is on a read-only file system" if exc.errno == errno.EROFS else "cannot be used (permission denied)"

@@ -333,6 +333,19 @@ def test_closed_stdout_pipe_exits_quietly(command, tmp_path):
     assert res.returncode == 141
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device every write to fails with ENOSPC")
+@pytest.mark.parametrize("command", [["search", "paris"], ["show", "L0.N1", "--paths", "all"], ["show", "L0.N1", "--json"]])
+def test_stdout_on_a_full_device_is_one_line(command, tmp_path):
+    # `n2g ... > /dev/full` (or a full disk): one line and exit 2, not a traceback, at a print or at the last flush
+    run = make_run(tmp_path)
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "n2g", command[0], str(run), *command[1:]], env=_env(), stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1] == ("n2g: error: cannot write the output (No space left on device); free some "
+                                           "space, or send the output elsewhere")
+
+
 # ---------------------------------------------------------------------------------------------
 # item 10: the port is validated
 
