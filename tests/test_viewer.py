@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 import socket
 import threading
@@ -638,3 +639,20 @@ def test_text_without_a_model_splits_into_the_tokens_the_graphs_hold(tmp_path, c
     with serving(run) as port:
         status, d = _get_json(f"http://127.0.0.1:{port}/api/predict?key=L1.N5&text=" + quote(" strongest"))
     assert status == 200 and d["token_ids"] == [345] and d["predicted"] == [1.0]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the pages' script")
+def test_the_pages_scripts_show_control_and_bidi_characters_never_obey_them():
+    # typed text's tokens (try your own text) and searched tokens reach the page through these scripts, not
+    # through the autoescaping templates: a right-to-left override in a token must not reorder the row
+    import subprocess
+
+    from n2g.viewer import INDEX_JS, NEURON_JS
+
+    text = "a\u202eb\u2066c\x1bd\x7fe\x00f\tg\nh"
+    for script in (INDEX_JS, NEURON_JS):
+        (fn,) = [line.split("  //")[0] for line in script.splitlines() if "function visibleChars(t)" in line]
+        probe = f"new Function({json.dumps(script)});\n{fn}\nprocess.stdout.write(JSON.stringify(visibleChars({json.dumps(text)})));"
+        res = subprocess.run(["node", "-e", probe], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr  # the whole script parses, and the function runs
+        assert json.loads(res.stdout) == "a\\u202eb\\u2066c\\x1bd\\x7fe\\x00f\tg\nh"

@@ -17,7 +17,8 @@
     var a = Math.min(1, Math.abs(v)).toFixed(3);
     return v >= 0 ? "rgba(214,39,40," + a + ")" : "rgba(31,119,180," + a + ")";
   }
-  function shown(t) { return t.replace(/\r/g, "\u240d").replace(/\t/g, "\u2192   ").replace(/\n/g, "\u21b5\n"); }
+  function visibleChars(t) { return t.replace(/[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]/g, function (c) { return "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"); }).replace(/[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, function (c) { return "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0"); }); }  // control and bidi characters shown, never obeyed (as the pages and the terminal show them)
+  function shown(t) { return visibleChars(t.replace(/\r/g, "\u240d").replace(/\t/g, "\u2192   ").replace(/\n/g, "\u21b5\n")); }
   function line(label, toks, values, what) {
     var row = document.createElement("div");
     row.className = "try-row";
