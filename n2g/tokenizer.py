@@ -126,6 +126,20 @@ def _check_costs(definition: str, strings: list[str], spec: str) -> None:
         raise ValueError(f"it chains {steps:,} normalizers and pre-tokenizers")
 
 
+def _run_vocab_size(run_dir: Path) -> int | None:
+    """The vocabulary size run.json records for the run's model (what :func:`save` lists a display string for);
+    None where run.json cannot say."""
+    from n2g.report import read_run_json
+
+    try:
+        info, _ = read_run_json(run_dir)
+    except N2GError:  # a newer n2g's run: every command refuses it before this matters
+        return None
+    model = (info or {}).get("model")
+    size = model.get("vocab_size") if isinstance(model, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def _is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
 
@@ -278,6 +292,9 @@ class RunTokenizer:
                     or len(strings) > MAX_TOKENS or not all(isinstance(s, str) for s in strings):
                 raise ValueError("not a tokenizer n2g saves")
             _check_costs(definition, strings, spec)
+            rows = _run_vocab_size(run_dir)
+            if rows is not None and rows != len(strings):  # copied from another model's run
+                raise ValueError(f"it lists {len(strings):,} tokens, but the run's model has {rows:,}")
             from tokenizers import Tokenizer
 
             with _panics_quiet():

@@ -107,6 +107,13 @@ def _copy(run_dir, tmp_path, name="copy"):
     return dst
 
 
+def _unsized(run_dir):
+    """run.json without its model's vocabulary size (as a hand-made or older run's may be)."""
+    meta = json.loads((run_dir / "run.json").read_text())
+    del meta["model"]["vocab_size"]
+    (run_dir / "run.json").write_text(json.dumps(meta))
+
+
 def _tamper(path, **changes):
     d = json.loads(path.read_text())
     d.update(changes)
@@ -148,8 +155,9 @@ def _many_steps(path):
     (lambda p: _tamper(p, tokenizer=_growing(p)), "its normalizers and pre-tokenizers can make typed text"),
     (lambda p: _tamper(p, tokenizer=_growing_bytes(p)), "its normalizers and pre-tokenizers can make typed text"),
     (lambda p: _tamper(p, tokenizer=_many_steps(p)), "it chains 300 normalizers and pre-tokenizers"),
+    (lambda p: _tamper(p, token_strings=["a"] * 200), "it lists 200 tokens, but the run's model has 128"),
 ], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "long strings", "long model name", "link out", "growing normalizers",
-        "growing pre-tokenizers", "many steps"])
+        "growing pre-tokenizers", "many steps", "another model's"])
 def test_a_tokenizer_json_n2g_did_not_write_is_not_used(made, tmp_path, caplog, damage, says):
     run_dir, _ = made
     copy = _copy(run_dir, tmp_path)
@@ -183,6 +191,7 @@ def test_ids_past_the_saved_table_are_unknown_tokens(made, tmp_path):
     run_dir, model = made
     copy = _copy(run_dir, tmp_path)
     _tamper(copy / "tokenizer.json", token_strings=model.token_strings(range(5)))  # ids 0-4 only
+    _unsized(copy)  # a run.json that cannot say how many tokens the model has
     ids, toks = tokenizer.splitter(copy).split("the cat")
     assert ids == [4, _UNKNOWN] and toks == ["the", "cat"]
 
@@ -242,6 +251,7 @@ def test_a_loaded_neuron_reads_text_with_the_saved_tokenizer(made, tmp_path):
         n2g.load_neuron(copy, "L1.N0").predict(TEXT)
     _copy(run_dir, tmp_path, "short")
     _tamper(tmp_path / "short" / "tokenizer.json", token_strings=model.token_strings(range(5)))
+    _unsized(tmp_path / "short")
     with pytest.raises(N2GError, match="past its own table of 5 tokens for 'cat'"):
         n2g.load_neuron(tmp_path / "short", "L1.N0").predict("the cat")
     (tmp_path / "short" / "tokenizer.json").write_text("{}")  # damaged: read when first used, and said so then
