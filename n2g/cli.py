@@ -448,12 +448,11 @@ def _show(args) -> int:
         _print_json({"run": str(run_dir), "neurons": [{k: v for k, v in e.items() if k != "_graph"} for e in shown]})
         return 0
 
-    def f1(method: str) -> str:
-        s = shown_entry["scores"].get(method)
-        return "-" if s is None or s["f1"] is None else f"{s['f1']:.3f}"
+    for n, e in enumerate(shown):
+        def f1(method: str, e=e) -> str:
+            s = e["scores"].get(method)
+            return "-" if s is None or s["f1"] is None else f"{s['f1']:.3f}"
 
-    for n, shown_entry in enumerate(shown):
-        e = shown_entry
         head = f"{e['key']} ({e['status']})"
         if e["status"] != "dead":
             head += ": test firing F1 " + (f1("n2g") if f1("n2g") != "-" else "undefined (no held-out token fires)")
@@ -890,11 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         # The reader of stdout has gone (`n2g ... | head`): stop quietly, as Unix tools do.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # so the final flush at exit cannot fail again
-        except (OSError, ValueError, AttributeError):
-            pass
+        _discard_stdout()
         return 141
     except OSError as exc:
         if not _output_failed(exc):
@@ -916,12 +911,20 @@ def _output_failed(exc: OSError) -> bool:
         return False
     print(f"n2g: error: cannot write the output ({exc.strerror or exc}); free some space, or send the output "
           "elsewhere", file=sys.stderr)
+    _discard_stdout()
+    return True
+
+
+def _discard_stdout() -> None:
+    """Standard output sent to /dev/null once it cannot be written, so that the flush at exit cannot fail again."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
     except (OSError, ValueError, AttributeError):
         pass
-    return True
 
 
 @contextlib.contextmanager
