@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -402,10 +403,7 @@ def _paths_limit(text: str) -> int | None:
     """``--paths``: a whole number of 0 or more, or ``all`` (None)."""
     if text.strip().lower() == "all":
         return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
+    n = int(text) if re.fullmatch(r"\s*[0-9]+\s*", text) else -1  # not int()'s "1_0", "+3" or other scripts' digits
     if n < 0:
         raise N2GError(f"--paths must be a whole number of 0 or more, or 'all' (got {visible(text)[:40]!r})")
     return n

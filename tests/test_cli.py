@@ -517,6 +517,8 @@ def test_show_prints_a_neurons_scores_summary_and_strongest_paths(run, capsys):
     (["L0.N1", "L9.N9"], "holds no readable result for L9.N9; fit it there with `n2g run --layers 9 --neurons 9"),
     (["L0.N1", "--paths", "-1"], "--paths must be a whole number of 0 or more, or 'all'"),
     (["L0.N1", "--paths", "many"], "--paths must be a whole number of 0 or more, or 'all'"),
+    (["L0.N1", "--paths", "1_0"], "--paths must be a whole number of 0 or more, or 'all'"),  # int() takes these
+    (["L0.N1", "--paths", "\u0663"], "--paths must be a whole number of 0 or more, or 'all'"),
 ])
 def test_show_mistakes_are_one_line(run, capsys, argv, says):
     code, out, err = main(["show", run, *argv], capsys)
