@@ -501,9 +501,10 @@ def _run_made_with(run_dir: Path) -> dict:
 def _predict(args) -> int:
     import sqlite3
 
+    from .graph import shown_fixed
     from .records import NeuronId
     from .render import display_token
-    from .search import fires_on, run_neurons, warn_if_index_behind
+    from .search import _run_fire_threshold, fires_on, run_neurons, warn_if_index_behind
 
     run_dir = _run_dir_and_limit(args)
     for key in args.neuron or ():
@@ -557,6 +558,7 @@ def _predict(args) -> int:
     except (sqlite3.Error, OSError) as exc:
         raise N2GError(f"cannot read the search index of {run_dir} ({exc}); run `n2g report {run_dir}` to rebuild it") from None
     shown = [display_token(t) for t in toks]
+    threshold = _run_fire_threshold(run_dir)  # a value just below it reads 0.49, never 0.50
     if args.json:
         _print_json({"tokens": toks, "token_ids": [i if 0 <= i < 2**31 else None for i in ids], "tokenizer": how,
                      "unit": "normalised activation", "n_results": len(results),  # the text says "... and N more"
@@ -575,7 +577,7 @@ def _predict(args) -> int:
             print(f"\n{display_token(e['key'])} (N2G F1 {f1}): {said}")
             print(f"  {'token':<24}{'predicted':>10}" + (f"{'true':>8}" if true is not None else ""))
             for i, tok in enumerate(shown):
-                line = f"  {tok[:23]:<24}{e['predicted'][i]:>10.2f}"
+                line = f"  {tok[:23]:<24}{shown_fixed(e['predicted'][i], threshold):>10}"
                 if true is not None:
                     v = (e.get("true") or [None] * len(ids))[i]
                     line += f"{'-' if v is None else format(v, '.2f'):>8}"
@@ -589,9 +591,9 @@ def _predict(args) -> int:
           + "  where the graph says it fires" + (" (true: where it fires)" if true is not None else ""))
     for e in results[:args.limit]:
         f1 = "  -" if e["f1"] is None else f"{e['f1']:.2f}"
-        where = ", ".join(f"{shown[i][:20]} {e['predicted'][i]:.2f}" for i in e["fires"][:6])
+        where = ", ".join(f"{shown[i][:20]} {shown_fixed(e['predicted'][i], threshold)}" for i in e["fires"][:6])
         where += f" and {len(e['fires']) - 6} more" if len(e["fires"]) > 6 else ""
-        line = f"{display_token(e['key'])[:40]:<16}{f1:>7}{e['predicted_max']:>10.2f}"
+        line = f"{display_token(e['key'])[:40]:<16}{f1:>7}{shown_fixed(e['predicted_max'], threshold):>10}"
         if true is not None:
             line += f"{'-' if e.get('true_max') is None else format(e['true_max'], '.2f'):>7}"
             if not e["fires"]:

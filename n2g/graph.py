@@ -182,6 +182,17 @@ def _saved_value(value: float, fire_threshold: float) -> float:
     return rounded if (np.float32(rounded) >= fire_threshold) == (np.float32(value) >= fire_threshold) else value
 
 
+def shown_fixed(value: float, threshold: float, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals for a text table or a drawing, on the same side of ``threshold`` as the
+    value itself: an END kept just below the threshold (0.49999997) reads 0.49, never a firing-looking 0.50."""
+    value = float(value)
+    text = f"{value:.{digits}f}"
+    if math.isfinite(value) and (float(text) >= threshold) != (value >= threshold):
+        scale = 10 ** digits  # round toward the value's own side instead
+        text = f"{(math.floor(value * scale) if value < threshold else math.ceil(value * scale)) / scale:.{digits}f}"
+    return text
+
+
 def _token_values(pairs, fire_threshold: float) -> dict[int, float]:
     """A graph file's ``token_values`` ([[token id, value], ...]) checked: token ids, finite values below
     the firing threshold (a background value never fires), at most :data:`MAX_TOKEN_VALUES`."""
@@ -874,7 +885,7 @@ class NeuronGraph:
         texts = [path_text(p) for p in shown]
         width = min(max((len(t) for t in texts), default=0), 60)
         lines = [head, "  path in reading order, [activating token]; END value (normalised); training paths"]
-        lines += [f"  {t:<{width}}  {p['end']:.2f}  x{p['count']}" for t, p in zip(texts, shown)]
+        lines += [f"  {t:<{width}}  {shown_fixed(p['end'], self.fire_threshold)}  x{p['count']}" for t, p in zip(texts, shown)]
         if len(paths) > len(shown):
             more = len(paths) - len(shown)
             lines.append(f"  ... {more} more {plural(more, 'path')} (graph.describe(limit=None) lists all)")

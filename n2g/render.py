@@ -27,7 +27,7 @@ import networkx as nx
 
 from n2g.errors import N2GError
 from n2g.fileio import inside, read_json, replacing, write_bytes_atomic
-from n2g.graph import MAX_TOKEN_ID, START_TEXT, NeuronGraph, token_value_count, tree_problem
+from n2g.graph import MAX_TOKEN_ID, START_TEXT, NeuronGraph, shown_fixed, token_value_count, tree_problem
 
 log = logging.getLogger(__name__)
 
@@ -365,11 +365,11 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
     paths = graph_paths(G)
     keep: set | None = None
     summary = None
+    threshold = graph_fire_threshold(G)
     if max_paths is not None and len(paths) > max_paths:
         shown = paths[:max_paths]
         keep = {n for p in shown for n in p["nodes"]}
         acts = [n for n in G.nodes if G.nodes[n].get("kind") == "activator"]
-        threshold = graph_fire_threshold(G)
         quiet = {n for n in acts if is_quiet(G.nodes[n], threshold)}
         drawn = {p["nodes"][0] for p in shown}
         hidden_acts, hidden_quiet = len(acts) - len(drawn), len(quiet - drawn)
@@ -435,12 +435,12 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
             white = act > 0.55
             if white:
                 attrs["fontcolor"] = '"white"'
-            tip = f"activating token id {a.get('token_id')}; activation {act:.2f}"
-            value = f"act {act:.2f}"
+            tip = f"activating token id {a.get('token_id')}; activation {shown_fixed(act, threshold)}"
+            value = f"act {shown_fixed(act, threshold)}"
             own = token_value_count(G)
             if a.get("token_id") is None and own:
-                tip = f"any other token: its own training mean where it has one ({own} tokens), else {act:.2f}"
-                value = f"{own} own values, else {act:.2f}"
+                tip = f"any other token: its own training mean where it has one ({own} tokens), else {shown_fixed(act, threshold)}"
+                value = f"{own} own values, else {shown_fixed(act, threshold)}"
         else:
             label = html_label_text(display_token(a.get("token"), a.get("token_id")))
             imp = _num(a.get("importance"))
@@ -457,9 +457,9 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
                 value = "grown"
         if ends:
             attrs["penwidth"] = "3"
-            tip += f"; path ends here, predicts {best_end:.2f}"
+            tip += f"; path ends here, predicts {shown_fixed(best_end, threshold)}"
             if kind != "activator" or abs(best_end - _num(a.get("activation"), 1.0)) > 5e-3:
-                value = (value + " \u00b7 " if value else "") + f"end {best_end:.2f}"
+                value = (value + " \u00b7 " if value else "") + f"end {shown_fixed(best_end, threshold)}"
         # tooltip text is built from numbers only, never from token text
         attrs["tooltip"] = _dot_quote(tip)
         attrs["label"] = f"<{label}{_value_line(value, white) if value else ''}>" if label else '""'

@@ -393,6 +393,7 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
     ("" for MLP neurons; by default as ``run.json`` records it), so the page calls the feature a latent;
     ``graph_tokens``: a dict the graph's token texts and ids are added to (:func:`_add_graph_tokens`)."""
     from n2g.explain import summary
+    from n2g.graph import shown_fixed
     from n2g.profile import band_label
     from n2g.render import is_finite_number
     from n2g.pages import render_page
@@ -447,7 +448,8 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
         test_more=_excerpt_section(tests[FIRST_EXCERPTS:], "test-excerpts-more", "more test excerpts", threshold, max_raw),
         train=_excerpt_section([e for e in result.examples if e.split == "train"], "train-excerpts", "train excerpts",
                                threshold, max_raw),
-        graph=graph, paths=[{**p, "text": path_text(p)} for p in paths], summarised=len(paths) > MAX_DRAWN_PATHS,
+        graph=graph, paths=[{**p, "text": path_text(p), "end_text": shown_fixed(p["end"], threshold) if is_finite_number(p["end"]) else None}
+               for p in paths], summarised=len(paths) > MAX_DRAWN_PATHS,
         drawn=MAX_DRAWN_PATHS, scores=scores, firing_rate=st.firing_rate, n_sampled=st.n_sampled_tokens,
         hist=_histogram(result.histogram or {}, threshold), quantiles=quantiles, bands=bands,
         promoted=result.promoted, suppressed=result.suppressed, ablation=_fields_of(result.ablation, _ABLATION_FIELDS),

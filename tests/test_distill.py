@@ -185,6 +185,25 @@ def test_an_end_value_just_below_the_fire_threshold_stays_quiet_in_graph_json(tm
     G = load_graph_json(path)
     quiet = {a["token_id"] for _, a in G.nodes(data=True) if is_quiet(a, G.graph["fire_threshold"])}
     assert quiet == {5}
+    # its text forms read it on its own side of the threshold too (they printed 0.50 / 0.30 with 2 decimals)
+    from n2g.render import to_dot
+
+    shown, firing = f"{threshold - 0.01:.2f}", f"{threshold:.2f}"
+    lines = graph.describe().splitlines()
+    assert [ln.split()[-2] for ln in lines[2:]] == [firing, shown], lines
+    dot = to_dot(G)
+    assert f"act {shown}" in dot and dot.count(f"act {firing}") == 1, dot
+
+
+@pytest.mark.parametrize("value, threshold, text", [
+    (0.49999997, 0.5, "0.49"), (0.5, 0.5, "0.50"), (0.4951, 0.5, "0.49"), (0.494, 0.5, "0.49"), (0.7, 0.5, "0.70"),
+    (0.5049, 0.505, "0.50"), (0.505, 0.505, "0.51"), (0.30000001, 0.3, "0.30"), (0.29999999, 0.3, "0.29"),
+    (-0.0001, 0.0, "-0.01"), (float("nan"), 0.5, "nan"),
+])
+def test_shown_fixed_keeps_a_value_on_its_own_side_of_the_threshold(value, threshold, text):
+    from n2g.graph import shown_fixed
+
+    assert shown_fixed(value, threshold) == text
 
 
 def test_no_firing_test_token_is_reported_not_perfect():

@@ -181,7 +181,7 @@ def test_an_sae_given_for_a_run_of_mlp_neurons_is_one_line_before_any_model_load
                                               f"{'predict on' if command == 'predict' else 'serve'} it without --sae"), err
 
 
-def test_a_value_just_below_the_threshold_is_not_shown_as_firing(run):
+def test_a_value_just_below_the_threshold_is_not_shown_as_firing(run, capsys):
     # a graph keeps an END its quantile called quiet just below the threshold (the float32 below 0.5): the JSON
     # of `n2g predict`, /api/fires and /api/predict rounded it to 0.5, which the page's script (and anyone reading
     # the JSON) takes for firing, though "fires" said it does not; a true 0.49996 was listed in true_fires,
@@ -209,3 +209,6 @@ def test_a_value_just_below_the_threshold_is_not_shown_as_firing(run):
         with urllib.request.urlopen(api(f"http://127.0.0.1:{port}/api/predict?key=L0.N1&text=+Paris")) as r:
             got = json.loads(r.read())
     assert got["token_ids"] == [100] and got["predicted"][0] < 0.5
+    # the terminal's table printed it with 2 decimals: 0.50, beside a graph that it says does not fire
+    code, out, _ = main(["predict", run, " Paris", "--neuron", "L0.N1"], capsys)
+    assert code == 0 and "0.50" not in out and "0.49" in out, out
