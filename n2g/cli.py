@@ -377,6 +377,7 @@ def _search(args) -> int:
         hits = search(run_dir, args.token, role=args.role, limit=args.limit)
     except (sqlite3.Error, OSError) as exc:
         raise N2GError(f"cannot read the search index of {run_dir} ({exc}); run `n2g report {run_dir}` to rebuild it") from None
+    from .graph import shown_fixed
     from .search import _run_fire_threshold
 
     threshold = _run_fire_threshold(run_dir)
@@ -389,7 +390,8 @@ def _search(args) -> int:
     print(f"{'neuron':<16}{'token':<24}{'role':<11}{'weight':>7}{'N2G F1':>8}  match")
     for h in hits:
         f1 = "  -  " if h["f1"] is None else f"{h['f1']:.2f}"
-        w = "  -  " if h["weight"] is None else f"{h['weight']:.2f}"
+        w = "  -  " if h["weight"] is None else \
+            shown_fixed(h["weight"], threshold) if h["role"] == "activator" else f"{h['weight']:.2f}"  # quiet reads 0.49
         role = "quiet" if h["quiet"] else h["role"]
         # the key too is text from the index file, which may not be the user's own: control characters shown, not sent
         print(f"{display_token(h['key'])[:40]:<16}{display_token(h['token'])[:23]:<24}{role:<11}{w:>7}{f1:>8}  {h['match']}")
