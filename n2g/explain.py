@@ -169,7 +169,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
     c = result.ceiling or {}
     unseen = c.get("n_firing", 0) - c.get("n_seen", 0)
     if unseen > 0 and c.get("f1") is not None:
-        out.append(_seg(f" {unseen} of its {c['n_firing']} held-out firing tokens are tokens that never fire in the "
+        out.append(_seg(f" {unseen} of its {c['n_firing']} held-out firing tokens {'is a token' if unseen == 1 else 'are tokens'} that never fire{'s' if unseen == 1 else ''} in the "
                         f"training text, which no rule learned from that text alone recalls: a lookup keyed on its tokens "
                         f"scores at most F1 {c['f1']:.2f} here (the graph passes that only where the model's variants or "
                         f"written text showed such a token firing)."))

@@ -876,9 +876,10 @@ class NeuronGraph:
         name = self.neuron.key if self.neuron else "graph"
         best = self._max_end_below()
         quiet = sum(1 for c in self.nodes[0].children.values() if best[c] < self.fire_threshold)
-        acts = f"{st['activator']} activating tokens" + (f" ({quiet} quiet: never predicted to fire)" if quiet else "")
+        acts = f"{st['activator']} activating {plural(st['activator'], 'token')}" + (f" ({quiet} quiet: never predicted to fire)" if quiet else "")
         head = (f"NeuronGraph {name}: {acts}, {st['context']} context, "
-                f"{st['wildcard']} wildcard nodes, {len(paths)} paths (fires at >= {self.fire_threshold:g})")
+                f"{st['wildcard']} wildcard {plural(st['wildcard'], 'node')}, {len(paths)} {plural(len(paths), 'path')} "
+                f"(fires at >= {self.fire_threshold:g})")
         if not paths:
             return head + "\n  (no paths: the graph predicts 0 everywhere)"
         shown = paths if limit is None else paths[:limit]

@@ -271,7 +271,9 @@ def graph_paths(G: nx.DiGraph) -> list[dict]:
     Each path is a dict: ``nodes`` (graph node ids, activator first, walking back through the
     context), ``tokens`` (their display text; ``*`` for a wildcard), ``kinds``, ``end`` (the
     normalised activation the END predicts), ``count`` (training paths that ended there) and
-    ``strength`` (``end x count``, how the drawing and the tables rank paths).
+    ``strength`` (``end x count``). Paths that fire (END at or above the graph's fire threshold) come first,
+    then the graded ones, then the background value of "any other token"; by strength within each: how the
+    drawing and the tables rank paths.
     """
     parent = {}
     for u, v in G.edges:
@@ -297,7 +299,11 @@ def graph_paths(G: nx.DiGraph) -> list[dict]:
             "kinds": [G.nodes[c].get("kind", "context") for c in chain],
             "end": end, "count": count, "strength": end * count,
         })
-    out.sort(key=lambda p: (-p["strength"], -p["end"], len(p["nodes"]), p["tokens"]))
+    # what makes the neuron fire comes first: paths that fire, strongest first, then the graded ones (quiet
+    # activators, and last the background value of "any other token", whose count is every token it covers)
+    threshold = graph_fire_threshold(G)
+    out.sort(key=lambda p: (p["end"] < threshold, p["kinds"][0] == "activator" and G.nodes[p["nodes"][0]].get("token_id") is None,
+                            -p["strength"], -p["end"], len(p["nodes"]), p["tokens"]))
     return out
 
 

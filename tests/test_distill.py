@@ -684,3 +684,10 @@ def test_a_graph_claiming_millions_of_end_values_loads_as_counts_not_a_list_of_t
     (node,) = [n for n in small.nodes if n.end is not None]
     small.add_path([(node.token_id, 1.0)], 0.25)
     assert len(node.end_values) == 11 and node.end_values[:10] == [node.end_values[0]] * 10
+
+
+def test_describe_counts_in_the_singular_where_there_is_one():
+    graph = NeuronGraph()
+    graph.add_path([(5, 1.0), (WILDCARD, 0.5), (6, 0.9)], 0.8)
+    head = graph.describe().splitlines()[0]
+    assert head == "NeuronGraph graph: 1 activating token, 1 context, 1 wildcard node, 1 path (fires at >= 0.5)", head

@@ -194,14 +194,30 @@ def large_graph(n_act: int = 90) -> nx.DiGraph:
 
 def test_graph_paths_rank_by_activation_times_count():
     G = large_graph(10)
-    G.nodes["a3.end"]["count"] = 5  # a weaker END seen five times outranks every single-count path
+    G.nodes["a2.end"]["count"] = 5  # a weaker END (0.52) seen five times outranks every single-count path
     paths = R.graph_paths(G)
     assert len(paths) == 10 + 4
-    assert paths[0]["nodes"] == ["a3"] and paths[0]["strength"] == pytest.approx(5 * G.nodes["a3"]["activation"])
-    strengths = [p["strength"] for p in paths]
-    assert strengths == sorted(strengths, reverse=True)
+    assert paths[0]["nodes"] == ["a2"] and paths[0]["strength"] == pytest.approx(5 * G.nodes["a2"]["activation"])
+    firing = [p["end"] >= 0.5 for p in paths]
+    assert firing == sorted(firing, reverse=True)  # what fires first, then the graded paths
+    for group in (True, False):
+        strengths = [p["strength"] for p in paths if (p["end"] >= 0.5) == group]
+        assert strengths == sorted(strengths, reverse=True)
     ctx = next(p for p in paths if p["nodes"] == ["a0", "c0"])
     assert ctx["tokens"] == ["␣tok0", "␣in"] and R.path_text(ctx) == "␣in [␣tok0]"
+
+
+def test_graph_paths_put_quiet_paths_and_the_background_value_after_those_that_fire():
+    # a quiet activator seen often (0.28 x 5) and the background value of any other token (its count: every token
+    # it covered) outranked firing paths by END x count: `n2g show` and describe listed "[*] 0.09 x11143" first
+    G = large_graph(10)
+    G.nodes["a3.end"]["count"] = 5
+    G.add_node("bg", kind="activator", token="", token_id=None, depth=0, importance=1.0, activation=0.09, count=11143)
+    G.add_node("bg.end", kind="end", activation=0.09, count=11143)
+    G.add_edges_from([("root", "bg"), ("bg", "bg.end")])
+    order = [p["nodes"][-1] for p in R.graph_paths(G)]
+    assert order.index("a3") > max(order.index(n) for n in ("a1", "a2", "a4", "a5", "a7", "a8"))
+    assert order[-1] == "bg" and order[0] == "a7"
 
 
 def _plain_positions(dot: str) -> tuple[float, dict[str, tuple[float, float]]]:
