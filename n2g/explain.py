@@ -12,7 +12,7 @@ import re
 import networkx as nx
 
 from .records import NeuronResult
-from .graph import token_value_count
+from .graph import shown_fixed, token_value_count
 from .render import graph_fire_threshold, graph_paths, path_text
 
 
@@ -82,7 +82,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         ranked = list(dict.fromkeys(act(p) for p in firing))
         top = ranked[:3]
         out.append(_seg(f"{key} fires on "))
-        out.extend(_listing([[_seg(t, True), _seg(f" ({acts[t]:.2f})")] for t in top], len(ranked) - len(top)))
+        out.extend(_listing([[_seg(t, True), _seg(f" ({shown_fixed(acts[t], threshold)})")] for t in top], len(ranked) - len(top)))
         if exceptions:  # a dense neuron: any token fires, these are its exceptions
             out.append(_seg(" but is quiet on "))
             out.extend(_listing([[_seg(p["tokens"][0], True)] for p in exceptions[:3]], len(exceptions) - len(exceptions[:3])))
@@ -95,7 +95,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
             out.append(_seg(ctx, True))
             out.append(_seg(f" {_where(p)} ("))
             out.append(_seg(path_text(p), True))
-            out.append(_seg(f": {p['end']:.2f})"))
+            out.append(_seg(f": {shown_fixed(p['end'], threshold)})"))
             if bare:
                 alone = [t for t in ranked if t in bare][:2]
                 out.append(_seg("; "))
@@ -121,7 +121,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         p = quiet[0]
         out.append(_seg("It is suppressed in some contexts: "))
         out.append(_seg(path_text(p), True))
-        out.append(_seg(f" is predicted only {p['end']:.2f}"))
+        out.append(_seg(f" is predicted only {shown_fixed(p['end'], threshold)}"))
         if len(quiet) > 1:
             out.append(_seg(f" ({len(quiet) - 1} more such context{'s' if len(quiet) > 2 else ''} in the path table)"))
         out.append(_seg(". "))
@@ -136,12 +136,12 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         out.append(_seg("Below its firing threshold the graph also holds graded values: "))
         if mild:
             out.append(_seg("mildly active on "))
-            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({p['end']:.2f})")] for p in mild[:3]],
+            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({shown_fixed(p['end'], threshold)})")] for p in mild[:3]],
                                 len(mild) - len(mild[:3])))
         if low:
             out.append(_seg("; " if mild else ""))
             out.append(_seg("below zero on "))
-            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({p['end']:.2f})")] for p in low[:2]],
+            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({shown_fixed(p['end'], threshold)})")] for p in low[:2]],
                                 len(low) - len(low[:2])))
         out.append(_seg(". "))
     if wild and wild[0]["end"] < threshold:  # the background value: [*] alone
@@ -149,9 +149,9 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         if own:
             out.append(_seg(f"Any other token is predicted at its own training mean where no path matched it "
                             f"({own:,} tokens, all below the firing threshold), and one the training text never "
-                            f"showed there at {wild[0]['end']:.2f}, the training mean of the tokens no path matches. "))
+                            f"showed there at {shown_fixed(wild[0]['end'], threshold)}, the training mean of the tokens no path matches. "))
         else:
-            out.append(_seg(f"Any other token is predicted at {wild[0]['end']:.2f}, the training mean of the tokens "
+            out.append(_seg(f"Any other token is predicted at {shown_fixed(wild[0]['end'], threshold)}, the training mean of the tokens "
                             "no path matches. "))
     s = result.scores.get("n2g")
     if s is not None:

@@ -190,6 +190,8 @@ def shown_fixed(value: float, threshold: float, digits: int = 2) -> str:
     if math.isfinite(value) and (float(text) >= threshold) != (value >= threshold):
         scale = 10 ** digits  # round toward the value's own side instead
         text = f"{(math.floor(value * scale) if value < threshold else math.ceil(value * scale)) / scale:.{digits}f}"
+    elif text.startswith("-") and float(text) == 0.0:
+        text = text[1:]  # -0.0001 reads 0.00, not -0.00
     return text
 
 

@@ -198,7 +198,7 @@ def test_an_end_value_just_below_the_fire_threshold_stays_quiet_in_graph_json(tm
 @pytest.mark.parametrize("value, threshold, text", [
     (0.49999997, 0.5, "0.49"), (0.5, 0.5, "0.50"), (0.4951, 0.5, "0.49"), (0.494, 0.5, "0.49"), (0.7, 0.5, "0.70"),
     (0.5049, 0.505, "0.50"), (0.505, 0.505, "0.51"), (0.30000001, 0.3, "0.30"), (0.29999999, 0.3, "0.29"),
-    (-0.0001, 0.0, "-0.01"), (float("nan"), 0.5, "nan"),
+    (-0.0001, 0.0, "-0.01"), (-0.0001, 0.5, "0.00"), (-0.004, 0.5, "0.00"), (-0.006, 0.5, "-0.01"), (float("nan"), 0.5, "nan"),
 ])
 def test_shown_fixed_keeps_a_value_on_its_own_side_of_the_threshold(value, threshold, text):
     from n2g.graph import shown_fixed

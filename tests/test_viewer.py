@@ -511,6 +511,8 @@ def test_summary_says_how_many_held_out_firing_tokens_training_never_shows_firin
                          "rule learned from that text alone recalls: a lookup keyed on its tokens scores at most F1 0.75 "
                          "here (the graph passes that only where the model's variants or written text showed such a "
                          "token firing).")
+    assert "1 of its 10 held-out firing tokens is a token that never fires in the training text" in \
+        summary_text(result({"n_firing": 10, "n_seen": 9, "f1": 0.95}), G)
     for seen_all in ({"n_firing": 10, "n_seen": 10, "f1": 1.0}, {}):  # nothing to say, or a result from before
         assert "never fire in the training text" not in summary_text(result(seen_all), G)
 
