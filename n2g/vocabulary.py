@@ -307,15 +307,15 @@ def vocabulary_tokens(model, excerpts, is_train: np.ndarray, cfg, neurons: Itera
     if todo:
         tokens = candidates(model, rows, is_train, min_count)
         scales = {l: (scans[l].top_val[0].float(), -scans[l].bot_val[0].float()) for l in todo}
-        log.info("vocabulary in context: %d tokens the training partition shows fewer than %d times, after %d "
-                 "contexts of %d tokens, layers %s", len(tokens), min_count, len(windows), windows.shape[1], todo)
+        log.info("vocabulary in context: %s tokens the training partition shows fewer than %d times, after %d "
+                 "contexts of %d tokens, layers %s", f"{len(tokens):,}", min_count, len(windows), windows.shape[1], todo)
         new = measure(model, windows, tokens, scales, cfg.fire_threshold, progress, cfg.vocabulary_most)
         for l in todo:
             out.layers[l] = new.layers[l]
             if cache_dir:
                 _save(_cache_path(Path(cache_dir), model, key, l), new.layers[l])
-    log.info("vocabulary in context: %s firing (token, neuron) pairs per layer",
-             ", ".join(f"L{l} {len(v.tokens)}" for l, v in sorted(out.layers.items())))
+    log.info("vocabulary in context: %s firing (token, neuron) pairs per layer, over all its neurons",
+             ", ".join(f"L{l} {len(v.tokens):,}" for l, v in sorted(out.layers.items())))
     return out
 
 

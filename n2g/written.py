@@ -362,6 +362,6 @@ def written_tokens(model, excerpts, is_train: np.ndarray, cfg, neurons: Iterable
     written = written_excerpts(model, rows, is_train, cfg.written, cfg.written_prompt, cfg.seed, cache_dir, corpus_key)
     common = shown_tokens(rows, is_train, max(cfg.min_count, 2))
     tokens = measure(model, written, cfg.written_prompt, common, wanted, exponents=exponents)
-    log.info("written text: %d excerpts, %d tokens the training partition shows fewer than %d times",
-             tokens.n_excerpts, len(tokens.ids), max(cfg.min_count, 2))
+    log.info("written text: %d excerpts, %s tokens the training partition shows fewer than %d times",
+             tokens.n_excerpts, f"{len(tokens.ids):,}", max(cfg.min_count, 2))
     return tokens
