@@ -1406,6 +1406,9 @@ def load_model(spec: str = "default", device: str | None = None,
                 names = ", ".join(g.name for g in ggufs[:5]) + (", ..." if len(ggufs) > 5 else "")
                 raise N2GError(f"{spec} holds {len(ggufs)} .gguf files ({names}); pass the one to use, "
                                f"e.g. --model {ggufs[0]}")
+            elif not os.path.lexists(path / "config.json"):
+                raise N2GError(f"{spec} is a folder without config.json or a .gguf file; pass a Hugging Face model "
+                               "directory (config.json, weights, tokenizer), a .gguf file, or --model default")
             else:
                 model, tokenizer = _load_pretrained(str(path), local=True)
         elif path.exists():

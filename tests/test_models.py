@@ -323,6 +323,14 @@ def test_missing_paths_raise(spec):
         load_model(spec)
 
 
+def test_an_empty_folder_is_named_as_one(tmp_path):
+    # it was "not a Hugging Face model directory (Unrecognized model in ... Should have a `model_type` key in its
+    # config.json.)", transformers' words for a folder that has no config.json at all
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(N2GError, match="is a folder without config.json or a .gguf file; pass a Hugging Face model"):
+        load_model(str(tmp_path), device="cpu")
+
+
 def test_hub_failure_says_what_to_do(monkeypatch):
     import transformers as tf
 
