@@ -126,18 +126,51 @@ def _check_costs(definition: str, strings: list[str], spec: str) -> None:
         raise ValueError(f"it chains {steps:,} normalizers and pre-tokenizers")
 
 
-def _run_vocab_size(run_dir: Path) -> int | None:
-    """The vocabulary size run.json records for the run's model (what :func:`save` lists a display string for);
-    None where run.json cannot say."""
+def _run_model(run_dir: Path) -> dict:
+    """The model as run.json records it; {} where run.json cannot say."""
     from n2g.report import read_run_json
 
     try:
         info, _ = read_run_json(run_dir)
     except N2GError:  # a newer n2g's run: every command refuses it before this matters
-        return None
+        return {}
     model = (info or {}).get("model")
-    size = model.get("vocab_size") if isinstance(model, dict) else None
+    return model if isinstance(model, dict) else {}
+
+
+def _run_vocab_size(run_dir: Path) -> int | None:
+    """The vocabulary size run.json records for the run's model (what :func:`save` lists a display string for);
+    None where run.json cannot say."""
+    size = _run_model(run_dir).get("vocab_size")
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _foreign(run_dir: Path, strings: list[str]) -> str | None:
+    """Why ``strings`` (a saved tokenizer's display strings) are not the run's model's, or None: the BOS token
+    run.json records, and the token texts and ids of the run's pages (``viewer/vocabulary.json``), must be theirs.
+    A tokenizer.json copied from another model's run with as many tokens names other tokens at those ids; a
+    few texts may differ where another n2g version wrote the pages, so only a majority counts."""
+    from n2g.viewer import VOCABULARY_KIND, VOCABULARY_NAME
+
+    model = _run_model(run_dir)
+    bos_id, bos = model.get("bos_token_id"), model.get("bos_token")
+    if isinstance(bos_id, int) and not isinstance(bos_id, bool) and 0 <= bos_id < len(strings) \
+            and isinstance(bos, str) and strings[bos_id] != bos:
+        return f"its token {bos_id} is {strings[bos_id][:40]!r}, but the run's model begins text with {bos[:40]!r}"
+    path = run_dir / "viewer" / VOCABULARY_NAME
+    try:
+        d = read_json(path) if inside(run_dir, path) else None
+    except (OSError, ValueError, RecursionError):  # none, or damaged: the fallback says so when it reads it
+        return None
+    tokens = d.get("tokens") if isinstance(d, dict) and d.get("kind") == VOCABULARY_KIND else None
+    if not isinstance(tokens, dict):
+        return None
+    pairs = [(t, i) for t, i in tokens.items()
+             if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(strings)]
+    differ = sum(strings[i] != t for t, i in pairs)
+    if pairs and 2 * differ > len(pairs):
+        return f"{differ:,} of the {len(pairs):,} tokens the run's pages show have other texts in it"
+    return None
 
 
 def _is_interrupt(exc: BaseException) -> bool:
@@ -295,6 +328,9 @@ class RunTokenizer:
             rows = _run_vocab_size(run_dir)
             if rows is not None and rows != len(strings):  # copied from another model's run
                 raise ValueError(f"it lists {len(strings):,} tokens, but the run's model has {rows:,}")
+            foreign = _foreign(run_dir, strings)  # another model's, with as many tokens
+            if foreign:
+                raise ValueError(f"another model's tokenizer: {foreign}")
             from tokenizers import Tokenizer
 
             with _panics_quiet():

@@ -143,6 +143,16 @@ def _many_steps(path):
     return json.dumps(definition)
 
 
+def _renamed(path, keep_bos: bool):
+    """The saved display strings as another model with as many tokens would have them: the run's BOS token's kept,
+    or only it changed."""
+    strings = json.loads(path.read_text())["token_strings"]
+    bos = json.loads((path.parent / "run.json").read_text())["model"]["bos_token_id"]
+    if keep_bos:
+        return [s if i == bos else f"other{i}" for i, s in enumerate(strings)]
+    return [s if i != bos else "<s>" for i, s in enumerate(strings)]
+
+
 @pytest.mark.parametrize("damage, says", [
     (lambda p: p.write_text("not json"), "Expecting value"),
     (lambda p: _tamper(p, kind="something.else"), "not a tokenizer n2g saves"),
@@ -156,8 +166,10 @@ def _many_steps(path):
     (lambda p: _tamper(p, tokenizer=_growing_bytes(p)), "its normalizers and pre-tokenizers can make typed text"),
     (lambda p: _tamper(p, tokenizer=_many_steps(p)), "it chains 300 normalizers and pre-tokenizers"),
     (lambda p: _tamper(p, token_strings=["a"] * 200), "it lists 200 tokens, but the run's model has 128"),
+    (lambda p: _tamper(p, token_strings=_renamed(p, True)), "tokens the run's pages show have other texts in it"),
+    (lambda p: _tamper(p, token_strings=_renamed(p, False)), "but the run's model begins text with"),
 ], ids=["not json", "other kind", "newer", "broken definition", "bad strings", "long strings", "long model name", "link out", "growing normalizers",
-        "growing pre-tokenizers", "many steps", "another model's"])
+        "growing pre-tokenizers", "many steps", "another model's", "another model's, as many tokens", "another BOS"])
 def test_a_tokenizer_json_n2g_did_not_write_is_not_used(made, tmp_path, caplog, damage, says):
     run_dir, _ = made
     copy = _copy(run_dir, tmp_path)
