@@ -858,7 +858,8 @@ class NeuronGraph:
                            "re-run n2g to regenerate it") from None
 
     def paths(self) -> list[dict]:
-        """Every path that ends in an END, strongest (END value x count) first; see :func:`n2g.render.graph_paths`."""
+        """Every path that ends in an END: those that fire first, then the graded ones, each strongest (END value x
+        count) first; see :func:`n2g.render.graph_paths`."""
         from .render import graph_paths
 
         return graph_paths(self.to_networkx())

@@ -8,13 +8,15 @@ from .report import METHOD_NAMES, METHODS, f1_text
 
 def model_html(model) -> str:
     """HTML for ``NeuronModel._repr_html_`` (the same in Jupyter, VS Code and a static HTML export)."""
+    from .graph import shown_fixed
     from .render import dot_available, graph_paths, path_text, svg_of
 
     graph = getattr(model, "graph_", None)
     svg, paths = None, []
     if graph is not None:
         G = graph.drawable()
-        paths = [{"text": path_text(p), "end": p["end"], "count": p["count"]} for p in graph_paths(G)]
+        paths = [{"text": path_text(p), "end": shown_fixed(p["end"], graph.fire_threshold), "count": p["count"]}
+                 for p in graph_paths(G)]
         if dot_available() and paths:
             svg = Markup(svg_of(G, title=model.name))  # labels are entity-escaped by the renderer
     scores = getattr(model, "scores_", None) or {}
