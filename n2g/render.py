@@ -231,6 +231,27 @@ def _mix(rgb: tuple[int, int, int], t: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+def luminance(colour: str) -> float:
+    """WCAG relative luminance of ``#rrggbb`` (0 black, 1 white)."""
+    def lin(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(int(colour[i : i + 2], 16) / 255) for i in (1, 3, 5))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two ``#rrggbb`` colours (1 to 21)."""
+    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def white_text_on(fill: str) -> bool:
+    """Whether white text reads better than black on ``fill`` (the higher WCAG contrast: at least 4.5 to 1 on
+    every colour of the activation and importance scales)."""
+    return contrast(fill, "#ffffff") > contrast(fill, "#000000")
+
+
 def _num(value, default: float = 0.0) -> float:
     try:
         v = float(value)
@@ -332,7 +353,7 @@ def _legend_label(title: str | None, summary: str | None, start: bool = False) -
         white = ' COLOR="white"'
         cells = "".join(
             f'<TD BGCOLOR="{_mix(rgb, lo + span * t)}" WIDTH="26"><FONT POINT-SIZE="9"'
-            f'{white if lo + span * t > 0.6 else ""}>{t:g}</FONT></TD>' for t in stops)
+            f'{white if white_text_on(_mix(rgb, lo + span * t)) else ""}>{t:g}</FONT></TD>' for t in stops)
         return f'<TD ALIGN="RIGHT"><FONT POINT-SIZE="10">{name}</FONT></TD>{cells}'
 
     rows = []
@@ -352,8 +373,9 @@ def _legend_label(title: str | None, summary: str | None, start: bool = False) -
 
 
 def _value_line(text: str, white: bool) -> str:
-    """The node's numbers, small, on the token's line (one line per node keeps 15 paths on one screen)."""
-    colour = ' COLOR="white"' if white else ' COLOR="#333333"'
+    """The node's numbers, small, on the token's line (one line per node keeps 15 paths on one screen), in the
+    token's text colour (black or white, whichever reads better on the fill)."""
+    colour = ' COLOR="white"' if white else ' COLOR="black"'
     return f'<FONT POINT-SIZE="9"{colour}>&#160;{html_label_text(text)}</FONT>'
 
 
@@ -437,8 +459,9 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
         elif kind == "activator":
             label = html_label_text(display_token(a.get("token"), a.get("token_id")))
             act = _num(a.get("activation"), 1.0)
-            attrs["fillcolor"] = f'"{_mix(_RED, 0.15 + 0.85 * act)}"'
-            white = act > 0.55
+            fill = _mix(_RED, 0.15 + 0.85 * act)
+            attrs["fillcolor"] = f'"{fill}"'
+            white = white_text_on(fill)  # white only on the darkest reds: on mid reds it read at under 3 to 1
             if white:
                 attrs["fontcolor"] = '"white"'
             tip = f"activating token id {a.get('token_id')}; activation {shown_fixed(act, threshold)}"
@@ -450,8 +473,9 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
         else:
             label = html_label_text(display_token(a.get("token"), a.get("token_id")))
             imp = _num(a.get("importance"))
-            attrs["fillcolor"] = f'"{_mix(_BLUE, 0.1 + 0.8 * imp)}"'
-            white = imp > 0.7
+            fill = _mix(_BLUE, 0.1 + 0.8 * imp)
+            attrs["fillcolor"] = f'"{fill}"'
+            white = white_text_on(fill)
             if white:
                 attrs["fontcolor"] = '"white"'
             tip = f"context token id {a.get('token_id')}, {int(_num(a.get('depth')))} before; importance {imp:.2f}"

@@ -114,6 +114,45 @@ def test_activator_intensity_follows_activation():
         re.search(r'fillcolor="#..(..)', nodes["n1"]).group(1), 16)
 
 
+
+def _wcag(a: str, b: str) -> float:
+    """WCAG contrast ratio, computed here (not with n2g's own helper)."""
+    def lum(c):
+        ch = [int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        ch = [x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4 for x in ch]
+        return 0.2126 * ch[0] + 0.7152 * ch[1] + 0.0722 * ch[2]
+    hi, lo = sorted((lum(a), lum(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_node_and_legend_text_is_readable_on_every_fill():
+    # white text was used from activation 0.55 and importance 0.7 up: on those mid reds and blues it read at
+    # 2.9 and 2.7 to 1 (the token and its "act 0.57" both); every label must reach WCAG AA, 4.5 to 1
+    names = {"white": "#ffffff", "black": "#000000"}
+    G = nx.DiGraph()
+    G.add_node("root", kind="root")
+    for i in range(101):
+        G.add_node(f"a{i}", kind="activator", token=f"a{i}", token_id=i, depth=0, activation=i / 100, count=1)
+        G.add_edge("root", f"a{i}")
+        G.add_node(f"c{i}", kind="context", token=f"c{i}", token_id=200 + i, depth=1, importance=i / 100, count=1)
+        G.add_edge(f"a{i}", f"c{i}")
+        G.add_node(f"e{i}", kind="end", activation=i / 100)
+        G.add_edge(f"c{i}", f"e{i}")
+    dot = R.to_dot(G, title="L0.N0", max_paths=None)
+    checked = 0
+    for line in node_lines(dot).values():
+        fill = re.search(r'fillcolor="(#[0-9a-f]{6})"', line).group(1)
+        text = names[re.search(r'fontcolor="(\w+)"', line).group(1) if "fontcolor=" in line else "black"]
+        assert _wcag(fill, text) >= 4.5, line
+        value = re.search(r'<FONT POINT-SIZE="9" COLOR="(\w+)">', line)
+        assert value and _wcag(fill, names[value.group(1)]) >= 4.5, line
+        checked += 1
+    assert checked == 202
+    cells = re.findall(r'<TD BGCOLOR="(#[0-9a-f]{6})" WIDTH="26"><FONT POINT-SIZE="9"( COLOR="white")?>', dot)
+    assert len(cells) == 10
+    for fill, white in cells:
+        assert _wcag(fill, "#ffffff" if white else "#000000") >= 4.5, fill
+
 @needs_dot
 def test_dot_parses_and_svg_shows_text_literally():
     G = hostile_graph()
