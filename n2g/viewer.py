@@ -74,7 +74,7 @@ td.l,th.l{text-align:left}th[data-sort]{cursor:pointer;user-select:none}th[data-
 th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 .graph{overflow:auto;border:1px solid #eee;padding:6px;max-height:80vh}.graph svg{max-width:100%;height:auto}
 pre.dot{font-size:12px;background:#f8f8f8;padding:8px;overflow:auto}
-.ex{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;word-break:break-all;
+.ex{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:break-spaces;word-break:break-all;
  line-height:1.7}
 .ex span{border-radius:2px}.ex span.fire{outline:1px solid #555}
 table.excerpts td{text-align:left;width:46%}table.excerpts td.meta{width:8%;color:#666;font-size:12px}
@@ -82,10 +82,12 @@ table.excerpts td{text-align:left;width:46%}table.excerpts td.meta{width:8%;colo
 #search-msg{color:#a33;font-size:13px}form{margin:8px 0}input,select,button{font-size:14px}
 .summary{font-size:15px;background:#f6f7fb;padding:10px 14px;border-left:4px solid #d62728;max-width:1100px}
 code.tok,td.tok{font-family:ui-monospace,Menlo,Consolas,monospace;background:#eef;padding:0 3px;white-space:pre}
+.summary code.tok{white-space:break-spaces;overflow-wrap:anywhere}
+.wide{overflow-x:auto;max-width:100%}.cols>div{max-width:100%;overflow-x:auto}#histogram svg{max-width:100%;height:auto}
 details summary{cursor:pointer;font-size:14px;margin:6px 0}
 .scroll{max-height:60vh;overflow:auto;display:inline-block;max-width:100%}.scroll table{margin:0}
 .scroll thead th{position:sticky;top:0;box-shadow:0 1px 0 #ddd}
-#try-out .try-row{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;margin:4px 0;line-height:1.7}
+#try-out .try-row{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:break-spaces;margin:4px 0;line-height:1.7}
 #try-out span.fire{outline:1px solid #555}textarea{font-size:14px;max-width:100%}h3{font-size:1em;margin:14px 0 4px}
 """
 

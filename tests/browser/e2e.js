@@ -190,6 +190,25 @@ async function main() {
     await page.evaluate(() => window.scrollTo(0, 0));
     await shot(page, "neuron-large.png");
 
+    // 4f. a phone's width (420 px): no page scrolls sideways (wide tables scroll in their own box, the plots and the
+    // histogram shrink), and a long run of spaces (a whitespace token) wraps inside its cell, not over the next one
+    await page.setViewportSize({ width: 420, height: 900 });
+    for (const url of ["/report.html", "/viewer/index.html", "/viewer/neurons/L0.N1.html",
+                       "/viewer/neurons/L1.N4.neg.html", "/viewer/neurons/L1.N5.html", "/viewer/neurons/L1.N3.html"]) {
+      await page.goto(BASE + url, { waitUntil: "load" });
+      const w = await page.evaluate(() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]);
+      check(w[0] <= w[1], "at 420 px " + url + " fits the width: " + w);
+    }
+    await page.goto(BASE + "/viewer/neurons/L0.N1.html", { waitUntil: "load" });
+    await page.fill("#try-text", " in" + " ".repeat(90) + " Paris");
+    await page.click("#try-button");
+    await page.waitForSelector("#try-out .try-row");
+    const spill = await page.$eval("#try-out", (out) => { const box = out.getBoundingClientRect();
+      return Array.prototype.map.call(out.querySelectorAll("span"), (s) => Math.round(s.getBoundingClientRect().right - box.right)); });
+    check(spill.length >= 2 && spill.every((d) => d <= 1), "at 420 px a run of spaces wraps inside the try-your-own-text box: " + spill);
+    await shot(page, "neuron-420.png");
+    await page.setViewportSize({ width: 1280, height: 900 });
+
     // 5. from disk: pages open without a server, search says it needs one
     if (RUN_DIR) {
       await page.goto("file://" + path.join(RUN_DIR, "viewer", "index.html"));
