@@ -658,3 +658,11 @@ def test_the_pages_scripts_show_control_and_bidi_characters_never_obey_them():
         res = subprocess.run(["node", "-e", probe], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr  # the whole script parses, and the function runs
         assert json.loads(res.stdout) == "a\\u202eb\\u2066c\\x1bd\\x7fe\\x00f\tg\nh"
+
+
+def test_pages_fit_a_phones_screen_not_a_desktop_shrunk(run):
+    # without a viewport tag a phone lays each page out 980 px wide and shrinks it to its screen (13 px text at 5 px)
+    for page in (run / "report.html", run / "viewer" / "index.html",
+                 *sorted((run / "viewer" / "neurons").glob("*.html"))):
+        metas = [a for t, a in parse(page).tags if t == "meta" and a.get("name") == "viewport"]
+        assert [m.get("content") for m in metas] == ["width=device-width, initial-scale=1"], page.name
