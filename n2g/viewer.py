@@ -537,7 +537,7 @@ INDEX_JS = r"""
   var served = location.protocol === "http:" || location.protocol === "https:";
   if (!served) {
     msg.textContent = "Token search needs the server: run `n2g serve RUN` and open the address it prints. " +
-      "The filter box above works offline.";
+      "The Browse table's filter box below works offline.";
   }
   function visibleChars(t) { return t.replace(/[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]/g, function (c) { return "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"); }).replace(/[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, function (c) { return "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0"); }); }  // control and bidi characters shown, never obeyed (as the pages and the terminal show them)
   function shown(tok) {  // as the pages show tokens: a space is \u2423, four spaces \u2423x4, a newline \u21b5

@@ -176,6 +176,8 @@ def test_index_page(run):
     (nonce,) = re.findall(r"<script nonce=\"([^\"]+)\">", raw)
     assert f"'nonce-{nonce}'" in raw
     assert raw.count("<script") == 1
+    # the offline message points at the filter box where it is: below the search, in the Browse section
+    assert raw.index('id="search-msg"') < raw.index('id="filter"') and "filter box below" in raw and "box above" not in raw
 
 
 def test_index_page_lists_the_tokens_a_graph_fires_on_not_its_quiet_activators(run):
