@@ -71,7 +71,7 @@ nav a{margin-right:12px}.muted{color:#777;font-size:13px}
 table{border-collapse:collapse;font-size:13px;margin:6px 0}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;vertical-align:top}th{background:#f4f4f4}
 td.l,th.l{text-align:left}th[data-sort]{cursor:pointer;user-select:none}th[data-sort]:hover{background:#e8e8e8}
-th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
+th.asc::after{content:" \\25B2"}th[data-sort]:focus-visible{outline:2px solid #1f77b4;outline-offset:-2px}th.desc::after{content:" \\25BC"}
 .graph{overflow:auto;border:1px solid #eee;padding:6px;max-height:80vh}.graph svg{max-width:100%;height:auto}
 pre.dot{font-size:12px;background:#f8f8f8;padding:8px;overflow:auto}
 .ex{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:break-spaces;word-break:break-all;
@@ -496,10 +496,14 @@ INDEX_JS = r"""
   var tbody = table.tBodies[0];
   var heads = table.querySelectorAll("th[data-sort]");
   heads.forEach(function (th, col) {
+    th.addEventListener("keydown", function (ev) {  // focusable (tabindex): Enter or Space sorts, as a click does
+      if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); th.click(); }
+    });
     th.addEventListener("click", function () {
       var desc = !th.classList.contains("desc");
-      heads.forEach(function (h) { h.classList.remove("asc", "desc"); });
+      heads.forEach(function (h) { h.classList.remove("asc", "desc"); h.removeAttribute("aria-sort"); });
       th.classList.add(desc ? "desc" : "asc");
+      th.setAttribute("aria-sort", desc ? "descending" : "ascending");
       var num = th.getAttribute("data-sort") === "num";
       var idx = Array.prototype.indexOf.call(th.parentNode.children, th);
       var rows = Array.prototype.slice.call(tbody.rows);

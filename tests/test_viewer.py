@@ -668,3 +668,17 @@ def test_pages_fit_a_phones_screen_not_a_desktop_shrunk(run):
                  *sorted((run / "viewer" / "neurons").glob("*.html"))):
         metas = [a for t, a in parse(page).tags if t == "meta" and a.get("name") == "viewport"]
         assert [m.get("content") for m in metas] == ["width=device-width, initial-scale=1"], page.name
+
+
+def test_form_controls_are_named_and_sort_headers_take_the_keyboard(run):
+    # the search box, its role menu, the layer menu, the filter and the text boxes had a placeholder only (a screen
+    # reader names no such field), and the sortable headers could be clicked but never reached by Tab
+    for page in (run / "viewer" / "index.html", run / "viewer" / "neurons" / "L0.N1.html"):
+        p = parse(page)
+        labelled = {a.get("for") for t, a in p.tags if t == "label"}
+        controls = [(t, a) for t, a in p.tags if t in ("input", "select", "textarea")]
+        assert controls
+        for t, a in controls:
+            assert (a.get("aria-label") or "").strip() or a.get("id") in labelled, (page.name, t, a.get("id"))
+    heads = [a for t, a in parse(run / "viewer" / "index.html").tags if t == "th" and "data-sort" in a]
+    assert len(heads) == 12 and all(a.get("tabindex") == "0" for a in heads)

@@ -84,6 +84,15 @@ async function main() {
     await page.click("#neurons th:nth-child(6)"); // N2G F1, descending
     const firstKey = await page.textContent("#neurons tbody tr:first-child td:first-child");
     check(firstKey.trim() === "L0.N1", "sorting by N2G F1 puts L0.N1 first: " + firstKey);
+    // from the keyboard: Tab reaches a header, Enter sorts by it (here the other way), aria-sort says how
+    await page.focus("#neurons th:nth-child(6)");
+    await page.keyboard.press("Enter");
+    const ascKey = await page.textContent("#neurons tbody tr:first-child td:first-child");
+    const ariaSort = await page.getAttribute("#neurons th:nth-child(6)", "aria-sort");
+    check(ascKey.trim() === "L1.N4.neg" && ariaSort === "ascending",
+          "Enter on a focused header sorts by it, ascending: " + ascKey + " " + ariaSort);
+    await page.keyboard.press(" ");
+    check((await page.getAttribute("#neurons th:nth-child(6)", "aria-sort")) === "descending", "Space sorts it back, descending");
     await page.fill("#q", "Paris");
     await page.selectOption("#role", "activator");
     await page.click("#search-form button");
