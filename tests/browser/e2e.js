@@ -74,6 +74,13 @@ async function main() {
     check(JSON.stringify(rows) === JSON.stringify(["0", "1", "all"]), "report has layer rows 0, 1, all: " + rows);
     const allRow = await page.textContent("#layer-table tr.all");
     check(allRow.includes("0.650") && allRow.includes("0.433"), "pooled row shows F1 0.650 and Pearson 0.433");
+    // a metric's name heads its group of columns at the group's start (it sat over the group's last columns, beside
+    // the next group, so a reader scrolled into a group saw no name, or the neighbouring one's)
+    const groups = await page.$$eval("#layer-table thead tr:first-child th[colspan]", (ths) => ths.map((th) => {
+      const r = document.createRange(); r.selectNodeContents(th);
+      return [th.textContent, Math.round(r.getBoundingClientRect().left - th.getBoundingClientRect().left)]; }));
+    check(groups.length >= 7 && groups[0][0] === "firing F1" && groups.every((g) => g[1] <= 10),
+          "each metric's name starts at its group's first column: " + JSON.stringify(groups));
     const imgs = await page.$$eval("img", (els) => els.map((i) => i.complete && i.naturalWidth > 0));
     check(imgs.length === 3 && imgs.every(Boolean), "3 plots rendered");
     await shot(page, "report.png");
