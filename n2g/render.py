@@ -344,8 +344,9 @@ def path_text(path: dict) -> str:
     return " ".join(toks)
 
 
-def _legend_label(title: str | None, summary: str | None, start: bool = False) -> str:
-    """The graph's label: title, colour scales and key (with ``start``, what the start node means), drawn at
+def _legend_label(title: str | None, summary: str | None, start: bool = False, negative: bool = False) -> str:
+    """The graph's label: title, colour scales and key (with ``start``, what the start node means; with
+    ``negative``, that a negative side's activations are normalised to its most negative value), drawn at
     the top of the image."""
     stops = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -364,7 +365,8 @@ def _legend_label(title: str | None, summary: str | None, start: bool = False) -
     key = ("reads right to left: activating token on the right, the tokens before it to its left",
            "* any one token \u00b7 heavy border: a path ends there, end = its predicted activation",
            *([f"{START_TEXT} (italic, grey): the start of the text, before its first token"] if start else []),
-           "activations are normalised to the neuron's maximum (1 = the strongest excerpt)")
+           "activations are normalised to the neuron's most negative value (its negative side: 1 = the most negative)"
+           if negative else "activations are normalised to the neuron's maximum (1 = the strongest excerpt)")
     key_text = "<BR ALIGN=\"LEFT\"/>".join(html_label_text(k) for k in key) + "<BR ALIGN=\"LEFT\"/>"
     rows.append(f'<TR><TD COLSPAN="13" ALIGN="LEFT"><FONT POINT-SIZE="9" COLOR="#555555">{key_text}</FONT></TD></TR>')
     if summary:
@@ -422,7 +424,9 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
     ]
     if legend:
         start = any(a.get("kind") == "start" for _, a in G.nodes(data=True))
-        lines.append(f"  label={_legend_label(title, summary, start)};")
+        neuron = G.graph.get("neuron")  # as graph.json records it (load_graph_json)
+        negative = isinstance(neuron, dict) and neuron.get("sign") == "negative"
+        lines.append(f"  label={_legend_label(title, summary, start, negative)};")
     elif title:
         lines.append(f"  label=<<B>{html_label_text(display_token(title))}</B>>;")
 

@@ -153,6 +153,16 @@ def test_node_and_legend_text_is_readable_on_every_fill():
     for fill, white in cells:
         assert _wcag(fill, "#ffffff" if white else "#000000") >= 4.5, fill
 
+
+def test_a_negative_sides_legend_says_its_activations_are_normalised_to_its_most_negative_value(tmp_path):
+    # the legend said "normalised to the neuron's maximum" on a .neg side's drawing too, where the page above it
+    # says activation ÷ its most negative value
+    G = hostile_graph()
+    assert "maximum (1 = the strongest excerpt)" in R.to_dot(G)
+    G.graph["neuron"] = {"layer": 1, "index": 4, "sign": "negative"}
+    dot = R.to_dot(G, title="L1.N4.neg")
+    assert "most negative value" in dot and "maximum" not in dot
+
 @needs_dot
 def test_dot_parses_and_svg_shows_text_literally():
     G = hostile_graph()
