@@ -116,6 +116,18 @@ def _bg(v: float | None) -> str:
     return f"rgba(214,39,40,{a:.3f})" if v >= 0 else f"rgba(31,119,180,{a:.3f})"
 
 
+def _fg(v: float | None) -> str:
+    """The text colour a token cell of value ``v`` needs (empty: the page's own, #222, which reads at 4.5 to 1 or
+    more on backgrounds below 0.5): from 0.5 up, black, or white on the darkest, whichever contrasts more with
+    the background laid over white; #222 fell to 3.2 to 1 on a token at 1, the neuron's strongest."""
+    from n2g.render import _BLUE, _RED, _mix, white_text_on
+
+    if v is None or v != v or abs(v) < 0.5:
+        return ""
+    fill = _mix(_RED if v >= 0 else _BLUE, round(min(1.0, abs(float(v))), 3))
+    return ";color:#fff" if white_text_on(fill) else ";color:#000"
+
+
 NEURON_JS = (Path(__file__).parent / "templates" / "neuron.js").read_text(encoding="utf-8")
 """The neuron page's one script (try your own text): fixed text, allowed by hash and by the page's nonce."""
 
@@ -123,7 +135,8 @@ NEURON_JS = (Path(__file__).parent / "templates" / "neuron.js").read_text(encodi
 _TOKEN_PARTS: dict = {}
 """Per token (its text, or its id when it has none): the escaped title text and the escaped cell text."""
 _VALUE_PARTS: dict = {}
-"""Per activation value: the cell's background and the value as the title shows it."""
+"""Per activation value: the cell's style (background, and text colour where it needs one) and the value as
+the title shows it."""
 _CACHE_LIMIT = 1 << 18
 
 
@@ -143,7 +156,7 @@ def _value_parts(v: float | None) -> tuple[str, str]:
     key = v if v else (v, math.copysign(1.0, v)) if v is not None and v == v else None
     parts = _VALUE_PARTS.get(key) if key is not None else None
     if parts is None:
-        parts = (_bg(v), fmt(v))
+        parts = (_bg(v) + _fg(v), fmt(v))
         if key is not None:
             if len(_VALUE_PARTS) >= _CACHE_LIMIT:
                 _VALUE_PARTS.clear()

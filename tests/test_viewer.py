@@ -90,7 +90,7 @@ def test_neuron_page_contents(run):
     assert 'id="train-excerpts"' in raw and 'id="test-excerpts"' in raw
     assert "true activation (normalised)" in text and "graph prediction (normalised)" in text
     # per-token colouring with the value in the title
-    assert 'style="background:rgba(214,39,40,1.000)" title="␣Paris  true 1.000"' in raw
+    assert 'style="background:rgba(214,39,40,1.000);color:#fff" title="␣Paris  true 1.000"' in raw
     assert 'title="␣Paris  predicted 0.700"' in raw
     assert "[104]" in text  # an excerpt without token strings falls back to ids
     assert "0.800" in text and METHOD_NAMES["token_lookup"] in text and METHOD_NAMES["ngram"] in text
@@ -682,3 +682,33 @@ def test_form_controls_are_named_and_sort_headers_take_the_keyboard(run):
             assert (a.get("aria-label") or "").strip() or a.get("id") in labelled, (page.name, t, a.get("id"))
     heads = [a for t, a in parse(run / "viewer" / "index.html").tags if t == "th" and "data-sort" in a]
     assert len(heads) == 12 and all(a.get("tabindex") == "0" for a in heads)
+
+
+
+def _contrast_on_white(text: str, rgba: str) -> float:
+    """WCAG contrast of a text colour (#rgb or #rrggbb) on an rgba() background laid over white, computed here."""
+    def lum(rgb):
+        c = [x / 255 for x in rgb]
+        c = [x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4 for x in c]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+    r, g, b, a = (float(x) for x in re.fullmatch(r"rgba\((\d+),(\d+),(\d+),([\d.]+)\)", rgba).groups())
+    bg = [255 + (c - 255) * a for c in (r, g, b)]
+    t = text.lstrip("#")
+    t = "".join(ch * 2 for ch in t) if len(t) == 3 else t
+    hi, lo = sorted((lum(bg), lum([int(t[i:i + 2], 16) for i in (0, 2, 4)])), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_token_text_reads_on_every_activation_colour(run):
+    # the page's text colour (#222) on a token at activation 1 (the neuron's strongest) read at 3.2 to 1
+    spans = 0
+    for page in sorted((run / "viewer" / "neurons").glob("*.html")):
+        for m in re.finditer(r'<span(?: class="fire")? style="background:(rgba\([^)]*\))(?:;color:(#[0-9a-f]+))?"',
+                             page.read_text()):
+            assert _contrast_on_white(m.group(2) or "#222", m.group(1)) >= 4.5, (page.name, m.group(0))
+            spans += 1
+    assert spans > 20
+    for v in [i / 100 for i in range(-100, 101)]:  # every value a page can show, as the try-your-own-text script does
+        from n2g.viewer import _bg, _fg
+        colour = _fg(v)[len(";color:"):] or "#222"
+        assert _contrast_on_white(colour, _bg(v)) >= 4.5, v

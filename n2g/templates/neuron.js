@@ -17,6 +17,15 @@
     var a = Math.min(1, Math.abs(v)).toFixed(3);
     return v >= 0 ? "rgba(214,39,40," + a + ")" : "rgba(31,119,180," + a + ")";
   }
+  function lum(a, rgb) {  // WCAG relative luminance of rgb at opacity a laid over white
+    var c = rgb.map(function (x) { var s = (255 + (x - 255) * a) / 255; return s <= 0.03928 ? s / 12.92 : Math.pow((s + 0.055) / 1.055, 2.4); });
+    return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
+  }
+  function fg(v) {  // as the pages' excerpts: from 0.5 up black, or white where it contrasts more (the darkest)
+    if (v === null || isNaN(v) || Math.abs(v) < 0.5) return "";
+    var L = lum(Math.round(Math.min(1, Math.abs(v)) * 1000) / 1000, v >= 0 ? [214, 39, 40] : [31, 119, 180]);
+    return 1.05 / (L + 0.05) > (L + 0.05) / 0.05 ? "#fff" : "#000";
+  }
   function visibleChars(t) { return t.replace(/[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]/g, function (c) { return "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"); }).replace(/[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, function (c) { return "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0"); }); }  // control and bidi characters shown, never obeyed (as the pages and the terminal show them)
   function shown(t) { return visibleChars(t.replace(/\r/g, "\u240d").replace(/\t/g, "\u2192   ").replace(/\n/g, "\u21b5\n")); }
   function line(label, toks, values, what) {
@@ -31,6 +40,7 @@
       var v = values[i], s = document.createElement("span");
       s.textContent = shown(t);
       s.style.background = bg(v);
+      s.style.color = fg(v);
       s.title = t + "  " + what + " " + (v === null ? "\u2014" : v.toFixed(3));
       s.setAttribute("data-v", v === null ? "" : String(v));
       if (v !== null && v >= threshold) s.className = "fire";

@@ -172,6 +172,11 @@ async function main() {
     check(JSON.stringify(rowsNoModel) === JSON.stringify(["predicted"]), "without a model: one predicted row: " + rowsNoModel);
     const fired = await page.$$eval("#try-out .try-row span.fire", (ss) => ss.map((s) => s.textContent));
     check(JSON.stringify(fired) === JSON.stringify([" Paris"]), "try-your-own-text fires on ' Paris': " + JSON.stringify(fired));
+    // a strong token's text is black (white on the darkest) as on the page's excerpts, not the page's #222
+    const colours = await page.$$eval("#try-out .try-row span", (ss) => ss.filter((s) => parseFloat(s.getAttribute("data-v")) >= 0.5)
+      .map((s) => s.style.color));
+    check(colours.length >= 1 && colours.every((c) => c === "rgb(0, 0, 0)" || c === "rgb(255, 255, 255)"),
+          "strong tokens of try-your-own-text get black or white text: " + colours);
     check((await page.textContent("#try-msg")).includes("--model"), "message says --model adds the true activation");
     await shot(page, "neuron-try.png");
 
