@@ -354,7 +354,7 @@ h1{font-size:1.5em;margin-bottom:4px}h2{font-size:1.2em;margin-top:28px;border-b
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
 td.l,th.l{text-align:left}tr.all td{font-weight:bold;background:#fafafa}
-.muted{color:#777;font-size:13px}.plots{display:flex;flex-wrap:wrap;gap:16px}
+.muted{color:#666;font-size:13px}.plots{display:flex;flex-wrap:wrap;gap:16px}
 .plots figure{margin:0;max-width:100%}.plots img{max-width:min(560px,100%);border:1px solid #eee}
 figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:1px 4px}
 .wide{overflow-x:auto;max-width:100%}th.group{text-align:left}#layer-table td{white-space:nowrap}.next{background:#f6f7fb;padding:8px 12px;border-left:4px solid #1f77b4}

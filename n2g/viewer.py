@@ -67,7 +67,7 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:20px auto;max-width:1300px;
  color:#222;padding:0 16px;line-height:1.4}
 h1{font-size:1.4em;margin:4px 0}h2{font-size:1.15em;margin-top:24px;border-bottom:1px solid #ddd}
-nav a{margin-right:12px}.muted{color:#777;font-size:13px}
+nav a{margin-right:12px}.muted{color:#666;font-size:13px}
 table{border-collapse:collapse;font-size:13px;margin:6px 0}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;vertical-align:top}th{background:#f4f4f4}
 td.l,th.l{text-align:left}th[data-sort]{cursor:pointer;user-select:none}th[data-sort]:hover{background:#e8e8e8}

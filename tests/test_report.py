@@ -304,3 +304,16 @@ def test_the_report_opens_with_the_graph_beside_the_best_lookup_per_layer(run):
     assert cells[0] == ["0", "2", "0.800", "0.600", "+0.200", "0.450", "4"]
     assert cells[-1][:5] == ["all", "4", "0.650", "0.500", "+0.150"] and cells[-1][-1] == "4"
     assert "<b>token lookup</b>, the lookup with the highest F1 over every layer" in page
+
+
+def test_the_pages_small_grey_text_reads_at_wcag_aa():
+    # the explanations of every number (.muted, 13 px) were #777 on white: 4.48 to 1, under AA's 4.5
+    from n2g import report, viewer
+
+    for css in (report.CSS, viewer.CSS):
+        (colour,) = re.findall(r"\.muted\{color:#([0-9a-f]{3,6});", css)
+        colour = "".join(c * 2 for c in colour) if len(colour) == 3 else colour
+        c = [int(colour[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+        c = [x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4 for x in c]
+        luminance = 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+        assert 1.05 / (luminance + 0.05) >= 4.5, colour
