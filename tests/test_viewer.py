@@ -712,3 +712,13 @@ def test_token_text_reads_on_every_activation_colour(run):
         from n2g.viewer import _bg, _fg
         colour = _fg(v)[len(";color:"):] or "#222"
         assert _contrast_on_white(colour, _bg(v)) >= 4.5, v
+
+
+def test_a_dead_neurons_page_explains_no_units_and_no_graph_it_does_not_have(run):
+    # a dead neuron's page said "activation ÷ the neuron's maximum (0.0000 raw), so 1 is its strongest token" and
+    # explained how to read a drawing it does not have
+    text = " ".join(parse(run / "viewer" / "neurons" / "L1.N3.html").text)
+    assert "never fires" in text and "no graph (dead neurons have none)" in text
+    assert "Units:" not in text and "Reads right to left" not in text
+    live = " ".join(parse(run / "viewer" / "neurons" / "L0.N1.html").text)
+    assert "Units:" in live and "Reads right to left" in live
