@@ -82,6 +82,7 @@ table.excerpts td{text-align:left;width:46%}table.excerpts td.meta{width:8%;colo
 #search-msg{color:#a33;font-size:13px}form{margin:8px 0}input,select,button{font-size:14px}
 .summary{font-size:15px;background:#f6f7fb;padding:10px 14px;border-left:4px solid #d62728;max-width:1100px}
 code.tok,td.tok{font-family:ui-monospace,Menlo,Consolas,monospace;background:#eef;padding:0 3px;white-space:pre}
+.headline{font-size:15px;margin:6px 0}.headline a{font-size:13px;margin-left:6px}
 .summary code.tok{white-space:break-spaces;overflow-wrap:anywhere}
 .wide{overflow-x:auto;max-width:100%}.cols>div{max-width:100%;overflow-x:auto}#histogram svg{max-width:100%;height:auto}
 details summary{cursor:pointer;font-size:14px;margin:6px 0}
@@ -437,6 +438,10 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
     methods = [m for m in METHODS if m in result.scores] + sorted(set(result.scores) - set(METHODS))
     scores = [{"name": METHOD_NAMES.get(m, m), "s": result.scores[m], "f1": f1_text(result.scores[m].f1, result.scores[m].status)}
               for m in methods]
+    n2g_scores, lookup = result.scores.get("n2g"), result.scores.get("token_lookup")
+    headline = None if n2g_scores is None else {  # the graph's scores, above the summary that explains them
+        "f1": f1_text(n2g_scores.f1, n2g_scores.status), "pearson": n2g_scores.pearson,
+        "lookup": None if lookup is None else lookup.f1}
     try:
         sims = similar(run_dir, key, limit=10)
     except (N2GError, sqlite3.Error):
@@ -458,7 +463,7 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
         status="dead: it never fires on the scanned corpus" if result.status == "dead" else result.status,
         gstats=graph_line(result.graph_stats, sum(is_quiet(a, threshold) for _, a in G.nodes(data=True)) if G is not None else 0),
         seconds=result.seconds,
-        summary=summary(result, G, threshold), threshold=threshold, max_raw=max_raw, negative=negative,
+        summary=summary(result, G, threshold), headline=headline, threshold=threshold, max_raw=max_raw, negative=negative,
         test=_excerpt_section(tests[:FIRST_EXCERPTS], "test-excerpts", "test excerpts", threshold, max_raw),
         test_more=_excerpt_section(tests[FIRST_EXCERPTS:], "test-excerpts-more", "more test excerpts", threshold, max_raw),
         train=_excerpt_section([e for e in result.examples if e.split == "train"], "train-excerpts", "train excerpts",

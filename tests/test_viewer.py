@@ -722,3 +722,15 @@ def test_a_dead_neurons_page_explains_no_units_and_no_graph_it_does_not_have(run
     assert "Units:" not in text and "Reads right to left" not in text
     live = " ".join(parse(run / "viewer" / "neurons" / "L0.N1.html").text)
     assert "Units:" in live and "Reads right to left" in live
+
+
+def test_a_neuron_page_states_the_graphs_scores_before_the_summary(run):
+    # how well the graph predicts the neuron was a clause deep in the summary paragraph and a table below the graph
+    raw = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    head = raw[raw.index('id="headline"'):raw.index('id="summary"')]
+    text = re.sub(r"<[^>]+>", "", head)
+    assert "N2G F1 0.800 (token lookup 0.600) · N2G Pearson r 0.700 · firing rate 1.00 %" in text
+    assert 'href="#scores"' in head and raw.index('id="headline"') < raw.index('id="test-excerpts"')
+    none = (run / "viewer" / "neurons" / "L0.N2.html").read_text()
+    assert "N2G F1 <b>no firing test token</b>" in none
+    assert 'id="headline"' not in (run / "viewer" / "neurons" / "L1.N3.html").read_text()  # dead: no scores
