@@ -79,7 +79,7 @@ pre.dot{font-size:12px;background:#f8f8f8;padding:8px;overflow:auto}
 .ex span{border-radius:2px}.ex span.fire{outline:1px solid #555}
 table.excerpts td{text-align:left;width:46%}table.excerpts td.meta{width:8%;color:#666;font-size:12px}
 .cols{display:flex;flex-wrap:wrap;gap:24px}.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre}
-#search-msg{color:#a33;font-size:13px}form{margin:8px 0}input,select,button{font-size:14px}
+#search-msg{color:#666;font-size:13px}#search-msg.error{color:#a33}form{margin:8px 0}input,select,button{font-size:14px}
 .summary{font-size:15px;background:#f6f7fb;padding:10px 14px;border-left:4px solid #d62728;max-width:1100px}
 code.tok,td.tok{font-family:ui-monospace,Menlo,Consolas,monospace;background:#eef;padding:0 3px;white-space:pre}
 .headline{font-size:15px;margin:6px 0}.headline a{font-size:13px;margin-left:6px}
@@ -558,6 +558,7 @@ INDEX_JS = r"""
   var out = document.getElementById("search-results");
   var served = location.protocol === "http:" || location.protocol === "https:";
   if (!served) {
+    msg.className = "error";
     msg.textContent = "Token search needs the server: run `n2g serve RUN` and open the address it prints. " +
       "The Browse table's filter box below works offline.";
   }
@@ -578,13 +579,14 @@ INDEX_JS = r"""
     var token = document.getElementById("q").value;
     var role = document.getElementById("role").value;
     if (!served) { return; }
-    if (token === "") { msg.textContent = "Type a token to search for."; return; }
+    if (token === "") { msg.className = "error"; msg.textContent = "Type a token to search for."; return; }
+    msg.className = "";  // a status; red only for what went wrong
     msg.textContent = "searching\u2026";
     var url = "../api/search?token=" + encodeURIComponent(token) + "&role=" + encodeURIComponent(role);
     fetch(url, {headers: {"X-N2G-Request": "1"}}).then(function (r) { return r.json(); }).then(function (data) {
       var body = out.tBodies[0];
       while (body.firstChild) body.removeChild(body.firstChild);
-      if (data.error) { msg.textContent = data.error; out.hidden = true; return; }
+      if (data.error) { msg.className = "error"; msg.textContent = data.error; out.hidden = true; return; }
       msg.textContent = data.results.length ? data.results.length + " match(es)" : "no neuron has this token in its graph";
       data.results.forEach(function (h) {
         var tr = document.createElement("tr");
@@ -597,7 +599,7 @@ INDEX_JS = r"""
         body.appendChild(tr);
       });
       out.hidden = data.results.length === 0;
-    }).catch(function (e) { msg.textContent = "search failed: " + e; });
+    }).catch(function (e) { msg.className = "error"; msg.textContent = "search failed: " + e; });
   });
 
   var firesForm = document.getElementById("fires-form");

@@ -106,6 +106,8 @@ async function main() {
     await page.waitForSelector("#search-results:not([hidden]) tbody tr");
     const hits = await page.$$eval("#search-results tbody tr td:first-child", (tds) => tds.map((t) => t.textContent));
     check(JSON.stringify(hits) === JSON.stringify(["L1.N4.neg", "L0.N1", "L0.N2"]), "search 'Paris' finds " + hits);
+    const okColour = await page.$eval("#search-msg", (m) => [m.textContent, getComputedStyle(m).color]);
+    check(okColour[0].includes("match") && okColour[1] !== "rgb(170, 51, 51)", "a search's match count is not in error red: " + okColour);
     await shot(page, "search.png");
     // case-insensitive substring and prefix search
     await page.fill("#q", "ARI");
@@ -235,6 +237,7 @@ async function main() {
       await page.goto("file://" + path.join(RUN_DIR, "viewer", "index.html"));
       const msg = await page.textContent("#search-msg");
       check(msg.includes("n2g serve RUN"), "offline index says search needs `n2g serve RUN`");
+      check((await page.$eval("#search-msg", (m) => getComputedStyle(m).color)) === "rgb(170, 51, 51)", "offline notice in red");
       await page.click("#neurons a >> text=L1.N4.neg");
       await page.waitForURL("**/L1.N4.neg.html");
       check((await page.innerText("body")).includes(SCRIPT), "neuron page opens from disk");
