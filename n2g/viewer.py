@@ -84,7 +84,7 @@ table.excerpts td{text-align:left;width:46%}table.excerpts td.meta{width:8%;colo
 code.tok,td.tok{font-family:ui-monospace,Menlo,Consolas,monospace;background:#eef;padding:0 3px;white-space:pre}
 .headline{font-size:15px;margin:6px 0}.headline a{font-size:13px;margin-left:6px}
 .summary code.tok{white-space:break-spaces;overflow-wrap:anywhere}
-.wide{overflow-x:auto;max-width:100%}.cols>div{max-width:100%;overflow-x:auto}#histogram svg{max-width:100%;height:auto}
+.wide{overflow-x:auto;max-width:100%}#neurons td{white-space:nowrap}.cols>div{max-width:100%;overflow-x:auto}#histogram svg{max-width:100%;height:auto}
 details summary{cursor:pointer;font-size:14px;margin:6px 0}
 .scroll{max-height:60vh;overflow:auto;display:inline-block;max-width:100%}.scroll table{margin:0}
 .scroll thead th{position:sticky;top:0;box-shadow:0 1px 0 #ddd}
