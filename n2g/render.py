@@ -365,8 +365,10 @@ def _legend_label(title: str | None, summary: str | None, start: bool = False, n
     key = ("reads right to left: activating token on the right, the tokens before it to its left",
            "* any one token \u00b7 heavy border: a path ends there, end = its predicted activation",
            *([f"{START_TEXT} (italic, grey): the start of the text, before its first token"] if start else []),
-           "activations are normalised to the neuron's most negative value (its negative side: 1 = the most negative)"
-           if negative else "activations are normalised to the neuron's maximum (1 = the strongest excerpt)")
+           "activations are normalised to the neuron's most negative value on the scanned corpus (its negative side: "
+           "1 = the most negative; tokens the corpus seldom shows may go past 1)"
+           if negative else "activations are normalised to the neuron's maximum on the scanned corpus (1 = the strongest "
+           "excerpt; tokens the corpus seldom shows may go past 1)")
     key_text = "<BR ALIGN=\"LEFT\"/>".join(html_label_text(k) for k in key) + "<BR ALIGN=\"LEFT\"/>"
     rows.append(f'<TR><TD COLSPAN="13" ALIGN="LEFT"><FONT POINT-SIZE="9" COLOR="#555555">{key_text}</FONT></TD></TR>')
     if summary:
