@@ -387,7 +387,8 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
            max_paths: int | None = MAX_DRAWN_PATHS) -> str:
     """Graphviz source for a neuron graph (see the module docstring for the look).
 
-    Strongest paths (END activation x count) are drawn at the top; every activator shows its
+    Paths that fire are drawn at the top, strongest (END activation x count) first, then the graded ones
+    (:func:`graph_paths`); every activator shows its
     activation, every context token its importance, and a node where a path ends its END value.
     A graph with more than ``max_paths`` paths is summarised: its ``max_paths`` strongest paths and
     one ``+k more`` node (the viewer page lists every path in a table). Node ids in the output are
