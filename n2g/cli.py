@@ -1117,7 +1117,7 @@ def visible(text: str) -> str:
     bidirectional controls as ``\\u202e``: file names, node ids and fields of a run folder someone else made
     reach messages, and must not set the terminal's title, clear its screen or reorder the line."""
     if not _TERMINAL_CONTROLS:
-        from .render import BIDI_CONTROLS
+        from .errors import BIDI_CONTROLS
 
         _TERMINAL_CONTROLS.update({i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0xA0)) if i != 0x0A})
         _TERMINAL_CONTROLS.update({ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS})

@@ -7,6 +7,14 @@ CLI turns it into a one-line message on stderr and a non-zero exit code, never a
 import numbers
 
 
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Invisible characters that reorder the text after them (right-to-left overrides and their kin): in a
+token they would turn the rest of a label, table cell or terminal line around, so they are shown as
+``\\u202e`` instead. Here, not in :mod:`n2g.render`, so that the command line's messages can show them
+without importing networkx: an interrupt's own message must import nothing heavy (a Ctrl-C during that
+import left it half done, and importing it again raised)."""
+
+
 class N2GError(Exception):
     """A problem the user can fix (bad spec, missing file, out-of-range neuron, ...)."""
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from n2g.errors import N2GError
+from n2g.errors import BIDI_CONTROLS, N2GError
 from n2g.fileio import inside, read_json, replacing, write_bytes_atomic
 from n2g.graph import MAX_TOKEN_ID, START_TEXT, NeuronGraph, shown_fixed, token_value_count, tree_problem
 
@@ -154,10 +154,6 @@ def _ws_run(ch: str, n: int) -> str:
     return mark * n if n <= 2 else f"{mark}x{n}"
 
 
-BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-"""Invisible characters that reorder the text after them (right-to-left overrides and their kin): in a
-token they would turn the rest of a label, table cell or terminal line around, so they are shown as
-``\\u202e`` instead."""
 
 
 @functools.lru_cache(maxsize=1 << 16)

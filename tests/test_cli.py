@@ -375,6 +375,22 @@ def test_the_command_line_starts_without_torch_and_n2g_distill_stays_the_functio
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
+def test_ctrl_c_while_a_library_imports_is_one_line(monkeypatch, capsys, tmp_path):
+    # A Ctrl-C that lands while networkx imports (0.3 s into `n2g search`, `n2g show`, ...) leaves networkx half
+    # registered, so importing it again fails (KeyError: 'Algorithm already exists in dispatch namespace'); the
+    # interrupt's own message imported it (cli.visible read BIDI_CONTROLS from n2g.render), and the command ended
+    # in that traceback with exit 1 instead of one line. Here networkx cannot be imported at all.
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_search", interrupted)
+    monkeypatch.setattr(cli, "_TERMINAL_CONTROLS", {})
+    monkeypatch.delitem(sys.modules, "n2g.render", raising=False)
+    monkeypatch.setitem(sys.modules, "networkx", None)  # `import networkx` raises ImportError
+    assert cli.main(["search", str(tmp_path), "dict"]) == 130
+    assert capsys.readouterr().err == "n2g: interrupted\n"
+
+
 def test_ctrl_c_before_a_command_starts_is_one_line(monkeypatch, capsys):
     def interrupted():
         raise KeyboardInterrupt
