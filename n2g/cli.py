@@ -1047,6 +1047,11 @@ def _empty_argument(args) -> str | None:
     return None
 
 
+def _n2g_or_warning(record: logging.LogRecord) -> bool:
+    """Whether a log record is shown without -v: n2g's own, and any library's warnings and errors."""
+    return record.levelno >= logging.WARNING or record.name == "n2g" or record.name.startswith("n2g.")
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -1060,6 +1065,8 @@ def _main(argv: list[str] | None) -> int:
         return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_VisibleFormatter("n2g: %(levelname)s %(name)s: %(message)s" if verbose else "n2g: %(message)s"))
+    if not verbose:  # a library's info and debug records with -v only (torch's, at exit, when a Ctrl-C stopped its
+        handler.addFilter(_n2g_or_warning)  # import before it set its loggers' levels, followed the interrupt's line)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
                         handlers=[handler])
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub", "matplotlib", "PIL"):

@@ -391,6 +391,26 @@ def test_ctrl_c_while_a_library_imports_is_one_line(monkeypatch, capsys, tmp_pat
     assert capsys.readouterr().err == "n2g: interrupted\n"
 
 
+def test_ctrl_c_while_torch_imports_prints_no_librarys_log_lines_after_it(tmp_path):
+    # A Ctrl-C about 1.1-1.5 s into any command that loads a model stops torch's import after it registered its
+    # exit handler (FakeTensor cache stats, logged at INFO) and before torch set its loggers' levels: at exit
+    # those records reached n2g's handler, three lines after "n2g: interrupted". A library's records below a
+    # warning are shown with -v only.
+    code = ("import atexit, logging, sys; from n2g import cli\n"
+            "def stopped(args):\n"
+            "    atexit.register(lambda: logging.getLogger('somelib.cache').info('cache stats: 0 hits'))\n"
+            "    logging.getLogger('somelib.cache').info('imported')\n"
+            "    raise KeyboardInterrupt\n"
+            "cli._info = stopped\n"
+            "sys.exit(cli.main(['info']))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "n2g: interrupted\n")
+    loud = subprocess.run([sys.executable, "-c", code.replace("['info']", "['info', '-v']")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "cache stats: 0 hits" in loud.stderr  # -v shows them
+
+
 def test_ctrl_c_before_a_command_starts_is_one_line(monkeypatch, capsys):
     def interrupted():
         raise KeyboardInterrupt
