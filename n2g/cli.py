@@ -247,8 +247,10 @@ def _check_out(out: Path) -> None:
         raise N2GError(f"--out {out} is a file, not a directory; choose a new or empty directory, "
                        "or an existing run directory")
     if out.is_dir() and not (out / "run.json").exists():
-        try:
-            occupied = any(out.iterdir())
+        from .fileio import is_temporary
+
+        try:  # n2g's temporaries alone: run.json being made by another run now, or by one killed doing it
+            occupied = any(not is_temporary(p.name) for p in out.iterdir())
         except OSError as exc:
             raise N2GError(f"cannot read --out directory {out} ({exc.strerror}); choose another --out") from None
         if occupied:

@@ -29,6 +29,12 @@ HOST = hashlib.blake2b(socket.gethostname().encode("utf-8", "surrogateescape"), 
 run`` on each), a pid says nothing of a writer on another machine, whose temporaries are left to it."""
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one n2g writes under before renaming it into place (``.NAME.PID-HOST.XXXXXXXX.tmp``,
+    or a sqlite sidecar of one)."""
+    return _TEMP.match(name) is not None
+
+
 def writer_tag() -> str:
     """``PID-HOST``: this process on this machine, in the name of what it writes under a temporary name."""
     return f"{os.getpid()}-{HOST}"

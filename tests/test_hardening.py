@@ -221,6 +221,30 @@ def _env():
     return dict(os.environ, PYTHONPATH=str(REPO))
 
 
+@pytest.mark.parametrize("writer", ["killed", "live"])
+def test_an_out_folder_holding_only_the_temporary_of_run_json_is_a_run_being_made(tmp_path, writer):
+    # `n2g run` writes run.json under a temporary name, fsyncs it and links it into place. A run killed in
+    # that moment left an --out holding that temporary alone, and another run on the same --out that looked
+    # in that moment (two started at once, or on machines sharing the folder) saw the same: each was refused
+    # as "a non-empty directory that is not an n2g run" (the rerun too, for good). Only n2g's temporaries there
+    # make no folder of someone else's.
+    from n2g.fileio import HOST
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        pid = 4_194_303 if writer == "killed" else sleeper.pid
+        (out / f".run.json.{pid}-{HOST}.k3x_9abc.tmp").write_text('{"kind": "n2g.r')
+        cli._check_out(out)  # no N2GError
+        (out / "notes.txt").write_text("mine")
+        with pytest.raises(N2GError, match="non-empty directory that is not an n2g run"):
+            cli._check_out(out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_report_killed_at_random_points_resumes_to_the_same_files(tmp_path):
     reference = make_run(tmp_path / "a")
     assert subprocess.run(_report_cmd(reference), env=_env(), capture_output=True).returncode == 0
