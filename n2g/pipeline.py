@@ -275,9 +275,9 @@ def run(opts: RunOptions, model=None, corpus=None) -> RunSummary:
             fitted = fit_on_ray(opts, todo, store)
         elif todo:
             fitted = fit_neurons(opts, todo, model, corpus, store, is_train)
-    except N2GError:  # refused before a first neuron (the model computes NaN, ...): no run folder is left
-        store.discard_if_empty()
-        raise
+    except (N2GError, KeyboardInterrupt, SystemExit):  # refused or interrupted (Ctrl-C, SIGTERM) before a first
+        store.discard_if_empty()  # neuron (the model computes NaN, ...): no run folder is left, so the command
+        raise  # may be run again with other options
     if opts.ablation and fitted < len(wanted):  # a finished neuron is never redone: --ablation cannot reach one fitted without it
         unscored = [n for n in wanted if _fitted_without_ablation(store, n)]  # before, or by another process
         if unscored:

@@ -199,6 +199,26 @@ def test_the_normalizers_of_real_tokenizers_are_within_the_growth_bound():
     assert tokenizer._growth({"type": "Precompiled", "precompiled_charsmap": long}) > tokenizer.MAX_GROWTH
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_run_interrupted_before_its_first_neuron_leaves_no_run_folder(tmp_path, monkeypatch, stop):
+    # Ctrl-C (or SIGTERM) during the scan left run.json and tokenizer.json: the same command with other options
+    # was then refused ("holds a run made with a different ...; choose another --out")
+    from n2g import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setenv("N2G_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pipeline, "fit_neurons", interrupted)
+    torch.manual_seed(0)
+    model = SubjectModel(tiny_model("llama"), tiny_tokenizer(), spec="tiny-llama-words")
+    corpus = Corpus("ids", 16, torch.randint(4, 60, (40, 16), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(stop):
+        run(RunOptions(layers="1", neurons="0", out=str(tmp_path / "new" / "run"), progress=False,
+                       overrides={"written": 0, "vocabulary": 0}), model=model, corpus=corpus)
+    assert not (tmp_path / "new").exists()
+
+
 def test_ids_past_the_saved_table_are_unknown_tokens(made, tmp_path):
     run_dir, model = made
     copy = _copy(run_dir, tmp_path)
