@@ -66,6 +66,33 @@ def this_process() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
 
 
+_IDENTITY_OPTIONS = {
+    "corpus": "--corpus", "corpus_fingerprint": "--corpus", "corpus_tokens": "--corpus and the model's tokenizer",
+    "excerpt_length": "--excerpt-length", "n_excerpts": "--max-excerpts", "store_tokens": "--store-tokens",
+    "substitutes": "--substitutes", "partition": "an n2g from before repeated excerpts were kept on one side",
+}
+"""The option (or what else) that sets each identity key of run.json the user may not know by name."""
+
+
+def _differences(diff: list[str], theirs: dict, ours: dict) -> str:
+    """The identity keys that differ, each with what sets it: ``n_excerpts (--max-excerpts: 512 then, 128 now)``,
+    ``config (settings: preset 'default' then, 'paper' now)``; the model's keys by name."""
+    words = []
+    for key in diff:
+        then, now = theirs.get(key), ours.get(key)
+        if key == "config" and isinstance(then, dict) and isinstance(now, dict):
+            fields = sorted(str(k) for k in set(then) | set(now) if then.get(k) != now.get(k))
+            shown = ", ".join(f"{k} {then.get(k)!r:.40} then, {now.get(k)!r:.40} now" for k in fields[:4])
+            words.append(f"config (settings: {shown}" + (f", and {len(fields) - 4} more" if len(fields) > 4 else "") + ")")
+        elif key in ("n_excerpts", "excerpt_length", "store_tokens"):
+            words.append(f"{key} ({_IDENTITY_OPTIONS[key]}: {then!r:.20} then, {now!r:.20} now)")
+        elif key in _IDENTITY_OPTIONS:
+            words.append(f"{key} ({_IDENTITY_OPTIONS[key]})")
+        else:
+            words.append(key)
+    return ", ".join(words)
+
+
 def _computed_elsewhere(existing: dict, extra: dict | None, diff: list[str]) -> str:
     """Where only the weights' keys differ because the run was computed on another device type or in another
     dtype (both are part of the keys: the activations differ), the words that say so and how to resume it."""
@@ -182,7 +209,8 @@ class RunStore:
             diff = sorted(str(k) for k in set(identity) | set(theirs)
                           if theirs.get(k) != json.loads(json.dumps(identity.get(k))))
             raise N2GError(
-                f"{self.root} holds a run made with a different {', '.join(diff)}{_computed_elsewhere(existing, extra, diff)}; "
+                f"{self.root} holds a run made with a different {_differences(diff, theirs, json.loads(json.dumps(identity)))}"
+                f"{_computed_elsewhere(existing, extra, diff)}; "
                 "choose another --out (or delete that directory) instead of mixing results"
             )
 

@@ -512,3 +512,21 @@ def test_a_store_whose_peak_grows_batch_by_batch_rescales_what_it_wrote():
     for n in range(3):  # every row as exact as float16 keeps it relative to the neuron's peak
         assert np.allclose(store.neuron(n), truth[n], rtol=1e-3, atol=1e-4 * np.abs(truth[n]).max())
     assert np.array_equal(store.neuron(2), truth[2].astype(np.float16).astype(np.float32))
+
+
+def test_a_run_made_with_other_options_is_refused_naming_the_options(tmp_path):
+    # the message named run.json's keys alone ("a different corpus_fingerprint, corpus_tokens, n_excerpts"), which
+    # a user who changed --max-excerpts or --preset cannot map to what they typed
+    from n2g.errors import N2GError
+    from n2g.store import RunStore
+
+    ident = {"corpus": "c.txt", "corpus_fingerprint": "f1", "n_excerpts": 512, "excerpt_length": 64,
+             "config": {"preset": "default", "min_count": 2, "augment": True}}
+    RunStore(tmp_path / "run").open(ident)
+    other = {**ident, "corpus_fingerprint": "f2", "n_excerpts": 128,
+             "config": {"preset": "paper", "min_count": 2, "augment": False}}
+    with pytest.raises(N2GError) as err:
+        RunStore(tmp_path / "run").open(other)
+    assert ("holds a run made with a different config (settings: augment True then, False now, preset 'default' then, "
+            "'paper' now), corpus_fingerprint (--corpus), n_excerpts (--max-excerpts: 512 then, 128 now); choose another "
+            "--out") in str(err.value), str(err.value)
