@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .activations import from_float16, store_exponents, to_float16
-from .fileio import replacing
+from .fileio import remove_stale_temporaries, replacing
 from .records import NeuronId, Sign
 from .written import shown_tokens
 
@@ -273,6 +273,7 @@ def _load(path: Path, n_contexts: int, d_mlp: int | None = None, vocab_size: int
 def _save(path: Path, layer: LayerVocabulary) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)  # those of a writer killed mid-save (nothing else removes them)
         with replacing(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, tokens=layer.tokens.astype(np.int32), neurons=layer.neurons.astype(np.int32), values=layer.values,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .activations import from_float16, to_float16
-from .fileio import replacing
+from .fileio import remove_stale_temporaries, replacing
 from .records import NeuronId, Sign
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,7 @@ def written_excerpts(model, excerpts: np.ndarray, is_train: np.ndarray, n: int, 
         written = _write(model, prompts, length, seed)
         if len(written):
             try:
+                remove_stale_temporaries(path.parent)  # those of a writer killed mid-save (nothing else removes them)
                 with replacing(path) as tmp:
                     with open(tmp, "wb") as f:
                         np.save(f, written.astype(np.int32))

@@ -148,6 +148,27 @@ def test_written_excerpts_are_cached_and_reused(tiny_llama, tmp_path, monkeypatc
     assert np.array_equal(written_excerpts(tiny_llama, excerpts, is_train, 4, 3, 0, tmp_path, "corpus-a"), first)
 
 
+def test_a_killed_writers_temporaries_in_the_caches_are_removed_by_the_next_save(tiny_llama, tmp_path):
+    # a SIGKILL while the written text or the vocabulary in context was being saved left .NAME.PID-HOST.XXXXXXXX.tmp
+    # files in $N2G_CACHE that nothing removed (the scan cache cleans its own); a live writer's stay
+    import os
+
+    from n2g.fileio import HOST
+    from n2g.vocabulary import LayerVocabulary, _save
+
+    dead = 2 ** 22 + 12345  # above Linux's largest pid
+    for folder in ("written", "vocabulary"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f".x.npy.{dead}-{HOST}.abcdefgh.tmp").write_bytes(b"half")
+        (tmp_path / folder / f".x.npy.{os.getpid()}-{HOST}.abcdefgh.tmp").write_bytes(b"live")
+    excerpts = np.random.default_rng(0).integers(4, 60, (12, 16))
+    written_excerpts(tiny_llama, excerpts, partition(12, 0.5, 0), 4, 3, 0, tmp_path, "corpus-a")
+    empty = np.zeros(0, np.int32)
+    _save(tmp_path / "vocabulary" / "L1.npz", LayerVocabulary(empty, empty, np.zeros(0, np.float32), np.zeros(0, np.int16)))
+    for folder in ("written", "vocabulary"):
+        assert sorted(p.name.split(".")[3] for p in (tmp_path / folder).glob(".*.tmp")) == [f"{os.getpid()}-{HOST}"]
+
+
 def test_a_job_carries_its_neurons_written_evidence(tiny_llama, tmp_path):
     from n2g.scan import scan_layers
 
