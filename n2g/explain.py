@@ -12,7 +12,7 @@ import re
 import networkx as nx
 
 from .records import NeuronResult
-from .graph import shown_fixed, token_value_count
+from .graph import fires, shown_fixed, token_value_count
 from .render import graph_fire_threshold, graph_paths, path_text
 
 
@@ -59,13 +59,13 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         return [_seg(f"{key} never fires on the {side} side over the scanned corpus (its maximum there is "
                      "0), so it has no graph.")]
     paths = graph_paths(G) if G is not None else []
-    firing = [p for p in paths if p["end"] >= threshold]
+    firing = [p for p in paths if fires(p["end"], threshold)]
     # quiet context rules ("any token after Y is quiet"): they silence every activator
-    silencing = [p for p in paths if p["end"] < threshold and len(p["nodes"]) > 1
+    silencing = [p for p in paths if not fires(p["end"], threshold) and len(p["nodes"]) > 1
                  and G.nodes[p["nodes"][0]].get("token_id") is None] if firing else []
     # a dense neuron's base ("[*]" alone fires): its quiet one-token paths are exceptions, most seen first
     dense = any(len(p["nodes"]) == 1 and G.nodes[p["nodes"][0]].get("token_id") is None for p in firing)
-    exceptions = sorted((p for p in paths if dense and len(p["nodes"]) == 1 and p["end"] < threshold
+    exceptions = sorted((p for p in paths if dense and len(p["nodes"]) == 1 and not fires(p["end"], threshold)
                          and G.nodes[p["nodes"][0]].get("token_id") is not None), key=lambda p: -p.get("count", 0))
     out: list[dict] = []
     if not firing:
@@ -115,7 +115,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         out.append(_seg(f"It fires (normalised activation ≥ {threshold:g}) on {100 * st.firing_rate:.2f} % of "
                         f"{st.n_sampled_tokens:,} sampled corpus tokens. "))
     firing_acts = {p["nodes"][0] for p in firing}
-    quiet = silencing + [p for p in paths if p["end"] < threshold and len(p["nodes"]) > 1 and p["nodes"][0] in firing_acts
+    quiet = silencing + [p for p in paths if not fires(p["end"], threshold) and len(p["nodes"]) > 1 and p["nodes"][0] in firing_acts
                          and p not in silencing]
     if quiet:
         p = quiet[0]
@@ -128,7 +128,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
     elif firing:
         out.append(_seg("No context in the graph suppresses an activating token. "))
     wild = [p for p in paths if len(p["nodes"]) == 1 and G.nodes[p["nodes"][0]].get("token_id") is None]
-    graded = [p for p in paths if len(p["nodes"]) == 1 and p["end"] < threshold and p["nodes"][0] not in firing_acts
+    graded = [p for p in paths if len(p["nodes"]) == 1 and not fires(p["end"], threshold) and p["nodes"][0] not in firing_acts
               and p not in wild and p not in exceptions]
     mild = sorted((p for p in graded if p["end"] > 0), key=lambda p: -p["end"])
     low = sorted((p for p in graded if p["end"] < 0), key=lambda p: p["end"])
@@ -144,7 +144,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
             out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({shown_fixed(p['end'], threshold)})")] for p in low[:2]],
                                 len(low) - len(low[:2])))
         out.append(_seg(". "))
-    if wild and wild[0]["end"] < threshold:  # the background value: [*] alone
+    if wild and not fires(wild[0]["end"], threshold):  # the background value: [*] alone
         own = token_value_count(G)
         if own:
             out.append(_seg(f"Any other token is predicted at its own training mean where no path matched it "

@@ -182,14 +182,22 @@ def _saved_value(value: float, fire_threshold: float) -> float:
     return rounded if (np.float32(rounded) >= fire_threshold) == (np.float32(value) >= fire_threshold) else value
 
 
+def fires(value: float, threshold: float) -> bool:
+    """Whether ``value`` (an END, a normalised activation) fires at ``threshold`` as a prediction does: predictions
+    are float32, so a graph.json END of 0.49999999 (a double below 0.5) is predicted 0.5 and fires."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.float32(value) >= threshold)
+
+
 def shown_fixed(value: float, threshold: float, digits: int = 2) -> str:
     """``value`` with ``digits`` decimals for a text table or a drawing, on the same side of ``threshold`` as the
-    value itself: an END kept just below the threshold (0.49999997) reads 0.49, never a firing-looking 0.50."""
+    value itself (:func:`fires`): an END kept just below the threshold (0.49999997) reads 0.49, never a
+    firing-looking 0.50."""
     value = float(value)
     text = f"{value:.{digits}f}"
-    if math.isfinite(value) and (float(text) >= threshold) != (value >= threshold):
+    if math.isfinite(value) and fires(float(text), threshold) != fires(value, threshold):
         scale = 10 ** digits  # round toward the value's own side instead
-        text = f"{(math.floor(value * scale) if value < threshold else math.ceil(value * scale)) / scale:.{digits}f}"
+        text = f"{(math.ceil(value * scale) if fires(value, threshold) else math.floor(value * scale)) / scale:.{digits}f}"
     elif text.startswith("-") and float(text) == 0.0:
         text = text[1:]  # -0.0001 reads 0.00, not -0.00
     return text

@@ -27,7 +27,7 @@ import networkx as nx
 
 from n2g.errors import BIDI_CONTROLS, N2GError
 from n2g.fileio import inside, read_json, replacing, write_bytes_atomic
-from n2g.graph import MAX_TOKEN_ID, START_TEXT, NeuronGraph, shown_fixed, token_value_count, tree_problem
+from n2g.graph import MAX_TOKEN_ID, START_TEXT, NeuronGraph, fires, shown_fixed, token_value_count, tree_problem
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def graph_fire_threshold(G: nx.DiGraph | None) -> float:
 def is_quiet(attrs: dict, threshold: float = QUIET_BELOW) -> bool:
     """Whether an activator node (its attributes) is quiet: no END on or below it fires (reaches ``threshold``,
     the graph's fire threshold)."""
-    return attrs.get("kind") == "activator" and _num(attrs.get("activation")) < threshold
+    return attrs.get("kind") == "activator" and not fires(_num(attrs.get("activation")), threshold)
 
 
 def graph_paths(G: nx.DiGraph) -> list[dict]:
@@ -319,7 +319,7 @@ def graph_paths(G: nx.DiGraph) -> list[dict]:
     # what makes the neuron fire comes first: paths that fire, strongest first, then the graded ones (quiet
     # activators, and last the background value of "any other token", whose count is every token it covers)
     threshold = graph_fire_threshold(G)
-    out.sort(key=lambda p: (p["end"] < threshold, p["kinds"][0] == "activator" and G.nodes[p["nodes"][0]].get("token_id") is None,
+    out.sort(key=lambda p: (not fires(p["end"], threshold), p["kinds"][0] == "activator" and G.nodes[p["nodes"][0]].get("token_id") is None,
                             -p["strength"], -p["end"], len(p["nodes"]), p["tokens"]))
     return out
 

@@ -271,6 +271,43 @@ def test_graph_paths_put_quiet_paths_and_the_background_value_after_those_that_f
     assert order[-1] == "bg" and order[0] == "a7"
 
 
+def test_an_end_a_prediction_fires_on_reads_as_firing_where_graph_json_holds_it_just_below_as_a_double(tmp_path):
+    # a graph.json not written by n2g (by hand, another tool) holds END 0.49999999: below 0.5 as a double, but every
+    # prediction is a float32 (0.5), so `n2g predict`, the server and describe() say it fires at 0.50, while the
+    # page's path table, drawing and summary read 0.49, listed it after the graded paths and called it quiet
+    import json
+
+    import numpy as np
+
+    from n2g.explain import summary_text
+    from n2g.graph import NeuronGraph, shown_fixed
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    graph = NeuronGraph(fire_threshold=0.5)
+    graph.add_path([(5, 1.0)], 0.7)
+    graph.add_path([(6, 1.0)], 0.9)
+    graph.add_path([(7, 1.0)], 0.3)
+    path = graph.save(tmp_path / "graph.json")
+    d = json.loads(path.read_text())
+    for node in d["graph"]["nodes"]:
+        if node.get("activation") == 0.9:
+            node["activation"] = 0.49999999
+        if node.get("activation") == 0.3:
+            node["count"] = 50  # a graded path seen often: it outranked the one that fires by END x count
+    path.write_text(json.dumps(d))
+    assert (NeuronGraph.load(path).predict_sequence([6]) >= 0.5).tolist() == [True]
+    assert float(np.float32(0.49999999)) == 0.5 and shown_fixed(0.49999999, 0.5) == "0.50"
+    G = R.load_graph_json(path)
+    order = [p["tokens"][0] for p in R.graph_paths(G)]
+    assert order.index("6") < order.index("7"), order
+    assert not any(R.is_quiet(a, 0.5) for _, a in G.nodes(data=True) if a.get("token_id") == 6)
+    assert "act 0.50" in R.to_dot(G) and "0.49" not in R.to_dot(G)
+    result = NeuronResult(neuron=NeuronId(0, 1), status="fitted",
+                          stats=NeuronStats(max_activation=2.0, firing_rate=0.01, n_sampled_tokens=100))
+    text = summary_text(result, G)
+    assert "fires on 5 (0.70) and 6 (0.50)" in text and "0.49" not in text, text
+
+
 def _plain_positions(dot: str) -> tuple[float, dict[str, tuple[float, float]]]:
     out = subprocess.run(["dot", "-Tplain"], input=dot.encode(), capture_output=True, check=True).stdout.decode()
     height, pos = 0.0, {}
