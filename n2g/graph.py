@@ -886,7 +886,7 @@ class NeuronGraph:
         st = self.stats()
         name = self.neuron.key if self.neuron else "graph"
         best = self._max_end_below()
-        quiet = sum(1 for c in self.nodes[0].children.values() if best[c] < self.fire_threshold)
+        quiet = sum(1 for c in self.nodes[0].children.values() if not fires(best[c], self.fire_threshold))
         acts = f"{st['activator']} activating {plural(st['activator'], 'token')}" + (f" ({quiet} quiet: never predicted to fire)" if quiet else "")
         head = (f"NeuronGraph {name}: {acts}, {st['context']} context, "
                 f"{st['wildcard']} wildcard {plural(st['wildcard'], 'node')}, {len(paths)} {plural(len(paths), 'path')} "

@@ -26,6 +26,7 @@ import numpy as np
 from n2g.errors import N2GError
 from n2g.fileio import loads_json, read_bytes, replacing
 from n2g.records import NeuronId, NeuronResult, Sign, check_folder, plural
+from n2g.graph import fires
 from n2g.render import QUIET_BELOW, graph_token_rows, is_finite_number, load_graph_json
 
 log = logging.getLogger(__name__)
@@ -587,7 +588,7 @@ def search(run_dir: str | os.PathLike, token: str, role: str | None = None, limi
         {
             "key": r["key"], "layer": r["layer"], "index": r["idx"], "sign": r["sign"], "f1": r["f1"],
             "token": r["token"], "token_id": r["token_id"], "role": r["role"], "weight": r["weight"],
-            "quiet": r["role"] == "activator" and isinstance(r["weight"], (int, float)) and r["weight"] < fire,
+            "quiet": r["role"] == "activator" and isinstance(r["weight"], (int, float)) and not fires(r["weight"], fire),
             "match": MATCHES[rank[0]],
         }
         for rank, r in ordered[:limit]

@@ -734,3 +734,28 @@ def test_a_neuron_page_states_the_graphs_scores_before_the_summary(run):
     none = (run / "viewer" / "neurons" / "L0.N2.html").read_text()
     assert "N2G F1 <b>no firing test token</b>" in none
     assert 'id="headline"' not in (run / "viewer" / "neurons" / "L1.N3.html").read_text()  # dead: no scores
+
+
+def test_search_and_describe_call_an_activator_quiet_only_where_no_prediction_fires_on_it(tmp_path):
+    # a graph.json not written by n2g holds " Paris" at 0.49999999: below 0.5 as a double, but predictions are float32
+    # (0.5) and fire; `n2g search` listed it "quiet 0.50" and describe() counted it among the activators "never
+    # predicted to fire" beside its path "[␣Paris] 0.50"
+    from n2g.graph import NeuronGraph
+    from n2g.search import search
+
+    run = make_run(tmp_path)
+    path = run / "neurons" / "L0.N1" / "graph.json"
+    d = json.loads(path.read_text())
+    for node in d["graph"]["nodes"]:
+        if node["id"] in ("root/100", "root/100/END"):
+            node["activation"] = 0.49999999
+        elif node["id"] == "root/100/101/END":
+            node["activation"] = 0.3
+    path.write_text(json.dumps(d))
+    build_all(run)
+    graph = NeuronGraph.load(path)
+    assert (graph.predict_sequence([100]) >= 0.5).tolist() == [True]
+    hit = next(h for h in search(run, " Paris") if h["key"] == "L0.N1" and h["role"] == "activator")
+    assert hit["quiet"] is False
+    head = graph.describe().splitlines()[0]
+    assert "(2 quiet" in head, head
