@@ -1399,7 +1399,10 @@ def load_model(spec: str = "default", device: str | None = None,
         if path.is_file() and path.suffix.lower() == ".gguf":
             model, tokenizer = _load_gguf(path.resolve())
         elif path.is_dir():
-            ggufs = sorted(path.glob("*.gguf"))
+            try:  # case-blind, as a .gguf file passed as a path is read ("model.GGUF")
+                ggufs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf")
+            except OSError:  # a folder that cannot be listed: transformers says why below
+                ggufs = []
             if not (path / "config.json").is_file() and len(ggufs) == 1:
                 model, tokenizer = _load_gguf(ggufs[0].resolve())
             elif not (path / "config.json").is_file() and len(ggufs) > 1:

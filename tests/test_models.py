@@ -331,6 +331,15 @@ def test_an_empty_folder_is_named_as_one(tmp_path):
         load_model(str(tmp_path), device="cpu")
 
 
+def test_a_folder_holding_an_upper_case_gguf_file_is_not_said_to_have_none(tmp_path):
+    # a .GGUF file passed as a path loads (its suffix is read case-blind), but a folder holding it was "a folder
+    # without config.json or a .gguf file"
+    (tmp_path / "model.GGUF").write_bytes(b"")
+    with pytest.raises(N2GError) as err:
+        load_model(str(tmp_path), device="cpu")
+    assert "without config.json or a .gguf file" not in str(err.value) and "model.GGUF" in str(err.value)
+
+
 def test_hub_failure_says_what_to_do(monkeypatch):
     import transformers as tf
 
