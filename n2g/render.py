@@ -79,9 +79,11 @@ def load_graph_json(path: str | os.PathLike, root: str | os.PathLike | None = No
         (_node_problem(G) or tree_problem(G))
     if problem:
         raise N2GError(f"graph file {path} is damaged ({problem}); delete it and rerun `n2g run`")
-    G.graph.setdefault("fire_threshold", d.get("fire_threshold", 0.5))
+    # the file's own fields, never what its node-link "graph" attributes say (n2g writes only token_values there)
+    G.graph["fire_threshold"] = d.get("fire_threshold", 0.5)
+    G.graph.pop("neuron", None)
     if d.get("neuron"):
-        G.graph.setdefault("neuron", d["neuron"])
+        G.graph["neuron"] = d["neuron"]
     return G
 
 

@@ -308,6 +308,29 @@ def test_an_end_a_prediction_fires_on_reads_as_firing_where_graph_json_holds_it_
     assert "fires on 5 (0.70) and 6 (0.50)" in text and "0.49" not in text, text
 
 
+def test_a_graph_files_own_threshold_and_neuron_win_over_attributes_its_node_link_graph_carries(tmp_path):
+    # graph.json's node-link "graph" attributes came first (setdefault): a file of a positive neuron fitted at 0.5
+    # whose inner attributes said {"fire_threshold": 0.05, "neuron": {"sign": "negative"}} was drawn with the
+    # negative side's legend ("normalised to the neuron's most negative value"), its 0.1 activator counted firing
+    # and its paths ordered at 0.05, while the predictor, describe() and the page's text read 0.5
+    import json
+
+    from n2g.graph import NeuronGraph
+    graph = NeuronGraph(fire_threshold=0.5)
+    graph.add_path([(5, 1.0)], 0.9)
+    graph.add_path([(6, 1.0)], 0.1)
+    path = graph.save(tmp_path / "graph.json")
+    d = json.loads(path.read_text())
+    d["neuron"] = {"layer": 0, "index": 1, "sign": "positive"}  # as a run's graph.json names its neuron
+    d["graph"]["graph"] = {"fire_threshold": 0.05, "neuron": {"layer": 0, "index": 1, "sign": "negative"}}
+    path.write_text(json.dumps(d))
+    G = R.load_graph_json(path, check=True)
+    assert R.graph_fire_threshold(G) == 0.5 and G.graph["neuron"]["sign"] == "positive"
+    assert [a["token_id"] for _, a in G.nodes(data=True) if R.is_quiet(a, R.graph_fire_threshold(G))] == [6]
+    dot = R.to_dot(G)
+    assert "most negative" not in dot and "normalised to the neuron&#39;s maximum" in dot.replace("'", "&#39;"), dot
+
+
 def _plain_positions(dot: str) -> tuple[float, dict[str, tuple[float, float]]]:
     out = subprocess.run(["dot", "-Tplain"], input=dot.encode(), capture_output=True, check=True).stdout.decode()
     height, pos = 0.0, {}
