@@ -15,6 +15,8 @@ def model_html(model) -> str:
     svg, paths = None, []
     if graph is not None:
         G = graph.drawable()
+        if getattr(model, "sign", 1.0) < 0:  # its legend: normalised to the most negative value, not the maximum
+            G.graph["neuron"] = {"sign": "negative"}
         paths = [{"text": path_text(p), "end": shown_fixed(p["end"], graph.fire_threshold), "count": p["count"]}
                  for p in graph_paths(G)]
         if dot_available() and paths:

@@ -190,6 +190,19 @@ def test_notebook_display_of_a_negative_side_gives_the_extreme_its_predictions_a
     assert "maximum activation 2.0000 (raw; predictions are on this scale)" in page
 
 
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz")
+def test_notebook_drawing_of_a_negative_side_says_its_activations_are_normalised_to_its_most_negative_value():
+    # the page's drawing of a .neg neuron says so (graph.json names its side); the notebook's drawing said
+    # "normalised to the neuron's maximum" under the text "most negative activation -0.5"
+    feature = lambda ids: -(ids == 5).float() / 2
+    model = n2g.distill(feature, [[4, 5, 6, 7, 4, 8]] * 6 + [[4, 6, 7, 8]] * 6, sign="negative")
+    page = model._repr_html_()
+    assert "<svg" in page and "most negative value on the scanned corpus" in page
+    assert "normalised to the neuron&#39;s maximum" not in page and "normalised to the neuron's maximum" not in page
+    positive = n2g.distill(lambda ids: (ids == 5).float() / 2, [[4, 5, 6, 7, 4, 8]] * 6 + [[4, 6, 7, 8]] * 6)
+    assert "most negative value" not in positive._repr_html_()
+
+
 def test_printed_negative_side_gives_the_extreme_its_predictions_are_scaled_to():
     # print(model) named the negative side's extreme 'maximum activation 0.5' beside predictions below 0
     feature = lambda ids: -(ids == 5).float() / 2  # "cat": -0.5, else 0
