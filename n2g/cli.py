@@ -407,7 +407,10 @@ def _paths_limit(text: str) -> int | None:
     """``--paths``: a whole number of 0 or more, or ``all`` (None)."""
     if text.strip().lower() == "all":
         return None
-    n = int(text) if re.fullmatch(r"\s*[0-9]+\s*", text) else -1  # not int()'s "1_0", "+3" or other scripts' digits
+    digits = text.strip().lstrip("0") or "0" if re.fullmatch(r"\s*[0-9]+\s*", text) else None  # not int()'s "1_0", "+3"
+    if digits is not None and len(digits) > 18:  # more paths than any graph holds (int() refuses 4,300 digits and more)
+        return None
+    n = int(digits) if digits is not None else -1  # or other scripts' digits
     if n < 0:
         raise N2GError(f"--paths must be a whole number of 0 or more, or 'all' (got {visible(text)[:40]!r})")
     return n

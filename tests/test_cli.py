@@ -548,6 +548,15 @@ def test_show_prints_a_neurons_scores_summary_and_strongest_paths(run, capsys):
     assert code == 0 and [d["key"] for d in json.loads(out)["neurons"]] == ["L0.N1"]  # one neuron, however written
 
 
+def test_show_paths_past_int_s_digit_limit_lists_every_path(run, capsys):
+    # a whole number of 5,000 digits passed the ASCII-digit check, then int() raised "Exceeds the limit (4300 digits)"
+    # as a traceback; it is more paths than any graph holds, so every path is listed, as "all" does
+    code, out, err = main(["show", run, "L0.N1", "--paths", "9" * 5000], capsys)
+    assert code == 0 and "Traceback" not in err and "more path" not in out and "  [.]" in out
+    code, out, _ = main(["show", run, "L0.N1", "--paths", "0" * 5000 + "1"], capsys)
+    assert code == 0 and "  ... 3 more paths (--paths all lists every one)" in out
+
+
 @pytest.mark.parametrize("argv, says", [
     (["L0.x"], "'L0.x' is not a neuron key; keys look like L5.N2"),
     (["L0.N1", "L9.N9"], "holds no readable result for L9.N9; fit it there with `n2g run --layers 9 --neurons 9"),
