@@ -587,7 +587,7 @@ def _predict(args) -> int:
                 line = f"  {tok[:23]:<24}{shown_fixed(e['predicted'][i], threshold):>10}"
                 if true is not None:
                     v = (e.get("true") or [None] * len(ids))[i]
-                    line += f"{'-' if v is None else format(v, '.2f'):>8}"
+                    line += f"{'-' if v is None else shown_fixed(v, threshold):>8}"  # as truly firing says
                 print(line)
         return 0
     if not results:
@@ -602,7 +602,7 @@ def _predict(args) -> int:
         where += f" and {len(e['fires']) - 6} more" if len(e["fires"]) > 6 else ""
         line = f"{display_token(e['key'])[:40]:<16}{f1:>7}{shown_fixed(e['predicted_max'], threshold):>10}"
         if true is not None:
-            line += f"{'-' if e.get('true_max') is None else format(e['true_max'], '.2f'):>7}"
+            line += f"{'-' if e.get('true_max') is None else shown_fixed(e['true_max'], threshold):>7}"
             if not e["fires"]:
                 where = "(none; true: " + ", ".join(shown[i][:20] for i in e["true_fires"][:6]) + ")"
         print(f"{line}  {where}")

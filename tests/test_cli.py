@@ -144,6 +144,35 @@ def test_predict_reads_the_text_from_standard_input_and_refuses_none(run, capsys
     assert code == 2 and "no text given" in err
 
 
+def test_predict_shows_a_true_activation_just_below_the_threshold_below_it(tmp_path, capsys):
+    # the predicted column kept a value on its side of the threshold (0.49, never 0.50), the true column beside it
+    # did not: a token the model truly drives to 0.4996 of its maximum read "0.50" under "it truly fires on 0"
+    import torch
+
+    from conftest import tiny_model, tiny_tokenizer
+    from n2g.models import load_model
+
+    run = make_run(tmp_path)
+    made = json.loads((run / "run.json").read_text())
+    made["model"] = {"spec": "tiny", "architecture": "llama", "n_layers": 3, "d_mlp": 48}
+    (run / "run.json").write_text(json.dumps(made))
+    torch.manual_seed(0)
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    text = "the cat sat on the mat and the dog"
+    model = load_model(str(tmp_path / "llama"))
+    ids = model.encode(text)
+    acts = model.activations(torch.tensor([ids]), None, [(0, 1)])[0].float().numpy()
+    d = json.loads((run / "neurons" / "L0.N1" / "result.json").read_text())
+    d["stats"]["max_activation"] = float(acts[:, 0].max()) / 0.4996  # its strongest token here: 0.4996, quiet
+    (run / "neurons" / "L0.N1" / "result.json").write_text(json.dumps(d))
+    build_all(run)
+    code, out, err = main(["predict", run, text, "--model", tmp_path / "llama", "--neuron", "L0.N1", "-q"], capsys)
+    assert code == 0 and "it truly fires on 0" in out, out + err
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("  ") and "predicted" not in ln]
+    assert max(float(r[-1]) for r in rows) == 0.49, out
+
+
 def test_predict_with_the_model_shows_true_activations_and_the_neurons_that_truly_fire(tmp_path, capsys):
     # the synthetic run said it was made with a 3-layer llama of 48 neurons a layer: the tiny one here
     import torch
