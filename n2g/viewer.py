@@ -53,7 +53,7 @@ from n2g.records import Example, NeuronResult, Sign, check_folder, plural
 from n2g.render import BIDI_CONTROLS, atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
 from n2g import tokenizer
-from n2g.search import INDEX_NAME, build_index, search, similar
+from n2g.search import INDEX_NAME, _run_fire_threshold, build_index, search, similar
 
 log = logging.getLogger(__name__)
 
@@ -567,6 +567,7 @@ INDEX_JS = r"""
     return visibleChars(tok.replace(/^ +| +$/g, function (s) { return s.length > 2 ? "\u2423x" + s.length : "\u2423".repeat(s.length); })
               .replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192"));
   }
+  function weightText(h, thr) { if (h.weight === null) return "\u2014"; var t = h.weight.toFixed(3), v = parseFloat(t); if (h.role === "activator" && typeof thr === "number" && (v >= thr) === h.quiet) t = (h.quiet ? v - 0.001 : v + 0.001).toFixed(3); return t; }  // an activator's weight on its side of the fire threshold, as `n2g search` shows it: a quiet 0.49999997 reads 0.499, never 0.500
   function cell(tr, text) { var td = document.createElement("td"); td.textContent = text; tr.appendChild(td); return td; }
   function keyCell(tr, key) {  // the neuron's key, linked to its page
     var td = document.createElement("td"); td.className = "l";
@@ -593,7 +594,7 @@ INDEX_JS = r"""
         keyCell(tr, h.key);
         cell(tr, shown(h.token)).className = "l tok";
         cell(tr, h.quiet ? "quiet" : h.role).className = "l";
-        cell(tr, h.weight === null ? "\u2014" : h.weight.toFixed(3));
+        cell(tr, weightText(h, data.fire_threshold));
         cell(tr, h.f1 === null ? "\u2014" : h.f1.toFixed(3));
         cell(tr, h.match || "").className = "l";
         body.appendChild(tr);
@@ -1122,7 +1123,7 @@ class _Handler(BaseHTTPRequestHandler):
                                                       role=q.get("role", [""])[0] or None, limit=limit))
                 except (N2GError, ValueError) as e:
                     return self._json(400, {"error": self._public(str(e))}, head)
-                return self._json(200, {"results": hits}, head)
+                return self._json(200, {"results": hits, "fire_threshold": _run_fire_threshold(self.run_dir)}, head)
             limit = self._limit(q, "10")
             try:
                 sims = self._query(lambda: similar(self.run_dir, q.get("key", [""])[0], limit=limit))

@@ -759,3 +759,23 @@ def test_search_and_describe_call_an_activator_quiet_only_where_no_prediction_fi
     assert hit["quiet"] is False
     head = graph.describe().splitlines()[0]
     assert "(2 quiet" in head, head
+
+
+def test_index_search_never_rounds_a_quiet_activator_up_to_a_firing_looking_value():
+    # `n2g search` reads a quiet activator kept just below the threshold (0.49999997) as 0.49; the index page's token
+    # search (the same hits, from /api/search) wrote it with toFixed(3): "quiet 0.500"
+    import subprocess
+
+    from n2g.viewer import INDEX_JS
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("needs node")
+    line = next(ln for ln in INDEX_JS.splitlines() if "function weightText(" in ln)
+    cases = [{"weight": 0.49999997, "quiet": True, "role": "activator"}, {"weight": 0.29, "quiet": True, "role": "activator"},
+             {"weight": 0.7, "quiet": False, "role": "activator"}, {"weight": 0.8996, "quiet": False, "role": "context"},
+             {"weight": None, "quiet": False, "role": "context"}, {"weight": -0.0004, "quiet": True, "role": "activator"}]  # (as toFixed writes it)
+    script = (line.strip() + "\nconsole.log(JSON.stringify(" + json.dumps(cases) + ".map(function (h) { return weightText(h, 0.5); })"
+              ".concat([weightText({weight: 0.5004, quiet: false, role: 'activator'}, 0.5005)])));")
+    out = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == ["0.499", "0.290", "0.700", "0.900", "\u2014", "-0.000", "0.501"]
