@@ -870,7 +870,7 @@ class NeuronGraph:
         count) first; see :func:`n2g.render.graph_paths`."""
         from .render import graph_paths
 
-        return graph_paths(self.to_networkx())
+        return graph_paths(self.drawable())  # (its fire threshold: what fires comes first)
 
     def describe(self, limit: int | None = 20) -> str:
         """The graph as text: a header, then one line per path in reading order, strongest first.

@@ -206,6 +206,17 @@ def test_shown_fixed_keeps_a_value_on_its_own_side_of_the_threshold(value, thres
     assert shown_fixed(value, threshold) == text
 
 
+def test_describe_lists_paths_that_fire_first_at_the_graphs_own_threshold():
+    # paths() ordered the graph's networkx form, which carries no fire threshold, so at the default 0.5: a graph
+    # fitted at 0.3 listed a quiet path seen often ([6] 0.20 x50) before the one that fires ([5] 0.35)
+    graph = NeuronGraph(fire_threshold=0.3)
+    graph.add_path([(5, 1.0)], 0.35)
+    for _ in range(50):
+        graph.add_path([(6, 1.0)], 0.2)
+    assert [p["tokens"] for p in graph.paths()] == [["5"], ["6"]]
+    assert [ln.split()[0] for ln in graph.describe().splitlines()[2:]] == ["[5]", "[6]"]
+
+
 def test_no_firing_test_token_is_reported_not_perfect():
     s = score_arrays([np.zeros(10)], [np.zeros(10)])
     assert s.f1 is None and s.status == "no_firing_test_token"
