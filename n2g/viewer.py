@@ -468,7 +468,9 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
         test_more=_excerpt_section(tests[FIRST_EXCERPTS:], "test-excerpts-more", "more test excerpts", threshold, max_raw),
         train=_excerpt_section([e for e in result.examples if e.split == "train"], "train-excerpts", "train excerpts",
                                threshold, max_raw),
-        graph=graph, paths=[{**p, "text": path_text(p), "end_text": shown_fixed(p["end"], threshold) if is_finite_number(p["end"]) else None}
+        graph=graph, paths=[{**p, "text": path_text(p), "end_text": shown_fixed(p["end"], threshold) if is_finite_number(p["end"]) else None,
+                             # END x count as its END reads where the count is 1 (never 0.50 beside 0.49, nor -0.00)
+                             "strength_text": shown_fixed(p["strength"], threshold) if is_finite_number(p["strength"]) else None}
                for p in paths], summarised=len(paths) > MAX_DRAWN_PATHS,
         drawn=MAX_DRAWN_PATHS, scores=scores, firing_rate=st.firing_rate, n_sampled=st.n_sampled_tokens,
         hist=_histogram(result.histogram or {}, threshold), quantiles=quantiles, bands=bands,

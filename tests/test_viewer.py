@@ -779,3 +779,21 @@ def test_index_search_never_rounds_a_quiet_activator_up_to_a_firing_looking_valu
               ".concat([weightText({weight: 0.5004, quiet: false, role: 'activator'}, 0.5005)])));")
     out = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == ["0.499", "0.290", "0.700", "0.900", "\u2014", "-0.000", "0.501"]
+
+
+def test_page_path_table_end_times_count_reads_as_its_end_where_the_count_is_one(tmp_path):
+    # END read 0.49 (kept below the threshold) and 0.00, END x count beside them 0.50 and -0.00 on a real run's page
+    run = make_run(tmp_path)
+    path = run / "neurons" / "L0.N1" / "graph.json"
+    d = json.loads(path.read_text())
+    for node in d["graph"]["nodes"]:
+        if node["id"] in ("root/105", "root/105/END"):
+            node["activation"] = 0.49999997
+        elif node["id"] in ("root/106", "root/106/END"):
+            node["activation"] = -0.0001
+    path.write_text(json.dumps(d))
+    build_all(run)
+    page = (run / "viewer" / "neurons" / "L0.N1.html").read_text()
+    rows = re.findall(r'<tr><td>\d+</td><td class="l tok">([^<]*)</td><td>([^<]*)</td><td>1</td><td>([^<]*)</td></tr>', page)
+    by = {tok: (end, strength) for tok, end, strength in rows}
+    assert by["[↵]"] == ("0.49", "0.49") and by["[.]"] == ("0.00", "0.00"), rows
