@@ -130,8 +130,9 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
     wild = [p for p in paths if len(p["nodes"]) == 1 and G.nodes[p["nodes"][0]].get("token_id") is None]
     graded = [p for p in paths if len(p["nodes"]) == 1 and not fires(p["end"], threshold) and p["nodes"][0] not in firing_acts
               and p not in wild and p not in exceptions]
-    mild = sorted((p for p in graded if p["end"] > 0), key=lambda p: -p["end"])
-    low = sorted((p for p in graded if p["end"] < 0), key=lambda p: p["end"])
+    # above or below zero as the value reads: -0.0001 reads 0.00, which is neither "mildly active" nor "below zero"
+    mild = sorted((p for p in graded if float(shown_fixed(p["end"], threshold)) > 0), key=lambda p: -p["end"])
+    low = sorted((p for p in graded if float(shown_fixed(p["end"], threshold)) < 0), key=lambda p: p["end"])
     if mild or low:  # quiet activators: graded values below the firing threshold
         out.append(_seg("Below its firing threshold the graph also holds graded values: "))
         if mild:

@@ -474,6 +474,22 @@ def test_summary_names_quiet_activators_with_their_graded_values():
     assert "graded values" not in plain
 
 
+def test_summary_calls_a_graded_value_below_zero_only_where_it_reads_below_zero():
+    # an END of -0.0001 reads 0.00 (never -0.00), and the summary said "below zero on ↵ (0.00)"; one of 0.0001
+    # "mildly active on ↵ (0.00)"
+    from helpers_run import _graph, scores
+    from n2g.explain import summary_text
+    from n2g.records import NeuronId, NeuronResult, NeuronStats
+
+    result = NeuronResult(
+        neuron=NeuronId(0, 1), status="fitted",
+        stats=NeuronStats(max_activation=5.0, quantiles={"0.5": 0.01}, firing_rate=0.01, n_sampled_tokens=1000),
+        scores={"n2g": scores(0.8, 0.8, 0.8, 0.9, 0.9, 0.7)})
+    for tiny in (-0.0001, 0.0001):
+        text = summary_text(result, _graph([([(100, 1.0)], 0.9), ([(105, 1.0)], tiny), ([(106, 1.0)], -0.2)]))
+        assert "(0.00)" not in text and "graded values: below zero on . (-0.20)." in text, text
+
+
 def test_summary_describes_a_graph_at_its_own_fire_threshold():
     # a graph fitted at 0.3 (load_graph_json and NeuronGraph.drawable put it in G.graph): summary_text(result, G)
     # described it at 0.5, its " the" path at 0.4 as a graded value below the threshold
