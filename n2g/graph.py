@@ -185,8 +185,10 @@ def _saved_value(value: float, fire_threshold: float) -> float:
 def fires(value: float, threshold: float) -> bool:
     """Whether ``value`` (an END, a normalised activation) fires at ``threshold`` as a prediction does: predictions
     are float32, so a graph.json END of 0.49999999 (a double below 0.5) is predicted 0.5 and fires."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.float32(value) >= threshold)
+    v = float(value)
+    if not -3.4e38 < v < 3.4e38:  # past float32's range, or NaN: as the double (no overflow warning)
+        return v >= threshold
+    return bool(np.float32(v) >= threshold)
 
 
 def shown_fixed(value: float, threshold: float, digits: int = 2) -> str:
