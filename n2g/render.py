@@ -381,6 +381,23 @@ def _value_line(text: str, white: bool) -> str:
     return f'<FONT POINT-SIZE="9"{colour}>&#160;{html_label_text(text)}</FONT>'
 
 
+DRAWING_VERSION = 2
+"""Raise it when drawings change (order, labels, legend, colours): ``n2g report`` then draws a run's graphs again,
+so a run made by an older n2g does not keep its old drawings beside pages and tables of the new."""
+DRAWING_MARK = f"n2g drawing {DRAWING_VERSION}"
+"""The graph comment (second line of every graph.dot, and a comment in the SVG) that says which drawing made it."""
+
+
+def drawn_by_this_version(dot_path: str | os.PathLike) -> bool:
+    """Whether ``graph.dot`` (and the images drawn with it) was written by this version's drawing."""
+    try:
+        with open(dot_path, "rb") as f:
+            head = f.read(128)
+    except OSError:
+        return False
+    return f'comment="{DRAWING_MARK}";'.encode() in head
+
+
 def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
            max_paths: int | None = MAX_DRAWN_PATHS) -> str:
     """Graphviz source for a neuron graph (see the module docstring for the look).
@@ -417,6 +434,7 @@ def to_dot(G: nx.DiGraph, title: str | None = None, legend: bool = True,
     ids: dict = {}
     lines = [
         "digraph n2g {",
+        f'  comment="{DRAWING_MARK}";',
         "  rankdir=RL;",
         '  graph [fontname="Helvetica", nodesep=0.1, ranksep=0.3, bgcolor="white", labelloc=t, labeljust=l];',
         '  node [shape=box, style="filled,rounded", fontname="Helvetica", fontsize=12, '

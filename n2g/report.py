@@ -28,7 +28,7 @@ from urllib.parse import quote
 from n2g.errors import N2GError
 from n2g.fileio import MAX_JSON_DEPTH, csv_cell, inside, nested_deeper, read_json, remove_stale_temporaries
 from n2g.records import NeuronResult, newer_schema, plural
-from n2g.render import DrawingFailed, atomic_write, dot_available, load_graph_json, render
+from n2g.render import DrawingFailed, atomic_write, dot_available, drawn_by_this_version, load_graph_json, render
 from n2g.search import _run_fire_threshold, build_index, iter_results, result_paths, scan_results
 
 log = logging.getLogger(__name__)
@@ -427,7 +427,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
 
 def render_missing_graphs(run_dir: str | os.PathLike) -> list[Path]:
-    """Render ``neurons/<key>/graph.{dot,svg,png}`` wherever they are missing or older than graph.json."""
+    """Render ``neurons/<key>/graph.{dot,svg,png}`` wherever they are missing, older than graph.json, or drawn by an
+    older n2g (:data:`n2g.render.DRAWING_VERSION`)."""
     run_dir = Path(run_dir)
     want = ("dot", "svg", "png") if dot_available() else ("dot",)
     jobs = []
@@ -441,8 +442,8 @@ def render_missing_graphs(run_dir: str | os.PathLike) -> list[Path]:
             continue
         made = gpath.stat().st_mtime
         outs = [gpath.parent / f"graph.{f}" for f in want]
-        # missing, or older than a graph that was refitted since
-        if any(not p.exists() or p.stat().st_mtime < made for p in outs):
+        # missing, older than a graph that was refitted since, or drawn by an older n2g
+        if any(not p.exists() or p.stat().st_mtime < made for p in outs) or not drawn_by_this_version(outs[0]):
             jobs.append(gpath)
 
     def one(gpath: Path) -> list[Path]:

@@ -86,6 +86,28 @@ def test_build_all_renders_graphs(run):
     assert not (run / "neurons" / "L1.N3" / "graph.dot").exists()  # dead: no graph
 
 
+def test_drawings_of_an_older_n2g_are_drawn_again_and_this_versions_are_kept(run, tmp_path):
+    # `n2g report` redrew a graph only where its drawing was missing or older than graph.json, so a run made before
+    # an upgrade kept its old drawings (old path order, legend and labels) beside the new pages' path tables
+    import os
+    import shutil
+
+    from n2g.render import DRAWING_MARK
+    from n2g.report import render_missing_graphs
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    old = copy / "neurons" / "L0.N1" / "graph.dot"
+    old.write_text(old.read_text().replace(f'  comment="{DRAWING_MARK}";\n', ""))  # as an older n2g drew it
+    later = old.stat().st_mtime + 60
+    for f in old.parent.glob("graph.*"):
+        if f.name != "graph.json":
+            os.utime(f, (later, later))  # newer than graph.json, as drawings are
+    redrawn = render_missing_graphs(copy)
+    assert {p.parent.name for p in redrawn} == {"L0.N1"} and DRAWING_MARK in old.read_text()
+    assert render_missing_graphs(copy) == []
+
+
 def test_index_tables(run):
     con = sqlite3.connect(run / "index.sqlite")
     rows = con.execute("SELECT key, layer, idx, sign, status, f1, ngram_f1 FROM neurons ORDER BY key").fetchall()
