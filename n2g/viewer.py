@@ -49,6 +49,7 @@ from markupsafe import Markup, escape
 
 from n2g.errors import N2GError
 from n2g.fileio import inside as _inside, read_bytes, read_json
+from n2g.graph import shown_fixed
 from n2g.records import Example, NeuronResult, Sign, check_folder, plural
 from n2g.render import BIDI_CONTROLS, atomic_write, display_token, dot_available, load_graph_json, svg_of, to_dot
 from n2g.report import METHOD_NAMES, METHODS, f1_text, fmt, neuron_row
@@ -179,6 +180,8 @@ def _token_cells(ex: Example, values: list[float] | None, what: str, threshold: 
         shown, text = _token_parts(tokens[i] if i < n_tok else None, tid)
         v = values[i] if i < n_val else None
         bg, num = _value_parts(v)
+        if v is not None and abs(v - threshold) < 5e-4:  # three decimals could round it across the threshold
+            num = shown_fixed(v, threshold, 3)
         fire = ' class="fire"' if v is not None and v >= threshold else ""
         out.append(f'<span{fire} style="background:{bg}" title="{shown}  {what} {num}">{text}</span>')
     return Markup("".join(out))
@@ -409,7 +412,6 @@ def neuron_page(run_dir: Path, result: NeuronResult, threshold: float | None = N
     ("" for MLP neurons; by default as ``run.json`` records it), so the page calls the feature a latent;
     ``graph_tokens``: a dict the graph's token texts and ids are added to (:func:`_add_graph_tokens`)."""
     from n2g.explain import summary
-    from n2g.graph import shown_fixed
     from n2g.profile import band_label
     from n2g.render import is_finite_number
     from n2g.pages import render_page
@@ -570,6 +572,12 @@ INDEX_JS = r"""
               .replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192"));
   }
   function weightText(h, thr) { if (h.weight === null) return "\u2014"; var t = h.weight.toFixed(3), v = parseFloat(t); if (h.role === "activator" && typeof thr === "number" && (v >= thr) === h.quiet) t = (h.quiet ? v - 0.001 : v + 0.001).toFixed(3); return t; }  // an activator's weight on its side of the fire threshold, as `n2g search` shows it: a quiet 0.49999997 reads 0.499, never 0.500
+  function sideFixed(v, thr, n) {  // v with n decimals on its own side of the fire threshold (0.49999997 reads 0.49, not 0.50)
+    var t = v.toFixed(n), p = Math.pow(10, n);
+    if (typeof thr === "number" && !isNaN(thr) && (parseFloat(t) >= thr) !== (v >= thr))
+      t = ((v >= thr ? Math.ceil(v * p) : Math.floor(v * p)) / p).toFixed(n);
+    return t;
+  }
   function cell(tr, text) { var td = document.createElement("td"); td.textContent = text; tr.appendChild(td); return td; }
   function keyCell(tr, key) {  // the neuron's key, linked to its page
     var td = document.createElement("td"); td.className = "l";
@@ -625,9 +633,9 @@ INDEX_JS = r"""
           var tr = document.createElement("tr");
           keyCell(tr, h.key);
           cell(tr, h.f1 === null ? "\u2014" : h.f1.toFixed(3));
-          cell(tr, h.predicted_max.toFixed(2));
-          cell(tr, h.true_max === undefined || h.true_max === null ? "\u2014" : h.true_max.toFixed(2));
-          var where = h.fires.map(function (i) { return shown(d.tokens[i]) + " " + h.predicted[i].toFixed(2); });
+          cell(tr, sideFixed(h.predicted_max, d.fire_threshold, 2));
+          cell(tr, h.true_max === undefined || h.true_max === null ? "\u2014" : sideFixed(h.true_max, d.fire_threshold, 2));
+          var where = h.fires.map(function (i) { return shown(d.tokens[i]) + " " + sideFixed(h.predicted[i], d.fire_threshold, 2); });
           if (!where.length && h.true_fires) {
             where = ["none (truly fires at " + h.true_fires.map(function (i) { return shown(d.tokens[i]); }).join(", ") + ")"];
           }
@@ -1267,8 +1275,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(e.status, {"error": str(e)}, head)
         except N2GError as e:
             return self._json(400, {"error": self._public(str(e))}, head)
+        from n2g.search import _run_fire_threshold
+
         return self._json(200, {"tokens": toks, "token_ids": [None if i == _UNKNOWN else int(i) for i in ids],
                                 "tokenizer": how, "unit": "normalised activation", "complete": time.monotonic() <= deadline,
+                                "fire_threshold": _run_fire_threshold(self.run_dir),
                                 "n_results": len(results), "results": results[:FIRES_LIMIT]}, head)
 
     def _predict(self, query: str, head: bool) -> None:

@@ -678,6 +678,32 @@ def test_the_pages_scripts_show_control_and_bidi_characters_never_obey_them():
         assert json.loads(res.stdout) == "a\\u202eb\\u2066c\\x1bd\\x7fe\\x00f\tg\nh"
 
 
+def test_the_pages_scripts_show_a_value_on_its_own_side_of_the_threshold():
+    # try-your-own-text's hover titles (toFixed(3)) and "which neurons fire"'s columns (toFixed(2)) showed a quiet
+    # 0.49999997 as 0.500 / 0.50, beside a token not outlined and a graph that does not fire
+    import subprocess
+
+    from n2g.viewer import INDEX_JS, NEURON_JS
+
+    cases = [[0.49999997, 0.5, 3], [0.49999997, 0.5, 2], [0.5, 0.5, 2], [0.7, 0.5, 2], [0.2999, 0.3, 3], [0.25, None, 2]]
+    for script in (INDEX_JS, NEURON_JS):
+        start = script.index("  function sideFixed(")
+        fn = script[start: script.index("\n  }\n", start) + 4]
+        probe = (f"new Function({json.dumps(script)});\n{fn}\n"
+                 f"process.stdout.write(JSON.stringify({json.dumps(cases)}.map(function (c) {{ return sideFixed(c[0], c[1], c[2]); }})));")
+        res = subprocess.run(["node", "-e", probe], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout) == ["0.499", "0.49", "0.50", "0.70", "0.299", "0.25"]
+    assert "sideFixed(v, threshold, 3)" in NEURON_JS and INDEX_JS.count("sideFixed(h.") == 3
+    # and the excerpt tables' titles, written by the page itself
+    from n2g.records import Example
+    from n2g.viewer import _token_cells
+
+    ex = Example(token_ids=[5, 6], activations=[0.49999997, 0.5], tokens=["a", "b"], source="top", split="test")
+    cells = str(_token_cells(ex, [0.49999997, 0.5], "true", 0.5))
+    assert 'title="a  true 0.499"' in cells and 'class="fire" style="background:' in cells and 'title="b  true 0.500"' in cells
+
+
 def test_pages_fit_a_phones_screen_not_a_desktop_shrunk(run):
     # without a viewport tag a phone lays each page out 980 px wide and shrinks it to its screen (13 px text at 5 px)
     for page in (run / "report.html", run / "viewer" / "index.html",

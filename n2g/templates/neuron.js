@@ -27,6 +27,12 @@
     return 1.05 / (L + 0.05) > (L + 0.05) / 0.05 ? "#fff" : "#000";
   }
   function visibleChars(t) { return t.replace(/[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]/g, function (c) { return "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"); }).replace(/[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, function (c) { return "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0"); }); }  // control and bidi characters shown, never obeyed (as the pages and the terminal show them)
+  function sideFixed(v, thr, n) {  // v with n decimals on its own side of the fire threshold (0.49999997 reads 0.499, not 0.500)
+    var t = v.toFixed(n), p = Math.pow(10, n);
+    if (typeof thr === "number" && !isNaN(thr) && (parseFloat(t) >= thr) !== (v >= thr))
+      t = ((v >= thr ? Math.ceil(v * p) : Math.floor(v * p)) / p).toFixed(n);
+    return t;
+  }
   function shown(t) { return visibleChars(t.replace(/\r/g, "\u240d").replace(/\t/g, "\u2192   ").replace(/\n/g, "\u21b5\n")); }
   function line(label, toks, values, what) {
     var row = document.createElement("div");
@@ -41,7 +47,7 @@
       s.textContent = shown(t);
       s.style.background = bg(v);
       s.style.color = fg(v);
-      s.title = t + "  " + what + " " + (v === null ? "\u2014" : v.toFixed(3));
+      s.title = t + "  " + what + " " + (v === null ? "\u2014" : sideFixed(v, threshold, 3));
       s.setAttribute("data-v", v === null ? "" : String(v));
       if (v !== null && v >= threshold) s.className = "fire";
       row.appendChild(s);
