@@ -407,10 +407,12 @@ def _paths_limit(text: str) -> int | None:
     """``--paths``: a whole number of 0 or more, or ``all`` (None)."""
     if text.strip().lower() == "all":
         return None
-    digits = text.strip().lstrip("0") or "0" if re.fullmatch(r"\s*[0-9]+\s*", text) else None  # not int()'s "1_0", "+3"
-    if digits is not None and len(digits) > 18:  # more paths than any graph holds (int() refuses 4,300 digits and more)
+    if not re.fullmatch(r"\s*[0-9]+\s*", text):  # ASCII digits only: not int()'s "1_0", "+3" or other scripts' digits
+        n = -1
+    elif len(text.strip().lstrip("0")) > 18:  # more paths than any graph holds (int() refuses 4,300 digits and more)
         return None
-    n = int(digits) if digits is not None else -1  # or other scripts' digits
+    else:
+        n = int(text.strip().lstrip("0") or "0")  # (leading zeros count toward int()'s digit limit)
     if n < 0:
         raise N2GError(f"--paths must be a whole number of 0 or more, or 'all' (got {visible(text)[:40]!r})")
     return n

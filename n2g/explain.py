@@ -52,6 +52,10 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
     by default the graph's own fire threshold (:func:`n2g.render.graph_fire_threshold`)."""
     if threshold is None:
         threshold = graph_fire_threshold(G)
+
+    def num(value: float) -> str:  # two decimals on the value's own side of the threshold
+        return shown_fixed(value, threshold)
+
     key = result.neuron.key
     st = result.stats
     if result.status == "dead" or not st.max_activation > 0:
@@ -82,7 +86,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         ranked = list(dict.fromkeys(act(p) for p in firing))
         top = ranked[:3]
         out.append(_seg(f"{key} fires on "))
-        out.extend(_listing([[_seg(t, True), _seg(f" ({shown_fixed(acts[t], threshold)})")] for t in top], len(ranked) - len(top)))
+        out.extend(_listing([[_seg(t, True), _seg(f" ({num(acts[t])})")] for t in top], len(ranked) - len(top)))
         if exceptions:  # a dense neuron: any token fires, these are its exceptions
             out.append(_seg(" but is quiet on "))
             out.extend(_listing([[_seg(p["tokens"][0], True)] for p in exceptions[:3]], len(exceptions) - len(exceptions[:3])))
@@ -95,7 +99,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
             out.append(_seg(ctx, True))
             out.append(_seg(f" {_where(p)} ("))
             out.append(_seg(path_text(p), True))
-            out.append(_seg(f": {shown_fixed(p['end'], threshold)})"))
+            out.append(_seg(f": {num(p['end'])})"))
             if bare:
                 alone = [t for t in ranked if t in bare][:2]
                 out.append(_seg("; "))
@@ -121,7 +125,7 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         p = quiet[0]
         out.append(_seg("It is suppressed in some contexts: "))
         out.append(_seg(path_text(p), True))
-        out.append(_seg(f" is predicted only {shown_fixed(p['end'], threshold)}"))
+        out.append(_seg(f" is predicted only {num(p['end'])}"))
         if len(quiet) > 1:
             out.append(_seg(f" ({len(quiet) - 1} more such context{'s' if len(quiet) > 2 else ''} in the path table)"))
         out.append(_seg(". "))
@@ -131,18 +135,18 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
     graded = [p for p in paths if len(p["nodes"]) == 1 and not fires(p["end"], threshold) and p["nodes"][0] not in firing_acts
               and p not in wild and p not in exceptions]
     # above or below zero as the value reads: -0.0001 reads 0.00, which is neither "mildly active" nor "below zero"
-    mild = sorted((p for p in graded if float(shown_fixed(p["end"], threshold)) > 0), key=lambda p: -p["end"])
-    low = sorted((p for p in graded if float(shown_fixed(p["end"], threshold)) < 0), key=lambda p: p["end"])
+    mild = sorted((p for p in graded if float(num(p["end"])) > 0), key=lambda p: -p["end"])
+    low = sorted((p for p in graded if float(num(p["end"])) < 0), key=lambda p: p["end"])
     if mild or low:  # quiet activators: graded values below the firing threshold
         out.append(_seg("Below its firing threshold the graph also holds graded values: "))
         if mild:
             out.append(_seg("mildly active on "))
-            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({shown_fixed(p['end'], threshold)})")] for p in mild[:3]],
+            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({num(p['end'])})")] for p in mild[:3]],
                                 len(mild) - len(mild[:3])))
         if low:
             out.append(_seg("; " if mild else ""))
             out.append(_seg("below zero on "))
-            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({shown_fixed(p['end'], threshold)})")] for p in low[:2]],
+            out.extend(_listing([[_seg(p["tokens"][0], True), _seg(f" ({num(p['end'])})")] for p in low[:2]],
                                 len(low) - len(low[:2])))
         out.append(_seg(". "))
     if wild and not fires(wild[0]["end"], threshold):  # the background value: [*] alone
@@ -150,9 +154,9 @@ def summary(result: NeuronResult, G: nx.DiGraph | None, threshold: float | None 
         if own:
             out.append(_seg(f"Any other token is predicted at its own training mean where no path matched it "
                             f"({own:,} tokens, all below the firing threshold), and one the training text never "
-                            f"showed there at {shown_fixed(wild[0]['end'], threshold)}, the training mean of the tokens no path matches. "))
+                            f"showed there at {num(wild[0]['end'])}, the training mean of the tokens no path matches. "))
         else:
-            out.append(_seg(f"Any other token is predicted at {shown_fixed(wild[0]['end'], threshold)}, the training mean of the tokens "
+            out.append(_seg(f"Any other token is predicted at {num(wild[0]['end'])}, the training mean of the tokens "
                             "no path matches. "))
     s = result.scores.get("n2g")
     if s is not None:

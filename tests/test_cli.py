@@ -144,9 +144,9 @@ def test_predict_reads_the_text_from_standard_input_and_refuses_none(run, capsys
     assert code == 2 and "no text given" in err
 
 
-def test_predict_shows_a_true_activation_just_below_the_threshold_below_it(tmp_path, capsys):
-    # the predicted column kept a value on its side of the threshold (0.49, never 0.50), the true column beside it
-    # did not: a token the model truly drives to 0.4996 of its maximum read "0.50" under "it truly fires on 0"
+def _run_of_the_tiny_llama(tmp_path):
+    """(run, model, text, its token ids): the synthetic run, saying it was made with a 3-layer llama of 48 neurons a
+    layer, and that tiny llama saved as a folder (tmp_path / "llama") and loaded."""
     import torch
 
     from conftest import tiny_model, tiny_tokenizer
@@ -161,7 +161,15 @@ def test_predict_shows_a_true_activation_just_below_the_threshold_below_it(tmp_p
     tiny_tokenizer().save_pretrained(tmp_path / "llama")
     text = "the cat sat on the mat and the dog"
     model = load_model(str(tmp_path / "llama"))
-    ids = model.encode(text)
+    return run, model, text, model.encode(text)
+
+
+def test_predict_shows_a_true_activation_just_below_the_threshold_below_it(tmp_path, capsys):
+    # the predicted column kept a value on its side of the threshold (0.49, never 0.50), the true column beside it
+    # did not: a token the model truly drives to 0.4996 of its maximum read "0.50" under "it truly fires on 0"
+    import torch
+
+    run, model, text, ids = _run_of_the_tiny_llama(tmp_path)
     acts = model.activations(torch.tensor([ids]), None, [(0, 1)])[0].float().numpy()
     d = json.loads((run / "neurons" / "L0.N1" / "result.json").read_text())
     d["stats"]["max_activation"] = float(acts[:, 0].max()) / 0.4996  # its strongest token here: 0.4996, quiet
@@ -177,19 +185,7 @@ def test_predict_with_the_model_shows_true_activations_and_the_neurons_that_trul
     # the synthetic run said it was made with a 3-layer llama of 48 neurons a layer: the tiny one here
     import torch
 
-    from conftest import tiny_model, tiny_tokenizer
-    from n2g.models import load_model
-
-    run = make_run(tmp_path)
-    made = json.loads((run / "run.json").read_text())
-    made["model"] = {"spec": "tiny", "architecture": "llama", "n_layers": 3, "d_mlp": 48}
-    (run / "run.json").write_text(json.dumps(made))
-    torch.manual_seed(0)
-    tiny_model("llama").save_pretrained(tmp_path / "llama")
-    tiny_tokenizer().save_pretrained(tmp_path / "llama")
-    text = "the cat sat on the mat and the dog"
-    model = load_model(str(tmp_path / "llama"))
-    ids = model.encode(text)
+    run, model, text, ids = _run_of_the_tiny_llama(tmp_path)
     acts = model.activations(torch.tensor([ids]), None, [(0, 1), (0, 2), (1, 4)])[0].float().numpy()
     # maxima that make L0.N1 and L1.N4.neg fire on this text (at their strongest token) and L0.N2 not
     maxima = {"L0.N1": float(acts[:, 0].max()), "L0.N2": 4 * float(abs(acts[:, 1]).max()), "L1.N4.neg": -float(acts[:, 2].min())}
@@ -213,6 +209,8 @@ def test_predict_with_the_model_shows_true_activations_and_the_neurons_that_trul
     code, out, _ = main(["predict", run, text, "--model", tmp_path / "llama", "--neuron", "L1.N4.neg", "--json", "-q"], capsys)
     (h,) = json.loads(out)["results"]
     assert code == 0 and h["true"] == pytest.approx(expect["L1.N4.neg"].round(4).tolist(), abs=1e-4)
+    from conftest import tiny_model, tiny_tokenizer
+
     tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")  # another model's neuron of the same index is not the truth
     tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
     code, _, err = main(["predict", run, text, "--model", tmp_path / "gpt2", "-q"], capsys)
